@@ -1,0 +1,147 @@
+//! Exact CPU implementation of the energy layer (DESIGN.md, "ERSM, precisely").
+
+use super::{EnergySpec, FeatureMap, TokenMask, UnaryHead};
+use anyhow::{bail, Result};
+
+/// Unary costs `u_i` for every token, raster order.
+///
+/// The channel loop is outermost so the inner loop runs over contiguous
+/// tokens of one NCHW plane and vectorises.
+pub fn unary(x: FeatureMap<'_>, head: &UnaryHead) -> Vec<f32> {
+    let hw = x.h * x.w;
+    let plane = |c: usize| &x.data[c * hw..(c + 1) * hw];
+    match head {
+        UnaryHead::Linear { w, b } => {
+            let mut u = vec![0.0f32; hw];
+            for (c, &wc) in w.iter().enumerate() {
+                for (ui, &xi) in u.iter_mut().zip(plane(c)) {
+                    *ui += wc * xi;
+                }
+            }
+            u.iter_mut().for_each(|ui| *ui += b);
+            u
+        }
+        UnaryHead::TwoLayer { w1, b1, w2, b2 } => {
+            let mut u = vec![0.0f32; hw];
+            let mut hidden = vec![0.0f32; hw];
+            for (k, (&b1k, &w2k)) in b1.iter().zip(w2).enumerate() {
+                hidden.iter_mut().for_each(|h| *h = 0.0);
+                for c in 0..x.c {
+                    let wkc = w1[k * x.c + c];
+                    for (h, &xi) in hidden.iter_mut().zip(plane(c)) {
+                        *h += wkc * xi;
+                    }
+                }
+                for (ui, &h) in u.iter_mut().zip(&hidden) {
+                    *ui += w2k * (h + b1k).max(0.0);
+                }
+            }
+            u.iter_mut().for_each(|ui| *ui += b2);
+            u
+        }
+    }
+}
+
+/// `σ(−e/τ)`: the probability of keeping a token of energy `e`.
+#[inline]
+pub fn keep_probability(e: f32, tau: f32) -> f32 {
+    1.0 / (1.0 + (e / tau).exp())
+}
+
+/// Runs `T` synchronous mean-field steps from the unary costs; returns final energies.
+pub fn mean_field(u: &[f32], h: usize, w: usize, spec: &EnergySpec) -> Vec<f32> {
+    let mut e = u.to_vec();
+    if spec.steps == 0 || spec.lambda == 0.0 {
+        return e;
+    }
+    let offsets = spec.neighbourhood.offsets();
+    // 1 − 2q, the per-neighbour pull: −1 for a surely kept neighbour, +1 for a dropped one.
+    let mut pull: Vec<f32> = u
+        .iter()
+        .map(|&ui| 1.0 - 2.0 * keep_probability(ui, spec.tau))
+        .collect();
+    for step in 0..spec.steps {
+        for y in 0..h {
+            for x in 0..w {
+                let mut s = 0.0f32;
+                for &(dy, dx) in offsets {
+                    let (ny, nx) = (y as isize + dy, x as isize + dx);
+                    if ny >= 0 && nx >= 0 && (ny as usize) < h && (nx as usize) < w {
+                        s += pull[ny as usize * w + nx as usize];
+                    }
+                }
+                let i = y * w + x;
+                e[i] = u[i] + spec.lambda * s;
+            }
+        }
+        if step + 1 < spec.steps {
+            for (p, &ei) in pull.iter_mut().zip(&e) {
+                *p = 1.0 - 2.0 * keep_probability(ei, spec.tau);
+            }
+        }
+    }
+    e
+}
+
+/// Raster indices of tokens with negative energy; the lowest one alone if none is.
+pub fn select(energies: &[f32]) -> Vec<u32> {
+    let kept: Vec<u32> = energies
+        .iter()
+        .enumerate()
+        .filter(|(_, &e)| e < 0.0)
+        .map(|(i, _)| i as u32)
+        .collect();
+    if !kept.is_empty() {
+        return kept;
+    }
+    // First lowest in raster order, so ties resolve the same way on every device.
+    let mut best = 0;
+    for (i, &e) in energies.iter().enumerate() {
+        if e < energies[best] {
+            best = i;
+        }
+    }
+    vec![best as u32]
+}
+
+/// Copies the kept tokens' feature vectors out of the NCHW map into `N × C` rows.
+pub fn gather(x: FeatureMap<'_>, kept: &[u32]) -> Vec<f32> {
+    let hw = x.h * x.w;
+    let mut out = vec![0.0f32; kept.len() * x.c];
+    for c in 0..x.c {
+        let plane = &x.data[c * hw..(c + 1) * hw];
+        for (n, &i) in kept.iter().enumerate() {
+            out[n * x.c + c] = plane[i as usize];
+        }
+    }
+    out
+}
+
+/// The whole energy layer on CPU.
+pub fn compute(x: FeatureMap<'_>, spec: &EnergySpec) -> Result<TokenMask> {
+    if spec.head.channels() != x.c {
+        bail!(
+            "energy head reads {} channels, feature map has {}",
+            spec.head.channels(),
+            x.c
+        );
+    }
+    let u = unary(x, &spec.head);
+    let energies = mean_field(&u, x.h, x.w, spec);
+    if let Some(i) = energies.iter().position(|e| !e.is_finite()) {
+        bail!(
+            "energy of token {i} is {} (non-finite features?)",
+            energies[i]
+        );
+    }
+    let kept = select(&energies);
+    let features = gather(x, &kept);
+    Ok(TokenMask {
+        h: x.h,
+        w: x.w,
+        c: x.c,
+        energies,
+        kept,
+        features,
+    })
+}

@@ -1,0 +1,14 @@
+//! ersm: Energy-Regularized Spatial Masking for sparse CNN inference on embedded GPUs.
+//!
+//! Data flows one way: `source` → `preprocess` → `prefix` (tract, dense) →
+//! `ersm` (energies, keep, gather) → `sparse` (suffix on kept tokens) → `report`.
+//! `model` loads a package and cuts it into those parts; `pipeline` wires them.
+
+pub mod ersm;
+pub mod model;
+pub mod pipeline;
+pub mod prefix;
+pub mod preprocess;
+pub mod report;
+pub mod source;
+pub mod sparse;

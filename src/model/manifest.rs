@@ -1,0 +1,91 @@
+//! `manifest.json`: what the network expects around it.
+
+use anyhow::{bail, Context, Result};
+use serde::{Deserialize, Serialize};
+use std::path::Path;
+
+/// The package manifest (see models/README.md).
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Manifest {
+    pub name: String,
+    #[serde(default)]
+    pub description: String,
+    /// ONNX file, relative to the package folder.
+    pub model: String,
+    pub input: InputSpec,
+    pub preprocess: Preprocess,
+    #[serde(default)]
+    pub labels: Vec<String>,
+    #[serde(default)]
+    pub licence: serde_json::Value,
+}
+
+/// The network input.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct InputSpec {
+    pub name: String,
+    /// `[1, 3, H, W]`.
+    pub shape: Vec<usize>,
+}
+
+/// How a frame becomes the input tensor.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Preprocess {
+    /// Resize so the short side is this long (bilinear).
+    pub resize_short: usize,
+    /// Then centre-crop a square of this side.
+    pub crop: usize,
+    /// Multiply 8-bit values by this (usually 1/255).
+    pub scale: f32,
+    pub mean: [f32; 3],
+    pub std: [f32; 3],
+}
+
+impl Manifest {
+    /// Reads and checks `path`.
+    pub fn read(path: &Path) -> Result<Manifest> {
+        let text =
+            std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+        let m: Manifest = serde_json::from_str(&text)
+            .with_context(|| format!("{}: invalid manifest", path.display()))?;
+        m.check()
+            .with_context(|| format!("{}: invalid manifest", path.display()))?;
+        Ok(m)
+    }
+
+    /// Checks the values hang together.
+    pub fn check(&self) -> Result<()> {
+        let s = &self.input.shape;
+        if s.len() != 4 || s[0] != 1 || s[1] != 3 {
+            bail!("input.shape must be [1, 3, H, W], got {s:?}");
+        }
+        let p = &self.preprocess;
+        if p.crop != s[2] || p.crop != s[3] {
+            bail!(
+                "preprocess.crop {} does not match the input size {}×{}",
+                p.crop,
+                s[2],
+                s[3]
+            );
+        }
+        if p.resize_short < p.crop {
+            bail!(
+                "preprocess.resize_short {} is smaller than crop {}",
+                p.resize_short,
+                p.crop
+            );
+        }
+        if p.std.iter().any(|&x| x <= 0.0) {
+            bail!("preprocess.std must be positive, got {:?}", p.std);
+        }
+        Ok(())
+    }
+
+    /// The label of class `i`, or `#i` when the manifest has none.
+    pub fn label(&self, i: usize) -> String {
+        self.labels
+            .get(i)
+            .cloned()
+            .unwrap_or_else(|| format!("#{i}"))
+    }
+}

@@ -1,0 +1,232 @@
+//! Model packages: loading, validating, and cutting one ONNX network into the
+//! dense prefix, the energy layer, and the sparse suffix (DESIGN.md, "Model package").
+
+pub mod energy;
+pub mod lower;
+pub mod manifest;
+pub mod masked;
+pub mod onnx;
+
+use crate::ersm::EnergySpec;
+use crate::prefix::TractNet;
+use crate::sparse::Plan;
+use anyhow::{bail, ensure, Context, Result};
+pub use manifest::Manifest;
+use onnx::{ancestors, float_input, label, subgraph, Constants};
+use prost::Message;
+use std::collections::HashSet;
+use std::path::{Path, PathBuf};
+use tract_onnx::pb::{ModelProto, NodeProto};
+
+/// Where the network is cut.
+#[derive(Clone, Debug)]
+pub struct Cut {
+    /// Name of the energy node.
+    pub node: String,
+    /// Tensor the energy layer reads (the prefix output).
+    pub input: String,
+    /// Tensor it writes (the masked features the suffix reads).
+    pub output: String,
+    /// The graph's final output.
+    pub graph_output: String,
+    /// Feature map channels, height, width.
+    pub c: usize,
+    pub h: usize,
+    pub w: usize,
+}
+
+/// A loaded, validated model package, ready to run.
+pub struct ModelPackage {
+    /// Where it came from (folder or file), for messages.
+    pub origin: PathBuf,
+    pub manifest: Manifest,
+    pub cut: Cut,
+    pub energy: EnergySpec,
+    /// The dense prefix in tract.
+    pub prefix: TractNet,
+    /// The suffix run densely in tract (the dense baseline's second half).
+    pub dense_suffix: TractNet,
+    /// The suffix lowered for the sparse executor.
+    pub plan: Plan,
+    /// ONNX op types before the cut, in graph order.
+    pub prefix_ops: Vec<String>,
+    /// The suffix as an ONNX model (input: the energy layer's output).
+    pub suffix_proto: ModelProto,
+    /// The whole network with the energy layer as Identity (every token kept).
+    pub dense_proto: ModelProto,
+}
+
+impl ModelPackage {
+    /// Loads a package folder holding `manifest.json` and its ONNX file.
+    pub fn load(dir: impl AsRef<Path>) -> Result<ModelPackage> {
+        let dir = dir.as_ref();
+        if !dir.exists() {
+            bail!("model package {}: not found", dir.display());
+        }
+        if !dir.is_dir() {
+            bail!(
+                "model package {}: expected a folder holding manifest.json and the ONNX file",
+                dir.display()
+            );
+        }
+        let manifest = Manifest::read(&dir.join("manifest.json"))?;
+        let path = dir.join(&manifest.model);
+        let proto = read_onnx(&path)?;
+        Self::from_proto(proto, manifest, &path)
+    }
+
+    /// Validates and cuts an ONNX model; `origin` names it in errors.
+    pub fn from_proto(
+        proto: ModelProto,
+        manifest: Manifest,
+        origin: &Path,
+    ) -> Result<ModelPackage> {
+        let what = origin.display().to_string();
+        Self::build(proto, manifest, origin).with_context(|| format!("model {what}"))
+    }
+
+    fn build(proto: ModelProto, manifest: Manifest, origin: &Path) -> Result<ModelPackage> {
+        let graph = proto
+            .graph
+            .as_ref()
+            .context("not an ONNX model: no graph")?;
+        ensure!(
+            !graph.node.is_empty(),
+            "not an ONNX model: the graph has no nodes"
+        );
+        let model_dir = origin.parent().and_then(|p| p.to_str());
+        let consts = Constants::load(graph, model_dir)?;
+        let e = energy::find(&graph.node)?;
+        let enode = &graph.node[e];
+        let (input, output) = match (enode.input.first(), enode.output.first()) {
+            (Some(i), Some(o)) => (i.clone(), o.clone()),
+            _ => bail!("{}: needs an input and an output", label(enode)),
+        };
+        ensure!(
+            graph.output.len() == 1,
+            "the graph must have one output, has {}",
+            graph.output.len()
+        );
+        let graph_output = graph.output[0].name.clone();
+
+        // Prefix: what the energy input needs. Suffix: everything after the cut.
+        let prefix_nodes: Vec<NodeProto> =
+            ancestors(graph, &[&input]).into_iter().cloned().collect();
+        ensure!(
+            !prefix_nodes.iter().any(|n| n.op_type == energy::OP_TYPE),
+            "the energy layer's input depends on the energy layer"
+        );
+        let prefix_names: HashSet<&str> = prefix_nodes.iter().map(onnx::node_name).collect();
+        let suffix_nodes: Vec<NodeProto> = graph
+            .node
+            .iter()
+            .enumerate()
+            .filter(|(i, n)| *i != e && !prefix_names.contains(onnx::node_name(n)))
+            .map(|(_, n)| n.clone())
+            .collect();
+        let graph_inputs: Vec<_> = graph
+            .input
+            .iter()
+            .filter(|i| !consts.contains(&i.name))
+            .cloned()
+            .collect();
+        ensure!(
+            graph_inputs.len() == 1,
+            "the graph must have one input, has {}",
+            graph_inputs.len()
+        );
+        ensure!(
+            graph_inputs[0].name == manifest.input.name,
+            "graph input is '{}', the manifest says '{}'",
+            graph_inputs[0].name,
+            manifest.input.name
+        );
+        let produced_before: HashSet<&str> = prefix_nodes
+            .iter()
+            .flat_map(|n| n.output.iter().map(String::as_str))
+            .chain(std::iter::once(graph_inputs[0].name.as_str()))
+            .collect();
+        for n in &suffix_nodes {
+            if let Some(t) = n
+                .input
+                .iter()
+                .find(|t| produced_before.contains(t.as_str()))
+            {
+                bail!(
+                    "{} after the energy layer reads '{t}' from before it: connections across the cut are not supported",
+                    label(n)
+                );
+            }
+        }
+
+        let prefix_ops = prefix_nodes.iter().map(|n| n.op_type.clone()).collect();
+        let prefix_proto = subgraph(&proto, prefix_nodes, graph_inputs.clone(), &[&input]);
+        let prefix = TractNet::new(&prefix_proto, &manifest.input.shape, "prefix")?;
+        let fs = prefix.output_shape.clone();
+        ensure!(
+            fs.len() == 4 && fs[0] == 1,
+            "the energy layer's input '{input}' must be a [1, C, H, W] feature map, is {fs:?}"
+        );
+        let (c, h, w) = (fs[1], fs[2], fs[3]);
+        let energy = energy::spec(enode, &consts, c)?;
+
+        let plan = lower::lower(&suffix_nodes, &consts, &output, (c, h, w), &graph_output)?;
+        let suffix_proto = subgraph(
+            &proto,
+            suffix_nodes,
+            vec![float_input(&output, &fs)],
+            &[&graph_output],
+        );
+        let dense_suffix = TractNet::new(&suffix_proto, &fs, "dense suffix")?;
+        let dense_proto = with_identity_energy(&proto, e);
+        Ok(ModelPackage {
+            origin: origin.to_path_buf(),
+            manifest,
+            cut: Cut {
+                node: onnx::node_name(enode).to_string(),
+                input,
+                output,
+                graph_output,
+                c,
+                h,
+                w,
+            },
+            energy,
+            prefix,
+            dense_suffix,
+            plan,
+            prefix_ops,
+            suffix_proto,
+            dense_proto,
+        })
+    }
+}
+
+/// Reads an ONNX file (memory-mapped), with errors that name it.
+pub fn read_onnx(path: &Path) -> Result<ModelProto> {
+    let file =
+        std::fs::File::open(path).with_context(|| format!("{}: cannot open", path.display()))?;
+    // SAFETY: the map is only read while decoding, and a model file changing
+    // under a running process is outside what ersm supports.
+    let map = unsafe { memmap2::Mmap::map(&file) }
+        .with_context(|| format!("{}: cannot map", path.display()))?;
+    let proto = ModelProto::decode(&map[..])
+        .map_err(|e| anyhow::anyhow!("{}: not an ONNX model ({e})", path.display()))?;
+    if proto.graph.as_ref().is_none_or(|g| g.node.is_empty()) {
+        bail!("{}: not an ONNX model (no graph nodes)", path.display());
+    }
+    Ok(proto)
+}
+
+/// The network with node `e` (the energy layer) replaced by Identity.
+fn with_identity_energy(proto: &ModelProto, e: usize) -> ModelProto {
+    let mut p = proto.clone();
+    let g = p.graph.as_mut().expect("checked");
+    let n = &mut g.node[e];
+    n.op_type = "Identity".into();
+    n.domain.clear();
+    n.input.truncate(1);
+    n.attribute.clear();
+    p.opset_import.retain(|o| o.domain != energy::DOMAIN);
+    p
+}

@@ -1,0 +1,248 @@
+//! Reading the ONNX protobuf: attributes, initializers, and sub-graphs cut from it.
+
+use anyhow::{bail, Context, Result};
+use std::collections::{HashMap, HashSet};
+use tract_onnx::pb::{self, attribute_proto::AttributeType, NodeProto};
+use tract_onnx::prelude::Tensor;
+
+/// A short label for a node in error messages: `Conv node 'b1.dw'`.
+pub fn label(node: &NodeProto) -> String {
+    format!("{} node '{}'", node.op_type, node_name(node))
+}
+
+/// The node's name, or its first output when it has none.
+pub fn node_name(node: &NodeProto) -> &str {
+    if node.name.is_empty() {
+        node.output.first().map(String::as_str).unwrap_or("?")
+    } else {
+        &node.name
+    }
+}
+
+fn attr<'a>(node: &'a NodeProto, name: &str) -> Option<&'a pb::AttributeProto> {
+    node.attribute.iter().find(|a| a.name == name)
+}
+
+/// A float attribute, or `default`.
+pub fn attr_f32(node: &NodeProto, name: &str, default: Option<f32>) -> Result<f32> {
+    match attr(node, name) {
+        Some(a) if a.r#type == AttributeType::Float as i32 => Ok(a.f),
+        Some(a) if a.r#type == AttributeType::Int as i32 => Ok(a.i as f32),
+        Some(_) => bail!("{}: attribute '{name}' must be a float", label(node)),
+        None => default.with_context(|| format!("{}: missing attribute '{name}'", label(node))),
+    }
+}
+
+/// An int attribute, or `default`.
+pub fn attr_i64(node: &NodeProto, name: &str, default: Option<i64>) -> Result<i64> {
+    match attr(node, name) {
+        Some(a) if a.r#type == AttributeType::Int as i32 => Ok(a.i),
+        Some(_) => bail!("{}: attribute '{name}' must be an int", label(node)),
+        None => default.with_context(|| format!("{}: missing attribute '{name}'", label(node))),
+    }
+}
+
+/// An ints attribute, or `None` when absent.
+pub fn attr_ints(node: &NodeProto, name: &str) -> Result<Option<Vec<i64>>> {
+    match attr(node, name) {
+        Some(a) if a.r#type == AttributeType::Ints as i32 => Ok(Some(a.ints.clone())),
+        Some(_) => bail!("{}: attribute '{name}' must be a list of ints", label(node)),
+        None => Ok(None),
+    }
+}
+
+/// A string attribute, or `None` when absent.
+pub fn attr_str(node: &NodeProto, name: &str) -> Result<Option<String>> {
+    match attr(node, name) {
+        Some(a) if a.r#type == AttributeType::String as i32 => {
+            Ok(Some(String::from_utf8_lossy(&a.s).into_owned()))
+        }
+        Some(_) => bail!("{}: attribute '{name}' must be a string", label(node)),
+        None => Ok(None),
+    }
+}
+
+/// The graph's constant tensors: initializers and `Constant` nodes.
+pub struct Constants {
+    map: HashMap<String, Tensor>,
+}
+
+impl Constants {
+    /// Loads every initializer and `Constant` node value of `graph`.
+    pub fn load(graph: &pb::GraphProto, model_dir: Option<&str>) -> Result<Constants> {
+        let resolver = tract_onnx::data_resolver::MmapDataResolver;
+        let mut map = HashMap::new();
+        for t in &graph.initializer {
+            let tensor = tract_onnx::tensor::load_tensor(&resolver, t, model_dir)
+                .with_context(|| format!("initializer '{}'", t.name))?;
+            map.insert(t.name.clone(), tensor);
+        }
+        for node in graph.node.iter().filter(|n| n.op_type == "Constant") {
+            let value = attr(node, "value")
+                .and_then(|a| a.t.as_ref())
+                .with_context(|| {
+                    format!(
+                        "{}: only tensor 'value' constants are supported",
+                        label(node)
+                    )
+                })?;
+            let tensor = tract_onnx::tensor::load_tensor(&resolver, value, model_dir)
+                .with_context(|| label(node))?;
+            for out in &node.output {
+                map.insert(out.clone(), tensor.clone());
+            }
+        }
+        Ok(Constants { map })
+    }
+
+    /// True when `name` is a constant.
+    pub fn contains(&self, name: &str) -> bool {
+        self.map.contains_key(name)
+    }
+
+    /// The constant's shape.
+    pub fn shape(&self, name: &str) -> Option<&[usize]> {
+        self.map.get(name).map(|t| t.shape())
+    }
+
+    /// The constant as f32 values (cast from any numeric type), row-major.
+    pub fn f32s(&self, name: &str) -> Result<Vec<f32>> {
+        let t = self
+            .map
+            .get(name)
+            .with_context(|| format!("'{name}' is not a constant"))?;
+        let t = t
+            .cast_to::<f32>()
+            .with_context(|| format!("constant '{name}' is not numeric"))?;
+        Ok(t.to_plain_array_view::<f32>()?.iter().copied().collect())
+    }
+
+    /// The constant as i64 values.
+    pub fn i64s(&self, name: &str) -> Result<Vec<i64>> {
+        let t = self
+            .map
+            .get(name)
+            .with_context(|| format!("'{name}' is not a constant"))?;
+        let t = t
+            .cast_to::<i64>()
+            .with_context(|| format!("constant '{name}' is not an integer"))?;
+        Ok(t.to_plain_array_view::<i64>()?.iter().copied().collect())
+    }
+}
+
+/// The nodes needed to compute `outputs` from the graph inputs and constants,
+/// in graph order.
+pub fn ancestors<'a>(graph: &'a pb::GraphProto, outputs: &[&str]) -> Vec<&'a NodeProto> {
+    let producer: HashMap<&str, usize> = graph
+        .node
+        .iter()
+        .enumerate()
+        .flat_map(|(i, n)| n.output.iter().map(move |o| (o.as_str(), i)))
+        .collect();
+    let mut needed = HashSet::new();
+    let mut stack: Vec<&str> = outputs.to_vec();
+    while let Some(t) = stack.pop() {
+        if let Some(&i) = producer.get(t) {
+            if needed.insert(i) {
+                stack.extend(
+                    graph.node[i]
+                        .input
+                        .iter()
+                        .map(String::as_str)
+                        .filter(|s| !s.is_empty()),
+                );
+            }
+        }
+    }
+    graph
+        .node
+        .iter()
+        .enumerate()
+        .filter(|(i, _)| needed.contains(i))
+        .map(|(_, n)| n)
+        .collect()
+}
+
+/// A model holding `nodes` of `base`'s graph with the given inputs and outputs,
+/// and only the initializers those nodes read.
+pub fn subgraph(
+    base: &pb::ModelProto,
+    nodes: Vec<NodeProto>,
+    inputs: Vec<pb::ValueInfoProto>,
+    outputs: &[&str],
+) -> pb::ModelProto {
+    let graph = base.graph.as_ref().expect("checked at load");
+    let used: HashSet<&str> = nodes
+        .iter()
+        .flat_map(|n| n.input.iter().map(String::as_str))
+        .collect();
+    let initializer = graph
+        .initializer
+        .iter()
+        .filter(|t| used.contains(t.name.as_str()))
+        .cloned()
+        .collect();
+    let output = outputs
+        .iter()
+        .map(|o| pb::ValueInfoProto {
+            name: o.to_string(),
+            ..Default::default()
+        })
+        .collect();
+    pb::ModelProto {
+        graph: Some(pb::GraphProto {
+            name: graph.name.clone(),
+            node: nodes,
+            initializer,
+            input: inputs,
+            output,
+            ..Default::default()
+        }),
+        ..base.clone_without_graph()
+    }
+}
+
+/// A float tensor value-info of fixed shape, for a cut graph's new input.
+pub fn float_input(name: &str, shape: &[usize]) -> pb::ValueInfoProto {
+    use pb::tensor_shape_proto::{dimension::Value, Dimension};
+    let dim = shape
+        .iter()
+        .map(|&d| Dimension {
+            value: Some(Value::DimValue(d as i64)),
+            ..Default::default()
+        })
+        .collect();
+    pb::ValueInfoProto {
+        name: name.to_string(),
+        r#type: Some(pb::TypeProto {
+            value: Some(pb::type_proto::Value::TensorType(pb::type_proto::Tensor {
+                elem_type: pb::tensor_proto::DataType::Float as i32,
+                shape: Some(pb::TensorShapeProto { dim }),
+            })),
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
+}
+
+/// Cloning a model without its (large) graph.
+pub trait CloneWithoutGraph {
+    /// Everything but the graph.
+    fn clone_without_graph(&self) -> pb::ModelProto;
+}
+
+impl CloneWithoutGraph for pb::ModelProto {
+    fn clone_without_graph(&self) -> pb::ModelProto {
+        pb::ModelProto {
+            ir_version: self.ir_version,
+            opset_import: self.opset_import.clone(),
+            producer_name: self.producer_name.clone(),
+            producer_version: self.producer_version.clone(),
+            domain: self.domain.clone(),
+            model_version: self.model_version,
+            doc_string: self.doc_string.clone(),
+            graph: None,
+            ..Default::default()
+        }
+    }
+}

@@ -1,0 +1,74 @@
+//! Dense execution in tract: the prefix before the energy layer, and the dense
+//! baseline's suffix. Each net is optimised once for its fixed input shape.
+
+use anyhow::{Context, Result};
+use std::sync::Arc;
+use tract_onnx::pb::ModelProto;
+use tract_onnx::prelude::*;
+
+/// A tract network with one input and one output of fixed shapes.
+pub struct TractNet {
+    plan: Arc<TypedRunnableModel>,
+    /// Input shape.
+    pub input_shape: Vec<usize>,
+    /// Output shape.
+    pub output_shape: Vec<usize>,
+    /// Op names in evaluation order, before optimisation (for listings).
+    pub ops: Vec<String>,
+}
+
+impl TractNet {
+    /// Builds and optimises `proto`, whose first input gets shape `input_shape`
+    /// (other inputs keep the shapes the graph declares). `what` names the net in errors.
+    pub fn new(proto: &ModelProto, input_shape: &[usize], what: &str) -> Result<TractNet> {
+        let mut model = tract_onnx::onnx()
+            .model_for_proto_model(proto)
+            .with_context(|| format!("{what}: tract could not parse the graph"))?;
+        model
+            .set_input_fact(0, InferenceFact::dt_shape(f32::datum_type(), input_shape))
+            .with_context(|| format!("{what}: setting input shape {input_shape:?}"))?;
+        let typed = model
+            .into_typed()
+            .with_context(|| format!("{what}: tract could not type the graph (shapes or ops)"))?;
+        let ops = typed
+            .eval_order()?
+            .iter()
+            .map(|&n| typed.node(n).op().name().to_string())
+            .collect();
+        let output_shape = typed
+            .output_fact(0)?
+            .shape
+            .as_concrete()
+            .with_context(|| format!("{what}: output shape is not concrete"))?
+            .to_vec();
+        let plan = typed
+            .into_optimized()
+            .with_context(|| format!("{what}: tract optimisation failed"))?
+            .into_runnable()?;
+        Ok(TractNet {
+            plan,
+            input_shape: input_shape.to_vec(),
+            output_shape,
+            ops,
+        })
+    }
+
+    /// Runs the net on `input` (row-major, of `input_shape`); returns the output values.
+    pub fn run(&self, input: &[f32]) -> Result<Vec<f32>> {
+        self.run_many(&[(&self.input_shape, input)])
+    }
+
+    /// Runs a net with several inputs, each `(shape, values)`.
+    pub fn run_many(&self, inputs: &[(&[usize], &[f32])]) -> Result<Vec<f32>> {
+        let inputs = inputs
+            .iter()
+            .map(|(shape, data)| Ok(Tensor::from_shape(shape, data)?.into()))
+            .collect::<Result<TVec<TValue>>>()?;
+        let out = self.plan.run(inputs)?;
+        Ok(out[0]
+            .to_plain_array_view::<f32>()?
+            .iter()
+            .copied()
+            .collect())
+    }
+}

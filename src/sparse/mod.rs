@@ -1,0 +1,16 @@
+//! The sparse suffix: layers after the energy layer, computed at kept tokens only.
+//!
+//! Semantics (DESIGN.md, "Sparse semantics"): every layer is evaluated at active
+//! positions only and inactive positions hold zero; a stride-s layer's active set
+//! is the s×s max-pool of its input's; global pooling averages active tokens.
+
+pub mod gemm;
+pub mod ops;
+pub mod plan;
+pub mod rulebook;
+pub mod tokens;
+pub mod value;
+
+pub use plan::{Level, Plan, Step};
+pub use tokens::TokenSet;
+pub use value::Value;

@@ -1,0 +1,233 @@
+//! A lowered suffix: token-set levels, the rulebooks they need, and ordered steps.
+
+use super::ops::Op;
+use super::rulebook::{Rulebook, Window};
+use super::tokens::TokenSet;
+use super::value::Value;
+use anyhow::{bail, ensure, Context, Result};
+use std::borrow::Cow;
+use std::collections::BTreeMap;
+
+/// One resolution of the suffix; level 0 is the energy layer's map.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Level {
+    /// The level this one was strided from.
+    pub parent: Option<usize>,
+    /// Stride from the parent.
+    pub stride: usize,
+    pub h: usize,
+    pub w: usize,
+}
+
+/// One op applied to value slots.
+#[derive(Debug)]
+pub struct Step {
+    /// The ONNX node it came from (first node, when several were fused).
+    pub node: String,
+    pub op: Box<dyn Op>,
+    pub inputs: Vec<usize>,
+    pub output: usize,
+}
+
+/// A rulebook the frame must build: between two levels for one window.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct RuleKey {
+    pub in_level: usize,
+    pub out_level: usize,
+    pub window: Window,
+}
+
+/// Per-frame state: the active set of every level and the rulebooks over them.
+#[derive(Debug)]
+pub struct Frame {
+    pub sets: Vec<TokenSet>,
+    pub rulebooks: Vec<Rulebook>,
+}
+
+/// The suffix, lowered once at load and run on every frame.
+#[derive(Debug, Default)]
+pub struct Plan {
+    pub levels: Vec<Level>,
+    pub rules: Vec<RuleKey>,
+    pub steps: Vec<Step>,
+    /// Name of the tensor held by each slot (slot 0 is the gathered features).
+    pub slot_names: Vec<String>,
+    /// Level of each slot's tensor, `None` when it is dense.
+    pub slot_levels: Vec<Option<usize>>,
+    /// Channels of the energy layer's features.
+    pub channels: usize,
+    /// Slot holding the suffix output.
+    pub output: usize,
+    /// Every ONNX tensor name the plan computes (aliases included) and its slot.
+    pub tensors: BTreeMap<String, usize>,
+    /// Step after which each slot is no longer read.
+    last_use: Vec<usize>,
+}
+
+impl Plan {
+    /// An empty plan whose input is a `c`-channel map of `h × w` tokens.
+    pub fn new(input_name: &str, c: usize, h: usize, w: usize) -> Plan {
+        Plan {
+            levels: vec![Level {
+                parent: None,
+                stride: 1,
+                h,
+                w,
+            }],
+            slot_names: vec![input_name.to_string()],
+            slot_levels: vec![Some(0)],
+            channels: c,
+            ..Plan::default()
+        }
+    }
+
+    /// The level a stride-`s` layer on `parent` produces (created once).
+    pub fn child_level(&mut self, parent: usize, stride: usize, h: usize, w: usize) -> usize {
+        let level = Level {
+            parent: Some(parent),
+            stride,
+            h,
+            w,
+        };
+        if let Some(i) = self.levels.iter().position(|l| *l == level) {
+            return i;
+        }
+        self.levels.push(level);
+        self.levels.len() - 1
+    }
+
+    /// The index of the rulebook for this window between two levels (created once).
+    pub fn rulebook(&mut self, in_level: usize, out_level: usize, window: Window) -> usize {
+        let key = RuleKey {
+            in_level,
+            out_level,
+            window,
+        };
+        if let Some(i) = self.rules.iter().position(|r| *r == key) {
+            return i;
+        }
+        self.rules.push(key);
+        self.rules.len() - 1
+    }
+
+    /// Adds a slot for a named tensor and returns it.
+    pub fn slot(&mut self, name: &str, level: Option<usize>) -> usize {
+        self.slot_names.push(name.to_string());
+        self.slot_levels.push(level);
+        self.slot_names.len() - 1
+    }
+
+    /// Appends a step; its inputs must already have been produced.
+    pub fn push(&mut self, node: &str, op: Box<dyn Op>, inputs: Vec<usize>, output: usize) {
+        self.steps.push(Step {
+            node: node.to_string(),
+            op,
+            inputs,
+            output,
+        });
+    }
+
+    /// Marks `output` as the result and computes slot lifetimes.
+    pub fn finish(&mut self, output: usize) {
+        self.output = output;
+        self.last_use = vec![usize::MAX; self.slot_names.len()];
+        for (s, step) in self.steps.iter().enumerate() {
+            for &i in &step.inputs {
+                self.last_use[i] = s;
+            }
+        }
+        // The output must survive the whole run.
+        self.last_use[output] = usize::MAX;
+    }
+
+    /// Builds every level's token set and every rulebook from the kept raster indices.
+    pub fn frame(&self, kept: &[u32]) -> Frame {
+        let mut sets: Vec<TokenSet> = Vec::with_capacity(self.levels.len());
+        for l in &self.levels {
+            let set = match l.parent {
+                None => TokenSet::from_raster(l.h, l.w, kept.to_vec()),
+                Some(p) => sets[p].downsample(l.stride, l.h, l.w),
+            };
+            sets.push(set);
+        }
+        let rulebooks = self
+            .rules
+            .iter()
+            .map(|r| Rulebook::build(&sets[r.in_level], &sets[r.out_level], r.window))
+            .collect();
+        Frame { sets, rulebooks }
+    }
+
+    /// Active tokens per level for a frame.
+    pub fn token_counts(frame: &Frame) -> Vec<usize> {
+        frame.sets.iter().map(TokenSet::len).collect()
+    }
+
+    /// Multiply-accumulates of the whole suffix for the given tokens per level.
+    pub fn cost(&self, tokens: &[usize]) -> u64 {
+        self.steps.iter().map(|s| s.op.cost(tokens)).sum()
+    }
+
+    /// Multiply-accumulates with every token of every level active.
+    pub fn dense_cost(&self) -> u64 {
+        let full: Vec<usize> = self.levels.iter().map(|l| l.h * l.w).collect();
+        self.cost(&full)
+    }
+
+    /// Runs the suffix on gathered features (`kept.len() × C`). Returns the
+    /// output and the frame (for scattering a token output back to a map).
+    pub fn run(&self, kept: &[u32], features: Vec<f32>) -> Result<(Value, Frame)> {
+        ensure!(
+            features.len() == kept.len() * self.channels,
+            "gathered features hold {} values, expected {} tokens × {} channels",
+            features.len(),
+            kept.len(),
+            self.channels
+        );
+        let frame = self.frame(kept);
+        let mut slots: Vec<Option<Value>> = vec![None; self.slot_names.len()];
+        slots[0] = Some(Value::Tokens {
+            level: 0,
+            c: self.channels,
+            data: features,
+        });
+        for (s, step) in self.steps.iter().enumerate() {
+            // Inputs read for the last time (and only once by this step) are
+            // moved in, so elementwise ops can work in place.
+            let mut owned: Vec<Option<Value>> = step
+                .inputs
+                .iter()
+                .map(|&i| {
+                    let once = step.inputs.iter().filter(|&&j| j == i).count() == 1;
+                    if self.last_use[i] == s && once {
+                        slots[i].take()
+                    } else {
+                        None
+                    }
+                })
+                .collect();
+            let mut args: Vec<Cow<'_, Value>> = Vec::with_capacity(step.inputs.len());
+            for (k, &i) in step.inputs.iter().enumerate() {
+                match owned[k].take() {
+                    Some(v) => args.push(Cow::Owned(v)),
+                    None => match &slots[i] {
+                        Some(v) => args.push(Cow::Borrowed(v)),
+                        None => bail!(
+                            "internal: slot {} read before it was written",
+                            self.slot_names[i]
+                        ),
+                    },
+                }
+            }
+            let out = step
+                .op
+                .eval(args, &frame)
+                .with_context(|| format!("sparse {} at node {}", step.op.name(), step.node))?;
+            slots[step.output] = Some(out);
+        }
+        let out = slots[self.output]
+            .take()
+            .context("internal: suffix output never written")?;
+        Ok((out, frame))
+    }
+}

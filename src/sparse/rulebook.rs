@@ -1,0 +1,61 @@
+//! Neighbour tables: for each output token and kernel tap, the input token it reads.
+
+use super::tokens::{TokenSet, INACTIVE};
+
+/// Geometry of a windowed layer, the key a rulebook is built and cached by.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct Window {
+    /// Kernel height and width.
+    pub kh: usize,
+    pub kw: usize,
+    /// Stride (same along both axes).
+    pub stride: usize,
+    /// Padding before the first row and column.
+    pub pad_top: usize,
+    pub pad_left: usize,
+}
+
+/// `table[n * taps + t]` is the input token read by output token `n` at tap `t`,
+/// or [`INACTIVE`] where that input is inactive or outside the map (it reads zero).
+#[derive(Clone, Debug)]
+pub struct Rulebook {
+    /// Taps per output token (`kh · kw`).
+    pub taps: usize,
+    /// Output-token-major table.
+    pub table: Vec<u32>,
+}
+
+impl Rulebook {
+    /// Builds the table once per token set pair and window.
+    pub fn build(input: &TokenSet, output: &TokenSet, win: Window) -> Rulebook {
+        let taps = win.kh * win.kw;
+        let mut table = Vec::with_capacity(output.len() * taps);
+        for &o in &output.coords {
+            let (oy, ox) = (
+                (o as usize / output.w) as isize,
+                (o as usize % output.w) as isize,
+            );
+            let y0 = oy * win.stride as isize - win.pad_top as isize;
+            let x0 = ox * win.stride as isize - win.pad_left as isize;
+            for ky in 0..win.kh as isize {
+                for kx in 0..win.kw as isize {
+                    let (y, x) = (y0 + ky, x0 + kx);
+                    let inside =
+                        y >= 0 && x >= 0 && (y as usize) < input.h && (x as usize) < input.w;
+                    table.push(if inside {
+                        input.index[y as usize * input.w + x as usize]
+                    } else {
+                        INACTIVE
+                    });
+                }
+            }
+        }
+        Rulebook { taps, table }
+    }
+
+    /// The taps of output token `n`.
+    #[inline]
+    pub fn row(&self, n: usize) -> &[u32] {
+        &self.table[n * self.taps..(n + 1) * self.taps]
+    }
+}

@@ -1,0 +1,501 @@
+//! Shared test support: a small ONNX graph builder, random networks that cover
+//! every op of the sparse executor, and the dense-masked reference run.
+#![allow(dead_code)]
+
+use ersm::model::manifest::{InputSpec, Manifest, Preprocess};
+use ersm::model::{masked, ModelPackage};
+use ersm::prefix::TractNet;
+use std::path::Path;
+use tract_onnx::pb::{
+    self, attribute_proto::AttributeType, AttributeProto, NodeProto, TensorProto,
+};
+
+/// xorshift64*: deterministic, dependency-free randomness for tests.
+pub struct Rng(u64);
+
+impl Rng {
+    pub fn new(seed: u64) -> Rng {
+        Rng(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1)
+    }
+    pub fn next_u64(&mut self) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
+    }
+    /// Uniform in [0, 1).
+    pub fn f32(&mut self) -> f32 {
+        (self.next_u64() >> 40) as f32 / (1u64 << 24) as f32
+    }
+    /// Uniform in [lo, hi).
+    pub fn range(&mut self, lo: f32, hi: f32) -> f32 {
+        lo + (hi - lo) * self.f32()
+    }
+    /// Uniform integer in [lo, hi].
+    pub fn int(&mut self, lo: usize, hi: usize) -> usize {
+        lo + (self.next_u64() % (hi - lo + 1) as u64) as usize
+    }
+    pub fn coin(&mut self) -> bool {
+        self.next_u64() & 1 == 1
+    }
+    pub fn normals(&mut self, n: usize, std: f32) -> Vec<f32> {
+        (0..n).map(|_| self.range(-1.732, 1.732) * std).collect()
+    }
+}
+
+pub fn attr_int(name: &str, v: i64) -> AttributeProto {
+    AttributeProto {
+        name: name.into(),
+        r#type: AttributeType::Int as i32,
+        i: v,
+        ..Default::default()
+    }
+}
+pub fn attr_float(name: &str, v: f32) -> AttributeProto {
+    AttributeProto {
+        name: name.into(),
+        r#type: AttributeType::Float as i32,
+        f: v,
+        ..Default::default()
+    }
+}
+pub fn attr_ints(name: &str, v: &[i64]) -> AttributeProto {
+    AttributeProto {
+        name: name.into(),
+        r#type: AttributeType::Ints as i32,
+        ints: v.to_vec(),
+        ..Default::default()
+    }
+}
+
+/// Builds a graph node by node, naming tensors after their nodes.
+pub struct Builder {
+    pub nodes: Vec<NodeProto>,
+    pub inits: Vec<TensorProto>,
+    pub rng: Rng,
+    count: usize,
+}
+
+impl Builder {
+    pub fn new(seed: u64) -> Builder {
+        Builder {
+            nodes: vec![],
+            inits: vec![],
+            rng: Rng::new(seed),
+            count: 0,
+        }
+    }
+
+    pub fn init(&mut self, name: &str, dims: &[usize], data: Vec<f32>) -> String {
+        assert_eq!(dims.iter().product::<usize>(), data.len());
+        self.inits.push(TensorProto {
+            name: name.into(),
+            dims: dims.iter().map(|&d| d as i64).collect(),
+            data_type: pb::tensor_proto::DataType::Float as i32,
+            float_data: data,
+            ..Default::default()
+        });
+        name.into()
+    }
+
+    pub fn init_i64(&mut self, name: &str, data: Vec<i64>) -> String {
+        self.inits.push(TensorProto {
+            name: name.into(),
+            dims: vec![data.len() as i64],
+            data_type: pb::tensor_proto::DataType::Int64 as i32,
+            int64_data: data,
+            ..Default::default()
+        });
+        name.into()
+    }
+
+    pub fn op(&mut self, op: &str, inputs: &[&str], attrs: Vec<AttributeProto>) -> String {
+        self.count += 1;
+        let name = format!("{}{}", op.to_lowercase(), self.count);
+        self.nodes.push(NodeProto {
+            name: name.clone(),
+            op_type: op.into(),
+            input: inputs.iter().map(|s| s.to_string()).collect(),
+            output: vec![name.clone()],
+            attribute: attrs,
+            ..Default::default()
+        });
+        name
+    }
+
+    /// Conv with random weights and bias; `pads` top, left, bottom, right.
+    #[allow(clippy::too_many_arguments)]
+    pub fn conv(
+        &mut self,
+        x: &str,
+        cin: usize,
+        cout: usize,
+        k: usize,
+        stride: usize,
+        pads: [usize; 4],
+        groups: usize,
+    ) -> String {
+        let fan = (cin / groups * k * k) as f32;
+        let w = self
+            .rng
+            .normals(cout * cin / groups * k * k, (2.0 / fan).sqrt());
+        let b = self.rng.normals(cout, 0.1);
+        let n = self.count + 1;
+        let wn = self.init(&format!("w{n}"), &[cout, cin / groups, k, k], w);
+        let bn = self.init(&format!("b{n}"), &[cout], b);
+        let attrs = vec![
+            attr_ints("kernel_shape", &[k as i64, k as i64]),
+            attr_ints("strides", &[stride as i64, stride as i64]),
+            attr_ints("pads", &pads.map(|p| p as i64)),
+            attr_int("group", groups as i64),
+        ];
+        self.op("Conv", &[x, &wn, &bn], attrs)
+    }
+
+    pub fn bn(&mut self, x: &str, c: usize) -> String {
+        let n = self.count + 1;
+        let g: Vec<f32> = (0..c).map(|_| self.rng.range(0.5, 1.5)).collect();
+        let b = self.rng.normals(c, 0.1);
+        let m = self.rng.normals(c, 0.1);
+        let v: Vec<f32> = (0..c).map(|_| self.rng.range(0.5, 1.5)).collect();
+        let ins = [
+            self.init(&format!("g{n}"), &[c], g),
+            self.init(&format!("be{n}"), &[c], b),
+            self.init(&format!("m{n}"), &[c], m),
+            self.init(&format!("v{n}"), &[c], v),
+        ];
+        self.op(
+            "BatchNormalization",
+            &[x, &ins[0], &ins[1], &ins[2], &ins[3]],
+            vec![attr_float("epsilon", 1e-5)],
+        )
+    }
+
+    pub fn act(&mut self, x: &str) -> String {
+        match self.rng.int(0, 4) {
+            0 => self.op("Relu", &[x], vec![]),
+            1 => {
+                let n = self.count + 1;
+                let lo = self.init(&format!("lo{n}"), &[], vec![0.0]);
+                let hi = self.init(&format!("hi{n}"), &[], vec![6.0]);
+                self.op("Clip", &[x, &lo, &hi], vec![])
+            }
+            2 => self.op("Sigmoid", &[x], vec![]),
+            3 => self.op(
+                "HardSigmoid",
+                &[x],
+                vec![attr_float("alpha", 0.2), attr_float("beta", 0.5)],
+            ),
+            _ => self.op("HardSwish", &[x], vec![]),
+        }
+    }
+
+    /// Wraps the graph into a model: one input, one output, the ersm opset.
+    pub fn model(self, input: (&str, &[usize]), output: &str) -> pb::ModelProto {
+        pb::ModelProto {
+            ir_version: 8,
+            opset_import: vec![
+                pb::OperatorSetIdProto {
+                    domain: String::new(),
+                    version: 14,
+                },
+                pb::OperatorSetIdProto {
+                    domain: "ersm".into(),
+                    version: 1,
+                },
+            ],
+            graph: Some(pb::GraphProto {
+                name: "random".into(),
+                node: self.nodes,
+                initializer: self.inits,
+                input: vec![ersm::model::onnx::float_input(input.0, input.1)],
+                output: vec![pb::ValueInfoProto {
+                    name: output.into(),
+                    ..Default::default()
+                }],
+                ..Default::default()
+            }),
+            ..Default::default()
+        }
+    }
+}
+
+/// The energy node: linear head on `c` channels.
+pub fn energy(
+    b: &mut Builder,
+    x: &str,
+    c: usize,
+    lambda: f32,
+    steps: i64,
+    neighbourhood: i64,
+) -> String {
+    let w = b.rng.normals(c, 1.0 / (c as f32).sqrt());
+    let wn = b.init("ersm.w", &[1, c, 1, 1], w);
+    let bn = b.init("ersm.b", &[1], vec![0.0]);
+    let out = b.op(
+        "EnergyMask",
+        &[x, &wn, &bn],
+        vec![
+            attr_float("lambda", lambda),
+            attr_float("tau", 1.0),
+            attr_int("steps", steps),
+            attr_int("neighbourhood", neighbourhood),
+        ],
+    );
+    b.nodes.last_mut().unwrap().domain = "ersm".into();
+    out
+}
+
+/// A manifest for a built network with input `[1, 3, h, w]`.
+pub fn manifest(h: usize, w: usize) -> Manifest {
+    Manifest {
+        name: "random".into(),
+        description: String::new(),
+        model: "model.onnx".into(),
+        input: InputSpec {
+            name: "image".into(),
+            shape: vec![1, 3, h, w],
+        },
+        preprocess: Preprocess {
+            resize_short: h.max(w),
+            crop: h,
+            scale: 1.0 / 255.0,
+            mean: [0.0; 3],
+            std: [1.0; 3],
+        },
+        labels: vec![],
+        licence: serde_json::Value::Null,
+    }
+}
+
+/// A random ERSM network on a `3 × h × w` input with `c` feature channels,
+/// its suffix a random stack of blocks followed by a random head. Returns the
+/// model and the op types its suffix uses.
+pub fn random_network(seed: u64, h: usize, w: usize, c: usize) -> pb::ModelProto {
+    let mut b = Builder::new(seed);
+    let x = b.conv("image", 3, c, 3, 1, [1, 1, 1, 1], 1);
+    let x = b.op("Relu", &[&x], vec![]);
+    let nb = if b.rng.coin() { 8 } else { 4 };
+    let steps = b.rng.int(0, 3) as i64;
+    let mut x = energy(&mut b, &x, c, 0.3, steps, nb);
+    let mut ch = c;
+    let (mut hh, mut ww) = (h, w);
+    let blocks = b.rng.int(2, 4);
+    for _ in 0..blocks {
+        let mut kind = b.rng.int(0, 5);
+        if [1, 3, 4].contains(&kind) {
+            if hh.min(ww) < 4 {
+                kind = if b.rng.coin() { 0 } else { 5 };
+            } else if kind == 3 {
+                (hh, ww) = ((hh - 2) / 2 + 1, (ww - 2) / 2 + 1);
+            } else {
+                (hh, ww) = ((hh - 1) / 2 + 1, (ww - 1) / 2 + 1);
+            }
+        }
+        x = match kind {
+            0 => {
+                // Inverted residual with squeeze-excite.
+                let e = ch * 2;
+                let y = b.conv(&x, ch, e, 1, 1, [0; 4], 1);
+                let y = b.bn(&y, e);
+                let y = b.act(&y);
+                let k = if b.rng.coin() { 3 } else { 5 };
+                let y = b.conv(&y, e, e, k, 1, [k / 2; 4], e);
+                let y = b.act(&y);
+                let s = b.op("GlobalAveragePool", &[&y], vec![]);
+                let s = b.conv(&s, e, e / 2, 1, 1, [0; 4], 1);
+                let s = b.op("Relu", &[&s], vec![]);
+                let s = b.conv(&s, e / 2, e, 1, 1, [0; 4], 1);
+                let s = b.op(
+                    "HardSigmoid",
+                    &[&s],
+                    vec![attr_float("alpha", 1.0 / 6.0), attr_float("beta", 0.5)],
+                );
+                let y = if b.rng.coin() {
+                    b.op("Mul", &[&y, &s], vec![])
+                } else {
+                    b.op("Mul", &[&s, &y], vec![])
+                };
+                let y = b.conv(&y, e, ch, 1, 1, [0; 4], 1);
+                let y = b.bn(&y, ch);
+                b.op("Add", &[&y, &x], vec![])
+            }
+            1 => {
+                // Grouped strided conv with a sigmoid gate.
+                let g = if ch.is_multiple_of(4) { 4 } else { 2 };
+                let y = b.conv(&x, ch, ch * 2, 3, 2, [1; 4], g);
+                ch *= 2;
+                let s = b.op("Sigmoid", &[&y], vec![]);
+                b.op("Mul", &[&y, &s], vec![])
+            }
+            2 => {
+                // Dense k×k conv, stride 1, then a standalone BN and per-channel constants.
+                let k = if b.rng.coin() { 3 } else { 5 };
+                let y = b.conv(&x, ch, ch, k, 1, [k / 2; 4], 1);
+                let y = b.act(&y);
+                let y = b.bn(&y, ch);
+                let n = b.rng.normals(ch, 0.5);
+                let cst = b.init(&format!("cst{}", b.nodes.len()), &[1, ch, 1, 1], n);
+                let y = b.op("Mul", &[&y, &cst], vec![]);
+                let cst = b.init(&format!("cadd{}", b.nodes.len()), &[1], vec![0.25]);
+                b.op("Add", &[&cst, &y], vec![])
+            }
+            3 => {
+                // Strided 2×2 conv without padding, or 3×3 with asymmetric padding.
+                let y = if b.rng.coin() {
+                    b.conv(&x, ch, ch + 4, 2, 2, [0; 4], 1)
+                } else {
+                    b.conv(&x, ch, ch + 4, 3, 2, [0, 0, 1, 1], 1)
+                };
+                ch += 4;
+                b.act(&y)
+            }
+            4 => {
+                // Depthwise stride 2, then pointwise.
+                let y = b.conv(&x, ch, ch, 3, 2, [1; 4], ch);
+                let y = b.bn(&y, ch);
+                let y = b.op("Relu", &[&y], vec![]);
+                let y = b.conv(&y, ch, ch + 2, 1, 1, [0; 4], 1);
+                ch += 2;
+                b.op("Identity", &[&y], vec![])
+            }
+            _ => {
+                // Residual of two branches at the same level.
+                let a = b.conv(&x, ch, ch, 3, 1, [1; 4], 1);
+                let a = b.act(&a);
+                let c2 = b.conv(&x, ch, ch, 1, 1, [0; 4], 1);
+                b.op("Add", &[&a, &c2], vec![])
+            }
+        };
+    }
+    // Head.
+    let keep = b.rng.coin();
+    let mut y = if b.rng.coin() {
+        b.op("GlobalAveragePool", &[&x], vec![])
+    } else {
+        b.op(
+            "ReduceMean",
+            &[&x],
+            vec![
+                attr_ints("axes", &[2, 3]),
+                attr_int("keepdims", keep as i64),
+            ],
+        )
+    };
+    y = if b.rng.coin() {
+        b.op("Flatten", &[&y], vec![attr_int("axis", 1)])
+    } else {
+        let s = b.init_i64(&format!("shape{}", b.nodes.len()), vec![1, -1]);
+        b.op("Reshape", &[&y, &s], vec![])
+    };
+    let hidden = 16;
+    let trans_b = b.rng.coin();
+    let wd = b.rng.normals(ch * hidden, (2.0 / ch as f32).sqrt());
+    let wn = if trans_b {
+        b.init("fc1.w", &[hidden, ch], wd)
+    } else {
+        b.init("fc1.w", &[ch, hidden], wd)
+    };
+    let bias = b.rng.normals(hidden, 0.1);
+    let bn = b.init("fc1.b", &[hidden], bias);
+    y = b.op(
+        "Gemm",
+        &[&y, &wn, &bn],
+        vec![attr_int("transB", trans_b as i64), attr_float("alpha", 0.9)],
+    );
+    y = b.act(&y);
+    let w2 = b.rng.normals(hidden * 7, 0.3);
+    let w2 = b.init("fc2.w", &[hidden, 7], w2);
+    y = b.op("MatMul", &[&y, &w2], vec![]);
+    let b2 = b.rng.normals(7, 0.1);
+    let b2 = b.init("fc2.b", &[7], b2);
+    let out = b.op("Add", &[&y, &b2], vec![]);
+    b.model(("image", &[1, 3, h, w]), &out)
+}
+
+/// Loads a built network as a package (no files involved).
+pub fn package(proto: pb::ModelProto, h: usize, w: usize) -> ModelPackage {
+    ModelPackage::from_proto(proto, manifest(h, w), Path::new("random/model.onnx"))
+        .expect("random network loads")
+}
+
+/// Masks of every level of `m`'s plan for the kept raster indices, computed
+/// independently of the sparse executor: level 0 from `kept`, each strided
+/// level as the s×s max-pool of its parent.
+pub fn level_masks(m: &ModelPackage, kept: &[u32]) -> Vec<Vec<f32>> {
+    let mut masks: Vec<Vec<f32>> = Vec::new();
+    for l in &m.plan.levels {
+        let mut mask = vec![0.0f32; l.h * l.w];
+        match l.parent {
+            None => kept.iter().for_each(|&i| mask[i as usize] = 1.0),
+            Some(p) => {
+                let (ph, pw) = (m.plan.levels[p].h, m.plan.levels[p].w);
+                for oy in 0..l.h {
+                    for ox in 0..l.w {
+                        let mut any = false;
+                        for y in oy * l.stride..((oy + 1) * l.stride).min(ph) {
+                            for x in ox * l.stride..((ox + 1) * l.stride).min(pw) {
+                                any |= masks[p][y * pw + x] > 0.0;
+                            }
+                        }
+                        mask[oy * l.w + ox] = if any { 1.0 } else { 0.0 };
+                    }
+                }
+            }
+        }
+        masks.push(mask);
+    }
+    masks
+}
+
+/// The dense-masked reference output for features `x` (`C×H×W`) and kept tokens.
+pub fn dense_masked(m: &ModelPackage, x: &[f32], kept: &[u32]) -> Vec<f32> {
+    let masks = level_masks(m, kept);
+    let hw = m.cut.h * m.cut.w;
+    let xm: Vec<f32> = x
+        .iter()
+        .enumerate()
+        .map(|(i, &v)| v * masks[0][i % hw])
+        .collect();
+    let proto = masked::reference(&m.suffix_proto, &m.plan);
+    let fs = [1, m.cut.c, m.cut.h, m.cut.w];
+    let net = TractNet::new(&proto, &fs, "dense-masked reference").expect("reference builds");
+    let scales: Vec<[f32; 1]> = masks
+        .iter()
+        .map(|mk| [mk.len() as f32 / mk.iter().sum::<f32>().max(1.0)])
+        .collect();
+    let shapes: Vec<[usize; 4]> = m.plan.levels.iter().map(|l| [1, 1, l.h, l.w]).collect();
+    let mut inputs: Vec<(&[usize], &[f32])> = vec![(&fs, &xm)];
+    for l in 0..masks.len() {
+        inputs.push((&shapes[l], &masks[l]));
+        inputs.push((&[1], &scales[l]));
+    }
+    net.run_many(&inputs).expect("reference runs")
+}
+
+/// The sparse suffix's output (scattered to dense) for features `x` and kept tokens.
+pub fn sparse(m: &ModelPackage, x: &[f32], kept: &[u32]) -> Vec<f32> {
+    let fm = ersm::ersm::FeatureMap::new(x, m.cut.c, m.cut.h, m.cut.w).unwrap();
+    let feats = ersm::ersm::cpu::gather(fm, kept);
+    let (out, frame) = m.plan.run(kept, feats).expect("sparse suffix runs");
+    out.to_dense(&frame.sets).1
+}
+
+/// `‖a − b‖∞ / ‖b‖∞`.
+pub fn rel_err(a: &[f32], b: &[f32]) -> f32 {
+    assert_eq!(a.len(), b.len(), "lengths differ");
+    let scale = b.iter().fold(0.0f32, |m, v| m.max(v.abs())).max(1e-6);
+    a.iter()
+        .zip(b)
+        .fold(0.0f32, |m, (x, y)| m.max((x - y).abs()))
+        / scale
+}
+
+/// A random kept set over `n` tokens with probability `p` (at least one token).
+pub fn random_kept(rng: &mut Rng, n: usize, p: f32) -> Vec<u32> {
+    let mut kept: Vec<u32> = (0..n as u32).filter(|_| rng.f32() < p).collect();
+    if kept.is_empty() {
+        kept.push(rng.int(0, n - 1) as u32);
+    }
+    kept
+}
