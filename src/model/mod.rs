@@ -230,3 +230,14 @@ fn with_identity_energy(proto: &ModelProto, e: usize) -> ModelProto {
     p.opset_import.retain(|o| o.domain != energy::DOMAIN);
     p
 }
+
+impl std::fmt::Debug for ModelPackage {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ModelPackage")
+            .field("origin", &self.origin)
+            .field("name", &self.manifest.name)
+            .field("cut", &self.cut)
+            .field("suffix_steps", &self.plan.steps.len())
+            .finish_non_exhaustive()
+    }
+}

@@ -1,0 +1,147 @@
+//! The `ersm` binary as a user runs it.
+
+use std::process::{Command, Output};
+
+fn ersm(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_ersm"))
+        .args(args)
+        .output()
+        .expect("ersm runs")
+}
+
+fn text(o: &Output) -> (String, String) {
+    (
+        String::from_utf8_lossy(&o.stdout).into_owned(),
+        String::from_utf8_lossy(&o.stderr).into_owned(),
+    )
+}
+
+fn tmp(name: &str) -> std::path::PathBuf {
+    std::env::temp_dir().join(format!("ersm-cli-{}-{name}", std::process::id()))
+}
+
+#[test]
+fn help_explains_every_option() {
+    let (out, _) = text(&ersm(&["--help"]));
+    for word in ["bench", "inspect"] {
+        assert!(out.contains(word), "--help lacks {word}: {out}");
+    }
+    let (out, _) = text(&ersm(&["bench", "--help"]));
+    for opt in ["--model", "--images", "--frames", "--warmup", "--json"] {
+        assert!(out.contains(opt), "bench --help lacks {opt}: {out}");
+    }
+    let (out, _) = text(&ersm(&["inspect", "--help"]));
+    for opt in ["--model", "--keep"] {
+        assert!(out.contains(opt), "inspect --help lacks {opt}: {out}");
+    }
+}
+
+#[test]
+fn bench_prints_table_and_writes_json() {
+    let json = tmp("bench.json");
+    let o = ersm(&[
+        "bench",
+        "--frames",
+        "4",
+        "--warmup",
+        "1",
+        "--json",
+        json.to_str().unwrap(),
+    ]);
+    let (out, err) = text(&o);
+    assert!(o.status.success(), "bench failed: {err}");
+    for row in [
+        "Pre-Process",
+        "Prefix",
+        "ERSM",
+        "Suffix",
+        "Total",
+        "FPS",
+        "keep ratio",
+        "ideal",
+        "agreement",
+    ] {
+        assert!(out.contains(row), "table lacks {row}:\n{out}");
+    }
+    let v: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    for key in [
+        "model",
+        "frames",
+        "keep_ratio",
+        "ideal_speedup",
+        "speedup",
+        "suffix_speedup",
+        "agreement",
+        "stages",
+    ] {
+        assert!(v.get(key).is_some(), "JSON lacks {key}: {v}");
+    }
+    assert_eq!(v["frames"], 4);
+    let keep = v["keep_ratio"].as_f64().unwrap();
+    assert!(keep > 0.0 && keep <= 1.0);
+    for mode in ["ersm", "dense"] {
+        for stage in ["preprocess", "prefix", "suffix", "total"] {
+            let s = &v["stages"][mode][stage];
+            assert!(
+                s["p50_ms"].as_f64().unwrap() >= 0.0
+                    && s["p95_ms"].as_f64().unwrap() >= s["p50_ms"].as_f64().unwrap(),
+                "{mode}/{stage}: {s}"
+            );
+        }
+    }
+}
+
+#[test]
+fn inspect_shows_cut_ops_and_flops() {
+    let o = ersm(&["inspect", "--keep", "0.25"]);
+    let (out, err) = text(&o);
+    assert!(o.status.success(), "{err}");
+    for part in [
+        "cut",
+        "energy node 'ersm'",
+        "prefix (",
+        "suffix (",
+        "DepthwiseConv",
+        "GFLOPs dense",
+        "at keep 0.25",
+    ] {
+        assert!(out.contains(part), "inspect lacks {part}:\n{out}");
+    }
+}
+
+#[test]
+fn bad_model_path_is_a_clear_error() {
+    let o = ersm(&["bench", "--model", "no/such/model", "--frames", "1"]);
+    let (_, err) = text(&o);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(
+        err.contains("no/such/model") && err.contains("not found"),
+        "{err}"
+    );
+    assert!(!err.contains("panicked"), "{err}");
+}
+
+#[test]
+fn bad_image_is_named_and_the_rest_still_used() {
+    let dir = tmp("images");
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(dir.join("broken.png"), b"not a png").unwrap();
+    std::fs::copy("models/images/coffee.png", dir.join("coffee.png")).unwrap();
+    let o = ersm(&[
+        "bench",
+        "--images",
+        dir.to_str().unwrap(),
+        "--frames",
+        "2",
+        "--warmup",
+        "0",
+    ]);
+    let (out, err) = text(&o);
+    assert!(o.status.success(), "{err}");
+    assert!(
+        err.contains("broken.png"),
+        "warning should name the bad file: {err}"
+    );
+    assert!(out.contains("Total"));
+}

@@ -1,0 +1,212 @@
+//! The CPU energy layer against a direct, naive transcription of DESIGN.md's equations.
+
+use ersm::ersm::{cpu, EnergySpec, FeatureMap, Neighbourhood, UnaryHead};
+use proptest::prelude::*;
+
+/// The equations written out as plainly as possible, in f64.
+fn naive(x: &[f32], c: usize, h: usize, w: usize, spec: &EnergySpec) -> (Vec<f64>, Vec<u32>) {
+    let at = |ch: usize, y: usize, xx: usize| x[ch * h * w + y * w + xx] as f64;
+    let mut u = vec![0.0f64; h * w];
+    for y in 0..h {
+        for xx in 0..w {
+            u[y * w + xx] = match &spec.head {
+                UnaryHead::Linear { w: wt, b } => {
+                    (0..c).map(|ch| wt[ch] as f64 * at(ch, y, xx)).sum::<f64>() + *b as f64
+                }
+                UnaryHead::TwoLayer { w1, b1, w2, b2 } => {
+                    let mut s = *b2 as f64;
+                    for k in 0..b1.len() {
+                        let hk: f64 = (0..c)
+                            .map(|ch| w1[k * c + ch] as f64 * at(ch, y, xx))
+                            .sum::<f64>()
+                            + b1[k] as f64;
+                        s += w2[k] as f64 * hk.max(0.0);
+                    }
+                    s
+                }
+            };
+        }
+    }
+    let sigma = |z: f64| 1.0 / (1.0 + (-z).exp());
+    let tau = spec.tau as f64;
+    let lambda = spec.lambda as f64;
+    let mut q: Vec<f64> = u.iter().map(|&ui| sigma(-ui / tau)).collect();
+    let mut e = u.clone();
+    for _ in 0..spec.steps {
+        for y in 0..h as i64 {
+            for xx in 0..w as i64 {
+                let mut s = 0.0;
+                for dy in -1i64..=1 {
+                    for dx in -1i64..=1 {
+                        let four = dy == 0 || dx == 0;
+                        if (dy, dx) == (0, 0)
+                            || (spec.neighbourhood == Neighbourhood::Four && !four)
+                        {
+                            continue;
+                        }
+                        let (ny, nx) = (y + dy, xx + dx);
+                        if ny >= 0 && nx >= 0 && ny < h as i64 && nx < w as i64 {
+                            s += 1.0 - 2.0 * q[(ny * w as i64 + nx) as usize];
+                        }
+                    }
+                }
+                let i = (y * w as i64 + xx) as usize;
+                e[i] = u[i] + lambda * s;
+            }
+        }
+        q = e.iter().map(|&ei| sigma(-ei / tau)).collect();
+    }
+    let mut kept: Vec<u32> = (0..h * w)
+        .filter(|&i| e[i] < 0.0)
+        .map(|i| i as u32)
+        .collect();
+    if kept.is_empty() {
+        let min = e.iter().cloned().fold(f64::INFINITY, f64::min);
+        kept.push(e.iter().position(|&v| v == min).unwrap() as u32);
+    }
+    (e, kept)
+}
+
+fn spec_strategy(c: usize) -> impl Strategy<Value = EnergySpec> {
+    let linear = (prop::collection::vec(-1.0f32..1.0, c), -0.5f32..0.5)
+        .prop_map(|(w, b)| UnaryHead::Linear { w, b });
+    let two = (1usize..5).prop_flat_map(move |hid| {
+        (
+            prop::collection::vec(-1.0f32..1.0, hid * c),
+            prop::collection::vec(-0.5f32..0.5, hid),
+            prop::collection::vec(-1.0f32..1.0, hid),
+            -0.5f32..0.5,
+        )
+            .prop_map(|(w1, b1, w2, b2)| UnaryHead::TwoLayer { w1, b1, w2, b2 })
+    });
+    (
+        prop_oneof![linear, two],
+        0.0f32..1.0,
+        0.2f32..3.0,
+        0u32..5,
+        any::<bool>(),
+    )
+        .prop_map(|(head, lambda, tau, steps, eight)| EnergySpec {
+            head,
+            lambda,
+            tau,
+            steps,
+            neighbourhood: if eight {
+                Neighbourhood::Eight
+            } else {
+                Neighbourhood::Four
+            },
+        })
+}
+
+fn case() -> impl Strategy<Value = (usize, usize, usize, Vec<f32>, EnergySpec)> {
+    (
+        1usize..6,
+        prop_oneof![Just(1usize), 1usize..12],
+        prop_oneof![Just(1usize), 1usize..12],
+    )
+        .prop_flat_map(|(c, h, w)| {
+            (
+                Just(c),
+                Just(h),
+                Just(w),
+                prop::collection::vec(-2.0f32..2.0, c * h * w),
+                spec_strategy(c),
+            )
+        })
+}
+
+/// Tokens whose naive energy is this close to 0 may flip with f32 rounding.
+const MARGIN: f64 = 1e-4;
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 400, ..ProptestConfig::default() })]
+
+    #[test]
+    fn cpu_matches_naive_equations((c, h, w, x, spec) in case()) {
+        let (e_ref, kept_ref) = naive(&x, c, h, w, &spec);
+        let mask = cpu::compute(FeatureMap::new(&x, c, h, w).unwrap(), &spec).unwrap();
+        for (i, (&a, &b)) in mask.energies.iter().zip(&e_ref).enumerate() {
+            prop_assert!((a as f64 - b).abs() <= 1e-4 * (1.0 + b.abs()), "energy {i}: {a} vs {b}");
+        }
+        prop_assume!(e_ref.iter().all(|e| e.abs() > MARGIN));
+        prop_assert_eq!(&mask.kept, &kept_ref);
+        // Gathered rows are the kept tokens' feature vectors, unscaled, in raster order.
+        prop_assert_eq!(mask.features.len(), mask.kept.len() * c);
+        for (n, &i) in mask.kept.iter().enumerate() {
+            for ch in 0..c {
+                prop_assert_eq!(mask.features[n * c + ch], x[ch * h * w + i as usize]);
+            }
+        }
+    }
+}
+
+#[test]
+fn keeps_lowest_token_when_none_is_negative() {
+    let x = vec![1.0, 2.0, 0.5, 0.5, 3.0, 4.0];
+    let spec = EnergySpec {
+        head: UnaryHead::Linear {
+            w: vec![1.0],
+            b: 1.0,
+        },
+        lambda: 0.0,
+        tau: 1.0,
+        steps: 0,
+        neighbourhood: Neighbourhood::Four,
+    };
+    let mask = cpu::compute(FeatureMap::new(&x, 1, 2, 3).unwrap(), &spec).unwrap();
+    // Two tokens tie at the lowest energy: the first in raster order wins.
+    assert_eq!(mask.kept, vec![2]);
+    assert_eq!(mask.features, vec![0.5]);
+}
+
+#[test]
+fn pairwise_term_fills_holes_and_removes_specks() {
+    // A 5×5 map whose unary costs are mildly positive except a ring of strongly
+    // negative tokens: with λ large enough, the centre (surrounded) is kept too.
+    let (h, w) = (5, 5);
+    let mut u = vec![0.3f32; h * w];
+    for y in 1..4 {
+        for x in 1..4 {
+            if (y, x) != (2, 2) {
+                u[y * w + x] = -2.0;
+            }
+        }
+    }
+    let spec = |lambda| EnergySpec {
+        head: UnaryHead::Linear {
+            w: vec![1.0],
+            b: 0.0,
+        },
+        lambda,
+        tau: 1.0,
+        steps: 3,
+        neighbourhood: Neighbourhood::Four,
+    };
+    let without = cpu::compute(FeatureMap::new(&u, 1, h, w).unwrap(), &spec(0.0)).unwrap();
+    let with = cpu::compute(FeatureMap::new(&u, 1, h, w).unwrap(), &spec(0.5)).unwrap();
+    assert!(!without.kept.contains(&12));
+    assert!(
+        with.kept.contains(&12),
+        "centre should be pulled in: {:?}",
+        with.kept
+    );
+}
+
+#[test]
+fn rejects_mismatched_channels_and_bad_shapes() {
+    let spec = EnergySpec {
+        head: UnaryHead::Linear {
+            w: vec![1.0, 2.0],
+            b: 0.0,
+        },
+        lambda: 0.1,
+        tau: 1.0,
+        steps: 1,
+        neighbourhood: Neighbourhood::Eight,
+    };
+    let x = vec![0.0; 12];
+    let err = cpu::compute(FeatureMap::new(&x, 3, 2, 2).unwrap(), &spec).unwrap_err();
+    assert!(err.to_string().contains("2 channels"), "{err}");
+    assert!(FeatureMap::new(&x, 2, 2, 2).is_err());
+}
