@@ -133,3 +133,15 @@ fn degenerate_maps_one_token_and_one_row() {
         assert!(err <= TOL, "{h}×{w}: relative error {err}");
     }
 }
+
+#[test]
+fn mobilenet_v2_suffix_matches_reference() {
+    let m = package(mobilenet_v2_suffix(5), 28, 28);
+    let mut rng = Rng::new(9);
+    for keep in [0.3, 1.0] {
+        let x = features(&mut rng, &m);
+        let kept = blob_kept(&mut rng, 28, 28, keep);
+        let err = rel_err(&sparse(&m, &x, &kept), &dense_masked(&m, &x, &kept));
+        assert!(err <= TOL, "keep {keep}: relative error {err}");
+    }
+}

@@ -32,6 +32,18 @@ pub fn matmul(
     }
     assert!(a.len() >= (m - 1) * lda + w.k, "gemm: A too short");
     assert!(c.len() >= (m - 1) * ldc + w.n, "gemm: C too short");
+    if m == 1 {
+        // A single row (classifier, squeeze-excite): packing the weights would
+        // cost as much as the product, so stream them once, row by row.
+        let c = &mut c[..w.n];
+        if !accumulate {
+            c.fill(0.0);
+        }
+        for (&x, row) in a[..w.k].iter().zip(w.data.chunks_exact(w.n)) {
+            c.iter_mut().zip(row).for_each(|(y, &wv)| *y += x * wv);
+        }
+        return;
+    }
     // SAFETY: the asserts above bound every access sgemm makes through these
     // pointers and strides; `w.data` is exactly k × n.
     unsafe {

@@ -499,3 +499,82 @@ pub fn random_kept(rng: &mut Rng, n: usize, p: f32) -> Vec<u32> {
     }
     kept
 }
+
+/// A MobileNetV2 (width 1.0, 224×224) cut after its stride-8 stage: the input
+/// is mapped to the 32×28×28 stage output by a 1×1 conv (standing in for the
+/// real prefix), then the energy layer, then torchvision's features[7..] and
+/// the classifier, with random weights. Inverted residuals: 1×1 expand + BN +
+/// ReLU6, 3×3 depthwise + BN + ReLU6, 1×1 project + BN, residual where shapes allow.
+pub fn mobilenet_v2_suffix(seed: u64) -> pb::ModelProto {
+    let mut b = Builder::new(seed);
+    let relu6 = |b: &mut Builder, x: &str| {
+        let n = b.nodes.len();
+        let lo = b.init(&format!("r6lo{n}"), &[], vec![0.0]);
+        let hi = b.init(&format!("r6hi{n}"), &[], vec![6.0]);
+        b.op("Clip", &[x, &lo, &hi], vec![])
+    };
+    let x = b.conv("image", 3, 32, 1, 1, [0; 4], 1);
+    let mut x = energy(&mut b, &x, 32, 0.3, 2, 4);
+    let mut c = 32;
+    // (expansion t, channels, repeats, first stride): torchvision's stages after 28×28.
+    for (t, cout, n, s) in [(6, 64, 4, 2), (6, 96, 3, 1), (6, 160, 3, 2), (6, 320, 1, 1)] {
+        for i in 0..n {
+            let stride = if i == 0 { s } else { 1 };
+            let e = c * t;
+            let y = b.conv(&x, c, e, 1, 1, [0; 4], 1);
+            let y = b.bn(&y, e);
+            let y = relu6(&mut b, &y);
+            let y = b.conv(&y, e, e, 3, stride, [1; 4], e);
+            let y = b.bn(&y, e);
+            let y = relu6(&mut b, &y);
+            let y = b.conv(&y, e, cout, 1, 1, [0; 4], 1);
+            let y = b.bn(&y, cout);
+            x = if stride == 1 && c == cout {
+                b.op("Add", &[&y, &x], vec![])
+            } else {
+                y
+            };
+            c = cout;
+        }
+    }
+    let y = b.conv(&x, c, 1280, 1, 1, [0; 4], 1);
+    let y = b.bn(&y, 1280);
+    let y = relu6(&mut b, &y);
+    let y = b.op("GlobalAveragePool", &[&y], vec![]);
+    let y = b.op("Flatten", &[&y], vec![attr_int("axis", 1)]);
+    let w = b.rng.normals(1000 * 1280, (1.0 / 1280f32).sqrt());
+    let wn = b.init("classifier.w", &[1000, 1280], w);
+    let bias = b.rng.normals(1000, 0.01);
+    let bn = b.init("classifier.b", &[1000], bias);
+    let out = b.op("Gemm", &[&y, &wn, &bn], vec![attr_int("transB", 1)]);
+    b.model(("image", &[1, 3, 28, 28]), &out)
+}
+
+/// A spatially coherent kept set of about `keep · h · w` tokens, as the
+/// pairwise term makes them: the lowest values of a smooth random field.
+pub fn blob_kept(rng: &mut Rng, h: usize, w: usize, keep: f64) -> Vec<u32> {
+    let centres: Vec<(f32, f32, f32)> = (0..4)
+        .map(|_| {
+            (
+                rng.range(0.0, h as f32),
+                rng.range(0.0, w as f32),
+                rng.range(2.0, 6.0),
+            )
+        })
+        .collect();
+    let field: Vec<f32> = (0..h * w)
+        .map(|i| {
+            let (y, x) = ((i / w) as f32, (i % w) as f32);
+            -centres
+                .iter()
+                .map(|(cy, cx, r)| (-((y - cy).powi(2) + (x - cx).powi(2)) / (2.0 * r * r)).exp())
+                .sum::<f32>()
+        })
+        .collect();
+    let mut order: Vec<usize> = (0..h * w).collect();
+    order.sort_by(|&a, &b| field[a].total_cmp(&field[b]));
+    let n = ((keep * (h * w) as f64).round() as usize).clamp(1, h * w);
+    let mut kept: Vec<u32> = order[..n].iter().map(|&i| i as u32).collect();
+    kept.sort();
+    kept
+}
