@@ -1,6 +1,6 @@
 """Export `ersm-tiny`, the small ERSM test network, as an ONNX model package.
 
-Reproducible: fixed seed, pinned packages (see models/tiny/README.md):
+Reproducible: fixed seed, pinned packages (see models/README.md):
     python3 -m pip install onnx==1.17.0 numpy==1.26.4 onnxruntime==1.20.1 pillow==13.0.0
     python3 models/tiny/export.py
 
