@@ -2,7 +2,7 @@
 
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
-use ersm::ersm::Device;
+use ersm::ersm::{Device, DeviceChoice};
 use ersm::model::ModelPackage;
 use ersm::pipeline::{top1, Pipeline};
 use ersm::report::{ideal_speedup, BenchReport, StageSamples};
@@ -42,6 +42,28 @@ struct BenchArgs {
     /// Also write the report as JSON to this file.
     #[arg(long)]
     json: Option<PathBuf>,
+    /// Where the energy layer runs: cpu, cuda (fails without a usable GPU), or
+    /// auto (CUDA when available, else CPU).
+    #[arg(long, value_enum, default_value_t = DeviceArg::Auto)]
+    device: DeviceArg,
+}
+
+/// `--device` values.
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum DeviceArg {
+    Cpu,
+    Cuda,
+    Auto,
+}
+
+impl From<DeviceArg> for DeviceChoice {
+    fn from(d: DeviceArg) -> DeviceChoice {
+        match d {
+            DeviceArg::Cpu => DeviceChoice::Cpu,
+            DeviceArg::Cuda => DeviceChoice::Cuda,
+            DeviceArg::Auto => DeviceChoice::Auto,
+        }
+    }
 }
 
 #[derive(clap::Args)]
@@ -83,7 +105,7 @@ fn bench(a: BenchArgs) -> Result<()> {
     anyhow::ensure!(a.frames > 0, "--frames must be at least 1");
     let model_dir = a.model.unwrap_or_else(|| bundled(DEFAULT_MODEL));
     let model = ModelPackage::load(&model_dir)?;
-    let pipeline = Pipeline::new(model, Device::Cpu);
+    let pipeline = Pipeline::new(model, Device::select(a.device.into())?);
     let files = images::list(&a.images.unwrap_or_else(|| bundled(DEFAULT_IMAGES)))?;
     // A bad image is reported and skipped; the rest are still used.
     let frames: Vec<_> = files

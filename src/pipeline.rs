@@ -16,6 +16,8 @@ pub struct StageTimes {
     /// The energy layer (zero for the dense baseline).
     pub ersm: f64,
     pub suffix: f64,
+    /// The energy kernel alone by CUDA events (zero on CPU); inside `ersm`.
+    pub ersm_kernel: f64,
 }
 
 impl StageTimes {

@@ -54,6 +54,12 @@ impl StageSamples {
         ] {
             self.samples.entry(k).or_default().push(v);
         }
+        if t.ersm_kernel > 0.0 {
+            self.samples
+                .entry("ersm_kernel")
+                .or_default()
+                .push(t.ersm_kernel);
+        }
     }
 
     /// Summary per stage.

@@ -27,7 +27,9 @@ fn help_explains_every_option() {
         assert!(out.contains(word), "--help lacks {word}: {out}");
     }
     let (out, _) = text(&ersm(&["bench", "--help"]));
-    for opt in ["--model", "--images", "--frames", "--warmup", "--json"] {
+    for opt in [
+        "--model", "--images", "--frames", "--warmup", "--json", "--device",
+    ] {
         assert!(out.contains(opt), "bench --help lacks {opt}: {out}");
     }
     let (out, _) = text(&ersm(&["inspect", "--help"]));
@@ -120,6 +122,31 @@ fn bad_model_path_is_a_clear_error() {
         "{err}"
     );
     assert!(!err.contains("panicked"), "{err}");
+}
+
+#[test]
+fn device_cpu_runs_and_cuda_without_gpu_is_a_clear_error() {
+    let o = ersm(&["bench", "--device", "cpu", "--frames", "1", "--warmup", "0"]);
+    assert!(o.status.success(), "{}", text(&o).1);
+    if !ersm::ersm::cuda::driver_present() {
+        let o = ersm(&["bench", "--device", "cuda", "--frames", "1"]);
+        let (_, err) = text(&o);
+        assert_eq!(o.status.code(), Some(1));
+        assert!(
+            err.contains("--device cuda") && err.contains("libcuda"),
+            "{err}"
+        );
+        assert!(!err.contains("panicked"), "{err}");
+        let o = ersm(&[
+            "bench", "--device", "auto", "--frames", "1", "--warmup", "0",
+        ]);
+        let (_, err) = text(&o);
+        assert!(o.status.success(), "{err}");
+        assert!(
+            err.contains("energy layer on CPU"),
+            "auto should say it fell back: {err}"
+        );
+    }
 }
 
 #[test]

@@ -1,8 +1,10 @@
 //! The energy layer: unary cost, mean-field pairwise coherence, threshold, compaction, gather.
 
 pub mod cpu;
+pub mod cuda;
 
-use anyhow::{bail, Result};
+use anyhow::{bail, Context, Result};
+use std::sync::Arc;
 
 /// Which pixels count as a token's neighbours in the pairwise term.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -151,17 +153,52 @@ impl TokenMask {
 }
 
 /// Where the energy layer runs.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug)]
 pub enum Device {
     /// The exact CPU implementation in [`cpu`].
     Cpu,
+    /// One kernel launch per frame on an NVIDIA GPU ([`cuda`]).
+    Cuda(Arc<cuda::CudaBackend>),
+}
+
+/// What the user asked for with `--device`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DeviceChoice {
+    Cpu,
+    Cuda,
+    /// CUDA when a device is usable, else CPU (with one log line saying why).
+    Auto,
 }
 
 impl Device {
+    /// Opens the device the user chose.
+    pub fn select(choice: DeviceChoice) -> Result<Device> {
+        match choice {
+            DeviceChoice::Cpu => Ok(Device::Cpu),
+            DeviceChoice::Cuda => {
+                let b =
+                    cuda::CudaBackend::new(0).context("--device cuda: cannot use CUDA device 0")?;
+                log::info!("energy layer on {}", b.description);
+                Ok(Device::Cuda(Arc::new(b)))
+            }
+            DeviceChoice::Auto => match cuda::CudaBackend::new(0) {
+                Ok(b) => {
+                    log::info!("energy layer on {}", b.description);
+                    Ok(Device::Cuda(Arc::new(b)))
+                }
+                Err(e) => {
+                    log::info!("energy layer on CPU ({e})");
+                    Ok(Device::Cpu)
+                }
+            },
+        }
+    }
+
     /// Computes the energy layer on this device.
     pub fn compute(&self, x: FeatureMap<'_>, spec: &EnergySpec) -> Result<TokenMask> {
         match self {
             Device::Cpu => cpu::compute(x, spec),
+            Device::Cuda(b) => Ok(b.compute(x, spec)?),
         }
     }
 
@@ -169,6 +206,7 @@ impl Device {
     pub fn name(&self) -> &'static str {
         match self {
             Device::Cpu => "cpu",
+            Device::Cuda(_) => "cuda",
         }
     }
 }

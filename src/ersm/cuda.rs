@@ -1,0 +1,368 @@
+//! The energy layer on an NVIDIA GPU: one kernel launch per frame through cudarc.
+//!
+//! The driver and NVRTC are loaded at run time (cudarc's dynamic loading), so
+//! ersm builds and runs without a CUDA toolkit; the kernel source is embedded
+//! and compiled on first use for the device's own compute capability.
+
+use super::{EnergySpec, FeatureMap, TokenMask, UnaryHead};
+use cudarc::driver::{
+    sys, CudaContext, CudaFunction, CudaSlice, CudaStream, DevicePtr, DriverError, LaunchConfig,
+    PinnedHostSlice, PushKernelArg,
+};
+use cudarc::nvrtc::{CompileError, CompileOptions, Ptx};
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+/// The kernel source, embedded in the binary.
+pub const KERNEL_SRC: &str = include_str!("kernels/ersm.cu");
+/// The kernel's entry point.
+pub const KERNEL_NAME: &str = "ersm_energy_gather";
+/// Threads of the single block (must match `ERSM_THREADS` in the source).
+const THREADS: u32 = 1024;
+
+/// What can go wrong on the CUDA path.
+#[derive(Debug, thiserror::Error)]
+pub enum CudaError {
+    #[error("no CUDA driver (libcuda.so) on this machine")]
+    NoDriver,
+    #[error("no NVRTC (libnvrtc.so) on this machine; it compiles the ERSM kernel at first use")]
+    NoNvrtc,
+    #[error("no CUDA device {0}")]
+    NoDevice(usize),
+    #[error("CUDA driver: {0}")]
+    Driver(#[from] DriverError),
+    #[error("NVRTC could not compile the ERSM kernel for {arch}: {log}")]
+    Compile { arch: String, log: String },
+    #[error("compute capability {0}.{1} is not supported (need 5.3 or newer)")]
+    Arch(i32, i32),
+    #[error("{0}")]
+    Input(String),
+}
+
+/// True when the CUDA driver library can be loaded.
+pub fn driver_present() -> bool {
+    // SAFETY: only tries to dlopen the library.
+    unsafe { cudarc::driver::sys::is_culib_present() }
+}
+
+/// True when NVRTC can be loaded.
+pub fn nvrtc_present() -> bool {
+    // SAFETY: only tries to dlopen the library.
+    unsafe { cudarc::nvrtc::sys::is_culib_present() }
+}
+
+/// The NVRTC virtual architecture for a compute capability (`compute_87`).
+pub fn arch_for(major: i32, minor: i32) -> Result<&'static str, CudaError> {
+    const ARCHES: &[(i32, i32, &str)] = &[
+        (5, 3, "compute_53"),
+        (6, 0, "compute_60"),
+        (6, 1, "compute_61"),
+        (6, 2, "compute_62"),
+        (7, 0, "compute_70"),
+        (7, 2, "compute_72"),
+        (7, 5, "compute_75"),
+        (8, 0, "compute_80"),
+        (8, 6, "compute_86"),
+        (8, 7, "compute_87"),
+        (8, 9, "compute_89"),
+        (9, 0, "compute_90"),
+    ];
+    // The newest listed architecture not above the device's.
+    ARCHES
+        .iter()
+        .rev()
+        .find(|(ma, mi, _)| (*ma, *mi) <= (major, minor))
+        .map(|(_, _, a)| *a)
+        .ok_or(CudaError::Arch(major, minor))
+}
+
+/// Compiles the kernel to PTX for `arch` (e.g. `compute_87`).
+pub fn compile(arch: &'static str) -> Result<Ptx, CudaError> {
+    if !nvrtc_present() {
+        return Err(CudaError::NoNvrtc);
+    }
+    let opts = CompileOptions {
+        arch: Some(arch),
+        // Round every product and sum separately, as the CPU implementation does.
+        fmad: Some(false),
+        ..Default::default()
+    };
+    cudarc::nvrtc::compile_ptx_with_opts(KERNEL_SRC, opts).map_err(|e| CudaError::Compile {
+        arch: arch.to_string(),
+        log: match e {
+            CompileError::CompileError { log, .. } => log.to_string_lossy().into_owned(),
+            other => format!("{other:?}"),
+        },
+    })
+}
+
+/// A buffer the kernel reads or writes: device memory on a discrete GPU, or
+/// mapped page-locked host memory (zero-copy) on an integrated one (Jetson).
+enum Mem<T> {
+    Device(CudaSlice<T>),
+    Mapped { host: PinnedHostSlice<T>, dptr: u64 },
+}
+
+impl<T: cudarc::driver::DeviceRepr + cudarc::driver::ValidAsZeroBits + Copy + Default> Mem<T> {
+    fn new(
+        ctx: &Arc<CudaContext>,
+        stream: &Arc<CudaStream>,
+        mapped: bool,
+        len: usize,
+    ) -> Result<Self, CudaError> {
+        let len = len.max(1);
+        if !mapped {
+            return Ok(Mem::Device(stream.alloc_zeros::<T>(len)?));
+        }
+        // SAFETY: the memory is written before it is read (upload or kernel).
+        let mut host =
+            unsafe { ctx.alloc_pinned_with_flags::<T>(len, sys::CU_MEMHOSTALLOC_DEVICEMAP)? };
+        let mut dptr: sys::CUdeviceptr = 0;
+        let p = host.as_mut_ptr()? as *mut std::ffi::c_void;
+        // SAFETY: `p` is a live DEVICEMAP allocation of this context.
+        unsafe { sys::cuMemHostGetDevicePointer_v2(&mut dptr, p, 0).result()? };
+        Ok(Mem::Mapped { host, dptr })
+    }
+
+    fn ptr(&self, stream: &CudaStream) -> u64 {
+        match self {
+            Mem::Device(s) => s.device_ptr(stream).0,
+            Mem::Mapped { dptr, .. } => *dptr,
+        }
+    }
+
+    fn upload(&mut self, stream: &Arc<CudaStream>, data: &[T]) -> Result<(), CudaError> {
+        match self {
+            Mem::Device(s) => stream.memcpy_htod(data, &mut s.slice_mut(0..data.len()))?,
+            Mem::Mapped { host, .. } => host.as_mut_slice()?[..data.len()].copy_from_slice(data),
+        }
+        Ok(())
+    }
+
+    /// Reads the first `n` values; the stream must have been synchronised.
+    fn download(&self, stream: &Arc<CudaStream>, n: usize) -> Result<Vec<T>, CudaError> {
+        let mut out = vec![T::default(); n];
+        if n == 0 {
+            return Ok(out);
+        }
+        match self {
+            Mem::Device(s) => stream.memcpy_dtoh(&s.slice(0..n), &mut out)?,
+            Mem::Mapped { host, .. } => out.copy_from_slice(&host.as_slice()?[..n]),
+        }
+        Ok(out)
+    }
+}
+
+/// Buffers sized for one map shape and head.
+struct Buffers {
+    key: (usize, usize, usize),
+    x: Mem<f32>,
+    head: Mem<f32>,
+    head_values: Vec<f32>,
+    energies: Mem<f32>,
+    scratch: Mem<f32>,
+    kept: Mem<u32>,
+    gathered: Mem<f32>,
+    count: Mem<u32>,
+}
+
+/// Timing of the last frame on the GPU.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct KernelTiming {
+    /// The launch alone, by CUDA events.
+    pub kernel_ms: f32,
+    /// Upload + launch + download, wall clock.
+    pub wall_ms: f64,
+}
+
+/// A CUDA device with the ERSM kernel loaded.
+pub struct CudaBackend {
+    ctx: Arc<CudaContext>,
+    stream: Arc<CudaStream>,
+    func: CudaFunction,
+    /// The device shares DRAM with the CPU (Jetson): use zero-copy mapped memory.
+    pub integrated: bool,
+    /// Device name and compute capability, for logs.
+    pub description: String,
+    buffers: Mutex<Option<Buffers>>,
+    last: Mutex<KernelTiming>,
+}
+
+impl std::fmt::Debug for CudaBackend {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "CudaBackend({})", self.description)
+    }
+}
+
+impl CudaBackend {
+    /// Opens device `ordinal` and compiles the kernel for it.
+    pub fn new(ordinal: usize) -> Result<CudaBackend, CudaError> {
+        // cudarc panics when it cannot load libcuda: check first.
+        if !driver_present() {
+            return Err(CudaError::NoDriver);
+        }
+        if CudaContext::device_count()? <= ordinal as i32 {
+            return Err(CudaError::NoDevice(ordinal));
+        }
+        let ctx = CudaContext::new(ordinal)?;
+        let (major, minor) = ctx.compute_capability()?;
+        let arch = arch_for(major, minor)?;
+        let module = ctx.load_module(compile(arch)?)?;
+        let func = module.load_function(KERNEL_NAME)?;
+        let integrated = ctx.attribute(sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_INTEGRATED)?
+            != 0
+            && ctx.attribute(sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_CAN_MAP_HOST_MEMORY)?
+                != 0;
+        let description = format!(
+            "{} (sm_{major}{minor}, {}, kernel {arch})",
+            ctx.name()?,
+            if integrated {
+                "integrated, zero-copy"
+            } else {
+                "discrete, explicit copies"
+            }
+        );
+        let stream = ctx.default_stream();
+        Ok(CudaBackend {
+            ctx,
+            stream,
+            func,
+            integrated,
+            description,
+            buffers: Mutex::new(None),
+            last: Mutex::new(KernelTiming::default()),
+        })
+    }
+
+    /// Timing of the most recent frame.
+    pub fn last_timing(&self) -> KernelTiming {
+        *self.last.lock().expect("timing lock")
+    }
+
+    /// The energy layer for one frame.
+    pub fn compute(&self, x: FeatureMap<'_>, spec: &EnergySpec) -> Result<TokenMask, CudaError> {
+        let t0 = Instant::now();
+        if spec.head.channels() != x.c {
+            return Err(CudaError::Input(format!(
+                "energy head reads {} channels, feature map has {}",
+                spec.head.channels(),
+                x.c
+            )));
+        }
+        let (head_values, hidden) = pack_head(&spec.head);
+        let hw = x.h * x.w;
+        let key = (hw, x.c, head_values.len());
+        let mut guard = self.buffers.lock().expect("buffer lock");
+        if guard.as_ref().is_none_or(|b| b.key != key) {
+            *guard = Some(self.buffers(key)?);
+        }
+        let b = guard.as_mut().expect("just set");
+        if b.head_values != head_values {
+            b.head.upload(&self.stream, &head_values)?;
+            b.head_values = head_values;
+        }
+        b.x.upload(&self.stream, x.data)?;
+        let start = self.ctx.new_event(None)?;
+        let end = self.ctx.new_event(None)?;
+        let (xp, hp, ep, sp, kp, gp, cp) = (
+            b.x.ptr(&self.stream),
+            b.head.ptr(&self.stream),
+            b.energies.ptr(&self.stream),
+            b.scratch.ptr(&self.stream),
+            b.kept.ptr(&self.stream),
+            b.gathered.ptr(&self.stream),
+            b.count.ptr(&self.stream),
+        );
+        let (c, h, w) = (x.c as i32, x.h as i32, x.w as i32);
+        let (hidden, steps, eight) = (
+            hidden as i32,
+            spec.steps as i32,
+            i32::from(spec.neighbourhood == super::Neighbourhood::Eight),
+        );
+        let cfg = LaunchConfig {
+            grid_dim: (1, 1, 1),
+            block_dim: (THREADS, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        start.record(&self.stream)?;
+        let mut launch = self.stream.launch_builder(&self.func);
+        launch
+            .arg(&xp)
+            .arg(&c)
+            .arg(&h)
+            .arg(&w)
+            .arg(&hp)
+            .arg(&hidden);
+        launch
+            .arg(&spec.lambda)
+            .arg(&spec.tau)
+            .arg(&steps)
+            .arg(&eight);
+        launch.arg(&ep).arg(&sp).arg(&kp).arg(&gp).arg(&cp);
+        // SAFETY: the arguments match the kernel's signature in kernels/ersm.cu,
+        // and every buffer holds what the kernel indexes for this (HW, C, head).
+        unsafe { launch.launch(cfg)? };
+        end.record(&self.stream)?;
+        self.stream.synchronize()?;
+        let n = b.count.download(&self.stream, 1)?[0] as usize;
+        if n == 0 || n > hw {
+            return Err(CudaError::Input(format!(
+                "kernel returned {n} kept tokens for {hw}"
+            )));
+        }
+        let kept = b.kept.download(&self.stream, n)?;
+        let features = b.gathered.download(&self.stream, n * x.c)?;
+        let energies = b.energies.download(&self.stream, hw)?;
+        if let Some(i) = energies.iter().position(|e| !e.is_finite()) {
+            return Err(CudaError::Input(format!(
+                "energy of token {i} is {} (non-finite features?)",
+                energies[i]
+            )));
+        }
+        *self.last.lock().expect("timing lock") = KernelTiming {
+            kernel_ms: start.elapsed_ms(&end)?,
+            wall_ms: t0.elapsed().as_secs_f64() * 1e3,
+        };
+        Ok(TokenMask {
+            h: x.h,
+            w: x.w,
+            c: x.c,
+            energies,
+            kept,
+            features,
+        })
+    }
+
+    fn buffers(&self, key: (usize, usize, usize)) -> Result<Buffers, CudaError> {
+        let (hw, c, head) = key;
+        let m = self.integrated;
+        let (ctx, s) = (&self.ctx, &self.stream);
+        Ok(Buffers {
+            key,
+            x: Mem::new(ctx, s, m, hw * c)?,
+            head: Mem::new(ctx, s, m, head)?,
+            head_values: Vec::new(),
+            energies: Mem::new(ctx, s, m, hw)?,
+            scratch: Mem::new(ctx, s, m, 2 * hw)?,
+            kept: Mem::new(ctx, s, m, hw)?,
+            gathered: Mem::new(ctx, s, m, hw * c)?,
+            count: Mem::new(ctx, s, m, 1)?,
+        })
+    }
+}
+
+/// The head's parameters in the kernel's layout, and its hidden width (0 = linear).
+fn pack_head(head: &UnaryHead) -> (Vec<f32>, usize) {
+    match head {
+        UnaryHead::Linear { w, b } => (w.iter().copied().chain([*b]).collect(), 0),
+        UnaryHead::TwoLayer { w1, b1, w2, b2 } => (
+            w1.iter()
+                .chain(b1)
+                .chain(w2)
+                .copied()
+                .chain([*b2])
+                .collect(),
+            b1.len(),
+        ),
+    }
+}

@@ -1,0 +1,76 @@
+#!/usr/bin/env bash
+# GPU check for the CUDA energy layer, on an x86_64 machine with an NVIDIA GPU.
+#
+#   targets/gpu-check.sh OUT_DIR             build (if cargo is here), test, benchmark
+#   targets/gpu-check.sh --package BIN_DIR   only build the binaries into BIN_DIR,
+#                                            for a GPU machine without a Rust toolchain
+#   ERSM_PREBUILT=BIN_DIR targets/gpu-check.sh OUT_DIR   use binaries from --package
+#
+# Writes into OUT_DIR: gpu.txt (device), cuda-tests.log (CUDA parity tests),
+# ersm_stage.txt/.json (kernel µs/frame and GB/s by map size vs the CPU stage),
+# bench-cuda.json and bench-cpu.json (`ersm bench` on the bundled model with the
+# energy layer on each device, with their .txt tables).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+package() {
+    local dir=$1
+    mkdir -p "$dir"
+    cargo build --release --bin ersm
+    local t b
+    t=$(cargo test --release --no-run --test cuda 2>&1 | grep -o 'target/release/deps/cuda-[0-9a-f]*' | tail -1)
+    b=$(cargo bench --no-run --bench ersm_stage 2>&1 | grep -o 'target/release/deps/ersm_stage-[0-9a-f]*' | tail -1)
+    cp target/release/ersm "$dir/ersm"
+    cp "$t" "$dir/cuda-tests"
+    cp "$b" "$dir/ersm_stage"
+    strip "$dir"/* 2>/dev/null || true
+    ls -la "$dir"
+}
+
+if [ "${1:-}" = "--package" ]; then
+    package "${2:?--package needs a folder}"
+    exit 0
+fi
+
+out=${1:?usage: targets/gpu-check.sh OUT_DIR}
+mkdir -p "$out"
+bin=${ERSM_PREBUILT:-}
+if [ -z "$bin" ]; then
+    command -v cargo >/dev/null || { echo "no cargo here: build with --package elsewhere and set ERSM_PREBUILT"; exit 1; }
+    bin=target/gpu-check-bin
+    package "$bin"
+fi
+
+# cudarc loads libnvrtc at run time: find one if the loader does not know it.
+if ! ldconfig -p 2>/dev/null | grep -q 'libnvrtc\.so'; then
+    lib=$(find /usr/local/cuda*/ /usr/lib /opt "${HOME:-/root}" -name 'libnvrtc.so*' 2>/dev/null | grep -v builtins | head -1 || true)
+    if [ -n "$lib" ]; then
+        export LD_LIBRARY_PATH="$(dirname "$lib")${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+        # cudarc asks for libnvrtc.so / .so.12; a newer toolkit may ship only .so.NN.
+        if [ ! -e "$(dirname "$lib")/libnvrtc.so" ]; then
+            mkdir -p /tmp/ersm-nvrtc && ln -sf "$lib" /tmp/ersm-nvrtc/libnvrtc.so
+            export LD_LIBRARY_PATH="/tmp/ersm-nvrtc:$LD_LIBRARY_PATH"
+        fi
+        echo "NVRTC: $lib"
+    fi
+fi
+
+{ nvidia-smi -L || true; nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem --format=csv || true; } > "$out/gpu.txt" 2>&1
+cat "$out/gpu.txt"
+
+status=0
+echo "== CUDA tests"
+"$bin/cuda-tests" --nocapture --test-threads 1 > "$out/cuda-tests.log" 2>&1 || status=1
+grep -E "^test |test result|SKIPPED|CUDA device" "$out/cuda-tests.log" || true
+
+echo "== ERSM stage benchmark"
+"$bin/ersm_stage" --json "$out/ersm_stage.json" | tee "$out/ersm_stage.txt" || status=1
+
+echo "== ersm bench, energy layer on CUDA and on CPU"
+"$bin/ersm" bench --device cuda --frames 60 --json "$out/bench-cuda.json" > "$out/bench-cuda.txt" 2>&1 || status=1
+"$bin/ersm" bench --device cpu --frames 60 --json "$out/bench-cpu.json" > "$out/bench-cpu.txt" 2>&1 || status=1
+tail -16 "$out/bench-cuda.txt"
+
+echo "== summary: status $status"
+grep "test result" "$out/cuda-tests.log" || true
+exit $status
