@@ -6,8 +6,8 @@
 
 use super::{EnergySpec, FeatureMap, TokenMask, UnaryHead};
 use cudarc::driver::{
-    sys, CudaContext, CudaFunction, CudaSlice, CudaStream, DevicePtr, DriverError, LaunchConfig,
-    PinnedHostSlice, PushKernelArg,
+    sys, CudaContext, CudaEvent, CudaFunction, CudaSlice, CudaStream, DevicePtr, DriverError,
+    LaunchConfig, PinnedHostSlice, PushKernelArg,
 };
 use cudarc::nvrtc::{CompileError, CompileOptions, Ptx};
 use std::sync::{Arc, Mutex};
@@ -49,6 +49,17 @@ pub fn driver_present() -> bool {
 pub fn nvrtc_present() -> bool {
     // SAFETY: only tries to dlopen the library.
     unsafe { cudarc::nvrtc::sys::is_culib_present() }
+}
+
+/// The NVRTC library's version, when it can be loaded.
+pub fn nvrtc_version() -> Option<(i32, i32)> {
+    if !nvrtc_present() {
+        return None;
+    }
+    let (mut major, mut minor) = (0, 0);
+    // SAFETY: plain out-parameters; the library is present.
+    let r = unsafe { cudarc::nvrtc::sys::nvrtcVersion(&mut major, &mut minor) };
+    (r == cudarc::nvrtc::sys::nvrtcResult::NVRTC_SUCCESS).then_some((major, minor))
 }
 
 /// The NVRTC virtual architecture for a compute capability (`compute_87`).
@@ -96,14 +107,22 @@ pub fn compile(arch: &'static str) -> Result<Ptx, CudaError> {
     })
 }
 
-/// A buffer the kernel reads or writes: device memory on a discrete GPU, or
-/// mapped page-locked host memory (zero-copy) on an integrated one (Jetson).
+/// A buffer the kernel reads or writes: device memory with a page-locked host
+/// mirror on a discrete GPU (asynchronous copies, one synchronisation per
+/// frame), or mapped page-locked host memory (zero-copy) on an integrated one
+/// (Jetson), where CPU and GPU share DRAM.
 enum Mem<T> {
-    Device(CudaSlice<T>),
-    Mapped { host: PinnedHostSlice<T>, dptr: u64 },
+    Device {
+        dev: CudaSlice<T>,
+        host: PinnedHostSlice<T>,
+    },
+    Mapped {
+        host: PinnedHostSlice<T>,
+        dptr: u64,
+    },
 }
 
-impl<T: cudarc::driver::DeviceRepr + cudarc::driver::ValidAsZeroBits + Copy + Default> Mem<T> {
+impl<T: cudarc::driver::DeviceRepr + cudarc::driver::ValidAsZeroBits + Copy> Mem<T> {
     fn new(
         ctx: &Arc<CudaContext>,
         stream: &Arc<CudaStream>,
@@ -112,7 +131,12 @@ impl<T: cudarc::driver::DeviceRepr + cudarc::driver::ValidAsZeroBits + Copy + De
     ) -> Result<Self, CudaError> {
         let len = len.max(1);
         if !mapped {
-            return Ok(Mem::Device(stream.alloc_zeros::<T>(len)?));
+            // SAFETY: the mirror is written before it is read (upload or fetch).
+            let host = unsafe { ctx.alloc_pinned_with_flags::<T>(len, 0)? };
+            return Ok(Mem::Device {
+                dev: stream.alloc_zeros::<T>(len)?,
+                host,
+            });
         }
         // SAFETY: the memory is written before it is read (upload or kernel).
         let mut host =
@@ -126,30 +150,35 @@ impl<T: cudarc::driver::DeviceRepr + cudarc::driver::ValidAsZeroBits + Copy + De
 
     fn ptr(&self, stream: &CudaStream) -> u64 {
         match self {
-            Mem::Device(s) => s.device_ptr(stream).0,
+            Mem::Device { dev, .. } => dev.device_ptr(stream).0,
             Mem::Mapped { dptr, .. } => *dptr,
         }
     }
 
+    /// Makes `data` visible to the kernel (queued on the stream).
     fn upload(&mut self, stream: &Arc<CudaStream>, data: &[T]) -> Result<(), CudaError> {
         match self {
-            Mem::Device(s) => stream.memcpy_htod(data, &mut s.slice_mut(0..data.len()))?,
+            Mem::Device { dev, host } => {
+                host.as_mut_slice()?[..data.len()].copy_from_slice(data);
+                stream.memcpy_htod(host, dev)?;
+            }
             Mem::Mapped { host, .. } => host.as_mut_slice()?[..data.len()].copy_from_slice(data),
         }
         Ok(())
     }
 
-    /// Reads the first `n` values; the stream must have been synchronised.
-    fn download(&self, stream: &Arc<CudaStream>, n: usize) -> Result<Vec<T>, CudaError> {
-        let mut out = vec![T::default(); n];
-        if n == 0 {
-            return Ok(out);
+    /// Queues the copy back to the host mirror (nothing to do when mapped).
+    fn fetch(&mut self, stream: &Arc<CudaStream>) -> Result<(), CudaError> {
+        if let Mem::Device { dev, host } = self {
+            stream.memcpy_dtoh(dev, host)?;
         }
-        match self {
-            Mem::Device(s) => stream.memcpy_dtoh(&s.slice(0..n), &mut out)?,
-            Mem::Mapped { host, .. } => out.copy_from_slice(&host.as_slice()?[..n]),
-        }
-        Ok(out)
+        Ok(())
+    }
+
+    /// The first `n` values; the stream must have been synchronised after `fetch`.
+    fn read(&self, n: usize) -> Result<Vec<T>, CudaError> {
+        let (Mem::Device { host, .. } | Mem::Mapped { host, .. }) = self;
+        Ok(host.as_slice()?[..n].to_vec())
     }
 }
 
@@ -164,6 +193,9 @@ struct Buffers {
     kept: Mem<u32>,
     gathered: Mem<f32>,
     count: Mem<u32>,
+    /// Events around the launch (with timing: cudarc's default disables it).
+    start: CudaEvent,
+    end: CudaEvent,
 }
 
 /// Timing of the last frame on the GPU.
@@ -262,8 +294,7 @@ impl CudaBackend {
             b.head_values = head_values;
         }
         b.x.upload(&self.stream, x.data)?;
-        let start = self.ctx.new_event(None)?;
-        let end = self.ctx.new_event(None)?;
+        let (start, end) = (&b.start, &b.end);
         let (xp, hp, ep, sp, kp, gp, cp) = (
             b.x.ptr(&self.stream),
             b.head.ptr(&self.stream),
@@ -303,16 +334,22 @@ impl CudaBackend {
         // and every buffer holds what the kernel indexes for this (HW, C, head).
         unsafe { launch.launch(cfg)? };
         end.record(&self.stream)?;
+        // Every output back in one go, then one synchronisation (the gathered
+        // buffer whole: its used length is only known from the count).
+        b.count.fetch(&self.stream)?;
+        b.kept.fetch(&self.stream)?;
+        b.energies.fetch(&self.stream)?;
+        b.gathered.fetch(&self.stream)?;
         self.stream.synchronize()?;
-        let n = b.count.download(&self.stream, 1)?[0] as usize;
+        let n = b.count.read(1)?[0] as usize;
         if n == 0 || n > hw {
             return Err(CudaError::Input(format!(
                 "kernel returned {n} kept tokens for {hw}"
             )));
         }
-        let kept = b.kept.download(&self.stream, n)?;
-        let features = b.gathered.download(&self.stream, n * x.c)?;
-        let energies = b.energies.download(&self.stream, hw)?;
+        let kept = b.kept.read(n)?;
+        let features = b.gathered.read(n * x.c)?;
+        let energies = b.energies.read(hw)?;
         if let Some(i) = energies.iter().position(|e| !e.is_finite()) {
             return Err(CudaError::Input(format!(
                 "energy of token {i} is {} (non-finite features?)",
@@ -320,7 +357,7 @@ impl CudaBackend {
             )));
         }
         *self.last.lock().expect("timing lock") = KernelTiming {
-            kernel_ms: start.elapsed_ms(&end)?,
+            kernel_ms: start.elapsed_ms(end)?,
             wall_ms: t0.elapsed().as_secs_f64() * 1e3,
         };
         Ok(TokenMask {
@@ -347,6 +384,8 @@ impl CudaBackend {
             kept: Mem::new(ctx, s, m, hw)?,
             gathered: Mem::new(ctx, s, m, hw * c)?,
             count: Mem::new(ctx, s, m, 1)?,
+            start: ctx.new_event(Some(sys::CUevent_flags::CU_EVENT_DEFAULT))?,
+            end: ctx.new_event(Some(sys::CUevent_flags::CU_EVENT_DEFAULT))?,
         })
     }
 }

@@ -67,6 +67,7 @@ ersm_energy_gather(const float* __restrict__ x, int C, int H, int W,
         float u;
         if (hidden == 0) {
             float acc = 0.0f;
+            #pragma unroll 8
             for (int c = 0; c < C; ++c) acc = acc + head[c] * x[(size_t)c * HW + i];
             u = acc + head[C];
         } else {
@@ -77,6 +78,7 @@ ersm_energy_gather(const float* __restrict__ x, int C, int H, int W,
             float acc = 0.0f;
             for (int k = 0; k < hidden; ++k) {
                 float h = 0.0f;
+                #pragma unroll 8
                 for (int c = 0; c < C; ++c) h = h + w1[k * C + c] * x[(size_t)c * HW + i];
                 acc = acc + w2[k] * fmaxf(h + b1[k], 0.0f);
             }
