@@ -85,7 +85,7 @@ fn bundled(rel: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join(rel)
 }
 
-const DEFAULT_MODEL: &str = "models/tiny";
+const DEFAULT_MODEL: &str = "models/mobilenet_v2_ersm";
 const DEFAULT_IMAGES: &str = "models/images";
 
 fn main() {

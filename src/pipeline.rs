@@ -58,6 +58,11 @@ impl Pipeline {
         Pipeline { model, device }
     }
 
+    /// The model's label for class `i`.
+    pub fn manifest_label(&self, i: usize) -> String {
+        self.model.manifest.label(i)
+    }
+
     /// Frame → input tensor.
     pub fn preprocess(&self, frame: &Frame) -> Result<Vec<f32>> {
         preprocess(

@@ -19,27 +19,35 @@ fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
         .fold(0.0, f32::max)
 }
 
-#[test]
-fn dense_baseline_matches_onnxruntime() {
-    let m = ModelPackage::load("models/tiny").unwrap();
-    let json: serde_json::Value = serde_json::from_str(
-        &std::fs::read_to_string("models/tiny/onnxruntime_logits.json").unwrap(),
-    )
-    .unwrap();
+fn matches_onnxruntime(dir: &str) {
+    let m = ModelPackage::load(dir).unwrap();
+    let path = format!("{dir}/onnxruntime_logits.json");
+    let json: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
     let expected: Vec<f32> = json["logits"]
         .as_array()
         .unwrap()
         .iter()
         .map(|v| v.as_f64().unwrap() as f32)
         .collect();
-    let x = probe(3 * 112 * 112);
+    let x = probe(m.manifest.input.shape.iter().product());
     let pipeline = Pipeline::new(m, ersm::ersm::Device::Cpu);
     let (logits, _) = pipeline.dense_from_input(&x).unwrap();
     let d = max_abs_diff(&logits, &expected);
     assert!(
         d <= 1e-4,
-        "tract dense vs onnxruntime: max |diff| {d}\n{logits:?}\n{expected:?}"
+        "{dir}: tract dense vs onnxruntime: max |diff| {d}"
     );
+}
+
+#[test]
+fn dense_baseline_matches_onnxruntime_tiny() {
+    matches_onnxruntime("models/tiny");
+}
+
+#[test]
+fn dense_baseline_matches_onnxruntime_mobilenet_v2() {
+    matches_onnxruntime("models/mobilenet_v2_ersm");
 }
 
 #[test]

@@ -128,11 +128,8 @@ pub fn compute(x: FeatureMap<'_>, spec: &EnergySpec) -> Result<TokenMask> {
     }
     let u = unary(x, &spec.head);
     let energies = mean_field(&u, x.h, x.w, spec);
-    if let Some(i) = energies.iter().position(|e| !e.is_finite()) {
-        bail!(
-            "energy of token {i} is {} (non-finite features?)",
-            energies[i]
-        );
+    if let Some(why) = TokenMask::non_finite(&energies) {
+        bail!(why);
     }
     let kept = select(&energies);
     let features = gather(x, &kept);

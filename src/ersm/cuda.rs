@@ -350,11 +350,8 @@ impl CudaBackend {
         let kept = b.kept.read(n)?;
         let features = b.gathered.read(n * x.c)?;
         let energies = b.energies.read(hw)?;
-        if let Some(i) = energies.iter().position(|e| !e.is_finite()) {
-            return Err(CudaError::Input(format!(
-                "energy of token {i} is {} (non-finite features?)",
-                energies[i]
-            )));
+        if let Some(why) = TokenMask::non_finite(&energies) {
+            return Err(CudaError::Input(why));
         }
         *self.last.lock().expect("timing lock") = KernelTiming {
             kernel_ms: start.elapsed_ms(end)?,

@@ -137,6 +137,16 @@ pub struct TokenMask {
 }
 
 impl TokenMask {
+    /// Why these energies cannot be thresholded, if they cannot (a non-finite
+    /// energy means non-finite features upstream).
+    pub fn non_finite(energies: &[f32]) -> Option<String> {
+        let i = energies.iter().position(|e| !e.is_finite())?;
+        Some(format!(
+            "energy of token {i} is {} (non-finite features?)",
+            energies[i]
+        ))
+    }
+
     /// Fraction of tokens kept.
     pub fn keep_ratio(&self) -> f64 {
         self.kept.len() as f64 / (self.h * self.w) as f64

@@ -367,7 +367,9 @@ impl Lowering<'_> {
         }
         let (x, y) = (self.input(0)?.clone(), self.input(1)?.clone());
         let inputs = vec![x.slot(), y.slot()];
-        match (&x, &y) {
+        // A token operand decides the result's set; the other operand is tokens
+        // of the same set or a per-channel value.
+        let tokens = match (&x, &y) {
             (
                 Kind::Tokens {
                     level: la, c: ca, ..
@@ -381,36 +383,28 @@ impl Lowering<'_> {
                     "operands are token maps of different resolutions (levels {la} and {lb})"
                 );
                 ensure!(ca == cb, "operands have {ca} and {cb} channels");
-                let (level, c) = (*la, *ca);
-                let op = Box::new(Binary {
-                    kind,
-                    c,
-                    level: Some(level),
-                });
-                Ok(Kind::Tokens {
-                    slot: self.emit(op, inputs, Some(level)),
-                    level,
-                    c,
-                })
+                Some((*la, *ca))
             }
             (Kind::Tokens { level, c, .. }, Kind::Dense { shape, .. })
             | (Kind::Dense { shape, .. }, Kind::Tokens { level, c, .. }) => {
-                let (level, c) = (*level, *c);
                 ensure!(
-                    shape.len() == 4 && shape[1] == c && shape.iter().product::<usize>() == c,
+                    shape.len() == 4 && shape[1] == *c && shape.iter().product::<usize>() == *c,
                     "a token map ({c} channels) can only be combined with a [1, {c}, 1, 1] per-channel value, got {shape:?}"
                 );
-                let op = Box::new(Binary {
-                    kind,
-                    c,
-                    level: Some(level),
-                });
-                Ok(Kind::Tokens {
-                    slot: self.emit(op, inputs, Some(level)),
-                    level,
-                    c,
-                })
+                Some((*level, *c))
             }
+            _ => None,
+        };
+        if let Some((level, c)) = tokens {
+            let op = Box::new(Binary {
+                kind,
+                c,
+                level: Some(level),
+            });
+            let slot = self.emit(op, inputs, Some(level));
+            return Ok(Kind::Tokens { slot, level, c });
+        }
+        match (&x, &y) {
             (Kind::Dense { shape: sa, .. }, Kind::Dense { shape: sb, .. }) => {
                 ensure!(
                     sa == sb,
@@ -427,6 +421,7 @@ impl Lowering<'_> {
                     shape,
                 })
             }
+            _ => bail!("internal: token operands are handled above"),
         }
     }
 
