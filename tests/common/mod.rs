@@ -269,8 +269,7 @@ pub fn manifest(h: usize, w: usize) -> Manifest {
 }
 
 /// A random ERSM network on a `3 × h × w` input with `c` feature channels,
-/// its suffix a random stack of blocks followed by a random head. Returns the
-/// model and the op types its suffix uses.
+/// its suffix a random stack of blocks followed by a random head.
 pub fn random_network(seed: u64, h: usize, w: usize, c: usize) -> pb::ModelProto {
     let mut b = Builder::new(seed);
     let x = b.conv("image", 3, c, 3, 1, [1, 1, 1, 1], 1);
