@@ -48,7 +48,7 @@ fn main() {
         let kept = blob_kept(&mut rng, h, w, keep);
         let keep = kept.len() as f64 / (h * w) as f64;
         let feats = ersm::ersm::cpu::gather(fmap, &kept);
-        let counts = ersm::sparse::Plan::token_counts(&m.plan.frame(&kept));
+        let counts = m.plan.token_counts(&kept);
         let mac_ratio = m.plan.dense_cost() as f64 / m.plan.cost(&counts) as f64;
         let (mut dense, mut sparse) = (Vec::new(), Vec::new());
         for r in 0..rounds + 3 {

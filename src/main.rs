@@ -147,7 +147,7 @@ fn bench(a: BenchArgs) -> Result<()> {
         dense.push(&d.times);
         keeps.push(e.mask.keep_ratio());
         agree += usize::from(top1(&e.logits) == top1(&d.logits));
-        let counts = ersm::sparse::Plan::token_counts(&m.plan.frame(&e.mask.kept));
+        let counts = m.plan.token_counts(&e.mask.kept);
         macs += m.plan.cost(&counts) as f64;
         log::debug!(
             "{}: top-1 {} (dense {}), keep {:.3}",

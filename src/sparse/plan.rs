@@ -140,8 +140,8 @@ impl Plan {
         self.last_use[output] = usize::MAX;
     }
 
-    /// Builds every level's token set and every rulebook from the kept raster indices.
-    pub fn frame(&self, kept: &[u32]) -> Frame {
+    /// Every level's token set for the kept raster indices.
+    pub fn sets(&self, kept: &[u32]) -> Vec<TokenSet> {
         let mut sets: Vec<TokenSet> = Vec::with_capacity(self.levels.len());
         for l in &self.levels {
             let set = match l.parent {
@@ -150,6 +150,12 @@ impl Plan {
             };
             sets.push(set);
         }
+        sets
+    }
+
+    /// Builds every level's token set and every rulebook from the kept raster indices.
+    pub fn frame(&self, kept: &[u32]) -> Frame {
+        let sets = self.sets(kept);
         let rulebooks = self
             .rules
             .iter()
@@ -158,9 +164,9 @@ impl Plan {
         Frame { sets, rulebooks }
     }
 
-    /// Active tokens per level for a frame.
-    pub fn token_counts(frame: &Frame) -> Vec<usize> {
-        frame.sets.iter().map(TokenSet::len).collect()
+    /// Active tokens per level for the kept raster indices (no rulebooks built).
+    pub fn token_counts(&self, kept: &[u32]) -> Vec<usize> {
+        self.sets(kept).iter().map(TokenSet::len).collect()
     }
 
     /// Multiply-accumulates of the whole suffix for the given tokens per level.
