@@ -183,24 +183,19 @@ pub enum DeviceChoice {
 impl Device {
     /// Opens the device the user chose.
     pub fn select(choice: DeviceChoice) -> Result<Device> {
-        match choice {
-            DeviceChoice::Cpu => Ok(Device::Cpu),
-            DeviceChoice::Cuda => {
-                let b =
-                    cuda::CudaBackend::new(0).context("--device cuda: cannot use CUDA device 0")?;
+        if choice == DeviceChoice::Cpu {
+            return Ok(Device::Cpu);
+        }
+        match (choice, cuda::CudaBackend::new(0)) {
+            (_, Ok(b)) => {
                 log::info!("energy layer on {}", b.description);
                 Ok(Device::Cuda(Arc::new(b)))
             }
-            DeviceChoice::Auto => match cuda::CudaBackend::new(0) {
-                Ok(b) => {
-                    log::info!("energy layer on {}", b.description);
-                    Ok(Device::Cuda(Arc::new(b)))
-                }
-                Err(e) => {
-                    log::info!("energy layer on CPU ({e})");
-                    Ok(Device::Cpu)
-                }
-            },
+            (DeviceChoice::Auto, Err(e)) => {
+                log::info!("energy layer on CPU ({e})");
+                Ok(Device::Cpu)
+            }
+            (_, Err(e)) => Err(e).context("--device cuda: cannot use CUDA device 0"),
         }
     }
 
