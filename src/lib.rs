@@ -4,11 +4,14 @@
 //! `ersm` (energies, keep, gather) → `sparse` (suffix on kept tokens) → `report`.
 //! `model` loads a package and cuts it into those parts; `pipeline` wires them.
 
+pub mod capture;
 pub mod ersm;
 pub mod model;
+pub mod overlay;
 pub mod pipeline;
 pub mod prefix;
 pub mod preprocess;
 pub mod report;
+pub mod run;
 pub mod source;
 pub mod sparse;

@@ -2,12 +2,19 @@
 
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
+use ersm::capture::{Capture, Policy, Reopen};
 use ersm::ersm::{Device, DeviceChoice};
 use ersm::model::ModelPackage;
+use ersm::overlay::OverlayWriter;
 use ersm::pipeline::{top1, Pipeline};
+use ersm::report::Ending;
 use ersm::report::{ideal_speedup, BenchReport, StageSamples};
-use ersm::source::images;
+use ersm::run::RunOptions;
+use ersm::source::{self, images, Looping, SourceOptions, Uri};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
 
 /// Sparse CNN inference with Energy-Regularized Spatial Masking, beside the dense baseline.
 #[derive(Parser)]
@@ -19,6 +26,8 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// The main job: ERSM on a camera or video stream, the dense baseline beside it.
+    Run(RunArgs),
     /// Time ERSM and the dense baseline side by side on bundled images.
     Bench(BenchArgs),
     /// Show where the network is cut, the prefix and suffix ops, and suffix cost.
@@ -67,6 +76,69 @@ impl From<DeviceArg> for DeviceChoice {
 }
 
 #[derive(clap::Args)]
+struct RunArgs {
+    /// Source URI: v4l2:///dev/video0, csi://0, rtsp://host/path, file://PATH or
+    /// a bare path (video, image, folder of images), raw://-?w=W&h=H (rgb24 on
+    /// stdin). Default: the bundled clip.
+    #[arg(long, short = 's')]
+    source: Option<String>,
+    /// Model package folder (manifest.json + ONNX). Default: the bundled model.
+    #[arg(long)]
+    model: Option<PathBuf>,
+    /// Run the dense baseline on the same frames (alternating the order), or not.
+    #[arg(long, value_enum, default_value_t = CompareArg::Dense)]
+    compare: CompareArg,
+    /// Where the energy layer runs: cpu, cuda, or auto.
+    #[arg(long, value_enum, default_value_t = DeviceArg::Auto)]
+    device: DeviceArg,
+    /// Requested capture width (cameras) or output width (ffmpeg sources).
+    #[arg(long, default_value_t = 0)]
+    input_width: usize,
+    /// Requested capture height.
+    #[arg(long, default_value_t = 0)]
+    input_height: usize,
+    /// Requested camera frame rate.
+    #[arg(long, default_value_t = 0.0)]
+    input_fps: f64,
+    /// Replay files and folders from the start when they end.
+    #[arg(long = "loop")]
+    looping: bool,
+    /// Re-open a live source that fails or ends, once a second, until it is back.
+    #[arg(long)]
+    reconnect: bool,
+    /// Drop the oldest queued frame when inference falls behind, for files too
+    /// (live sources always do).
+    #[arg(long)]
+    drop_frames: bool,
+    /// Frames the capture queue holds.
+    #[arg(long, default_value_t = 4)]
+    queue: usize,
+    /// Stop after this many frames.
+    #[arg(long)]
+    max_frames: Option<usize>,
+    /// Frames at the start left out of the latency percentiles.
+    #[arg(long, default_value_t = 2)]
+    warmup: usize,
+    /// Seconds without a frame after which the source counts as stalled.
+    #[arg(long, default_value_t = 10.0)]
+    stall_timeout: f64,
+    /// Write one JSON record per frame to this file.
+    #[arg(long)]
+    jsonl: Option<PathBuf>,
+    /// Write overlays (energy heat map, kept tokens outlined): a folder gets a
+    /// PNG sequence; a .mp4/.mkv/.avi/.mjpeg file a video (needs ffmpeg).
+    #[arg(long)]
+    overlay: Option<PathBuf>,
+}
+
+/// `--compare` values.
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum CompareArg {
+    Dense,
+    None,
+}
+
+#[derive(clap::Args)]
 struct InspectArgs {
     /// Model package folder (manifest.json + ONNX). Default: the bundled model.
     #[arg(long)]
@@ -87,11 +159,13 @@ fn bundled(rel: &str) -> PathBuf {
 
 const DEFAULT_MODEL: &str = "models/mobilenet_v2_ersm";
 const DEFAULT_IMAGES: &str = "models/images";
+const DEFAULT_STREAM: &str = "models/streams/vtest.mp4";
 
 fn main() {
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
     let cli = Cli::parse();
     let result = match cli.command {
+        Command::Run(a) => run(a),
         Command::Bench(a) => bench(a),
         Command::Inspect(a) => inspect(a),
     };
@@ -99,6 +173,84 @@ fn main() {
         eprintln!("error: {e:#}");
         std::process::exit(1);
     }
+}
+
+fn run(a: RunArgs) -> Result<()> {
+    anyhow::ensure!(a.stall_timeout > 0.0, "--stall-timeout must be positive");
+    // Ctrl-C ends the run with its summary; a second one ends it at once.
+    let stop = Arc::new(AtomicBool::new(false));
+    let flag = stop.clone();
+    ctrlc::set_handler(move || {
+        if flag.swap(true, Ordering::SeqCst) {
+            std::process::exit(130);
+        }
+    })
+    .context("installing the Ctrl-C handler")?;
+    let uri = match &a.source {
+        Some(s) => Uri::parse(s)?,
+        None => Uri::File(bundled(DEFAULT_STREAM)),
+    };
+    // Everything is opened before the first frame: failures come first.
+    let model_dir = a.model.unwrap_or_else(|| bundled(DEFAULT_MODEL));
+    let model = ModelPackage::load(&model_dir)?;
+    let pipeline = Pipeline::new(model, Device::select(a.device.into())?);
+    let opts = SourceOptions {
+        width: a.input_width,
+        height: a.input_height,
+        fps: a.input_fps,
+    };
+    let mut source = source::open(&uri, &opts)?;
+    let described = source.describe();
+    let live = source.is_live();
+    let fps = source.fps();
+    let length = source.frame_count().filter(|_| !a.looping);
+    log::info!(
+        "source {described}; model {} ({}); energy layer on {}",
+        pipeline.model.manifest.name,
+        model_dir.display(),
+        pipeline.device.name()
+    );
+    if a.looping {
+        source = Box::new(Looping::new(uri.clone(), opts.clone(), source));
+    }
+    let reopen: Option<Reopen> = (a.reconnect && live).then(|| {
+        let (uri, opts) = (uri.clone(), opts.clone());
+        Box::new(move || source::open(&uri, &opts)) as Reopen
+    });
+    if a.reconnect && !live {
+        log::warn!("--reconnect applies to live sources only; {uri} is not one");
+    }
+    let policy = if live || a.drop_frames {
+        Policy::DropOldest
+    } else {
+        Policy::Block
+    };
+    let overlay = a
+        .overlay
+        .as_deref()
+        .map(|p| OverlayWriter::create(p, fps))
+        .transpose()?;
+    let capture = Capture::start(source, a.queue, policy, reopen).context("capture thread")?;
+    let report = ersm::run::run(
+        &pipeline,
+        &capture,
+        RunOptions {
+            compare: a.compare == CompareArg::Dense,
+            jsonl: a.jsonl,
+            overlay,
+            max_frames: a.max_frames,
+            warmup: a.warmup,
+            stall_timeout: Duration::from_secs_f64(a.stall_timeout),
+            length,
+            source: described,
+        },
+        &stop,
+    )?;
+    println!("{}", report.table());
+    if let Ending::SourceError(e) = &report.ending {
+        anyhow::bail!("{e}");
+    }
+    Ok(())
 }
 
 fn bench(a: BenchArgs) -> Result<()> {

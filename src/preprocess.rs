@@ -40,6 +40,39 @@ fn taps(src: usize, dst: usize, offset: usize, count: usize) -> Vec<Taps> {
         .collect()
 }
 
+/// The resized size and the crop's offset in it.
+struct Geometry {
+    rw: usize,
+    rh: usize,
+    ox: usize,
+    oy: usize,
+}
+
+fn geometry(width: usize, height: usize, p: &Preprocess) -> Geometry {
+    let short = width.min(height) as f32;
+    let rw = ((width as f32 * p.resize_short as f32 / short).round() as usize).max(p.crop);
+    let rh = ((height as f32 * p.resize_short as f32 / short).round() as usize).max(p.crop);
+    Geometry {
+        rw,
+        rh,
+        ox: (rw - p.crop) / 2,
+        oy: (rh - p.crop) / 2,
+    }
+}
+
+/// The part of a `width × height` frame the network sees, in frame pixels:
+/// `[x0, y0, x1, y1)`.
+pub fn crop_region(width: usize, height: usize, p: &Preprocess) -> [f32; 4] {
+    let g = geometry(width.max(1), height.max(1), p);
+    let (sx, sy) = (width as f32 / g.rw as f32, height as f32 / g.rh as f32);
+    [
+        g.ox as f32 * sx,
+        g.oy as f32 * sy,
+        (g.ox + p.crop) as f32 * sx,
+        (g.oy + p.crop) as f32 * sy,
+    ]
+}
+
 /// Converts an RGB8 image (`width × height`, row-major HWC) into a normalised
 /// `3 × crop × crop` CHW tensor as the manifest describes.
 pub fn preprocess(rgb: &[u8], width: usize, height: usize, p: &Preprocess) -> Result<Vec<f32>> {
@@ -49,10 +82,7 @@ pub fn preprocess(rgb: &[u8], width: usize, height: usize, p: &Preprocess) -> Re
         "image buffer has {} bytes, expected {width}×{height}×3",
         rgb.len()
     );
-    let short = width.min(height) as f32;
-    let rw = ((width as f32 * p.resize_short as f32 / short).round() as usize).max(p.crop);
-    let rh = ((height as f32 * p.resize_short as f32 / short).round() as usize).max(p.crop);
-    let (ox, oy) = ((rw - p.crop) / 2, (rh - p.crop) / 2);
+    let Geometry { rw, rh, ox, oy } = geometry(width, height, p);
     let xt = taps(width, rw, ox, p.crop);
     let yt = taps(height, rh, oy, p.crop);
     let n = p.crop;

@@ -16,11 +16,12 @@ pub fn percentile(v: &[f64], q: f64) -> f64 {
     s[rank.clamp(1, s.len()) - 1]
 }
 
-/// p50 and p95 of one stage, milliseconds.
+/// p50, p95 and p99 of one stage, milliseconds.
 #[derive(Clone, Copy, Debug, Serialize, PartialEq)]
 pub struct Summary {
     pub p50_ms: f64,
     pub p95_ms: f64,
+    pub p99_ms: f64,
 }
 
 impl Summary {
@@ -29,6 +30,7 @@ impl Summary {
         Summary {
             p50_ms: percentile(v, 50.0),
             p95_ms: percentile(v, 95.0),
+            p99_ms: percentile(v, 99.0),
         }
     }
 }
@@ -68,6 +70,23 @@ impl StageSamples {
             .iter()
             .map(|(k, v)| (k.to_string(), Summary::of(v)))
             .collect()
+    }
+
+    /// Frames recorded.
+    pub fn len(&self) -> usize {
+        self.samples.get("total").map_or(0, Vec::len)
+    }
+
+    /// True when nothing was recorded.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// p50 over the last `n` frames of one stage (the rolling status line).
+    pub fn recent_p50(&self, stage: &str, n: usize) -> f64 {
+        self.samples.get(stage).map_or(f64::NAN, |v| {
+            percentile(&v[v.len().saturating_sub(n)..], 50.0)
+        })
     }
 
     /// p50 of one stage.
@@ -183,6 +202,162 @@ impl BenchReport {
         );
         let _ = writeln!(s, "{rule}");
         let _ = write!(s, " (p50/p95 of wall-clock time per frame; on a Jetson, lock clocks with jetson_clocks for stable figures)");
+        s
+    }
+}
+
+/// How a `run` ended.
+#[derive(Clone, Debug, Serialize, PartialEq)]
+pub enum Ending {
+    /// The file or folder was read to its end.
+    EndOfStream,
+    /// Ctrl-C.
+    Interrupted,
+    /// `--max-frames` reached.
+    FrameLimit,
+    /// The source failed; the message says how.
+    SourceError(String),
+}
+
+impl std::fmt::Display for Ending {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Ending::EndOfStream => write!(f, "end of stream"),
+            Ending::Interrupted => write!(f, "interrupted (Ctrl-C)"),
+            Ending::FrameLimit => write!(f, "frame limit reached"),
+            Ending::SourceError(e) => write!(f, "source error: {e}"),
+        }
+    }
+}
+
+/// The end-of-run summary of `ersm run`.
+#[derive(Clone, Debug, Serialize)]
+pub struct RunReport {
+    pub source: String,
+    pub model: String,
+    pub device: String,
+    /// Frames run through ERSM (and dense, when compared).
+    pub frames: usize,
+    /// Frames the capture queue dropped because inference fell behind.
+    pub dropped: u64,
+    /// Frames that could not be processed (logged and skipped).
+    pub failed: usize,
+    /// Untimed warm-up frames at the start (in `frames`, not in the percentiles).
+    pub warmup: usize,
+    /// Wall-clock seconds from the first frame to the end.
+    pub wall_s: f64,
+    pub keep_ratio: f64,
+    pub keep_ratio_min: f64,
+    pub keep_ratio_max: f64,
+    /// Top-1 agreement with dense, when compared.
+    pub agreement: Option<f64>,
+    pub agree_frames: usize,
+    /// Resident memory (MiB) after warm-up and at the end.
+    pub rss_mib_start: f64,
+    pub rss_mib_end: f64,
+    pub ending: Ending,
+    /// Per mode ("ersm", "dense"), per stage.
+    pub stages: BTreeMap<String, BTreeMap<String, Summary>>,
+}
+
+impl RunReport {
+    /// The per-stage table, ERSM beside dense, and the run's totals.
+    pub fn table(&self) -> String {
+        let mut s = String::new();
+        let rule = "-".repeat(94);
+        let dense = self.stages.contains_key("dense");
+        let _ = writeln!(s, "{rule}");
+        let _ = writeln!(
+            s,
+            " ersm run  source {}\n           model {}  energy layer on {}",
+            self.source, self.model, self.device
+        );
+        let _ = writeln!(s, "{rule}");
+        let _ = writeln!(
+            s,
+            " {:<12}|{:>10}{:>10}{:>10} |{:>10}{:>10}{:>10}   (ms)",
+            "stage", "ERSM p50", "p95", "p99", "dense p50", "p95", "p99"
+        );
+        let names = ["Pre-Process", "Prefix", "ERSM", "Suffix", "Total"];
+        let get =
+            |mode: &str, stage: &str| self.stages.get(mode).and_then(|m| m.get(stage)).copied();
+        let cell = |x: Option<Summary>| match x {
+            Some(x) => format!("{:>10.3}{:>10.3}{:>10.3}", x.p50_ms, x.p95_ms, x.p99_ms),
+            None => format!("{:>10}{:>10}{:>10}", "-", "-", "-"),
+        };
+        for (stage, name) in STAGES.iter().zip(names) {
+            let d = if *stage == "ersm" {
+                None
+            } else {
+                get("dense", stage)
+            };
+            let _ = writeln!(s, " {:<12}|{} |{}", name, cell(get("ersm", stage)), cell(d));
+        }
+        if let Some(k) = get("ersm", "ersm_kernel") {
+            let _ = writeln!(s, " {:<12}|{} |{}", " (kernel)", cell(Some(k)), cell(None));
+        }
+        let fps = |mode: &str| get(mode, "total").map_or(f64::NAN, |t| 1e3 / t.p50_ms);
+        let _ = writeln!(
+            s,
+            " {:<12}|{:>10.1}{:>20} |{:>10}{:>20}",
+            "FPS",
+            fps("ersm"),
+            "",
+            if dense {
+                format!("{:.1}", fps("dense"))
+            } else {
+                "-".into()
+            },
+            ""
+        );
+        let _ = writeln!(s, "{rule}");
+        if dense {
+            let _ = writeln!(
+                s,
+                " speedup         {:.2}x end to end (p50), {:.2}x suffix",
+                get("dense", "total").map_or(f64::NAN, |t| t.p50_ms)
+                    / get("ersm", "total").map_or(f64::NAN, |t| t.p50_ms),
+                get("dense", "suffix").map_or(f64::NAN, |t| t.p50_ms)
+                    / get("ersm", "suffix").map_or(f64::NAN, |t| t.p50_ms),
+            );
+        }
+        let _ = writeln!(
+            s,
+            " frames          {} processed, {} dropped, {} failed in {:.1} s ({:.1} frames/s through the loop{})",
+            self.frames,
+            self.dropped,
+            self.failed,
+            self.wall_s,
+            self.frames as f64 / self.wall_s.max(1e-9),
+            if dense { ", both modes" } else { "" }
+        );
+        let _ = writeln!(
+            s,
+            " keep ratio      {:.3} mean ({:.3} .. {:.3})",
+            self.keep_ratio, self.keep_ratio_min, self.keep_ratio_max
+        );
+        if let Some(a) = self.agreement {
+            let _ = writeln!(
+                s,
+                " top-1 agreement {:.1} % with dense ({} of {} frames)",
+                a * 100.0,
+                self.agree_frames,
+                self.frames
+            );
+        }
+        let _ = writeln!(
+            s,
+            " memory          RSS {:.0} MiB after warm-up, {:.0} MiB at the end",
+            self.rss_mib_start, self.rss_mib_end
+        );
+        let _ = writeln!(s, " ended           {}", self.ending);
+        let _ = writeln!(s, "{rule}");
+        let _ = write!(
+            s,
+            " (percentiles over {} frames after {} warm-up; dense and ERSM alternate which runs first)",
+            self.frames.saturating_sub(self.warmup),
+            self.warmup
+        );
         s
     }
 }

@@ -17,11 +17,7 @@ pub fn list(path: &Path) -> Result<Vec<PathBuf>> {
     let mut files: Vec<PathBuf> = std::fs::read_dir(path)
         .with_context(|| format!("image source {}: cannot list", path.display()))?
         .filter_map(|e| e.ok().map(|e| e.path()))
-        .filter(|p| {
-            p.extension()
-                .and_then(|e| e.to_str())
-                .is_some_and(|e| EXTENSIONS.contains(&e.to_ascii_lowercase().as_str()))
-        })
+        .filter(|p| is_image(p))
         .collect();
     files.sort();
     if files.is_empty() {
@@ -44,4 +40,51 @@ pub fn load(path: &Path) -> Result<Frame> {
         height: rgb.height() as usize,
         rgb: rgb.into_raw(),
     })
+}
+
+/// True for a file name with an image extension.
+pub fn is_image(path: &Path) -> bool {
+    path.extension()
+        .and_then(|e| e.to_str())
+        .is_some_and(|e| EXTENSIONS.contains(&e.to_ascii_lowercase().as_str()))
+}
+
+/// One image, or a folder's images in name order, as a finite stream.
+pub struct ImageSource {
+    origin: PathBuf,
+    files: Vec<PathBuf>,
+    next: usize,
+}
+
+impl ImageSource {
+    /// Lists the images; decoding happens frame by frame.
+    pub fn open(path: &Path) -> Result<ImageSource> {
+        Ok(ImageSource {
+            origin: path.to_path_buf(),
+            files: list(path)?,
+            next: 0,
+        })
+    }
+}
+
+impl super::Source for ImageSource {
+    fn next_frame(&mut self) -> Result<Option<Frame>> {
+        // An undecodable file is reported and skipped; the rest still play.
+        while let Some(path) = self.files.get(self.next) {
+            self.next += 1;
+            match load(path) {
+                Ok(f) => return Ok(Some(f)),
+                Err(e) => log::warn!("skipping: {e:#}"),
+            }
+        }
+        Ok(None)
+    }
+
+    fn describe(&self) -> String {
+        format!("{} ({} images)", self.origin.display(), self.files.len())
+    }
+
+    fn frame_count(&self) -> Option<usize> {
+        Some(self.files.len())
+    }
 }

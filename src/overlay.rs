@@ -1,0 +1,224 @@
+//! What the model looked at, drawn on the frame: the energy map as a heat
+//! map over the network's crop, kept tokens outlined, the rest of the frame
+//! dimmed. Written as a PNG sequence, or as a video through ffmpeg.
+
+use crate::ersm::TokenMask;
+use crate::source::Frame;
+use anyhow::{bail, Context, Result};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+
+/// Heat-map opacity over the crop.
+const ALPHA: f32 = 0.4;
+/// Outline thickness, pixels.
+const LINE: isize = 2;
+
+/// Jet colour map, `u` in 0..=1 (blue → cyan → yellow → red).
+fn jet(u: f32) -> [f32; 3] {
+    let c = |x: f32| (1.5 - x.abs()).clamp(0.0, 1.0) * 255.0;
+    [c(4.0 * u - 3.0), c(4.0 * u - 2.0), c(4.0 * u - 1.0)]
+}
+
+/// Draws the overlay of `mask` on `frame`; `crop` is the frame region the
+/// network saw (see `preprocess::crop_region`).
+pub fn draw(frame: &Frame, mask: &TokenMask, crop: [f32; 4]) -> Vec<u8> {
+    let (w, h) = (frame.width, frame.height);
+    let flags = mask.keep_flags();
+    let scale = mask
+        .energies
+        .iter()
+        .filter(|e| e.is_finite())
+        .fold(0.0f32, |m, e| m.max(e.abs()))
+        .max(1e-6);
+    let [x0, y0, x1, y1] = crop;
+    let (tw, th) = ((x1 - x0) / mask.w as f32, (y1 - y0) / mask.h as f32);
+    // Token index of a pixel inside the crop.
+    let token = |x: isize, y: isize| -> Option<usize> {
+        let (fx, fy) = (x as f32 + 0.5, y as f32 + 0.5);
+        if fx < x0 || fy < y0 || fx >= x1 || fy >= y1 {
+            return None;
+        }
+        let tx = (((fx - x0) / tw) as usize).min(mask.w - 1);
+        let ty = (((fy - y0) / th) as usize).min(mask.h - 1);
+        Some(ty * mask.w + tx)
+    };
+    let kept = |t: Option<usize>| t.is_some_and(|t| flags[t]);
+    let mut out = frame.rgb.clone();
+    for y in 0..h as isize {
+        for x in 0..w as isize {
+            let px = &mut out[(y as usize * w + x as usize) * 3..][..3];
+            let Some(t) = token(x, y) else {
+                px.iter_mut().for_each(|v| *v /= 2);
+                continue;
+            };
+            let edge = flags[t]
+                && [(-LINE, 0), (LINE, 0), (0, -LINE), (0, LINE)]
+                    .iter()
+                    .any(|(dx, dy)| !kept(token(x + dx, y + dy)));
+            if edge {
+                px.copy_from_slice(&[0, 255, 0]);
+                continue;
+            }
+            let e = mask.energies[t];
+            let u = if e.is_finite() {
+                0.5 - 0.5 * e / scale
+            } else {
+                0.0
+            };
+            let c = jet(u.clamp(0.0, 1.0));
+            for k in 0..3 {
+                px[k] = ((1.0 - ALPHA) * px[k] as f32 + ALPHA * c[k]).round() as u8;
+            }
+        }
+    }
+    out
+}
+
+/// Where overlays go.
+pub enum OverlayWriter {
+    /// `frame_000001.png`, … in a folder.
+    Png { dir: PathBuf, next: usize },
+    /// An ffmpeg encoder fed rgb24 on stdin; started at the first frame.
+    Video {
+        path: PathBuf,
+        fps: f64,
+        child: Option<(Child, usize, usize)>,
+    },
+}
+
+/// File extensions written as video through ffmpeg.
+const VIDEO: &[&str] = &["mp4", "mkv", "mov", "avi", "mjpeg"];
+
+impl OverlayWriter {
+    /// A video writer for a video extension, else a PNG folder (created).
+    pub fn create(path: &Path, fps: f64) -> Result<OverlayWriter> {
+        let ext = path
+            .extension()
+            .and_then(|e| e.to_str())
+            .map(|e| e.to_ascii_lowercase());
+        if ext.as_deref().is_some_and(|e| VIDEO.contains(&e)) {
+            // Fail now, not after the first frame, when ffmpeg is missing.
+            Command::new("ffmpeg")
+                .arg("-version")
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .status()
+                .map_err(|_| {
+                    anyhow::anyhow!(
+                        "--overlay {}: writing video needs ffmpeg (sudo apt install ffmpeg); a folder name writes PNGs without it",
+                        path.display()
+                    )
+                })?;
+            return Ok(OverlayWriter::Video {
+                path: path.to_path_buf(),
+                fps: if fps > 0.0 { fps } else { 10.0 },
+                child: None,
+            });
+        }
+        std::fs::create_dir_all(path)
+            .with_context(|| format!("--overlay {}: cannot create folder", path.display()))?;
+        Ok(OverlayWriter::Png {
+            dir: path.to_path_buf(),
+            next: 1,
+        })
+    }
+
+    /// Writes one overlay image.
+    pub fn write(&mut self, rgb: &[u8], width: usize, height: usize) -> Result<()> {
+        match self {
+            OverlayWriter::Png { dir, next } => {
+                let file = dir.join(format!("frame_{next:06}.png"));
+                image::save_buffer(
+                    &file,
+                    rgb,
+                    width as u32,
+                    height as u32,
+                    image::ColorType::Rgb8,
+                )
+                .with_context(|| format!("overlay {}", file.display()))?;
+                *next += 1;
+                Ok(())
+            }
+            OverlayWriter::Video { path, fps, child } => {
+                if child.is_none() {
+                    *child = Some((start_encoder(path, *fps, width, height)?, width, height));
+                }
+                let (proc_, w0, h0) = child.as_mut().unwrap();
+                let resized;
+                let data = if (width, height) == (*w0, *h0) {
+                    rgb
+                } else {
+                    // A video has one size: later frames are fitted to the first.
+                    let img = image::RgbImage::from_raw(width as u32, height as u32, rgb.to_vec())
+                        .context("overlay frame size")?;
+                    resized = image::imageops::resize(
+                        &img,
+                        *w0 as u32,
+                        *h0 as u32,
+                        image::imageops::FilterType::Triangle,
+                    )
+                    .into_raw();
+                    &resized
+                };
+                let stdin = proc_.stdin.as_mut().context("ffmpeg stdin closed")?;
+                if let Err(e) = stdin.write_all(data) {
+                    bail!(
+                        "overlay {}: ffmpeg stopped taking frames ({e})",
+                        path.display()
+                    );
+                }
+                Ok(())
+            }
+        }
+    }
+
+    /// Closes the video (waits for ffmpeg to write its trailer).
+    pub fn finish(&mut self) -> Result<()> {
+        if let OverlayWriter::Video { path, child, .. } = self {
+            if let Some((mut c, _, _)) = child.take() {
+                drop(c.stdin.take());
+                let status = c.wait()?;
+                if !status.success() {
+                    bail!("overlay {}: ffmpeg exited with {status}", path.display());
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Where the overlays are going, for the summary.
+    pub fn target(&self) -> String {
+        match self {
+            OverlayWriter::Png { dir, next } => {
+                format!("{} ({} PNG frames)", dir.display(), next - 1)
+            }
+            OverlayWriter::Video { path, .. } => path.display().to_string(),
+        }
+    }
+}
+
+fn start_encoder(path: &Path, fps: f64, width: usize, height: usize) -> Result<Child> {
+    let mjpeg = path
+        .extension()
+        .and_then(|e| e.to_str())
+        .is_some_and(|e| matches!(e.to_ascii_lowercase().as_str(), "avi" | "mjpeg"));
+    let codec: &[&str] = if mjpeg {
+        &["-c:v", "mjpeg", "-q:v", "3"]
+    } else {
+        &[
+            "-c:v", "libx264", "-preset", "veryfast", "-pix_fmt", "yuv420p",
+        ]
+    };
+    Command::new("ffmpeg")
+        .args(["-hide_banner", "-loglevel", "error", "-y", "-f", "rawvideo"])
+        .args(["-pix_fmt", "rgb24", "-s", &format!("{width}x{height}")])
+        .args(["-r", &format!("{fps}"), "-i", "-"])
+        .args(["-vf", "pad=ceil(iw/2)*2:ceil(ih/2)*2"])
+        .args(codec)
+        .arg(path)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .spawn()
+        .with_context(|| format!("overlay {}: cannot start ffmpeg", path.display()))
+}

@@ -1,0 +1,319 @@
+//! The main job: frames from a capture queue through ERSM (and the dense
+//! baseline beside it), with a live status line, per-frame records and
+//! overlays, ending in a summary however the stream ends.
+
+use crate::capture::{Capture, End, Next};
+use crate::overlay::{self, OverlayWriter};
+use crate::pipeline::{top1, Pipeline};
+use crate::preprocess::crop_region;
+use crate::report::{Ending, RunReport, StageSamples};
+use crate::source::Frame;
+use anyhow::{Context, Result};
+use indicatif::{ProgressBar, ProgressStyle};
+use std::io::{IsTerminal, Write};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+/// How `run` behaves.
+pub struct RunOptions {
+    /// Run the dense baseline on every frame too.
+    pub compare: bool,
+    /// One JSON record per frame.
+    pub jsonl: Option<PathBuf>,
+    /// Overlay output.
+    pub overlay: Option<OverlayWriter>,
+    /// Stop after this many frames.
+    pub max_frames: Option<usize>,
+    /// Frames at the start left out of the latency percentiles.
+    pub warmup: usize,
+    /// A source silent for this long has stalled.
+    pub stall_timeout: Duration,
+    /// Frames in the stream, when known (for the progress bar).
+    pub length: Option<usize>,
+    /// One line naming the source, for the summary.
+    pub source: String,
+}
+
+/// Resident set size of this process, MiB (0 where unknown).
+pub fn rss_mib() -> f64 {
+    let pages = std::fs::read_to_string("/proc/self/statm")
+        .ok()
+        .and_then(|s| s.split_whitespace().nth(1)?.parse::<f64>().ok())
+        .unwrap_or(0.0);
+    // SAFETY: sysconf has no preconditions.
+    let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) }.max(0) as f64;
+    pages * page / (1024.0 * 1024.0)
+}
+
+/// The live status line: a progress bar on a terminal, plain lines otherwise.
+enum Status {
+    Bar(ProgressBar),
+    Lines { last: Instant },
+}
+
+impl Status {
+    fn new(length: Option<usize>) -> Status {
+        if !std::io::stderr().is_terminal() {
+            return Status::Lines {
+                last: Instant::now(),
+            };
+        }
+        let bar = match length {
+            Some(n) => ProgressBar::new(n as u64).with_style(
+                ProgressStyle::with_template("{bar:24} {pos}/{len} {msg}")
+                    .unwrap_or_else(|_| ProgressStyle::default_bar()),
+            ),
+            None => ProgressBar::new_spinner().with_style(
+                ProgressStyle::with_template("{spinner} {pos} frames {msg}")
+                    .unwrap_or_else(|_| ProgressStyle::default_spinner()),
+            ),
+        };
+        Status::Bar(bar)
+    }
+
+    fn update(&mut self, frames: usize, line: impl FnOnce() -> String) {
+        match self {
+            Status::Bar(b) => {
+                b.set_position(frames as u64);
+                b.set_message(line());
+            }
+            Status::Lines { last } => {
+                if last.elapsed() >= Duration::from_secs(2) {
+                    *last = Instant::now();
+                    eprintln!("[ersm] {frames} frames | {}", line());
+                }
+            }
+        }
+    }
+
+    fn finish(&self) {
+        if let Status::Bar(b) = self {
+            b.finish_and_clear();
+        }
+    }
+}
+
+/// Everything recorded so far.
+struct Tally {
+    ersm: StageSamples,
+    dense: StageSamples,
+    keeps: Vec<f64>,
+    agree: usize,
+    frames: usize,
+    failed: usize,
+}
+
+impl Tally {
+    fn line(&self, dropped: u64) -> String {
+        let e = self.ersm.recent_p50("total", 30);
+        let mut s = format!(
+            "ERSM {e:.1} ms ({:.1} FPS) keep {:.2}",
+            1e3 / e,
+            self.keeps.last().copied().unwrap_or(f64::NAN)
+        );
+        if !self.dense.is_empty() {
+            let d = self.dense.recent_p50("total", 30);
+            s += &format!(
+                " | dense {d:.1} ms ({:.1} FPS) | {:.2}x | agree {:.0} %",
+                1e3 / d,
+                d / e,
+                100.0 * self.agree as f64 / self.frames.max(1) as f64
+            );
+        }
+        if dropped > 0 {
+            s += &format!(" | dropped {dropped}");
+        }
+        s
+    }
+}
+
+/// Runs frames from `capture` until the stream ends, `stop` is set (Ctrl-C),
+/// the frame limit is reached or the source fails. Always returns the
+/// summary of what was processed; only set-up failures are errors.
+pub fn run(
+    pipeline: &Pipeline,
+    capture: &Capture,
+    mut opts: RunOptions,
+    stop: &AtomicBool,
+) -> Result<RunReport> {
+    let mut jsonl = match &opts.jsonl {
+        Some(p) => Some(std::io::BufWriter::new(
+            std::fs::File::create(p).with_context(|| format!("--jsonl {}", p.display()))?,
+        )),
+        None => None,
+    };
+    let m = &pipeline.model;
+    let mut t = Tally {
+        ersm: StageSamples::default(),
+        dense: StageSamples::default(),
+        keeps: Vec::new(),
+        agree: 0,
+        frames: 0,
+        failed: 0,
+    };
+    let mut status = Status::new(opts.length);
+    let mut start: Option<Instant> = None;
+    let mut last_frame = Instant::now();
+    let mut rss_start = rss_mib();
+    let ending = loop {
+        if stop.load(Ordering::SeqCst) {
+            break Ending::Interrupted;
+        }
+        if opts.max_frames.is_some_and(|n| t.frames >= n) {
+            break Ending::FrameLimit;
+        }
+        let frame = match capture.queue.pop(Duration::from_millis(100)) {
+            Next::Frame(f) => f,
+            Next::Timeout => {
+                if last_frame.elapsed() >= opts.stall_timeout {
+                    break Ending::SourceError(format!(
+                        "stalled: no frame for {:.0} s",
+                        opts.stall_timeout.as_secs_f64()
+                    ));
+                }
+                continue;
+            }
+            Next::End(End::Finished) => break Ending::EndOfStream,
+            Next::End(End::Failed(e)) => break Ending::SourceError(format!("{e:#}")),
+        };
+        last_frame = Instant::now();
+        start.get_or_insert_with(Instant::now);
+        match process(pipeline, &frame, &mut t, &mut opts, jsonl.as_mut()) {
+            Ok(()) => {}
+            Err(e) => {
+                // A bad frame is skipped; the stream goes on.
+                log::warn!("frame {}: {e:#}; skipped", frame.name);
+                t.failed += 1;
+                continue;
+            }
+        }
+        if t.frames == opts.warmup.max(1) {
+            rss_start = rss_mib();
+        }
+        let dropped = capture.queue.dropped();
+        status.update(t.frames, || t.line(dropped));
+    };
+    capture.close();
+    status.finish();
+    if let Some(w) = jsonl.as_mut() {
+        w.flush().context("--jsonl")?;
+    }
+    let overlay_result = opts.overlay.as_mut().map(|o| o.finish());
+    if let Some(Err(e)) = overlay_result {
+        log::error!("{e:#}");
+    }
+    let n = t.keeps.len().max(1) as f64;
+    let mut stages = std::collections::BTreeMap::new();
+    stages.insert("ersm".to_string(), t.ersm.summaries());
+    if opts.compare {
+        stages.insert("dense".to_string(), t.dense.summaries());
+    }
+    Ok(RunReport {
+        source: opts.source.clone(),
+        model: m.manifest.name.clone(),
+        device: pipeline.device.name().into(),
+        frames: t.frames,
+        dropped: capture.queue.dropped(),
+        failed: t.failed,
+        warmup: opts.warmup.min(t.frames),
+        wall_s: start.map_or(0.0, |s| s.elapsed().as_secs_f64()),
+        keep_ratio: t.keeps.iter().sum::<f64>() / n,
+        keep_ratio_min: t.keeps.iter().copied().fold(f64::NAN, f64::min),
+        keep_ratio_max: t.keeps.iter().copied().fold(f64::NAN, f64::max),
+        agreement: opts
+            .compare
+            .then(|| t.agree as f64 / t.frames.max(1) as f64),
+        agree_frames: t.agree,
+        rss_mib_start: rss_start,
+        rss_mib_end: rss_mib(),
+        ending,
+        stages,
+    })
+}
+
+/// One frame through ERSM (and dense), recorded everywhere it should be.
+fn process(
+    pipeline: &Pipeline,
+    frame: &Frame,
+    t: &mut Tally,
+    opts: &mut RunOptions,
+    jsonl: Option<&mut std::io::BufWriter<std::fs::File>>,
+) -> Result<()> {
+    let m = &pipeline.model;
+    // Alternate which mode goes first so neither always meets warm caches.
+    let (e, d) = if !opts.compare {
+        (pipeline.run_ersm(frame)?, None)
+    } else if t.frames.is_multiple_of(2) {
+        let e = pipeline.run_ersm(frame)?;
+        (e, Some(pipeline.run_dense(frame)?))
+    } else {
+        let d = pipeline.run_dense(frame)?;
+        (pipeline.run_ersm(frame)?, Some(d))
+    };
+    let index = t.frames;
+    t.frames += 1;
+    let timed = index >= opts.warmup;
+    if timed {
+        t.ersm.push(&e.times);
+    }
+    let keep = e.mask.keep_ratio();
+    t.keeps.push(keep);
+    let class = top1(&e.logits);
+    let dense_class = d.as_ref().map(|d| top1(&d.logits));
+    if let Some(d) = &d {
+        if timed {
+            t.dense.push(&d.times);
+        }
+    }
+    let agrees = dense_class.map(|c| c == class);
+    t.agree += usize::from(agrees == Some(true));
+    log::debug!(
+        "{}: top-1 '{}'{} keep {keep:.3} | ersm: pre {:.2} prefix {:.2} ersm {:.2} suffix {:.2} ms{}",
+        frame.name,
+        m.manifest.label(class),
+        dense_class.map_or(String::new(), |c| format!(" (dense '{}')", m.manifest.label(c))),
+        e.times.preprocess,
+        e.times.prefix,
+        e.times.ersm,
+        e.times.suffix,
+        d.as_ref().map_or(String::new(), |d| format!(
+            " | dense: pre {:.2} prefix {:.2} suffix {:.2} ms",
+            d.times.preprocess, d.times.prefix, d.times.suffix
+        )),
+    );
+    if let Some(w) = jsonl {
+        let times = |s: &crate::pipeline::StageTimes| {
+            serde_json::json!({
+                "preprocess": s.preprocess, "prefix": s.prefix, "ersm": s.ersm,
+                "suffix": s.suffix, "total": s.total(),
+            })
+        };
+        let rec = serde_json::json!({
+            "frame": index,
+            "name": frame.name,
+            "width": frame.width,
+            "height": frame.height,
+            "keep_ratio": keep,
+            "kept_tokens": e.mask.kept.len(),
+            "top1": class,
+            "label": m.manifest.label(class),
+            "dense_top1": dense_class,
+            "agree": agrees,
+            "warmup": !timed,
+            "ersm_ms": times(&e.times),
+            "dense_ms": d.as_ref().map(|d| times(&d.times)),
+        });
+        writeln!(w, "{rec}").context("--jsonl")?;
+    }
+    if let Some(o) = opts.overlay.as_mut() {
+        let crop = crop_region(frame.width, frame.height, &m.manifest.preprocess);
+        let img = overlay::draw(frame, &e.mask, crop);
+        // A full disk or a dead encoder stops the overlay, not the run.
+        if let Err(e) = o.write(&img, frame.width, frame.height) {
+            log::error!("{e:#}; no more overlays");
+            opts.overlay = None;
+        }
+    }
+    Ok(())
+}

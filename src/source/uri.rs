@@ -1,0 +1,102 @@
+//! Source URIs, normalised as jetson-inference does: `/dev/videoN` →
+//! `v4l2://`, a bare integer → `csi://`, a path → `file://`.
+
+use anyhow::{bail, Context, Result};
+use std::fmt;
+use std::path::{Path, PathBuf};
+
+/// A parsed `--source`.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Uri {
+    /// A V4L2 device node.
+    V4l2(PathBuf),
+    /// A Jetson CSI sensor id (GStreamer `nvarguscamerasrc`).
+    Csi(u32),
+    /// A network stream or anything else ffmpeg opens (`rtsp://`, `http://`, …).
+    Url(String),
+    /// A video file, one image, or a folder of images.
+    File(PathBuf),
+    /// rgb24 frames of `width × height` on standard input.
+    Raw { width: usize, height: usize },
+}
+
+impl Uri {
+    /// Parses a `--source` argument.
+    pub fn parse(s: &str) -> Result<Uri> {
+        let s = s.trim();
+        if s.is_empty() {
+            bail!("empty source URI");
+        }
+        if let Some(rest) = s.strip_prefix("v4l2://") {
+            if rest.is_empty() {
+                bail!("source {s}: expected v4l2:///dev/videoN");
+            }
+            return Ok(Uri::V4l2(PathBuf::from(rest)));
+        }
+        if let Some(rest) = s.strip_prefix("csi://") {
+            let id = rest
+                .parse()
+                .with_context(|| format!("source {s}: expected csi://N with a sensor number"))?;
+            return Ok(Uri::Csi(id));
+        }
+        if let Some(rest) = s.strip_prefix("raw://") {
+            return parse_raw(s, rest);
+        }
+        if let Some(rest) = s.strip_prefix("file://") {
+            return Ok(Uri::File(PathBuf::from(rest)));
+        }
+        if s.contains("://") {
+            return Ok(Uri::Url(s.to_string()));
+        }
+        if s.starts_with("/dev/video") {
+            return Ok(Uri::V4l2(PathBuf::from(s)));
+        }
+        if let Ok(id) = s.parse::<u32>() {
+            return Ok(Uri::Csi(id));
+        }
+        Ok(Uri::File(PathBuf::from(s)))
+    }
+}
+
+fn parse_raw(s: &str, rest: &str) -> Result<Uri> {
+    let usage = || {
+        format!("source {s}: expected raw://-?w=WIDTH&h=HEIGHT (rgb24 frames on standard input)")
+    };
+    let (target, query) = rest.split_once('?').with_context(usage)?;
+    if target != "-" {
+        bail!("{}: only '-' (standard input) is supported", usage());
+    }
+    let (mut width, mut height) = (0usize, 0usize);
+    for kv in query.split('&') {
+        let (k, v) = kv.split_once('=').with_context(usage)?;
+        let v: usize = v.parse().with_context(usage)?;
+        match k {
+            "w" | "width" => width = v,
+            "h" | "height" => height = v,
+            _ => bail!("{}: unknown parameter '{k}'", usage()),
+        }
+    }
+    if width == 0 || height == 0 {
+        bail!("{}", usage());
+    }
+    Ok(Uri::Raw { width, height })
+}
+
+impl fmt::Display for Uri {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Uri::V4l2(p) => write!(f, "v4l2://{}", p.display()),
+            Uri::Csi(n) => write!(f, "csi://{n}"),
+            Uri::Url(u) => write!(f, "{u}"),
+            Uri::File(p) => write!(f, "file://{}", p.display()),
+            Uri::Raw { width, height } => write!(f, "raw://-?w={width}&h={height}"),
+        }
+    }
+}
+
+/// MP4-family files, decoded in-process when their video is H.264.
+pub fn is_mp4(path: &Path) -> bool {
+    path.extension()
+        .and_then(|e| e.to_str())
+        .is_some_and(|e| matches!(e.to_ascii_lowercase().as_str(), "mp4" | "m4v" | "mov"))
+}
