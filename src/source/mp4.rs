@@ -28,6 +28,8 @@ struct BoxRef {
     kind: [u8; 4],
     start: usize,
     end: usize,
+    /// The box's declared size runs past its parent (truncated file).
+    clipped: bool,
 }
 
 fn be32(b: &[u8], at: usize) -> Option<u32> {
@@ -70,6 +72,7 @@ fn children(data: &[u8], start: usize, end: usize) -> Vec<BoxRef> {
             kind,
             start: (at + header).min(box_end),
             end: box_end,
+            clipped: (at as u64).saturating_add(size) > end as u64,
         });
         at = at.saturating_add(size as usize);
     }
@@ -110,6 +113,11 @@ impl Mp4H264 {
             .find(|b| &b.kind == b"moov")
             .copied()
             .context("no 'moov' box (truncated, or still being written)")?;
+        ensure!(
+            !moov.clipped,
+            "truncated: the 'moov' index is cut short (the file has {} bytes)",
+            d.len()
+        );
         for trak in children(d, moov.start, moov.end)
             .into_iter()
             .filter(|b| &b.kind == b"trak")

@@ -1,0 +1,450 @@
+//! `ersm run` as a user runs it: sources, the summary after every kind of
+//! ending, per-frame records and overlays. Uses the small test model.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+fn root() -> &'static Path {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+}
+
+fn tiny() -> String {
+    root().join("models/tiny").to_string_lossy().into_owned()
+}
+
+fn ersm(args: &[&str]) -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_ersm"));
+    c.arg("run").args(["--model", &tiny()]).args(args);
+    c
+}
+
+fn output(mut c: Command) -> (Output, String, String) {
+    let o = c.stdin(Stdio::null()).output().expect("ersm runs");
+    let out = String::from_utf8_lossy(&o.stdout).into_owned();
+    let err = String::from_utf8_lossy(&o.stderr).into_owned();
+    (o, out, err)
+}
+
+fn tmp(name: &str) -> PathBuf {
+    std::env::temp_dir().join(format!("ersm-run-{}-{name}", std::process::id()))
+}
+
+/// The summary table is there and says how many frames ran and how it ended.
+fn assert_summary(out: &str, frames: usize, ending: &str) {
+    for row in [
+        "Pre-Process",
+        "Prefix",
+        "Suffix",
+        "Total",
+        "FPS",
+        "keep ratio",
+    ] {
+        assert!(out.contains(row), "summary lacks {row}:\n{out}");
+    }
+    assert!(
+        out.contains(&format!(" {frames} processed")),
+        "expected {frames} frames:\n{out}"
+    );
+    assert!(out.contains(ending), "expected ending '{ending}':\n{out}");
+}
+
+#[test]
+fn image_folder_with_dense_comparison_and_jsonl() {
+    let jsonl = tmp("images.jsonl");
+    let images = root().join("models/images");
+    let (o, out, err) = output(ersm(&[
+        "--source",
+        images.to_str().unwrap(),
+        "--jsonl",
+        jsonl.to_str().unwrap(),
+        "--warmup",
+        "0",
+    ]));
+    assert!(o.status.success(), "{err}");
+    assert_summary(&out, 4, "end of stream");
+    assert!(
+        out.contains("top-1 agreement") && out.contains("dense p50"),
+        "{out}"
+    );
+    let lines: Vec<serde_json::Value> = std::fs::read_to_string(&jsonl)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(lines.len(), 4);
+    for (i, rec) in lines.iter().enumerate() {
+        assert_eq!(rec["frame"], i);
+        let keep = rec["keep_ratio"].as_f64().unwrap();
+        assert!(keep > 0.0 && keep <= 1.0);
+        assert!(rec["ersm_ms"]["total"].as_f64().unwrap() > 0.0);
+        assert!(rec["dense_ms"]["suffix"].as_f64().unwrap() > 0.0);
+        assert!(rec["agree"].is_boolean());
+    }
+    assert_eq!(lines[1]["name"], "chelsea.png");
+    std::fs::remove_file(&jsonl).ok();
+}
+
+#[test]
+fn compare_none_runs_ersm_alone() {
+    let images = root().join("models/images/coffee.png");
+    let (o, out, err) = output(ersm(&[
+        "--source",
+        images.to_str().unwrap(),
+        "--compare",
+        "none",
+    ]));
+    assert!(o.status.success(), "{err}");
+    assert_summary(&out, 1, "end of stream");
+    assert!(!out.contains("top-1 agreement"), "{out}");
+}
+
+fn raw_frames(n: usize, w: usize, h: usize) -> Vec<u8> {
+    (0..n * w * h * 3).map(|i| (i * 7 % 251) as u8).collect()
+}
+
+fn run_with_stdin(args: &[&str], bytes: Vec<u8>) -> (Output, String, String) {
+    let mut child = ersm(args)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stdin = child.stdin.take().unwrap();
+    std::thread::spawn(move || {
+        let _ = stdin.write_all(&bytes);
+    });
+    let o = child.wait_with_output().unwrap();
+    let out = String::from_utf8_lossy(&o.stdout).into_owned();
+    let err = String::from_utf8_lossy(&o.stderr).into_owned();
+    (o, out, err)
+}
+
+#[test]
+fn raw_stdin_frames() {
+    let (o, out, err) = run_with_stdin(&["--source", "raw://-?w=64&h=48"], raw_frames(5, 64, 48));
+    assert!(o.status.success(), "{err}");
+    assert_summary(&out, 5, "end of stream");
+}
+
+#[test]
+fn raw_stdin_with_the_wrong_frame_size_says_so_and_still_summarises() {
+    // 5 frames of 64×48 read as 50×50: 6 whole frames, then 1080 bytes.
+    let (o, out, err) = run_with_stdin(&["--source", "raw://-?w=50&h=50"], raw_frames(5, 64, 48));
+    assert!(!o.status.success());
+    assert!(
+        err.contains("truncated frame 7") && err.contains("is the frame size right"),
+        "{err}"
+    );
+    assert_summary(&out, 6, "source error");
+}
+
+#[test]
+fn truncated_mp4_ends_with_message_and_summary() {
+    let bytes = std::fs::read(root().join("models/streams/vtest.mp4")).unwrap();
+    let path = tmp("cut.mp4");
+    std::fs::write(&path, &bytes[..bytes.len() / 4]).unwrap();
+    let (o, out, err) = output(ersm(&[
+        "--source",
+        path.to_str().unwrap(),
+        "--compare",
+        "none",
+    ]));
+    assert!(!o.status.success());
+    assert!(
+        err.contains("truncated") && err.contains("cut.mp4"),
+        "{err}"
+    );
+    let n: usize = out
+        .split(" processed")
+        .next()
+        .and_then(|s| s.rsplit(' ').next())
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| panic!("no frame count:\n{out}"));
+    assert!(n > 5 && n < 150, "{n} frames from a quarter of the clip");
+    assert!(out.contains("source error"), "{out}");
+    std::fs::remove_file(&path).ok();
+}
+
+#[test]
+fn missing_camera_names_the_device() {
+    let (o, _, err) = output(ersm(&["--source", "v4l2:///dev/video99"]));
+    assert!(!o.status.success());
+    assert!(
+        err.contains("/dev/video99") && err.contains("no such device"),
+        "{err}"
+    );
+    let (o, _, err) = output(ersm(&["--source", "/no/such/clip.mp4"]));
+    assert!(!o.status.success());
+    assert!(err.contains("/no/such/clip.mp4"), "{err}");
+}
+
+#[test]
+fn missing_tools_name_the_package() {
+    let empty = tmp("empty-path");
+    std::fs::create_dir_all(&empty).unwrap();
+    for (src, want) in [
+        ("rtsp://127.0.0.1:1/none", "apt install ffmpeg"),
+        ("csi://0", "gstreamer1.0-tools"),
+    ] {
+        let mut c = ersm(&["--source", src]);
+        c.env("PATH", &empty);
+        let (o, _, err) = output(c);
+        assert!(!o.status.success());
+        assert!(
+            err.contains("not found") && err.contains(want),
+            "{src}: {err}"
+        );
+    }
+}
+
+#[test]
+fn stalled_stdin_ends_the_run_with_summary() {
+    let mut child = ersm(&["--source", "raw://-?w=32&h=32", "--stall-timeout", "1"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // One frame, then silence with the pipe held open.
+    let mut stdin = child.stdin.take().unwrap();
+    stdin.write_all(&raw_frames(1, 32, 32)).unwrap();
+    let o = wait_timeout(child, Duration::from_secs(60));
+    drop(stdin);
+    let out = String::from_utf8_lossy(&o.stdout);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success());
+    assert!(err.contains("stalled"), "{err}");
+    assert_summary(&out, 1, "stalled");
+}
+
+fn wait_timeout(mut child: Child, limit: Duration) -> Output {
+    let t = Instant::now();
+    while child.try_wait().unwrap().is_none() {
+        assert!(t.elapsed() < limit, "ersm did not end within {limit:?}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    child.wait_with_output().unwrap()
+}
+
+#[test]
+fn ctrl_c_prints_the_summary_of_what_ran() {
+    let jsonl = tmp("ctrlc.jsonl");
+    let child = ersm(&[
+        "--loop",
+        "--jsonl",
+        jsonl.to_str().unwrap(),
+        "--compare",
+        "none",
+    ])
+    .stdin(Stdio::null())
+    .stdout(Stdio::piped())
+    .stderr(Stdio::piped())
+    .spawn()
+    .unwrap();
+    // Wait for a few frames to be processed (the records are buffered, so
+    // wait on the status lines instead: at least one per 2 s).
+    std::thread::sleep(Duration::from_secs(3));
+    // SAFETY: signalling our own child.
+    unsafe {
+        libc::kill(child.id() as libc::pid_t, libc::SIGINT);
+    }
+    let o = wait_timeout(child, Duration::from_secs(30));
+    let out = String::from_utf8_lossy(&o.stdout);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.success(), "{err}");
+    assert!(out.contains("interrupted (Ctrl-C)"), "{out}\n{err}");
+    let n = std::fs::read_to_string(&jsonl).unwrap().lines().count();
+    assert!(n > 0, "no frame before Ctrl-C");
+    assert_summary(&out, n, "interrupted");
+    std::fs::remove_file(&jsonl).ok();
+}
+
+#[test]
+fn overlay_png_sequence_outlines_kept_tokens() {
+    let dir = tmp("overlay");
+    let images = root().join("models/images");
+    let (o, out, err) = output(ersm(&[
+        "--source",
+        images.to_str().unwrap(),
+        "--overlay",
+        dir.to_str().unwrap(),
+        "--compare",
+        "none",
+    ]));
+    assert!(o.status.success(), "{err}");
+    assert_summary(&out, 4, "end of stream");
+    let mut files: Vec<_> = std::fs::read_dir(&dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    files.sort();
+    assert_eq!(files.len(), 4);
+    // Same size as the source frame; kept tokens outlined in pure green.
+    let img = image::open(&files[1]).unwrap().to_rgb8();
+    let src = image::open(images.join("chelsea.png")).unwrap().to_rgb8();
+    assert_eq!(img.dimensions(), src.dimensions());
+    let green = img.pixels().filter(|p| p.0 == [0, 255, 0]).count();
+    assert!(green > 100, "{green} outline pixels");
+    assert_ne!(img.as_raw(), src.as_raw());
+    std::fs::remove_dir_all(&dir).ok();
+}
+
+#[test]
+fn run_help_lists_the_options() {
+    let mut help = Command::new(env!("CARGO_BIN_EXE_ersm"));
+    help.args(["run", "--help"]);
+    let (_, out, _) = output(help);
+    for opt in [
+        "--source",
+        "--compare",
+        "--device",
+        "--input-width",
+        "--input-height",
+        "--input-fps",
+        "--loop",
+        "--reconnect",
+        "--jsonl",
+        "--overlay",
+        "v4l2://",
+        "csi://",
+        "rtsp://",
+        "raw://",
+    ] {
+        assert!(out.contains(opt), "run --help lacks {opt}: {out}");
+    }
+}
+
+/// A folder with stand-in `ffprobe` and `ffmpeg` scripts: ffprobe reports
+/// 64×48, ffmpeg runs `body` (a shell snippet) in place of decoding.
+fn fake_ffmpeg(name: &str, body: &str) -> PathBuf {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tmp(name);
+    std::fs::create_dir_all(&dir).unwrap();
+    for (tool, script) in [
+        ("ffprobe", "#!/bin/sh\necho 64,48,N/A\n".to_string()),
+        ("ffmpeg", format!("#!/bin/sh\n{body}\n")),
+    ] {
+        let p = dir.join(tool);
+        std::fs::write(&p, script).unwrap();
+        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o755)).unwrap();
+    }
+    dir
+}
+
+fn with_path(mut c: Command, dir: &Path) -> Command {
+    let path = format!(
+        "{}:{}",
+        dir.display(),
+        std::env::var("PATH").unwrap_or_default()
+    );
+    c.env("PATH", path);
+    c
+}
+
+#[test]
+fn crashed_subprocess_is_reported_with_its_last_words() {
+    // Two frames, then a crash.
+    let dir = fake_ffmpeg(
+        "crash",
+        "head -c 18432 /dev/zero\necho 'rtsp://cam: Connection reset by peer' >&2\nexit 1",
+    );
+    let c = with_path(ersm(&["--source", "rtsp://cam/live"]), &dir);
+    let (o, out, err) = output(c);
+    assert!(!o.status.success());
+    assert!(
+        err.contains("ffmpeg exited with") && err.contains("Connection reset by peer"),
+        "{err}"
+    );
+    assert_summary(&out, 2, "source error");
+    std::fs::remove_dir_all(&dir).ok();
+}
+
+#[test]
+fn stalled_subprocess_is_killed_and_summarised() {
+    let dir = fake_ffmpeg("stall", "head -c 9216 /dev/zero\nexec sleep 600");
+    let c = with_path(
+        ersm(&["--source", "rtsp://cam/live", "--stall-timeout", "1"]),
+        &dir,
+    );
+    let t = Instant::now();
+    let (o, out, err) = output(c);
+    assert!(t.elapsed() < Duration::from_secs(60));
+    assert!(!o.status.success());
+    assert!(err.contains("stalled"), "{err}");
+    assert_summary(&out, 1, "stalled");
+    std::fs::remove_dir_all(&dir).ok();
+}
+
+#[test]
+fn reconnect_reopens_a_live_source_that_drops() {
+    // Each start gives 2 frames then fails; with --reconnect the run goes on.
+    let dir = fake_ffmpeg("reconnect", "head -c 18432 /dev/zero\nexit 1");
+    let c = with_path(
+        ersm(&[
+            "--source",
+            "rtsp://cam/live",
+            "--reconnect",
+            "--max-frames",
+            "5",
+        ]),
+        &dir,
+    );
+    let (o, out, err) = output(c);
+    assert!(o.status.success(), "{err}");
+    assert!(err.contains("reconnected"), "{err}");
+    assert_summary(&out, 5, "frame limit");
+    std::fs::remove_dir_all(&dir).ok();
+}
+
+#[test]
+fn video_file_through_real_ffmpeg() {
+    let ok = Command::new("ffmpeg")
+        .arg("-version")
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if !ok {
+        assert!(
+            std::env::var("ERSM_REQUIRE_FFMPEG").as_deref() != Ok("1"),
+            "ffmpeg is required (ERSM_REQUIRE_FFMPEG=1) but not found"
+        );
+        println!("SKIPPED: ffmpeg not found");
+        return;
+    }
+    // An MJPEG AVI: not H.264 MP4, so ersm hands it to ffmpeg.
+    let avi = tmp("clip.avi");
+    let st = Command::new("ffmpeg")
+        .args(["-hide_banner", "-loglevel", "error", "-y", "-i"])
+        .arg(root().join("models/streams/vtest.mp4"))
+        .args(["-frames:v", "6", "-c:v", "mjpeg", "-q:v", "5"])
+        .arg(&avi)
+        .status()
+        .unwrap();
+    assert!(st.success());
+    let video = tmp("overlay.mp4");
+    let (o, out, err) = output(ersm(&[
+        "--source",
+        avi.to_str().unwrap(),
+        "--overlay",
+        video.to_str().unwrap(),
+    ]));
+    assert!(o.status.success(), "{err}");
+    assert!(out.contains("via ffmpeg"), "{out}");
+    assert_summary(&out, 6, "end of stream");
+    // The overlay video has the frames.
+    let probe = Command::new("ffprobe")
+        .args(["-v", "error", "-count_frames", "-select_streams", "v:0"])
+        .args([
+            "-show_entries",
+            "stream=nb_read_frames,width,height",
+            "-of",
+            "csv=p=0",
+        ])
+        .arg(&video)
+        .output()
+        .unwrap();
+    assert_eq!(String::from_utf8_lossy(&probe.stdout).trim(), "768,576,6");
+    std::fs::remove_file(&avi).ok();
+    std::fs::remove_file(&video).ok();
+}
