@@ -1,6 +1,6 @@
 //! What the model looked at, drawn on the frame: the energy map as a heat
-//! map over the network's crop, kept tokens outlined, the rest of the frame
-//! dimmed. Written as a PNG sequence, or as a video through ffmpeg.
+//! map over the network's crop (red = most important), kept tokens outlined
+//! in green, dropped tokens shaded, the frame outside the crop dimmed. Written as a PNG sequence, or as a video through ffmpeg.
 
 use crate::ersm::TokenMask;
 use crate::source::Frame;
@@ -11,6 +11,8 @@ use std::process::{Child, Command, Stdio};
 
 /// Heat-map opacity over the crop.
 const ALPHA: f32 = 0.4;
+/// Brightness of dropped tokens.
+const DROPPED: f32 = 0.55;
 /// Outline thickness, pixels.
 const LINE: isize = 2;
 
@@ -67,8 +69,10 @@ pub fn draw(frame: &Frame, mask: &TokenMask, crop: [f32; 4]) -> Vec<u8> {
                 0.0
             };
             let c = jet(u.clamp(0.0, 1.0));
+            // Dropped tokens are shaded: the suffix never sees them.
+            let shade = if flags[t] { 1.0 } else { DROPPED };
             for k in 0..3 {
-                px[k] = ((1.0 - ALPHA) * px[k] as f32 + ALPHA * c[k]).round() as u8;
+                px[k] = (shade * ((1.0 - ALPHA) * px[k] as f32 + ALPHA * c[k])).round() as u8;
             }
         }
     }
