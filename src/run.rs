@@ -301,6 +301,7 @@ fn process(
             "dense_top1": dense_class,
             "agree": agrees,
             "warmup": !timed,
+            "rss_mib": rss_mib(),
             "ersm_ms": times(&e.times),
             "dense_ms": d.as_ref().map(|d| times(&d.times)),
         });
