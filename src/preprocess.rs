@@ -86,41 +86,42 @@ pub fn preprocess(rgb: &[u8], width: usize, height: usize, p: &Preprocess) -> Re
     let xt = taps(width, rw, ox, p.crop);
     let yt = taps(height, rh, oy, p.crop);
     let n = p.crop;
-    // Horizontal pass on the rows the vertical pass reads.
-    let row_lo = yt.iter().map(|t| t.start).min().unwrap_or(0);
-    let row_hi = yt
+    // Vertical pass first, over just the columns the crop reads: it runs along
+    // contiguous rows, so u8→f32 and the multiply-adds vectorise; the
+    // horizontal pass then only touches the `n` output rows.
+    let col_lo = xt.iter().map(|t| t.start).min().unwrap_or(0);
+    let col_hi = xt
         .iter()
         .map(|t| t.start + t.weights.len())
         .max()
         .unwrap_or(0);
-    let mut tmp = vec![0.0f32; (row_hi - row_lo) * n * 3];
-    for y in row_lo..row_hi {
-        let src = &rgb[y * width * 3..(y + 1) * width * 3];
-        let dst = &mut tmp[(y - row_lo) * n * 3..(y - row_lo + 1) * n * 3];
-        for (x, t) in xt.iter().enumerate() {
-            let mut acc = [0.0f32; 3];
-            for (k, &w) in t.weights.iter().enumerate() {
-                let s = &src[(t.start + k) * 3..(t.start + k) * 3 + 3];
-                acc[0] += w * s[0] as f32;
-                acc[1] += w * s[1] as f32;
-                acc[2] += w * s[2] as f32;
-            }
-            dst[x * 3..x * 3 + 3].copy_from_slice(&acc);
-        }
-    }
+    let span = (col_hi - col_lo) * 3;
+    let mut rows = vec![0.0f32; span];
     let mut out = vec![0.0f32; 3 * n * n];
     let mul: [f32; 3] = std::array::from_fn(|c| p.scale / p.std[c]);
     let add: [f32; 3] = std::array::from_fn(|c| -p.mean[c] / p.std[c]);
     for (y, t) in yt.iter().enumerate() {
-        let mut acc = vec![0.0f32; n * 3];
+        rows.iter_mut().for_each(|a| *a = 0.0);
         for (k, &w) in t.weights.iter().enumerate() {
-            let row = &tmp[(t.start + k - row_lo) * n * 3..(t.start + k - row_lo + 1) * n * 3];
-            acc.iter_mut().zip(row).for_each(|(a, &r)| *a += w * r);
+            let at = (t.start + k) * width * 3 + col_lo * 3;
+            let src = &rgb[at..at + span];
+            rows.iter_mut()
+                .zip(src)
+                .for_each(|(a, &v)| *a += w * v as f32);
         }
-        for x in 0..n {
-            for c in 0..3 {
-                out[c * n * n + y * n + x] = acc[x * 3 + c] * mul[c] + add[c];
+        let (r, rest) = out.split_at_mut(n * n);
+        let (g, b) = rest.split_at_mut(n * n);
+        for (x, t) in xt.iter().enumerate() {
+            let mut acc = [0.0f32; 3];
+            let taps = &rows[(t.start - col_lo) * 3..(t.start - col_lo + t.weights.len()) * 3];
+            for (&w, px) in t.weights.iter().zip(taps.chunks_exact(3)) {
+                acc[0] += w * px[0];
+                acc[1] += w * px[1];
+                acc[2] += w * px[2];
             }
+            r[y * n + x] = acc[0] * mul[0] + add[0];
+            g[y * n + x] = acc[1] * mul[1] + add[1];
+            b[y * n + x] = acc[2] * mul[2] + add[2];
         }
     }
     Ok(out)
