@@ -11,6 +11,7 @@ use ersm::report::Ending;
 use ersm::report::{ideal_speedup, BenchReport, StageSamples};
 use ersm::run::RunOptions;
 use ersm::source::{self, images, Looping, SourceOptions, Uri};
+use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -51,6 +52,10 @@ struct BenchArgs {
     /// Also write the report as JSON to this file.
     #[arg(long)]
     json: Option<PathBuf>,
+    /// Write every timed frame's kept tokens and ERSM and dense logits, one
+    /// JSON record per line (to compare builds, e.g. aarch64 against x86_64).
+    #[arg(long)]
+    dump: Option<PathBuf>,
     /// Where the energy layer runs: cpu, cuda (fails without a usable GPU), or
     /// auto (CUDA when available, else CPU).
     #[arg(long, value_enum, default_value_t = DeviceArg::Auto)]
@@ -280,6 +285,12 @@ fn bench(a: BenchArgs) -> Result<()> {
         m.cut.w,
         frames.len()
     );
+    let mut dump = match &a.dump {
+        Some(p) => Some(std::io::BufWriter::new(
+            std::fs::File::create(p).with_context(|| format!("--dump {}", p.display()))?,
+        )),
+        None => None,
+    };
     let (mut ersm, mut dense) = (StageSamples::default(), StageSamples::default());
     let (mut keeps, mut agree, mut macs) = (Vec::new(), 0usize, 0f64);
     for i in 0..a.warmup + a.frames {
@@ -299,6 +310,15 @@ fn bench(a: BenchArgs) -> Result<()> {
         dense.push(&d.times);
         keeps.push(e.mask.keep_ratio());
         agree += usize::from(top1(&e.logits) == top1(&d.logits));
+        if let Some(w) = dump.as_mut() {
+            let rec = serde_json::json!({
+                "image": frame.name,
+                "kept": e.mask.kept,
+                "logits": e.logits,
+                "dense_logits": d.logits,
+            });
+            writeln!(w, "{rec}").context("--dump")?;
+        }
         let counts = m.plan.token_counts(&e.mask.kept);
         macs += m.plan.cost(&counts) as f64;
         log::debug!(
@@ -330,6 +350,9 @@ fn bench(a: BenchArgs) -> Result<()> {
         ]
         .into(),
     };
+    if let Some(w) = dump.as_mut() {
+        w.flush().context("--dump")?;
+    }
     println!("{}", report.table());
     if let Some(path) = a.json {
         let text = serde_json::to_string_pretty(&report)?;
