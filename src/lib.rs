@@ -6,9 +6,11 @@
 
 pub mod capture;
 pub mod ersm;
+pub mod eval;
 pub mod model;
 pub mod overlay;
 pub mod pipeline;
+pub mod plot;
 pub mod prefix;
 pub mod preprocess;
 pub mod report;

@@ -33,6 +33,11 @@ enum Command {
     Bench(BenchArgs),
     /// Show where the network is cut, the prefix and suffix ops, and suffix cost.
     Inspect(InspectArgs),
+    /// Measure the claims behind ERSM on a folder of images.
+    #[command(subcommand)]
+    Eval(EvalCommand),
+    /// Draw one image with its energy heat map and kept tokens outlined.
+    Mask(MaskArgs),
 }
 
 #[derive(clap::Args)]
@@ -56,6 +61,10 @@ struct BenchArgs {
     /// JSON record per line (to compare builds, e.g. aarch64 against x86_64).
     #[arg(long)]
     dump: Option<PathBuf>,
+    /// Plot the latency distributions (ERSM vs dense per stage, ideal speedup
+    /// marked) to this SVG file.
+    #[arg(long)]
+    plot: Option<PathBuf>,
     /// Where the energy layer runs: cpu, cuda (fails without a usable GPU), or
     /// auto (CUDA when available, else CPU).
     #[arg(long, value_enum, default_value_t = DeviceArg::Auto)]
@@ -136,6 +145,58 @@ struct RunArgs {
     overlay: Option<PathBuf>,
 }
 
+#[derive(Subcommand)]
+enum EvalCommand {
+    /// Delete tokens progressively (by energy, by feature magnitude, at random)
+    /// and record agreement with dense and the dense class's probability.
+    Deletion(DeletionArgs),
+    /// Keep ratio per image: how sparsity follows the content.
+    Sparsity(EvalArgs),
+}
+
+#[derive(clap::Args)]
+struct EvalArgs {
+    /// An image or a folder of PNG/JPEG images. Default: the bundled photos.
+    #[arg(long)]
+    images: Option<PathBuf>,
+    /// Model package folder. Default: the bundled model.
+    #[arg(long)]
+    model: Option<PathBuf>,
+    /// Where the energy layer runs.
+    #[arg(long, value_enum, default_value_t = DeviceArg::Auto)]
+    device: DeviceArg,
+    /// Folder for the CSV, JSON and SVG results.
+    #[arg(long, default_value = "eval")]
+    out: PathBuf,
+}
+
+#[derive(clap::Args)]
+struct DeletionArgs {
+    #[command(flatten)]
+    common: EvalArgs,
+    /// Fraction of tokens deleted per step.
+    #[arg(long, default_value_t = 0.1)]
+    step: f64,
+    /// Random orders averaged.
+    #[arg(long, default_value_t = 3)]
+    seeds: u64,
+}
+
+#[derive(clap::Args)]
+struct MaskArgs {
+    /// The image (PNG or JPEG).
+    image: PathBuf,
+    /// Output PNG.
+    #[arg(long)]
+    out: PathBuf,
+    /// Model package folder. Default: the bundled model.
+    #[arg(long)]
+    model: Option<PathBuf>,
+    /// Where the energy layer runs.
+    #[arg(long, value_enum, default_value_t = DeviceArg::Auto)]
+    device: DeviceArg,
+}
+
 /// `--compare` values.
 #[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 enum CompareArg {
@@ -173,6 +234,8 @@ fn main() {
         Command::Run(a) => run(a),
         Command::Bench(a) => bench(a),
         Command::Inspect(a) => inspect(a),
+        Command::Eval(e) => eval(e),
+        Command::Mask(a) => mask(a),
     };
     if let Err(e) = result {
         eprintln!("error: {e:#}");
@@ -354,12 +417,108 @@ fn bench(a: BenchArgs) -> Result<()> {
         w.flush().context("--dump")?;
     }
     println!("{}", report.table());
+    if let Some(path) = &a.plot {
+        let stages: Vec<(&str, Vec<f64>, Vec<f64>)> = ersm::report::STAGES
+            .iter()
+            .map(|s| (*s, ersm.samples(s).to_vec(), dense.samples(s).to_vec()))
+            .collect();
+        let ideal = dense.p50("total") / report.ideal_speedup;
+        ersm::plot::latency(&stages, ideal, path)?;
+        log::info!("wrote {}", path.display());
+    }
     if let Some(path) = a.json {
         let text = serde_json::to_string_pretty(&report)?;
         std::fs::write(&path, text + "\n")
             .with_context(|| format!("writing {}", path.display()))?;
         log::info!("wrote {}", path.display());
     }
+    Ok(())
+}
+
+fn load_pipeline(model: Option<PathBuf>, device: DeviceArg) -> Result<Pipeline> {
+    let model_dir = model.unwrap_or_else(|| bundled(DEFAULT_MODEL));
+    let model = ModelPackage::load(&model_dir)?;
+    Ok(Pipeline::new(model, Device::select(device.into())?))
+}
+
+fn write(path: &Path, text: &str) -> Result<()> {
+    std::fs::write(path, text).with_context(|| format!("writing {}", path.display()))
+}
+
+fn eval(cmd: EvalCommand) -> Result<()> {
+    let common = match &cmd {
+        EvalCommand::Deletion(d) => &d.common,
+        EvalCommand::Sparsity(a) => a,
+    };
+    let pipeline = load_pipeline(common.model.clone(), common.device)?;
+    let images = common
+        .images
+        .clone()
+        .unwrap_or_else(|| bundled(DEFAULT_IMAGES));
+    let out = common.out.clone();
+    std::fs::create_dir_all(&out).with_context(|| format!("creating {}", out.display()))?;
+    let (analysed, failed) = ersm::eval::analyse_all(&pipeline, &images)?;
+    match cmd {
+        EvalCommand::Deletion(d) => {
+            let r = ersm::eval::deletion::run(&pipeline, &analysed, d.step, d.seeds)?;
+            write(&out.join("deletion.csv"), &r.csv())?;
+            let json = serde_json::json!({ "result": r, "failed_images": failed });
+            write(
+                &out.join("deletion.json"),
+                &serde_json::to_string_pretty(&json)?,
+            )?;
+            ersm::plot::deletion(&r, &out.join("deletion.svg"))?;
+            println!("{}", r.table());
+        }
+        EvalCommand::Sparsity(_) => {
+            let r = ersm::eval::sparsity::of(&analysed);
+            write(&out.join("sparsity.csv"), &r.csv())?;
+            let json = serde_json::json!({ "result": r, "failed_images": failed });
+            write(
+                &out.join("sparsity.json"),
+                &serde_json::to_string_pretty(&json)?,
+            )?;
+            ersm::plot::sparsity(&r, &out.join("sparsity.svg"))?;
+            println!("{}", r.table());
+        }
+    }
+    if !failed.is_empty() {
+        println!("{} image(s) could not be evaluated:", failed.len());
+        for f in &failed {
+            println!("  {f}");
+        }
+    }
+    println!("results in {}", out.display());
+    Ok(())
+}
+
+fn mask(a: MaskArgs) -> Result<()> {
+    let pipeline = load_pipeline(a.model, a.device)?;
+    let frame = images::load(&a.image)?;
+    let r = pipeline.run_ersm(&frame)?;
+    let crop = ersm::preprocess::crop_region(
+        frame.width,
+        frame.height,
+        &pipeline.model.manifest.preprocess,
+    );
+    let img = ersm::overlay::draw(&frame, &r.mask, crop);
+    image::save_buffer(
+        &a.out,
+        &img,
+        frame.width as u32,
+        frame.height as u32,
+        image::ColorType::Rgb8,
+    )
+    .with_context(|| format!("writing {}", a.out.display()))?;
+    println!(
+        "{}: top-1 '{}', kept {} of {} tokens ({:.1} %) -> {}",
+        a.image.display(),
+        pipeline.manifest_label(top1(&r.logits)),
+        r.mask.kept.len(),
+        r.mask.h * r.mask.w,
+        100.0 * r.mask.keep_ratio(),
+        a.out.display()
+    );
     Ok(())
 }
 

@@ -72,6 +72,11 @@ impl StageSamples {
             .collect()
     }
 
+    /// The raw samples of one stage, ms.
+    pub fn samples(&self, stage: &str) -> &[f64] {
+        self.samples.get(stage).map_or(&[], Vec::as_slice)
+    }
+
     /// Frames recorded.
     pub fn len(&self) -> usize {
         self.samples.get("total").map_or(0, Vec::len)

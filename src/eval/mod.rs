@@ -1,0 +1,98 @@
+//! Evaluations of the claims behind ERSM, on a user's model and images:
+//! token deletion by ranking (`deletion`) and content-driven sparsity
+//! (`sparsity`). Each image is analysed once (prefix, energies, dense
+//! logits); the evaluations then re-run only the sparse suffix.
+
+pub mod deletion;
+pub mod sparsity;
+
+use crate::ersm::cpu::gather;
+use crate::ersm::{FeatureMap, TokenMask};
+use crate::pipeline::Pipeline;
+use crate::source::images;
+use anyhow::{Context, Result};
+use std::path::{Path, PathBuf};
+
+/// One image, analysed: its cut features, energies and dense prediction.
+pub struct Analysed {
+    pub name: String,
+    /// `C × H × W` features at the cut.
+    pub features: Vec<f32>,
+    pub mask: TokenMask,
+    pub dense_logits: Vec<f32>,
+}
+
+impl Analysed {
+    /// Runs the prefix, the energy layer and the dense suffix on one image.
+    pub fn of(p: &Pipeline, path: &Path) -> Result<Analysed> {
+        let frame = images::load(path)?;
+        let input = p.preprocess(&frame)?;
+        let m = &p.model;
+        let features = m.prefix.run(&input).context("prefix")?;
+        let fmap = FeatureMap::new(&features, m.cut.c, m.cut.h, m.cut.w)?;
+        let mask = p.device.compute(fmap, &m.energy).context("energy layer")?;
+        let dense_logits = m.dense_suffix.run(&features).context("dense suffix")?;
+        Ok(Analysed {
+            name: frame.name,
+            features,
+            mask,
+            dense_logits,
+        })
+    }
+
+    /// Logits of the sparse suffix with exactly `kept` tokens (ascending).
+    pub fn logits_with(&self, p: &Pipeline, kept: &[u32]) -> Result<Vec<f32>> {
+        let m = &p.model;
+        let fmap = FeatureMap::new(&self.features, m.cut.c, m.cut.h, m.cut.w)?;
+        let (out, frame) = m
+            .plan
+            .run(kept, gather(fmap, kept))
+            .context("sparse suffix")?;
+        Ok(out.to_dense(&frame.sets).1)
+    }
+}
+
+/// Softmax probabilities.
+pub fn softmax(logits: &[f32]) -> Vec<f64> {
+    let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max) as f64;
+    let e: Vec<f64> = logits.iter().map(|&l| (l as f64 - max).exp()).collect();
+    let sum: f64 = e.iter().sum();
+    e.into_iter().map(|v| v / sum).collect()
+}
+
+/// Analyses every image of a file or folder. An image that cannot be read
+/// is reported (the error names it) and left out; the rest are evaluated.
+pub fn analyse_all(p: &Pipeline, path: &Path) -> Result<(Vec<Analysed>, Vec<String>)> {
+    let files: Vec<PathBuf> = images::list(path)?;
+    let bar = progress(files.len(), "analysing");
+    let (mut ok, mut failed) = (Vec::new(), Vec::new());
+    for f in &files {
+        match Analysed::of(p, f) {
+            Ok(a) => ok.push(a),
+            Err(e) => {
+                let msg = format!("{e:#}");
+                bar.suspend(|| log::warn!("skipping: {msg}"));
+                failed.push(msg);
+            }
+        }
+        bar.inc(1);
+    }
+    bar.finish_and_clear();
+    anyhow::ensure!(
+        !ok.is_empty(),
+        "no image in {} could be evaluated",
+        path.display()
+    );
+    Ok((ok, failed))
+}
+
+/// A progress bar on a terminal, hidden otherwise.
+pub fn progress(len: usize, what: &str) -> indicatif::ProgressBar {
+    let bar = indicatif::ProgressBar::new(len as u64);
+    bar.set_style(
+        indicatif::ProgressStyle::with_template("{msg} {bar:30} {pos}/{len} {elapsed}")
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+    );
+    bar.set_message(what.to_string());
+    bar
+}

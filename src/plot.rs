@@ -1,0 +1,196 @@
+//! SVG plots (plotters' SVG backend: no font or image libraries needed, so
+//! it cross-builds as is): deletion curves, keep-ratio histogram, and bench
+//! latency distributions.
+
+use crate::eval::deletion::Deletion;
+use crate::eval::sparsity::Sparsity;
+use anyhow::{anyhow, Result};
+use plotters::prelude::*;
+use std::path::Path;
+
+fn err<E: std::fmt::Debug>(path: &Path) -> impl Fn(E) -> anyhow::Error + '_ {
+    move |e| anyhow!("plot {}: {e:?}", path.display())
+}
+
+const COLOURS: [RGBColor; 3] = [
+    RGBColor(214, 39, 40),
+    RGBColor(31, 119, 180),
+    RGBColor(127, 127, 127),
+];
+
+/// Agreement and dense-class probability against the fraction deleted.
+pub fn deletion(d: &Deletion, path: &Path) -> Result<()> {
+    let root = SVGBackend::new(path, (960, 420)).into_drawing_area();
+    root.fill(&WHITE).map_err(err(path))?;
+    let panels = root.split_evenly((1, 2));
+    for (panel, (title, pick)) in panels.iter().zip([
+        ("top-1 agreement with dense", 0usize),
+        ("probability of the dense top-1", 1usize),
+    ]) {
+        let mut chart = ChartBuilder::on(panel)
+            .caption(title, ("sans-serif", 18))
+            .margin(12)
+            .x_label_area_size(36)
+            .y_label_area_size(44)
+            .build_cartesian_2d(0f64..1f64, 0f64..1.02f64)
+            .map_err(err(path))?;
+        chart
+            .configure_mesh()
+            .x_desc("fraction of tokens deleted")
+            .draw()
+            .map_err(err(path))?;
+        for (c, colour) in d.curves.iter().zip(COLOURS) {
+            let pts = c.points.iter().map(|p| {
+                (
+                    p.deleted,
+                    if pick == 0 {
+                        p.agreement
+                    } else {
+                        p.probability
+                    },
+                )
+            });
+            let area = if pick == 0 {
+                c.agreement_area
+            } else {
+                c.probability_area
+            };
+            chart
+                .draw_series(LineSeries::new(pts, colour.stroke_width(2)))
+                .map_err(err(path))?
+                .label(format!("{:?} (area {area:.3})", c.ranking).to_lowercase())
+                .legend(move |(x, y)| {
+                    PathElement::new(vec![(x, y), (x + 18, y)], colour.stroke_width(2))
+                });
+        }
+        chart
+            .configure_series_labels()
+            .position(SeriesLabelPosition::LowerLeft)
+            .background_style(WHITE.mix(0.85))
+            .border_style(BLACK)
+            .draw()
+            .map_err(err(path))?;
+    }
+    root.present().map_err(err(path))?;
+    Ok(())
+}
+
+/// Histogram of per-image keep ratios.
+pub fn sparsity(s: &Sparsity, path: &Path) -> Result<()> {
+    let root = SVGBackend::new(path, (640, 400)).into_drawing_area();
+    root.fill(&WHITE).map_err(err(path))?;
+    let top = s.histogram.iter().copied().max().unwrap_or(1).max(1) as f64 * 1.1;
+    let mut chart = ChartBuilder::on(&root)
+        .caption(
+            format!(
+                "keep ratio per image (mean {:.2}, {} images)",
+                s.mean,
+                s.images.len()
+            ),
+            ("sans-serif", 18),
+        )
+        .margin(12)
+        .x_label_area_size(36)
+        .y_label_area_size(40)
+        .build_cartesian_2d(0f64..1f64, 0f64..top)
+        .map_err(err(path))?;
+    chart
+        .configure_mesh()
+        .x_desc("fraction of tokens kept")
+        .y_desc("images")
+        .draw()
+        .map_err(err(path))?;
+    chart
+        .draw_series(s.histogram.iter().enumerate().map(|(i, &n)| {
+            let x = i as f64 / 10.0;
+            Rectangle::new(
+                [(x + 0.005, 0.0), (x + 0.095, n as f64)],
+                COLOURS[1].filled(),
+            )
+        }))
+        .map_err(err(path))?;
+    root.present().map_err(err(path))?;
+    Ok(())
+}
+
+/// Per-stage latency histograms, ERSM beside dense; on the total, the ERSM
+/// latency the ideal (Amdahl) speedup would give.
+pub fn latency(
+    stages: &[(&str, Vec<f64>, Vec<f64>)],
+    ideal_total_ms: f64,
+    path: &Path,
+) -> Result<()> {
+    let root =
+        SVGBackend::new(path, (1200, 300 * stages.len().div_ceil(2) as u32)).into_drawing_area();
+    root.fill(&WHITE).map_err(err(path))?;
+    let panels = root.split_evenly((stages.len().div_ceil(2), 2));
+    for (panel, (name, ersm, dense)) in panels.iter().zip(stages) {
+        let all = ersm.iter().chain(dense.iter()).copied();
+        let (lo, hi) = all.fold((f64::INFINITY, 0f64), |(a, b), v| (a.min(v), b.max(v)));
+        if !lo.is_finite() {
+            continue;
+        }
+        let lo = if *name == "total" {
+            lo.min(ideal_total_ms)
+        } else {
+            lo
+        };
+        let (lo, hi) = (lo * 0.95, hi * 1.05 + 1e-6);
+        let bins = 30;
+        let width = (hi - lo) / bins as f64;
+        let hist = |v: &[f64]| {
+            let mut h = vec![0usize; bins];
+            for &x in v {
+                h[(((x - lo) / width) as usize).min(bins - 1)] += 1;
+            }
+            h
+        };
+        let (he, hd) = (hist(ersm), hist(dense));
+        let top = he.iter().chain(&hd).copied().max().unwrap_or(1) as f64 * 1.15;
+        let mut chart = ChartBuilder::on(panel)
+            .caption(format!("{name} (ms)"), ("sans-serif", 16))
+            .margin(10)
+            .x_label_area_size(30)
+            .y_label_area_size(36)
+            .build_cartesian_2d(lo..hi, 0f64..top)
+            .map_err(err(path))?;
+        chart
+            .configure_mesh()
+            .y_desc("frames")
+            .draw()
+            .map_err(err(path))?;
+        for (h, colour, label) in [(&hd, COLOURS[0], "dense"), (&he, COLOURS[1], "ERSM")] {
+            chart
+                .draw_series(h.iter().enumerate().map(|(i, &n)| {
+                    let x = lo + i as f64 * width;
+                    Rectangle::new([(x, 0.0), (x + width, n as f64)], colour.mix(0.5).filled())
+                }))
+                .map_err(err(path))?
+                .label(label)
+                .legend(move |(x, y)| {
+                    Rectangle::new([(x, y - 5), (x + 12, y + 5)], colour.mix(0.5).filled())
+                });
+        }
+        if *name == "total" && ideal_total_ms.is_finite() {
+            chart
+                .draw_series(std::iter::once(PathElement::new(
+                    vec![(ideal_total_ms, 0.0), (ideal_total_ms, top)],
+                    BLACK.stroke_width(2),
+                )))
+                .map_err(err(path))?
+                .label(format!("ideal ERSM ({ideal_total_ms:.2} ms)"))
+                .legend(|(x, y)| {
+                    PathElement::new(vec![(x, y), (x + 18, y)], BLACK.stroke_width(2))
+                });
+        }
+        chart
+            .configure_series_labels()
+            .position(SeriesLabelPosition::UpperRight)
+            .background_style(WHITE.mix(0.85))
+            .border_style(BLACK)
+            .draw()
+            .map_err(err(path))?;
+    }
+    root.present().map_err(err(path))?;
+    Ok(())
+}
