@@ -152,6 +152,21 @@ enum EvalCommand {
     Deletion(DeletionArgs),
     /// Keep ratio per image: how sparsity follows the content.
     Sparsity(EvalArgs),
+    /// Paste grey, black and photo-patch occluders over a grid of positions
+    /// and sizes; compare ERSM and dense prediction changes.
+    Occlusion(OcclusionArgs),
+}
+
+#[derive(clap::Args)]
+struct OcclusionArgs {
+    #[command(flatten)]
+    common: EvalArgs,
+    /// Occluder sides as fractions of the network's crop.
+    #[arg(long, value_delimiter = ',', default_values_t = [0.15, 0.3])]
+    sizes: Vec<f64>,
+    /// Positions per axis (grid × grid over the crop).
+    #[arg(long, default_value_t = 3)]
+    grid: usize,
 }
 
 #[derive(clap::Args)]
@@ -449,6 +464,7 @@ fn eval(cmd: EvalCommand) -> Result<()> {
     let common = match &cmd {
         EvalCommand::Deletion(d) => &d.common,
         EvalCommand::Sparsity(a) => a,
+        EvalCommand::Occlusion(o) => &o.common,
     };
     let pipeline = load_pipeline(common.model.clone(), common.device)?;
     let images = common
@@ -457,6 +473,21 @@ fn eval(cmd: EvalCommand) -> Result<()> {
         .unwrap_or_else(|| bundled(DEFAULT_IMAGES));
     let out = common.out.clone();
     std::fs::create_dir_all(&out).with_context(|| format!("creating {}", out.display()))?;
+    if let EvalCommand::Occlusion(o) = &cmd {
+        let files = images::list(&images)?;
+        let (r, failed) = ersm::eval::occlusion::run(&pipeline, &files, &o.sizes, o.grid)?;
+        write(&out.join("occlusion.csv"), &r.csv())?;
+        let json = serde_json::json!({ "result": r, "failed_images": failed });
+        write(
+            &out.join("occlusion.json"),
+            &serde_json::to_string_pretty(&json)?,
+        )?;
+        ersm::plot::occlusion(&r, &out.join("occlusion.svg"))?;
+        println!("{}", r.table());
+        report_failed(&failed);
+        println!("results in {}", out.display());
+        return Ok(());
+    }
     let (analysed, failed) = ersm::eval::analyse_all(&pipeline, &images)?;
     match cmd {
         EvalCommand::Deletion(d) => {
@@ -481,15 +512,20 @@ fn eval(cmd: EvalCommand) -> Result<()> {
             ersm::plot::sparsity(&r, &out.join("sparsity.svg"))?;
             println!("{}", r.table());
         }
+        EvalCommand::Occlusion(_) => unreachable!("handled above"),
     }
+    report_failed(&failed);
+    println!("results in {}", out.display());
+    Ok(())
+}
+
+fn report_failed(failed: &[String]) {
     if !failed.is_empty() {
         println!("{} image(s) could not be evaluated:", failed.len());
-        for f in &failed {
+        for f in failed {
             println!("  {f}");
         }
     }
-    println!("results in {}", out.display());
-    Ok(())
 }
 
 fn mask(a: MaskArgs) -> Result<()> {

@@ -194,3 +194,90 @@ pub fn latency(
     root.present().map_err(err(path))?;
     Ok(())
 }
+
+/// One bar series: label, colour, x offset, and the value it shows.
+type Bars = (
+    &'static str,
+    RGBColor,
+    f64,
+    fn(&crate::eval::occlusion::Condition) -> f64,
+);
+
+/// Top-1 flip rates under occlusion, ERSM beside dense, per occluder and
+/// size, with the fraction of the occluder's tokens that ERSM dropped.
+pub fn occlusion(o: &crate::eval::occlusion::Occlusion, path: &Path) -> Result<()> {
+    let root = SVGBackend::new(path, (960, 420)).into_drawing_area();
+    root.fill(&WHITE).map_err(err(path))?;
+    let n = o.conditions.len();
+    let labels: Vec<String> = o
+        .conditions
+        .iter()
+        .map(|c| format!("{:?} {:.2}", c.occluder, c.size).to_lowercase())
+        .collect();
+    let mut chart = ChartBuilder::on(&root)
+        .caption(
+            format!(
+                "occlusion: top-1 flip rate ({} images, {}×{} positions)",
+                o.images, o.grid, o.grid
+            ),
+            ("sans-serif", 18),
+        )
+        .margin(12)
+        .x_label_area_size(36)
+        .y_label_area_size(44)
+        .build_cartesian_2d(-0.5f64..n as f64 - 0.5, 0f64..1.05f64)
+        .map_err(err(path))?;
+    let fmt = |x: &f64| {
+        let i = x.round();
+        if (x - i).abs() < 1e-6 && i >= 0.0 && (i as usize) < labels.len() {
+            labels[i as usize].clone()
+        } else {
+            String::new()
+        }
+    };
+    chart
+        .configure_mesh()
+        .x_labels(n)
+        .x_label_formatter(&fmt)
+        .disable_x_mesh()
+        .draw()
+        .map_err(err(path))?;
+    let series: [Bars; 2] = [
+        ("ERSM flips", COLOURS[0], -0.2, |c| c.ersm_flip_rate),
+        ("dense flips", COLOURS[1], 0.2, |c| c.dense_flip_rate),
+    ];
+    for (label, colour, offset, value) in series {
+        chart
+            .draw_series(o.conditions.iter().enumerate().map(|(i, c)| {
+                let x = i as f64 + offset;
+                Rectangle::new(
+                    [(x - 0.18, 0.0), (x + 0.18, value(c))],
+                    colour.mix(0.7).filled(),
+                )
+            }))
+            .map_err(err(path))?
+            .label(label)
+            .legend(move |(x, y)| {
+                Rectangle::new([(x, y - 5), (x + 12, y + 5)], colour.mix(0.7).filled())
+            });
+    }
+    chart
+        .draw_series(
+            o.conditions
+                .iter()
+                .enumerate()
+                .map(|(i, c)| Circle::new((i as f64, c.occluder_dropped), 5, BLACK.filled())),
+        )
+        .map_err(err(path))?
+        .label("occluder tokens dropped by ERSM")
+        .legend(|(x, y)| Circle::new((x + 6, y), 4, BLACK.filled()));
+    chart
+        .configure_series_labels()
+        .position(SeriesLabelPosition::UpperLeft)
+        .background_style(WHITE.mix(0.85))
+        .border_style(BLACK)
+        .draw()
+        .map_err(err(path))?;
+    root.present().map_err(err(path))?;
+    Ok(())
+}

@@ -198,3 +198,41 @@ fn mask_and_bench_plot_write_their_files() {
     std::fs::remove_file(&png).ok();
     std::fs::remove_file(&svg).ok();
 }
+
+#[test]
+fn occlusion_reports_every_condition_deterministically() {
+    use ersm::eval::occlusion;
+    let p = pipeline();
+    let dir = tmp("occl");
+    std::fs::create_dir_all(&dir).unwrap();
+    for f in ["chelsea.png", "coffee.png"] {
+        std::fs::copy(root().join("models/images").join(f), dir.join(f)).unwrap();
+    }
+    std::fs::write(dir.join("zz_truncated.jpg"), b"\xff\xd8\xff").unwrap();
+    let files = ersm::source::images::list(&dir).unwrap();
+    let (r, failed) = occlusion::run(&p, &files, &[0.25], 2).unwrap();
+    assert_eq!(failed.len(), 1);
+    assert!(failed[0].contains("zz_truncated.jpg"), "{failed:?}");
+    assert_eq!(r.images, 2);
+    assert_eq!(r.conditions.len(), 3);
+    for c in &r.conditions {
+        assert_eq!(c.cases, 2 * 2 * 2);
+        for v in [
+            c.ersm_flip_rate,
+            c.dense_flip_rate,
+            c.occluder_dropped,
+            c.all_dropped,
+        ] {
+            assert!((0.0..=1.0).contains(&v), "{c:?}");
+        }
+        assert!(c.ersm_kl >= -1e-9 && c.dense_kl >= -1e-9, "{c:?}");
+    }
+    let (again, _) = occlusion::run(&p, &files, &[0.25], 2).unwrap();
+    assert_eq!(
+        serde_json::to_string(&r).unwrap(),
+        serde_json::to_string(&again).unwrap()
+    );
+    assert_eq!(r.csv().lines().count(), 4);
+    assert!(occlusion::run(&p, &files, &[1.5], 2).is_err());
+    std::fs::remove_dir_all(&dir).ok();
+}

@@ -4,6 +4,7 @@
 //! logits); the evaluations then re-run only the sparse suffix.
 
 pub mod deletion;
+pub mod occlusion;
 pub mod sparsity;
 
 use crate::ersm::cpu::gather;
