@@ -274,9 +274,7 @@ fn run(a: RunArgs) -> Result<()> {
         None => Uri::File(bundled(DEFAULT_STREAM)),
     };
     // Everything is opened before the first frame: failures come first.
-    let model_dir = a.model.unwrap_or_else(|| bundled(DEFAULT_MODEL));
-    let model = ModelPackage::load(&model_dir)?;
-    let pipeline = Pipeline::new(model, Device::select(a.device.into())?);
+    let pipeline = load_pipeline(a.model, a.device)?;
     let opts = SourceOptions {
         width: a.input_width,
         height: a.input_height,
@@ -290,7 +288,7 @@ fn run(a: RunArgs) -> Result<()> {
     log::info!(
         "source {described}; model {} ({}); energy layer on {}",
         pipeline.model.manifest.name,
-        model_dir.display(),
+        pipeline.model.origin.display(),
         pipeline.device.name()
     );
     if a.looping {
@@ -338,25 +336,16 @@ fn run(a: RunArgs) -> Result<()> {
 
 fn bench(a: BenchArgs) -> Result<()> {
     anyhow::ensure!(a.frames > 0, "--frames must be at least 1");
-    let model_dir = a.model.unwrap_or_else(|| bundled(DEFAULT_MODEL));
-    let model = ModelPackage::load(&model_dir)?;
-    let pipeline = Pipeline::new(model, Device::select(a.device.into())?);
+    let pipeline = load_pipeline(a.model, a.device)?;
     let files = images::list(&a.images.unwrap_or_else(|| bundled(DEFAULT_IMAGES)))?;
     // A bad image is reported and skipped; the rest are still used.
-    let frames: Vec<_> = files
-        .iter()
-        .filter_map(|f| {
-            images::load(f)
-                .map_err(|e| log::warn!("skipping: {e:#}"))
-                .ok()
-        })
-        .collect();
+    let (frames, _) = images::load_all(&files);
     anyhow::ensure!(!frames.is_empty(), "no image could be decoded");
     let m = &pipeline.model;
     log::info!(
         "model {} ({}), cut at '{}' ({}×{}×{}), {} images",
         m.manifest.name,
-        model_dir.display(),
+        pipeline.model.origin.display(),
         m.cut.node,
         m.cut.c,
         m.cut.h,
@@ -473,50 +462,51 @@ fn eval(cmd: EvalCommand) -> Result<()> {
         .unwrap_or_else(|| bundled(DEFAULT_IMAGES));
     let out = common.out.clone();
     std::fs::create_dir_all(&out).with_context(|| format!("creating {}", out.display()))?;
-    if let EvalCommand::Occlusion(o) = &cmd {
-        let files = images::list(&images)?;
-        let (r, failed) = ersm::eval::occlusion::run(&pipeline, &files, &o.sizes, o.grid)?;
-        write(&out.join("occlusion.csv"), &r.csv())?;
-        let json = serde_json::json!({ "result": r, "failed_images": failed });
-        write(
-            &out.join("occlusion.json"),
-            &serde_json::to_string_pretty(&json)?,
-        )?;
-        ersm::plot::occlusion(&r, &out.join("occlusion.svg"))?;
-        println!("{}", r.table());
-        report_failed(&failed);
-        println!("results in {}", out.display());
-        return Ok(());
-    }
-    let (analysed, failed) = ersm::eval::analyse_all(&pipeline, &images)?;
-    match cmd {
+    let failed = match &cmd {
+        EvalCommand::Occlusion(o) => {
+            let files = images::list(&images)?;
+            let (r, failed) = ersm::eval::occlusion::run(&pipeline, &files, &o.sizes, o.grid)?;
+            save_results(&out, "occlusion", &r.csv(), &r, &failed)?;
+            ersm::plot::occlusion(&r, &out.join("occlusion.svg"))?;
+            println!("{}", r.table());
+            failed
+        }
         EvalCommand::Deletion(d) => {
+            let (analysed, failed) = ersm::eval::analyse_all(&pipeline, &images)?;
             let r = ersm::eval::deletion::run(&pipeline, &analysed, d.step, d.seeds)?;
-            write(&out.join("deletion.csv"), &r.csv())?;
-            let json = serde_json::json!({ "result": r, "failed_images": failed });
-            write(
-                &out.join("deletion.json"),
-                &serde_json::to_string_pretty(&json)?,
-            )?;
+            save_results(&out, "deletion", &r.csv(), &r, &failed)?;
             ersm::plot::deletion(&r, &out.join("deletion.svg"))?;
             println!("{}", r.table());
+            failed
         }
         EvalCommand::Sparsity(_) => {
+            let (analysed, failed) = ersm::eval::analyse_all(&pipeline, &images)?;
             let r = ersm::eval::sparsity::of(&analysed);
-            write(&out.join("sparsity.csv"), &r.csv())?;
-            let json = serde_json::json!({ "result": r, "failed_images": failed });
-            write(
-                &out.join("sparsity.json"),
-                &serde_json::to_string_pretty(&json)?,
-            )?;
+            save_results(&out, "sparsity", &r.csv(), &r, &failed)?;
             ersm::plot::sparsity(&r, &out.join("sparsity.svg"))?;
             println!("{}", r.table());
+            failed
         }
-        EvalCommand::Occlusion(_) => unreachable!("handled above"),
-    }
+    };
     report_failed(&failed);
     println!("results in {}", out.display());
     Ok(())
+}
+
+/// Writes `NAME.csv` and `NAME.json` (the result and the images left out).
+fn save_results<T: serde::Serialize>(
+    out: &Path,
+    name: &str,
+    csv: &str,
+    result: &T,
+    failed: &[String],
+) -> Result<()> {
+    write(&out.join(format!("{name}.csv")), csv)?;
+    let json = serde_json::json!({ "result": result, "failed_images": failed });
+    write(
+        &out.join(format!("{name}.json")),
+        &serde_json::to_string_pretty(&json)?,
+    )
 }
 
 fn report_failed(failed: &[String]) {
@@ -532,12 +522,7 @@ fn mask(a: MaskArgs) -> Result<()> {
     let pipeline = load_pipeline(a.model, a.device)?;
     let frame = images::load(&a.image)?;
     let r = pipeline.run_ersm(&frame)?;
-    let crop = ersm::preprocess::crop_region(
-        frame.width,
-        frame.height,
-        &pipeline.model.manifest.preprocess,
-    );
-    let img = ersm::overlay::draw(&frame, &r.mask, crop);
+    let img = ersm::overlay::draw(&frame, &r.mask, &pipeline.model.manifest.preprocess);
     image::save_buffer(
         &a.out,
         &img,

@@ -3,6 +3,8 @@
 //! in green, dropped tokens shaded, the frame outside the crop dimmed. Written as a PNG sequence, or as a video through ffmpeg.
 
 use crate::ersm::TokenMask;
+use crate::model::manifest::Preprocess;
+use crate::preprocess::crop_region;
 use crate::source::Frame;
 use anyhow::{bail, Context, Result};
 use std::io::Write;
@@ -22,9 +24,8 @@ fn jet(u: f32) -> [f32; 3] {
     [c(4.0 * u - 3.0), c(4.0 * u - 2.0), c(4.0 * u - 1.0)]
 }
 
-/// Draws the overlay of `mask` on `frame`; `crop` is the frame region the
-/// network saw (see `preprocess::crop_region`).
-pub fn draw(frame: &Frame, mask: &TokenMask, crop: [f32; 4]) -> Vec<u8> {
+/// Draws the overlay of `mask` on `frame`, pre-processed as `p` describes.
+pub fn draw(frame: &Frame, mask: &TokenMask, p: &Preprocess) -> Vec<u8> {
     let (w, h) = (frame.width, frame.height);
     let flags = mask.keep_flags();
     let scale = mask
@@ -33,7 +34,7 @@ pub fn draw(frame: &Frame, mask: &TokenMask, crop: [f32; 4]) -> Vec<u8> {
         .filter(|e| e.is_finite())
         .fold(0.0f32, |m, e| m.max(e.abs()))
         .max(1e-6);
-    let [x0, y0, x1, y1] = crop;
+    let [x0, y0, x1, y1] = crop_region(w, h, p);
     let (tw, th) = ((x1 - x0) / mask.w as f32, (y1 - y0) / mask.h as f32);
     // Token index of a pixel inside the crop.
     let token = |x: isize, y: isize| -> Option<usize> {

@@ -5,7 +5,6 @@
 use crate::capture::{Capture, End, Next};
 use crate::overlay::{self, OverlayWriter};
 use crate::pipeline::{top1, Pipeline};
-use crate::preprocess::crop_region;
 use crate::report::{Ending, RunReport, StageSamples};
 use crate::source::Frame;
 use anyhow::{Context, Result};
@@ -100,11 +99,15 @@ struct Tally {
     dense: StageSamples,
     keeps: Vec<f64>,
     agree: usize,
-    frames: usize,
     failed: usize,
 }
 
 impl Tally {
+    /// Frames processed: every one records a keep ratio.
+    fn frames(&self) -> usize {
+        self.keeps.len()
+    }
+
     fn line(&self, dropped: u64) -> String {
         let e = self.ersm.recent_p50("total", 30);
         let mut s = format!(
@@ -118,7 +121,7 @@ impl Tally {
                 " | dense {d:.1} ms ({:.1} FPS) | {:.2}x | agree {:.0} %",
                 1e3 / d,
                 d / e,
-                100.0 * self.agree as f64 / self.frames.max(1) as f64
+                100.0 * self.agree as f64 / self.frames().max(1) as f64
             );
         }
         if dropped > 0 {
@@ -149,7 +152,6 @@ pub fn run(
         dense: StageSamples::default(),
         keeps: Vec::new(),
         agree: 0,
-        frames: 0,
         failed: 0,
     };
     let mut status = Status::new(opts.length);
@@ -160,7 +162,7 @@ pub fn run(
         if stop.load(Ordering::SeqCst) {
             break Ending::Interrupted;
         }
-        if opts.max_frames.is_some_and(|n| t.frames >= n) {
+        if opts.max_frames.is_some_and(|n| t.frames() >= n) {
             break Ending::FrameLimit;
         }
         let frame = match capture.queue.pop(Duration::from_millis(100)) {
@@ -188,11 +190,11 @@ pub fn run(
                 continue;
             }
         }
-        if t.frames == opts.warmup.max(1) {
+        if t.frames() == opts.warmup.max(1) {
             rss_start = rss_mib();
         }
         let dropped = capture.queue.dropped();
-        status.update(t.frames, || t.line(dropped));
+        status.update(t.frames(), || t.line(dropped));
     };
     capture.close();
     status.finish();
@@ -213,17 +215,17 @@ pub fn run(
         source: opts.source.clone(),
         model: m.manifest.name.clone(),
         device: pipeline.device.name().into(),
-        frames: t.frames,
+        frames: t.frames(),
         dropped: capture.queue.dropped(),
         failed: t.failed,
-        warmup: opts.warmup.min(t.frames),
+        warmup: opts.warmup.min(t.frames()),
         wall_s: start.map_or(0.0, |s| s.elapsed().as_secs_f64()),
         keep_ratio: t.keeps.iter().sum::<f64>() / n,
         keep_ratio_min: t.keeps.iter().copied().fold(f64::NAN, f64::min),
         keep_ratio_max: t.keeps.iter().copied().fold(f64::NAN, f64::max),
         agreement: opts
             .compare
-            .then(|| t.agree as f64 / t.frames.max(1) as f64),
+            .then(|| t.agree as f64 / t.frames().max(1) as f64),
         agree_frames: t.agree,
         rss_mib_start: rss_start,
         rss_mib_end: rss_mib(),
@@ -244,15 +246,14 @@ fn process(
     // Alternate which mode goes first so neither always meets warm caches.
     let (e, d) = if !opts.compare {
         (pipeline.run_ersm(frame)?, None)
-    } else if t.frames.is_multiple_of(2) {
+    } else if t.frames().is_multiple_of(2) {
         let e = pipeline.run_ersm(frame)?;
         (e, Some(pipeline.run_dense(frame)?))
     } else {
         let d = pipeline.run_dense(frame)?;
         (pipeline.run_ersm(frame)?, Some(d))
     };
-    let index = t.frames;
-    t.frames += 1;
+    let index = t.frames();
     let timed = index >= opts.warmup;
     if timed {
         t.ersm.push(&e.times);
@@ -308,8 +309,7 @@ fn process(
         writeln!(w, "{rec}").context("--jsonl")?;
     }
     if let Some(o) = opts.overlay.as_mut() {
-        let crop = crop_region(frame.width, frame.height, &m.manifest.preprocess);
-        let img = overlay::draw(frame, &e.mask, crop);
+        let img = overlay::draw(frame, &e.mask, &m.manifest.preprocess);
         // A full disk or a dead encoder stops the overlay, not the run.
         if let Err(e) = o.write(&img, frame.width, frame.height) {
             log::error!("{e:#}; no more overlays");

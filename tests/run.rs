@@ -1,6 +1,8 @@
 //! `ersm run` as a user runs it: sources, the summary after every kind of
 //! ending, per-frame records and overlays. Uses the small test model.
 
+mod common;
+
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
@@ -400,16 +402,7 @@ fn reconnect_reopens_a_live_source_that_drops() {
 
 #[test]
 fn video_file_through_real_ffmpeg() {
-    let ok = Command::new("ffmpeg")
-        .arg("-version")
-        .output()
-        .is_ok_and(|o| o.status.success());
-    if !ok {
-        assert!(
-            std::env::var("ERSM_REQUIRE_FFMPEG").as_deref() != Ok("1"),
-            "ffmpeg is required (ERSM_REQUIRE_FFMPEG=1) but not found"
-        );
-        println!("SKIPPED: ffmpeg not found");
+    if !common::have_ffmpeg() {
         return;
     }
     // An MJPEG AVI: not H.264 MP4, so ersm hands it to ffmpeg.

@@ -1,6 +1,9 @@
 //! Frame sources: camera pixel formats on committed sample buffers, the
 //! bundled clip against ffmpeg's decode, truncated files, URIs, the queue.
 
+mod common;
+
+use common::have_ffmpeg;
 use ersm::capture::{End, Next, Policy, Queue};
 use ersm::source::convert::{mjpeg_to_rgb, yuyv_to_rgb};
 use ersm::source::video::Mp4Source;
@@ -37,22 +40,6 @@ fn diff(a: &[u8], b: &[u8]) -> (f64, u8) {
         max = max.max(d);
     }
     (sum as f64 / a.len() as f64, max)
-}
-
-/// True when ffmpeg runs; with ERSM_REQUIRE_FFMPEG=1 (CI) its absence fails.
-fn have_ffmpeg() -> bool {
-    let ok = Command::new("ffmpeg")
-        .arg("-version")
-        .output()
-        .is_ok_and(|o| o.status.success());
-    if !ok {
-        assert!(
-            std::env::var("ERSM_REQUIRE_FFMPEG").as_deref() != Ok("1"),
-            "ffmpeg is required (ERSM_REQUIRE_FFMPEG=1) but not found"
-        );
-        println!("SKIPPED: ffmpeg not found");
-    }
-    ok
 }
 
 #[test]

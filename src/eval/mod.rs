@@ -10,9 +10,9 @@ pub mod sparsity;
 use crate::ersm::cpu::gather;
 use crate::ersm::{FeatureMap, TokenMask};
 use crate::pipeline::Pipeline;
-use crate::source::images;
+use crate::source::{images, Frame};
 use anyhow::{Context, Result};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 /// One image, analysed: its cut features, energies and dense prediction.
 pub struct Analysed {
@@ -25,16 +25,15 @@ pub struct Analysed {
 
 impl Analysed {
     /// Runs the prefix, the energy layer and the dense suffix on one image.
-    pub fn of(p: &Pipeline, path: &Path) -> Result<Analysed> {
-        let frame = images::load(path)?;
-        let input = p.preprocess(&frame)?;
+    pub fn of(p: &Pipeline, frame: &Frame) -> Result<Analysed> {
+        let input = p.preprocess(frame)?;
         let m = &p.model;
         let features = m.prefix.run(&input).context("prefix")?;
         let fmap = FeatureMap::new(&features, m.cut.c, m.cut.h, m.cut.w)?;
         let mask = p.device.compute(fmap, &m.energy).context("energy layer")?;
         let dense_logits = m.dense_suffix.run(&features).context("dense suffix")?;
         Ok(Analysed {
-            name: frame.name,
+            name: frame.name.clone(),
             features,
             mask,
             dense_logits,
@@ -64,14 +63,14 @@ pub fn softmax(logits: &[f32]) -> Vec<f64> {
 /// Analyses every image of a file or folder. An image that cannot be read
 /// is reported (the error names it) and left out; the rest are evaluated.
 pub fn analyse_all(p: &Pipeline, path: &Path) -> Result<(Vec<Analysed>, Vec<String>)> {
-    let files: Vec<PathBuf> = images::list(path)?;
-    let bar = progress(files.len(), "analysing");
-    let (mut ok, mut failed) = (Vec::new(), Vec::new());
-    for f in &files {
-        match Analysed::of(p, f) {
+    let (frames, mut failed) = images::load_all(&images::list(path)?);
+    let bar = progress(frames.len(), "analysing");
+    let mut ok = Vec::new();
+    for frame in &frames {
+        match Analysed::of(p, frame) {
             Ok(a) => ok.push(a),
             Err(e) => {
-                let msg = format!("{e:#}");
+                let msg = format!("image {}: {e:#}", frame.name);
                 bar.suspend(|| log::warn!("skipping: {msg}"));
                 failed.push(msg);
             }

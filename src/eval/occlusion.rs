@@ -94,17 +94,7 @@ pub fn run(
         sizes.iter().all(|s| *s > 0.0 && *s <= 1.0),
         "--sizes must be fractions in (0, 1]"
     );
-    let mut frames = Vec::new();
-    let mut failed = Vec::new();
-    for f in files {
-        match images::load(f) {
-            Ok(fr) => frames.push(fr),
-            Err(e) => {
-                log::warn!("skipping: {e:#}");
-                failed.push(format!("{e:#}"));
-            }
-        }
-    }
+    let (frames, failed) = images::load_all(files);
     anyhow::ensure!(!frames.is_empty(), "no image could be decoded");
     let kinds = [Occluder::Grey, Occluder::Black, Occluder::Patch];
     let mut acc: Vec<[f64; 7]> = vec![[0.0; 7]; kinds.len() * sizes.len()];

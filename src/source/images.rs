@@ -42,6 +42,22 @@ pub fn load(path: &Path) -> Result<Frame> {
     })
 }
 
+/// Decodes every file; one that fails is logged and left out, and its
+/// error (naming it) returned beside the frames that did decode.
+pub fn load_all(files: &[PathBuf]) -> (Vec<Frame>, Vec<String>) {
+    let (mut frames, mut failed) = (Vec::new(), Vec::new());
+    for f in files {
+        match load(f) {
+            Ok(frame) => frames.push(frame),
+            Err(e) => {
+                log::warn!("skipping: {e:#}");
+                failed.push(format!("{e:#}"));
+            }
+        }
+    }
+    (frames, failed)
+}
+
 /// True for a file name with an image extension.
 pub fn is_image(path: &Path) -> bool {
     path.extension()

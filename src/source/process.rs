@@ -37,7 +37,16 @@ fn install_hint(tool: &str) -> &'static str {
     }
 }
 
-/// Starts `tool` or explains how to get it.
+/// A failed start of `tool` as an error; a missing tool says how to get it.
+fn start_error(tool: &str, e: std::io::Error) -> anyhow::Error {
+    if e.kind() == ErrorKind::NotFound {
+        anyhow::anyhow!("{tool} not found on PATH: {}", install_hint(tool))
+    } else {
+        anyhow::anyhow!("cannot start {tool}: {e}")
+    }
+}
+
+/// Starts `tool` with its stdout and stderr piped.
 fn spawn(tool: &'static str, args: &[String]) -> Result<Child> {
     Command::new(tool)
         .args(args)
@@ -45,13 +54,7 @@ fn spawn(tool: &'static str, args: &[String]) -> Result<Child> {
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
-        .map_err(|e| {
-            if e.kind() == ErrorKind::NotFound {
-                anyhow::anyhow!("{tool} not found on PATH: {}", install_hint(tool))
-            } else {
-                anyhow::anyhow!("cannot start {tool}: {e}")
-            }
-        })
+        .map_err(|e| start_error(tool, e))
 }
 
 /// Frame size (and count, when the container says) of a video, by ffprobe.
@@ -70,13 +73,7 @@ fn probe(url: &str) -> Result<(usize, usize, Option<usize>)> {
         ])
         .stdin(Stdio::null())
         .output()
-        .map_err(|e| {
-            if e.kind() == ErrorKind::NotFound {
-                anyhow::anyhow!("ffprobe not found on PATH: {}", install_hint("ffprobe"))
-            } else {
-                anyhow::anyhow!("cannot start ffprobe: {e}")
-            }
-        })?;
+        .map_err(|e| start_error("ffprobe", e))?;
     let text = String::from_utf8_lossy(&out.stdout);
     let fields: Vec<&str> = text.trim().split(',').collect();
     let parsed = match fields.as_slice() {
@@ -95,9 +92,8 @@ fn probe(url: &str) -> Result<(usize, usize, Option<usize>)> {
     }
 }
 
-/// A video file or network stream decoded by an ffmpeg subprocess.
-pub fn ffmpeg(url: &str, opts: &SourceOptions, network: bool) -> Result<ProcessSource> {
-    let is_network = network && url.contains("://");
+/// A video file or network stream (`live`) decoded by an ffmpeg subprocess.
+pub fn ffmpeg(url: &str, opts: &SourceOptions, live: bool) -> Result<ProcessSource> {
     let (width, height, count) = if opts.width > 0 && opts.height > 0 {
         (opts.width, opts.height, None)
     } else {
@@ -114,8 +110,7 @@ pub fn ffmpeg(url: &str, opts: &SourceOptions, network: bool) -> Result<ProcessS
         args.extend(["-vf".into(), format!("scale={width}:{height}")]);
     }
     args.extend(["-f", "rawvideo", "-pix_fmt", "rgb24", "-"].map(String::from));
-    let mut src =
-        ProcessSource::start("ffmpeg", url.to_string(), &args, width, height, is_network)?;
+    let mut src = ProcessSource::start("ffmpeg", url.to_string(), &args, width, height, live)?;
     src.frames.label = short_label(url);
     src.count = count;
     Ok(src)

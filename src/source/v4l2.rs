@@ -345,19 +345,9 @@ impl V4l2Source {
         Ok(())
     }
 
-    fn buffer(&self, index: u32) -> sys::Buffer {
-        // SAFETY: plain-old-data.
-        let mut b: sys::Buffer = unsafe { std::mem::zeroed() };
-        b.index = index;
-        b.type_ = sys::BUF_TYPE_VIDEO_CAPTURE;
-        b.memory = sys::MEMORY_MMAP;
-        b
-    }
-}
-
-#[cfg(all(target_os = "linux", target_pointer_width = "64"))]
-impl Source for V4l2Source {
-    fn next_frame(&mut self) -> Result<Option<Frame>> {
+    /// Waits for the next filled buffer, converts it and queues it again.
+    /// The outer error ends the stream; the inner one is a corrupt frame.
+    fn dequeue(&mut self) -> Result<Result<(Vec<u8>, usize, usize)>> {
         // Waits up to 5 s per frame: a camera that stops delivering is an error,
         // not a hang.
         let mut pfd = libc::pollfd {
@@ -406,17 +396,36 @@ impl Source for V4l2Source {
         if let Err(e) = requeue {
             bail!("camera {}: cannot re-queue buffer: {e}", self.path);
         }
-        match converted {
-            Ok((rgb, width, height)) => Ok(Some(Frame {
-                name: format!("{}#{}", self.path, self.count),
-                width,
-                height,
-                rgb,
-            })),
-            // One corrupt frame from a USB camera is common; skip it loudly.
-            Err(e) => {
-                log::warn!("camera {}: frame {}: {e:#}; skipped", self.path, self.count);
-                self.next_frame()
+        Ok(converted)
+    }
+
+    fn buffer(&self, index: u32) -> sys::Buffer {
+        // SAFETY: plain-old-data.
+        let mut b: sys::Buffer = unsafe { std::mem::zeroed() };
+        b.index = index;
+        b.type_ = sys::BUF_TYPE_VIDEO_CAPTURE;
+        b.memory = sys::MEMORY_MMAP;
+        b
+    }
+}
+
+#[cfg(all(target_os = "linux", target_pointer_width = "64"))]
+impl Source for V4l2Source {
+    fn next_frame(&mut self) -> Result<Option<Frame>> {
+        loop {
+            match self.dequeue()? {
+                Ok((rgb, width, height)) => {
+                    return Ok(Some(Frame {
+                        name: format!("{}#{}", self.path, self.count),
+                        width,
+                        height,
+                        rgb,
+                    }))
+                }
+                // One corrupt frame from a USB camera is common; skip it loudly.
+                Err(e) => {
+                    log::warn!("camera {}: frame {}: {e:#}; skipped", self.path, self.count)
+                }
             }
         }
     }

@@ -577,3 +577,19 @@ pub fn blob_kept(rng: &mut Rng, h: usize, w: usize, keep: f64) -> Vec<u32> {
     kept.sort();
     kept
 }
+
+/// True when ffmpeg runs; with ERSM_REQUIRE_FFMPEG=1 (CI) its absence fails.
+pub fn have_ffmpeg() -> bool {
+    let ok = std::process::Command::new("ffmpeg")
+        .arg("-version")
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if !ok {
+        assert!(
+            std::env::var("ERSM_REQUIRE_FFMPEG").as_deref() != Ok("1"),
+            "ffmpeg is required (ERSM_REQUIRE_FFMPEG=1) but not found"
+        );
+        println!("SKIPPED: ffmpeg not found");
+    }
+    ok
+}
