@@ -31,6 +31,17 @@ def macs(module, x):
     return total[0], y
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+# Fine-tuning runs measured while choosing the recipe (held-out views, same evaluation).
+TRIED = [
+    ("suffix, Adam 1e-5, 200 steps: `--points 0.02:1.0 --steps 200 --finetune-lr 1e-5`",
+     "0.390", "18.6 % (head only 12.9 %)", "82.9 %"),
+    ("BatchNorm only, Adam 1e-4, 300 steps: `--points 0.02:0.6 --steps 300 --finetune bn --finetune-lr 1e-4`",
+     "0.778", "75.0 % (head only 72.1 %)", "92.9 %"),
+    ("suffix, SGD 1e-3 with momentum, 80 steps, ratio 0.5 (an earlier recipe: SGD, KL gradient into the head)",
+     "0.924", "90.0 %", "87.1 %"),
+    ("suffix, SGD 1e-2 with momentum, 80 steps (same earlier recipe)", "1.000", "diverged (KL > 100)", "0 %"),
+]
+EVAL = "## Evaluation tools on the held-out photos"
 t = json.load(open(os.path.join(HERE, "training.json")))
 bench = json.load(open(sys.argv[1]))
 c = t["chosen"]
@@ -43,6 +54,46 @@ suffix_macs, _ = macs(torch.nn.Sequential(net.features[7:], torch.nn.AdaptiveAvg
                                           net.classifier), f)
 report = {"prefix_macs": prefix_macs, "suffix_macs": suffix_macs, "chosen": c, "curve": t["curve"], "held_out_per_image": per, "bench": bench}
 json.dump(report, open(os.path.join(HERE, "report.json"), "w"), indent=1)
+
+def curve_svg(points, chosen, path):
+    """Keep ratio against top-1 agreement, one dot per trained point, the target region shaded."""
+    W, H, M = 520, 360, 50
+    X = lambda k: M + k * (W - 2 * M)
+    Y = lambda a: H - M - a * (H - 2 * M)
+    o = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{W}" height="{H}" font-family="sans-serif" font-size="11">',
+         f'<rect width="{W}" height="{H}" fill="white"/>',
+         f'<rect x="{X(0)}" y="{Y(1)}" width="{X(0.5) - X(0)}" height="{Y(0.97) - Y(1)}" fill="#c8f0c8"/>',
+         f'<text x="{X(0.01)}" y="{Y(0.97) + 12}" fill="#2a7a2a">target: keep ≤ 0.5, agreement ≥ 97 %</text>',
+         f'<line x1="{X(0)}" y1="{Y(0)}" x2="{X(1)}" y2="{Y(0)}" stroke="black"/>',
+         f'<line x1="{X(0)}" y1="{Y(0)}" x2="{X(0)}" y2="{Y(1)}" stroke="black"/>']
+    for v in [0, 0.25, 0.5, 0.75, 1.0]:
+        o.append(f'<text x="{X(v)}" y="{Y(0) + 16}" text-anchor="middle">{v:g}</text>')
+        o.append(f'<text x="{X(0) - 6}" y="{Y(v) + 4}" text-anchor="end">{v * 100:.0f} %</text>')
+    o.append(f'<text x="{W / 2}" y="{H - 12}" text-anchor="middle">mean keep ratio (held-out views)</text>')
+    o.append(f'<text x="14" y="{H / 2}" transform="rotate(-90 14 {H / 2})" text-anchor="middle">'
+             'top-1 agreement with dense</text>')
+    line = sorted((p for p in points if p["beta"] == chosen["beta"]), key=lambda p: p["keep_mean"])
+    o.append('<polyline fill="none" stroke="#4060c0" points="' +
+             " ".join(f"{X(p['keep_mean']):.1f},{Y(p['top1_agreement']):.1f}" for p in line) + '"/>')
+    side = 0  # the beta points sit close together: their labels go right, stacked
+    for p in points:
+        me = p is chosen or (p["beta"], p["ratio"]) == (chosen["beta"], chosen["ratio"])
+        colour = "#d03030" if me else ("#4060c0" if p["beta"] == chosen["beta"] else "#e09020")
+        x, y = X(p["keep_mean"]), Y(p["top1_agreement"])
+        o.append(f'<circle cx="{x:.1f}" cy="{y:.1f}" r="{5 if me else 4}" fill="{colour}"/>')
+        if p["beta"] == chosen["beta"]:
+            o.append(f'<text x="{x - 8:.1f}" y="{y - 4:.1f}" text-anchor="end" fill="{colour}">'
+                     f'ratio {p["ratio"]:g}</text>')
+        else:
+            o.append(f'<text x="{x + 10:.1f}" y="{y + 14 + 12 * side:.1f}" fill="{colour}">beta {p["beta"]:g}</text>')
+            side += 1
+    o.append(f'<text x="{X(0.02)}" y="{M - 20}">blue: beta {chosen["beta"]:g}, by importance ratio; '
+             f'orange: beta varied at ratio {chosen["ratio"]:g}; red: shipped</text>')
+    o.append("</svg>")
+    open(path, "w").write("\n".join(o) + "\n")
+
+
+curve_svg(t["curve"], c, os.path.join(HERE, "curve.svg"))
 
 L = []
 L.append("# mobilenet_v2_ersm — report\n")
@@ -62,22 +113,44 @@ L.append(f"Target: top-1 agreement with dense ≥ 97 % at mean keep ≤ 50 %. **
          f"the shipped point keeps {c['keep_mean']*100:.1f} % of tokens on average and agrees on "
          f"{c['top1_agreement']*100:.1f} % of held-out views.\n")
 L.append("## Trade-off (held-out views)\n")
+cfg = t["settings"]
+tuned = cfg.get("finetune_lr", 0) > 0
 L.append("`beta` weighs the expected-keep regulariser; `ratio` is the importance threshold of the head's "
          "token-importance term (a token matters when |features × ∂top-1/∂features| exceeds `ratio` times the "
-         "image's mean). Each point: 150 steps of 16 augmented crops, head only (the backbone is torchvision's). "
-         "Evaluated on 14 held-out photos × 10 views.\n")
-L.append("| beta | ratio | keep mean | keep min | keep max | top-1 agreement | top-5 overlap |")
-L.append("|---|---|---|---|---|---|---|")
+         f"image's mean). Each point: {cfg['train_steps']} steps of {cfg['batch']} augmented crops of the "
+         f"training photos, with photographed objects pasted in ({len(t.get('pasted_objects', {}).get('files', []))} "
+         "Tux Paint stamps), " + (f"head and suffix (Adam {cfg['finetune_lr']})" if tuned else
+         "head only (the backbone is torchvision's, so the dense baseline is exactly torchvision's network)") +
+         ". Evaluated on 14 held-out photos × 10 views.\n")
+L.append("| beta | ratio | keep mean | keep min | keep max | top-1 agreement | top-5 overlap | dense = torchvision |")
+L.append("|---|---|---|---|---|---|---|---|")
 for p in t["curve"]:
     L.append(f"| {p['beta']} | {p.get('ratio', '-')} | {p['keep_mean']:.3f} | {p['keep_min']:.3f} | {p['keep_max']:.3f} | "
-             f"{p['top1_agreement']*100:.1f} % | {p['top5_overlap']*100:.1f} % |")
-L.append(f"\nShipped: beta = {c['beta']}, ratio = {c.get('ratio')}: the most faithful point that drops tokens.\n")
-L.append("What the curve shows: with torchvision's suffix unchanged, the network does not tolerate zeroed "
-         "tokens at 28×28 — the keep ratio jumps between ~100 % and ~60 % and agreement falls to 40–50 % once "
-         "a third of the tokens go, even when the head drops the least important ones. Reaching the target "
-         "needs the suffix trained under the mask (sparsity-aware fine-tuning, as ERSM trains it) on far more "
-         "than 34 photos; a first attempt here (Adam on the suffix at 1e-4) moved the dense path away from "
-         "torchvision's (86 % top-1 fidelity) and was dropped.\n")
+             f"{p['top1_agreement']*100:.1f} % | {p['top5_overlap']*100:.1f} % | "
+             f"{p.get('dense_vs_torchvision_top1', 1.0)*100:.1f} % |")
+L.append("\n![trade-off curve](curve.svg)\n")
+L.append(f"\nShipped: beta = {c['beta']}, ratio = {c.get('ratio')}: {t.get('chosen_why', '')}\n")
+by_ratio = sorted((p for p in t["curve"] if p["beta"] == 0.02), key=lambda p: p["keep_mean"])
+L.append("What the curve shows: the importance threshold `ratio` sets how many tokens go, and agreement falls "
+         "about as fast as the keep ratio does (" + ", ".join(
+             f"keep {p['keep_mean']:.2f} → {p['top1_agreement']*100:.0f} %" for p in by_ratio) +
+         "); `beta` in 0–0.3 moves the point little next to the importance term. With torchvision's suffix "
+         "unchanged the network does not tolerate zeroed tokens at 28×28: the head sees only stride-8 "
+         "features (a local view) and cannot know which regions the global decision rests on, and on many "
+         "held-out photos the dense top-1 is a close call that context tips over.\n")
+L.append("Tried and not shipped (each against the head-only point at the same `ratio`; commands are "
+         "`train.py` with the flags shown):\n")
+L.append("| run | keep mean | top-1 agreement | dense = torchvision |")
+L.append("|---|---|---|---|")
+for row in TRIED:
+    L.append("| " + " | ".join(row) + " |")
+L.append("\nFine-tuning helps agreement a little and costs the dense baseline more than it gains: on 34 "
+         "training photos the fine-tuned suffix drifts from torchvision's on images unlike them. Reaching the "
+         "target needs sparsity-aware training of the suffix on a large image set (as DynConv trains on "
+         "ImageNet), which is out of reach here (no ImageNet, 2 CPU cores). The earlier shipped head was "
+         "trained with the straight-through KL gradient into the head; that gradient points towards dropping "
+         "more even as the KL grows (keep fell from 100 % to 5 % in 60 steps with the pasted-object images), so "
+         "the head now learns from the importance target and the regulariser only.\n")
 L.append("## Held-out images (10 views each: centre crop, four corner crops, mirrored)\n")
 L.append("| image | keep mean | keep min | keep max | top-1 agreement | top-5 overlap |")
 L.append("|---|---|---|---|---|---|")
@@ -99,5 +172,13 @@ for s in ["preprocess", "prefix", "ersm", "suffix", "total"]:
 L.append(f"\nMeasured speedup {bench['speedup']:.2f}× end to end, {bench['suffix_speedup']:.2f}× on the suffix; "
          f"Amdahl bound at this keep ratio {bench['ideal_speedup']:.2f}× (the dense prefix is most of the "
          f"time at this cut). Top-1 agreement on these frames: {bench['agreement']*100:.1f} %.\n")
-open(os.path.join(HERE, "REPORT.md"), "w").write("\n".join(L) + "\n")
+L.append("The suffix speedup is larger than the multiply-accumulates saved "
+         f"({bench['suffix_macs_dense']/bench['suffix_macs_ersm']:.2f}×) and than the bound because part of it is "
+         "implementation, not sparsity: with every token kept, ersm's sparse suffix already runs about 1.38× faster "
+         "than tract's dense suffix on this network (`cargo bench --bench suffix`, 2-core x86: 6.9 vs 9.5 ms). "
+         "Against its own all-kept time, the saving from dropping tokens at this keep ratio is about the MAC ratio.\n")
+# The evaluation sections are written by hand from `ersm eval` output: keep them.
+old = open(os.path.join(HERE, "REPORT.md")).read()
+tail = old[old.index(EVAL):] if EVAL in old else ""
+open(os.path.join(HERE, "REPORT.md"), "w").write("\n".join(L) + "\n" + ("\n" + tail if tail else ""))
 print("\n".join(L))
