@@ -5,11 +5,34 @@
 use crate::eval::deletion::Deletion;
 use crate::eval::sparsity::Sparsity;
 use anyhow::{anyhow, Result};
+use plotters::coord::types::RangedCoordf64;
 use plotters::prelude::*;
 use std::path::Path;
 
 fn err<E: std::fmt::Debug>(path: &Path) -> impl Fn(E) -> anyhow::Error + '_ {
     move |e| anyhow!("plot {}: {e:?}", path.display())
+}
+
+type Chart<'a, 'b> = ChartContext<'a, SVGBackend<'b>, Cartesian2d<RangedCoordf64, RangedCoordf64>>;
+
+/// The series legend, in one style for every plot.
+fn legend<'a, 'b: 'a>(
+    chart: &mut Chart<'a, 'b>,
+    position: SeriesLabelPosition,
+    path: &Path,
+) -> Result<()> {
+    chart
+        .configure_series_labels()
+        .position(position)
+        .background_style(WHITE.mix(0.85))
+        .border_style(BLACK)
+        .draw()
+        .map_err(err(path))
+}
+
+/// A legend key for a line series: a short stroke.
+fn line_key(colour: RGBColor) -> impl Fn((i32, i32)) -> PathElement<(i32, i32)> {
+    move |(x, y)| PathElement::new(vec![(x, y), (x + 18, y)], colour.stroke_width(2))
 }
 
 const COLOURS: [RGBColor; 3] = [
@@ -59,17 +82,9 @@ pub fn deletion(d: &Deletion, path: &Path) -> Result<()> {
                 .draw_series(LineSeries::new(pts, colour.stroke_width(2)))
                 .map_err(err(path))?
                 .label(format!("{:?} (area {area:.3})", c.ranking).to_lowercase())
-                .legend(move |(x, y)| {
-                    PathElement::new(vec![(x, y), (x + 18, y)], colour.stroke_width(2))
-                });
+                .legend(line_key(colour));
         }
-        chart
-            .configure_series_labels()
-            .position(SeriesLabelPosition::LowerLeft)
-            .background_style(WHITE.mix(0.85))
-            .border_style(BLACK)
-            .draw()
-            .map_err(err(path))?;
+        legend(&mut chart, SeriesLabelPosition::LowerLeft, path)?;
     }
     root.present().map_err(err(path))?;
     Ok(())
@@ -179,17 +194,9 @@ pub fn latency(
                 )))
                 .map_err(err(path))?
                 .label(format!("ideal ERSM ({ideal_total_ms:.2} ms)"))
-                .legend(|(x, y)| {
-                    PathElement::new(vec![(x, y), (x + 18, y)], BLACK.stroke_width(2))
-                });
+                .legend(line_key(BLACK));
         }
-        chart
-            .configure_series_labels()
-            .position(SeriesLabelPosition::UpperRight)
-            .background_style(WHITE.mix(0.85))
-            .border_style(BLACK)
-            .draw()
-            .map_err(err(path))?;
+        legend(&mut chart, SeriesLabelPosition::UpperRight, path)?;
     }
     root.present().map_err(err(path))?;
     Ok(())
@@ -271,13 +278,7 @@ pub fn occlusion(o: &crate::eval::occlusion::Occlusion, path: &Path) -> Result<(
         .map_err(err(path))?
         .label("occluder tokens dropped by ERSM")
         .legend(|(x, y)| Circle::new((x + 6, y), 4, BLACK.filled()));
-    chart
-        .configure_series_labels()
-        .position(SeriesLabelPosition::UpperLeft)
-        .background_style(WHITE.mix(0.85))
-        .border_style(BLACK)
-        .draw()
-        .map_err(err(path))?;
+    legend(&mut chart, SeriesLabelPosition::UpperLeft, path)?;
     root.present().map_err(err(path))?;
     Ok(())
 }
