@@ -81,7 +81,7 @@ def curve_svg(points, chosen, path):
              " ".join(f"{X(p['keep_mean']):.1f},{Y(p['top1_agreement']):.1f}" for p in line) + '"/>')
     side = 0  # the beta points sit close together: their labels go right, stacked
     for p in points:
-        me = p is chosen or (p["beta"], p["ratio"]) == (chosen["beta"], chosen["ratio"])
+        me = (p["beta"], p["ratio"]) == (chosen["beta"], chosen["ratio"])
         colour = "#d03030" if me else ("#4060c0" if p["beta"] == chosen["beta"] else "#e09020")
         x, y = X(p["keep_mean"]), Y(p["top1_agreement"])
         o.append(f'<circle cx="{x:.1f}" cy="{y:.1f}" r="{5 if me else 4}" fill="{colour}"/>')
@@ -134,7 +134,7 @@ for p in t["curve"]:
              f"{p.get('dense_vs_torchvision_top1', 1.0)*100:.1f} % |")
 L.append("\n![trade-off curve](curve.svg)\n")
 L.append(f"Shipped: beta = {c['beta']}, ratio = {c.get('ratio')}: {t.get('chosen_why', '')}.\n")
-by_ratio = sorted((p for p in t["curve"] if p["beta"] == 0.02), key=lambda p: p["keep_mean"])
+by_ratio = sorted((p for p in t["curve"] if p["beta"] == c["beta"]), key=lambda p: p["keep_mean"])
 L.append("What the curve shows: the importance threshold `ratio` sets how many tokens go, and agreement falls "
          "about as fast as the keep ratio does (" + ", ".join(
              f"keep {p['keep_mean']:.2f} → {p['top1_agreement']*100:.0f} %" for p in by_ratio) +
