@@ -40,6 +40,8 @@ TRIED = [
     ("suffix, SGD 1e-3 with momentum, 80 steps, ratio 0.5 (an earlier recipe: SGD, KL gradient into the head)",
      "0.924", "90.0 %", "87.1 %"),
     ("suffix, SGD 1e-2 with momentum, 80 steps (same earlier recipe)", "1.000", "diverged (KL > 100)", "0 %"),
+    ("head only with a tenth of the straight-through KL gradient: `--points 0.02:0.6 --head-kl 0.1`",
+     "0.168", "0.0 % (head only 72.1 %)", "100 %"),
     ("head only, coherence `LAMBDA` 0.5 instead of 0.25, ratio 0.6 / 0.75", "0.780 / 0.651",
      "71.4 % / 48.6 % (on the line)", "100 %"),
     ("head only, coherence `LAMBDA` 1.0, ratio 0.6 / 0.75", "0.790 / 0.663",
