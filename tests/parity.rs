@@ -14,6 +14,16 @@ fn features(rng: &mut Rng, m: &ModelPackage) -> Vec<f32> {
     rng.normals(m.cut.c * m.cut.h * m.cut.w, 1.0)
 }
 
+/// Random features and a random mask keeping about `p` of the tokens: the
+/// sparse suffix equals the dense-masked reference. Returns the kept tokens.
+fn matches_reference(m: &ModelPackage, rng: &mut Rng, p: f32, what: &str) -> Vec<u32> {
+    let x = features(rng, m);
+    let kept = random_kept(rng, m.cut.h * m.cut.w, p);
+    let err = rel_err(&sparse(m, &x, &kept), &dense_masked(m, &x, &kept));
+    assert!(err <= TOL, "{what}, keep p={p}: relative error {err}");
+    kept
+}
+
 #[test]
 fn tiny_model_all_tokens_equals_dense_suffix() {
     let m = ModelPackage::load("models/tiny").unwrap();
@@ -89,13 +99,11 @@ fn random_networks_cover_every_op_and_match_reference() {
         let m = package(proto, h, w);
         let mut rng = Rng::new(1000 + seed);
         for p in [0.05, 0.4, 0.8] {
-            let x = features(&mut rng, &m);
-            let kept = random_kept(&mut rng, h * w, p);
-            let (s, r) = (sparse(&m, &x, &kept), dense_masked(&m, &x, &kept));
-            let err = rel_err(&s, &r);
-            assert!(
-                err <= TOL,
-                "seed {seed}, {h}×{w}×{c}, keep p={p}: relative error {err}\nops {suffix_ops:?}"
+            matches_reference(
+                &m,
+                &mut rng,
+                p,
+                &format!("seed {seed}, {h}×{w}×{c}, ops {suffix_ops:?}"),
             );
         }
         let x = features(&mut rng, &m);
@@ -112,6 +120,54 @@ fn random_networks_cover_every_op_and_match_reference() {
         .filter(|op| !used.contains(**op) && **op != "Dropout")
         .collect();
     assert!(missing.is_empty(), "random networks never used {missing:?}");
+}
+
+#[test]
+fn centre_stride_rule_matches_reference_and_keeps_the_keep_ratio() {
+    for seed in 0..12u64 {
+        let (h, w, c) = [(9, 9, 8), (12, 7, 6), (16, 16, 4)][seed as usize % 3];
+        let m = package(
+            with_stride_rule(random_network(seed, h, w, c), "centre"),
+            h,
+            w,
+        );
+        assert_eq!(m.plan.stride_rule, ersm::sparse::StrideRule::Centre);
+        let mut rng = Rng::new(2000 + seed);
+        for p in [0.05, 0.4, 0.8] {
+            let kept = matches_reference(&m, &mut rng, p, &format!("seed {seed}, {h}×{w}×{c}"));
+            // A strided level holds exactly the tokens on its parent's stride grid.
+            let sets = m.plan.sets(&kept);
+            for (l, level) in m.plan.levels.iter().enumerate() {
+                let Some(parent) = level.parent else { continue };
+                let pw = m.plan.levels[parent].w;
+                let want = sets[parent]
+                    .coords
+                    .iter()
+                    .filter(|&&i| {
+                        let (y, x) = (i as usize / pw, i as usize % pw);
+                        y % level.stride == 0
+                            && x % level.stride == 0
+                            && y / level.stride < level.h
+                            && x / level.stride < level.w
+                    })
+                    .count();
+                assert_eq!(sets[l].len(), want.max(1), "seed {seed}, level {l}");
+            }
+        }
+    }
+}
+
+#[test]
+fn stride_rules_differ_where_they_should() {
+    use ersm::sparse::{StrideRule, TokenSet};
+    // Active: (0,1) and (2,2) of a 4×4 map; stride 2 → 2×2.
+    let set = TokenSet::from_raster(4, 4, vec![1, 10]);
+    assert_eq!(set.downsample(2, 2, 2, StrideRule::Any).coords, vec![0, 3]);
+    assert_eq!(set.downsample(2, 2, 2, StrideRule::Centre).coords, vec![3]);
+    // No centre tap active: the output over the first active input stays.
+    let set = TokenSet::from_raster(4, 4, vec![5, 15]);
+    assert_eq!(set.downsample(2, 2, 2, StrideRule::Any).coords, vec![0, 3]);
+    assert_eq!(set.downsample(2, 2, 2, StrideRule::Centre).coords, vec![0]);
 }
 
 #[test]

@@ -1,7 +1,8 @@
 //! The `ersm.EnergyMask` node: finding it and reading its weights and attributes.
 
-use super::onnx::{attr_f32, attr_i64, label, Constants};
+use super::onnx::{attr_f32, attr_i64, attr_str, label, Constants};
 use crate::ersm::{EnergySpec, Neighbourhood, UnaryHead};
+use crate::sparse::StrideRule;
 use anyhow::{bail, Context, Result};
 use tract_onnx::pb::NodeProto;
 
@@ -39,6 +40,20 @@ pub fn find(nodes: &[NodeProto]) -> Result<usize> {
                 .collect::<Vec<_>>()
                 .join(", ")
         ),
+    }
+}
+
+/// The suffix's stride rule, from the node's `stride_rule` attribute
+/// (`"any"`, the default, or `"centre"`).
+pub fn stride_rule(node: &NodeProto) -> Result<StrideRule> {
+    match attr_str(node, "stride_rule")? {
+        None => Ok(StrideRule::Any),
+        Some(s) => StrideRule::parse(&s).with_context(|| {
+            format!(
+                "{}: stride_rule must be \"any\" or \"centre\", got \"{s}\"",
+                label(node)
+            )
+        }),
     }
 }
 

@@ -2,7 +2,8 @@
 //!
 //! Semantics (DESIGN.md, "Sparse semantics"): every layer is evaluated at active
 //! positions only and inactive positions hold zero; a stride-s layer's active set
-//! is the s×s max-pool of its input's; global pooling averages active tokens.
+//! follows its input's by the package's [`StrideRule`] (the s×s max-pool, or the
+//! centre tap); global pooling averages active tokens.
 
 pub mod gemm;
 pub mod ops;
@@ -12,5 +13,5 @@ pub mod tokens;
 pub mod value;
 
 pub use plan::{Level, Plan, Step};
-pub use tokens::TokenSet;
+pub use tokens::{StrideRule, TokenSet};
 pub use value::Value;

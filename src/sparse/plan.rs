@@ -2,7 +2,7 @@
 
 use super::ops::Op;
 use super::rulebook::{Rulebook, Window};
-use super::tokens::TokenSet;
+use super::tokens::{StrideRule, TokenSet};
 use super::value::Value;
 use anyhow::{bail, ensure, Context, Result};
 use std::borrow::Cow;
@@ -56,6 +56,8 @@ pub struct Plan {
     pub slot_levels: Vec<Option<usize>>,
     /// Channels of the energy layer's features.
     pub channels: usize,
+    /// How strided layers derive their active sets.
+    pub stride_rule: StrideRule,
     /// Slot holding the suffix output.
     pub output: usize,
     /// Every ONNX tensor name the plan computes (aliases included) and its slot.
@@ -146,7 +148,7 @@ impl Plan {
         for l in &self.levels {
             let set = match l.parent {
                 None => TokenSet::from_raster(l.h, l.w, kept.to_vec()),
-                Some(p) => sets[p].downsample(l.stride, l.h, l.w),
+                Some(p) => sets[p].downsample(l.stride, l.h, l.w, self.stride_rule),
             };
             sets.push(set);
         }

@@ -3,6 +3,39 @@
 /// Marks a position with no active token in [`TokenSet::index`].
 pub const INACTIVE: u32 = u32::MAX;
 
+/// How a stride-`s` layer's active set follows from its input's.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum StrideRule {
+    /// Output `(oy, ox)` is active when any input in rows `[s·oy, s·oy + s)`
+    /// and columns `[s·ox, s·ox + s)` is (the s×s max-pool).
+    #[default]
+    Any,
+    /// Output `(oy, ox)` is active when input `(s·oy, s·ox)`, the centre tap of
+    /// an odd "same"-padded kernel, is: a strided layer keeps the keep ratio.
+    /// When no centre tap is active, the output over the first active input
+    /// (raster order) is, so a level is never empty.
+    Centre,
+}
+
+impl StrideRule {
+    /// Parses the `stride_rule` attribute's value.
+    pub fn parse(s: &str) -> Option<StrideRule> {
+        match s {
+            "any" => Some(StrideRule::Any),
+            "centre" => Some(StrideRule::Centre),
+            _ => None,
+        }
+    }
+
+    /// The attribute value that names this rule.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            StrideRule::Any => "any",
+            StrideRule::Centre => "centre",
+        }
+    }
+}
+
 /// The active positions of one `H × W` map, in raster order.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct TokenSet {
@@ -46,15 +79,27 @@ impl TokenSet {
         self.coords.is_empty()
     }
 
-    /// The set of a stride-`s` layer's output: output `(oy, ox)` is active when
-    /// any input in rows `[s·oy, s·oy + s)` and columns `[s·ox, s·ox + s)` is.
-    pub fn downsample(&self, s: usize, out_h: usize, out_w: usize) -> TokenSet {
+    /// The set of a stride-`s` layer's output under `rule`.
+    pub fn downsample(&self, s: usize, out_h: usize, out_w: usize, rule: StrideRule) -> TokenSet {
         let mut active = vec![false; out_h * out_w];
+        let mut any = false;
         for &i in &self.coords {
             let (y, x) = (i as usize / self.w, i as usize % self.w);
+            if rule == StrideRule::Centre && (y % s != 0 || x % s != 0) {
+                continue;
+            }
             let (oy, ox) = (y / s, x / s);
             if oy < out_h && ox < out_w {
                 active[oy * out_w + ox] = true;
+                any = true;
+            }
+        }
+        // No centre tap active: the output over the first active input stays,
+        // so a non-empty set never strides down to nothing.
+        if !any {
+            if let Some(&i) = self.coords.first() {
+                let (oy, ox) = (i as usize / self.w / s, i as usize % self.w / s);
+                active[oy.min(out_h - 1) * out_w + ox.min(out_w - 1)] = true;
             }
         }
         let coords = active

@@ -5,6 +5,7 @@
 use ersm::model::manifest::{InputSpec, Manifest, Preprocess};
 use ersm::model::{masked, ModelPackage};
 use ersm::prefix::TractNet;
+use ersm::sparse::StrideRule;
 use std::path::Path;
 use tract_onnx::pb::{
     self, attribute_proto::AttributeType, AttributeProto, NodeProto, TensorProto,
@@ -246,6 +247,24 @@ pub fn energy(
     out
 }
 
+/// Sets the energy node's `stride_rule` attribute ("any" or "centre").
+pub fn with_stride_rule(mut proto: pb::ModelProto, rule: &str) -> pb::ModelProto {
+    let g = proto.graph.as_mut().unwrap();
+    let node = g
+        .node
+        .iter_mut()
+        .find(|n| n.op_type == "EnergyMask")
+        .unwrap();
+    node.attribute.retain(|a| a.name != "stride_rule");
+    node.attribute.push(AttributeProto {
+        name: "stride_rule".into(),
+        r#type: AttributeType::String as i32,
+        s: rule.as_bytes().to_vec(),
+        ..Default::default()
+    });
+    proto
+}
+
 /// A manifest for a built network with input `[1, 3, h, w]`.
 pub fn manifest(h: usize, w: usize) -> Manifest {
     Manifest {
@@ -265,6 +284,8 @@ pub fn manifest(h: usize, w: usize) -> Manifest {
         },
         labels: vec![],
         licence: serde_json::Value::Null,
+        dense_model: None,
+        fallback: None,
     }
 }
 
@@ -420,7 +441,9 @@ pub fn package(proto: pb::ModelProto, h: usize, w: usize) -> ModelPackage {
 
 /// Masks of every level of `m`'s plan for the kept raster indices, computed
 /// independently of the sparse executor: level 0 from `kept`, each strided
-/// level as the s×s max-pool of its parent.
+/// level as the s×s max-pool of its parent, or its centre tap under
+/// [`StrideRule::Centre`] (and, when that leaves nothing, the position over
+/// the parent's first active token).
 pub fn level_masks(m: &ModelPackage, kept: &[u32]) -> Vec<Vec<f32>> {
     let mut masks: Vec<Vec<f32>> = Vec::new();
     for l in &m.plan.levels {
@@ -431,6 +454,11 @@ pub fn level_masks(m: &ModelPackage, kept: &[u32]) -> Vec<Vec<f32>> {
                 let (ph, pw) = (m.plan.levels[p].h, m.plan.levels[p].w);
                 for oy in 0..l.h {
                     for ox in 0..l.w {
+                        if m.plan.stride_rule == StrideRule::Centre {
+                            let (y, x) = (oy * l.stride, ox * l.stride);
+                            mask[oy * l.w + ox] = masks[p][y * pw + x];
+                            continue;
+                        }
                         let mut any = false;
                         for y in oy * l.stride..((oy + 1) * l.stride).min(ph) {
                             for x in ox * l.stride..((ox + 1) * l.stride).min(pw) {
@@ -438,6 +466,12 @@ pub fn level_masks(m: &ModelPackage, kept: &[u32]) -> Vec<Vec<f32>> {
                             }
                         }
                         mask[oy * l.w + ox] = if any { 1.0 } else { 0.0 };
+                    }
+                }
+                if mask.iter().all(|&v| v == 0.0) {
+                    if let Some(i) = masks[p].iter().position(|&v| v > 0.0) {
+                        let (oy, ox) = (i / pw / l.stride, i % pw / l.stride);
+                        mask[oy.min(l.h - 1) * l.w + ox.min(l.w - 1)] = 1.0;
                     }
                 }
             }
