@@ -69,6 +69,10 @@ struct BenchArgs {
     /// auto (CUDA when available, else CPU).
     #[arg(long, value_enum, default_value_t = DeviceArg::Auto)]
     device: DeviceArg,
+    /// Re-run a frame densely when the sparse result is unsure (top-1 margin
+    /// below the package's `fallback.margin`).
+    #[arg(long)]
+    fallback: bool,
 }
 
 /// `--device` values.
@@ -143,6 +147,10 @@ struct RunArgs {
     /// PNG sequence; a .mp4/.mkv/.avi/.mjpeg file a video (needs ffmpeg).
     #[arg(long)]
     overlay: Option<PathBuf>,
+    /// Re-run a frame densely when the sparse result is unsure (top-1 margin
+    /// below the package's `fallback.margin`).
+    #[arg(long)]
+    fallback: bool,
 }
 
 #[derive(Subcommand)]
@@ -183,6 +191,11 @@ struct EvalArgs {
     /// Folder for the CSV, JSON and SVG results.
     #[arg(long, default_value = "eval")]
     out: PathBuf,
+    /// Re-run a frame densely when the sparse result is unsure (top-1 margin
+    /// below the package's `fallback.margin`); deletion forces its own token
+    /// sets and ignores it.
+    #[arg(long)]
+    fallback: bool,
 }
 
 #[derive(clap::Args)]
@@ -274,7 +287,7 @@ fn run(a: RunArgs) -> Result<()> {
         None => Uri::File(bundled(DEFAULT_STREAM)),
     };
     // Everything is opened before the first frame: failures come first.
-    let pipeline = load_pipeline(a.model, a.device)?;
+    let pipeline = load_pipeline(a.model, a.device, a.fallback)?;
     let opts = SourceOptions {
         width: a.input_width,
         height: a.input_height,
@@ -336,7 +349,7 @@ fn run(a: RunArgs) -> Result<()> {
 
 fn bench(a: BenchArgs) -> Result<()> {
     anyhow::ensure!(a.frames > 0, "--frames must be at least 1");
-    let pipeline = load_pipeline(a.model, a.device)?;
+    let pipeline = load_pipeline(a.model, a.device, a.fallback)?;
     let files = images::list(&a.images.unwrap_or_else(|| bundled(DEFAULT_IMAGES)))?;
     // A bad image is reported and skipped; the rest are still used.
     let (frames, _) = images::load_all(&files);
@@ -359,7 +372,7 @@ fn bench(a: BenchArgs) -> Result<()> {
         None => None,
     };
     let (mut ersm, mut dense) = (StageSamples::default(), StageSamples::default());
-    let (mut keeps, mut agree, mut macs) = (Vec::new(), 0usize, 0f64);
+    let (mut keeps, mut agree, mut macs, mut fell) = (Vec::new(), 0usize, 0f64, 0usize);
     for i in 0..a.warmup + a.frames {
         let frame = &frames[i % frames.len()];
         // Alternate which mode goes first so neither always runs on warm caches.
@@ -388,6 +401,10 @@ fn bench(a: BenchArgs) -> Result<()> {
         }
         let counts = m.plan.token_counts(&e.mask.kept);
         macs += m.plan.cost(&counts) as f64;
+        if e.fell_back {
+            fell += 1;
+            macs += m.plan.dense_cost() as f64;
+        }
         log::debug!(
             "{}: top-1 {} (dense {}), keep {:.3}",
             frame.name,
@@ -411,6 +428,7 @@ fn bench(a: BenchArgs) -> Result<()> {
         agreement: agree as f64 / n,
         suffix_macs_dense: m.plan.dense_cost(),
         suffix_macs_ersm: macs / n,
+        fallback_rate: pipeline.fallback.map(|_| fell as f64 / n),
         stages: [
             ("ersm".to_string(), ersm.summaries()),
             ("dense".to_string(), dense.summaries()),
@@ -439,10 +457,15 @@ fn bench(a: BenchArgs) -> Result<()> {
     Ok(())
 }
 
-fn load_pipeline(model: Option<PathBuf>, device: DeviceArg) -> Result<Pipeline> {
+fn load_pipeline(model: Option<PathBuf>, device: DeviceArg, fallback: bool) -> Result<Pipeline> {
     let model_dir = model.unwrap_or_else(|| bundled(DEFAULT_MODEL));
     let model = ModelPackage::load(&model_dir)?;
-    Ok(Pipeline::new(model, Device::select(device.into())?))
+    let pipeline = Pipeline::new(model, Device::select(device.into())?);
+    if fallback {
+        pipeline.with_fallback()
+    } else {
+        Ok(pipeline)
+    }
 }
 
 fn write(path: &Path, text: &str) -> Result<()> {
@@ -455,7 +478,7 @@ fn eval(cmd: EvalCommand) -> Result<()> {
         EvalCommand::Sparsity(a) => a,
         EvalCommand::Occlusion(o) => &o.common,
     };
-    let pipeline = load_pipeline(common.model.clone(), common.device)?;
+    let pipeline = load_pipeline(common.model.clone(), common.device, common.fallback)?;
     let images = common
         .images
         .clone()
@@ -481,7 +504,7 @@ fn eval(cmd: EvalCommand) -> Result<()> {
         }
         EvalCommand::Sparsity(_) => {
             let (analysed, failed) = ersm::eval::analyse_all(&pipeline, &images)?;
-            let r = ersm::eval::sparsity::of(&analysed);
+            let r = ersm::eval::sparsity::of(&pipeline, &analysed)?;
             save_results(&out, "sparsity", &r.csv(), &r, &failed)?;
             ersm::plot::sparsity(&r, &out.join("sparsity.svg"))?;
             println!("{}", r.table());
@@ -519,7 +542,7 @@ fn report_failed(failed: &[String]) {
 }
 
 fn mask(a: MaskArgs) -> Result<()> {
-    let pipeline = load_pipeline(a.model, a.device)?;
+    let pipeline = load_pipeline(a.model, a.device, false)?;
     let frame = images::load(&a.image)?;
     let r = pipeline.run_ersm(&frame)?;
     let img = ersm::overlay::draw(&frame, &r.mask, &pipeline.model.manifest.preprocess);
@@ -578,6 +601,23 @@ fn inspect(a: InspectArgs) -> Result<()> {
             ersm::ersm::UnaryHead::TwoLayer { .. } => "two-layer",
         }
     );
+    println!(
+        "sparse     dropped tokens hold zero; strided layers keep the {} rule",
+        m.plan.stride_rule.as_str()
+    );
+    match &m.baseline {
+        Some(b) => println!(
+            "baseline   the original network, {} (shares the prefix)",
+            b.origin.display()
+        ),
+        None => println!("baseline   this network with every token kept"),
+    }
+    if let Some(f) = &m.manifest.fallback {
+        println!(
+            "fallback   with --fallback, re-run densely when the top-1 margin is below {}",
+            f.margin
+        );
+    }
     println!(
         "\nprefix ({} ONNX nodes, dense in tract):",
         m.prefix_ops.len()

@@ -33,6 +33,9 @@ pub struct ErsmResult {
     pub logits: Vec<f32>,
     pub mask: TokenMask,
     pub times: StageTimes,
+    /// The sparse result was unsure and the frame was re-run densely (its
+    /// time is in the suffix stage).
+    pub fell_back: bool,
 }
 
 /// What the dense baseline gives for one frame.
@@ -46,6 +49,9 @@ pub struct DenseResult {
 pub struct Pipeline {
     pub model: ModelPackage,
     pub device: Device,
+    /// Confidence fallback: re-run the dense baseline's suffix when the sparse
+    /// top-1 softmax margin is below this.
+    pub fallback: Option<f32>,
 }
 
 fn ms(since: Instant) -> f64 {
@@ -55,7 +61,23 @@ fn ms(since: Instant) -> f64 {
 impl Pipeline {
     /// Wraps a loaded model.
     pub fn new(model: ModelPackage, device: Device) -> Pipeline {
-        Pipeline { model, device }
+        Pipeline {
+            model,
+            device,
+            fallback: None,
+        }
+    }
+
+    /// Turns the confidence fallback on with the margin the manifest sets.
+    pub fn with_fallback(mut self) -> Result<Pipeline> {
+        let f = self.model.manifest.fallback.as_ref().with_context(|| {
+            format!(
+                "model {}: the manifest sets no fallback margin",
+                self.model.origin.display()
+            )
+        })?;
+        self.fallback = Some(f.margin);
+        Ok(self)
     }
 
     /// The model's label for class `i`.
@@ -74,8 +96,12 @@ impl Pipeline {
         .with_context(|| format!("frame {}", frame.name))
     }
 
-    /// Runs the ERSM path on a pre-processed input.
-    pub fn ersm_from_input(&self, input: &[f32]) -> Result<(Vec<f32>, TokenMask, StageTimes)> {
+    /// Runs the ERSM path on a pre-processed input: logits, mask, stage times,
+    /// and whether the confidence fallback re-ran it densely.
+    pub fn ersm_from_input(
+        &self,
+        input: &[f32],
+    ) -> Result<(Vec<f32>, TokenMask, StageTimes, bool)> {
         let mut times = StageTimes::default();
         let t = Instant::now();
         let features = self.model.prefix.run(input).context("prefix")?;
@@ -94,9 +120,18 @@ impl Pipeline {
             .plan
             .run(&mask.kept, mask.features.clone())
             .context("sparse suffix")?;
-        let logits = out.to_dense(&frame.sets).1;
+        let mut logits = out.to_dense(&frame.sets).1;
+        let unsure = self.fallback.is_some_and(|m| top1_margin(&logits) < m);
+        if unsure {
+            // The prefix is shared, so only the baseline's suffix runs again.
+            logits = self
+                .model
+                .baseline_suffix()
+                .run(&features)
+                .context("fallback: dense suffix")?;
+        }
         times.suffix = ms(t);
-        Ok((logits, mask, times))
+        Ok((logits, mask, times, unsure))
     }
 
     /// Runs the dense baseline on a pre-processed input.
@@ -108,7 +143,7 @@ impl Pipeline {
         let t = Instant::now();
         let logits = self
             .model
-            .dense_suffix
+            .baseline_suffix()
             .run(&features)
             .context("dense suffix")?;
         times.suffix = ms(t);
@@ -120,12 +155,13 @@ impl Pipeline {
         let t = Instant::now();
         let input = self.preprocess(frame)?;
         let pre = ms(t);
-        let (logits, mask, mut times) = self.ersm_from_input(&input)?;
+        let (logits, mask, mut times, fell_back) = self.ersm_from_input(&input)?;
         times.preprocess = pre;
         Ok(ErsmResult {
             logits,
             mask,
             times,
+            fell_back,
         })
     }
 
@@ -137,6 +173,28 @@ impl Pipeline {
         let (logits, mut times) = self.dense_from_input(&input)?;
         times.preprocess = pre;
         Ok(DenseResult { logits, times })
+    }
+}
+
+/// Softmax probability of the top-1 class minus that of the top-2: how sure
+/// a result is (0 for a tie or a single class).
+pub fn top1_margin(logits: &[f32]) -> f32 {
+    let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let (mut p1, mut p2, mut sum) = (0.0f32, 0.0f32, 0.0f32);
+    for &v in logits {
+        let p = (v - max).exp();
+        sum += p;
+        if p > p1 {
+            p2 = p1;
+            p1 = p;
+        } else if p > p2 {
+            p2 = p;
+        }
+    }
+    if sum > 0.0 && sum.is_finite() {
+        (p1 - p2) / sum
+    } else {
+        0.0
     }
 }
 

@@ -120,9 +120,13 @@ pub struct BenchReport {
     pub suffix_speedup: f64,
     /// Fraction of frames whose top-1 class is the dense one.
     pub agreement: f64,
-    /// Suffix multiply-accumulates: dense, and mean per ERSM frame.
+    /// Suffix multiply-accumulates: dense, and mean per ERSM frame (the
+    /// sparse suffix plus, on frames that fell back, the dense one).
     pub suffix_macs_dense: u64,
     pub suffix_macs_ersm: f64,
+    /// Fraction of frames the confidence fallback re-ran densely (absent when off).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub fallback_rate: Option<f64>,
     /// Per mode ("ersm", "dense"), per stage.
     pub stages: BTreeMap<String, BTreeMap<String, Summary>>,
 }
@@ -200,6 +204,14 @@ impl BenchReport {
             " speedup         {:.2}x end to end, {:.2}x suffix   (ideal at this keep ratio: {:.2}x)",
             self.speedup, self.suffix_speedup, self.ideal_speedup
         );
+        if let Some(rate) = self.fallback_rate {
+            let _ = writeln!(
+                s,
+                " fallback        {:.1} % of frames re-run densely; effective suffix compute {:.3} of dense",
+                rate * 100.0,
+                self.suffix_macs_ersm / self.suffix_macs_dense.max(1) as f64
+            );
+        }
         let _ = writeln!(
             s,
             " top-1 agreement {:.1} % with dense",
@@ -257,6 +269,12 @@ pub struct RunReport {
     /// Top-1 agreement with dense, when compared.
     pub agreement: Option<f64>,
     pub agree_frames: usize,
+    /// Fraction of frames the confidence fallback re-ran densely (absent when off).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub fallback_rate: Option<f64>,
+    /// Mean suffix compute per frame as a fraction of the dense suffix's
+    /// (sparse plus fallback multiply-accumulates).
+    pub suffix_compute: f64,
     /// Resident memory (MiB) after warm-up and at the end.
     pub rss_mib_start: f64,
     pub rss_mib_end: f64,
@@ -338,9 +356,16 @@ impl RunReport {
         );
         let _ = writeln!(
             s,
-            " keep ratio      {:.3} mean ({:.3} .. {:.3})",
-            self.keep_ratio, self.keep_ratio_min, self.keep_ratio_max
+            " keep ratio      {:.3} mean ({:.3} .. {:.3}); suffix compute {:.3} of dense",
+            self.keep_ratio, self.keep_ratio_min, self.keep_ratio_max, self.suffix_compute
         );
+        if let Some(r) = self.fallback_rate {
+            let _ = writeln!(
+                s,
+                " fallback        {:.1} % of frames re-run densely (in the compute above)",
+                r * 100.0
+            );
+        }
         if let Some(a) = self.agreement {
             let _ = writeln!(
                 s,

@@ -100,6 +100,10 @@ struct Tally {
     keeps: Vec<f64>,
     agree: usize,
     failed: usize,
+    /// Frames the confidence fallback re-ran densely.
+    fell_back: usize,
+    /// Suffix multiply-accumulates spent, summed over frames (fallbacks included).
+    macs: f64,
 }
 
 impl Tally {
@@ -153,6 +157,8 @@ pub fn run(
         keeps: Vec::new(),
         agree: 0,
         failed: 0,
+        fell_back: 0,
+        macs: 0.0,
     };
     let mut status = Status::new(opts.length);
     let mut start: Option<Instant> = None;
@@ -227,6 +233,10 @@ pub fn run(
             .compare
             .then(|| t.agree as f64 / t.frames().max(1) as f64),
         agree_frames: t.agree,
+        fallback_rate: pipeline
+            .fallback
+            .map(|_| t.fell_back as f64 / t.frames().max(1) as f64),
+        suffix_compute: t.macs / n / m.plan.dense_cost().max(1) as f64,
         rss_mib_start: rss_start,
         rss_mib_end: rss_mib(),
         ending,
@@ -260,6 +270,11 @@ fn process(
     }
     let keep = e.mask.keep_ratio();
     t.keeps.push(keep);
+    t.macs += m.plan.cost(&m.plan.token_counts(&e.mask.kept)) as f64;
+    if e.fell_back {
+        t.fell_back += 1;
+        t.macs += m.plan.dense_cost() as f64;
+    }
     let class = top1(&e.logits);
     let dense_class = d.as_ref().map(|d| top1(&d.logits));
     if let Some(d) = &d {
@@ -301,6 +316,7 @@ fn process(
             "label": m.manifest.label(class),
             "dense_top1": dense_class,
             "agree": agrees,
+            "fell_back": e.fell_back,
             "warmup": !timed,
             "rss_mib": rss_mib(),
             "ersm_ms": times(&e.times),

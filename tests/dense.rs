@@ -68,9 +68,23 @@ fn ersm_keeping_every_token_equals_dense() {
     }
     let pipeline = Pipeline::new(m, ersm::ersm::Device::Cpu);
     let x = probe(3 * 112 * 112);
-    let (sparse, mask, _) = pipeline.ersm_from_input(&x).unwrap();
+    let (sparse, mask, _, _) = pipeline.ersm_from_input(&x).unwrap();
     assert_eq!(mask.keep_ratio(), 1.0);
     let (dense, _) = pipeline.dense_from_input(&x).unwrap();
     let d = max_abs_diff(&sparse, &dense);
     assert!(d <= 1e-4, "max |diff| {d}");
+}
+
+#[test]
+fn top1_margin_is_the_softmax_gap() {
+    use ersm::pipeline::top1_margin;
+    // Two equal logits: no margin. One dominant: nearly 1.
+    assert!(top1_margin(&[2.0, 2.0, -1.0]).abs() < 1e-6);
+    assert!(top1_margin(&[30.0, 0.0, 0.0]) > 0.999);
+    // exp(1) / (exp(1) + 2) - 1 / (exp(1) + 2), by hand.
+    let e = 1f32.exp();
+    let want = (e - 1.0) / (e + 2.0);
+    assert!((top1_margin(&[1.0, 0.0, 0.0]) - want).abs() < 1e-6);
+    // A NaN logit is never sure.
+    assert_eq!(top1_margin(&[f32::NAN, 1.0]), 0.0);
 }

@@ -105,7 +105,7 @@ fn results_are_deterministic_for_a_seed() {
     let a = serde_json::to_string(&deletion::run(&p, &images, 0.2, 2).unwrap()).unwrap();
     let b = serde_json::to_string(&deletion::run(&p, &images, 0.2, 2).unwrap()).unwrap();
     assert_eq!(a, b);
-    let s = sparsity::of(&images);
+    let s = sparsity::of(&p, &images).unwrap();
     assert_eq!(s.images.len(), 4);
     assert_eq!(s.histogram.iter().sum::<usize>(), 4);
     assert!(s.min <= s.mean && s.mean <= s.max);

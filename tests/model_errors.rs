@@ -251,3 +251,178 @@ fn connection_across_the_cut() {
     });
     assert_contains(&err, &["Add node 'b1.add'", "'pre.relu'", "across the cut"]);
 }
+
+#[test]
+fn unknown_stride_rule() {
+    let err = load_modified("stride-rule", |p| {
+        let n = energy_node(p);
+        n.attribute.push(AttributeProto {
+            name: "stride_rule".into(),
+            r#type: AttributeType::String as i32,
+            s: b"median".to_vec(),
+            ..Default::default()
+        });
+    });
+    assert_contains(
+        &err,
+        &["EnergyMask node 'ersm'", "stride_rule must be", "median"],
+    );
+}
+
+/// A package folder with the tiny model and a manifest edited by `edit`.
+fn with_manifest(name: &str, edit: impl FnOnce(&mut serde_json::Value)) -> PathBuf {
+    let dir = scratch(name);
+    std::fs::copy(Path::new(TINY).join("model.onnx"), dir.join("model.onnx")).unwrap();
+    let text = std::fs::read_to_string(dir.join("manifest.json")).unwrap();
+    let mut m: serde_json::Value = serde_json::from_str(&text).unwrap();
+    edit(&mut m);
+    std::fs::write(dir.join("manifest.json"), m.to_string()).unwrap();
+    dir
+}
+
+#[test]
+fn bad_fallback_margin_and_dense_model() {
+    for (k, (field, value, msg)) in [
+        (
+            "fallback",
+            serde_json::json!({"margin": 1.5}),
+            "fallback.margin must be",
+        ),
+        (
+            "fallback",
+            serde_json::json!({"margin": -0.1}),
+            "fallback.margin must be",
+        ),
+        (
+            "dense_model",
+            serde_json::json!("model.onnx"),
+            "dense_model must name another",
+        ),
+        (
+            "dense_model",
+            serde_json::json!("missing.onnx"),
+            "missing.onnx",
+        ),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let dir = with_manifest(&format!("manifest{k}"), |m| m[field] = value.clone());
+        let err = format!("{:#}", ModelPackage::load(&dir).expect_err("refused"));
+        assert_contains(&err, &[msg]);
+    }
+}
+
+/// The original network of the tiny model: its energy layer removed, the
+/// suffix reading the prefix output directly.
+fn tiny_original(edit_weights: impl FnOnce(&mut ModelProto)) -> ModelProto {
+    let mut p = read_onnx(&Path::new(TINY).join("model.onnx")).unwrap();
+    let g = p.graph.as_mut().unwrap();
+    let e = g
+        .node
+        .iter()
+        .position(|n| n.op_type == "EnergyMask")
+        .unwrap();
+    let node = g.node.remove(e);
+    let (input, output) = (node.input[0].clone(), node.output[0].clone());
+    let energy_weights: Vec<String> = node.input[1..].to_vec();
+    g.initializer.retain(|t| !energy_weights.contains(&t.name));
+    for n in g.node.iter_mut() {
+        for i in n.input.iter_mut() {
+            if *i == output {
+                *i = input.clone();
+            }
+        }
+    }
+    p.opset_import.retain(|o| o.domain != "ersm");
+    edit_weights(&mut p);
+    p
+}
+
+#[test]
+fn dense_model_is_the_baseline_and_must_share_the_prefix() {
+    use ersm::ersm::Device;
+    use ersm::pipeline::Pipeline;
+    // The original with a changed suffix weight: the baseline differs from the
+    // package's own dense path, and the pipeline's dense result follows it.
+    let last_init = |p: &mut ModelProto| {
+        let g = p.graph.as_mut().unwrap();
+        let t = g
+            .initializer
+            .iter_mut()
+            .rev()
+            .find(|t| t.float_data.len() > 1 || t.raw_data.len() > 4)
+            .unwrap();
+        if t.raw_data.is_empty() {
+            t.float_data[0] += 3.0;
+        } else {
+            let v = f32::from_le_bytes(t.raw_data[..4].try_into().unwrap()) + 3.0;
+            t.raw_data[..4].copy_from_slice(&v.to_le_bytes());
+        }
+    };
+    let dir = with_manifest("baseline", |m| m["dense_model"] = "original.onnx".into());
+    std::fs::write(
+        dir.join("original.onnx"),
+        tiny_original(last_init).encode_to_vec(),
+    )
+    .unwrap();
+    let m = ModelPackage::load(&dir).unwrap();
+    assert!(m.baseline.is_some());
+    let x: Vec<f32> = (0..3 * 112 * 112)
+        .map(|i| ((i % 97) as f32 / 97.0) - 0.5)
+        .collect();
+    let features = m.prefix.run(&x).unwrap();
+    let own = m.dense_suffix.run(&features).unwrap();
+    let original = m.baseline_suffix().run(&features).unwrap();
+    assert!(own.iter().zip(&original).any(|(a, b)| (a - b).abs() > 1e-3));
+    let p = Pipeline::new(m, Device::Cpu);
+    let (dense, _) = p.dense_from_input(&x).unwrap();
+    assert_eq!(dense, original);
+
+    // An original whose prefix differs is refused, naming the weight.
+    let first_init = |p: &mut ModelProto| {
+        let g = p.graph.as_mut().unwrap();
+        let t = &mut g.initializer[0];
+        if t.raw_data.is_empty() {
+            t.float_data[0] += 1.0;
+        } else {
+            t.raw_data[0] ^= 0x40;
+        }
+    };
+    let dir = with_manifest("baseline-prefix", |m| {
+        m["dense_model"] = "original.onnx".into()
+    });
+    std::fs::write(
+        dir.join("original.onnx"),
+        tiny_original(first_init).encode_to_vec(),
+    )
+    .unwrap();
+    let err = format!("{:#}", ModelPackage::load(&dir).expect_err("refused"));
+    assert_contains(&err, &["original.onnx", "must share the package's prefix"]);
+}
+
+#[test]
+fn fallback_needs_a_margin_in_the_manifest() {
+    use ersm::ersm::Device;
+    use ersm::pipeline::Pipeline;
+    let m = ModelPackage::load(TINY).unwrap();
+    let err = format!(
+        "{:#}",
+        Pipeline::new(m, Device::Cpu).with_fallback().err().unwrap()
+    );
+    assert_contains(&err, &["models/tiny", "sets no fallback margin"]);
+    // A margin of 1 re-runs every frame densely: the result is the dense one.
+    let dir = with_manifest("fallback-all", |m| {
+        m["fallback"] = serde_json::json!({"margin": 1.0})
+    });
+    let p = Pipeline::new(ModelPackage::load(&dir).unwrap(), Device::Cpu)
+        .with_fallback()
+        .unwrap();
+    let x: Vec<f32> = (0..3 * 112 * 112)
+        .map(|i| ((i % 89) as f32 / 89.0) - 0.5)
+        .collect();
+    let (sparse, _, _, fell_back) = p.ersm_from_input(&x).unwrap();
+    let (dense, _) = p.dense_from_input(&x).unwrap();
+    assert!(fell_back);
+    assert_eq!(sparse, dense);
+}

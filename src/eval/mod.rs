@@ -31,7 +31,7 @@ impl Analysed {
         let features = m.prefix.run(&input).context("prefix")?;
         let fmap = FeatureMap::new(&features, m.cut.c, m.cut.h, m.cut.w)?;
         let mask = p.device.compute(fmap, &m.energy).context("energy layer")?;
-        let dense_logits = m.dense_suffix.run(&features).context("dense suffix")?;
+        let dense_logits = m.baseline_suffix().run(&features).context("dense suffix")?;
         Ok(Analysed {
             name: frame.name.clone(),
             features,

@@ -1,6 +1,10 @@
-//! Sparsity: how many tokens each image keeps, with no budget imposed.
+//! Sparsity: how many tokens each image keeps, with no budget imposed, and
+//! what that costs: top-1 agreement with the dense baseline, the confidence
+//! fallback, and the effective suffix compute.
 
 use super::Analysed;
+use crate::pipeline::{top1, top1_margin, Pipeline};
+use anyhow::Result;
 use serde::Serialize;
 
 /// Keep ratio of one image.
@@ -10,6 +14,13 @@ pub struct ImageKeep {
     pub keep_ratio: f64,
     pub kept: usize,
     pub tokens: usize,
+    /// ERSM's top-1 (after any fallback) is the dense baseline's.
+    pub agrees: bool,
+    /// The confidence fallback re-ran this image densely.
+    pub fell_back: bool,
+    /// Suffix multiply-accumulates spent, as a fraction of the dense suffix's
+    /// (sparse plus, when it fell back, dense).
+    pub compute: f64,
 }
 
 /// Keep ratios over a set of images.
@@ -22,20 +33,42 @@ pub struct Sparsity {
     pub max: f64,
     /// Images per keep-ratio bin of width 0.1 (0–0.1, …, 0.9–1.0).
     pub histogram: Vec<usize>,
+    /// Fraction of images whose top-1 is the dense baseline's.
+    pub agreement: f64,
+    /// Fraction of images re-run densely (absent when the fallback is off).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub fallback_rate: Option<f64>,
+    /// Mean effective suffix compute, as a fraction of dense.
+    pub compute: f64,
 }
 
-/// Summarises analysed images.
-pub fn of(images: &[Analysed]) -> Sparsity {
-    let per: Vec<ImageKeep> = images
-        .iter()
-        .map(|a| ImageKeep {
+/// Summarises analysed images, running the sparse suffix on each (and the
+/// fallback where the pipeline has it on and the result is unsure).
+pub fn of(p: &Pipeline, images: &[Analysed]) -> Result<Sparsity> {
+    let plan = &p.model.plan;
+    let dense = plan.dense_cost().max(1) as f64;
+    let mut per = Vec::with_capacity(images.len());
+    for a in images {
+        let logits = a.logits_with(p, &a.mask.kept)?;
+        let fell_back = p.fallback.is_some_and(|m| top1_margin(&logits) < m);
+        let answer = if fell_back { &a.dense_logits } else { &logits };
+        let sparse = plan.cost(&plan.token_counts(&a.mask.kept)) as f64;
+        per.push(ImageKeep {
             image: a.name.clone(),
             keep_ratio: a.mask.keep_ratio(),
             kept: a.mask.kept.len(),
             tokens: a.mask.h * a.mask.w,
-        })
-        .collect();
+            agrees: top1(answer) == top1(&a.dense_logits),
+            fell_back,
+            compute: (sparse + if fell_back { dense } else { 0.0 }) / dense,
+        });
+    }
     let n = per.len().max(1) as f64;
+    let agreement = per.iter().filter(|k| k.agrees).count() as f64 / n;
+    let fallback_rate = p
+        .fallback
+        .map(|_| per.iter().filter(|k| k.fell_back).count() as f64 / n);
+    let compute = per.iter().map(|k| k.compute).sum::<f64>() / n;
     let mean = per.iter().map(|k| k.keep_ratio).sum::<f64>() / n;
     let var = per
         .iter()
@@ -46,7 +79,7 @@ pub fn of(images: &[Analysed]) -> Sparsity {
     for k in &per {
         histogram[((k.keep_ratio * 10.0) as usize).min(9)] += 1;
     }
-    Sparsity {
+    Ok(Sparsity {
         mean,
         std: var.sqrt(),
         min: per
@@ -59,15 +92,21 @@ pub fn of(images: &[Analysed]) -> Sparsity {
             .fold(f64::NEG_INFINITY, f64::max),
         images: per,
         histogram,
-    }
+        agreement,
+        fallback_rate,
+        compute,
+    })
 }
 
 impl Sparsity {
     /// One row per image.
     pub fn csv(&self) -> String {
-        let mut s = String::from("image,keep_ratio,kept,tokens\n");
+        let mut s = String::from("image,keep_ratio,kept,tokens,agrees,fell_back,compute\n");
         for k in &self.images {
-            s += &format!("{},{:.6},{},{}\n", k.image, k.keep_ratio, k.kept, k.tokens);
+            s += &format!(
+                "{},{:.6},{},{},{},{},{:.6}\n",
+                k.image, k.keep_ratio, k.kept, k.tokens, k.agrees, k.fell_back, k.compute
+            );
         }
         s
     }
@@ -82,6 +121,15 @@ impl Sparsity {
             self.min,
             self.max
         );
+        s += &format!(
+            "top-1 agreement with dense {:.1} %, effective suffix compute {:.3} of dense",
+            self.agreement * 100.0,
+            self.compute
+        );
+        if let Some(r) = self.fallback_rate {
+            s += &format!(", fallback {:.1} % of images", r * 100.0);
+        }
+        s.push('\n');
         for (i, &n) in self.histogram.iter().enumerate() {
             s += &format!(
                 "  {:.1}-{:.1} {:>4} {}\n",

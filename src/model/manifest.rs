@@ -18,6 +18,22 @@ pub struct Manifest {
     pub labels: Vec<String>,
     #[serde(default)]
     pub licence: serde_json::Value,
+    /// The original network (ONNX file, relative to the package folder) that the
+    /// dense baseline and the fallback run, when the sparse network's weights
+    /// were fine-tuned away from it. Absent: the package's own network, every
+    /// token kept, is the baseline.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dense_model: Option<String>,
+    /// Confidence fallback, chosen on training data.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fallback: Option<Fallback>,
+}
+
+/// When a frame is re-run densely: the sparse result's top-1 softmax
+/// probability minus its top-2 is below `margin`.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Fallback {
+    pub margin: f32,
 }
 
 /// The network input.
@@ -77,6 +93,19 @@ impl Manifest {
         }
         if p.std.iter().any(|&x| x <= 0.0) {
             bail!("preprocess.std must be positive, got {:?}", p.std);
+        }
+        if let Some(f) = &self.fallback {
+            if !(0.0..=1.0).contains(&f.margin) {
+                bail!(
+                    "fallback.margin must be a probability margin in [0, 1], got {}",
+                    f.margin
+                );
+            }
+        }
+        if let Some(d) = &self.dense_model {
+            if d.is_empty() || d == &self.model {
+                bail!("dense_model must name another ONNX file than model, got \"{d}\"");
+            }
         }
         Ok(())
     }

@@ -1,6 +1,7 @@
 //! Model packages: loading, validating, and cutting one ONNX network into the
 //! dense prefix, the energy layer, and the sparse suffix (DESIGN.md, "Model package").
 
+pub mod baseline;
 pub mod energy;
 pub mod lower;
 pub mod manifest;
@@ -11,6 +12,7 @@ use crate::ersm::EnergySpec;
 use crate::prefix::TractNet;
 use crate::sparse::Plan;
 use anyhow::{bail, ensure, Context, Result};
+pub use baseline::Baseline;
 pub use manifest::Manifest;
 use onnx::{ancestors, float_input, label, subgraph, Constants};
 use prost::Message;
@@ -54,6 +56,11 @@ pub struct ModelPackage {
     pub suffix_proto: ModelProto,
     /// The whole network with the energy layer as Identity (every token kept).
     pub dense_proto: ModelProto,
+    /// The prefix as an ONNX model (output: the energy layer's input).
+    pub prefix_proto: ModelProto,
+    /// The original network, when the manifest names one (`dense_model`): the
+    /// dense baseline and the fallback run it instead of `dense_suffix`.
+    pub baseline: Option<Baseline>,
 }
 
 impl ModelPackage {
@@ -72,7 +79,37 @@ impl ModelPackage {
         let manifest = Manifest::read(&dir.join("manifest.json"))?;
         let path = dir.join(&manifest.model);
         let proto = read_onnx(&path)?;
-        Self::from_proto(proto, manifest, &path)
+        let mut package = Self::from_proto(proto, manifest, &path)?;
+        if let Some(file) = package.manifest.dense_model.clone() {
+            let bpath = dir.join(&file);
+            let cut = &package.cut;
+            let baseline = Baseline::load(
+                &bpath,
+                &cut.input,
+                &[1, cut.c, cut.h, cut.w],
+                &package.prefix_proto,
+            )
+            .with_context(|| format!("dense_model {}", bpath.display()))?;
+            package.baseline = Some(baseline);
+        }
+        Ok(package)
+    }
+
+    /// The dense baseline's layers after the cut: the original network's when
+    /// the package carries one, else the package's own with every token kept.
+    pub fn baseline_suffix(&self) -> &TractNet {
+        match &self.baseline {
+            Some(b) => &b.suffix,
+            None => &self.dense_suffix,
+        }
+    }
+
+    /// The whole dense baseline network, as ONNX.
+    pub fn baseline_proto(&self) -> &ModelProto {
+        match &self.baseline {
+            Some(b) => &b.proto,
+            None => &self.dense_proto,
+        }
     }
 
     /// Validates and cuts an ONNX model; `origin` names it in errors.
@@ -170,7 +207,8 @@ impl ModelPackage {
         let (c, h, w) = (fs[1], fs[2], fs[3]);
         let energy = energy::spec(enode, &consts, c)?;
 
-        let plan = lower::lower(&suffix_nodes, &consts, &output, (c, h, w), &graph_output)?;
+        let mut plan = lower::lower(&suffix_nodes, &consts, &output, (c, h, w), &graph_output)?;
+        plan.stride_rule = energy::stride_rule(enode)?;
         let suffix_proto = subgraph(
             &proto,
             suffix_nodes,
@@ -198,6 +236,8 @@ impl ModelPackage {
             prefix_ops,
             suffix_proto,
             dense_proto,
+            prefix_proto,
+            baseline: None,
         })
     }
 }
