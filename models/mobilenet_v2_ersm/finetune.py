@@ -1,0 +1,260 @@
+"""Sparsity-aware fine-tuning of MobileNetV2's suffix under one semantics
+(`semantics.py`), by distillation from the original dense network on heavily
+augmented views (`data.py`): the teacher sees the same view as the student.
+
+Loss: KL to the teacher's logits, MSE to its pooled pre-classifier features,
+a pull back toward the teacher's weights, and (when the energy head trains)
+the keep regulariser. Masks are either spatially coherent random masks (to
+compare semantics with the masks held fixed) or the energy head's (hard
+forward, straight-through gradient through a sigmoid whose temperature is
+annealed, the head's bias starting where every token is kept).
+
+Checkpoints every `--ckpt-every` steps to `--ckpt`; rerunning the same command
+resumes from it. The runs in REPORT.md (logs in runs/; 1.5-2.5 s a step on 2 cores):
+
+    cd models/mobilenet_v2_ersm
+    # pilots: which semantics trains better with the masks held random
+    python3 finetune.py --data /tmp/data --semantics fast --masks random --steps 240 --eval-every 80 \\
+        --ckpt /tmp/pilot_fast.pt --log runs/pilot_fast.jsonl
+    python3 finetune.py --data /tmp/data --semantics zero --masks random --steps 240 --eval-every 80 \\
+        --ckpt /tmp/pilot_zero.pt --log runs/pilot_zero.jsonl          # stopped after step 160
+    # run 1 (its first 200 steps: 150 head-only, 50 joint), then run 2 from its step-200 checkpoint
+    python3 finetune.py --data /tmp/data --semantics zero --masks head --ratio 1.0 --beta 0.1 --shift 1.0 \\
+        --head-steps 150 --steps 2400 --eval-every 200 --ckpt /tmp/run1.pt --log runs/run1_head_phase.jsonl
+    python3 finetune.py --data /tmp/data --semantics zero --masks head --ratio 1.0 --beta 0.1 --shift 1.0 \\
+        --steps 1200 --lr 5e-5 --pull 0.05 --full 0.2 --eval-every 150 --init /tmp/run1_step200.pt \\
+        --ckpt /tmp/run2.pt --log runs/run2.jsonl                      # stopped after step 600
+    python3 export.py --data /tmp/data --ckpt /tmp/run2.pt --out /tmp/run2_pkg --offsets=-1,-0.5,0,0.5,1
+"""
+
+import argparse
+import copy
+import json
+import os
+import random
+import time
+from dataclasses import replace
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import data
+from measure_semantics import coherent_masks
+from semantics import CUT, ZERO, Semantics, Suffix, calibration_means, dense_macs, fit_fast_paths
+from train import TAU, EnergyHead, hard_mask, importance_targets, load_backbone, weights_path
+
+SEMANTICS = {
+    "zero": replace(ZERO, down="centre"),
+    "zero-any": ZERO,
+    "fast": Semantics(cut="keep", res="identity", nonres="fast", bg="mean", pool="all", down="centre"),
+}
+
+
+class Student(nn.Module):
+    """The suffix being trained: a copy of the network, learned backgrounds
+    (fill vectors) and fast paths, and the energy head."""
+
+    def __init__(self, teacher, sem, means, fast):
+        super().__init__()
+        self.net = copy.deepcopy(teacher)
+        self.sem = sem
+        self.means = nn.ParameterDict({self.key(k): nn.Parameter(v.clone()) for k, v in means.items()})
+        self.fast_w = nn.ParameterDict({str(i): nn.Parameter(w.clone()) for i, (w, _) in fast.items()})
+        self.fast_b = nn.ParameterDict({str(i): nn.Parameter(b.clone()) for i, (_, b) in fast.items()})
+        self.head = EnergyHead(32)
+
+    @staticmethod
+    def key(k):
+        return k if isinstance(k, str) else f"{k[0]}_{k[1]}"
+
+    def suffix(self):
+        means = {}
+        for k in self.means:
+            if k == "cut":
+                means["cut"] = self.means[k]
+            else:
+                i, kind = k.split("_")
+                means[(int(i), kind)] = self.means[k]
+        fast = {int(i): (self.fast_w[i], self.fast_b[i]) for i in self.fast_w}
+        return Suffix(self.net, means, fast)
+
+    def forward(self, f, m):
+        s = self.suffix()
+        logits, macs = s.run(f, m, self.sem)
+        return logits, s.pooled, macs
+
+
+def teacher_outputs(teacher, f):
+    with torch.no_grad():
+        y = teacher.features[CUT:](f)
+        pooled = y.mean((2, 3))
+        return teacher.classifier(pooled), pooled
+
+
+def evaluate(student, teacher, f, masks_fn, total):
+    """Agreement, top-5 overlap, keep and MAC fraction on held-out features."""
+    student.eval()
+    out = {"agree": [], "keep": [], "macs": [], "top5": []}
+    with torch.no_grad():
+        for i in range(0, len(f), 64):
+            fb = f[i:i + 64]
+            m = masks_fn(fb, i)
+            logits, _, macs = student(fb, m)
+            t, _ = teacher_outputs(teacher, fb)
+            out["agree"].append((logits.argmax(1) == t.argmax(1)).float())
+            d5, s5 = t.topk(5, 1).indices, logits.topk(5, 1).indices
+            out["top5"].append(torch.tensor([len(set(a.tolist()) & set(b.tolist())) / 5 for a, b in zip(d5, s5)]))
+            out["keep"].append(m.flatten(1).mean(1))
+            out["macs"].append(macs / total)
+    return {k: torch.cat(v).mean().item() for k, v in out.items()}
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--data", required=True)
+    ap.add_argument("--semantics", choices=sorted(SEMANTICS), default="fast")
+    ap.add_argument("--masks", choices=["random", "head"], default="head")
+    ap.add_argument("--steps", type=int, default=300)
+    ap.add_argument("--batch", type=int, default=24)
+    ap.add_argument("--lr", type=float, default=1e-4)
+    ap.add_argument("--head-lr", type=float, default=2e-3)
+    ap.add_argument("--mse", type=float, default=1.0, help="weight of the pooled-feature MSE")
+    ap.add_argument("--pull", type=float, default=1e-3, help="weight of the pull toward the teacher's weights")
+    ap.add_argument("--beta", type=float, default=0.5, help="keep regulariser (head masks)")
+    ap.add_argument("--ratio", type=float, default=1.0, help="head masks: importance threshold (x image mean)")
+    ap.add_argument("--shift", type=float, default=1.0, help="head masks: random energy offset range for the suffix")
+    ap.add_argument("--st", type=float, default=0.0, help="head masks: weight of the straight-through gradient")
+    ap.add_argument("--head-steps", type=int, default=0, help="head masks: steps training the head alone first")
+    ap.add_argument("--full", type=float, default=0.0,
+                    help="head masks: fraction of each batch run with every token kept (keeps the dense path faithful)")
+    ap.add_argument("--init", help="start from this checkpoint's student (fresh optimizer and schedule)")
+    ap.add_argument("--keep-range", default="0.15:0.7", help="random masks: keep ratio drawn from this range")
+    ap.add_argument("--eval-every", type=int, default=100)
+    ap.add_argument("--eval-views", type=int, default=256)
+    ap.add_argument("--ckpt", required=True)
+    ap.add_argument("--ckpt-every", type=int, default=50)
+    ap.add_argument("--log", required=True)
+    ap.add_argument("--seed", type=int, default=0)
+    args = ap.parse_args()
+    torch.set_num_threads(os.cpu_count() or 2)
+    random.seed(args.seed)
+    np.random.seed(args.seed)
+    torch.manual_seed(args.seed)
+
+    teacher = load_backbone(weights_path())
+    train_photos, held, stamps, images = data.training_images(args.data)
+    views = data.Views(images, stamps)
+    held_views = data.held_out_views(args.data, held)
+    rng = random.Random(1)
+    sub = sorted(rng.sample(range(len(held_views)), min(args.eval_views, len(held_views))))
+    with torch.no_grad():
+        hx = torch.stack([held_views[i][1] for i in sub])
+        hf = torch.cat([teacher.features[:CUT](hx[i:i + 64]) for i in range(0, len(hx), 64)])
+        calib = torch.stack([data.runtime_view(im) for im in images[:256]])
+        fc = teacher.features[:CUT](calib)
+    sem = SEMANTICS[args.semantics]
+    student = Student(teacher, sem, calibration_means(teacher, fc), fit_fast_paths(teacher, fc))
+    total = dense_macs(teacher, hf)
+    teacher_params = {n: p.detach().clone() for n, p in student.net.named_parameters()}
+    tuned = [p for n, p in student.named_parameters() if not n.startswith("head.")]
+    for p in tuned:
+        p.requires_grad_(True)
+    opt = torch.optim.Adam([{"params": tuned, "lr": args.lr},
+                            {"params": student.head.parameters(), "lr": args.head_lr}])
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, args.steps)
+    start = 0
+    if args.init and not os.path.exists(args.ckpt):
+        student.load_state_dict(torch.load(args.init, weights_only=False)["student"])
+        print(f"initialised from {args.init}", flush=True)
+    if os.path.exists(args.ckpt):
+        ck = torch.load(args.ckpt, weights_only=False)
+        student.load_state_dict(ck["student"])
+        opt.load_state_dict(ck["opt"])
+        sched.load_state_dict(ck["sched"])
+        start = ck["step"]
+        random.setstate(ck["py_rng"])
+        torch.set_rng_state(ck["torch_rng"])
+        print(f"resumed at step {start}", flush=True)
+    lo, hi = (float(v) for v in args.keep_range.split(":"))
+    eval_masks = {f"random {k}": coherent_masks(len(hf), k, seed=100 + int(k * 10)) for k in (0.3, 0.5)}
+    logf = open(args.log, "a")
+
+    def log(rec):
+        print(json.dumps(rec), flush=True)
+        logf.write(json.dumps(rec) + "\n")
+        logf.flush()
+
+    def run_eval(step):
+        rec = {"step": step, "semantics": sem.name(), "masks": args.masks}
+        for name, em in eval_masks.items():
+            rec[name] = evaluate(student, teacher, hf, lambda fb, i, em=em: em[i:i + len(fb)], total)
+        rec["full"] = evaluate(student, teacher, hf, lambda fb, i: torch.ones(len(fb), 1, 28, 28), total)
+        if args.masks == "head":
+            rec["head"] = evaluate(student, teacher, hf, lambda fb, i: hard_mask(student.head(fb)[0]), total)
+        log(rec)
+
+    if start == 0:
+        run_eval(0)
+    student.net.eval()  # BatchNorm keeps its statistics: it folds into the convs at export
+    t0 = time.time()
+    for step in range(start, args.steps):
+        x = views.batch(args.batch)
+        with torch.no_grad():
+            f = teacher.features[:CUT](x)
+        t_logits, t_pooled = teacher_outputs(teacher, f)
+        if args.masks == "random":
+            keep = random.uniform(lo, hi)
+            m = coherent_masks(len(f), keep, seed=random.randrange(1 << 30))
+            reg = torch.zeros(())
+        else:
+            e, _ = student.head(f)
+            tau = 2.0 * (0.25 ** (step / max(1, args.steps)))  # annealed 2 → 0.5
+            soft = torch.sigmoid(-e / tau)
+            # The head learns which tokens matter to the teacher (importance
+            # targets, stable), the keep regulariser, and a straight-through
+            # share of the distillation loss. The suffix sees the head's masks
+            # shifted by a random per-image offset, so that it works across the
+            # operating points the offset sweep of the report explores.
+            target = importance_targets(teacher, f, args.ratio)
+            reg = args.beta * soft.mean() + F.binary_cross_entropy_with_logits(-e / TAU, target)
+            with torch.no_grad():
+                shift = (torch.rand(len(f), 1, 1, 1) * 2 - 1) * args.shift
+                hard = hard_mask(student.head(f, shift)[0])
+                full = torch.rand(len(f)) < args.full
+                hard[full] = 1.0
+            m = hard + args.st * (soft - soft.detach())
+            if step < args.head_steps:
+                opt.zero_grad()
+                reg.backward()
+                opt.step()
+                if step % 10 == 0:
+                    log({"step": step, "head_only": True, "keep": hard.flatten(1).mean().item(),
+                         "s_per_step": (time.time() - t0) / (step - start + 1)})
+                continue
+        s_logits, s_pooled, _ = student(f, m)
+        kl = F.kl_div(F.log_softmax(s_logits, 1), F.log_softmax(t_logits, 1), log_target=True,
+                      reduction="batchmean")
+        mse = F.mse_loss(s_pooled, t_pooled) / t_pooled.var().clamp_min(1e-6)
+        pull = sum(((p - teacher_params[n]) ** 2).sum() for n, p in student.net.named_parameters())
+        loss = kl + args.mse * mse + args.pull * pull + reg
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        sched.step()
+        if step % 10 == 0:
+            log({"step": step, "kl": kl.item(), "mse": mse.item(), "pull": pull.item(),
+                 "keep": m.detach().flatten(1).mean().item(), "s_per_step": (time.time() - t0) / (step - start + 1)})
+        if (step + 1) % args.ckpt_every == 0 or step + 1 == args.steps:
+            torch.save({"student": student.state_dict(), "opt": opt.state_dict(), "sched": sched.state_dict(),
+                        "step": step + 1, "py_rng": random.getstate(), "torch_rng": torch.get_rng_state(),
+                        "args": vars(args)}, args.ckpt + ".tmp")
+            os.replace(args.ckpt + ".tmp", args.ckpt)
+        if (step + 1) % args.eval_every == 0 or step + 1 == args.steps:
+            run_eval(step + 1)
+            student.net.eval()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,158 @@
+"""The issue-12 section of REPORT.md: what a dropped token should hold
+(semantics.json, from measure_semantics.py), the fine-tuning pilots and the
+sparsity-aware fine-tuning run (runs/*.jsonl, from finetune.py) and its
+held-out curve with and without the confidence fallback (runs/run2_export.json,
+the report.json export.py wrote for that checkpoint). Replaces the section
+between its heading and the next "## " heading of the same rank.
+
+    python3 models/mobilenet_v2_ersm/report_finetune.py
+"""
+
+import json
+import os
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+HEADING = "## What a dropped token holds, and sparsity-aware fine-tuning"
+
+
+def load_jsonl(name):
+    path = os.path.join(HERE, "runs", name)
+    if not os.path.exists(path):
+        return []
+    return [json.loads(line) for line in open(path) if line.strip()]
+
+
+def pct(x):
+    return f"{x * 100:.1f} %"
+
+
+def main():
+    sem = json.load(open(os.path.join(HERE, "semantics.json")))
+    export_path = os.path.join(HERE, "runs", "run2_export.json")
+    r = json.load(open(export_path)) if os.path.exists(export_path) else None
+    L = [HEADING + "\n"]
+    L.append("Not shipped: the package above keeps torchvision's suffix. This section records what issue 12's "
+             "items 1, 2 and 4 measured; the runtime pieces they need (the `centre` stride rule, an original "
+             "network as the dense baseline, the confidence fallback) are in ersm and documented in "
+             "`models/README.md`.\n")
+    L.append("### 1. Semantics, with the masks held fixed\n")
+    L.append(f"`measure_semantics.py`: torchvision's suffix unchanged, {sem['views']} held-out views (51 photos "
+             "× 10 views and every 20th frame of the vtest and tree clips), this package's masks (\"shipped "
+             "head\") and spatially coherent random masks at keep 0.3 / 0.5 / 0.7. Agreement is top-1 with the "
+             "dense network; MACs are the suffix's, as a fraction of dense. Each semantics is defined by its "
+             "dense-masked torch reference in `semantics.py`.\n")
+    L.append("| semantics | masks | keep | top-1 agreement | top-5 overlap | suffix MACs |")
+    L.append("|---|---|---|---|---|---|")
+    for x in sem["rows"]:
+        L.append(f"| {x['semantics']} | {x['masks']} | {x['keep']:.2f} | {pct(x['top1_agreement'])} | "
+                 f"{pct(x['top5_overlap'])} | {x['mac_fraction']:.3f} |")
+    L.append("\nKey: `cut` what the cut's dropped tokens hold (zero, the calibration mean, or their real "
+             "values); `bg` what computed tensors hold at dropped positions (zero, or the per-layer calibration "
+             "mean: a fill vector); `res=identity` a residual block passes its input through at dropped "
+             "positions (DynConv); `inner=exact` the block's expansion is computed wherever its depthwise conv "
+             "reads (DynConv's dilated mask); `nonres=dense` non-residual blocks computed everywhere; "
+             "`nonres=fast` dropped positions of non-residual blocks through a least-squares linear map of the "
+             "block input, and the last 1×1 conv applied once to their mean; `down` the stride rule; "
+             "`pool=all` global pooling over every position.\n")
+    L.append("With the suffix frozen, every rule lies near one line of agreement against MACs, and none keeps "
+             "the answer at half the compute. What separates them: (a) the stride rule. With `any` (max-pool) "
+             "a 2×2 block with one kept token stays active, so 30 % kept at the cut costs 44 % of the suffix; "
+             "`centre` keeps every level at the cut's ratio (0.30 → 0.30) for the same agreement at each MAC "
+             "budget. (b) Computing dropped positions (`nonres=dense`, `inner=exact`) buys agreement with MACs "
+             "at about the same rate, and `nonres=dense` alone costs 43 % of the suffix whatever is dropped, "
+             "which rules it out for a ≤ 50 % target.\n")
+    pz, pf = load_jsonl("pilot_zero.jsonl"), load_jsonl("pilot_fast.jsonl")
+    evals = lambda log: {e["step"]: e for e in log if "random 0.3" in e}
+    ez, ef = evals(pz), evals(pf)
+    L.append("Fine-tuning decides between the two cheapest candidates (`finetune.py --masks random`: random "
+             "coherent masks at keep 0.15–0.7, KL + pooled-feature MSE, Adam 1e-4, batch 24; 256 held-out "
+             "views, fixed random masks):\n")
+    L.append("| step | zero, centre: keep 0.3 | keep 0.5 | fast path, centre: keep 0.3 | keep 0.5 |")
+    L.append("|---|---|---|---|---|")
+    for s in sorted(set(ez) & set(ef)):
+        L.append(f"| {s} | {pct(ez[s]['random 0.3']['agree'])} ({ez[s]['random 0.3']['macs']:.3f} MACs) | "
+                 f"{pct(ez[s]['random 0.5']['agree'])} | {pct(ef[s]['random 0.3']['agree'])} "
+                 f"({ef[s]['random 0.3']['macs']:.3f} MACs) | {pct(ef[s]['random 0.5']['agree'])} |")
+    L.append("\n**Chosen: zero with the `centre` stride rule** (`stride_rule = \"centre\"` on the energy "
+             "node). It trains at least as well as the fast path for fewer MACs and needs no new op; ersm "
+             "implements it exactly (`tests/parity.rs`: sparse = dense-masked reference within 1e-4 on random "
+             "networks under both rules).\n")
+    L.append("### 2. Sparsity-aware fine-tuning\n")
+    run1, run2 = load_jsonl("run1_head_phase.jsonl"), load_jsonl("run2.jsonl")
+    L.append("Data (`data.py`, `training.json` of the run): every natural photo found in Debian's opencv-doc, "
+             "plasma-workspace-wallpapers, mate-backgrounds, gnome-backgrounds, ukui-wallpapers and "
+             "lomiri-wallpapers packages and scikit-image/scikit-learn's data (photo filter, copies removed): "
+             "131 training photos and every third frame of the Megamind clips, with 239 photographed Tux Paint "
+             "cut-outs pasted on; held out: 51 photos (the 14 held out before and a hash-chosen fifth) and the "
+             "vtest and tree clips whole. Views: random resized crops (10–100 %), pasted objects, flips, colour "
+             "jitter, grey-scale, blur, MixUp or CutMix on two thirds of each batch; the teacher sees the same "
+             "view. Gate: starts keeping every token, hard forward, trained on the teacher's token importance "
+             "and the keep regulariser; the suffix sees the head's masks shifted by a random per-image energy "
+             "offset (±1). Loss: KL to the original's logits, MSE to its pooled features, a pull toward its "
+             "weights.\n")
+    L.append("| run | step | held-out head masks: keep | agreement | every token kept: agreement |")
+    L.append("|---|---|---|---|---|")
+    for name, log in [("run 1: `--lr 1e-4 --pull 0.001`, 150 head-only steps first", run1),
+                      ("run 2: from run 1's step 200, `--lr 5e-5 --pull 0.05 --full 0.2`", run2)]:
+        for e in log:
+            if isinstance(e.get("head"), dict):
+                full = pct(e["full"]["agree"]) if "full" in e else "-"
+                L.append(f"| {name} | {e['step']} | {e['head']['keep']:.3f} | {pct(e['head']['agree'])} | {full} |")
+    L.append("")
+    if r:
+        L.append(f"Held-out curve of run 2's checkpoint (step {r['checkpoint_step']}; `export.py`), one row per "
+                 "energy offset; the fallback margin of each row is chosen on training views for 97 % agreement "
+                 "there:\n")
+        L.append("| offset | keep mean (min..max) | sparse MACs | agreement | same masks, original suffix | "
+                 "training views | top-5 | margin | fallback | agreement w/ fallback | effective compute |")
+        L.append("|---|---|---|---|---|---|---|---|---|---|---|")
+        for p in r["curve"]:
+            h, f = p["held_out"], p["held_out_fallback"]
+            fz = p.get("held_out_frozen_suffix", {}).get("top1_agreement")
+            tr = p.get("train_sparse", {}).get("top1_agreement")
+            L.append(f"| {p['offset']:+g} | {h['keep_mean']:.3f} ({h['keep_min']:.2f}..{h['keep_max']:.2f}) | "
+                     f"{h['sparse_mac_fraction']:.3f} | {pct(h['top1_agreement'])} | "
+                     f"{pct(fz) if fz is not None else '-'} | {pct(tr) if tr is not None else '-'} | "
+                     f"{pct(h['top5_overlap'])} | "
+                     f"{p['fallback_margin']:.3f} | {pct(f['fallback_rate'])} | {pct(f['top1_agreement'])} | "
+                     f"{f['effective_compute']:.3f} |")
+        L.append("")
+    L.append("### What the measurements say is missing\n")
+    L.append(MISSING)
+    text = open(os.path.join(HERE, "REPORT.md")).read()
+    if HEADING in text:
+        i = text.index(HEADING)
+        j = text.find("\n## ", i + len(HEADING))
+        text = text[:i] + "\n".join(L) + "\n" + (text[j:] if j >= 0 else "")
+    else:
+        text = text.rstrip("\n") + "\n\n" + "\n".join(L) + "\n"
+    open(os.path.join(HERE, "REPORT.md"), "w").write(text)
+
+
+MISSING = """- **Far too little training, not only too little data.** After 800 joint steps (batch 24, about 19 000
+  views, 2.2 s a step on 2 cores) the KL to the original is still about 1.5, and agreement on *training*
+  views at keep 0.5 is 43 % against 39 % held out: the gap is small, so the suffix is under-trained rather
+  than over-fitted. Sparsity-aware methods that reach ~50 % spatial compute (DynConv, DGNet, LASNet) train
+  for tens of ImageNet epochs on GPUs; this run saw about 1.5 % of one epoch's images. The next step is a run one to two orders
+  of magnitude longer: a GPU session, or several CPU sessions resuming `finetune.py` checkpoints.
+- **Fine-tuning does help the sparse path.** With the same masks, the fine-tuned suffix agrees twice as
+  often as the original at keep 0.39 (22.0 % against 11.4 %) and gains at keep 0.62 (39.2 % against
+  32.5 %); at keep 0.79 it is below (52.9 % against 56.1 %), where the original barely needs help and the
+  fine-tuned network's drift costs more. Its dense path drifted too (every token kept: 45 % agreement at
+  step 0 of run 2, 68 % at step 600 with `--full 0.2`); that does not touch the dense baseline, which is
+  `original.onnx`, but shows how far 800 steps move the weights.
+- **The fallback pays only when the sparse path is already right.** With sparse agreement of 20–55 %, the
+  margin that brings training views to 97 % re-runs 73–94 % of held-out frames, and the effective suffix
+  compute is 1.07–1.52 of dense: more than running dense. It needs sparse agreement near 90 % first.
+- **The head.** It learns the teacher's first-order token importance; at keep 0.39 even the fine-tuned
+  suffix agrees on 22 % of views with its masks. Training it on the distillation loss itself (straight-through,
+  which collapsed when the suffix was frozen) becomes worth trying once the suffix tolerates drops.
+- Not tried: the cut at stride 4 (the prefix already takes more than half the CPU time at stride 8), and
+  the fast-path semantics beyond the 240-step pilot.
+
+The package therefore keeps its head-only network (torchvision's suffix, `any` rule), which on these
+held-out views agrees 64.8 % at 0.897 of the suffix MACs, above run 2's best point (52.9 % at 0.789).
+"""
+
+if __name__ == "__main__":
+    main()
