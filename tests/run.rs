@@ -441,3 +441,84 @@ fn video_file_through_real_ffmpeg() {
     std::fs::remove_file(&avi).ok();
     std::fs::remove_file(&video).ok();
 }
+
+/// A copy of the tiny package whose manifest sets a fallback margin.
+fn tiny_with_fallback(name: &str, margin: f64) -> PathBuf {
+    let dir = tmp(name);
+    std::fs::create_dir_all(&dir).unwrap();
+    let src = root().join("models/tiny");
+    std::fs::copy(src.join("model.onnx"), dir.join("model.onnx")).unwrap();
+    let text = std::fs::read_to_string(src.join("manifest.json")).unwrap();
+    let mut m: serde_json::Value = serde_json::from_str(&text).unwrap();
+    m["fallback"] = serde_json::json!({ "margin": margin });
+    std::fs::write(dir.join("manifest.json"), m.to_string()).unwrap();
+    dir
+}
+
+#[test]
+fn fallback_is_counted_in_the_summary_records_and_bench() {
+    // Margin 1: every frame is unsure, so every frame re-runs densely and
+    // agrees with dense; the suffix compute includes both runs.
+    let model = tiny_with_fallback("fallback", 1.0);
+    let jsonl = tmp("fallback.jsonl");
+    let images = root().join("models/images");
+    let mut c = Command::new(env!("CARGO_BIN_EXE_ersm"));
+    c.args(["run", "--model", model.to_str().unwrap(), "--fallback"])
+        .args(["--source", images.to_str().unwrap(), "--warmup", "0"])
+        .args(["--jsonl", jsonl.to_str().unwrap()]);
+    let (o, out, err) = output(c);
+    assert!(o.status.success(), "{err}");
+    assert_summary(&out, 4, "end of stream");
+    assert!(out.contains("100.0 % of frames re-run densely"), "{out}");
+    assert!(out.contains("top-1 agreement 100.0 %"), "{out}");
+    let compute: f64 = out
+        .split("suffix compute ")
+        .nth(1)
+        .and_then(|s| s.split_whitespace().next())
+        .and_then(|s| s.parse().ok())
+        .expect("summary gives the suffix compute");
+    assert!(compute > 1.0, "sparse plus dense: {compute}\n{out}");
+    for line in std::fs::read_to_string(&jsonl).unwrap().lines() {
+        let rec: serde_json::Value = serde_json::from_str(line).unwrap();
+        assert_eq!(rec["fell_back"], true);
+    }
+
+    let json = tmp("fallback-bench.json");
+    let mut c = Command::new(env!("CARGO_BIN_EXE_ersm"));
+    c.args(["bench", "--model", model.to_str().unwrap(), "--fallback"])
+        .args([
+            "--frames",
+            "2",
+            "--warmup",
+            "0",
+            "--json",
+            json.to_str().unwrap(),
+        ]);
+    let (o, _, err) = output(c);
+    assert!(o.status.success(), "{err}");
+    let b: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    assert_eq!(b["fallback_rate"], 1.0);
+    assert!(b["suffix_macs_ersm"].as_f64().unwrap() > b["suffix_macs_dense"].as_f64().unwrap());
+
+    // Without --fallback nothing is re-run, and a package without a margin refuses it.
+    let mut c = Command::new(env!("CARGO_BIN_EXE_ersm"));
+    c.args([
+        "bench",
+        "--model",
+        model.to_str().unwrap(),
+        "--frames",
+        "1",
+        "--json",
+    ])
+    .arg(json.to_str().unwrap());
+    let (o, _, err) = output(c);
+    assert!(o.status.success(), "{err}");
+    let b: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    assert!(b.get("fallback_rate").is_none(), "{b}");
+    let (o, _, err) = output(ersm(&["--fallback", "--max-frames", "1"]));
+    assert!(!o.status.success());
+    assert!(err.contains("sets no fallback margin"), "{err}");
+    std::fs::remove_dir_all(&model).ok();
+}
