@@ -48,11 +48,11 @@ struct BenchArgs {
     /// An image file or a folder of PNG/JPEG images. Default: the bundled photos.
     #[arg(long)]
     images: Option<PathBuf>,
-    /// Frames to time per mode (images are cycled).
-    #[arg(long, default_value_t = 40)]
+    /// Frames to time per mode (images are cycled) [1–1000000].
+    #[arg(long, default_value_t = 40, value_parser = within(1usize, 1_000_000))]
     frames: usize,
-    /// Untimed frames per mode first (caches, allocator).
-    #[arg(long, default_value_t = 3)]
+    /// Untimed frames per mode first (caches, allocator) [0–10000].
+    #[arg(long, default_value_t = 3, value_parser = within(0usize, 10_000))]
     warmup: usize,
     /// Also write the report as JSON to this file.
     #[arg(long)]
@@ -109,14 +109,15 @@ struct RunArgs {
     /// Where the energy layer runs: cpu, cuda, or auto.
     #[arg(long, value_enum, default_value_t = DeviceArg::Auto)]
     device: DeviceArg,
-    /// Requested capture width (cameras) or output width (ffmpeg sources).
-    #[arg(long, default_value_t = 0)]
+    /// Requested capture width (cameras) or output width (ffmpeg sources);
+    /// 0 lets the source choose [0–16384].
+    #[arg(long, default_value_t = 0, value_parser = within(0usize, 16_384))]
     input_width: usize,
-    /// Requested capture height.
-    #[arg(long, default_value_t = 0)]
+    /// Requested capture height; 0 lets the source choose [0–16384].
+    #[arg(long, default_value_t = 0, value_parser = within(0usize, 16_384))]
     input_height: usize,
-    /// Requested camera frame rate.
-    #[arg(long, default_value_t = 0.0)]
+    /// Requested camera frame rate; 0 lets the camera choose [0–1000].
+    #[arg(long, default_value_t = 0.0, value_parser = within(0.0f64, 1000.0))]
     input_fps: f64,
     /// Replay files and folders from the start when they end.
     #[arg(long = "loop")]
@@ -128,17 +129,17 @@ struct RunArgs {
     /// (live sources always do).
     #[arg(long)]
     drop_frames: bool,
-    /// Frames the capture queue holds.
-    #[arg(long, default_value_t = 4)]
+    /// Frames the capture queue holds [1–1024].
+    #[arg(long, default_value_t = 4, value_parser = within(1usize, 1024))]
     queue: usize,
-    /// Stop after this many frames.
-    #[arg(long)]
+    /// Stop after this many frames [1–10^12].
+    #[arg(long, value_parser = within(1usize, 1_000_000_000_000))]
     max_frames: Option<usize>,
-    /// Frames at the start left out of the latency percentiles.
-    #[arg(long, default_value_t = 2)]
+    /// Frames at the start left out of the latency percentiles [0–100000].
+    #[arg(long, default_value_t = 2, value_parser = within(0usize, 100_000))]
     warmup: usize,
-    /// Seconds without a frame after which the source counts as stalled.
-    #[arg(long, default_value_t = 10.0)]
+    /// Seconds without a frame after which the source counts as stalled [0.1–86400].
+    #[arg(long, default_value_t = 10.0, value_parser = within(0.1f64, 86_400.0))]
     stall_timeout: f64,
     /// Write one JSON record per frame to this file.
     #[arg(long)]
@@ -169,11 +170,11 @@ enum EvalCommand {
 struct OcclusionArgs {
     #[command(flatten)]
     common: EvalArgs,
-    /// Occluder sides as fractions of the network's crop.
-    #[arg(long, value_delimiter = ',', default_values_t = [0.15, 0.3])]
+    /// Occluder sides as fractions of the network's crop [each 0.01–1].
+    #[arg(long, value_delimiter = ',', default_values_t = [0.15, 0.3], value_parser = within(0.01f64, 1.0))]
     sizes: Vec<f64>,
-    /// Positions per axis (grid × grid over the crop).
-    #[arg(long, default_value_t = 3)]
+    /// Positions per axis (grid × grid over the crop) [1–32].
+    #[arg(long, default_value_t = 3, value_parser = within(1usize, 32))]
     grid: usize,
 }
 
@@ -202,11 +203,11 @@ struct EvalArgs {
 struct DeletionArgs {
     #[command(flatten)]
     common: EvalArgs,
-    /// Fraction of tokens deleted per step.
-    #[arg(long, default_value_t = 0.1)]
+    /// Fraction of tokens deleted per step [0.01–0.5].
+    #[arg(long, default_value_t = 0.1, value_parser = within(0.01f64, 0.5))]
     step: f64,
-    /// Random orders averaged.
-    #[arg(long, default_value_t = 3)]
+    /// Random orders averaged [1–1000].
+    #[arg(long, default_value_t = 3, value_parser = within(1u64, 1000))]
     seeds: u64,
 }
 
@@ -237,9 +238,30 @@ struct InspectArgs {
     /// Model package folder (manifest.json + ONNX). Default: the bundled model.
     #[arg(long)]
     model: Option<PathBuf>,
-    /// Keep ratio at which to estimate the sparse suffix cost (0..1].
-    #[arg(long, default_value_t = 0.5)]
+    /// Keep ratio at which to estimate the sparse suffix cost [0.001–1].
+    #[arg(long, default_value_t = 0.5, value_parser = within(0.001f64, 1.0))]
     keep: f64,
+}
+
+/// A clap value parser for a number in `[lo, hi]` (NaN and infinities refused):
+/// every numeric option is bounded, and its range is in its help.
+fn within<T>(lo: T, hi: T) -> impl Fn(&str) -> Result<T, String> + Clone + Send + Sync + 'static
+where
+    T: std::str::FromStr + PartialOrd + std::fmt::Display + Copy + Send + Sync + 'static,
+    T::Err: std::fmt::Display,
+{
+    move |s: &str| {
+        let v: T = s
+            .trim()
+            .parse()
+            .map_err(|e| format!("'{s}' is not a number ({e})"))?;
+        // Written so that NaN fails too.
+        if v >= lo && v <= hi {
+            Ok(v)
+        } else {
+            Err(format!("must be between {lo} and {hi}, got {s}"))
+        }
+    }
 }
 
 /// A bundled path: as given relative to the working directory, else beside the crate.

@@ -172,3 +172,32 @@ fn bad_image_is_named_and_the_rest_still_used() {
     );
     assert!(out.contains("Total"));
 }
+
+#[test]
+fn numeric_options_are_bounded_with_clear_errors() {
+    for args in [
+        &["run", "--stall-timeout", "inf"][..],
+        &["run", "--stall-timeout", "1e30"],
+        &["run", "--stall-timeout", "NaN"],
+        &["run", "--queue", "0"],
+        &["run", "--input-width", "100000"],
+        &["bench", "--frames", "0"],
+        &["eval", "deletion", "--step", "1e-9"],
+        &["eval", "occlusion", "--grid", "100000"],
+        &["eval", "occlusion", "--sizes", "0.2,7"],
+        &["inspect", "--keep", "0"],
+    ] {
+        let o = ersm(args);
+        let (_, err) = text(&o);
+        assert_eq!(o.status.code(), Some(2), "{args:?}: {err}");
+        assert!(
+            err.contains("must be between") && !err.contains("panicked"),
+            "{args:?}: {err}"
+        );
+    }
+    let (out, _) = text(&ersm(&["run", "--help"]));
+    assert!(
+        out.contains("[0.1–86400]"),
+        "the range is in the help: {out}"
+    );
+}

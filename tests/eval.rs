@@ -112,7 +112,10 @@ fn results_are_deterministic_for_a_seed() {
     // No fallback: the compute is the sparse suffix's alone, never above dense.
     assert!(s.fallback_rate.is_none());
     assert!((0.0..=1.0).contains(&s.agreement));
-    assert!(s.images.iter().all(|k| !k.fell_back && k.compute > 0.0 && k.compute <= 1.0));
+    assert!(s
+        .images
+        .iter()
+        .all(|k| !k.fell_back && k.compute > 0.0 && k.compute <= 1.0));
 }
 
 #[test]
