@@ -24,6 +24,9 @@ resumes from it. The runs in REPORT.md (logs in runs/; 1.5-2.5 s a step on 2 cor
     python3 finetune.py --data /tmp/data --semantics zero --masks head --ratio 1.0 --beta 0.1 --shift 1.0 \\
         --steps 1200 --lr 5e-5 --pull 0.05 --full 0.2 --eval-every 150 --init /tmp/run1_step200.pt \\
         --ckpt /tmp/run2.pt --log runs/run2.jsonl                      # stopped after step 600
+    python3 finetune.py --data /tmp/data --semantics zero --masks head --ratio 1.0 --beta 0.1 --shift 1.0 \\
+        --steps 1200 --lr 5e-5 --pull 0.05 --full 0.2 --eval-every 300 --init /tmp/run2.pt \\
+        --ckpt /tmp/run3.pt --log runs/run3.jsonl                      # stopped after step 600
     python3 export.py --data /tmp/data --ckpt /tmp/run2.pt --out /tmp/run2_pkg --offsets=-1,-0.5,0,0.5,1
 """
 
