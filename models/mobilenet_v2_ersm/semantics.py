@@ -164,7 +164,7 @@ class Suffix:
             return y, m_out, None, torch.full((x.shape[0],), float(c))
         m_out = downsample(m, sem.down) if stride == 2 else m
         c = torch.zeros(x.shape[0])
-        h, h_bg = x, x_bg
+        h = x
         if expand is not None:
             h = expand(x)
             if sem.inner == "exact":
@@ -173,7 +173,6 @@ class Suffix:
                 reach = dilate(F.interpolate(m_out, scale_factor=stride, mode="nearest")[:, :, :x.shape[2], :x.shape[3]]
                                if stride == 2 else m_out)
                 reach = torch.maximum(reach, m)
-                h_bg = torch.zeros_like(h[:, :, :1, :1])
                 h = reach * h
                 c += macs_of(expand, 1) * n(reach)
             else:
