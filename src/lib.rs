@@ -7,6 +7,7 @@
 pub mod capture;
 pub mod ersm;
 pub mod eval;
+pub mod files;
 pub mod model;
 pub mod overlay;
 pub mod pipeline;

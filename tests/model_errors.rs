@@ -426,3 +426,36 @@ fn fallback_needs_a_margin_in_the_manifest() {
     assert!(fell_back);
     assert_eq!(sparse, dense);
 }
+
+#[test]
+fn paths_that_are_not_regular_files_are_refused_by_name() {
+    // A directory or a device where the ONNX file should be.
+    let dir = scratch("onnx-dir");
+    std::fs::create_dir(dir.join("model.onnx")).unwrap();
+    let err = format!("{:#}", ModelPackage::load(&dir).unwrap_err());
+    assert_contains(&err, &["model.onnx", "is a directory"]);
+    let dir = scratch("onnx-dev");
+    std::os::unix::fs::symlink("/dev/null", dir.join("model.onnx")).unwrap();
+    let err = format!("{:#}", ModelPackage::load(&dir).unwrap_err());
+    assert_contains(&err, &["model.onnx", "is a character device"]);
+    // FIFOs would block a read for ever: refused before opening.
+    let dir = scratch("fifo");
+    std::fs::remove_file(dir.join("manifest.json")).unwrap();
+    let fifo_ok = |p: &Path| {
+        std::process::Command::new("mkfifo")
+            .arg(p)
+            .status()
+            .is_ok_and(|s| s.success())
+    };
+    if !fifo_ok(&dir.join("manifest.json")) || !fifo_ok(&dir.join("x.jpg")) {
+        println!("SKIPPED: the FIFO cases (no mkfifo)");
+        return;
+    }
+    let err = format!("{:#}", ModelPackage::load(&dir).unwrap_err());
+    assert_contains(&err, &["manifest.json", "is a FIFO"]);
+    let err = format!(
+        "{:#}",
+        ersm::source::images::load(&dir.join("x.jpg")).unwrap_err()
+    );
+    assert_contains(&err, &["x.jpg", "is a FIFO"]);
+}

@@ -60,6 +60,7 @@ pub struct Preprocess {
 impl Manifest {
     /// Reads and checks `path`.
     pub fn read(path: &Path) -> Result<Manifest> {
+        crate::files::ensure_regular(path, "manifest")?;
         let text =
             std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
         let m: Manifest = serde_json::from_str(&text)

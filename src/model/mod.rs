@@ -244,6 +244,7 @@ impl ModelPackage {
 
 /// Reads an ONNX file (memory-mapped), with errors that name it.
 pub fn read_onnx(path: &Path) -> Result<ModelProto> {
+    crate::files::ensure_regular(path, "model")?;
     let file =
         std::fs::File::open(path).with_context(|| format!("{}: cannot open", path.display()))?;
     // SAFETY: the map is only read while decoding, and a model file changing

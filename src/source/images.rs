@@ -28,6 +28,7 @@ pub fn list(path: &Path) -> Result<Vec<PathBuf>> {
 
 /// Decodes one image file to RGB8; the error names the file.
 pub fn load(path: &Path) -> Result<Frame> {
+    crate::files::ensure_regular(path, "image")?;
     let img =
         image::open(path).with_context(|| format!("image {}: cannot decode", path.display()))?;
     let rgb = img.to_rgb8();
