@@ -80,6 +80,12 @@ impl Pipeline {
         Ok(self)
     }
 
+    /// True when the fallback is on and `logits` are unsure: their top-1 margin
+    /// is below the package's.
+    pub fn unsure(&self, logits: &[f32]) -> bool {
+        self.fallback.is_some_and(|m| top1_margin(logits) < m)
+    }
+
     /// The model's label for class `i`.
     pub fn manifest_label(&self, i: usize) -> String {
         self.model.manifest.label(i)
@@ -121,7 +127,7 @@ impl Pipeline {
             .run(&mask.kept, mask.features.clone())
             .context("sparse suffix")?;
         let mut logits = out.to_dense(&frame.sets).1;
-        let unsure = self.fallback.is_some_and(|m| top1_margin(&logits) < m);
+        let unsure = self.unsure(&logits);
         if unsure {
             // The prefix is shared, so only the baseline's suffix runs again.
             logits = self

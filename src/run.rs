@@ -270,11 +270,8 @@ fn process(
     }
     let keep = e.mask.keep_ratio();
     t.keeps.push(keep);
-    t.macs += m.plan.cost(&m.plan.token_counts(&e.mask.kept)) as f64;
-    if e.fell_back {
-        t.fell_back += 1;
-        t.macs += m.plan.dense_cost() as f64;
-    }
+    t.macs += m.plan.spent(&e.mask.kept, e.fell_back) as f64;
+    t.fell_back += usize::from(e.fell_back);
     let class = top1(&e.logits);
     let dense_class = d.as_ref().map(|d| top1(&d.logits));
     if let Some(d) = &d {

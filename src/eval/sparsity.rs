@@ -3,7 +3,7 @@
 //! fallback, and the effective suffix compute.
 
 use super::Analysed;
-use crate::pipeline::{top1, top1_margin, Pipeline};
+use crate::pipeline::{top1, Pipeline};
 use anyhow::Result;
 use serde::Serialize;
 
@@ -50,9 +50,8 @@ pub fn of(p: &Pipeline, images: &[Analysed]) -> Result<Sparsity> {
     let mut per = Vec::with_capacity(images.len());
     for a in images {
         let logits = a.logits_with(p, &a.mask.kept)?;
-        let fell_back = p.fallback.is_some_and(|m| top1_margin(&logits) < m);
+        let fell_back = p.unsure(&logits);
         let answer = if fell_back { &a.dense_logits } else { &logits };
-        let sparse = plan.cost(&plan.token_counts(&a.mask.kept)) as f64;
         per.push(ImageKeep {
             image: a.name.clone(),
             keep_ratio: a.mask.keep_ratio(),
@@ -60,7 +59,7 @@ pub fn of(p: &Pipeline, images: &[Analysed]) -> Result<Sparsity> {
             tokens: a.mask.h * a.mask.w,
             agrees: top1(answer) == top1(&a.dense_logits),
             fell_back,
-            compute: (sparse + if fell_back { dense } else { 0.0 }) / dense,
+            compute: plan.spent(&a.mask.kept, fell_back) as f64 / dense,
         });
     }
     let n = per.len().max(1) as f64;

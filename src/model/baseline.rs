@@ -3,11 +3,10 @@
 //! the confidence fallback) must still be the original network, so every
 //! agreement figure is measured against it. It shares the package's prefix.
 
-use super::onnx::{ancestors, float_input, node_name, subgraph, Constants};
+use super::onnx::{float_input, node_name, split_at, subgraph, Constants};
 use super::read_onnx;
 use crate::prefix::TractNet;
 use anyhow::{bail, ensure, Context, Result};
-use std::collections::HashSet;
 use std::path::{Path, PathBuf};
 use tract_onnx::pb::{ModelProto, NodeProto};
 
@@ -62,7 +61,7 @@ impl Baseline {
         let output = graph.output[0].name.clone();
         let model_dir = path.parent().and_then(|p| p.to_str());
         let consts = Constants::load(graph, model_dir)?;
-        let ours: Vec<&NodeProto> = ancestors(graph, &[cut]);
+        let (ours, after) = split_at(graph, cut);
         ensure!(
             !ours.is_empty(),
             "no node computes '{cut}', the tensor where the package is cut"
@@ -73,13 +72,7 @@ impl Baseline {
             .filter(|n| n.op_type != "Constant")
             .collect();
         same_prefix(&compared, &consts, &prefix_nodes, &prefix_consts)?;
-        let names: HashSet<&str> = ours.iter().map(|n| node_name(n)).collect();
-        let suffix_nodes: Vec<NodeProto> = graph
-            .node
-            .iter()
-            .filter(|n| !names.contains(node_name(n)))
-            .cloned()
-            .collect();
+        let suffix_nodes: Vec<NodeProto> = after.into_iter().cloned().collect();
         let suffix_proto = subgraph(
             &proto,
             suffix_nodes,

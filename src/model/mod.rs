@@ -14,7 +14,7 @@ use crate::sparse::Plan;
 use anyhow::{bail, ensure, Context, Result};
 pub use baseline::Baseline;
 pub use manifest::Manifest;
-use onnx::{ancestors, float_input, label, subgraph, Constants};
+use onnx::{float_input, label, split_at, subgraph, Constants};
 use prost::Message;
 use std::collections::HashSet;
 use std::path::{Path, PathBuf};
@@ -104,14 +104,6 @@ impl ModelPackage {
         }
     }
 
-    /// The whole dense baseline network, as ONNX.
-    pub fn baseline_proto(&self) -> &ModelProto {
-        match &self.baseline {
-            Some(b) => &b.proto,
-            None => &self.dense_proto,
-        }
-    }
-
     /// Validates and cuts an ONNX model; `origin` names it in errors.
     pub fn from_proto(
         proto: ModelProto,
@@ -147,19 +139,16 @@ impl ModelPackage {
         let graph_output = graph.output[0].name.clone();
 
         // Prefix: what the energy input needs. Suffix: everything after the cut.
-        let prefix_nodes: Vec<NodeProto> =
-            ancestors(graph, &[&input]).into_iter().cloned().collect();
+        let (before, after) = split_at(graph, &input);
+        let prefix_nodes: Vec<NodeProto> = before.into_iter().cloned().collect();
         ensure!(
             !prefix_nodes.iter().any(|n| n.op_type == energy::OP_TYPE),
             "the energy layer's input depends on the energy layer"
         );
-        let prefix_names: HashSet<&str> = prefix_nodes.iter().map(onnx::node_name).collect();
-        let suffix_nodes: Vec<NodeProto> = graph
-            .node
-            .iter()
-            .enumerate()
-            .filter(|(i, n)| *i != e && !prefix_names.contains(onnx::node_name(n)))
-            .map(|(_, n)| n.clone())
+        let suffix_nodes: Vec<NodeProto> = after
+            .into_iter()
+            .filter(|n| !std::ptr::eq(*n, enode))
+            .cloned()
             .collect();
         let graph_inputs: Vec<_> = graph
             .input

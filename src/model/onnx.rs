@@ -130,6 +130,22 @@ impl Constants {
     }
 }
 
+/// Splits `graph` at tensor `cut`: the nodes that compute it (graph order) and
+/// every other node.
+pub fn split_at<'a>(
+    graph: &'a pb::GraphProto,
+    cut: &str,
+) -> (Vec<&'a NodeProto>, Vec<&'a NodeProto>) {
+    let before = ancestors(graph, &[cut]);
+    let names: HashSet<&str> = before.iter().map(|n| node_name(n)).collect();
+    let after = graph
+        .node
+        .iter()
+        .filter(|n| !names.contains(node_name(n)))
+        .collect();
+    (before, after)
+}
+
 /// The nodes needed to compute `outputs` from the graph inputs and constants,
 /// in graph order.
 pub fn ancestors<'a>(graph: &'a pb::GraphProto, outputs: &[&str]) -> Vec<&'a NodeProto> {

@@ -176,6 +176,17 @@ impl Plan {
         self.steps.iter().map(|s| s.op.cost(tokens)).sum()
     }
 
+    /// Multiply-accumulates one frame spends in the suffix: the sparse suffix on
+    /// `kept`, plus the dense suffix when the frame fell back.
+    pub fn spent(&self, kept: &[u32], fell_back: bool) -> u64 {
+        let sparse = self.cost(&self.token_counts(kept));
+        if fell_back {
+            sparse + self.dense_cost()
+        } else {
+            sparse
+        }
+    }
+
     /// Multiply-accumulates with every token of every level active.
     pub fn dense_cost(&self) -> u64 {
         let full: Vec<usize> = self.levels.iter().map(|l| l.h * l.w).collect();

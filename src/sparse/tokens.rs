@@ -82,7 +82,7 @@ impl TokenSet {
     /// The set of a stride-`s` layer's output under `rule`.
     pub fn downsample(&self, s: usize, out_h: usize, out_w: usize, rule: StrideRule) -> TokenSet {
         let mut active = vec![false; out_h * out_w];
-        let mut any = false;
+        let mut found = false;
         for &i in &self.coords {
             let (y, x) = (i as usize / self.w, i as usize % self.w);
             if rule == StrideRule::Centre && (y % s != 0 || x % s != 0) {
@@ -91,12 +91,12 @@ impl TokenSet {
             let (oy, ox) = (y / s, x / s);
             if oy < out_h && ox < out_w {
                 active[oy * out_w + ox] = true;
-                any = true;
+                found = true;
             }
         }
         // No centre tap active: the output over the first active input stays,
         // so a non-empty set never strides down to nothing.
-        if !any {
+        if !found {
             if let Some(&i) = self.coords.first() {
                 let (oy, ox) = (i as usize / self.w / s, i as usize % self.w / s);
                 active[oy.min(out_h - 1) * out_w + ox.min(out_w - 1)] = true;
