@@ -39,11 +39,19 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 OFFSETS = [-1.0, -0.75, -0.5, -0.25, 0.0, 0.25, 0.5, 0.75, 1.0]
 
 
-def outputs(student, teacher, f, offset, frozen=False):
-    """Sparse logits, dense logits, masks and MAC fractions for features f
-    (with `frozen`, the original suffix under the same masks and semantics)."""
+def dense_logits(teacher, f):
+    """The original network's logits for features f: the same for every offset."""
+    with torch.no_grad():
+        return torch.cat([teacher.classifier(teacher.features[CUT:](f[i:i + 64]).mean((2, 3)))
+                          for i in range(0, len(f), 64)])
+
+
+def outputs(student, teacher, f, dense, offset, frozen=False):
+    """Sparse logits, masks and MAC fractions for features f, with the original's
+    `dense` logits beside them (with `frozen`, the original suffix under the same
+    masks and semantics)."""
     total = dense_macs(teacher, f)
-    res = {"sparse": [], "dense": [], "mask": [], "macs": []}
+    res = {"sparse": [], "mask": [], "macs": []}
     with torch.no_grad():
         for i in range(0, len(f), 64):
             fb = f[i:i + 64]
@@ -53,10 +61,11 @@ def outputs(student, teacher, f, offset, frozen=False):
             else:
                 logits, _, macs = student(fb, m)
             res["sparse"].append(logits)
-            res["dense"].append(teacher.classifier(teacher.features[CUT:](fb).mean((2, 3))))
             res["mask"].append(m)
             res["macs"].append(macs / total)
-    return {k: torch.cat(v) for k, v in res.items()}
+    out = {k: torch.cat(v) for k, v in res.items()}
+    out["dense"] = dense
+    return out
 
 
 def margin(logits):
@@ -182,15 +191,16 @@ def main():
     with torch.no_grad():
         tf = torch.cat([teacher.features[:CUT](torch.stack(tx[i:i + 64])) for i in range(0, len(tx), 64)])
         hf = torch.cat([teacher.features[:CUT](hx[i:i + 64]) for i in range(0, len(hx), 64)])
+    td, hd = dense_logits(teacher, tf), dense_logits(teacher, hf)
     curve, choices = [], []
     for off in [float(v) for v in args.offsets.split(",")]:
-        to = outputs(student, teacher, tf, off)
+        to = outputs(student, teacher, tf, td, off)
         t = choose_margin(to, args.target)
         train_point = summarise(to, t)
-        ho = outputs(student, teacher, hf, off)
+        ho = outputs(student, teacher, hf, hd, off)
         point = {"offset": off, "fallback_margin": t, "train": train_point, "train_sparse": summarise(to),
                  "held_out": summarise(ho), "held_out_fallback": summarise(ho, t),
-                 "held_out_frozen_suffix": summarise(outputs(student, teacher, hf, off, frozen=True))}
+                 "held_out_frozen_suffix": summarise(outputs(student, teacher, hf, hd, off, frozen=True))}
         print(json.dumps(point), flush=True)
         curve.append(point)
         choices.append((train_point["effective_compute"], off, t, ho))
