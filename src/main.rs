@@ -11,6 +11,7 @@ use ersm::report::Ending;
 use ersm::report::{ideal_speedup, BenchReport, StageSamples};
 use ersm::run::RunOptions;
 use ersm::source::{self, images, Looping, SourceOptions, Uri};
+use ersm::threads::Threads;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -65,6 +66,10 @@ struct BenchArgs {
     /// marked) to this SVG file.
     #[arg(long)]
     plot: Option<PathBuf>,
+    /// After the benchmark, time each stage and each kind of sparse suffix op
+    /// on the same frames and print where the time goes.
+    #[arg(long)]
+    profile: bool,
     /// Where the energy layer runs: cpu, cuda (fails without a usable GPU), or
     /// auto (CUDA when available, else CPU).
     #[arg(long, value_enum, default_value_t = DeviceArg::Auto)]
@@ -73,6 +78,10 @@ struct BenchArgs {
     /// below the package's `fallback.margin`).
     #[arg(long)]
     fallback: bool,
+    /// Worker threads for the prefix, the sparse suffix and the dense
+    /// baseline [1–1024]. Default: every core this process may use.
+    #[arg(long, value_parser = within(1usize, 1024))]
+    threads: Option<usize>,
 }
 
 /// `--device` values.
@@ -152,6 +161,10 @@ struct RunArgs {
     /// below the package's `fallback.margin`).
     #[arg(long)]
     fallback: bool,
+    /// Worker threads for the prefix, the sparse suffix and the dense
+    /// baseline [1–1024]. Default: every core this process may use.
+    #[arg(long, value_parser = within(1usize, 1024))]
+    threads: Option<usize>,
 }
 
 #[derive(Subcommand)]
@@ -197,6 +210,10 @@ struct EvalArgs {
     /// sets and ignores it.
     #[arg(long)]
     fallback: bool,
+    /// Worker threads for the prefix, the sparse suffix and the dense
+    /// baseline [1–1024]. Default: every core this process may use.
+    #[arg(long, value_parser = within(1usize, 1024))]
+    threads: Option<usize>,
 }
 
 #[derive(clap::Args)]
@@ -308,7 +325,7 @@ fn run(a: RunArgs) -> Result<()> {
         None => Uri::File(bundled(DEFAULT_STREAM)),
     };
     // Everything is opened before the first frame: failures come first.
-    let pipeline = load_pipeline(a.model, a.device, a.fallback)?;
+    let pipeline = load_pipeline(a.model, a.device, a.fallback, a.threads)?;
     let opts = SourceOptions {
         width: a.input_width,
         height: a.input_height,
@@ -369,7 +386,7 @@ fn run(a: RunArgs) -> Result<()> {
 }
 
 fn bench(a: BenchArgs) -> Result<()> {
-    let pipeline = load_pipeline(a.model, a.device, a.fallback)?;
+    let pipeline = load_pipeline(a.model, a.device, a.fallback, a.threads)?;
     let files = images::list(&a.images.unwrap_or_else(|| bundled(DEFAULT_IMAGES)))?;
     // A bad image is reported and skipped; the rest are still used.
     let (frames, _) = images::load_all(&files);
@@ -434,6 +451,7 @@ fn bench(a: BenchArgs) -> Result<()> {
     let report = BenchReport {
         model: m.manifest.name.clone(),
         device: pipeline.device.name().into(),
+        threads: pipeline.threads.count(),
         frames: a.frames,
         keep_ratio: keep,
         keep_ratio_min: keeps.iter().copied().fold(f64::INFINITY, f64::min),
@@ -455,6 +473,17 @@ fn bench(a: BenchArgs) -> Result<()> {
         w.flush().context("--dump")?;
     }
     println!("{}", report.table());
+    if a.profile {
+        let rows = ersm::profile::ersm(&pipeline, &frames, a.frames)?;
+        println!(
+            "where an ERSM frame's network time goes ({} threads, mean per frame):",
+            pipeline.threads.count()
+        );
+        println!("{}", ersm::profile::table(&rows));
+        let rows = ersm::profile::prefix(&pipeline, &frames, a.frames)?;
+        println!("the prefix by tract op and output shape (mean per frame):");
+        println!("{}", ersm::profile::table(&rows));
+    }
     if let Some(path) = &a.plot {
         let stages: Vec<(&str, Vec<f64>, Vec<f64>)> = ersm::report::STAGES
             .iter()
@@ -473,10 +502,17 @@ fn bench(a: BenchArgs) -> Result<()> {
     Ok(())
 }
 
-fn load_pipeline(model: Option<PathBuf>, device: DeviceArg, fallback: bool) -> Result<Pipeline> {
+fn load_pipeline(
+    model: Option<PathBuf>,
+    device: DeviceArg,
+    fallback: bool,
+    threads: Option<usize>,
+) -> Result<Pipeline> {
     let model_dir = model.unwrap_or_else(|| bundled(DEFAULT_MODEL));
     let model = ModelPackage::load(&model_dir)?;
-    let pipeline = Pipeline::new(model, Device::select(device.into())?);
+    let threads = Threads::new(threads.unwrap_or_else(Threads::available))?;
+    log::info!("{} worker thread(s)", threads.count());
+    let pipeline = Pipeline::new(model, Device::select(device.into())?).with_threads(threads);
     if fallback {
         pipeline.with_fallback()
     } else {
@@ -494,7 +530,12 @@ fn eval(cmd: EvalCommand) -> Result<()> {
         EvalCommand::Sparsity(a) => a,
         EvalCommand::Occlusion(o) => &o.common,
     };
-    let pipeline = load_pipeline(common.model.clone(), common.device, common.fallback)?;
+    let pipeline = load_pipeline(
+        common.model.clone(),
+        common.device,
+        common.fallback,
+        common.threads,
+    )?;
     let images = common
         .images
         .clone()
@@ -558,7 +599,7 @@ fn report_failed(failed: &[String]) {
 }
 
 fn mask(a: MaskArgs) -> Result<()> {
-    let pipeline = load_pipeline(a.model, a.device, false)?;
+    let pipeline = load_pipeline(a.model, a.device, false, None)?;
     let frame = images::load(&a.image)?;
     let r = pipeline.run_ersm(&frame)?;
     let img = ersm::overlay::draw(&frame, &r.mask, &pipeline.model.manifest.preprocess);
@@ -640,9 +681,13 @@ fn inspect(a: InspectArgs) -> Result<()> {
             .map(|l| format!("{}×{}", m.plan.levels[l].h, m.plan.levels[l].w))
             .unwrap_or_else(|| "dense".into());
         let full: Vec<usize> = m.plan.levels.iter().map(|l| l.h * l.w).collect();
+        let name = match step.op.fused() {
+            Some(a) => format!("{}+{}", step.op.name(), a.name()),
+            None => step.op.name().to_string(),
+        };
         println!(
-            "  {:<18} {:<28} {:>9}  {:>10} MACs",
-            step.op.name(),
+            "  {:<22} {:<28} {:>9}  {:>10} MACs",
+            name,
             step.node,
             level,
             step.op.cost(&full)

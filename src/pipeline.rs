@@ -5,6 +5,7 @@ use crate::ersm::{Device, FeatureMap, TokenMask};
 use crate::model::ModelPackage;
 use crate::preprocess::preprocess;
 use crate::source::Frame;
+use crate::threads::Threads;
 use anyhow::{Context, Result};
 use std::time::Instant;
 
@@ -31,6 +32,8 @@ impl StageTimes {
 #[derive(Clone, Debug)]
 pub struct ErsmResult {
     pub logits: Vec<f32>,
+    /// The kept set and energies; its gathered rows went to the suffix
+    /// without a copy, so `mask.features` is empty here.
     pub mask: TokenMask,
     pub times: StageTimes,
     /// The sparse result was unsure and the frame was re-run densely (its
@@ -52,6 +55,8 @@ pub struct Pipeline {
     /// Confidence fallback: re-run the dense baseline's suffix when the sparse
     /// top-1 softmax margin is below this.
     pub fallback: Option<f32>,
+    /// The threads the prefix, the sparse suffix and the dense baseline share.
+    pub threads: Threads,
 }
 
 fn ms(since: Instant) -> f64 {
@@ -65,7 +70,14 @@ impl Pipeline {
             model,
             device,
             fallback: None,
+            threads: Threads::single(),
         }
+    }
+
+    /// Runs every stage on `threads` from now on.
+    pub fn with_threads(mut self, threads: Threads) -> Pipeline {
+        self.threads = threads;
+        self
     }
 
     /// Turns the confidence fallback on with the margin the manifest sets.
@@ -108,6 +120,10 @@ impl Pipeline {
         &self,
         input: &[f32],
     ) -> Result<(Vec<f32>, TokenMask, StageTimes, bool)> {
+        self.threads.install(|| self.ersm_on_threads(input))
+    }
+
+    fn ersm_on_threads(&self, input: &[f32]) -> Result<(Vec<f32>, TokenMask, StageTimes, bool)> {
         let mut times = StageTimes::default();
         let t = Instant::now();
         let features = self.model.prefix.run(input).context("prefix")?;
@@ -115,7 +131,7 @@ impl Pipeline {
         let t = Instant::now();
         let cut = &self.model.cut;
         let fmap = FeatureMap::new(&features, cut.c, cut.h, cut.w)?;
-        let mask = self
+        let mut mask = self
             .device
             .compute(fmap, &self.model.energy)
             .context("energy layer")?;
@@ -124,7 +140,7 @@ impl Pipeline {
         let (out, frame) = self
             .model
             .plan
-            .run(&mask.kept, mask.features.clone())
+            .run(&mask.kept, std::mem::take(&mut mask.features))
             .context("sparse suffix")?;
         let mut logits = out.to_dense(&frame.sets).1;
         let unsure = self.unsure(&logits);
@@ -142,6 +158,10 @@ impl Pipeline {
 
     /// Runs the dense baseline on a pre-processed input.
     pub fn dense_from_input(&self, input: &[f32]) -> Result<(Vec<f32>, StageTimes)> {
+        self.threads.install(|| self.dense_on_threads(input))
+    }
+
+    fn dense_on_threads(&self, input: &[f32]) -> Result<(Vec<f32>, StageTimes)> {
         let mut times = StageTimes::default();
         let t = Instant::now();
         let features = self.model.prefix.run(input).context("prefix")?;

@@ -58,6 +58,30 @@ impl TractNet {
         self.run_many(&[(&self.input_shape, input)])
     }
 
+    /// Runs the net once on `input`, timing every node of the optimised plan:
+    /// `(op, output shape, ms)` in evaluation order (tract's own per-op view).
+    pub fn profile(&self, input: &[f32]) -> Result<Vec<(String, String, f64)>> {
+        let mut state = self.plan.spawn()?;
+        let mut times = Vec::new();
+        let input: TValue = Tensor::from_shape(&self.input_shape, input)?.into();
+        state.run_plan_with_eval(tvec![input], |ctx, st, node, inputs| {
+            let t = std::time::Instant::now();
+            let out = tract_core::plan::eval(ctx, st, node, inputs);
+            let shape = node
+                .outputs
+                .first()
+                .map(|o| format!("{:?}", o.fact.shape))
+                .unwrap_or_default();
+            times.push((
+                node.op().name().to_string(),
+                shape,
+                t.elapsed().as_secs_f64() * 1e3,
+            ));
+            out
+        })?;
+        Ok(times)
+    }
+
     /// Runs a net with several inputs, each `(shape, values)`.
     pub fn run_many(&self, inputs: &[(&[usize], &[f32])]) -> Result<Vec<f32>> {
         let inputs = inputs

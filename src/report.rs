@@ -53,6 +53,8 @@ impl StageSamples {
             ("ersm", t.ersm),
             ("suffix", t.suffix),
             ("total", t.total()),
+            // The network alone, as other runtimes time it (no pre-processing).
+            ("network", t.prefix + t.ersm + t.suffix),
         ] {
             self.samples.entry(k).or_default().push(v);
         }
@@ -107,6 +109,8 @@ impl StageSamples {
 pub struct BenchReport {
     pub model: String,
     pub device: String,
+    /// Threads the prefix, the sparse suffix and the dense baseline ran on.
+    pub threads: usize,
     pub frames: usize,
     /// Mean fraction of tokens kept.
     pub keep_ratio: f64,
@@ -131,6 +135,15 @@ pub struct BenchReport {
     pub stages: BTreeMap<String, BTreeMap<String, Summary>>,
 }
 
+impl BenchReport {
+    /// The suffix speed-up over what its MAC ratio promises (1 = every MAC
+    /// saved is time saved; the dense suffix is tract's).
+    pub fn suffix_efficiency(&self) -> f64 {
+        let ideal = self.suffix_macs_dense as f64 / self.suffix_macs_ersm.max(1.0);
+        self.suffix_speedup / ideal
+    }
+}
+
 /// Amdahl: only the suffix shrinks with the keep ratio.
 pub fn ideal_speedup(dense: &StageSamples, keep: f64) -> f64 {
     let (pre, prefix, suffix) = (
@@ -149,8 +162,8 @@ impl BenchReport {
         let _ = writeln!(s, "{rule}");
         let _ = writeln!(
             s,
-            " Timing Report  model {}  device {}  frames {}",
-            self.model, self.device, self.frames
+            " Timing Report  model {}  device {}  threads {}  frames {}",
+            self.model, self.device, self.threads, self.frames
         );
         let _ = writeln!(s, "{rule}");
         let _ = writeln!(
@@ -204,6 +217,12 @@ impl BenchReport {
             " speedup         {:.2}x end to end, {:.2}x suffix   (ideal at this keep ratio: {:.2}x)",
             self.speedup, self.suffix_speedup, self.ideal_speedup
         );
+        let _ = writeln!(
+            s,
+            " sparse suffix   {:.2} of its MAC-ratio ideal ({:.2}x fewer MACs)",
+            self.suffix_efficiency(),
+            self.suffix_macs_dense as f64 / self.suffix_macs_ersm.max(1.0)
+        );
         if let Some(rate) = self.fallback_rate {
             let _ = writeln!(
                 s,
@@ -253,6 +272,8 @@ pub struct RunReport {
     pub source: String,
     pub model: String,
     pub device: String,
+    /// Threads the prefix, the sparse suffix and the dense baseline ran on.
+    pub threads: usize,
     /// Frames run through ERSM (and dense, when compared).
     pub frames: usize,
     /// Frames the capture queue dropped because inference fell behind.
@@ -292,8 +313,8 @@ impl RunReport {
         let _ = writeln!(s, "{rule}");
         let _ = writeln!(
             s,
-            " ersm run  source {}\n           model {}  energy layer on {}",
-            self.source, self.model, self.device
+            " ersm run  source {}\n           model {}  energy layer on {}  threads {}",
+            self.source, self.model, self.device, self.threads
         );
         let _ = writeln!(s, "{rule}");
         let _ = writeln!(

@@ -221,6 +221,7 @@ pub fn run(
         source: opts.source.clone(),
         model: m.manifest.name.clone(),
         device: pipeline.device.name().into(),
+        threads: pipeline.threads.count(),
         frames: t.frames(),
         dropped: capture.queue.dropped(),
         failed: t.failed,

@@ -49,9 +49,23 @@ fn bench_prints_table_and_writes_json() {
         "1",
         "--json",
         json.to_str().unwrap(),
+        "--threads",
+        "2",
+        "--profile",
     ]);
     let (out, err) = text(&o);
     assert!(o.status.success(), "bench failed: {err}");
+    assert!(
+        out.contains("threads 2"),
+        "table lacks the thread count:\n{out}"
+    );
+    for row in [
+        "where an ERSM frame's network time goes",
+        "Conv1x1",
+        "prefix by tract op",
+    ] {
+        assert!(out.contains(row), "--profile lacks {row}:\n{out}");
+    }
     for row in [
         "Pre-Process",
         "Prefix",
@@ -76,14 +90,16 @@ fn bench_prints_table_and_writes_json() {
         "suffix_speedup",
         "agreement",
         "stages",
+        "threads",
     ] {
         assert!(v.get(key).is_some(), "JSON lacks {key}: {v}");
     }
     assert_eq!(v["frames"], 4);
+    assert_eq!(v["threads"], 2);
     let keep = v["keep_ratio"].as_f64().unwrap();
     assert!(keep > 0.0 && keep <= 1.0);
     for mode in ["ersm", "dense"] {
-        for stage in ["preprocess", "prefix", "suffix", "total"] {
+        for stage in ["preprocess", "prefix", "suffix", "total", "network"] {
             let s = &v["stages"][mode][stage];
             assert!(
                 s["p50_ms"].as_f64().unwrap() >= 0.0
@@ -182,6 +198,8 @@ fn numeric_options_are_bounded_with_clear_errors() {
         &["run", "--queue", "0"],
         &["run", "--input-width", "100000"],
         &["bench", "--frames", "0"],
+        &["bench", "--threads", "0"],
+        &["run", "--threads", "5000"],
         &["eval", "deletion", "--step", "1e-9"],
         &["eval", "occlusion", "--grid", "100000"],
         &["eval", "occlusion", "--sizes", "0.2,7"],

@@ -26,6 +26,10 @@ pub struct Analysed {
 impl Analysed {
     /// Runs the prefix, the energy layer and the dense suffix on one image.
     pub fn of(p: &Pipeline, frame: &Frame) -> Result<Analysed> {
+        p.threads.install(|| Self::on_threads(p, frame))
+    }
+
+    fn on_threads(p: &Pipeline, frame: &Frame) -> Result<Analysed> {
         let input = p.preprocess(frame)?;
         let m = &p.model;
         let features = m.prefix.run(&input).context("prefix")?;
@@ -44,9 +48,9 @@ impl Analysed {
     pub fn logits_with(&self, p: &Pipeline, kept: &[u32]) -> Result<Vec<f32>> {
         let m = &p.model;
         let fmap = FeatureMap::new(&self.features, m.cut.c, m.cut.h, m.cut.w)?;
-        let (out, frame) = m
-            .plan
-            .run(kept, gather(fmap, kept))
+        let (out, frame) = p
+            .threads
+            .install(|| m.plan.run(kept, gather(fmap, kept)))
             .context("sparse suffix")?;
         Ok(out.to_dense(&frame.sets).1)
     }

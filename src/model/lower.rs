@@ -254,6 +254,7 @@ impl Lowering<'_> {
                     bias: vec![0.0; b_shape[1]],
                     weights,
                     shape: out_shape.clone(),
+                    act: None,
                 };
                 Ok(Kind::Dense {
                     slot: self.emit(Box::new(op), vec![slot], None),
@@ -515,6 +516,7 @@ impl Lowering<'_> {
             weights: Weights { k, n, data },
             bias,
             shape: vec![1, n],
+            act: None,
         });
         Ok(Kind::Dense {
             slot: self.emit(op, vec![slot], None),
@@ -614,6 +616,7 @@ impl Lowering<'_> {
                     },
                     bias,
                     shape: vec![1, cout, 1, 1],
+                    act: None,
                 };
                 let slot = self.emit_named(&out_name, Box::new(op), vec![slot], None);
                 Ok(Kind::Dense {
@@ -679,6 +682,7 @@ impl Lowering<'_> {
                             data,
                         }],
                         bias,
+                        act: None,
                     })
                 } else if groups == cin && cout == cin {
                     let rulebook = self.plan.rulebook(level, out_level, window);
@@ -696,6 +700,7 @@ impl Lowering<'_> {
                         rulebook,
                         weights: data,
                         bias,
+                        act: None,
                     })
                 } else {
                     let rulebook = self.plan.rulebook(level, out_level, window);
@@ -725,6 +730,7 @@ impl Lowering<'_> {
                         rulebook: Some(rulebook),
                         weights: per_group,
                         bias,
+                        act: None,
                     })
                 };
                 let slot = self.emit_named(&out_name, op, vec![slot], Some(out_level));

@@ -3,6 +3,8 @@
 //! `matrixmultiply` packs panels and dispatches at run time to AVX2/FMA,
 //! AVX-512 or NEON micro-kernels, so the suffix runs on real GEMM kernels.
 
+use crate::threads::par_rows;
+
 /// A row-major `k × n` weight matrix, stored once at load.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Weights {
@@ -34,14 +36,21 @@ pub fn matmul(
     assert!(c.len() >= (m - 1) * ldc + w.n, "gemm: C too short");
     if m == 1 {
         // A single row (classifier, squeeze-excite): packing the weights would
-        // cost as much as the product, so stream them once, row by row.
+        // cost as much as the product, so stream them once, row by row, each
+        // thread over its own columns (the sum order per column is fixed).
         let c = &mut c[..w.n];
         if !accumulate {
             c.fill(0.0);
         }
-        for (&x, row) in a[..w.k].iter().zip(w.data.chunks_exact(w.n)) {
-            c.iter_mut().zip(row).for_each(|(y, &wv)| *y += x * wv);
-        }
+        let x = &a[..w.k];
+        par_rows(c, 1, 256, |j0, cs| {
+            for (&xv, row) in x.iter().zip(w.data.chunks_exact(w.n)) {
+                let n = cs.len();
+                cs.iter_mut()
+                    .zip(&row[j0..j0 + n])
+                    .for_each(|(y, &wv)| *y += xv * wv);
+            }
+        });
         return;
     }
     // SAFETY: the asserts above bound every access sgemm makes through these

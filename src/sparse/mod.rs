@@ -5,6 +5,7 @@
 //! follows its input's by the package's [`StrideRule`] (the s×s max-pool, or the
 //! centre tap); global pooling averages active tokens.
 
+pub mod buffers;
 pub mod gemm;
 pub mod ops;
 pub mod plan;

@@ -1,5 +1,6 @@
 //! A lowered suffix: token-set levels, the rulebooks they need, and ordered steps.
 
+use super::buffers::Buffers;
 use super::ops::Op;
 use super::rulebook::{Rulebook, Window};
 use super::tokens::{StrideRule, TokenSet};
@@ -64,6 +65,8 @@ pub struct Plan {
     pub tensors: BTreeMap<String, usize>,
     /// Step after which each slot is no longer read.
     last_use: Vec<usize>,
+    /// Value buffers recycled from frame to frame.
+    buffers: Buffers,
 }
 
 impl Plan {
@@ -129,9 +132,11 @@ impl Plan {
         });
     }
 
-    /// Marks `output` as the result and computes slot lifetimes.
+    /// Marks `output` as the result, fuses activations into the ops that
+    /// produce their input, and computes slot lifetimes.
     pub fn finish(&mut self, output: usize) {
         self.output = output;
+        self.fuse_activations();
         self.last_use = vec![usize::MAX; self.slot_names.len()];
         for (s, step) in self.steps.iter().enumerate() {
             for &i in &step.inputs {
@@ -140,6 +145,46 @@ impl Plan {
         }
         // The output must survive the whole run.
         self.last_use[output] = usize::MAX;
+    }
+
+    /// Folds each activation into the conv or linear op before it when that
+    /// op's output is read by the activation alone: the activation then runs
+    /// inside the op's row loop, on values still in cache, and its step and
+    /// buffer disappear. The unread intermediate slot stays unwritten.
+    fn fuse_activations(&mut self) {
+        let n = self.slot_names.len();
+        let mut readers = vec![0usize; n];
+        let mut producer: Vec<Option<usize>> = vec![None; n];
+        for (s, step) in self.steps.iter().enumerate() {
+            step.inputs.iter().for_each(|&i| readers[i] += 1);
+            producer[step.output] = Some(s);
+        }
+        let mut fused = vec![false; self.steps.len()];
+        for s in 0..self.steps.len() {
+            let Some(act) = self.steps[s].op.activation() else {
+                continue;
+            };
+            let src = self.steps[s].inputs[0];
+            let Some(p) = producer[src] else { continue };
+            if readers[src] != 1 || src == self.output || !self.steps[p].op.fuse_activation(act) {
+                continue;
+            }
+            let out = self.steps[s].output;
+            self.steps[p].output = out;
+            producer[out] = Some(p);
+            fused[s] = true;
+        }
+        let mut s = 0;
+        self.steps.retain(|_| {
+            s += 1;
+            !fused[s - 1]
+        });
+    }
+
+    /// Buffers the suffix has allocated since load; constant once frames of
+    /// similar keep ratios have passed (the rest are recycled).
+    pub fn buffers_allocated(&self) -> u64 {
+        self.buffers.fresh()
     }
 
     /// Every level's token set for the kept raster indices.
@@ -196,6 +241,28 @@ impl Plan {
     /// Runs the suffix on gathered features (`kept.len() × C`). Returns the
     /// output and the frame (for scattering a token output back to a map).
     pub fn run(&self, kept: &[u32], features: Vec<f32>) -> Result<(Value, Frame)> {
+        self.run_inner(kept, features, None)
+    }
+
+    /// [`Plan::run`], also adding each step's wall time (ms) to `times`
+    /// (one entry per step, then one for the token sets and rulebooks).
+    pub fn run_timed(
+        &self,
+        kept: &[u32],
+        features: Vec<f32>,
+        times: &mut Vec<f64>,
+    ) -> Result<(Value, Frame)> {
+        times.resize(self.steps.len() + 1, 0.0);
+        self.run_inner(kept, features, Some(times))
+    }
+
+    fn run_inner(
+        &self,
+        kept: &[u32],
+        features: Vec<f32>,
+        mut times: Option<&mut Vec<f64>>,
+    ) -> Result<(Value, Frame)> {
+        let ms = |t: std::time::Instant| t.elapsed().as_secs_f64() * 1e3;
         ensure!(
             features.len() == kept.len() * self.channels,
             "gathered features hold {} values, expected {} tokens × {} channels",
@@ -203,7 +270,11 @@ impl Plan {
             kept.len(),
             self.channels
         );
+        let t = std::time::Instant::now();
         let frame = self.frame(kept);
+        if let Some(times) = times.as_deref_mut() {
+            times[self.steps.len()] += ms(t);
+        }
         let mut slots: Vec<Option<Value>> = vec![None; self.slot_names.len()];
         slots[0] = Some(Value::Tokens {
             level: 0,
@@ -211,14 +282,16 @@ impl Plan {
             data: features,
         });
         for (s, step) in self.steps.iter().enumerate() {
-            // Inputs read for the last time (and only once by this step) are
-            // moved in, so elementwise ops can work in place.
+            let t = std::time::Instant::now();
+            // An elementwise op gets the inputs it reads for the last time (and
+            // only once) owned, to work in place; other ops borrow them.
+            let in_place = step.op.in_place();
             let mut owned: Vec<Option<Value>> = step
                 .inputs
                 .iter()
                 .map(|&i| {
                     let once = step.inputs.iter().filter(|&&j| j == i).count() == 1;
-                    if self.last_use[i] == s && once {
+                    if in_place && self.last_use[i] == s && once {
                         slots[i].take()
                     } else {
                         None
@@ -240,9 +313,19 @@ impl Plan {
             }
             let out = step
                 .op
-                .eval(args, &frame)
+                .eval(args, &frame, &self.buffers)
                 .with_context(|| format!("sparse {} at node {}", step.op.name(), step.node))?;
             slots[step.output] = Some(out);
+            for &i in &step.inputs {
+                if self.last_use[i] == s {
+                    if let Some(v) = slots[i].take() {
+                        self.buffers.give(v.into_data());
+                    }
+                }
+            }
+            if let Some(times) = times.as_deref_mut() {
+                times[s] += ms(t);
+            }
         }
         let out = slots[self.output]
             .take()

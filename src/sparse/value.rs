@@ -23,6 +23,13 @@ impl Value {
         }
     }
 
+    /// The raw values, owned (to recycle the buffer).
+    pub fn into_data(self) -> Vec<f32> {
+        match self {
+            Value::Tokens { data, .. } | Value::Dense { data, .. } => data,
+        }
+    }
+
     /// The raw values, mutably.
     pub fn data_mut(&mut self) -> &mut [f32] {
         match self {

@@ -1,7 +1,7 @@
 //! Elementwise activations: Relu, Clip (Relu6), Sigmoid, HardSigmoid, HardSwish.
 
 use super::Op;
-use crate::sparse::{plan::Frame, value::Value};
+use crate::sparse::{buffers::Buffers, plan::Frame, value::Value};
 use anyhow::Result;
 use std::borrow::Cow;
 
@@ -36,6 +36,27 @@ impl ActivationKind {
             ActivationKind::HardSwish => x * (x / 6.0 + 0.5).clamp(0.0, 1.0),
         }
     }
+
+    /// The ONNX op name.
+    pub fn name(self) -> &'static str {
+        match self {
+            ActivationKind::Relu => "Relu",
+            ActivationKind::Clip { .. } => "Clip",
+            ActivationKind::Sigmoid => "Sigmoid",
+            ActivationKind::HardSigmoid { .. } => "HardSigmoid",
+            ActivationKind::HardSwish => "HardSwish",
+        }
+    }
+
+    /// Applies the function to every value (the match is outside the loop, so
+    /// each arm vectorises).
+    pub fn apply_all(self, xs: &mut [f32]) {
+        match self {
+            ActivationKind::Relu => xs.iter_mut().for_each(|x| *x = x.max(0.0)),
+            ActivationKind::Clip { lo, hi } => xs.iter_mut().for_each(|x| *x = x.max(lo).min(hi)),
+            _ => xs.iter_mut().for_each(|x| *x = self.apply(*x)),
+        }
+    }
 }
 
 /// An activation op; keeps the active set.
@@ -46,20 +67,26 @@ pub struct Activation {
 
 impl Op for Activation {
     fn name(&self) -> &'static str {
-        match self.kind {
-            ActivationKind::Relu => "Relu",
-            ActivationKind::Clip { .. } => "Clip",
-            ActivationKind::Sigmoid => "Sigmoid",
-            ActivationKind::HardSigmoid { .. } => "HardSigmoid",
-            ActivationKind::HardSwish => "HardSwish",
-        }
+        self.kind.name()
     }
 
-    fn eval(&self, mut inputs: Vec<Cow<'_, Value>>, _frame: &Frame) -> Result<Value> {
+    fn eval(
+        &self,
+        mut inputs: Vec<Cow<'_, Value>>,
+        _frame: &Frame,
+        _bufs: &Buffers,
+    ) -> Result<Value> {
         let mut v = inputs.swap_remove(0).into_owned();
-        let kind = self.kind;
-        v.data_mut().iter_mut().for_each(|x| *x = kind.apply(*x));
+        self.kind.apply_all(v.data_mut());
         Ok(v)
+    }
+
+    fn in_place(&self) -> bool {
+        true
+    }
+
+    fn activation(&self) -> Option<ActivationKind> {
+        Some(self.kind)
     }
 
     fn cost(&self, _tokens: &[usize]) -> u64 {

@@ -2,7 +2,7 @@
 //! folded into a conv, or an Add/Mul with a per-channel constant.
 
 use super::Op;
-use crate::sparse::{plan::Frame, value::Value};
+use crate::sparse::{buffers::Buffers, plan::Frame, value::Value};
 use anyhow::{ensure, Result};
 use std::borrow::Cow;
 
@@ -22,7 +22,12 @@ impl Op for ChannelAffine {
         self.source
     }
 
-    fn eval(&self, mut inputs: Vec<Cow<'_, Value>>, _frame: &Frame) -> Result<Value> {
+    fn eval(
+        &self,
+        mut inputs: Vec<Cow<'_, Value>>,
+        _frame: &Frame,
+        _bufs: &Buffers,
+    ) -> Result<Value> {
         let mut v = inputs.swap_remove(0).into_owned();
         let c = self.scale.len();
         ensure!(
@@ -48,6 +53,10 @@ impl Op for ChannelAffine {
             }
         }
         Ok(v)
+    }
+
+    fn in_place(&self) -> bool {
+        true
     }
 
     fn cost(&self, tokens: &[usize]) -> u64 {

@@ -2,7 +2,7 @@
 //! squeeze-excite channel scale (tokens × a dense per-channel vector).
 
 use super::Op;
-use crate::sparse::{plan::Frame, value::Value};
+use crate::sparse::{buffers::Buffers, plan::Frame, value::Value};
 use anyhow::{bail, ensure, Result};
 use std::borrow::Cow;
 
@@ -41,7 +41,12 @@ impl Op for Binary {
         }
     }
 
-    fn eval(&self, mut inputs: Vec<Cow<'_, Value>>, _frame: &Frame) -> Result<Value> {
+    fn eval(
+        &self,
+        mut inputs: Vec<Cow<'_, Value>>,
+        _frame: &Frame,
+        bufs: &Buffers,
+    ) -> Result<Value> {
         let b = inputs.pop().expect("binary op has two inputs");
         let a = inputs.pop().expect("binary op has two inputs");
         // Put the token operand (if any) first, so the result reuses its buffer.
@@ -91,7 +96,15 @@ impl Op for Binary {
             }
             (Value::Dense { .. }, Value::Tokens { .. }) => bail!("unreachable operand order"),
         }
+        // The other operand, when read for the last time, goes back to the free list.
+        if let Cow::Owned(v) = b {
+            bufs.give(v.into_data());
+        }
         Ok(out)
+    }
+
+    fn in_place(&self) -> bool {
+        true
     }
 
     fn cost(&self, tokens: &[usize]) -> u64 {

@@ -1,8 +1,8 @@
 //! Fully connected layers on dense values: Gemm, MatMul, and 1×1 convs after
 //! global pooling (squeeze-excite).
 
-use super::Op;
-use crate::sparse::{gemm, plan::Frame, value::Value};
+use super::{ActivationKind, Op};
+use crate::sparse::{buffers::Buffers, gemm, plan::Frame, value::Value};
 use anyhow::{ensure, Result};
 use std::borrow::Cow;
 
@@ -15,6 +15,8 @@ pub struct Linear {
     pub bias: Vec<f32>,
     /// Output shape.
     pub shape: Vec<usize>,
+    /// Activation applied to the output (fused at load).
+    pub act: Option<ActivationKind>,
 }
 
 impl Op for Linear {
@@ -22,7 +24,7 @@ impl Op for Linear {
         self.source
     }
 
-    fn eval(&self, inputs: Vec<Cow<'_, Value>>, _frame: &Frame) -> Result<Value> {
+    fn eval(&self, inputs: Vec<Cow<'_, Value>>, _frame: &Frame, bufs: &Buffers) -> Result<Value> {
         let Value::Dense { data: x, .. } = &*inputs[0] else {
             anyhow::bail!("{} expects a dense input", self.source);
         };
@@ -33,7 +35,8 @@ impl Op for Linear {
             self.weights.k,
             x.len()
         );
-        let mut y = self.bias.clone();
+        let mut y = bufs.take(self.bias.len());
+        y.copy_from_slice(&self.bias);
         gemm::matmul(
             1,
             x,
@@ -43,10 +46,24 @@ impl Op for Linear {
             self.weights.n,
             true,
         );
+        if let Some(a) = self.act {
+            a.apply_all(&mut y);
+        }
         Ok(Value::Dense {
             shape: self.shape.clone(),
             data: y,
         })
+    }
+
+    fn fuse_activation(&mut self, act: ActivationKind) -> bool {
+        self.act.is_none() && {
+            self.act = Some(act);
+            true
+        }
+    }
+
+    fn fused(&self) -> Option<ActivationKind> {
+        self.act
     }
 
     fn cost(&self, _tokens: &[usize]) -> u64 {

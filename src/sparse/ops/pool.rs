@@ -1,7 +1,7 @@
 //! Global average pooling over active tokens (GlobalAveragePool, ReduceMean over space).
 
 use super::Op;
-use crate::sparse::{plan::Frame, value::Value};
+use crate::sparse::{buffers::Buffers, plan::Frame, value::Value};
 use anyhow::Result;
 use std::borrow::Cow;
 
@@ -20,11 +20,11 @@ impl Op for GlobalMean {
         self.source
     }
 
-    fn eval(&self, inputs: Vec<Cow<'_, Value>>, _frame: &Frame) -> Result<Value> {
+    fn eval(&self, inputs: Vec<Cow<'_, Value>>, _frame: &Frame, bufs: &Buffers) -> Result<Value> {
         let Value::Tokens { c, data, .. } = &*inputs[0] else {
             anyhow::bail!("{} expects token input", self.source);
         };
-        let mut sum = vec![0.0f32; *c];
+        let mut sum = bufs.take(*c);
         let rows = data.len() / c;
         for row in data.chunks_exact(*c) {
             sum.iter_mut().zip(row).for_each(|(s, &x)| *s += x);

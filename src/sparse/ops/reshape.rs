@@ -1,7 +1,7 @@
 //! Flatten and Reshape of dense values (after global pooling).
 
 use super::Op;
-use crate::sparse::{plan::Frame, value::Value};
+use crate::sparse::{buffers::Buffers, plan::Frame, value::Value};
 use anyhow::Result;
 use std::borrow::Cow;
 
@@ -17,7 +17,12 @@ impl Op for Reshape {
         self.source
     }
 
-    fn eval(&self, mut inputs: Vec<Cow<'_, Value>>, _frame: &Frame) -> Result<Value> {
+    fn eval(
+        &self,
+        mut inputs: Vec<Cow<'_, Value>>,
+        _frame: &Frame,
+        _bufs: &Buffers,
+    ) -> Result<Value> {
         let data = match inputs.swap_remove(0).into_owned() {
             Value::Dense { data, .. } => data,
             Value::Tokens { .. } => {
@@ -28,6 +33,10 @@ impl Op for Reshape {
             shape: self.shape.clone(),
             data,
         })
+    }
+
+    fn in_place(&self) -> bool {
+        true
     }
 
     fn cost(&self, _tokens: &[usize]) -> u64 {
