@@ -382,6 +382,16 @@ fn run(a: RunArgs) -> Result<()> {
     if let Ending::SourceError(e) = &report.ending {
         anyhow::bail!("{e}");
     }
+    if report.frames == 0 {
+        anyhow::bail!(
+            "no frame of {} was processed ({} failed)",
+            report.source,
+            report.failed
+        );
+    }
+    if !report.output_errors.is_empty() {
+        anyhow::bail!("{}", report.output_errors.join("; "));
+    }
     Ok(())
 }
 

@@ -59,6 +59,19 @@ pub struct Pipeline {
     pub threads: Threads,
 }
 
+/// Fails when `v` holds NaN or an infinity, naming `what` and where: such a
+/// frame has no answer, and must not be counted as one.
+pub fn ensure_finite(v: &[f32], what: &str) -> Result<()> {
+    match v.iter().position(|x| !x.is_finite()) {
+        None => Ok(()),
+        Some(i) => anyhow::bail!(
+            "the {what} hold {} at index {i} (of {}): non-finite values, the frame has no answer",
+            v[i],
+            v.len()
+        ),
+    }
+}
+
 fn ms(since: Instant) -> f64 {
     since.elapsed().as_secs_f64() * 1e3
 }
@@ -127,6 +140,7 @@ impl Pipeline {
         let mut times = StageTimes::default();
         let t = Instant::now();
         let features = self.model.prefix.run(input).context("prefix")?;
+        ensure_finite(&features, "prefix features")?;
         times.prefix = ms(t);
         let t = Instant::now();
         let cut = &self.model.cut;
@@ -143,6 +157,7 @@ impl Pipeline {
             .run(&mask.kept, std::mem::take(&mut mask.features))
             .context("sparse suffix")?;
         let mut logits = out.to_dense(&frame.sets).1;
+        ensure_finite(&logits, "sparse suffix's logits")?;
         let unsure = self.unsure(&logits);
         if unsure {
             // The prefix is shared, so only the baseline's suffix runs again.
@@ -151,6 +166,7 @@ impl Pipeline {
                 .baseline_suffix()
                 .run(&features)
                 .context("fallback: dense suffix")?;
+            ensure_finite(&logits, "fallback's dense logits")?;
         }
         times.suffix = ms(t);
         Ok((logits, mask, times, unsure))
@@ -165,6 +181,7 @@ impl Pipeline {
         let mut times = StageTimes::default();
         let t = Instant::now();
         let features = self.model.prefix.run(input).context("prefix")?;
+        ensure_finite(&features, "prefix features")?;
         times.prefix = ms(t);
         let t = Instant::now();
         let logits = self
@@ -172,6 +189,7 @@ impl Pipeline {
             .baseline_suffix()
             .run(&features)
             .context("dense suffix")?;
+        ensure_finite(&logits, "dense logits")?;
         times.suffix = ms(t);
         Ok((logits, times))
     }

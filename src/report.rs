@@ -300,6 +300,9 @@ pub struct RunReport {
     pub rss_mib_start: f64,
     pub rss_mib_end: f64,
     pub ending: Ending,
+    /// Outputs (`--jsonl`, `--overlay`) that failed during the run; the run
+    /// still summarises, then exits non-zero.
+    pub output_errors: Vec<String>,
     /// Per mode ("ersm", "dense"), per stage.
     pub stages: BTreeMap<String, BTreeMap<String, Summary>>,
 }
@@ -317,6 +320,16 @@ impl RunReport {
             self.source, self.model, self.device, self.threads
         );
         let _ = writeln!(s, "{rule}");
+        if self.frames == 0 {
+            let _ = writeln!(
+                s,
+                " no frame was processed ({} failed, {} dropped): nothing to summarise",
+                self.failed, self.dropped
+            );
+            let _ = writeln!(s, " ended           {}", self.ending);
+            let _ = write!(s, "{rule}");
+            return s;
+        }
         let _ = writeln!(
             s,
             " {:<12}|{:>10}{:>10}{:>10} |{:>10}{:>10}{:>10}   (ms)",
@@ -402,6 +415,9 @@ impl RunReport {
             self.rss_mib_start, self.rss_mib_end
         );
         let _ = writeln!(s, " ended           {}", self.ending);
+        for e in &self.output_errors {
+            let _ = writeln!(s, " output failed   {e}");
+        }
         let _ = writeln!(s, "{rule}");
         let _ = write!(
             s,

@@ -164,6 +164,7 @@ pub fn run(
     let mut start: Option<Instant> = None;
     let mut last_frame = Instant::now();
     let mut rss_start = rss_mib();
+    let mut output_errors = Vec::new();
     let ending = loop {
         if stop.load(Ordering::SeqCst) {
             break Ending::Interrupted;
@@ -187,7 +188,14 @@ pub fn run(
         };
         last_frame = Instant::now();
         start.get_or_insert_with(Instant::now);
-        match process(pipeline, &frame, &mut t, &mut opts, jsonl.as_mut()) {
+        match process(
+            pipeline,
+            &frame,
+            &mut t,
+            &mut opts,
+            &mut jsonl,
+            &mut output_errors,
+        ) {
             Ok(()) => {}
             Err(e) => {
                 // A bad frame is skipped; the stream goes on.
@@ -205,11 +213,14 @@ pub fn run(
     capture.close();
     status.finish();
     if let Some(w) = jsonl.as_mut() {
-        w.flush().context("--jsonl")?;
+        if let Err(e) = w.flush() {
+            output_errors.push(format!("--jsonl: {e}"));
+        }
     }
     let overlay_result = opts.overlay.as_mut().map(|o| o.finish());
     if let Some(Err(e)) = overlay_result {
         log::error!("{e:#}");
+        output_errors.push(format!("--overlay: {e:#}"));
     }
     let n = t.keeps.len().max(1) as f64;
     let mut stages = std::collections::BTreeMap::new();
@@ -241,6 +252,7 @@ pub fn run(
         rss_mib_start: rss_start,
         rss_mib_end: rss_mib(),
         ending,
+        output_errors,
         stages,
     })
 }
@@ -251,7 +263,8 @@ fn process(
     frame: &Frame,
     t: &mut Tally,
     opts: &mut RunOptions,
-    jsonl: Option<&mut std::io::BufWriter<std::fs::File>>,
+    jsonl: &mut Option<std::io::BufWriter<std::fs::File>>,
+    output_errors: &mut Vec<String>,
 ) -> Result<()> {
     let m = &pipeline.model;
     // Alternate which mode goes first so neither always meets warm caches.
@@ -296,7 +309,7 @@ fn process(
             d.times.preprocess, d.times.prefix, d.times.suffix
         )),
     );
-    if let Some(w) = jsonl {
+    if let Some(w) = jsonl.as_mut() {
         let times = |s: &crate::pipeline::StageTimes| {
             serde_json::json!({
                 "preprocess": s.preprocess, "prefix": s.prefix, "ersm": s.ersm,
@@ -320,13 +333,20 @@ fn process(
             "ersm_ms": times(&e.times),
             "dense_ms": d.as_ref().map(|d| times(&d.times)),
         });
-        writeln!(w, "{rec}").context("--jsonl")?;
+        // A write error (a full disk) stops the log, not the run; the run
+        // then ends non-zero after its summary.
+        if let Err(e) = writeln!(w, "{rec}") {
+            log::error!("--jsonl: {e}; no more records");
+            output_errors.push(format!("--jsonl: {e}"));
+            *jsonl = None;
+        }
     }
     if let Some(o) = opts.overlay.as_mut() {
         let img = overlay::draw(frame, &e.mask, &m.manifest.preprocess);
         // A full disk or a dead encoder stops the overlay, not the run.
         if let Err(e) = o.write(&img, frame.width, frame.height) {
             log::error!("{e:#}; no more overlays");
+            output_errors.push(format!("--overlay: {e:#}"));
             opts.overlay = None;
         }
     }

@@ -222,11 +222,17 @@ fn conv_weight_shape_mismatch() {
 
 #[test]
 fn bad_attributes() {
-    let cases: [(&str, Option<f32>, Option<i64>, &str); 5] = [
+    let cases: [(&str, Option<f32>, Option<i64>, &str); 6] = [
+        (
+            "steps",
+            None,
+            Some(1_000_000),
+            "steps must be between 0 and 100",
+        ),
         ("lambda", Some(-0.5), None, "lambda must be"),
         ("tau", Some(0.0), None, "tau must be"),
         ("tau", Some(-1.0), None, "tau must be"),
-        ("steps", None, Some(-2), "steps must be >= 0"),
+        ("steps", None, Some(-2), "steps must be between 0 and 100"),
         (
             "neighbourhood",
             None,
@@ -458,4 +464,109 @@ fn paths_that_are_not_regular_files_are_refused_by_name() {
         ersm::source::images::load(&dir.join("x.jpg")).unwrap_err()
     );
     assert_contains(&err, &["x.jpg", "is a FIFO"]);
+}
+
+#[test]
+fn manifest_numbers_are_bounded_and_finite() {
+    let cases: Vec<(&str, serde_json::Value, &str)> = vec![
+        (
+            "input",
+            serde_json::json!({"name": "image", "shape": [1, 3, 100000, 100000]}),
+            "H and W must be between 1 and 4096",
+        ),
+        (
+            "scale",
+            serde_json::json!(0.0),
+            "preprocess.scale must be in (0, 1]",
+        ),
+        (
+            "scale",
+            serde_json::json!(-1.0),
+            "preprocess.scale must be in (0, 1]",
+        ),
+        ("scale", serde_json::json!(1e39), "preprocess.scale"),
+        (
+            "mean",
+            serde_json::json!([1e30, 0.0, 0.0]),
+            "preprocess.mean must hold finite values",
+        ),
+        (
+            "std",
+            serde_json::json!([1e-45, 1.0, 1.0]),
+            "preprocess.std must hold finite values",
+        ),
+        (
+            "resize_short",
+            serde_json::json!(1u64 << 40),
+            "resize_short",
+        ),
+    ];
+    for (k, (field, value, msg)) in cases.into_iter().enumerate() {
+        let dir = with_manifest(&format!("numbers{k}"), |m| {
+            if field == "input" {
+                m["input"] = value.clone();
+            } else {
+                m["preprocess"][field] = value.clone();
+            }
+        });
+        let err = format!("{:#}", ModelPackage::load(&dir).expect_err("refused"));
+        assert_contains(&err, &["manifest", msg]);
+    }
+}
+
+#[test]
+fn manifest_input_shape_must_match_the_graph() {
+    // The tiny graph declares [1, 3, 112, 112]; a manifest (with a matching
+    // crop) asking for 96×96 is refused at load, naming both.
+    // So is 4096×4096 (within the limit, but not what the graph was built for:
+    // it used to run for minutes at 1.2 GB).
+    for side in [96, 4096] {
+        let dir = with_manifest(&format!("declared-shape-{side}"), |m| {
+            m["input"]["shape"] = serde_json::json!([1, 3, side, side]);
+            m["preprocess"]["crop"] = serde_json::json!(side);
+            m["preprocess"]["resize_short"] = serde_json::json!(side + 14);
+        });
+        let err = format!("{:#}", ModelPackage::load(&dir).expect_err("refused"));
+        assert_contains(
+            &err,
+            &["declared with dimension 2 = 112", &format!("says {side}")],
+        );
+    }
+}
+
+#[test]
+fn non_finite_weights_are_refused_at_load_by_name() {
+    for (k, bad) in [f32::NAN, f32::INFINITY].into_iter().enumerate() {
+        let mut name = String::new();
+        let err = load_modified(&format!("nan{k}"), |p| {
+            let g = p.graph.as_mut().unwrap();
+            let e = g.node.iter().find(|n| n.op_type == "EnergyMask").unwrap();
+            name = e.input[1].clone();
+            let t = g.initializer.iter_mut().find(|t| t.name == name).unwrap();
+            if t.raw_data.is_empty() {
+                t.float_data[0] = bad;
+            } else {
+                t.raw_data[..4].copy_from_slice(&bad.to_le_bytes());
+            }
+        });
+        assert_contains(
+            &err,
+            &[&format!("constant '{name}'"), "weights must be finite"],
+        );
+    }
+}
+
+#[test]
+fn string_initializer_is_refused_not_a_panic() {
+    let err = load_modified("string-init", |p| {
+        let g = p.graph.as_mut().unwrap();
+        g.initializer.push(tract_onnx::pb::TensorProto {
+            name: "words".into(),
+            data_type: 8,
+            dims: vec![1],
+            string_data: vec![b"hello".to_vec()],
+            ..Default::default()
+        });
+    });
+    assert_contains(&err, &["initializer 'words'", "STRING", "cannot load"]);
 }

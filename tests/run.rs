@@ -522,3 +522,87 @@ fn fallback_is_counted_in_the_summary_records_and_bench() {
     assert!(err.contains("sets no fallback margin"), "{err}");
     std::fs::remove_dir_all(&model).ok();
 }
+
+#[test]
+fn a_run_that_processed_nothing_exits_non_zero_without_nan() {
+    // A folder whose only image does not decode.
+    let dir = tmp("undecodable");
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(dir.join("broken.png"), b"not a png at all").unwrap();
+    let (o, out, err) = output(ersm(&["--source", dir.to_str().unwrap()]));
+    assert!(!o.status.success(), "exit 0 with nothing processed:\n{out}");
+    assert!(out.contains("no frame was processed"), "{out}");
+    assert!(err.contains("no frame of"), "{err}");
+    assert!(
+        !out.contains("NaN") && !out.to_lowercase().contains("nan "),
+        "{out}"
+    );
+    std::fs::remove_dir_all(&dir).ok();
+}
+
+#[test]
+fn a_jsonl_write_error_still_summarises_then_exits_non_zero() {
+    if !Path::new("/dev/full").exists() {
+        println!("SKIPPED: no /dev/full here");
+        return;
+    }
+    let images = root().join("models/images");
+    let (o, out, err) = output(ersm(&[
+        "--source",
+        images.to_str().unwrap(),
+        "--jsonl",
+        "/dev/full",
+        "--warmup",
+        "0",
+    ]));
+    assert!(!o.status.success(), "exit 0 after a failed --jsonl:\n{out}");
+    assert_summary(&out, 4, "end of stream");
+    assert!(out.contains("output failed   --jsonl"), "{out}");
+    assert!(out.contains("0 failed"), "frames counted as failed:\n{out}");
+    assert!(err.contains("--jsonl"), "{err}");
+}
+
+#[test]
+fn frames_with_non_finite_values_fail_and_are_not_counted() {
+    use ersm::model::read_onnx;
+    use prost::Message;
+    // The tiny model with its last layer's weights at 3e38: the logits
+    // overflow to ±inf or NaN. The weights themselves are finite, so the
+    // package loads; each frame must then fail, not report class 0.
+    let dir = tmp("overflow-model");
+    std::fs::create_dir_all(&dir).unwrap();
+    let tiny = root().join("models/tiny");
+    std::fs::copy(tiny.join("manifest.json"), dir.join("manifest.json")).unwrap();
+    let mut proto = read_onnx(&tiny.join("model.onnx")).unwrap();
+    let g = proto.graph.as_mut().unwrap();
+    let w = g
+        .node
+        .iter()
+        .rev()
+        .find(|n| n.op_type == "Conv" || n.op_type == "Gemm")
+        .unwrap()
+        .input[1]
+        .clone();
+    let t = g.initializer.iter_mut().find(|t| t.name == w).unwrap();
+    if t.raw_data.is_empty() {
+        t.float_data.iter_mut().for_each(|v| *v = 3e38);
+    } else {
+        for c in t.raw_data.chunks_exact_mut(4) {
+            c.copy_from_slice(&3e38f32.to_le_bytes());
+        }
+    }
+    std::fs::write(dir.join("model.onnx"), proto.encode_to_vec()).unwrap();
+    let images = root().join("models/images");
+    let mut c = Command::new(env!("CARGO_BIN_EXE_ersm"));
+    c.args(["run", "--model", dir.to_str().unwrap(), "--source"])
+        .arg(&images);
+    let (o, out, err) = output(c);
+    assert!(!o.status.success(), "{out}");
+    assert!(
+        out.contains("0 processed") || out.contains("no frame was processed"),
+        "{out}"
+    );
+    assert!(err.contains("non-finite"), "the log names the cause: {err}");
+    assert!(!out.contains("agreement 100"), "{out}");
+    std::fs::remove_dir_all(&dir).ok();
+}

@@ -9,7 +9,7 @@ pub mod sparsity;
 
 use crate::ersm::cpu::gather;
 use crate::ersm::{FeatureMap, TokenMask};
-use crate::pipeline::Pipeline;
+use crate::pipeline::{ensure_finite, Pipeline};
 use crate::source::{images, Frame};
 use anyhow::{Context, Result};
 use std::path::Path;
@@ -33,9 +33,11 @@ impl Analysed {
         let input = p.preprocess(frame)?;
         let m = &p.model;
         let features = m.prefix.run(&input).context("prefix")?;
+        ensure_finite(&features, "prefix features")?;
         let fmap = FeatureMap::new(&features, m.cut.c, m.cut.h, m.cut.w)?;
         let mask = p.device.compute(fmap, &m.energy).context("energy layer")?;
         let dense_logits = m.baseline_suffix().run(&features).context("dense suffix")?;
+        ensure_finite(&dense_logits, "dense logits")?;
         Ok(Analysed {
             name: frame.name.clone(),
             features,
@@ -52,7 +54,9 @@ impl Analysed {
             .threads
             .install(|| m.plan.run(kept, gather(fmap, kept)))
             .context("sparse suffix")?;
-        Ok(out.to_dense(&frame.sets).1)
+        let logits = out.to_dense(&frame.sets).1;
+        ensure_finite(&logits, "sparse suffix's logits")?;
+        Ok(logits)
     }
 }
 

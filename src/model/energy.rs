@@ -57,18 +57,22 @@ pub fn stride_rule(node: &NodeProto) -> Result<StrideRule> {
     }
 }
 
+/// Most mean-field steps a package may ask for (each is a pass over the map;
+/// a few converge, and a huge count would stall every frame).
+pub const MAX_STEPS: i64 = 100;
+
 /// Reads the node's settings and weights for a `channels`-channel feature map.
 ///
 /// Inputs: `X, w, b` (linear head; `w` of `C` values in any shape such as
 /// `[1, C, 1, 1]`) or `X, W1, b1, w2, b2` (two-layer head, `W1` of `hidden × C`).
-/// Attributes: `lambda` (≥ 0), `tau` (> 0), `steps` (≥ 0), `neighbourhood` (4 or 8).
+/// Attributes: `lambda` (≥ 0), `tau` (> 0), `steps` (0–[`MAX_STEPS`]), `neighbourhood` (4 or 8).
 pub fn spec(node: &NodeProto, consts: &Constants, channels: usize) -> Result<EnergySpec> {
     let what = label(node);
     let lambda = attr_f32(node, "lambda", None)?;
     let tau = attr_f32(node, "tau", Some(1.0))?;
     let steps = attr_i64(node, "steps", Some(0))?;
-    if steps < 0 {
-        bail!("{what}: steps must be >= 0, got {steps}");
+    if !(0..=MAX_STEPS).contains(&steps) {
+        bail!("{what}: steps must be between 0 and {MAX_STEPS}, got {steps}");
     }
     let neighbourhood = match attr_i64(node, "neighbourhood", Some(4))? {
         4 => Neighbourhood::Four,

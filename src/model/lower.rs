@@ -771,6 +771,11 @@ pub fn batch_norm(node: &NodeProto, consts: &Constants) -> Result<(Vec<f32>, Vec
     };
     let (gamma, beta, mean, var) = (get(1)?, get(2)?, get(3)?, get(4)?);
     let eps = attr_f32(node, "epsilon", Some(1e-5))?;
+    ensure!(
+        eps >= 0.0,
+        "{}: epsilon must be >= 0, got {eps}",
+        node_name(node)
+    );
     let c = gamma.len();
     ensure!(
         beta.len() == c && mean.len() == c && var.len() == c,
@@ -781,6 +786,13 @@ pub fn batch_norm(node: &NodeProto, consts: &Constants) -> Result<(Vec<f32>, Vec
         .zip(&var)
         .map(|(g, v)| g / (v + eps).sqrt())
         .collect();
+    if let Some(i) = scale.iter().position(|s| !s.is_finite()) {
+        bail!(
+            "{}: channel {i} has variance {} + epsilon {eps}, which must be > 0",
+            node_name(node),
+            var[i]
+        );
+    }
     let shift = beta
         .iter()
         .zip(&mean)

@@ -57,6 +57,10 @@ pub struct Preprocess {
     pub std: [f32; 3],
 }
 
+/// Largest input side a package may declare (pixels): memory and time are
+/// sized from it before any frame is seen.
+pub const MAX_INPUT_SIDE: usize = 4096;
+
 impl Manifest {
     /// Reads and checks `path`.
     pub fn read(path: &Path) -> Result<Manifest> {
@@ -76,7 +80,38 @@ impl Manifest {
         if s.len() != 4 || s[0] != 1 || s[1] != 3 {
             bail!("input.shape must be [1, 3, H, W], got {s:?}");
         }
+        if !(1..=MAX_INPUT_SIDE).contains(&s[2]) || !(1..=MAX_INPUT_SIDE).contains(&s[3]) {
+            bail!("input.shape {s:?}: H and W must be between 1 and {MAX_INPUT_SIDE}");
+        }
         let p = &self.preprocess;
+        if p.resize_short > 2 * MAX_INPUT_SIDE {
+            bail!(
+                "preprocess.resize_short {} is above the limit {}",
+                p.resize_short,
+                2 * MAX_INPUT_SIDE
+            );
+        }
+        if !(p.scale.is_finite() && p.scale > 0.0 && p.scale <= 1.0) {
+            bail!(
+                "preprocess.scale must be in (0, 1] (e.g. 1/255), got {}",
+                p.scale
+            );
+        }
+        if p.mean.iter().any(|m| !(m.is_finite() && m.abs() <= 255.0)) {
+            bail!(
+                "preprocess.mean must hold finite values in [-255, 255], got {:?}",
+                p.mean
+            );
+        }
+        if p.std
+            .iter()
+            .any(|x| !(x.is_finite() && (1e-3..=255.0).contains(x)))
+        {
+            bail!(
+                "preprocess.std must hold finite values in [0.001, 255], got {:?}",
+                p.std
+            );
+        }
         if p.crop != s[2] || p.crop != s[3] {
             bail!(
                 "preprocess.crop {} does not match the input size {}×{}",
@@ -91,9 +126,6 @@ impl Manifest {
                 p.resize_short,
                 p.crop
             );
-        }
-        if p.std.iter().any(|&x| x <= 0.0) {
-            bail!("preprocess.std must be positive, got {:?}", p.std);
         }
         if let Some(f) = &self.fallback {
             if !(0.0..=1.0).contains(&f.margin) {

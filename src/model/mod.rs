@@ -167,6 +167,7 @@ impl ModelPackage {
             graph_inputs[0].name,
             manifest.input.name
         );
+        onnx::check_declared_shape(&graph_inputs[0], &manifest.input.shape)?;
         let produced_before: HashSet<&str> = prefix_nodes
             .iter()
             .flat_map(|n| n.output.iter().map(String::as_str))
@@ -244,6 +245,9 @@ pub fn read_onnx(path: &Path) -> Result<ModelProto> {
         .map_err(|e| anyhow::anyhow!("{}: not an ONNX model ({e})", path.display()))?;
     if proto.graph.as_ref().is_none_or(|g| g.node.is_empty()) {
         bail!("{}: not an ONNX model (no graph nodes)", path.display());
+    }
+    if let Some(g) = &proto.graph {
+        onnx::check_tensor_types(g).with_context(|| path.display().to_string())?;
     }
     Ok(proto)
 }

@@ -1,6 +1,6 @@
 //! Reading the ONNX protobuf: attributes, initializers, and sub-graphs cut from it.
 
-use anyhow::{bail, Context, Result};
+use anyhow::{bail, ensure, Context, Result};
 use std::collections::{HashMap, HashSet};
 use tract_onnx::pb::{self, attribute_proto::AttributeType, NodeProto};
 use tract_onnx::prelude::Tensor;
@@ -26,6 +26,11 @@ fn attr<'a>(node: &'a NodeProto, name: &str) -> Option<&'a pb::AttributeProto> {
 /// A float attribute, or `default`.
 pub fn attr_f32(node: &NodeProto, name: &str, default: Option<f32>) -> Result<f32> {
     match attr(node, name) {
+        Some(a) if a.r#type == AttributeType::Float as i32 && !a.f.is_finite() => bail!(
+            "{}: attribute '{name}' is {}, must be a finite number",
+            label(node),
+            a.f
+        ),
         Some(a) if a.r#type == AttributeType::Float as i32 => Ok(a.f),
         Some(a) if a.r#type == AttributeType::Int as i32 => Ok(a.i as f32),
         Some(_) => bail!("{}: attribute '{name}' must be a float", label(node)),
@@ -62,6 +67,76 @@ pub fn attr_str(node: &NodeProto, name: &str) -> Result<Option<String>> {
     }
 }
 
+/// ONNX element types tract cannot load (it panics on them): STRING,
+/// COMPLEX64, COMPLEX128, BFLOAT16, and codes ONNX does not define.
+fn unloadable(data_type: i32) -> Option<&'static str> {
+    match data_type {
+        8 => Some("STRING"),
+        14 => Some("COMPLEX64"),
+        15 => Some("COMPLEX128"),
+        16 => Some("BFLOAT16"),
+        1..=13 => None,
+        _ => Some("an unknown element type"),
+    }
+}
+
+/// Refuses initializers and `Constant` values whose element type tract
+/// cannot load, naming them, before tract sees the graph.
+pub fn check_tensor_types(graph: &pb::GraphProto) -> Result<()> {
+    let constants = graph
+        .node
+        .iter()
+        .filter(|n| n.op_type == "Constant")
+        .filter_map(|n| {
+            attr(n, "value")
+                .and_then(|a| a.t.as_ref())
+                .map(|t| (label(n), t.data_type))
+        });
+    let initializers = graph
+        .initializer
+        .iter()
+        .map(|t| (format!("initializer '{}'", t.name), t.data_type));
+    for (what, dt) in initializers.chain(constants) {
+        if let Some(kind) = unloadable(dt) {
+            bail!("{what} has element type {kind} (code {dt}), which ersm cannot load");
+        }
+    }
+    Ok(())
+}
+
+/// Checks the manifest's input shape against the shape the ONNX graph declares
+/// for its input: every dimension the graph fixes must match (symbolic or
+/// absent dimensions take the manifest's).
+pub fn check_declared_shape(input: &pb::ValueInfoProto, shape: &[usize]) -> Result<()> {
+    use pb::tensor_shape_proto::dimension::Value;
+    let Some(dims) = input
+        .r#type
+        .as_ref()
+        .and_then(|t| t.value.as_ref())
+        .and_then(|pb::type_proto::Value::TensorType(t)| t.shape.as_ref())
+        .map(|s| &s.dim)
+    else {
+        return Ok(());
+    };
+    ensure!(
+        dims.len() == shape.len(),
+        "graph input '{}' has {} dimensions, the manifest's input.shape {shape:?} has {}",
+        input.name,
+        dims.len(),
+        shape.len()
+    );
+    for (i, (d, &m)) in dims.iter().zip(shape).enumerate() {
+        if let Some(Value::DimValue(v)) = d.value {
+            ensure!(
+                v <= 0 || v as u64 == m as u64,
+                "graph input '{}' is declared with dimension {i} = {v}, the manifest's input.shape {shape:?} says {m}",
+                input.name
+            );
+        }
+    }
+    Ok(())
+}
+
 /// The graph's constant tensors: initializers and `Constant` nodes.
 pub struct Constants {
     map: HashMap<String, Tensor>,
@@ -92,7 +167,30 @@ impl Constants {
                 map.insert(out.clone(), tensor.clone());
             }
         }
-        Ok(Constants { map })
+        let consts = Constants { map };
+        consts.check_finite()?;
+        Ok(consts)
+    }
+
+    /// Refuses a floating-point constant holding NaN or an infinity, naming it:
+    /// such a weight would make every frame's result NaN.
+    fn check_finite(&self) -> Result<()> {
+        let mut names: Vec<&String> = self.map.keys().collect();
+        names.sort();
+        for name in names {
+            let t = &self.map[name];
+            if !t.datum_type().is_float() {
+                continue;
+            }
+            let v = t
+                .cast_to::<f32>()
+                .with_context(|| format!("constant '{name}'"))?;
+            let v = v.to_plain_array_view::<f32>()?;
+            if let Some((i, x)) = v.iter().enumerate().find(|(_, x)| !x.is_finite()) {
+                bail!("constant '{name}' holds {x} at index {i}: weights must be finite");
+            }
+        }
+        Ok(())
     }
 
     /// True when `name` is a constant.
