@@ -177,7 +177,8 @@ impl Capture {
                     if c.load(Ordering::SeqCst) {
                         return;
                     }
-                    match source.next_frame() {
+                    let next = crate::panics::catch(|| "source".into(), || source.next_frame());
+                    match next {
                         Ok(Some(frame)) => {
                             if !q.push(frame, &c) {
                                 return;
@@ -216,6 +217,14 @@ impl Capture {
             closed,
             stopper,
         })
+    }
+
+    /// Makes a stalled source fail (its subprocess is killed), so that a
+    /// capture with a reopen function starts it again.
+    pub fn restart(&self) {
+        if let Some(stop) = &*self.stopper.lock().unwrap_or_else(|p| p.into_inner()) {
+            stop();
+        }
     }
 
     /// Stops reading: the thread ends at its next frame, and a subprocess

@@ -28,3 +28,20 @@ pub fn ensure_regular(path: &Path, what: &str) -> Result<()> {
     };
     bail!("{what} {}: is {kind}, not a regular file", path.display())
 }
+
+/// Why `path` cannot be used, in the system's words ("No such file or
+/// directory", "Too many levels of symbolic links"), for an error message.
+pub fn why_missing(path: &Path) -> String {
+    match std::fs::metadata(path) {
+        Err(e) => e.to_string(),
+        Ok(_) => "not a file or folder ersm can read".into(),
+    }
+}
+
+/// Creates (or truncates) the output file `path` now, so that a missing
+/// folder or a read-only place fails before the work instead of after it.
+pub fn ensure_writable(path: &Path, what: &str) -> Result<()> {
+    std::fs::File::create(path)
+        .map(drop)
+        .with_context(|| format!("{what} {}: cannot write", path.display()))
+}

@@ -10,6 +10,7 @@ pub mod eval;
 pub mod files;
 pub mod model;
 pub mod overlay;
+pub mod panics;
 pub mod pipeline;
 pub mod plot;
 pub mod prefix;

@@ -131,7 +131,9 @@ struct RunArgs {
     /// Replay files and folders from the start when they end.
     #[arg(long = "loop")]
     looping: bool,
-    /// Re-open a live source that fails or ends, once a second, until it is back.
+    /// Re-open a live source that fails, ends or stalls (no frame for
+    /// --stall-timeout), once a second, until it is back; the run then ends
+    /// only on Ctrl-C or --max-frames.
     #[arg(long)]
     reconnect: bool,
     /// Drop the oldest queued frame when inference falls behind, for files too
@@ -296,14 +298,18 @@ const DEFAULT_STREAM: &str = "models/streams/vtest.mp4";
 
 fn main() {
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
+    ersm::panics::install_hook();
     let cli = Cli::parse();
-    let result = match cli.command {
-        Command::Run(a) => run(a),
-        Command::Bench(a) => bench(a),
-        Command::Inspect(a) => inspect(a),
-        Command::Eval(e) => eval(e),
-        Command::Mask(a) => mask(a),
-    };
+    let result = ersm::panics::catch(
+        || "ersm".into(),
+        || match cli.command {
+            Command::Run(a) => run(a),
+            Command::Bench(a) => bench(a),
+            Command::Inspect(a) => inspect(a),
+            Command::Eval(e) => eval(e),
+            Command::Mask(a) => mask(a),
+        },
+    );
     if let Err(e) = result {
         eprintln!("error: {e:#}");
         std::process::exit(1);
@@ -373,6 +379,7 @@ fn run(a: RunArgs) -> Result<()> {
             max_frames: a.max_frames,
             warmup: a.warmup,
             stall_timeout: Duration::from_secs_f64(a.stall_timeout),
+            reconnect: a.reconnect && live,
             length,
             source: described,
         },
@@ -396,6 +403,11 @@ fn run(a: RunArgs) -> Result<()> {
 }
 
 fn bench(a: BenchArgs) -> Result<()> {
+    for (path, what) in [(&a.json, "--json"), (&a.plot, "--plot")] {
+        if let Some(p) = path {
+            ersm::files::ensure_writable(p, what)?;
+        }
+    }
     let pipeline = load_pipeline(a.model, a.device, a.fallback, a.threads)?;
     let files = images::list(&a.images.unwrap_or_else(|| bundled(DEFAULT_IMAGES)))?;
     // A bad image is reported and skipped; the rest are still used.

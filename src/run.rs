@@ -28,6 +28,9 @@ pub struct RunOptions {
     pub warmup: usize,
     /// A source silent for this long has stalled.
     pub stall_timeout: Duration,
+    /// A stall restarts the source instead of ending the run (`--reconnect`
+    /// on a live source).
+    pub reconnect: bool,
     /// Frames in the stream, when known (for the progress bar).
     pub length: Option<usize>,
     /// One line naming the source, for the summary.
@@ -175,6 +178,18 @@ pub fn run(
         let frame = match capture.queue.pop(Duration::from_millis(100)) {
             Next::Frame(f) => f,
             Next::Timeout => {
+                if opts.reconnect && last_frame.elapsed() >= opts.stall_timeout {
+                    // --reconnect: a stall is not the end. The stalled source
+                    // is stopped so the capture thread opens it again, and the
+                    // run waits until frames come back (or Ctrl-C).
+                    log::warn!(
+                        "no frame for {:.0} s; restarting the source and waiting for it",
+                        opts.stall_timeout.as_secs_f64()
+                    );
+                    capture.restart();
+                    last_frame = Instant::now();
+                    continue;
+                }
                 if last_frame.elapsed() >= opts.stall_timeout {
                     break Ending::SourceError(format!(
                         "stalled: no frame for {:.0} s",
@@ -188,14 +203,20 @@ pub fn run(
         };
         last_frame = Instant::now();
         start.get_or_insert_with(Instant::now);
-        match process(
-            pipeline,
-            &frame,
-            &mut t,
-            &mut opts,
-            &mut jsonl,
-            &mut output_errors,
-        ) {
+        let done = crate::panics::catch(
+            || format!("frame {}", frame.name),
+            || {
+                process(
+                    pipeline,
+                    &frame,
+                    &mut t,
+                    &mut opts,
+                    &mut jsonl,
+                    &mut output_errors,
+                )
+            },
+        );
+        match done {
             Ok(()) => {}
             Err(e) => {
                 // A bad frame is skipped; the stream goes on.

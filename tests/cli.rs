@@ -219,3 +219,34 @@ fn numeric_options_are_bounded_with_clear_errors() {
         "the range is in the help: {out}"
     );
 }
+
+#[test]
+fn bench_output_paths_are_checked_before_the_work() {
+    for flag in ["--json", "--plot"] {
+        let t = std::time::Instant::now();
+        let o = ersm(&[
+            "bench",
+            "--frames",
+            "1000",
+            flag,
+            "/nonexistent-dir/out.file",
+        ]);
+        let (_, err) = text(&o);
+        assert_eq!(o.status.code(), Some(1), "{flag}: {err}");
+        assert!(
+            err.contains(flag)
+                && err.contains("/nonexistent-dir/out.file")
+                && err.contains("cannot write"),
+            "{flag}: {err}"
+        );
+        assert!(
+            !err.contains("Os {") && !err.contains("BackendError"),
+            "{err}"
+        );
+        // 1000 frames would take many seconds: the error came first.
+        assert!(
+            t.elapsed().as_secs() < 20,
+            "{flag}: failed only after the work"
+        );
+    }
+}

@@ -606,3 +606,61 @@ fn frames_with_non_finite_values_fail_and_are_not_counted() {
     assert!(!out.contains("agreement 100"), "{out}");
     std::fs::remove_dir_all(&dir).ok();
 }
+
+#[test]
+fn reconnect_restarts_a_stalled_source_and_outlasts_a_failing_one() {
+    // One frame per start, then silence: each stall restarts it.
+    let dir = fake_ffmpeg("reconnect-stall", "head -c 9216 /dev/zero\nexec sleep 600");
+    let c = with_path(
+        ersm(&[
+            "--source",
+            "rtsp://cam/live",
+            "--reconnect",
+            "--stall-timeout",
+            "1",
+            "--max-frames",
+            "3",
+        ]),
+        &dir,
+    );
+    let t = Instant::now();
+    let (o, out, err) = output(c);
+    assert!(t.elapsed() < Duration::from_secs(60));
+    assert!(o.status.success(), "{err}");
+    assert!(err.contains("restarting the source"), "{err}");
+    assert_summary(&out, 3, "frame limit");
+    std::fs::remove_dir_all(&dir).ok();
+
+    // A source that never comes back: the run waits (well past the stall
+    // timeout) until Ctrl-C, then summarises.
+    let dir = fake_ffmpeg("reconnect-dead", "exit 1");
+    let child = with_path(
+        ersm(&[
+            "--source",
+            "rtsp://cam/live",
+            "--reconnect",
+            "--stall-timeout",
+            "1",
+        ]),
+        &dir,
+    )
+    .stdin(Stdio::null())
+    .stdout(Stdio::piped())
+    .stderr(Stdio::piped())
+    .spawn()
+    .unwrap();
+    std::thread::sleep(Duration::from_secs(4));
+    let mut child = child;
+    assert!(
+        child.try_wait().unwrap().is_none(),
+        "--reconnect gave up on a failing source"
+    );
+    // SAFETY: signalling our own child.
+    unsafe {
+        libc::kill(child.id() as libc::pid_t, libc::SIGINT);
+    }
+    let o = wait_timeout(child, Duration::from_secs(30));
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert!(out.contains("interrupted (Ctrl-C)"), "{out}");
+    std::fs::remove_dir_all(&dir).ok();
+}

@@ -249,3 +249,32 @@ fn live_queue_drops_oldest_and_file_queue_keeps_all() {
     assert_eq!(got, (0..50).collect::<Vec<_>>());
     assert_eq!(q.dropped(), 0);
 }
+
+#[test]
+fn unknown_schemes_huge_frames_and_symlink_loops_are_named() {
+    let e = format!("{:#}", Uri::parse("foo://bar").unwrap_err());
+    assert!(e.contains("unknown scheme 'foo://'"), "{e}");
+    for big in [
+        "raw://-?w=100000&h=100000",
+        "raw://-?w=18446744073709551615&h=18446744073709551615",
+    ] {
+        let e = format!("{:#}", Uri::parse(big).unwrap_err());
+        assert!(e.contains("larger than the limit"), "{big}: {e}");
+    }
+    let dir = std::env::temp_dir().join(format!("ersm-sources-loop-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let (a, b) = (dir.join("a"), dir.join("b"));
+    let _ = std::fs::remove_file(&a);
+    let _ = std::fs::remove_file(&b);
+    std::os::unix::fs::symlink(&b, &a).unwrap();
+    std::os::unix::fs::symlink(&a, &b).unwrap();
+    let e = format!("{:#}", ersm::source::images::list(&a).unwrap_err());
+    assert!(e.to_lowercase().contains("symbolic links"), "{e}");
+    let opts = ersm::source::SourceOptions::default();
+    let e = match ersm::source::open(&Uri::File(a.clone()), &opts) {
+        Ok(_) => panic!("a symlink loop opened"),
+        Err(e) => format!("{e:#}"),
+    };
+    assert!(e.to_lowercase().contains("symbolic links"), "{e}");
+    std::fs::remove_dir_all(&dir).ok();
+}

@@ -159,6 +159,19 @@ impl Lowering<'_> {
 
     fn node(&mut self, bn: Option<&NodeProto>) -> Result<Kind> {
         let op = self.node.op_type.as_str();
+        // Inputs each op reads by position (optional ones past these are
+        // looked up with `get`): a node with fewer is malformed.
+        let needs = match op {
+            "Add" | "Mul" | "MatMul" | "Gemm" | "Conv" | "Reshape" => 2,
+            "BatchNormalization" => 5,
+            _ => 1,
+        };
+        ensure!(
+            self.node.input.len() >= needs
+                && self.node.input[..needs].iter().all(|i| !i.is_empty()),
+            "{op} needs {needs} inputs, has {}",
+            self.node.input.iter().filter(|i| !i.is_empty()).count()
+        );
         match op {
             "Identity" | "Dropout" => Ok(self.input(0)?.clone()),
             "Conv" => self.conv(bn),

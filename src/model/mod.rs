@@ -67,6 +67,13 @@ impl ModelPackage {
     /// Loads a package folder holding `manifest.json` and its ONNX file.
     pub fn load(dir: impl AsRef<Path>) -> Result<ModelPackage> {
         let dir = dir.as_ref();
+        crate::panics::catch(
+            || format!("model package {}", dir.display()),
+            || Self::load_unguarded(dir),
+        )
+    }
+
+    fn load_unguarded(dir: &Path) -> Result<ModelPackage> {
         if !dir.exists() {
             bail!("model package {}: not found", dir.display());
         }

@@ -7,12 +7,18 @@ use anyhow::{ensure, Context, Result};
 /// to RGB8. `stride` is the bytes per source row (≥ `width × 2`).
 pub fn yuyv_to_rgb(src: &[u8], width: usize, height: usize, stride: usize) -> Result<Vec<u8>> {
     ensure!(width.is_multiple_of(2), "YUYV frame width {width} is odd");
+    let max = super::MAX_FRAME_SIDE;
     ensure!(
-        stride >= width * 2,
-        "YUYV stride {stride} < 2 × width {width}"
+        (1..=max).contains(&width) && (1..=max).contains(&height),
+        "YUYV frame {width}×{height} is outside 1..{max} on a side"
     );
     ensure!(
-        src.len() >= stride * (height.max(1) - 1) + width * 2,
+        stride >= width * 2 && stride <= 4 * max,
+        "YUYV stride {stride} is not between 2 × width {width} and {}",
+        4 * max
+    );
+    ensure!(
+        src.len() >= stride * (height - 1) + width * 2,
         "YUYV frame has {} bytes, expected {}×{} with stride {stride}",
         src.len(),
         width,

@@ -12,7 +12,11 @@ pub fn list(path: &Path) -> Result<Vec<PathBuf>> {
         return Ok(vec![path.to_path_buf()]);
     }
     if !path.is_dir() {
-        bail!("image source {}: not found", path.display());
+        bail!(
+            "image source {}: {}",
+            path.display(),
+            crate::files::why_missing(path)
+        );
     }
     let mut files: Vec<PathBuf> = std::fs::read_dir(path)
         .with_context(|| format!("image source {}: cannot list", path.display()))?

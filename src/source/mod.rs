@@ -64,6 +64,10 @@ pub struct SourceOptions {
     pub fps: f64,
 }
 
+/// Largest frame side a source may deliver or be asked for (pixels): frame
+/// buffers are sized from it before any frame arrives.
+pub const MAX_FRAME_SIDE: usize = 16_384;
+
 /// Opens the source `uri` names. Fails fast, naming the device, file or tool.
 pub fn open(uri: &Uri, opts: &SourceOptions) -> Result<Box<dyn Source>> {
     Ok(match uri {
@@ -75,7 +79,11 @@ pub fn open(uri: &Uri, opts: &SourceOptions) -> Result<Box<dyn Source>> {
             if path.is_dir() || images::is_image(path) {
                 Box::new(images::ImageSource::open(path)?)
             } else if !path.exists() {
-                anyhow::bail!("source {}: no such file or folder", path.display());
+                anyhow::bail!(
+                    "source {}: {}",
+                    path.display(),
+                    crate::files::why_missing(path)
+                );
             } else if uri::is_mp4(path) {
                 Box::new(video::Mp4Source::open(path)?)
             } else {

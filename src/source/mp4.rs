@@ -218,7 +218,7 @@ impl Mp4H264 {
     pub fn sample_annexb(&self, i: usize, out: &mut Vec<u8>) -> Result<()> {
         out.clear();
         let (offset, size) = self.samples[i];
-        let end = offset + size as u64;
+        let end = offset.saturating_add(u64::from(size));
         ensure!(
             end <= self.data.len() as u64,
             "{}: truncated: frame {} lies at bytes {offset}..{end} but the file has {} bytes",
@@ -280,6 +280,15 @@ fn sample_table(d: &[u8], stbl: BoxRef) -> Result<Vec<(u64, u32)>> {
     let stsz = find(d, stbl, b"stsz").context("no 'stsz' box")?;
     let fixed = be32(d, stsz.start + 4).context("short 'stsz'")?;
     let count = be32(d, stsz.start + 8).context("short 'stsz'")? as usize;
+    // Every sample holds at least one byte of the file (a fixed size: that
+    // many), so a count the file cannot hold is refused before anything is
+    // sized from it.
+    let least = (fixed as usize).max(1);
+    ensure!(
+        count <= d.len() / least,
+        "'stsz' lists {count} samples of {least}+ bytes, more than the file's {} bytes hold",
+        d.len()
+    );
     let sizes: Vec<u32> = (0..count)
         .map(|i| {
             if fixed != 0 {
@@ -328,8 +337,17 @@ fn sample_table(d: &[u8], stbl: BoxRef) -> Result<Vec<(u64, u32)>> {
             let Some(&size) = sizes.get(out.len()) else {
                 break;
             };
+            // Offsets come from the file and may be garbage: they must not
+            // wrap. (A sample past the end is a truncated file, reported when
+            // that frame is reached, after the frames before it played.)
+            let Some(end) = at.checked_add(u64::from(size)) else {
+                bail!(
+                    "sample {} at byte {at} with {size} bytes: offsets overflow",
+                    out.len() + 1
+                );
+            };
             out.push((at, size));
-            at += size as u64;
+            at = end;
         }
     }
     ensure!(

@@ -45,7 +45,17 @@ impl Uri {
         if let Some(rest) = s.strip_prefix("file://") {
             return Ok(Uri::File(PathBuf::from(rest)));
         }
-        if s.contains("://") {
+        if let Some((scheme, _)) = s.split_once("://") {
+            if !NETWORK_SCHEMES.contains(&scheme.to_ascii_lowercase().as_str()) {
+                bail!(
+                    "source {s}: unknown scheme '{scheme}://' (expected a path, v4l2://, csi://, raw://, file:// or one of {})",
+                    NETWORK_SCHEMES
+                        .iter()
+                        .map(|n| format!("{n}://"))
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                );
+            }
             return Ok(Uri::Url(s.to_string()));
         }
         if s.starts_with("/dev/video") {
@@ -57,6 +67,11 @@ impl Uri {
         Ok(Uri::File(PathBuf::from(s)))
     }
 }
+
+/// Network schemes handed to ffmpeg.
+const NETWORK_SCHEMES: &[&str] = &[
+    "rtsp", "rtsps", "rtmp", "rtmps", "http", "https", "udp", "rtp", "srt", "tcp",
+];
 
 fn parse_raw(s: &str, rest: &str) -> Result<Uri> {
     let usage = || {
@@ -78,6 +93,10 @@ fn parse_raw(s: &str, rest: &str) -> Result<Uri> {
     }
     if width == 0 || height == 0 {
         bail!("{}", usage());
+    }
+    let max = super::MAX_FRAME_SIDE;
+    if width > max || height > max {
+        bail!("source {s}: frame {width}×{height} is larger than the limit of {max}×{max}");
     }
     Ok(Uri::Raw { width, height })
 }
