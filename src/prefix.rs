@@ -41,6 +41,17 @@ impl TractNet {
             .as_concrete()
             .with_context(|| format!("{what}: output shape is not concrete"))?
             .to_vec();
+        let mut typed = typed;
+        // tract's channel-last rewrite moves depthwise convs onto its
+        // vectorised channel-last kernel but slows the 1×1 products; on x86 it
+        // measured even (README, "CPU speed"), so it stays off unless asked
+        // for, to measure on another CPU (a Jetson's Cortex-A78).
+        if std::env::var("ERSM_TRACT_NHWC").is_ok_and(|v| v == "1") {
+            let t = tract_core::transform::get_transform("conv_nhwc")?
+                .context("tract has no conv_nhwc transform")?;
+            t.transform(&mut typed)
+                .with_context(|| format!("{what}: channel-last rewrite"))?;
+        }
         let plan = typed
             .into_optimized()
             .with_context(|| format!("{what}: tract optimisation failed"))?
