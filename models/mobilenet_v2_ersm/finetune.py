@@ -27,6 +27,10 @@ resumes from it. The runs in REPORT.md (logs in runs/; 1.5-2.5 s a step on 2 cor
     python3 finetune.py --data /tmp/data --semantics zero --masks head --ratio 1.0 --beta 0.1 --shift 1.0 \\
         --steps 1200 --lr 5e-5 --pull 0.05 --full 0.2 --eval-every 300 --init /tmp/run2.pt \\
         --ckpt /tmp/run3.pt --log runs/run3.jsonl                      # stopped after step 600
+    # run 4: BatchNorm scale/shift and fill vectors only, from the original (stopped after step 360)
+    python3 finetune.py --data /tmp/data --semantics zero --masks head --ratio 1.0 --beta 0.1 --shift 1.0 \\
+        --head-steps 150 --steps 900 --tune bn --lr 1e-3 --pull 0.05 --full 0.2 --eval-every 150 \\
+        --ckpt /tmp/run4/ckpt.pt --log runs/run4.jsonl
     python3 export.py --data /tmp/data --ckpt /tmp/run2.pt --out /tmp/run2_pkg --offsets=-1,-0.5,0,0.5,1
 """
 
@@ -132,6 +136,8 @@ def main():
     ap.add_argument("--head-steps", type=int, default=0, help="head masks: steps training the head alone first")
     ap.add_argument("--full", type=float, default=0.0,
                     help="head masks: fraction of each batch run with every token kept (keeps the dense path faithful)")
+    ap.add_argument("--tune", choices=["all", "bn"], default="all",
+                    help="suffix parameters trained: all, or only BatchNorm's scale and shift (with the fill vectors)")
     ap.add_argument("--init", help="start from this checkpoint's student (fresh optimizer and schedule)")
     ap.add_argument("--keep-range", default="0.15:0.7", help="random masks: keep ratio drawn from this range")
     ap.add_argument("--eval-every", type=int, default=100)
@@ -161,7 +167,9 @@ def main():
     student = Student(teacher, sem, calibration_means(teacher, fc), fit_fast_paths(teacher, fc))
     total = dense_macs(teacher, hf)
     teacher_params = {n: p.detach().clone() for n, p in student.net.named_parameters()}
-    tuned = [p for n, p in student.named_parameters() if not n.startswith("head.")]
+    bn = {f"net.{m}." for m, mod in student.net.named_modules() if isinstance(mod, nn.BatchNorm2d)}
+    tuned = [p for n, p in student.named_parameters() if not n.startswith("head.")
+             and (args.tune == "all" or not n.startswith("net.") or n[:n.rfind(".") + 1] in bn)]
     for p in tuned:
         p.requires_grad_(True)
     opt = torch.optim.Adam([{"params": tuned, "lr": args.lr},

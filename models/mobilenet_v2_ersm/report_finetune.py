@@ -81,7 +81,8 @@ def main():
              "implements it exactly (`tests/parity.rs`: sparse = dense-masked reference within 1e-4 on random "
              "networks under both rules).\n")
     L.append("### 2. Sparsity-aware fine-tuning\n")
-    run1, run2, run3 = (load_jsonl(f) for f in ("run1_head_phase.jsonl", "run2.jsonl", "run3.jsonl"))
+    run1, run2, run3, run4 = (load_jsonl(f) for f in ("run1_head_phase.jsonl", "run2.jsonl", "run3.jsonl",
+                                                       "run4.jsonl"))
     L.append("Data (`data.py`, `training.json` of the run): every natural photo found in Debian's opencv-doc, "
              "plasma-workspace-wallpapers, mate-backgrounds, gnome-backgrounds, ukui-wallpapers and "
              "lomiri-wallpapers packages and scikit-image/scikit-learn's data (photo filter, copies removed): "
@@ -97,7 +98,9 @@ def main():
     L.append("|---|---|---|---|---|")
     for name, log in [("run 1: `--lr 1e-4 --pull 0.001`, 150 head-only steps first", run1),
                       ("run 2: from run 1's step 200, `--lr 5e-5 --pull 0.05 --full 0.2`", run2),
-                      ("run 3: run 2 continued from its step 600 (fresh schedule)", run3)]:
+                      ("run 3: run 2 continued from its step 600 (fresh schedule)", run3),
+                      ("run 4: only BatchNorm's scale and shift and the fill vectors (`--tune bn --lr 1e-3`), "
+                       "from the original, 150 head-only steps first; stopped at step 360", run4)]:
         for e in log:
             if isinstance(e.get("head"), dict):
                 full = pct(e["full"]["agree"]) if "full" in e else "-"
@@ -121,6 +124,24 @@ def main():
                      f"{p['fallback_margin']:.3f} | {pct(f['fallback_rate'])} | {pct(f['top1_agreement'])} | "
                      f"{f['effective_compute']:.3f} |")
         L.append("")
+    ceiling = json.load(open(os.path.join(HERE, "runs", "ceiling.json")))
+    L.append("### 3. How much agreement can any approximation keep on these views?\n")
+    L.append(f"`measure_ceiling.py`: the original network on the {ceiling['views']} held-out views, and on the "
+             "same views changed in ways nobody would call a different picture. Top-1 agreement with the "
+             "unchanged view:\n")
+    L.append("| change | top-1 agreement |")
+    L.append("|---|---|")
+    for k, v in ceiling["changes"].items():
+        L.append(f"| {k} | {pct(v)} |")
+    m = ceiling["share_margin_below"]
+    L.append("")
+    L.append(f"The original network is unsure of most of these views: its top-1 probability has median "
+             f"{ceiling['teacher_top1_prob']['0.5']:.2f}, and the gap to its second class is below 0.05 on "
+             f"{pct(m['0.05'])} of views and below 0.1 on {pct(m['0.1'])}. Shifting the picture by one "
+             f"pixel changes the answer on {pct(1 - ceiling['changes']['shift 1 px'])} of them. Dropping half "
+             "the tokens is a far larger change than any of these, so on this held-out set 97 % top-1 "
+             "agreement is out of reach of any approximation of the network, sparse or not: the metric "
+             "measures the teacher's indecision as much as the student's error.\n")
     L.append("### What the measurements say is missing\n")
     L.append(MISSING)
     text = open(os.path.join(HERE, "REPORT.md")).read()
@@ -133,7 +154,16 @@ def main():
     open(os.path.join(HERE, "REPORT.md"), "w").write(text)
 
 
-MISSING = """- **Too little training and too little data, both.** After 1200 joint steps (batch 24, about 29 000
+MISSING = """- **The target is above what the views allow.** Section 3: a one-pixel shift keeps the original's own
+  answer on 83 % of the held-out views, JPEG at quality 90 on 79 %. A sparse network at half the compute
+  would need to be more faithful than the original is to itself. The target as posed needs held-out views
+  the original is sure of (objects, not wallpapers and street scenes), or a measure that accounts for
+  indecision (top-5 overlap, or agreement on views whose margin is above the fallback's).
+- **Tuning less does not help.** Run 4 trained only BatchNorm's scale and shift (and the fill vectors): at
+  step 300 its held-out agreement with the head's masks (14.8 % at keep 0.42) and with random masks
+  (24.6 % at keep 0.5) was below the fully tuned runs' at the same step (19.9 % and 27.7 %), and with every
+  token kept it had drifted further (48.8 %). So the limit is not over-fitting the weights to 131 photos.
+- **Too little training and too little data, both.** After 1200 joint steps (batch 24, about 29 000
   views, 1.7-2.5 s a step on 2 cores) the KL to the original is still about 1.0-1.4. From run 2's checkpoint
   (600 steps) to run 3's (1200), agreement on *training* views rose 4-5 points (keep 0.32: 32.7 → 37.0 %;
   keep 0.50: 42.8 → 47.2 %) and held-out agreement 2 points (keep 0.39: 22.0 → 24.7 %; keep 0.62:
