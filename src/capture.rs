@@ -39,6 +39,7 @@ pub enum Next {
 struct State {
     frames: VecDeque<Frame>,
     dropped: u64,
+    skipped: u64,
     end: Option<End>,
 }
 
@@ -58,6 +59,7 @@ impl Queue {
             state: Mutex::new(State {
                 frames: VecDeque::new(),
                 dropped: 0,
+                skipped: 0,
                 end: None,
             }),
             capacity: capacity.max(1),
@@ -133,6 +135,16 @@ impl Queue {
         self.lock().dropped
     }
 
+    /// Inputs the source skipped so far (files it could not decode).
+    pub fn skipped(&self) -> u64 {
+        self.lock().skipped
+    }
+
+    /// Adds `n` to the inputs the source skipped.
+    pub fn add_skipped(&self, n: u64) {
+        self.lock().skipped += n;
+    }
+
     /// Frames waiting.
     pub fn len(&self) -> usize {
         self.lock().frames.len()
@@ -177,7 +189,9 @@ impl Capture {
                     if c.load(Ordering::SeqCst) {
                         return;
                     }
+                    let before = source.skipped();
                     let next = crate::panics::catch(|| "source".into(), || source.next_frame());
+                    q.add_skipped(source.skipped().saturating_sub(before));
                     match next {
                         Ok(Some(frame)) => {
                             if !q.push(frame, &c) {

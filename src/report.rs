@@ -280,6 +280,8 @@ pub struct RunReport {
     pub dropped: u64,
     /// Frames that could not be processed (logged and skipped).
     pub failed: usize,
+    /// Inputs the source could not read (undecodable images), logged and skipped.
+    pub skipped: u64,
     /// Untimed warm-up frames at the start (in `frames`, not in the percentiles).
     pub warmup: usize,
     /// Wall-clock seconds from the first frame to the end.
@@ -323,8 +325,8 @@ impl RunReport {
         if self.frames == 0 {
             let _ = writeln!(
                 s,
-                " no frame was processed ({} failed, {} dropped): nothing to summarise",
-                self.failed, self.dropped
+                " no frame was processed ({} failed, {} dropped, {} unreadable inputs skipped): nothing to summarise",
+                self.failed, self.dropped, self.skipped
             );
             let _ = writeln!(s, " ended           {}", self.ending);
             let _ = write!(s, "{rule}");
@@ -380,10 +382,11 @@ impl RunReport {
         }
         let _ = writeln!(
             s,
-            " frames          {} processed, {} dropped, {} failed in {:.1} s ({:.1} frames/s through the loop{})",
+            " frames          {} processed, {} dropped, {} failed, {} unreadable skipped in {:.1} s ({:.1} frames/s through the loop{})",
             self.frames,
             self.dropped,
             self.failed,
+            self.skipped,
             self.wall_s,
             self.frames as f64 / self.wall_s.max(1e-9),
             if dense { ", both modes" } else { "" }

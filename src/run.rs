@@ -257,6 +257,7 @@ pub fn run(
         frames: t.frames(),
         dropped: capture.queue.dropped(),
         failed: t.failed,
+        skipped: capture.queue.skipped(),
         warmup: opts.warmup.min(t.frames()),
         wall_s: start.map_or(0.0, |s| s.elapsed().as_secs_f64()),
         keep_ratio: t.keeps.iter().sum::<f64>() / n,

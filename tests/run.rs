@@ -532,6 +532,7 @@ fn a_run_that_processed_nothing_exits_non_zero_without_nan() {
     let (o, out, err) = output(ersm(&["--source", dir.to_str().unwrap()]));
     assert!(!o.status.success(), "exit 0 with nothing processed:\n{out}");
     assert!(out.contains("no frame was processed"), "{out}");
+    assert!(out.contains("1 unreadable inputs skipped"), "{out}");
     assert!(err.contains("no frame of"), "{err}");
     assert!(
         !out.contains("NaN") && !out.to_lowercase().contains("nan "),

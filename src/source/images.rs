@@ -75,6 +75,7 @@ pub struct ImageSource {
     origin: PathBuf,
     files: Vec<PathBuf>,
     next: usize,
+    skipped: u64,
 }
 
 impl ImageSource {
@@ -84,6 +85,7 @@ impl ImageSource {
             origin: path.to_path_buf(),
             files: list(path)?,
             next: 0,
+            skipped: 0,
         })
     }
 }
@@ -95,10 +97,17 @@ impl super::Source for ImageSource {
             self.next += 1;
             match load(path) {
                 Ok(f) => return Ok(Some(f)),
-                Err(e) => log::warn!("skipping: {e:#}"),
+                Err(e) => {
+                    log::warn!("skipping: {e:#}");
+                    self.skipped += 1;
+                }
             }
         }
         Ok(None)
+    }
+
+    fn skipped(&self) -> u64 {
+        self.skipped
     }
 
     fn describe(&self) -> String {

@@ -44,6 +44,11 @@ pub trait Source: Send {
     fn fps(&self) -> f64 {
         0.0
     }
+    /// Inputs skipped so far because they could not be read (an image that
+    /// does not decode); the run summary counts them.
+    fn skipped(&self) -> u64 {
+        0
+    }
     /// Frames in the stream, when known in advance.
     fn frame_count(&self) -> Option<usize> {
         None
