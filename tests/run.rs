@@ -665,3 +665,30 @@ fn reconnect_restarts_a_stalled_source_and_outlasts_a_failing_one() {
     assert!(out.contains("interrupted (Ctrl-C)"), "{out}");
     std::fs::remove_dir_all(&dir).ok();
 }
+
+#[test]
+fn an_overlay_encoder_that_dies_makes_the_run_exit_non_zero() {
+    // ffmpeg starts, reads nothing and exits: the overlay cannot be written.
+    let dir = fake_ffmpeg("overlay-dies", "exit 1");
+    let images = root().join("models/images");
+    let video = tmp("overlay-dies.mp4");
+    let c = with_path(
+        ersm(&[
+            "--source",
+            images.to_str().unwrap(),
+            "--overlay",
+            video.to_str().unwrap(),
+            "--warmup",
+            "0",
+        ]),
+        &dir,
+    );
+    let (o, out, err) = output(c);
+    assert!(
+        !o.status.success(),
+        "exit 0 with a dead encoder:\n{out}\n{err}"
+    );
+    assert_summary(&out, 4, "end of stream");
+    assert!(out.contains("output failed   --overlay"), "{out}");
+    std::fs::remove_dir_all(&dir).ok();
+}

@@ -160,7 +160,7 @@ impl Plan {
             producer[step.output] = Some(s);
         }
         let mut fused = vec![false; self.steps.len()];
-        for s in 0..self.steps.len() {
+        for (s, done) in fused.iter_mut().enumerate() {
             let Some(act) = self.steps[s].op.activation() else {
                 continue;
             };
@@ -172,7 +172,7 @@ impl Plan {
             let out = self.steps[s].output;
             self.steps[p].output = out;
             producer[out] = Some(p);
-            fused[s] = true;
+            *done = true;
         }
         let mut s = 0;
         self.steps.retain(|_| {
