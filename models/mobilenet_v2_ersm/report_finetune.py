@@ -135,13 +135,26 @@ def main():
         L.append(f"| {k} | {pct(v)} |")
     m = ceiling["share_margin_below"]
     L.append("")
-    L.append(f"The original network is unsure of most of these views: its top-1 probability has median "
+    L.append(f"The original network is unsure of many of these views: its top-1 probability has median "
              f"{ceiling['teacher_top1_prob']['0.5']:.2f}, and the gap to its second class is below 0.05 on "
              f"{pct(m['0.05'])} of views and below 0.1 on {pct(m['0.1'])}. Shifting the picture by one "
-             f"pixel changes the answer on {pct(1 - ceiling['changes']['shift 1 px'])} of them. Dropping half "
-             "the tokens is a far larger change than any of these, so on this held-out set 97 % top-1 "
-             "agreement is out of reach of any approximation of the network, sparse or not: the metric "
-             "measures the teacher's indecision as much as the student's error.\n")
+             f"pixel changes its answer on {pct(1 - ceiling['changes']['shift 1 px'])} of them. Split by that "
+             "margin, with this package's masks (torchvision's suffix) and with coherent random masks at keep "
+             "0.5:\n")
+    L.append("| masks | views (original's top-1 margin) | share of views | keep | top-1 agreement | "
+             "1-pixel shift, for comparison |")
+    L.append("|---|---|---|---|---|---|")
+    for r in ceiling["by_margin"]:
+        L.append(f"| {r['masks']} | {r['views']} | {pct(r['share'])} | {r['keep']:.2f} | {pct(r['agreement'])} | "
+                 f"{pct(r['shift_1px_ceiling'])} |")
+    L.append("")
+    L.append("Two things follow. On the views the original is unsure of (margin below 0.1, a third of the set), "
+             "a one-pixel shift keeps only two answers in three: no approximation of the network, sparse or not, "
+             "can agree 97 % there, so over the whole held-out set the target is out of reach by construction. "
+             "On the views it is sure of (margin 0.3 or more, another third), a one-pixel shift keeps 98.9 %: "
+             "there 97 % is a fair target, and the sparse network is far from it (82 % at keep 0.80 with this "
+             "package's head, 43 % with random half masks). The gap the training has to close is real where the "
+             "target means something.\n")
     L.append("### What the measurements say is missing\n")
     L.append(MISSING)
     text = open(os.path.join(HERE, "REPORT.md")).read()
@@ -154,11 +167,12 @@ def main():
     open(os.path.join(HERE, "REPORT.md"), "w").write(text)
 
 
-MISSING = """- **The target is above what the views allow.** Section 3: a one-pixel shift keeps the original's own
-  answer on 83 % of the held-out views, JPEG at quality 90 on 79 %. A sparse network at half the compute
-  would need to be more faithful than the original is to itself. The target as posed needs held-out views
-  the original is sure of (objects, not wallpapers and street scenes), or a measure that accounts for
-  indecision (top-5 overlap, or agreement on views whose margin is above the fallback's).
+MISSING = """- **Over the whole held-out set the target is above what the views allow; on confident views it is not.**
+  Section 3: a one-pixel shift keeps the original's own answer on 83 % of the held-out views (JPEG at
+  quality 90: 79 %), and on only 66 % of the third it is unsure of. On the third it is sure of, the same
+  shift keeps 98.9 %, and there the sparse network (82 % at keep 0.80) is what falls short. A measurable
+  target is agreement on views the original is sure of, or held-out views of objects rather than
+  wallpapers and street scenes; over this set as a whole, 97 % cannot be reached by any approximation.
 - **Tuning less does not help.** Run 4 trained only BatchNorm's scale and shift (and the fill vectors): at
   step 300 its held-out agreement with the head's masks (14.8 % at keep 0.42) and with random masks
   (24.6 % at keep 0.5) was below the fully tuned runs' at the same step (19.9 % and 27.7 %), and with every
