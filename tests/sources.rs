@@ -278,3 +278,46 @@ fn unknown_schemes_huge_frames_and_symlink_loops_are_named() {
     assert!(e.to_lowercase().contains("symbolic links"), "{e}");
     std::fs::remove_dir_all(&dir).ok();
 }
+
+/// Offset of the first `kind` box's payload (after size and type) in `b`.
+fn box_payload(b: &[u8], kind: &[u8; 4]) -> usize {
+    b.windows(4).position(|w| w == kind).expect("box present") + 4
+}
+
+#[test]
+fn mp4_tables_the_file_cannot_hold_are_refused_before_allocating() {
+    let bytes = std::fs::read(clip()).unwrap();
+    let path = std::env::temp_dir().join(format!("ersm-tables-{}.mp4", std::process::id()));
+    // stsz: version/flags, sample_size, sample_count. A fixed size of 1 byte
+    // and 4 294 967 295 samples used to allocate 16 GB.
+    let mut b = bytes.clone();
+    let at = box_payload(&b, b"stsz");
+    b[at + 4..at + 8].copy_from_slice(&1u32.to_be_bytes());
+    b[at + 8..at + 12].copy_from_slice(&u32::MAX.to_be_bytes());
+    std::fs::write(&path, &b).unwrap();
+    let t = std::time::Instant::now();
+    let err = format!("{:#}", Mp4Source::open(&path).err().unwrap());
+    assert!(
+        err.contains("stsz") && err.contains("more than the file"),
+        "{err}"
+    );
+    assert!(t.elapsed().as_secs() < 5);
+    // stco: a chunk offset past the end of the file is a clear error when
+    // that frame is reached, never a slice panic.
+    let mut b = bytes.clone();
+    let at = box_payload(&b, b"stco");
+    b[at + 8..at + 12].copy_from_slice(&u32::MAX.to_be_bytes());
+    std::fs::write(&path, &b).unwrap();
+    let err = match Mp4Source::open(&path) {
+        Err(e) => format!("{e:#}"),
+        Ok(mut src) => loop {
+            match src.next_frame() {
+                Ok(Some(_)) => {}
+                Ok(None) => panic!("a chunk past the end played"),
+                Err(e) => break format!("{e:#}"),
+            }
+        },
+    };
+    assert!(err.contains("ersm-tables"), "{err}");
+    std::fs::remove_file(&path).ok();
+}

@@ -202,6 +202,10 @@ impl ModelPackage {
             "the energy layer's input '{input}' must be a [1, C, H, W] feature map, is {fs:?}"
         );
         let (c, h, w) = (fs[1], fs[2], fs[3]);
+        ensure!(
+            (1..=MAX_CHANNELS).contains(&c) && h >= 1 && w >= 1,
+            "the energy layer's input '{input}' is {c}×{h}×{w}: channels must be between 1 and {MAX_CHANNELS}"
+        );
         let energy = energy::spec(enode, &consts, c)?;
 
         let mut plan = lower::lower(&suffix_nodes, &consts, &output, (c, h, w), &graph_output)?;
@@ -238,6 +242,9 @@ impl ModelPackage {
         })
     }
 }
+
+/// Most channels the energy layer's feature map (the tokens) may have.
+pub const MAX_CHANNELS: usize = 8192;
 
 /// Reads an ONNX file (memory-mapped), with errors that name it.
 pub fn read_onnx(path: &Path) -> Result<ModelProto> {
