@@ -432,15 +432,30 @@ fn bench(a: BenchArgs) -> Result<()> {
     };
     let (mut ersm, mut dense) = (StageSamples::default(), StageSamples::default());
     let (mut keeps, mut agree, mut macs, mut fell) = (Vec::new(), 0usize, 0f64, 0usize);
+    let mut failed = 0usize;
     for i in 0..a.warmup + a.frames {
         let frame = &frames[i % frames.len()];
         // Alternate which mode goes first so neither always runs on warm caches.
-        let (e, d) = if i % 2 == 0 {
-            let e = pipeline.run_ersm(frame)?;
-            (e, pipeline.run_dense(frame)?)
-        } else {
-            let d = pipeline.run_dense(frame)?;
-            (pipeline.run_ersm(frame)?, d)
+        let both = ersm::panics::catch(
+            || format!("frame {}", frame.name),
+            || {
+                Ok(if i % 2 == 0 {
+                    let e = pipeline.run_ersm(frame)?;
+                    (e, pipeline.run_dense(frame)?)
+                } else {
+                    let d = pipeline.run_dense(frame)?;
+                    (pipeline.run_ersm(frame)?, d)
+                })
+            },
+        );
+        // A frame that fails is named and left out of every statistic.
+        let (e, d) = match both {
+            Ok(r) => r,
+            Err(err) => {
+                log::warn!("frame {}: {err:#}; skipped", frame.name);
+                failed += 1;
+                continue;
+            }
         };
         if i < a.warmup {
             continue;
@@ -468,13 +483,18 @@ fn bench(a: BenchArgs) -> Result<()> {
             e.mask.keep_ratio()
         );
     }
-    let n = a.frames as f64;
+    anyhow::ensure!(
+        !keeps.is_empty(),
+        "no frame could be timed ({failed} failed; the log names why)"
+    );
+    let n = keeps.len() as f64;
     let keep = keeps.iter().sum::<f64>() / n;
     let report = BenchReport {
         model: m.manifest.name.clone(),
         device: pipeline.device.name().into(),
         threads: pipeline.threads.count(),
-        frames: a.frames,
+        frames: keeps.len(),
+        failed,
         keep_ratio: keep,
         keep_ratio_min: keeps.iter().copied().fold(f64::INFINITY, f64::min),
         keep_ratio_max: keeps.iter().copied().fold(f64::NEG_INFINITY, f64::max),

@@ -111,7 +111,10 @@ pub struct BenchReport {
     pub device: String,
     /// Threads the prefix, the sparse suffix and the dense baseline ran on.
     pub threads: usize,
+    /// Frames timed (failed ones left out).
     pub frames: usize,
+    /// Frames that failed (non-finite values, a panic), named in the log.
+    pub failed: usize,
     /// Mean fraction of tokens kept.
     pub keep_ratio: f64,
     pub keep_ratio_min: f64,
@@ -162,8 +165,16 @@ impl BenchReport {
         let _ = writeln!(s, "{rule}");
         let _ = writeln!(
             s,
-            " Timing Report  model {}  device {}  threads {}  frames {}",
-            self.model, self.device, self.threads, self.frames
+            " Timing Report  model {}  device {}  threads {}  frames {}{}",
+            self.model,
+            self.device,
+            self.threads,
+            self.frames,
+            if self.failed > 0 {
+                format!(" ({} failed)", self.failed)
+            } else {
+                String::new()
+            }
         );
         let _ = writeln!(s, "{rule}");
         let _ = writeln!(

@@ -605,6 +605,15 @@ fn frames_with_non_finite_values_fail_and_are_not_counted() {
     );
     assert!(err.contains("non-finite"), "the log names the cause: {err}");
     assert!(!out.contains("agreement 100"), "{out}");
+    // bench leaves every failed frame out, and says so when none is left.
+    let mut c = Command::new(env!("CARGO_BIN_EXE_ersm"));
+    c.args(["bench", "--frames", "3", "--model", dir.to_str().unwrap()]);
+    let (o, out, err) = output(c);
+    assert!(!o.status.success(), "{out}");
+    assert!(
+        err.contains("no frame could be timed (") && err.contains("non-finite"),
+        "{err}"
+    );
     std::fs::remove_dir_all(&dir).ok();
 }
 
