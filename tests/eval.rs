@@ -116,6 +116,24 @@ fn results_are_deterministic_for_a_seed() {
         .images
         .iter()
         .all(|k| !k.fell_back && k.compute > 0.0 && k.compute <= 1.0));
+    // Agreement on the images the dense network is sure of counts exactly those.
+    let sure: Vec<_> = s
+        .images
+        .iter()
+        .filter(|k| k.dense_margin >= sparsity::SURE_MARGIN)
+        .collect();
+    assert!(s
+        .images
+        .iter()
+        .all(|k| (0.0..=1.0).contains(&k.dense_margin)));
+    assert_eq!(s.sure_images, sure.len());
+    match s.sure_agreement {
+        Some(a) => {
+            let want = sure.iter().filter(|k| k.agrees).count() as f64 / sure.len() as f64;
+            assert!((a - want).abs() < 1e-12);
+        }
+        None => assert!(sure.is_empty()),
+    }
 }
 
 #[test]
