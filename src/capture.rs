@@ -246,9 +246,7 @@ impl Capture {
     /// end with the process.
     pub fn close(&self) {
         self.closed.store(true, Ordering::SeqCst);
-        if let Some(stop) = &*self.stopper.lock().unwrap_or_else(|p| p.into_inner()) {
-            stop();
-        }
+        self.restart();
     }
 }
 

@@ -723,10 +723,7 @@ fn inspect(a: InspectArgs) -> Result<()> {
             .map(|l| format!("{}×{}", m.plan.levels[l].h, m.plan.levels[l].w))
             .unwrap_or_else(|| "dense".into());
         let full: Vec<usize> = m.plan.levels.iter().map(|l| l.h * l.w).collect();
-        let name = match step.op.fused() {
-            Some(a) => format!("{}+{}", step.op.name(), a.name()),
-            None => step.op.name().to_string(),
-        };
+        let name = step.label();
         println!(
             "  {:<22} {:<28} {:>9}  {:>10} MACs",
             name,

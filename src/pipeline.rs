@@ -136,11 +136,37 @@ impl Pipeline {
         self.threads.install(|| self.ersm_on_threads(input))
     }
 
+    /// The prefix's feature map for a pre-processed input (finite, or an error).
+    pub fn features(&self, input: &[f32]) -> Result<Vec<f32>> {
+        let features = self.model.prefix.run(input).context("prefix")?;
+        ensure_finite(&features, "prefix features")?;
+        Ok(features)
+    }
+
+    /// The sparse suffix's logits for the gathered `rows` of the `kept` tokens
+    /// (finite, or an error).
+    pub fn sparse_logits(&self, kept: &[u32], rows: Vec<f32>) -> Result<Vec<f32>> {
+        let (out, frame) = self.model.plan.run(kept, rows).context("sparse suffix")?;
+        let logits = out.to_dense(&frame.sets).1;
+        ensure_finite(&logits, "sparse suffix's logits")?;
+        Ok(logits)
+    }
+
+    /// The dense baseline's logits for a prefix feature map (finite, or an error).
+    pub fn dense_logits(&self, features: &[f32]) -> Result<Vec<f32>> {
+        let logits = self
+            .model
+            .baseline_suffix()
+            .run(features)
+            .context("dense suffix")?;
+        ensure_finite(&logits, "dense logits")?;
+        Ok(logits)
+    }
+
     fn ersm_on_threads(&self, input: &[f32]) -> Result<(Vec<f32>, TokenMask, StageTimes, bool)> {
         let mut times = StageTimes::default();
         let t = Instant::now();
-        let features = self.model.prefix.run(input).context("prefix")?;
-        ensure_finite(&features, "prefix features")?;
+        let features = self.features(input)?;
         times.prefix = ms(t);
         let t = Instant::now();
         let cut = &self.model.cut;
@@ -151,22 +177,11 @@ impl Pipeline {
             .context("energy layer")?;
         times.ersm = ms(t);
         let t = Instant::now();
-        let (out, frame) = self
-            .model
-            .plan
-            .run(&mask.kept, std::mem::take(&mut mask.features))
-            .context("sparse suffix")?;
-        let mut logits = out.to_dense(&frame.sets).1;
-        ensure_finite(&logits, "sparse suffix's logits")?;
+        let mut logits = self.sparse_logits(&mask.kept, std::mem::take(&mut mask.features))?;
         let unsure = self.unsure(&logits);
         if unsure {
             // The prefix is shared, so only the baseline's suffix runs again.
-            logits = self
-                .model
-                .baseline_suffix()
-                .run(&features)
-                .context("fallback: dense suffix")?;
-            ensure_finite(&logits, "fallback's dense logits")?;
+            logits = self.dense_logits(&features).context("fallback")?;
         }
         times.suffix = ms(t);
         Ok((logits, mask, times, unsure))
@@ -180,16 +195,10 @@ impl Pipeline {
     fn dense_on_threads(&self, input: &[f32]) -> Result<(Vec<f32>, StageTimes)> {
         let mut times = StageTimes::default();
         let t = Instant::now();
-        let features = self.model.prefix.run(input).context("prefix")?;
-        ensure_finite(&features, "prefix features")?;
+        let features = self.features(input)?;
         times.prefix = ms(t);
         let t = Instant::now();
-        let logits = self
-            .model
-            .baseline_suffix()
-            .run(&features)
-            .context("dense suffix")?;
-        ensure_finite(&logits, "dense logits")?;
+        let logits = self.dense_logits(&features)?;
         times.suffix = ms(t);
         Ok((logits, times))
     }

@@ -34,7 +34,7 @@ pub fn ersm(p: &Pipeline, frames: &[Frame], count: usize) -> Result<Vec<Row>> {
         let input = p.preprocess(frame)?;
         p.threads.install(|| -> Result<()> {
             let t = Instant::now();
-            let x = m.prefix.run(&input).context("prefix")?;
+            let x = p.features(&input)?;
             prefix += t.elapsed().as_secs_f64() * 1e3;
             let t = Instant::now();
             let mut mask = p
@@ -54,10 +54,7 @@ pub fn ersm(p: &Pipeline, frames: &[Frame], count: usize) -> Result<Vec<Row>> {
     let n = count.max(1) as f64;
     let mut kinds: BTreeMap<String, Row> = BTreeMap::new();
     for (s, step) in plan.steps.iter().enumerate() {
-        let name = match step.op.fused() {
-            Some(a) => format!("{}+{}", step.op.name(), a.name()),
-            None => step.op.name().to_string(),
-        };
+        let name = step.label();
         let row = kinds.entry(name.clone()).or_insert(Row {
             name,
             ..Row::default()

@@ -9,7 +9,7 @@ pub mod sparsity;
 
 use crate::ersm::cpu::gather;
 use crate::ersm::{FeatureMap, TokenMask};
-use crate::pipeline::{ensure_finite, Pipeline};
+use crate::pipeline::Pipeline;
 use crate::source::{images, Frame};
 use anyhow::{Context, Result};
 use std::path::Path;
@@ -32,12 +32,10 @@ impl Analysed {
     fn on_threads(p: &Pipeline, frame: &Frame) -> Result<Analysed> {
         let input = p.preprocess(frame)?;
         let m = &p.model;
-        let features = m.prefix.run(&input).context("prefix")?;
-        ensure_finite(&features, "prefix features")?;
+        let features = p.features(&input)?;
         let fmap = FeatureMap::new(&features, m.cut.c, m.cut.h, m.cut.w)?;
         let mask = p.device.compute(fmap, &m.energy).context("energy layer")?;
-        let dense_logits = m.baseline_suffix().run(&features).context("dense suffix")?;
-        ensure_finite(&dense_logits, "dense logits")?;
+        let dense_logits = p.dense_logits(&features)?;
         Ok(Analysed {
             name: frame.name.clone(),
             features,
@@ -50,13 +48,8 @@ impl Analysed {
     pub fn logits_with(&self, p: &Pipeline, kept: &[u32]) -> Result<Vec<f32>> {
         let m = &p.model;
         let fmap = FeatureMap::new(&self.features, m.cut.c, m.cut.h, m.cut.w)?;
-        let (out, frame) = p
-            .threads
-            .install(|| m.plan.run(kept, gather(fmap, kept)))
-            .context("sparse suffix")?;
-        let logits = out.to_dense(&frame.sets).1;
-        ensure_finite(&logits, "sparse suffix's logits")?;
-        Ok(logits)
+        p.threads
+            .install(|| p.sparse_logits(kept, gather(fmap, kept)))
     }
 }
 

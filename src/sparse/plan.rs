@@ -30,6 +30,16 @@ pub struct Step {
     pub output: usize,
 }
 
+impl Step {
+    /// The op's name, with the activation fused into it (`Conv1x1+Clip`).
+    pub fn label(&self) -> String {
+        match self.op.fused() {
+            Some(a) => format!("{}+{}", self.op.name(), a.name()),
+            None => self.op.name().to_string(),
+        }
+    }
+}
+
 /// A rulebook the frame must build: between two levels for one window.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct RuleKey {

@@ -59,6 +59,15 @@ impl ActivationKind {
     }
 }
 
+/// Sets `slot` to `act` unless an activation is already fused there: the
+/// shared body of [`super::Op::fuse_activation`] for ops that carry one.
+pub fn fuse_once(slot: &mut Option<ActivationKind>, act: ActivationKind) -> bool {
+    slot.is_none() && {
+        *slot = Some(act);
+        true
+    }
+}
+
 /// An activation op; keeps the active set.
 #[derive(Clone, Debug)]
 pub struct Activation {

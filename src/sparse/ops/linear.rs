@@ -56,10 +56,7 @@ impl Op for Linear {
     }
 
     fn fuse_activation(&mut self, act: ActivationKind) -> bool {
-        self.act.is_none() && {
-            self.act = Some(act);
-            true
-        }
+        super::activation::fuse_once(&mut self.act, act)
     }
 
     fn fused(&self) -> Option<ActivationKind> {
