@@ -115,6 +115,9 @@ impl OverlayWriter {
                         path.display()
                     )
                 })?;
+            // And when the file cannot be written (a missing folder): ffmpeg
+            // would only say so once the frames are flowing.
+            crate::files::ensure_writable(path, "--overlay")?;
             return Ok(OverlayWriter::Video {
                 path: path.to_path_buf(),
                 fps: if fps > 0.0 { fps } else { 10.0 },

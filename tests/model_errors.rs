@@ -1,7 +1,9 @@
 //! A bad model package gives a clear error naming the file and, where it
 //! applies, the node; never a panic.
 
-use ersm::model::{read_onnx, ModelPackage};
+mod common;
+
+use ersm::model::{read_onnx, ModelPackage, MAX_CHANNELS};
 use prost::Message;
 use std::path::{Path, PathBuf};
 use tract_onnx::pb::{attribute_proto::AttributeType, AttributeProto, ModelProto, NodeProto};
@@ -569,4 +571,29 @@ fn string_initializer_is_refused_not_a_panic() {
         });
     });
     assert_contains(&err, &["initializer 'words'", "STRING", "cannot load"]);
+}
+
+#[test]
+fn too_many_channels_at_the_cut_are_refused() {
+    // A 1×1 conv to MAX_CHANNELS + 1 channels on a 4×4 input, then the energy
+    // layer and global pooling: small weights, a feature map over the limit.
+    let c = MAX_CHANNELS + 1;
+    let mut b = common::Builder::new(3);
+    let x = b.conv("image", 3, c, 1, 1, [0, 0, 0, 0], 1);
+    let x = common::energy(&mut b, &x, c, 0.3, 0, 4);
+    let y = b.op("GlobalAveragePool", &[&x], vec![]);
+    let proto = b.model(("image", &[1, 3, 4, 4]), &y);
+    let err = match ModelPackage::from_proto(proto, common::manifest(4, 4), Path::new("wide.onnx"))
+    {
+        Ok(_) => panic!("a {c}-channel cut loaded"),
+        Err(e) => format!("{e:#}"),
+    };
+    assert_contains(
+        &err,
+        &[
+            "wide.onnx",
+            &format!("{c}×4×4"),
+            "channels must be between 1 and 8192",
+        ],
+    );
 }

@@ -701,3 +701,23 @@ fn an_overlay_encoder_that_dies_makes_the_run_exit_non_zero() {
     assert!(out.contains("output failed   --overlay"), "{out}");
     std::fs::remove_dir_all(&dir).ok();
 }
+
+#[test]
+fn jsonl_and_overlay_paths_are_checked_before_the_first_frame() {
+    let images = root().join("models/images");
+    for (flag, path) in [
+        ("--jsonl", "/nonexistent-dir/frames.jsonl"),
+        ("--overlay", "/nonexistent-dir/overlay.mp4"),
+    ] {
+        let (o, out, err) = output(ersm(&["--source", images.to_str().unwrap(), flag, path]));
+        assert!(!o.status.success(), "{flag}: {out}");
+        assert!(
+            err.contains(path),
+            "{flag}: the error names the path: {err}"
+        );
+        assert!(
+            !out.contains("processed"),
+            "{flag}: frames ran first:\n{out}"
+        );
+    }
+}
