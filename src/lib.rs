@@ -4,10 +4,12 @@
 //! `ersm` (energies, keep, gather) → `sparse` (suffix on kept tokens) → `report`.
 //! `model` loads a package and cuts it into those parts; `pipeline` wires them.
 
+pub mod caption;
 pub mod capture;
 pub mod ersm;
 pub mod eval;
 pub mod files;
+pub mod live;
 pub mod model;
 pub mod overlay;
 pub mod panics;

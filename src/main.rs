@@ -4,6 +4,8 @@ use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
 use ersm::capture::{Capture, Policy, Reopen};
 use ersm::ersm::{Device, DeviceChoice};
+use ersm::live::stats::Info;
+use ersm::live::{http, Live, Target};
 use ersm::model::ModelPackage;
 use ersm::overlay::OverlayWriter;
 use ersm::pipeline::{top1, Pipeline};
@@ -159,6 +161,14 @@ struct RunArgs {
     /// PNG sequence; a .mp4/.mkv/.avi/.mjpeg file a video (needs ffmpeg).
     #[arg(long)]
     overlay: Option<PathBuf>,
+    /// Stream the overlay while the run goes on; may be given more than once.
+    /// http://[HOST]:PORT serves a viewer page, /stream.mjpg, /metrics
+    /// (Prometheus) and /status (JSON) on 127.0.0.1 unless another address
+    /// is given (@ or 0.0.0.0: every interface); rtp://HOST:PORT and
+    /// rtsp://HOST:PORT/PATH stream H.264 through ffmpeg; a file or folder is
+    /// written like --overlay.
+    #[arg(long, value_name = "URI")]
+    output: Vec<String>,
     /// Re-run a frame densely when the sparse result is unsure (top-1 margin
     /// below the package's `fallback.margin`).
     #[arg(long)]
@@ -330,7 +340,23 @@ fn run(a: RunArgs) -> Result<()> {
         Some(s) => Uri::parse(s)?,
         None => Uri::File(bundled(DEFAULT_STREAM)),
     };
-    // Everything is opened before the first frame: failures come first.
+    // Everything is opened before the first frame: failures come first. The
+    // HTTP port is bound before the model loads, so a port in use fails at once.
+    let targets = a
+        .output
+        .iter()
+        .map(|o| Target::parse(o).map(|t| (o.as_str(), t)))
+        .collect::<Result<Vec<_>>>()?;
+    let mut bound = None;
+    for (uri, t) in &targets {
+        if let Target::Http(addr) = t {
+            anyhow::ensure!(
+                bound.is_none(),
+                "--output {uri}: one http:// output is enough (it serves every viewer)"
+            );
+            bound = Some(http::Bound::bind(*addr, uri)?);
+        }
+    }
     let pipeline = load_pipeline(a.model, a.device, a.fallback, a.threads)?;
     let opts = SourceOptions {
         width: a.input_width,
@@ -363,11 +389,33 @@ fn run(a: RunArgs) -> Result<()> {
     } else {
         Policy::Block
     };
-    let overlay = a
-        .overlay
-        .as_deref()
-        .map(|p| OverlayWriter::create(p, fps))
-        .transpose()?;
+    let mut overlays = Vec::new();
+    let mut streams = Vec::new();
+    if let Some(p) = &a.overlay {
+        overlays.push(OverlayWriter::create(p, fps)?);
+    }
+    for (uri, t) in &targets {
+        match t {
+            Target::File(p) => overlays.push(OverlayWriter::create(p, fps)?),
+            Target::Stream(url) => streams.push(OverlayWriter::stream(url)?),
+            Target::Http(_) => {}
+        }
+        log::debug!("--output {uri}");
+    }
+    let live_outputs = if bound.is_some() || !streams.is_empty() {
+        let info = Info {
+            model: pipeline.model.manifest.name.clone(),
+            source: described.clone(),
+            device: pipeline.device.name().into(),
+            threads: pipeline.threads.count(),
+            compare: a.compare == CompareArg::Dense,
+            fallback: pipeline.fallback.is_some(),
+        };
+        let preprocess = pipeline.model.manifest.preprocess.clone();
+        Some(Live::start(bound, streams, info, preprocess)?)
+    } else {
+        None
+    };
     let capture = Capture::start(source, a.queue, policy, reopen).context("capture thread")?;
     let report = ersm::run::run(
         &pipeline,
@@ -375,7 +423,8 @@ fn run(a: RunArgs) -> Result<()> {
         RunOptions {
             compare: a.compare == CompareArg::Dense,
             jsonl: a.jsonl,
-            overlay,
+            overlays,
+            live: live_outputs,
             max_frames: a.max_frames,
             warmup: a.warmup,
             stall_timeout: Duration::from_secs_f64(a.stall_timeout),

@@ -1,6 +1,8 @@
 //! What the model looked at, drawn on the frame: the energy map as a heat
 //! map over the network's crop (red = most important), kept tokens outlined
-//! in green, dropped tokens shaded, the frame outside the crop dimmed. Written as a PNG sequence, or as a video through ffmpeg.
+//! in green, dropped tokens shaded, the frame outside the crop dimmed.
+//! Written as a PNG sequence, or through ffmpeg as a video file or an RTP or
+//! RTSP stream.
 
 use crate::ersm::TokenMask;
 use crate::model::manifest::Preprocess;
@@ -86,10 +88,47 @@ pub enum OverlayWriter {
     Png { dir: PathBuf, next: usize },
     /// An ffmpeg encoder fed rgb24 on stdin; started at the first frame.
     Video {
-        path: PathBuf,
+        dest: Dest,
         fps: f64,
         child: Option<(Child, usize, usize)>,
     },
+}
+
+/// Where ffmpeg sends the encoded overlay.
+#[derive(Clone, Debug)]
+pub enum Dest {
+    File(PathBuf),
+    /// `rtp://HOST:PORT` or `rtsp://…` (published to an RTSP server).
+    Stream(String),
+}
+
+impl std::fmt::Display for Dest {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Dest::File(p) => write!(f, "{}", p.display()),
+            Dest::Stream(u) => f.write_str(u),
+        }
+    }
+}
+
+/// Fails now, not after the first frame, when ffmpeg is missing.
+fn check_ffmpeg(what: &str) -> Result<()> {
+    Command::new("ffmpeg")
+        .arg("-version")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .map(|_| ())
+        .map_err(|_| {
+            anyhow::anyhow!(
+                "{what} needs ffmpeg (Debian/Ubuntu/JetPack: sudo apt install ffmpeg){}",
+                if what.starts_with("--overlay") {
+                    "; a folder name writes PNGs without it"
+                } else {
+                    ""
+                }
+            )
+        })
 }
 
 /// File extensions written as video through ffmpeg.
@@ -103,23 +142,12 @@ impl OverlayWriter {
             .and_then(|e| e.to_str())
             .map(|e| e.to_ascii_lowercase());
         if ext.as_deref().is_some_and(|e| VIDEO.contains(&e)) {
-            // Fail now, not after the first frame, when ffmpeg is missing.
-            Command::new("ffmpeg")
-                .arg("-version")
-                .stdout(Stdio::null())
-                .stderr(Stdio::null())
-                .status()
-                .map_err(|_| {
-                    anyhow::anyhow!(
-                        "--overlay {}: writing video needs ffmpeg (sudo apt install ffmpeg); a folder name writes PNGs without it",
-                        path.display()
-                    )
-                })?;
+            check_ffmpeg(&format!("--overlay {}: writing video", path.display()))?;
             // And when the file cannot be written (a missing folder): ffmpeg
             // would only say so once the frames are flowing.
             crate::files::ensure_writable(path, "--overlay")?;
             return Ok(OverlayWriter::Video {
-                path: path.to_path_buf(),
+                dest: Dest::File(path.to_path_buf()),
                 fps: if fps > 0.0 { fps } else { 10.0 },
                 child: None,
             });
@@ -129,6 +157,18 @@ impl OverlayWriter {
         Ok(OverlayWriter::Png {
             dir: path.to_path_buf(),
             next: 1,
+        })
+    }
+
+    /// An RTP or RTSP stream of the overlays through ffmpeg (H.264, tuned
+    /// for latency), timed by the wall clock so a variable frame rate plays
+    /// at the speed it was made.
+    pub fn stream(url: &str) -> Result<OverlayWriter> {
+        check_ffmpeg(&format!("--output {url}"))?;
+        Ok(OverlayWriter::Video {
+            dest: Dest::Stream(url.to_string()),
+            fps: 0.0,
+            child: None,
         })
     }
 
@@ -148,9 +188,9 @@ impl OverlayWriter {
                 *next += 1;
                 Ok(())
             }
-            OverlayWriter::Video { path, fps, child } => {
+            OverlayWriter::Video { dest, fps, child } => {
                 if child.is_none() {
-                    *child = Some((start_encoder(path, *fps, width, height)?, width, height));
+                    *child = Some((start_encoder(dest, *fps, width, height)?, width, height));
                 }
                 let (proc_, w0, h0) = child.as_mut().unwrap();
                 let resized;
@@ -171,10 +211,7 @@ impl OverlayWriter {
                 };
                 let stdin = proc_.stdin.as_mut().context("ffmpeg stdin closed")?;
                 if let Err(e) = stdin.write_all(data) {
-                    bail!(
-                        "overlay {}: ffmpeg stopped taking frames ({e})",
-                        path.display()
-                    );
+                    bail!("overlay {dest}: ffmpeg stopped taking frames ({e})");
                 }
                 Ok(())
             }
@@ -183,12 +220,12 @@ impl OverlayWriter {
 
     /// Closes the video (waits for ffmpeg to write its trailer).
     pub fn finish(&mut self) -> Result<()> {
-        if let OverlayWriter::Video { path, child, .. } = self {
+        if let OverlayWriter::Video { dest, child, .. } = self {
             if let Some((mut c, _, _)) = child.take() {
                 drop(c.stdin.take());
                 let status = c.wait()?;
                 if !status.success() {
-                    bail!("overlay {}: ffmpeg exited with {status}", path.display());
+                    bail!("overlay {dest}: ffmpeg exited with {status}");
                 }
             }
         }
@@ -201,32 +238,68 @@ impl OverlayWriter {
             OverlayWriter::Png { dir, next } => {
                 format!("{} ({} PNG frames)", dir.display(), next - 1)
             }
-            OverlayWriter::Video { path, .. } => path.display().to_string(),
+            OverlayWriter::Video { dest, .. } => dest.to_string(),
         }
     }
 }
 
-fn start_encoder(path: &Path, fps: f64, width: usize, height: usize) -> Result<Child> {
-    let mjpeg = path
-        .extension()
-        .and_then(|e| e.to_str())
-        .is_some_and(|e| matches!(e.to_ascii_lowercase().as_str(), "avi" | "mjpeg"));
-    let codec: &[&str] = if mjpeg {
-        &["-c:v", "mjpeg", "-q:v", "3"]
-    } else {
-        &[
-            "-c:v", "libx264", "-preset", "veryfast", "-pix_fmt", "yuv420p",
-        ]
+fn start_encoder(dest: &Dest, fps: f64, width: usize, height: usize) -> Result<Child> {
+    let mut cmd = Command::new("ffmpeg");
+    cmd.args(["-hide_banner", "-loglevel", "error", "-y"]);
+    match dest {
+        Dest::File(_) => cmd.args(["-r", &format!("{fps}")]),
+        // Frames come when inference makes them: stamp them as they come.
+        Dest::Stream(_) => cmd.args(["-use_wallclock_as_timestamps", "1"]),
     };
-    Command::new("ffmpeg")
-        .args(["-hide_banner", "-loglevel", "error", "-y", "-f", "rawvideo"])
-        .args(["-pix_fmt", "rgb24", "-s", &format!("{width}x{height}")])
-        .args(["-r", &format!("{fps}"), "-i", "-"])
-        .args(["-vf", "pad=ceil(iw/2)*2:ceil(ih/2)*2"])
-        .args(codec)
-        .arg(path)
-        .stdin(Stdio::piped())
+    cmd.args(["-f", "rawvideo", "-pix_fmt", "rgb24"])
+        .args(["-s", &format!("{width}x{height}"), "-i", "-"])
+        .args(["-vf", "pad=ceil(iw/2)*2:ceil(ih/2)*2"]);
+    match dest {
+        Dest::File(path) => {
+            let mjpeg = path
+                .extension()
+                .and_then(|e| e.to_str())
+                .is_some_and(|e| matches!(e.to_ascii_lowercase().as_str(), "avi" | "mjpeg"));
+            if mjpeg {
+                cmd.args(["-c:v", "mjpeg", "-q:v", "3"]);
+            } else {
+                cmd.args([
+                    "-c:v", "libx264", "-preset", "veryfast", "-pix_fmt", "yuv420p",
+                ]);
+            }
+            cmd.arg(path);
+        }
+        Dest::Stream(url) => {
+            cmd.args([
+                "-c:v",
+                "libx264",
+                "-preset",
+                "ultrafast",
+                "-tune",
+                "zerolatency",
+            ])
+            .args(["-pix_fmt", "yuv420p", "-g", "30"]);
+            if url.to_ascii_lowercase().starts_with("rtsp://") {
+                cmd.args(["-f", "rtsp", "-rtsp_transport", "tcp"]);
+            } else {
+                // The SDP a player needs goes to a file named in the log.
+                let name: String = url
+                    .chars()
+                    .map(|c| if c.is_ascii_alphanumeric() { c } else { '_' })
+                    .collect();
+                let sdp =
+                    std::env::temp_dir().join(format!("ersm-{}-{name}.sdp", std::process::id()));
+                log::info!(
+                    "{url}: play with `ffplay -protocol_whitelist file,udp,rtp {}` (or open it in VLC)",
+                    sdp.display()
+                );
+                cmd.args(["-f", "rtp", "-sdp_file"]).arg(sdp);
+            }
+            cmd.arg(url);
+        }
+    }
+    cmd.stdin(Stdio::piped())
         .stdout(Stdio::null())
         .spawn()
-        .with_context(|| format!("overlay {}: cannot start ffmpeg", path.display()))
+        .with_context(|| format!("overlay {dest}: cannot start ffmpeg"))
 }

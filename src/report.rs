@@ -442,3 +442,14 @@ impl RunReport {
         s
     }
 }
+
+/// Resident set size of this process, MiB (0 where unknown).
+pub fn rss_mib() -> f64 {
+    let pages = std::fs::read_to_string("/proc/self/statm")
+        .ok()
+        .and_then(|s| s.split_whitespace().nth(1)?.parse::<f64>().ok())
+        .unwrap_or(0.0);
+    // SAFETY: sysconf has no preconditions.
+    let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) }.max(0) as f64;
+    pages * page / (1024.0 * 1024.0)
+}

@@ -2,10 +2,13 @@
 //! baseline beside it), with a live status line, per-frame records and
 //! overlays, ending in a summary however the stream ends.
 
+use crate::caption::{self, Line};
 use crate::capture::{Capture, End, Next};
+use crate::live::stats::FrameRecord;
+use crate::live::{Live, Shot};
 use crate::overlay::{self, OverlayWriter};
 use crate::pipeline::{top1, Pipeline};
-use crate::report::{Ending, RunReport, StageSamples};
+use crate::report::{rss_mib, Ending, RunReport, StageSamples};
 use crate::source::Frame;
 use anyhow::{Context, Result};
 use indicatif::{ProgressBar, ProgressStyle};
@@ -20,8 +23,10 @@ pub struct RunOptions {
     pub compare: bool,
     /// One JSON record per frame.
     pub jsonl: Option<PathBuf>,
-    /// Overlay output.
-    pub overlay: Option<OverlayWriter>,
+    /// Overlay files and folders (`--overlay`, `--output PATH`).
+    pub overlays: Vec<OverlayWriter>,
+    /// Live outputs (`--output http://…`, `rtp://…`, `rtsp://…`).
+    pub live: Option<Live>,
     /// Stop after this many frames.
     pub max_frames: Option<usize>,
     /// Frames at the start left out of the latency percentiles.
@@ -35,17 +40,6 @@ pub struct RunOptions {
     pub length: Option<usize>,
     /// One line naming the source, for the summary.
     pub source: String,
-}
-
-/// Resident set size of this process, MiB (0 where unknown).
-pub fn rss_mib() -> f64 {
-    let pages = std::fs::read_to_string("/proc/self/statm")
-        .ok()
-        .and_then(|s| s.split_whitespace().nth(1)?.parse::<f64>().ok())
-        .unwrap_or(0.0);
-    // SAFETY: sysconf has no preconditions.
-    let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) }.max(0) as f64;
-    pages * page / (1024.0 * 1024.0)
 }
 
 /// The live status line: a progress bar on a terminal, plain lines otherwise.
@@ -213,6 +207,7 @@ pub fn run(
                     &mut opts,
                     &mut jsonl,
                     &mut output_errors,
+                    capture.queue.dropped(),
                 )
             },
         );
@@ -222,6 +217,9 @@ pub fn run(
                 // A bad frame is skipped; the stream goes on.
                 log::warn!("frame {}: {e:#}; skipped", frame.name);
                 t.failed += 1;
+                if let Some(l) = &opts.live {
+                    l.record_failure();
+                }
                 continue;
             }
         }
@@ -238,10 +236,14 @@ pub fn run(
             output_errors.push(format!("--jsonl: {e}"));
         }
     }
-    let overlay_result = opts.overlay.as_mut().map(|o| o.finish());
-    if let Some(Err(e)) = overlay_result {
-        log::error!("{e:#}");
-        output_errors.push(format!("--overlay: {e:#}"));
+    for o in &mut opts.overlays {
+        if let Err(e) = o.finish() {
+            log::error!("{e:#}");
+            output_errors.push(format!("--overlay: {e:#}"));
+        }
+    }
+    if let Some(mut l) = opts.live.take() {
+        output_errors.extend(l.finish(&ending.to_string()));
     }
     let n = t.keeps.len().max(1) as f64;
     let mut stages = std::collections::BTreeMap::new();
@@ -287,6 +289,7 @@ fn process(
     opts: &mut RunOptions,
     jsonl: &mut Option<std::io::BufWriter<std::fs::File>>,
     output_errors: &mut Vec<String>,
+    dropped: u64,
 ) -> Result<()> {
     let m = &pipeline.model;
     // Alternate which mode goes first so neither always meets warm caches.
@@ -363,14 +366,106 @@ fn process(
             *jsonl = None;
         }
     }
-    if let Some(o) = opts.overlay.as_mut() {
-        let img = overlay::draw(frame, &e.mask, &m.manifest.preprocess);
-        // A full disk or a dead encoder stops the overlay, not the run.
-        if let Err(e) = o.write(&img, frame.width, frame.height) {
-            log::error!("{e:#}; no more overlays");
-            output_errors.push(format!("--overlay: {e:#}"));
-            opts.overlay = None;
+    let lines = || {
+        caption_lines(
+            &m.manifest.label(class),
+            dense_class.map(|c| m.manifest.label(c)).as_deref(),
+            keep,
+            (e.times.total(), d.as_ref().map(|d| d.times.total())),
+            e.fell_back,
+            t,
+        )
+    };
+    if !opts.overlays.is_empty() {
+        let mut img = overlay::draw(frame, &e.mask, &m.manifest.preprocess);
+        caption::draw(&mut img, frame.width, frame.height, &lines());
+        // A full disk or a dead encoder stops that output, not the run.
+        opts.overlays
+            .retain_mut(|o| match o.write(&img, frame.width, frame.height) {
+                Ok(()) => true,
+                Err(e) => {
+                    log::error!("{e:#}; no more overlays there");
+                    output_errors.push(format!("--overlay: {e:#}"));
+                    false
+                }
+            });
+    }
+    if let Some(live) = &opts.live {
+        live.record(
+            FrameRecord {
+                index,
+                name: frame.name.clone(),
+                ersm: e.times,
+                dense: d.as_ref().map(|d| d.times),
+                keep,
+                label: m.manifest.label(class),
+                dense_label: dense_class.map(|c| m.manifest.label(c)),
+                agree: agrees,
+                fell_back: e.fell_back,
+                suffix_compute: m.plan.spent(&e.mask.kept, e.fell_back) as f64
+                    / m.plan.dense_cost().max(1) as f64,
+                warmup: !timed,
+            },
+            dropped,
+        );
+        if live.wants_picture() {
+            // Only what the overlay needs: the gathered features stay here.
+            let mask = crate::ersm::TokenMask {
+                features: Vec::new(),
+                energies: e.mask.energies.clone(),
+                kept: e.mask.kept.clone(),
+                ..e.mask
+            };
+            live.offer(Shot {
+                frame: frame.clone(),
+                mask,
+                caption: lines(),
+            });
         }
     }
     Ok(())
+}
+
+/// The caption drawn on overlays: both top-1 labels (the dense one in orange
+/// when they differ), then keep ratio and recent latencies.
+fn caption_lines(
+    label: &str,
+    dense_label: Option<&str>,
+    keep: f64,
+    (frame_ms, frame_dense_ms): (f64, Option<f64>),
+    fell_back: bool,
+    t: &Tally,
+) -> Vec<Line> {
+    // Recent medians read steadier than one frame's time; during warm-up
+    // there are none yet.
+    let steady = |p50: f64, now: f64| if p50.is_finite() { p50 } else { now };
+    let mut lines = vec![Line {
+        text: format!(
+            "ERSM: {label}{}",
+            if fell_back { " (dense fallback)" } else { "" }
+        ),
+        rgb: caption::WHITE,
+    }];
+    let e = steady(t.ersm.recent_p50("total", 30), frame_ms);
+    let mut perf = format!("keep {keep:.2} | {e:.1} ms");
+    if let Some(dl) = dense_label {
+        lines.push(Line {
+            text: format!("dense: {dl}"),
+            rgb: if dl == label {
+                caption::WHITE
+            } else {
+                caption::ORANGE
+            },
+        });
+        let d = steady(
+            t.dense.recent_p50("total", 30),
+            frame_dense_ms.unwrap_or(f64::NAN),
+        );
+        perf += &format!(" vs dense {d:.1} ms ({:.2}x)", d / e);
+    }
+    lines.push(Line {
+        text: perf,
+        rgb: caption::WHITE,
+    });
+    lines
 }

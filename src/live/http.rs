@@ -1,0 +1,527 @@
+//! The embedded HTTP server of `--output http://HOST:PORT`: the viewer page
+//! (`/`), the overlay as an MJPEG stream (`/stream.mjpg`) and as single
+//! JPEGs (`/frame.jpg`), `/metrics` in Prometheus text format and `/status`
+//! as JSON.
+//!
+//! Built on std's `TcpListener` with `httparse` for the request head rather
+//! than on a server crate: tiny_http, the small synchronous one, sets no
+//! socket timeouts and starts a thread for every connection, so a client
+//! that connects and never reads would hold a thread for ever. Here every
+//! socket has read and write timeouts, connections and MJPEG viewers are
+//! capped, and nothing the server does makes the inference loop wait: it
+//! only ever reads the newest frame and the statistics.
+
+use super::stats::Stats;
+use anyhow::{Context, Result};
+use std::io::{ErrorKind, Read, Write};
+use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr, TcpListener, TcpStream};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+/// Connections served at once; more are answered 503 and closed.
+pub const MAX_CONNECTIONS: usize = 16;
+/// MJPEG viewers at once: each costs a JPEG encode a frame on the device.
+pub const MAX_VIEWERS: usize = 4;
+/// A request head larger than this is refused (431).
+const MAX_HEAD: usize = 8 * 1024;
+/// The request head must arrive within this, however slowly it trickles.
+const HEAD_DEADLINE: Duration = Duration::from_secs(5);
+/// A client that takes no bytes for this long is dropped.
+const WRITE_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long `/frame.jpg` waits for a fresh frame.
+const SNAPSHOT_WAIT: Duration = Duration::from_secs(3);
+/// A frame older than this is not served as the current one.
+const SNAPSHOT_FRESH: Duration = Duration::from_secs(1);
+/// The multipart boundary of the MJPEG stream.
+const BOUNDARY: &str = "ersm-frame";
+
+const VIEWER: &str = include_str!("viewer.html");
+
+/// The newest encoded overlay, and whether anyone wants one: the painter
+/// encodes JPEGs only while a viewer is connected or a snapshot was asked for.
+#[derive(Default)]
+pub struct Frames {
+    latest: Mutex<Latest>,
+    fresh: Condvar,
+    viewers: AtomicUsize,
+    closed: AtomicBool,
+}
+
+#[derive(Default)]
+struct Latest {
+    generation: u64,
+    jpeg: Option<(Arc<Vec<u8>>, Instant)>,
+    snapshot_asked: Option<Instant>,
+}
+
+/// What waiting for a frame gave.
+enum Wait {
+    Frame(u64, Arc<Vec<u8>>),
+    TimedOut,
+    Closed,
+}
+
+impl Frames {
+    /// Whether a JPEG of the next frame would be read by anyone.
+    pub fn wanted(&self) -> bool {
+        if self.viewers.load(Ordering::Relaxed) > 0 {
+            return true;
+        }
+        let l = self.latest.lock().unwrap_or_else(|e| e.into_inner());
+        l.snapshot_asked
+            .is_some_and(|t| t.elapsed() < SNAPSHOT_WAIT)
+    }
+
+    /// Makes `jpeg` the newest frame and wakes the viewers.
+    pub fn publish(&self, jpeg: Vec<u8>) {
+        let mut l = self.latest.lock().unwrap_or_else(|e| e.into_inner());
+        l.generation += 1;
+        l.jpeg = Some((Arc::new(jpeg), Instant::now()));
+        l.snapshot_asked = None;
+        drop(l);
+        self.fresh.notify_all();
+    }
+
+    /// No more frames: viewers' streams end.
+    pub fn close(&self) {
+        self.closed.store(true, Ordering::SeqCst);
+        self.fresh.notify_all();
+    }
+
+    /// The first frame newer than `generation`, waiting at most `timeout`.
+    fn wait_newer(&self, generation: u64, timeout: Duration) -> Wait {
+        let deadline = Instant::now() + timeout;
+        let mut l = self.latest.lock().unwrap_or_else(|e| e.into_inner());
+        loop {
+            if self.closed.load(Ordering::SeqCst) {
+                return Wait::Closed;
+            }
+            if l.generation > generation {
+                if let Some((jpeg, _)) = &l.jpeg {
+                    return Wait::Frame(l.generation, jpeg.clone());
+                }
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Wait::TimedOut;
+            }
+            l = self
+                .fresh
+                .wait_timeout(l, left)
+                .unwrap_or_else(|e| e.into_inner())
+                .0;
+        }
+    }
+
+    /// A frame at most `SNAPSHOT_FRESH` old, asking the painter for one if
+    /// there is none.
+    fn snapshot(&self) -> Option<Arc<Vec<u8>>> {
+        let generation = {
+            let mut l = self.latest.lock().unwrap_or_else(|e| e.into_inner());
+            if let Some((jpeg, at)) = &l.jpeg {
+                if at.elapsed() < SNAPSHOT_FRESH {
+                    return Some(jpeg.clone());
+                }
+            }
+            l.snapshot_asked = Some(Instant::now());
+            l.generation
+        };
+        match self.wait_newer(generation, SNAPSHOT_WAIT) {
+            Wait::Frame(_, jpeg) => Some(jpeg),
+            Wait::TimedOut | Wait::Closed => None,
+        }
+    }
+}
+
+/// What the connection threads share.
+struct Shared {
+    stats: Arc<Mutex<Stats>>,
+    frames: Arc<Frames>,
+    stop: AtomicBool,
+    connections: AtomicUsize,
+}
+
+/// A bound listener, not yet serving (bound before the model loads, so a
+/// port in use fails the run at once).
+pub struct Bound {
+    listener: TcpListener,
+    addr: SocketAddr,
+}
+
+impl Bound {
+    /// Binds `addr`; a port in use or an address not of this machine is an
+    /// error naming the `--output`.
+    pub fn bind(addr: SocketAddr, uri: &str) -> Result<Bound> {
+        let listener = TcpListener::bind(addr).map_err(|e| match e.kind() {
+            ErrorKind::AddrInUse => anyhow::anyhow!(
+                "--output {uri}: port {} is already in use (another ersm, or another server); \
+                 choose another port, or port 0 for any free one",
+                addr.port()
+            ),
+            ErrorKind::AddrNotAvailable => anyhow::anyhow!(
+                "--output {uri}: {} is not an address of this machine",
+                addr.ip()
+            ),
+            ErrorKind::PermissionDenied => anyhow::anyhow!(
+                "--output {uri}: not allowed to listen on port {} (ports below 1024 need privileges)",
+                addr.port()
+            ),
+            _ => anyhow::anyhow!("--output {uri}: cannot listen on {addr}: {e}"),
+        })?;
+        let addr = listener.local_addr().context("listener address")?;
+        Ok(Bound { listener, addr })
+    }
+
+    /// The address bound (with the real port when 0 was asked).
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+}
+
+/// A running server; stops when finished or dropped.
+pub struct Server {
+    addr: SocketAddr,
+    shared: Arc<Shared>,
+    accept: Option<JoinHandle<()>>,
+}
+
+impl Server {
+    /// Starts serving `stats` and `frames` on `bound`'s listener.
+    pub fn start(bound: Bound, stats: Arc<Mutex<Stats>>, frames: Arc<Frames>) -> Result<Server> {
+        let shared = Arc::new(Shared {
+            stats,
+            frames,
+            stop: AtomicBool::new(false),
+            connections: AtomicUsize::new(0),
+        });
+        let s = shared.clone();
+        let listener = bound.listener;
+        let accept = std::thread::Builder::new()
+            .name("ersm-http".into())
+            .spawn(move || accept_loop(listener, s))
+            .context("starting the HTTP server thread")?;
+        Ok(Server {
+            addr: bound.addr,
+            shared,
+            accept: Some(accept),
+        })
+    }
+
+    /// The address served.
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// Stops accepting; open streams end at their next frame. Connection
+    /// threads are not waited for: each ends within its socket timeouts.
+    pub fn finish(&mut self) {
+        self.shared.stop.store(true, Ordering::SeqCst);
+        self.shared.frames.close();
+        if let Some(t) = self.accept.take() {
+            // accept() blocks: a connection of our own wakes it.
+            let wake = match self.addr {
+                SocketAddr::V4(a) if a.ip().is_unspecified() => {
+                    SocketAddr::from((Ipv4Addr::LOCALHOST, a.port()))
+                }
+                SocketAddr::V6(a) if a.ip().is_unspecified() => {
+                    SocketAddr::from((Ipv6Addr::LOCALHOST, a.port()))
+                }
+                a => a,
+            };
+            if TcpStream::connect_timeout(&wake, Duration::from_secs(1)).is_ok() {
+                let _ = t.join();
+            }
+        }
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        self.finish();
+    }
+}
+
+/// Decrements a counter when a connection (or a viewer) ends, however it ends.
+struct Slot<'a>(&'a AtomicUsize);
+
+impl Drop for Slot<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+fn accept_loop(listener: TcpListener, shared: Arc<Shared>) {
+    for conn in listener.incoming() {
+        if shared.stop.load(Ordering::SeqCst) {
+            break;
+        }
+        let stream = match conn {
+            Ok(s) => s,
+            Err(e) => {
+                // Out of file descriptors, say: back off instead of spinning.
+                log::debug!("http accept: {e}");
+                std::thread::sleep(Duration::from_millis(50));
+                continue;
+            }
+        };
+        let _ = stream.set_write_timeout(Some(WRITE_TIMEOUT));
+        if shared.connections.fetch_add(1, Ordering::SeqCst) >= MAX_CONNECTIONS {
+            shared.connections.fetch_sub(1, Ordering::SeqCst);
+            let mut stream = stream;
+            let _ = respond(
+                &mut stream,
+                503,
+                "text/plain",
+                b"too many connections\n",
+                false,
+            );
+            continue;
+        }
+        let s = shared.clone();
+        let spawned = std::thread::Builder::new()
+            .name("ersm-http-conn".into())
+            .stack_size(256 * 1024)
+            .spawn(move || {
+                let _slot = Slot(&s.connections);
+                if let Err(e) = serve(stream, &s) {
+                    log::debug!("http: {e}");
+                }
+            });
+        if spawned.is_err() {
+            shared.connections.fetch_sub(1, Ordering::SeqCst);
+        }
+    }
+}
+
+/// A parsed request line.
+struct Request {
+    method: String,
+    path: String,
+}
+
+/// Why a request head could not be read.
+enum HeadError {
+    /// The client closed before sending a request.
+    Closed,
+    Malformed,
+    TooLarge,
+    TimedOut,
+    Io(std::io::Error),
+}
+
+/// Reads and parses the request head (the body, if any, is never read).
+fn read_head(stream: &mut TcpStream) -> std::result::Result<Request, HeadError> {
+    let start = Instant::now();
+    let mut buf = vec![0u8; MAX_HEAD];
+    let mut len = 0;
+    loop {
+        let left = HEAD_DEADLINE.saturating_sub(start.elapsed());
+        if left.is_zero() {
+            return Err(HeadError::TimedOut);
+        }
+        stream.set_read_timeout(Some(left)).map_err(HeadError::Io)?;
+        let n = match stream.read(&mut buf[len..]) {
+            Ok(0) if len == 0 => return Err(HeadError::Closed),
+            Ok(0) => return Err(HeadError::Malformed),
+            Ok(n) => n,
+            Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {
+                return Err(HeadError::TimedOut)
+            }
+            Err(e) if e.kind() == ErrorKind::Interrupted => continue,
+            Err(e) => return Err(HeadError::Io(e)),
+        };
+        len += n;
+        let mut headers = [httparse::EMPTY_HEADER; 32];
+        let mut req = httparse::Request::new(&mut headers);
+        match req.parse(&buf[..len]) {
+            Ok(httparse::Status::Complete(_)) => {
+                return Ok(Request {
+                    method: req.method.unwrap_or_default().to_string(),
+                    path: req.path.unwrap_or_default().to_string(),
+                })
+            }
+            Ok(httparse::Status::Partial) if len == MAX_HEAD => return Err(HeadError::TooLarge),
+            Ok(httparse::Status::Partial) => {}
+            Err(httparse::Error::TooManyHeaders) => return Err(HeadError::TooLarge),
+            Err(_) => return Err(HeadError::Malformed),
+        }
+    }
+}
+
+/// Answers a request that is refused, then closes gently: what the client
+/// still sends is read and dropped for a moment, so the close does not reset
+/// the connection before the client has read why.
+fn refuse(stream: &mut TcpStream, status: u16, why: &[u8]) -> std::io::Result<()> {
+    respond(stream, status, "text/plain", why, false)?;
+    stream.shutdown(std::net::Shutdown::Write)?;
+    let _ = stream.set_read_timeout(Some(Duration::from_millis(500)));
+    let mut sink = [0u8; 4096];
+    let mut drained = 0;
+    while drained < 256 * 1024 {
+        match stream.read(&mut sink) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => drained += n,
+        }
+    }
+    Ok(())
+}
+
+/// Serves one connection: one request, then close.
+fn serve(mut stream: TcpStream, shared: &Shared) -> std::io::Result<()> {
+    let _ = stream.set_nodelay(true);
+    let req = match read_head(&mut stream) {
+        Ok(r) => r,
+        Err(HeadError::Closed) => return Ok(()),
+        Err(HeadError::Malformed) => return refuse(&mut stream, 400, b"malformed request\n"),
+        Err(HeadError::TooLarge) => return refuse(&mut stream, 431, b"request head too large\n"),
+        Err(HeadError::TimedOut) => return refuse(&mut stream, 408, b"request timed out\n"),
+        Err(HeadError::Io(e)) => return Err(e),
+    };
+    let head = match req.method.as_str() {
+        "GET" => false,
+        "HEAD" => true,
+        _ => return refuse(&mut stream, 405, b"only GET and HEAD are served\n"),
+    };
+    let path = req.path.split(['?', '#']).next().unwrap_or("");
+    match path {
+        "/" | "/index.html" => respond(
+            &mut stream,
+            200,
+            "text/html; charset=utf-8",
+            VIEWER.as_bytes(),
+            head,
+        ),
+        "/metrics" => {
+            let text = {
+                let mut s = shared.stats.lock().unwrap_or_else(|e| e.into_inner());
+                s.set_rss_bytes(crate::report::rss_mib() * 1024.0 * 1024.0);
+                s.prometheus()
+            };
+            respond(
+                &mut stream,
+                200,
+                "text/plain; version=0.0.4; charset=utf-8",
+                text.as_bytes(),
+                head,
+            )
+        }
+        "/status" => {
+            let doc = {
+                let mut s = shared.stats.lock().unwrap_or_else(|e| e.into_inner());
+                s.set_rss_bytes(crate::report::rss_mib() * 1024.0 * 1024.0);
+                s.status()
+            };
+            respond(
+                &mut stream,
+                200,
+                "application/json",
+                doc.to_string().as_bytes(),
+                head,
+            )
+        }
+        "/frame.jpg" => match shared.frames.snapshot() {
+            Some(jpeg) => respond(&mut stream, 200, "image/jpeg", &jpeg, head),
+            None => respond(
+                &mut stream,
+                503,
+                "text/plain",
+                b"no frame yet (or the run has ended)\n",
+                head,
+            ),
+        },
+        "/stream.mjpg" => stream_mjpeg(&mut stream, shared, head),
+        "/favicon.ico" => respond(&mut stream, 204, "image/x-icon", b"", head),
+        _ => respond(&mut stream, 404, "text/plain", b"not found\n", head),
+    }
+}
+
+/// The overlay as `multipart/x-mixed-replace` JPEG parts, one per new frame,
+/// until the client goes, stops reading (the write timeout) or the run ends.
+fn stream_mjpeg(stream: &mut TcpStream, shared: &Shared, head: bool) -> std::io::Result<()> {
+    let frames = &shared.frames;
+    if frames.viewers.fetch_add(1, Ordering::SeqCst) >= MAX_VIEWERS {
+        frames.viewers.fetch_sub(1, Ordering::SeqCst);
+        let msg = format!("at most {MAX_VIEWERS} viewers at once\n");
+        return respond(stream, 503, "text/plain", msg.as_bytes(), false);
+    }
+    let _viewer = Slot(&frames.viewers);
+    let set_viewers = || {
+        let n = frames.viewers.load(Ordering::SeqCst);
+        let mut s = shared.stats.lock().unwrap_or_else(|e| e.into_inner());
+        s.set_viewers(n);
+    };
+    set_viewers();
+    let result = (|| {
+        write!(
+            stream,
+            "HTTP/1.1 200 OK\r\nContent-Type: multipart/x-mixed-replace; boundary={BOUNDARY}\r\n\
+             Cache-Control: no-store\r\nConnection: close\r\n\r\n"
+        )?;
+        if head {
+            return Ok(());
+        }
+        let mut generation = 0;
+        while !shared.stop.load(Ordering::SeqCst) {
+            match frames.wait_newer(generation, Duration::from_secs(1)) {
+                Wait::Frame(g, jpeg) => {
+                    generation = g;
+                    write!(
+                        stream,
+                        "--{BOUNDARY}\r\nContent-Type: image/jpeg\r\nContent-Length: {}\r\n\r\n",
+                        jpeg.len()
+                    )?;
+                    stream.write_all(&jpeg)?;
+                    stream.write_all(b"\r\n")?;
+                }
+                Wait::TimedOut => {}
+                Wait::Closed => break,
+            }
+        }
+        write!(stream, "--{BOUNDARY}--\r\n")
+    })();
+    drop(_viewer);
+    set_viewers();
+    result
+}
+
+fn reason(status: u16) -> &'static str {
+    match status {
+        200 => "OK",
+        204 => "No Content",
+        400 => "Bad Request",
+        404 => "Not Found",
+        405 => "Method Not Allowed",
+        408 => "Request Timeout",
+        431 => "Request Header Fields Too Large",
+        503 => "Service Unavailable",
+        _ => "",
+    }
+}
+
+/// A whole response, then the connection closes.
+fn respond(
+    stream: &mut TcpStream,
+    status: u16,
+    content_type: &str,
+    body: &[u8],
+    head: bool,
+) -> std::io::Result<()> {
+    let allow = if status == 405 {
+        "Allow: GET, HEAD\r\n"
+    } else {
+        ""
+    };
+    write!(
+        stream,
+        "HTTP/1.1 {status} {}\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\n\
+         Cache-Control: no-store\r\nX-Content-Type-Options: nosniff\r\n{allow}Connection: close\r\n\r\n",
+        reason(status),
+        body.len()
+    )?;
+    if !head {
+        stream.write_all(body)?;
+    }
+    stream.flush()
+}
