@@ -796,3 +796,69 @@ fn an_output_path_writes_overlays_and_a_missing_ffmpeg_names_its_package() {
     assert!(err.contains("apt install ffmpeg"), "{err}");
     std::fs::remove_dir_all(&empty).ok();
 }
+
+/// Whether something listens on this loopback TCP port (read from
+/// /proc/net/tcp, so the listener's one connection is not spent on asking).
+fn listening(port: u16) -> bool {
+    std::fs::read_to_string("/proc/net/tcp").is_ok_and(|t| {
+        t.lines().skip(1).any(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            f.len() > 3 && f[1].ends_with(&format!(":{port:04X}")) && f[3] == "0A"
+        })
+    })
+}
+
+#[test]
+fn rtsp_output_publishes_a_stream_a_player_can_record() {
+    if !common::have_ffmpeg() {
+        return;
+    }
+    let port = TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let url = format!("rtsp://127.0.0.1:{port}/ersm");
+    let file = std::env::temp_dir().join(format!("ersm-live-rtsp-{}.mkv", std::process::id()));
+    // ffmpeg as the RTSP server that takes the published stream and records it.
+    let mut server = Command::new("ffmpeg")
+        .args(["-hide_banner", "-loglevel", "error", "-y", "-rtsp_flags", "listen"])
+        .args(["-i", &url, "-c", "copy"])
+        .arg(&file)
+        .stdin(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let start = Instant::now();
+    while !listening(port) {
+        assert!(start.elapsed() < Duration::from_secs(20), "ffmpeg did not listen");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let o = ersm(&["--output", &url, "--max-frames", "40"])
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let start = Instant::now();
+    while server.try_wait().unwrap().is_none() {
+        assert!(
+            start.elapsed() < Duration::from_secs(30),
+            "the recording did not end with the stream"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let probe = Command::new("ffprobe")
+        .args(["-v", "error", "-count_frames", "-select_streams", "v:0"])
+        .args(["-show_entries", "stream=codec_name,width,height,nb_read_frames"])
+        .args(["-of", "csv=p=0"])
+        .arg(&file)
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&probe.stdout);
+    let fields: Vec<&str> = text.trim().split(',').collect();
+    assert_eq!(&fields[..3], ["h264", "768", "576"], "{text}");
+    // The painter skips frames it has no time for; some must get through.
+    let frames: usize = fields[3].parse().unwrap();
+    assert!(frames >= 3, "{frames} frames recorded");
+    std::fs::remove_file(&file).ok();
+}

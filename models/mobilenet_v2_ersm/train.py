@@ -55,7 +55,13 @@ from data import PasteObjects, load_stamps
 HERE = os.path.dirname(os.path.abspath(__file__))
 SIZE, RESIZE = 224, 256
 MEAN, STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
-CUT = 7  # features[:7] is the prefix: output stride 8, 32 channels
+# features[:CUT] is the prefix. 7: output stride 8, 32 channels, 28×28 tokens
+# (the shipped package); 4: stride 4, 24 channels, 56×56 tokens (ERSM_CUT=4,
+# the experiment in REPORT.md).
+CUT = int(os.environ.get("ERSM_CUT", "7"))
+CUT_C = {4: 24, 7: 32, 11: 64, 14: 96}[CUT]
+CUT_STRIDE = {4: 4, 7: 8, 11: 16, 14: 16}[CUT]
+CUT_HW = SIZE // CUT_STRIDE
 LAMBDA, TAU, STEPS, HIDDEN = 0.25, 1.0, 2, 16
 GRAD_TAU = 3.0
 
@@ -329,7 +335,7 @@ def export(model, head, path):
     # recursively, which would otherwise leave the shared backbone in training mode.
     torch.onnx.export(Prefix().eval(), torch.zeros(1, 3, SIZE, SIZE), tmp + "p", input_names=["image"],
                       output_names=["features"], opset_version=13, do_constant_folding=True)
-    torch.onnx.export(Suffix().eval(), torch.zeros(1, 32, 28, 28), tmp + "s", input_names=["ersm.out"],
+    torch.onnx.export(Suffix().eval(), torch.zeros(1, CUT_C, CUT_HW, CUT_HW), tmp + "s", input_names=["ersm.out"],
                       output_names=["logits"], opset_version=13, do_constant_folding=True)
     p, s = onnx.load(tmp + "p"), onnx.load(tmp + "s")
     os.remove(tmp + "p")
@@ -376,6 +382,7 @@ def main():
     ap.add_argument("--opencv", required=True, help="root of the extracted opencv-doc package")
     ap.add_argument("--tuxpaint", help="root of the extracted tuxpaint-stamps-default package (objects to paste)")
     ap.add_argument("--out", default=HERE)
+    ap.add_argument("--threads", type=int, default=os.cpu_count() or 2, help="torch threads")
     ap.add_argument("--points", default="0.02:0.25,0.02:0.4,0.02:0.5,0.02:0.6,0.02:0.75,0.02:1.0,0:0.6,0.1:0.6,0.3:0.6",
                     help="comma-separated beta:ratio pairs to train and compare")
     ap.add_argument("--steps", type=int, default=150)
@@ -389,7 +396,7 @@ def main():
     ap.add_argument("--saliency", type=float, default=1.0, help="weight of the token-importance loss on the head")
     ap.add_argument("--finetune-lr", type=float, default=0.0, help="SGD rate for the suffix; 0 trains the head only")
     args = ap.parse_args()
-    torch.set_num_threads(os.cpu_count() or 2)
+    torch.set_num_threads(args.threads)
     import skimage
     model = load_backbone(weights_path())
     ocv = os.path.join(args.opencv, "usr/share/doc/opencv-doc/examples/data")
@@ -419,7 +426,7 @@ def main():
     curve, heads = [], {}
     for beta, ratio in [tuple(float(v) for v in p.split(":")) for p in args.points.split(",")]:
         seed_all(0)
-        head = EnergyHead(32)
+        head = EnergyHead(CUT_C)
         model = copy.deepcopy(teacher_model)
         t0 = time.time()
         train(model, teacher_model, head, train_imgs, pool, [im for _, im in stamps], beta, args.steps, args.batch, args.finetune_lr, log,
@@ -480,7 +487,7 @@ def main():
     manifest = {
         "name": "mobilenet_v2_ersm",
         "description": "torchvision MobileNetV2 (IMAGENET1K_V1, 71.9 % top-1) with a trained ERSM energy "
-                       "layer after the stride-8 stage (28x28x32 tokens at 224x224).",
+                       f"layer after the stride-{CUT_STRIDE} stage ({CUT_HW}x{CUT_HW}x{CUT_C} tokens at 224x224).",
         "model": "model.onnx",
         "input": {"name": "image", "shape": [1, 3, SIZE, SIZE], "layout": "NCHW", "colour": "RGB"},
         "preprocess": {"resize_short": RESIZE, "crop": SIZE, "scale": 1.0 / 255.0, "mean": MEAN, "std": STD},
