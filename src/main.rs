@@ -603,7 +603,9 @@ fn load_pipeline(
     let model = ModelPackage::load(&model_dir)?;
     let threads = Threads::new(threads.unwrap_or_else(Threads::available))?;
     log::info!("{} worker thread(s)", threads.count());
-    let pipeline = Pipeline::new(model, Device::select(device.into())?).with_threads(threads);
+    let pipeline = Pipeline::new(model, Device::select(device.into())?)
+        .with_threads(threads)
+        .with_gpu_suffix();
     if fallback {
         pipeline.with_fallback()
     } else {

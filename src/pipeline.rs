@@ -5,6 +5,7 @@ use crate::ersm::{Device, FeatureMap, TokenMask};
 use crate::model::ModelPackage;
 use crate::preprocess::preprocess;
 use crate::source::Frame;
+use crate::sparse::gpu::{cuda::CudaDevice, GpuSuffix};
 use crate::threads::Threads;
 use anyhow::{Context, Result};
 use std::time::Instant;
@@ -57,6 +58,9 @@ pub struct Pipeline {
     pub fallback: Option<f32>,
     /// The threads the prefix, the sparse suffix and the dense baseline share.
     pub threads: Threads,
+    /// The sparse suffix on the GPU, when the energy layer runs there and
+    /// every suffix op has a kernel; otherwise the CPU executor runs it.
+    pub gpu_suffix: Option<GpuSuffix<CudaDevice>>,
 }
 
 /// Fails when `v` holds NaN or an infinity, naming `what` and where: such a
@@ -84,7 +88,31 @@ impl Pipeline {
             device,
             fallback: None,
             threads: Threads::single(),
+            gpu_suffix: None,
         }
+    }
+
+    /// With the energy layer on a GPU, moves the sparse suffix there too;
+    /// where that cannot be done (an op without a kernel, a failed compile),
+    /// says why once and keeps the CPU suffix.
+    pub fn with_gpu_suffix(mut self) -> Pipeline {
+        if !matches!(self.device, Device::Cuda(_)) {
+            return self;
+        }
+        let lowered = CudaDevice::new(0)
+            .map_err(anyhow::Error::from)
+            .and_then(|d| {
+                let what = d.describe().to_string();
+                GpuSuffix::new(d, &self.model.plan).map(|g| (g, what))
+            });
+        match lowered {
+            Ok((g, what)) => {
+                log::info!("sparse suffix on the GPU: {what}");
+                self.gpu_suffix = Some(g);
+            }
+            Err(e) => log::warn!("sparse suffix stays on the CPU: {e:#}"),
+        }
+        self
     }
 
     /// Runs every stage on `threads` from now on.
@@ -146,7 +174,12 @@ impl Pipeline {
     /// The sparse suffix's logits for the gathered `rows` of the `kept` tokens
     /// (finite, or an error).
     pub fn sparse_logits(&self, kept: &[u32], rows: Vec<f32>) -> Result<Vec<f32>> {
-        let (out, frame) = self.model.plan.run(kept, rows).context("sparse suffix")?;
+        let (out, frame) = match &self.gpu_suffix {
+            Some(g) => g
+                .run(&self.model.plan, kept, &rows)
+                .context("sparse suffix (GPU)")?,
+            None => self.model.plan.run(kept, rows).context("sparse suffix")?,
+        };
         let logits = out.to_dense(&frame.sets).1;
         ensure_finite(&logits, "sparse suffix's logits")?;
         Ok(logits)

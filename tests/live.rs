@@ -822,7 +822,14 @@ fn rtsp_output_publishes_a_stream_a_player_can_record() {
     let file = std::env::temp_dir().join(format!("ersm-live-rtsp-{}.mkv", std::process::id()));
     // ffmpeg as the RTSP server that takes the published stream and records it.
     let mut server = Command::new("ffmpeg")
-        .args(["-hide_banner", "-loglevel", "error", "-y", "-rtsp_flags", "listen"])
+        .args([
+            "-hide_banner",
+            "-loglevel",
+            "error",
+            "-y",
+            "-rtsp_flags",
+            "listen",
+        ])
         .args(["-i", &url, "-c", "copy"])
         .arg(&file)
         .stdin(Stdio::null())
@@ -831,7 +838,10 @@ fn rtsp_output_publishes_a_stream_a_player_can_record() {
         .unwrap();
     let start = Instant::now();
     while !listening(port) {
-        assert!(start.elapsed() < Duration::from_secs(20), "ffmpeg did not listen");
+        assert!(
+            start.elapsed() < Duration::from_secs(20),
+            "ffmpeg did not listen"
+        );
         std::thread::sleep(Duration::from_millis(50));
     }
     let o = ersm(&["--output", &url, "--max-frames", "40"])
@@ -849,7 +859,10 @@ fn rtsp_output_publishes_a_stream_a_player_can_record() {
     }
     let probe = Command::new("ffprobe")
         .args(["-v", "error", "-count_frames", "-select_streams", "v:0"])
-        .args(["-show_entries", "stream=codec_name,width,height,nb_read_frames"])
+        .args([
+            "-show_entries",
+            "stream=codec_name,width,height,nb_read_frames",
+        ])
         .args(["-of", "csv=p=0"])
         .arg(&file)
         .output()

@@ -31,8 +31,12 @@ pub enum CudaError {
     NoDevice(usize),
     #[error("CUDA driver: {0}")]
     Driver(#[from] DriverError),
-    #[error("NVRTC could not compile the ERSM kernel for {arch}: {log}")]
-    Compile { arch: String, log: String },
+    #[error("NVRTC could not compile the {what} kernels for {arch}: {log}")]
+    Compile {
+        what: &'static str,
+        arch: String,
+        log: String,
+    },
     #[error("compute capability {0}.{1} is not supported (need 5.3 or newer)")]
     Arch(i32, i32),
     #[error("{0}")]
@@ -89,6 +93,11 @@ pub fn arch_for(major: i32, minor: i32) -> Result<&'static str, CudaError> {
 
 /// Compiles the kernel to PTX for `arch` (e.g. `compute_87`).
 pub fn compile(arch: &'static str) -> Result<Ptx, CudaError> {
+    compile_source(KERNEL_SRC, "ERSM", arch)
+}
+
+/// Compiles a kernel source (`what` names it in errors) to PTX for `arch`.
+pub fn compile_source(src: &str, what: &'static str, arch: &'static str) -> Result<Ptx, CudaError> {
     if !nvrtc_present() {
         return Err(CudaError::NoNvrtc);
     }
@@ -98,7 +107,8 @@ pub fn compile(arch: &'static str) -> Result<Ptx, CudaError> {
         fmad: Some(false),
         ..Default::default()
     };
-    cudarc::nvrtc::compile_ptx_with_opts(KERNEL_SRC, opts).map_err(|e| CudaError::Compile {
+    cudarc::nvrtc::compile_ptx_with_opts(src, opts).map_err(|e| CudaError::Compile {
+        what,
         arch: arch.to_string(),
         log: match e {
             CompileError::CompileError { log, .. } => log.to_string_lossy().into_owned(),

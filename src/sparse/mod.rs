@@ -7,6 +7,7 @@
 
 pub mod buffers;
 pub mod gemm;
+pub mod gpu;
 pub mod ops;
 pub mod plan;
 pub mod rulebook;

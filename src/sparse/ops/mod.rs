@@ -27,7 +27,7 @@ pub use pool::GlobalMean;
 pub use reshape::Reshape;
 
 /// One lowered suffix op.
-pub trait Op: Debug + Send + Sync {
+pub trait Op: Debug + Send + Sync + std::any::Any {
     /// Short op name for listings.
     fn name(&self) -> &'static str;
     /// Computes the output, taking new buffers from `bufs`. Inputs arrive

@@ -1,0 +1,640 @@
+//! The sparse suffix on a GPU: the CPU plan's steps lowered once to kernels
+//! of `kernels/suffix.cu`, their weights uploaded once, and each frame's
+//! token rows kept in device memory from the first step to the logits.
+//!
+//! The executor is generic over a [`Device`]: [`cuda::CudaDevice`] runs the
+//! kernels on an NVIDIA GPU through cudarc; anything else that can run the
+//! same kernel source may stand in (the tests build it for the CPU, so the
+//! lowering, the rulebook upload and the launch order are checked against
+//! the CPU executor where no GPU is present).
+
+pub mod cuda;
+
+use super::ops::{
+    ActivationKind, Binary, BinaryKind, ChannelAffine, Conv, Depthwise, GlobalMean, Linear, Reshape,
+};
+use super::plan::{Frame, Plan};
+use super::value::Value;
+use anyhow::{bail, ensure, Context, Result};
+use std::any::Any;
+
+/// The kernel source, embedded in the binary.
+pub const KERNEL_SRC: &str = include_str!("../kernels/suffix.cu");
+/// Threads per block of every launch.
+pub const BLOCK: usize = 256;
+
+/// The one parameter block every kernel takes by value (`SfxParams` in the
+/// kernel source, field for field).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct Params {
+    pub x: u64,
+    pub x2: u64,
+    pub w: u64,
+    pub bias: u64,
+    pub rb: u64,
+    pub y: u64,
+    pub rows: i32,
+    pub cin: i32,
+    pub cout: i32,
+    pub groups: i32,
+    pub taps: i32,
+    pub act: i32,
+    pub a0: f32,
+    pub a1: f32,
+    pub kind: i32,
+    pub n: i32,
+    pub inner: i32,
+}
+
+/// The kernels of `suffix.cu`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Kernel {
+    Conv1x1,
+    ConvRulebook,
+    Depthwise,
+    Binary,
+    Affine,
+    Activation,
+    GlobalMean,
+    Linear,
+}
+
+impl Kernel {
+    /// Every kernel, in source order.
+    pub const ALL: [Kernel; 8] = [
+        Kernel::Conv1x1,
+        Kernel::ConvRulebook,
+        Kernel::Depthwise,
+        Kernel::Binary,
+        Kernel::Affine,
+        Kernel::Activation,
+        Kernel::GlobalMean,
+        Kernel::Linear,
+    ];
+
+    /// The entry point's name in the source.
+    pub fn name(self) -> &'static str {
+        match self {
+            Kernel::Conv1x1 => "sfx_conv1x1",
+            Kernel::ConvRulebook => "sfx_conv_rulebook",
+            Kernel::Depthwise => "sfx_depthwise",
+            Kernel::Binary => "sfx_binary",
+            Kernel::Affine => "sfx_affine",
+            Kernel::Activation => "sfx_activation",
+            Kernel::GlobalMean => "sfx_global_mean",
+            Kernel::Linear => "sfx_linear",
+        }
+    }
+}
+
+/// What runs the kernels: memory and launches.
+pub trait Device {
+    /// A buffer of `f32` (rulebooks travel as the bits of their `u32`s).
+    type Buf;
+    /// A buffer holding `data`.
+    fn upload(&self, data: &[f32]) -> Result<Self::Buf>;
+    /// A buffer of `n` values, contents unspecified.
+    fn alloc(&self, n: usize) -> Result<Self::Buf>;
+    /// The address kernels use for `buf`.
+    fn ptr(&self, buf: &Self::Buf) -> u64;
+    /// Runs `kernel` on `threads` threads (blocks of [`BLOCK`]), in order
+    /// after every earlier launch.
+    fn launch(&self, kernel: Kernel, threads: usize, p: &Params) -> Result<()>;
+    /// The first `n` values of `buf`, after every launch so far has finished.
+    fn download(&self, buf: &Self::Buf, n: usize) -> Result<Vec<f32>>;
+}
+
+/// An activation as the kernels encode it: (code, a0, a1).
+fn act_code(a: Option<ActivationKind>) -> (i32, f32, f32) {
+    match a {
+        None => (0, 0.0, 0.0),
+        Some(ActivationKind::Relu) => (1, 0.0, 0.0),
+        Some(ActivationKind::Clip { lo, hi }) => (2, lo, hi),
+        Some(ActivationKind::Sigmoid) => (3, 0.0, 0.0),
+        Some(ActivationKind::HardSigmoid { alpha, beta }) => (4, alpha, beta),
+        Some(ActivationKind::HardSwish) => (5, 0.0, 0.0),
+    }
+}
+
+/// One step lowered for the device; weights are indices into `GpuSuffix::weights`.
+#[derive(Clone, Debug)]
+enum GpuOp {
+    Conv {
+        kernel: Kernel,
+        w: usize,
+        b: usize,
+        cin: usize,
+        cout: usize,
+        groups: usize,
+        taps: usize,
+        rulebook: Option<usize>,
+        out_level: usize,
+        act: Option<ActivationKind>,
+    },
+    Depthwise {
+        w: usize,
+        b: usize,
+        c: usize,
+        taps: usize,
+        rulebook: usize,
+        out_level: usize,
+        act: Option<ActivationKind>,
+    },
+    Binary(BinaryKind),
+    Affine {
+        scale: usize,
+        shift: usize,
+        c: usize,
+    },
+    Activation(ActivationKind),
+    GlobalMean {
+        c: usize,
+        shape: Vec<usize>,
+    },
+    Linear {
+        w: usize,
+        b: usize,
+        k: usize,
+        n: usize,
+        shape: Vec<usize>,
+        act: Option<ActivationKind>,
+    },
+    Reshape(Vec<usize>),
+}
+
+#[derive(Clone, Debug)]
+struct GpuStep {
+    node: String,
+    op: GpuOp,
+    inputs: Vec<usize>,
+    output: usize,
+}
+
+/// What a device buffer holds, kept on the host.
+#[derive(Clone, Debug, PartialEq)]
+enum Meta {
+    Tokens { level: usize, c: usize },
+    Dense { shape: Vec<usize> },
+}
+
+impl Meta {
+    fn len(&self, frame: &Frame) -> usize {
+        match self {
+            Meta::Tokens { level, c } => frame.sets[*level].len() * c,
+            Meta::Dense { shape } => shape.iter().product(),
+        }
+    }
+}
+
+/// A plan's suffix, lowered for a device.
+pub struct GpuSuffix<D: Device> {
+    device: D,
+    steps: Vec<GpuStep>,
+    weights: Vec<D::Buf>,
+    slots: usize,
+    output: usize,
+    channels: usize,
+    /// Step index after which each slot is read for the last time.
+    last_use: Vec<usize>,
+}
+
+impl<D: Device> GpuSuffix<D> {
+    /// Lowers every step of `plan` and uploads its weights; an op without a
+    /// kernel is an error naming its node (the caller keeps the CPU suffix).
+    pub fn new(device: D, plan: &Plan) -> Result<GpuSuffix<D>> {
+        let mut weights = Vec::new();
+        let mut up = |v: &[f32]| -> Result<usize> {
+            weights.push(device.upload(v)?);
+            Ok(weights.len() - 1)
+        };
+        let mut steps = Vec::with_capacity(plan.steps.len());
+        for s in &plan.steps {
+            let any: &dyn Any = s.op.as_ref();
+            let op = if let Some(c) = any.downcast_ref::<Conv>() {
+                let packed: Vec<f32> = c
+                    .weights
+                    .iter()
+                    .flat_map(|w| w.data.iter().copied())
+                    .collect();
+                GpuOp::Conv {
+                    kernel: if c.rulebook.is_some() {
+                        Kernel::ConvRulebook
+                    } else {
+                        Kernel::Conv1x1
+                    },
+                    w: up(&packed)?,
+                    b: up(&c.bias)?,
+                    cin: c.cin,
+                    cout: c.cout,
+                    groups: c.groups,
+                    taps: c.window.kh * c.window.kw,
+                    rulebook: c.rulebook,
+                    out_level: c.out_level,
+                    act: c.act,
+                }
+            } else if let Some(d) = any.downcast_ref::<Depthwise>() {
+                GpuOp::Depthwise {
+                    w: up(&d.weights)?,
+                    b: up(&d.bias)?,
+                    c: d.c,
+                    taps: d.window.kh * d.window.kw,
+                    rulebook: d.rulebook,
+                    out_level: d.out_level,
+                    act: d.act,
+                }
+            } else if let Some(b) = any.downcast_ref::<Binary>() {
+                GpuOp::Binary(b.kind)
+            } else if let Some(a) = any.downcast_ref::<ChannelAffine>() {
+                GpuOp::Affine {
+                    scale: up(&a.scale)?,
+                    shift: up(&a.shift)?,
+                    c: a.scale.len(),
+                }
+            } else if let Some(a) = any.downcast_ref::<super::ops::Activation>() {
+                GpuOp::Activation(a.kind)
+            } else if let Some(p) = any.downcast_ref::<GlobalMean>() {
+                GpuOp::GlobalMean {
+                    c: p.c,
+                    shape: p.shape.clone(),
+                }
+            } else if let Some(l) = any.downcast_ref::<Linear>() {
+                GpuOp::Linear {
+                    w: up(&l.weights.data)?,
+                    b: up(&l.bias)?,
+                    k: l.weights.k,
+                    n: l.weights.n,
+                    shape: l.shape.clone(),
+                    act: l.act,
+                }
+            } else if let Some(r) = any.downcast_ref::<Reshape>() {
+                GpuOp::Reshape(r.shape.clone())
+            } else {
+                bail!("node '{}' ({}) has no GPU kernel", s.node, s.op.name());
+            };
+            steps.push(GpuStep {
+                node: s.node.clone(),
+                op,
+                inputs: s.inputs.clone(),
+                output: s.output,
+            });
+        }
+        let slots = plan.slot_names.len();
+        let mut last_use = vec![usize::MAX; slots];
+        for (i, s) in steps.iter().enumerate() {
+            for &x in &s.inputs {
+                last_use[x] = i;
+            }
+        }
+        last_use[plan.output] = usize::MAX;
+        Ok(GpuSuffix {
+            device,
+            steps,
+            weights,
+            slots,
+            output: plan.output,
+            channels: plan.channels,
+            last_use,
+        })
+    }
+
+    /// The device the suffix runs on.
+    pub fn device(&self) -> &D {
+        &self.device
+    }
+
+    /// Runs the suffix on gathered `features` (`kept.len() × C`, host
+    /// memory) for the token set `kept`; the result as the CPU plan gives it.
+    pub fn run(&self, plan: &Plan, kept: &[u32], features: &[f32]) -> Result<(Value, Frame)> {
+        ensure!(
+            features.len() == kept.len() * self.channels,
+            "gathered features hold {} values, expected {} tokens × {} channels",
+            features.len(),
+            kept.len(),
+            self.channels
+        );
+        let input = self.device.upload(features)?;
+        self.run_device(plan, kept, input)
+    }
+
+    /// Runs the suffix on gathered features already in device memory.
+    pub fn run_device(
+        &self,
+        plan: &Plan,
+        kept: &[u32],
+        features: D::Buf,
+    ) -> Result<(Value, Frame)> {
+        let frame = plan.frame(kept);
+        // Every rulebook of the frame in one upload; each op reads its part.
+        let mut offsets = Vec::with_capacity(frame.rulebooks.len());
+        let mut all = Vec::new();
+        for rb in &frame.rulebooks {
+            offsets.push(all.len());
+            all.extend(rb.table.iter().map(|&i| f32::from_bits(i)));
+        }
+        let rulebooks = self
+            .device
+            .upload(if all.is_empty() { &[0.0] } else { &all })?;
+        let rb_ptr = |i: usize| self.device.ptr(&rulebooks) + 4 * offsets[i] as u64;
+        let mut slots: Vec<Option<(Meta, D::Buf)>> = (0..self.slots).map(|_| None).collect();
+        slots[0] = Some((
+            Meta::Tokens {
+                level: 0,
+                c: self.channels,
+            },
+            features,
+        ));
+        for (i, s) in self.steps.iter().enumerate() {
+            let (meta, buf) = self
+                .step(s, &slots, &frame, &rb_ptr)
+                .with_context(|| format!("GPU suffix, node '{}'", s.node))?;
+            slots[s.output] = Some((meta, buf));
+            for &x in &s.inputs {
+                if self.last_use[x] == i {
+                    slots[x] = None;
+                }
+            }
+        }
+        let (meta, buf) = slots[self.output]
+            .take()
+            .context("the suffix output was never computed")?;
+        let data = self.device.download(&buf, meta.len(&frame))?;
+        let value = match meta {
+            Meta::Tokens { level, c } => Value::Tokens { level, c, data },
+            Meta::Dense { shape } => Value::Dense { shape, data },
+        };
+        Ok((value, frame))
+    }
+
+    fn step(
+        &self,
+        s: &GpuStep,
+        slots: &[Option<(Meta, D::Buf)>],
+        frame: &Frame,
+        rb_ptr: &dyn Fn(usize) -> u64,
+    ) -> Result<(Meta, D::Buf)> {
+        let d = &self.device;
+        let input = |k: usize| -> Result<&(Meta, D::Buf)> {
+            slots[s.inputs[k]]
+                .as_ref()
+                .with_context(|| format!("input {k} is not computed"))
+        };
+        let w = |i: usize| d.ptr(&self.weights[i]);
+        let rows_of = |level: usize| frame.sets[level].len();
+        match &s.op {
+            GpuOp::Conv {
+                kernel,
+                w: wi,
+                b,
+                cin,
+                cout,
+                groups,
+                taps,
+                rulebook,
+                out_level,
+                act,
+            } => {
+                let (meta, x) = input(0)?;
+                let Meta::Tokens { level, c } = meta else {
+                    bail!("conv expects token rows");
+                };
+                ensure!(*c == *cin, "conv expects {cin} channels, got {c}");
+                let rows = if rulebook.is_some() {
+                    rows_of(*out_level)
+                } else {
+                    rows_of(*level)
+                };
+                let y = d.alloc((rows * cout).max(1))?;
+                let (act, a0, a1) = act_code(*act);
+                let p = Params {
+                    x: d.ptr(x),
+                    w: w(*wi),
+                    bias: w(*b),
+                    rb: rulebook.map_or(0, rb_ptr),
+                    y: d.ptr(&y),
+                    rows: rows as i32,
+                    cin: *cin as i32,
+                    cout: *cout as i32,
+                    groups: *groups as i32,
+                    taps: *taps as i32,
+                    act,
+                    a0,
+                    a1,
+                    ..Params::default()
+                };
+                d.launch(*kernel, rows * cout, &p)?;
+                let level = if rulebook.is_some() {
+                    *out_level
+                } else {
+                    *level
+                };
+                Ok((Meta::Tokens { level, c: *cout }, y))
+            }
+            GpuOp::Depthwise {
+                w: wi,
+                b,
+                c,
+                taps,
+                rulebook,
+                out_level,
+                act,
+            } => {
+                let (meta, x) = input(0)?;
+                ensure!(
+                    matches!(meta, Meta::Tokens { c: ci, .. } if ci == c),
+                    "depthwise expects token rows of {c} channels"
+                );
+                let rows = rows_of(*out_level);
+                let y = d.alloc((rows * c).max(1))?;
+                let (act, a0, a1) = act_code(*act);
+                let p = Params {
+                    x: d.ptr(x),
+                    w: w(*wi),
+                    bias: w(*b),
+                    rb: rb_ptr(*rulebook),
+                    y: d.ptr(&y),
+                    rows: rows as i32,
+                    cin: *c as i32,
+                    cout: *c as i32,
+                    taps: *taps as i32,
+                    act,
+                    a0,
+                    a1,
+                    ..Params::default()
+                };
+                d.launch(Kernel::Depthwise, rows * c, &p)?;
+                Ok((
+                    Meta::Tokens {
+                        level: *out_level,
+                        c: *c,
+                    },
+                    y,
+                ))
+            }
+            GpuOp::Binary(kind) => {
+                let (ma, a) = input(0)?;
+                let (mb, b) = input(1)?;
+                // The token operand first, as the CPU op orders them.
+                let ((ma, a), (mb, b)) = match (ma, mb) {
+                    (Meta::Dense { .. }, Meta::Tokens { .. }) => ((mb, b), (ma, a)),
+                    _ => ((ma, a), (mb, b)),
+                };
+                let n = ma.len(frame);
+                let per_channel = match (ma, mb) {
+                    (Meta::Tokens { level: la, .. }, Meta::Tokens { level: lb, .. }) => {
+                        ensure!(la == lb, "operands on different token sets ({la} vs {lb})");
+                        0
+                    }
+                    (Meta::Tokens { c, .. }, Meta::Dense { shape }) => {
+                        let m: usize = shape.iter().product();
+                        ensure!(m == *c, "per-channel operand has {m} values, expected {c}");
+                        *c
+                    }
+                    _ => 0,
+                };
+                ensure!(
+                    per_channel > 0 || mb.len(frame) == n,
+                    "operand sizes differ"
+                );
+                let y = d.alloc(n.max(1))?;
+                let p = Params {
+                    x: d.ptr(a),
+                    x2: d.ptr(b),
+                    y: d.ptr(&y),
+                    kind: match kind {
+                        BinaryKind::Add => 0,
+                        BinaryKind::Mul => 1,
+                    },
+                    n: n as i32,
+                    cout: per_channel as i32,
+                    inner: 1,
+                    ..Params::default()
+                };
+                d.launch(Kernel::Binary, n, &p)?;
+                Ok((ma.clone(), y))
+            }
+            GpuOp::Affine { scale, shift, c } => {
+                let (meta, x) = input(0)?;
+                let n = meta.len(frame);
+                let inner = match meta {
+                    Meta::Tokens { c: ci, .. } => {
+                        ensure!(ci == c, "affine expects {c} channels, got {ci}");
+                        1
+                    }
+                    Meta::Dense { shape } => shape.iter().skip(2).product::<usize>().max(1),
+                };
+                let y = d.alloc(n.max(1))?;
+                let p = Params {
+                    x: d.ptr(x),
+                    w: w(*scale),
+                    bias: w(*shift),
+                    y: d.ptr(&y),
+                    n: n as i32,
+                    cout: *c as i32,
+                    inner: inner as i32,
+                    ..Params::default()
+                };
+                d.launch(Kernel::Affine, n, &p)?;
+                Ok((meta.clone(), y))
+            }
+            GpuOp::Activation(kind) => {
+                let (meta, x) = input(0)?;
+                let n = meta.len(frame);
+                let y = d.alloc(n.max(1))?;
+                let (act, a0, a1) = act_code(Some(*kind));
+                let p = Params {
+                    x: d.ptr(x),
+                    y: d.ptr(&y),
+                    n: n as i32,
+                    act,
+                    a0,
+                    a1,
+                    ..Params::default()
+                };
+                d.launch(Kernel::Activation, n, &p)?;
+                Ok((meta.clone(), y))
+            }
+            GpuOp::GlobalMean { c, shape } => {
+                let (meta, x) = input(0)?;
+                let Meta::Tokens { level, c: ci } = meta else {
+                    bail!("global pooling expects token rows");
+                };
+                ensure!(ci == c, "global pooling expects {c} channels, got {ci}");
+                let y = d.alloc(*c)?;
+                let p = Params {
+                    x: d.ptr(x),
+                    y: d.ptr(&y),
+                    rows: rows_of(*level) as i32,
+                    cout: *c as i32,
+                    ..Params::default()
+                };
+                d.launch(Kernel::GlobalMean, *c, &p)?;
+                Ok((
+                    Meta::Dense {
+                        shape: shape.clone(),
+                    },
+                    y,
+                ))
+            }
+            GpuOp::Linear {
+                w: wi,
+                b,
+                k,
+                n,
+                shape,
+                act,
+            } => {
+                let (meta, x) = input(0)?;
+                ensure!(
+                    matches!(meta, Meta::Dense { .. }) && meta.len(frame) == *k,
+                    "linear expects a dense input of {k} values"
+                );
+                let y = d.alloc(*n)?;
+                let (act, a0, a1) = act_code(*act);
+                let p = Params {
+                    x: d.ptr(x),
+                    w: w(*wi),
+                    bias: w(*b),
+                    y: d.ptr(&y),
+                    cin: *k as i32,
+                    cout: *n as i32,
+                    act,
+                    a0,
+                    a1,
+                    ..Params::default()
+                };
+                d.launch(Kernel::Linear, *n, &p)?;
+                Ok((
+                    Meta::Dense {
+                        shape: shape.clone(),
+                    },
+                    y,
+                ))
+            }
+            GpuOp::Reshape(shape) => {
+                let (meta, x) = input(0)?;
+                let n = meta.len(frame);
+                ensure!(
+                    shape.iter().product::<usize>() == n,
+                    "reshape of {n} values to {shape:?}"
+                );
+                // A copy: each slot owns its buffer (the activation kernel
+                // with no function is a plain copy).
+                let y = d.alloc(n.max(1))?;
+                let p = Params {
+                    x: d.ptr(x),
+                    y: d.ptr(&y),
+                    n: n as i32,
+                    ..Params::default()
+                };
+                d.launch(Kernel::Activation, n, &p)?;
+                Ok((
+                    Meta::Dense {
+                        shape: shape.clone(),
+                    },
+                    y,
+                ))
+            }
+        }
+    }
+}

@@ -1,0 +1,289 @@
+//! The sparse suffix on the GPU (`src/sparse/gpu`) against the CPU sparse
+//! executor, on the tiny model, random networks covering every op, and the
+//! shipped model.
+//!
+//! On a machine with an NVIDIA GPU the kernels run there. Everywhere, the
+//! same kernel source is also compiled for the CPU with the C++ compiler
+//! (a few lines of emulation stand in for CUDA's thread indices; the kernels
+//! use no shared memory or barriers) and the whole GPU executor runs on it:
+//! lowering, weight and rulebook uploads, launch order and sizes, buffer
+//! lifetimes. What that cannot check (the GPU's own memory and timing) needs
+//! the GPU run of `targets/gpu-check.sh`.
+
+mod common;
+
+use common::*;
+use ersm::model::ModelPackage;
+use ersm::sparse::gpu::cuda::CudaDevice;
+use ersm::sparse::gpu::{Device, GpuSuffix, Kernel, Params, BLOCK, KERNEL_SRC};
+use std::ffi::{c_void, CString};
+use std::path::PathBuf;
+use std::process::Command;
+
+/// Relative error allowed: the sums run in another order than the CPU's GEMM.
+const TOL: f32 = 1e-4;
+
+/// Lines that make the CUDA source compile as C++ on the host.
+const EMULATION: &str = r#"
+#include <math.h>
+typedef unsigned int u32;
+struct sfx_dim3 { unsigned x, y, z; };
+static thread_local sfx_dim3 blockIdx, threadIdx, blockDim;
+extern "C" void sfx_emu_set(unsigned block, unsigned thread, unsigned dim) {
+    blockIdx.x = block; threadIdx.x = thread; blockDim.x = dim;
+}
+#define __device__
+#define __global__
+#define __forceinline__ inline
+"#;
+
+type KernelFn = unsafe extern "C" fn(Params);
+
+/// The kernels compiled for this CPU, run thread by thread.
+struct Emulator {
+    set: unsafe extern "C" fn(u32, u32, u32),
+    kernels: Vec<(Kernel, KernelFn)>,
+}
+
+/// A host buffer the kernels write through raw addresses.
+struct HostBuf {
+    ptr: *mut f32,
+    len: usize,
+}
+
+impl Drop for HostBuf {
+    fn drop(&mut self) {
+        // SAFETY: allocated by `Box::into_raw` of a slice of `len` values.
+        unsafe {
+            drop(Box::from_raw(std::ptr::slice_from_raw_parts_mut(
+                self.ptr, self.len,
+            )))
+        };
+    }
+}
+
+impl HostBuf {
+    fn new(data: Box<[f32]>) -> HostBuf {
+        let len = data.len();
+        HostBuf {
+            ptr: Box::into_raw(data) as *mut f32,
+            len,
+        }
+    }
+}
+
+impl Emulator {
+    /// Builds the kernels with the host C++ compiler; `None` (SKIPPED) when
+    /// there is none.
+    fn build() -> Option<Emulator> {
+        let dir = std::env::temp_dir().join(format!("ersm-sfx-emu-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let (header, src, lib): (PathBuf, PathBuf, PathBuf) = (
+            dir.join("emu.h"),
+            dir.join("suffix.cu"),
+            dir.join("libsfx.so"),
+        );
+        std::fs::write(&header, EMULATION).unwrap();
+        std::fs::write(&src, KERNEL_SRC).unwrap();
+        let cxx = std::env::var("CXX").unwrap_or_else(|_| "c++".into());
+        let out = Command::new(&cxx)
+            .args(["-x", "c++", "-std=c++14", "-O2", "-shared", "-fPIC"])
+            // One rounding per product and sum, as NVRTC's --fmad=false.
+            .args(["-ffp-contract=off", "-DSFX_HOST_EMULATION", "-include"])
+            .arg(&header)
+            .arg(&src)
+            .arg("-o")
+            .arg(&lib)
+            .output();
+        let out = match out {
+            Ok(o) => o,
+            Err(e) => {
+                println!("SKIPPED: no C++ compiler ({cxx}: {e})");
+                return None;
+            }
+        };
+        assert!(
+            out.status.success(),
+            "the kernel source does not compile as C++:\n{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let path = CString::new(lib.to_str().unwrap()).unwrap();
+        // SAFETY: loading a library we just built; its symbols are looked up
+        // by name below and have the signatures the source gives them.
+        unsafe {
+            let h = libc::dlopen(path.as_ptr(), libc::RTLD_NOW | libc::RTLD_LOCAL);
+            assert!(!h.is_null(), "dlopen {}", lib.display());
+            let sym = |name: &str| -> *mut c_void {
+                let n = CString::new(name).unwrap();
+                let p = libc::dlsym(h, n.as_ptr());
+                assert!(!p.is_null(), "no symbol {name}");
+                p
+            };
+            let set = std::mem::transmute::<*mut c_void, unsafe extern "C" fn(u32, u32, u32)>(sym(
+                "sfx_emu_set",
+            ));
+            let kernels = Kernel::ALL
+                .iter()
+                .map(|&k| {
+                    (
+                        k,
+                        std::mem::transmute::<*mut c_void, KernelFn>(sym(k.name())),
+                    )
+                })
+                .collect();
+            std::fs::remove_dir_all(&dir).ok();
+            Some(Emulator { set, kernels })
+        }
+    }
+}
+
+impl Device for Emulator {
+    type Buf = HostBuf;
+
+    fn upload(&self, data: &[f32]) -> anyhow::Result<HostBuf> {
+        Ok(HostBuf::new(data.into()))
+    }
+
+    fn alloc(&self, n: usize) -> anyhow::Result<HostBuf> {
+        // NaN, so a value read before any kernel wrote it shows in the result.
+        Ok(HostBuf::new(vec![f32::NAN; n.max(1)].into()))
+    }
+
+    fn ptr(&self, buf: &HostBuf) -> u64 {
+        buf.ptr as u64
+    }
+
+    fn launch(&self, kernel: Kernel, threads: usize, p: &Params) -> anyhow::Result<()> {
+        let f = self.kernels.iter().find(|(k, _)| *k == kernel).unwrap().1;
+        // Whole blocks, as the GPU runs them: the kernels' bounds checks count.
+        for i in 0..threads.div_ceil(BLOCK) * BLOCK {
+            // SAFETY: the executor sized every buffer in `p` for `threads`
+            // outputs; the emulation globals are thread-local.
+            unsafe {
+                (self.set)((i / BLOCK) as u32, (i % BLOCK) as u32, BLOCK as u32);
+                f(*p);
+            }
+        }
+        Ok(())
+    }
+
+    fn download(&self, buf: &HostBuf, n: usize) -> anyhow::Result<Vec<f32>> {
+        assert!(n <= buf.len, "download past the end");
+        // SAFETY: `buf` holds `len` initialised values.
+        Ok(unsafe { std::slice::from_raw_parts(buf.ptr, n) }.to_vec())
+    }
+}
+
+/// CPU sparse suffix against the GPU one on the same features and kept set.
+fn compare<D: Device>(m: &ModelPackage, gpu: &GpuSuffix<D>, x: &[f32], kept: &[u32], what: &str) {
+    let cpu = sparse(m, x, kept);
+    let fm = ersm::ersm::FeatureMap::new(x, m.cut.c, m.cut.h, m.cut.w).unwrap();
+    let feats = ersm::ersm::cpu::gather(fm, kept);
+    let (out, frame) = gpu.run(&m.plan, kept, &feats).expect("GPU suffix runs");
+    let got = out.to_dense(&frame.sets).1;
+    assert!(
+        got.iter().all(|v| v.is_finite()),
+        "{what}: non-finite output"
+    );
+    let err = rel_err(&got, &cpu);
+    assert!(err <= TOL, "{what}: GPU vs CPU relative error {err}");
+}
+
+/// Every model and mask of the comparison, on one device.
+fn check_everything<D: Device>(make: impl Fn() -> D) {
+    let tiny = ModelPackage::load("models/tiny").unwrap();
+    let gpu = GpuSuffix::new(make(), &tiny.plan).expect("tiny model lowers");
+    let mut rng = Rng::new(7);
+    for p in [0.02, 0.3, 0.7, 1.0] {
+        let x = rng.normals(tiny.cut.c * tiny.cut.h * tiny.cut.w, 1.0);
+        let kept = random_kept(&mut rng, tiny.cut.h * tiny.cut.w, p);
+        compare(&tiny, &gpu, &x, &kept, &format!("tiny, keep {p}"));
+    }
+    let shapes = [
+        (9, 9, 8),
+        (7, 12, 6),
+        (16, 5, 4),
+        (4, 4, 8),
+        (11, 11, 6),
+        (6, 17, 4),
+    ];
+    for seed in 0..24u64 {
+        let (h, w, c) = shapes[seed as usize % shapes.len()];
+        let m = package(random_network(seed, h, w, c), h, w);
+        let gpu = GpuSuffix::new(make(), &m.plan)
+            .unwrap_or_else(|e| panic!("random network {seed} does not lower: {e:#}"));
+        let mut rng = Rng::new(500 + seed);
+        for p in [0.05, 0.4, 1.0] {
+            let x = rng.normals(c * h * w, 1.0);
+            let kept = random_kept(&mut rng, h * w, p);
+            compare(
+                &m,
+                &gpu,
+                &x,
+                &kept,
+                &format!("random network {seed}, keep {p}"),
+            );
+        }
+    }
+    let shipped = ModelPackage::load("models/mobilenet_v2_ersm").unwrap();
+    let gpu = GpuSuffix::new(make(), &shipped.plan).expect("the shipped model lowers");
+    let mut rng = Rng::new(11);
+    let (h, w, c) = (shipped.cut.h, shipped.cut.w, shipped.cut.c);
+    for keep in [0.3, 0.8] {
+        // Post-ReLU6-like features: non-negative, bounded.
+        let x: Vec<f32> = (0..c * h * w).map(|_| 6.0 * rng.f32()).collect();
+        let kept = blob_kept(&mut rng, h, w, keep);
+        compare(
+            &shipped,
+            &gpu,
+            &x,
+            &kept,
+            &format!("shipped model, keep {keep}"),
+        );
+    }
+}
+
+#[test]
+fn emulated_gpu_suffix_matches_the_cpu_executor() {
+    let Some(_) = Emulator::build() else {
+        return;
+    };
+    check_everything(|| Emulator::build().unwrap());
+}
+
+#[test]
+fn gpu_suffix_matches_the_cpu_executor_on_a_real_gpu() {
+    match CudaDevice::new(0) {
+        Ok(d) => println!("GPU: {}", d.describe()),
+        Err(e) => {
+            println!("SKIPPED: no GPU suffix here ({e})");
+            return;
+        }
+    }
+    check_everything(|| CudaDevice::new(0).unwrap());
+}
+
+#[test]
+fn suffix_kernels_compile_to_ptx_for_jetson_and_test_architectures() {
+    if !ersm::ersm::cuda::nvrtc_present() {
+        assert!(
+            std::env::var("ERSM_REQUIRE_NVRTC").as_deref() != Ok("1"),
+            "NVRTC is required (ERSM_REQUIRE_NVRTC=1) but libnvrtc cannot be loaded"
+        );
+        println!("SKIPPED: no NVRTC (pip install nvidia-cuda-nvrtc-cu12)");
+        return;
+    }
+    // Xavier, Orin, and the x86 GPUs targets/gpu-check.sh runs on.
+    for arch in ["compute_72", "compute_87", "compute_80", "compute_90"] {
+        let ptx = ersm::ersm::cuda::compile_source(KERNEL_SRC, "sparse suffix", arch)
+            .unwrap_or_else(|e| panic!("{arch}: {e}"));
+        let text = ptx.to_src();
+        for k in Kernel::ALL {
+            assert!(
+                text.contains(&format!(".entry {}(", k.name())),
+                "{arch}: no entry {}",
+                k.name()
+            );
+        }
+    }
+}
