@@ -31,6 +31,10 @@ resumes from it. The runs in REPORT.md (logs in runs/; 1.5-2.5 s a step on 2 cor
     python3 finetune.py --data /tmp/data --semantics zero --masks head --ratio 1.0 --beta 0.1 --shift 1.0 \\
         --head-steps 150 --steps 900 --tune bn --lr 1e-3 --pull 0.05 --full 0.2 --eval-every 150 \\
         --ckpt /tmp/run4/ckpt.pt --log runs/run4.jsonl
+    # run 5: run 3 continued on fresh views, one thread (stopped after step 600)
+    python3 finetune.py --data /tmp/data --semantics zero --masks head --ratio 1.0 --beta 0.1 --shift 1.0 \\
+        --steps 2400 --lr 5e-5 --pull 0.05 --full 0.2 --eval-every 300 --init /tmp/run3.pt --seed 5 \\
+        --threads 1 --ckpt /tmp/run5/ckpt.pt --log runs/run5.jsonl
     python3 export.py --data /tmp/data --ckpt /tmp/run2.pt --out /tmp/run2_pkg --offsets=-1,-0.5,0,0.5,1
 """
 
