@@ -3,6 +3,9 @@
 //! Data flows one way: `source` → `preprocess` → `prefix` (tract, dense) →
 //! `ersm` (energies, keep, gather) → `sparse` (suffix on kept tokens) → `report`.
 //! `model` loads a package and cuts it into those parts; `pipeline` wires them.
+//! `run` drives a stream through the pipeline; at its end `report` summarises
+//! and `live` (viewer, MJPEG, metrics, RTP/RTSP) shows it while it goes on.
+//! `sparse::gpu` runs the suffix on a GPU.
 
 pub mod caption;
 pub mod capture;

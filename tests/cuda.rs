@@ -1,5 +1,11 @@
 //! The CUDA energy layer: the kernel compiles for every Jetson architecture
 //! (with NVRTC alone, no GPU), and where a GPU exists it matches the CPU path.
+//! The sparse suffix on the GPU is in `cuda/suffix.rs` (one test binary for
+//! both: each integration test binary costs a link of the whole runtime).
+
+mod common;
+#[path = "cuda/suffix.rs"]
+mod suffix;
 
 use ersm::ersm::cuda::{self, CudaBackend};
 use ersm::ersm::{cpu, Device, DeviceChoice, EnergySpec, FeatureMap, Neighbourhood, UnaryHead};

@@ -2,6 +2,9 @@
 //! ending, per-frame records and overlays. Uses the small test model.
 
 mod common;
+/// `--output`: the live view, metrics and streams (in this binary to save a link).
+#[path = "run/live.rs"]
+mod live;
 
 use std::io::Write;
 use std::path::{Path, PathBuf};

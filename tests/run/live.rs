@@ -4,8 +4,7 @@
 //! Ctrl-C, and the RTP stream through ffmpeg. Uses the small test model on
 //! the bundled clip, looped.
 
-mod common;
-
+use crate::common;
 use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{TcpListener, TcpStream, UdpSocket};

@@ -10,9 +10,7 @@
 //! lifetimes. What that cannot check (the GPU's own memory and timing) needs
 //! the GPU run of `targets/gpu-check.sh`.
 
-mod common;
-
-use common::*;
+use crate::common::*;
 use ersm::model::ModelPackage;
 use ersm::sparse::gpu::cuda::CudaDevice;
 use ersm::sparse::gpu::{Device, GpuSuffix, Kernel, Params, BLOCK, KERNEL_SRC};
