@@ -204,6 +204,29 @@ impl Pipeline {
         let t = Instant::now();
         let cut = &self.model.cut;
         let fmap = FeatureMap::new(&features, cut.c, cut.h, cut.w)?;
+        if let (Device::Cuda(backend), Some(gpu)) = (&self.device, &self.gpu_suffix) {
+            // Energy kernel and suffix both on the GPU: the gathered rows go
+            // from one to the other in device memory.
+            let mut suffix_started = Instant::now();
+            let (mask, out) = backend
+                .compute_on_device(fmap, &self.model.energy, |rows, mask| {
+                    suffix_started = Instant::now();
+                    // SAFETY: `rows` holds the kernel's `kept × C` gathered
+                    // values, finished and locked for this call.
+                    unsafe { gpu.run_at(&self.model.plan, &mask.kept, rows) }
+                })
+                .context("energy layer")?;
+            times.ersm = (suffix_started - t).as_secs_f64() * 1e3;
+            let (value, frame) = out.context("sparse suffix (GPU)")?;
+            let mut logits = value.to_dense(&frame.sets).1;
+            ensure_finite(&logits, "sparse suffix's logits")?;
+            let unsure = self.unsure(&logits);
+            if unsure {
+                logits = self.dense_logits(&features).context("fallback")?;
+            }
+            times.suffix = ms(suffix_started);
+            return Ok((logits, mask, times, unsure));
+        }
         let mut mask = self
             .device
             .compute(fmap, &self.model.energy)

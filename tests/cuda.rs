@@ -214,3 +214,41 @@ fn cuda_keeps_lowest_token_when_none_is_negative() {
         cpu::compute(fm, &spec).unwrap().kept
     );
 }
+
+/// The whole ERSM path with `--device cuda`: the energy kernel hands its
+/// gathered rows to the GPU suffix in device memory. Same kept sets and
+/// logits within 1e-3 of the CPU pipeline on the bundled photos.
+#[test]
+fn gpu_pipeline_matches_the_cpu_pipeline_on_the_shipped_model() {
+    use ersm::model::ModelPackage;
+    use ersm::pipeline::Pipeline;
+    if gpu().is_none() {
+        return;
+    }
+    let load = || ModelPackage::load("models/mobilenet_v2_ersm").unwrap();
+    let cpu = Pipeline::new(load(), Device::Cpu);
+    let on_gpu =
+        Pipeline::new(load(), Device::select(DeviceChoice::Cuda).unwrap()).with_gpu_suffix();
+    assert!(
+        on_gpu.gpu_suffix.is_some(),
+        "the shipped model's suffix did not lower"
+    );
+    for name in ["chelsea.png", "coffee.png", "astronaut.png", "rocket.jpg"] {
+        let frame =
+            ersm::source::images::load(std::path::Path::new(&format!("models/images/{name}")))
+                .unwrap();
+        let a = cpu.run_ersm(&frame).unwrap();
+        let b = on_gpu.run_ersm(&frame).unwrap();
+        assert_eq!(a.mask.kept, b.mask.kept, "{name}: kept sets differ");
+        let scale = a.logits.iter().fold(0.0f32, |m, v| m.max(v.abs()));
+        let err = a
+            .logits
+            .iter()
+            .zip(&b.logits)
+            .fold(0.0f32, |m, (x, y)| m.max((x - y).abs()));
+        assert!(
+            err <= 1e-3 * scale,
+            "{name}: logits differ by {err} (scale {scale})"
+        );
+    }
+}

@@ -283,6 +283,30 @@ impl CudaBackend {
 
     /// The energy layer for one frame.
     pub fn compute(&self, x: FeatureMap<'_>, spec: &EnergySpec) -> Result<TokenMask, CudaError> {
+        Ok(self.launch_and_read(x, spec, true, |_, _| ())?.0)
+    }
+
+    /// The energy layer for one frame with the gathered rows left on the
+    /// device: `then` gets their device address (valid only during the call)
+    /// and the mask (whose `features` are empty), and its result is returned
+    /// beside the mask. Only the count, the kept indices and the energies
+    /// come back to the host.
+    pub fn compute_on_device<R>(
+        &self,
+        x: FeatureMap<'_>,
+        spec: &EnergySpec,
+        then: impl FnOnce(u64, &TokenMask) -> R,
+    ) -> Result<(TokenMask, R), CudaError> {
+        self.launch_and_read(x, spec, false, then)
+    }
+
+    fn launch_and_read<R>(
+        &self,
+        x: FeatureMap<'_>,
+        spec: &EnergySpec,
+        fetch_rows: bool,
+        then: impl FnOnce(u64, &TokenMask) -> R,
+    ) -> Result<(TokenMask, R), CudaError> {
         let t0 = Instant::now();
         if spec.head.channels() != x.c {
             return Err(CudaError::Input(format!(
@@ -349,7 +373,9 @@ impl CudaBackend {
         b.count.fetch(&self.stream)?;
         b.kept.fetch(&self.stream)?;
         b.energies.fetch(&self.stream)?;
-        b.gathered.fetch(&self.stream)?;
+        if fetch_rows {
+            b.gathered.fetch(&self.stream)?;
+        }
         self.stream.synchronize()?;
         let n = b.count.read(1)?[0] as usize;
         if n == 0 || n > hw {
@@ -358,7 +384,11 @@ impl CudaBackend {
             )));
         }
         let kept = b.kept.read(n)?;
-        let features = b.gathered.read(n * x.c)?;
+        let features = if fetch_rows {
+            b.gathered.read(n * x.c)?
+        } else {
+            Vec::new()
+        };
         let energies = b.energies.read(hw)?;
         if let Some(why) = TokenMask::non_finite(&energies) {
             return Err(CudaError::Input(why));
@@ -367,14 +397,17 @@ impl CudaBackend {
             kernel_ms: start.elapsed_ms(end)?,
             wall_ms: t0.elapsed().as_secs_f64() * 1e3,
         };
-        Ok(TokenMask {
+        let mask = TokenMask {
             h: x.h,
             w: x.w,
             c: x.c,
             energies,
             kept,
             features,
-        })
+        };
+        // The buffers stay locked, so the rows stay put while `then` reads them.
+        let out = then(gp, &mask);
+        Ok((mask, out))
     }
 
     fn buffers(&self, key: (usize, usize, usize)) -> Result<Buffers, CudaError> {

@@ -147,6 +147,12 @@ impl Device for Emulator {
         Ok(HostBuf::new(vec![f32::NAN; n.max(1)].into()))
     }
 
+    unsafe fn copy_from(&self, src: u64, n: usize) -> anyhow::Result<HostBuf> {
+        // SAFETY: the caller promises `n` live values at `src`.
+        let data = unsafe { std::slice::from_raw_parts(src as *const f32, n) };
+        self.upload(data)
+    }
+
     fn ptr(&self, buf: &HostBuf) -> u64 {
         buf.ptr as u64
     }

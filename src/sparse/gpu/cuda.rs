@@ -65,6 +65,18 @@ impl Device for CudaDevice {
         Ok(unsafe { self.stream.alloc::<f32>(n.max(1))? })
     }
 
+    unsafe fn copy_from(&self, src: u64, n: usize) -> Result<CudaSlice<f32>> {
+        let dst = self.alloc(n)?;
+        let dptr = self.ptr(&dst);
+        // SAFETY: both addresses hold `n` f32s of this context (the caller
+        // promises `src`); the copy is ordered on this stream before any
+        // kernel that reads `dst`.
+        unsafe {
+            cudarc::driver::result::memcpy_dtod_async(dptr, src, n * 4, self.stream.cu_stream())?
+        };
+        Ok(dst)
+    }
+
     fn ptr(&self, buf: &CudaSlice<f32>) -> u64 {
         buf.device_ptr(&self.stream).0
     }

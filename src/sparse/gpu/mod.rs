@@ -96,6 +96,13 @@ pub trait Device {
     fn upload(&self, data: &[f32]) -> Result<Self::Buf>;
     /// A buffer of `n` values, contents unspecified.
     fn alloc(&self, n: usize) -> Result<Self::Buf>;
+    /// A buffer holding a copy of the `n` values at device address `src`
+    /// (another component's output, still on the device).
+    ///
+    /// # Safety
+    /// `src` must address `n` live `f32`s of this device, written by work
+    /// that has finished.
+    unsafe fn copy_from(&self, src: u64, n: usize) -> Result<Self::Buf>;
     /// The address kernels use for `buf`.
     fn ptr(&self, buf: &Self::Buf) -> u64;
     /// Runs `kernel` on `threads` threads (blocks of [`BLOCK`]), in order
@@ -314,6 +321,17 @@ impl<D: Device> GpuSuffix<D> {
             self.channels
         );
         let input = self.device.upload(features)?;
+        self.run_device(plan, kept, input)
+    }
+
+    /// Runs the suffix on gathered features another component left in device
+    /// memory (the energy kernel's output): no copy through the host.
+    ///
+    /// # Safety
+    /// `rows` must address `kept.len() × C` live `f32`s of this device.
+    pub unsafe fn run_at(&self, plan: &Plan, kept: &[u32], rows: u64) -> Result<(Value, Frame)> {
+        // SAFETY: as the caller promises.
+        let input = unsafe { self.device.copy_from(rows, kept.len() * self.channels)? };
         self.run_device(plan, kept, input)
     }
 
