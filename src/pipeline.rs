@@ -174,15 +174,13 @@ impl Pipeline {
     /// The sparse suffix's logits for the gathered `rows` of the `kept` tokens
     /// (finite, or an error).
     pub fn sparse_logits(&self, kept: &[u32], rows: Vec<f32>) -> Result<Vec<f32>> {
-        let (out, frame) = match &self.gpu_suffix {
-            Some(g) => g
-                .run(&self.model.plan, kept, &rows)
-                .context("sparse suffix (GPU)")?,
-            None => self.model.plan.run(kept, rows).context("sparse suffix")?,
-        };
-        let logits = out.to_dense(&frame.sets).1;
-        ensure_finite(&logits, "sparse suffix's logits")?;
-        Ok(logits)
+        match &self.gpu_suffix {
+            Some(g) => suffix_logits(
+                g.run(&self.model.plan, kept, &rows)
+                    .context("sparse suffix (GPU)")?,
+            ),
+            None => suffix_logits(self.model.plan.run(kept, rows).context("sparse suffix")?),
+        }
     }
 
     /// The dense baseline's logits for a prefix feature map (finite, or an error).
@@ -204,42 +202,42 @@ impl Pipeline {
         let t = Instant::now();
         let cut = &self.model.cut;
         let fmap = FeatureMap::new(&features, cut.c, cut.h, cut.w)?;
-        if let (Device::Cuda(backend), Some(gpu)) = (&self.device, &self.gpu_suffix) {
+        let (mask, logits, suffix_started) = match (&self.device, &self.gpu_suffix) {
             // Energy kernel and suffix both on the GPU: the gathered rows go
             // from one to the other in device memory.
-            let mut suffix_started = Instant::now();
-            let (mask, out) = backend
-                .compute_on_device(fmap, &self.model.energy, |rows, mask| {
-                    suffix_started = Instant::now();
-                    // SAFETY: `rows` holds the kernel's `kept × C` gathered
-                    // values, finished and locked for this call.
-                    unsafe { gpu.run_at(&self.model.plan, &mask.kept, rows) }
-                })
-                .context("energy layer")?;
-            times.ersm = (suffix_started - t).as_secs_f64() * 1e3;
-            let (value, frame) = out.context("sparse suffix (GPU)")?;
-            let mut logits = value.to_dense(&frame.sets).1;
-            ensure_finite(&logits, "sparse suffix's logits")?;
-            let unsure = self.unsure(&logits);
-            if unsure {
-                logits = self.dense_logits(&features).context("fallback")?;
+            (Device::Cuda(backend), Some(gpu)) => {
+                let mut suffix_started = Instant::now();
+                let (mask, out) = backend
+                    .compute_on_device(fmap, &self.model.energy, |rows, mask| {
+                        suffix_started = Instant::now();
+                        // SAFETY: `rows` holds the kernel's `kept × C` gathered
+                        // values, finished and locked for this call.
+                        unsafe { gpu.run_at(&self.model.plan, &mask.kept, rows) }
+                    })
+                    .context("energy layer")?;
+                times.ersm = (suffix_started - t).as_secs_f64() * 1e3;
+                let logits = suffix_logits(out.context("sparse suffix (GPU)")?)?;
+                (mask, logits, suffix_started)
             }
-            times.suffix = ms(suffix_started);
-            return Ok((logits, mask, times, unsure));
-        }
-        let mut mask = self
-            .device
-            .compute(fmap, &self.model.energy)
-            .context("energy layer")?;
-        times.ersm = ms(t);
-        let t = Instant::now();
-        let mut logits = self.sparse_logits(&mask.kept, std::mem::take(&mut mask.features))?;
+            _ => {
+                let mut mask = self
+                    .device
+                    .compute(fmap, &self.model.energy)
+                    .context("energy layer")?;
+                times.ersm = ms(t);
+                let suffix_started = Instant::now();
+                let logits = self.sparse_logits(&mask.kept, std::mem::take(&mut mask.features))?;
+                (mask, logits, suffix_started)
+            }
+        };
         let unsure = self.unsure(&logits);
-        if unsure {
+        let logits = if unsure {
             // The prefix is shared, so only the baseline's suffix runs again.
-            logits = self.dense_logits(&features).context("fallback")?;
-        }
-        times.suffix = ms(t);
+            self.dense_logits(&features).context("fallback")?
+        } else {
+            logits
+        };
+        times.suffix = ms(suffix_started);
         Ok((logits, mask, times, unsure))
     }
 
@@ -283,6 +281,15 @@ impl Pipeline {
         times.preprocess = pre;
         Ok(DenseResult { logits, times })
     }
+}
+
+/// The logits a suffix run gives, scattered to dense (finite, or an error).
+fn suffix_logits(
+    (out, frame): (crate::sparse::value::Value, crate::sparse::plan::Frame),
+) -> Result<Vec<f32>> {
+    let logits = out.to_dense(&frame.sets).1;
+    ensure_finite(&logits, "sparse suffix's logits")?;
+    Ok(logits)
 }
 
 /// Softmax probability of the top-1 class minus that of the top-2: how sure

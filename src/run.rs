@@ -309,7 +309,9 @@ fn process(
     }
     let keep = e.mask.keep_ratio();
     t.keeps.push(keep);
-    t.macs += m.plan.spent(&e.mask.kept, e.fell_back) as f64;
+    // Token sets per level are derived from the kept list: once a frame.
+    let spent = m.plan.spent(&e.mask.kept, e.fell_back) as f64;
+    t.macs += spent;
     t.fell_back += usize::from(e.fell_back);
     let class = top1(&e.logits);
     let dense_class = d.as_ref().map(|d| top1(&d.logits));
@@ -402,8 +404,7 @@ fn process(
                 dense_label: dense_class.map(|c| m.manifest.label(c)),
                 agree: agrees,
                 fell_back: e.fell_back,
-                suffix_compute: m.plan.spent(&e.mask.kept, e.fell_back) as f64
-                    / m.plan.dense_cost().max(1) as f64,
+                suffix_compute: spent / m.plan.dense_cost().max(1) as f64,
                 warmup: !timed,
             },
             dropped,

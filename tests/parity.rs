@@ -76,16 +76,8 @@ fn tiny_model_energy_masks_equal_dense_masked_reference() {
 #[test]
 fn random_networks_cover_every_op_and_match_reference() {
     let mut used = BTreeSet::new();
-    let shapes = [
-        (9, 9, 8),
-        (7, 12, 6),
-        (16, 5, 4),
-        (4, 4, 8),
-        (11, 11, 6),
-        (6, 17, 4),
-    ];
     for seed in 0..24u64 {
-        let (h, w, c) = shapes[seed as usize % shapes.len()];
+        let (h, w, c) = RANDOM_SHAPES[seed as usize % RANDOM_SHAPES.len()];
         let proto = random_network(seed, h, w, c);
         let suffix_ops: Vec<String> = {
             let g = proto.graph.as_ref().unwrap();

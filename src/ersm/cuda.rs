@@ -91,6 +91,35 @@ pub fn arch_for(major: i32, minor: i32) -> Result<&'static str, CudaError> {
         .ok_or(CudaError::Arch(major, minor))
 }
 
+/// An opened device: its context, compute capability and the NVRTC
+/// architecture to compile for.
+pub struct OpenDevice {
+    pub ctx: Arc<CudaContext>,
+    pub major: i32,
+    pub minor: i32,
+    pub arch: &'static str,
+}
+
+/// Opens device `ordinal`. A missing driver or device is an error, not
+/// cudarc's panic.
+pub fn open_device(ordinal: usize) -> Result<OpenDevice, CudaError> {
+    if !driver_present() {
+        return Err(CudaError::NoDriver);
+    }
+    if CudaContext::device_count()? <= ordinal as i32 {
+        return Err(CudaError::NoDevice(ordinal));
+    }
+    let ctx = CudaContext::new(ordinal)?;
+    let (major, minor) = ctx.compute_capability()?;
+    let arch = arch_for(major, minor)?;
+    Ok(OpenDevice {
+        ctx,
+        major,
+        minor,
+        arch,
+    })
+}
+
 /// Compiles the kernel to PTX for `arch` (e.g. `compute_87`).
 pub fn compile(arch: &'static str) -> Result<Ptx, CudaError> {
     compile_source(KERNEL_SRC, "ERSM", arch)
@@ -239,16 +268,12 @@ impl std::fmt::Debug for CudaBackend {
 impl CudaBackend {
     /// Opens device `ordinal` and compiles the kernel for it.
     pub fn new(ordinal: usize) -> Result<CudaBackend, CudaError> {
-        // cudarc panics when it cannot load libcuda: check first.
-        if !driver_present() {
-            return Err(CudaError::NoDriver);
-        }
-        if CudaContext::device_count()? <= ordinal as i32 {
-            return Err(CudaError::NoDevice(ordinal));
-        }
-        let ctx = CudaContext::new(ordinal)?;
-        let (major, minor) = ctx.compute_capability()?;
-        let arch = arch_for(major, minor)?;
+        let OpenDevice {
+            ctx,
+            major,
+            minor,
+            arch,
+        } = open_device(ordinal)?;
         let module = ctx.load_module(compile(arch)?)?;
         let func = module.load_function(KERNEL_NAME)?;
         let integrated = ctx.attribute(sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_INTEGRATED)?

@@ -143,6 +143,15 @@ struct Shared {
     connections: AtomicUsize,
 }
 
+impl Shared {
+    /// `render` of the statistics, with the process's memory read now.
+    fn read_stats<T>(&self, render: impl FnOnce(&Stats) -> T) -> T {
+        let mut s = self.stats.lock().unwrap_or_else(|e| e.into_inner());
+        s.set_rss_bytes(crate::report::rss_mib() * 1024.0 * 1024.0);
+        render(&s)
+    }
+}
+
 /// A bound listener, not yet serving (bound before the model loads, so a
 /// port in use fails the run at once).
 pub struct Bound {
@@ -394,11 +403,7 @@ fn serve(mut stream: TcpStream, shared: &Shared) -> std::io::Result<()> {
             head,
         ),
         "/metrics" => {
-            let text = {
-                let mut s = shared.stats.lock().unwrap_or_else(|e| e.into_inner());
-                s.set_rss_bytes(crate::report::rss_mib() * 1024.0 * 1024.0);
-                s.prometheus()
-            };
+            let text = shared.read_stats(Stats::prometheus);
             respond(
                 &mut stream,
                 200,
@@ -408,11 +413,7 @@ fn serve(mut stream: TcpStream, shared: &Shared) -> std::io::Result<()> {
             )
         }
         "/status" => {
-            let doc = {
-                let mut s = shared.stats.lock().unwrap_or_else(|e| e.into_inner());
-                s.set_rss_bytes(crate::report::rss_mib() * 1024.0 * 1024.0);
-                s.status()
-            };
+            let doc = shared.read_stats(Stats::status);
             respond(
                 &mut stream,
                 200,

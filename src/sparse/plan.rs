@@ -248,6 +248,16 @@ impl Plan {
         self.cost(&full)
     }
 
+    /// Fails unless `values` gathered features are `kept` rows of the cut's channels.
+    pub fn check_features(&self, kept: usize, values: usize) -> Result<()> {
+        ensure!(
+            values == kept * self.channels,
+            "gathered features hold {values} values, expected {kept} tokens × {} channels",
+            self.channels
+        );
+        Ok(())
+    }
+
     /// Runs the suffix on gathered features (`kept.len() × C`). Returns the
     /// output and the frame (for scattering a token output back to a map).
     pub fn run(&self, kept: &[u32], features: Vec<f32>) -> Result<(Value, Frame)> {
@@ -273,13 +283,7 @@ impl Plan {
         mut times: Option<&mut Vec<f64>>,
     ) -> Result<(Value, Frame)> {
         let ms = |t: std::time::Instant| t.elapsed().as_secs_f64() * 1e3;
-        ensure!(
-            features.len() == kept.len() * self.channels,
-            "gathered features hold {} values, expected {} tokens × {} channels",
-            features.len(),
-            kept.len(),
-            self.channels
-        );
+        self.check_features(kept.len(), features.len())?;
         let t = std::time::Instant::now();
         let frame = self.frame(kept);
         if let Some(times) = times.as_deref_mut() {

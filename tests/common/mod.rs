@@ -289,6 +289,16 @@ pub fn manifest(h: usize, w: usize) -> Manifest {
     }
 }
 
+/// Map shapes (h, w, c) the random networks cycle through, seed by seed.
+pub const RANDOM_SHAPES: [(usize, usize, usize); 6] = [
+    (9, 9, 8),
+    (7, 12, 6),
+    (16, 5, 4),
+    (4, 4, 8),
+    (11, 11, 6),
+    (6, 17, 4),
+];
+
 /// A random ERSM network on a `3 × h × w` input with `c` feature channels,
 /// its suffix a random stack of blocks followed by a random head.
 pub fn random_network(seed: u64, h: usize, w: usize, c: usize) -> pb::ModelProto {

@@ -204,16 +204,8 @@ fn check_everything<D: Device>(make: impl Fn() -> D) {
         let kept = random_kept(&mut rng, tiny.cut.h * tiny.cut.w, p);
         compare(&tiny, &gpu, &x, &kept, &format!("tiny, keep {p}"));
     }
-    let shapes = [
-        (9, 9, 8),
-        (7, 12, 6),
-        (16, 5, 4),
-        (4, 4, 8),
-        (11, 11, 6),
-        (6, 17, 4),
-    ];
     for seed in 0..24u64 {
-        let (h, w, c) = shapes[seed as usize % shapes.len()];
+        let (h, w, c) = RANDOM_SHAPES[seed as usize % RANDOM_SHAPES.len()];
         let m = package(random_network(seed, h, w, c), h, w);
         let gpu = GpuSuffix::new(make(), &m.plan)
             .unwrap_or_else(|e| panic!("random network {seed} does not lower: {e:#}"));

@@ -3,11 +3,10 @@
 //! stream, buffers in device memory.
 
 use super::{Device, Kernel, Params, BLOCK, KERNEL_SRC};
-use crate::ersm::cuda::{arch_for, compile_source, driver_present, CudaError};
+use crate::ersm::cuda::{compile_source, open_device, CudaError, OpenDevice};
 use anyhow::{Context, Result};
 use cudarc::driver::{
-    CudaContext, CudaFunction, CudaSlice, CudaStream, DevicePtr, DeviceRepr, LaunchConfig,
-    PushKernelArg,
+    CudaFunction, CudaSlice, CudaStream, DevicePtr, DeviceRepr, LaunchConfig, PushKernelArg,
 };
 use std::sync::Arc;
 
@@ -25,16 +24,12 @@ pub struct CudaDevice {
 impl CudaDevice {
     /// Opens device `ordinal` and compiles the kernels for it.
     pub fn new(ordinal: usize) -> Result<CudaDevice, CudaError> {
-        // cudarc panics when it cannot load libcuda: check first.
-        if !driver_present() {
-            return Err(CudaError::NoDriver);
-        }
-        if CudaContext::device_count()? <= ordinal as i32 {
-            return Err(CudaError::NoDevice(ordinal));
-        }
-        let ctx = CudaContext::new(ordinal)?;
-        let (major, minor) = ctx.compute_capability()?;
-        let arch = arch_for(major, minor)?;
+        let OpenDevice {
+            ctx,
+            major,
+            minor,
+            arch,
+        } = open_device(ordinal)?;
         let module = ctx.load_module(compile_source(KERNEL_SRC, "sparse suffix", arch)?)?;
         let functions = Kernel::ALL
             .iter()

@@ -313,13 +313,7 @@ impl<D: Device> GpuSuffix<D> {
     /// Runs the suffix on gathered `features` (`kept.len() × C`, host
     /// memory) for the token set `kept`; the result as the CPU plan gives it.
     pub fn run(&self, plan: &Plan, kept: &[u32], features: &[f32]) -> Result<(Value, Frame)> {
-        ensure!(
-            features.len() == kept.len() * self.channels,
-            "gathered features hold {} values, expected {} tokens × {} channels",
-            features.len(),
-            kept.len(),
-            self.channels
-        );
+        plan.check_features(kept.len(), features.len())?;
         let input = self.device.upload(features)?;
         self.run_device(plan, kept, input)
     }
