@@ -781,6 +781,33 @@ fn an_output_path_writes_overlays_and_a_missing_ffmpeg_names_its_package() {
     assert!(white > 200, "no caption text: {white} white pixels");
     std::fs::remove_dir_all(&dir).ok();
 
+    // --output twice, beside --overlay: every one of them gets every frame.
+    let dirs: Vec<PathBuf> = (0..3)
+        .map(|i| std::env::temp_dir().join(format!("ersm-live-multi{i}-{}", std::process::id())))
+        .collect();
+    let names: Vec<String> = dirs
+        .iter()
+        .map(|d| d.to_string_lossy().into_owned())
+        .collect();
+    let o = ersm(&[
+        "--output",
+        &names[0],
+        "--output",
+        &names[1],
+        "--overlay",
+        &names[2],
+        "--max-frames",
+        "3",
+    ])
+    .stdin(Stdio::null())
+    .output()
+    .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    for d in &dirs {
+        assert_eq!(std::fs::read_dir(d).unwrap().count(), 3, "{}", d.display());
+        std::fs::remove_dir_all(d).ok();
+    }
+
     // No ffmpeg on PATH: an RTP output fails before the first frame, naming
     // the package to install.
     let empty = std::env::temp_dir().join(format!("ersm-live-nopath-{}", std::process::id()));
