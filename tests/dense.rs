@@ -6,9 +6,6 @@ use ersm::model::ModelPackage;
 use ersm::pipeline::Pipeline;
 use ersm::prefix::TractNet;
 
-mod common;
-use common::{Builder, Rng};
-
 fn probe(n: usize) -> Vec<f32> {
     // The input export.py gave ONNX Runtime: x[i] = sin(0.01 i).
     (0..n).map(|i| (0.01 * i as f64).sin() as f32).collect()
@@ -90,58 +87,4 @@ fn top1_margin_is_the_softmax_gap() {
     assert!((top1_margin(&[1.0, 0.0, 0.0]) - want).abs() < 1e-6);
     // A NaN logit is never sure.
     assert_eq!(top1_margin(&[f32::NAN, 1.0]), 0.0);
-}
-
-/// ersm's depthwise conv inside tract's plan computes what tract's own
-/// `DepthWiseConv` does: kernel sizes 1 to 5, strides 1 to 3, symmetric and
-/// lopsided padding, odd sizes, a depthwise conv followed by another, with
-/// 1 and 2 threads (the planes split across the pool).
-#[test]
-fn ersm_depthwise_conv_equals_tracts() {
-    let mut rng = Rng::new(7);
-    for case in 0..40 {
-        let c = rng.int(1, 24);
-        let (h, w) = (rng.int(3, 40), rng.int(3, 40));
-        let k = [1, 3, 3, 5][rng.int(0, 3)];
-        let stride = rng.int(1, 3);
-        let pads = [0, 1, 2].map(|_| rng.int(0, k / 2 + 1));
-        let mut b = Builder::new(100 + case);
-        let y = b.conv(
-            "x",
-            c,
-            c,
-            k,
-            stride,
-            [pads[0], pads[1], pads[2], pads[1]],
-            c,
-        );
-        let y = if rng.coin() {
-            b.conv(&y, c, c, 3, 1, [1, 1, 1, 1], c)
-        } else {
-            y
-        };
-        let shape = [1, c, h, w];
-        let proto = b.model(("x", &shape), &y);
-        let what = format!("case {case}: c {c}, {h}x{w}, k {k}, stride {stride}, pads {pads:?}");
-        let ours = TractNet::with_depthwise(&proto, &shape, &what, true).unwrap();
-        let theirs = TractNet::with_depthwise(&proto, &shape, &what, false).unwrap();
-        let x = rng.normals(c * h * w, 1.0);
-        let want = theirs.run(&x).unwrap();
-        let ops: Vec<String> = ours.profile(&x).unwrap().into_iter().map(|o| o.0).collect();
-        assert!(
-            ops.iter().any(|o| o == "ersm.DepthwiseConv"),
-            "{what}: not replaced ({ops:?})"
-        );
-        for threads in [1, 2] {
-            let t = ersm::threads::Threads::new(threads).unwrap();
-            let got = t.install(|| ours.run(&x).unwrap());
-            assert_eq!(ours.output_shape, theirs.output_shape, "{what}");
-            let scale = want.iter().fold(1f32, |m, v| m.max(v.abs()));
-            let d = max_abs_diff(&got, &want);
-            assert!(
-                d <= 1e-5 * scale,
-                "{what}, {threads} threads: max |diff| {d}"
-            );
-        }
-    }
 }

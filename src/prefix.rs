@@ -1,8 +1,6 @@
 //! Dense execution in tract: the prefix before the energy layer, and the dense
 //! baseline's suffix. Each net is optimised once for its fixed input shape.
 
-mod depthwise;
-
 use anyhow::{Context, Result};
 use std::sync::Arc;
 use tract_onnx::pb::ModelProto;
@@ -23,19 +21,6 @@ impl TractNet {
     /// Builds and optimises `proto`, whose first input gets shape `input_shape`
     /// (other inputs keep the shapes the graph declares). `what` names the net in errors.
     pub fn new(proto: &ModelProto, input_shape: &[usize], what: &str) -> Result<TractNet> {
-        // ERSM_TRACT_DEPTHWISE=1 keeps tract's own depthwise conv, to measure it.
-        let ersm_depthwise = !std::env::var("ERSM_TRACT_DEPTHWISE").is_ok_and(|v| v == "1");
-        TractNet::with_depthwise(proto, input_shape, what, ersm_depthwise)
-    }
-
-    /// [`TractNet::new`], choosing the depthwise conv: ersm's (`ersm_depthwise`)
-    /// or tract's `DepthWiseConv`.
-    pub fn with_depthwise(
-        proto: &ModelProto,
-        input_shape: &[usize],
-        what: &str,
-        ersm_depthwise: bool,
-    ) -> Result<TractNet> {
         let mut model = tract_onnx::onnx()
             .model_for_proto_model(proto)
             .with_context(|| format!("{what}: tract could not parse the graph"))?;
@@ -66,10 +51,6 @@ impl TractNet {
                 .context("tract has no conv_nhwc transform")?;
             t.transform(&mut typed)
                 .with_context(|| format!("{what}: channel-last rewrite"))?;
-        }
-        // tract's NCHW depthwise conv is a scalar loop (depthwise.rs).
-        if ersm_depthwise {
-            depthwise::use_in(&mut typed).with_context(|| format!("{what}: depthwise convs"))?;
         }
         let plan = typed
             .into_optimized()
