@@ -299,3 +299,19 @@ class Views:
                 y0, x0 = random.randint(0, SIZE - ch), random.randint(0, SIZE - cw)
                 x[i, :, y0:y0 + ch, x0:x0 + cw] = src[perm[i], :, y0:y0 + ch, x0:x0 + cw]
         return x
+
+
+if __name__ == "__main__":
+    # Writes the held-out photos to a folder, for `ersm eval --images`.
+    import argparse
+
+    ap = argparse.ArgumentParser(description="write the held-out photos as PNG files")
+    ap.add_argument("--data", required=True, help="folder with the extracted packages (above)")
+    ap.add_argument("--out", required=True, help="folder to write them to")
+    args = ap.parse_args()
+    os.makedirs(args.out, exist_ok=True)
+    _, held = load_photos(args.data)
+    for key, im in held:
+        name = os.path.splitext(key.replace("/", "_"))[0] + ".png"
+        im.convert("RGB").save(os.path.join(args.out, name))
+    print(f"{len(held)} held-out photos in {args.out}")

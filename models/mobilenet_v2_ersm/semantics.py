@@ -67,6 +67,11 @@ def downsample(m, rule):
         return out
     if rule == "majority":
         return (F.avg_pool2d(m, 2, 2, ceil_mode=True) >= 0.5).float()
+    if rule == "mean":
+        # Attribution only: on a uniform soft mask it equals `any` and
+        # `centre`, and its gradient reaches the four inputs alike (max-pool's
+        # goes to the first of tied inputs, which would favour even positions).
+        return F.avg_pool2d(m, 2, 2, ceil_mode=True)
     raise ValueError(rule)
 
 
