@@ -67,3 +67,39 @@ fn names_the_cat_and_the_cup() {
         );
     }
 }
+
+/// The package sets a fallback margin (chosen on training views): with it,
+/// a photo whose sparse answer is unsure gets the dense answer, and one that
+/// is sure keeps its sparse answer.
+#[test]
+fn fallback_gives_the_dense_answer_on_unsure_photos() {
+    let p = pipeline()
+        .with_fallback()
+        .expect("the package sets a fallback margin");
+    let margin = p.model.manifest.fallback.as_ref().unwrap().margin;
+    assert!(margin > 0.0 && margin < 1.0, "margin {margin}");
+    let plain = pipeline();
+    let mut fell = 0;
+    for file in std::fs::read_dir("models/images").unwrap() {
+        let path = file.unwrap().path();
+        let Ok(frame) = images::load(&path) else {
+            continue;
+        };
+        let sparse = plain.run_ersm(&frame).unwrap();
+        let dense = plain.run_dense(&frame).unwrap();
+        let got = p.run_ersm(&frame).unwrap();
+        let unsure = ersm::pipeline::top1_margin(&sparse.logits) < margin;
+        assert_eq!(got.fell_back, unsure, "{}", path.display());
+        let want = if unsure {
+            &dense.logits
+        } else {
+            &sparse.logits
+        };
+        assert_eq!(top1(&got.logits), top1(want), "{}", path.display());
+        fell += usize::from(unsure);
+    }
+    assert!(
+        fell > 0,
+        "no bundled photo was unsure: the test would not see a fallback"
+    );
+}
