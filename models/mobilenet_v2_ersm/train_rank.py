@@ -152,7 +152,7 @@ def main():
     offsets = [-1.5, -1.0, -0.5, 0.0, 0.5, 1.0, 1.5]
     if args.eval_only:
         head = EnergyHead(CUT_C) if args.head_kind == "local" else ContextHead(CUT_C, args.head_kind == "wide")
-        head.load_state_dict(torch.load(os.path.join(args.out, f"head-{args.head_kind}.pt")))
+        head.load_state_dict(torch.load(os.path.join(args.out, f"head-{args.head_kind}.pt"), weights_only=True))
         head.eval()
         rows = []
         for rule in ("any", "centre"):
