@@ -20,9 +20,9 @@ import random
 import torch
 
 import data
-from export import choose_margin, dense_logits, margin, summarise
+from export import choice_features, choose_margin, dense_logits, summarise
 from measure_semantics import head_from_onnx
-from semantics import CUT, ZERO, Suffix, dense_macs
+from semantics import ZERO, Suffix, dense_macs
 from train import hard_mask, load_backbone, weights_path
 
 
@@ -56,18 +56,8 @@ def main():
     torch.manual_seed(0)
     teacher = load_backbone(weights_path())
     head = head_from_onnx(os.path.join(args.package, "model.onnx"))
-    train_photos, held, stamps, images = data.training_images(args.data)
-    # The runtime's view of every training photo and clip frame, then augmented
-    # single-scene views (no MixUp) up to --train-views.
-    views = data.Views(images, stamps)
-    tx = [data.runtime_view(im) for im in images]
-    while len(tx) < args.train_views:
-        tx.append(views.one())
-    held_views = data.held_out_views(args.data, held)
-    hx = torch.stack([v for _, v in held_views])
-    with torch.no_grad():
-        tf = torch.cat([teacher.features[:CUT](torch.stack(tx[i:i + 64])) for i in range(0, len(tx), 64)])
-        hf = torch.cat([teacher.features[:CUT](hx[i:i + 64]) for i in range(0, len(hx), 64)])
+    _, held, stamps, images = data.training_images(args.data)
+    tf, hf, _ = choice_features(teacher, args.data, images, stamps, held, args.train_views)
     to = outputs(teacher, head, tf, dense_logits(teacher, tf))
     ho = outputs(teacher, head, hf, dense_logits(teacher, hf))
     t = choose_margin(to, args.target)

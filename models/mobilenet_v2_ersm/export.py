@@ -101,6 +101,23 @@ def choose_margin(o, target):
     return 1.0
 
 
+def choice_features(teacher, root, images, stamps, held, n_train):
+    """Prefix features of the views an operating point is chosen on and of the
+    held-out views: (training features, held-out features, held-out (name, view)
+    pairs). Training views are the runtime's view of every training photo and
+    clip frame, then augmented views (no MixUp: single scenes) up to `n_train`."""
+    views = data.Views(images, stamps)
+    tx = [data.runtime_view(im) for im in images]
+    while len(tx) < n_train:
+        tx.append(views.one())
+    held_views = data.held_out_views(root, held)
+    hx = torch.stack([v for _, v in held_views])
+    with torch.no_grad():
+        tf = torch.cat([teacher.features[:CUT](torch.stack(tx[i:i + 64])) for i in range(0, len(tx), 64)])
+        hf = torch.cat([teacher.features[:CUT](hx[i:i + 64]) for i in range(0, len(hx), 64)])
+    return tf, hf, held_views
+
+
 def export_onnx(prefix_net, net, head, offset, path, stride_rule):
     """prefix → ersm.EnergyMask → suffix, BatchNorm folded by the exporter; or,
     with head None, the plain network (the original: the suffix reads the
@@ -180,17 +197,7 @@ def main():
     student = Student(teacher, sem, calibration_means(teacher, fc), fit_fast_paths(teacher, fc))
     student.load_state_dict(ck["student"])
     student.eval()
-    # Training views for choosing: the runtime's view of every training photo
-    # and clip frame, plus augmented views (no MixUp: single scenes).
-    views = data.Views(images, stamps)
-    tx = [data.runtime_view(im) for im in images]
-    while len(tx) < args.train_views:
-        tx.append(views.one())
-    held_views = data.held_out_views(args.data, held)
-    hx = torch.stack([v for _, v in held_views])
-    with torch.no_grad():
-        tf = torch.cat([teacher.features[:CUT](torch.stack(tx[i:i + 64])) for i in range(0, len(tx), 64)])
-        hf = torch.cat([teacher.features[:CUT](hx[i:i + 64]) for i in range(0, len(hx), 64)])
+    tf, hf, held_views = choice_features(teacher, args.data, images, stamps, held, args.train_views)
     td, hd = dense_logits(teacher, tf), dense_logits(teacher, hf)
     curve, choices = [], []
     for off in [float(v) for v in args.offsets.split(",")]:

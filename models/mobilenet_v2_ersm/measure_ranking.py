@@ -21,7 +21,7 @@ import torch
 
 import data
 from measure_semantics import head_from_onnx
-from semantics import CUT, ZERO, Suffix
+from semantics import CUT, ZERO, Suffix, dense_macs
 from train import load_backbone, weights_path
 
 DELETED = [0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9]
@@ -55,6 +55,20 @@ def mask_ig(suffix, f, target, steps=8):
         (g,) = torch.autograd.grad(s, m)
         total += g[:, 0] / steps
     return total
+
+
+def runner(suffix, f, dense, sem):
+    """mask -> (top-1 agreement with `dense`, mean suffix MAC fraction) on features f."""
+    target = dense.argmax(1)
+    total = dense_macs(suffix.model, f)
+
+    def run(m):
+        with torch.no_grad():
+            res = [suffix.run(f[i:i + 64], m[i:i + 64], sem) for i in range(0, len(f), 64)]
+        logits, macs = torch.cat([r[0] for r in res]), torch.cat([r[1] for r in res])
+        return (logits.argmax(1) == target).float().mean().item(), (macs / total).mean().item()
+
+    return run
 
 
 def keep_top(score, keep):
@@ -106,18 +120,11 @@ def main():
     for rule in ("any", "centre"):
         sem = replace(ZERO, down=rule)
         for name, sc in scores.items():
+            run = runner(suffix, f, dense, sem)
             curve = []
             for d in DELETED:
-                m = keep_top(sc, 1 - d)
-                with torch.no_grad():
-                    out = [suffix.run(f[i:i + 64], m[i:i + 64], sem) for i in range(0, len(f), 64)]
-                logits = torch.cat([o[0] for o in out])
-                macs = torch.cat([o[1] for o in out])
-                curve.append({"deleted": d, "agreement": (logits.argmax(1) == target).float().mean().item(),
-                              "macs": macs.mean().item()})
-            dense_macs = curve[0]["macs"]
-            for p in curve:
-                p["mac_fraction"] = p.pop("macs") / dense_macs
+                agree, macs = run(keep_top(sc, 1 - d))
+                curve.append({"deleted": d, "agreement": agree, "mac_fraction": macs})
             area = sum((a["agreement"] + b["agreement"]) / 2 * (b["deleted"] - a["deleted"])
                        for a, b in zip(curve, curve[1:])) / (DELETED[-1] - DELETED[0])
             rows.append({"rule": rule, "ranking": name, "area": area, "curve": curve})

@@ -119,7 +119,13 @@ class EnergyHead(nn.Module):
     def forward(self, x, offset=0.0):
         # `offset` moves every unary cost: baked into l2's bias, it sets the
         # operating point (higher keeps fewer tokens).
-        u = self.l2(F.relu(self.l1(x))) + offset
+        return self.field(self.unary(x) + offset)
+
+    def unary(self, x):
+        return self.l2(F.relu(self.l1(x)))
+
+    def field(self, u):
+        """Energies and keep probabilities after the mean-field steps."""
         e = u
         q = torch.sigmoid(-u / self.tau)
         for _ in range(self.steps):

@@ -23,9 +23,9 @@ import torch
 import torch.nn.functional as F
 
 import data
-from measure_ranking import DELETED, keep_top, mask_ig
+from measure_ranking import DELETED, keep_top, mask_ig, runner
 from measure_semantics import head_from_onnx
-from semantics import CUT, ZERO, Suffix, dense_macs
+from semantics import CUT, ZERO, Suffix
 import torch.nn as nn
 
 from train import CUT_C, HIDDEN, EnergyHead, hard_mask, load_backbone, weights_path
@@ -60,16 +60,10 @@ class ContextHead(EnergyHead):
             cin = c
         self.l1 = nn.Conv2d(cin + 2 * c, HIDDEN, 1)
 
-    def forward(self, x, offset=0.0):
+    def unary(self, x):
         g = torch.cat([x.mean((2, 3)), x.std((2, 3))], 1)[:, :, None, None].expand(-1, -1, *x.shape[2:])
         h = self.pre(x) if self.wide else x
-        u = self.l2(F.relu(self.l1(torch.cat([h, g], 1)))) + offset
-        e = u
-        q = torch.sigmoid(-u / self.tau)
-        for _ in range(self.steps):
-            e = u + self.lam * F.conv2d(1 - 2 * q, self.nbr, padding=1)
-            q = torch.sigmoid(-e / self.tau)
-        return e, q
+        return self.l2(F.relu(self.l1(torch.cat([h, g], 1))))
 
 
 def features_and_ig(teacher, suffix, xs, batch):
@@ -86,32 +80,31 @@ def features_and_ig(teacher, suffix, xs, batch):
     return torch.cat(fs), torch.cat(igs), torch.cat(dense)
 
 
+def offset_points(run, e, offsets):
+    """Keep, agreement and MACs with the energies `e` (N×H×W) moved by each offset."""
+    points = []
+    for off in offsets:
+        m = hard_mask(e[:, None] + off)
+        agree, macs = run(m)
+        keep = m.flatten(1).mean(1)
+        points.append({"offset": off, "keep_mean": keep.mean().item(), "keep_min": keep.min().item(),
+                       "keep_max": keep.max().item(), "agreement": agree, "mac_fraction": macs})
+    return points
+
+
 def evaluate(suffix, head, f, dense, offsets, sem=ZERO):
     """Deletion in the head's energy order and agreement at each energy offset,
     with suffix MACs, under semantics `sem`."""
-    target = dense.argmax(1)
-    total = dense_macs(suffix.model, f)
     with torch.no_grad():
         e = torch.cat([head(f[i:i + 64])[0] for i in range(0, len(f), 64)])[:, 0]
-    out = {"rule": sem.down, "deletion": [], "deletion_macs": [], "offsets": []}
-
-    def run(m):
-        with torch.no_grad():
-            res = [suffix.run(f[i:i + 64], m[i:i + 64], sem) for i in range(0, len(f), 64)]
-        logits, macs = torch.cat([r[0] for r in res]), torch.cat([r[1] for r in res])
-        return (logits.argmax(1) == target).float().mean().item(), (macs / total).mean().item()
-
+    run = runner(suffix, f, dense, sem)
+    out = {"rule": sem.down, "deletion": [], "deletion_macs": []}
     for d in DELETED:
         agree, macs = run(keep_top(-e, 1 - d))
         out["deletion"].append(agree)
         out["deletion_macs"].append(macs)
     out["area"] = sum((a + b) / 2 * 0.1 for a, b in zip(out["deletion"], out["deletion"][1:])) / 0.9
-    for off in offsets:
-        m = hard_mask(e[:, None] + off)
-        agree, macs = run(m)
-        keep = m.flatten(1).mean(1)
-        out["offsets"].append({"offset": off, "keep_mean": keep.mean().item(), "keep_min": keep.min().item(),
-                               "keep_max": keep.max().item(), "agreement": agree, "mac_fraction": macs})
+    out["offsets"] = offset_points(run, e, offsets)
     return out
 
 
@@ -186,14 +179,8 @@ def main():
     trained = evaluate(suffix, head, hf, hd, offsets)
     print(f"IG head ({args.head_kind}):", json.dumps(trained), flush=True)
     # Oracle ceiling on the same views: the attribution itself as the energy.
-    oracle_e = target_energy(hig, args.share)
-    oracle = {"area": None, "offsets": []}
-    for off in offsets:
-        m = hard_mask(oracle_e[:, None] * 4.0 + off)
-        with torch.no_grad():
-            logits = torch.cat([suffix.run(hf[i:i + 64], m[i:i + 64], ZERO)[0] for i in range(0, len(hf), 64)])
-        oracle["offsets"].append({"offset": off, "keep_mean": m.flatten(1).mean(1).mean().item(),
-                                  "agreement": (logits.argmax(1) == hd.argmax(1)).float().mean().item()})
+    oracle = {"area": None,
+              "offsets": offset_points(runner(suffix, hf, hd, ZERO), target_energy(hig, args.share) * 4.0, offsets)}
     print("oracle (attribution as energy):", json.dumps(oracle), flush=True)
     torch.save(head.state_dict(), os.path.join(args.out, f"head-{args.head_kind}.pt"))
     with open(os.path.join(args.out, f"rank-{args.head_kind}.json"), "w") as fh:
