@@ -736,15 +736,13 @@ fn inspect(a: InspectArgs) -> Result<()> {
         m.cut.c
     );
     println!(
-        "energy     λ = {}, τ = {}, T = {}, {:?}-neighbourhood, {} head",
+        "energy     λ = {}, τ = {}, T = {}, {:?}-neighbourhood, {} head ({:.2} M multiply-adds)",
         e.lambda,
         e.tau,
         e.steps,
         e.neighbourhood,
-        match e.head {
-            ersm::ersm::UnaryHead::Linear { .. } => "linear",
-            ersm::ersm::UnaryHead::TwoLayer { .. } => "two-layer",
-        }
+        e.head.describe(),
+        e.head.macs(m.cut.h, m.cut.w) as f64 / 1e6
     );
     println!(
         "sparse     dropped tokens hold zero; strided layers follow the \"{}\" rule",

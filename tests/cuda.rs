@@ -8,7 +8,11 @@ mod common;
 mod suffix;
 
 use ersm::ersm::cuda::{self, CudaBackend};
-use ersm::ersm::{cpu, Device, DeviceChoice, EnergySpec, FeatureMap, Neighbourhood, UnaryHead};
+use ersm::ersm::{
+    cpu, Device, DeviceChoice, EnergySpec, FeatureMap, HeadConv, Neighbourhood, UnaryHead,
+};
+use std::ffi::{c_void, CString};
+use std::process::Command;
 
 /// Set by CI, where pip's NVRTC wheel is installed: a missing NVRTC is then a failure.
 fn nvrtc_required() -> bool {
@@ -58,7 +62,28 @@ fn specs(rng: &mut Lcg, c: usize) -> Vec<EnergySpec> {
         w2: rng.vec(hidden, 0.5),
         b2: -0.1,
     };
+    // The neighbourhood head's shape: two 3×3 convs (one depthwise, one dense
+    // without ReLU here), then the two-layer head.
+    let conv = UnaryHead::Conv {
+        layers: vec![
+            random_conv(rng, c, c, 3, c, true),
+            random_conv(rng, c, 8, 3, 1, false),
+        ],
+        head: Box::new(UnaryHead::TwoLayer {
+            w1: rng.vec(hidden * 8, 0.5),
+            b1: rng.vec(hidden, 0.2),
+            w2: rng.vec(hidden, 0.5),
+            b2: -0.1,
+        }),
+    };
     vec![
+        EnergySpec {
+            head: conv,
+            lambda: 0.25,
+            tau: 1.0,
+            steps: 2,
+            neighbourhood: Neighbourhood::Four,
+        },
         EnergySpec {
             head: linear.clone(),
             lambda: 0.3,
@@ -88,6 +113,137 @@ fn specs(rng: &mut Lcg, c: usize) -> Vec<EnergySpec> {
             neighbourhood: Neighbourhood::Eight,
         },
     ]
+}
+
+fn random_conv(
+    rng: &mut Lcg,
+    cin: usize,
+    cout: usize,
+    k: usize,
+    groups: usize,
+    relu: bool,
+) -> HeadConv {
+    let fan_in = (cin / groups * k * k) as f32;
+    HeadConv {
+        cin,
+        cout,
+        k,
+        groups,
+        weight: rng.vec(cout * (cin / groups) * k * k, 1.0 / fan_in.sqrt()),
+        bias: rng.vec(cout, 0.1),
+        relu,
+    }
+}
+
+type HeadConvFn = unsafe extern "C" fn(
+    *const f32,
+    i32,
+    i32,
+    i32,
+    *const f32,
+    *const f32,
+    i32,
+    i32,
+    i32,
+    i32,
+    *mut f32,
+    i32,
+    i32,
+);
+
+/// The head's conv kernel source built with the host C++ compiler (it is a
+/// device function of its thread index, without barriers), or None (SKIPPED)
+/// without one.
+fn host_head_conv() -> Option<HeadConvFn> {
+    let dir = std::env::temp_dir().join(format!("ersm-head-conv-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let (src, lib) = (dir.join("head_conv.cc"), dir.join("libheadconv.so"));
+    let wrapper = r#"
+extern "C" void head_conv_host(const float* in, int cin, int H, int W, const float* w,
+                               const float* b, int cout, int k, int groups, int relu,
+                               float* out, int tid, int nthreads) {
+    ersm_head_conv(in, cin, H, W, w, b, cout, k, groups, relu, out, tid, nthreads);
+}
+"#;
+    let text = format!(
+        "#include <math.h>\n#define __device__\n{}{wrapper}",
+        cuda::HEAD_CONV_SRC
+    );
+    std::fs::write(&src, text).unwrap();
+    let cxx = std::env::var("CXX").unwrap_or_else(|_| "c++".into());
+    let out = match Command::new(&cxx)
+        .args(["-std=c++14", "-O2", "-shared", "-fPIC", "-ffp-contract=off"])
+        .arg(&src)
+        .arg("-o")
+        .arg(&lib)
+        .output()
+    {
+        Ok(o) => o,
+        Err(e) => {
+            eprintln!("SKIPPED: no C++ compiler ({cxx}: {e})");
+            return None;
+        }
+    };
+    assert!(
+        out.status.success(),
+        "head_conv.cu does not compile as C++:\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let path = CString::new(lib.to_str().unwrap()).unwrap();
+    // SAFETY: loading the library just built; the symbol has the signature above.
+    unsafe {
+        let h = libc::dlopen(path.as_ptr(), libc::RTLD_NOW | libc::RTLD_LOCAL);
+        assert!(!h.is_null(), "dlopen {}", lib.display());
+        let name = CString::new("head_conv_host").unwrap();
+        let f = libc::dlsym(h, name.as_ptr());
+        assert!(!f.is_null(), "no symbol head_conv_host");
+        std::fs::remove_dir_all(&dir).ok();
+        Some(std::mem::transmute::<*mut c_void, HeadConvFn>(f))
+    }
+}
+
+/// The GPU's head conv (run thread by thread on the host, in 1024-thread
+/// strides as the kernel's one block runs it) gives the CPU's bits.
+#[test]
+fn head_conv_kernel_source_matches_the_cpu_conv_bit_for_bit() {
+    let Some(f) = host_head_conv() else { return };
+    let mut rng = Lcg(11);
+    // Dense, depthwise, grouped; kernels 1, 3, 5; maps smaller than the kernel.
+    let cases = [
+        (32, 32, 3, 1, 28, 28, true),
+        (32, 32, 3, 32, 28, 28, false),
+        (8, 12, 5, 4, 9, 7, true),
+        (5, 3, 1, 1, 1, 13, true),
+        (6, 6, 5, 6, 2, 2, false),
+        (4, 8, 3, 2, 1, 1, true),
+    ];
+    for &(cin, cout, k, groups, h, w, relu) in &cases {
+        let l = random_conv(&mut rng, cin, cout, k, groups, relu);
+        let x = rng.vec(cin * h * w, 2.0);
+        let want = cpu::conv(FeatureMap::new(&x, cin, h, w).unwrap(), &l);
+        let mut got = vec![f32::NAN; cout * h * w];
+        for tid in 0..1024 {
+            // SAFETY: `x`, the weights and `got` hold what the layer indexes.
+            unsafe {
+                f(
+                    x.as_ptr(),
+                    cin as i32,
+                    h as i32,
+                    w as i32,
+                    l.weight.as_ptr(),
+                    l.bias.as_ptr(),
+                    cout as i32,
+                    k as i32,
+                    groups as i32,
+                    i32::from(relu),
+                    got.as_mut_ptr(),
+                    tid,
+                    1024,
+                )
+            };
+        }
+        assert_eq!(got, want, "{cin}→{cout} k{k} g{groups} on {h}×{w}");
+    }
 }
 
 #[test]

@@ -1,15 +1,49 @@
 //! The CPU energy layer against a direct, naive transcription of DESIGN.md's equations.
 
-use ersm::ersm::{cpu, EnergySpec, FeatureMap, Neighbourhood, UnaryHead};
+use ersm::ersm::{cpu, EnergySpec, FeatureMap, HeadConv, Neighbourhood, UnaryHead};
 use proptest::prelude::*;
 
-/// The equations written out as plainly as possible, in f64.
-fn naive(x: &[f32], c: usize, h: usize, w: usize, spec: &EnergySpec) -> (Vec<f64>, Vec<u32>) {
-    let at = |ch: usize, y: usize, xx: usize| x[ch * h * w + y * w + xx] as f64;
+/// The unary head written out as plainly as possible, in f64: `x` is `c × h × w`.
+fn naive_unary(x: &[f64], c: usize, h: usize, w: usize, head: &UnaryHead) -> Vec<f64> {
+    let at = |ch: usize, y: usize, xx: usize| x[ch * h * w + y * w + xx];
     let mut u = vec![0.0f64; h * w];
+    if let UnaryHead::Conv { layers, head } = head {
+        let (mut map, mut cin) = (x.to_vec(), c);
+        for l in layers {
+            let (cin_g, cout_g, r) = (cin / l.groups, l.cout / l.groups, (l.k / 2) as i64);
+            let mut out = vec![0.0f64; l.cout * h * w];
+            for co in 0..l.cout {
+                for y in 0..h as i64 {
+                    for xx in 0..w as i64 {
+                        let mut s = l.bias[co] as f64;
+                        for ci in 0..cin_g {
+                            let ch = co / cout_g * cin_g + ci;
+                            for ky in 0..l.k as i64 {
+                                for kx in 0..l.k as i64 {
+                                    let (iy, ix) = (y + ky - r, xx + kx - r);
+                                    if iy < 0 || ix < 0 || iy >= h as i64 || ix >= w as i64 {
+                                        continue;
+                                    }
+                                    let wt = l.weight[((co * cin_g + ci) * l.k + ky as usize)
+                                        * l.k
+                                        + kx as usize];
+                                    s += wt as f64 * map[(ch * h + iy as usize) * w + ix as usize];
+                                }
+                            }
+                        }
+                        out[(co * h + y as usize) * w + xx as usize] =
+                            if l.relu { s.max(0.0) } else { s };
+                    }
+                }
+            }
+            map = out;
+            cin = l.cout;
+        }
+        return naive_unary(&map, cin, h, w, head);
+    }
     for y in 0..h {
         for xx in 0..w {
-            u[y * w + xx] = match &spec.head {
+            u[y * w + xx] = match head {
                 UnaryHead::Linear { w: wt, b } => {
                     (0..c).map(|ch| wt[ch] as f64 * at(ch, y, xx)).sum::<f64>() + *b as f64
                 }
@@ -24,9 +58,17 @@ fn naive(x: &[f32], c: usize, h: usize, w: usize, spec: &EnergySpec) -> (Vec<f64
                     }
                     s
                 }
+                UnaryHead::Conv { .. } => unreachable!("handled above"),
             };
         }
     }
+    u
+}
+
+/// The equations written out as plainly as possible, in f64.
+fn naive(x: &[f32], c: usize, h: usize, w: usize, spec: &EnergySpec) -> (Vec<f64>, Vec<u32>) {
+    let x64: Vec<f64> = x.iter().map(|&v| v as f64).collect();
+    let u = naive_unary(&x64, c, h, w, &spec.head);
     let sigma = |z: f64| 1.0 / (1.0 + (-z).exp());
     let tau = spec.tau as f64;
     let lambda = spec.lambda as f64;
@@ -67,7 +109,8 @@ fn naive(x: &[f32], c: usize, h: usize, w: usize, spec: &EnergySpec) -> (Vec<f64
     (e, kept)
 }
 
-fn spec_strategy(c: usize) -> impl Strategy<Value = EnergySpec> {
+/// A per-token head (linear or two-layer) reading `c` channels.
+fn token_head(c: usize) -> impl Strategy<Value = UnaryHead> {
     let linear = (prop::collection::vec(-1.0f32..1.0, c), -0.5f32..0.5)
         .prop_map(|(w, b)| UnaryHead::Linear { w, b });
     let two = (1usize..5).prop_flat_map(move |hid| {
@@ -79,8 +122,59 @@ fn spec_strategy(c: usize) -> impl Strategy<Value = EnergySpec> {
         )
             .prop_map(|(w1, b1, w2, b2)| UnaryHead::TwoLayer { w1, b1, w2, b2 })
     });
+    prop_oneof![linear, two]
+}
+
+/// A conv layer reading `cin` channels: dense, depthwise or (when `cin` is
+/// even) two groups; kernel 1, 3 or 5.
+fn head_conv(cin: usize) -> impl Strategy<Value = HeadConv> {
+    let mut groups = vec![1, cin];
+    if cin.is_multiple_of(2) {
+        groups.push(2);
+    }
     (
-        prop_oneof![linear, two],
+        prop::sample::select(groups),
+        prop::sample::select(vec![1usize, 3, 5]),
+        1usize..4,
+        any::<bool>(),
+    )
+        .prop_flat_map(move |(g, k, per_group_out, relu)| {
+            let cout = g * per_group_out;
+            (
+                prop::collection::vec(-0.5f32..0.5, cout * (cin / g) * k * k),
+                prop::collection::vec(-0.5f32..0.5, cout),
+            )
+                .prop_map(move |(weight, bias)| HeadConv {
+                    cin,
+                    cout,
+                    k,
+                    groups: g,
+                    weight,
+                    bias,
+                    relu,
+                })
+        })
+}
+
+/// One or two conv layers, then a per-token head on their output.
+fn conv_head(c: usize) -> impl Strategy<Value = UnaryHead> {
+    head_conv(c).prop_flat_map(|first| {
+        let c1 = first.cout;
+        prop::option::of(head_conv(c1)).prop_flat_map(move |second| {
+            let mut layers = vec![first.clone()];
+            layers.extend(second);
+            let last = layers[layers.len() - 1].cout;
+            token_head(last).prop_map(move |head| UnaryHead::Conv {
+                layers: layers.clone(),
+                head: Box::new(head),
+            })
+        })
+    })
+}
+
+fn spec_strategy(c: usize) -> impl Strategy<Value = EnergySpec> {
+    (
+        prop_oneof![token_head(c), conv_head(c)],
         0.0f32..1.0,
         0.2f32..3.0,
         0u32..5,

@@ -597,3 +597,98 @@ fn too_many_channels_at_the_cut_are_refused() {
         ],
     );
 }
+
+/// Puts `convs` 3×3 conv layers (24 → 24 channels, weights `dims`) ahead of
+/// the tiny model's linear unary head.
+fn with_head_convs(p: &mut ModelProto, convs: usize, dims: &[i64]) {
+    let g = p.graph.as_mut().unwrap();
+    for i in 0..convs {
+        for (name, d) in [
+            (format!("ersm.conv{i}.w"), dims.to_vec()),
+            (format!("ersm.conv{i}.b"), vec![dims[0]]),
+        ] {
+            let len: i64 = d.iter().product();
+            g.initializer.push(tract_onnx::pb::TensorProto {
+                name: name.clone(),
+                dims: d,
+                data_type: 1,
+                float_data: vec![0.01; len as usize],
+                ..Default::default()
+            });
+        }
+    }
+    let node = energy_node(p);
+    let mut inputs = vec![node.input[0].clone()];
+    for i in 0..convs {
+        inputs.push(format!("ersm.conv{i}.w"));
+        inputs.push(format!("ersm.conv{i}.b"));
+    }
+    inputs.extend(node.input[1..].iter().cloned());
+    node.input = inputs;
+    set_attr(node, "convs", None, Some(convs as i64));
+}
+
+#[test]
+fn a_unary_head_with_conv_layers_loads() {
+    let mut proto = read_onnx(&Path::new(TINY).join("model.onnx")).unwrap();
+    with_head_convs(&mut proto, 2, &[24, 24, 3, 3]);
+    let dir = scratch("conv-head");
+    std::fs::write(dir.join("model.onnx"), proto.encode_to_vec()).unwrap();
+    let m = ModelPackage::load(&dir).unwrap();
+    let (h, w) = (m.cut.h, m.cut.w);
+    assert_eq!(
+        m.energy.head.describe(),
+        "3×3 conv 24→24, 3×3 conv 24→24, then linear"
+    );
+    // Two 3×3 convs of 24 channels and the 24-weight linear head per token.
+    assert_eq!(
+        m.energy.head.macs(h, w),
+        ((2 * 24 * 24 * 9 + 24) * h * w) as u64
+    );
+}
+
+#[test]
+fn bad_unary_head_convs_are_refused_by_name() {
+    let cases: [(&str, usize, Vec<i64>, &str); 4] = [
+        ("even", 1, vec![24, 24, 2, 2], "conv 0 weight"),
+        (
+            "flat",
+            1,
+            vec![24, 24],
+            "must be a constant [Cout, 24 / groups, k, k]",
+        ),
+        ("groups", 1, vec![24, 5, 3, 3], "conv 0 weight"),
+        (
+            "head",
+            1,
+            vec![16, 24, 3, 3],
+            "unary weight has 24 values, the head's input has 16 channels",
+        ),
+    ];
+    for (name, convs, dims, msg) in cases {
+        let err = load_modified(&format!("conv-{name}"), |p| {
+            with_head_convs(p, convs, &dims)
+        });
+        assert_contains(&err, &["EnergyMask node 'ersm'", msg]);
+    }
+    let err = load_modified("conv-count", |p| {
+        with_head_convs(p, 1, &[24, 24, 3, 3]);
+        set_attr(energy_node(p), "convs", None, Some(2));
+    });
+    assert_contains(
+        &err,
+        &[
+            "EnergyMask node 'ersm'",
+            "conv 1 weight (input 3, 'ersm.w')",
+        ],
+    );
+    let err = load_modified("conv-inputs", |p| {
+        with_head_convs(p, 1, &[24, 24, 3, 3]);
+        energy_node(p).input.pop();
+    });
+    assert_contains(&err, &["with 1 conv layers, expected 5 inputs"]);
+    let err = load_modified("conv-many", |p| {
+        set_attr(energy_node(p), "convs", None, Some(9))
+    });
+    assert_contains(&err, &["convs must be between 0 and 8"]);
+}

@@ -1,7 +1,8 @@
 //! Exact CPU implementation of the energy layer (DESIGN.md, "ERSM, precisely").
 
-use super::{EnergySpec, FeatureMap, TokenMask, UnaryHead};
+use super::{EnergySpec, FeatureMap, HeadConv, TokenMask, UnaryHead};
 use anyhow::{bail, Result};
+use rayon::prelude::*;
 
 /// Unary costs `u_i` for every token, raster order.
 ///
@@ -39,7 +40,78 @@ pub fn unary(x: FeatureMap<'_>, head: &UnaryHead) -> Vec<f32> {
             u.iter_mut().for_each(|ui| *ui += b2);
             u
         }
+        UnaryHead::Conv { layers, head } => {
+            let mut map = x.data.to_vec();
+            let mut c = x.c;
+            for l in layers {
+                map = conv(
+                    FeatureMap {
+                        data: &map,
+                        c,
+                        h: x.h,
+                        w: x.w,
+                    },
+                    l,
+                );
+                c = l.cout;
+            }
+            unary(
+                FeatureMap {
+                    data: &map,
+                    c,
+                    h: x.h,
+                    w: x.w,
+                },
+                head,
+            )
+        }
     }
+}
+
+/// One conv layer of a unary head over the whole map (NCHW in, NCHW out).
+///
+/// Each output sums its taps in the order input channel, kernel row, kernel
+/// column, then adds the bias: the order the CUDA kernel uses, so both give
+/// the same bits. Output planes are independent, so they run in parallel.
+pub fn conv(x: FeatureMap<'_>, l: &HeadConv) -> Vec<f32> {
+    let (h, w, hw) = (x.h, x.w, x.h * x.w);
+    let (k, r) = (l.k, l.k / 2);
+    let (cin_g, cout_g) = (l.cin / l.groups, l.cout / l.groups);
+    let mut out = vec![0.0f32; l.cout * hw];
+    out.par_chunks_mut(hw).enumerate().for_each(|(co, plane)| {
+        let g = co / cout_g;
+        for ci in 0..cin_g {
+            let input = &x.data[(g * cin_g + ci) * hw..][..hw];
+            let taps = &l.weight[(co * cin_g + ci) * k * k..][..k * k];
+            for ky in 0..k {
+                // Output rows whose input row y + ky - r is inside the map.
+                let (y0, y1) = (r.saturating_sub(ky), (h + r).saturating_sub(ky).min(h));
+                for kx in 0..k {
+                    let wt = taps[ky * k + kx];
+                    let (x0, x1) = (r.saturating_sub(kx), (w + r).saturating_sub(kx).min(w));
+                    if x0 >= x1 {
+                        continue;
+                    }
+                    for y in y0..y1 {
+                        let iy = y + ky - r;
+                        let o = &mut plane[y * w + x0..y * w + x1];
+                        let i = &input[iy * w + x0 + kx - r..iy * w + x1 + kx - r];
+                        for (ov, &iv) in o.iter_mut().zip(i) {
+                            *ov += wt * iv;
+                        }
+                    }
+                }
+            }
+        }
+        let b = l.bias[co];
+        for v in plane.iter_mut() {
+            *v += b;
+            if l.relu {
+                *v = v.max(0.0);
+            }
+        }
+    });
+    out
 }
 
 /// `σ(−e/τ)`: the probability of keeping a token of energy `e`.

@@ -13,8 +13,14 @@ use cudarc::nvrtc::{CompileError, CompileOptions, Ptx};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
-/// The kernel source, embedded in the binary.
-pub const KERNEL_SRC: &str = include_str!("kernels/ersm.cu");
+/// The kernel source, embedded in the binary: the head's conv layer, then the
+/// energy kernel that calls it.
+pub const KERNEL_SRC: &str = concat!(
+    include_str!("kernels/head_conv.cu"),
+    include_str!("kernels/ersm.cu")
+);
+/// The head's conv layer alone (a device function the host compiler builds too).
+pub const HEAD_CONV_SRC: &str = include_str!("kernels/head_conv.cu");
 /// The kernel's entry point.
 pub const KERNEL_NAME: &str = "ersm_energy_gather";
 /// Threads of the single block (must match `ERSM_THREADS` in the source).
@@ -223,10 +229,15 @@ impl<T: cudarc::driver::DeviceRepr + cudarc::driver::ValidAsZeroBits + Copy> Mem
 
 /// Buffers sized for one map shape and head.
 struct Buffers {
-    key: (usize, usize, usize),
+    key: (usize, usize, usize, usize),
     x: Mem<f32>,
     head: Mem<f32>,
     head_values: Vec<f32>,
+    /// `{cout, k, groups, relu}` per conv layer of the head.
+    convs: Mem<i32>,
+    conv_values: Vec<i32>,
+    /// Two halves the head's conv layers ping-pong between.
+    conv_scratch: Mem<f32>,
     energies: Mem<f32>,
     scratch: Mem<f32>,
     kept: Mem<u32>,
@@ -340,20 +351,24 @@ impl CudaBackend {
                 x.c
             )));
         }
-        let (head_values, hidden) = pack_head(&spec.head);
+        let packed = pack_head(&spec.head);
         let hw = x.h * x.w;
-        let key = (hw, x.c, head_values.len());
+        let key = (hw, x.c, packed.values.len(), packed.widest * hw);
         let mut guard = self.buffers.lock().expect("buffer lock");
         if guard.as_ref().is_none_or(|b| b.key != key) {
             *guard = Some(self.buffers(key)?);
         }
         let b = guard.as_mut().expect("just set");
-        if b.head_values != head_values {
-            b.head.upload(&self.stream, &head_values)?;
-            b.head_values = head_values;
+        if b.head_values != packed.values || b.conv_values != packed.convs {
+            b.head.upload(&self.stream, &packed.values)?;
+            b.convs.upload(&self.stream, &packed.convs)?;
+            b.head_values = packed.values;
+            b.conv_values = packed.convs;
         }
         b.x.upload(&self.stream, x.data)?;
         let (start, end) = (&b.start, &b.end);
+        let (cvp, csp) = (b.convs.ptr(&self.stream), b.conv_scratch.ptr(&self.stream));
+        let nconv = (b.conv_values.len() / 4) as i32;
         let (xp, hp, ep, sp, kp, gp, cp) = (
             b.x.ptr(&self.stream),
             b.head.ptr(&self.stream),
@@ -365,7 +380,7 @@ impl CudaBackend {
         );
         let (c, h, w) = (x.c as i32, x.h as i32, x.w as i32);
         let (hidden, steps, eight) = (
-            hidden as i32,
+            packed.hidden as i32,
             spec.steps as i32,
             i32::from(spec.neighbourhood == super::Neighbourhood::Eight),
         );
@@ -382,7 +397,10 @@ impl CudaBackend {
             .arg(&h)
             .arg(&w)
             .arg(&hp)
-            .arg(&hidden);
+            .arg(&hidden)
+            .arg(&cvp)
+            .arg(&nconv)
+            .arg(&csp);
         launch
             .arg(&spec.lambda)
             .arg(&spec.tau)
@@ -435,8 +453,8 @@ impl CudaBackend {
         Ok((mask, out))
     }
 
-    fn buffers(&self, key: (usize, usize, usize)) -> Result<Buffers, CudaError> {
-        let (hw, c, head) = key;
+    fn buffers(&self, key: (usize, usize, usize, usize)) -> Result<Buffers, CudaError> {
+        let (hw, c, head, conv_half) = key;
         let m = self.integrated;
         let (ctx, s) = (&self.ctx, &self.stream);
         Ok(Buffers {
@@ -444,6 +462,9 @@ impl CudaBackend {
             x: Mem::new(ctx, s, m, hw * c)?,
             head: Mem::new(ctx, s, m, head)?,
             head_values: Vec::new(),
+            convs: Mem::new(ctx, s, m, 4 * super::MAX_HEAD_CONVS)?,
+            conv_values: Vec::new(),
+            conv_scratch: Mem::new(ctx, s, m, 2 * conv_half)?,
             energies: Mem::new(ctx, s, m, hw)?,
             scratch: Mem::new(ctx, s, m, 2 * hw)?,
             kept: Mem::new(ctx, s, m, hw)?,
@@ -455,18 +476,56 @@ impl CudaBackend {
     }
 }
 
-/// The head's parameters in the kernel's layout, and its hidden width (0 = linear).
-fn pack_head(head: &UnaryHead) -> (Vec<f32>, usize) {
+/// The head in the kernel's layout.
+struct PackedHead {
+    /// Conv weights and biases, then the per-token head's parameters.
+    values: Vec<f32>,
+    /// The per-token head's hidden width (0 = linear).
+    hidden: usize,
+    /// `{cout, k, groups, relu}` per conv layer.
+    convs: Vec<i32>,
+    /// The largest conv output, in channels (0 without convs).
+    widest: usize,
+}
+
+/// The head's parameters in the kernel's layout.
+fn pack_head(head: &UnaryHead) -> PackedHead {
     match head {
-        UnaryHead::Linear { w, b } => (w.iter().copied().chain([*b]).collect(), 0),
-        UnaryHead::TwoLayer { w1, b1, w2, b2 } => (
-            w1.iter()
+        UnaryHead::Linear { w, b } => PackedHead {
+            values: w.iter().copied().chain([*b]).collect(),
+            hidden: 0,
+            convs: Vec::new(),
+            widest: 0,
+        },
+        UnaryHead::TwoLayer { w1, b1, w2, b2 } => PackedHead {
+            values: w1
+                .iter()
                 .chain(b1)
                 .chain(w2)
                 .copied()
                 .chain([*b2])
                 .collect(),
-            b1.len(),
-        ),
+            hidden: b1.len(),
+            convs: Vec::new(),
+            widest: 0,
+        },
+        UnaryHead::Conv { layers, head } => {
+            let inner = pack_head(head);
+            let mut values: Vec<f32> = layers
+                .iter()
+                .flat_map(|l| l.weight.iter().chain(&l.bias))
+                .copied()
+                .collect();
+            values.extend(inner.values);
+            PackedHead {
+                values,
+                hidden: inner.hidden,
+                convs: layers
+                    .iter()
+                    .flat_map(|l| [l.cout, l.k, l.groups, usize::from(l.relu)].map(|v| v as i32))
+                    .collect(),
+                widest: layers.iter().map(|l| l.cout).max().unwrap_or(0),
+            }
+        }
     }
 }

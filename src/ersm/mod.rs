@@ -34,6 +34,55 @@ impl Neighbourhood {
     }
 }
 
+/// Most conv layers a unary head may have.
+pub const MAX_HEAD_CONVS: usize = 8;
+
+/// One conv layer ahead of a per-token unary head: stride 1, a `k × k`
+/// kernel with zero padding `k / 2` (the map keeps its size), `groups` groups.
+#[derive(Clone, Debug, PartialEq)]
+pub struct HeadConv {
+    /// Input channels.
+    pub cin: usize,
+    /// Output channels.
+    pub cout: usize,
+    /// Kernel side (odd).
+    pub k: usize,
+    /// Channel groups (1: dense; `cin`: depthwise).
+    pub groups: usize,
+    /// `cout × (cin / groups) × k × k`, row-major (ONNX's Conv layout).
+    pub weight: Vec<f32>,
+    /// `cout` values.
+    pub bias: Vec<f32>,
+    /// ReLU after the bias.
+    pub relu: bool,
+}
+
+impl HeadConv {
+    /// Multiply-adds for an `h × w` map.
+    pub fn macs(&self, h: usize, w: usize) -> u64 {
+        (self.cout * (self.cin / self.groups) * self.k * self.k * h * w) as u64
+    }
+
+    fn validate(&self) -> Result<()> {
+        let (cin, cout, k, g) = (self.cin, self.cout, self.k, self.groups);
+        if cin == 0 || cout == 0 || k.is_multiple_of(2) || g == 0 {
+            bail!("conv layer {cin}→{cout}, kernel {k}, groups {g}: channels and groups must be > 0 and the kernel odd");
+        }
+        if !cin.is_multiple_of(g) || !cout.is_multiple_of(g) {
+            bail!("conv layer {cin}→{cout}: {g} groups do not divide the channels");
+        }
+        if self.weight.len() != cout * (cin / g) * k * k || self.bias.len() != cout {
+            bail!(
+                "conv layer {cin}→{cout}, kernel {k}, groups {g}: weight has {} values (expected {}), bias {} (expected {cout})",
+                self.weight.len(),
+                cout * (cin / g) * k * k,
+                self.bias.len()
+            );
+        }
+        Ok(())
+    }
+}
+
 /// The learned unary cost `u_i` of a token's feature vector.
 #[derive(Clone, Debug, PartialEq)]
 pub enum UnaryHead {
@@ -46,6 +95,13 @@ pub enum UnaryHead {
         w2: Vec<f32>,
         b2: f32,
     },
+    /// Conv layers over the whole token map, then a per-token head (`Linear`
+    /// or `TwoLayer`) on their output: a unary cost that reads a token's
+    /// neighbourhood, not the token alone.
+    Conv {
+        layers: Vec<HeadConv>,
+        head: Box<UnaryHead>,
+    },
 }
 
 impl UnaryHead {
@@ -54,6 +110,92 @@ impl UnaryHead {
         match self {
             UnaryHead::Linear { w, .. } => w.len(),
             UnaryHead::TwoLayer { w1, b1, .. } => w1.len() / b1.len().max(1),
+            UnaryHead::Conv { layers, head } => layers.first().map_or(head.channels(), |l| l.cin),
+        }
+    }
+
+    /// What the head is, for listings: "linear", "two-layer", or its convs then that.
+    pub fn describe(&self) -> String {
+        match self {
+            UnaryHead::Linear { .. } => "linear".into(),
+            UnaryHead::TwoLayer { .. } => "two-layer".into(),
+            UnaryHead::Conv { layers, head } => {
+                let convs: Vec<String> = layers
+                    .iter()
+                    .map(|l| {
+                        let kind = if l.groups == 1 {
+                            ""
+                        } else if l.groups == l.cin {
+                            " depthwise"
+                        } else {
+                            " grouped"
+                        };
+                        format!("{0}×{0}{kind} conv {1}→{2}", l.k, l.cin, l.cout)
+                    })
+                    .collect();
+                format!("{}, then {}", convs.join(", "), head.describe())
+            }
+        }
+    }
+
+    /// Multiply-adds of the head for an `h × w` map (the energy layer's cost
+    /// beside the suffix's).
+    pub fn macs(&self, h: usize, w: usize) -> u64 {
+        let hw = (h * w) as u64;
+        match self {
+            UnaryHead::Linear { w, .. } => w.len() as u64 * hw,
+            UnaryHead::TwoLayer { w1, w2, .. } => (w1.len() + w2.len()) as u64 * hw,
+            UnaryHead::Conv { layers, head } => {
+                layers.iter().map(|l| l.macs(h, w)).sum::<u64>() + head.macs(h, w)
+            }
+        }
+    }
+
+    fn validate(&self) -> Result<()> {
+        match self {
+            UnaryHead::Linear { .. } => Ok(()),
+            UnaryHead::TwoLayer { w1, b1, w2, .. } => {
+                if b1.is_empty() || !w1.len().is_multiple_of(b1.len()) || w2.len() != b1.len() {
+                    bail!(
+                        "two-layer unary head has inconsistent shapes: W1 {} values, b1 {}, w2 {}",
+                        w1.len(),
+                        b1.len(),
+                        w2.len()
+                    );
+                }
+                Ok(())
+            }
+            UnaryHead::Conv { layers, head } => {
+                if layers.is_empty() || layers.len() > MAX_HEAD_CONVS {
+                    bail!(
+                        "conv unary head has {} conv layers, expected 1 to {MAX_HEAD_CONVS}",
+                        layers.len()
+                    );
+                }
+                if matches!(**head, UnaryHead::Conv { .. }) {
+                    bail!("conv unary head: the per-token head after the convs cannot itself be a conv head");
+                }
+                for (i, l) in layers.iter().enumerate() {
+                    l.validate()
+                        .with_context(|| format!("unary head conv {i}"))?;
+                    if i > 0 && l.cin != layers[i - 1].cout {
+                        bail!(
+                            "unary head conv {i} reads {} channels, conv {} gives {}",
+                            l.cin,
+                            i - 1,
+                            layers[i - 1].cout
+                        );
+                    }
+                }
+                let last = layers[layers.len() - 1].cout;
+                if head.channels() != last {
+                    bail!(
+                        "unary head: the per-token head reads {} channels, the last conv gives {last}",
+                        head.channels()
+                    );
+                }
+                head.validate()
+            }
         }
     }
 }
@@ -82,17 +224,7 @@ impl EnergySpec {
         if !(self.tau > 0.0 && self.tau.is_finite()) {
             bail!("tau must be a finite number > 0, got {}", self.tau);
         }
-        if let UnaryHead::TwoLayer { w1, b1, w2, .. } = &self.head {
-            if b1.is_empty() || !w1.len().is_multiple_of(b1.len()) || w2.len() != b1.len() {
-                bail!(
-                    "two-layer unary head has inconsistent shapes: W1 {} values, b1 {}, w2 {}",
-                    w1.len(),
-                    b1.len(),
-                    w2.len()
-                );
-            }
-        }
-        Ok(())
+        self.head.validate()
     }
 }
 

@@ -1,7 +1,7 @@
 //! The `ersm.EnergyMask` node: finding it and reading its weights and attributes.
 
-use super::onnx::{attr_f32, attr_i64, attr_str, label, Constants};
-use crate::ersm::{EnergySpec, Neighbourhood, UnaryHead};
+use super::onnx::{attr_f32, attr_i64, attr_ints, attr_str, label, Constants};
+use crate::ersm::{EnergySpec, HeadConv, Neighbourhood, UnaryHead};
 use crate::sparse::StrideRule;
 use anyhow::{bail, Context, Result};
 use tract_onnx::pb::NodeProto;
@@ -61,11 +61,18 @@ pub fn stride_rule(node: &NodeProto) -> Result<StrideRule> {
 /// a few converge, and a huge count would stall every frame).
 pub const MAX_STEPS: i64 = 100;
 
+/// Most conv layers a unary head may have.
+pub const MAX_CONVS: i64 = crate::ersm::MAX_HEAD_CONVS as i64;
+
 /// Reads the node's settings and weights for a `channels`-channel feature map.
 ///
-/// Inputs: `X, w, b` (linear head; `w` of `C` values in any shape such as
-/// `[1, C, 1, 1]`) or `X, W1, b1, w2, b2` (two-layer head, `W1` of `hidden × C`).
-/// Attributes: `lambda` (≥ 0), `tau` (> 0), `steps` (0–[`MAX_STEPS`]), `neighbourhood` (4 or 8).
+/// Inputs: `X`, then `convs` pairs `W, B` (conv layers ahead of the per-token
+/// head: ONNX Conv weights `[Cout, Cin / groups, k, k]`, odd square kernels,
+/// stride 1, same padding), then `w, b` (linear head; `w` of `C` values in any
+/// shape such as `[1, C, 1, 1]`) or `W1, b1, w2, b2` (two-layer head, `W1` of
+/// `hidden × C`). Attributes: `lambda` (≥ 0), `tau` (> 0), `steps`
+/// (0–[`MAX_STEPS`]), `neighbourhood` (4 or 8), `convs` (0–[`MAX_CONVS`],
+/// default 0), `conv_relu` (one 0/1 per conv, default all 1).
 pub fn spec(node: &NodeProto, consts: &Constants, channels: usize) -> Result<EnergySpec> {
     let what = label(node);
     let lambda = attr_f32(node, "lambda", None)?;
@@ -96,22 +103,63 @@ pub fn spec(node: &NodeProto, consts: &Constants, channels: usize) -> Result<Ene
             _ => bail!("{what}: input {k} must hold one value, has {}", v.len()),
         }
     };
-    let head = match node.input.len() {
-        3 => {
-            let w = weight(1)?;
-            if w.len() != channels {
+    let convs = attr_i64(node, "convs", Some(0))?;
+    if !(0..=MAX_CONVS).contains(&convs) {
+        bail!("{what}: convs must be between 0 and {MAX_CONVS}, got {convs}");
+    }
+    let convs = convs as usize;
+    let relu = match attr_ints(node, "conv_relu")? {
+        None => vec![true; convs],
+        Some(v) if v.len() == convs && v.iter().all(|&r| r == 0 || r == 1) => {
+            v.iter().map(|&r| r == 1).collect()
+        }
+        Some(v) => bail!("{what}: conv_relu must hold {convs} values of 0 or 1, got {v:?}"),
+    };
+    let mut layers = Vec::with_capacity(convs);
+    let mut c = channels;
+    for (i, &relu) in relu.iter().enumerate() {
+        let (wi, bi) = (1 + 2 * i, 2 + 2 * i);
+        let weight_name = node.input.get(wi).map_or("", String::as_str);
+        let shape = consts.shape(weight_name).unwrap_or(&[]).to_vec();
+        let layer = match shape.as_slice() {
+            &[cout, per_group, k, k2] if k == k2 && k % 2 == 1 && per_group > 0 && c.is_multiple_of(per_group) => {
+                HeadConv {
+                    cin: c,
+                    cout,
+                    k,
+                    groups: c / per_group,
+                    weight: weight(wi)?,
+                    bias: weight(bi)?,
+                    relu,
+                }
+            }
+            _ => bail!(
+                "{what}: conv {i} weight (input {wi}, '{weight_name}') must be a constant [Cout, {c} / groups, k, k] with k odd, is {shape:?}"
+            ),
+        };
+        c = layer.cout;
+        layers.push(layer);
+    }
+    let base = 1 + 2 * convs;
+    let head = match node.input.len().checked_sub(base) {
+        Some(2) => {
+            let w = weight(base)?;
+            if w.len() != c {
                 bail!(
-                    "{what}: unary weight has {} values, the feature map has {channels} channels",
+                    "{what}: unary weight has {} values, the head's input has {c} channels",
                     w.len()
                 );
             }
-            UnaryHead::Linear { w, b: scalar(2)? }
+            UnaryHead::Linear {
+                w,
+                b: scalar(base + 1)?,
+            }
         }
-        5 => {
-            let (w1, b1, w2) = (weight(1)?, weight(2)?, weight(3)?);
-            if b1.is_empty() || w1.len() != b1.len() * channels || w2.len() != b1.len() {
+        Some(4) => {
+            let (w1, b1, w2) = (weight(base)?, weight(base + 1)?, weight(base + 2)?);
+            if b1.is_empty() || w1.len() != b1.len() * c || w2.len() != b1.len() {
                 bail!(
-                    "{what}: two-layer head shapes do not fit {channels} channels: W1 {} values, b1 {}, w2 {}",
+                    "{what}: two-layer head shapes do not fit {c} channels: W1 {} values, b1 {}, w2 {}",
                     w1.len(),
                     b1.len(),
                     w2.len()
@@ -121,10 +169,23 @@ pub fn spec(node: &NodeProto, consts: &Constants, channels: usize) -> Result<Ene
                 w1,
                 b1,
                 w2,
-                b2: scalar(4)?,
+                b2: scalar(base + 3)?,
             }
         }
-        n => bail!("{what}: expected 3 inputs (X, w, b) or 5 (X, W1, b1, w2, b2), got {n}"),
+        _ => bail!(
+            "{what}: with {convs} conv layers, expected {} inputs (X, 2 per conv, w, b) or {} (X, 2 per conv, W1, b1, w2, b2), got {}",
+            base + 2,
+            base + 4,
+            node.input.len()
+        ),
+    };
+    let head = if layers.is_empty() {
+        head
+    } else {
+        UnaryHead::Conv {
+            layers,
+            head: Box::new(head),
+        }
     };
     let spec = EnergySpec {
         head,

@@ -9,7 +9,8 @@
 //
 // Compiled with --fmad=false so each product and sum rounds as on the CPU
 // (src/ersm/cpu.rs): the unary costs match it bit for bit; the energies differ
-// only through expf's last bits.
+// only through expf's last bits. The head's conv layers are head_conv.cu,
+// which the host prepends to this file.
 
 #define ERSM_THREADS 1024
 #define ERSM_WARPS (ERSM_THREADS / 32)
@@ -43,13 +44,17 @@ __device__ unsigned block_scan(unsigned v, unsigned* warp_sums, unsigned* total)
     return x + before;
 }
 
-// x: C×H×W features (NCHW, batch 1). head: linear (hidden == 0): w[C], b;
-// two-layer: W1[hidden×C], b1[hidden], w2[hidden], b2.
+// x: C×H×W features (NCHW, batch 1). head: first each conv layer's weight
+// [cout×(cin/groups)×k×k] and bias [cout], then the per-token head on the
+// last conv's output (or x): linear (hidden == 0): w[C'], b; two-layer:
+// W1[hidden×C'], b1[hidden], w2[hidden], b2.
+// convs: nconv × {cout, k, groups, relu}; conv_scratch: 2 × (largest cout) × H × W floats.
 // Outputs: energies[H×W], kept[0..count) raster indices, gathered[count×C], count[0].
 // scratch: 2×H×W floats.
 extern "C" __global__ void __launch_bounds__(ERSM_THREADS)
 ersm_energy_gather(const float* __restrict__ x, int C, int H, int W,
                    const float* __restrict__ head, int hidden,
+                   const int* __restrict__ convs, int nconv, float* __restrict__ conv_scratch,
                    float lambda, float tau, int steps, int eight,
                    float* __restrict__ energies, float* __restrict__ scratch,
                    unsigned* __restrict__ kept, float* __restrict__ gathered,
@@ -62,24 +67,46 @@ ersm_energy_gather(const float* __restrict__ x, int C, int H, int W,
     float* unary = scratch;
     float* pull = scratch + HW;
 
+    // 0. The head's conv layers over the whole map, ping-ponging between two
+    // halves of conv_scratch; the per-token head then reads `hx` (hc channels).
+    const float* hx = x;
+    int hc = C;
+    const float* params = head;
+    size_t half = 0;
+    for (int l = 0; l < nconv; ++l) {
+        const size_t n = (size_t)convs[4 * l] * HW;
+        half = n > half ? n : half;
+    }
+    for (int l = 0; l < nconv; ++l) {
+        const int cout = convs[4 * l], k = convs[4 * l + 1], groups = convs[4 * l + 2];
+        const size_t nw = (size_t)cout * (hc / groups) * k * k;
+        float* out = conv_scratch + (l & 1) * half;
+        ersm_head_conv(hx, hc, H, W, params, params + nw, cout, k, groups, convs[4 * l + 3], out,
+                       tid, ERSM_THREADS);
+        params += nw + cout;
+        hx = out;
+        hc = cout;
+        __syncthreads();
+    }
+
     // 1. Unary costs (a GEMV over channels, channels in order per token).
     for (int i = tid; i < HW; i += ERSM_THREADS) {
         float u;
         if (hidden == 0) {
             float acc = 0.0f;
             #pragma unroll 8
-            for (int c = 0; c < C; ++c) acc = acc + head[c] * x[(size_t)c * HW + i];
-            u = acc + head[C];
+            for (int c = 0; c < hc; ++c) acc = acc + params[c] * hx[(size_t)c * HW + i];
+            u = acc + params[hc];
         } else {
-            const float* w1 = head;
-            const float* b1 = head + hidden * C;
+            const float* w1 = params;
+            const float* b1 = params + hidden * hc;
             const float* w2 = b1 + hidden;
             const float b2 = w2[hidden];
             float acc = 0.0f;
             for (int k = 0; k < hidden; ++k) {
                 float h = 0.0f;
                 #pragma unroll 8
-                for (int c = 0; c < C; ++c) h = h + w1[k * C + c] * x[(size_t)c * HW + i];
+                for (int c = 0; c < hc; ++c) h = h + w1[k * hc + c] * hx[(size_t)c * HW + i];
                 acc = acc + w2[k] * fmaxf(h + b1[k], 0.0f);
             }
             u = acc + b2;
