@@ -72,42 +72,47 @@ pub fn unary(x: FeatureMap<'_>, head: &UnaryHead) -> Vec<f32> {
 ///
 /// Each output sums its taps in the order input channel, kernel row, kernel
 /// column, then adds the bias: the order the CUDA kernel uses, so both give
-/// the same bits. Output planes are independent, so they run in parallel.
+/// the same values (a tap outside the map adds an exact zero here and is
+/// skipped there). Vectorised by running each tap over the whole zero-padded
+/// plane at once: on the padded grid a tap is one shift, so every
+/// multiply-add is a long contiguous loop; the pad columns' outputs are
+/// dropped. Output planes are independent, so they run in parallel.
 pub fn conv(x: FeatureMap<'_>, l: &HeadConv) -> Vec<f32> {
     let (h, w, hw) = (x.h, x.w, x.h * x.w);
     let (k, r) = (l.k, l.k / 2);
+    let (hp, wp) = (h + 2 * r, w + 2 * r);
+    let mut padded = vec![0.0f32; l.cin * hp * wp];
+    for (c, plane) in padded.chunks_mut(hp * wp).enumerate() {
+        for y in 0..h {
+            plane[(y + r) * wp + r..][..w].copy_from_slice(&x.data[c * hw + y * w..][..w]);
+        }
+    }
+    // Output (y, x) sits at y * wp + x on the padded grid; tap (ky, kx) reads
+    // that index plus ky * wp + kx.
+    let span = (h - 1) * wp + w;
     let (cin_g, cout_g) = (l.cin / l.groups, l.cout / l.groups);
     let mut out = vec![0.0f32; l.cout * hw];
     out.par_chunks_mut(hw).enumerate().for_each(|(co, plane)| {
         let g = co / cout_g;
+        let mut acc = vec![0.0f32; span];
         for ci in 0..cin_g {
-            let input = &x.data[(g * cin_g + ci) * hw..][..hw];
+            let input = &padded[(g * cin_g + ci) * hp * wp..][..hp * wp];
             let taps = &l.weight[(co * cin_g + ci) * k * k..][..k * k];
             for ky in 0..k {
-                // Output rows whose input row y + ky - r is inside the map.
-                let (y0, y1) = (r.saturating_sub(ky), (h + r).saturating_sub(ky).min(h));
                 for kx in 0..k {
                     let wt = taps[ky * k + kx];
-                    let (x0, x1) = (r.saturating_sub(kx), (w + r).saturating_sub(kx).min(w));
-                    if x0 >= x1 {
-                        continue;
-                    }
-                    for y in y0..y1 {
-                        let iy = y + ky - r;
-                        let o = &mut plane[y * w + x0..y * w + x1];
-                        let i = &input[iy * w + x0 + kx - r..iy * w + x1 + kx - r];
-                        for (ov, &iv) in o.iter_mut().zip(i) {
-                            *ov += wt * iv;
-                        }
+                    let src = &input[ky * wp + kx..][..span];
+                    for (a, &v) in acc.iter_mut().zip(src) {
+                        *a += wt * v;
                     }
                 }
             }
         }
         let b = l.bias[co];
-        for v in plane.iter_mut() {
-            *v += b;
-            if l.relu {
-                *v = v.max(0.0);
+        for y in 0..h {
+            for (o, &a) in plane[y * w..][..w].iter_mut().zip(&acc[y * wp..][..w]) {
+                let v = a + b;
+                *o = if l.relu { v.max(0.0) } else { v };
             }
         }
     });
