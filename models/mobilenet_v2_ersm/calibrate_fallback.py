@@ -7,8 +7,8 @@ the manifest so `--fallback` works on the package.
     python3 models/mobilenet_v2_ersm/calibrate_fallback.py --data /tmp/data \
         --package models/mobilenet_v2_ersm
 
-The sparse semantics is ersm's for this package (zero, `any` stride rule,
-pooling over active tokens): `semantics.ZERO`. Writes `fallback.json` beside
+The sparse semantics is ersm's for this package: zero, pooling over active
+tokens, and the stride rule its energy node sets (`package_semantics`). Writes `fallback.json` beside
 the manifest (everything measured) and `fallback.margin` into `manifest.json`.
 """
 
@@ -21,12 +21,12 @@ import torch
 
 import data
 from export import choice_features, choose_margin, dense_logits, summarise
-from measure_semantics import head_from_onnx
-from semantics import ZERO, Suffix, dense_macs
+from measure_semantics import head_from_onnx, package_semantics
+from semantics import Suffix, dense_macs
 from train import hard_mask, load_backbone, weights_path
 
 
-def outputs(teacher, head, f, dense):
+def outputs(teacher, head, f, dense, sem):
     """Sparse logits, masks and suffix MAC fractions of the package on features f."""
     total = dense_macs(teacher, f)
     suffix = Suffix(teacher)
@@ -35,7 +35,7 @@ def outputs(teacher, head, f, dense):
         for i in range(0, len(f), 64):
             fb = f[i:i + 64]
             m = hard_mask(head(fb)[0])
-            logits, macs = suffix.run(fb, m, ZERO)
+            logits, macs = suffix.run(fb, m, sem)
             res["sparse"].append(logits)
             res["mask"].append(m)
             res["macs"].append(macs / total)
@@ -56,12 +56,13 @@ def main():
     torch.manual_seed(0)
     teacher = load_backbone(weights_path())
     head = head_from_onnx(os.path.join(args.package, "model.onnx"))
+    sem = package_semantics(os.path.join(args.package, "model.onnx"))
     _, held, stamps, images = data.training_images(args.data)
     tf, hf, _ = choice_features(teacher, args.data, images, stamps, held, args.train_views)
-    to = outputs(teacher, head, tf, dense_logits(teacher, tf))
-    ho = outputs(teacher, head, hf, dense_logits(teacher, hf))
+    to = outputs(teacher, head, tf, dense_logits(teacher, tf), sem)
+    ho = outputs(teacher, head, hf, dense_logits(teacher, hf), sem)
     t = choose_margin(to, args.target)
-    result = {"target": args.target, "fallback_margin": t, "semantics": ZERO.name(),
+    result = {"target": args.target, "fallback_margin": t, "semantics": sem.name(),
               "train": summarise(to, t), "train_sparse": summarise(to),
               "held_out": summarise(ho), "held_out_fallback": summarise(ho, t),
               "held_out_by_margin": []}

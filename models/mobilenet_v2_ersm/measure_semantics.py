@@ -26,7 +26,7 @@ from onnx import numpy_helper
 
 import data
 from semantics import CUT, ZERO, Semantics, Suffix, calibration_means, dense_macs, fit_fast_paths
-from train import EnergyHead, hard_mask, load_backbone, weights_path
+from train import ConvHead, EnergyHead, hard_mask, load_backbone, weights_path
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -56,13 +56,36 @@ def head_from_onnx(path):
     init = {t.name: torch.from_numpy(numpy_helper.to_array(t).copy()) for t in m.graph.initializer}
     node = next(n for n in m.graph.node if n.op_type == "EnergyMask")
     attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
-    head = EnergyHead(init[node.input[1]].numel() // init[node.input[2]].numel())
-    head.l1.weight.data = init[node.input[1]].view_as(head.l1.weight)
-    head.l1.bias.data = init[node.input[2]].view_as(head.l1.bias)
-    head.l2.weight.data = init[node.input[3]].view_as(head.l2.weight)
-    head.l2.bias.data = init[node.input[4]].view_as(head.l2.bias)
+    convs, relu = attrs.get("convs", 0), attrs.get("conv_relu", [1] * attrs.get("convs", 0))
+    if convs:
+        layers, cin = [], None
+        for i in range(convs):
+            w = init[node.input[1 + 2 * i]]
+            cin = w.shape[1] if cin is None else cin
+            groups = cin // w.shape[1]
+            layers.append((cin, w.shape[0], w.shape[2], groups, bool(relu[i])))
+            cin = w.shape[0]
+        head = ConvHead(layers[0][0], layers)
+        for (m, _), i in zip(head.convs(), range(convs)):
+            m.weight.data = init[node.input[1 + 2 * i]].clone()
+            m.bias.data = init[node.input[2 + 2 * i]].clone()
+    base = 1 + 2 * convs
+    if not convs:
+        head = EnergyHead(init[node.input[base]].numel() // init[node.input[base + 1]].numel())
+    head.l1.weight.data = init[node.input[base]].view_as(head.l1.weight)
+    head.l1.bias.data = init[node.input[base + 1]].view_as(head.l1.bias)
+    head.l2.weight.data = init[node.input[base + 2]].view_as(head.l2.weight)
+    head.l2.bias.data = init[node.input[base + 3]].view_as(head.l2.bias)
     head.lam, head.tau, head.steps = attrs["lambda"], attrs.get("tau", 1.0), attrs.get("steps", 0)
     return head.eval()
+
+
+def package_semantics(path):
+    """ersm's sparse semantics for a package: zero, with its energy node's stride rule."""
+    node = next(n for n in onnx.load(path).graph.node if n.op_type == "EnergyMask")
+    attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+    rule = attrs.get("stride_rule", b"any")
+    return replace(ZERO, down=rule.decode() if isinstance(rule, bytes) else rule)
 
 
 def coherent_masks(n, keep, seed, hw=28):

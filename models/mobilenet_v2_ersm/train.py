@@ -134,6 +134,38 @@ class EnergyHead(nn.Module):
         return e, q
 
 
+
+class ConvHead(EnergyHead):
+    """The runtime's neighbourhood head (`UnaryHead::Conv`): conv layers over
+    the token map (stride 1, same padding), then the two-layer 1×1 head.
+    `layers`: (cin, cout, k, groups, relu) per conv."""
+
+    def __init__(self, c, layers):
+        super().__init__(layers[-1][1] if layers else c)
+        mods = []
+        for cin, cout, k, groups, relu in layers:
+            mods.append(nn.Conv2d(cin, cout, k, padding=k // 2, groups=groups))
+            if relu:
+                mods.append(nn.ReLU())
+        self.pre = nn.Sequential(*mods)
+
+    def unary(self, x):
+        return self.l2(F.relu(self.l1(self.pre(x))))
+
+    def convs(self):
+        """(conv module, relu after it) per layer, as the runtime reads them."""
+        mods = list(self.pre)
+        return [(m, i + 1 < len(mods) and isinstance(mods[i + 1], nn.ReLU))
+                for i, m in enumerate(mods) if isinstance(m, nn.Conv2d)]
+
+
+# Conv layers of train_rank.py's neighbourhood heads: two 3x3 convs, dense or
+# depthwise-separable.
+HEAD_CONVS = {
+    "conv": [(CUT_C, CUT_C, 3, 1, True)] * 2,
+    "sep": [(CUT_C, CUT_C, 3, CUT_C, False), (CUT_C, CUT_C, 1, 1, True)] * 2,
+}
+
 def hard_mask(e):
     m = (e < 0).float()
     empty = m.flatten(1).sum(1) == 0

@@ -28,7 +28,7 @@ from measure_semantics import head_from_onnx
 from semantics import CUT, ZERO, Suffix
 import torch.nn as nn
 
-from train import CUT_C, HIDDEN, EnergyHead, hard_mask, load_backbone, weights_path
+from train import CUT_C, HEAD_CONVS, HIDDEN, ConvHead, EnergyHead, hard_mask, load_backbone, weights_path
 
 
 def target_energy(ig, share):
@@ -44,6 +44,24 @@ def target_energy(ig, share):
     cum = torch.cat([torch.zeros(b, 1), cum[:, :-1]], 1)
     out = torch.empty_like(flat).scatter_(1, order, cum)
     return (out - share).view_as(ig)
+
+
+def spread_target(ig, share):
+    """`target_energy` rescaled on each side of the threshold: tokens inside the
+    share span -1..0, the rest 0..+1, so moving the threshold by a fixed offset
+    moves the kept share by a similar amount on either side (the plain target
+    bunches every dropped token within 1 - share of zero, so keep falls off a
+    cliff when the threshold rises)."""
+    t = target_energy(ig, share)
+    return torch.where(t < 0, t / share, t / (1 - share))
+
+
+def make_head(kind):
+    if kind == "local":
+        return EnergyHead(CUT_C)
+    if kind in ("context", "wide"):
+        return ContextHead(CUT_C, kind == "wide")
+    return ConvHead(CUT_C, HEAD_CONVS[kind])
 
 
 class ContextHead(EnergyHead):
@@ -118,8 +136,13 @@ def main():
     ap.add_argument("--steps", type=int, default=3000)
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 2)
     ap.add_argument("--eval-only", action="store_true", help="evaluate OUT/head.pt under both stride rules")
-    ap.add_argument("--head-kind", choices=["local", "context", "wide"], default="local",
-                    help="local: the runtime's head; context: + the image's pooled features; wide: + two 3x3 convs")
+    ap.add_argument("--head-kind", choices=["local", "context", "wide", "conv", "sep"], default="local",
+                    help="local: the runtime's head; context: + the image's pooled features; wide: + two 3x3 convs; "
+                         "conv: two 3x3 convs, no pooled features; sep: the same, depthwise-separable")
+    ap.add_argument("--target", choices=["plain", "spread"], default="plain",
+                    help="plain: cumulative share minus --share, x4; spread: each side rescaled to -1..0 / 0..1, x2")
+    ap.add_argument("--rule", choices=["any", "centre"], default="any", help="stride rule of the evaluation")
+    ap.add_argument("--tag", default="", help="suffix of the output files")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     random.seed(0)
@@ -142,10 +165,11 @@ def main():
         torch.save((tf, tig, td, hf, hig, hd), cache)
     print(f"features and attributions: {time.time() - t0:.0f} s", flush=True)
 
-    offsets = [-1.5, -1.0, -0.5, 0.0, 0.5, 1.0, 1.5]
+    offsets = [-1.5, -1.0, -0.75, -0.5, -0.25, 0.0, 0.25, 0.5, 0.75, 1.0, 1.5]
     if args.eval_only:
-        head = EnergyHead(CUT_C) if args.head_kind == "local" else ContextHead(CUT_C, args.head_kind == "wide")
-        head.load_state_dict(torch.load(os.path.join(args.out, f"head-{args.head_kind}.pt"), weights_only=True))
+        head = make_head(args.head_kind)
+        head.load_state_dict(torch.load(os.path.join(args.out, f"head-{args.head_kind}{args.tag}.pt"),
+                                        weights_only=True))
         head.eval()
         rows = []
         for rule in ("any", "centre"):
@@ -158,13 +182,17 @@ def main():
         with open(os.path.join(args.out, "rank_eval.json"), "w") as fh:
             json.dump({"views": len(hf), "rows": rows}, fh, indent=1)
         return
-    base = evaluate(suffix, head_from_onnx(args.head), hf, hd, offsets)
+    sem = replace(ZERO, down=args.rule)
+    base = evaluate(suffix, head_from_onnx(args.head), hf, hd, offsets, sem)
     print("package head:", json.dumps(base), flush=True)
 
-    head = EnergyHead(CUT_C) if args.head_kind == "local" else ContextHead(CUT_C, args.head_kind == "wide")
+    head = make_head(args.head_kind)
     opt = torch.optim.Adam(head.parameters(), lr=5e-3)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, args.steps)
-    target = target_energy(tig, args.share)[:, None] * 4.0  # energies of order ±1..4
+    if args.target == "spread":
+        target = spread_target(tig, args.share)[:, None] * 2.0
+    else:
+        target = target_energy(tig, args.share)[:, None] * 4.0  # energies of order ±1..4
     for step in range(args.steps):
         idx = torch.randint(0, len(tf), (64,))
         e, _ = head(tf[idx])
@@ -176,14 +204,14 @@ def main():
         if step % 500 == 0 or step == args.steps - 1:
             print(f"step {step}: loss {loss.item():.4f} keep(hard) {(e < 0).float().mean().item():.3f}", flush=True)
     head.eval()
-    trained = evaluate(suffix, head, hf, hd, offsets)
+    trained = evaluate(suffix, head, hf, hd, offsets, sem)
     print(f"IG head ({args.head_kind}):", json.dumps(trained), flush=True)
     # Oracle ceiling on the same views: the attribution itself as the energy.
     oracle = {"area": None,
-              "offsets": offset_points(runner(suffix, hf, hd, ZERO), target_energy(hig, args.share) * 4.0, offsets)}
+              "offsets": offset_points(runner(suffix, hf, hd, sem), target_energy(hig, args.share) * 4.0, offsets)}
     print("oracle (attribution as energy):", json.dumps(oracle), flush=True)
-    torch.save(head.state_dict(), os.path.join(args.out, f"head-{args.head_kind}.pt"))
-    with open(os.path.join(args.out, f"rank-{args.head_kind}.json"), "w") as fh:
+    torch.save(head.state_dict(), os.path.join(args.out, f"head-{args.head_kind}{args.tag}.pt"))
+    with open(os.path.join(args.out, f"rank-{args.head_kind}{args.tag}.json"), "w") as fh:
         json.dump({"args": vars(args), "package_head": base, "ig_head": trained, "oracle": oracle,
                    "train_views": len(tf), "held_out_views": len(hf)}, fh, indent=1)
 
