@@ -151,28 +151,42 @@ type HeadConvFn = unsafe extern "C" fn(
     i32,
 );
 
-/// The head's conv kernel source built with the host C++ compiler (it is a
-/// device function of its thread index, without barriers), or None (SKIPPED)
-/// without one.
-fn host_head_conv() -> Option<HeadConvFn> {
-    let dir = std::env::temp_dir().join(format!("ersm-head-conv-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let (src, lib) = (dir.join("head_conv.cc"), dir.join("libheadconv.so"));
-    let wrapper = r#"
-extern "C" void head_conv_host(const float* in, int cin, int H, int W, const float* w,
-                               const float* b, int cout, int k, int groups, int relu,
-                               float* out, int tid, int nthreads) {
-    ersm_head_conv(in, cin, H, W, w, b, cout, k, groups, relu, out, tid, nthreads);
+/// A shared library built from CUDA source with the host C++ compiler (one
+/// rounding per product and sum, as NVRTC's --fmad=false), or None (SKIPPED)
+/// without a compiler. It stays loaded for the rest of the process.
+pub(crate) struct HostLibrary(*mut c_void);
+
+impl HostLibrary {
+    /// The address of the exported symbol `name` (panics if missing).
+    pub(crate) fn symbol(&self, name: &str) -> *mut c_void {
+        let n = CString::new(name).unwrap();
+        // SAFETY: a handle from dlopen that is never closed.
+        let p = unsafe { libc::dlsym(self.0, n.as_ptr()) };
+        assert!(!p.is_null(), "no symbol {name}");
+        p
+    }
 }
-"#;
-    let text = format!(
-        "#include <math.h>\n#define __device__\n{}{wrapper}",
-        cuda::HEAD_CONV_SRC
+
+pub(crate) fn host_library(tag: &str, source: &str, args: &[&str]) -> Option<HostLibrary> {
+    let dir = std::env::temp_dir().join(format!("ersm-{tag}-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let (src, lib) = (
+        dir.join(format!("{tag}.cc")),
+        dir.join(format!("lib{tag}.so")),
     );
-    std::fs::write(&src, text).unwrap();
+    std::fs::write(&src, source).unwrap();
     let cxx = std::env::var("CXX").unwrap_or_else(|_| "c++".into());
     let out = match Command::new(&cxx)
-        .args(["-std=c++14", "-O2", "-shared", "-fPIC", "-ffp-contract=off"])
+        .args([
+            "-x",
+            "c++",
+            "-std=c++14",
+            "-O2",
+            "-shared",
+            "-fPIC",
+            "-ffp-contract=off",
+        ])
+        .args(args)
         .arg(&src)
         .arg("-o")
         .arg(&lib)
@@ -180,26 +194,40 @@ extern "C" void head_conv_host(const float* in, int cin, int H, int W, const flo
     {
         Ok(o) => o,
         Err(e) => {
-            eprintln!("SKIPPED: no C++ compiler ({cxx}: {e})");
+            println!("SKIPPED: no C++ compiler ({cxx}: {e})");
             return None;
         }
     };
     assert!(
         out.status.success(),
-        "head_conv.cu does not compile as C++:\n{}",
+        "{tag}: the kernel source does not compile as C++:\n{}",
         String::from_utf8_lossy(&out.stderr)
     );
     let path = CString::new(lib.to_str().unwrap()).unwrap();
-    // SAFETY: loading the library just built; the symbol has the signature above.
-    unsafe {
-        let h = libc::dlopen(path.as_ptr(), libc::RTLD_NOW | libc::RTLD_LOCAL);
-        assert!(!h.is_null(), "dlopen {}", lib.display());
-        let name = CString::new("head_conv_host").unwrap();
-        let f = libc::dlsym(h, name.as_ptr());
-        assert!(!f.is_null(), "no symbol head_conv_host");
-        std::fs::remove_dir_all(&dir).ok();
-        Some(std::mem::transmute::<*mut c_void, HeadConvFn>(f))
-    }
+    // SAFETY: loading the library just built.
+    let h = unsafe { libc::dlopen(path.as_ptr(), libc::RTLD_NOW | libc::RTLD_LOCAL) };
+    assert!(!h.is_null(), "dlopen {}", lib.display());
+    std::fs::remove_dir_all(&dir).ok();
+    Some(HostLibrary(h))
+}
+
+/// The head's conv kernel source built with the host C++ compiler (it is a
+/// device function of its thread index, without barriers).
+fn host_head_conv() -> Option<HeadConvFn> {
+    let wrapper = r#"
+extern "C" void head_conv_host(const float* in, int cin, int H, int W, const float* w,
+                               const float* b, int cout, int k, int groups, int relu,
+                               float* out, int tid, int nthreads) {
+    ersm_head_conv(in, cin, H, W, w, b, cout, k, groups, relu, out, tid, nthreads);
+}
+"#;
+    let source = format!(
+        "#include <math.h>\n#define __device__\n{}{wrapper}",
+        cuda::HEAD_CONV_SRC
+    );
+    let lib = host_library("head-conv", &source, &[])?;
+    // SAFETY: the wrapper above has this signature.
+    Some(unsafe { std::mem::transmute::<*mut c_void, HeadConvFn>(lib.symbol("head_conv_host")) })
 }
 
 /// The GPU's head conv (run thread by thread on the host, in 1024-thread

@@ -14,9 +14,7 @@ use crate::common::*;
 use ersm::model::ModelPackage;
 use ersm::sparse::gpu::cuda::CudaDevice;
 use ersm::sparse::gpu::{Device, GpuSuffix, Kernel, Params, BLOCK, KERNEL_SRC};
-use std::ffi::{c_void, CString};
-use std::path::PathBuf;
-use std::process::Command;
+use std::ffi::c_void;
 
 /// Relative error allowed: the sums run in another order than the CPU's GEMM.
 const TOL: f32 = 1e-4;
@@ -75,62 +73,22 @@ impl Emulator {
     /// Builds the kernels with the host C++ compiler; `None` (SKIPPED) when
     /// there is none.
     fn build() -> Option<Emulator> {
-        let dir = std::env::temp_dir().join(format!("ersm-sfx-emu-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        let (header, src, lib): (PathBuf, PathBuf, PathBuf) = (
-            dir.join("emu.h"),
-            dir.join("suffix.cu"),
-            dir.join("libsfx.so"),
-        );
-        std::fs::write(&header, EMULATION).unwrap();
-        std::fs::write(&src, KERNEL_SRC).unwrap();
-        let cxx = std::env::var("CXX").unwrap_or_else(|_| "c++".into());
-        let out = Command::new(&cxx)
-            .args(["-x", "c++", "-std=c++14", "-O2", "-shared", "-fPIC"])
-            // One rounding per product and sum, as NVRTC's --fmad=false.
-            .args(["-ffp-contract=off", "-DSFX_HOST_EMULATION", "-include"])
-            .arg(&header)
-            .arg(&src)
-            .arg("-o")
-            .arg(&lib)
-            .output();
-        let out = match out {
-            Ok(o) => o,
-            Err(e) => {
-                println!("SKIPPED: no C++ compiler ({cxx}: {e})");
-                return None;
-            }
-        };
-        assert!(
-            out.status.success(),
-            "the kernel source does not compile as C++:\n{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        let path = CString::new(lib.to_str().unwrap()).unwrap();
-        // SAFETY: loading a library we just built; its symbols are looked up
-        // by name below and have the signatures the source gives them.
+        let source = format!("{EMULATION}{KERNEL_SRC}");
+        let lib = crate::host_library("sfx-emu", &source, &["-DSFX_HOST_EMULATION"])?;
+        // SAFETY: the symbols have the signatures the source gives them.
         unsafe {
-            let h = libc::dlopen(path.as_ptr(), libc::RTLD_NOW | libc::RTLD_LOCAL);
-            assert!(!h.is_null(), "dlopen {}", lib.display());
-            let sym = |name: &str| -> *mut c_void {
-                let n = CString::new(name).unwrap();
-                let p = libc::dlsym(h, n.as_ptr());
-                assert!(!p.is_null(), "no symbol {name}");
-                p
-            };
-            let set = std::mem::transmute::<*mut c_void, unsafe extern "C" fn(u32, u32, u32)>(sym(
-                "sfx_emu_set",
-            ));
+            let set = std::mem::transmute::<*mut c_void, unsafe extern "C" fn(u32, u32, u32)>(
+                lib.symbol("sfx_emu_set"),
+            );
             let kernels = Kernel::ALL
                 .iter()
                 .map(|&k| {
                     (
                         k,
-                        std::mem::transmute::<*mut c_void, KernelFn>(sym(k.name())),
+                        std::mem::transmute::<*mut c_void, KernelFn>(lib.symbol(k.name())),
                     )
                 })
                 .collect();
-            std::fs::remove_dir_all(&dir).ok();
             Some(Emulator { set, kernels })
         }
     }
