@@ -267,15 +267,17 @@ def main():
                  "moved by an offset (higher keeps fewer tokens; keep varies per image), `centre` stride rule. "
                  f"Until now the package shipped its head at offset 0 with the `any` rule: keep {b['keep_mean']:.2f}, "
                  f"{pct(b['agreement'])} agreement at {b['mac_fraction']:.3f} of the dense suffix MACs.\n")
-        L.append("| head (energy-layer cost) | offset | keep mean (min..max) | top-1 agreement | suffix MACs |")
+        L.append("| head | offset | keep mean (min..max) | top-1 agreement | suffix MACs |")
         L.append("|---|---|---|---|---|")
         for sw in o["sweeps"]:
             for p in sw["points"]:
                 mark = "**" if sw.get("shipped_offset") == p["offset"] else ""
-                L.append(f"| {sw['head']} ({sw['head_macs'] / 1e6:.2f} M MACs) | {mark}{p['offset']:+g}{mark} | "
+                L.append(f"| {sw['head']} | {mark}{p['offset']:+g}{mark} | "
                          f"{p['keep_mean']:.3f} ({p['keep_min']:.2f}..{p['keep_max']:.2f}) | "
                          f"{mark}{pct(p['agreement'])}{mark} | {p['mac_fraction']:.3f} |")
         L.append("")
+        L.append("Heads: " + "; ".join(f"**{sw['head']}**: {sw['what']}, {sw['head_macs'] / 1e6:.2f} M multiply-adds "
+                                       "per frame" for sw in o["sweeps"]) + ".\n")
         L.append(o["finding"] + "\n")
     L.append("### What the measurements say is missing\n")
     L.append(MISSING)
