@@ -336,8 +336,9 @@ MISSING = """- **Over the whole held-out set the target is above what the views 
   (`convs`), but at the thresholds a package would ship they lose to the package head moved to a lower
   threshold (section 7: `conv` 78.7 % at 0.93 of the MACs, package head 85.0 %): trained to keep the
   tokens holding 90 % of the attribution, they drop tokens on nearly every image, where the package
-  head keeps whole the images it cannot rank. A neighbourhood head trained for the high-keep regime
-  is the next step on the ranking side.
+  head keeps whole the images it cannot rank; trained for the high-keep regime (share 0.98) it comes
+  level with the package head, not above it. So at high keep the ranking is not what is missing: the
+  frozen suffix's intolerance of dropped tokens is.
   At high keep no order helps: deleting the first 10 % costs a quarter of the answers whatever goes,
   so the frozen suffix has to learn to tolerate zeroed tokens either way. Training the head on the
   distillation loss itself (straight-through, which collapsed when the suffix was frozen) becomes
