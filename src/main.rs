@@ -553,6 +553,7 @@ fn bench(a: BenchArgs) -> Result<()> {
         agreement: agree as f64 / n,
         suffix_macs_dense: m.plan.dense_cost(),
         suffix_macs_ersm: macs / n,
+        energy_macs: m.energy.head.macs(m.cut.h, m.cut.w),
         fallback_rate: pipeline.fallback.map(|_| fell as f64 / n),
         stages: [
             ("ersm".to_string(), ersm.summaries()),

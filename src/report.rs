@@ -131,6 +131,9 @@ pub struct BenchReport {
     /// sparse suffix plus, on frames that fell back, the dense one).
     pub suffix_macs_dense: u64,
     pub suffix_macs_ersm: f64,
+    /// Multiply-adds of the energy layer's unary head per frame (ERSM only;
+    /// beside the suffix's, not in them).
+    pub energy_macs: u64,
     /// Fraction of frames the confidence fallback re-ran densely (absent when off).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub fallback_rate: Option<f64>,
@@ -216,12 +219,13 @@ impl BenchReport {
         let _ = writeln!(s, "{rule}");
         let _ = writeln!(
             s,
-            " keep ratio      {:.3} mean ({:.3} .. {:.3})   suffix MACs {:.2}M dense, {:.2}M ERSM",
+            " keep ratio      {:.3} mean ({:.3} .. {:.3})   suffix MACs {:.2}M dense, {:.2}M ERSM (+{:.2}M energy layer)",
             self.keep_ratio,
             self.keep_ratio_min,
             self.keep_ratio_max,
             self.suffix_macs_dense as f64 / 1e6,
-            self.suffix_macs_ersm / 1e6
+            self.suffix_macs_ersm / 1e6,
+            self.energy_macs as f64 / 1e6
         );
         let _ = writeln!(
             s,
