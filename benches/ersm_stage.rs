@@ -1,13 +1,14 @@
 //! The energy layer by map size: CPU, and CUDA when a device is present.
 //!
-//! Per map (14×14, 28×28, 56×56 tokens at 24 and 32 channels): median µs per
-//! frame and effective GB/s (features read once, energies, kept indices and
-//! gathered rows written once). CUDA rows give the kernel alone (CUDA events)
+//! Per map (14×14, 28×28, 56×56 tokens at 24 and 32 channels) and head (a
+//! linear head; a conv head: two 3×3 convs, then a two-layer head of 16):
+//! median µs per frame and effective GB/s (features read once, energies,
+//! kept indices and gathered rows written once). CUDA rows give the kernel alone (CUDA events)
 //! and the whole stage (upload + launch + download, wall clock).
 //! Run: `cargo bench --bench ersm_stage` (`-- --json FILE` to save the rows).
 
 use ersm::ersm::cuda::{self, CudaBackend};
-use ersm::ersm::{cpu, EnergySpec, FeatureMap, Neighbourhood, UnaryHead};
+use ersm::ersm::{cpu, EnergySpec, FeatureMap, HeadConv, Neighbourhood, UnaryHead};
 use std::time::Instant;
 
 fn median(mut v: Vec<f64>) -> f64 {
@@ -38,8 +39,8 @@ fn main() {
         println!("GPU: {}", g.description);
     }
     println!(
-        "{:>10} {:>4} {:>6} {:>8} {:>12} {:>10}",
-        "map", "C", "keep", "device", "µs/frame", "GB/s"
+        "{:>10} {:>4} {:>6} {:>6} {:>8} {:>12} {:>10}",
+        "map", "C", "head", "keep", "device", "µs/frame", "GB/s"
     );
     let mut rows = Vec::new();
     let mut seed = 1u64;
@@ -58,55 +59,88 @@ fn main() {
             let w: Vec<f32> = (0..c)
                 .map(|k| ((k as f32 + seed as f32 * 1e-9) * 1.7).sin() / (c as f32).sqrt())
                 .collect();
-            let spec = EnergySpec {
-                head: UnaryHead::Linear { w, b: 0.0 },
-                lambda: 0.25,
-                tau: 1.0,
-                steps: 2,
-                neighbourhood: Neighbourhood::Four,
-            };
-            let fm = FeatureMap::new(&x, c, side, side).unwrap();
-            let mask = cpu::compute(fm, &spec).unwrap();
-            let n = mask.kept.len();
-            let bytes = (hw * c + n * c + hw + n) * 4;
-            let reps = if hw > 1000 { 200 } else { 1000 };
-            let mut push = |device: &str, us: f64| {
-                let gbs = bytes as f64 / (us * 1e-6) / 1e9;
-                println!(
-                    "{:>10} {:>4} {:>6.3} {:>8} {:>12.2} {:>10.2}",
-                    format!("{side}×{side}"),
-                    c,
-                    mask.keep_ratio(),
-                    device,
-                    us,
-                    gbs
-                );
-                rows.push(serde_json::json!({"map": side, "channels": c, "keep": mask.keep_ratio(), "device": device, "us_per_frame": us, "gb_per_s": gbs}));
-            };
-            let cpu_us = median(
-                (0..reps)
-                    .map(|_| {
-                        let t = Instant::now();
-                        std::hint::black_box(cpu::compute(fm, &spec).unwrap());
-                        t.elapsed().as_secs_f64() * 1e6
-                    })
+            let conv = |i: usize| HeadConv {
+                cin: c,
+                cout: c,
+                k: 3,
+                groups: 1,
+                weight: (0..c * c * 9)
+                    .map(|k| ((k + i) as f32 * 0.37).sin() / (c as f32 * 3.0))
                     .collect(),
-            );
-            push("cpu", cpu_us);
-            if let Some(g) = &gpu {
-                for _ in 0..10 {
-                    g.compute(fm, &spec).unwrap();
+                bias: vec![0.01; c],
+                relu: true,
+            };
+            let heads = [
+                ("linear", UnaryHead::Linear { w, b: 0.0 }),
+                (
+                    "conv",
+                    UnaryHead::Conv {
+                        layers: vec![conv(0), conv(1)],
+                        head: Box::new(UnaryHead::TwoLayer {
+                            w1: (0..16 * c).map(|k| (k as f32 * 0.71).cos() * 0.3).collect(),
+                            b1: vec![0.0; 16],
+                            w2: (0..16).map(|k| (k as f32 * 1.3).sin() * 0.3).collect(),
+                            b2: -0.1,
+                        }),
+                    },
+                ),
+            ];
+            for (head_name, head) in heads {
+                let spec = EnergySpec {
+                    head,
+                    lambda: 0.25,
+                    tau: 1.0,
+                    steps: 2,
+                    neighbourhood: Neighbourhood::Four,
+                };
+                let fm = FeatureMap::new(&x, c, side, side).unwrap();
+                let mask = cpu::compute(fm, &spec).unwrap();
+                let n = mask.kept.len();
+                let bytes = (hw * c + n * c + hw + n) * 4;
+                let reps = match (head_name, hw > 1000) {
+                    ("conv", _) => 30,
+                    (_, true) => 200,
+                    _ => 1000,
+                };
+                let mut push = |device: &str, us: f64| {
+                    let gbs = bytes as f64 / (us * 1e-6) / 1e9;
+                    println!(
+                        "{:>10} {:>4} {:>6} {:>6.3} {:>8} {:>12.2} {:>10.2}",
+                        format!("{side}×{side}"),
+                        c,
+                        head_name,
+                        mask.keep_ratio(),
+                        device,
+                        us,
+                        gbs
+                    );
+                    rows.push(serde_json::json!({"map": side, "channels": c, "head": head_name, "keep": mask.keep_ratio(), "device": device, "us_per_frame": us, "gb_per_s": gbs}));
+                };
+                let cpu_us = median(
+                    (0..reps)
+                        .map(|_| {
+                            let t = Instant::now();
+                            std::hint::black_box(cpu::compute(fm, &spec).unwrap());
+                            t.elapsed().as_secs_f64() * 1e6
+                        })
+                        .collect(),
+                );
+                push("cpu", cpu_us);
+                if let Some(g) = &gpu {
+                    for _ in 0..10 {
+                        g.compute(fm, &spec).unwrap();
+                    }
+                    let (mut kernel, mut wall) = (Vec::new(), Vec::new());
+                    for _ in 0..reps {
+                        let m = g.compute(fm, &spec).unwrap();
+                        assert_eq!(m.kept, mask.kept, "CUDA kept set differs from CPU");
+                        let t = g.last_timing();
+                        kernel.push(t.kernel_ms as f64 * 1e3);
+                        wall.push(t.wall_ms * 1e3);
+                    }
+                    push("cuda-krn", median(kernel));
+                    push("cuda-all", median(wall));
                 }
-                let (mut kernel, mut wall) = (Vec::new(), Vec::new());
-                for _ in 0..reps {
-                    let m = g.compute(fm, &spec).unwrap();
-                    assert_eq!(m.kept, mask.kept, "CUDA kept set differs from CPU");
-                    let t = g.last_timing();
-                    kernel.push(t.kernel_ms as f64 * 1e3);
-                    wall.push(t.wall_ms * 1e3);
-                }
-                push("cuda-krn", median(kernel));
-                push("cuda-all", median(wall));
             }
         }
     }
