@@ -139,8 +139,9 @@ def main():
     ap.add_argument("--head-kind", choices=["local", "context", "wide", "conv", "sep"], default="local",
                     help="local: the runtime's head; context: + the image's pooled features; wide: + two 3x3 convs; "
                          "conv: two 3x3 convs, no pooled features; sep: the same, depthwise-separable")
-    ap.add_argument("--target", choices=["plain", "spread"], default="plain",
-                    help="plain: cumulative share minus --share, x4; spread: each side rescaled to -1..0 / 0..1, x2")
+    ap.add_argument("--target", choices=["plain", "spread", "mix"], default="plain",
+                    help="plain: cumulative share minus --share, x4; spread: each side rescaled to -1..0 / 0..1, x2; "
+                         "mix: half the --head package's own energies, half the spread target")
     ap.add_argument("--rule", choices=["any", "centre"], default="any", help="stride rule of the evaluation")
     ap.add_argument("--tag", default="", help="suffix of the output files")
     args = ap.parse_args()
@@ -191,6 +192,13 @@ def main():
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, args.steps)
     if args.target == "spread":
         target = spread_target(tig, args.share)[:, None] * 2.0
+    elif args.target == "mix":
+        # The package head keeps whole the images it cannot rank (section 7);
+        # the attribution ranks tokens within an image. Half of each.
+        pkg = head_from_onnx(args.head)
+        with torch.no_grad():
+            own = torch.cat([pkg(tf[i:i + 64])[0] for i in range(0, len(tf), 64)])
+        target = 0.5 * own + 0.5 * spread_target(tig, args.share)[:, None] * 2.0
     else:
         target = target_energy(tig, args.share)[:, None] * 4.0  # energies of order ±1..4
     for step in range(args.steps):
