@@ -26,7 +26,7 @@ from onnx import numpy_helper
 
 import data
 from semantics import CUT, ZERO, Semantics, Suffix, calibration_means, dense_macs, fit_fast_paths
-from train import ConvHead, EnergyHead, hard_mask, load_backbone, weights_path
+from train import CUT_C, ConvHead, EnergyHead, hard_mask, load_backbone, weights_path
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -58,10 +58,9 @@ def head_from_onnx(path):
     attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
     convs, relu = attrs.get("convs", 0), attrs.get("conv_relu", [1] * attrs.get("convs", 0))
     if convs:
-        layers, cin = [], None
+        layers, cin = [], CUT_C  # a grouped first conv's weight does not say how many channels it reads
         for i in range(convs):
             w = init[node.input[1 + 2 * i]]
-            cin = w.shape[1] if cin is None else cin
             groups = cin // w.shape[1]
             layers.append((cin, w.shape[0], w.shape[2], groups, bool(relu[i])))
             cin = w.shape[0]
