@@ -41,29 +41,25 @@ pub fn unary(x: FeatureMap<'_>, head: &UnaryHead) -> Vec<f32> {
             u
         }
         UnaryHead::Conv { layers, head } => {
-            let mut map = x.data.to_vec();
+            // The first conv reads the feature map itself; each later one its
+            // predecessor's output.
+            let mut map: Option<Vec<f32>> = None;
             let mut c = x.c;
             for l in layers {
-                map = conv(
-                    FeatureMap {
-                        data: &map,
-                        c,
-                        h: x.h,
-                        w: x.w,
-                    },
-                    l,
-                );
+                let input = FeatureMap {
+                    data: map.as_deref().unwrap_or(x.data),
+                    c,
+                    ..x
+                };
+                map = Some(conv(input, l));
                 c = l.cout;
             }
-            unary(
-                FeatureMap {
-                    data: &map,
-                    c,
-                    h: x.h,
-                    w: x.w,
-                },
-                head,
-            )
+            let input = FeatureMap {
+                data: map.as_deref().unwrap_or(x.data),
+                c,
+                ..x
+            };
+            unary(input, head)
         }
     }
 }
