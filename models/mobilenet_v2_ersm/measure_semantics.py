@@ -65,7 +65,7 @@ def head_from_onnx(path):
             layers.append((cin, w.shape[0], w.shape[2], groups, bool(relu[i])))
             cin = w.shape[0]
         head = ConvHead(layers[0][0], layers)
-        for (m, _), i in zip(head.convs(), range(convs)):
+        for i, (m, _) in enumerate(head.convs()):
             m.weight.data = init[node.input[1 + 2 * i]].clone()
             m.bias.data = init[node.input[2 + 2 * i]].clone()
     base = 1 + 2 * convs

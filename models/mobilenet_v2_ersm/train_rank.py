@@ -98,6 +98,13 @@ def features_and_ig(teacher, suffix, xs, batch):
     return torch.cat(fs), torch.cat(igs), torch.cat(dense)
 
 
+def energies(head, f, offset=0.0):
+    """The head's final energies (N×1×H×W) on features f, `offset` added to
+    its unary cost (where export_head.py bakes it), in batches."""
+    with torch.no_grad():
+        return torch.cat([head(f[i:i + 64], offset)[0] for i in range(0, len(f), 64)])
+
+
 def offset_points(run, e, offsets):
     """Keep, agreement and MACs with the energies `e` (N×H×W) moved by each offset."""
     points = []
@@ -113,8 +120,7 @@ def offset_points(run, e, offsets):
 def evaluate(suffix, head, f, dense, offsets, sem=ZERO):
     """Deletion in the head's energy order and agreement at each energy offset,
     with suffix MACs, under semantics `sem`."""
-    with torch.no_grad():
-        e = torch.cat([head(f[i:i + 64])[0] for i in range(0, len(f), 64)])[:, 0]
+    e = energies(head, f)[:, 0]
     run = runner(suffix, f, dense, sem)
     out = {"rule": sem.down, "deletion": [], "deletion_macs": []}
     for d in DELETED:
@@ -195,9 +201,7 @@ def main():
     elif args.target == "mix":
         # The package head keeps whole the images it cannot rank (section 7);
         # the attribution ranks tokens within an image. Half of each.
-        pkg = head_from_onnx(args.head)
-        with torch.no_grad():
-            own = torch.cat([pkg(tf[i:i + 64])[0] for i in range(0, len(tf), 64)])
+        own = energies(head_from_onnx(args.head), tf)
         target = 0.5 * own + 0.5 * spread_target(tig, args.share)[:, None] * 2.0
     else:
         target = target_energy(tig, args.share)[:, None] * 4.0  # energies of order ±1..4
