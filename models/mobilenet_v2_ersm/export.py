@@ -183,6 +183,8 @@ def main():
     ap.add_argument("--max-compute", type=float, default=0.5, help="effective suffix compute the point must meet")
     ap.add_argument("--train-views", type=int, default=600)
     ap.add_argument("--offsets", default=",".join(str(o) for o in OFFSETS), help="energy offsets to sweep")
+    ap.add_argument("--offset", type=float,
+                    help="ship this offset (one of --offsets) instead of the least effective compute")
     args = ap.parse_args()
     torch.set_num_threads(os.cpu_count() or 2)
     random.seed(0)
@@ -212,9 +214,16 @@ def main():
         curve.append(point)
         choices.append((train_point["effective_compute"], off, t, ho))
     ok = [c for c in choices if c[0] <= args.max_compute]
-    _, offset, fb_margin, ho = min(ok) if ok else min(choices)
-    why = (f"least effective suffix compute on training views with the fallback margin that brings "
-           f"training agreement to {args.target:.0%}" + ("" if ok else f" (none within {args.max_compute})"))
+    if args.offset is not None:
+        picked = [c for c in choices if c[1] == args.offset]
+        if not picked:
+            raise SystemExit(f"--offset {args.offset} is not among --offsets {args.offsets}")
+        _, offset, fb_margin, ho = picked[0]
+        why = (f"offset given (--offset); fallback margin that brings training agreement to {args.target:.0%}")
+    else:
+        _, offset, fb_margin, ho = min(ok) if ok else min(choices)
+        why = (f"least effective suffix compute on training views with the fallback margin that brings "
+               f"training agreement to {args.target:.0%}" + ("" if ok else f" (none within {args.max_compute})"))
     print(f"chosen offset {offset}, fallback margin {fb_margin:.3f}: {why}", flush=True)
 
     out = args.out

@@ -36,6 +36,17 @@ resumes from it. The runs in REPORT.md (logs in runs/; 1.5-2.5 s a step on 2 cor
         --steps 2400 --lr 5e-5 --pull 0.05 --full 0.2 --eval-every 300 --init /tmp/run3.pt --seed 5 \\
         --threads 1 --ckpt /tmp/run5/ckpt.pt --log runs/run5.jsonl
     python3 export.py --data /tmp/data --ckpt /tmp/run2.pt --out /tmp/run2_pkg --offsets=-1,-0.5,0,0.5,1
+    # runs 6-8: the package's head held fixed, its masks within +-0.6 of the shipped point
+    # (run 6 stopped after step 300, run 7 after 150, run 8 after 300)
+    python3 finetune.py --data /tmp/data --semantics zero --masks package --package model.onnx \
+        --shift-range=-0.6:0.6 --full 0.2 --lr 3e-5 --pull 0.05 --steps 1800 --eval-every 300 \
+        --ckpt /tmp/run6/ckpt.pt --log runs/run6.jsonl
+    python3 finetune.py --data /tmp/data --semantics zero --masks package --package model.onnx \
+        --shift-range=-0.6:0.6 --full 0.3 --lr 1e-5 --pull 0.05 --steps 900 --eval-every 150 \
+        --ckpt /tmp/run7/ckpt.pt --log runs/run7.jsonl
+    python3 finetune.py --data /tmp/data --semantics fill --tune fill --masks package --package model.onnx \
+        --shift-range=-0.6:0.6 --full 0 --lr 1e-3 --pull 0 --steps 600 --eval-every 150 \
+        --ckpt /tmp/run8/ckpt.pt --log runs/run8.jsonl
 """
 
 import argparse
@@ -52,7 +63,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import data
-from measure_semantics import coherent_masks
+from measure_semantics import coherent_masks, head_from_onnx, package_semantics
 from semantics import CUT, ZERO, Semantics, Suffix, calibration_means, dense_macs, fit_fast_paths
 from train import TAU, EnergyHead, hard_mask, importance_targets, load_backbone, weights_path
 
@@ -60,6 +71,9 @@ SEMANTICS = {
     "zero": replace(ZERO, down="centre"),
     "zero-any": ZERO,
     "fast": Semantics(cut="keep", res="identity", nonres="fast", bg="mean", pool="all", down="centre"),
+    # Dropped positions of every tensor hold a per-layer fill vector (learned
+    # with --tune fill), pooled with the rest: the dense path is untouched.
+    "fill": Semantics(cut="mean", bg="mean", pool="all", down="centre"),
 }
 
 
@@ -126,7 +140,9 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--data", required=True)
     ap.add_argument("--semantics", choices=sorted(SEMANTICS), default="fast")
-    ap.add_argument("--masks", choices=["random", "head"], default="head")
+    ap.add_argument("--masks", choices=["random", "head", "package"], default="head",
+                    help="random coherent masks, the head trained here, or --package's head held fixed")
+    ap.add_argument("--package", help="masks package: model.onnx whose energy head (and stride rule) is used")
     ap.add_argument("--steps", type=int, default=300)
     ap.add_argument("--batch", type=int, default=24)
     ap.add_argument("--lr", type=float, default=1e-4)
@@ -136,12 +152,14 @@ def main():
     ap.add_argument("--beta", type=float, default=0.5, help="keep regulariser (head masks)")
     ap.add_argument("--ratio", type=float, default=1.0, help="head masks: importance threshold (x image mean)")
     ap.add_argument("--shift", type=float, default=1.0, help="head masks: random energy offset range for the suffix")
+    ap.add_argument("--shift-range", help="package masks: lo:hi of the random unary offset (default -shift:shift)")
     ap.add_argument("--st", type=float, default=0.0, help="head masks: weight of the straight-through gradient")
     ap.add_argument("--head-steps", type=int, default=0, help="head masks: steps training the head alone first")
     ap.add_argument("--full", type=float, default=0.0,
                     help="head masks: fraction of each batch run with every token kept (keeps the dense path faithful)")
-    ap.add_argument("--tune", choices=["all", "bn"], default="all",
-                    help="suffix parameters trained: all, or only BatchNorm's scale and shift (with the fill vectors)")
+    ap.add_argument("--tune", choices=["all", "bn", "fill"], default="all",
+                    help="suffix parameters trained: all, only BatchNorm's scale and shift (with the fill vectors), "
+                         "or only the fill vectors (the network's weights, so its dense path, stay the original's)")
     ap.add_argument("--init", help="start from this checkpoint's student (fresh optimizer and schedule)")
     ap.add_argument("--keep-range", default="0.15:0.7", help="random masks: keep ratio drawn from this range")
     ap.add_argument("--eval-every", type=int, default=100)
@@ -171,11 +189,19 @@ def main():
         fc = teacher.features[:CUT](calib)
     sem = SEMANTICS[args.semantics]
     student = Student(teacher, sem, calibration_means(teacher, fc), fit_fast_paths(teacher, fc))
+    if args.masks == "package":
+        # The package's head, frozen: the suffix learns to tolerate the masks
+        # it will be shipped with, across offsets around its operating point.
+        if package_semantics(args.package).down != sem.down:
+            raise SystemExit(f"{args.package}: stride rule differs from --semantics {args.semantics}")
+        student.head.load_state_dict(head_from_onnx(args.package).state_dict())
+        student.head.requires_grad_(False)
     total = dense_macs(teacher, hf)
     teacher_params = {n: p.detach().clone() for n, p in student.net.named_parameters()}
     bn = {f"net.{m}." for m, mod in student.net.named_modules() if isinstance(mod, nn.BatchNorm2d)}
     tuned = [p for n, p in student.named_parameters() if not n.startswith("head.")
-             and (args.tune == "all" or not n.startswith("net.") or n[:n.rfind(".") + 1] in bn)]
+             and (args.tune == "all" or not n.startswith("net.") or n[:n.rfind(".") + 1] in bn)
+             and (args.tune != "fill" or n.startswith("means."))]
     for p in tuned:
         p.requires_grad_(True)
     opt = torch.optim.Adam([{"params": tuned, "lr": args.lr},
@@ -208,8 +234,12 @@ def main():
         for name, em in eval_masks.items():
             rec[name] = evaluate(student, teacher, hf, lambda fb, i, em=em: em[i:i + len(fb)], total)
         rec["full"] = evaluate(student, teacher, hf, lambda fb, i: torch.ones(len(fb), 1, 28, 28), total)
-        if args.masks == "head":
+        if args.masks != "random":
             rec["head"] = evaluate(student, teacher, hf, lambda fb, i: hard_mask(student.head(fb)[0]), total)
+        if args.masks == "package":
+            for off in (-0.4, 0.35):
+                rec[f"head {off:+}"] = evaluate(student, teacher, hf,
+                                                lambda fb, i, off=off: hard_mask(student.head(fb, off)[0]), total)
         log(rec)
 
     if start == 0:
@@ -224,6 +254,14 @@ def main():
         if args.masks == "random":
             keep = random.uniform(lo, hi)
             m = coherent_masks(len(f), keep, seed=random.randrange(1 << 30))
+            reg = torch.zeros(())
+        elif args.masks == "package":
+            slo, shi = ((float(v) for v in args.shift_range.split(":")) if args.shift_range
+                        else (-args.shift, args.shift))
+            with torch.no_grad():
+                shift = torch.rand(len(f), 1, 1, 1) * (shi - slo) + slo
+                m = hard_mask(student.head(f, shift)[0])
+                m[torch.rand(len(f)) < args.full] = 1.0
             reg = torch.zeros(())
         else:
             e, _ = student.head(f)
