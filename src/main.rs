@@ -541,6 +541,7 @@ fn bench(a: BenchArgs) -> Result<()> {
     let report = BenchReport {
         model: m.manifest.name.clone(),
         device: pipeline.device.name().into(),
+        placement: pipeline.placement(),
         threads: pipeline.threads.count(),
         frames: keeps.len(),
         failed,
@@ -606,7 +607,9 @@ fn load_pipeline(
     log::info!("{} worker thread(s)", threads.count());
     let pipeline = Pipeline::new(model, Device::select(device.into())?)
         .with_threads(threads)
-        .with_gpu_suffix();
+        .with_gpu_suffix()
+        .with_gpu_prefix();
+    log::info!("{}", pipeline.placement());
     if fallback {
         pipeline.with_fallback()
     } else {

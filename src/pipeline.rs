@@ -3,6 +3,7 @@
 
 use crate::ersm::{Device, FeatureMap, TokenMask};
 use crate::model::ModelPackage;
+use crate::prefix::TractNet;
 use crate::preprocess::preprocess;
 use crate::source::Frame;
 use crate::sparse::gpu::{cuda::CudaDevice, GpuSuffix};
@@ -61,6 +62,18 @@ pub struct Pipeline {
     /// The sparse suffix on the GPU, when the energy layer runs there and
     /// every suffix op has a kernel; otherwise the CPU executor runs it.
     pub gpu_suffix: Option<GpuSuffix<CudaDevice>>,
+    /// The prefix and the dense baseline's suffix prepared by tract-cuda, when
+    /// the energy layer runs on a GPU and tract-cuda can serve; otherwise
+    /// tract's CPU plans run them.
+    pub gpu_nets: Option<GpuNets>,
+}
+
+/// The tract nets a pipeline runs on the GPU.
+pub struct GpuNets {
+    /// The dense prefix.
+    pub prefix: TractNet,
+    /// The dense baseline's layers after the cut.
+    pub dense: TractNet,
 }
 
 /// Fails when `v` holds NaN or an infinity, naming `what` and where: such a
@@ -89,7 +102,55 @@ impl Pipeline {
             fallback: None,
             threads: Threads::single(),
             gpu_suffix: None,
+            gpu_nets: None,
         }
+    }
+
+    /// With the energy layer on a GPU, moves the prefix and the dense
+    /// baseline there too (tract-cuda), so the comparison is GPU against GPU;
+    /// where tract-cuda cannot serve, says why once and keeps tract's CPU plans.
+    pub fn with_gpu_prefix(mut self) -> Pipeline {
+        if !matches!(self.device, Device::Cuda(_)) {
+            return self;
+        }
+        let nets = self.model.prefix.on_cuda().and_then(|prefix| {
+            Ok(GpuNets {
+                prefix,
+                dense: self.model.baseline_suffix().on_cuda()?,
+            })
+        });
+        match nets {
+            Ok(n) => {
+                log::info!("prefix and dense baseline on the GPU (tract-cuda)");
+                self.gpu_nets = Some(n);
+            }
+            Err(e) => log::warn!("prefix and dense baseline stay on the CPU: {e:#}"),
+        }
+        self
+    }
+
+    /// Where each stage runs, for logs and reports: "prefix cpu, energy cuda, ...".
+    pub fn placement(&self) -> String {
+        let gpu = |on: bool| if on { "cuda" } else { "cpu" };
+        format!(
+            "prefix {}, energy {}, sparse suffix {}, dense baseline {}",
+            gpu(self.gpu_nets.is_some()),
+            self.device.name(),
+            gpu(self.gpu_suffix.is_some()),
+            gpu(self.gpu_nets.is_some())
+        )
+    }
+
+    fn prefix_net(&self) -> &TractNet {
+        self.gpu_nets
+            .as_ref()
+            .map_or(&self.model.prefix, |g| &g.prefix)
+    }
+
+    fn dense_net(&self) -> &TractNet {
+        self.gpu_nets
+            .as_ref()
+            .map_or(self.model.baseline_suffix(), |g| &g.dense)
     }
 
     /// With the energy layer on a GPU, moves the sparse suffix there too;
@@ -166,7 +227,7 @@ impl Pipeline {
 
     /// The prefix's feature map for a pre-processed input (finite, or an error).
     pub fn features(&self, input: &[f32]) -> Result<Vec<f32>> {
-        let features = self.model.prefix.run(input).context("prefix")?;
+        let features = self.prefix_net().run(input).context("prefix")?;
         ensure_finite(&features, "prefix features")?;
         Ok(features)
     }
@@ -185,11 +246,7 @@ impl Pipeline {
 
     /// The dense baseline's logits for a prefix feature map (finite, or an error).
     pub fn dense_logits(&self, features: &[f32]) -> Result<Vec<f32>> {
-        let logits = self
-            .model
-            .baseline_suffix()
-            .run(features)
-            .context("dense suffix")?;
+        let logits = self.dense_net().run(features).context("dense suffix")?;
         ensure_finite(&logits, "dense logits")?;
         Ok(logits)
     }

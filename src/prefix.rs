@@ -6,9 +6,42 @@ use std::sync::Arc;
 use tract_onnx::pb::ModelProto;
 use tract_onnx::prelude::*;
 
+/// Where a tract net runs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Engine {
+    /// tract's CPU plan, on the pipeline's threads.
+    Cpu,
+    /// tract-cuda on CUDA device 0; inputs and outputs cross on the host.
+    Cuda,
+}
+
+#[cfg(feature = "cuda-12020")]
+fn cuda_plan(source: &TypedModel) -> Result<Arc<TypedRunnableModel>> {
+    // Linking tract-cuda registers its runtime with tract.
+    use tract_cuda as _;
+    let rt = tract_core::runtime::runtime_for_name("cuda")?
+        .context("tract has no \"cuda\" runtime registered")?;
+    let runnable = rt.prepare(source.clone())?;
+    let plan = runnable
+        .typed_plan()
+        .context("tract-cuda returned a plan ersm cannot run")?;
+    Ok(plan.clone())
+}
+
+#[cfg(not(feature = "cuda-12020"))]
+fn cuda_plan(_source: &TypedModel) -> Result<Arc<TypedRunnableModel>> {
+    anyhow::bail!("this build binds CUDA 11.4 (JetPack 5); tract-cuda needs CUDA 12.2 or later")
+}
+
 /// A tract network with one input and one output of fixed shapes.
 pub struct TractNet {
     plan: Arc<TypedRunnableModel>,
+    /// The typed graph before optimisation, from which a GPU plan is prepared.
+    source: TypedModel,
+    /// The net's name in errors.
+    what: String,
+    /// Where the plan runs.
+    pub engine: Engine,
     /// Input shape.
     pub input_shape: Vec<usize>,
     /// Output shape.
@@ -52,15 +85,37 @@ impl TractNet {
             t.transform(&mut typed)
                 .with_context(|| format!("{what}: channel-last rewrite"))?;
         }
+        let source = typed.clone();
         let plan = typed
             .into_optimized()
             .with_context(|| format!("{what}: tract optimisation failed"))?
             .into_runnable()?;
         Ok(TractNet {
             plan,
+            source,
+            what: what.to_string(),
+            engine: Engine::Cpu,
             input_shape: input_shape.to_vec(),
             output_shape,
             ops,
+        })
+    }
+
+    /// The same net prepared by tract-cuda on CUDA device 0 (cuDNN convolutions,
+    /// tract's own kernels for the rest). Fails with the reason when tract-cuda
+    /// cannot serve: no driver, a missing CUDA library (cuDNN, cuBLAS, NVRTC,
+    /// cudart), a driver older than CUDA 12.2, an op it cannot run, or a build
+    /// for CUDA 11.4 (JetPack 5), which tract-cuda does not support.
+    pub fn on_cuda(&self) -> Result<TractNet> {
+        let plan = cuda_plan(&self.source).with_context(|| format!("{}: tract-cuda", self.what))?;
+        Ok(TractNet {
+            plan,
+            source: self.source.clone(),
+            what: self.what.clone(),
+            engine: Engine::Cuda,
+            input_shape: self.input_shape.clone(),
+            output_shape: self.output_shape.clone(),
+            ops: self.ops.clone(),
         })
     }
 

@@ -109,6 +109,8 @@ impl StageSamples {
 pub struct BenchReport {
     pub model: String,
     pub device: String,
+    /// Where each stage ran (`Pipeline::placement`).
+    pub placement: String,
     /// Threads the prefix, the sparse suffix and the dense baseline ran on.
     pub threads: usize,
     /// Frames timed (failed ones left out).
@@ -179,6 +181,7 @@ impl BenchReport {
                 String::new()
             }
         );
+        let _ = writeln!(s, " {}", self.placement);
         let _ = writeln!(s, "{rule}");
         let _ = writeln!(
             s,
@@ -287,6 +290,8 @@ pub struct RunReport {
     pub source: String,
     pub model: String,
     pub device: String,
+    /// Where each stage ran (`Pipeline::placement`).
+    pub placement: String,
     /// Threads the prefix, the sparse suffix and the dense baseline ran on.
     pub threads: usize,
     /// Frames run through ERSM (and dense, when compared).

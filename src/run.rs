@@ -255,6 +255,7 @@ pub fn run(
         source: opts.source.clone(),
         model: m.manifest.name.clone(),
         device: pipeline.device.name().into(),
+        placement: pipeline.placement(),
         threads: pipeline.threads.count(),
         frames: t.frames(),
         dropped: capture.queue.dropped(),

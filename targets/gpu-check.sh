@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# GPU check for the CUDA energy layer, on an x86_64 machine with an NVIDIA GPU.
+# GPU check for ersm on CUDA (energy layer, sparse suffix, and the prefix and
+# dense baseline through tract-cuda), on an x86_64 machine with an NVIDIA GPU.
 #
 #   targets/gpu-check.sh OUT_DIR             build (if cargo is here), test, benchmark
 #   targets/gpu-check.sh --package BIN_DIR   only build the binaries into BIN_DIR,
@@ -43,19 +44,24 @@ if [ -z "$bin" ]; then
     package "$bin"
 fi
 
-# cudarc loads libnvrtc at run time: find one if the loader does not know it.
-if ! ldconfig -p 2>/dev/null | grep -q 'libnvrtc\.so'; then
-    lib=$(find /usr/local/cuda*/ /usr/lib /opt "${HOME:-/root}" -name 'libnvrtc.so*' 2>/dev/null | grep -v builtins | head -1 || true)
-    if [ -n "$lib" ]; then
-        export LD_LIBRARY_PATH="$(dirname "$lib")${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
-        # cudarc asks for libnvrtc.so / .so.12; a newer toolkit may ship only .so.NN.
-        if [ ! -e "$(dirname "$lib")/libnvrtc.so" ]; then
-            mkdir -p /tmp/ersm-nvrtc && ln -sf "$lib" /tmp/ersm-nvrtc/libnvrtc.so
-            export LD_LIBRARY_PATH="/tmp/ersm-nvrtc:$LD_LIBRARY_PATH"
-        fi
-        echo "NVRTC: $lib"
-    fi
-fi
+# cudarc loads NVRTC (the energy and suffix kernels) and tract-cuda also
+# cudart, cuBLAS and cuDNN (the prefix and the dense baseline) at run time:
+# find each where the loader does not know it (a toolkit, pip's nvidia-* wheels).
+# cudarc asks for libX.so or libX.so.12; a newer toolkit may ship only .so.NN,
+# so a plain libX.so link goes in a folder of our own.
+links=/tmp/ersm-cudalibs
+sitepkgs=$(python3 -c 'import site; print(" ".join(site.getsitepackages()))' 2>/dev/null || true)
+for name in nvrtc cudart cublas cublasLt cudnn; do
+    ldconfig -p 2>/dev/null | grep -q "lib$name\.so" && continue
+    lib=$(find /usr/local/cuda*/ /usr/lib /opt "${HOME:-/root}" $sitepkgs -name "lib$name.so*" 2>/dev/null \
+        | grep -v builtins | sort | head -1 || true)
+    [ -n "$lib" ] || { echo "lib$name: not found (tract-cuda needs it; the CPU prefix serves then)"; continue; }
+    mkdir -p "$links"
+    [ -e "$(dirname "$lib")/lib$name.so" ] || ln -sf "$lib" "$links/lib$name.so"
+    export LD_LIBRARY_PATH="$(dirname "$lib")${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+    echo "lib$name: $lib"
+done
+[ -d "$links" ] && export LD_LIBRARY_PATH="$links:$LD_LIBRARY_PATH"
 
 { nvidia-smi -L || true; nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem --format=csv || true; } > "$out/gpu.txt" 2>&1
 cat "$out/gpu.txt"

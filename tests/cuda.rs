@@ -436,3 +436,67 @@ fn gpu_pipeline_matches_the_cpu_pipeline_on_the_shipped_model() {
         );
     }
 }
+
+/// The prefix and the dense baseline through tract-cuda (`--device cuda`)
+/// against tract's CPU plans on the bundled photos: features and logits
+/// within 1e-3 of their scale. Where tract-cuda cannot serve (no GPU, a
+/// missing CUDA library, a CUDA 11.4 build), the reason names the net.
+#[test]
+fn tract_cuda_prefix_and_dense_baseline_match_the_cpu() {
+    use ersm::model::ModelPackage;
+    use ersm::pipeline::Pipeline;
+    let cpu = Pipeline::new(
+        ModelPackage::load("models/mobilenet_v2_ersm").unwrap(),
+        Device::Cpu,
+    );
+    let m = &cpu.model;
+    let nets = m
+        .prefix
+        .on_cuda()
+        .and_then(|p| Ok((p, m.baseline_suffix().on_cuda()?)));
+    let (prefix, dense) = match nets {
+        Ok(n) => n,
+        Err(e) => {
+            let why = format!("{e:#}");
+            assert!(
+                why.starts_with("prefix: tract-cuda"),
+                "the refusal does not name the net: {why}"
+            );
+            eprintln!("SKIPPED: tract-cuda cannot serve here: {why}");
+            return;
+        }
+    };
+    assert!(
+        cuda::driver_present(),
+        "tract-cuda prepared a plan without a CUDA driver"
+    );
+    let close = |what: &str, a: &[f32], b: &[f32]| {
+        assert_eq!(a.len(), b.len(), "{what}: lengths differ");
+        let scale = a.iter().fold(0.0f32, |m, v| m.max(v.abs()));
+        let err = a
+            .iter()
+            .zip(b)
+            .fold(0.0f32, |m, (x, y)| m.max((x - y).abs()));
+        assert!(
+            err <= 1e-3 * scale,
+            "{what}: differ by {err} (scale {scale})"
+        );
+    };
+    for name in ["chelsea.png", "coffee.png", "astronaut.png", "rocket.jpg"] {
+        let frame =
+            ersm::source::images::load(std::path::Path::new(&format!("models/images/{name}")))
+                .unwrap();
+        let input = cpu.preprocess(&frame).unwrap();
+        let features = m.prefix.run(&input).unwrap();
+        close(
+            &format!("{name}: prefix"),
+            &features,
+            &prefix.run(&input).unwrap(),
+        );
+        close(
+            &format!("{name}: dense baseline"),
+            &m.baseline_suffix().run(&features).unwrap(),
+            &dense.run(&features).unwrap(),
+        );
+    }
+}
