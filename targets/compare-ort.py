@@ -5,6 +5,7 @@ network, side by side, on the same images and the same thread counts.
     python3 -m pip install onnxruntime==1.20.1 onnx==1.17.0 numpy pillow   # once
     cargo build --release
     python3 targets/compare-ort.py                 # threads 1, 2 and all; bundled photos and clip
+    python3 targets/compare-ort.py --device cuda   # ersm on the GPU against ORT's CUDA provider
 
 For each thread count it runs, one after the other:
   - `ersm bench --threads N` on the bundled photos (ERSM and ersm dense
@@ -90,14 +91,28 @@ def dense_graphs(model_dir, manifest, out_dir):
     return whole, prefix
 
 
-def time_ort(path, inputs, threads, frames, warmup):
+def ort_provider(device):
+    """ONNX Runtime's provider for `device`, or (None, why) when it has none."""
+    import onnxruntime as ort
+    if device == "cpu":
+        return "CPUExecutionProvider", None
+    have = ort.get_available_providers()
+    if "CUDAExecutionProvider" not in have:
+        return None, (f"onnxruntime {ort.__version__} here has no CUDA execution provider "
+                      f"(it offers {', '.join(have)}; pip's onnxruntime-gpu brings one)")
+    return "CUDAExecutionProvider", None
+
+
+def time_ort(path, inputs, threads, frames, warmup, provider="CPUExecutionProvider"):
     import onnxruntime as ort
     so = ort.SessionOptions()
     so.intra_op_num_threads = threads
     so.inter_op_num_threads = 1
     so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    sess = ort.InferenceSession(path, so, providers=["CPUExecutionProvider"])
+    sess = ort.InferenceSession(path, so, providers=[provider])
+    if sess.get_providers()[0] != provider:
+        raise RuntimeError(f"ONNX Runtime could not start {provider} (it runs {sess.get_providers()})")
     name = sess.get_inputs()[0].name
     times, outs = [], []
     for i in range(warmup + frames):
@@ -112,23 +127,28 @@ def time_ort(path, inputs, threads, frames, warmup):
     return times, outs
 
 
-def ersm_bench(binary, model, images, threads, frames, warmup, tmp):
+def run_ersm(cmd):
+    """Runs ersm; on failure exits with what it said."""
+    r = subprocess.run(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    if r.returncode != 0:
+        sys.exit(f"{' '.join(cmd[:2])} failed ({r.returncode}):\n" + "\n".join(r.stderr.splitlines()[-5:]))
+
+
+def ersm_bench(binary, model, images, threads, frames, warmup, tmp, device):
     out = os.path.join(tmp, f"bench-{threads}.json")
     dump = os.path.join(tmp, f"dump-{threads}.jsonl")
-    subprocess.run([binary, "bench", "--model", model, "--images", images, "--device", "cpu",
+    run_ersm([binary, "bench", "--model", model, "--images", images, "--device", device,
                     "--threads", str(threads), "--frames", str(frames), "--warmup", str(warmup),
-                    "--json", out, "--dump", dump], check=True, stdout=subprocess.DEVNULL,
-                   stderr=subprocess.DEVNULL)
+                    "--json", out, "--dump", dump])
     report = json.load(open(out))
     dumps = [json.loads(l) for l in open(dump)]
     return report, dumps
 
 
-def ersm_run(binary, model, clip, threads, frames, tmp):
+def ersm_run(binary, model, clip, threads, frames, tmp, device):
     out = os.path.join(tmp, f"run-{threads}.jsonl")
-    subprocess.run([binary, "run", "--model", model, "--source", clip, "--device", "cpu",
-                    "--threads", str(threads), "--max-frames", str(frames), "--jsonl", out],
-                   check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    run_ersm([binary, "run", "--model", model, "--source", clip, "--device", device,
+                    "--threads", str(threads), "--max-frames", str(frames), "--jsonl", out])
     recs = [json.loads(l) for l in open(out)]
     recs = [r for r in recs if not r["warmup"] and r.get("dense_ms")]
     net = lambda t: t["prefix"] + t["ersm"] + t["suffix"]
@@ -151,6 +171,8 @@ def main():
     ap.add_argument("--clip-frames", type=int, default=60)
     ap.add_argument("--warmup", type=int, default=5)
     ap.add_argument("--json", help="also write the numbers here")
+    ap.add_argument("--device", choices=["cpu", "cuda"], default="cpu",
+                    help="cuda: ersm with --device cuda, ONNX Runtime with its CUDA execution provider")
     args = ap.parse_args()
     if not os.access(args.ersm, os.X_OK):
         sys.exit(f"{args.ersm} not found: run `cargo build --release` first (or pass --ersm)")
@@ -164,15 +186,23 @@ def main():
     files = sorted(os.path.join(args.images, f) for f in os.listdir(args.images)
                    if f.lower().endswith((".png", ".jpg", ".jpeg")))
     inputs = [preprocess(f, manifest["preprocess"]) for f in files]
-    results = {"cores": cores, "images": [os.path.basename(f) for f in files], "threads": {}}
+    provider, why = ort_provider(args.device)
+    if why:
+        print(f"ONNX Runtime dense not timed: {why}")
+    results = {"cores": cores, "device": args.device, "ort_provider": provider, "ort_missing": why,
+               "images": [os.path.basename(f) for f in files], "threads": {}}
     with tempfile.TemporaryDirectory() as tmp:
         whole, prefix = dense_graphs(args.model, manifest, tmp)
         for n in counts:
-            report, dumps = ersm_bench(args.ersm, args.model, args.images, n, args.frames, args.warmup, tmp)
-            clip = ersm_run(args.ersm, args.model, args.clip, n, args.clip_frames, tmp) \
+            report, dumps = ersm_bench(args.ersm, args.model, args.images, n, args.frames, args.warmup, tmp,
+                                       args.device)
+            clip = ersm_run(args.ersm, args.model, args.clip, n, args.clip_frames, tmp, args.device) \
                 if os.path.exists(args.clip) else None
-            ort_whole, ort_out = time_ort(whole, inputs, n, args.frames, args.warmup)
-            ort_prefix, _ = time_ort(prefix, inputs, n, args.frames, args.warmup)
+            if provider:
+                ort_whole, ort_out = time_ort(whole, inputs, n, args.frames, args.warmup, provider)
+                ort_prefix, _ = time_ort(prefix, inputs, n, args.frames, args.warmup, provider)
+            else:  # NaN times: the table shows what ersm measured and says ORT's are missing
+                ort_whole, ort_out, ort_prefix = [float("nan")], [], [float("nan")]
             st = report["stages"]
             # ersm's dense top-1 and ORT's on the same photos (pre-processing
             # differs in rounding only).
@@ -190,8 +220,11 @@ def main():
                 "ort_dense": summary(ort_whole),
                 "prefix": {"tract": {"p50": st["dense"]["prefix"]["p50_ms"], "p95": st["dense"]["prefix"]["p95_ms"]},
                            "ort": summary(ort_prefix)},
-                "ort_top1_same_as_ersm_dense": f"{same}/{len(files)}",
+                "ort_top1_same_as_ersm_dense": f"{same}/{len(ort_out)}",
+                "placement": report.get("placement"),
             }
+    first = next(iter(results["threads"].values()))
+    print(f"ersm: {first['placement']}; ONNX Runtime: {provider or 'none'}")
     print(f"network time per frame, ms (pre-processing excluded); {cores} cores; "
           f"{len(files)} photos, clip {os.path.basename(args.clip)}")
     hdr = f"{'threads':>7} {'input':>6} | {'ERSM p50/p95':>15} {'ersm dense':>15} {'ORT dense':>15} | " \
