@@ -12,6 +12,15 @@ cache of held-out features.
 `--head` is a package's model.onnx, or a train_rank.py state dict with `--kind`.
 ORIGINAL_MODEL.onnx is the package as train.py exported it (offset 0, `any`):
 `git show e537dbd:models/mobilenet_v2_ersm/model.onnx`.
+`--fills CKPT` runs the suffix with a `finetune.py --tune fill` checkpoint's
+fill vectors and semantics (REPORT section 2, run 8; runs/run8_fills.pt holds
+that run's fill vectors from its step-300 checkpoint):
+
+    python3 models/mobilenet_v2_ersm/measure_offsets.py --cache /tmp/rank/cache1600.pt \
+        --head models/mobilenet_v2_ersm/model.onnx --where unary --offsets=-0.4,-0.2,0,0.2,0.35 \
+        --fills models/mobilenet_v2_ersm/runs/run8_fills.pt --out models/mobilenet_v2_ersm/runs/run8_offsets.json
+
+and the same without `--fills` (zero) for runs/run8_zero_offsets.json.
 """
 
 import argparse
@@ -25,6 +34,7 @@ from measure_ranking import runner
 from measure_semantics import head_from_onnx
 from semantics import ZERO, Suffix
 from train import load_backbone, weights_path
+from finetune import SEMANTICS
 from train_rank import energies, make_head, offset_points
 
 
@@ -37,6 +47,8 @@ def main():
     ap.add_argument("--offsets", required=True, help="comma-separated")
     ap.add_argument("--rule", choices=["any", "centre"], default="centre")
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 2)
+    ap.add_argument("--fills", help="a finetune.py --tune fill checkpoint: its fill vectors and semantics "
+                                    "(torchvision's weights either way)")
     ap.add_argument("--out", required=True)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -47,7 +59,17 @@ def main():
         head = make_head(args.kind)
         head.load_state_dict(torch.load(args.head, weights_only=True))
         head.eval()
-    run = runner(Suffix(load_backbone(weights_path())), hf, hd, replace(ZERO, down=args.rule))
+    net = load_backbone(weights_path())
+    if args.fills:
+        ck = torch.load(args.fills, weights_only=False)
+        if ck["args"].get("tune") != "fill":
+            raise SystemExit(f"{args.fills}: not a --tune fill checkpoint")
+        sem = SEMANTICS[ck["args"]["semantics"]]
+        means = {k[len("means."):]: v for k, v in ck["student"].items() if k.startswith("means.")}
+        means = {(k if k == "cut" else (int(k.split("_")[0]), k.split("_")[1])): v for k, v in means.items()}
+        run = runner(Suffix(net, means), hf, hd, sem)
+    else:
+        run = runner(Suffix(net), hf, hd, replace(ZERO, down=args.rule))
     offsets = [float(o) for o in args.offsets.split(",")]
     if args.where == "energy":
         points = offset_points(run, energies(head, hf)[:, 0], offsets)
