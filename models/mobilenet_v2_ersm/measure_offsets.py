@@ -17,7 +17,7 @@ fill vectors and semantics (REPORT section 2, run 8; runs/run8_fills.pt holds
 that run's fill vectors from its step-300 checkpoint):
 
     python3 models/mobilenet_v2_ersm/measure_offsets.py --cache /tmp/rank/cache1600.pt \
-        --head models/mobilenet_v2_ersm/model.onnx --where unary --offsets=-0.4,-0.2,0,0.2,0.35 \
+        --head models/mobilenet_v2_ersm/model.onnx --where unary --offsets=-0.4,-0.2,0,0.2,0.35,0.75 \
         --fills models/mobilenet_v2_ersm/runs/run8_fills.pt --out models/mobilenet_v2_ersm/runs/run8_offsets.json
 
 and the same without `--fills` (zero) for runs/run8_zero_offsets.json.
