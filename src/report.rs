@@ -338,8 +338,8 @@ impl RunReport {
         let _ = writeln!(s, "{rule}");
         let _ = writeln!(
             s,
-            " ersm run  source {}\n           model {}  energy layer on {}  threads {}",
-            self.source, self.model, self.device, self.threads
+            " ersm run  source {}\n           model {}  threads {}\n           {}",
+            self.source, self.model, self.threads, self.placement
         );
         let _ = writeln!(s, "{rule}");
         if self.frames == 0 {
