@@ -77,6 +77,19 @@ SEMANTICS = {
 }
 
 
+def semantic_keys(means):
+    """Fill vectors keyed as `Suffix` reads them ("cut", or (block, tensor))
+    from their parameter names ("cut", "7_expand", ...)."""
+    out = {}
+    for k, v in means.items():
+        if k == "cut":
+            out["cut"] = v
+        else:
+            i, kind = k.split("_")
+            out[(int(i), kind)] = v
+    return out
+
+
 class Student(nn.Module):
     """The suffix being trained: a copy of the network, learned backgrounds
     (fill vectors) and fast paths, and the energy head."""
@@ -95,13 +108,7 @@ class Student(nn.Module):
         return k if isinstance(k, str) else f"{k[0]}_{k[1]}"
 
     def suffix(self):
-        means = {}
-        for k in self.means:
-            if k == "cut":
-                means["cut"] = self.means[k]
-            else:
-                i, kind = k.split("_")
-                means[(int(i), kind)] = self.means[k]
+        means = semantic_keys(self.means)
         fast = {int(i): (self.fast_w[i], self.fast_b[i]) for i in self.fast_w}
         return Suffix(self.net, means, fast)
 

@@ -34,7 +34,7 @@ from measure_ranking import runner
 from measure_semantics import head_from_onnx
 from semantics import ZERO, Suffix
 from train import load_backbone, weights_path
-from finetune import SEMANTICS
+from finetune import SEMANTICS, semantic_keys
 from train_rank import energies, make_head, offset_points
 
 
@@ -65,8 +65,7 @@ def main():
         if ck["args"].get("tune") != "fill":
             raise SystemExit(f"{args.fills}: not a --tune fill checkpoint")
         sem = SEMANTICS[ck["args"]["semantics"]]
-        means = {k[len("means."):]: v for k, v in ck["student"].items() if k.startswith("means.")}
-        means = {(k if k == "cut" else (int(k.split("_")[0]), k.split("_")[1])): v for k, v in means.items()}
+        means = semantic_keys({k[len("means."):]: v for k, v in ck["student"].items() if k.startswith("means.")})
         run = runner(Suffix(net, means), hf, hd, sem)
     else:
         run = runner(Suffix(net), hf, hd, replace(ZERO, down=args.rule))
