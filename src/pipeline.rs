@@ -131,13 +131,16 @@ impl Pipeline {
 
     /// Where each stage runs, for logs and reports: "prefix cpu, energy cuda, ...".
     pub fn placement(&self) -> String {
-        let gpu = |on: bool| if on { "cuda" } else { "cpu" };
         format!(
             "prefix {}, energy {}, sparse suffix {}, dense baseline {}",
-            gpu(self.gpu_nets.is_some()),
+            self.prefix_net().engine.name(),
             self.device.name(),
-            gpu(self.gpu_suffix.is_some()),
-            gpu(self.gpu_nets.is_some())
+            if self.gpu_suffix.is_some() {
+                "cuda"
+            } else {
+                "cpu"
+            },
+            self.dense_net().engine.name()
         )
     }
 

@@ -15,6 +15,16 @@ pub enum Engine {
     Cuda,
 }
 
+impl Engine {
+    /// Short name for logs and reports.
+    pub fn name(self) -> &'static str {
+        match self {
+            Engine::Cpu => "cpu",
+            Engine::Cuda => "cuda",
+        }
+    }
+}
+
 #[cfg(feature = "cuda-12020")]
 fn cuda_plan(source: &TypedModel) -> Result<Arc<TypedRunnableModel>> {
     // Linking tract-cuda registers its runtime with tract.
