@@ -424,16 +424,8 @@ fn gpu_pipeline_matches_the_cpu_pipeline_on_the_shipped_model() {
         let a = cpu.run_ersm(&frame).unwrap();
         let b = on_gpu.run_ersm(&frame).unwrap();
         assert_eq!(a.mask.kept, b.mask.kept, "{name}: kept sets differ");
-        let scale = a.logits.iter().fold(0.0f32, |m, v| m.max(v.abs()));
-        let err = a
-            .logits
-            .iter()
-            .zip(&b.logits)
-            .fold(0.0f32, |m, (x, y)| m.max((x - y).abs()));
-        assert!(
-            err <= 1e-3 * scale,
-            "{name}: logits differ by {err} (scale {scale})"
-        );
+        let err = common::rel_err(&b.logits, &a.logits);
+        assert!(err <= 1e-3, "{name}: logits differ by {err} of their scale");
     }
 }
 
@@ -470,17 +462,9 @@ fn tract_cuda_prefix_and_dense_baseline_match_the_cpu() {
         cuda::driver_present(),
         "tract-cuda prepared a plan without a CUDA driver"
     );
-    let close = |what: &str, a: &[f32], b: &[f32]| {
-        assert_eq!(a.len(), b.len(), "{what}: lengths differ");
-        let scale = a.iter().fold(0.0f32, |m, v| m.max(v.abs()));
-        let err = a
-            .iter()
-            .zip(b)
-            .fold(0.0f32, |m, (x, y)| m.max((x - y).abs()));
-        assert!(
-            err <= 1e-3 * scale,
-            "{what}: differ by {err} (scale {scale})"
-        );
+    let close = |what: &str, want: &[f32], got: &[f32]| {
+        let err = common::rel_err(got, want);
+        assert!(err <= 1e-3, "{what}: differ by {err} of their scale");
     };
     for name in ["chelsea.png", "coffee.png", "astronaut.png", "rocket.jpg"] {
         let frame =
