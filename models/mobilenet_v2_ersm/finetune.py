@@ -178,6 +178,8 @@ def main():
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 2,
                     help="torch threads (1 leaves a core free for other work on a 2-core machine)")
     args = ap.parse_args()
+    if args.masks == "package" and not args.package:
+        ap.error("--masks package needs --package MODEL.onnx")
     torch.set_num_threads(args.threads)
     random.seed(args.seed)
     np.random.seed(args.seed)
