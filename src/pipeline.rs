@@ -240,10 +240,14 @@ impl Pipeline {
     pub fn sparse_logits(&self, kept: &[u32], rows: Vec<f32>) -> Result<Vec<f32>> {
         match &self.gpu_suffix {
             Some(g) => suffix_logits(
+                &self.model.plan,
                 g.run(&self.model.plan, kept, &rows)
                     .context("sparse suffix (GPU)")?,
             ),
-            None => suffix_logits(self.model.plan.run(kept, rows).context("sparse suffix")?),
+            None => suffix_logits(
+                &self.model.plan,
+                self.model.plan.run(kept, rows).context("sparse suffix")?,
+            ),
         }
     }
 
@@ -276,7 +280,7 @@ impl Pipeline {
                     })
                     .context("energy layer")?;
                 times.ersm = (suffix_started - t).as_secs_f64() * 1e3;
-                let logits = suffix_logits(out.context("sparse suffix (GPU)")?)?;
+                let logits = suffix_logits(&self.model.plan, out.context("sparse suffix (GPU)")?)?;
                 (mask, logits, suffix_started)
             }
             _ => {
@@ -343,11 +347,12 @@ impl Pipeline {
     }
 }
 
-/// The logits a suffix run gives, scattered to dense (finite, or an error).
+/// The logits a run of `plan` gives, scattered to dense (finite, or an error).
 fn suffix_logits(
+    plan: &crate::sparse::Plan,
     (out, frame): (crate::sparse::value::Value, crate::sparse::plan::Frame),
 ) -> Result<Vec<f32>> {
-    let logits = out.to_dense(&frame.sets).1;
+    let logits = out.to_dense(&frame.sets, plan.output_fill()).1;
     ensure_finite(&logits, "sparse suffix's logits")?;
     Ok(logits)
 }

@@ -6,7 +6,9 @@ mod common;
 use ersm::model::{read_onnx, ModelPackage, MAX_CHANNELS};
 use prost::Message;
 use std::path::{Path, PathBuf};
-use tract_onnx::pb::{attribute_proto::AttributeType, AttributeProto, ModelProto, NodeProto};
+use tract_onnx::pb::{
+    attribute_proto::AttributeType, AttributeProto, ModelProto, NodeProto, TensorProto,
+};
 
 const TINY: &str = "models/tiny";
 
@@ -275,6 +277,100 @@ fn unknown_stride_rule() {
         &err,
         &["EnergyMask node 'ersm'", "stride_rule must be", "median"],
     );
+}
+
+/// Sets the energy node's `fills` attribute to `tensors`.
+fn set_fills(p: &mut ModelProto, tensors: Vec<TensorProto>) {
+    let n = energy_node(p);
+    n.attribute.retain(|a| a.name != "fills");
+    n.attribute.push(AttributeProto {
+        name: "fills".into(),
+        r#type: AttributeType::Tensors as i32,
+        tensors,
+        ..Default::default()
+    });
+}
+
+fn fill(name: &str, v: Vec<f32>) -> TensorProto {
+    TensorProto {
+        name: name.into(),
+        dims: vec![v.len() as i64],
+        data_type: 1,
+        float_data: v,
+        ..Default::default()
+    }
+}
+
+#[test]
+fn bad_fill_vectors_are_refused_by_name() {
+    // b4.relu6 is a 16-channel token map of the tiny suffix.
+    let ok = ModelPackage::load(TINY).unwrap();
+    let c = ok.plan.fillable["b4.relu6"];
+    let channels = format!("{c} channels");
+    let cases: Vec<(&str, Vec<TensorProto>, Vec<&str>)> = vec![
+        (
+            "fill-channels",
+            vec![fill("b4.relu6", vec![0.5; c + 1])],
+            vec!["fill for 'b4.relu6'", &channels],
+        ),
+        (
+            "fill-unknown",
+            vec![fill("no.such.tensor", vec![0.5; 4])],
+            vec!["'no.such.tensor'", "no such tensor after the energy layer"],
+        ),
+        (
+            "fill-dense",
+            vec![fill("head.pool", vec![0.5; 4])],
+            vec!["'head.pool'", "no spatial extent"],
+        ),
+        (
+            "fill-nan",
+            vec![fill("b4.relu6", vec![f32::NAN; c])],
+            vec!["EnergyMask node 'ersm'", "'b4.relu6'", "NaN", "finite"],
+        ),
+        (
+            "fill-twice",
+            vec![
+                fill("b4.relu6", vec![0.5; c]),
+                fill("b4.relu6", vec![0.5; c]),
+            ],
+            vec!["'b4.relu6'", "second fill"],
+        ),
+        (
+            "fill-unnamed",
+            vec![fill("", vec![0.5; c])],
+            vec!["EnergyMask node 'ersm'", "no name"],
+        ),
+        (
+            "fill-int",
+            vec![TensorProto {
+                data_type: 7,
+                ..fill("b4.relu6", vec![])
+            }],
+            vec!["'b4.relu6'", "must be FLOAT"],
+        ),
+    ];
+    for (name, tensors, want) in cases {
+        let err = load_modified(name, |p| set_fills(p, tensors));
+        assert_contains(&err, &want);
+    }
+    let err = load_modified("fill-not-tensors", |p| {
+        set_attr(energy_node(p), "fills", Some(1.0), None)
+    });
+    assert_contains(&err, &["'fills' must be a list of tensors"]);
+}
+
+#[test]
+fn a_package_with_fill_vectors_loads_and_attaches_them() {
+    let mut proto = read_onnx(&Path::new(TINY).join("model.onnx")).unwrap();
+    let c = ModelPackage::load(TINY).unwrap().plan.fillable["b4.relu6"];
+    set_fills(&mut proto, vec![fill("b4.relu6", vec![0.25; c])]);
+    let dir = scratch("fill-ok");
+    std::fs::write(dir.join("model.onnx"), proto.encode_to_vec()).unwrap();
+    let m = ModelPackage::load(&dir).unwrap();
+    let slot = m.plan.tensors["b4.relu6"];
+    assert_eq!(m.plan.slot_fills[slot].as_deref(), Some(&vec![0.25; c][..]));
+    assert_eq!(m.plan.slot_fills.iter().filter(|f| f.is_some()).count(), 1);
 }
 
 /// A package folder with the tiny model and a manifest edited by `edit`.

@@ -193,3 +193,65 @@ fn mobilenet_v2_suffix_matches_reference() {
         assert!(err <= TOL, "keep {keep}: relative error {err}");
     }
 }
+
+#[test]
+fn fill_vectors_match_reference_on_random_networks() {
+    // Dropped positions of some token maps hold a fill vector: k×k, grouped
+    // and depthwise convs read it at dropped taps (never at padding), and
+    // pooling a filled map averages every position.
+    let mut pooled_with_fill = 0;
+    for seed in 0..24u64 {
+        let (h, w, c) = RANDOM_SHAPES[seed as usize % RANDOM_SHAPES.len()];
+        let mut rng = Rng::new(3000 + seed);
+        let proto = random_network(seed, h, w, c);
+        let proto = if seed % 2 == 0 {
+            with_stride_rule(proto, "centre")
+        } else {
+            proto
+        };
+        let m = with_random_fills(proto, h, w, &mut rng, 0.6);
+        pooled_with_fill += m
+            .plan
+            .steps
+            .iter()
+            .filter(|s| s.op.name().contains("Pool") || s.op.name() == "ReduceMean")
+            .filter(|s| m.plan.slot_fills[s.inputs[0]].is_some())
+            .count();
+        for p in [0.05, 0.4, 0.8] {
+            matches_reference(&m, &mut rng, p, &format!("seed {seed} with fills"));
+        }
+        // Every token kept: no position reads a fill, so the plain dense suffix.
+        let x = features(&mut rng, &m);
+        let all: Vec<u32> = (0..(h * w) as u32).collect();
+        let err = rel_err(&sparse(&m, &x, &all), &m.dense_suffix.run(&x).unwrap());
+        assert!(
+            err <= TOL,
+            "seed {seed} with fills, all kept: relative error {err}"
+        );
+    }
+    assert!(
+        pooled_with_fill > 0,
+        "no random network pooled a filled map"
+    );
+}
+
+#[test]
+fn fill_vectors_change_the_answer_only_where_tokens_are_dropped() {
+    let proto = mobilenet_v2_suffix(5);
+    let mut rng = Rng::new(11);
+    let zero = package(proto.clone(), 28, 28);
+    let filled = with_random_fills(proto, 28, 28, &mut rng, 1.0);
+    let x = features(&mut rng, &filled);
+    let kept = blob_kept(&mut rng, 28, 28, 0.3);
+    let err = rel_err(
+        &sparse(&filled, &x, &kept),
+        &dense_masked(&filled, &x, &kept),
+    );
+    assert!(
+        err <= TOL,
+        "MobileNetV2 suffix with fills, keep 0.3: relative error {err}"
+    );
+    // The fills must matter: against the zero rule on the same tokens.
+    let diff = rel_err(&sparse(&filled, &x, &kept), &sparse(&zero, &x, &kept));
+    assert!(diff > 1e-2, "fills left the logits unchanged ({diff})");
+}

@@ -3,7 +3,7 @@
 use super::onnx::{attr_f32, attr_i64, attr_ints, attr_str, label, Constants};
 use crate::ersm::{EnergySpec, HeadConv, Neighbourhood, UnaryHead};
 use crate::sparse::StrideRule;
-use anyhow::{bail, Context, Result};
+use anyhow::{bail, ensure, Context, Result};
 use tract_onnx::pb::NodeProto;
 
 /// The energy layer's op type.
@@ -55,6 +55,64 @@ pub fn stride_rule(node: &NodeProto) -> Result<StrideRule> {
             )
         }),
     }
+}
+
+/// The fill vectors of the suffix's tensors, from the node's `fills`
+/// attribute (a list of float tensors, each named after the tensor after the
+/// energy layer whose dropped positions it fills, with one value per channel).
+/// Empty when absent: every dropped position holds zero.
+pub fn fills(node: &NodeProto) -> Result<Vec<(String, Vec<f32>)>> {
+    use tract_onnx::pb::attribute_proto::AttributeType;
+    let Some(a) = node.attribute.iter().find(|a| a.name == "fills") else {
+        return Ok(Vec::new());
+    };
+    ensure!(
+        a.r#type == AttributeType::Tensors as i32,
+        "{}: attribute 'fills' must be a list of tensors",
+        label(node)
+    );
+    let mut out: Vec<(String, Vec<f32>)> = Vec::with_capacity(a.tensors.len());
+    for (k, t) in a.tensors.iter().enumerate() {
+        let what = format!("{}: fill {k} ('{}')", label(node), t.name);
+        ensure!(
+            !t.name.is_empty(),
+            "{what} has no name: name it after the tensor it fills"
+        );
+        ensure!(
+            out.iter().all(|(n, _)| *n != t.name),
+            "{what}: a second fill for the same tensor"
+        );
+        // FLOAT (1), as float_data or little-endian raw_data.
+        ensure!(
+            t.data_type == 1,
+            "{what} must be FLOAT, is element type {}",
+            t.data_type
+        );
+        let v: Vec<f32> = if !t.raw_data.is_empty() {
+            ensure!(
+                t.raw_data.len() % 4 == 0,
+                "{what}: raw_data is not whole floats"
+            );
+            t.raw_data
+                .chunks_exact(4)
+                .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+                .collect()
+        } else {
+            t.float_data.clone()
+        };
+        let n: i64 = t.dims.iter().product();
+        ensure!(
+            !v.is_empty() && n as usize == v.len(),
+            "{what} holds {} values for dims {:?}",
+            v.len(),
+            t.dims
+        );
+        if let Some((i, x)) = v.iter().enumerate().find(|(_, x)| !x.is_finite()) {
+            bail!("{what} holds {x} at index {i}: fill values must be finite");
+        }
+        out.push((t.name.clone(), v));
+    }
+    Ok(out)
 }
 
 /// Most mean-field steps a package may ask for (each is a pass over the map;

@@ -50,24 +50,48 @@ impl Kind {
 }
 
 /// Lowers `nodes` (the suffix, in graph order) reading `input` (`c × h × w`
-/// tokens) and producing `output`.
+/// tokens) and producing `output`. `fills` name the token maps whose dropped
+/// positions hold a fill vector instead of zero.
 pub fn lower(
     nodes: &[NodeProto],
     consts: &Constants,
     input: &str,
     (c, h, w): (usize, usize, usize),
     output: &str,
+    fills: &[(String, Vec<f32>)],
 ) -> Result<Plan> {
     let mut plan = Plan::new(input, c, h, w);
+    let mut unused: Vec<&str> = fills.iter().map(|(n, _)| n.as_str()).collect();
+    // Fills attach to a tensor as soon as it is lowered, so every later reader sees them.
+    let mut attach_fill = |plan: &mut Plan, name: &str, kind: &Kind| -> Result<()> {
+        let Some((_, f)) = fills.iter().find(|(n, _)| n == name) else {
+            return Ok(());
+        };
+        let Kind::Tokens { slot, c, .. } = kind else {
+            bail!("the energy layer's fill for '{name}': it has no spatial extent (only token maps hold dropped positions)");
+        };
+        ensure!(
+            f.len() == *c,
+            "the energy layer's fill for '{name}' has {} values, the tensor has {c} channels",
+            f.len()
+        );
+        ensure!(
+            plan.slot_fills[*slot].as_ref().is_none_or(|g| g == f),
+            "the energy layer's fill for '{name}' differs from the fill of a tensor it is an alias of"
+        );
+        plan.slot_fills[*slot] = Some(f.clone());
+        unused.retain(|u| *u != name);
+        Ok(())
+    };
     let mut tensors: HashMap<String, Kind> = HashMap::new();
-    tensors.insert(
-        input.to_string(),
-        Kind::Tokens {
-            slot: 0,
-            level: 0,
-            c,
-        },
-    );
+    let input_kind = Kind::Tokens {
+        slot: 0,
+        level: 0,
+        c,
+    };
+    attach_fill(&mut plan, input, &input_kind)?;
+    plan.fillable.insert(input.to_string(), c);
+    tensors.insert(input.to_string(), input_kind);
     let consumers = |name: &str| {
         nodes
             .iter()
@@ -108,7 +132,14 @@ pub fn lower(
             }
             None => node.output.first().cloned().unwrap_or_default(),
         };
+        attach_fill(&mut plan, &out, &kind).with_context(|| label(node))?;
+        if let Kind::Tokens { c, .. } = kind {
+            plan.fillable.insert(out.clone(), c);
+        }
         tensors.insert(out, kind);
+    }
+    if let Some(name) = unused.first() {
+        bail!("the energy layer's fill for '{name}': no such tensor after the energy layer (a Conv output folded with its BatchNormalization is named by the BatchNormalization's output)");
     }
     let out = tensors.get(output).with_context(|| {
         format!("graph output '{output}' is not computed after the energy layer")
@@ -458,11 +489,14 @@ impl Lowering<'_> {
         } else {
             "GlobalAveragePool"
         };
+        let lv = &self.plan.levels[level];
         let op = Box::new(GlobalMean {
             source,
             level,
             c,
             shape: shape.clone(),
+            fill: self.plan.slot_fills[slot].clone(),
+            positions: lv.h * lv.w,
         });
         Ok(Kind::Dense {
             slot: self.emit(op, vec![slot], None),
@@ -695,6 +729,7 @@ impl Lowering<'_> {
                             data,
                         }],
                         bias,
+                        fill: None,
                         act: None,
                     })
                 } else if groups == cin && cout == cin {
@@ -705,6 +740,13 @@ impl Lowering<'_> {
                             data[t * c + ch] = weights[ch * taps + t];
                         }
                     }
+                    // A dropped neighbour adds its tap's weight times the fill:
+                    // one precomputed row per tap.
+                    let fill_taps = self.plan.slot_fills[slot].as_ref().map(|f| {
+                        (0..taps * c)
+                            .map(|i| data[i] * f[i % c])
+                            .collect::<Vec<f32>>()
+                    });
                     Box::new(Depthwise {
                         c,
                         window,
@@ -713,6 +755,7 @@ impl Lowering<'_> {
                         rulebook,
                         weights: data,
                         bias,
+                        fill_taps,
                         act: None,
                     })
                 } else {
@@ -743,6 +786,7 @@ impl Lowering<'_> {
                         rulebook: Some(rulebook),
                         weights: per_group,
                         bias,
+                        fill: self.plan.slot_fills[slot].clone(),
                         act: None,
                     })
                 };

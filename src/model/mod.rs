@@ -208,7 +208,15 @@ impl ModelPackage {
         );
         let energy = energy::spec(enode, &consts, c)?;
 
-        let mut plan = lower::lower(&suffix_nodes, &consts, &output, (c, h, w), &graph_output)?;
+        let fills = energy::fills(enode)?;
+        let mut plan = lower::lower(
+            &suffix_nodes,
+            &consts,
+            &output,
+            (c, h, w),
+            &graph_output,
+            &fills,
+        )?;
         plan.stride_rule = energy::stride_rule(enode)?;
         let suffix_proto = subgraph(
             &proto,

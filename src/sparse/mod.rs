@@ -1,9 +1,11 @@
 //! The sparse suffix: layers after the energy layer, computed at kept tokens only.
 //!
-//! Semantics (DESIGN.md, "Sparse semantics"): every layer is evaluated at active
-//! positions only and inactive positions hold zero; a stride-s layer's active set
-//! follows its input's by the package's [`StrideRule`] (the s×s max-pool, or the
-//! centre tap); global pooling averages active tokens.
+//! Semantics (DESIGN.md, "Sparse semantics"; models/README.md for fills): every
+//! layer is evaluated at active positions only and inactive positions hold
+//! zero, or the tensor's fill vector when the package gives one; a stride-s
+//! layer's active set follows its input's by the package's [`StrideRule`] (the
+//! s×s max-pool, or the centre tap); global pooling averages active tokens, or
+//! every position of a filled map.
 
 pub mod buffers;
 pub mod gemm;

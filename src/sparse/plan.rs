@@ -65,6 +65,9 @@ pub struct Plan {
     pub slot_names: Vec<String>,
     /// Level of each slot's tensor, `None` when it is dense.
     pub slot_levels: Vec<Option<usize>>,
+    /// What each token-map slot holds at its dropped positions: a fill vector
+    /// (one value per channel) from the package, or `None` for zero.
+    pub slot_fills: Vec<Option<Vec<f32>>>,
     /// Channels of the energy layer's features.
     pub channels: usize,
     /// How strided layers derive their active sets.
@@ -73,6 +76,9 @@ pub struct Plan {
     pub output: usize,
     /// Every ONNX tensor name the plan computes (aliases included) and its slot.
     pub tensors: BTreeMap<String, usize>,
+    /// Every token map by tensor name, with its channels: the tensors a fill
+    /// vector may name, and the values it must hold.
+    pub fillable: BTreeMap<String, usize>,
     /// Step after which each slot is no longer read.
     last_use: Vec<usize>,
     /// Value buffers recycled from frame to frame.
@@ -91,6 +97,7 @@ impl Plan {
             }],
             slot_names: vec![input_name.to_string()],
             slot_levels: vec![Some(0)],
+            slot_fills: vec![None],
             channels: c,
             ..Plan::default()
         }
@@ -129,6 +136,7 @@ impl Plan {
     pub fn slot(&mut self, name: &str, level: Option<usize>) -> usize {
         self.slot_names.push(name.to_string());
         self.slot_levels.push(level);
+        self.slot_fills.push(None);
         self.slot_names.len() - 1
     }
 
@@ -189,6 +197,17 @@ impl Plan {
             s += 1;
             !fused[s - 1]
         });
+    }
+
+    /// The fill vector the output holds at dropped positions, if it is a
+    /// token map with one.
+    pub fn output_fill(&self) -> Option<&[f32]> {
+        self.slot_fills[self.output].as_deref()
+    }
+
+    /// True when some tensor of the suffix holds a fill vector at dropped positions.
+    pub fn has_fills(&self) -> bool {
+        self.slot_fills.iter().any(Option::is_some)
     }
 
     /// Buffers the suffix has allocated since load; constant once frames of

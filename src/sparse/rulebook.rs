@@ -1,6 +1,6 @@
 //! Neighbour tables: for each output token and kernel tap, the input token it reads.
 
-use super::tokens::{TokenSet, INACTIVE};
+use super::tokens::{TokenSet, DROPPED, INACTIVE};
 
 /// Geometry of a windowed layer, the key a rulebook is built and cached by.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -16,7 +16,9 @@ pub struct Window {
 }
 
 /// `table[n * taps + t]` is the input token read by output token `n` at tap `t`,
-/// or [`INACTIVE`] where that input is inactive or outside the map (it reads zero).
+/// [`DROPPED`] where that input is inside the map but inactive (it reads the
+/// input's fill vector, or zero), or [`INACTIVE`] where it is outside the map
+/// (padding: zero).
 #[derive(Clone, Debug)]
 pub struct Rulebook {
     /// Taps per output token (`kh · kw`).
@@ -42,10 +44,13 @@ impl Rulebook {
                     let (y, x) = (y0 + ky, x0 + kx);
                     let inside =
                         y >= 0 && x >= 0 && (y as usize) < input.h && (x as usize) < input.w;
-                    table.push(if inside {
-                        input.index[y as usize * input.w + x as usize]
-                    } else {
+                    table.push(if !inside {
                         INACTIVE
+                    } else {
+                        match input.index[y as usize * input.w + x as usize] {
+                            INACTIVE => DROPPED,
+                            i => i,
+                        }
                     });
                 }
             }

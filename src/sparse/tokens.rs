@@ -1,7 +1,12 @@
 //! Active token sets: which positions of a map are computed.
 
-/// Marks a position with no active token in [`TokenSet::index`].
+/// Marks a position with no active token in [`TokenSet::index`]; in a
+/// rulebook, a tap outside the map (padding, which reads zero).
 pub const INACTIVE: u32 = u32::MAX;
+
+/// In a rulebook, a tap on a dropped (inactive) position inside the map: it
+/// reads the input tensor's fill vector, or zero when it has none.
+pub const DROPPED: u32 = u32::MAX - 1;
 
 /// How a stride-`s` layer's active set follows from its input's.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]

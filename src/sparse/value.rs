@@ -45,15 +45,21 @@ impl Value {
         }
     }
 
-    /// The dense NCHW tensor this value stands for (inactive positions zero),
-    /// with its shape. `sets` are the frame's token sets.
-    pub fn to_dense(&self, sets: &[TokenSet]) -> (Vec<usize>, Vec<f32>) {
+    /// The dense NCHW tensor this value stands for, with its shape: inactive
+    /// positions hold `fill` (one value per channel) or zero. `sets` are the
+    /// frame's token sets.
+    pub fn to_dense(&self, sets: &[TokenSet], fill: Option<&[f32]>) -> (Vec<usize>, Vec<f32>) {
         match self {
             Value::Dense { shape, data } => (shape.clone(), data.clone()),
             Value::Tokens { level, c, data } => {
                 let set = &sets[*level];
                 let hw = set.h * set.w;
                 let mut out = vec![0.0; c * hw];
+                if let Some(f) = fill {
+                    for (plane, &v) in out.chunks_exact_mut(hw).zip(f) {
+                        plane.fill(v);
+                    }
+                }
                 for (n, &i) in set.coords.iter().enumerate() {
                     for ch in 0..*c {
                         out[ch * hw + i as usize] = data[n * c + ch];

@@ -6,6 +6,7 @@ use ersm::model::manifest::{InputSpec, Manifest, Preprocess};
 use ersm::model::{masked, ModelPackage};
 use ersm::prefix::TractNet;
 use ersm::sparse::StrideRule;
+use std::collections::BTreeSet;
 use std::path::Path;
 use tract_onnx::pb::{
     self, attribute_proto::AttributeType, AttributeProto, NodeProto, TensorProto,
@@ -265,6 +266,57 @@ pub fn with_stride_rule(mut proto: pb::ModelProto, rule: &str) -> pb::ModelProto
     proto
 }
 
+/// Sets the energy node's `fills` attribute: one named float tensor per entry.
+pub fn with_fills_attr(mut proto: pb::ModelProto, fills: &[(String, Vec<f32>)]) -> pb::ModelProto {
+    let g = proto.graph.as_mut().unwrap();
+    let node = g
+        .node
+        .iter_mut()
+        .find(|n| n.op_type == "EnergyMask")
+        .unwrap();
+    node.attribute.retain(|a| a.name != "fills");
+    node.attribute.push(AttributeProto {
+        name: "fills".into(),
+        r#type: AttributeType::Tensors as i32,
+        tensors: fills
+            .iter()
+            .map(|(name, v)| TensorProto {
+                name: name.clone(),
+                dims: vec![v.len() as i64],
+                data_type: 1,
+                float_data: v.clone(),
+                ..Default::default()
+            })
+            .collect(),
+        ..Default::default()
+    });
+    proto
+}
+
+/// `proto` with random fill vectors on about `p` of its suffix's token maps
+/// (the cut always among them), as a package of input `h × w`.
+pub fn with_random_fills(
+    proto: pb::ModelProto,
+    h: usize,
+    w: usize,
+    rng: &mut Rng,
+    p: f32,
+) -> ModelPackage {
+    let plain = package(proto.clone(), h, w);
+    // One name per slot: aliases (Identity, Dropout) share their source's fill.
+    let mut filled = BTreeSet::new();
+    let mut fills: Vec<(String, Vec<f32>)> = Vec::new();
+    for (name, &c) in &plain.plan.fillable {
+        let slot = plain.plan.tensors[name];
+        if (*name == plain.cut.output || rng.f32() < p) && filled.insert(slot) {
+            fills.push((name.clone(), rng.normals(c, 1.0)));
+        }
+    }
+    let m = package(with_fills_attr(proto, &fills), h, w);
+    assert!(m.plan.has_fills(), "fills attach");
+    m
+}
+
 /// A manifest for a built network with input `[1, 3, h, w]`.
 pub fn manifest(h: usize, w: usize) -> Manifest {
     Manifest {
@@ -521,7 +573,7 @@ pub fn sparse(m: &ModelPackage, x: &[f32], kept: &[u32]) -> Vec<f32> {
     let fm = ersm::ersm::FeatureMap::new(x, m.cut.c, m.cut.h, m.cut.w).unwrap();
     let feats = ersm::ersm::cpu::gather(fm, kept);
     let (out, frame) = m.plan.run(kept, feats).expect("sparse suffix runs");
-    out.to_dense(&frame.sets).1
+    out.to_dense(&frame.sets, m.plan.output_fill()).1
 }
 
 /// `‖a − b‖∞ / ‖b‖∞`.

@@ -143,7 +143,7 @@ fn compare<D: Device>(m: &ModelPackage, gpu: &GpuSuffix<D>, x: &[f32], kept: &[u
     let fm = ersm::ersm::FeatureMap::new(x, m.cut.c, m.cut.h, m.cut.w).unwrap();
     let feats = ersm::ersm::cpu::gather(fm, kept);
     let (out, frame) = gpu.run(&m.plan, kept, &feats).expect("GPU suffix runs");
-    let got = out.to_dense(&frame.sets).1;
+    let got = out.to_dense(&frame.sets, m.plan.output_fill()).1;
     assert!(
         got.iter().all(|v| v.is_finite()),
         "{what}: non-finite output"
@@ -177,6 +177,25 @@ fn check_everything<D: Device>(make: impl Fn() -> D) {
                 &x,
                 &kept,
                 &format!("random network {seed}, keep {p}"),
+            );
+        }
+    }
+    // Fill vectors on dropped positions: conv, depthwise and pooling kernels.
+    for seed in 0..12u64 {
+        let (h, w, c) = RANDOM_SHAPES[seed as usize % RANDOM_SHAPES.len()];
+        let mut rng = Rng::new(900 + seed);
+        let m = with_random_fills(random_network(seed, h, w, c), h, w, &mut rng, 0.6);
+        let gpu = GpuSuffix::new(make(), &m.plan)
+            .unwrap_or_else(|e| panic!("random network {seed} with fills does not lower: {e:#}"));
+        for p in [0.05, 0.4] {
+            let x = rng.normals(c * h * w, 1.0);
+            let kept = random_kept(&mut rng, h * w, p);
+            compare(
+                &m,
+                &gpu,
+                &x,
+                &kept,
+                &format!("random network {seed} with fills, keep {p}"),
             );
         }
     }

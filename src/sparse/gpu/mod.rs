@@ -33,6 +33,7 @@ pub struct Params {
     pub w: u64,
     pub bias: u64,
     pub rb: u64,
+    pub fill: u64,
     pub y: u64,
     pub rows: i32,
     pub cin: i32,
@@ -137,6 +138,8 @@ enum GpuOp {
         taps: usize,
         rulebook: Option<usize>,
         out_level: usize,
+        /// The input's fill vector, when it has one.
+        fill: Option<usize>,
         act: Option<ActivationKind>,
     },
     Depthwise {
@@ -146,6 +149,8 @@ enum GpuOp {
         taps: usize,
         rulebook: usize,
         out_level: usize,
+        /// Tap weights times the input's fill vector, when it has one.
+        fill: Option<usize>,
         act: Option<ActivationKind>,
     },
     Binary(BinaryKind),
@@ -158,6 +163,8 @@ enum GpuOp {
     GlobalMean {
         c: usize,
         shape: Vec<usize>,
+        /// The input's fill vector and the level's positions, when it has one.
+        fill: Option<(usize, usize)>,
     },
     Linear {
         w: usize,
@@ -238,6 +245,7 @@ impl<D: Device> GpuSuffix<D> {
                     taps: c.window.kh * c.window.kw,
                     rulebook: c.rulebook,
                     out_level: c.out_level,
+                    fill: c.fill.as_deref().map(&mut up).transpose()?,
                     act: c.act,
                 }
             } else if let Some(d) = any.downcast_ref::<Depthwise>() {
@@ -248,6 +256,7 @@ impl<D: Device> GpuSuffix<D> {
                     taps: d.window.kh * d.window.kw,
                     rulebook: d.rulebook,
                     out_level: d.out_level,
+                    fill: d.fill_taps.as_deref().map(&mut up).transpose()?,
                     act: d.act,
                 }
             } else if let Some(b) = any.downcast_ref::<Binary>() {
@@ -264,6 +273,10 @@ impl<D: Device> GpuSuffix<D> {
                 GpuOp::GlobalMean {
                     c: p.c,
                     shape: p.shape.clone(),
+                    fill: match &p.fill {
+                        Some(f) => Some((up(f)?, p.positions)),
+                        None => None,
+                    },
                 }
             } else if let Some(l) = any.downcast_ref::<Linear>() {
                 GpuOp::Linear {
@@ -404,6 +417,7 @@ impl<D: Device> GpuSuffix<D> {
                 taps,
                 rulebook,
                 out_level,
+                fill,
                 act,
             } => {
                 let (meta, x) = input(0)?;
@@ -423,6 +437,7 @@ impl<D: Device> GpuSuffix<D> {
                     w: w(*wi),
                     bias: w(*b),
                     rb: rulebook.map_or(0, rb_ptr),
+                    fill: fill.map_or(0, w),
                     y: d.ptr(&y),
                     rows: rows as i32,
                     cin: *cin as i32,
@@ -449,6 +464,7 @@ impl<D: Device> GpuSuffix<D> {
                 taps,
                 rulebook,
                 out_level,
+                fill,
                 act,
             } => {
                 let (meta, x) = input(0)?;
@@ -464,6 +480,7 @@ impl<D: Device> GpuSuffix<D> {
                     w: w(*wi),
                     bias: w(*b),
                     rb: rb_ptr(*rulebook),
+                    fill: fill.map_or(0, w),
                     y: d.ptr(&y),
                     rows: rows as i32,
                     cin: *c as i32,
@@ -566,7 +583,7 @@ impl<D: Device> GpuSuffix<D> {
                 d.launch(Kernel::Activation, n, &p)?;
                 Ok((meta.clone(), y))
             }
-            GpuOp::GlobalMean { c, shape } => {
+            GpuOp::GlobalMean { c, shape, fill } => {
                 let (meta, x) = input(0)?;
                 let Meta::Tokens { level, c: ci } = meta else {
                     bail!("global pooling expects token rows");
@@ -575,9 +592,11 @@ impl<D: Device> GpuSuffix<D> {
                 let y = d.alloc(*c)?;
                 let p = Params {
                     x: d.ptr(x),
+                    fill: fill.map_or(0, |(f, _)| w(f)),
                     y: d.ptr(&y),
                     rows: rows_of(*level) as i32,
                     cout: *c as i32,
+                    n: fill.map_or(0, |(_, positions)| positions as i32),
                     ..Params::default()
                 };
                 d.launch(Kernel::GlobalMean, *c, &p)?;

@@ -15,8 +15,11 @@
 typedef unsigned int u32;
 #endif
 
-// A token the rulebook marks as inactive or outside the map (reads zero).
+// Rulebook entries that are not input rows: a tap outside the map (padding,
+// reads zero), and a tap on a dropped position inside it (reads the input's
+// fill vector when the op has one, else zero). As src/sparse/tokens.rs.
 #define SFX_INACTIVE 0xffffffffu
+#define SFX_DROPPED 0xfffffffeu
 
 struct SfxParams {
     const float* x;      // input rows (rows_in × cin), or a dense vector
@@ -24,6 +27,9 @@ struct SfxParams {
     const float* w;      // weights
     const float* bias;   // bias, or the shift of an affine op
     const u32* rb;       // rulebook: rows × taps input-row indices
+    const float* fill;   // what a dropped position holds (null: zero); conv: the input's
+                         // fill vector; depthwise: taps × c tap weights times it;
+                         // global mean: the fill vector, over n positions
     float* y;            // output
     int rows;            // output rows (tokens); 1 for dense values
     int cin;             // input channels (row length of x)
@@ -76,8 +82,10 @@ extern "C" __global__ void sfx_conv_rulebook(SfxParams p) {
     float acc = p.bias[o];
     for (int t = 0; t < p.taps; ++t) {
         const u32 src = taps[t];
-        if (src == SFX_INACTIVE) continue;
-        const float* xs = p.x + (long)src * p.cin + g * cin_g;
+        const float* xs;
+        if (src < SFX_DROPPED) xs = p.x + (long)src * p.cin + g * cin_g;
+        else if (src == SFX_DROPPED && p.fill) xs = p.fill + g * cin_g;
+        else continue;
         const float* wt = wg + (long)t * cin_g * cout_g + og;
         for (int i = 0; i < cin_g; ++i) acc += xs[i] * wt[(long)i * cout_g];
     }
@@ -93,7 +101,8 @@ extern "C" __global__ void sfx_depthwise(SfxParams p) {
     float acc = p.bias[c];
     for (int t = 0; t < p.taps; ++t) {
         const u32 src = taps[t];
-        if (src != SFX_INACTIVE) acc += p.x[(long)src * p.cout + c] * p.w[(long)t * p.cout + c];
+        if (src < SFX_DROPPED) acc += p.x[(long)src * p.cout + c] * p.w[(long)t * p.cout + c];
+        else if (src == SFX_DROPPED && p.fill) acc += p.fill[(long)t * p.cout + c];
     }
     p.y[idx] = sfx_act(acc, p.act, p.a0, p.a1);
 }
@@ -123,14 +132,21 @@ extern "C" __global__ void sfx_activation(SfxParams p) {
     p.y[idx] = sfx_act(p.x[idx], p.act, p.a0, p.a1);
 }
 
-// Global mean over the active tokens: one thread per channel, rows in order,
-// then one multiply by the reciprocal (as the CPU executor does).
+// Global mean: one thread per channel, rows in order, then one multiply by
+// the reciprocal (as the CPU executor does). Over the active tokens, or with
+// a fill over all n positions, the dropped ones holding the fill.
 extern "C" __global__ void sfx_global_mean(SfxParams p) {
     const int c = sfx_index();
     if (c >= p.cout) return;
     float s = 0.0f;
     for (int r = 0; r < p.rows; ++r) s += p.x[(long)r * p.cout + c];
-    p.y[c] = s * (1.0f / (float)(p.rows > 1 ? p.rows : 1));
+    if (p.fill) {
+        const int dropped = p.n > p.rows ? p.n - p.rows : 0;
+        s += (float)dropped * p.fill[c];
+        p.y[c] = s * (1.0f / (float)(p.n > 1 ? p.n : 1));
+    } else {
+        p.y[c] = s * (1.0f / (float)(p.rows > 1 ? p.rows : 1));
+    }
 }
 
 // y = act(bias + x · W) on a dense vector; W is cin × cout, so neighbouring

@@ -6,7 +6,7 @@
 
 use super::{ActivationKind, Op};
 use crate::sparse::{
-    buffers::Buffers, gemm, plan::Frame, rulebook::Window, tokens::INACTIVE, value::Value,
+    buffers::Buffers, gemm, plan::Frame, rulebook::Window, tokens::DROPPED, value::Value,
 };
 use crate::threads::par_rows;
 use anyhow::{ensure, Result};
@@ -35,6 +35,9 @@ pub struct Conv {
     /// One weight matrix per group.
     pub weights: Vec<gemm::Weights>,
     pub bias: Vec<f32>,
+    /// The input's fill vector (`cin` values), read where a tap falls on a
+    /// dropped position; `None` when the input holds zero there.
+    pub fill: Option<Vec<f32>>,
     /// Activation applied to the output (fused at load).
     pub act: Option<ActivationKind>,
 }
@@ -71,11 +74,16 @@ impl Conv {
                             for (&i, dst) in
                                 rb.row(first + n).iter().zip(col.chunks_exact_mut(cin_g))
                             {
-                                if i == INACTIVE {
-                                    dst.fill(0.0);
-                                } else {
-                                    let src = i as usize * self.cin + g * cin_g;
-                                    dst.copy_from_slice(&x[src..src + cin_g]);
+                                match (i, self.fill.as_deref()) {
+                                    (DROPPED, Some(f)) => {
+                                        dst.copy_from_slice(&f[g * cin_g..(g + 1) * cin_g])
+                                    }
+                                    // Padding, or a dropped position holding zero.
+                                    (i, _) if i >= DROPPED => dst.fill(0.0),
+                                    (i, _) => {
+                                        let src = i as usize * self.cin + g * cin_g;
+                                        dst.copy_from_slice(&x[src..src + cin_g]);
+                                    }
                                 }
                             }
                         }

@@ -1,11 +1,12 @@
-//! Global average pooling over active tokens (GlobalAveragePool, ReduceMean over space).
+//! Global average pooling (GlobalAveragePool, ReduceMean over space): over
+//! the active tokens, or over every position when dropped ones hold a fill.
 
 use super::Op;
 use crate::sparse::{buffers::Buffers, plan::Frame, value::Value};
 use anyhow::Result;
 use std::borrow::Cow;
 
-/// Mean over the active tokens of one level: tokens → dense value.
+/// Global mean of one level's token map: tokens → dense value.
 #[derive(Clone, Debug)]
 pub struct GlobalMean {
     pub source: &'static str,
@@ -13,6 +14,12 @@ pub struct GlobalMean {
     pub c: usize,
     /// Output shape (`[1, C, 1, 1]` or `[1, C]`).
     pub shape: Vec<usize>,
+    /// The input's fill vector: with one, the mean is over all `positions`
+    /// (the dense mean of the filled map); without, over active tokens only
+    /// (submanifold semantics).
+    pub fill: Option<Vec<f32>>,
+    /// Positions of the level's map (`h · w`).
+    pub positions: usize,
 }
 
 impl Op for GlobalMean {
@@ -29,8 +36,15 @@ impl Op for GlobalMean {
         for row in data.chunks_exact(*c) {
             sum.iter_mut().zip(row).for_each(|(s, &x)| *s += x);
         }
-        // The energy layer keeps at least one token, and strided sets inherit it.
-        let inv = 1.0 / rows.max(1) as f32;
+        let inv = match &self.fill {
+            Some(f) => {
+                let dropped = self.positions.saturating_sub(rows) as f32;
+                sum.iter_mut().zip(f).for_each(|(s, &v)| *s += dropped * v);
+                1.0 / self.positions.max(1) as f32
+            }
+            // The energy layer keeps at least one token, and strided sets inherit it.
+            None => 1.0 / rows.max(1) as f32,
+        };
         sum.iter_mut().for_each(|s| *s *= inv);
         Ok(Value::Dense {
             shape: self.shape.clone(),
