@@ -788,3 +788,31 @@ fn bad_unary_head_convs_are_refused_by_name() {
     });
     assert_contains(&err, &["convs must be between 0 and 8"]);
 }
+
+#[test]
+fn a_fill_on_an_alias_is_refused_naming_its_source() {
+    use common::*;
+    let mut b = Builder::new(3);
+    let x = b.conv("image", 3, 4, 1, 1, [0; 4], 1);
+    let x = energy(&mut b, &x, 4, 0.5, 0, 4);
+    let y = b.conv(&x, 4, 4, 1, 1, [0; 4], 1);
+    let alias = b.op("Identity", &[&y], vec![]);
+    let z = b.conv(&alias, 4, 4, 3, 1, [1; 4], 4);
+    let out = b.op("GlobalAveragePool", &[&z], vec![]);
+    let proto = with_fills_attr(
+        b.model(("image", &[1, 3, 8, 8]), &out),
+        &[(alias.clone(), vec![0.5; 4])],
+    );
+    let err = match ModelPackage::from_proto(proto, manifest(8, 8), Path::new("alias/model.onnx")) {
+        Ok(_) => panic!("a fill on an alias loaded"),
+        Err(e) => format!("{e:#}"),
+    };
+    assert_contains(
+        &err,
+        &[
+            &format!("'{alias}'"),
+            "Identity or Dropout",
+            &format!("'{y}'"),
+        ],
+    );
+}

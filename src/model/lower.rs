@@ -75,9 +75,12 @@ pub fn lower(
             "the energy layer's fill for '{name}' has {} values, the tensor has {c} channels",
             f.len()
         );
+        // On an alias, ops lowered before it would already have read the
+        // source without the fill: the fill must name the source.
+        let source = &plan.slot_names[*slot];
         ensure!(
-            plan.slot_fills[*slot].as_ref().is_none_or(|g| g == f),
-            "the energy layer's fill for '{name}' differs from the fill of a tensor it is an alias of"
+            source == name,
+            "the energy layer's fill for '{name}': it is an Identity or Dropout of '{source}'; name '{source}' instead"
         );
         plan.slot_fills[*slot] = Some(f.clone());
         unused.retain(|u| *u != name);

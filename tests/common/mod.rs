@@ -6,7 +6,6 @@ use ersm::model::manifest::{InputSpec, Manifest, Preprocess};
 use ersm::model::{masked, ModelPackage};
 use ersm::prefix::TractNet;
 use ersm::sparse::StrideRule;
-use std::collections::BTreeSet;
 use std::path::Path;
 use tract_onnx::pb::{
     self, attribute_proto::AttributeType, AttributeProto, NodeProto, TensorProto,
@@ -303,12 +302,11 @@ pub fn with_random_fills(
     p: f32,
 ) -> ModelPackage {
     let plain = package(proto.clone(), h, w);
-    // One name per slot: aliases (Identity, Dropout) share their source's fill.
-    let mut filled = BTreeSet::new();
+    // Aliases (Identity, Dropout) share their source's fill and may not name one.
     let mut fills: Vec<(String, Vec<f32>)> = Vec::new();
     for (name, &c) in &plain.plan.fillable {
-        let slot = plain.plan.tensors[name];
-        if (*name == plain.cut.output || rng.f32() < p) && filled.insert(slot) {
+        let source = &plain.plan.slot_names[plain.plan.tensors[name]];
+        if source == name && (*name == plain.cut.output || rng.f32() < p) {
             fills.push((name.clone(), rng.normals(c, 1.0)));
         }
     }
