@@ -7,8 +7,9 @@ the manifest so `--fallback` works on the package.
     python3 models/mobilenet_v2_ersm/calibrate_fallback.py --data /tmp/data \
         --package models/mobilenet_v2_ersm
 
-The sparse semantics is ersm's for this package: zero, pooling over active
-tokens, and the stride rule its energy node sets (`package_semantics`). Writes `fallback.json` beside
+The sparse semantics is ersm's for this package (`package_semantics`): zero
+and pooling over active tokens, or its fill vectors (`package_fills`) and
+pooling over every position; the stride rule its energy node sets. Writes `fallback.json` beside
 the manifest (everything measured) and `fallback.margin` into `manifest.json`.
 """
 
@@ -21,15 +22,15 @@ import torch
 
 import data
 from export import choice_features, choose_margin, dense_logits, summarise
-from measure_semantics import head_from_onnx, package_semantics
+from measure_semantics import head_from_onnx, package_fills, package_semantics
 from semantics import Suffix, dense_macs
 from train import hard_mask, load_backbone, weights_path
 
 
-def outputs(teacher, head, f, dense, sem):
+def outputs(teacher, head, f, dense, sem, fills=None):
     """Sparse logits, masks and suffix MAC fractions of the package on features f."""
     total = dense_macs(teacher, f)
-    suffix = Suffix(teacher)
+    suffix = Suffix(teacher, fills)
     res = {"sparse": [], "mask": [], "macs": []}
     with torch.no_grad():
         for i in range(0, len(f), 64):
@@ -57,10 +58,11 @@ def main():
     teacher = load_backbone(weights_path())
     head = head_from_onnx(os.path.join(args.package, "model.onnx"))
     sem = package_semantics(os.path.join(args.package, "model.onnx"))
+    fills = package_fills(os.path.join(args.package, "model.onnx"))
     _, held, stamps, images = data.training_images(args.data)
     tf, hf, _ = choice_features(teacher, args.data, images, stamps, held, args.train_views)
-    to = outputs(teacher, head, tf, dense_logits(teacher, tf), sem)
-    ho = outputs(teacher, head, hf, dense_logits(teacher, hf), sem)
+    to = outputs(teacher, head, tf, dense_logits(teacher, tf), sem, fills)
+    ho = outputs(teacher, head, hf, dense_logits(teacher, hf), sem, fills)
     t = choose_margin(to, args.target)
     result = {"target": args.target, "fallback_margin": t, "semantics": sem.name(),
               "train": summarise(to, t), "train_sparse": summarise(to),

@@ -64,7 +64,7 @@ import torch.nn.functional as F
 
 import data
 from measure_semantics import coherent_masks, head_from_onnx, package_semantics
-from semantics import CUT, ZERO, Semantics, Suffix, calibration_means, dense_macs, fit_fast_paths
+from semantics import CUT, ZERO, Semantics, Suffix, calibration_means, dense_macs, fit_fast_paths, semantic_keys
 from train import TAU, EnergyHead, hard_mask, importance_targets, load_backbone, weights_path
 
 SEMANTICS = {
@@ -75,19 +75,6 @@ SEMANTICS = {
     # with --tune fill), pooled with the rest: the dense path is untouched.
     "fill": Semantics(cut="mean", bg="mean", pool="all", down="centre"),
 }
-
-
-def semantic_keys(means):
-    """Fill vectors keyed as `Suffix` reads them ("cut", or (block, tensor))
-    from their parameter names ("cut", "7_expand", ...)."""
-    out = {}
-    for k, v in means.items():
-        if k == "cut":
-            out["cut"] = v
-        else:
-            i, kind = k.split("_")
-            out[(int(i), kind)] = v
-    return out
 
 
 class Student(nn.Module):

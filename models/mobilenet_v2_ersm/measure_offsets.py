@@ -32,9 +32,9 @@ import torch
 
 from measure_ranking import runner
 from measure_semantics import head_from_onnx
-from semantics import ZERO, Suffix
+from semantics import ZERO, Suffix, semantic_keys
 from train import load_backbone, weights_path
-from finetune import SEMANTICS, semantic_keys
+from finetune import SEMANTICS
 from train_rank import energies, make_head, offset_points
 
 

@@ -9,6 +9,11 @@ the head, a better head is the lever; if not, the suffix is.
 
     python3 models/mobilenet_v2_ersm/measure_ranking.py --data /tmp/data \
         --head models/mobilenet_v2_ersm/model.onnx --out /tmp/ranking.json
+
+`--package` measures the head's own package as ersm runs it instead: its
+semantics (fill vectors when it has them) and stride rule, the energy,
+magnitude and random orders only (runs/ranking_fills.json: `--head` a copy
+of the package with run 8's fills, add_fills.py).
 """
 
 import argparse
@@ -20,7 +25,7 @@ from dataclasses import replace
 import torch
 
 import data
-from measure_semantics import head_from_onnx
+from measure_semantics import head_from_onnx, package_fills, package_semantics
 from semantics import CUT, ZERO, Suffix, dense_macs
 from train import load_backbone, weights_path
 
@@ -87,6 +92,8 @@ def main():
     ap.add_argument("--head", required=True)
     ap.add_argument("--out", required=True)
     ap.add_argument("--batch", type=int, default=32)
+    ap.add_argument("--package", action="store_true",
+                    help="the head's package semantics and stride rule, no oracles")
     args = ap.parse_args()
     torch.set_num_threads(os.cpu_count() or 2)
     torch.manual_seed(0)
@@ -108,17 +115,22 @@ def main():
         "magnitude": f.pow(2).sum(1),
         "random": torch.rand(energy.shape, generator=torch.Generator().manual_seed(1)),
     }
+    if args.package:
+        sems = [(package_semantics(args.head).down, package_semantics(args.head))]
+        suffix = Suffix(model, package_fills(args.head))
+    else:
+        sems = [(rule, replace(ZERO, down=rule)) for rule in ("any", "centre")]
     grad, ig = [], []
-    for i in range(0, len(f), args.batch):
+    for i in range(0 if not args.package else len(f), len(f), args.batch):
         sl = slice(i, i + args.batch)
         grad.append(gradient_importance(suffix, f[sl], target[sl]))
         ig.append(mask_ig(suffix, f[sl], target[sl]))
-    scores["oracle |f x grad|"] = torch.cat(grad)
-    scores["oracle mask IG"] = torch.cat(ig)
-    print(f"oracles: {time.time() - t0:.0f} s", flush=True)
+    if grad:
+        scores["oracle |f x grad|"] = torch.cat(grad)
+        scores["oracle mask IG"] = torch.cat(ig)
+        print(f"oracles: {time.time() - t0:.0f} s", flush=True)
     rows = []
-    for rule in ("any", "centre"):
-        sem = replace(ZERO, down=rule)
+    for rule, sem in sems:
         for name, sc in scores.items():
             run = runner(suffix, f, dense, sem)
             curve = []
@@ -131,7 +143,8 @@ def main():
             pts = " ".join(f"{p['agreement']:5.1%} ({p['mac_fraction']:.2f})" for p in curve[1:])
             print(f"{rule:<7} {name:<26} area {area:.3f} | {pts}", flush=True)
     with open(args.out, "w") as fh:
-        json.dump({"views": len(views), "deleted": DELETED, "rows": rows}, fh, indent=1)
+        json.dump({"views": len(views), "deleted": DELETED, "semantics": [s.name() for _, s in sems],
+                   "rows": rows}, fh, indent=1)
 
 
 if __name__ == "__main__":

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from onnx import numpy_helper
 
 import data
-from semantics import CUT, ZERO, Semantics, Suffix, calibration_means, dense_macs, fit_fast_paths
+from semantics import CUT, ZERO, Semantics, Suffix, calibration_means, dense_macs, fit_fast_paths, semantic_keys
 from train import CUT_C, ConvHead, EnergyHead, hard_mask, load_backbone, weights_path
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -80,11 +80,30 @@ def head_from_onnx(path):
 
 
 def package_semantics(path):
-    """ersm's sparse semantics for a package: zero, with its energy node's stride rule."""
+    """ersm's sparse semantics for a package: zero, or with the energy node's
+    `fills` the fill semantics (dropped positions hold the fill vectors,
+    pooling over every position), with its stride rule."""
     node = next(n for n in onnx.load(path).graph.node if n.op_type == "EnergyMask")
     attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
     rule = attrs.get("stride_rule", b"any")
-    return replace(ZERO, down=rule.decode() if isinstance(rule, bytes) else rule)
+    rule = rule.decode() if isinstance(rule, bytes) else rule
+    if "fills" in attrs:
+        return Semantics(cut="mean", bg="mean", pool="all", down=rule)
+    return replace(ZERO, down=rule)
+
+
+def package_fills(path):
+    """The package's fill vectors keyed as `Suffix` reads them ("cut",
+    (block, tensor)), or None when it has none."""
+    from add_fills import suffix_tensors
+
+    model = onnx.load(path)
+    node = next(n for n in model.graph.node if n.op_type == "EnergyMask")
+    attr = next((a for a in node.attribute if a.name == "fills"), None)
+    if attr is None:
+        return None
+    key_of = {v: k for k, v in suffix_tensors(model.graph)[0].items()}
+    return semantic_keys({key_of[t.name]: torch.from_numpy(numpy_helper.to_array(t).copy()) for t in attr.tensors})
 
 
 def coherent_masks(n, keep, seed, hw=28):

@@ -12,6 +12,8 @@ import sys
 import torch
 import torchvision
 
+from semantics import describe
+
 
 def macs(module, x):
     """Multiply-accumulates of the convs and linear layers of `module` on `x`."""
@@ -31,6 +33,8 @@ def macs(module, x):
     return total[0], y
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+
+
 # Fine-tuning runs measured while choosing the recipe (held-out views, same evaluation).
 TRIED = [
     ("suffix, Adam 1e-5, 200 steps: `--points 0.02:1.0 --steps 200 --finetune-lr 1e-5`",
@@ -122,8 +126,8 @@ if os.path.exists(fb_path):
     h, hf = fb["held_out"], fb["held_out_fallback"]
     met = hf["top1_agreement"] >= 0.97 and hf["effective_compute"] <= 0.5
     L.append(f"Target: top-1 agreement with dense ≥ 97 % at ≤ 50 % of the dense suffix's compute (fallback "
-             f"included). **{'Met' if met else 'Not met'}**: on {h['views']} held-out views (sparse semantics "
-             f"{fb['semantics']}) the shipped point keeps {h['keep_mean']*100:.1f} % of tokens on average "
+             f"included). **{'Met' if met else 'Not met'}**: on {h['views']} held-out views (sparse semantics: "
+             f"{describe(fb['semantics'])}) the shipped point keeps {h['keep_mean']*100:.1f} % of tokens on average "
              f"({h['keep_min']*100:.0f}–{h['keep_max']*100:.0f} %), spends {h['sparse_mac_fraction']:.3f} of the "
              f"dense suffix MACs and agrees on {h['top1_agreement']*100:.1f} % of them; with the package's fallback "
              f"margin ({fb['fallback_margin']:.2f}) {hf['top1_agreement']*100:.1f} % at {hf['effective_compute']:.2f} "

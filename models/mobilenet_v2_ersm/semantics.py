@@ -49,6 +49,27 @@ class Semantics:
 ZERO = Semantics()
 
 
+def describe(name):
+    """A package's semantics as `Semantics.name` gives it (fallback.json), in words."""
+    rule = "centre" if "down=centre" in name else "any"
+    if "bg=mean" in name:
+        return f"the package's learned fill vectors at dropped positions, pooling over every position, `{rule}` rule"
+    return f"zero at dropped positions, pooling over active tokens, `{rule}` rule"
+
+
+def semantic_keys(means):
+    """Fill vectors keyed as `Suffix` reads them ("cut", or (block, tensor))
+    from their parameter names ("cut", "7_expand", ...)."""
+    out = {}
+    for k, v in means.items():
+        if k == "cut":
+            out["cut"] = v
+        else:
+            i, kind = k.split("_")
+            out[(int(i), kind)] = v
+    return out
+
+
 def downsample(m, rule):
     if rule == "any":
         return F.max_pool2d(m, 2, 2, ceil_mode=True)
