@@ -748,8 +748,15 @@ fn inspect(a: InspectArgs) -> Result<()> {
         e.head.describe(),
         e.head.macs(m.cut.h, m.cut.w) as f64 / 1e6
     );
+    let filled = m.plan.slot_fills.iter().filter(|f| f.is_some()).count();
+    let hold = if filled == 0 {
+        "zero".to_string()
+    } else {
+        let s = if filled == 1 { "" } else { "s" };
+        format!("the package's fill vectors ({filled} tensor{s}; zero elsewhere)")
+    };
     println!(
-        "sparse     dropped tokens hold zero; strided layers follow the \"{}\" rule",
+        "sparse     dropped tokens hold {hold}; strided layers follow the \"{}\" rule",
         m.plan.stride_rule.as_str()
     );
     match &m.baseline {
