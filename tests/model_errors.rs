@@ -303,7 +303,7 @@ fn fill(name: &str, v: Vec<f32>) -> TensorProto {
 
 #[test]
 fn bad_fill_vectors_are_refused_by_name() {
-    // b4.relu6 is a 16-channel token map of the tiny suffix.
+    // b4.relu6 is a token map of the tiny suffix (48 channels).
     let ok = ModelPackage::load(TINY).unwrap();
     let c = ok.plan.fillable["b4.relu6"];
     let channels = format!("{c} channels");
