@@ -12,15 +12,15 @@ The checkpoint's keys name MobileNetV2 tensors ("cut", "7_expand", "7_dw",
 suffix, whose blocks are Conv → Clip (expand), Conv → Clip (depthwise),
 Conv (project) and, for residual blocks, Add; then the head's Conv → Clip.
 
-The bundled package keeps zero (the fills lose answers on held-out clips,
-REPORT section 2); to run with them, fill a copy and calibrate its fallback
-margin again:
+The bundled package was made with
 
-    cp -r models/mobilenet_v2_ersm /tmp/pkgfill
     python3 models/mobilenet_v2_ersm/add_fills.py --fills models/mobilenet_v2_ersm/runs/run8_fills.pt \
-        --model /tmp/pkgfill/model.onnx
-    python3 models/mobilenet_v2_ersm/calibrate_fallback.py --data /tmp/data --package /tmp/pkgfill
-    cargo run --release -- run --model /tmp/pkgfill
+        --model models/mobilenet_v2_ersm/model.onnx
+    python3 models/mobilenet_v2_ersm/calibrate_fallback.py --data /tmp/data --package models/mobilenet_v2_ersm
+
+`--pool all` (the semantics run 8 trained under) also fills the pooled head
+output, so pooling averages every position: it loses answers on held-out
+clips (REPORT section 2), and the default `--pool active` leaves it out.
 
 `--clear` removes the attribute (zero at dropped positions, the package as
 export_head.py leaves it). Either way `training.json` beside the model, when
@@ -83,6 +83,9 @@ def main():
     ap.add_argument("--model", required=True, help="the package's model.onnx, rewritten in place")
     ap.add_argument("--fills", help="a finetune.py --tune fill checkpoint (or runs/run8_fills.pt)")
     ap.add_argument("--clear", action="store_true", help="remove the fills attribute")
+    ap.add_argument("--pool", choices=["active", "all"], default="active",
+                    help="active: the pooled head output gets no fill, so global pooling averages the active "
+                         "tokens; all: it gets the checkpoint's, so pooling averages every position")
     args = ap.parse_args()
     if bool(args.fills) == args.clear:
         raise SystemExit("give --fills CKPT or --clear")
@@ -100,6 +103,8 @@ def main():
         channels["cut"] = means["cut"].numel()
         if set(means) != set(names):
             raise SystemExit(f"checkpoint keys {sorted(set(means) ^ set(names))} do not match the suffix")
+        if args.pool == "active":
+            del means["18_out"]
         tensors = []
         for key in sorted(means, key=lambda k: list(names).index(k)):
             v = means[key].detach().float().numpy().astype(np.float32)
@@ -119,7 +124,7 @@ def main():
             t["fills"] = {"checkpoint": os.path.relpath(args.fills, os.path.dirname(record)), "step": ck["step"],
                           "recipe": {k: ck["args"][k] for k in ("semantics", "tune", "masks", "shift_range", "lr",
                                                                  "batch", "mse", "seed") if k in ck["args"]},
-                          "tensors": len(tensors)}
+                          "pool": args.pool, "tensors": len(tensors)}
         with open(record, "w") as fh:
             json.dump(t, fh, indent=1)
 

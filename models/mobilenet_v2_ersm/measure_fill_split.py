@@ -3,10 +3,10 @@ original on the held-out photos' views and on the held-out clips' frames
 separately, under the package's masks, with zero at dropped positions and
 with a fill package's vectors (REPORT section 2).
 
-    python3 models/mobilenet_v2_ersm/add_fills.py --fills models/mobilenet_v2_ersm/runs/run8_fills.pt \
-        --model /tmp/pkgfill/model.onnx          # a copy of the package
     python3 models/mobilenet_v2_ersm/measure_fill_split.py --cache /tmp/rank/cache1600.pt \
-        --package /tmp/pkgfill/model.onnx --out models/mobilenet_v2_ersm/runs/fills_split.json
+        --package models/mobilenet_v2_ersm/model.onnx --out models/mobilenet_v2_ersm/runs/fills_split_active.json
+
+and runs/fills_split.json the same on a copy filled with `add_fills.py --pool all`.
 
 The cache is train_rank.py's: held-out features in `data.held_out_views`
 order, ten views of each held-out photo first, then the clips' frames.

@@ -12,8 +12,9 @@ the head, a better head is the lever; if not, the suffix is.
 
 `--package` measures the head's own package as ersm runs it instead: its
 semantics (fill vectors when it has them) and stride rule, the energy,
-magnitude and random orders only (runs/ranking_fills.json: `--head` a copy
-of the package with run 8's fills, add_fills.py).
+magnitude and random orders only (runs/ranking_package.json for the
+bundled package; runs/ranking_fills.json for a copy filled with
+`add_fills.py --pool all`).
 """
 
 import argparse

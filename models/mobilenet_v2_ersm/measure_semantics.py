@@ -26,6 +26,7 @@ from onnx import numpy_helper
 
 import data
 from semantics import CUT, ZERO, Semantics, Suffix, calibration_means, dense_macs, fit_fast_paths, semantic_keys
+from add_fills import suffix_tensors
 from train import CUT_C, ConvHead, EnergyHead, hard_mask, load_backbone, weights_path
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -88,22 +89,24 @@ def package_semantics(path):
     rule = attrs.get("stride_rule", b"any")
     rule = rule.decode() if isinstance(rule, bytes) else rule
     if "fills" in attrs:
-        return Semantics(cut="mean", bg="mean", pool="all", down=rule)
+        # Pooling averages every position only when the pooled tensor has a fill.
+        pooled = suffix_tensors(onnx.load(path).graph)[0]["18_out"]
+        pool = "all" if any(t.name == pooled for t in attrs["fills"]) else "active"
+        return Semantics(cut="mean", bg="mean", pool=pool, down=rule)
     return replace(ZERO, down=rule)
 
 
 def package_fills(path):
     """The package's fill vectors keyed as `Suffix` reads them ("cut",
-    (block, tensor)), or None when it has none."""
-    from add_fills import suffix_tensors
-
+    (block, tensor)), zero for a tensor it gives none, or None when it has none."""
     model = onnx.load(path)
     node = next(n for n in model.graph.node if n.op_type == "EnergyMask")
     attr = next((a for a in node.attribute if a.name == "fills"), None)
     if attr is None:
         return None
-    key_of = {v: k for k, v in suffix_tensors(model.graph)[0].items()}
-    return semantic_keys({key_of[t.name]: torch.from_numpy(numpy_helper.to_array(t).copy()) for t in attr.tensors})
+    names, channels = suffix_tensors(model.graph)
+    given = {t.name: torch.from_numpy(numpy_helper.to_array(t).copy()) for t in attr.tensors}
+    return semantic_keys({k: given.get(name, torch.zeros(channels.get(k, CUT_C))) for k, name in names.items()})
 
 
 def coherent_masks(n, keep, seed, hw=28):

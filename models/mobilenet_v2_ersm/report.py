@@ -130,7 +130,7 @@ if os.path.exists(fb_path):
              f"{describe(fb['semantics'])}) the shipped point keeps {h['keep_mean']*100:.1f} % of tokens on average "
              f"({h['keep_min']*100:.0f}–{h['keep_max']*100:.0f} %), spends {h['sparse_mac_fraction']:.3f} of the "
              f"dense suffix MACs and agrees on {h['top1_agreement']*100:.1f} % of them; with the package's fallback "
-             f"margin ({fb['fallback_margin']:.2f}) {hf['top1_agreement']*100:.1f} % at {hf['effective_compute']:.2f} "
+             f"margin ({fb['fallback_margin']:g}) {hf['top1_agreement']*100:.1f} % at {hf['effective_compute']:.2f} "
              "of the dense suffix compute. The threshold and stride rule it ships with are chosen in section 7 "
              "below; the trade-off table that follows is `train.py`'s own evaluation of the head (offset 0, `any` "
              "rule, 140 views).\n")

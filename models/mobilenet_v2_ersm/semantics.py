@@ -53,7 +53,8 @@ def describe(name):
     """A package's semantics as `Semantics.name` gives it (fallback.json), in words."""
     rule = "centre" if "down=centre" in name else "any"
     if "bg=mean" in name:
-        return f"the package's learned fill vectors at dropped positions, pooling over every position, `{rule}` rule"
+        pool = "every position" if "pool=all" in name else "active tokens"
+        return f"the package's learned fill vectors at dropped positions, pooling over {pool}, `{rule}` rule"
     return f"zero at dropped positions, pooling over active tokens, `{rule}` rule"
 
 
