@@ -96,7 +96,7 @@ def main():
     node.attribute.extend(keep)
     if args.fills:
         ck = torch.load(args.fills, weights_only=False)
-        if ck["args"].get("tune") != "fill" or ck["args"].get("semantics") != "fill":
+        if ck["args"].get("tune") != "fill" or not ck["args"].get("semantics", "").startswith("fill"):
             raise SystemExit(f"{args.fills}: not a --semantics fill --tune fill checkpoint")
         means = {k[len("means."):]: v for k, v in ck["student"].items() if k.startswith("means.")}
         names, channels = suffix_tensors(model.graph)
