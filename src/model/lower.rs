@@ -492,14 +492,12 @@ impl Lowering<'_> {
         } else {
             "GlobalAveragePool"
         };
-        let lv = &self.plan.levels[level];
         let op = Box::new(GlobalMean {
             source,
             level,
             c,
             shape: shape.clone(),
             fill: self.plan.slot_fills[slot].clone(),
-            positions: lv.h * lv.w,
         });
         Ok(Kind::Dense {
             slot: self.emit(op, vec![slot], None),

@@ -163,8 +163,8 @@ enum GpuOp {
     GlobalMean {
         c: usize,
         shape: Vec<usize>,
-        /// The input's fill vector and the level's positions, when it has one.
-        fill: Option<(usize, usize)>,
+        /// The input's fill vector, when it has one.
+        fill: Option<usize>,
     },
     Linear {
         w: usize,
@@ -273,10 +273,7 @@ impl<D: Device> GpuSuffix<D> {
                 GpuOp::GlobalMean {
                     c: p.c,
                     shape: p.shape.clone(),
-                    fill: match &p.fill {
-                        Some(f) => Some((up(f)?, p.positions)),
-                        None => None,
-                    },
+                    fill: p.fill.as_deref().map(&mut up).transpose()?,
                 }
             } else if let Some(l) = any.downcast_ref::<Linear>() {
                 GpuOp::Linear {
@@ -592,11 +589,11 @@ impl<D: Device> GpuSuffix<D> {
                 let y = d.alloc(*c)?;
                 let p = Params {
                     x: d.ptr(x),
-                    fill: fill.map_or(0, |(f, _)| w(f)),
+                    fill: fill.map_or(0, w),
                     y: d.ptr(&y),
                     rows: rows_of(*level) as i32,
                     cout: *c as i32,
-                    n: fill.map_or(0, |(_, positions)| positions as i32),
+                    n: (frame.sets[*level].h * frame.sets[*level].w) as i32,
                     ..Params::default()
                 };
                 d.launch(Kernel::GlobalMean, *c, &p)?;

@@ -14,12 +14,10 @@ pub struct GlobalMean {
     pub c: usize,
     /// Output shape (`[1, C, 1, 1]` or `[1, C]`).
     pub shape: Vec<usize>,
-    /// The input's fill vector: with one, the mean is over all `positions`
-    /// (the dense mean of the filled map); without, over active tokens only
-    /// (submanifold semantics).
+    /// The input's fill vector: with one, the mean is over every position of
+    /// the level's map (the dense mean of the filled map); without, over
+    /// active tokens only (submanifold semantics).
     pub fill: Option<Vec<f32>>,
-    /// Positions of the level's map (`h · w`).
-    pub positions: usize,
 }
 
 impl Op for GlobalMean {
@@ -27,7 +25,7 @@ impl Op for GlobalMean {
         self.source
     }
 
-    fn eval(&self, inputs: Vec<Cow<'_, Value>>, _frame: &Frame, bufs: &Buffers) -> Result<Value> {
+    fn eval(&self, inputs: Vec<Cow<'_, Value>>, frame: &Frame, bufs: &Buffers) -> Result<Value> {
         let Value::Tokens { c, data, .. } = &*inputs[0] else {
             anyhow::bail!("{} expects token input", self.source);
         };
@@ -38,9 +36,11 @@ impl Op for GlobalMean {
         }
         let inv = match &self.fill {
             Some(f) => {
-                let dropped = self.positions.saturating_sub(rows) as f32;
+                let set = &frame.sets[self.level];
+                let positions = set.h * set.w;
+                let dropped = positions.saturating_sub(rows) as f32;
                 sum.iter_mut().zip(f).for_each(|(s, &v)| *s += dropped * v);
-                1.0 / self.positions.max(1) as f32
+                1.0 / positions.max(1) as f32
             }
             // The energy layer keeps at least one token, and strided sets inherit it.
             None => 1.0 / rows.max(1) as f32,
