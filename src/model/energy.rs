@@ -82,31 +82,21 @@ pub fn fills(node: &NodeProto) -> Result<Vec<(String, Vec<f32>)>> {
             out.iter().all(|(n, _)| *n != t.name),
             "{what}: a second fill for the same tensor"
         );
-        // FLOAT (1), as float_data or little-endian raw_data.
         ensure!(
             t.data_type == 1,
             "{what} must be FLOAT, is element type {}",
             t.data_type
         );
-        let v: Vec<f32> = if !t.raw_data.is_empty() {
-            ensure!(
-                t.raw_data.len() % 4 == 0,
-                "{what}: raw_data is not whole floats"
-            );
-            t.raw_data
-                .chunks_exact(4)
-                .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
-                .collect()
-        } else {
-            t.float_data.clone()
-        };
-        let n: i64 = t.dims.iter().product();
-        ensure!(
-            !v.is_empty() && n as usize == v.len(),
-            "{what} holds {} values for dims {:?}",
-            v.len(),
-            t.dims
-        );
+        // Decoded as initializers are (float_data or raw_data).
+        let v: Vec<f32> =
+            tract_onnx::tensor::load_tensor(&tract_onnx::data_resolver::MmapDataResolver, t, None)
+                .with_context(|| what.clone())?
+                .to_plain_array_view::<f32>()
+                .with_context(|| what.clone())?
+                .iter()
+                .copied()
+                .collect();
+        ensure!(!v.is_empty(), "{what} holds no values (dims {:?})", t.dims);
         if let Some((i, x)) = v.iter().enumerate().find(|(_, x)| !x.is_finite()) {
             bail!("{what} holds {x} at index {i}: fill values must be finite");
         }
