@@ -748,7 +748,7 @@ fn inspect(a: InspectArgs) -> Result<()> {
         e.head.describe(),
         e.head.macs(m.cut.h, m.cut.w) as f64 / 1e6
     );
-    let filled = m.plan.slot_fills.iter().filter(|f| f.is_some()).count();
+    let filled = m.plan.fill_count();
     let hold = if filled == 0 {
         "zero".to_string()
     } else {

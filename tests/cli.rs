@@ -1,5 +1,7 @@
 //! The `ersm` binary as a user runs it.
 
+mod common;
+
 use std::process::{Command, Output};
 
 fn ersm(args: &[&str]) -> Output {
@@ -135,32 +137,14 @@ fn inspect_shows_cut_ops_and_flops() {
 #[test]
 fn inspect_says_when_dropped_tokens_hold_fill_vectors() {
     use prost::Message;
-    use tract_onnx::pb::{attribute_proto::AttributeType, AttributeProto, TensorProto};
     // The tiny package with a fill on one of its token maps (b4.relu6, 48 channels).
     let dir = tmp("fills");
     std::fs::create_dir_all(&dir).unwrap();
     std::fs::copy("models/tiny/manifest.json", dir.join("manifest.json")).unwrap();
-    let mut proto = ersm::model::read_onnx(std::path::Path::new("models/tiny/model.onnx")).unwrap();
-    let node = proto
-        .graph
-        .as_mut()
-        .unwrap()
-        .node
-        .iter_mut()
-        .find(|n| n.op_type == "EnergyMask")
-        .unwrap();
-    node.attribute.push(AttributeProto {
-        name: "fills".into(),
-        r#type: AttributeType::Tensors as i32,
-        tensors: vec![TensorProto {
-            name: "b4.relu6".into(),
-            dims: vec![48],
-            data_type: 1,
-            float_data: vec![0.5; 48],
-            ..Default::default()
-        }],
-        ..Default::default()
-    });
+    let proto = common::with_fills_attr(
+        ersm::model::read_onnx(std::path::Path::new("models/tiny/model.onnx")).unwrap(),
+        &[("b4.relu6".into(), vec![0.5; 48])],
+    );
     std::fs::write(dir.join("model.onnx"), proto.encode_to_vec()).unwrap();
     let o = ersm(&["inspect", "--model", dir.to_str().unwrap()]);
     let (out, err) = text(&o);

@@ -3,6 +3,7 @@
 
 mod common;
 
+use common::fill_tensor as fill;
 use ersm::model::{read_onnx, ModelPackage, MAX_CHANNELS};
 use prost::Message;
 use std::path::{Path, PathBuf};
@@ -281,24 +282,7 @@ fn unknown_stride_rule() {
 
 /// Sets the energy node's `fills` attribute to `tensors`.
 fn set_fills(p: &mut ModelProto, tensors: Vec<TensorProto>) {
-    let n = energy_node(p);
-    n.attribute.retain(|a| a.name != "fills");
-    n.attribute.push(AttributeProto {
-        name: "fills".into(),
-        r#type: AttributeType::Tensors as i32,
-        tensors,
-        ..Default::default()
-    });
-}
-
-fn fill(name: &str, v: Vec<f32>) -> TensorProto {
-    TensorProto {
-        name: name.into(),
-        dims: vec![v.len() as i64],
-        data_type: 1,
-        float_data: v,
-        ..Default::default()
-    }
+    common::set_energy_attr(p, common::fills_attr(tensors));
 }
 
 #[test]
@@ -370,7 +354,7 @@ fn a_package_with_fill_vectors_loads_and_attaches_them() {
     let m = ModelPackage::load(&dir).unwrap();
     let slot = m.plan.tensors["b4.relu6"];
     assert_eq!(m.plan.slot_fills[slot].as_deref(), Some(&vec![0.25; c][..]));
-    assert_eq!(m.plan.slot_fills.iter().filter(|f| f.is_some()).count(), 1);
+    assert_eq!(m.plan.fill_count(), 1);
 }
 
 /// A package folder with the tiny model and a manifest edited by `edit`.

@@ -205,9 +205,9 @@ impl Plan {
         self.slot_fills[self.output].as_deref()
     }
 
-    /// True when some tensor of the suffix holds a fill vector at dropped positions.
-    pub fn has_fills(&self) -> bool {
-        self.slot_fills.iter().any(Option::is_some)
+    /// How many tensors of the suffix hold a fill vector at dropped positions.
+    pub fn fill_count(&self) -> usize {
+        self.slot_fills.iter().filter(|f| f.is_some()).count()
     }
 
     /// Buffers the suffix has allocated since load; constant once frames of

@@ -247,48 +247,62 @@ pub fn energy(
     out
 }
 
-/// Sets the energy node's `stride_rule` attribute ("any" or "centre").
-pub fn with_stride_rule(mut proto: pb::ModelProto, rule: &str) -> pb::ModelProto {
-    let g = proto.graph.as_mut().unwrap();
-    let node = g
+/// Sets (or replaces) one attribute of the energy node.
+pub fn set_energy_attr(proto: &mut pb::ModelProto, attr: AttributeProto) {
+    let node = proto
+        .graph
+        .as_mut()
+        .unwrap()
         .node
         .iter_mut()
         .find(|n| n.op_type == "EnergyMask")
         .unwrap();
-    node.attribute.retain(|a| a.name != "stride_rule");
-    node.attribute.push(AttributeProto {
-        name: "stride_rule".into(),
-        r#type: AttributeType::String as i32,
-        s: rule.as_bytes().to_vec(),
-        ..Default::default()
-    });
+    node.attribute.retain(|a| a.name != attr.name);
+    node.attribute.push(attr);
+}
+
+/// Sets the energy node's `stride_rule` attribute ("any" or "centre").
+pub fn with_stride_rule(mut proto: pb::ModelProto, rule: &str) -> pb::ModelProto {
+    set_energy_attr(
+        &mut proto,
+        AttributeProto {
+            name: "stride_rule".into(),
+            r#type: AttributeType::String as i32,
+            s: rule.as_bytes().to_vec(),
+            ..Default::default()
+        },
+    );
     proto
+}
+
+/// The energy node's `fills` attribute holding `tensors`.
+pub fn fills_attr(tensors: Vec<TensorProto>) -> AttributeProto {
+    AttributeProto {
+        name: "fills".into(),
+        r#type: AttributeType::Tensors as i32,
+        tensors,
+        ..Default::default()
+    }
+}
+
+/// A fill vector as the `fills` attribute holds it: FLOAT, named after its tensor.
+pub fn fill_tensor(name: &str, v: Vec<f32>) -> TensorProto {
+    TensorProto {
+        name: name.into(),
+        dims: vec![v.len() as i64],
+        data_type: 1,
+        float_data: v,
+        ..Default::default()
+    }
 }
 
 /// Sets the energy node's `fills` attribute: one named float tensor per entry.
 pub fn with_fills_attr(mut proto: pb::ModelProto, fills: &[(String, Vec<f32>)]) -> pb::ModelProto {
-    let g = proto.graph.as_mut().unwrap();
-    let node = g
-        .node
-        .iter_mut()
-        .find(|n| n.op_type == "EnergyMask")
-        .unwrap();
-    node.attribute.retain(|a| a.name != "fills");
-    node.attribute.push(AttributeProto {
-        name: "fills".into(),
-        r#type: AttributeType::Tensors as i32,
-        tensors: fills
-            .iter()
-            .map(|(name, v)| TensorProto {
-                name: name.clone(),
-                dims: vec![v.len() as i64],
-                data_type: 1,
-                float_data: v.clone(),
-                ..Default::default()
-            })
-            .collect(),
-        ..Default::default()
-    });
+    let tensors = fills
+        .iter()
+        .map(|(n, v)| fill_tensor(n, v.clone()))
+        .collect();
+    set_energy_attr(&mut proto, fills_attr(tensors));
     proto
 }
 
@@ -311,7 +325,7 @@ pub fn with_random_fills(
         }
     }
     let m = package(with_fills_attr(proto, &fills), h, w);
-    assert!(m.plan.has_fills(), "fills attach");
+    assert!(m.plan.fill_count() > 0, "fills attach");
     m
 }
 

@@ -152,6 +152,25 @@ fn compare<D: Device>(m: &ModelPackage, gpu: &GpuSuffix<D>, x: &[f32], kept: &[u
     assert!(err <= TOL, "{what}: GPU vs CPU relative error {err}");
 }
 
+/// `m` lowered for a fresh device, against the CPU on random features and a
+/// random mask at each keep ratio.
+fn compare_random_masks<D: Device>(
+    make: &impl Fn() -> D,
+    m: &ModelPackage,
+    rng: &mut Rng,
+    keeps: &[f32],
+    what: &str,
+) {
+    let gpu =
+        GpuSuffix::new(make(), &m.plan).unwrap_or_else(|e| panic!("{what} does not lower: {e:#}"));
+    let (c, h, w) = (m.cut.c, m.cut.h, m.cut.w);
+    for &p in keeps {
+        let x = rng.normals(c * h * w, 1.0);
+        let kept = random_kept(rng, h * w, p);
+        compare(m, &gpu, &x, &kept, &format!("{what}, keep {p}"));
+    }
+}
+
 /// Every model and mask of the comparison, on one device.
 fn check_everything<D: Device>(make: impl Fn() -> D) {
     let tiny = ModelPackage::load("models/tiny").unwrap();
@@ -165,39 +184,22 @@ fn check_everything<D: Device>(make: impl Fn() -> D) {
     for seed in 0..24u64 {
         let (h, w, c) = RANDOM_SHAPES[seed as usize % RANDOM_SHAPES.len()];
         let m = package(random_network(seed, h, w, c), h, w);
-        let gpu = GpuSuffix::new(make(), &m.plan)
-            .unwrap_or_else(|e| panic!("random network {seed} does not lower: {e:#}"));
         let mut rng = Rng::new(500 + seed);
-        for p in [0.05, 0.4, 1.0] {
-            let x = rng.normals(c * h * w, 1.0);
-            let kept = random_kept(&mut rng, h * w, p);
-            compare(
-                &m,
-                &gpu,
-                &x,
-                &kept,
-                &format!("random network {seed}, keep {p}"),
-            );
-        }
+        compare_random_masks(
+            &make,
+            &m,
+            &mut rng,
+            &[0.05, 0.4, 1.0],
+            &format!("random network {seed}"),
+        );
     }
     // Fill vectors on dropped positions: conv, depthwise and pooling kernels.
     for seed in 0..12u64 {
         let (h, w, c) = RANDOM_SHAPES[seed as usize % RANDOM_SHAPES.len()];
         let mut rng = Rng::new(900 + seed);
         let m = with_random_fills(random_network(seed, h, w, c), h, w, &mut rng, 0.6);
-        let gpu = GpuSuffix::new(make(), &m.plan)
-            .unwrap_or_else(|e| panic!("random network {seed} with fills does not lower: {e:#}"));
-        for p in [0.05, 0.4] {
-            let x = rng.normals(c * h * w, 1.0);
-            let kept = random_kept(&mut rng, h * w, p);
-            compare(
-                &m,
-                &gpu,
-                &x,
-                &kept,
-                &format!("random network {seed} with fills, keep {p}"),
-            );
-        }
+        let what = format!("random network {seed} with fills");
+        compare_random_masks(&make, &m, &mut rng, &[0.05, 0.4], &what);
     }
     let shipped = ModelPackage::load("models/mobilenet_v2_ersm").unwrap();
     let gpu = GpuSuffix::new(make(), &shipped.plan).expect("the shipped model lowers");
