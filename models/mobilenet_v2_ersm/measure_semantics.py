@@ -84,13 +84,14 @@ def package_semantics(path):
     """ersm's sparse semantics for a package: zero, or with the energy node's
     `fills` the fill semantics (dropped positions hold the fill vectors,
     pooling over every position), with its stride rule."""
-    node = next(n for n in onnx.load(path).graph.node if n.op_type == "EnergyMask")
+    graph = onnx.load(path).graph
+    node = next(n for n in graph.node if n.op_type == "EnergyMask")
     attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
     rule = attrs.get("stride_rule", b"any")
     rule = rule.decode() if isinstance(rule, bytes) else rule
     if "fills" in attrs:
         # Pooling averages every position only when the pooled tensor has a fill.
-        pooled = suffix_tensors(onnx.load(path).graph)[0]["18_out"]
+        pooled = suffix_tensors(graph)[0]["18_out"]
         pool = "all" if any(t.name == pooled for t in attrs["fills"]) else "active"
         return Semantics(cut="mean", bg="mean", pool=pool, down=rule)
     return replace(ZERO, down=rule)
