@@ -36,7 +36,7 @@ enum Command {
     Bench(BenchArgs),
     /// Show where the network is cut, the prefix and suffix ops, and suffix cost.
     Inspect(InspectArgs),
-    /// Measure the claims behind ERSM on a folder of images.
+    /// Measure the claims behind ERSM on images and video frames.
     #[command(subcommand)]
     Eval(EvalCommand),
     /// Draw one image with its energy heat map and kept tokens outlined.
@@ -205,9 +205,13 @@ struct OcclusionArgs {
 
 #[derive(clap::Args)]
 struct EvalArgs {
-    /// An image or a folder of PNG/JPEG images. Default: the bundled photos.
+    /// An image, a folder of PNG/JPEG images or a video file; repeat the flag
+    /// for several. Default: the bundled photos.
     #[arg(long)]
-    images: Option<PathBuf>,
+    images: Vec<PathBuf>,
+    /// Of a video, evaluate every Nth frame, the first included [1–100000].
+    #[arg(long, default_value_t = 10, value_parser = within(1usize, 100_000))]
+    every: usize,
     /// Model package folder. Default: the bundled model.
     #[arg(long)]
     model: Option<PathBuf>,
@@ -633,38 +637,38 @@ fn eval(cmd: EvalCommand) -> Result<()> {
         common.fallback,
         common.threads,
     )?;
-    let images = common
-        .images
-        .clone()
-        .unwrap_or_else(|| bundled(DEFAULT_IMAGES));
+    let inputs = if common.images.is_empty() {
+        vec![bundled(DEFAULT_IMAGES)]
+    } else {
+        common.images.clone()
+    };
+    let (frames, mut failed) = ersm::eval::load_inputs(&inputs, common.every)?;
     let out = common.out.clone();
     std::fs::create_dir_all(&out).with_context(|| format!("creating {}", out.display()))?;
-    let failed = match &cmd {
+    match &cmd {
         EvalCommand::Occlusion(o) => {
-            let files = images::list(&images)?;
-            let (r, failed) = ersm::eval::occlusion::run(&pipeline, &files, &o.sizes, o.grid)?;
+            let r = ersm::eval::occlusion::run(&pipeline, &frames, &o.sizes, o.grid)?;
             save_results(&out, "occlusion", &r.csv(), &r, &failed)?;
             ersm::plot::occlusion(&r, &out.join("occlusion.svg"))?;
             println!("{}", r.table());
-            failed
         }
         EvalCommand::Deletion(d) => {
-            let (analysed, failed) = ersm::eval::analyse_all(&pipeline, &images)?;
+            let (analysed, bad) = ersm::eval::analyse_all(&pipeline, &frames)?;
+            failed.extend(bad);
             let r = ersm::eval::deletion::run(&pipeline, &analysed, d.step, d.seeds)?;
             save_results(&out, "deletion", &r.csv(), &r, &failed)?;
             ersm::plot::deletion(&r, &out.join("deletion.svg"))?;
             println!("{}", r.table());
-            failed
         }
         EvalCommand::Sparsity(_) => {
-            let (analysed, failed) = ersm::eval::analyse_all(&pipeline, &images)?;
+            let (analysed, bad) = ersm::eval::analyse_all(&pipeline, &frames)?;
+            failed.extend(bad);
             let r = ersm::eval::sparsity::of(&pipeline, &analysed)?;
             save_results(&out, "sparsity", &r.csv(), &r, &failed)?;
             ersm::plot::sparsity(&r, &out.join("sparsity.svg"))?;
             println!("{}", r.table());
-            failed
         }
-    };
+    }
     report_failed(&failed);
     println!("results in {}", out.display());
     Ok(())

@@ -3,7 +3,7 @@
 
 use ersm::ersm::Device;
 use ersm::eval::deletion::{self, kept_after, order, steps, Ranking};
-use ersm::eval::{analyse_all, sparsity, Analysed};
+use ersm::eval::{analyse_all, load_inputs, sparsity, Analysed};
 use ersm::model::ModelPackage;
 use ersm::pipeline::{top1, Pipeline};
 use std::path::{Path, PathBuf};
@@ -21,7 +21,9 @@ fn pipeline() -> Pipeline {
 }
 
 fn analysed(p: &Pipeline) -> Vec<Analysed> {
-    analyse_all(p, &root().join("models/images")).unwrap().0
+    let (frames, failed) = load_inputs(&[root().join("models/images")], 1).unwrap();
+    assert!(failed.is_empty(), "{failed:?}");
+    analyse_all(p, &frames).unwrap().0
 }
 
 fn tmp(name: &str) -> PathBuf {
@@ -188,6 +190,52 @@ fn a_bad_image_is_named_and_the_rest_are_evaluated() {
 }
 
 #[test]
+fn videos_give_every_nth_frame_beside_photos() {
+    let clip = root().join("models/streams/vtest.mp4");
+    let photo = root().join("models/images/coffee.png");
+    let (frames, failed) = load_inputs(&[clip.clone(), photo], 60).unwrap();
+    assert!(failed.is_empty(), "{failed:?}");
+    let names: Vec<&str> = frames.iter().map(|f| f.name.as_str()).collect();
+    assert_eq!(
+        names,
+        ["vtest.mp4#1", "vtest.mp4#61", "vtest.mp4#121", "coffee.png"]
+    );
+    // Every frame of a video is a different picture, decoded whole.
+    assert_eq!(frames[0].rgb.len(), frames[0].width * frames[0].height * 3);
+    assert_ne!(frames[0].rgb, frames[1].rgb);
+    assert!(load_inputs(std::slice::from_ref(&clip), 0).is_err());
+    // A file that is no video is refused, named, before anything runs.
+    let junk = tmp("junk.mp4");
+    std::fs::write(&junk, b"not a video at all").unwrap();
+    let err = format!("{:#}", load_inputs(&[clip, junk.clone()], 60).unwrap_err());
+    assert!(err.contains("junk.mp4"), "{err}");
+    std::fs::remove_file(&junk).ok();
+    // The command line takes a clip beside a folder, with --every.
+    let out = tmp("video-out");
+    let o = Command::new(env!("CARGO_BIN_EXE_ersm"))
+        .args(["eval", "sparsity", "--every", "75", "--model"])
+        .arg(root().join("models/tiny"))
+        .arg("--images")
+        .arg(root().join("models/streams/vtest.mp4"))
+        .arg("--images")
+        .arg(root().join("models/images"))
+        .arg("--out")
+        .arg(&out)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let csv = std::fs::read_to_string(out.join("sparsity.csv")).unwrap();
+    let rows: Vec<&str> = csv
+        .lines()
+        .skip(1)
+        .map(|l| l.split(',').next().unwrap())
+        .collect();
+    assert_eq!(rows.len(), 2 + 4, "{csv}");
+    assert_eq!(&rows[..2], ["vtest.mp4#1", "vtest.mp4#76"], "{csv}");
+    std::fs::remove_dir_all(&out).ok();
+}
+
+#[test]
 fn mask_and_bench_plot_write_their_files() {
     let png = tmp("mask.png");
     let o = Command::new(env!("CARGO_BIN_EXE_ersm"))
@@ -234,8 +282,8 @@ fn occlusion_reports_every_condition_deterministically() {
         std::fs::copy(root().join("models/images").join(f), dir.join(f)).unwrap();
     }
     std::fs::write(dir.join("zz_truncated.jpg"), b"\xff\xd8\xff").unwrap();
-    let files = ersm::source::images::list(&dir).unwrap();
-    let (r, failed) = occlusion::run(&p, &files, &[0.25], 2).unwrap();
+    let (frames, failed) = load_inputs(std::slice::from_ref(&dir), 1).unwrap();
+    let r = occlusion::run(&p, &frames, &[0.25], 2).unwrap();
     assert_eq!(failed.len(), 1);
     assert!(failed[0].contains("zz_truncated.jpg"), "{failed:?}");
     assert_eq!(r.images, 2);
@@ -252,12 +300,12 @@ fn occlusion_reports_every_condition_deterministically() {
         }
         assert!(c.ersm_kl >= -1e-9 && c.dense_kl >= -1e-9, "{c:?}");
     }
-    let (again, _) = occlusion::run(&p, &files, &[0.25], 2).unwrap();
+    let again = occlusion::run(&p, &frames, &[0.25], 2).unwrap();
     assert_eq!(
         serde_json::to_string(&r).unwrap(),
         serde_json::to_string(&again).unwrap()
     );
     assert_eq!(r.csv().lines().count(), 4);
-    assert!(occlusion::run(&p, &files, &[1.5], 2).is_err());
+    assert!(occlusion::run(&p, &frames, &[1.5], 2).is_err());
     std::fs::remove_dir_all(&dir).ok();
 }

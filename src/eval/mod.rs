@@ -10,9 +10,9 @@ pub mod sparsity;
 use crate::ersm::cpu::gather;
 use crate::ersm::{FeatureMap, TokenMask};
 use crate::pipeline::Pipeline;
-use crate::source::{images, Frame};
+use crate::source::{self, images, Frame, SourceOptions, Uri};
 use anyhow::{Context, Result};
-use std::path::Path;
+use std::path::PathBuf;
 
 /// One image, analysed: its cut features, energies and dense prediction.
 pub struct Analysed {
@@ -61,13 +61,51 @@ pub fn softmax(logits: &[f32]) -> Vec<f64> {
     e.into_iter().map(|v| v / sum).collect()
 }
 
-/// Analyses every image of a file or folder. An image that cannot be read
-/// is reported (the error names it) and left out; the rest are evaluated.
-pub fn analyse_all(p: &Pipeline, path: &Path) -> Result<(Vec<Analysed>, Vec<String>)> {
-    let (frames, mut failed) = images::load_all(&images::list(path)?);
+/// The frames an evaluation runs on: every image of each image file or
+/// folder, and every `every`-th frame (the first included) of each video.
+/// An input that cannot be read is reported (the error names it) and left
+/// out; a video that breaks mid-stream keeps the frames read before.
+pub fn load_inputs(paths: &[PathBuf], every: usize) -> Result<(Vec<Frame>, Vec<String>)> {
+    anyhow::ensure!(every >= 1, "--every must be at least 1");
+    let (mut frames, mut failed) = (Vec::new(), Vec::new());
+    for path in paths {
+        if path.is_dir() || images::is_image(path) {
+            let (f, bad) = images::load_all(&images::list(path)?);
+            frames.extend(f);
+            failed.extend(bad);
+            continue;
+        }
+        let mut video = source::open(&Uri::File(path.clone()), &SourceOptions::default())?;
+        let mut index = 0usize;
+        loop {
+            match video.next_frame() {
+                Ok(Some(frame)) => {
+                    if index.is_multiple_of(every) {
+                        frames.push(frame);
+                    }
+                    index += 1;
+                }
+                Ok(None) => break,
+                Err(e) => {
+                    let msg = format!("{e:#}");
+                    log::warn!("skipping the rest of {}: {msg}", path.display());
+                    failed.push(msg);
+                    break;
+                }
+            }
+        }
+        anyhow::ensure!(index > 0, "video {}: no frame decoded", path.display());
+    }
+    anyhow::ensure!(!frames.is_empty(), "no input frame could be decoded");
+    Ok((frames, failed))
+}
+
+/// Analyses every frame. A frame that cannot be analysed is reported (the
+/// error names it) and left out; the rest are evaluated.
+pub fn analyse_all(p: &Pipeline, frames: &[Frame]) -> Result<(Vec<Analysed>, Vec<String>)> {
     let bar = progress(frames.len(), "analysing");
-    let mut ok = Vec::new();
-    for frame in &frames {
+    let (mut ok, mut failed) = (Vec::new(), Vec::new());
+    for frame in frames {
         match Analysed::of(p, frame) {
             Ok(a) => ok.push(a),
             Err(e) => {
@@ -79,11 +117,7 @@ pub fn analyse_all(p: &Pipeline, path: &Path) -> Result<(Vec<Analysed>, Vec<Stri
         bar.inc(1);
     }
     bar.finish_and_clear();
-    anyhow::ensure!(
-        !ok.is_empty(),
-        "no image in {} could be evaluated",
-        path.display()
-    );
+    anyhow::ensure!(!ok.is_empty(), "no input frame could be evaluated");
     Ok((ok, failed))
 }
 

@@ -6,10 +6,9 @@
 use super::{progress, softmax};
 use crate::pipeline::{top1, Pipeline};
 use crate::preprocess::crop_region;
-use crate::source::{images, Frame};
+use crate::source::Frame;
 use anyhow::Result;
 use serde::Serialize;
-use std::path::PathBuf;
 
 /// What is pasted.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
@@ -83,19 +82,13 @@ fn kl(p: &[f64], q: &[f64]) -> f64 {
 }
 
 /// Runs the test: every image × occluder × size × grid position.
-pub fn run(
-    p: &Pipeline,
-    files: &[PathBuf],
-    sizes: &[f64],
-    grid: usize,
-) -> Result<(Occlusion, Vec<String>)> {
+pub fn run(p: &Pipeline, frames: &[Frame], sizes: &[f64], grid: usize) -> Result<Occlusion> {
     anyhow::ensure!(grid > 0, "--grid must be at least 1");
     anyhow::ensure!(
         sizes.iter().all(|s| *s > 0.0 && *s <= 1.0),
         "--sizes must be fractions in (0, 1]"
     );
-    let (frames, failed) = images::load_all(files);
-    anyhow::ensure!(!frames.is_empty(), "no image could be decoded");
+    anyhow::ensure!(!frames.is_empty(), "no frame to occlude");
     let kinds = [Occluder::Grey, Occluder::Black, Occluder::Patch];
     let mut acc: Vec<[f64; 7]> = vec![[0.0; 7]; kinds.len() * sizes.len()];
     let bar = progress(frames.len() * acc.len() * grid * grid, "occlusion");
@@ -166,14 +159,11 @@ pub fn run(
             });
         }
     }
-    Ok((
-        Occlusion {
-            images: frames.len(),
-            grid,
-            conditions,
-        },
-        failed,
-    ))
+    Ok(Occlusion {
+        images: frames.len(),
+        grid,
+        conditions,
+    })
 }
 
 impl Occlusion {
