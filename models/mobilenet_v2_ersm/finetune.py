@@ -51,6 +51,10 @@ resumes from it. The runs in REPORT.md (logs in runs/; 1.5-2.5 s a step on 2 cor
     python3 finetune.py --data /tmp/data --semantics fill-active --tune fill --masks package --package model.onnx \
         --shift-range=-0.6:0.6 --full 0 --lr 1e-3 --pull 0 --steps 300 --eval-every 150 \
         --ckpt /tmp/run10/ckpt.pt --log runs/run10.jsonl
+    # run 11: run 8's fill vectors trained on under run 10's semantics
+    python3 finetune.py --data /tmp/data --semantics fill-active --tune fill --masks package --package model.onnx \
+        --shift-range=-0.6:0.6 --full 0 --lr 5e-4 --pull 0 --steps 200 --eval-every 200 \
+        --init runs/run8_fills.pt --ckpt /tmp/run11/ckpt.pt --log runs/run11.jsonl
 """
 
 import argparse
@@ -212,8 +216,13 @@ def main():
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, args.steps)
     start = 0
     if args.init and not os.path.exists(args.ckpt):
-        student.load_state_dict(torch.load(args.init, weights_only=False)["student"])
-        print(f"initialised from {args.init}", flush=True)
+        init = torch.load(args.init, weights_only=False)["student"]
+        # A fill-vector file (runs/run*_fills.pt) holds only the `means.`
+        # entries; the rest of the student stays the original network.
+        partial = all(k.startswith("means.") for k in init)
+        missing, unexpected = student.load_state_dict(init, strict=not partial)
+        assert not unexpected, f"{args.init}: unknown entries {unexpected[:3]}"
+        print(f"initialised from {args.init}" + (" (fill vectors only)" if partial else ""), flush=True)
     if os.path.exists(args.ckpt):
         ck = torch.load(args.ckpt, weights_only=False)
         student.load_state_dict(ck["student"])
