@@ -1,8 +1,8 @@
 """Put learned fill vectors into a package's `model.onnx`.
 
-`finetune.py --semantics fill --tune fill` learns one vector per tensor of
-the suffix that dropped positions hold instead of zero (REPORT section 2,
-run 8); the network's weights stay torchvision's, so the dense path is the
+`finetune.py --semantics fill-active --tune fill` learns one vector per
+tensor of the suffix that dropped positions hold instead of zero (REPORT
+section 2, runs 8, 10 and 11; the package ships run 11's); the network's weights stay torchvision's, so the dense path is the
 original. This writes them as the EnergyMask node's `fills` attribute (one
 float tensor per suffix tensor, named after it: models/README.md), replacing
 any fills already there, so running it twice is harmless.
@@ -14,7 +14,7 @@ Conv (project) and, for residual blocks, Add; then the head's Conv → Clip.
 
 The bundled package was made with
 
-    python3 models/mobilenet_v2_ersm/add_fills.py --fills models/mobilenet_v2_ersm/runs/run8_fills.pt \
+    python3 models/mobilenet_v2_ersm/add_fills.py --fills models/mobilenet_v2_ersm/runs/run11_fills.pt \
         --model models/mobilenet_v2_ersm/model.onnx
     python3 models/mobilenet_v2_ersm/calibrate_fallback.py --data /tmp/data --package models/mobilenet_v2_ersm
 
@@ -81,7 +81,7 @@ def suffix_tensors(graph):
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", required=True, help="the package's model.onnx, rewritten in place")
-    ap.add_argument("--fills", help="a finetune.py --tune fill checkpoint (or runs/run8_fills.pt)")
+    ap.add_argument("--fills", help="a finetune.py --tune fill checkpoint (or runs/run11_fills.pt)")
     ap.add_argument("--clear", action="store_true", help="remove the fills attribute")
     ap.add_argument("--pool", choices=["active", "all"], default="active",
                     help="active: the pooled head output gets no fill, so global pooling averages the active "
