@@ -1,6 +1,6 @@
 //! Latency statistics, the per-stage table, and the JSON report of `ersm bench`.
 
-use crate::pipeline::StageTimes;
+use crate::pipeline::{StageTimes, SURE_MARGIN};
 use serde::Serialize;
 use std::collections::BTreeMap;
 use std::fmt::Write;
@@ -312,6 +312,11 @@ pub struct RunReport {
     /// Top-1 agreement with dense, when compared.
     pub agreement: Option<f64>,
     pub agree_frames: usize,
+    /// Frames the dense network is sure of (top-1 margin at least
+    /// `SURE_MARGIN`), and how many of them ERSM agrees on: the agreement
+    /// that measures ERSM's error rather than the reference's near-ties.
+    pub sure_frames: usize,
+    pub sure_agree_frames: usize,
     /// Fraction of frames the confidence fallback re-ran densely (absent when off).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub fallback_rate: Option<f64>,
@@ -430,6 +435,15 @@ impl RunReport {
                 a * 100.0,
                 self.agree_frames,
                 self.frames
+            );
+            let _ = writeln!(
+                s,
+                "                 {} on the {} frame(s) the dense network is sure of (top-1 margin >= {SURE_MARGIN})",
+                match self.sure_frames {
+                    0 => "-".to_string(),
+                    n => format!("{:.1} %", 100.0 * self.sure_agree_frames as f64 / n as f64),
+                },
+                self.sure_frames
             );
         }
         let _ = writeln!(

@@ -7,7 +7,7 @@ use crate::capture::{Capture, End, Next};
 use crate::live::stats::FrameRecord;
 use crate::live::{Live, Shot};
 use crate::overlay::{self, OverlayWriter};
-use crate::pipeline::{top1, Pipeline};
+use crate::pipeline::{top1, top1_margin, Pipeline, SURE_MARGIN};
 use crate::report::{rss_mib, Ending, RunReport, StageSamples};
 use crate::source::Frame;
 use anyhow::{Context, Result};
@@ -96,6 +96,10 @@ struct Tally {
     dense: StageSamples,
     keeps: Vec<f64>,
     agree: usize,
+    /// Frames whose dense top-1 margin is at least `SURE_MARGIN`, and of
+    /// those, the ones ERSM agrees on.
+    sure: usize,
+    sure_agree: usize,
     failed: usize,
     /// Frames the confidence fallback re-ran densely.
     fell_back: usize,
@@ -153,6 +157,8 @@ pub fn run(
         dense: StageSamples::default(),
         keeps: Vec::new(),
         agree: 0,
+        sure: 0,
+        sure_agree: 0,
         failed: 0,
         fell_back: 0,
         macs: 0.0,
@@ -270,6 +276,8 @@ pub fn run(
             .compare
             .then(|| t.agree as f64 / t.frames().max(1) as f64),
         agree_frames: t.agree,
+        sure_frames: t.sure,
+        sure_agree_frames: t.sure_agree,
         fallback_rate: pipeline
             .fallback
             .map(|_| t.fell_back as f64 / t.frames().max(1) as f64),
@@ -323,6 +331,11 @@ fn process(
     }
     let agrees = dense_class.map(|c| c == class);
     t.agree += usize::from(agrees == Some(true));
+    let dense_margin = d.as_ref().map(|d| top1_margin(&d.logits) as f64);
+    if dense_margin.is_some_and(|m| m >= SURE_MARGIN) {
+        t.sure += 1;
+        t.sure_agree += usize::from(agrees == Some(true));
+    }
     log::debug!(
         "{}: top-1 '{}'{} keep {keep:.3} | ersm: pre {:.2} prefix {:.2} ersm {:.2} suffix {:.2} ms{}",
         frame.name,
@@ -355,6 +368,7 @@ fn process(
             "label": m.manifest.label(class),
             "dense_top1": dense_class,
             "agree": agrees,
+            "dense_margin": dense_margin,
             "fell_back": e.fell_back,
             "warmup": !timed,
             "rss_mib": rss_mib(),

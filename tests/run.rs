@@ -88,6 +88,27 @@ fn image_folder_with_dense_comparison_and_jsonl() {
         assert!(rec["agree"].is_boolean());
     }
     assert_eq!(lines[1]["name"], "chelsea.png");
+    // The summary's agreement on sure frames counts what the records say.
+    let sure: Vec<&serde_json::Value> = lines
+        .iter()
+        .filter(|r| r["dense_margin"].as_f64().unwrap() >= 0.3)
+        .collect();
+    let sure_agree = sure.iter().filter(|r| r["agree"] == true).count();
+    let expected = match sure.len() {
+        0 => "-".to_string(),
+        n => format!("{:.1} %", 100.0 * sure_agree as f64 / n as f64),
+    };
+    assert!(
+        out.contains(&format!(
+            "{expected} on the {} frame(s) the dense network is sure of",
+            sure.len()
+        )),
+        "{out}"
+    );
+    for rec in &lines {
+        let m = rec["dense_margin"].as_f64().unwrap();
+        assert!((0.0..=1.0).contains(&m), "{rec}");
+    }
     std::fs::remove_file(&jsonl).ok();
 }
 

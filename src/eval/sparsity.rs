@@ -25,12 +25,7 @@ pub struct ImageKeep {
     pub dense_margin: f64,
 }
 
-/// Dense top-1 margin from which an image counts as one the dense network is
-/// sure of: on the model report's held-out views, a one-pixel shift keeps the
-/// dense answer on 98.9 % of these and on 66 % of those below 0.1, so
-/// agreement below this margin measures the reference's indecision as much
-/// as ERSM's error.
-pub const SURE_MARGIN: f64 = 0.3;
+pub use crate::pipeline::SURE_MARGIN;
 
 /// Keep ratios over a set of images.
 #[derive(Clone, Debug, Serialize)]
