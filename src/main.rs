@@ -642,33 +642,34 @@ fn eval(cmd: EvalCommand) -> Result<()> {
     } else {
         common.images.clone()
     };
-    let (frames, mut failed) = ersm::eval::load_inputs(&inputs, common.every)?;
     let out = common.out.clone();
     std::fs::create_dir_all(&out).with_context(|| format!("creating {}", out.display()))?;
-    match &cmd {
+    let failed = match &cmd {
         EvalCommand::Occlusion(o) => {
+            let (frames, failed) = ersm::eval::load_inputs(&inputs, common.every)?;
             let r = ersm::eval::occlusion::run(&pipeline, &frames, &o.sizes, o.grid)?;
             save_results(&out, "occlusion", &r.csv(), &r, &failed)?;
             ersm::plot::occlusion(&r, &out.join("occlusion.svg"))?;
             println!("{}", r.table());
+            failed
         }
         EvalCommand::Deletion(d) => {
-            let (analysed, bad) = ersm::eval::analyse_all(&pipeline, &frames)?;
-            failed.extend(bad);
+            let (analysed, failed) = ersm::eval::analyse_inputs(&pipeline, &inputs, common.every)?;
             let r = ersm::eval::deletion::run(&pipeline, &analysed, d.step, d.seeds)?;
             save_results(&out, "deletion", &r.csv(), &r, &failed)?;
             ersm::plot::deletion(&r, &out.join("deletion.svg"))?;
             println!("{}", r.table());
+            failed
         }
         EvalCommand::Sparsity(_) => {
-            let (analysed, bad) = ersm::eval::analyse_all(&pipeline, &frames)?;
-            failed.extend(bad);
+            let (analysed, failed) = ersm::eval::analyse_inputs(&pipeline, &inputs, common.every)?;
             let r = ersm::eval::sparsity::of(&pipeline, &analysed)?;
             save_results(&out, "sparsity", &r.csv(), &r, &failed)?;
             ersm::plot::sparsity(&r, &out.join("sparsity.svg"))?;
             println!("{}", r.table());
+            failed
         }
-    }
+    };
     report_failed(&failed);
     println!("results in {}", out.display());
     Ok(())

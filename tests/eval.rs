@@ -3,7 +3,7 @@
 
 use ersm::ersm::Device;
 use ersm::eval::deletion::{self, kept_after, order, steps, Ranking};
-use ersm::eval::{analyse_all, load_inputs, sparsity, Analysed};
+use ersm::eval::{analyse_inputs, load_inputs, sparsity, Analysed};
 use ersm::model::ModelPackage;
 use ersm::pipeline::{top1, Pipeline};
 use std::path::{Path, PathBuf};
@@ -21,9 +21,9 @@ fn pipeline() -> Pipeline {
 }
 
 fn analysed(p: &Pipeline) -> Vec<Analysed> {
-    let (frames, failed) = load_inputs(&[root().join("models/images")], 1).unwrap();
+    let (analysed, failed) = analyse_inputs(p, &[root().join("models/images")], 1).unwrap();
     assert!(failed.is_empty(), "{failed:?}");
-    analyse_all(p, &frames).unwrap().0
+    analysed
 }
 
 fn tmp(name: &str) -> PathBuf {

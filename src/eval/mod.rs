@@ -61,18 +61,33 @@ pub fn softmax(logits: &[f32]) -> Vec<f64> {
     e.into_iter().map(|v| v / sum).collect()
 }
 
-/// The frames an evaluation runs on: every image of each image file or
-/// folder, and every `every`-th frame (the first included) of each video.
-/// An input that cannot be read is reported (the error names it) and left
-/// out; a video that breaks mid-stream keeps the frames read before.
-pub fn load_inputs(paths: &[PathBuf], every: usize) -> Result<(Vec<Frame>, Vec<String>)> {
+/// Hands `f` the frames an evaluation runs on, one at a time, so a long
+/// video is never held whole: every image of each image file or folder, and
+/// every `every`-th frame (the first included) of each video. An input that
+/// cannot be read is reported (the error names it) and left out, and so are
+/// the rest of a video that breaks mid-stream; the reports are returned.
+pub fn for_each_input(
+    paths: &[PathBuf],
+    every: usize,
+    mut f: impl FnMut(Frame),
+) -> Result<Vec<String>> {
     anyhow::ensure!(every >= 1, "--every must be at least 1");
-    let (mut frames, mut failed) = (Vec::new(), Vec::new());
+    let mut failed = Vec::new();
+    let mut any = false;
     for path in paths {
         if path.is_dir() || images::is_image(path) {
-            let (f, bad) = images::load_all(&images::list(path)?);
-            frames.extend(f);
-            failed.extend(bad);
+            for file in images::list(path)? {
+                match images::load(&file) {
+                    Ok(frame) => {
+                        any = true;
+                        f(frame)
+                    }
+                    Err(e) => {
+                        log::warn!("skipping: {e:#}");
+                        failed.push(format!("{e:#}"));
+                    }
+                }
+            }
             continue;
         }
         let mut video = source::open(&Uri::File(path.clone()), &SourceOptions::default())?;
@@ -81,7 +96,8 @@ pub fn load_inputs(paths: &[PathBuf], every: usize) -> Result<(Vec<Frame>, Vec<S
             match video.next_frame() {
                 Ok(Some(frame)) => {
                     if index.is_multiple_of(every) {
-                        frames.push(frame);
+                        any = true;
+                        f(frame);
                     }
                     index += 1;
                 }
@@ -96,37 +112,56 @@ pub fn load_inputs(paths: &[PathBuf], every: usize) -> Result<(Vec<Frame>, Vec<S
         }
         anyhow::ensure!(index > 0, "video {}: no frame decoded", path.display());
     }
-    anyhow::ensure!(!frames.is_empty(), "no input frame could be decoded");
+    anyhow::ensure!(any, "no input frame could be decoded");
+    Ok(failed)
+}
+
+/// Every input frame, decoded and held (occlusion pastes one frame into
+/// another); see [`for_each_input`].
+pub fn load_inputs(paths: &[PathBuf], every: usize) -> Result<(Vec<Frame>, Vec<String>)> {
+    let mut frames = Vec::new();
+    let failed = for_each_input(paths, every, |f| frames.push(f))?;
     Ok((frames, failed))
 }
 
-/// Analyses every frame. A frame that cannot be analysed is reported (the
-/// error names it) and left out; the rest are evaluated.
-pub fn analyse_all(p: &Pipeline, frames: &[Frame]) -> Result<(Vec<Analysed>, Vec<String>)> {
-    let bar = progress(frames.len(), "analysing");
-    let (mut ok, mut failed) = (Vec::new(), Vec::new());
-    for frame in frames {
-        match Analysed::of(p, frame) {
+/// Analyses every input frame as it is decoded; only the analysis is kept.
+/// A frame that cannot be read or analysed is reported (the error names it)
+/// and left out; the rest are evaluated.
+pub fn analyse_inputs(
+    p: &Pipeline,
+    paths: &[PathBuf],
+    every: usize,
+) -> Result<(Vec<Analysed>, Vec<String>)> {
+    let bar = progress(0, "analysing");
+    let (mut ok, mut bad) = (Vec::new(), Vec::new());
+    let mut failed = for_each_input(paths, every, |frame| {
+        match Analysed::of(p, &frame) {
             Ok(a) => ok.push(a),
             Err(e) => {
                 let msg = format!("image {}: {e:#}", frame.name);
                 bar.suspend(|| log::warn!("skipping: {msg}"));
-                failed.push(msg);
+                bad.push(msg);
             }
         }
         bar.inc(1);
-    }
+    })?;
     bar.finish_and_clear();
+    failed.extend(bad);
     anyhow::ensure!(!ok.is_empty(), "no input frame could be evaluated");
     Ok((ok, failed))
 }
 
-/// A progress bar on a terminal, hidden otherwise.
+/// A progress bar on a terminal, hidden otherwise; `len` 0 counts up
+/// without a bar, for a total not known in advance.
 pub fn progress(len: usize, what: &str) -> indicatif::ProgressBar {
     let bar = indicatif::ProgressBar::new(len as u64);
     bar.set_style(
-        indicatif::ProgressStyle::with_template("{msg} {bar:30} {pos}/{len} {elapsed}")
-            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+        indicatif::ProgressStyle::with_template(if len == 0 {
+            "{msg} {pos} {elapsed}"
+        } else {
+            "{msg} {bar:30} {pos}/{len} {elapsed}"
+        })
+        .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
     );
     bar.set_message(what.to_string());
     bar
