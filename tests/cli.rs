@@ -98,9 +98,13 @@ fn bench_prints_table_and_writes_json() {
     }
     assert_eq!(v["frames"], 4);
     assert_eq!(v["threads"], 2);
-    // The shipped head: 16 hidden units on 32 channels, then 16 weights, at
-    // each of the 28×28 tokens.
-    assert_eq!(v["energy_macs"], (16 * 32 + 16) * 28 * 28);
+    // The shipped head, at each of the 28×28 tokens: two depthwise-separable
+    // convs on 32 channels (3×3 depthwise, then 1×1), then 16 hidden units on
+    // 32 channels and 16 weights.
+    assert_eq!(
+        v["energy_macs"],
+        (2 * (9 * 32 + 32 * 32) + 16 * 32 + 16) * 28 * 28
+    );
     let keep = v["keep_ratio"].as_f64().unwrap();
     assert!(keep > 0.0 && keep <= 1.0);
     for mode in ["ersm", "dense"] {

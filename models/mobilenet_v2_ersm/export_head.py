@@ -9,15 +9,26 @@ the trained head's energies on a probe map.
     python3 models/mobilenet_v2_ersm/export_head.py --head /tmp/rank/head-conv-spread.pt \
         --kind conv --offset 0.25 --rule centre --model models/mobilenet_v2_ersm/model.onnx
 
-The shipped package's operating point: its own head, moved by -0.35, `centre`
-rule, applied once to the model `train.py` exported (offset 0, `any`; a second
-run would move the threshold again):
+`--head package` moves the head the model holds (its offset and rule; a
+second run moves the threshold again). The EnergyMask node is rebuilt without
+its fill vectors: run `add_fills.py` after. `training.json` beside the model
+records the head (key `head`).
 
-    python3 models/mobilenet_v2_ersm/export_head.py --head package --offset -0.35 --rule centre \
+The shipped package's head: the depthwise-separable head trained on the mixed
+target (REPORT section 7), 0.33 below its threshold, then run 11's fill vectors:
+
+    python3 models/mobilenet_v2_ersm/export_head.py --head models/mobilenet_v2_ersm/runs/heads/sep-mix.pt \
+        --kind sep --offset -0.33 --rule centre --model models/mobilenet_v2_ersm/model.onnx
+    python3 models/mobilenet_v2_ersm/add_fills.py --fills models/mobilenet_v2_ersm/runs/run11_fills.pt \
         --model models/mobilenet_v2_ersm/model.onnx
+
+(The package head shipped before it: `--head package --offset -0.35 --rule
+centre` on the model `train.py` exported.)
 """
 
 import argparse
+import json
+import os
 
 import numpy as np
 import onnx
@@ -82,6 +93,22 @@ def main():
     err = (want - got).abs().max().item()
     print(f"{out}: {args.kind} head, offset {args.offset}, rule {args.rule}; read back: max energy error {err:.2e}")
     assert err < 1e-5, err
+    record_head(out, args.head, args.kind, args.offset, args.rule)
+
+
+def record_head(model, head, kind, offset, rule):
+    """Notes in `training.json` beside the model, when there is one, which
+    head the package now holds (key `head`)."""
+    record = os.path.join(os.path.dirname(os.path.abspath(model)), "training.json")
+    if not os.path.exists(record):
+        return
+    with open(record) as fh:
+        t = json.load(fh)
+    source = head if head == "package" else os.path.relpath(os.path.abspath(head), os.path.dirname(record))
+    t["head"] = {"source": source, "kind": kind, "offset": offset, "rule": rule,
+                 "by": "export_head.py; fill vectors are dropped, add_fills.py puts them back"}
+    with open(record, "w") as fh:
+        json.dump(t, fh, indent=1)
 
 
 if __name__ == "__main__":

@@ -110,6 +110,12 @@ L.append("# mobilenet_v2_ersm — report\n")
 L.append("torchvision MobileNetV2 (IMAGENET1K_V1) with a trained ERSM energy layer after the "
          "stride-8 stage (`features[:7]`, 32×28×28 tokens at 224×224). Produced by `train.py`; "
          "settings, image lists and package versions in `training.json`.\n")
+head = t.get("head")
+if head and head["source"] != "package":
+    L.append(f"The energy head it ships is no longer `train.py`'s: `export_head.py` put in `{head['source']}` "
+             f"(`train_rank.py --head-kind {head['kind']}`, a head that reads a 5×5-token neighbourhood, section 7) "
+             f"{-head['offset']:g} below its threshold with the `{head['rule']}` stride rule, and `add_fills.py` "
+             "the fill vectors of section 2. The trade-off table below is the history of `train.py`'s head.\n")
 L.append("## The cut\n")
 L.append(f"Dense MobileNetV2: {(prefix_macs + suffix_macs)/1e6:.1f} M multiply-accumulates; the prefix "
          f"(before the energy layer) {prefix_macs/1e6:.1f} M ({100*prefix_macs/(prefix_macs+suffix_macs):.0f} %), "
@@ -144,6 +150,17 @@ if os.path.exists(fb_path):
             L.append(f"Without the fallback, the best point at ≤ 50 % mean keep on these views is the `{head}` head "
                      f"of section 7 at offset {p['offset']:+g}: {p['agreement']*100:.1f} % agreement at keep "
                      f"{p['keep_mean']:.3f} ({p['mac_fraction']:.3f} of the suffix MACs).\n")
+    del_path = os.path.join(HERE, "eval", "deletion.json")
+    if os.path.exists(del_path):
+        # Item 6's third target, as `ersm eval deletion` measures it (evaluation section).
+        d = json.load(open(del_path))["result"]
+        area = {r["ranking"]: r for r in d["curves"]}
+        e, mg, r = (area[k] for k in ("energy", "magnitude", "random"))
+        L.append(f"Target: in `ersm eval deletion` the energy order's area is clearly above magnitude's and "
+                 f"random's. On {d['images']} held-out frames: {e['agreement_area']:.3f} against "
+                 f"{mg['agreement_area']:.3f} and {r['agreement_area']:.3f} (probability of the dense top-1: "
+                 f"{e['probability_area']:.3f} against {mg['probability_area']:.3f} and "
+                 f"{r['probability_area']:.3f}); the evaluation section has the curves.\n")
 else:
     met = c["top1_agreement"] >= 0.97 and c["keep_mean"] <= 0.5
     L.append(f"Target: top-1 agreement with dense ≥ 97 % at mean keep ≤ 50 %. **{'Met' if met else 'Not met'}**: "
