@@ -51,7 +51,8 @@ resumes from it. The runs in REPORT.md (logs in runs/; 1.5-2.5 s a step on 2 cor
     python3 finetune.py --data /tmp/data --semantics fill-active --tune fill --masks package --package model.onnx \
         --shift-range=-0.6:0.6 --full 0 --lr 1e-3 --pull 0 --steps 300 --eval-every 150 \
         --ckpt /tmp/run10/ckpt.pt --log runs/run10.jsonl
-    # run 11: run 8's fill vectors trained on under run 10's semantics
+    # run 11: run 8's fill vectors trained on under run 10's semantics (runs 6-11 ran
+    # while model.onnx held the package head; it now holds the separable head, REPORT section 7)
     python3 finetune.py --data /tmp/data --semantics fill-active --tune fill --masks package --package model.onnx \
         --shift-range=-0.6:0.6 --full 0 --lr 5e-4 --pull 0 --steps 200 --eval-every 200 \
         --init runs/run8_fills.pt --ckpt /tmp/run11/ckpt.pt --log runs/run11.jsonl
