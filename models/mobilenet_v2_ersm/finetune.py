@@ -56,6 +56,10 @@ resumes from it. The runs in REPORT.md (logs in runs/; 1.5-2.5 s a step on 2 cor
     python3 finetune.py --data /tmp/data --semantics fill-active --tune fill --masks package --package model.onnx \
         --shift-range=-0.6:0.6 --full 0 --lr 5e-4 --pull 0 --steps 200 --eval-every 200 \
         --init runs/run8_fills.pt --ckpt /tmp/run11/ckpt.pt --log runs/run11.jsonl
+    # run 12: run 11's vectors trained on under the separable head's masks (model.onnx as shipped)
+    python3 finetune.py --data /tmp/data --semantics fill-active --tune fill --masks package --package model.onnx \
+        --shift-range=-0.6:0.6 --full 0 --lr 5e-4 --pull 0 --steps 200 --eval-every 200 \
+        --init runs/run11_fills.pt --ckpt /tmp/run12/ckpt.pt --log runs/run12.jsonl
 """
 
 import argparse
@@ -202,7 +206,9 @@ def main():
         # it will be shipped with, across offsets around its operating point.
         if package_semantics(args.package).down != sem.down:
             raise SystemExit(f"{args.package}: stride rule differs from --semantics {args.semantics}")
-        student.head.load_state_dict(head_from_onnx(args.package).state_dict())
+        # The package's own head, whatever its kind (a per-token head or one
+        # with convs ahead of it), held fixed.
+        student.head = head_from_onnx(args.package)
         student.head.requires_grad_(False)
     total = dense_macs(teacher, hf)
     teacher_params = {n: p.detach().clone() for n, p in student.net.named_parameters()}

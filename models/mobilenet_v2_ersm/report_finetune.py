@@ -421,7 +421,16 @@ def main():
                      "`runs/sep_split.json`, `runs/run11_split.json`). Counting the head's own 0.013 of the dense "
                      "suffix, that is about one point above the package head's curve at equal compute, as above, "
                      "and its order deletes better (section 6 and the evaluation section). The fill vectors were "
-                     "trained under the package head's masks; training them under this head's is still to do.\n")
+                     "trained under the package head's masks.")
+            r12 = os.path.join(HERE, "runs", "run12_split.json")
+            if os.path.exists(r12):
+                g12 = {x["group"]: x for x in json.load(open(r12))["groups"]}
+                L[-1] += (" Run 12 trained them on under this head's own masks (200 steps from run 11's, `--lr "
+                          "5e-4`, `runs/run12.jsonl`): "
+                          f"{pct(g12['all']['fill'])} (photos {pct(g12['held-out photos (10 views each)']['fill'])}, "
+                          f"clip frames {pct(g12['held-out clip frames']['fill'])}; `runs/run12_split.json`), no "
+                          "gain, so run 11's stay.")
+            L[-1] += "\n"
     L.append("### What the measurements say is missing\n")
     L.append(MISSING)
     text = open(os.path.join(HERE, "REPORT.md")).read()
