@@ -28,6 +28,18 @@ def pct(x):
     return f"{x * 100:.1f} %"
 
 
+def load_split(name):
+    """`measure_fill_split.py`'s result in runs/: its keep mean and the
+    photos', clip frames' and whole set's groups (each with `zero` and `fill`
+    agreement), or None when the file is missing."""
+    path = os.path.join(HERE, "runs", name)
+    if not os.path.exists(path):
+        return None
+    d = json.load(open(path))
+    g = {x["group"]: x for x in d["groups"]}
+    return d["keep_mean"], g["held-out photos (10 views each)"], g["held-out clip frames"], g["all"]
+
+
 def main():
     sem = json.load(open(os.path.join(HERE, "semantics.json")))
     exports = []
@@ -228,7 +240,8 @@ def main():
         runs = [("run 8: `--semantics fill`, pooling every position in training", "fills_split_active.json", "42 %"),
                 ("run 10: `--semantics fill-active`, from the calibration means", "run10_split.json", "62.7 %"),
                 ("run 11: `--semantics fill-active`, from run 8's vectors (shipped)", "run11_split.json", "60.7 %")]
-        if all(os.path.exists(os.path.join(HERE, "runs", f)) for _, f, _ in runs):
+        splits = {f: load_split(f) for _, f, _ in runs}
+        if all(splits.values()):
             L.append("Run 8 trained its vectors with the pooled output filled, and the package runs them without: "
                      "train and run differ. Run 10 trains them as they are run, pooling over active tokens "
                      "(`finetune.py --semantics fill-active`, 300 steps from the calibration means, otherwise as "
@@ -240,10 +253,8 @@ def main():
                      "bundled clip (150 frames) |")
             L.append("|---|---|---|---|---|")
             for name, f, clip in runs:
-                g = {x["group"]: x for x in json.load(open(os.path.join(HERE, "runs", f)))["groups"]}
-                ph, cl, al = (g[k]["fill"] for k in ("held-out photos (10 views each)", "held-out clip frames",
-                                                     "all"))
-                L.append(f"| {name} | {pct(ph)} | {pct(cl)} | {pct(al)} | {clip} |")
+                _, ph, cl, al = splits[f]
+                L.append(f"| {name} | {pct(ph['fill'])} | {pct(cl['fill'])} | {pct(al['fill'])} | {clip} |")
             L.append("")
             L.append("The package ships run 11's vectors: trained under the semantics the runtime runs, level "
                      "with run 8 on the held-out total (half a point, one view in 200, is below what 554 views "
@@ -405,11 +416,10 @@ def main():
         L.append("Heads: " + "; ".join(f"**{sw['head']}**: {sw['what']}, {sw['head_macs'] / 1e6:.2f} M multiply-adds "
                                        "per frame" for sw in o["sweeps"]) + ".\n")
         L.append(o["finding"] + "\n")
-        sep = os.path.join(HERE, "runs", "sep_split.json")
-        if os.path.exists(sep):
-            g = {x["group"]: x for x in json.load(open(sep))["groups"]}
-            keep = json.load(open(sep))["keep_mean"]
-            ph, cl, al = (g[k] for k in ("held-out photos (10 views each)", "held-out clip frames", "all"))
+        sep, before = load_split("sep_split.json"), load_split("run11_split.json")
+        if sep and before:
+            keep, ph, cl, al = sep
+            _, ph0, cl0, al0 = before
             L.append("**With fill vectors the `sep, mixed target` head is shipped.** The comparison above has zero "
                      "at dropped positions. With run 11's fill vectors (section 2) at dropped positions and the "
                      "`sep, mixed target` head exported 0.33 below its threshold (`export_head.py`; that offset is "
@@ -417,19 +427,19 @@ def main():
                      f"package keeps {keep:.3f} of the tokens on the 554 held-out views, about what the package "
                      f"head kept (0.884), and agrees on {pct(al['fill'])} (photos {pct(ph['fill'])}, clip frames "
                      f"{pct(cl['fill'])}; zero at dropped positions {pct(al['zero'])}), where the package head with "
-                     "the same fill vectors agreed on 78.7 % (photos 80.0 %, clip frames 63.6 %; "
+                     f"the same fill vectors agreed on {pct(al0['fill'])} (photos {pct(ph0['fill'])}, clip frames "
+                     f"{pct(cl0['fill'])}; "
                      "`runs/sep_split.json`, `runs/run11_split.json`). Counting the head's own 0.013 of the dense "
                      "suffix, that is about one point above the package head's curve at equal compute, as above, "
                      "and its order deletes better (section 6 and the evaluation section). The fill vectors were "
                      "trained under the package head's masks.")
-            r12 = os.path.join(HERE, "runs", "run12_split.json")
-            if os.path.exists(r12):
-                g12 = {x["group"]: x for x in json.load(open(r12))["groups"]}
+            r12 = load_split("run12_split.json")
+            if r12:
+                _, ph12, cl12, al12 = r12
                 L[-1] += (" Run 12 trained them on under this head's own masks (200 steps from run 11's, `--lr "
                           "5e-4`, `runs/run12.jsonl`): "
-                          f"{pct(g12['all']['fill'])} (photos {pct(g12['held-out photos (10 views each)']['fill'])}, "
-                          f"clip frames {pct(g12['held-out clip frames']['fill'])}; `runs/run12_split.json`), no "
-                          "gain, so run 11's stay.")
+                          f"{pct(al12['fill'])} (photos {pct(ph12['fill'])}, clip frames {pct(cl12['fill'])}; "
+                          "`runs/run12_split.json`), no gain, so run 11's stay.")
             L[-1] += "\n"
     L.append("### What the measurements say is missing\n")
     L.append(MISSING)
