@@ -76,18 +76,10 @@ pub fn for_each_input(
     let mut any = false;
     for path in paths {
         if path.is_dir() || images::is_image(path) {
-            for file in images::list(path)? {
-                match images::load(&file) {
-                    Ok(frame) => {
-                        any = true;
-                        f(frame)
-                    }
-                    Err(e) => {
-                        log::warn!("skipping: {e:#}");
-                        failed.push(format!("{e:#}"));
-                    }
-                }
-            }
+            failed.extend(images::for_each(&images::list(path)?, |frame| {
+                any = true;
+                f(frame)
+            }));
             continue;
         }
         let mut video = source::open(&Uri::File(path.clone()), &SourceOptions::default())?;

@@ -50,17 +50,26 @@ pub fn load(path: &Path) -> Result<Frame> {
 /// Decodes every file; one that fails is logged and left out, and its
 /// error (naming it) returned beside the frames that did decode.
 pub fn load_all(files: &[PathBuf]) -> (Vec<Frame>, Vec<String>) {
-    let (mut frames, mut failed) = (Vec::new(), Vec::new());
-    for f in files {
-        match load(f) {
-            Ok(frame) => frames.push(frame),
+    let mut frames = Vec::new();
+    let failed = for_each(files, |f| frames.push(f));
+    (frames, failed)
+}
+
+/// Decodes the files one at a time and hands each frame to `f`, so no more
+/// than one is held here; a file that fails is logged and left out, and the
+/// errors (naming them) are returned.
+pub fn for_each(files: &[PathBuf], mut f: impl FnMut(Frame)) -> Vec<String> {
+    let mut failed = Vec::new();
+    for file in files {
+        match load(file) {
+            Ok(frame) => f(frame),
             Err(e) => {
                 log::warn!("skipping: {e:#}");
                 failed.push(format!("{e:#}"));
             }
         }
     }
-    (frames, failed)
+    failed
 }
 
 /// True for a file name with an image extension.
