@@ -16,6 +16,7 @@ use anyhow::{Context, Result};
 use std::io::{ErrorKind, Read, Write};
 use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr, TcpListener, TcpStream};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::mpsc::{self, RecvTimeoutError};
 use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -262,6 +263,7 @@ impl Drop for Slot<'_> {
 }
 
 fn accept_loop(listener: TcpListener, shared: Arc<Shared>) {
+    let door = Door::start();
     for conn in listener.incoming() {
         if shared.stop.load(Ordering::SeqCst) {
             break;
@@ -278,14 +280,7 @@ fn accept_loop(listener: TcpListener, shared: Arc<Shared>) {
         let _ = stream.set_write_timeout(Some(WRITE_TIMEOUT));
         if shared.connections.fetch_add(1, Ordering::SeqCst) >= MAX_CONNECTIONS {
             shared.connections.fetch_sub(1, Ordering::SeqCst);
-            let mut stream = stream;
-            let _ = respond(
-                &mut stream,
-                503,
-                "text/plain",
-                b"too many connections\n",
-                false,
-            );
+            door.refuse(stream);
             continue;
         }
         let s = shared.clone();
@@ -300,6 +295,88 @@ fn accept_loop(listener: TcpListener, shared: Arc<Shared>) {
             });
         if spawned.is_err() {
             shared.connections.fetch_sub(1, Ordering::SeqCst);
+        }
+    }
+}
+
+/// Refused sockets held open, on one thread, long enough to close gently.
+/// Dropping a socket whose request has not been read resets the
+/// connection, and the client then sees a broken pipe or a reset instead
+/// of the 503; reading in `accept_loop` itself would stall every other
+/// client behind one slow one.
+struct Door {
+    held: Option<mpsc::SyncSender<TcpStream>>,
+}
+
+/// Sockets the door holds at once; beyond this they are dropped at once.
+const DOOR_HELD: usize = 64;
+/// How long a refused socket is drained before it is dropped.
+const DOOR_LINGER: Duration = Duration::from_millis(500);
+
+impl Door {
+    fn start() -> Door {
+        let (tx, rx) = mpsc::sync_channel(DOOR_HELD);
+        let held = std::thread::Builder::new()
+            .name("ersm-http-door".into())
+            .stack_size(64 * 1024)
+            .spawn(move || Door::drain(rx))
+            .ok()
+            .map(|_| tx);
+        Door { held }
+    }
+
+    /// Answers 503 and hands the socket to the door thread to close.
+    fn refuse(&self, mut stream: TcpStream) {
+        let _ = respond(
+            &mut stream,
+            503,
+            "text/plain",
+            b"too many connections\n",
+            false,
+        );
+        let _ = stream.shutdown(std::net::Shutdown::Write);
+        if stream.set_nonblocking(true).is_ok() {
+            if let Some(tx) = &self.held {
+                let _ = tx.try_send(stream);
+            }
+        }
+    }
+
+    /// Reads and drops what each held socket's client still sends, closing
+    /// it at end of stream or after `DOOR_LINGER`; ends with the accept loop.
+    fn drain(rx: mpsc::Receiver<TcpStream>) {
+        let mut held: Vec<(TcpStream, Instant)> = Vec::new();
+        let mut sink = [0u8; 4096];
+        loop {
+            // Blocks while nothing is held, polls every 10 ms while something is.
+            let next = if held.is_empty() {
+                rx.recv().map_err(|_| RecvTimeoutError::Disconnected)
+            } else {
+                rx.recv_timeout(Duration::from_millis(10))
+            };
+            match next {
+                Ok(s) => held.push((s, Instant::now() + DOOR_LINGER)),
+                Err(RecvTimeoutError::Timeout) => {}
+                Err(RecvTimeoutError::Disconnected) if held.is_empty() => return,
+                Err(RecvTimeoutError::Disconnected) => {
+                    std::thread::sleep(Duration::from_millis(10))
+                }
+            }
+            let now = Instant::now();
+            held.retain_mut(|(s, until)| {
+                if now >= *until {
+                    return false;
+                }
+                loop {
+                    match s.read(&mut sink) {
+                        Ok(0) => return false,
+                        Ok(_) => {}
+                        Err(e) if e.kind() == ErrorKind::WouldBlock => return true,
+                        Err(e) if e.kind() == ErrorKind::Interrupted => {}
+                        Err(_) => return false,
+                    }
+                }
+            });
         }
     }
 }
@@ -525,4 +602,36 @@ fn respond(
         stream.write_all(body)?;
     }
     stream.flush()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::live::stats::Info;
+
+    #[test]
+    fn a_client_refused_at_the_door_reads_its_503() {
+        let bound = Bound::bind(SocketAddr::from((Ipv4Addr::LOCALHOST, 0)), "test").unwrap();
+        let stats = Arc::new(Mutex::new(Stats::new(Info::default())));
+        let server = Server::start(bound, stats, Arc::new(Frames::default())).unwrap();
+        let addr = server.addr();
+        // Silent clients fill every place; each holds it until HEAD_DEADLINE.
+        let silent: Vec<_> = (0..MAX_CONNECTIONS)
+            .map(|_| TcpStream::connect(addr).unwrap())
+            .collect();
+        for _ in 0..3 {
+            let mut c = TcpStream::connect(addr).unwrap();
+            c.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+            // In two writes with a pause, so the 503 and the close can come
+            // between them: the second write must not meet a reset.
+            c.write_all(b"GET /status HTTP/1.1\r\n").unwrap();
+            std::thread::sleep(Duration::from_millis(100));
+            c.write_all(b"Host: x\r\n\r\n").unwrap();
+            let mut answer = String::new();
+            c.read_to_string(&mut answer).unwrap();
+            assert!(answer.starts_with("HTTP/1.1 503"), "{answer}");
+            assert!(answer.ends_with("too many connections\n"), "{answer}");
+        }
+        drop(silent);
+    }
 }
