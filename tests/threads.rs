@@ -83,6 +83,53 @@ fn random_networks_are_bit_identical_on_any_thread_count() {
 }
 
 #[test]
+fn energy_head_convs_split_across_threads_give_identical_energies() {
+    use ersm::ersm::{cpu, EnergySpec, FeatureMap, HeadConv, Neighbourhood, UnaryHead};
+    // 64 × 64 × 32: large enough that the head's output planes are split.
+    let (c, h, w) = (32, 64, 64);
+    let mut state = 7u32;
+    let mut next = || {
+        state = state.wrapping_mul(1_664_525).wrapping_add(1_013_904_223);
+        (state >> 8) as f32 / (1u32 << 24) as f32 - 0.5
+    };
+    let x: Vec<f32> = (0..c * h * w).map(|_| next()).collect();
+    let mut layer = |groups: usize, k: usize| HeadConv {
+        cin: c,
+        cout: c,
+        k,
+        groups,
+        weight: (0..c * (c / groups) * k * k).map(|_| next()).collect(),
+        bias: (0..c).map(|_| next()).collect(),
+        relu: true,
+    };
+    let layers = vec![layer(c, 3), layer(1, 1)];
+    let spec = EnergySpec {
+        head: UnaryHead::Conv {
+            layers,
+            head: Box::new(UnaryHead::Linear {
+                w: (0..c).map(|_| next()).collect(),
+                b: 0.0,
+            }),
+        },
+        lambda: 0.3,
+        tau: 1.0,
+        steps: 2,
+        neighbourhood: Neighbourhood::Eight,
+    };
+    let map = FeatureMap::new(&x, c, h, w).unwrap();
+    let energies = |n: usize| {
+        let m = Threads::new(n)
+            .unwrap()
+            .install(|| cpu::compute(map, &spec).unwrap());
+        bits(&m.energies)
+    };
+    let one = energies(1);
+    for n in [2, 3] {
+        assert_eq!(one, energies(n), "energies differ on {n} threads");
+    }
+}
+
+#[test]
 fn mobilenet_activations_are_fused_into_their_convs() {
     let m = ModelPackage::load(MODEL).unwrap();
     let lone: Vec<&str> = m
