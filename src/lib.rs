@@ -25,4 +25,5 @@ pub mod report;
 pub mod run;
 pub mod source;
 pub mod sparse;
+pub mod stem;
 pub mod threads;

@@ -1,6 +1,7 @@
 //! Dense execution in tract: the prefix before the energy layer, and the dense
 //! baseline's suffix. Each net is optimised once for its fixed input shape.
 
+use crate::stem::{self, Patches};
 use anyhow::{Context, Result};
 use std::sync::Arc;
 use tract_onnx::pb::ModelProto;
@@ -54,6 +55,9 @@ pub struct TractNet {
     pub engine: Engine,
     /// Input shape.
     pub input_shape: Vec<usize>,
+    /// The first conv's patches, gathered from the input before the plan
+    /// runs, when the stem was rewritten ([`crate::stem`]).
+    stem: Option<Patches>,
     /// Output shape.
     pub output_shape: Vec<usize>,
     /// Op names in evaluation order, before optimisation (for listings).
@@ -64,12 +68,35 @@ impl TractNet {
     /// Builds and optimises `proto`, whose first input gets shape `input_shape`
     /// (other inputs keep the shapes the graph declares). `what` names the net in errors.
     pub fn new(proto: &ModelProto, input_shape: &[usize], what: &str) -> Result<TractNet> {
+        TractNet::build(proto, input_shape, None, what)
+    }
+
+    /// Like [`TractNet::new`] for a net that reads the image: its first conv
+    /// runs as a product over patches gathered here ([`crate::stem`]) when it
+    /// can, unless `ERSM_STEM_PATCHES=0` (to measure tract's own stem).
+    pub fn from_image(proto: &ModelProto, input_shape: &[usize], what: &str) -> Result<TractNet> {
+        let mut proto = proto.clone();
+        let stem = if std::env::var("ERSM_STEM_PATCHES").is_ok_and(|v| v == "0") {
+            None
+        } else {
+            stem::rewrite(&mut proto, input_shape)
+        };
+        TractNet::build(&proto, input_shape, stem, what)
+    }
+
+    fn build(
+        proto: &ModelProto,
+        input_shape: &[usize],
+        stem: Option<Patches>,
+        what: &str,
+    ) -> Result<TractNet> {
+        let plan_input = stem.as_ref().map_or(input_shape.to_vec(), Patches::shape);
         let mut model = tract_onnx::onnx()
             .model_for_proto_model(proto)
             .with_context(|| format!("{what}: tract could not parse the graph"))?;
         model
-            .set_input_fact(0, InferenceFact::dt_shape(f32::datum_type(), input_shape))
-            .with_context(|| format!("{what}: setting input shape {input_shape:?}"))?;
+            .set_input_fact(0, InferenceFact::dt_shape(f32::datum_type(), &*plan_input))
+            .with_context(|| format!("{what}: setting input shape {plan_input:?}"))?;
         let typed = model
             .into_typed()
             .with_context(|| format!("{what}: tract could not type the graph (shapes or ops)"))?;
@@ -106,9 +133,15 @@ impl TractNet {
             what: what.to_string(),
             engine: Engine::Cpu,
             input_shape: input_shape.to_vec(),
+            stem,
             output_shape,
             ops,
         })
+    }
+
+    /// The stem's patches, when its first conv runs as a product over them.
+    pub fn patches(&self) -> Option<&Patches> {
+        self.stem.as_ref()
     }
 
     /// The same net prepared by tract-cuda on CUDA device 0 (cuDNN convolutions,
@@ -124,6 +157,7 @@ impl TractNet {
             what: self.what.clone(),
             engine: Engine::Cuda,
             input_shape: self.input_shape.clone(),
+            stem: self.stem.clone(),
             output_shape: self.output_shape.clone(),
             ops: self.ops.clone(),
         })
@@ -131,7 +165,31 @@ impl TractNet {
 
     /// Runs the net on `input` (row-major, of `input_shape`); returns the output values.
     pub fn run(&self, input: &[f32]) -> Result<Vec<f32>> {
-        self.run_many(&[(&self.input_shape, input)])
+        let out = self.plan.run(tvec![self.input(input)?])?;
+        Ok(out[0]
+            .to_plain_array_view::<f32>()?
+            .iter()
+            .copied()
+            .collect())
+    }
+
+    /// `input` as the plan's input tensor: the patches when the stem was
+    /// rewritten, else the values themselves.
+    fn input(&self, input: &[f32]) -> Result<TValue> {
+        let Some(stem) = &self.stem else {
+            return Ok(Tensor::from_shape(&self.input_shape, input)?.into());
+        };
+        let want: usize = self.input_shape.iter().product();
+        anyhow::ensure!(
+            input.len() == want,
+            "{}: input has {} values, {:?} needs {want}",
+            self.what,
+            input.len(),
+            self.input_shape
+        );
+        let mut t = Tensor::zero::<f32>(&stem.shape())?;
+        stem.gather(input, t.try_as_plain_ram_mut()?.as_slice_mut::<f32>()?);
+        Ok(t.into())
     }
 
     /// Runs the net once on `input`, timing every node of the optimised plan:
@@ -139,8 +197,7 @@ impl TractNet {
     pub fn profile(&self, input: &[f32]) -> Result<Vec<(String, String, f64)>> {
         let mut state = self.plan.spawn()?;
         let mut times = Vec::new();
-        let input: TValue = Tensor::from_shape(&self.input_shape, input)?.into();
-        state.run_plan_with_eval(tvec![input], |ctx, st, node, inputs| {
+        state.run_plan_with_eval(tvec![self.input(input)?], |ctx, st, node, inputs| {
             let t = std::time::Instant::now();
             let out = tract_core::plan::eval(ctx, st, node, inputs);
             let shape = node
@@ -158,7 +215,8 @@ impl TractNet {
         Ok(times)
     }
 
-    /// Runs a net with several inputs, each `(shape, values)`.
+    /// Runs a net with several inputs, each `(shape, values)`, as the plan
+    /// takes them (no stem patches are gathered).
     pub fn run_many(&self, inputs: &[(&[usize], &[f32])]) -> Result<Vec<f32>> {
         let inputs = inputs
             .iter()

@@ -195,7 +195,7 @@ impl ModelPackage {
 
         let prefix_ops = prefix_nodes.iter().map(|n| n.op_type.clone()).collect();
         let prefix_proto = subgraph(&proto, prefix_nodes, graph_inputs.clone(), &[&input]);
-        let prefix = TractNet::new(&prefix_proto, &manifest.input.shape, "prefix")?;
+        let prefix = TractNet::from_image(&prefix_proto, &manifest.input.shape, "prefix")?;
         let fs = prefix.output_shape.clone();
         ensure!(
             fs.len() == 4 && fs[0] == 1,

@@ -1,0 +1,87 @@
+//! The prefix's first conv run as a product over gathered patches gives
+//! tract's own stem conv's values, and graphs whose stem is not such a conv
+//! are left alone.
+
+mod common;
+
+use common::*;
+use ersm::prefix::TractNet;
+
+/// A stem conv on the image, then a ReLU and a 1×1 conv after it.
+fn stem_net(seed: u64, cin: usize, k: usize, stride: usize, pads: [usize; 4]) -> (Builder, String) {
+    let mut b = Builder::new(seed);
+    let x = b.conv("image", cin, 8, k, stride, pads, 1);
+    let x = b.op("Relu", &[&x], vec![]);
+    let y = b.conv(&x, 8, 5, 1, 1, [0; 4], 1);
+    (b, y)
+}
+
+fn image(n: usize) -> Vec<f32> {
+    (0..n)
+        .map(|i| ((i * 7919) % 101) as f32 / 50.0 - 1.0)
+        .collect()
+}
+
+#[test]
+fn patched_stems_match_tracts_conv() {
+    for (seed, (cin, k, stride, pads, h, w)) in [
+        (3, 3, 2, [1, 1, 1, 1], 32, 32),
+        (3, 3, 2, [1, 1, 1, 1], 31, 29),
+        (3, 3, 1, [1, 1, 1, 1], 17, 20),
+        (1, 5, 2, [2, 1, 0, 2], 23, 18),
+        (4, 7, 3, [3, 3, 3, 3], 40, 33),
+        (3, 2, 2, [0, 0, 0, 0], 16, 16),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let (b, out) = stem_net(seed as u64, cin, k, stride, pads);
+        let proto = b.model(("image", &[1, cin, h, w]), &out);
+        let shape = [1, cin, h, w];
+        let plain = TractNet::new(&proto, &shape, "plain").unwrap();
+        let patched = TractNet::from_image(&proto, &shape, "patched").unwrap();
+        assert!(plain.patches().is_none());
+        assert!(patched.patches().is_some(), "stem {seed} not rewritten");
+        assert_eq!(plain.output_shape, patched.output_shape);
+        let x = image(cin * h * w);
+        let (a, p) = (plain.run(&x).unwrap(), patched.run(&x).unwrap());
+        assert!(rel_err(&p, &a) < 1e-5, "stem {seed}: {}", rel_err(&p, &a));
+    }
+}
+
+#[test]
+fn stems_that_are_not_a_plain_image_conv_stay_as_they_are() {
+    // The image read twice.
+    let (mut b, y) = stem_net(1, 3, 3, 2, [1; 4]);
+    let side = b.op(
+        "ReduceMean",
+        &["image"],
+        vec![attr_ints("axes", &[1, 2, 3])],
+    );
+    let out = b.op("Add", &[&y, &side], vec![]);
+    let twice = b.model(("image", &[1, 3, 16, 16]), &out);
+    // Grouped, and a 1×1 stem (nothing to gather).
+    let mut g = Builder::new(2);
+    let x = g.conv("image", 4, 8, 3, 2, [1; 4], 2);
+    let grouped = g.model(("image", &[1, 4, 16, 16]), &x);
+    let mut o = Builder::new(3);
+    let x = o.conv("image", 3, 8, 1, 1, [0; 4], 1);
+    let pointwise = o.model(("image", &[1, 3, 16, 16]), &x);
+    // Too many channels for an image.
+    let mut m = Builder::new(4);
+    let x = m.conv("image", 8, 8, 3, 1, [1; 4], 1);
+    let wide = m.model(("image", &[1, 8, 16, 16]), &x);
+    for (what, proto, c) in [
+        ("twice", twice, 3),
+        ("grouped", grouped, 4),
+        ("pointwise", pointwise, 3),
+        ("wide", wide, 8),
+    ] {
+        let net = TractNet::from_image(&proto, &[1, c, 16, 16], what).unwrap();
+        assert!(net.patches().is_none(), "{what} was rewritten");
+        assert_eq!(
+            net.run(&image(c * 256)).unwrap().len(),
+            net.output_shape.iter().product::<usize>()
+        );
+    }
+}
