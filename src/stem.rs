@@ -44,12 +44,11 @@ impl Patches {
     /// Gathers the patches of `image` (`[1, cin, h, w]`, row-major) into
     /// `out` (of [`Patches::shape`]'s length): channel `(ci·kh + ky)·kw + kx` holds
     /// every output position's tap `(ky, kx)` of input channel `ci`, zero
-    /// where the tap falls in the padding.
+    /// where the tap falls in the padding. Every value of `out` is written.
     pub fn gather(&self, image: &[f32], out: &mut [f32]) {
         let ([kh, kw], [sy, sx], [pt, pl], [oh, ow]) =
             (self.kernel, self.stride, self.pad, self.out);
         let (h, w) = (self.h, self.w);
-        out.fill(0.0);
         // The output columns whose tap kx lands inside the row: ox in lo..hi.
         let cols = |kx: usize| {
             let lo = pl.saturating_sub(kx).div_ceil(sx);
@@ -62,12 +61,14 @@ impl Patches {
                 for kx in 0..kw {
                     let dst = planes.next().expect("cin·kh·kw planes");
                     let (lo, hi) = cols(kx);
-                    for oy in 0..oh {
+                    for (oy, d) in dst.chunks_exact_mut(ow).enumerate() {
                         let Some(y) = (oy * sy + ky).checked_sub(pt).filter(|&y| y < h) else {
+                            d.fill(0.0);
                             continue;
                         };
                         let row = &plane[y * w..][..w];
-                        let d = &mut dst[oy * ow..][..ow];
+                        d[..lo].fill(0.0);
+                        d[hi..].fill(0.0);
                         for (ox, v) in d.iter_mut().enumerate().take(hi).skip(lo) {
                             *v = row[ox * sx + kx - pl];
                         }
