@@ -4,6 +4,8 @@
 
 use anyhow::{Context, Result};
 use rayon::prelude::*;
+use std::cell::Cell;
+use std::sync::atomic::{AtomicBool, AtomicPtr, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use tract_linalg::multithread::{multithread_tract_scope, Executor};
 
@@ -59,7 +61,8 @@ impl Threads {
 
 /// Calls `f(first_row, rows)` on contiguous chunks of `out` (rows of `width`
 /// values), in parallel when called inside [`Threads::install`] with more than
-/// one thread. Every row is computed by the same code whatever the chunking, so
+/// one thread: on the [`team`]'s spinning threads inside one, else through
+/// rayon. Every row is computed by the same code whatever the chunking, so
 /// results do not depend on the thread count.
 pub fn par_rows<F>(out: &mut [f32], width: usize, min_rows: usize, f: F)
 where
@@ -71,12 +74,260 @@ where
     } else {
         1
     };
-    if threads <= 1 || rows < 2 * min_rows.max(1) {
+    // Inside a team's chunk, a nested call runs on its own thread: the team is
+    // busy with the outer job.
+    if threads <= 1 || rows < 2 * min_rows.max(1) || IN_CHUNK.with(Cell::get) {
         f(0, out);
         return;
     }
+    let team = TEAM.with(Cell::get);
     let chunk = rows.div_ceil(threads).max(min_rows);
-    out.par_chunks_mut(chunk * width)
-        .enumerate()
-        .for_each(|(i, c)| f(i * chunk, c));
+    if team.is_null() {
+        out.par_chunks_mut(chunk * width)
+            .enumerate()
+            .for_each(|(i, c)| f(i * chunk, c));
+        return;
+    }
+    let (base, len) = (SendPtr(out.as_mut_ptr()), out.len());
+    let run = |i: usize| {
+        let start = i * chunk * width;
+        let n = (chunk * width).min(len - start);
+        // SAFETY: chunk i covers out[start..start + n], inside `out`, and
+        // each chunk index is run exactly once, so no two calls alias.
+        let rows = unsafe { std::slice::from_raw_parts_mut(base.get().add(start), n) };
+        f(i * chunk, rows)
+    };
+    // SAFETY: TEAM is set only while its team lives (inside `team`, on
+    // this thread).
+    unsafe { &*team }.run(rows.div_ceil(chunk), &run);
+}
+
+/// A raw pointer that may cross to the team's threads: each touches only
+/// the chunk it claimed.
+#[derive(Clone, Copy)]
+struct SendPtr(*mut f32);
+// SAFETY: see `par_rows`: disjoint chunks, and the caller waits for all.
+unsafe impl Send for SendPtr {}
+unsafe impl Sync for SendPtr {}
+
+impl SendPtr {
+    fn get(self) -> *mut f32 {
+        self.0
+    }
+}
+
+thread_local! {
+    /// The team the calling thread leads, while [`team`] runs.
+    static TEAM: Cell<*const Team> = const { Cell::new(std::ptr::null()) };
+    /// Whether this thread is running one of a team's chunks.
+    static IN_CHUNK: Cell<bool> = const { Cell::new(false) };
+}
+
+/// Runs `f` with the other threads of the current pool held, spinning, for
+/// [`par_rows`]: the sparse suffix runs dozens of parallel steps of 0.05–0.3
+/// ms a frame, and a rayon worker that has gone to sleep between two of them
+/// takes longer to wake than a step lasts (on this project's 2-core VMs, a
+/// 140 µs step split in two through rayon took 140 µs; handed to a spinning
+/// thread, 59). The threads are woken once, spin through `f`, and go back to
+/// the pool when it returns. Outside a pool of two or more threads, or inside
+/// a team already, `f` just runs.
+pub fn team<R: Send>(f: impl FnOnce() -> R + Send) -> R {
+    let threads = match rayon::current_thread_index() {
+        Some(_) => rayon::current_num_threads(),
+        None => 1,
+    };
+    if threads <= 1 || !TEAM.with(Cell::get).is_null() {
+        return f();
+    }
+    let team = Team::default();
+    rayon::scope(|s| {
+        for _ in 1..threads {
+            s.spawn(|_| team.help());
+        }
+        // Stops the helpers however `f` ends, a panic included.
+        struct Lead<'a>(&'a Team);
+        impl Drop for Lead<'_> {
+            fn drop(&mut self) {
+                TEAM.with(|t| t.set(std::ptr::null()));
+                self.0.stop.store(true, Ordering::Release);
+            }
+        }
+        let _lead = Lead(&team);
+        TEAM.with(|t| t.set(&team));
+        f()
+    })
+}
+
+/// Jobs handed to spinning threads: the lead publishes one (a chunk count and
+/// a closure on its stack), everyone claims chunk indices until none is left,
+/// and the lead waits for the last one to finish before it returns.
+#[derive(Default)]
+struct Team {
+    /// `generation << 40 | chunks << 20 | next chunk to claim`.
+    claim: AtomicU64,
+    /// The current job's closure: a `*const &(dyn Fn(usize) + Sync)`.
+    job: AtomicPtr<()>,
+    /// Chunks of the current job not finished yet.
+    pending: AtomicUsize,
+    stop: AtomicBool,
+}
+
+const FIELD: u64 = (1 << 20) - 1;
+
+impl Team {
+    /// Runs `f(0..chunks)` across the team; returns when all have run.
+    fn run(&self, chunks: usize, f: &(dyn Fn(usize) + Sync)) {
+        if chunks as u64 > FIELD {
+            return (0..chunks).for_each(f);
+        }
+        let job: *const &(dyn Fn(usize) + Sync) = &f;
+        self.job.store(job as *mut (), Ordering::Relaxed);
+        self.pending.store(chunks, Ordering::Relaxed);
+        let generation = (self.claim.load(Ordering::Relaxed) >> 40) + 1;
+        self.claim
+            .store(generation << 40 | (chunks as u64) << 20, Ordering::Release);
+        while self.claim_one() {}
+        while self.pending.load(Ordering::Acquire) != 0 {
+            std::hint::spin_loop();
+        }
+    }
+
+    /// Claims and runs one chunk of the current job; false when none is left.
+    fn claim_one(&self) -> bool {
+        let mut cur = self.claim.load(Ordering::Acquire);
+        loop {
+            let (chunks, next) = ((cur >> 20) & FIELD, cur & FIELD);
+            if next >= chunks {
+                return false;
+            }
+            match self.claim.compare_exchange_weak(
+                cur,
+                cur + 1,
+                Ordering::AcqRel,
+                Ordering::Acquire,
+            ) {
+                Ok(_) => {
+                    // SAFETY: a chunk of this job is claimed and not yet
+                    // finished, so the lead is still waiting in `run` and
+                    // `job` is this job's closure.
+                    let f = unsafe {
+                        *(self.job.load(Ordering::Acquire) as *const &(dyn Fn(usize) + Sync))
+                    };
+                    IN_CHUNK.with(|c| c.set(true));
+                    f(next as usize);
+                    IN_CHUNK.with(|c| c.set(false));
+                    self.pending.fetch_sub(1, Ordering::AcqRel);
+                    return true;
+                }
+                Err(now) => cur = now,
+            }
+        }
+    }
+
+    /// A helper's loop: claim chunks as jobs appear, until the lead stops.
+    fn help(&self) {
+        // The lead can pick its own helper job off its deque if something in
+        // `f` waits on rayon; spinning there would wait for itself.
+        if std::ptr::eq(TEAM.with(Cell::get), self) {
+            return;
+        }
+        let mut idle = 0u32;
+        while !self.stop.load(Ordering::Acquire) {
+            if self.claim_one() {
+                idle = 0;
+                continue;
+            }
+            idle = idle.wrapping_add(1);
+            if idle.is_multiple_of(1024) {
+                std::thread::yield_now();
+            } else {
+                std::hint::spin_loop();
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Row r of a `width`-wide buffer holds r·1000 + column, however it was split.
+    fn fill(out: &mut [f32], width: usize, min_rows: usize) {
+        par_rows(out, width, min_rows, |first, rows| {
+            for (i, row) in rows.chunks_exact_mut(width).enumerate() {
+                for (j, v) in row.iter_mut().enumerate() {
+                    *v = ((first + i) * 1000 + j) as f32;
+                }
+            }
+        });
+    }
+
+    /// `f`'s result, or a failure (not a hung test) when it deadlocks.
+    fn within<R: Send + 'static>(f: impl FnOnce() -> R + Send + 'static) -> R {
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || tx.send(f()));
+        rx.recv_timeout(std::time::Duration::from_secs(60))
+            .expect("the team did not finish within 60 s")
+    }
+
+    fn expected(rows: usize, width: usize) -> Vec<f32> {
+        (0..rows * width)
+            .map(|k| ((k / width) * 1000 + k % width) as f32)
+            .collect()
+    }
+
+    #[test]
+    fn a_team_runs_every_chunk_once_job_after_job() {
+        for n in [2, 3, 4] {
+            within(move || {
+                let threads = Threads::new(n).unwrap();
+                threads.install(|| {
+                    team(|| {
+                        for job in 0..2000 {
+                            let (rows, width) = (1 + job % 97, 1 + job % 5);
+                            let mut out = vec![f32::NAN; rows * width];
+                            fill(&mut out, width, 1 + job % 3);
+                            assert_eq!(out, expected(rows, width), "job {job} on {n} threads");
+                        }
+                    })
+                })
+            });
+        }
+    }
+
+    #[test]
+    fn nested_rows_inside_a_chunk_run_on_its_thread() {
+        let out = within(|| {
+            Threads::new(3).unwrap().install(|| {
+                team(|| {
+                    let mut out = vec![0.0f32; 64 * 8];
+                    par_rows(&mut out, 8, 1, |first, rows| {
+                        // An inner split of this chunk's rows, as a one-row GEMM
+                        // inside a conv chunk does.
+                        par_rows(rows, 8, 1, |inner, sub| {
+                            for (i, row) in sub.chunks_exact_mut(8).enumerate() {
+                                for (j, v) in row.iter_mut().enumerate() {
+                                    *v = ((first + inner + i) * 1000 + j) as f32;
+                                }
+                            }
+                        });
+                    });
+                    out
+                })
+            })
+        });
+        assert_eq!(out, expected(64, 8));
+    }
+
+    #[test]
+    fn a_panic_in_a_team_reaches_the_caller_and_the_pool_goes_on() {
+        let threads = Threads::new(2).unwrap();
+        let caught = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            threads.install(|| team(|| panic!("inside the team")))
+        }));
+        assert!(caught.is_err());
+        let mut out = vec![0.0f32; 40 * 3];
+        threads.install(|| team(|| fill(&mut out, 3, 1)));
+        assert_eq!(out, expected(40, 3));
+    }
 }
