@@ -47,13 +47,14 @@ impl Threads {
         self.pool.as_ref().map_or(1, |p| p.current_num_threads())
     }
 
-    /// Runs `f` with tract's matrix products and the sparse ops on these threads.
+    /// Runs `f` with tract's matrix products and the sparse ops on these
+    /// threads, the other threads kept awake ([`team`]) until it returns.
     pub fn install<R: Send>(&self, f: impl FnOnce() -> R + Send) -> R {
         match &self.pool {
             None => multithread_tract_scope(Executor::SingleThread, f),
             Some(pool) => {
                 let exec = Executor::MultiThread(pool.clone());
-                pool.install(|| multithread_tract_scope(exec, f))
+                pool.install(|| multithread_tract_scope(exec, || team(f)))
             }
         }
     }
@@ -123,14 +124,15 @@ thread_local! {
     static IN_CHUNK: Cell<bool> = const { Cell::new(false) };
 }
 
-/// Runs `f` with the other threads of the current pool held, spinning, for
-/// [`par_rows`]: the sparse suffix runs dozens of parallel steps of 0.05–0.3
-/// ms a frame, and a rayon worker that has gone to sleep between two of them
-/// takes longer to wake than a step lasts (on this project's 2-core VMs, a
-/// 140 µs step split in two through rayon took 140 µs; handed to a spinning
-/// thread, 59). The threads are woken once, spin through `f`, and go back to
-/// the pool when it returns. Outside a pool of two or more threads, or inside
-/// a team already, `f` just runs.
+/// Runs `f` with the other threads of the current pool held awake, taking
+/// [`par_rows`]'s chunks and any rayon job (tract's) as soon as it appears:
+/// a frame runs dozens of parallel steps of 0.05–0.3 ms, and a rayon worker
+/// that has gone to sleep between two of them takes longer to wake than a
+/// step lasts (on this project's 2-core VMs, a 140 µs step split in two
+/// through rayon took 140 µs; handed to a spinning thread, 59). The threads
+/// are woken once, spin through `f` (yielding the core now and then), and go
+/// back to the pool when it returns. Outside a pool of two or more threads,
+/// or inside a team already, `f` just runs.
 pub fn team<R: Send>(f: impl FnOnce() -> R + Send) -> R {
     let threads = match rayon::current_thread_index() {
         Some(_) => rayon::current_num_threads(),
@@ -233,7 +235,9 @@ impl Team {
         }
         let mut idle = 0u32;
         while !self.stop.load(Ordering::Acquire) {
-            if self.claim_one() {
+            // The team's chunks first, then any rayon job the pool has
+            // (tract's, in the prefix): an awake thread takes both at once.
+            if self.claim_one() || rayon::yield_now() == Some(rayon::Yield::Executed) {
                 idle = 0;
                 continue;
             }
