@@ -172,6 +172,9 @@ struct Team {
     /// Chunks of the current job not finished yet.
     pending: AtomicUsize,
     stop: AtomicBool,
+    /// The first panic of a chunk, raised again on the lead once every chunk
+    /// of the job has ended (the closure lives on the lead's stack until then).
+    panic: std::sync::Mutex<Option<Box<dyn std::any::Any + Send>>>,
 }
 
 const FIELD: u64 = (1 << 20) - 1;
@@ -191,6 +194,10 @@ impl Team {
         while self.claim_one() {}
         while self.pending.load(Ordering::Acquire) != 0 {
             std::hint::spin_loop();
+        }
+        let panic = self.panic.lock().unwrap_or_else(|e| e.into_inner()).take();
+        if let Some(p) = panic {
+            std::panic::resume_unwind(p);
         }
     }
 
@@ -216,8 +223,13 @@ impl Team {
                         *(self.job.load(Ordering::Acquire) as *const &(dyn Fn(usize) + Sync))
                     };
                     IN_CHUNK.with(|c| c.set(true));
-                    f(next as usize);
+                    let ran =
+                        std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| f(next as usize)));
                     IN_CHUNK.with(|c| c.set(false));
+                    if let Err(p) = ran {
+                        let mut first = self.panic.lock().unwrap_or_else(|e| e.into_inner());
+                        first.get_or_insert(p);
+                    }
                     self.pending.fetch_sub(1, Ordering::AcqRel);
                     return true;
                 }
@@ -321,6 +333,27 @@ mod tests {
             })
         });
         assert_eq!(out, expected(64, 8));
+    }
+
+    #[test]
+    fn a_panic_in_any_chunk_reaches_the_caller_after_every_chunk_ends() {
+        // Two threads, 64 rows: chunks start at rows 0 and 32.
+        for bad in [0, 1] {
+            let caught = within(move || {
+                let threads = Threads::new(2).unwrap();
+                std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                    threads.install(|| {
+                        let mut out = vec![0.0f32; 64];
+                        par_rows(&mut out, 1, 8, |first, _| {
+                            assert!(first != bad * 32, "chunk {bad} fails");
+                            std::thread::sleep(std::time::Duration::from_millis(20));
+                        });
+                    })
+                }))
+                .is_err()
+            });
+            assert!(caught, "the panic of chunk {bad} was lost");
+        }
     }
 
     #[test]
