@@ -11,7 +11,7 @@
 //! Each output still sums the same 27 products; only tract's kernel, not
 //! the arithmetic, changes.
 
-use crate::model::onnx::{attr_i64, attr_ints, attr_str};
+use crate::model::onnx::{attr_i64, attr_ints, conv_pads};
 use tract_onnx::pb::ModelProto;
 
 /// Input channels up to which the first conv is rewritten: image planes.
@@ -81,8 +81,8 @@ impl Patches {
 
 /// Rewrites `proto`'s first conv as a 1×1 conv over patches when it reads
 /// the graph input (of `input_shape`) alone: at most four channels, one
-/// group, no dilation, explicit padding, weights in an initializer no other
-/// node reads. Returns where the patches come from, or `None` (the graph
+/// group, no dilation, explicit or VALID padding, weights in an initializer
+/// no other node reads. Returns where the patches come from, or `None` (the graph
 /// unchanged) when the stem is not such a conv.
 pub fn rewrite(proto: &mut ModelProto, input_shape: &[usize]) -> Option<Patches> {
     let &[1, cin, h, w] = input_shape else {
@@ -108,18 +108,10 @@ pub fn rewrite(proto: &mut ModelProto, input_shape: &[usize]) -> Option<Patches>
             _ => None,
         }
     };
-    let pads = attr_ints(conv, "pads").ok()?.unwrap_or(vec![0; 4]);
-    let auto_pad = attr_str(conv, "auto_pad").ok()?;
-    let group = attr_i64(conv, "group", Some(1)).ok()?;
-    if group != 1
-        || ints("dilations", [1, 1])? != [1, 1]
-        || !matches!(auto_pad.as_deref(), None | Some("NOTSET"))
-        || pads.len() != 4
-        || pads.iter().any(|&p| p < 0)
-    {
+    let pads = conv_pads(conv).ok()?;
+    if attr_i64(conv, "group", Some(1)).ok()? != 1 {
         return None;
     }
-    let pads: Vec<usize> = pads.iter().map(|&p| p as usize).collect();
     let stride = ints("strides", [1, 1])?;
     let init = graph.initializer.iter().position(|t| t.name == weight)?;
     let dims = &graph.initializer[init].dims;

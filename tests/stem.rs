@@ -52,6 +52,28 @@ fn patched_stems_match_tracts_conv() {
 }
 
 #[test]
+fn a_stem_with_valid_auto_pad_is_patched_without_padding() {
+    use tract_onnx::pb::{attribute_proto::AttributeType, AttributeProto};
+    let (b, out) = stem_net(9, 3, 3, 2, [0; 4]);
+    let mut proto = b.model(("image", &[1, 3, 21, 17]), &out);
+    let stem = &mut proto.graph.as_mut().unwrap().node[0];
+    stem.attribute.retain(|a| a.name != "pads");
+    stem.attribute.push(AttributeProto {
+        name: "auto_pad".into(),
+        r#type: AttributeType::String as i32,
+        s: b"VALID".to_vec(),
+        ..Default::default()
+    });
+    let shape = [1, 3, 21, 17];
+    let plain = TractNet::new(&proto, &shape, "plain").unwrap();
+    let patched = TractNet::from_image(&proto, &shape, "patched").unwrap();
+    assert_eq!(patched.patches().unwrap().shape(), [1, 27, 10, 8]);
+    let x = image(3 * 21 * 17);
+    let (a, p) = (plain.run(&x).unwrap(), patched.run(&x).unwrap());
+    assert!(rel_err(&p, &a) < 1e-5, "{}", rel_err(&p, &a));
+}
+
+#[test]
 fn stems_that_are_not_a_plain_image_conv_stay_as_they_are() {
     // The image read twice.
     let (mut b, y) = stem_net(1, 3, 3, 2, [1; 4]);

@@ -4,7 +4,7 @@
 //! is a token map (and at which level) or a dense value, folds each
 //! BatchNormalization into the Conv before it, and packs weights for the ops.
 
-use super::onnx::{attr_f32, attr_i64, attr_ints, attr_str, label, node_name, Constants};
+use super::onnx::{attr_f32, attr_i64, attr_ints, conv_pads, label, node_name, Constants};
 use crate::sparse::gemm::Weights;
 use crate::sparse::ops::*;
 use crate::sparse::rulebook::Window;
@@ -598,23 +598,7 @@ impl Lowering<'_> {
             "only equal strides are supported, got {strides:?}"
         );
         let stride = strides[0] as usize;
-        if let Some(d) = attr_ints(node, "dilations")? {
-            ensure!(
-                d.iter().all(|&v| v == 1),
-                "dilated convs are not supported, dilations {d:?}"
-            );
-        }
-        let auto_pad = attr_str(node, "auto_pad")?.unwrap_or_else(|| "NOTSET".into());
-        let pads = match auto_pad.as_str() {
-            "NOTSET" => attr_ints(node, "pads")?.unwrap_or(vec![0; 4]),
-            "VALID" => vec![0; 4],
-            other => bail!("auto_pad {other} is not supported; export explicit pads"),
-        };
-        ensure!(
-            pads.len() == 4 && pads.iter().all(|&p| p >= 0),
-            "pads must be 4 non-negative values, got {pads:?}"
-        );
-        let pads: Vec<usize> = pads.iter().map(|&p| p as usize).collect();
+        let pads = conv_pads(node)?;
         let mut weights = self.consts.f32s(wname)?;
         let mut bias = self.constant(2)?.unwrap_or(vec![0.0; cout]);
         ensure!(

@@ -67,6 +67,29 @@ pub fn attr_str(node: &NodeProto, name: &str) -> Result<Option<String>> {
     }
 }
 
+/// The padding of a 2-D Conv (top, left, bottom, right): its `pads`, or none
+/// for `auto_pad` VALID. Dilated convs and the SAME modes are refused.
+pub fn conv_pads(node: &NodeProto) -> Result<[usize; 4]> {
+    if let Some(d) = attr_ints(node, "dilations")? {
+        ensure!(
+            d.iter().all(|&v| v == 1),
+            "dilated convs are not supported, dilations {d:?}"
+        );
+    }
+    let auto_pad = attr_str(node, "auto_pad")?.unwrap_or_else(|| "NOTSET".into());
+    let pads = match auto_pad.as_str() {
+        "NOTSET" => attr_ints(node, "pads")?.unwrap_or(vec![0; 4]),
+        "VALID" => vec![0; 4],
+        other => bail!("auto_pad {other} is not supported; export explicit pads"),
+    };
+    match pads.as_slice() {
+        &[t, l, b, r] if pads.iter().all(|&p| p >= 0) => {
+            Ok([t as usize, l as usize, b as usize, r as usize])
+        }
+        _ => bail!("pads must be 4 non-negative values, got {pads:?}"),
+    }
+}
+
 /// ONNX element types tract cannot load (it panics on them): STRING,
 /// COMPLEX64, COMPLEX128, BFLOAT16, and codes ONNX does not define.
 fn unloadable(data_type: i32) -> Option<&'static str> {
