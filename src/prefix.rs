@@ -171,12 +171,7 @@ impl TractNet {
 
     /// Runs the net on `input` (row-major, of `input_shape`); returns the output values.
     pub fn run(&self, input: &[f32]) -> Result<Vec<f32>> {
-        let out = self.plan.run(tvec![self.input(input)?])?;
-        Ok(out[0]
-            .to_plain_array_view::<f32>()?
-            .iter()
-            .copied()
-            .collect())
+        first_output(self.plan.run(tvec![self.input(input)?])?)
     }
 
     /// `input` as the plan's input tensor: the patches when the stem was
@@ -242,11 +237,15 @@ impl TractNet {
             .iter()
             .map(|(shape, data)| Ok(Tensor::from_shape(shape, data)?.into()))
             .collect::<Result<TVec<TValue>>>()?;
-        let out = self.plan.run(inputs)?;
-        Ok(out[0]
-            .to_plain_array_view::<f32>()?
-            .iter()
-            .copied()
-            .collect())
+        first_output(self.plan.run(inputs)?)
     }
+}
+
+/// The values of a plan's first output.
+fn first_output(out: TVec<TValue>) -> Result<Vec<f32>> {
+    Ok(out[0]
+        .to_plain_array_view::<f32>()?
+        .iter()
+        .copied()
+        .collect())
 }

@@ -70,11 +70,7 @@ where
     F: Fn(usize, &mut [f32]) + Sync,
 {
     let rows = out.len().checked_div(width).unwrap_or(0);
-    let threads = if rayon::current_thread_index().is_some() {
-        rayon::current_num_threads()
-    } else {
-        1
-    };
+    let threads = pool_threads();
     // Inside a team's chunk, a nested call runs on its own thread: the team is
     // busy with the outer job.
     if threads <= 1 || rows < 2 * min_rows.max(1) || IN_CHUNK.with(Cell::get) {
@@ -101,6 +97,15 @@ where
     // SAFETY: TEAM is set only while its team lives (inside `team`, on
     // this thread).
     unsafe { &*team }.run(rows.div_ceil(chunk), &run);
+}
+
+/// Threads of the pool the caller runs on; 1 outside any pool (rayon's
+/// global pool is never used).
+fn pool_threads() -> usize {
+    match rayon::current_thread_index() {
+        Some(_) => rayon::current_num_threads(),
+        None => 1,
+    }
 }
 
 /// A raw pointer that may cross to the team's threads: each touches only
@@ -134,10 +139,7 @@ thread_local! {
 /// back to the pool when it returns. Outside a pool of two or more threads,
 /// or inside a team already, `f` just runs.
 pub fn team<R: Send>(f: impl FnOnce() -> R + Send) -> R {
-    let threads = match rayon::current_thread_index() {
-        Some(_) => rayon::current_num_threads(),
-        None => 1,
-    };
+    let threads = pool_threads();
     if threads <= 1 || !TEAM.with(Cell::get).is_null() {
         return f();
     }

@@ -103,7 +103,7 @@ pub fn conv(x: FeatureMap<'_>, l: &HeadConv) -> Vec<f32> {
         for (i, plane) in planes.chunks_exact_mut(hw).enumerate() {
             let co = first + i;
             let g = co / cout_g;
-            acc.iter_mut().for_each(|a| *a = 0.0);
+            acc.fill(0.0);
             let inputs = &padded[g * cin_g * hp * wp..][..cin_g * hp * wp];
             let taps = &l.weight[co * cin_g * k * k..][..cin_g * k * k];
             taps_dispatch(inputs, taps, k, wp, &mut acc);

@@ -280,7 +280,7 @@ impl Plan {
     /// Runs the suffix on gathered features (`kept.len() × C`). Returns the
     /// output and the frame (for scattering a token output back to a map).
     pub fn run(&self, kept: &[u32], features: Vec<f32>) -> Result<(Value, Frame)> {
-        crate::threads::team(|| self.run_inner(kept, features, None))
+        self.run_inner(kept, features, None)
     }
 
     /// [`Plan::run`], also adding each step's wall time (ms) to `times`
@@ -292,7 +292,7 @@ impl Plan {
         times: &mut Vec<f64>,
     ) -> Result<(Value, Frame)> {
         times.resize(self.steps.len() + 1, 0.0);
-        crate::threads::team(|| self.run_inner(kept, features, Some(times)))
+        self.run_inner(kept, features, Some(times))
     }
 
     fn run_inner(
