@@ -2,6 +2,8 @@
 
 mod common;
 
+use common::Scratch;
+
 use std::process::{Command, Output};
 
 fn ersm(args: &[&str]) -> Output {
@@ -18,8 +20,8 @@ fn text(o: &Output) -> (String, String) {
     )
 }
 
-fn tmp(name: &str) -> std::path::PathBuf {
-    std::env::temp_dir().join(format!("ersm-cli-{}-{name}", std::process::id()))
+fn tmp(name: &str) -> Scratch {
+    Scratch::path("cli", name)
 }
 
 #[test]
@@ -157,7 +159,6 @@ fn inspect_says_when_dropped_tokens_hold_fill_vectors() {
         out.contains("dropped tokens hold the package's fill vectors (1 tensor; zero elsewhere)"),
         "inspect does not say what dropped tokens hold:\n{out}"
     );
-    let _ = std::fs::remove_dir_all(&dir);
 }
 
 #[test]

@@ -1,12 +1,15 @@
 //! Evaluation tools on the small model and the committed photos: structure
 //! and invariants, not scores.
 
+mod common;
+
+use common::Scratch;
 use ersm::ersm::Device;
 use ersm::eval::deletion::{self, kept_after, order, steps, Ranking};
 use ersm::eval::{analyse_inputs, load_inputs, sparsity, Analysed};
 use ersm::model::ModelPackage;
 use ersm::pipeline::{top1, Pipeline};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
 
 fn root() -> &'static Path {
@@ -26,8 +29,8 @@ fn analysed(p: &Pipeline) -> Vec<Analysed> {
     analysed
 }
 
-fn tmp(name: &str) -> PathBuf {
-    std::env::temp_dir().join(format!("ersm-eval-{}-{name}", std::process::id()))
+fn tmp(name: &str) -> Scratch {
+    Scratch::path("eval", name)
 }
 
 #[test]
@@ -185,8 +188,6 @@ fn a_bad_image_is_named_and_the_rest_are_evaluated() {
     for f in ["deletion.json", "deletion.svg"] {
         assert!(out.join(f).exists(), "{f}");
     }
-    std::fs::remove_dir_all(&dir).ok();
-    std::fs::remove_dir_all(&out).ok();
 }
 
 #[test]
@@ -207,9 +208,11 @@ fn videos_give_every_nth_frame_beside_photos() {
     // A file that is no video is refused, named, before anything runs.
     let junk = tmp("junk.mp4");
     std::fs::write(&junk, b"not a video at all").unwrap();
-    let err = format!("{:#}", load_inputs(&[clip, junk.clone()], 60).unwrap_err());
+    let err = format!(
+        "{:#}",
+        load_inputs(&[clip, junk.to_path_buf()], 60).unwrap_err()
+    );
     assert!(err.contains("junk.mp4"), "{err}");
-    std::fs::remove_file(&junk).ok();
     // The command line takes a clip beside a folder, with --every.
     let out = tmp("video-out");
     let o = Command::new(env!("CARGO_BIN_EXE_ersm"))
@@ -232,7 +235,6 @@ fn videos_give_every_nth_frame_beside_photos() {
         .collect();
     assert_eq!(rows.len(), 2 + 4, "{csv}");
     assert_eq!(&rows[..2], ["vtest.mp4#1", "vtest.mp4#76"], "{csv}");
-    std::fs::remove_dir_all(&out).ok();
 }
 
 #[test]
@@ -268,8 +270,6 @@ fn mask_and_bench_plot_write_their_files() {
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let text = std::fs::read_to_string(&svg).unwrap();
     assert!(text.contains("ideal ERSM") && text.contains("dense"));
-    std::fs::remove_file(&png).ok();
-    std::fs::remove_file(&svg).ok();
 }
 
 #[test]
@@ -282,7 +282,7 @@ fn occlusion_reports_every_condition_deterministically() {
         std::fs::copy(root().join("models/images").join(f), dir.join(f)).unwrap();
     }
     std::fs::write(dir.join("zz_truncated.jpg"), b"\xff\xd8\xff").unwrap();
-    let (frames, failed) = load_inputs(std::slice::from_ref(&dir), 1).unwrap();
+    let (frames, failed) = load_inputs(&[dir.to_path_buf()], 1).unwrap();
     let r = occlusion::run(&p, &frames, &[0.25], 2).unwrap();
     assert_eq!(failed.len(), 1);
     assert!(failed[0].contains("zz_truncated.jpg"), "{failed:?}");
@@ -307,5 +307,4 @@ fn occlusion_reports_every_condition_deterministically() {
     );
     assert_eq!(r.csv().lines().count(), 4);
     assert!(occlusion::run(&p, &frames, &[1.5], 2).is_err());
-    std::fs::remove_dir_all(&dir).ok();
 }

@@ -6,12 +6,12 @@
 
 mod common;
 
-use common::Rng;
+use common::{Rng, Scratch};
 use ersm::model::{read_onnx, Manifest, ModelPackage};
 use ersm::source::convert::{mjpeg_to_rgb, yuyv_to_rgb};
 use ersm::source::mp4::Mp4H264;
 use ersm::source::raw::{RawFrames, RawRead};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 fn iters(base: usize) -> usize {
     let k: usize = std::env::var("ERSM_FUZZ_ITERS")
@@ -21,10 +21,8 @@ fn iters(base: usize) -> usize {
     base * k.max(1)
 }
 
-fn scratch(name: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("ersm-fuzz-{}-{name}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    dir
+fn scratch(name: &str) -> Scratch {
+    Scratch::dir("fuzz", name)
 }
 
 /// `bytes` with a few random bytes flipped, or cut short, or both.
@@ -96,7 +94,6 @@ fn manifest_parser() {
             assert!(format!("{e:#}").contains("manifest"), "{e:#}");
         }
     }
-    std::fs::remove_dir_all(&dir).ok();
 }
 
 #[test]
@@ -149,7 +146,6 @@ fn onnx_loader_and_cut() {
             Path::new("fuzzed.onnx"),
         );
     }
-    std::fs::remove_dir_all(&dir).ok();
 }
 
 /// Offsets of every box of `kind` in `b` (at its size field).
@@ -201,7 +197,6 @@ fn mp4_demuxer() {
             }
         }
     }
-    std::fs::remove_dir_all(&dir).ok();
 }
 
 #[test]

@@ -3,20 +3,18 @@
 
 mod common;
 
-use common::fill_tensor as fill;
+use common::{fill_tensor as fill, Scratch};
 use ersm::model::{read_onnx, ModelPackage, MAX_CHANNELS};
 use prost::Message;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use tract_onnx::pb::{
     attribute_proto::AttributeType, AttributeProto, ModelProto, NodeProto, TensorProto,
 };
 
 const TINY: &str = "models/tiny";
 
-fn scratch(name: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("ersm-model-errors-{}-{name}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
+fn scratch(name: &str) -> Scratch {
+    let dir = Scratch::dir("model-errors", name);
     std::fs::copy(
         Path::new(TINY).join("manifest.json"),
         dir.join("manifest.json"),
@@ -358,7 +356,7 @@ fn a_package_with_fill_vectors_loads_and_attaches_them() {
 }
 
 /// A package folder with the tiny model and a manifest edited by `edit`.
-fn with_manifest(name: &str, edit: impl FnOnce(&mut serde_json::Value)) -> PathBuf {
+fn with_manifest(name: &str, edit: impl FnOnce(&mut serde_json::Value)) -> Scratch {
     let dir = scratch(name);
     std::fs::copy(Path::new(TINY).join("model.onnx"), dir.join("model.onnx")).unwrap();
     let text = std::fs::read_to_string(dir.join("manifest.json")).unwrap();

@@ -2,12 +2,14 @@
 //! ending, per-frame records and overlays. Uses the small test model.
 
 mod common;
+
+use common::Scratch;
 /// `--output`: the live view, metrics and streams (in this binary to save a link).
 #[path = "run/live.rs"]
 mod live;
 
 use std::io::Write;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
@@ -32,8 +34,8 @@ fn output(mut c: Command) -> (Output, String, String) {
     (o, out, err)
 }
 
-fn tmp(name: &str) -> PathBuf {
-    std::env::temp_dir().join(format!("ersm-run-{}-{name}", std::process::id()))
+fn tmp(name: &str) -> Scratch {
+    Scratch::path("run", name)
 }
 
 /// The summary table is there and says how many frames ran and how it ended.
@@ -109,7 +111,6 @@ fn image_folder_with_dense_comparison_and_jsonl() {
         let m = rec["dense_margin"].as_f64().unwrap();
         assert!((0.0..=1.0).contains(&m), "{rec}");
     }
-    std::fs::remove_file(&jsonl).ok();
 }
 
 #[test]
@@ -190,7 +191,6 @@ fn truncated_mp4_ends_with_message_and_summary() {
         .unwrap_or_else(|| panic!("no frame count:\n{out}"));
     assert!(n > 5 && n < 150, "{n} frames from a quarter of the clip");
     assert!(out.contains("source error"), "{out}");
-    std::fs::remove_file(&path).ok();
 }
 
 #[test]
@@ -284,7 +284,6 @@ fn ctrl_c_prints_the_summary_of_what_ran() {
     let n = std::fs::read_to_string(&jsonl).unwrap().lines().count();
     assert!(n > 0, "no frame before Ctrl-C");
     assert_summary(&out, n, "interrupted");
-    std::fs::remove_file(&jsonl).ok();
 }
 
 #[test]
@@ -314,7 +313,6 @@ fn overlay_png_sequence_outlines_kept_tokens() {
     let green = img.pixels().filter(|p| p.0 == [0, 255, 0]).count();
     assert!(green > 100, "{green} outline pixels");
     assert_ne!(img.as_raw(), src.as_raw());
-    std::fs::remove_dir_all(&dir).ok();
 }
 
 #[test]
@@ -344,7 +342,7 @@ fn run_help_lists_the_options() {
 
 /// A folder with stand-in `ffprobe` and `ffmpeg` scripts: ffprobe reports
 /// 64×48, ffmpeg runs `body` (a shell snippet) in place of decoding.
-fn fake_ffmpeg(name: &str, body: &str) -> PathBuf {
+fn fake_ffmpeg(name: &str, body: &str) -> Scratch {
     use std::os::unix::fs::PermissionsExt;
     let dir = tmp(name);
     std::fs::create_dir_all(&dir).unwrap();
@@ -384,7 +382,6 @@ fn crashed_subprocess_is_reported_with_its_last_words() {
         "{err}"
     );
     assert_summary(&out, 2, "source error");
-    std::fs::remove_dir_all(&dir).ok();
 }
 
 #[test]
@@ -400,7 +397,6 @@ fn stalled_subprocess_is_killed_and_summarised() {
     assert!(!o.status.success());
     assert!(err.contains("stalled"), "{err}");
     assert_summary(&out, 1, "stalled");
-    std::fs::remove_dir_all(&dir).ok();
 }
 
 #[test]
@@ -421,7 +417,6 @@ fn reconnect_reopens_a_live_source_that_drops() {
     assert!(o.status.success(), "{err}");
     assert!(err.contains("reconnected"), "{err}");
     assert_summary(&out, 5, "frame limit");
-    std::fs::remove_dir_all(&dir).ok();
 }
 
 #[test]
@@ -462,12 +457,10 @@ fn video_file_through_real_ffmpeg() {
         .output()
         .unwrap();
     assert_eq!(String::from_utf8_lossy(&probe.stdout).trim(), "768,576,6");
-    std::fs::remove_file(&avi).ok();
-    std::fs::remove_file(&video).ok();
 }
 
 /// A copy of the tiny package whose manifest sets a fallback margin.
-fn tiny_with_fallback(name: &str, margin: f64) -> PathBuf {
+fn tiny_with_fallback(name: &str, margin: f64) -> Scratch {
     let dir = tmp(name);
     std::fs::create_dir_all(&dir).unwrap();
     let src = root().join("models/tiny");
@@ -544,7 +537,6 @@ fn fallback_is_counted_in_the_summary_records_and_bench() {
     let (o, _, err) = output(ersm(&["--fallback", "--max-frames", "1"]));
     assert!(!o.status.success());
     assert!(err.contains("sets no fallback margin"), "{err}");
-    std::fs::remove_dir_all(&model).ok();
 }
 
 #[test]
@@ -562,7 +554,6 @@ fn a_run_that_processed_nothing_exits_non_zero_without_nan() {
         !out.contains("NaN") && !out.to_lowercase().contains("nan "),
         "{out}"
     );
-    std::fs::remove_dir_all(&dir).ok();
 }
 
 #[test]
@@ -638,7 +629,6 @@ fn frames_with_non_finite_values_fail_and_are_not_counted() {
         err.contains("no frame could be timed (") && err.contains("non-finite"),
         "{err}"
     );
-    std::fs::remove_dir_all(&dir).ok();
 }
 
 #[test]
@@ -663,7 +653,6 @@ fn reconnect_restarts_a_stalled_source_and_outlasts_a_failing_one() {
     assert!(o.status.success(), "{err}");
     assert!(err.contains("restarting the source"), "{err}");
     assert_summary(&out, 3, "frame limit");
-    std::fs::remove_dir_all(&dir).ok();
 
     // A source that never comes back: the run waits (well past the stall
     // timeout) until Ctrl-C, then summarises.
@@ -696,7 +685,6 @@ fn reconnect_restarts_a_stalled_source_and_outlasts_a_failing_one() {
     let o = wait_timeout(child, Duration::from_secs(30));
     let out = String::from_utf8_lossy(&o.stdout);
     assert!(out.contains("interrupted (Ctrl-C)"), "{out}");
-    std::fs::remove_dir_all(&dir).ok();
 }
 
 #[test]
@@ -723,7 +711,6 @@ fn an_overlay_encoder_that_dies_makes_the_run_exit_non_zero() {
     );
     assert_summary(&out, 4, "end of stream");
     assert!(out.contains("output failed   --overlay"), "{out}");
-    std::fs::remove_dir_all(&dir).ok();
 }
 
 #[test]

@@ -3,7 +3,7 @@
 
 mod common;
 
-use common::have_ffmpeg;
+use common::{have_ffmpeg, Scratch};
 use ersm::capture::{End, Next, Policy, Queue};
 use ersm::source::convert::{mjpeg_to_rgb, yuyv_to_rgb};
 use ersm::source::video::Mp4Source;
@@ -135,7 +135,7 @@ fn bundled_clip_matches_ffmpeg_decode() {
 #[test]
 fn truncated_mp4_gives_frames_then_a_clear_error() {
     let bytes = std::fs::read(clip()).unwrap();
-    let path = std::env::temp_dir().join(format!("ersm-trunc-{}.mp4", std::process::id()));
+    let path = Scratch::path("sources", "trunc.mp4");
     std::fs::write(&path, &bytes[..bytes.len() * 2 / 5]).unwrap();
     let mut src = Mp4Source::open(&path).unwrap();
     let mut n = 0;
@@ -148,17 +148,16 @@ fn truncated_mp4_gives_frames_then_a_clear_error() {
     };
     assert!(n > 10 && n < 150, "{n} frames before the cut");
     assert!(
-        err.contains("truncated") && err.contains("ersm-trunc"),
+        err.contains("truncated") && err.contains("trunc.mp4"),
         "{err}"
     );
     // Cut before the index: refused at open, naming the file.
     std::fs::write(&path, &bytes[..200]).unwrap();
     let err = format!("{:#}", Mp4Source::open(&path).err().unwrap());
-    assert!(err.contains("ersm-trunc") && err.contains("moov"), "{err}");
+    assert!(err.contains("trunc.mp4") && err.contains("moov"), "{err}");
     std::fs::write(&path, b"not a video at all").unwrap();
     let err = format!("{:#}", Mp4Source::open(&path).err().unwrap());
     assert!(err.contains("not an MP4"), "{err}");
-    std::fs::remove_file(&path).ok();
 }
 
 #[test]
@@ -261,11 +260,8 @@ fn unknown_schemes_huge_frames_and_symlink_loops_are_named() {
         let e = format!("{:#}", Uri::parse(big).unwrap_err());
         assert!(e.contains("larger than the limit"), "{big}: {e}");
     }
-    let dir = std::env::temp_dir().join(format!("ersm-sources-loop-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
+    let dir = Scratch::dir("sources", "loop");
     let (a, b) = (dir.join("a"), dir.join("b"));
-    let _ = std::fs::remove_file(&a);
-    let _ = std::fs::remove_file(&b);
     std::os::unix::fs::symlink(&b, &a).unwrap();
     std::os::unix::fs::symlink(&a, &b).unwrap();
     let e = format!("{:#}", ersm::source::images::list(&a).unwrap_err());
@@ -276,7 +272,6 @@ fn unknown_schemes_huge_frames_and_symlink_loops_are_named() {
         Err(e) => format!("{e:#}"),
     };
     assert!(e.to_lowercase().contains("symbolic links"), "{e}");
-    std::fs::remove_dir_all(&dir).ok();
 }
 
 /// Offset of the first `kind` box's payload (after size and type) in `b`.
@@ -287,7 +282,7 @@ fn box_payload(b: &[u8], kind: &[u8; 4]) -> usize {
 #[test]
 fn mp4_tables_the_file_cannot_hold_are_refused_before_allocating() {
     let bytes = std::fs::read(clip()).unwrap();
-    let path = std::env::temp_dir().join(format!("ersm-tables-{}.mp4", std::process::id()));
+    let path = Scratch::path("sources", "tables.mp4");
     // stsz: version/flags, sample_size, sample_count. A fixed size of 1 byte
     // and 4 294 967 295 samples used to allocate 16 GB.
     let mut b = bytes.clone();
@@ -318,6 +313,5 @@ fn mp4_tables_the_file_cannot_hold_are_refused_before_allocating() {
             }
         },
     };
-    assert!(err.contains("ersm-tables"), "{err}");
-    std::fs::remove_file(&path).ok();
+    assert!(err.contains("tables.mp4"), "{err}");
 }

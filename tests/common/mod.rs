@@ -6,10 +6,65 @@ use ersm::model::manifest::{InputSpec, Manifest, Preprocess};
 use ersm::model::{masked, ModelPackage};
 use ersm::prefix::TractNet;
 use ersm::sparse::StrideRule;
-use std::path::Path;
+use std::ffi::OsStr;
+use std::ops::Deref;
+use std::path::{Path, PathBuf};
 use tract_onnx::pb::{
     self, attribute_proto::AttributeType, AttributeProto, NodeProto, TensorProto,
 };
+
+/// A path under the system temp dir, named for the test file, the case and
+/// this process, and removed (file or folder) when dropped, also when the
+/// test fails: a suite run leaves nothing behind in /tmp.
+pub struct Scratch(PathBuf);
+
+impl Scratch {
+    /// A path nothing exists at yet (a stale one from a reused pid is removed).
+    pub fn path(file: &str, name: &str) -> Scratch {
+        let p = std::env::temp_dir().join(format!("ersm-{file}-{}-{name}", std::process::id()));
+        remove(&p);
+        Scratch(p)
+    }
+    /// An empty folder.
+    pub fn dir(file: &str, name: &str) -> Scratch {
+        let s = Scratch::path(file, name);
+        std::fs::create_dir_all(&s.0).unwrap();
+        s
+    }
+}
+
+fn remove(p: &Path) {
+    match std::fs::symlink_metadata(p) {
+        Ok(m) if m.is_dir() => std::fs::remove_dir_all(p).ok(),
+        Ok(_) => std::fs::remove_file(p).ok(),
+        Err(_) => None,
+    };
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        remove(&self.0);
+    }
+}
+
+impl Deref for Scratch {
+    type Target = Path;
+    fn deref(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl AsRef<Path> for Scratch {
+    fn as_ref(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl AsRef<OsStr> for Scratch {
+    fn as_ref(&self) -> &OsStr {
+        self.0.as_os_str()
+    }
+}
 
 /// xorshift64*: deterministic, dependency-free randomness for tests.
 pub struct Rng(u64);

@@ -4,7 +4,7 @@
 //! Ctrl-C, and the RTP stream through ffmpeg. Uses the small test model on
 //! the bundled clip, looped.
 
-use crate::common;
+use crate::common::{self, Scratch};
 use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{TcpListener, TcpStream, UdpSocket};
@@ -707,7 +707,8 @@ fn headless_chromium_draws_the_live_image_and_the_plots() {
     let _ = chromedriver.kill();
     let _ = chromedriver.wait();
     let shot = image::load_from_memory(&png).unwrap().to_rgb8();
-    let out = std::env::temp_dir().join(format!("ersm-live-{}.png", std::process::id()));
+    // Kept for a person to look at, overwritten by the next run.
+    let out = Path::new(env!("CARGO_TARGET_TMPDIR")).join("live-viewer.png");
     shot.save(&out).unwrap();
     println!("screenshot: {}", out.display());
     // Each element's region of the screenshot, as the page laid it out.
@@ -763,7 +764,7 @@ fn headless_chromium_draws_the_live_image_and_the_plots() {
 
 #[test]
 fn an_output_path_writes_overlays_and_a_missing_ffmpeg_names_its_package() {
-    let dir = std::env::temp_dir().join(format!("ersm-live-out-{}", std::process::id()));
+    let dir = Scratch::path("live", "out");
     let o = ersm(&["--output", &dir.to_string_lossy(), "--max-frames", "3"])
         .stdin(Stdio::null())
         .output()
@@ -779,11 +780,10 @@ fn an_output_path_writes_overlays_and_a_missing_ffmpeg_names_its_package() {
         .filter(|p| p.0 == [255, 255, 255])
         .count();
     assert!(white > 200, "no caption text: {white} white pixels");
-    std::fs::remove_dir_all(&dir).ok();
 
     // --output twice, beside --overlay: every one of them gets every frame.
-    let dirs: Vec<PathBuf> = (0..3)
-        .map(|i| std::env::temp_dir().join(format!("ersm-live-multi{i}-{}", std::process::id())))
+    let dirs: Vec<Scratch> = (0..3)
+        .map(|i| Scratch::path("live", &format!("multi{i}")))
         .collect();
     let names: Vec<String> = dirs
         .iter()
@@ -805,13 +805,11 @@ fn an_output_path_writes_overlays_and_a_missing_ffmpeg_names_its_package() {
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     for d in &dirs {
         assert_eq!(std::fs::read_dir(d).unwrap().count(), 3, "{}", d.display());
-        std::fs::remove_dir_all(d).ok();
     }
 
     // No ffmpeg on PATH: an RTP output fails before the first frame, naming
     // the package to install.
-    let empty = std::env::temp_dir().join(format!("ersm-live-nopath-{}", std::process::id()));
-    std::fs::create_dir_all(&empty).unwrap();
+    let empty = Scratch::dir("live", "nopath");
     let o = ersm(&["--output", "rtp://127.0.0.1:5004", "--max-frames", "3"])
         .env("PATH", &empty)
         .stdin(Stdio::null())
@@ -820,7 +818,6 @@ fn an_output_path_writes_overlays_and_a_missing_ffmpeg_names_its_package() {
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(!o.status.success());
     assert!(err.contains("apt install ffmpeg"), "{err}");
-    std::fs::remove_dir_all(&empty).ok();
 }
 
 /// Whether something listens on this loopback TCP port (read from
@@ -845,7 +842,7 @@ fn rtsp_output_publishes_a_stream_a_player_can_record() {
         .unwrap()
         .port();
     let url = format!("rtsp://127.0.0.1:{port}/ersm");
-    let file = std::env::temp_dir().join(format!("ersm-live-rtsp-{}.mkv", std::process::id()));
+    let file = Scratch::path("live", "rtsp.mkv");
     // ffmpeg as the RTSP server that takes the published stream and records it.
     let mut server = Command::new("ffmpeg")
         .args([
@@ -899,5 +896,4 @@ fn rtsp_output_publishes_a_stream_a_player_can_record() {
     // The painter skips frames it has no time for; some must get through.
     let frames: usize = fields[3].parse().unwrap();
     assert!(frames >= 3, "{frames} frames recorded");
-    std::fs::remove_file(&file).ok();
 }
