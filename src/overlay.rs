@@ -224,6 +224,10 @@ impl OverlayWriter {
             if let Some((mut c, _, _)) = child.take() {
                 drop(c.stdin.take());
                 let status = c.wait()?;
+                if let Dest::Stream(url) = dest {
+                    // The stream it described has ended with ffmpeg.
+                    std::fs::remove_file(sdp_file(url)).ok();
+                }
                 if !status.success() {
                     bail!("overlay {dest}: ffmpeg exited with {status}");
                 }
@@ -241,6 +245,15 @@ impl OverlayWriter {
             OverlayWriter::Video { dest, .. } => dest.to_string(),
         }
     }
+}
+
+/// Where the SDP of an RTP output is written while the run streams.
+fn sdp_file(url: &str) -> PathBuf {
+    let name: String = url
+        .chars()
+        .map(|c| if c.is_ascii_alphanumeric() { c } else { '_' })
+        .collect();
+    std::env::temp_dir().join(format!("ersm-{}-{name}.sdp", std::process::id()))
 }
 
 fn start_encoder(dest: &Dest, fps: f64, width: usize, height: usize) -> Result<Child> {
@@ -283,12 +296,7 @@ fn start_encoder(dest: &Dest, fps: f64, width: usize, height: usize) -> Result<C
                 cmd.args(["-f", "rtsp", "-rtsp_transport", "tcp"]);
             } else {
                 // The SDP a player needs goes to a file named in the log.
-                let name: String = url
-                    .chars()
-                    .map(|c| if c.is_ascii_alphanumeric() { c } else { '_' })
-                    .collect();
-                let sdp =
-                    std::env::temp_dir().join(format!("ersm-{}-{name}.sdp", std::process::id()));
+                let sdp = sdp_file(url);
                 log::info!(
                     "{url}: play with `ffplay -protocol_whitelist file,udp,rtp {}` (or open it in VLC)",
                     sdp.display()

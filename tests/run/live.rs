@@ -550,7 +550,15 @@ fn rtp_output_streams_h264_packets_while_the_run_goes_on() {
     let o = child.wait_with_output().unwrap();
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(o.status.success(), "{err}");
-    assert!(err.contains(".sdp"), "the log names the SDP file: {err}");
+    let sdp = err
+        .split_whitespace()
+        .find(|w| w.ends_with(".sdp`") || w.ends_with(".sdp"))
+        .map(|w| w.trim_end_matches('`'))
+        .unwrap_or_else(|| panic!("the log names the SDP file: {err}"));
+    assert!(
+        !Path::new(sdp).exists(),
+        "{sdp} outlived the stream it describes"
+    );
 }
 
 /// The browser test's tools, or why they are missing.
