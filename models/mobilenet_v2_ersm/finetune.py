@@ -3,8 +3,10 @@
 augmented views (`data.py`): the teacher sees the same view as the student.
 
 Loss: KL to the teacher's logits, MSE to its pooled pre-classifier features,
-a pull back toward the teacher's weights, and (when the energy head trains)
-the keep regulariser. Masks are either spatially coherent random masks (to
+with `--feat` MSE to its feature maps at the active positions of every suffix
+block's output and of the pre-pooling map (each normalised by the teacher's
+variance there), a pull back toward the teacher's weights, and (when the
+energy head trains) the keep regulariser. Masks are either spatially coherent random masks (to
 compare semantics with the masks held fixed) or the energy head's (hard
 forward, straight-through gradient through a sigmoid whose temperature is
 annealed, the head's bias starting where every token is kept).
@@ -60,6 +62,14 @@ resumes from it. The runs in REPORT.md (logs in runs/; 1.5-2.5 s a step on 2 cor
     python3 finetune.py --data /tmp/data --semantics fill-active --tune fill --masks package --package model.onnx \
         --shift-range=-0.6:0.6 --full 0 --lr 5e-4 --pull 0 --steps 200 --eval-every 200 \
         --init runs/run11_fills.pt --ckpt /tmp/run12/ckpt.pt --log runs/run12.jsonl
+    # run 13: every suffix weight with the feature-map loss, under the shipped package's masks,
+    # with Adam (a) and with SGD (b), one thread each, side by side
+    python3 finetune.py --data /tmp/data --semantics fill-active --masks package --package model.onnx \
+        --shift-range=-0.6:0.6 --init runs/run11_fills.pt --tune all --feat 1.0 --lr 1e-5 --pull 0.05 \
+        --full 0.3 --steps 150 --eval-every 75 --threads 1 --ckpt /tmp/run13a/ck.pt --log runs/run13a.jsonl
+    python3 finetune.py --data /tmp/data --semantics fill-active --masks package --package model.onnx \
+        --shift-range=-0.6:0.6 --init runs/run11_fills.pt --tune all --feat 1.0 --opt sgd --lr 5e-5 --pull 0.05 \
+        --full 0.3 --steps 150 --eval-every 75 --threads 1 --ckpt /tmp/run13b/ck.pt --log runs/run13b.jsonl
 """
 
 import argparse
@@ -115,17 +125,34 @@ class Student(nn.Module):
         fast = {int(i): (self.fast_w[i], self.fast_b[i]) for i in self.fast_w}
         return Suffix(self.net, means, fast)
 
-    def forward(self, f, m):
+    def forward(self, f, m, collect=None):
         s = self.suffix()
-        logits, macs = s.run(f, m, self.sem)
+        logits, macs = s.run(f, m, self.sem, collect)
         return logits, s.pooled, macs
 
 
-def teacher_outputs(teacher, f):
+def teacher_outputs(teacher, f, maps=None):
+    """The teacher's logits and pooled features; with `maps` (a dict), also
+    every suffix block's output, keyed as `Suffix.run`'s collect keys them."""
     with torch.no_grad():
-        y = teacher.features[CUT:](f)
+        y = f
+        for i in range(CUT, 19):
+            y = teacher.features[i](y)
+            if maps is not None:
+                maps[(i, "out")] = y
         pooled = y.mean((2, 3))
         return teacher.classifier(pooled), pooled
+
+
+def feature_mse(student_maps, teacher_maps):
+    """Mean over the suffix's maps of the squared error at active positions,
+    each map's error divided by the teacher's variance of that map."""
+    terms = []
+    for key, t in teacher_maps.items():
+        s, m = student_maps[key], student_maps[(key[0], "mask")]
+        err = ((s - t) ** 2 * m).sum() / (m.sum() * t.shape[1]).clamp_min(1.0)
+        terms.append(err / t.var().clamp_min(1e-6))
+    return torch.stack(terms).mean()
 
 
 def evaluate(student, teacher, f, masks_fn, total):
@@ -157,7 +184,12 @@ def main():
     ap.add_argument("--batch", type=int, default=24)
     ap.add_argument("--lr", type=float, default=1e-4)
     ap.add_argument("--head-lr", type=float, default=2e-3)
+    ap.add_argument("--opt", choices=["adam", "sgd"], default="adam",
+                    help="sgd (momentum 0.9) moves each weight in proportion to its gradient; Adam moves "
+                         "every weight by about the learning rate, those the loss barely reaches too")
     ap.add_argument("--mse", type=float, default=1.0, help="weight of the pooled-feature MSE")
+    ap.add_argument("--feat", type=float, default=0.0,
+                    help="weight of the feature-map MSE at active positions (every suffix block and pre-pooling)")
     ap.add_argument("--pull", type=float, default=1e-3, help="weight of the pull toward the teacher's weights")
     ap.add_argument("--beta", type=float, default=0.5, help="keep regulariser (head masks)")
     ap.add_argument("--ratio", type=float, default=1.0, help="head masks: importance threshold (x image mean)")
@@ -218,8 +250,8 @@ def main():
              and (args.tune != "fill" or n.startswith("means."))]
     for p in tuned:
         p.requires_grad_(True)
-    opt = torch.optim.Adam([{"params": tuned, "lr": args.lr},
-                            {"params": student.head.parameters(), "lr": args.head_lr}])
+    groups = [{"params": tuned, "lr": args.lr}, {"params": student.head.parameters(), "lr": args.head_lr}]
+    opt = torch.optim.Adam(groups) if args.opt == "adam" else torch.optim.SGD(groups, momentum=0.9)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, args.steps)
     start = 0
     if args.init and not os.path.exists(args.ckpt):
@@ -269,7 +301,8 @@ def main():
         x = views.batch(args.batch)
         with torch.no_grad():
             f = teacher.features[:CUT](x)
-        t_logits, t_pooled = teacher_outputs(teacher, f)
+        t_maps = {} if args.feat > 0 else None
+        t_logits, t_pooled = teacher_outputs(teacher, f, t_maps)
         if args.masks == "random":
             keep = random.uniform(lo, hi)
             m = coherent_masks(len(f), keep, seed=random.randrange(1 << 30))
@@ -307,18 +340,20 @@ def main():
                     log({"step": step, "head_only": True, "keep": hard.flatten(1).mean().item(),
                          "s_per_step": (time.time() - t0) / (step - start + 1)})
                 continue
-        s_logits, s_pooled, _ = student(f, m)
+        s_maps = {} if args.feat > 0 else None
+        s_logits, s_pooled, _ = student(f, m, s_maps)
         kl = F.kl_div(F.log_softmax(s_logits, 1), F.log_softmax(t_logits, 1), log_target=True,
                       reduction="batchmean")
         mse = F.mse_loss(s_pooled, t_pooled) / t_pooled.var().clamp_min(1e-6)
+        feat = feature_mse(s_maps, t_maps) if args.feat > 0 else torch.zeros(())
         pull = sum(((p - teacher_params[n]) ** 2).sum() for n, p in student.net.named_parameters())
-        loss = kl + args.mse * mse + args.pull * pull + reg
+        loss = kl + args.mse * mse + args.feat * feat + args.pull * pull + reg
         opt.zero_grad()
         loss.backward()
         opt.step()
         sched.step()
         if step % 10 == 0:
-            log({"step": step, "kl": kl.item(), "mse": mse.item(), "pull": pull.item(),
+            log({"step": step, "kl": kl.item(), "mse": mse.item(), "feat": feat.item(), "pull": pull.item(),
                  "keep": m.detach().flatten(1).mean().item(), "s_per_step": (time.time() - t0) / (step - start + 1)})
         if (step + 1) % args.ckpt_every == 0 or step + 1 == args.steps:
             torch.save({"student": student.state_dict(), "opt": opt.state_dict(), "sched": sched.state_dict(),

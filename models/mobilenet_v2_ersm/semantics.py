@@ -34,7 +34,11 @@ from train import CUT
 class Semantics:
     cut: str = "zero"  # zero | mean | keep
     bg: str = "zero"  # background of computed tensors: zero | mean
-    inner: str = "bg"  # a block's inner tensors: bg (as above) | exact (expand at the dilated set)
+    # a block's inner tensors: bg (as above) | exact (expand at the dilated set) |
+    # inpaint (dropped positions hold the mean of the kept ones in their 3x3
+    # window, the background where none is kept) | inpaint-half (halfway
+    # between the background and that mean)
+    inner: str = "bg"
     res: str = "sub"  # sub | identity
     nonres: str = "masked"  # masked | dense | fast
     down: str = "any"  # any | centre | majority
@@ -117,7 +121,7 @@ class Suffix:
 
     def _bg(self, key, like, sem, kind):
         """The background of tensor `key`: zero or its calibration mean."""
-        rule = sem.bg if kind == "out" or sem.inner == "bg" else "zero"
+        rule = sem.bg if kind == "out" or sem.inner != "exact" else "zero"
         if rule == "mean":
             return self.means[key].view(1, -1, 1, 1)
         return torch.zeros_like(like[:, :, :1, :1])
@@ -161,6 +165,7 @@ class Suffix:
             macs += macs_of(head, 1) * m.flatten(1).sum(1)
         if collect is not None:
             collect[(18, "out")] = y
+            collect[(18, "mask")] = m
         if sem.pool == "active":
             pooled = (y * m).sum((2, 3)) / m.sum((2, 3)).clamp_min(1.0)
         else:
@@ -204,6 +209,14 @@ class Suffix:
                 c += macs_of(expand, 1) * n(reach)
             else:
                 h_bg = self._bg((i, "expand"), h, sem, "inner")
+                if sem.inner.startswith("inpaint"):
+                    # What the depthwise conv reads at a dropped tap: the kept
+                    # neighbours' mean (a normalised 3x3 average), no new MACs
+                    # beyond the additions.
+                    den = F.avg_pool2d(m, 3, 1, 1)
+                    mean = F.avg_pool2d(h * m, 3, 1, 1) / den.clamp_min(1e-6)
+                    a = 1.0 if sem.inner == "inpaint" else 0.5
+                    h_bg = torch.where(den > 0, h_bg + a * (mean - h_bg), h_bg)
                 h = m * h + (1 - m) * h_bg
                 c += macs_of(expand, 1) * n(m)
         if collect is not None:
@@ -233,6 +246,7 @@ class Suffix:
             out = m_out * y + (1 - m_out) * out_bg
         if collect is not None:
             collect[(i, "out")] = out
+            collect[(i, "mask")] = m_out
         return out, m_out, out_bg, c
 
 

@@ -1,0 +1,139 @@
+"""Where the sparse network loses its answers (REPORT section 3): on the
+held-out views, under the package's masks at a few offsets of its threshold,
+top-1 agreement with the original when
+
+- the sparse suffix runs as shipped (`as shipped`);
+- every kept token's features are exact (the dense suffix) and only global
+  pooling leaves out the dropped tokens (`pooling only`);
+- the sparse suffix runs as shipped, but the dropped tokens enter global
+  pooling with their dense values (`kept tokens only`): what the errors at
+  kept tokens, which grow from the holes' borders, cost by themselves;
+- the depthwise convs read, at dropped taps, the mean of the kept expansion
+  outputs around them instead of the fill vector (`inpaint`, `inpaint-half`:
+  halfway between the two), a semantics that leaves the dense path alone;
+- the pool gets an estimate of the dropped tokens' mean final feature, a
+  ridge-fitted linear map of the cut features' means over the dropped and the
+  kept tokens and of the kept tokens' pool (`pool estimate`, fitted on
+  augmented training views under the same head at random offsets; the best
+  of four ridge strengths, so an optimistic figure).
+
+    python3 models/mobilenet_v2_ersm/measure_losses.py --data /tmp/data \\
+        --package models/mobilenet_v2_ersm/model.onnx --out models/mobilenet_v2_ersm/runs/losses.json
+"""
+
+import argparse
+import json
+import os
+from dataclasses import replace
+
+import random
+
+import torch
+
+import data
+from measure_semantics import head_from_onnx, package_fills, package_semantics
+from semantics import Suffix, downsample
+from train import CUT, hard_mask, load_backbone, weights_path
+
+BATCH = 64
+
+
+def held_out_features(net, root):
+    """Cut features and dense logits of every held-out view."""
+    _, held, _, _ = data.training_images(root)
+    views = data.held_out_views(root, held)
+    x = torch.stack([v for _, v in views])
+    f = torch.cat([net.features[:CUT](x[i:i + BATCH]) for i in range(0, len(x), BATCH)])
+    logits = torch.cat([net.classifier(net.features[CUT:](f[i:i + BATCH]).mean((2, 3)))
+                        for i in range(0, len(f), BATCH)])
+    return f, logits
+
+
+def pool_parts(net, fills, sem, f, m):
+    """Per view: the sparse suffix's pool over its kept tokens, the share of the
+    last map kept, the cut features' means over dropped and kept tokens, and
+    the dense pool."""
+    out = []
+    for i in range(0, len(f), BATCH):
+        fb, mb = f[i:i + BATCH], m[i:i + BATCH]
+        maps = {}
+        Suffix(net, fills).run(fb, mb, sem, maps)
+        ys, ms = maps[(18, "out")], maps[(18, "mask")]
+        pool = (ys * ms).sum((2, 3)) / ms.sum((2, 3)).clamp_min(1.0)
+        g = torch.cat([(fb * w).sum((2, 3)) / w.sum((2, 3)).clamp_min(1.0) for w in (1 - mb, mb)], 1)
+        dense = net.features[CUT:](fb).mean((2, 3))
+        out.append((pool, ms.flatten(1).mean(1, keepdim=True), g, dense))
+    return [torch.cat(z) for z in zip(*out)]
+
+
+def fit_pool_estimates(net, head, fills, sem, root, views=2560):
+    """Ridge maps from [dropped and kept cut means, kept pool, 1] to the
+    dropped tokens' mean dense feature, one per ridge strength."""
+    random.seed(0)
+    torch.manual_seed(0)
+    _, _, stamps, images = data.training_images(root)
+    gen = data.Views(images, stamps)
+    f = torch.cat([net.features[:CUT](gen.batch(BATCH)) for _ in range(views // BATCH)])
+    shift = torch.rand(len(f), 1, 1, 1) * 1.2 - 0.2
+    m = torch.cat([hard_mask(head(f[i:i + BATCH], shift[i:i + BATCH])[0]) for i in range(0, len(f), BATCH)])
+    pool, k, g, dense = pool_parts(net, fills, sem, f, m)
+    sel = k[:, 0] < 0.999
+    x = torch.cat([g, pool, torch.ones(len(g), 1)], 1)[sel]
+    target = ((dense - k * pool) / (1 - k))[sel]
+    return [torch.linalg.solve(x.T @ x + lam * len(x) * torch.eye(x.shape[1]), x.T @ target)
+            for lam in (1e-2, 1e-1, 1.0, 10.0)]
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--data", required=True)
+    ap.add_argument("--package", required=True, help="model.onnx: its head gives the masks, its fills the semantics")
+    ap.add_argument("--offsets", default="0,0.3,0.6", help="offsets in the head's unary cost (0: as shipped)")
+    ap.add_argument("--out", required=True)
+    args = ap.parse_args()
+    torch.set_num_threads(os.cpu_count() or 2)
+    net = load_backbone(weights_path())
+    head = head_from_onnx(args.package)
+    fills = package_fills(args.package)
+    sem = package_semantics(args.package)
+    rows = []
+    with torch.no_grad():
+        f, dense_logits = held_out_features(net, args.data)
+        target = dense_logits.argmax(1)
+        estimates = fit_pool_estimates(net, head, fills, sem, args.data)
+        dense_maps = torch.cat([net.features[CUT:](f[i:i + BATCH]) for i in range(0, len(f), BATCH)])
+        for off in (float(v) for v in args.offsets.split(",")):
+            m = torch.cat([hard_mask(head(f[i:i + BATCH], off)[0]) for i in range(0, len(f), BATCH)])
+            m_last = m
+            while m_last.shape[-1] > dense_maps.shape[-1]:
+                m_last = downsample(m_last, sem.down)
+            pooled = (dense_maps * m_last).sum((2, 3)) / m_last.sum((2, 3)).clamp_min(1.0)
+            row = {"offset": off, "keep": m.flatten(1).mean(1).mean().item(),
+                   "pooling only": (net.classifier(pooled).argmax(1) == target).float().mean().item()}
+            shipped, kept_only = [], []
+            for i in range(0, len(f), BATCH):
+                maps = {}
+                shipped.append(Suffix(net, fills).run(f[i:i + BATCH], m[i:i + BATCH], sem, maps)[0])
+                ys, ms = maps[(18, "out")], maps[(18, "mask")]
+                mixed = (ys * ms + dense_maps[i:i + BATCH] * (1 - ms)).mean((2, 3))
+                kept_only.append(net.classifier(mixed))
+            row["as shipped"] = (torch.cat(shipped).argmax(1) == target).float().mean().item()
+            pool, k, g, _ = pool_parts(net, fills, sem, f, m)
+            x = torch.cat([g, pool, torch.ones(len(g), 1)], 1)
+            row["pool estimate"] = max((net.classifier(k * pool + (1 - k) * (x @ w)).argmax(1) == target)
+                                       .float().mean().item() for w in estimates)
+            row["kept tokens only"] = (torch.cat(kept_only).argmax(1) == target).float().mean().item()
+            for inner in ("inpaint", "inpaint-half"):
+                s = replace(sem, inner=inner)
+                lg = torch.cat([Suffix(net, fills).run(f[i:i + BATCH], m[i:i + BATCH], s)[0]
+                                for i in range(0, len(f), BATCH)])
+                row[inner] = (lg.argmax(1) == target).float().mean().item()
+            print(json.dumps(row), flush=True)
+            rows.append(row)
+    with open(args.out, "w") as fh:
+        json.dump({"views": len(f), "package": os.path.basename(args.package), "semantics": sem.name(),
+                   "rows": rows}, fh, indent=1)
+
+
+if __name__ == "__main__":
+    main()
