@@ -58,6 +58,9 @@ pub struct TractNet {
     /// The first conv's patches, gathered from the input before the plan
     /// runs, when the stem was rewritten ([`crate::stem`]).
     stem: Option<Patches>,
+    /// The graph as it was before the stem rewrite (only when it was
+    /// rewritten), from which a GPU plan is prepared.
+    unpatched: Option<ModelProto>,
     /// The patch tensor, kept between frames: 1.35 MB for MobileNetV2, which
     /// as a fresh allocation costs page faults every frame. tract only reads
     /// it (it writes in place only into inputs nobody else holds).
@@ -79,13 +82,18 @@ impl TractNet {
     /// runs as a product over patches gathered here ([`crate::stem`]) when it
     /// can, unless `ERSM_STEM_PATCHES=0` (to measure tract's own stem).
     pub fn from_image(proto: &ModelProto, input_shape: &[usize], what: &str) -> Result<TractNet> {
-        let mut proto = proto.clone();
+        let mut patched = proto.clone();
         let stem = if std::env::var("ERSM_STEM_PATCHES").is_ok_and(|v| v == "0") {
             None
         } else {
-            stem::rewrite(&mut proto, input_shape)
+            stem::rewrite(&mut patched, input_shape)
         };
-        TractNet::build(&proto, input_shape, stem, what)
+        let rewritten = stem.is_some();
+        let mut net = TractNet::build(&patched, input_shape, stem, what)?;
+        if rewritten {
+            net.unpatched = Some(proto.clone());
+        }
+        Ok(net)
     }
 
     fn build(
@@ -95,15 +103,7 @@ impl TractNet {
         what: &str,
     ) -> Result<TractNet> {
         let plan_input = stem.as_ref().map_or(input_shape.to_vec(), Patches::shape);
-        let mut model = tract_onnx::onnx()
-            .model_for_proto_model(proto)
-            .with_context(|| format!("{what}: tract could not parse the graph"))?;
-        model
-            .set_input_fact(0, InferenceFact::dt_shape(f32::datum_type(), &*plan_input))
-            .with_context(|| format!("{what}: setting input shape {plan_input:?}"))?;
-        let typed = model
-            .into_typed()
-            .with_context(|| format!("{what}: tract could not type the graph (shapes or ops)"))?;
+        let typed = typed(proto, &plan_input, what)?;
         let ops = typed
             .eval_order()?
             .iter()
@@ -115,17 +115,6 @@ impl TractNet {
             .as_concrete()
             .with_context(|| format!("{what}: output shape is not concrete"))?
             .to_vec();
-        let mut typed = typed;
-        // tract's channel-last rewrite moves depthwise convs onto its
-        // vectorised channel-last kernel but slows the 1×1 products; on x86 it
-        // measured even (README, "CPU speed"), so it stays off unless asked
-        // for, to measure on another CPU (a Jetson's Cortex-A78).
-        if std::env::var("ERSM_TRACT_NHWC").is_ok_and(|v| v == "1") {
-            let t = tract_core::transform::get_transform("conv_nhwc")?
-                .context("tract has no conv_nhwc transform")?;
-            t.transform(&mut typed)
-                .with_context(|| format!("{what}: channel-last rewrite"))?;
-        }
         let source = typed.clone();
         let plan = typed
             .into_optimized()
@@ -138,6 +127,7 @@ impl TractNet {
             engine: Engine::Cpu,
             input_shape: input_shape.to_vec(),
             stem,
+            unpatched: None,
             patch_buf: Mutex::default(),
             output_shape,
             ops,
@@ -155,18 +145,31 @@ impl TractNet {
     /// cudart), a driver older than CUDA 12.2, an op it cannot run, or a build
     /// for CUDA 11.4 (JetPack 5), which tract-cuda does not support.
     pub fn on_cuda(&self) -> Result<TractNet> {
-        let plan = cuda_plan(&self.source).with_context(|| format!("{}: tract-cuda", self.what))?;
+        let source = self.gpu_source()?;
+        let plan = cuda_plan(&source).with_context(|| format!("{}: tract-cuda", self.what))?;
         Ok(TractNet {
             plan,
-            source: self.source.clone(),
+            source,
             what: self.what.clone(),
             engine: Engine::Cuda,
             input_shape: self.input_shape.clone(),
-            stem: self.stem.clone(),
+            stem: None,
+            unpatched: None,
             patch_buf: Mutex::default(),
             output_shape: self.output_shape.clone(),
             ops: self.ops.clone(),
         })
+    }
+
+    /// The typed graph a GPU plan is prepared from: the one before the stem
+    /// rewrite. The rewrite routes around tract's CPU im2col; cuDNN runs the
+    /// stem conv as it is, and patches gathered on the host would only add
+    /// host work and a 2.25× larger upload (27 channels against 3).
+    fn gpu_source(&self) -> Result<TypedModel> {
+        match &self.unpatched {
+            Some(proto) => typed(proto, &self.input_shape, &self.what),
+            None => Ok(self.source.clone()),
+        }
     }
 
     /// Runs the net on `input` (row-major, of `input_shape`); returns the output values.
@@ -241,6 +244,31 @@ impl TractNet {
     }
 }
 
+/// `proto` typed by tract with its first input of shape `input_shape`, before
+/// optimisation.
+fn typed(proto: &ModelProto, input_shape: &[usize], what: &str) -> Result<TypedModel> {
+    let mut model = tract_onnx::onnx()
+        .model_for_proto_model(proto)
+        .with_context(|| format!("{what}: tract could not parse the graph"))?;
+    model
+        .set_input_fact(0, InferenceFact::dt_shape(f32::datum_type(), input_shape))
+        .with_context(|| format!("{what}: setting input shape {input_shape:?}"))?;
+    let mut typed = model
+        .into_typed()
+        .with_context(|| format!("{what}: tract could not type the graph (shapes or ops)"))?;
+    // tract's channel-last rewrite moves depthwise convs onto its vectorised
+    // channel-last kernel but slows the 1×1 products; on x86 it measured even
+    // (README, "CPU speed"), so it stays off unless asked for, to measure on
+    // another CPU (a Jetson's Cortex-A78).
+    if std::env::var("ERSM_TRACT_NHWC").is_ok_and(|v| v == "1") {
+        let t = tract_core::transform::get_transform("conv_nhwc")?
+            .context("tract has no conv_nhwc transform")?;
+        t.transform(&mut typed)
+            .with_context(|| format!("{what}: channel-last rewrite"))?;
+    }
+    Ok(typed)
+}
+
 /// The values of a plan's first output.
 fn first_output(out: TVec<TValue>) -> Result<Vec<f32>> {
     Ok(out[0]
@@ -248,4 +276,49 @@ fn first_output(out: TVec<TValue>) -> Result<Vec<f32>> {
         .iter()
         .copied()
         .collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The GPU plan is prepared from the graph before the stem rewrite: it
+    /// reads the image itself and computes what the patched CPU plan does.
+    #[test]
+    fn gpu_source_is_the_unpatched_graph() {
+        let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/models/mobilenet_v2_ersm");
+        let pkg = crate::model::ModelPackage::load(dir).unwrap();
+        let prefix = &pkg.prefix;
+        assert!(prefix.patches().is_some(), "the shipped stem is rewritten");
+        let source = prefix.gpu_source().unwrap();
+        let fact = source.input_fact(0).unwrap();
+        assert_eq!(
+            fact.shape.as_concrete().unwrap(),
+            &prefix.input_shape[..],
+            "the GPU graph reads the image"
+        );
+        let image: Vec<f32> = (0..prefix.input_shape.iter().product::<usize>())
+            .map(|i| ((i * 7919 % 1000) as f32 / 500.0) - 1.0)
+            .collect();
+        let plain = source.into_optimized().unwrap().into_runnable().unwrap();
+        let want = first_output(
+            plain
+                .run(tvec![Tensor::from_shape(&prefix.input_shape, &image)
+                    .unwrap()
+                    .into()])
+                .unwrap(),
+        )
+        .unwrap();
+        let got = prefix.run(&image).unwrap();
+        assert_eq!(want.len(), got.len());
+        let worst = want
+            .iter()
+            .zip(&got)
+            .map(|(a, b)| (a - b).abs() / a.abs().max(1.0))
+            .fold(0f32, f32::max);
+        assert!(
+            worst < 1e-4,
+            "patched and unpatched prefixes differ by {worst}"
+        );
+    }
 }
