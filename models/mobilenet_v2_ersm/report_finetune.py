@@ -283,7 +283,8 @@ def main():
                  "batch 24, 150 steps, one thread each). Run 13b uses SGD with momentum, which moves each weight "
                  "in proportion to its gradient, where Adam moves every weight by about its learning rate, also "
                  "those the loss barely reaches. In short pilots at batch 16, SGD at `--lr 1e-2` diverged, at "
-                 "1e-3 the dense path fell to 52 % in 40 steps, at 2e-4 to 96 %. The same 256 held-out views "
+                 "1e-3 the dense path fell to 52 % in 40 steps, at 2e-4 to 94-96 % (96 held-out views; only the "
+                 "2e-4 pilot's log is kept, `runs/run13_pilot_sgd2e-4.jsonl`). The same 256 held-out views "
                  "as runs 6-8 (the shipped package's own point is at offset 0 here):\n")
         L += package_runs_table(feat, top5=True)
         L.append("Both lose answers as runs 6 and 7 did: the shipped point 85.5 % -> 82.4 %, -0.4 98.4 % -> "
