@@ -44,50 +44,54 @@ from train import CUT, hard_mask, load_backbone, weights_path
 BATCH = 64
 
 
-def held_out_features(net, root):
-    """Cut features and dense logits of every held-out view."""
-    _, held, _, _ = data.training_images(root)
-    views = data.held_out_views(root, held)
-    x = torch.stack([v for _, v in views])
-    f = torch.cat([net.features[:CUT](x[i:i + BATCH]) for i in range(0, len(x), BATCH)])
-    logits = torch.cat([net.classifier(net.features[CUT:](f[i:i + BATCH]).mean((2, 3)))
-                        for i in range(0, len(f), BATCH)])
-    return f, logits
+def prefix_features(net, x):
+    """Cut features of the views `x`."""
+    return torch.cat([net.features[:CUT](x[i:i + BATCH]) for i in range(0, len(x), BATCH)])
 
 
-def pool_parts(net, fills, sem, f, m):
-    """Per view: the sparse suffix's pool over its kept tokens, the share of the
-    last map kept, the cut features' means over dropped and kept tokens, and
-    the dense pool."""
+def dense_maps_of(net, f):
+    """The dense suffix's last map (before pooling) for cut features `f`."""
+    return torch.cat([net.features[CUT:](f[i:i + BATCH]) for i in range(0, len(f), BATCH)])
+
+
+def sparse_run(net, fills, sem, f, m):
+    """The sparse suffix on cut features `f` under masks `m`: its logits, its
+    last map and that map's mask."""
     out = []
     for i in range(0, len(f), BATCH):
-        fb, mb = f[i:i + BATCH], m[i:i + BATCH]
         maps = {}
-        Suffix(net, fills).run(fb, mb, sem, maps)
-        ys, ms = maps[(18, "out")], maps[(18, "mask")]
-        pool = (ys * ms).sum((2, 3)) / ms.sum((2, 3)).clamp_min(1.0)
-        g = torch.cat([(fb * w).sum((2, 3)) / w.sum((2, 3)).clamp_min(1.0) for w in (1 - mb, mb)], 1)
-        dense = net.features[CUT:](fb).mean((2, 3))
-        out.append((pool, ms.flatten(1).mean(1, keepdim=True), g, dense))
+        logits = Suffix(net, fills).run(f[i:i + BATCH], m[i:i + BATCH], sem, maps)[0]
+        out.append((logits, maps[(18, "out")], maps[(18, "mask")]))
     return [torch.cat(z) for z in zip(*out)]
 
 
-def training_features(net, root, views=2560):
+def pool_inputs(ys, ms, f, m):
+    """Per view: the sparse pool over the kept tokens of the last map `ys`
+    (mask `ms`), the share of it kept, and the cut features' means over the
+    dropped and the kept tokens (mask `m`)."""
+    pool = (ys * ms).sum((2, 3)) / ms.sum((2, 3)).clamp_min(1.0)
+    g = torch.cat([(f * w).sum((2, 3)) / w.sum((2, 3)).clamp_min(1.0) for w in (1 - m, m)], 1)
+    return pool, ms.flatten(1).mean(1, keepdim=True), g
+
+
+def training_features(net, stamps, images, views=2560):
     """Cut features of augmented training views."""
     random.seed(0)
     torch.manual_seed(0)
-    _, _, stamps, images = data.training_images(root)
     gen = data.Views(images, stamps)
     return torch.cat([net.features[:CUT](gen.batch(BATCH)) for _ in range(views // BATCH)])
 
 
-def fit_pool_estimates(net, head, fills, sem, f):
+def fit_pool_estimates(net, head, fills, sem, f, dense_maps):
     """Ridge maps from [dropped and kept cut means, kept pool, 1] to the
     dropped tokens' mean dense feature, one per ridge strength, fitted on cut
-    features `f` under the head's masks at random offsets."""
+    features `f` (dense last maps `dense_maps`) under the head's masks at
+    random offsets."""
     shift = torch.rand(len(f), 1, 1, 1) * 1.2 - 0.2
     m = torch.cat([hard_mask(head(f[i:i + BATCH], shift[i:i + BATCH])[0]) for i in range(0, len(f), BATCH)])
-    pool, k, g, dense = pool_parts(net, fills, sem, f, m)
+    _, ys, ms = sparse_run(net, fills, sem, f, m)
+    pool, k, g = pool_inputs(ys, ms, f, m)
+    dense = dense_maps.mean((2, 3))
     sel = k[:, 0] < 0.999
     x = torch.cat([g, pool, torch.ones(len(g), 1)], 1)[sel]
     target = ((dense - k * pool) / (1 - k))[sel]
@@ -103,13 +107,13 @@ def cells(f):
     return torch.cat([patch, mean], 2).reshape(-1, patch.shape[2] + f.shape[1])
 
 
-def fit_cell_fast_path(net, f, epochs=12, hidden=512):
-    """A two-layer MLP from `cells(f)` to each cell's dense final feature
-    (standardised in and out), trained by regression; returns the map from
-    cut features to estimated final maps."""
+def fit_cell_fast_path(f, dense_maps, epochs=12, hidden=512):
+    """A two-layer MLP from `cells(f)` to each cell's dense final feature (of
+    `dense_maps`, standardised in and out), trained by regression; returns the
+    map from cut features to estimated final maps."""
     with torch.enable_grad():
         x = cells(f)
-        y = torch.cat([net.features[CUT:](f[i:i + BATCH]) for i in range(0, len(f), BATCH)])
+        y = dense_maps
         side = y.shape[-1]
         y = y.flatten(2).transpose(1, 2).reshape(-1, y.shape[1])
         xm, xs, ym, ys = x.mean(0), x.std(0) + 1e-3, y.mean(0), y.std(0) + 1e-3
@@ -142,13 +146,17 @@ def main():
     sem = package_semantics(args.package)
     rows = []
     with torch.no_grad():
-        f, dense_logits = held_out_features(net, args.data)
-        target = dense_logits.argmax(1)
-        train_f = training_features(net, args.data)
-        estimates = fit_pool_estimates(net, head, fills, sem, train_f)
-        fast_path = fit_cell_fast_path(net, train_f)
+        _, held, stamps, images = data.training_images(args.data)
+        f = prefix_features(net, torch.stack([v for _, v in data.held_out_views(args.data, held)]))
+        dense_maps = dense_maps_of(net, f)
+        target = net.classifier(dense_maps.mean((2, 3))).argmax(1)
+        agree = lambda logits: (logits.argmax(1) == target).float().mean().item()
+        train_f = training_features(net, stamps, images)
+        train_maps = dense_maps_of(net, train_f)
+        estimates = fit_pool_estimates(net, head, fills, sem, train_f, train_maps)
+        fast_path = fit_cell_fast_path(train_f, train_maps)
+        del train_maps
         fast_maps = torch.cat([fast_path(f[i:i + BATCH]) for i in range(0, len(f), BATCH)])
-        dense_maps = torch.cat([net.features[CUT:](f[i:i + BATCH]) for i in range(0, len(f), BATCH)])
         for off in (float(v) for v in args.offsets.split(",")):
             m = torch.cat([hard_mask(head(f[i:i + BATCH], off)[0]) for i in range(0, len(f), BATCH)])
             m_last = m
@@ -156,26 +164,16 @@ def main():
                 m_last = downsample(m_last, sem.down)
             pooled = (dense_maps * m_last).sum((2, 3)) / m_last.sum((2, 3)).clamp_min(1.0)
             row = {"offset": off, "keep": m.flatten(1).mean(1).mean().item(),
-                   "pooling only": (net.classifier(pooled).argmax(1) == target).float().mean().item()}
-            shipped, kept_only, fast = [], [], []
-            for i in range(0, len(f), BATCH):
-                maps = {}
-                shipped.append(Suffix(net, fills).run(f[i:i + BATCH], m[i:i + BATCH], sem, maps)[0])
-                ys, ms = maps[(18, "out")], maps[(18, "mask")]
-                kept_only.append(net.classifier((ys * ms + dense_maps[i:i + BATCH] * (1 - ms)).mean((2, 3))))
-                fast.append(net.classifier((ys * ms + fast_maps[i:i + BATCH] * (1 - ms)).mean((2, 3))))
-            row["as shipped"] = (torch.cat(shipped).argmax(1) == target).float().mean().item()
-            pool, k, g, _ = pool_parts(net, fills, sem, f, m)
+                   "pooling only": agree(net.classifier(pooled))}
+            shipped, ys, ms = sparse_run(net, fills, sem, f, m)
+            row["as shipped"] = agree(shipped)
+            pool, k, g = pool_inputs(ys, ms, f, m)
             x = torch.cat([g, pool, torch.ones(len(g), 1)], 1)
-            row["pool estimate"] = max((net.classifier(k * pool + (1 - k) * (x @ w)).argmax(1) == target)
-                                       .float().mean().item() for w in estimates)
-            row["kept tokens only"] = (torch.cat(kept_only).argmax(1) == target).float().mean().item()
-            row["cell fast path"] = (torch.cat(fast).argmax(1) == target).float().mean().item()
+            row["pool estimate"] = max(agree(net.classifier(k * pool + (1 - k) * (x @ w))) for w in estimates)
+            row["kept tokens only"] = agree(net.classifier((ys * ms + dense_maps * (1 - ms)).mean((2, 3))))
+            row["cell fast path"] = agree(net.classifier((ys * ms + fast_maps * (1 - ms)).mean((2, 3))))
             for inner in ("inpaint", "inpaint-half"):
-                s = replace(sem, inner=inner)
-                lg = torch.cat([Suffix(net, fills).run(f[i:i + BATCH], m[i:i + BATCH], s)[0]
-                                for i in range(0, len(f), BATCH)])
-                row[inner] = (lg.argmax(1) == target).float().mean().item()
+                row[inner] = agree(sparse_run(net, fills, replace(sem, inner=inner), f, m)[0])
             print(json.dumps(row), flush=True)
             rows.append(row)
     with open(args.out, "w") as fh:
