@@ -1,14 +1,16 @@
 //! The per-frame stages, timed: pre-process → prefix → ersm → suffix, and the
 //! dense baseline (pre-process → prefix → dense suffix, all tract) beside it.
 
+use crate::ersm::cuda::{DeviceMap, MapSource};
 use crate::ersm::{Device, FeatureMap, TokenMask};
 use crate::model::ModelPackage;
-use crate::prefix::TractNet;
+use crate::prefix::{Output, TractNet};
 use crate::preprocess::preprocess;
 use crate::source::Frame;
 use crate::sparse::gpu::{cuda::CudaDevice, GpuSuffix};
 use crate::threads::Threads;
 use anyhow::{Context, Result};
+use std::sync::atomic::{AtomicU8, Ordering};
 use std::time::Instant;
 
 /// Wall-clock time of each stage of one frame, milliseconds.
@@ -66,6 +68,9 @@ pub struct Pipeline {
     /// the energy layer runs on a GPU and tract-cuda can serve; otherwise
     /// tract's CPU plans run them.
     pub gpu_nets: Option<GpuNets>,
+    /// How the last frame's features reached the GPU energy kernel:
+    /// 0 not yet (or no kernel), 1 through the host, 2 in device memory.
+    handoff: AtomicU8,
 }
 
 /// The tract nets a pipeline runs on the GPU.
@@ -103,6 +108,7 @@ impl Pipeline {
             threads: Threads::single(),
             gpu_suffix: None,
             gpu_nets: None,
+            handoff: AtomicU8::new(0),
         }
     }
 
@@ -129,10 +135,17 @@ impl Pipeline {
         self
     }
 
-    /// Where each stage runs, for logs and reports: "prefix cpu, energy cuda, ...".
+    /// Where each stage runs, for logs and reports: "prefix cpu, energy cuda,
+    /// ...", and once a frame has run on a GPU, how its features reached the
+    /// energy kernel.
     pub fn placement(&self) -> String {
+        let handoff = match self.handoff.load(Ordering::Relaxed) {
+            1 => "; features to the energy kernel through the host",
+            2 => "; features to the energy kernel in device memory",
+            _ => "",
+        };
         format!(
-            "prefix {}, energy {}, sparse suffix {}, dense baseline {}",
+            "prefix {}, energy {}, sparse suffix {}, dense baseline {}{handoff}",
             self.prefix_net().engine.name(),
             self.device.name(),
             if self.gpu_suffix.is_some() {
@@ -142,6 +155,12 @@ impl Pipeline {
             },
             self.dense_net().engine.name()
         )
+    }
+
+    /// True once a frame's features reached the GPU energy kernel in device
+    /// memory (the last frame's, when frames differ).
+    pub fn features_stayed_on_device(&self) -> bool {
+        self.handoff.load(Ordering::Relaxed) == 2
     }
 
     fn prefix_net(&self) -> &TractNet {
@@ -258,21 +277,74 @@ impl Pipeline {
         Ok(logits)
     }
 
+    /// The prefix's output as tract hands it over: on the GPU it stays in
+    /// device memory unless something reads it on the host.
+    fn prefix_output(&self, input: &[f32]) -> Result<Output> {
+        let out = self.prefix_net().run_output(input).context("prefix")?;
+        let cut = &self.model.cut;
+        anyhow::ensure!(
+            out.len() == cut.c * cut.h * cut.w,
+            "prefix: {} values, the cut is {}×{}×{}",
+            out.len(),
+            cut.c,
+            cut.h,
+            cut.w
+        );
+        Ok(out)
+    }
+
+    /// The dense baseline's suffix on the prefix's output; between two
+    /// tract-cuda plans the features stay on the device.
+    fn dense_logits_from(&self, features: &Output) -> Result<Vec<f32>> {
+        let logits = self
+            .dense_net()
+            .run_from(features)
+            .context("dense suffix")?;
+        ensure_finite(&logits, "dense logits")?;
+        Ok(logits)
+    }
+
     fn ersm_on_threads(&self, input: &[f32]) -> Result<(Vec<f32>, TokenMask, StageTimes, bool)> {
         let mut times = StageTimes::default();
         let t = Instant::now();
-        let features = self.features(input)?;
+        let features = self.prefix_output(input)?;
+        // The tract-cuda prefix's output is read where it is; a host copy is
+        // made only for the CPU energy layer (or a copied-out GPU output).
+        let on_device = match (&self.device, features.device_ptr()) {
+            (Device::Cuda(_), Some(ptr)) => Some(ptr),
+            _ => None,
+        };
+        if matches!(self.device, Device::Cuda(_)) {
+            let how = if on_device.is_some() { 2 } else { 1 };
+            self.handoff.store(how, Ordering::Relaxed);
+        }
+        let host = match on_device {
+            Some(_) => Vec::new(),
+            None => {
+                let v = features.to_vec().context("prefix")?;
+                ensure_finite(&v, "prefix features")?;
+                v
+            }
+        };
         times.prefix = ms(t);
         let t = Instant::now();
         let cut = &self.model.cut;
-        let fmap = FeatureMap::new(&features, cut.c, cut.h, cut.w)?;
+        let source = match on_device {
+            Some(ptr) => MapSource::Device(DeviceMap {
+                ptr,
+                c: cut.c,
+                h: cut.h,
+                w: cut.w,
+            }),
+            None => MapSource::Host(FeatureMap::new(&host, cut.c, cut.h, cut.w)?),
+        };
         let (mask, logits, suffix_started) = match (&self.device, &self.gpu_suffix) {
             // Energy kernel and suffix both on the GPU: the gathered rows go
             // from one to the other in device memory.
             (Device::Cuda(backend), Some(gpu)) => {
                 let mut suffix_started = Instant::now();
                 let (mask, out) = backend
-                    .compute_on_device(fmap, &self.model.energy, |rows, mask| {
+                    .compute_on_device(source, &self.model.energy, |rows, mask| {
                         suffix_started = Instant::now();
                         // SAFETY: `rows` holds the kernel's `kept × C` gathered
                         // values, finished and locked for this call.
@@ -286,7 +358,7 @@ impl Pipeline {
             _ => {
                 let mut mask = self
                     .device
-                    .compute(fmap, &self.model.energy)
+                    .compute_from(source, &self.model.energy)
                     .context("energy layer")?;
                 times.ersm = ms(t);
                 let suffix_started = Instant::now();
@@ -297,7 +369,7 @@ impl Pipeline {
         let unsure = self.unsure(&logits);
         let logits = if unsure {
             // The prefix is shared, so only the baseline's suffix runs again.
-            self.dense_logits(&features).context("fallback")?
+            self.dense_logits_from(&features).context("fallback")?
         } else {
             logits
         };
@@ -313,10 +385,10 @@ impl Pipeline {
     fn dense_on_threads(&self, input: &[f32]) -> Result<(Vec<f32>, StageTimes)> {
         let mut times = StageTimes::default();
         let t = Instant::now();
-        let features = self.features(input)?;
+        let features = self.prefix_output(input)?;
         times.prefix = ms(t);
         let t = Instant::now();
-        let logits = self.dense_logits(&features)?;
+        let logits = self.dense_logits_from(&features)?;
         times.suffix = ms(t);
         Ok((logits, times))
     }

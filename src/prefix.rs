@@ -12,7 +12,8 @@ use tract_onnx::prelude::*;
 pub enum Engine {
     /// tract's CPU plan, on the pipeline's threads.
     Cpu,
-    /// tract-cuda on CUDA device 0; inputs and outputs cross on the host.
+    /// tract-cuda on CUDA device 0. Inputs are uploaded; an output stays on
+    /// the device until read ([`Output`]), and goes back in as it is.
     Cuda,
 }
 
@@ -174,7 +175,33 @@ impl TractNet {
 
     /// Runs the net on `input` (row-major, of `input_shape`); returns the output values.
     pub fn run(&self, input: &[f32]) -> Result<Vec<f32>> {
-        first_output(self.plan.run(tvec![self.input(input)?])?)
+        self.run_output(input)?.to_vec()
+    }
+
+    /// Runs the net on `input` and returns its output as tract hands it over:
+    /// from a tract-cuda plan still in device memory.
+    pub fn run_output(&self, input: &[f32]) -> Result<Output> {
+        let mut out = self.plan.run(tvec![self.input(input)?])?;
+        anyhow::ensure!(!out.is_empty(), "{}: the plan has no output", self.what);
+        Ok(Output(out.swap_remove(0)))
+    }
+
+    /// Runs a net whose input is another net's output, handed over as it is:
+    /// between two tract-cuda plans the values never leave the device.
+    pub fn run_from(&self, x: &Output) -> Result<Vec<f32>> {
+        anyhow::ensure!(
+            self.stem.is_none(),
+            "{}: a net that reads the image takes pixels, not another net's output",
+            self.what
+        );
+        anyhow::ensure!(
+            x.0.shape() == self.input_shape.as_slice(),
+            "{}: input has shape {:?}, {:?} needed",
+            self.what,
+            x.0.shape(),
+            self.input_shape
+        );
+        first_output(self.plan.run(tvec![x.0.clone()])?)
     }
 
     /// `input` as the plan's input tensor: the patches when the stem was
@@ -269,6 +296,59 @@ fn typed(proto: &ModelProto, input_shape: &[usize], what: &str) -> Result<TypedM
     Ok(typed)
 }
 
+/// A net's output. From a tract-cuda plan the values stay in device memory
+/// until something reads them ([`Output::to_vec`] copies them back once).
+pub struct Output(TValue);
+
+impl Output {
+    /// The values, row-major (read back from the device the first time).
+    pub fn to_vec(&self) -> Result<Vec<f32>> {
+        Ok(self
+            .0
+            .to_plain_array_view::<f32>()?
+            .iter()
+            .copied()
+            .collect())
+    }
+
+    /// Number of values.
+    pub fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    /// True when the output holds no values.
+    pub fn is_empty(&self) -> bool {
+        self.0.len() == 0
+    }
+
+    /// The device address of the values, when they are still on the GPU as
+    /// one packed f32 buffer of their own (valid while `self` lives, the
+    /// work that wrote them finished). `None` for a host tensor, or one
+    /// tract-cuda had to copy out (a view into its per-run arena).
+    #[cfg(feature = "cuda-12020")]
+    pub fn device_ptr(&self) -> Option<u64> {
+        use tract_gpu::tensor::LazyHostStorage;
+        let lazy = self.0.storage_as::<LazyHostStorage>()?;
+        // A materialised tensor may have been written on the host since.
+        if lazy.is_materialized() {
+            return None;
+        }
+        let d = lazy.device()?;
+        let packed = d.strides() == Tensor::natural_strides(d.shape()).as_slice();
+        if d.datum_type() != f32::datum_type() || !packed || d.is_exotic() {
+            return None;
+        }
+        let base = d.device_buffer_ptr() as u64;
+        Some(base + d.buffer_offset::<u64>())
+    }
+
+    /// Without tract-cuda (a CUDA 11.4 build) outputs are on the host.
+    #[cfg(not(feature = "cuda-12020"))]
+    pub fn device_ptr(&self) -> Option<u64> {
+        None
+    }
+}
+
 /// The values of a plan's first output.
 fn first_output(out: TVec<TValue>) -> Result<Vec<f32>> {
     Ok(out[0]
@@ -320,5 +400,33 @@ mod tests {
             worst < 1e-4,
             "patched and unpatched prefixes differ by {worst}"
         );
+    }
+
+    /// A CPU plan's output is a host tensor (no device address), and handing
+    /// it to the next net as it is computes what its values do.
+    #[test]
+    fn an_output_hands_over_to_the_next_net() {
+        let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/models/mobilenet_v2_ersm");
+        let pkg = crate::model::ModelPackage::load(dir).unwrap();
+        let image: Vec<f32> = (0..pkg.prefix.input_shape.iter().product::<usize>())
+            .map(|i| ((i * 104729 % 997) as f32 / 498.0) - 1.0)
+            .collect();
+        let out = pkg.prefix.run_output(&image).unwrap();
+        assert_eq!(out.device_ptr(), None, "a CPU plan's output is on the host");
+        let values = out.to_vec().unwrap();
+        assert_eq!(values, pkg.prefix.run(&image).unwrap());
+        let dense = pkg.baseline_suffix();
+        assert_eq!(
+            dense.run_from(&out).unwrap(),
+            dense.run(&values).unwrap(),
+            "the handed-over output and its values give different logits"
+        );
+        // The prefix reads pixels: another net's output is refused by name.
+        let err = pkg.prefix.run_from(&out).unwrap_err().to_string();
+        assert!(err.contains("reads the image"), "{err}");
+        // A wrongly shaped output is refused, naming both shapes.
+        let small = Output(Tensor::zero::<f32>(&[1, 3]).unwrap().into());
+        let err = dense.run_from(&small).unwrap_err().to_string();
+        assert!(err.contains("[1, 3]"), "{err}");
     }
 }

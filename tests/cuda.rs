@@ -484,3 +484,55 @@ fn tract_cuda_prefix_and_dense_baseline_match_the_cpu() {
         );
     }
 }
+
+/// With the prefix on tract-cuda, the energy kernel reads the prefix's output
+/// where tract-cuda left it, and the dense baseline's suffix takes it there
+/// too: the same kept set, energies and logits as the same features read
+/// back to the host and uploaded again.
+#[test]
+fn tract_cuda_prefix_output_feeds_the_kernel_in_device_memory() {
+    use ersm::model::ModelPackage;
+    use ersm::pipeline::Pipeline;
+    if gpu().is_none() {
+        return;
+    }
+    let on_gpu = Pipeline::new(
+        ModelPackage::load("models/mobilenet_v2_ersm").unwrap(),
+        Device::select(DeviceChoice::Cuda).unwrap(),
+    )
+    .with_gpu_suffix()
+    .with_gpu_prefix();
+    if on_gpu.gpu_nets.is_none() {
+        eprintln!("SKIPPED: tract-cuda cannot serve here (the log says why)");
+        return;
+    }
+    let cut = &on_gpu.model.cut;
+    for name in ["chelsea.png", "coffee.png", "astronaut.png", "rocket.jpg"] {
+        let frame =
+            ersm::source::images::load(std::path::Path::new(&format!("models/images/{name}")))
+                .unwrap();
+        let input = on_gpu.preprocess(&frame).unwrap();
+        let (logits, mask, _, _) = on_gpu.ersm_from_input(&input).unwrap();
+        assert!(
+            on_gpu.features_stayed_on_device(),
+            "{name}: the prefix's output went through the host ({})",
+            on_gpu.placement()
+        );
+        let host = on_gpu.features(&input).unwrap();
+        let want = on_gpu
+            .device
+            .compute(
+                FeatureMap::new(&host, cut.c, cut.h, cut.w).unwrap(),
+                &on_gpu.model.energy,
+            )
+            .unwrap();
+        assert_eq!(mask.kept, want.kept, "{name}: kept sets differ");
+        assert_eq!(mask.energies, want.energies, "{name}: energies differ");
+        let want_logits = on_gpu.sparse_logits(&want.kept, want.features).unwrap();
+        let err = common::rel_err(&logits, &want_logits);
+        assert!(err <= 1e-5, "{name}: sparse logits differ by {err}");
+        let (dense, _) = on_gpu.dense_from_input(&input).unwrap();
+        let err = common::rel_err(&dense, &on_gpu.dense_logits(&host).unwrap());
+        assert!(err <= 1e-5, "{name}: dense logits differ by {err}");
+    }
+}

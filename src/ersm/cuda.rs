@@ -152,6 +152,58 @@ pub fn compile_source(src: &str, what: &'static str, arch: &'static str) -> Resu
     })
 }
 
+/// A feature map in device memory of this context, written by other work
+/// (the tract-cuda prefix's output): `C × H × W` f32 values, channel-major.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct DeviceMap {
+    /// Device address of the first value.
+    pub ptr: u64,
+    pub c: usize,
+    pub h: usize,
+    pub w: usize,
+}
+
+/// Where the kernel reads a frame's feature map.
+#[derive(Clone, Copy)]
+pub enum MapSource<'a> {
+    /// Host values, copied to the device (or mapped, on Jetson) first.
+    Host(FeatureMap<'a>),
+    /// Values already on the device, read in place. The work that wrote them
+    /// must have finished and the buffer must outlive the call.
+    Device(DeviceMap),
+}
+
+/// A map's shape, whichever side it is on.
+#[derive(Clone, Copy)]
+struct Shape {
+    c: usize,
+    h: usize,
+    w: usize,
+}
+
+impl<'a> From<FeatureMap<'a>> for MapSource<'a> {
+    fn from(m: FeatureMap<'a>) -> Self {
+        MapSource::Host(m)
+    }
+}
+
+impl MapSource<'_> {
+    fn shape(&self) -> Shape {
+        match *self {
+            MapSource::Host(m) => Shape {
+                c: m.c,
+                h: m.h,
+                w: m.w,
+            },
+            MapSource::Device(m) => Shape {
+                c: m.c,
+                h: m.h,
+                w: m.w,
+            },
+        }
+    }
+}
+
 /// A buffer the kernel reads or writes: device memory with a page-locked host
 /// mirror on a discrete GPU (asynchronous copies, one synchronisation per
 /// frame), or mapped page-locked host memory (zero-copy) on an integrated one
@@ -318,18 +370,22 @@ impl CudaBackend {
     }
 
     /// The energy layer for one frame.
-    pub fn compute(&self, x: FeatureMap<'_>, spec: &EnergySpec) -> Result<TokenMask, CudaError> {
-        Ok(self.launch_and_read(x, spec, true, |_, _| ())?.0)
+    pub fn compute<'a>(
+        &self,
+        x: impl Into<MapSource<'a>>,
+        spec: &EnergySpec,
+    ) -> Result<TokenMask, CudaError> {
+        Ok(self.launch_and_read(x.into(), spec, true, |_, _| ())?.0)
     }
 
     /// The energy layer for one frame with the gathered rows left on the
     /// device: `then` gets their device address (valid only during the call)
     /// and the mask (whose `features` are empty), and its result is returned
-    /// beside the mask. Only the count, the kept indices and the energies
-    /// come back to the host.
+    /// beside the mask. A map already on the device is read where it is;
+    /// only the count, the kept indices and the energies come back to the host.
     pub fn compute_on_device<R>(
         &self,
-        x: FeatureMap<'_>,
+        x: MapSource<'_>,
         spec: &EnergySpec,
         then: impl FnOnce(u64, &TokenMask) -> R,
     ) -> Result<(TokenMask, R), CudaError> {
@@ -338,12 +394,13 @@ impl CudaBackend {
 
     fn launch_and_read<R>(
         &self,
-        x: FeatureMap<'_>,
+        source: MapSource<'_>,
         spec: &EnergySpec,
         fetch_rows: bool,
         then: impl FnOnce(u64, &TokenMask) -> R,
     ) -> Result<(TokenMask, R), CudaError> {
         let t0 = Instant::now();
+        let x = source.shape();
         if spec.head.channels() != x.c {
             return Err(CudaError::Input(format!(
                 "energy head reads {} channels, feature map has {}",
@@ -365,12 +422,17 @@ impl CudaBackend {
             b.head_values = packed.values;
             b.conv_values = packed.convs;
         }
-        b.x.upload(&self.stream, x.data)?;
+        let xp = match source {
+            MapSource::Host(m) => {
+                b.x.upload(&self.stream, m.data)?;
+                b.x.ptr(&self.stream)
+            }
+            MapSource::Device(m) => m.ptr,
+        };
         let (start, end) = (&b.start, &b.end);
         let (cvp, csp) = (b.convs.ptr(&self.stream), b.conv_scratch.ptr(&self.stream));
         let nconv = (b.conv_values.len() / 4) as i32;
-        let (xp, hp, ep, sp, kp, gp, cp) = (
-            b.x.ptr(&self.stream),
+        let (hp, ep, sp, kp, gp, cp) = (
             b.head.ptr(&self.stream),
             b.energies.ptr(&self.stream),
             b.scratch.ptr(&self.stream),

@@ -333,9 +333,18 @@ impl Device {
 
     /// Computes the energy layer on this device.
     pub fn compute(&self, x: FeatureMap<'_>, spec: &EnergySpec) -> Result<TokenMask> {
-        match self {
-            Device::Cpu => cpu::compute(x, spec),
-            Device::Cuda(b) => Ok(b.compute(x, spec)?),
+        self.compute_from(cuda::MapSource::Host(x), spec)
+    }
+
+    /// Like [`Device::compute`] for a map that may already be in device
+    /// memory (read there by the kernel; the CPU layer needs host values).
+    pub fn compute_from(&self, x: cuda::MapSource<'_>, spec: &EnergySpec) -> Result<TokenMask> {
+        match (self, x) {
+            (Device::Cpu, cuda::MapSource::Host(x)) => cpu::compute(x, spec),
+            (Device::Cpu, cuda::MapSource::Device(_)) => {
+                bail!("the CPU energy layer reads host values, not a device buffer")
+            }
+            (Device::Cuda(b), x) => Ok(b.compute(x, spec)?),
         }
     }
 
