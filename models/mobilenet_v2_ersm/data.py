@@ -164,10 +164,10 @@ def load_photos(root, log=print):
     return [(k, im) for k, im, _ in train], [(k, im) for k, im, _ in held]
 
 
-def load_stamps(package_root, thumb=320):
+def load_stamps(package_root, thumb=320, min_side=120):
     """Tux Paint's photographed stamps (cut-outs with alpha) from the extracted
-    tuxpaint-stamps-default package: not the cartoons, symbols or small ones;
-    shrunk to fit `thumb` pixels (None: as they are)."""
+    tuxpaint-stamps-default package: not the cartoons, symbols or those under
+    `min_side` pixels on a side; shrunk to fit `thumb` pixels (None: as they are)."""
     base = os.path.join(package_root, "usr/share/tuxpaint/stamps")
     out = []
     for d, _, names in sorted(os.walk(base)):
@@ -177,7 +177,7 @@ def load_stamps(package_root, thumb=320):
         for n in sorted(names):
             if n.endswith(".png"):
                 im = Image.open(os.path.join(d, n))
-                if min(im.size) >= 120:
+                if min(im.size) >= min_side:
                     im = im.convert("RGBA")
                     if thumb:
                         im.thumbnail((thumb, thumb))
@@ -301,17 +301,70 @@ class Views:
         return x
 
 
-if __name__ == "__main__":
-    # Writes the held-out photos to a folder, for `ersm eval --images`.
-    import argparse
+def split_record(root, log=print):
+    """The split every run since the fill vectors uses, as `training.json`
+    records it: each photo and clip with its package and licence, the pasted
+    objects, and the rule that chose the held-out side."""
+    train, held = load_photos(root, log)
+    package_of = {}
+    for key, _, pkg, _ in photo_files(root):
+        package_of[key] = pkg
+        package_of.setdefault(os.path.basename(key), pkg)
 
-    ap = argparse.ArgumentParser(description="write the held-out photos as PNG files")
+    def entry(key):
+        pkg = package_of[key]
+        return {"file": key, "package": PACKAGES[pkg][0], "licence": PACKAGES[pkg][1]}
+
+    clip_src = PACKAGES["opencv-doc"]
+    clips = lambda names: [{"file": f"opencv-doc/usr/share/doc/opencv-doc/examples/data/{n}",
+                            "package": clip_src[0], "licence": clip_src[1]} for n in sorted(names)]
+    stamps = load_stamps(os.path.join(root, "tuxpaint-stamps-default"), thumb=None, min_side=0)
+    return {
+        "used_by": "the fill vectors (finetune.py), the energy head (train_rank.py), every finetune.py run "
+                   "and every held-out figure of REPORT.md since the fill vectors; `train` and "
+                   "`held_out` above are train.py's own earlier split",
+        "rule": "held out: the 14 photos the earlier packages held out, every photo whose key hashes "
+                "(sha1 mod 5 == 0) into the held-out fifth, copies of a held-out photo, and whole "
+                "clips; photos are natural photos by data.is_photo, one per wallpaper",
+        "train_photos": [entry(k) for k, _ in train],
+        "held_out_photos": [entry(k) for k, _ in held],
+        "train_clips": {"every": 3, "files": clips(TRAIN_CLIPS)},
+        "held_out_clips": {"every": 20, "files": clips(HELD_OUT_CLIPS)},
+        "pasted_objects": {
+            "package": PACKAGES["tuxpaint-stamps-default"][0],
+            "licence": PACKAGES["tuxpaint-stamps-default"][1],
+            "count": sum(min(im.size) >= 120 for _, im in stamps),
+            "of": len(stamps),
+            "why": "the photographic stamps (not cartoons or symbols) at least 120 px on each side; "
+                   "the others are 7-119 px on their short side, too small to paste at 20-85 % of a crop",
+        },
+    }
+
+
+if __name__ == "__main__":
+    import argparse
+    import json
+
+    ap = argparse.ArgumentParser(description="write the held-out photos as PNG files (--out), "
+                                             "or record the split in a training.json (--record)")
     ap.add_argument("--data", required=True, help="folder with the extracted packages (above)")
-    ap.add_argument("--out", required=True, help="folder to write them to")
+    ap.add_argument("--out", help="folder to write the held-out photos to, for `ersm eval --images`")
+    ap.add_argument("--record", help="training.json to record the split in (its `data_split` entry)")
     args = ap.parse_args()
-    os.makedirs(args.out, exist_ok=True)
-    _, held = load_photos(args.data)
-    for key, im in held:
-        name = os.path.splitext(key.replace("/", "_"))[0] + ".png"
-        im.convert("RGB").save(os.path.join(args.out, name))
-    print(f"{len(held)} held-out photos in {args.out}")
+    if not (args.out or args.record):
+        ap.error("give --out, --record or both")
+    if args.out:
+        os.makedirs(args.out, exist_ok=True)
+        _, held = load_photos(args.data)
+        for key, im in held:
+            name = os.path.splitext(key.replace("/", "_"))[0] + ".png"
+            im.convert("RGB").save(os.path.join(args.out, name))
+        print(f"{len(held)} held-out photos in {args.out}")
+    if args.record:
+        with open(args.record) as fh:
+            record = json.load(fh)
+        record["data_split"] = split_record(args.data)
+        with open(args.record, "w") as fh:
+            json.dump(record, fh, indent=1)
+        d = record["data_split"]
+        print(f"{args.record}: {len(d['train_photos'])} train and {len(d['held_out_photos'])} held-out photos")
