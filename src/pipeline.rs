@@ -308,8 +308,9 @@ impl Pipeline {
         let mut times = StageTimes::default();
         let t = Instant::now();
         let features = self.prefix_output(input)?;
-        // The tract-cuda prefix's output is read where it is; a host copy is
-        // made only for the CPU energy layer (or a copied-out GPU output).
+        // The tract-cuda prefix's output is read where it is; the host values
+        // (tract's own buffer, not a copy) serve the CPU energy layer, or a
+        // GPU output tract-cuda had to copy out.
         let on_device = match (&self.device, features.device_ptr()) {
             (Device::Cuda(_), Some(ptr)) => Some(ptr),
             _ => None,
@@ -318,11 +319,11 @@ impl Pipeline {
             let how = if on_device.is_some() { 2 } else { 1 };
             self.handoff.store(how, Ordering::Relaxed);
         }
-        let host = match on_device {
-            Some(_) => Vec::new(),
+        let host: &[f32] = match on_device {
+            Some(_) => &[],
             None => {
-                let v = features.to_vec().context("prefix")?;
-                ensure_finite(&v, "prefix features")?;
+                let v = features.values().context("prefix")?;
+                ensure_finite(v, "prefix features")?;
                 v
             }
         };
@@ -336,7 +337,7 @@ impl Pipeline {
                 h: cut.h,
                 w: cut.w,
             }),
-            None => MapSource::Host(FeatureMap::new(&host, cut.c, cut.h, cut.w)?),
+            None => MapSource::Host(FeatureMap::new(host, cut.c, cut.h, cut.w)?),
         };
         let (mask, logits, suffix_started) = match (&self.device, &self.gpu_suffix) {
             // Energy kernel and suffix both on the GPU: the gathered rows go

@@ -301,14 +301,15 @@ fn typed(proto: &ModelProto, input_shape: &[usize], what: &str) -> Result<TypedM
 pub struct Output(TValue);
 
 impl Output {
-    /// The values, row-major (read back from the device the first time).
+    /// The values, row-major, where tract keeps them (read back from the
+    /// device the first time): no copy of a host tensor.
+    pub fn values(&self) -> Result<&[f32]> {
+        self.0.try_as_plain_ram()?.as_slice::<f32>()
+    }
+
+    /// A copy of the values.
     pub fn to_vec(&self) -> Result<Vec<f32>> {
-        Ok(self
-            .0
-            .to_plain_array_view::<f32>()?
-            .iter()
-            .copied()
-            .collect())
+        Ok(self.values()?.to_vec())
     }
 
     /// Number of values.
@@ -415,6 +416,7 @@ mod tests {
         assert_eq!(out.device_ptr(), None, "a CPU plan's output is on the host");
         let values = out.to_vec().unwrap();
         assert_eq!(values, pkg.prefix.run(&image).unwrap());
+        assert_eq!(out.values().unwrap(), &values[..]);
         let dense = pkg.baseline_suffix();
         assert_eq!(
             dense.run_from(&out).unwrap(),
