@@ -27,15 +27,16 @@ from semantics import Suffix, dense_macs
 from train import hard_mask, load_backbone, weights_path
 
 
-def outputs(teacher, head, f, dense, sem, fills=None):
-    """Sparse logits, masks and suffix MAC fractions of the package on features f."""
+def outputs(teacher, head, f, dense, sem, fills=None, offset=0.0):
+    """Sparse logits, masks and suffix MAC fractions of the package on features f,
+    its head's unary cost moved by `offset` (0: as shipped)."""
     total = dense_macs(teacher, f)
     suffix = Suffix(teacher, fills)
     res = {"sparse": [], "mask": [], "macs": []}
     with torch.no_grad():
         for i in range(0, len(f), 64):
             fb = f[i:i + 64]
-            m = hard_mask(head(fb)[0])
+            m = hard_mask(head(fb, offset)[0])
             logits, macs = suffix.run(fb, m, sem)
             res["sparse"].append(logits)
             res["mask"].append(m)
