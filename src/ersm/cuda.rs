@@ -154,6 +154,8 @@ pub fn compile_source(src: &str, what: &'static str, arch: &'static str) -> Resu
 
 /// A feature map in device memory of this context, written by other work
 /// (the tract-cuda prefix's output): `C × H × W` f32 values, channel-major.
+/// Its address is valid here because both sides retain device 0's primary
+/// context (cudarc's `CudaContext::new(0)`), which ersm and tract-cuda share.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct DeviceMap {
     /// Device address of the first value.
