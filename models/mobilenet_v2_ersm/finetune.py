@@ -70,6 +70,13 @@ resumes from it. The runs in REPORT.md (logs in runs/; 1.5-2.5 s a step on 2 cor
     python3 finetune.py --data /tmp/data --semantics fill-active --masks package --package model.onnx \
         --shift-range=-0.6:0.6 --init runs/run11_fills.pt --tune all --feat 1.0 --opt sgd --lr 5e-5 --pull 0.05 \
         --full 0.3 --steps 150 --eval-every 75 --threads 1 --ckpt /tmp/run13b/ck.pt --log runs/run13b.jsonl
+    # run 14: an order of magnitude longer, aimed at half the tokens: every suffix weight with the
+    # feature-map loss, the package's masks from keep ~0.93 down to ~0.3, evaluated at +0.6 (keep 0.52)
+    # too; chained across sessions (the same command resumes from its checkpoint)
+    python3 finetune.py --data /tmp/data --semantics fill-active --masks package --package model.onnx \
+        --shift-range=-0.2:1.0 --init runs/run11_fills.pt --tune all --feat 1.0 --lr 2e-5 --pull 0.05 \
+        --full 0.2 --steps 6000 --eval-every 500 --eval-offsets=-0.4,0.35,0.6 --threads 2 \
+        --ckpt /work/run14/ck.pt --log runs/run14.jsonl
 """
 
 import argparse
