@@ -1,6 +1,7 @@
 //! Where a frame's time goes: the prefix, the energy layer, and each kind of
 //! sparse suffix op (time, MACs, achieved GFLOP/s), measured on real frames
-//! with the pipeline's threads (`ersm bench --profile`).
+//! with the pipeline's threads (`ersm bench --profile`); with the suffix on a
+//! GPU, each op's launch and kernels, and what crosses to the device.
 
 use crate::ersm::FeatureMap;
 use crate::pipeline::Pipeline;
@@ -46,8 +47,14 @@ pub fn ersm(p: &Pipeline, frames: &[Frame], count: usize) -> Result<Vec<Row>> {
             for (acc, s) in step_macs.iter_mut().zip(&plan.steps) {
                 *acc += s.op.cost(&tokens) as f64;
             }
-            plan.run_timed(&mask.kept, std::mem::take(&mut mask.features), &mut step_ms)
-                .context("sparse suffix")?;
+            match &p.gpu_suffix {
+                Some(g) => g
+                    .run_timed(plan, &mask.kept, &mask.features, &mut step_ms)
+                    .context("sparse suffix (GPU)")?,
+                None => plan
+                    .run_timed(&mask.kept, std::mem::take(&mut mask.features), &mut step_ms)
+                    .context("sparse suffix")?,
+            };
             Ok(())
         })?;
     }
@@ -63,9 +70,15 @@ pub fn ersm(p: &Pipeline, frames: &[Frame], count: usize) -> Result<Vec<Row>> {
         row.ms += step_ms.get(s).copied().unwrap_or(0.0) / n;
         row.macs += step_macs[s] / n;
     }
+    let on_gpu = p.gpu_suffix.is_some();
     let mut rows = vec![
         Row {
-            name: "prefix (tract)".into(),
+            name: if p.gpu_nets.is_some() {
+                "prefix (tract-cuda)"
+            } else {
+                "prefix (tract)"
+            }
+            .into(),
             ms: prefix / n,
             ..Row::default()
         },
@@ -75,11 +88,24 @@ pub fn ersm(p: &Pipeline, frames: &[Frame], count: usize) -> Result<Vec<Row>> {
             ..Row::default()
         },
         Row {
-            name: "token sets + rulebooks".into(),
+            name: if on_gpu {
+                "token sets + rulebooks (host)"
+            } else {
+                "token sets + rulebooks"
+            }
+            .into(),
             ms: step_ms.get(plan.steps.len()).copied().unwrap_or(0.0) / n,
             ..Row::default()
         },
     ];
+    if on_gpu {
+        // The GPU suffix's extra entry: what crosses to the device per frame.
+        rows.push(Row {
+            name: "rows + rulebooks to the GPU".into(),
+            ms: step_ms.get(plan.steps.len() + 1).copied().unwrap_or(0.0) / n,
+            ..Row::default()
+        });
+    }
     let mut ops: Vec<Row> = kinds.into_values().collect();
     ops.sort_by(|a, b| b.ms.total_cmp(&a.ms));
     rows.extend(ops);

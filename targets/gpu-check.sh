@@ -12,7 +12,8 @@
 # run from the repository root, where the models are),
 # ersm_stage.txt/.json (kernel µs/frame and GB/s by map size vs the CPU stage),
 # bench-cuda.json and bench-cpu.json (`ersm bench` on the bundled model with the
-# energy layer on each device, with their .txt tables), compare-ort-cuda.json/.txt
+# energy layer on each device, with their .txt tables), profile-cuda.txt (each
+# stage and each kind of suffix op on the GPU), compare-ort-cuda.json/.txt
 # (ERSM and ersm dense on the GPU beside ONNX Runtime's CUDA provider, or why
 # the latter is missing).
 set -euo pipefail
@@ -80,6 +81,10 @@ echo "== ersm bench, energy layer on CUDA and on CPU"
 "$bin/ersm" bench --device cuda --frames 60 --json "$out/bench-cuda.json" > "$out/bench-cuda.txt" 2>&1 || status=1
 "$bin/ersm" bench --device cpu --frames 60 --json "$out/bench-cpu.json" > "$out/bench-cpu.txt" 2>&1 || status=1
 tail -16 "$out/bench-cuda.txt"
+
+echo "== where a GPU frame's time goes (each suffix op synchronised; host rulebooks against their upload)"
+"$bin/ersm" bench --device cuda --frames 20 --profile > "$out/profile-cuda.txt" 2>&1 || status=1
+sed -n '/where an ERSM/,/^$/p' "$out/profile-cuda.txt"
 
 echo "== ersm on the GPU against ONNX Runtime's CUDA provider (where this machine's onnxruntime has one)"
 python3 targets/compare-ort.py --ersm "$bin/ersm" --device cuda --threads all --frames 60 --clip-frames 60 \

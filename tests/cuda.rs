@@ -168,7 +168,11 @@ impl HostLibrary {
 }
 
 pub(crate) fn host_library(tag: &str, source: &str, args: &[&str]) -> Option<HostLibrary> {
-    let dir = std::env::temp_dir().join(format!("ersm-{tag}-{}", std::process::id()));
+    // One folder per build: tests running side by side in this process may
+    // build the same source at once.
+    static BUILDS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    let n = BUILDS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let dir = std::env::temp_dir().join(format!("ersm-{tag}-{}-{n}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let (src, lib) = (
         dir.join(format!("{tag}.cc")),

@@ -135,6 +135,11 @@ impl Device for Emulator {
         // SAFETY: `buf` holds `len` initialised values.
         Ok(unsafe { std::slice::from_raw_parts(buf.ptr, n) }.to_vec())
     }
+
+    fn sync(&self) -> anyhow::Result<()> {
+        // Every emulated launch has finished when it returns.
+        Ok(())
+    }
 }
 
 /// CPU sparse suffix against the GPU one on the same features and kept set.
@@ -262,4 +267,43 @@ fn suffix_kernels_compile_to_ptx_for_jetson_and_test_architectures() {
             );
         }
     }
+}
+
+/// `ersm bench --profile`'s GPU path: the timed run computes what the untimed
+/// one does, with one time per step, then the host's rulebooks, then the
+/// upload, and accumulates them over frames.
+#[test]
+fn timed_gpu_suffix_gives_the_untimed_result() {
+    let Some(emulator) = Emulator::build() else {
+        return;
+    };
+    let m = ModelPackage::load("models/mobilenet_v2_ersm").unwrap();
+    let gpu = GpuSuffix::new(emulator, &m.plan).expect("the shipped model lowers");
+    let mut rng = Rng::new(23);
+    let (c, h, w) = (m.cut.c, m.cut.h, m.cut.w);
+    let x: Vec<f32> = (0..c * h * w).map(|_| 6.0 * rng.f32()).collect();
+    let kept = blob_kept(&mut rng, h, w, 0.5);
+    let fm = ersm::ersm::FeatureMap::new(&x, c, h, w).unwrap();
+    let feats = ersm::ersm::cpu::gather(fm, &kept);
+    let (want, frame) = gpu.run(&m.plan, &kept, &feats).unwrap();
+    let want = want.to_dense(&frame.sets, m.plan.output_fill()).1;
+    let mut times = Vec::new();
+    for frames in 1..=2 {
+        let (got, frame) = gpu.run_timed(&m.plan, &kept, &feats, &mut times).unwrap();
+        assert_eq!(got.to_dense(&frame.sets, m.plan.output_fill()).1, want);
+        assert_eq!(
+            times.len(),
+            m.plan.steps.len() + 2,
+            "one time per step, then two"
+        );
+        assert!(times.iter().all(|t| t.is_finite() && *t >= 0.0));
+        assert!(
+            times[..m.plan.steps.len()].iter().sum::<f64>() > 0.0,
+            "after {frames} frame(s) the steps took no time"
+        );
+    }
+    // A wrong row count is refused before anything runs.
+    assert!(gpu
+        .run_timed(&m.plan, &kept, &feats[1..], &mut times)
+        .is_err());
 }

@@ -104,4 +104,8 @@ impl Device for CudaDevice {
         let all = self.stream.clone_dtoh(buf)?;
         Ok(all[..n.min(all.len())].to_vec())
     }
+
+    fn sync(&self) -> Result<()> {
+        Ok(self.stream.synchronize()?)
+    }
 }

@@ -17,6 +17,11 @@ use super::plan::{Frame, Plan};
 use super::value::Value;
 use anyhow::{bail, ensure, Context, Result};
 use std::any::Any;
+use std::time::Instant;
+
+fn ms(since: Instant) -> f64 {
+    since.elapsed().as_secs_f64() * 1e3
+}
 
 /// The kernel source, embedded in the binary.
 pub const KERNEL_SRC: &str = include_str!("../kernels/suffix.cu");
@@ -111,6 +116,8 @@ pub trait Device {
     fn launch(&self, kernel: Kernel, threads: usize, p: &Params) -> Result<()>;
     /// The first `n` values of `buf`, after every launch so far has finished.
     fn download(&self, buf: &Self::Buf, n: usize) -> Result<Vec<f32>>;
+    /// Returns once every launch and copy so far has finished (for timing).
+    fn sync(&self) -> Result<()>;
 }
 
 /// An activation as the kernels encode it: (code, a0, a1).
@@ -346,7 +353,45 @@ impl<D: Device> GpuSuffix<D> {
         kept: &[u32],
         features: D::Buf,
     ) -> Result<(Value, Frame)> {
+        self.run_inner(plan, kept, features, None)
+    }
+
+    /// Like [`GpuSuffix::run`], timing each part of the frame in ms, laid out
+    /// as the CPU plan's `run_timed` lays them: `times[s]` for step `s`, then
+    /// the host's token sets and rulebooks, then (one entry more than the CPU
+    /// plan) the upload of the rows and the rulebooks. The device is
+    /// synchronised after each part, so a step's time is its launch and its
+    /// kernels, and the whole frame runs slower than untimed.
+    pub fn run_timed(
+        &self,
+        plan: &Plan,
+        kept: &[u32],
+        features: &[f32],
+        times: &mut Vec<f64>,
+    ) -> Result<(Value, Frame)> {
+        plan.check_features(kept.len(), features.len())?;
+        times.resize(self.steps.len() + 2, 0.0);
+        let t = Instant::now();
+        let input = self.device.upload(features)?;
+        self.device.sync()?;
+        times[self.steps.len() + 1] += ms(t);
+        self.run_inner(plan, kept, input, Some(times))
+    }
+
+    fn run_inner(
+        &self,
+        plan: &Plan,
+        kept: &[u32],
+        features: D::Buf,
+        mut times: Option<&mut Vec<f64>>,
+    ) -> Result<(Value, Frame)> {
+        let n = self.steps.len();
+        let t = Instant::now();
         let frame = plan.frame(kept);
+        if let Some(times) = times.as_deref_mut() {
+            times[n] += ms(t);
+        }
+        let t = Instant::now();
         // Every rulebook of the frame in one upload; each op reads its part.
         let mut offsets = Vec::with_capacity(frame.rulebooks.len());
         let mut all = Vec::new();
@@ -357,6 +402,10 @@ impl<D: Device> GpuSuffix<D> {
         let rulebooks = self
             .device
             .upload(if all.is_empty() { &[0.0] } else { &all })?;
+        if let Some(times) = times.as_deref_mut() {
+            self.device.sync()?;
+            times[n + 1] += ms(t);
+        }
         let rb_ptr = |i: usize| self.device.ptr(&rulebooks) + 4 * offsets[i] as u64;
         let mut slots: Vec<Option<(Meta, D::Buf)>> = (0..self.slots).map(|_| None).collect();
         slots[0] = Some((
@@ -367,9 +416,14 @@ impl<D: Device> GpuSuffix<D> {
             features,
         ));
         for (i, s) in self.steps.iter().enumerate() {
+            let t = Instant::now();
             let (meta, buf) = self
                 .step(s, &slots, &frame, &rb_ptr)
                 .with_context(|| format!("GPU suffix, node '{}'", s.node))?;
+            if let Some(times) = times.as_deref_mut() {
+                self.device.sync()?;
+                times[i] += ms(t);
+            }
             slots[s.output] = Some((meta, buf));
             for &x in &s.inputs {
                 if self.last_use[x] == i {
