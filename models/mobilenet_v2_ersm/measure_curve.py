@@ -25,9 +25,8 @@ import data
 from calibrate_fallback import outputs
 from export import choice_features, choose_margin, dense_logits, summarise
 from measure_semantics import head_from_onnx, package_fills, package_semantics
+from finetune import SURE
 from train import load_backbone, weights_path
-
-SURE = 0.3
 
 
 def sure_agreement(o):
