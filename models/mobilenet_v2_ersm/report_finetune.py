@@ -586,6 +586,20 @@ def main():
             L[-1] += "\n"
     L.append("### What the measurements say is missing\n")
     L.append(MISSING)
+    if len(long) > 1:
+        first, last = long[0], long[-1]
+        d = lambda k, q="agree": (last[k][q] - first[k][q]) * 100
+        kept_sure = d("full", "agree_sure") > -1.5
+        L.append(f"- **The longer run, so far** (run 14, section 2). {last['step']} steps, about "
+                 f"{last['step'] * 24:,} views: {last['step'] / 150:.0f}× run 13 and "
+                 f"{last['step'] / 1800:.1f}× runs 1-5 together, chained across sessions as the bullet above "
+                 f"asks. At half the tokens (+0.6) {d('head +0.6'):+.1f} points on all held-out views and "
+                 f"{d('head +0.6', 'agree_sure'):+.1f} on the views the original is sure of "
+                 f"({pct(last['head +0.6']['agree_sure'])} there), while the dense path moved "
+                 f"{d('full'):+.1f} / {d('full', 'agree_sure'):+.1f}. "
+                 + ("A gain at low keep that costs the sure views nothing, " if kept_sure else
+                    "A gain at low keep, paid for on the sure views too, ")
+                 + "and far short of the target: it points to scale, not to more of these sessions.\n")
     text = open(os.path.join(HERE, "REPORT.md")).read()
     if HEADING in text:
         i = text.index(HEADING)
