@@ -249,7 +249,7 @@ impl Pipeline {
 
     /// The prefix's feature map for a pre-processed input (finite, or an error).
     pub fn features(&self, input: &[f32]) -> Result<Vec<f32>> {
-        let features = self.prefix_net().run(input).context("prefix")?;
+        let features = self.prefix_output(input)?.to_vec().context("prefix")?;
         ensure_finite(&features, "prefix features")?;
         Ok(features)
     }

@@ -181,9 +181,7 @@ impl TractNet {
     /// Runs the net on `input` and returns its output as tract hands it over:
     /// from a tract-cuda plan still in device memory.
     pub fn run_output(&self, input: &[f32]) -> Result<Output> {
-        let mut out = self.plan.run(tvec![self.input(input)?])?;
-        anyhow::ensure!(!out.is_empty(), "{}: the plan has no output", self.what);
-        Ok(Output(out.swap_remove(0)))
+        first_output(self.plan.run(tvec![self.input(input)?])?, &self.what)
     }
 
     /// Runs a net whose input is another net's output, handed over as it is:
@@ -201,7 +199,7 @@ impl TractNet {
             x.0.shape(),
             self.input_shape
         );
-        first_output(self.plan.run(tvec![x.0.clone()])?)
+        first_output(self.plan.run(tvec![x.0.clone()])?, &self.what)?.to_vec()
     }
 
     /// `input` as the plan's input tensor: the patches when the stem was
@@ -267,7 +265,7 @@ impl TractNet {
             .iter()
             .map(|(shape, data)| Ok(Tensor::from_shape(shape, data)?.into()))
             .collect::<Result<TVec<TValue>>>()?;
-        first_output(self.plan.run(inputs)?)
+        first_output(self.plan.run(inputs)?, &self.what)?.to_vec()
     }
 }
 
@@ -350,13 +348,10 @@ impl Output {
     }
 }
 
-/// The values of a plan's first output.
-fn first_output(out: TVec<TValue>) -> Result<Vec<f32>> {
-    Ok(out[0]
-        .to_plain_array_view::<f32>()?
-        .iter()
-        .copied()
-        .collect())
+/// A plan's first output, as tract hands it over.
+fn first_output(mut out: TVec<TValue>, what: &str) -> Result<Output> {
+    anyhow::ensure!(!out.is_empty(), "{what}: the plan has no output");
+    Ok(Output(out.swap_remove(0)))
 }
 
 #[cfg(test)]
@@ -388,7 +383,10 @@ mod tests {
                     .unwrap()
                     .into()])
                 .unwrap(),
+            "unpatched prefix",
         )
+        .unwrap()
+        .to_vec()
         .unwrap();
         let got = prefix.run(&image).unwrap();
         assert_eq!(want.len(), got.len());
