@@ -166,6 +166,12 @@ def feature_mse(student_maps, teacher_maps):
 SURE = 0.3
 
 
+def sure_views(logits):
+    """Which views the original, with these logits, is sure of."""
+    p2 = logits.softmax(1).topk(2, 1).values
+    return (p2[:, 0] - p2[:, 1]) >= SURE
+
+
 def evaluate(student, teacher, f, masks_fn, total):
     """Agreement, top-5 overlap, keep and MAC fraction on held-out features;
     `agree_sure`: agreement on the views whose original top-1 softmax margin
@@ -181,8 +187,7 @@ def evaluate(student, teacher, f, masks_fn, total):
             t, _ = teacher_outputs(teacher, fb)
             hit = (logits.argmax(1) == t.argmax(1)).float()
             out["agree"].append(hit)
-            p2 = t.softmax(1).topk(2, 1).values
-            sure = ((p2[:, 0] - p2[:, 1]) >= SURE).float()
+            sure = sure_views(t).float()
             out["sure"].append(sure)
             out["sure_hit"].append(hit * sure)
             d5, s5 = t.topk(5, 1).indices, logits.topk(5, 1).indices

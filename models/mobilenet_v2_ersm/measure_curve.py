@@ -25,14 +25,13 @@ import data
 from calibrate_fallback import outputs
 from export import choice_features, choose_margin, dense_logits, summarise
 from measure_semantics import head_from_onnx, package_fills, package_semantics
-from finetune import SURE
+from finetune import sure_views
 from train import load_backbone, weights_path
 
 
 def sure_agreement(o):
     """Top-1 agreement without fallback on the views the original is sure of, and their share."""
-    p = o["dense"].softmax(1).topk(2, 1).values
-    sure = (p[:, 0] - p[:, 1]) >= SURE
+    sure = sure_views(o["dense"])
     hit = o["sparse"].argmax(1) == o["dense"].argmax(1)
     return {"sure_share": sure.float().mean().item(),
             "sure_agreement": hit[sure].float().mean().item() if sure.any() else float("nan")}
