@@ -7,7 +7,9 @@ use crate::model::ModelPackage;
 use crate::prefix::{Output, TractNet};
 use crate::preprocess::preprocess;
 use crate::source::Frame;
-use crate::sparse::gpu::{cuda::CudaDevice, GpuSuffix};
+use crate::sparse::gpu::{cuda::CudaDevice, DeviceTokens, GpuSuffix};
+use crate::sparse::tokens::TokenSet;
+use crate::sparse::value::Value;
 use crate::threads::Threads;
 use anyhow::{Context, Result};
 use std::sync::atomic::{AtomicU8, Ordering};
@@ -345,15 +347,27 @@ impl Pipeline {
             (Device::Cuda(backend), Some(gpu)) => {
                 let mut suffix_started = Instant::now();
                 let (mask, out) = backend
-                    .compute_on_device(source, &self.model.energy, |rows, mask| {
+                    .compute_on_device(source, &self.model.energy, |on, _| {
                         suffix_started = Instant::now();
-                        // SAFETY: `rows` holds the kernel's `kept × C` gathered
-                        // values, finished and locked for this call.
-                        unsafe { gpu.run_at(&self.model.plan, &mask.kept, rows) }
+                        let tokens = DeviceTokens {
+                            kept: on.kept,
+                            count: on.count,
+                        };
+                        // SAFETY: the kernel's kept list, its count and the
+                        // `count × C` gathered rows, finished and locked for
+                        // this call.
+                        unsafe { gpu.run_on_device(tokens, on.rows) }
                     })
                     .context("energy layer")?;
                 times.ersm = (suffix_started - t).as_secs_f64() * 1e3;
-                let logits = suffix_logits(&self.model.plan, out.context("sparse suffix (GPU)")?)?;
+                let (value, _) = out.context("sparse suffix (GPU)")?;
+                // A token output is placed by the host's sets of the same
+                // kept list (off the device's path: the mask is already here).
+                let sets = match value {
+                    Value::Tokens { .. } => self.model.plan.sets(&mask.kept),
+                    Value::Dense { .. } => Vec::new(),
+                };
+                let logits = dense_logits_of(&self.model.plan, &value, &sets)?;
                 (mask, logits, suffix_started)
             }
             _ => {
@@ -423,9 +437,14 @@ impl Pipeline {
 /// The logits a run of `plan` gives, scattered to dense (finite, or an error).
 fn suffix_logits(
     plan: &crate::sparse::Plan,
-    (out, frame): (crate::sparse::value::Value, crate::sparse::plan::Frame),
+    (out, frame): (Value, crate::sparse::plan::Frame),
 ) -> Result<Vec<f32>> {
-    let logits = out.to_dense(&frame.sets, plan.output_fill()).1;
+    dense_logits_of(plan, &out, &frame.sets)
+}
+
+/// A suffix output as dense logits: a token output scattered over `sets`.
+fn dense_logits_of(plan: &crate::sparse::Plan, out: &Value, sets: &[TokenSet]) -> Result<Vec<f32>> {
+    let logits = out.to_dense(sets, plan.output_fill()).1;
     ensure_finite(&logits, "sparse suffix's logits")?;
     Ok(logits)
 }

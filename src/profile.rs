@@ -6,6 +6,7 @@
 use crate::ersm::FeatureMap;
 use crate::pipeline::Pipeline;
 use crate::source::Frame;
+use crate::sparse::gpu::RulebookSite;
 use anyhow::{Context, Result};
 use std::collections::BTreeMap;
 use std::fmt::Write;
@@ -21,6 +22,8 @@ pub struct Row {
     pub ms: f64,
     /// Multiply-accumulates per frame (0 where not counted).
     pub macs: f64,
+    /// Shown for comparison, not part of the frame (left out of the total).
+    pub aside: bool,
 }
 
 /// Profiles `frames` (cycled `count` times) through the ERSM path.
@@ -28,7 +31,7 @@ pub fn ersm(p: &Pipeline, frames: &[Frame], count: usize) -> Result<Vec<Row>> {
     let m = &p.model;
     let plan = &m.plan;
     let (mut prefix, mut energy) = (0.0, 0.0);
-    let mut step_ms = Vec::new();
+    let (mut step_ms, mut host_ms) = (Vec::new(), Vec::new());
     let mut step_macs = vec![0.0; plan.steps.len()];
     for i in 0..count {
         let frame = &frames[i % frames.len()];
@@ -48,13 +51,31 @@ pub fn ersm(p: &Pipeline, frames: &[Frame], count: usize) -> Result<Vec<Row>> {
                 *acc += s.op.cost(&tokens) as f64;
             }
             match &p.gpu_suffix {
-                Some(g) => g
-                    .run_timed(plan, &mask.kept, &mask.features, &mut step_ms)
-                    .context("sparse suffix (GPU)")?,
-                None => plan
-                    .run_timed(&mask.kept, std::mem::take(&mut mask.features), &mut step_ms)
-                    .context("sparse suffix")?,
-            };
+                Some(g) => {
+                    g.run_timed(
+                        plan,
+                        &mask.kept,
+                        &mask.features,
+                        RulebookSite::Device,
+                        &mut step_ms,
+                    )
+                    .context("sparse suffix (GPU)")?;
+                    // The same frame with host-built rulebooks, for the choice
+                    // between the two (its op times are not kept).
+                    g.run_timed(
+                        plan,
+                        &mask.kept,
+                        &mask.features,
+                        RulebookSite::Host,
+                        &mut host_ms,
+                    )
+                    .context("sparse suffix (GPU, host rulebooks)")?;
+                }
+                None => {
+                    plan.run_timed(&mask.kept, std::mem::take(&mut mask.features), &mut step_ms)
+                        .context("sparse suffix")?;
+                }
+            }
             Ok(())
         })?;
     }
@@ -89,7 +110,7 @@ pub fn ersm(p: &Pipeline, frames: &[Frame], count: usize) -> Result<Vec<Row>> {
         },
         Row {
             name: if on_gpu {
-                "token sets + rulebooks (host)"
+                "token sets + rulebooks (GPU kernels)"
             } else {
                 "token sets + rulebooks"
             }
@@ -99,10 +120,24 @@ pub fn ersm(p: &Pipeline, frames: &[Frame], count: usize) -> Result<Vec<Row>> {
         },
     ];
     if on_gpu {
-        // The GPU suffix's extra entry: what crosses to the device per frame.
+        // The GPU suffix's extra entry: what crosses to the device per frame;
+        // then the same two parts with the rulebooks built on the host.
+        let at = |t: &[f64], i: usize| t.get(plan.steps.len() + i).copied().unwrap_or(0.0) / n;
         rows.push(Row {
-            name: "rows + rulebooks to the GPU".into(),
-            ms: step_ms.get(plan.steps.len() + 1).copied().unwrap_or(0.0) / n,
+            name: "rows + kept list to the GPU".into(),
+            ms: at(&step_ms, 1),
+            ..Row::default()
+        });
+        rows.push(Row {
+            name: "aside: token sets + rulebooks (host)".into(),
+            ms: at(&host_ms, 0),
+            aside: true,
+            ..Row::default()
+        });
+        rows.push(Row {
+            name: "aside: rows + rulebooks to the GPU".into(),
+            ms: at(&host_ms, 1),
+            aside: true,
             ..Row::default()
         });
     }
@@ -137,7 +172,7 @@ pub fn prefix(p: &Pipeline, frames: &[Frame], count: usize) -> Result<Vec<Row>> 
 
 /// The profile as a table: time per frame, share, MACs, GFLOP/s.
 pub fn table(rows: &[Row]) -> String {
-    let total: f64 = rows.iter().map(|r| r.ms).sum();
+    let total: f64 = rows.iter().filter(|r| !r.aside).map(|r| r.ms).sum();
     let mut s = String::new();
     let _ = writeln!(
         s,

@@ -82,7 +82,7 @@ echo "== ersm bench, energy layer on CUDA and on CPU"
 "$bin/ersm" bench --device cpu --frames 60 --json "$out/bench-cpu.json" > "$out/bench-cpu.txt" 2>&1 || status=1
 tail -16 "$out/bench-cuda.txt"
 
-echo "== where a GPU frame's time goes (each suffix op synchronised; host rulebooks against their upload)"
+echo "== where a GPU frame's time goes (each suffix op synchronised; device-built sets and rulebooks, host-built ones aside)"
 "$bin/ersm" bench --device cuda --frames 20 --profile > "$out/profile-cuda.txt" 2>&1 || status=1
 sed -n '/where an ERSM/,/^$/p' "$out/profile-cuda.txt"
 

@@ -302,6 +302,17 @@ struct Buffers {
     end: CudaEvent,
 }
 
+/// Device addresses of the energy kernel's outputs for one frame.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct KernelOutputs {
+    /// The gathered rows: `count × C` f32 values, row-major.
+    pub rows: u64,
+    /// The kept raster indices: `count` u32 values, ascending.
+    pub kept: u64,
+    /// The number of kept tokens: one u32.
+    pub count: u64,
+}
+
 /// Timing of the last frame on the GPU.
 #[derive(Clone, Copy, Debug, Default, PartialEq)]
 pub struct KernelTiming {
@@ -380,16 +391,17 @@ impl CudaBackend {
         Ok(self.launch_and_read(x.into(), spec, true, |_, _| ())?.0)
     }
 
-    /// The energy layer for one frame with the gathered rows left on the
-    /// device: `then` gets their device address (valid only during the call)
-    /// and the mask (whose `features` are empty), and its result is returned
-    /// beside the mask. A map already on the device is read where it is;
-    /// only the count, the kept indices and the energies come back to the host.
+    /// The energy layer for one frame with its outputs left on the device:
+    /// `then` gets their addresses (valid only during the call) and the mask
+    /// (whose `features` are empty), and its result is returned beside the
+    /// mask. A map already on the device is read where it is. The count, the
+    /// kept indices and the energies come back to the host in one copy for
+    /// the mask; work in `then` can read the device's own.
     pub fn compute_on_device<R>(
         &self,
         x: MapSource<'_>,
         spec: &EnergySpec,
-        then: impl FnOnce(u64, &TokenMask) -> R,
+        then: impl FnOnce(KernelOutputs, &TokenMask) -> R,
     ) -> Result<(TokenMask, R), CudaError> {
         self.launch_and_read(x, spec, false, then)
     }
@@ -399,7 +411,7 @@ impl CudaBackend {
         source: MapSource<'_>,
         spec: &EnergySpec,
         fetch_rows: bool,
-        then: impl FnOnce(u64, &TokenMask) -> R,
+        then: impl FnOnce(KernelOutputs, &TokenMask) -> R,
     ) -> Result<(TokenMask, R), CudaError> {
         let t0 = Instant::now();
         let x = source.shape();
@@ -512,8 +524,15 @@ impl CudaBackend {
             kept,
             features,
         };
-        // The buffers stay locked, so the rows stay put while `then` reads them.
-        let out = then(gp, &mask);
+        // The buffers stay locked, so they stay put while `then` reads them.
+        let out = then(
+            KernelOutputs {
+                rows: gp,
+                kept: kp,
+                count: cp,
+            },
+            &mask,
+        );
         Ok((mask, out))
     }
 

@@ -13,7 +13,9 @@
 use crate::common::*;
 use ersm::model::ModelPackage;
 use ersm::sparse::gpu::cuda::CudaDevice;
-use ersm::sparse::gpu::{Device, GpuSuffix, Kernel, Params, BLOCK, KERNEL_SRC};
+use ersm::sparse::gpu::{
+    Device, DeviceTokens, GpuSuffix, Kernel, Params, RulebookSite, BLOCK, KERNEL_SRC,
+};
 use std::ffi::c_void;
 
 /// Relative error allowed: the sums run in another order than the CPU's GEMM.
@@ -155,6 +157,41 @@ fn compare<D: Device>(m: &ModelPackage, gpu: &GpuSuffix<D>, x: &[f32], kept: &[u
     );
     let err = rel_err(&got, &cpu);
     assert!(err <= TOL, "{what}: GPU vs CPU relative error {err}");
+    // The token sets and rulebooks the kernels build are the host's, entry
+    // for entry, and the suffix run on them from device memory gives the
+    // same output bit for bit.
+    let built = gpu
+        .frame_on_device(kept)
+        .expect("the frame builds on the device");
+    assert_eq!(
+        built.sets, frame.sets,
+        "{what}: token sets built on the device"
+    );
+    for (r, (a, b)) in built.rulebooks.iter().zip(&frame.rulebooks).enumerate() {
+        assert_eq!(a.table, b.table, "{what}: rulebook {r} built on the device");
+    }
+    assert_eq!(built.rulebooks.len(), frame.rulebooks.len());
+    let d = gpu.device();
+    let bits: Vec<f32> = kept.iter().map(|&i| f32::from_bits(i)).collect();
+    let (list, count) = (
+        d.upload(&bits).unwrap(),
+        d.upload(&[f32::from_bits(kept.len() as u32)]).unwrap(),
+    );
+    let rows = d.upload(&feats).unwrap();
+    let tokens = DeviceTokens {
+        kept: d.ptr(&list),
+        count: d.ptr(&count),
+    };
+    // SAFETY: the kept list, its count and its rows, uploaded just above.
+    let (on_device, counts) = unsafe { gpu.run_on_device(tokens, d.ptr(&rows)) }
+        .unwrap_or_else(|e| panic!("{what}: run on device tokens: {e:#}"));
+    let want: Vec<usize> = frame.sets.iter().map(|s| s.len()).collect();
+    assert_eq!(counts, want, "{what}: token counts read back");
+    assert_eq!(
+        on_device.to_dense(&frame.sets, m.plan.output_fill()).1,
+        got,
+        "{what}: the device-built frame's output"
+    );
 }
 
 /// `m` lowered for a fresh device, against the CPU on random features and a
@@ -222,6 +259,22 @@ fn check_everything<D: Device>(make: impl Fn() -> D) {
             &format!("shipped model, keep {keep}"),
         );
     }
+    // The `centre` rule's edge cases: no centre tap active (each strided
+    // level keeps the position over the first token), one token in the last
+    // row and column, and every token.
+    let odd: Vec<u32> = (0..(h * w) as u32)
+        .filter(|i| (i / w as u32) % 2 == 1 && (i % w as u32) % 2 == 1)
+        .collect();
+    let last = vec![(h * w - 1) as u32];
+    let all: Vec<u32> = (0..(h * w) as u32).collect();
+    for (kept, what) in [
+        (odd, "odd rows and columns"),
+        (last, "the last token"),
+        (all, "all"),
+    ] {
+        let x: Vec<f32> = (0..c * h * w).map(|_| 6.0 * rng.f32()).collect();
+        compare(&shipped, &gpu, &x, &kept, &format!("shipped model, {what}"));
+    }
 }
 
 #[test]
@@ -270,8 +323,8 @@ fn suffix_kernels_compile_to_ptx_for_jetson_and_test_architectures() {
 }
 
 /// `ersm bench --profile`'s GPU path: the timed run computes what the untimed
-/// one does, with one time per step, then the host's rulebooks, then the
-/// upload, and accumulates them over frames.
+/// one does, with the rulebooks built on either side, with one time per step,
+/// then the token sets and rulebooks, then the uploads, accumulated over frames.
 #[test]
 fn timed_gpu_suffix_gives_the_untimed_result() {
     let Some(emulator) = Emulator::build() else {
@@ -287,23 +340,60 @@ fn timed_gpu_suffix_gives_the_untimed_result() {
     let feats = ersm::ersm::cpu::gather(fm, &kept);
     let (want, frame) = gpu.run(&m.plan, &kept, &feats).unwrap();
     let want = want.to_dense(&frame.sets, m.plan.output_fill()).1;
-    let mut times = Vec::new();
-    for frames in 1..=2 {
-        let (got, frame) = gpu.run_timed(&m.plan, &kept, &feats, &mut times).unwrap();
-        assert_eq!(got.to_dense(&frame.sets, m.plan.output_fill()).1, want);
-        assert_eq!(
-            times.len(),
-            m.plan.steps.len() + 2,
-            "one time per step, then two"
-        );
-        assert!(times.iter().all(|t| t.is_finite() && *t >= 0.0));
-        assert!(
-            times[..m.plan.steps.len()].iter().sum::<f64>() > 0.0,
-            "after {frames} frame(s) the steps took no time"
-        );
+    let counts: Vec<usize> = frame.sets.iter().map(|s| s.len()).collect();
+    for site in [RulebookSite::Device, RulebookSite::Host] {
+        let mut times = Vec::new();
+        for frames in 1..=2 {
+            let (got, got_counts) = gpu
+                .run_timed(&m.plan, &kept, &feats, site, &mut times)
+                .unwrap();
+            assert_eq!(got.to_dense(&frame.sets, m.plan.output_fill()).1, want);
+            assert_eq!(got_counts, counts, "{site:?}: token counts");
+            assert_eq!(
+                times.len(),
+                m.plan.steps.len() + 2,
+                "one time per step, then two"
+            );
+            assert!(times.iter().all(|t| t.is_finite() && *t >= 0.0));
+            assert!(
+                times[..m.plan.steps.len()].iter().sum::<f64>() > 0.0,
+                "{site:?}: after {frames} frame(s) the steps took no time"
+            );
+            assert!(
+                times[m.plan.steps.len()] > 0.0,
+                "{site:?}: building the token sets and rulebooks took no time"
+            );
+        }
+        // A wrong row count is refused before anything runs.
+        assert!(gpu
+            .run_timed(&m.plan, &kept, &feats[1..], site, &mut times)
+            .is_err());
     }
-    // A wrong row count is refused before anything runs.
-    assert!(gpu
-        .run_timed(&m.plan, &kept, &feats[1..], &mut times)
-        .is_err());
+}
+
+/// A kept list the kernels cannot use (a count past the map, or none) is an
+/// error that names the counts, not a read past the buffers.
+#[test]
+fn device_frame_refuses_a_bad_kept_count() {
+    let Some(emulator) = Emulator::build() else {
+        return;
+    };
+    let m = ModelPackage::load("models/tiny").unwrap();
+    let gpu = GpuSuffix::new(emulator, &m.plan).expect("tiny model lowers");
+    let hw = m.cut.h * m.cut.w;
+    let d = gpu.device();
+    let list: Vec<f32> = (0..hw as u32).map(f32::from_bits).collect();
+    let rows = d.upload(&vec![0.0; hw * m.cut.c]).unwrap();
+    let list = d.upload(&list).unwrap();
+    for n in [0u32, hw as u32 + 5] {
+        let count = d.upload(&[f32::from_bits(n)]).unwrap();
+        let tokens = DeviceTokens {
+            kept: d.ptr(&list),
+            count: d.ptr(&count),
+        };
+        // SAFETY: the list and rows hold a whole map; the count is what is tested.
+        let err = unsafe { gpu.run_on_device(tokens, d.ptr(&rows)) }.unwrap_err();
+        let msg = format!("{err:#}");
+        assert!(msg.contains("kept list holds"), "count {n}: {msg}");
+    }
 }

@@ -1,12 +1,14 @@
 //! The sparse suffix on a GPU: the CPU plan's steps lowered once to kernels
 //! of `kernels/suffix.cu`, their weights uploaded once, and each frame's
-//! token rows kept in device memory from the first step to the logits.
+//! token rows kept in device memory from the first step to the logits. The
+//! token sets and rulebooks are built by kernels too, from the energy
+//! kernel's kept list where it lies, or on the host and uploaded.
 //!
 //! The executor is generic over a [`Device`]: [`cuda::CudaDevice`] runs the
 //! kernels on an NVIDIA GPU through cudarc; anything else that can run the
 //! same kernel source may stand in (the tests build it for the CPU, so the
-//! lowering, the rulebook upload and the launch order are checked against
-//! the CPU executor where no GPU is present).
+//! lowering, the device-built sets and rulebooks, the rulebook upload and the
+//! launch order are checked against the CPU executor where no GPU is present).
 
 pub mod cuda;
 
@@ -14,6 +16,8 @@ use super::ops::{
     ActivationKind, Binary, BinaryKind, ChannelAffine, Conv, Depthwise, GlobalMean, Linear, Reshape,
 };
 use super::plan::{Frame, Plan};
+use super::rulebook::Rulebook;
+use super::tokens::{StrideRule, TokenSet};
 use super::value::Value;
 use anyhow::{bail, ensure, Context, Result};
 use std::any::Any;
@@ -51,6 +55,22 @@ pub struct Params {
     pub kind: i32,
     pub n: i32,
     pub inner: i32,
+    pub set_in: u64,
+    pub list_in: u64,
+    pub count_in: u64,
+    pub set_out: u64,
+    pub list_out: u64,
+    pub count_out: u64,
+    pub map_h: i32,
+    pub map_w: i32,
+    pub in_h: i32,
+    pub in_w: i32,
+    pub stride: i32,
+    pub rule: i32,
+    pub kh: i32,
+    pub kw: i32,
+    pub pad_top: i32,
+    pub pad_left: i32,
 }
 
 /// The kernels of `suffix.cu`.
@@ -64,11 +84,14 @@ pub enum Kernel {
     Activation,
     GlobalMean,
     Linear,
+    Level0,
+    Level,
+    Rulebook,
 }
 
 impl Kernel {
     /// Every kernel, in source order.
-    pub const ALL: [Kernel; 8] = [
+    pub const ALL: [Kernel; 11] = [
         Kernel::Conv1x1,
         Kernel::ConvRulebook,
         Kernel::Depthwise,
@@ -77,6 +100,9 @@ impl Kernel {
         Kernel::Activation,
         Kernel::GlobalMean,
         Kernel::Linear,
+        Kernel::Level0,
+        Kernel::Level,
+        Kernel::Rulebook,
     ];
 
     /// The entry point's name in the source.
@@ -90,6 +116,9 @@ impl Kernel {
             Kernel::Activation => "sfx_activation",
             Kernel::GlobalMean => "sfx_global_mean",
             Kernel::Linear => "sfx_linear",
+            Kernel::Level0 => "sfx_level0",
+            Kernel::Level => "sfx_level",
+            Kernel::Rulebook => "sfx_rulebook",
         }
     }
 }
@@ -200,17 +229,85 @@ enum Meta {
 }
 
 impl Meta {
-    fn len(&self, frame: &Frame) -> usize {
+    /// Values in the buffer, given the active tokens of every level.
+    fn len(&self, counts: &[usize]) -> usize {
         match self {
-            Meta::Tokens { level, c } => frame.sets[*level].len() * c,
+            Meta::Tokens { level, c } => counts[*level] * c,
             Meta::Dense { shape } => shape.iter().product(),
         }
     }
 }
 
+/// Where a frame's token sets and rulebooks are built.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum RulebookSite {
+    /// By kernels, from the kept list in device memory: no token index
+    /// crosses to the host, only each level's token count comes back.
+    #[default]
+    Device,
+    /// By the CPU plan from the kept list on the host, then uploaded.
+    Host,
+}
+
+/// The kept tokens of a frame in device memory: the energy kernel's output.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct DeviceTokens {
+    /// Address of the kept raster indices (`u32`, ascending).
+    pub kept: u64,
+    /// Address of their count (one `u32`).
+    pub count: u64,
+}
+
+/// Where each level's sets and each rulebook's table sit in the frame's
+/// device buffers, fixed at load: every level sized for all its positions.
+#[derive(Clone, Debug, Default)]
+struct FrameLayout {
+    /// Positions (`h · w`) of each level.
+    positions: Vec<usize>,
+    /// Offset of each level's index map, then of its token list (the two
+    /// of a level lie side by side), in the sets buffer.
+    sets: Vec<usize>,
+    /// Offset of each rulebook's table in the tables buffer.
+    tables: Vec<usize>,
+    sets_len: usize,
+    tables_len: usize,
+}
+
+impl FrameLayout {
+    fn new(plan: &Plan) -> FrameLayout {
+        let mut l = FrameLayout::default();
+        for level in &plan.levels {
+            l.positions.push(level.h * level.w);
+            l.sets.push(l.sets_len);
+            l.sets_len += 2 * level.h * level.w;
+        }
+        for r in &plan.rules {
+            l.tables.push(l.tables_len);
+            l.tables_len += l.positions[r.out_level] * r.window.kh * r.window.kw;
+        }
+        l
+    }
+}
+
+/// One frame's token sets and rulebooks, built on the device.
+struct DeviceFrame<B> {
+    /// Index map and token list of every level.
+    sets: B,
+    /// Every rulebook's table.
+    tables: B,
+    /// Each level's token count (the same on both sides).
+    counts: B,
+    /// Active tokens per level, read back.
+    rows: Vec<usize>,
+}
+
 /// A plan's suffix, lowered for a device.
 pub struct GpuSuffix<D: Device> {
     device: D,
+    layout: FrameLayout,
+    levels: Vec<super::plan::Level>,
+    rules: Vec<super::plan::RuleKey>,
+    stride_rule: StrideRule,
     steps: Vec<GpuStep>,
     weights: Vec<D::Buf>,
     slots: usize,
@@ -313,6 +410,10 @@ impl<D: Device> GpuSuffix<D> {
         last_use[plan.output] = usize::MAX;
         Ok(GpuSuffix {
             device,
+            layout: FrameLayout::new(plan),
+            levels: plan.levels.clone(),
+            rules: plan.rules.clone(),
+            stride_rule: plan.stride_rule,
             steps,
             weights,
             slots,
@@ -328,71 +429,261 @@ impl<D: Device> GpuSuffix<D> {
     }
 
     /// Runs the suffix on gathered `features` (`kept.len() × C`, host
-    /// memory) for the token set `kept`; the result as the CPU plan gives it.
+    /// memory) for the token set `kept`, with the token sets and rulebooks
+    /// built on the host; the result as the CPU plan gives it.
     pub fn run(&self, plan: &Plan, kept: &[u32], features: &[f32]) -> Result<(Value, Frame)> {
         plan.check_features(kept.len(), features.len())?;
         let input = self.device.upload(features)?;
-        self.run_device(plan, kept, input)
+        let frame = plan.frame(kept);
+        let value = self.run_host_frame(&frame, input, None)?;
+        Ok((value, frame))
     }
 
-    /// Runs the suffix on gathered features another component left in device
-    /// memory (the energy kernel's output): no copy through the host.
+    /// Runs the suffix on gathered rows another component left in device
+    /// memory (the energy kernel's output) for the kept tokens it left there
+    /// too: the token sets and rulebooks are built on the device, and only
+    /// the token count of each level comes back before the steps run. The
+    /// output and those counts are returned (the host's
+    /// [`Plan::sets`] of the same kept list places a token output).
     ///
     /// # Safety
-    /// `rows` must address `kept.len() × C` live `f32`s of this device.
-    pub unsafe fn run_at(&self, plan: &Plan, kept: &[u32], rows: u64) -> Result<(Value, Frame)> {
-        // SAFETY: as the caller promises.
-        let input = unsafe { self.device.copy_from(rows, kept.len() * self.channels)? };
-        self.run_device(plan, kept, input)
-    }
-
-    /// Runs the suffix on gathered features already in device memory.
-    pub fn run_device(
+    /// `tokens` must address a kept list and its count as the energy kernel
+    /// writes them for this plan's level 0, and `rows` their `count × C`
+    /// gathered values, all live on this device and finished.
+    pub unsafe fn run_on_device(
         &self,
-        plan: &Plan,
-        kept: &[u32],
-        features: D::Buf,
-    ) -> Result<(Value, Frame)> {
-        self.run_inner(plan, kept, features, None)
+        tokens: DeviceTokens,
+        rows: u64,
+    ) -> Result<(Value, Vec<usize>)> {
+        let frame = self.build_frame(tokens, None)?;
+        // SAFETY: the count the kernels just checked against level 0's map
+        // is the number of rows the caller promises at `rows`.
+        let input = unsafe { self.device.copy_from(rows, frame.rows[0] * self.channels)? };
+        let value = self.run_steps(&frame.rows, &|i| self.table_ptr(&frame, i), input, None)?;
+        Ok((value, frame.rows))
     }
 
     /// Like [`GpuSuffix::run`], timing each part of the frame in ms, laid out
     /// as the CPU plan's `run_timed` lays them: `times[s]` for step `s`, then
-    /// the host's token sets and rulebooks, then (one entry more than the CPU
-    /// plan) the upload of the rows and the rulebooks. The device is
-    /// synchronised after each part, so a step's time is its launch and its
-    /// kernels, and the whole frame runs slower than untimed.
+    /// the token sets and rulebooks (on the side `site` says), then (one
+    /// entry more than the CPU plan) the upload of the rows, and of the
+    /// rulebooks or the kept list. The device is synchronised after each
+    /// part, so a step's time is its launch and its kernels, and the whole
+    /// frame runs slower than untimed.
     pub fn run_timed(
         &self,
         plan: &Plan,
         kept: &[u32],
         features: &[f32],
+        site: RulebookSite,
         times: &mut Vec<f64>,
-    ) -> Result<(Value, Frame)> {
+    ) -> Result<(Value, Vec<usize>)> {
         plan.check_features(kept.len(), features.len())?;
-        times.resize(self.steps.len() + 2, 0.0);
+        let n = self.steps.len();
+        times.resize(n + 2, 0.0);
         let t = Instant::now();
         let input = self.device.upload(features)?;
         self.device.sync()?;
-        times[self.steps.len() + 1] += ms(t);
-        self.run_inner(plan, kept, input, Some(times))
+        times[n + 1] += ms(t);
+        match site {
+            RulebookSite::Host => {
+                let t = Instant::now();
+                let frame = plan.frame(kept);
+                times[n] += ms(t);
+                let counts = frame.sets.iter().map(TokenSet::len).collect();
+                let value = self.run_host_frame(&frame, input, Some(times))?;
+                Ok((value, counts))
+            }
+            RulebookSite::Device => {
+                let t = Instant::now();
+                let (list, count) = self.upload_kept(kept)?;
+                self.device.sync()?;
+                times[n + 1] += ms(t);
+                let tokens = DeviceTokens {
+                    kept: self.device.ptr(&list),
+                    count: self.device.ptr(&count),
+                };
+                let t = Instant::now();
+                let frame = self.build_frame(tokens, Some(kept.len()))?;
+                times[n] += ms(t);
+                let value = self.run_steps(
+                    &frame.rows,
+                    &|i| self.table_ptr(&frame, i),
+                    input,
+                    Some(times),
+                )?;
+                Ok((value, frame.rows))
+            }
+        }
     }
 
-    fn run_inner(
+    /// Builds a frame's token sets and rulebooks on the device from a kept
+    /// list on the host, and reads them back: what the kernels build, for
+    /// checking against [`Plan::frame`].
+    pub fn frame_on_device(&self, kept: &[u32]) -> Result<Frame> {
+        let (list, count) = self.upload_kept(kept)?;
+        let tokens = DeviceTokens {
+            kept: self.device.ptr(&list),
+            count: self.device.ptr(&count),
+        };
+        let frame = self.build_frame(tokens, Some(kept.len()))?;
+        let words = |buf: &D::Buf, n: usize| -> Result<Vec<u32>> {
+            Ok(self
+                .device
+                .download(buf, n)?
+                .into_iter()
+                .map(f32::to_bits)
+                .collect())
+        };
+        let all_sets = words(&frame.sets, self.layout.sets_len)?;
+        let all_tables = words(&frame.tables, self.layout.tables_len.max(1))?;
+        let sets = self
+            .levels
+            .iter()
+            .enumerate()
+            .map(|(l, level)| {
+                let (at, hw) = (self.layout.sets[l], self.layout.positions[l]);
+                TokenSet {
+                    h: level.h,
+                    w: level.w,
+                    index: all_sets[at..at + hw].to_vec(),
+                    coords: all_sets[at + hw..at + hw + frame.rows[l]].to_vec(),
+                }
+            })
+            .collect();
+        let rulebooks = self
+            .rules
+            .iter()
+            .enumerate()
+            .map(|(r, key)| {
+                let taps = key.window.kh * key.window.kw;
+                let at = self.layout.tables[r];
+                Rulebook {
+                    taps,
+                    table: all_tables[at..at + frame.rows[key.out_level] * taps].to_vec(),
+                }
+            })
+            .collect();
+        Ok(Frame { sets, rulebooks })
+    }
+
+    /// A kept list and its count, uploaded as the energy kernel leaves them.
+    fn upload_kept(&self, kept: &[u32]) -> Result<(D::Buf, D::Buf)> {
+        let bits: Vec<f32> = kept.iter().map(|&i| f32::from_bits(i)).collect();
+        let list = self
+            .device
+            .upload(if bits.is_empty() { &[0.0] } else { &bits })?;
+        let count = self.device.upload(&[f32::from_bits(kept.len() as u32)])?;
+        Ok((list, count))
+    }
+
+    /// The address of rulebook `i`'s table in a device-built frame.
+    fn table_ptr(&self, frame: &DeviceFrame<D::Buf>, i: usize) -> u64 {
+        self.device.ptr(&frame.tables) + 4 * self.layout.tables[i] as u64
+    }
+
+    /// Launches the kernels that build every level's set and every rulebook
+    /// from the kept list at `tokens`, then reads back each level's count
+    /// (one small copy, the frame's only synchronisation before its steps).
+    /// `expect` is the kept count when the host knows it, checked against
+    /// what the kernels saw.
+    fn build_frame(
         &self,
-        plan: &Plan,
-        kept: &[u32],
+        tokens: DeviceTokens,
+        expect: Option<usize>,
+    ) -> Result<DeviceFrame<D::Buf>> {
+        let d = &self.device;
+        let l = &self.layout;
+        let frame = DeviceFrame {
+            sets: d.alloc(l.sets_len)?,
+            tables: d.alloc(l.tables_len.max(1))?,
+            counts: d.alloc(self.levels.len())?,
+            rows: Vec::new(),
+        };
+        let (sets, counts) = (d.ptr(&frame.sets), d.ptr(&frame.counts));
+        let index_at = |level: usize| sets + 4 * l.sets[level] as u64;
+        let list_at = |level: usize| index_at(level) + 4 * l.positions[level] as u64;
+        let count_at = |level: usize| counts + 4 * level as u64;
+        for (i, level) in self.levels.iter().enumerate() {
+            let mut p = Params {
+                set_out: index_at(i),
+                list_out: list_at(i),
+                count_out: count_at(i),
+                map_h: level.h as i32,
+                map_w: level.w as i32,
+                ..Params::default()
+            };
+            match level.parent {
+                None => {
+                    p.list_in = tokens.kept;
+                    p.count_in = tokens.count;
+                    d.launch(Kernel::Level0, level.h * level.w, &p)?;
+                }
+                Some(parent) => {
+                    p.set_in = index_at(parent);
+                    p.list_in = list_at(parent);
+                    p.count_in = count_at(parent);
+                    p.in_h = self.levels[parent].h as i32;
+                    p.in_w = self.levels[parent].w as i32;
+                    p.stride = level.stride as i32;
+                    p.rule = match self.stride_rule {
+                        StrideRule::Any => 0,
+                        StrideRule::Centre => 1,
+                    };
+                    d.launch(Kernel::Level, level.h * level.w, &p)?;
+                }
+            }
+        }
+        for (r, key) in self.rules.iter().enumerate() {
+            let (out, inp) = (&self.levels[key.out_level], &self.levels[key.in_level]);
+            let win = key.window;
+            let p = Params {
+                set_in: index_at(key.in_level),
+                list_in: list_at(key.out_level),
+                count_in: count_at(key.out_level),
+                set_out: d.ptr(&frame.tables) + 4 * l.tables[r] as u64,
+                map_h: out.h as i32,
+                map_w: out.w as i32,
+                in_h: inp.h as i32,
+                in_w: inp.w as i32,
+                stride: win.stride as i32,
+                kh: win.kh as i32,
+                kw: win.kw as i32,
+                pad_top: win.pad_top as i32,
+                pad_left: win.pad_left as i32,
+                ..Params::default()
+            };
+            d.launch(Kernel::Rulebook, out.h * out.w * win.kh * win.kw, &p)?;
+        }
+        let rows: Vec<usize> = d
+            .download(&frame.counts, self.levels.len())?
+            .into_iter()
+            .map(|c| c.to_bits() as usize)
+            .collect();
+        ensure!(
+            rows[0] > 0 && rows[0] <= l.positions[0],
+            "the kept list holds {} tokens of {}",
+            rows[0],
+            l.positions[0]
+        );
+        if let Some(n) = expect {
+            ensure!(
+                rows[0] == n,
+                "the device saw {} kept tokens, the host {n}",
+                rows[0]
+            );
+        }
+        Ok(DeviceFrame { rows, ..frame })
+    }
+
+    /// Uploads a host-built frame's rulebooks (all in one buffer) and runs the steps.
+    fn run_host_frame(
+        &self,
+        frame: &Frame,
         features: D::Buf,
         mut times: Option<&mut Vec<f64>>,
-    ) -> Result<(Value, Frame)> {
-        let n = self.steps.len();
+    ) -> Result<Value> {
         let t = Instant::now();
-        let frame = plan.frame(kept);
-        if let Some(times) = times.as_deref_mut() {
-            times[n] += ms(t);
-        }
-        let t = Instant::now();
-        // Every rulebook of the frame in one upload; each op reads its part.
         let mut offsets = Vec::with_capacity(frame.rulebooks.len());
         let mut all = Vec::new();
         for rb in &frame.rulebooks {
@@ -404,9 +695,22 @@ impl<D: Device> GpuSuffix<D> {
             .upload(if all.is_empty() { &[0.0] } else { &all })?;
         if let Some(times) = times.as_deref_mut() {
             self.device.sync()?;
-            times[n + 1] += ms(t);
+            times[self.steps.len() + 1] += ms(t);
         }
-        let rb_ptr = |i: usize| self.device.ptr(&rulebooks) + 4 * offsets[i] as u64;
+        let counts: Vec<usize> = frame.sets.iter().map(TokenSet::len).collect();
+        let base = self.device.ptr(&rulebooks);
+        self.run_steps(&counts, &|i| base + 4 * offsets[i] as u64, features, times)
+    }
+
+    /// Runs every step on the gathered rows, with `counts` active tokens per
+    /// level and rulebook `i`'s table at `rb_ptr(i)`; the output read back.
+    fn run_steps(
+        &self,
+        counts: &[usize],
+        rb_ptr: &dyn Fn(usize) -> u64,
+        features: D::Buf,
+        mut times: Option<&mut Vec<f64>>,
+    ) -> Result<Value> {
         let mut slots: Vec<Option<(Meta, D::Buf)>> = (0..self.slots).map(|_| None).collect();
         slots[0] = Some((
             Meta::Tokens {
@@ -418,7 +722,7 @@ impl<D: Device> GpuSuffix<D> {
         for (i, s) in self.steps.iter().enumerate() {
             let t = Instant::now();
             let (meta, buf) = self
-                .step(s, &slots, &frame, &rb_ptr)
+                .step(s, &slots, counts, rb_ptr)
                 .with_context(|| format!("GPU suffix, node '{}'", s.node))?;
             if let Some(times) = times.as_deref_mut() {
                 self.device.sync()?;
@@ -434,19 +738,18 @@ impl<D: Device> GpuSuffix<D> {
         let (meta, buf) = slots[self.output]
             .take()
             .context("the suffix output was never computed")?;
-        let data = self.device.download(&buf, meta.len(&frame))?;
-        let value = match meta {
+        let data = self.device.download(&buf, meta.len(counts))?;
+        Ok(match meta {
             Meta::Tokens { level, c } => Value::Tokens { level, c, data },
             Meta::Dense { shape } => Value::Dense { shape, data },
-        };
-        Ok((value, frame))
+        })
     }
 
     fn step(
         &self,
         s: &GpuStep,
         slots: &[Option<(Meta, D::Buf)>],
-        frame: &Frame,
+        counts: &[usize],
         rb_ptr: &dyn Fn(usize) -> u64,
     ) -> Result<(Meta, D::Buf)> {
         let d = &self.device;
@@ -456,7 +759,7 @@ impl<D: Device> GpuSuffix<D> {
                 .with_context(|| format!("input {k} is not computed"))
         };
         let w = |i: usize| d.ptr(&self.weights[i]);
-        let rows_of = |level: usize| frame.sets[level].len();
+        let rows_of = |level: usize| counts[level];
         match &s.op {
             GpuOp::Conv {
                 kernel,
@@ -559,7 +862,7 @@ impl<D: Device> GpuSuffix<D> {
                     (Meta::Dense { .. }, Meta::Tokens { .. }) => ((mb, b), (ma, a)),
                     _ => ((ma, a), (mb, b)),
                 };
-                let n = ma.len(frame);
+                let n = ma.len(counts);
                 let per_channel = match (ma, mb) {
                     (Meta::Tokens { level: la, .. }, Meta::Tokens { level: lb, .. }) => {
                         ensure!(la == lb, "operands on different token sets ({la} vs {lb})");
@@ -573,7 +876,7 @@ impl<D: Device> GpuSuffix<D> {
                     _ => 0,
                 };
                 ensure!(
-                    per_channel > 0 || mb.len(frame) == n,
+                    per_channel > 0 || mb.len(counts) == n,
                     "operand sizes differ"
                 );
                 let y = d.alloc(n.max(1))?;
@@ -595,7 +898,7 @@ impl<D: Device> GpuSuffix<D> {
             }
             GpuOp::Affine { scale, shift, c } => {
                 let (meta, x) = input(0)?;
-                let n = meta.len(frame);
+                let n = meta.len(counts);
                 let inner = match meta {
                     Meta::Tokens { c: ci, .. } => {
                         ensure!(ci == c, "affine expects {c} channels, got {ci}");
@@ -619,7 +922,7 @@ impl<D: Device> GpuSuffix<D> {
             }
             GpuOp::Activation(kind) => {
                 let (meta, x) = input(0)?;
-                let n = meta.len(frame);
+                let n = meta.len(counts);
                 let y = d.alloc(n.max(1))?;
                 let (act, a0, a1) = act_code(Some(*kind));
                 let p = Params {
@@ -647,7 +950,7 @@ impl<D: Device> GpuSuffix<D> {
                     y: d.ptr(&y),
                     rows: rows_of(*level) as i32,
                     cout: *c as i32,
-                    n: (frame.sets[*level].h * frame.sets[*level].w) as i32,
+                    n: self.layout.positions[*level] as i32,
                     ..Params::default()
                 };
                 d.launch(Kernel::GlobalMean, *c, &p)?;
@@ -668,7 +971,7 @@ impl<D: Device> GpuSuffix<D> {
             } => {
                 let (meta, x) = input(0)?;
                 ensure!(
-                    matches!(meta, Meta::Dense { .. }) && meta.len(frame) == *k,
+                    matches!(meta, Meta::Dense { .. }) && meta.len(counts) == *k,
                     "linear expects a dense input of {k} values"
                 );
                 let y = d.alloc(*n)?;
@@ -695,7 +998,7 @@ impl<D: Device> GpuSuffix<D> {
             }
             GpuOp::Reshape(shape) => {
                 let (meta, x) = input(0)?;
-                let n = meta.len(frame);
+                let n = meta.len(counts);
                 ensure!(
                     shape.iter().product::<usize>() == n,
                     "reshape of {n} values to {shape:?}"
