@@ -324,6 +324,26 @@ def main():
                  "a one-pixel shift already flips a sixth of its answers (section 3); at half the tokens "
                  + ("they gain a few points, far from what the target needs.\n" if d("head +0.6") < 10 else
                     "they gain, and the run goes on.\n"))
+    both = load_jsonl("run14_554.jsonl")
+    if len(both) == 2:
+        start, end = both
+        cols = [("head -0.4", "-0.4"), ("head", "shipped point"), ("head +0.4", "+0.4"), ("head +0.6", "+0.6"),
+                ("head +0.8", "+0.8"), ("full", "every token kept"), ("random 0.5", "random 0.5")]
+        L.append("Run 14's last weights on all 554 held-out views (`--init` its checkpoint, `--steps 0 "
+                 "--eval-views 554`), beside the package's weights under the same code (whose figures are "
+                 "section 5's curve): agreement on all views / on the views the original is sure of, the "
+                 "package's masks at each offset (keep in the header):\n")
+        L.append("| weights | " + " | ".join(f"{n} ({start[k]['keep']:.2f})" for k, n in cols) + " |")
+        L.append("|---" * (len(cols) + 1) + "|")
+        for e in both:
+            L.append(f"| {e['weights']} | " + " | ".join(f"{pct(e[k]['agree'])} / {pct(e[k]['agree_sure'])}"
+                                                       for k, _ in cols) + " |")
+        g = lambda k, q="agree": (end[k][q] - start[k][q]) * 100
+        L.append("")
+        L.append(f"On the full held-out set the run's gain at half the tokens is {g('head +0.6'):+.1f} points "
+                 f"({g('head +0.6', 'agree_sure'):+.1f} on the sure views) and {g('head +0.8'):+.1f} at keep "
+                 f"{start['head +0.8']['keep']:.2f}; it costs {-g('head'):.1f} at the shipped point and "
+                 f"{-g('full'):.1f} with every token kept. The package keeps torchvision's weights.\n")
     ceiling = json.load(open(os.path.join(HERE, "runs", "ceiling.json")))
     L.append("### 3. How much agreement can any approximation keep on these views?\n")
     L.append(f"`measure_ceiling.py`: the original network on the {ceiling['views']} held-out views, and on the "
@@ -590,7 +610,8 @@ def main():
         first, last = long[0], long[-1]
         d = lambda k, q="agree": (last[k][q] - first[k][q]) * 100
         kept_sure = d("full", "agree_sure") > -1.5
-        L.append(f"- **The longer run, so far** (run 14, section 2). {last['step']} steps, about "
+        done = "" if last["step"] >= 6000 else ", so far"
+        L.append(f"- **The longer run{done}** (run 14, section 2). {last['step']} steps, about "
                  f"{last['step'] * 24:,} views: {last['step'] / 150:.0f}× run 13 and "
                  f"{last['step'] / 1800:.1f}× runs 1-5 together, chained across sessions as the bullet above "
                  f"asks. At half the tokens (+0.6) {d('head +0.6'):+.1f} points on all held-out views and "
