@@ -77,6 +77,13 @@ resumes from it. The runs in REPORT.md (logs in runs/; 1.5-2.5 s a step on 2 cor
         --shift-range=-0.2:1.0 --init runs/run11_fills.pt --tune all --feat 1.0 --lr 2e-5 --pull 0.05 \
         --full 0.2 --steps 6000 --eval-every 500 --eval-offsets=-0.4,0.35,0.6 --threads 2 \
         --ckpt /work/run14/ck.pt --log runs/run14.jsonl
+    # run 15: run 14's recipe for 2000 steps under the fast-path semantics (a residual block passes
+    # its input through at dropped positions, the others a trained linear map, the last conv once on
+    # their mean), the one semantics the report had tried only in a 240-step pilot
+    python3 finetune.py --data /tmp/data --semantics fast --masks package --package model.onnx \
+        --shift-range=-0.2:1.0 --tune all --feat 1.0 --lr 2e-5 --pull 0.05 \
+        --full 0.2 --steps 2000 --eval-every 500 --eval-offsets=-0.4,0.35,0.6 --threads 2 \
+        --ckpt /work/run15/ck.pt --log runs/run15.jsonl
 """
 
 import argparse

@@ -148,6 +148,10 @@ class Suffix:
             # Inactive tokens are averaged first and go through the head once:
             # their real (fast-path) features count, at the cost of one token.
             y = head(x) * m
+            if collect is not None:
+                # Its kept positions only: the dropped ones enter the pool as one mean.
+                collect[(18, "out")] = y
+                collect[(18, "mask")] = m
             inact = 1 - m
             n_in = inact.sum((2, 3))
             xm = (x * inact).sum((2, 3)) / n_in.clamp_min(1.0)
