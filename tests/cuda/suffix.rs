@@ -171,20 +171,12 @@ fn compare<D: Device>(m: &ModelPackage, gpu: &GpuSuffix<D>, x: &[f32], kept: &[u
         assert_eq!(a.table, b.table, "{what}: rulebook {r} built on the device");
     }
     assert_eq!(built.rulebooks.len(), frame.rulebooks.len());
-    let d = gpu.device();
-    let bits: Vec<f32> = kept.iter().map(|&i| f32::from_bits(i)).collect();
-    let (list, count) = (
-        d.upload(&bits).unwrap(),
-        d.upload(&[f32::from_bits(kept.len() as u32)]).unwrap(),
-    );
-    let rows = d.upload(&feats).unwrap();
-    let tokens = DeviceTokens {
-        kept: d.ptr(&list),
-        count: d.ptr(&count),
-    };
+    let uploaded = gpu.upload_kept(kept).unwrap();
+    let rows = gpu.device().upload(&feats).unwrap();
     // SAFETY: the kept list, its count and its rows, uploaded just above.
-    let (on_device, counts) = unsafe { gpu.run_on_device(tokens, d.ptr(&rows)) }
-        .unwrap_or_else(|e| panic!("{what}: run on device tokens: {e:#}"));
+    let (on_device, counts) =
+        unsafe { gpu.run_on_device(uploaded.tokens, gpu.device().ptr(&rows)) }
+            .unwrap_or_else(|e| panic!("{what}: run on device tokens: {e:#}"));
     let want: Vec<usize> = frame.sets.iter().map(|s| s.len()).collect();
     assert_eq!(counts, want, "{what}: token counts read back");
     assert_eq!(

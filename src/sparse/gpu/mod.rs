@@ -258,6 +258,14 @@ pub struct DeviceTokens {
     pub count: u64,
 }
 
+/// A kept list and its count uploaded from the host, laid out as the energy
+/// kernel leaves them.
+pub struct UploadedKept<B> {
+    /// Their addresses, valid while this lives.
+    pub tokens: DeviceTokens,
+    _buffers: (B, B),
+}
+
 /// Where each level's sets and each rulebook's table sit in the frame's
 /// device buffers, fixed at load: every level sized for all its positions.
 #[derive(Clone, Debug, Default)]
@@ -274,6 +282,16 @@ struct FrameLayout {
 }
 
 impl FrameLayout {
+    /// Offset of level `l`'s index map in the sets buffer.
+    fn index(&self, l: usize) -> usize {
+        self.sets[l]
+    }
+
+    /// Offset of level `l`'s token list in the sets buffer.
+    fn list(&self, l: usize) -> usize {
+        self.sets[l] + self.positions[l]
+    }
+
     fn new(plan: &Plan) -> FrameLayout {
         let mut l = FrameLayout::default();
         for level in &plan.levels {
@@ -435,7 +453,7 @@ impl<D: Device> GpuSuffix<D> {
         plan.check_features(kept.len(), features.len())?;
         let input = self.device.upload(features)?;
         let frame = plan.frame(kept);
-        let value = self.run_host_frame(&frame, input, None)?;
+        let (value, _) = self.run_host_frame(&frame, input, None)?;
         Ok((value, frame))
     }
 
@@ -490,21 +508,15 @@ impl<D: Device> GpuSuffix<D> {
                 let t = Instant::now();
                 let frame = plan.frame(kept);
                 times[n] += ms(t);
-                let counts = frame.sets.iter().map(TokenSet::len).collect();
-                let value = self.run_host_frame(&frame, input, Some(times))?;
-                Ok((value, counts))
+                self.run_host_frame(&frame, input, Some(times))
             }
             RulebookSite::Device => {
                 let t = Instant::now();
-                let (list, count) = self.upload_kept(kept)?;
+                let uploaded = self.upload_kept(kept)?;
                 self.device.sync()?;
                 times[n + 1] += ms(t);
-                let tokens = DeviceTokens {
-                    kept: self.device.ptr(&list),
-                    count: self.device.ptr(&count),
-                };
                 let t = Instant::now();
-                let frame = self.build_frame(tokens, Some(kept.len()))?;
+                let frame = self.build_frame(uploaded.tokens, Some(kept.len()))?;
                 times[n] += ms(t);
                 let value = self.run_steps(
                     &frame.rows,
@@ -521,12 +533,8 @@ impl<D: Device> GpuSuffix<D> {
     /// list on the host, and reads them back: what the kernels build, for
     /// checking against [`Plan::frame`].
     pub fn frame_on_device(&self, kept: &[u32]) -> Result<Frame> {
-        let (list, count) = self.upload_kept(kept)?;
-        let tokens = DeviceTokens {
-            kept: self.device.ptr(&list),
-            count: self.device.ptr(&count),
-        };
-        let frame = self.build_frame(tokens, Some(kept.len()))?;
+        let uploaded = self.upload_kept(kept)?;
+        let frame = self.build_frame(uploaded.tokens, Some(kept.len()))?;
         let words = |buf: &D::Buf, n: usize| -> Result<Vec<u32>> {
             Ok(self
                 .device
@@ -542,12 +550,12 @@ impl<D: Device> GpuSuffix<D> {
             .iter()
             .enumerate()
             .map(|(l, level)| {
-                let (at, hw) = (self.layout.sets[l], self.layout.positions[l]);
+                let (index, list) = (self.layout.index(l), self.layout.list(l));
                 TokenSet {
                     h: level.h,
                     w: level.w,
-                    index: all_sets[at..at + hw].to_vec(),
-                    coords: all_sets[at + hw..at + hw + frame.rows[l]].to_vec(),
+                    index: all_sets[index..list].to_vec(),
+                    coords: all_sets[list..list + frame.rows[l]].to_vec(),
                 }
             })
             .collect();
@@ -568,13 +576,19 @@ impl<D: Device> GpuSuffix<D> {
     }
 
     /// A kept list and its count, uploaded as the energy kernel leaves them.
-    fn upload_kept(&self, kept: &[u32]) -> Result<(D::Buf, D::Buf)> {
+    pub fn upload_kept(&self, kept: &[u32]) -> Result<UploadedKept<D::Buf>> {
         let bits: Vec<f32> = kept.iter().map(|&i| f32::from_bits(i)).collect();
         let list = self
             .device
             .upload(if bits.is_empty() { &[0.0] } else { &bits })?;
         let count = self.device.upload(&[f32::from_bits(kept.len() as u32)])?;
-        Ok((list, count))
+        Ok(UploadedKept {
+            tokens: DeviceTokens {
+                kept: self.device.ptr(&list),
+                count: self.device.ptr(&count),
+            },
+            _buffers: (list, count),
+        })
     }
 
     /// The address of rulebook `i`'s table in a device-built frame.
@@ -601,8 +615,8 @@ impl<D: Device> GpuSuffix<D> {
             rows: Vec::new(),
         };
         let (sets, counts) = (d.ptr(&frame.sets), d.ptr(&frame.counts));
-        let index_at = |level: usize| sets + 4 * l.sets[level] as u64;
-        let list_at = |level: usize| index_at(level) + 4 * l.positions[level] as u64;
+        let index_at = |level: usize| sets + 4 * l.index(level) as u64;
+        let list_at = |level: usize| sets + 4 * l.list(level) as u64;
         let count_at = |level: usize| counts + 4 * level as u64;
         for (i, level) in self.levels.iter().enumerate() {
             let mut p = Params {
@@ -641,7 +655,7 @@ impl<D: Device> GpuSuffix<D> {
                 set_in: index_at(key.in_level),
                 list_in: list_at(key.out_level),
                 count_in: count_at(key.out_level),
-                set_out: d.ptr(&frame.tables) + 4 * l.tables[r] as u64,
+                set_out: self.table_ptr(&frame, r),
                 map_h: out.h as i32,
                 map_w: out.w as i32,
                 in_h: inp.h as i32,
@@ -676,13 +690,14 @@ impl<D: Device> GpuSuffix<D> {
         Ok(DeviceFrame { rows, ..frame })
     }
 
-    /// Uploads a host-built frame's rulebooks (all in one buffer) and runs the steps.
+    /// Uploads a host-built frame's rulebooks (all in one buffer) and runs
+    /// the steps; the output and the token count of each level.
     fn run_host_frame(
         &self,
         frame: &Frame,
         features: D::Buf,
         mut times: Option<&mut Vec<f64>>,
-    ) -> Result<Value> {
+    ) -> Result<(Value, Vec<usize>)> {
         let t = Instant::now();
         let mut offsets = Vec::with_capacity(frame.rulebooks.len());
         let mut all = Vec::new();
@@ -699,7 +714,8 @@ impl<D: Device> GpuSuffix<D> {
         }
         let counts: Vec<usize> = frame.sets.iter().map(TokenSet::len).collect();
         let base = self.device.ptr(&rulebooks);
-        self.run_steps(&counts, &|i| base + 4 * offsets[i] as u64, features, times)
+        let value = self.run_steps(&counts, &|i| base + 4 * offsets[i] as u64, features, times)?;
+        Ok((value, counts))
     }
 
     /// Runs every step on the gathered rows, with `counts` active tokens per
