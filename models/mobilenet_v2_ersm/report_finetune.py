@@ -647,7 +647,6 @@ def main():
                  + ("A gain at low keep that costs the sure views nothing, " if kept_sure else
                     "A gain at low keep, paid for on the sure views too, ")
                  + "and far short of the target: it points to scale, not to more of these sessions.\n")
-    fast = [e for e in load_jsonl("run15.jsonl") if isinstance(e.get("head"), dict)]
     if len(fast) > 1:
         f0, f1 = fast[0], fast[-1]
         L.append(f"- **The fast path at length** (run 15, section 2). {f1['step']} steps of run 14's recipe "
