@@ -15,6 +15,29 @@ use std::ffi::{c_void, CString};
 use std::process::Command;
 
 /// Set by CI, where pip's NVRTC wheel is installed: a missing NVRTC is then a failure.
+/// The architectures the PTX compile tests target: Nano, Xavier, Orin and the
+/// x86 GPUs `targets/gpu-check.sh` runs on. CUDA 13's NVRTC no longer targets
+/// sm_53 or sm_72; those devices' own NVRTC (CUDA 10.2, 11.4) compiles there.
+fn ptx_test_archs() -> &'static [&'static str] {
+    let version = cuda::nvrtc_version().expect("NVRTC version");
+    eprintln!("NVRTC {}.{}", version.0, version.1);
+    if version.0 <= 12 {
+        &[
+            "compute_53",
+            "compute_72",
+            "compute_80",
+            "compute_87",
+            "compute_90",
+        ]
+    } else {
+        eprintln!(
+            "NVRTC {}.x cannot target sm_53/sm_72: checking sm_80, sm_87 and sm_90",
+            version.0
+        );
+        &["compute_80", "compute_87", "compute_90"]
+    }
+}
+
 fn nvrtc_required() -> bool {
     std::env::var_os("ERSM_REQUIRE_NVRTC").is_some()
 }
@@ -288,20 +311,7 @@ fn kernel_compiles_to_ptx_for_jetson_and_test_architectures() {
         eprintln!("SKIPPED: no libnvrtc on this machine; install nvidia-cuda-nvrtc-cu12 (pip) to check the kernel compiles");
         return;
     }
-    // Nano, Xavier, Orin, and the H100 the GPU checks run on. CUDA 13 dropped
-    // sm_53 and sm_72; those devices' own NVRTC (CUDA 10.2, 11.4) compiles there.
-    let version = cuda::nvrtc_version().expect("NVRTC version");
-    eprintln!("NVRTC {}.{}", version.0, version.1);
-    let archs: &[&'static str] = if version.0 <= 12 {
-        &["compute_53", "compute_72", "compute_87", "compute_90"]
-    } else {
-        eprintln!(
-            "NVRTC {}.x cannot target sm_53/sm_72: checking sm_87 and sm_90 only",
-            version.0
-        );
-        &["compute_87", "compute_90"]
-    };
-    for &arch in archs {
+    for &arch in ptx_test_archs() {
         let ptx = cuda::compile(arch).unwrap_or_else(|e| panic!("{arch}: {e}"));
         let text = ptx.to_src();
         assert!(

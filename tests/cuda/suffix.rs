@@ -299,8 +299,7 @@ fn suffix_kernels_compile_to_ptx_for_jetson_and_test_architectures() {
         println!("SKIPPED: no NVRTC (pip install nvidia-cuda-nvrtc-cu12)");
         return;
     }
-    // Xavier, Orin, and the x86 GPUs targets/gpu-check.sh runs on.
-    for arch in ["compute_72", "compute_87", "compute_80", "compute_90"] {
+    for &arch in crate::ptx_test_archs() {
         let ptx = ersm::ersm::cuda::compile_source(KERNEL_SRC, "sparse suffix", arch)
             .unwrap_or_else(|e| panic!("{arch}: {e}"));
         let text = ptx.to_src();
