@@ -362,7 +362,8 @@ impl Pipeline {
                 times.ersm = (suffix_started - t).as_secs_f64() * 1e3;
                 let (value, _) = out.context("sparse suffix (GPU)")?;
                 // A token output is placed by the host's sets of the same
-                // kept list (off the device's path: the mask is already here).
+                // kept list (off the device's path: the mask came back after
+                // the suffix ran).
                 let sets = match value {
                     Value::Tokens { .. } => self.model.plan.sets(&mask.kept),
                     Value::Dense { .. } => Vec::new(),

@@ -392,26 +392,30 @@ impl CudaBackend {
     }
 
     /// The energy layer for one frame with its outputs left on the device:
-    /// `then` gets their addresses (valid only during the call) and the mask
-    /// (whose `features` are empty), and its result is returned beside the
-    /// mask. A map already on the device is read where it is. The count, the
-    /// kept indices and the energies come back to the host in one copy for
-    /// the mask; work in `then` can read the device's own.
+    /// `then` gets their addresses (valid only during the call) and the keep
+    /// count, and its result is returned beside the mask (whose `features`
+    /// are empty). A map already on the device is read where it is. Only
+    /// the count comes back before `then` runs; the kept indices and the
+    /// energies are copied back after it, for the mask (overlay, reports),
+    /// so work in `then` (the GPU suffix) waits on nothing but the count.
     pub fn compute_on_device<R>(
         &self,
         x: MapSource<'_>,
         spec: &EnergySpec,
-        then: impl FnOnce(KernelOutputs, &TokenMask) -> R,
+        then: impl FnOnce(KernelOutputs, usize) -> R,
     ) -> Result<(TokenMask, R), CudaError> {
         self.launch_and_read(x, spec, false, then)
     }
 
+    /// Launches the kernel and reads its outputs back. With `fetch_rows`
+    /// everything comes back in one copy before `then`; without, only the
+    /// count does, and the kept list and energies follow `then`.
     fn launch_and_read<R>(
         &self,
         source: MapSource<'_>,
         spec: &EnergySpec,
         fetch_rows: bool,
-        then: impl FnOnce(KernelOutputs, &TokenMask) -> R,
+        then: impl FnOnce(KernelOutputs, usize) -> R,
     ) -> Result<(TokenMask, R), CudaError> {
         let t0 = Instant::now();
         let x = source.shape();
@@ -487,12 +491,13 @@ impl CudaBackend {
         // and every buffer holds what the kernel indexes for this (HW, C, head).
         unsafe { launch.launch(cfg)? };
         end.record(&self.stream)?;
-        // Every output back in one go, then one synchronisation (the gathered
-        // buffer whole: its used length is only known from the count).
+        // The outputs wanted now back in one go, then one synchronisation
+        // (the gathered buffer whole: its used length is only known from
+        // the count).
         b.count.fetch(&self.stream)?;
-        b.kept.fetch(&self.stream)?;
-        b.energies.fetch(&self.stream)?;
         if fetch_rows {
+            b.kept.fetch(&self.stream)?;
+            b.energies.fetch(&self.stream)?;
             b.gathered.fetch(&self.stream)?;
         }
         self.stream.synchronize()?;
@@ -501,6 +506,24 @@ impl CudaBackend {
             return Err(CudaError::Input(format!(
                 "kernel returned {n} kept tokens for {hw}"
             )));
+        }
+        *self.last.lock().expect("timing lock") = KernelTiming {
+            kernel_ms: start.elapsed_ms(end)?,
+            wall_ms: t0.elapsed().as_secs_f64() * 1e3,
+        };
+        // The buffers stay locked, so they stay put while `then` reads them.
+        let out = then(
+            KernelOutputs {
+                rows: gp,
+                kept: kp,
+                count: cp,
+            },
+            n,
+        );
+        if !fetch_rows {
+            b.kept.fetch(&self.stream)?;
+            b.energies.fetch(&self.stream)?;
+            self.stream.synchronize()?;
         }
         let kept = b.kept.read(n)?;
         let features = if fetch_rows {
@@ -512,10 +535,6 @@ impl CudaBackend {
         if let Some(why) = TokenMask::non_finite(&energies) {
             return Err(CudaError::Input(why));
         }
-        *self.last.lock().expect("timing lock") = KernelTiming {
-            kernel_ms: start.elapsed_ms(end)?,
-            wall_ms: t0.elapsed().as_secs_f64() * 1e3,
-        };
         let mask = TokenMask {
             h: x.h,
             w: x.w,
@@ -524,15 +543,6 @@ impl CudaBackend {
             kept,
             features,
         };
-        // The buffers stay locked, so they stay put while `then` reads them.
-        let out = then(
-            KernelOutputs {
-                rows: gp,
-                kept: kp,
-                count: cp,
-            },
-            &mask,
-        );
         Ok((mask, out))
     }
 
