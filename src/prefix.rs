@@ -27,7 +27,7 @@ impl Engine {
     }
 }
 
-#[cfg(feature = "cuda-12020")]
+#[cfg(feature = "gpu-prefix")]
 fn cuda_plan(source: &TypedModel) -> Result<Arc<TypedRunnableModel>> {
     // Linking tract-cuda registers its runtime with tract.
     use tract_cuda as _;
@@ -40,7 +40,7 @@ fn cuda_plan(source: &TypedModel) -> Result<Arc<TypedRunnableModel>> {
     Ok(plan.clone())
 }
 
-#[cfg(not(feature = "cuda-12020"))]
+#[cfg(not(feature = "gpu-prefix"))]
 fn cuda_plan(_source: &TypedModel) -> Result<Arc<TypedRunnableModel>> {
     anyhow::bail!("this build binds CUDA 11.4 (JetPack 5); tract-cuda needs CUDA 12.2 or later")
 }
@@ -324,7 +324,7 @@ impl Output {
     /// one packed f32 buffer of their own (valid while `self` lives, the
     /// work that wrote them finished). `None` for a host tensor, or one
     /// tract-cuda had to copy out (a view into its per-run arena).
-    #[cfg(feature = "cuda-12020")]
+    #[cfg(feature = "gpu-prefix")]
     pub fn device_ptr(&self) -> Option<u64> {
         use tract_gpu::tensor::LazyHostStorage;
         let lazy = self.0.storage_as::<LazyHostStorage>()?;
@@ -342,7 +342,7 @@ impl Output {
     }
 
     /// Without tract-cuda (a CUDA 11.4 build) outputs are on the host.
-    #[cfg(not(feature = "cuda-12020"))]
+    #[cfg(not(feature = "gpu-prefix"))]
     pub fn device_ptr(&self) -> Option<u64> {
         None
     }
