@@ -5,7 +5,15 @@
 #   targets/gpu-check.sh OUT_DIR             build (if cargo is here), test, benchmark
 #   targets/gpu-check.sh --package BIN_DIR   only build the binaries into BIN_DIR,
 #                                            for a GPU machine without a Rust toolchain
-#   ERSM_PREBUILT=BIN_DIR targets/gpu-check.sh OUT_DIR   use binaries from --package
+#   targets/gpu-check.sh --package BIN.tar.xz   the same, packed (about a fifth
+#                                            of the 100 MB the three binaries take)
+#   ERSM_PREBUILT=BIN_DIR|BIN.tar.xz targets/gpu-check.sh OUT_DIR
+#                                            use binaries from --package
+#
+# ERSM_CUDA_FEATURE picks the CUDA API level the binaries bind: cuda-12020
+# (the default) for CUDA 12 libraries, cuda-13000 where the libraries are
+# CUDA 13's (.so.13: a CUDA 13 toolkit or pip's nvidia-*-cu13 wheels). Without
+# it, a build on the GPU machine picks from the NVRTC found there.
 #
 # Writes into OUT_DIR: gpu.txt (device), cuda-tests.log (CUDA parity tests:
 # the energy layer, and the sparse suffix on the GPU against the CPU executor;
@@ -20,29 +28,54 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 package() {
-    local dir=$1
+    local dir=$1 feature=${ERSM_CUDA_FEATURE:-cuda-12020}
     mkdir -p "$dir"
-    cargo build --release --bin ersm
+    local features=(--no-default-features --features "$feature")
+    cargo build --release "${features[@]}" --bin ersm
     local t b
-    t=$(cargo test --release --no-run --test cuda 2>&1 | grep -o 'target/release/deps/cuda-[0-9a-f]*' | tail -1)
-    b=$(cargo bench --no-run --bench ersm_stage 2>&1 | grep -o 'target/release/deps/ersm_stage-[0-9a-f]*' | tail -1)
+    t=$(cargo test --release "${features[@]}" --no-run --test cuda 2>&1 | grep -o 'target/release/deps/cuda-[0-9a-f]*' | tail -1)
+    b=$(cargo bench "${features[@]}" --no-run --bench ersm_stage 2>&1 | grep -o 'target/release/deps/ersm_stage-[0-9a-f]*' | tail -1)
+    [ -n "$t" ] && [ -n "$b" ] || { echo "building the CUDA tests or the stage bench failed"; exit 1; }
     cp target/release/ersm "$dir/ersm"
     cp "$t" "$dir/cuda-tests"
     cp "$b" "$dir/ersm_stage"
     strip "$dir"/* 2>/dev/null || true
+    echo "$feature" > "$dir/feature.txt"
     ls -la "$dir"
 }
 
 if [ "${1:-}" = "--package" ]; then
-    package "${2:?--package needs a folder}"
+    dest=${2:?--package needs a folder or a .tar.xz path}
+    case "$dest" in
+    *.tar.xz)
+        staging=$(mktemp -d)
+        package "$staging/ersm-gpu-bin"
+        tar -C "$staging" -cJf "$dest" ersm-gpu-bin
+        rm -rf "$staging"
+        ls -la "$dest"
+        ;;
+    *) package "$dest" ;;
+    esac
     exit 0
 fi
 
 out=${1:?usage: targets/gpu-check.sh OUT_DIR}
 mkdir -p "$out"
 bin=${ERSM_PREBUILT:-}
+if [ -f "$bin" ]; then
+    unpacked=$(mktemp -d)
+    tar -C "$unpacked" -xJf "$bin" || { echo "$bin: not a .tar.xz from --package"; exit 1; }
+    bin=$unpacked/ersm-gpu-bin
+fi
 if [ -z "$bin" ]; then
     command -v cargo >/dev/null || { echo "no cargo here: build with --package elsewhere and set ERSM_PREBUILT"; exit 1; }
+    if [ -z "${ERSM_CUDA_FEATURE:-}" ]; then
+        ERSM_CUDA_FEATURE=cuda-12020
+        ldconfig -p 2>/dev/null | grep -q 'libnvrtc\.so\.13' && ERSM_CUDA_FEATURE=cuda-13000
+        find /usr/local/cuda*/ $(python3 -c 'import site; print(" ".join(site.getsitepackages()))' 2>/dev/null) \
+            -name 'libnvrtc.so.13*' 2>/dev/null | grep -q . && ERSM_CUDA_FEATURE=cuda-13000
+        export ERSM_CUDA_FEATURE
+    fi
     bin=target/gpu-check-bin
     package "$bin"
 fi
@@ -66,7 +99,8 @@ for name in nvrtc cudart cublas cublasLt cudnn; do
 done
 [ -d "$links" ] && export LD_LIBRARY_PATH="$links:$LD_LIBRARY_PATH"
 
-{ nvidia-smi -L || true; nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem --format=csv || true; } > "$out/gpu.txt" 2>&1
+{ nvidia-smi -L || true; nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem --format=csv || true
+  echo "ersm built with: $(cat "$bin/feature.txt" 2>/dev/null || echo unknown)"; } > "$out/gpu.txt" 2>&1
 cat "$out/gpu.txt"
 
 status=0
