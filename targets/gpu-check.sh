@@ -23,7 +23,7 @@
 # energy layer on each device, with their .txt tables), profile-cuda.txt (each
 # stage and each kind of suffix op on the GPU), compare-ort-cuda.json/.txt
 # (ERSM and ersm dense on the GPU beside ONNX Runtime's CUDA provider, or why
-# the latter is missing).
+# the latter is missing), and timeouts.txt if a step ran past its limit.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -103,25 +103,37 @@ done
   echo "ersm built with: $(cat "$bin/feature.txt" 2>/dev/null || echo unknown)"; } > "$out/gpu.txt" 2>&1
 cat "$out/gpu.txt"
 
+# Each step has a time limit of its own: a hang on the GPU (a kernel that never
+# ends, a driver wait) then costs that step alone, and the later steps still run
+# and write their files, on a borrowed GPU machine whose time is short.
+exec 3>&1
+limited() {
+    local secs=$1 rc=0
+    shift
+    timeout -k 10 "$secs" "$@" || rc=$?
+    [ "$rc" -ne 124 ] && [ "$rc" -ne 137 ] || echo "TIMED OUT after ${secs} s: $(basename "$1") ${2:-}" | tee -a "$out/timeouts.txt" >&3
+    return "$rc"
+}
+
 status=0
 echo "== CUDA tests"
-"$bin/cuda-tests" --nocapture --test-threads 1 > "$out/cuda-tests.log" 2>&1 || status=1
+limited 240 "$bin/cuda-tests" --nocapture --test-threads 1 > "$out/cuda-tests.log" 2>&1 || status=1
 grep -E "^test |test result|SKIPPED|CUDA device|GPU:" "$out/cuda-tests.log" || true
 
 echo "== ERSM stage benchmark"
-"$bin/ersm_stage" --json "$out/ersm_stage.json" | tee "$out/ersm_stage.txt" || status=1
+limited 90 "$bin/ersm_stage" --json "$out/ersm_stage.json" | tee "$out/ersm_stage.txt" || status=1
 
 echo "== ersm bench, energy layer on CUDA and on CPU"
-"$bin/ersm" bench --device cuda --frames 60 --json "$out/bench-cuda.json" > "$out/bench-cuda.txt" 2>&1 || status=1
-"$bin/ersm" bench --device cpu --frames 60 --json "$out/bench-cpu.json" > "$out/bench-cpu.txt" 2>&1 || status=1
+limited 90 "$bin/ersm" bench --device cuda --frames 60 --json "$out/bench-cuda.json" > "$out/bench-cuda.txt" 2>&1 || status=1
+limited 90 "$bin/ersm" bench --device cpu --frames 60 --json "$out/bench-cpu.json" > "$out/bench-cpu.txt" 2>&1 || status=1
 tail -16 "$out/bench-cuda.txt"
 
 echo "== where a GPU frame's time goes (each suffix op synchronised; device-built sets and rulebooks, host-built ones aside)"
-"$bin/ersm" bench --device cuda --frames 20 --profile > "$out/profile-cuda.txt" 2>&1 || status=1
+limited 90 "$bin/ersm" bench --device cuda --frames 20 --profile > "$out/profile-cuda.txt" 2>&1 || status=1
 sed -n '/where an ERSM/,/^$/p' "$out/profile-cuda.txt"
 
 echo "== ersm on the GPU against ONNX Runtime's CUDA provider (where this machine's onnxruntime has one)"
-python3 targets/compare-ort.py --ersm "$bin/ersm" --device cuda --threads all --frames 60 --clip-frames 60 \
+limited 150 python3 targets/compare-ort.py --ersm "$bin/ersm" --device cuda --threads all --frames 60 --clip-frames 60 \
     --json "$out/compare-ort-cuda.json" > "$out/compare-ort-cuda.txt" 2>&1 || status=1
 cat "$out/compare-ort-cuda.txt"
 
