@@ -61,6 +61,8 @@ fi
 
 out=${1:?usage: targets/gpu-check.sh OUT_DIR}
 mkdir -p "$out"
+# Where pip's nvidia-* wheels put the CUDA libraries.
+sitepkgs=$(python3 -c 'import site; print(" ".join(site.getsitepackages()))' 2>/dev/null || true)
 bin=${ERSM_PREBUILT:-}
 if [ -f "$bin" ]; then
     unpacked=$(mktemp -d)
@@ -72,8 +74,7 @@ if [ -z "$bin" ]; then
     if [ -z "${ERSM_CUDA_FEATURE:-}" ]; then
         ERSM_CUDA_FEATURE=cuda-12020
         ldconfig -p 2>/dev/null | grep -q 'libnvrtc\.so\.13' && ERSM_CUDA_FEATURE=cuda-13000
-        find /usr/local/cuda*/ $(python3 -c 'import site; print(" ".join(site.getsitepackages()))' 2>/dev/null) \
-            -name 'libnvrtc.so.13*' 2>/dev/null | grep -q . && ERSM_CUDA_FEATURE=cuda-13000
+        find /usr/local/cuda*/ $sitepkgs -name 'libnvrtc.so.13*' 2>/dev/null | grep -q . && ERSM_CUDA_FEATURE=cuda-13000
         export ERSM_CUDA_FEATURE
     fi
     bin=target/gpu-check-bin
@@ -86,7 +87,6 @@ fi
 # cudarc asks for libX.so or libX.so.12; a newer toolkit may ship only .so.NN,
 # so a plain libX.so link goes in a folder of our own.
 links=/tmp/ersm-cudalibs
-sitepkgs=$(python3 -c 'import site; print(" ".join(site.getsitepackages()))' 2>/dev/null || true)
 for name in nvrtc cudart cublas cublasLt cudnn; do
     ldconfig -p 2>/dev/null | grep -q "lib$name\.so" && continue
     lib=$(find /usr/local/cuda*/ /usr/lib /opt "${HOME:-/root}" $sitepkgs -name "lib$name.so*" 2>/dev/null \

@@ -291,15 +291,10 @@ fn gpu_suffix_matches_the_cpu_executor_on_a_real_gpu() {
 
 #[test]
 fn suffix_kernels_compile_to_ptx_for_jetson_and_test_architectures() {
-    if !ersm::ersm::cuda::nvrtc_present() {
-        assert!(
-            std::env::var("ERSM_REQUIRE_NVRTC").as_deref() != Ok("1"),
-            "NVRTC is required (ERSM_REQUIRE_NVRTC=1) but libnvrtc cannot be loaded"
-        );
-        println!("SKIPPED: no NVRTC (pip install nvidia-cuda-nvrtc-cu12)");
+    let Some(archs) = crate::ptx_test_archs() else {
         return;
-    }
-    for &arch in crate::ptx_test_archs() {
+    };
+    for &arch in archs {
         let ptx = ersm::ersm::cuda::compile_source(KERNEL_SRC, "sparse suffix", arch)
             .unwrap_or_else(|e| panic!("{arch}: {e}"));
         let text = ptx.to_src();
