@@ -357,6 +357,132 @@ fn timed_gpu_suffix_gives_the_untimed_result() {
     }
 }
 
+/// What the executor asked of a device, in order.
+#[derive(Clone, Debug, PartialEq)]
+enum Call {
+    Upload,
+    Alloc,
+    CopyFrom,
+    Launch(Kernel),
+    Download(usize),
+    Sync,
+}
+
+/// The emulator, logging every call.
+struct Recording {
+    inner: Emulator,
+    log: std::cell::RefCell<Vec<Call>>,
+}
+
+impl Recording {
+    fn note(&self, c: Call) {
+        self.log.borrow_mut().push(c);
+    }
+}
+
+impl Device for Recording {
+    type Buf = HostBuf;
+
+    fn upload(&self, data: &[f32]) -> anyhow::Result<HostBuf> {
+        self.note(Call::Upload);
+        self.inner.upload(data)
+    }
+
+    fn alloc(&self, n: usize) -> anyhow::Result<HostBuf> {
+        self.note(Call::Alloc);
+        self.inner.alloc(n)
+    }
+
+    unsafe fn copy_from(&self, src: u64, n: usize) -> anyhow::Result<HostBuf> {
+        self.note(Call::CopyFrom);
+        // SAFETY: passed on as the caller promised it.
+        unsafe { self.inner.copy_from(src, n) }
+    }
+
+    fn ptr(&self, buf: &HostBuf) -> u64 {
+        self.inner.ptr(buf)
+    }
+
+    fn launch(&self, kernel: Kernel, threads: usize, p: &Params) -> anyhow::Result<()> {
+        self.note(Call::Launch(kernel));
+        self.inner.launch(kernel, threads, p)
+    }
+
+    fn download(&self, buf: &HostBuf, n: usize) -> anyhow::Result<Vec<f32>> {
+        self.note(Call::Download(n));
+        self.inner.download(buf, n)
+    }
+
+    fn sync(&self) -> anyhow::Result<()> {
+        self.note(Call::Sync);
+        self.inner.sync()
+    }
+}
+
+/// On the device path a frame's only reads are after its last launch: the
+/// token counts, then the output. No count comes back before the steps
+/// run, nothing waits in between, and the gathered rows are read where the
+/// energy kernel left them (no copy, no upload).
+#[test]
+fn device_path_reads_back_only_counts_and_logits_after_the_last_launch() {
+    let Some(emulator) = Emulator::build() else {
+        return;
+    };
+    let m = ModelPackage::load("models/mobilenet_v2_ersm").unwrap();
+    let dev = Recording {
+        inner: emulator,
+        log: Default::default(),
+    };
+    let gpu = GpuSuffix::new(dev, &m.plan).expect("the shipped model lowers");
+    let mut rng = Rng::new(31);
+    let (c, h, w) = (m.cut.c, m.cut.h, m.cut.w);
+    let x: Vec<f32> = (0..c * h * w).map(|_| 6.0 * rng.f32()).collect();
+    let kept = blob_kept(&mut rng, h, w, 0.6);
+    let fm = ersm::ersm::FeatureMap::new(&x, c, h, w).unwrap();
+    let feats = ersm::ersm::cpu::gather(fm, &kept);
+    let (want, frame) = gpu.run(&m.plan, &kept, &feats).unwrap();
+    let uploaded = gpu.upload_kept(&kept).unwrap();
+    let rows = gpu.device().upload(&feats).unwrap();
+    for _ in 0..2 {
+        gpu.device().log.borrow_mut().clear();
+        // SAFETY: the kept list, its count and its rows, uploaded above.
+        let (got, counts) =
+            unsafe { gpu.run_on_device(uploaded.tokens, gpu.device().ptr(&rows)) }.unwrap();
+        assert_eq!(got, want);
+        assert_eq!(
+            counts,
+            frame.sets.iter().map(|s| s.len()).collect::<Vec<_>>()
+        );
+        let log = gpu.device().log.borrow().clone();
+        let last_launch = log
+            .iter()
+            .rposition(|c| matches!(c, Call::Launch(_)))
+            .unwrap();
+        let launches = log.iter().filter(|c| matches!(c, Call::Launch(_))).count();
+        assert_eq!(
+            launches,
+            m.plan.levels.len() + m.plan.rules.len() + m.plan.steps.len(),
+            "a launch per level, rulebook and step"
+        );
+        let outputs = log[last_launch + 1..].to_vec();
+        let n_out = match &want {
+            ersm::sparse::Value::Dense { data, .. } => data.len(),
+            v => panic!("the shipped model's output is dense, got {v:?}"),
+        };
+        assert_eq!(
+            outputs,
+            vec![Call::Download(m.plan.levels.len()), Call::Download(n_out)],
+            "after the last launch"
+        );
+        assert!(
+            log[..last_launch]
+                .iter()
+                .all(|c| matches!(c, Call::Launch(_) | Call::Alloc)),
+            "before the last launch only launches and allocations: {log:?}"
+        );
+    }
+}
+
 /// A kept list the kernels cannot use (a count past the map, or none) is an
 /// error that names the counts, not a read past the buffers.
 #[test]

@@ -71,6 +71,8 @@ pub struct Params {
     pub kw: i32,
     pub pad_top: i32,
     pub pad_left: i32,
+    pub count: u64,
+    pub row_len: i32,
 }
 
 /// The kernels of `suffix.cu`.
@@ -238,11 +240,48 @@ impl Meta {
     }
 }
 
+/// The token count of each level as a frame's steps see it: exact, known on
+/// the host; or each level's capacity, with the exact counts in device
+/// memory where the kernels read them, so nothing comes back to the host
+/// before the steps run and every frame launches the same grid.
+#[derive(Clone, Copy)]
+struct Counts<'a> {
+    /// Rows of each level: exact, or the capacity.
+    rows: &'a [usize],
+    /// Address of the exact counts (one `u32` per level), when on the device.
+    on_device: Option<u64>,
+}
+
+impl Counts<'_> {
+    /// What a launch over `meta`'s values sets as `count` and `row_len`.
+    fn of(&self, meta: &Meta) -> (u64, i32) {
+        match (meta, self.on_device) {
+            (Meta::Tokens { level, c }, Some(at)) => (at + 4 * *level as u64, *c as i32),
+            _ => (0, 0),
+        }
+    }
+
+    /// The device count of `level`'s rows (0 when exact on the host).
+    fn at(&self, level: usize) -> u64 {
+        self.on_device.map_or(0, |at| at + 4 * level as u64)
+    }
+}
+
+/// A slot's buffer: owned by the executor, or another component's output
+/// read where it lies (the energy kernel's gathered rows).
+enum Held<B> {
+    Own(B),
+    At(u64),
+}
+
+/// A computed value of a frame's steps, until its last reader has run.
+type Slot<B> = Option<(Meta, Held<B>)>;
+
 /// Where a frame's token sets and rulebooks are built.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum RulebookSite {
-    /// By kernels, from the kept list in device memory: no token index
-    /// crosses to the host, only each level's token count comes back.
+    /// By kernels, from the kept list in device memory: no token index or
+    /// count crosses to the host before the output is computed.
     #[default]
     Device,
     /// By the CPU plan from the kept list on the host, then uploaded.
@@ -315,8 +354,6 @@ struct DeviceFrame<B> {
     tables: B,
     /// Each level's token count (the same on both sides).
     counts: B,
-    /// Active tokens per level, read back.
-    rows: Vec<usize>,
 }
 
 /// A plan's suffix, lowered for a device.
@@ -459,26 +496,31 @@ impl<D: Device> GpuSuffix<D> {
 
     /// Runs the suffix on gathered rows another component left in device
     /// memory (the energy kernel's output) for the kept tokens it left there
-    /// too: the token sets and rulebooks are built on the device, and only
-    /// the token count of each level comes back before the steps run. The
-    /// output and those counts are returned (the host's
-    /// [`Plan::sets`] of the same kept list places a token output).
+    /// too: the token sets and rulebooks are built on the device, and the
+    /// kernels read every token count where it lies, so nothing comes back
+    /// to the host until the output has been computed. The output and the
+    /// token count of each level are returned (the host's [`Plan::sets`] of
+    /// the same kept list places a token output).
     ///
     /// # Safety
     /// `tokens` must address a kept list and its count as the energy kernel
     /// writes them for this plan's level 0, and `rows` their `count × C`
-    /// gathered values, all live on this device and finished.
+    /// gathered values, all live on this device while this runs and written
+    /// by work ordered before this call's launches.
     pub unsafe fn run_on_device(
         &self,
         tokens: DeviceTokens,
         rows: u64,
     ) -> Result<(Value, Vec<usize>)> {
-        let frame = self.build_frame(tokens, None)?;
-        // SAFETY: the count the kernels just checked against level 0's map
-        // is the number of rows the caller promises at `rows`.
-        let input = unsafe { self.device.copy_from(rows, frame.rows[0] * self.channels)? };
-        let value = self.run_steps(&frame.rows, &|i| self.table_ptr(&frame, i), input, None)?;
-        Ok((value, frame.rows))
+        let frame = self.build_frame(tokens)?;
+        let (meta, out) = self.run_steps(
+            self.device_counts(&frame),
+            &|i| self.table_ptr(&frame, i),
+            Held::At(rows),
+            None,
+        )?;
+        let counts = self.read_counts(&frame, None)?;
+        Ok((self.fetch(meta, &out, &counts)?, counts))
     }
 
     /// Like [`GpuSuffix::run`], timing each part of the frame in ms, laid out
@@ -516,15 +558,17 @@ impl<D: Device> GpuSuffix<D> {
                 self.device.sync()?;
                 times[n + 1] += ms(t);
                 let t = Instant::now();
-                let frame = self.build_frame(uploaded.tokens, Some(kept.len()))?;
+                let frame = self.build_frame(uploaded.tokens)?;
+                self.device.sync()?;
                 times[n] += ms(t);
-                let value = self.run_steps(
-                    &frame.rows,
+                let (meta, out) = self.run_steps(
+                    self.device_counts(&frame),
                     &|i| self.table_ptr(&frame, i),
-                    input,
+                    Held::Own(input),
                     Some(times),
                 )?;
-                Ok((value, frame.rows))
+                let counts = self.read_counts(&frame, Some(kept.len()))?;
+                Ok((self.fetch(meta, &out, &counts)?, counts))
             }
         }
     }
@@ -534,7 +578,8 @@ impl<D: Device> GpuSuffix<D> {
     /// checking against [`Plan::frame`].
     pub fn frame_on_device(&self, kept: &[u32]) -> Result<Frame> {
         let uploaded = self.upload_kept(kept)?;
-        let frame = self.build_frame(uploaded.tokens, Some(kept.len()))?;
+        let frame = self.build_frame(uploaded.tokens)?;
+        let rows = self.read_counts(&frame, Some(kept.len()))?;
         let words = |buf: &D::Buf, n: usize| -> Result<Vec<u32>> {
             Ok(self
                 .device
@@ -555,7 +600,7 @@ impl<D: Device> GpuSuffix<D> {
                     h: level.h,
                     w: level.w,
                     index: all_sets[index..list].to_vec(),
-                    coords: all_sets[list..list + frame.rows[l]].to_vec(),
+                    coords: all_sets[list..list + rows[l]].to_vec(),
                 }
             })
             .collect();
@@ -568,7 +613,7 @@ impl<D: Device> GpuSuffix<D> {
                 let at = self.layout.tables[r];
                 Rulebook {
                     taps,
-                    table: all_tables[at..at + frame.rows[key.out_level] * taps].to_vec(),
+                    table: all_tables[at..at + rows[key.out_level] * taps].to_vec(),
                 }
             })
             .collect();
@@ -597,22 +642,14 @@ impl<D: Device> GpuSuffix<D> {
     }
 
     /// Launches the kernels that build every level's set and every rulebook
-    /// from the kept list at `tokens`, then reads back each level's count
-    /// (one small copy, the frame's only synchronisation before its steps).
-    /// `expect` is the kept count when the host knows it, checked against
-    /// what the kernels saw.
-    fn build_frame(
-        &self,
-        tokens: DeviceTokens,
-        expect: Option<usize>,
-    ) -> Result<DeviceFrame<D::Buf>> {
+    /// from the kept list at `tokens`; the counts stay on the device.
+    fn build_frame(&self, tokens: DeviceTokens) -> Result<DeviceFrame<D::Buf>> {
         let d = &self.device;
         let l = &self.layout;
         let frame = DeviceFrame {
             sets: d.alloc(l.sets_len)?,
             tables: d.alloc(l.tables_len.max(1))?,
             counts: d.alloc(self.levels.len())?,
-            rows: Vec::new(),
         };
         let (sets, counts) = (d.ptr(&frame.sets), d.ptr(&frame.counts));
         let index_at = |level: usize| sets + 4 * l.index(level) as u64;
@@ -669,16 +706,38 @@ impl<D: Device> GpuSuffix<D> {
             };
             d.launch(Kernel::Rulebook, out.h * out.w * win.kh * win.kw, &p)?;
         }
-        let rows: Vec<usize> = d
+        Ok(frame)
+    }
+
+    /// The counts a device-built frame's steps read: capacities on the host.
+    fn device_counts<'a>(&'a self, frame: &DeviceFrame<D::Buf>) -> Counts<'a> {
+        Counts {
+            rows: &self.layout.positions,
+            on_device: Some(self.device.ptr(&frame.counts)),
+        }
+    }
+
+    /// Reads back a device-built frame's token count of each level, once
+    /// everything launched has finished, and checks level 0's against the
+    /// map (the kernels clamp to it, so a bad count cannot reach past a
+    /// buffer, but it must not pass unreported). `expect` is the kept count
+    /// when the host knows it, checked against what the kernels saw.
+    fn read_counts(
+        &self,
+        frame: &DeviceFrame<D::Buf>,
+        expect: Option<usize>,
+    ) -> Result<Vec<usize>> {
+        let rows: Vec<usize> = self
+            .device
             .download(&frame.counts, self.levels.len())?
             .into_iter()
             .map(|c| c.to_bits() as usize)
             .collect();
+        let all = self.layout.positions[0];
         ensure!(
-            rows[0] > 0 && rows[0] <= l.positions[0],
-            "the kept list holds {} tokens of {}",
-            rows[0],
-            l.positions[0]
+            rows[0] > 0 && rows[0] <= all,
+            "the kept list holds {} tokens of {all}",
+            rows[0]
         );
         if let Some(n) = expect {
             ensure!(
@@ -687,7 +746,33 @@ impl<D: Device> GpuSuffix<D> {
                 rows[0]
             );
         }
-        Ok(DeviceFrame { rows, ..frame })
+        Ok(rows)
+    }
+
+    /// The address of a slot's buffer.
+    fn addr(&self, held: &Held<D::Buf>) -> u64 {
+        match held {
+            Held::Own(b) => self.device.ptr(b),
+            Held::At(at) => *at,
+        }
+    }
+
+    /// Reads an output back, with the exact token `counts` of every level.
+    fn fetch(&self, meta: Meta, out: &Held<D::Buf>, counts: &[usize]) -> Result<Value> {
+        let n = meta.len(counts);
+        let data = match out {
+            Held::Own(b) => self.device.download(b, n)?,
+            // SAFETY: a suffix with no steps hands back its input, which the
+            // caller keeps live and holds `n` values.
+            Held::At(at) => {
+                let b = unsafe { self.device.copy_from(*at, n)? };
+                self.device.download(&b, n)?
+            }
+        };
+        Ok(match meta {
+            Meta::Tokens { level, c } => Value::Tokens { level, c, data },
+            Meta::Dense { shape } => Value::Dense { shape, data },
+        })
     }
 
     /// Uploads a host-built frame's rulebooks (all in one buffer) and runs
@@ -714,20 +799,30 @@ impl<D: Device> GpuSuffix<D> {
         }
         let counts: Vec<usize> = frame.sets.iter().map(TokenSet::len).collect();
         let base = self.device.ptr(&rulebooks);
-        let value = self.run_steps(&counts, &|i| base + 4 * offsets[i] as u64, features, times)?;
-        Ok((value, counts))
+        let exact = Counts {
+            rows: &counts,
+            on_device: None,
+        };
+        let (meta, out) = self.run_steps(
+            exact,
+            &|i| base + 4 * offsets[i] as u64,
+            Held::Own(features),
+            times,
+        )?;
+        Ok((self.fetch(meta, &out, &counts)?, counts))
     }
 
-    /// Runs every step on the gathered rows, with `counts` active tokens per
-    /// level and rulebook `i`'s table at `rb_ptr(i)`; the output read back.
+    /// Launches every step on the gathered rows, with `counts` active tokens
+    /// per level and rulebook `i`'s table at `rb_ptr(i)`; the output, still
+    /// on the device.
     fn run_steps(
         &self,
-        counts: &[usize],
+        counts: Counts<'_>,
         rb_ptr: &dyn Fn(usize) -> u64,
-        features: D::Buf,
+        features: Held<D::Buf>,
         mut times: Option<&mut Vec<f64>>,
-    ) -> Result<Value> {
-        let mut slots: Vec<Option<(Meta, D::Buf)>> = (0..self.slots).map(|_| None).collect();
+    ) -> Result<(Meta, Held<D::Buf>)> {
+        let mut slots: Vec<Slot<D::Buf>> = (0..self.slots).map(|_| None).collect();
         slots[0] = Some((
             Meta::Tokens {
                 level: 0,
@@ -744,38 +839,34 @@ impl<D: Device> GpuSuffix<D> {
                 self.device.sync()?;
                 times[i] += ms(t);
             }
-            slots[s.output] = Some((meta, buf));
+            slots[s.output] = Some((meta, Held::Own(buf)));
             for &x in &s.inputs {
                 if self.last_use[x] == i {
                     slots[x] = None;
                 }
             }
         }
-        let (meta, buf) = slots[self.output]
+        slots[self.output]
             .take()
-            .context("the suffix output was never computed")?;
-        let data = self.device.download(&buf, meta.len(counts))?;
-        Ok(match meta {
-            Meta::Tokens { level, c } => Value::Tokens { level, c, data },
-            Meta::Dense { shape } => Value::Dense { shape, data },
-        })
+            .context("the suffix output was never computed")
     }
 
     fn step(
         &self,
         s: &GpuStep,
-        slots: &[Option<(Meta, D::Buf)>],
-        counts: &[usize],
+        slots: &[Slot<D::Buf>],
+        counts: Counts<'_>,
         rb_ptr: &dyn Fn(usize) -> u64,
     ) -> Result<(Meta, D::Buf)> {
         let d = &self.device;
-        let input = |k: usize| -> Result<&(Meta, D::Buf)> {
-            slots[s.inputs[k]]
+        let input = |k: usize| -> Result<(&Meta, u64)> {
+            let (meta, held) = slots[s.inputs[k]]
                 .as_ref()
-                .with_context(|| format!("input {k} is not computed"))
+                .with_context(|| format!("input {k} is not computed"))?;
+            Ok((meta, self.addr(held)))
         };
         let w = |i: usize| d.ptr(&self.weights[i]);
-        let rows_of = |level: usize| counts[level];
+        let rows_of = |level: usize| counts.rows[level];
         match &s.op {
             GpuOp::Conv {
                 kernel,
@@ -795,15 +886,16 @@ impl<D: Device> GpuSuffix<D> {
                     bail!("conv expects token rows");
                 };
                 ensure!(*c == *cin, "conv expects {cin} channels, got {c}");
-                let rows = if rulebook.is_some() {
-                    rows_of(*out_level)
+                let out = if rulebook.is_some() {
+                    *out_level
                 } else {
-                    rows_of(*level)
+                    *level
                 };
+                let rows = rows_of(out);
                 let y = d.alloc((rows * cout).max(1))?;
                 let (act, a0, a1) = act_code(*act);
                 let p = Params {
-                    x: d.ptr(x),
+                    x,
                     w: w(*wi),
                     bias: w(*b),
                     rb: rulebook.map_or(0, rb_ptr),
@@ -817,15 +909,17 @@ impl<D: Device> GpuSuffix<D> {
                     act,
                     a0,
                     a1,
+                    count: counts.at(out),
                     ..Params::default()
                 };
                 d.launch(*kernel, rows * cout, &p)?;
-                let level = if rulebook.is_some() {
-                    *out_level
-                } else {
-                    *level
-                };
-                Ok((Meta::Tokens { level, c: *cout }, y))
+                Ok((
+                    Meta::Tokens {
+                        level: out,
+                        c: *cout,
+                    },
+                    y,
+                ))
             }
             GpuOp::Depthwise {
                 w: wi,
@@ -846,7 +940,7 @@ impl<D: Device> GpuSuffix<D> {
                 let y = d.alloc((rows * c).max(1))?;
                 let (act, a0, a1) = act_code(*act);
                 let p = Params {
-                    x: d.ptr(x),
+                    x,
                     w: w(*wi),
                     bias: w(*b),
                     rb: rb_ptr(*rulebook),
@@ -859,6 +953,7 @@ impl<D: Device> GpuSuffix<D> {
                     act,
                     a0,
                     a1,
+                    count: counts.at(*out_level),
                     ..Params::default()
                 };
                 d.launch(Kernel::Depthwise, rows * c, &p)?;
@@ -878,7 +973,7 @@ impl<D: Device> GpuSuffix<D> {
                     (Meta::Dense { .. }, Meta::Tokens { .. }) => ((mb, b), (ma, a)),
                     _ => ((ma, a), (mb, b)),
                 };
-                let n = ma.len(counts);
+                let n = ma.len(counts.rows);
                 let per_channel = match (ma, mb) {
                     (Meta::Tokens { level: la, .. }, Meta::Tokens { level: lb, .. }) => {
                         ensure!(la == lb, "operands on different token sets ({la} vs {lb})");
@@ -892,13 +987,14 @@ impl<D: Device> GpuSuffix<D> {
                     _ => 0,
                 };
                 ensure!(
-                    per_channel > 0 || mb.len(counts) == n,
+                    per_channel > 0 || mb.len(counts.rows) == n,
                     "operand sizes differ"
                 );
                 let y = d.alloc(n.max(1))?;
+                let (count, row_len) = counts.of(ma);
                 let p = Params {
-                    x: d.ptr(a),
-                    x2: d.ptr(b),
+                    x: a,
+                    x2: b,
                     y: d.ptr(&y),
                     kind: match kind {
                         BinaryKind::Add => 0,
@@ -907,6 +1003,8 @@ impl<D: Device> GpuSuffix<D> {
                     n: n as i32,
                     cout: per_channel as i32,
                     inner: 1,
+                    count,
+                    row_len,
                     ..Params::default()
                 };
                 d.launch(Kernel::Binary, n, &p)?;
@@ -914,7 +1012,7 @@ impl<D: Device> GpuSuffix<D> {
             }
             GpuOp::Affine { scale, shift, c } => {
                 let (meta, x) = input(0)?;
-                let n = meta.len(counts);
+                let n = meta.len(counts.rows);
                 let inner = match meta {
                     Meta::Tokens { c: ci, .. } => {
                         ensure!(ci == c, "affine expects {c} channels, got {ci}");
@@ -923,14 +1021,17 @@ impl<D: Device> GpuSuffix<D> {
                     Meta::Dense { shape } => shape.iter().skip(2).product::<usize>().max(1),
                 };
                 let y = d.alloc(n.max(1))?;
+                let (count, row_len) = counts.of(meta);
                 let p = Params {
-                    x: d.ptr(x),
+                    x,
                     w: w(*scale),
                     bias: w(*shift),
                     y: d.ptr(&y),
                     n: n as i32,
                     cout: *c as i32,
                     inner: inner as i32,
+                    count,
+                    row_len,
                     ..Params::default()
                 };
                 d.launch(Kernel::Affine, n, &p)?;
@@ -938,16 +1039,19 @@ impl<D: Device> GpuSuffix<D> {
             }
             GpuOp::Activation(kind) => {
                 let (meta, x) = input(0)?;
-                let n = meta.len(counts);
+                let n = meta.len(counts.rows);
                 let y = d.alloc(n.max(1))?;
                 let (act, a0, a1) = act_code(Some(*kind));
+                let (count, row_len) = counts.of(meta);
                 let p = Params {
-                    x: d.ptr(x),
+                    x,
                     y: d.ptr(&y),
                     n: n as i32,
                     act,
                     a0,
                     a1,
+                    count,
+                    row_len,
                     ..Params::default()
                 };
                 d.launch(Kernel::Activation, n, &p)?;
@@ -961,12 +1065,13 @@ impl<D: Device> GpuSuffix<D> {
                 ensure!(ci == c, "global pooling expects {c} channels, got {ci}");
                 let y = d.alloc(*c)?;
                 let p = Params {
-                    x: d.ptr(x),
+                    x,
                     fill: fill.map_or(0, w),
                     y: d.ptr(&y),
                     rows: rows_of(*level) as i32,
                     cout: *c as i32,
                     n: self.layout.positions[*level] as i32,
+                    count: counts.at(*level),
                     ..Params::default()
                 };
                 d.launch(Kernel::GlobalMean, *c, &p)?;
@@ -987,13 +1092,13 @@ impl<D: Device> GpuSuffix<D> {
             } => {
                 let (meta, x) = input(0)?;
                 ensure!(
-                    matches!(meta, Meta::Dense { .. }) && meta.len(counts) == *k,
+                    matches!(meta, Meta::Dense { .. }) && meta.len(counts.rows) == *k,
                     "linear expects a dense input of {k} values"
                 );
                 let y = d.alloc(*n)?;
                 let (act, a0, a1) = act_code(*act);
                 let p = Params {
-                    x: d.ptr(x),
+                    x,
                     w: w(*wi),
                     bias: w(*b),
                     y: d.ptr(&y),
@@ -1014,7 +1119,11 @@ impl<D: Device> GpuSuffix<D> {
             }
             GpuOp::Reshape(shape) => {
                 let (meta, x) = input(0)?;
-                let n = meta.len(counts);
+                ensure!(
+                    matches!(meta, Meta::Dense { .. }),
+                    "reshape of a token map is not supported"
+                );
+                let n = meta.len(counts.rows);
                 ensure!(
                     shape.iter().product::<usize>() == n,
                     "reshape of {n} values to {shape:?}"
@@ -1023,7 +1132,7 @@ impl<D: Device> GpuSuffix<D> {
                 // with no function is a plain copy).
                 let y = d.alloc(n.max(1))?;
                 let p = Params {
-                    x: d.ptr(x),
+                    x,
                     y: d.ptr(&y),
                     n: n as i32,
                     ..Params::default()

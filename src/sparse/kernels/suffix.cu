@@ -56,7 +56,27 @@ struct SfxParams {
     int rule;            // stride rule: 0 any, 1 centre (src/sparse/tokens.rs)
     int kh, kw;          // window
     int pad_top, pad_left;
+    // Token counts left in device memory: when set, the rows are *count (at most
+    // `rows`, the launch's capacity), and an elementwise op over token rows covers
+    // *count × row_len values (at most n). So a frame's launches need no count
+    // from the host, and are the same every frame.
+    const u32* count;
+    int row_len;         // values per token row, with count
 };
+
+// Output rows of this launch: the device count when there is one.
+__device__ __forceinline__ int sfx_rows(const SfxParams& p) {
+    if (!p.count) return p.rows;
+    const u32 c = *p.count;
+    return c < (u32)p.rows ? (int)c : p.rows;
+}
+
+// Values an elementwise launch covers: the device count's rows when there is one.
+__device__ __forceinline__ int sfx_len(const SfxParams& p) {
+    if (!p.count) return p.n;
+    const long long v = (long long)*p.count * p.row_len;
+    return v < (long long)p.n ? (int)v : p.n;
+}
 
 __device__ __forceinline__ float sfx_act(float v, int act, float a0, float a1) {
     switch (act) {
@@ -76,7 +96,7 @@ __device__ __forceinline__ int sfx_index() {
 // 1×1 stride-1 conv on token rows: y[r, o] = act(bias[o] + Σ_i x[r, i] w[i, o]).
 extern "C" __global__ void sfx_conv1x1(SfxParams p) {
     const int idx = sfx_index();
-    if (idx >= p.rows * p.cout) return;
+    if (idx >= sfx_rows(p) * p.cout) return;
     const int r = idx / p.cout, o = idx % p.cout;
     const float* xr = p.x + (long)r * p.cin;
     float acc = p.bias[o];
@@ -88,7 +108,7 @@ extern "C" __global__ void sfx_conv1x1(SfxParams p) {
 // group are (taps · cin/g) × cout/g, tap-major, groups one after another.
 extern "C" __global__ void sfx_conv_rulebook(SfxParams p) {
     const int idx = sfx_index();
-    if (idx >= p.rows * p.cout) return;
+    if (idx >= sfx_rows(p) * p.cout) return;
     const int r = idx / p.cout, o = idx % p.cout;
     const int cin_g = p.cin / p.groups, cout_g = p.cout / p.groups;
     const int g = o / cout_g, og = o % cout_g;
@@ -110,7 +130,7 @@ extern "C" __global__ void sfx_conv_rulebook(SfxParams p) {
 // Depthwise conv through the rulebook; weights taps × c, tap-major.
 extern "C" __global__ void sfx_depthwise(SfxParams p) {
     const int idx = sfx_index();
-    if (idx >= p.rows * p.cout) return;
+    if (idx >= sfx_rows(p) * p.cout) return;
     const int r = idx / p.cout, c = idx % p.cout;
     const u32* taps = p.rb + (long)r * p.taps;
     float acc = p.bias[c];
@@ -126,7 +146,7 @@ extern "C" __global__ void sfx_depthwise(SfxParams p) {
 // (cout of them, `inner` consecutive values of x per channel).
 extern "C" __global__ void sfx_binary(SfxParams p) {
     const int idx = sfx_index();
-    if (idx >= p.n) return;
+    if (idx >= sfx_len(p)) return;
     const float b = p.cout > 0 ? p.x2[(idx / p.inner) % p.cout] : p.x2[idx];
     const float a = p.x[idx];
     p.y[idx] = p.kind == 0 ? a + b : a * b;
@@ -135,7 +155,7 @@ extern "C" __global__ void sfx_binary(SfxParams p) {
 // y = x · scale[ch] + shift[ch] (scale in w, shift in bias).
 extern "C" __global__ void sfx_affine(SfxParams p) {
     const int idx = sfx_index();
-    if (idx >= p.n) return;
+    if (idx >= sfx_len(p)) return;
     const int ch = (idx / p.inner) % p.cout;
     p.y[idx] = p.x[idx] * p.w[ch] + p.bias[ch];
 }
@@ -143,7 +163,7 @@ extern "C" __global__ void sfx_affine(SfxParams p) {
 // A lone activation.
 extern "C" __global__ void sfx_activation(SfxParams p) {
     const int idx = sfx_index();
-    if (idx >= p.n) return;
+    if (idx >= sfx_len(p)) return;
     p.y[idx] = sfx_act(p.x[idx], p.act, p.a0, p.a1);
 }
 
@@ -153,14 +173,15 @@ extern "C" __global__ void sfx_activation(SfxParams p) {
 extern "C" __global__ void sfx_global_mean(SfxParams p) {
     const int c = sfx_index();
     if (c >= p.cout) return;
+    const int rows = sfx_rows(p);
     float s = 0.0f;
-    for (int r = 0; r < p.rows; ++r) s += p.x[(long)r * p.cout + c];
+    for (int r = 0; r < rows; ++r) s += p.x[(long)r * p.cout + c];
     if (p.fill) {
-        const int dropped = p.n > p.rows ? p.n - p.rows : 0;
+        const int dropped = p.n > rows ? p.n - rows : 0;
         s += (float)dropped * p.fill[c];
         p.y[c] = s * (1.0f / (float)(p.n > 1 ? p.n : 1));
     } else {
-        p.y[c] = s * (1.0f / (float)(p.rows > 1 ? p.rows : 1));
+        p.y[c] = s * (1.0f / (float)(rows > 1 ? rows : 1));
     }
 }
 
