@@ -343,19 +343,23 @@ impl Pipeline {
         };
         let (mask, logits, suffix_started) = match (&self.device, &self.gpu_suffix) {
             // Energy kernel and suffix both on the GPU: the gathered rows go
-            // from one to the other in device memory.
+            // from one to the other in device memory, and the suffix is
+            // launched behind the kernel without waiting for it, so `ersm`
+            // is the kernel's launch and `suffix` includes the GPU finishing
+            // it (its own GPU time is `ersm_kernel`).
             (Device::Cuda(backend), Some(gpu)) => {
                 let mut suffix_started = Instant::now();
                 let (mask, out) = backend
-                    .compute_on_device(source, &self.model.energy, |on, _| {
+                    .compute_on_device(source, &self.model.energy, |on| {
                         suffix_started = Instant::now();
                         let tokens = DeviceTokens {
                             kept: on.kept,
                             count: on.count,
                         };
                         // SAFETY: the kernel's kept list, its count and the
-                        // `count × C` gathered rows, finished and locked for
-                        // this call.
+                        // `count × C` gathered rows, locked for this call
+                        // and written by the kernel launched before on the
+                        // same (default) stream.
                         unsafe { gpu.run_on_device(tokens, on.rows) }
                     })
                     .context("energy layer")?;

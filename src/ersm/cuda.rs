@@ -116,6 +116,11 @@ pub fn open_device(ordinal: usize) -> Result<OpenDevice, CudaError> {
         return Err(CudaError::NoDevice(ordinal));
     }
     let ctx = CudaContext::new(ordinal)?;
+    // SAFETY: ersm launches, copies and frees on this context's default
+    // stream only, so its order is the stream's; cudarc's per-buffer events
+    // (two created and destroyed with every allocation, each suffix step's
+    // output among them) would order nothing.
+    unsafe { ctx.disable_event_tracking() };
     let (major, minor) = ctx.compute_capability()?;
     let arch = arch_for(major, minor)?;
     Ok(OpenDevice {
@@ -318,7 +323,8 @@ pub struct KernelOutputs {
 pub struct KernelTiming {
     /// The launch alone, by CUDA events.
     pub kernel_ms: f32,
-    /// Upload + launch + download, wall clock.
+    /// Upload + launch + download, wall clock (on the device path, with
+    /// the work launched behind the kernel, which the download waits for).
     pub wall_ms: f64,
 }
 
@@ -388,34 +394,36 @@ impl CudaBackend {
         x: impl Into<MapSource<'a>>,
         spec: &EnergySpec,
     ) -> Result<TokenMask, CudaError> {
-        Ok(self.launch_and_read(x.into(), spec, true, |_, _| ())?.0)
+        Ok(self.launch_and_read(x.into(), spec, true, |_| ())?.0)
     }
 
     /// The energy layer for one frame with its outputs left on the device:
-    /// `then` gets their addresses (valid only during the call) and the keep
-    /// count, and its result is returned beside the mask (whose `features`
-    /// are empty). A map already on the device is read where it is. Only
-    /// the count comes back before `then` runs; the kept indices and the
-    /// energies are copied back after it, for the mask (overlay, reports),
-    /// so work in `then` (the GPU suffix) waits on nothing but the count.
+    /// `then` gets their addresses (valid only during the call) as soon as
+    /// the kernel is launched, and its result is returned beside the mask
+    /// (whose `features` are empty). A map already on the device is read
+    /// where it is. Nothing comes back before `then` runs: work it launches
+    /// on the default stream (the GPU suffix) is ordered after the kernel
+    /// and reads the count where it lies. The count, the kept indices and
+    /// the energies are copied back after `then`, for the mask (overlay,
+    /// reports).
     pub fn compute_on_device<R>(
         &self,
         x: MapSource<'_>,
         spec: &EnergySpec,
-        then: impl FnOnce(KernelOutputs, usize) -> R,
+        then: impl FnOnce(KernelOutputs) -> R,
     ) -> Result<(TokenMask, R), CudaError> {
         self.launch_and_read(x, spec, false, then)
     }
 
-    /// Launches the kernel and reads its outputs back. With `fetch_rows`
-    /// everything comes back in one copy before `then`; without, only the
-    /// count does, and the kept list and energies follow `then`.
+    /// Launches the kernel, runs `then` on its outputs where they lie, and
+    /// reads the count, kept list and energies back (and the gathered rows,
+    /// with `fetch_rows`) in one copy after it.
     fn launch_and_read<R>(
         &self,
         source: MapSource<'_>,
         spec: &EnergySpec,
         fetch_rows: bool,
-        then: impl FnOnce(KernelOutputs, usize) -> R,
+        then: impl FnOnce(KernelOutputs) -> R,
     ) -> Result<(TokenMask, R), CudaError> {
         let t0 = Instant::now();
         let x = source.shape();
@@ -491,13 +499,19 @@ impl CudaBackend {
         // and every buffer holds what the kernel indexes for this (HW, C, head).
         unsafe { launch.launch(cfg)? };
         end.record(&self.stream)?;
-        // The outputs wanted now back in one go, then one synchronisation
-        // (the gathered buffer whole: its used length is only known from
-        // the count).
+        // The buffers stay locked, so they stay put while `then` reads them.
+        let out = then(KernelOutputs {
+            rows: gp,
+            kept: kp,
+            count: cp,
+        });
+        // The outputs wanted back in one go, then one synchronisation (the
+        // gathered buffer whole: its used length is only known from the
+        // count).
         b.count.fetch(&self.stream)?;
+        b.kept.fetch(&self.stream)?;
+        b.energies.fetch(&self.stream)?;
         if fetch_rows {
-            b.kept.fetch(&self.stream)?;
-            b.energies.fetch(&self.stream)?;
             b.gathered.fetch(&self.stream)?;
         }
         self.stream.synchronize()?;
@@ -511,20 +525,6 @@ impl CudaBackend {
             kernel_ms: start.elapsed_ms(end)?,
             wall_ms: t0.elapsed().as_secs_f64() * 1e3,
         };
-        // The buffers stay locked, so they stay put while `then` reads them.
-        let out = then(
-            KernelOutputs {
-                rows: gp,
-                kept: kp,
-                count: cp,
-            },
-            n,
-        );
-        if !fetch_rows {
-            b.kept.fetch(&self.stream)?;
-            b.energies.fetch(&self.stream)?;
-            self.stream.synchronize()?;
-        }
         let kept = b.kept.read(n)?;
         let features = if fetch_rows {
             b.gathered.read(n * x.c)?
