@@ -132,6 +132,14 @@ impl Device for Emulator {
         Ok(())
     }
 
+    fn write(&self, buf: &mut HostBuf, at: usize, data: &[f32]) -> anyhow::Result<()> {
+        assert!(at + data.len() <= buf.len, "write past the end");
+        // SAFETY: `buf` holds `len` values, and `at + data.len()` is within them.
+        unsafe { std::slice::from_raw_parts_mut(buf.ptr.add(at), data.len()) }
+            .copy_from_slice(data);
+        Ok(())
+    }
+
     fn download(&self, buf: &HostBuf, n: usize) -> anyhow::Result<Vec<f32>> {
         assert!(n <= buf.len, "download past the end");
         // SAFETY: `buf` holds `len` initialised values.
@@ -363,6 +371,7 @@ enum Call {
     Upload,
     Alloc,
     CopyFrom,
+    Write,
     Launch(Kernel),
     Download(usize),
     Sync,
@@ -408,6 +417,11 @@ impl Device for Recording {
         self.inner.launch(kernel, threads, p)
     }
 
+    fn write(&self, buf: &mut HostBuf, at: usize, data: &[f32]) -> anyhow::Result<()> {
+        self.note(Call::Write);
+        self.inner.write(buf, at, data)
+    }
+
     fn download(&self, buf: &HostBuf, n: usize) -> anyhow::Result<Vec<f32>> {
         self.note(Call::Download(n));
         self.inner.download(buf, n)
@@ -422,7 +436,8 @@ impl Device for Recording {
 /// On the device path a frame's only reads are after its last launch: the
 /// token counts, then the output. No count comes back before the steps
 /// run, nothing waits in between, and the gathered rows are read where the
-/// energy kernel left them (no copy, no upload).
+/// energy kernel left them (no copy, no upload). The first frame allocates
+/// the workspace; later ones allocate nothing and launch the same grids.
 #[test]
 fn device_path_reads_back_only_counts_and_logits_after_the_last_launch() {
     let Some(emulator) = Emulator::build() else {
@@ -440,46 +455,60 @@ fn device_path_reads_back_only_counts_and_logits_after_the_last_launch() {
     let kept = blob_kept(&mut rng, h, w, 0.6);
     let fm = ersm::ersm::FeatureMap::new(&x, c, h, w).unwrap();
     let feats = ersm::ersm::cpu::gather(fm, &kept);
-    let (want, frame) = gpu.run(&m.plan, &kept, &feats).unwrap();
     let uploaded = gpu.upload_kept(&kept).unwrap();
     let rows = gpu.device().upload(&feats).unwrap();
-    for _ in 0..2 {
+    let mut first_launches = Vec::new();
+    let mut outputs = Vec::new();
+    for frame_no in 0..3 {
         gpu.device().log.borrow_mut().clear();
         // SAFETY: the kept list, its count and its rows, uploaded above.
-        let (got, counts) =
-            unsafe { gpu.run_on_device(uploaded.tokens, gpu.device().ptr(&rows)) }.unwrap();
-        assert_eq!(got, want);
-        assert_eq!(
-            counts,
-            frame.sets.iter().map(|s| s.len()).collect::<Vec<_>>()
-        );
+        let out = unsafe { gpu.run_on_device(uploaded.tokens, gpu.device().ptr(&rows)) }.unwrap();
         let log = gpu.device().log.borrow().clone();
-        let last_launch = log
+        let launches: Vec<Call> = log
+            .iter()
+            .filter(|c| matches!(c, Call::Launch(_)))
+            .cloned()
+            .collect();
+        assert_eq!(
+            launches.len(),
+            m.plan.levels.len() + m.plan.rules.len() + m.plan.steps.len(),
+            "frame {frame_no}: a launch per level, rulebook and step"
+        );
+        if frame_no == 0 {
+            first_launches = launches;
+        } else {
+            assert_eq!(launches, first_launches, "frame {frame_no}: other launches");
+        }
+        let last = log
             .iter()
             .rposition(|c| matches!(c, Call::Launch(_)))
             .unwrap();
-        let launches = log.iter().filter(|c| matches!(c, Call::Launch(_))).count();
-        assert_eq!(
-            launches,
-            m.plan.levels.len() + m.plan.rules.len() + m.plan.steps.len(),
-            "a launch per level, rulebook and step"
+        let before_ok = |c: &Call| match c {
+            Call::Launch(_) => true,
+            Call::Alloc => frame_no == 0,
+            _ => false,
+        };
+        assert!(
+            log[..last].iter().all(before_ok),
+            "frame {frame_no}: before the last launch: {log:?}"
         );
-        let outputs = log[last_launch + 1..].to_vec();
-        let n_out = match &want {
+        let n_out = match &out.0 {
             ersm::sparse::Value::Dense { data, .. } => data.len(),
             v => panic!("the shipped model's output is dense, got {v:?}"),
         };
         assert_eq!(
-            outputs,
-            vec![Call::Download(m.plan.levels.len()), Call::Download(n_out)],
-            "after the last launch"
+            log[last + 1..],
+            [Call::Download(m.plan.levels.len()), Call::Download(n_out)],
+            "frame {frame_no}: after the last launch"
         );
-        assert!(
-            log[..last_launch]
-                .iter()
-                .all(|c| matches!(c, Call::Launch(_) | Call::Alloc)),
-            "before the last launch only launches and allocations: {log:?}"
-        );
+        outputs.push(out);
+    }
+    // The same as the host-built frame's run, bit for bit.
+    let (want, frame) = gpu.run(&m.plan, &kept, &feats).unwrap();
+    let want_counts: Vec<usize> = frame.sets.iter().map(|s| s.len()).collect();
+    for (got, counts) in outputs {
+        assert_eq!(got, want);
+        assert_eq!(counts, want_counts);
     }
 }
 

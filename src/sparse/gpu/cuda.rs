@@ -4,7 +4,7 @@
 
 use super::{Device, Kernel, Params, BLOCK, KERNEL_SRC};
 use crate::ersm::cuda::{compile_source, open_device, CudaError, OpenDevice};
-use anyhow::{Context, Result};
+use anyhow::{ensure, Context, Result};
 use cudarc::driver::{
     CudaFunction, CudaSlice, CudaStream, DevicePtr, DeviceRepr, LaunchConfig, PushKernelArg,
 };
@@ -98,6 +98,21 @@ impl Device for CudaDevice {
         // for `threads` outputs.
         unsafe { launch.launch(cfg) }.with_context(|| format!("launching {}", kernel.name()))?;
         Ok(())
+    }
+
+    fn write(&self, buf: &mut CudaSlice<f32>, at: usize, data: &[f32]) -> Result<()> {
+        ensure!(
+            at + data.len() <= buf.len(),
+            "writing {} values at {at} into a buffer of {}",
+            data.len(),
+            buf.len()
+        );
+        if data.is_empty() {
+            return Ok(());
+        }
+        // From pageable memory the copy has taken `data` when this returns.
+        let mut dst = buf.slice_mut(at..at + data.len());
+        Ok(self.stream.memcpy_htod(data, &mut dst)?)
     }
 
     fn download(&self, buf: &CudaSlice<f32>, n: usize) -> Result<Vec<f32>> {

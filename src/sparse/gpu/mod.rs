@@ -2,7 +2,10 @@
 //! of `kernels/suffix.cu`, their weights uploaded once, and each frame's
 //! token rows kept in device memory from the first step to the logits. The
 //! token sets and rulebooks are built by kernels too, from the energy
-//! kernel's kept list where it lies, or on the host and uploaded.
+//! kernel's kept list where it lies, or on the host and uploaded. Every
+//! launch is sized for its level's positions and reads the token count in
+//! device memory, so the first frame records the steps' launches and
+//! allocates their buffers (`workspace`), and later frames replay them.
 //!
 //! The executor is generic over a [`Device`]: [`cuda::CudaDevice`] runs the
 //! kernels on an NVIDIA GPU through cudarc; anything else that can run the
@@ -11,6 +14,7 @@
 //! launch order are checked against the CPU executor where no GPU is present).
 
 pub mod cuda;
+mod workspace;
 
 use super::ops::{
     ActivationKind, Binary, BinaryKind, ChannelAffine, Conv, Depthwise, GlobalMean, Linear, Reshape,
@@ -21,7 +25,9 @@ use super::tokens::{StrideRule, TokenSet};
 use super::value::Value;
 use anyhow::{bail, ensure, Context, Result};
 use std::any::Any;
+use std::sync::{Mutex, PoisonError};
 use std::time::Instant;
+use workspace::{Recorded, Recorder, Workspace};
 
 fn ms(since: Instant) -> f64 {
     since.elapsed().as_secs_f64() * 1e3
@@ -145,6 +151,9 @@ pub trait Device {
     /// Runs `kernel` on `threads` threads (blocks of [`BLOCK`]), in order
     /// after every earlier launch.
     fn launch(&self, kernel: Kernel, threads: usize, p: &Params) -> Result<()>;
+    /// Writes `data` into `buf` from value `at` on, in order after every
+    /// earlier launch.
+    fn write(&self, buf: &mut Self::Buf, at: usize, data: &[f32]) -> Result<()>;
     /// The first `n` values of `buf`, after every launch so far has finished.
     fn download(&self, buf: &Self::Buf, n: usize) -> Result<Vec<f32>>;
     /// Returns once every launch and copy so far has finished (for timing).
@@ -267,15 +276,10 @@ impl Counts<'_> {
     }
 }
 
-/// A slot's buffer: owned by the executor, or another component's output
-/// read where it lies (the energy kernel's gathered rows).
-enum Held<B> {
-    Own(B),
-    At(u64),
-}
-
-/// A computed value of a frame's steps, until its last reader has run.
-type Slot<B> = Option<(Meta, Held<B>)>;
+/// A value of a frame's steps while they are recorded, until its last
+/// reader: what it holds, its address, and its pool buffer (`None` for the
+/// gathered rows, read where another component left them).
+type Slot = Option<(Meta, u64, Option<usize>)>;
 
 /// Where a frame's token sets and rulebooks are built.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -346,16 +350,6 @@ impl FrameLayout {
     }
 }
 
-/// One frame's token sets and rulebooks, built on the device.
-struct DeviceFrame<B> {
-    /// Index map and token list of every level.
-    sets: B,
-    /// Every rulebook's table.
-    tables: B,
-    /// Each level's token count (the same on both sides).
-    counts: B,
-}
-
 /// A plan's suffix, lowered for a device.
 pub struct GpuSuffix<D: Device> {
     device: D,
@@ -370,6 +364,8 @@ pub struct GpuSuffix<D: Device> {
     channels: usize,
     /// Step index after which each slot is read for the last time.
     last_use: Vec<usize>,
+    /// The frame buffers and recorded launches, from the first frame on.
+    workspace: Mutex<Option<Workspace<D::Buf>>>,
 }
 
 impl<D: Device> GpuSuffix<D> {
@@ -475,6 +471,7 @@ impl<D: Device> GpuSuffix<D> {
             output: plan.output,
             channels: plan.channels,
             last_use,
+            workspace: Mutex::new(None),
         })
     }
 
@@ -488,9 +485,13 @@ impl<D: Device> GpuSuffix<D> {
     /// built on the host; the result as the CPU plan gives it.
     pub fn run(&self, plan: &Plan, kept: &[u32], features: &[f32]) -> Result<(Value, Frame)> {
         plan.check_features(kept.len(), features.len())?;
-        let input = self.device.upload(features)?;
         let frame = plan.frame(kept);
-        let (value, _) = self.run_host_frame(&frame, input, None)?;
+        let value = self.with_workspace(|ws| {
+            let counts = self.put_host_frame(ws, &frame, features)?;
+            let rows = self.device.ptr(&ws.input);
+            let (meta, out) = self.replay(ws, rows, None)?;
+            self.fetch(ws, meta, out, rows, &counts)
+        })?;
         Ok((value, frame))
     }
 
@@ -512,15 +513,12 @@ impl<D: Device> GpuSuffix<D> {
         tokens: DeviceTokens,
         rows: u64,
     ) -> Result<(Value, Vec<usize>)> {
-        let frame = self.build_frame(tokens)?;
-        let (meta, out) = self.run_steps(
-            self.device_counts(&frame),
-            &|i| self.table_ptr(&frame, i),
-            Held::At(rows),
-            None,
-        )?;
-        let counts = self.read_counts(&frame, None)?;
-        Ok((self.fetch(meta, &out, &counts)?, counts))
+        self.with_workspace(|ws| {
+            self.build_frame(ws, tokens)?;
+            let (meta, out) = self.replay(ws, rows, None)?;
+            let counts = self.read_counts(ws, None)?;
+            Ok((self.fetch(ws, meta, out, rows, &counts)?, counts))
+        })
     }
 
     /// Like [`GpuSuffix::run`], timing each part of the frame in ms, laid out
@@ -541,83 +539,90 @@ impl<D: Device> GpuSuffix<D> {
         plan.check_features(kept.len(), features.len())?;
         let n = self.steps.len();
         times.resize(n + 2, 0.0);
-        let t = Instant::now();
-        let input = self.device.upload(features)?;
-        self.device.sync()?;
-        times[n + 1] += ms(t);
-        match site {
-            RulebookSite::Host => {
-                let t = Instant::now();
-                let frame = plan.frame(kept);
-                times[n] += ms(t);
-                self.run_host_frame(&frame, input, Some(times))
-            }
-            RulebookSite::Device => {
-                let t = Instant::now();
-                let uploaded = self.upload_kept(kept)?;
-                self.device.sync()?;
-                times[n + 1] += ms(t);
-                let t = Instant::now();
-                let frame = self.build_frame(uploaded.tokens)?;
-                self.device.sync()?;
-                times[n] += ms(t);
-                let (meta, out) = self.run_steps(
-                    self.device_counts(&frame),
-                    &|i| self.table_ptr(&frame, i),
-                    Held::Own(input),
-                    Some(times),
-                )?;
-                let counts = self.read_counts(&frame, Some(kept.len()))?;
-                Ok((self.fetch(meta, &out, &counts)?, counts))
-            }
-        }
+        self.with_workspace(|ws| {
+            let rows = self.device.ptr(&ws.input);
+            // Recorded untimed: like the weights' upload, it happens once.
+            self.recorded(ws, rows)?;
+            let counts = match site {
+                RulebookSite::Host => {
+                    let t = Instant::now();
+                    let frame = plan.frame(kept);
+                    times[n] += ms(t);
+                    let t = Instant::now();
+                    let counts = self.put_host_frame(ws, &frame, features)?;
+                    self.device.sync()?;
+                    times[n + 1] += ms(t);
+                    Some(counts)
+                }
+                RulebookSite::Device => {
+                    let t = Instant::now();
+                    self.device.write(&mut ws.input, 0, features)?;
+                    let tokens = self.put_kept(ws, kept)?;
+                    self.device.sync()?;
+                    times[n + 1] += ms(t);
+                    let t = Instant::now();
+                    self.build_frame(ws, tokens)?;
+                    self.device.sync()?;
+                    times[n] += ms(t);
+                    None
+                }
+            };
+            let (meta, out) = self.replay(ws, rows, Some(times))?;
+            let counts = match counts {
+                Some(c) => c,
+                None => self.read_counts(ws, Some(kept.len()))?,
+            };
+            Ok((self.fetch(ws, meta, out, rows, &counts)?, counts))
+        })
     }
 
     /// Builds a frame's token sets and rulebooks on the device from a kept
     /// list on the host, and reads them back: what the kernels build, for
     /// checking against [`Plan::frame`].
     pub fn frame_on_device(&self, kept: &[u32]) -> Result<Frame> {
-        let uploaded = self.upload_kept(kept)?;
-        let frame = self.build_frame(uploaded.tokens)?;
-        let rows = self.read_counts(&frame, Some(kept.len()))?;
-        let words = |buf: &D::Buf, n: usize| -> Result<Vec<u32>> {
-            Ok(self
-                .device
-                .download(buf, n)?
-                .into_iter()
-                .map(f32::to_bits)
-                .collect())
-        };
-        let all_sets = words(&frame.sets, self.layout.sets_len)?;
-        let all_tables = words(&frame.tables, self.layout.tables_len.max(1))?;
-        let sets = self
-            .levels
-            .iter()
-            .enumerate()
-            .map(|(l, level)| {
-                let (index, list) = (self.layout.index(l), self.layout.list(l));
-                TokenSet {
-                    h: level.h,
-                    w: level.w,
-                    index: all_sets[index..list].to_vec(),
-                    coords: all_sets[list..list + rows[l]].to_vec(),
-                }
-            })
-            .collect();
-        let rulebooks = self
-            .rules
-            .iter()
-            .enumerate()
-            .map(|(r, key)| {
-                let taps = key.window.kh * key.window.kw;
-                let at = self.layout.tables[r];
-                Rulebook {
-                    taps,
-                    table: all_tables[at..at + rows[key.out_level] * taps].to_vec(),
-                }
-            })
-            .collect();
-        Ok(Frame { sets, rulebooks })
+        self.with_workspace(|ws| {
+            let tokens = self.put_kept(ws, kept)?;
+            self.build_frame(ws, tokens)?;
+            let rows = self.read_counts(ws, Some(kept.len()))?;
+            let words = |buf: &D::Buf, n: usize| -> Result<Vec<u32>> {
+                Ok(self
+                    .device
+                    .download(buf, n)?
+                    .into_iter()
+                    .map(f32::to_bits)
+                    .collect())
+            };
+            let all_sets = words(&ws.sets, self.layout.sets_len)?;
+            let all_tables = words(&ws.tables, self.layout.tables_len.max(1))?;
+            let sets = self
+                .levels
+                .iter()
+                .enumerate()
+                .map(|(l, level)| {
+                    let (index, list) = (self.layout.index(l), self.layout.list(l));
+                    TokenSet {
+                        h: level.h,
+                        w: level.w,
+                        index: all_sets[index..list].to_vec(),
+                        coords: all_sets[list..list + rows[l]].to_vec(),
+                    }
+                })
+                .collect();
+            let rulebooks = self
+                .rules
+                .iter()
+                .enumerate()
+                .map(|(r, key)| {
+                    let taps = key.window.kh * key.window.kw;
+                    let at = self.layout.tables[r];
+                    Rulebook {
+                        taps,
+                        table: all_tables[at..at + rows[key.out_level] * taps].to_vec(),
+                    }
+                })
+                .collect();
+            Ok(Frame { sets, rulebooks })
+        })
     }
 
     /// A kept list and its count, uploaded as the energy kernel leaves them.
@@ -636,22 +641,67 @@ impl<D: Device> GpuSuffix<D> {
         })
     }
 
-    /// The address of rulebook `i`'s table in a device-built frame.
-    fn table_ptr(&self, frame: &DeviceFrame<D::Buf>, i: usize) -> u64 {
-        self.device.ptr(&frame.tables) + 4 * self.layout.tables[i] as u64
+    /// Runs `f` on the workspace, allocated at the first frame; frames take
+    /// turns (they share its buffers, as they share the GPU).
+    fn with_workspace<R>(&self, f: impl FnOnce(&mut Workspace<D::Buf>) -> Result<R>) -> Result<R> {
+        // A frame that panicked left nothing half-recorded (a list is kept
+        // only once whole), and every buffer is rewritten by the next frame.
+        let mut guard = self
+            .workspace
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        if guard.is_none() {
+            *guard = Some(Workspace::new(&self.device, &self.layout, self.channels)?);
+        }
+        f(guard.as_mut().expect("just set"))
+    }
+
+    /// Writes a kept list from the host where the workspace keeps one; its
+    /// addresses.
+    fn put_kept(&self, ws: &mut Workspace<D::Buf>, kept: &[u32]) -> Result<DeviceTokens> {
+        ensure!(
+            !kept.is_empty() && kept.len() <= self.layout.positions[0],
+            "a kept list of {} tokens for {} positions",
+            kept.len(),
+            self.layout.positions[0]
+        );
+        let bits: Vec<f32> = kept.iter().map(|&i| f32::from_bits(i)).collect();
+        self.device.write(&mut ws.kept, 0, &bits)?;
+        self.device
+            .write(&mut ws.kept_count, 0, &[f32::from_bits(kept.len() as u32)])?;
+        Ok(DeviceTokens {
+            kept: self.device.ptr(&ws.kept),
+            count: self.device.ptr(&ws.kept_count),
+        })
+    }
+
+    /// Writes a host-built frame (each level's count and each rulebook's
+    /// table) and its gathered rows into the workspace; the counts.
+    fn put_host_frame(
+        &self,
+        ws: &mut Workspace<D::Buf>,
+        frame: &Frame,
+        features: &[f32],
+    ) -> Result<Vec<usize>> {
+        let d = &self.device;
+        d.write(&mut ws.input, 0, features)?;
+        let counts: Vec<usize> = frame.sets.iter().map(TokenSet::len).collect();
+        let bits: Vec<f32> = counts.iter().map(|&c| f32::from_bits(c as u32)).collect();
+        d.write(&mut ws.counts, 0, &bits)?;
+        for (r, rb) in frame.rulebooks.iter().enumerate() {
+            let table: Vec<f32> = rb.table.iter().map(|&i| f32::from_bits(i)).collect();
+            d.write(&mut ws.tables, self.layout.tables[r], &table)?;
+        }
+        Ok(counts)
     }
 
     /// Launches the kernels that build every level's set and every rulebook
-    /// from the kept list at `tokens`; the counts stay on the device.
-    fn build_frame(&self, tokens: DeviceTokens) -> Result<DeviceFrame<D::Buf>> {
+    /// into the workspace from the kept list at `tokens`; the counts stay on
+    /// the device.
+    fn build_frame(&self, ws: &Workspace<D::Buf>, tokens: DeviceTokens) -> Result<()> {
         let d = &self.device;
         let l = &self.layout;
-        let frame = DeviceFrame {
-            sets: d.alloc(l.sets_len)?,
-            tables: d.alloc(l.tables_len.max(1))?,
-            counts: d.alloc(self.levels.len())?,
-        };
-        let (sets, counts) = (d.ptr(&frame.sets), d.ptr(&frame.counts));
+        let (sets, counts) = (d.ptr(&ws.sets), d.ptr(&ws.counts));
         let index_at = |level: usize| sets + 4 * l.index(level) as u64;
         let list_at = |level: usize| sets + 4 * l.list(level) as u64;
         let count_at = |level: usize| counts + 4 * level as u64;
@@ -685,6 +735,7 @@ impl<D: Device> GpuSuffix<D> {
                 }
             }
         }
+        let tables = d.ptr(&ws.tables);
         for (r, key) in self.rules.iter().enumerate() {
             let (out, inp) = (&self.levels[key.out_level], &self.levels[key.in_level]);
             let win = key.window;
@@ -692,7 +743,7 @@ impl<D: Device> GpuSuffix<D> {
                 set_in: index_at(key.in_level),
                 list_in: list_at(key.out_level),
                 count_in: count_at(key.out_level),
-                set_out: self.table_ptr(&frame, r),
+                set_out: tables + 4 * l.tables[r] as u64,
                 map_h: out.h as i32,
                 map_w: out.w as i32,
                 in_h: inp.h as i32,
@@ -706,30 +757,18 @@ impl<D: Device> GpuSuffix<D> {
             };
             d.launch(Kernel::Rulebook, out.h * out.w * win.kh * win.kw, &p)?;
         }
-        Ok(frame)
+        Ok(())
     }
 
-    /// The counts a device-built frame's steps read: capacities on the host.
-    fn device_counts<'a>(&'a self, frame: &DeviceFrame<D::Buf>) -> Counts<'a> {
-        Counts {
-            rows: &self.layout.positions,
-            on_device: Some(self.device.ptr(&frame.counts)),
-        }
-    }
-
-    /// Reads back a device-built frame's token count of each level, once
-    /// everything launched has finished, and checks level 0's against the
-    /// map (the kernels clamp to it, so a bad count cannot reach past a
-    /// buffer, but it must not pass unreported). `expect` is the kept count
-    /// when the host knows it, checked against what the kernels saw.
-    fn read_counts(
-        &self,
-        frame: &DeviceFrame<D::Buf>,
-        expect: Option<usize>,
-    ) -> Result<Vec<usize>> {
+    /// Reads back the token count of each level, once everything launched
+    /// has finished, and checks level 0's against the map (the kernels clamp
+    /// to it, so a bad count cannot reach past a buffer, but it must not
+    /// pass unreported). `expect` is the kept count when the host knows it,
+    /// checked against what the kernels saw.
+    fn read_counts(&self, ws: &Workspace<D::Buf>, expect: Option<usize>) -> Result<Vec<usize>> {
         let rows: Vec<usize> = self
             .device
-            .download(&frame.counts, self.levels.len())?
+            .download(&ws.counts, self.levels.len())?
             .into_iter()
             .map(|c| c.to_bits() as usize)
             .collect();
@@ -749,23 +788,22 @@ impl<D: Device> GpuSuffix<D> {
         Ok(rows)
     }
 
-    /// The address of a slot's buffer.
-    fn addr(&self, held: &Held<D::Buf>) -> u64 {
-        match held {
-            Held::Own(b) => self.device.ptr(b),
-            Held::At(at) => *at,
-        }
-    }
-
     /// Reads an output back, with the exact token `counts` of every level.
-    fn fetch(&self, meta: Meta, out: &Held<D::Buf>, counts: &[usize]) -> Result<Value> {
+    fn fetch(
+        &self,
+        ws: &Workspace<D::Buf>,
+        meta: Meta,
+        out: Option<usize>,
+        rows: u64,
+        counts: &[usize],
+    ) -> Result<Value> {
         let n = meta.len(counts);
         let data = match out {
-            Held::Own(b) => self.device.download(b, n)?,
-            // SAFETY: a suffix with no steps hands back its input, which the
-            // caller keeps live and holds `n` values.
-            Held::At(at) => {
-                let b = unsafe { self.device.copy_from(*at, n)? };
+            Some(i) => self.device.download(&ws.pool[i].0, n)?,
+            None => {
+                // SAFETY: a suffix with no steps hands back its input, which
+                // the caller keeps live and which holds `n` values.
+                let b = unsafe { self.device.copy_from(rows, n)? };
                 self.device.download(&b, n)?
             }
         };
@@ -775,95 +813,103 @@ impl<D: Device> GpuSuffix<D> {
         })
     }
 
-    /// Uploads a host-built frame's rulebooks (all in one buffer) and runs
-    /// the steps; the output and the token count of each level.
-    fn run_host_frame(
-        &self,
-        frame: &Frame,
-        features: D::Buf,
-        mut times: Option<&mut Vec<f64>>,
-    ) -> Result<(Value, Vec<usize>)> {
-        let t = Instant::now();
-        let mut offsets = Vec::with_capacity(frame.rulebooks.len());
-        let mut all = Vec::new();
-        for rb in &frame.rulebooks {
-            offsets.push(all.len());
-            all.extend(rb.table.iter().map(|&i| f32::from_bits(i)));
+    /// The recorded launches for rows at `rows`, recorded now if this is
+    /// the first frame from there: its index in `ws.recorded`.
+    fn recorded(&self, ws: &mut Workspace<D::Buf>, rows: u64) -> Result<usize> {
+        if let Some(i) = ws.recorded.iter().position(|r| r.rows == rows) {
+            return Ok(i);
         }
-        let rulebooks = self
-            .device
-            .upload(if all.is_empty() { &[0.0] } else { &all })?;
-        if let Some(times) = times.as_deref_mut() {
-            self.device.sync()?;
-            times[self.steps.len() + 1] += ms(t);
-        }
-        let counts: Vec<usize> = frame.sets.iter().map(TokenSet::len).collect();
-        let base = self.device.ptr(&rulebooks);
-        let exact = Counts {
-            rows: &counts,
-            on_device: None,
+        let counts = Counts {
+            rows: &self.layout.positions,
+            on_device: Some(self.device.ptr(&ws.counts)),
         };
-        let (meta, out) = self.run_steps(
-            exact,
-            &|i| base + 4 * offsets[i] as u64,
-            Held::Own(features),
-            times,
-        )?;
-        Ok((self.fetch(meta, &out, &counts)?, counts))
-    }
-
-    /// Launches every step on the gathered rows, with `counts` active tokens
-    /// per level and rulebook `i`'s table at `rb_ptr(i)`; the output, still
-    /// on the device.
-    fn run_steps(
-        &self,
-        counts: Counts<'_>,
-        rb_ptr: &dyn Fn(usize) -> u64,
-        features: Held<D::Buf>,
-        mut times: Option<&mut Vec<f64>>,
-    ) -> Result<(Meta, Held<D::Buf>)> {
-        let mut slots: Vec<Slot<D::Buf>> = (0..self.slots).map(|_| None).collect();
+        let tables = self.device.ptr(&ws.tables);
+        let rb_ptr = |i: usize| tables + 4 * self.layout.tables[i] as u64;
+        let mut rec = Recorder::new(&self.device, &mut ws.pool);
+        let mut slots: Vec<Slot> = (0..self.slots).map(|_| None).collect();
         slots[0] = Some((
             Meta::Tokens {
                 level: 0,
                 c: self.channels,
             },
-            features,
+            rows,
+            None,
         ));
         for (i, s) in self.steps.iter().enumerate() {
-            let t = Instant::now();
-            let (meta, buf) = self
-                .step(s, &slots, counts, rb_ptr)
+            rec.step = i;
+            let (meta, at, buf) = self
+                .step(s, &slots, counts, &rb_ptr, &mut rec)
                 .with_context(|| format!("GPU suffix, node '{}'", s.node))?;
-            if let Some(times) = times.as_deref_mut() {
-                self.device.sync()?;
-                times[i] += ms(t);
-            }
-            slots[s.output] = Some((meta, Held::Own(buf)));
+            slots[s.output] = Some((meta, at, Some(buf)));
             for &x in &s.inputs {
                 if self.last_use[x] == i {
-                    slots[x] = None;
+                    if let Some((_, _, Some(b))) = slots[x].take() {
+                        rec.release(b);
+                    }
                 }
             }
         }
-        slots[self.output]
+        let (output, _, out) = slots[self.output]
             .take()
-            .context("the suffix output was never computed")
+            .context("the suffix output was never computed")?;
+        let launches = rec.launches;
+        let pool_mb = ws.pool.iter().map(|(_, n)| n).sum::<usize>() as f64 * 4.0 / 1e6;
+        log::info!(
+            "GPU suffix: {} launches recorded for rows at {rows:#x}; {} output buffers, {pool_mb:.1} MB",
+            launches.len(),
+            ws.pool.len()
+        );
+        ws.recorded.push(Recorded {
+            rows,
+            launches,
+            output,
+            out,
+        });
+        Ok(ws.recorded.len() - 1)
     }
 
+    /// Launches every step on the rows at `rows` (recording the launches at
+    /// the first frame from there); the output's meta and pool buffer, still
+    /// on the device. With `times`, each launch is synchronised and timed
+    /// into its step's entry.
+    fn replay(
+        &self,
+        ws: &mut Workspace<D::Buf>,
+        rows: u64,
+        mut times: Option<&mut Vec<f64>>,
+    ) -> Result<(Meta, Option<usize>)> {
+        let i = self.recorded(ws, rows)?;
+        let r = &ws.recorded[i];
+        for l in &r.launches {
+            let t = Instant::now();
+            self.device
+                .launch(l.kernel, l.threads, &l.p)
+                .with_context(|| format!("GPU suffix, node '{}'", self.steps[l.step].node))?;
+            if let Some(times) = times.as_deref_mut() {
+                self.device.sync()?;
+                times[l.step] += ms(t);
+            }
+        }
+        Ok((r.output.clone(), r.out))
+    }
+
+    /// Records the launch of one step with `counts` active tokens per
+    /// level and rulebook `i`'s table at `rb_ptr(i)`; the output's meta,
+    /// address and pool buffer.
     fn step(
         &self,
         s: &GpuStep,
-        slots: &[Slot<D::Buf>],
+        slots: &[Slot],
         counts: Counts<'_>,
         rb_ptr: &dyn Fn(usize) -> u64,
-    ) -> Result<(Meta, D::Buf)> {
+        rec: &mut Recorder<'_, D>,
+    ) -> Result<(Meta, u64, usize)> {
         let d = &self.device;
         let input = |k: usize| -> Result<(&Meta, u64)> {
-            let (meta, held) = slots[s.inputs[k]]
+            let (meta, at, _) = slots[s.inputs[k]]
                 .as_ref()
                 .with_context(|| format!("input {k} is not computed"))?;
-            Ok((meta, self.addr(held)))
+            Ok((meta, *at))
         };
         let w = |i: usize| d.ptr(&self.weights[i]);
         let rows_of = |level: usize| counts.rows[level];
@@ -892,7 +938,7 @@ impl<D: Device> GpuSuffix<D> {
                     *level
                 };
                 let rows = rows_of(out);
-                let y = d.alloc((rows * cout).max(1))?;
+                let (y, yb) = rec.alloc((rows * cout).max(1))?;
                 let (act, a0, a1) = act_code(*act);
                 let p = Params {
                     x,
@@ -900,7 +946,7 @@ impl<D: Device> GpuSuffix<D> {
                     bias: w(*b),
                     rb: rulebook.map_or(0, rb_ptr),
                     fill: fill.map_or(0, w),
-                    y: d.ptr(&y),
+                    y,
                     rows: rows as i32,
                     cin: *cin as i32,
                     cout: *cout as i32,
@@ -912,13 +958,14 @@ impl<D: Device> GpuSuffix<D> {
                     count: counts.at(out),
                     ..Params::default()
                 };
-                d.launch(*kernel, rows * cout, &p)?;
+                rec.launch(*kernel, rows * cout, p);
                 Ok((
                     Meta::Tokens {
                         level: out,
                         c: *cout,
                     },
                     y,
+                    yb,
                 ))
             }
             GpuOp::Depthwise {
@@ -937,7 +984,7 @@ impl<D: Device> GpuSuffix<D> {
                     "depthwise expects token rows of {c} channels"
                 );
                 let rows = rows_of(*out_level);
-                let y = d.alloc((rows * c).max(1))?;
+                let (y, yb) = rec.alloc((rows * c).max(1))?;
                 let (act, a0, a1) = act_code(*act);
                 let p = Params {
                     x,
@@ -945,7 +992,7 @@ impl<D: Device> GpuSuffix<D> {
                     bias: w(*b),
                     rb: rb_ptr(*rulebook),
                     fill: fill.map_or(0, w),
-                    y: d.ptr(&y),
+                    y,
                     rows: rows as i32,
                     cin: *c as i32,
                     cout: *c as i32,
@@ -956,13 +1003,14 @@ impl<D: Device> GpuSuffix<D> {
                     count: counts.at(*out_level),
                     ..Params::default()
                 };
-                d.launch(Kernel::Depthwise, rows * c, &p)?;
+                rec.launch(Kernel::Depthwise, rows * c, p);
                 Ok((
                     Meta::Tokens {
                         level: *out_level,
                         c: *c,
                     },
                     y,
+                    yb,
                 ))
             }
             GpuOp::Binary(kind) => {
@@ -990,12 +1038,12 @@ impl<D: Device> GpuSuffix<D> {
                     per_channel > 0 || mb.len(counts.rows) == n,
                     "operand sizes differ"
                 );
-                let y = d.alloc(n.max(1))?;
+                let (y, yb) = rec.alloc(n.max(1))?;
                 let (count, row_len) = counts.of(ma);
                 let p = Params {
                     x: a,
                     x2: b,
-                    y: d.ptr(&y),
+                    y,
                     kind: match kind {
                         BinaryKind::Add => 0,
                         BinaryKind::Mul => 1,
@@ -1007,8 +1055,8 @@ impl<D: Device> GpuSuffix<D> {
                     row_len,
                     ..Params::default()
                 };
-                d.launch(Kernel::Binary, n, &p)?;
-                Ok((ma.clone(), y))
+                rec.launch(Kernel::Binary, n, p);
+                Ok((ma.clone(), y, yb))
             }
             GpuOp::Affine { scale, shift, c } => {
                 let (meta, x) = input(0)?;
@@ -1020,13 +1068,13 @@ impl<D: Device> GpuSuffix<D> {
                     }
                     Meta::Dense { shape } => shape.iter().skip(2).product::<usize>().max(1),
                 };
-                let y = d.alloc(n.max(1))?;
+                let (y, yb) = rec.alloc(n.max(1))?;
                 let (count, row_len) = counts.of(meta);
                 let p = Params {
                     x,
                     w: w(*scale),
                     bias: w(*shift),
-                    y: d.ptr(&y),
+                    y,
                     n: n as i32,
                     cout: *c as i32,
                     inner: inner as i32,
@@ -1034,18 +1082,18 @@ impl<D: Device> GpuSuffix<D> {
                     row_len,
                     ..Params::default()
                 };
-                d.launch(Kernel::Affine, n, &p)?;
-                Ok((meta.clone(), y))
+                rec.launch(Kernel::Affine, n, p);
+                Ok((meta.clone(), y, yb))
             }
             GpuOp::Activation(kind) => {
                 let (meta, x) = input(0)?;
                 let n = meta.len(counts.rows);
-                let y = d.alloc(n.max(1))?;
+                let (y, yb) = rec.alloc(n.max(1))?;
                 let (act, a0, a1) = act_code(Some(*kind));
                 let (count, row_len) = counts.of(meta);
                 let p = Params {
                     x,
-                    y: d.ptr(&y),
+                    y,
                     n: n as i32,
                     act,
                     a0,
@@ -1054,8 +1102,8 @@ impl<D: Device> GpuSuffix<D> {
                     row_len,
                     ..Params::default()
                 };
-                d.launch(Kernel::Activation, n, &p)?;
-                Ok((meta.clone(), y))
+                rec.launch(Kernel::Activation, n, p);
+                Ok((meta.clone(), y, yb))
             }
             GpuOp::GlobalMean { c, shape, fill } => {
                 let (meta, x) = input(0)?;
@@ -1063,23 +1111,24 @@ impl<D: Device> GpuSuffix<D> {
                     bail!("global pooling expects token rows");
                 };
                 ensure!(ci == c, "global pooling expects {c} channels, got {ci}");
-                let y = d.alloc(*c)?;
+                let (y, yb) = rec.alloc(*c)?;
                 let p = Params {
                     x,
                     fill: fill.map_or(0, w),
-                    y: d.ptr(&y),
+                    y,
                     rows: rows_of(*level) as i32,
                     cout: *c as i32,
                     n: self.layout.positions[*level] as i32,
                     count: counts.at(*level),
                     ..Params::default()
                 };
-                d.launch(Kernel::GlobalMean, *c, &p)?;
+                rec.launch(Kernel::GlobalMean, *c, p);
                 Ok((
                     Meta::Dense {
                         shape: shape.clone(),
                     },
                     y,
+                    yb,
                 ))
             }
             GpuOp::Linear {
@@ -1095,13 +1144,13 @@ impl<D: Device> GpuSuffix<D> {
                     matches!(meta, Meta::Dense { .. }) && meta.len(counts.rows) == *k,
                     "linear expects a dense input of {k} values"
                 );
-                let y = d.alloc(*n)?;
+                let (y, yb) = rec.alloc(*n)?;
                 let (act, a0, a1) = act_code(*act);
                 let p = Params {
                     x,
                     w: w(*wi),
                     bias: w(*b),
-                    y: d.ptr(&y),
+                    y,
                     cin: *k as i32,
                     cout: *n as i32,
                     act,
@@ -1109,12 +1158,13 @@ impl<D: Device> GpuSuffix<D> {
                     a1,
                     ..Params::default()
                 };
-                d.launch(Kernel::Linear, *n, &p)?;
+                rec.launch(Kernel::Linear, *n, p);
                 Ok((
                     Meta::Dense {
                         shape: shape.clone(),
                     },
                     y,
+                    yb,
                 ))
             }
             GpuOp::Reshape(shape) => {
@@ -1130,19 +1180,20 @@ impl<D: Device> GpuSuffix<D> {
                 );
                 // A copy: each slot owns its buffer (the activation kernel
                 // with no function is a plain copy).
-                let y = d.alloc(n.max(1))?;
+                let (y, yb) = rec.alloc(n.max(1))?;
                 let p = Params {
                     x,
-                    y: d.ptr(&y),
+                    y,
                     n: n as i32,
                     ..Params::default()
                 };
-                d.launch(Kernel::Activation, n, &p)?;
+                rec.launch(Kernel::Activation, n, p);
                 Ok((
                     Meta::Dense {
                         shape: shape.clone(),
                     },
                     y,
+                    yb,
                 ))
             }
         }

@@ -1,0 +1,132 @@
+//! The device memory a GPU suffix reuses frame after frame, and its step
+//! launches, recorded once per input address. Every launch is sized for its
+//! level's positions and reads the token counts in device memory, so one
+//! frame's launches are every frame's: after the first, a frame allocates
+//! nothing and the host only replays the list.
+
+use super::{Device, FrameLayout, Kernel, Meta, Params};
+use anyhow::Result;
+
+/// One kernel launch of a frame's steps.
+#[derive(Clone, Copy, Debug)]
+pub(super) struct Launch {
+    /// The step it computes (its time is that step's).
+    pub step: usize,
+    pub kernel: Kernel,
+    pub threads: usize,
+    pub p: Params,
+}
+
+/// The launches of every step for one input address, and where the output
+/// lies.
+pub(super) struct Recorded {
+    /// Address of the gathered rows the first step reads.
+    pub rows: u64,
+    pub launches: Vec<Launch>,
+    pub output: Meta,
+    /// The pool buffer holding the output; `None` when it is the input (a
+    /// suffix with no steps).
+    pub out: Option<usize>,
+}
+
+/// The buffers of a frame, allocated at the first one.
+pub(super) struct Workspace<B> {
+    /// Index map and token list of every level (sets layout).
+    pub sets: B,
+    /// Every rulebook's table (tables layout).
+    pub tables: B,
+    /// Each level's token count, one `u32` each.
+    pub counts: B,
+    /// Gathered rows from the host: level 0's positions × C.
+    pub input: B,
+    /// A kept list from the host and its count, laid out as the energy
+    /// kernel leaves them.
+    pub kept: B,
+    pub kept_count: B,
+    /// The steps' outputs, with each buffer's length.
+    pub pool: Vec<(B, usize)>,
+    /// The step launches recorded so far, one list per input address.
+    pub recorded: Vec<Recorded>,
+}
+
+impl<B> Workspace<B> {
+    /// Allocates the frame buffers of `layout` for `channels`-wide rows.
+    pub fn new<D: Device<Buf = B>>(
+        device: &D,
+        layout: &FrameLayout,
+        channels: usize,
+    ) -> Result<Workspace<B>> {
+        let all = layout.positions[0];
+        Ok(Workspace {
+            sets: device.alloc(layout.sets_len)?,
+            tables: device.alloc(layout.tables_len.max(1))?,
+            counts: device.alloc(layout.positions.len())?,
+            input: device.alloc(all * channels)?,
+            kept: device.alloc(all)?,
+            kept_count: device.alloc(1)?,
+            pool: Vec::new(),
+            recorded: Vec::new(),
+        })
+    }
+}
+
+/// Hands out the pool's buffers while a frame's launches are recorded:
+/// values whose lives do not overlap share one, as launches run in order
+/// on one stream and a buffer is rewritten only after its last reader.
+pub(super) struct Recorder<'a, D: Device> {
+    device: &'a D,
+    pool: &'a mut Vec<(D::Buf, usize)>,
+    busy: Vec<bool>,
+    /// The launches so far.
+    pub launches: Vec<Launch>,
+    /// The step being recorded.
+    pub step: usize,
+}
+
+impl<'a, D: Device> Recorder<'a, D> {
+    /// A recorder drawing on `pool`, all of it free.
+    pub fn new(device: &'a D, pool: &'a mut Vec<(D::Buf, usize)>) -> Recorder<'a, D> {
+        let busy = vec![false; pool.len()];
+        Recorder {
+            device,
+            pool,
+            busy,
+            launches: Vec::new(),
+            step: 0,
+        }
+    }
+
+    /// A free buffer of at least `n` values (the smallest that fits, or a
+    /// new one): its address and pool index.
+    pub fn alloc(&mut self, n: usize) -> Result<(u64, usize)> {
+        let n = n.max(1);
+        let fits = (0..self.pool.len())
+            .filter(|&i| !self.busy[i] && self.pool[i].1 >= n)
+            .min_by_key(|&i| self.pool[i].1);
+        let i = match fits {
+            Some(i) => i,
+            None => {
+                self.pool.push((self.device.alloc(n)?, n));
+                self.busy.push(false);
+                self.pool.len() - 1
+            }
+        };
+        self.busy[i] = true;
+        Ok((self.device.ptr(&self.pool[i].0), i))
+    }
+
+    /// Buffer `i` is read no more by later steps.
+    pub fn release(&mut self, i: usize) {
+        self.busy[i] = false;
+    }
+
+    /// Records a launch of the current step.
+    pub fn launch(&mut self, kernel: Kernel, threads: usize, p: Params) {
+        self.launches.push(Launch {
+            step: self.step,
+            kernel,
+            threads,
+            p,
+        });
+    }
+}
