@@ -576,6 +576,35 @@ impl<D: Device> GpuSuffix<D> {
         })
     }
 
+    /// Times one untimed device-path frame (sets, rulebooks and steps from
+    /// a kept list and rows already on the device, as the energy kernel
+    /// leaves them): ms until every launch is issued, and until the level
+    /// counts are back. Issued close to done means the host's launch rate
+    /// bounds the frame (CUDA graphs would help); done far past issued
+    /// means the kernels do (faster kernels would).
+    pub fn time_launches(&self, kept: &[u32], features: &[f32]) -> Result<(f64, f64)> {
+        ensure!(
+            features.len() == kept.len() * self.channels,
+            "{} gathered values for {} tokens of {} channels",
+            features.len(),
+            kept.len(),
+            self.channels
+        );
+        self.with_workspace(|ws| {
+            self.device.write(&mut ws.input, 0, features)?;
+            let tokens = self.put_kept(ws, kept)?;
+            let rows = self.device.ptr(&ws.input);
+            self.recorded(ws, rows)?;
+            self.device.sync()?;
+            let t = Instant::now();
+            self.build_frame(ws, tokens)?;
+            self.replay(ws, rows, None)?;
+            let issued = ms(t);
+            self.read_counts(ws, Some(kept.len()))?;
+            Ok((issued, ms(t)))
+        })
+    }
+
     /// Builds a frame's token sets and rulebooks on the device from a kept
     /// list on the host, and reads them back: what the kernels build, for
     /// checking against [`Plan::frame`].
