@@ -249,30 +249,31 @@ impl Meta {
     }
 }
 
-/// The token count of each level as a frame's steps see it: exact, known on
-/// the host; or each level's capacity, with the exact counts in device
-/// memory where the kernels read them, so nothing comes back to the host
-/// before the steps run and every frame launches the same grid.
+/// The token counts a frame's steps see: each level's capacity (its
+/// positions) sizes the launches and buffers, and the exact counts stay in
+/// device memory where the kernels read them, so nothing comes back to the
+/// host before the steps run and every frame launches the same grids.
 #[derive(Clone, Copy)]
 struct Counts<'a> {
-    /// Rows of each level: exact, or the capacity.
-    rows: &'a [usize],
-    /// Address of the exact counts (one `u32` per level), when on the device.
-    on_device: Option<u64>,
+    /// Rows each level can hold.
+    capacity: &'a [usize],
+    /// Address of the exact counts, one `u32` per level.
+    at: u64,
 }
 
 impl Counts<'_> {
-    /// What a launch over `meta`'s values sets as `count` and `row_len`.
+    /// What a launch over `meta`'s values sets as `count` and `row_len`
+    /// (nothing for a dense value, whose size is fixed).
     fn of(&self, meta: &Meta) -> (u64, i32) {
-        match (meta, self.on_device) {
-            (Meta::Tokens { level, c }, Some(at)) => (at + 4 * *level as u64, *c as i32),
-            _ => (0, 0),
+        match meta {
+            Meta::Tokens { level, c } => (self.at(*level), *c as i32),
+            Meta::Dense { .. } => (0, 0),
         }
     }
 
-    /// The device count of `level`'s rows (0 when exact on the host).
+    /// The address of `level`'s count.
     fn at(&self, level: usize) -> u64 {
-        self.on_device.map_or(0, |at| at + 4 * level as u64)
+        self.at + 4 * level as u64
     }
 }
 
@@ -849,8 +850,8 @@ impl<D: Device> GpuSuffix<D> {
             return Ok(i);
         }
         let counts = Counts {
-            rows: &self.layout.positions,
-            on_device: Some(self.device.ptr(&ws.counts)),
+            capacity: &self.layout.positions,
+            at: self.device.ptr(&ws.counts),
         };
         let tables = self.device.ptr(&ws.tables);
         let rb_ptr = |i: usize| tables + 4 * self.layout.tables[i] as u64;
@@ -888,6 +889,11 @@ impl<D: Device> GpuSuffix<D> {
             launches.len(),
             ws.pool.len()
         );
+        // Rows move only when the energy kernel's buffers are reallocated
+        // (another feature map shape): keep the newest few lists.
+        if ws.recorded.len() >= 4 {
+            ws.recorded.remove(0);
+        }
         ws.recorded.push(Recorded {
             rows,
             launches,
@@ -941,7 +947,7 @@ impl<D: Device> GpuSuffix<D> {
             Ok((meta, *at))
         };
         let w = |i: usize| d.ptr(&self.weights[i]);
-        let rows_of = |level: usize| counts.rows[level];
+        let rows_of = |level: usize| counts.capacity[level];
         match &s.op {
             GpuOp::Conv {
                 kernel,
@@ -1050,7 +1056,7 @@ impl<D: Device> GpuSuffix<D> {
                     (Meta::Dense { .. }, Meta::Tokens { .. }) => ((mb, b), (ma, a)),
                     _ => ((ma, a), (mb, b)),
                 };
-                let n = ma.len(counts.rows);
+                let n = ma.len(counts.capacity);
                 let per_channel = match (ma, mb) {
                     (Meta::Tokens { level: la, .. }, Meta::Tokens { level: lb, .. }) => {
                         ensure!(la == lb, "operands on different token sets ({la} vs {lb})");
@@ -1064,7 +1070,7 @@ impl<D: Device> GpuSuffix<D> {
                     _ => 0,
                 };
                 ensure!(
-                    per_channel > 0 || mb.len(counts.rows) == n,
+                    per_channel > 0 || mb.len(counts.capacity) == n,
                     "operand sizes differ"
                 );
                 let (y, yb) = rec.alloc(n.max(1))?;
@@ -1089,7 +1095,7 @@ impl<D: Device> GpuSuffix<D> {
             }
             GpuOp::Affine { scale, shift, c } => {
                 let (meta, x) = input(0)?;
-                let n = meta.len(counts.rows);
+                let n = meta.len(counts.capacity);
                 let inner = match meta {
                     Meta::Tokens { c: ci, .. } => {
                         ensure!(ci == c, "affine expects {c} channels, got {ci}");
@@ -1116,7 +1122,7 @@ impl<D: Device> GpuSuffix<D> {
             }
             GpuOp::Activation(kind) => {
                 let (meta, x) = input(0)?;
-                let n = meta.len(counts.rows);
+                let n = meta.len(counts.capacity);
                 let (y, yb) = rec.alloc(n.max(1))?;
                 let (act, a0, a1) = act_code(Some(*kind));
                 let (count, row_len) = counts.of(meta);
@@ -1170,7 +1176,7 @@ impl<D: Device> GpuSuffix<D> {
             } => {
                 let (meta, x) = input(0)?;
                 ensure!(
-                    matches!(meta, Meta::Dense { .. }) && meta.len(counts.rows) == *k,
+                    matches!(meta, Meta::Dense { .. }) && meta.len(counts.capacity) == *k,
                     "linear expects a dense input of {k} values"
                 );
                 let (y, yb) = rec.alloc(*n)?;
@@ -1202,7 +1208,7 @@ impl<D: Device> GpuSuffix<D> {
                     matches!(meta, Meta::Dense { .. }),
                     "reshape of a token map is not supported"
                 );
-                let n = meta.len(counts.rows);
+                let n = meta.len(counts.capacity);
                 ensure!(
                     shape.iter().product::<usize>() == n,
                     "reshape of {n} values to {shape:?}"
