@@ -386,6 +386,9 @@ impl Pipeline {
                 (mask, logits, suffix_started)
             }
         };
+        if let Device::Cuda(backend) = &self.device {
+            times.ersm_kernel = f64::from(backend.last_timing().kernel_ms);
+        }
         let unsure = self.unsure(&logits);
         let logits = if unsure {
             // The prefix is shared, so only the baseline's suffix runs again.

@@ -444,6 +444,10 @@ fn gpu_pipeline_matches_the_cpu_pipeline_on_the_shipped_model() {
         assert_eq!(a.mask.kept, b.mask.kept, "{name}: kept sets differ");
         let err = common::rel_err(&b.logits, &a.logits);
         assert!(err <= 1e-3, "{name}: logits differ by {err} of their scale");
+        assert!(
+            b.times.ersm_kernel > 0.0 && a.times.ersm_kernel == 0.0,
+            "{name}: the energy kernel's GPU time is reported on the GPU only"
+        );
     }
 }
 
