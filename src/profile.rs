@@ -73,7 +73,7 @@ pub fn ersm(p: &Pipeline, frames: &[Frame], count: usize) -> Result<Vec<Row>> {
                     )
                     .context("sparse suffix (GPU, host rulebooks)")?;
                     let (issued, done) = g
-                        .time_launches(&mask.kept, &mask.features)
+                        .time_launches(plan, &mask.kept, &mask.features)
                         .context("sparse suffix (GPU, untimed)")?;
                     untimed.0 += issued;
                     untimed.1 += done;

@@ -358,12 +358,12 @@ fn timed_gpu_suffix_gives_the_untimed_result() {
                 "{site:?}: building the token sets and rulebooks took no time"
             );
         }
-        let (issued, done) = gpu.time_launches(&kept, &feats).unwrap();
+        let (issued, done) = gpu.time_launches(&m.plan, &kept, &feats).unwrap();
         assert!(
             issued > 0.0 && issued <= done,
             "issued {issued} ms, done {done} ms"
         );
-        assert!(gpu.time_launches(&kept, &feats[1..]).is_err());
+        assert!(gpu.time_launches(&m.plan, &kept, &feats[1..]).is_err());
         // A wrong row count is refused before anything runs.
         assert!(gpu
             .run_timed(&m.plan, &kept, &feats[1..], site, &mut times)

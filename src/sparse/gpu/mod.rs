@@ -33,6 +33,12 @@ fn ms(since: Instant) -> f64 {
     since.elapsed().as_secs_f64() * 1e3
 }
 
+/// Token indices and rulebook entries as the `f32` buffers carry them: bit
+/// for bit.
+fn words_as_f32(words: &[u32]) -> Vec<f32> {
+    words.iter().map(|&i| f32::from_bits(i)).collect()
+}
+
 /// The kernel source, embedded in the binary.
 pub const KERNEL_SRC: &str = include_str!("../kernels/suffix.cu");
 /// Threads per block of every launch.
@@ -583,14 +589,8 @@ impl<D: Device> GpuSuffix<D> {
     /// counts are back. Issued close to done means the host's launch rate
     /// bounds the frame (CUDA graphs would help); done far past issued
     /// means the kernels do (faster kernels would).
-    pub fn time_launches(&self, kept: &[u32], features: &[f32]) -> Result<(f64, f64)> {
-        ensure!(
-            features.len() == kept.len() * self.channels,
-            "{} gathered values for {} tokens of {} channels",
-            features.len(),
-            kept.len(),
-            self.channels
-        );
+    pub fn time_launches(&self, plan: &Plan, kept: &[u32], features: &[f32]) -> Result<(f64, f64)> {
+        plan.check_features(kept.len(), features.len())?;
         self.with_workspace(|ws| {
             self.device.write(&mut ws.input, 0, features)?;
             let tokens = self.put_kept(ws, kept)?;
@@ -657,7 +657,7 @@ impl<D: Device> GpuSuffix<D> {
 
     /// A kept list and its count, uploaded as the energy kernel leaves them.
     pub fn upload_kept(&self, kept: &[u32]) -> Result<UploadedKept<D::Buf>> {
-        let bits: Vec<f32> = kept.iter().map(|&i| f32::from_bits(i)).collect();
+        let bits = words_as_f32(kept);
         let list = self
             .device
             .upload(if bits.is_empty() { &[0.0] } else { &bits })?;
@@ -695,8 +695,7 @@ impl<D: Device> GpuSuffix<D> {
             kept.len(),
             self.layout.positions[0]
         );
-        let bits: Vec<f32> = kept.iter().map(|&i| f32::from_bits(i)).collect();
-        self.device.write(&mut ws.kept, 0, &bits)?;
+        self.device.write(&mut ws.kept, 0, &words_as_f32(kept))?;
         self.device
             .write(&mut ws.kept_count, 0, &[f32::from_bits(kept.len() as u32)])?;
         Ok(DeviceTokens {
@@ -719,8 +718,11 @@ impl<D: Device> GpuSuffix<D> {
         let bits: Vec<f32> = counts.iter().map(|&c| f32::from_bits(c as u32)).collect();
         d.write(&mut ws.counts, 0, &bits)?;
         for (r, rb) in frame.rulebooks.iter().enumerate() {
-            let table: Vec<f32> = rb.table.iter().map(|&i| f32::from_bits(i)).collect();
-            d.write(&mut ws.tables, self.layout.tables[r], &table)?;
+            d.write(
+                &mut ws.tables,
+                self.layout.tables[r],
+                &words_as_f32(&rb.table),
+            )?;
         }
         Ok(counts)
     }
