@@ -316,6 +316,17 @@ fn suffix_kernels_compile_to_ptx_for_jetson_and_test_architectures() {
     }
 }
 
+/// A frame of `m`: post-ReLU6-like features (non-negative, bounded), a blob
+/// of kept tokens at `keep`, and their gathered rows.
+fn blob_frame(m: &ModelPackage, rng: &mut Rng, keep: f64) -> (Vec<u32>, Vec<f32>) {
+    let (c, h, w) = (m.cut.c, m.cut.h, m.cut.w);
+    let x: Vec<f32> = (0..c * h * w).map(|_| 6.0 * rng.f32()).collect();
+    let kept = blob_kept(rng, h, w, keep);
+    let fm = ersm::ersm::FeatureMap::new(&x, c, h, w).unwrap();
+    let feats = ersm::ersm::cpu::gather(fm, &kept);
+    (kept, feats)
+}
+
 /// `ersm bench --profile`'s GPU path: the timed run computes what the untimed
 /// one does, with the rulebooks built on either side, with one time per step,
 /// then the token sets and rulebooks, then the uploads, accumulated over frames.
@@ -326,12 +337,7 @@ fn timed_gpu_suffix_gives_the_untimed_result() {
     };
     let m = ModelPackage::load("models/mobilenet_v2_ersm").unwrap();
     let gpu = GpuSuffix::new(emulator, &m.plan).expect("the shipped model lowers");
-    let mut rng = Rng::new(23);
-    let (c, h, w) = (m.cut.c, m.cut.h, m.cut.w);
-    let x: Vec<f32> = (0..c * h * w).map(|_| 6.0 * rng.f32()).collect();
-    let kept = blob_kept(&mut rng, h, w, 0.5);
-    let fm = ersm::ersm::FeatureMap::new(&x, c, h, w).unwrap();
-    let feats = ersm::ersm::cpu::gather(fm, &kept);
+    let (kept, feats) = blob_frame(&m, &mut Rng::new(23), 0.5);
     let (want, frame) = gpu.run(&m.plan, &kept, &feats).unwrap();
     let want = want.to_dense(&frame.sets, m.plan.output_fill()).1;
     let counts: Vec<usize> = frame.sets.iter().map(|s| s.len()).collect();
@@ -455,12 +461,7 @@ fn device_path_reads_back_only_counts_and_logits_after_the_last_launch() {
         log: Default::default(),
     };
     let gpu = GpuSuffix::new(dev, &m.plan).expect("the shipped model lowers");
-    let mut rng = Rng::new(31);
-    let (c, h, w) = (m.cut.c, m.cut.h, m.cut.w);
-    let x: Vec<f32> = (0..c * h * w).map(|_| 6.0 * rng.f32()).collect();
-    let kept = blob_kept(&mut rng, h, w, 0.6);
-    let fm = ersm::ersm::FeatureMap::new(&x, c, h, w).unwrap();
-    let feats = ersm::ersm::cpu::gather(fm, &kept);
+    let (kept, feats) = blob_frame(&m, &mut Rng::new(31), 0.6);
     let uploaded = gpu.upload_kept(&kept).unwrap();
     let rows = gpu.device().upload(&feats).unwrap();
     let mut first_launches = Vec::new();
