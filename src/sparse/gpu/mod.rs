@@ -6,6 +6,8 @@
 //! launch is sized for its level's positions and reads the token count in
 //! device memory, so the first frame records the steps' launches and
 //! allocates their buffers (`workspace`), and later frames replay them.
+//! A residual Add runs in the kernel of the conv before it, and a reshape
+//! read by nothing else relabels its input's buffer, so neither is a launch.
 //!
 //! The executor is generic over a [`Device`]: [`cuda::CudaDevice`] runs the
 //! kernels on an NVIDIA GPU through cudarc; anything else that can run the
@@ -371,6 +373,9 @@ pub struct GpuSuffix<D: Device> {
     channels: usize,
     /// Step index after which each slot is read for the last time.
     last_use: Vec<usize>,
+    /// For each step, the other operand of an Add that may run in its
+    /// kernel (see [`fusable_adds`]).
+    residual: Vec<Option<usize>>,
     /// The frame buffers and recorded launches, from the first frame on.
     workspace: Mutex<Option<Workspace<D::Buf>>>,
 }
@@ -466,6 +471,7 @@ impl<D: Device> GpuSuffix<D> {
             }
         }
         last_use[plan.output] = usize::MAX;
+        let residual = fusable_adds(&steps, plan.output, slots);
         Ok(GpuSuffix {
             device,
             layout: FrameLayout::new(plan),
@@ -478,6 +484,7 @@ impl<D: Device> GpuSuffix<D> {
             output: plan.output,
             channels: plan.channels,
             last_use,
+            residual,
             workspace: Mutex::new(None),
         })
     }
@@ -867,19 +874,39 @@ impl<D: Device> GpuSuffix<D> {
             rows,
             None,
         ));
-        for (i, s) in self.steps.iter().enumerate() {
+        let mut i = 0;
+        while i < self.steps.len() {
+            let s = &self.steps[i];
             rec.step = i;
-            let (meta, at, buf) = self
-                .step(s, &slots, counts, &rb_ptr, &mut rec)
-                .with_context(|| format!("GPU suffix, node '{}'", s.node))?;
-            slots[s.output] = Some((meta, at, Some(buf)));
-            for &x in &s.inputs {
-                if self.last_use[x] == i {
-                    if let Some((_, _, Some(b))) = slots[x].take() {
-                        rec.release(b);
+            let context = || format!("GPU suffix, node '{}'", s.node);
+            // A reshape of a value read by nothing after it relabels the
+            // value's buffer: no launch, no copy.
+            if let (GpuOp::Reshape(shape), &[x]) = (&s.op, &s.inputs[..]) {
+                if self.last_use[x] == i && matches!(slots[x], Some((_, _, Some(_)))) {
+                    let (meta, at, buf) = slots[x].take().expect("matched");
+                    let meta = reshaped(&meta, shape, counts.capacity).with_context(context)?;
+                    slots[s.output] = Some((meta, at, buf));
+                    i += 1;
+                    continue;
+                }
+            }
+            let residual = self.residual[i].and_then(|r| slots[r].as_ref().map(|v| (&v.0, v.1)));
+            let (meta, at, buf, fused) = self
+                .step(s, &slots, counts, &rb_ptr, residual, &mut rec)
+                .with_context(context)?;
+            // With the Add fused, its output is the kernel's.
+            let last = if fused { i + 1 } else { i };
+            slots[self.steps[last].output] = Some((meta, at, Some(buf)));
+            for j in i..=last {
+                for &x in &self.steps[j].inputs {
+                    if self.last_use[x] == j {
+                        if let Some((_, _, Some(b))) = slots[x].take() {
+                            rec.release(b);
+                        }
                     }
                 }
             }
+            i = last + 1;
         }
         let (output, _, out) = slots[self.output]
             .take()
@@ -908,7 +935,8 @@ impl<D: Device> GpuSuffix<D> {
     /// Launches every step on the rows at `rows` (recording the launches at
     /// the first frame from there); the output's meta and pool buffer, still
     /// on the device. With `times`, each launch is synchronised and timed
-    /// into its step's entry.
+    /// into its step's entry (an Add fused into a conv's kernel into the
+    /// conv's).
     fn replay(
         &self,
         ws: &mut Workspace<D::Buf>,
@@ -932,15 +960,17 @@ impl<D: Device> GpuSuffix<D> {
 
     /// Records the launch of one step with `counts` active tokens per
     /// level and rulebook `i`'s table at `rb_ptr(i)`; the output's meta,
-    /// address and pool buffer.
+    /// address and pool buffer, and whether the `residual` offered (the
+    /// other operand of the Add after a conv) was added in the kernel.
     fn step(
         &self,
         s: &GpuStep,
         slots: &[Slot],
         counts: Counts<'_>,
         rb_ptr: &dyn Fn(usize) -> u64,
+        residual: Option<(&Meta, u64)>,
         rec: &mut Recorder<'_, D>,
-    ) -> Result<(Meta, u64, usize)> {
+    ) -> Result<(Meta, u64, usize, bool)> {
         let d = &self.device;
         let input = |k: usize| -> Result<(&Meta, u64)> {
             let (meta, at, _) = slots[s.inputs[k]]
@@ -950,6 +980,11 @@ impl<D: Device> GpuSuffix<D> {
         };
         let w = |i: usize| d.ptr(&self.weights[i]);
         let rows_of = |level: usize| counts.capacity[level];
+        // The residual's address when it holds the same rows as `out`.
+        let residual_for = |out: &Meta| match residual {
+            Some((meta, at)) if meta == out => at,
+            _ => 0,
+        };
         match &s.op {
             GpuOp::Conv {
                 kernel,
@@ -974,11 +1009,17 @@ impl<D: Device> GpuSuffix<D> {
                 } else {
                     *level
                 };
+                let out_meta = Meta::Tokens {
+                    level: out,
+                    c: *cout,
+                };
+                let x2 = residual_for(&out_meta);
                 let rows = rows_of(out);
                 let (y, yb) = rec.alloc((rows * cout).max(1))?;
                 let (act, a0, a1) = act_code(*act);
                 let p = Params {
                     x,
+                    x2,
                     w: w(*wi),
                     bias: w(*b),
                     rb: rulebook.map_or(0, rb_ptr),
@@ -996,14 +1037,7 @@ impl<D: Device> GpuSuffix<D> {
                     ..Params::default()
                 };
                 rec.launch(*kernel, rows * cout, p);
-                Ok((
-                    Meta::Tokens {
-                        level: out,
-                        c: *cout,
-                    },
-                    y,
-                    yb,
-                ))
+                Ok((out_meta, y, yb, x2 != 0))
             }
             GpuOp::Depthwise {
                 w: wi,
@@ -1020,11 +1054,17 @@ impl<D: Device> GpuSuffix<D> {
                     matches!(meta, Meta::Tokens { c: ci, .. } if ci == c),
                     "depthwise expects token rows of {c} channels"
                 );
+                let out_meta = Meta::Tokens {
+                    level: *out_level,
+                    c: *c,
+                };
+                let x2 = residual_for(&out_meta);
                 let rows = rows_of(*out_level);
                 let (y, yb) = rec.alloc((rows * c).max(1))?;
                 let (act, a0, a1) = act_code(*act);
                 let p = Params {
                     x,
+                    x2,
                     w: w(*wi),
                     bias: w(*b),
                     rb: rb_ptr(*rulebook),
@@ -1041,14 +1081,7 @@ impl<D: Device> GpuSuffix<D> {
                     ..Params::default()
                 };
                 rec.launch(Kernel::Depthwise, rows * c, p);
-                Ok((
-                    Meta::Tokens {
-                        level: *out_level,
-                        c: *c,
-                    },
-                    y,
-                    yb,
-                ))
+                Ok((out_meta, y, yb, x2 != 0))
             }
             GpuOp::Binary(kind) => {
                 let (ma, a) = input(0)?;
@@ -1093,7 +1126,7 @@ impl<D: Device> GpuSuffix<D> {
                     ..Params::default()
                 };
                 rec.launch(Kernel::Binary, n, p);
-                Ok((ma.clone(), y, yb))
+                Ok((ma.clone(), y, yb, false))
             }
             GpuOp::Affine { scale, shift, c } => {
                 let (meta, x) = input(0)?;
@@ -1120,7 +1153,7 @@ impl<D: Device> GpuSuffix<D> {
                     ..Params::default()
                 };
                 rec.launch(Kernel::Affine, n, p);
-                Ok((meta.clone(), y, yb))
+                Ok((meta.clone(), y, yb, false))
             }
             GpuOp::Activation(kind) => {
                 let (meta, x) = input(0)?;
@@ -1140,7 +1173,7 @@ impl<D: Device> GpuSuffix<D> {
                     ..Params::default()
                 };
                 rec.launch(Kernel::Activation, n, p);
-                Ok((meta.clone(), y, yb))
+                Ok((meta.clone(), y, yb, false))
             }
             GpuOp::GlobalMean { c, shape, fill } => {
                 let (meta, x) = input(0)?;
@@ -1166,6 +1199,7 @@ impl<D: Device> GpuSuffix<D> {
                     },
                     y,
                     yb,
+                    false,
                 ))
             }
             GpuOp::Linear {
@@ -1202,21 +1236,16 @@ impl<D: Device> GpuSuffix<D> {
                     },
                     y,
                     yb,
+                    false,
                 ))
             }
             GpuOp::Reshape(shape) => {
                 let (meta, x) = input(0)?;
-                ensure!(
-                    matches!(meta, Meta::Dense { .. }),
-                    "reshape of a token map is not supported"
-                );
-                let n = meta.len(counts.capacity);
-                ensure!(
-                    shape.iter().product::<usize>() == n,
-                    "reshape of {n} values to {shape:?}"
-                );
-                // A copy: each slot owns its buffer (the activation kernel
-                // with no function is a plain copy).
+                let out = reshaped(meta, shape, counts.capacity)?;
+                // A copy, as the input is read again later and each slot
+                // owns its buffer (the activation kernel with no function
+                // is a plain copy).
+                let n = out.len(counts.capacity);
                 let (y, yb) = rec.alloc(n.max(1))?;
                 let p = Params {
                     x,
@@ -1225,14 +1254,55 @@ impl<D: Device> GpuSuffix<D> {
                     ..Params::default()
                 };
                 rec.launch(Kernel::Activation, n, p);
-                Ok((
-                    Meta::Dense {
-                        shape: shape.clone(),
-                    },
-                    y,
-                    yb,
-                ))
+                Ok((out, y, yb, false))
             }
         }
     }
+}
+
+/// `meta` reshaped to `shape`: only a dense value of as many values.
+fn reshaped(meta: &Meta, shape: &[usize], capacity: &[usize]) -> Result<Meta> {
+    ensure!(
+        matches!(meta, Meta::Dense { .. }),
+        "reshape of a token map is not supported"
+    );
+    let n = meta.len(capacity);
+    ensure!(
+        shape.iter().product::<usize>() == n,
+        "reshape of {n} values to {shape:?}"
+    );
+    Ok(Meta::Dense {
+        shape: shape.to_vec(),
+    })
+}
+
+/// For each step, the other operand of an Add that may run in its kernel:
+/// the step is a conv read only by the next step, an Add of its output and
+/// another value. (Whether the other value holds the same token rows is
+/// known when the launches are recorded; if not, the Add runs on its own.)
+/// In MobileNet-style blocks this is every residual add.
+fn fusable_adds(steps: &[GpuStep], output: usize, slots: usize) -> Vec<Option<usize>> {
+    let mut readers = vec![0usize; slots];
+    for s in steps {
+        for &x in &s.inputs {
+            readers[x] += 1;
+        }
+    }
+    steps
+        .iter()
+        .enumerate()
+        .map(|(i, s)| {
+            let next = steps.get(i + 1)?;
+            let conv = matches!(s.op, GpuOp::Conv { .. } | GpuOp::Depthwise { .. });
+            let add = matches!(next.op, GpuOp::Binary(BinaryKind::Add));
+            if !conv || !add || readers[s.output] != 1 || s.output == output {
+                return None;
+            }
+            match next.inputs[..] {
+                [a, b] if a == s.output => Some(b),
+                [a, b] if b == s.output => Some(a),
+                _ => None,
+            }
+        })
+        .collect()
 }

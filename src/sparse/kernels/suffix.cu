@@ -23,7 +23,7 @@ typedef unsigned int u32;
 
 struct SfxParams {
     const float* x;      // input rows (rows_in × cin), or a dense vector
-    const float* x2;     // second operand of a binary op
+    const float* x2;     // second operand of a binary op; a conv's residual (null: none)
     const float* w;      // weights
     const float* bias;   // bias, or the shift of an affine op
     const u32* rb;       // rulebook: rows × taps input-row indices
@@ -89,6 +89,14 @@ __device__ __forceinline__ float sfx_act(float v, int act, float a0, float a1) {
     }
 }
 
+// A conv's output value: its activation, then the residual add of the graph's
+// next node fused in (x2 holds rows laid out as y), so the sum is not a
+// launch and a pass over memory of its own. Rounded as the two ops round.
+__device__ __forceinline__ float sfx_conv_out(const SfxParams& p, float acc, int idx) {
+    const float v = sfx_act(acc, p.act, p.a0, p.a1);
+    return p.x2 ? v + p.x2[idx] : v;
+}
+
 __device__ __forceinline__ int sfx_index() {
     return (int)(blockIdx.x * blockDim.x + threadIdx.x);
 }
@@ -101,7 +109,7 @@ extern "C" __global__ void sfx_conv1x1(SfxParams p) {
     const float* xr = p.x + (long)r * p.cin;
     float acc = p.bias[o];
     for (int i = 0; i < p.cin; ++i) acc += xr[i] * p.w[(long)i * p.cout + o];
-    p.y[idx] = sfx_act(acc, p.act, p.a0, p.a1);
+    p.y[idx] = sfx_conv_out(p, acc, idx);
 }
 
 // Any other conv (k×k, strided, grouped) through the rulebook. Weights per
@@ -124,7 +132,7 @@ extern "C" __global__ void sfx_conv_rulebook(SfxParams p) {
         const float* wt = wg + (long)t * cin_g * cout_g + og;
         for (int i = 0; i < cin_g; ++i) acc += xs[i] * wt[(long)i * cout_g];
     }
-    p.y[idx] = sfx_act(acc, p.act, p.a0, p.a1);
+    p.y[idx] = sfx_conv_out(p, acc, idx);
 }
 
 // Depthwise conv through the rulebook; weights taps × c, tap-major.
@@ -139,7 +147,7 @@ extern "C" __global__ void sfx_depthwise(SfxParams p) {
         if (src < SFX_DROPPED) acc += p.x[(long)src * p.cout + c] * p.w[(long)t * p.cout + c];
         else if (src == SFX_DROPPED && p.fill) acc += p.fill[(long)t * p.cout + c];
     }
-    p.y[idx] = sfx_act(acc, p.act, p.a0, p.a1);
+    p.y[idx] = sfx_conv_out(p, acc, idx);
 }
 
 // y = x ∘ x2 elementwise; x2 holds either n values or one per channel
