@@ -116,8 +116,12 @@ impl Device for CudaDevice {
     }
 
     fn download(&self, buf: &CudaSlice<f32>, n: usize) -> Result<Vec<f32>> {
-        let all = self.stream.clone_dtoh(buf)?;
-        Ok(all[..n.min(all.len())].to_vec())
+        // Only the values asked for cross: a pool buffer that holds the
+        // logits may be sized for a whole level's rows.
+        let head = buf
+            .try_slice(..n)
+            .with_context(|| format!("reading {n} values of a buffer of {}", buf.len()))?;
+        Ok(self.stream.clone_dtoh(&head)?)
     }
 
     fn sync(&self) -> Result<()> {
