@@ -247,30 +247,46 @@ pub(crate) fn host_library(tag: &str, source: &str, args: &[&str]) -> Option<Hos
     Some(HostLibrary(h))
 }
 
-/// The head's conv kernel source built with the host C++ compiler (it is a
-/// device function of its thread index, without barriers).
-fn host_head_conv() -> Option<HeadConvFn> {
+/// Per-token unary cost of `ersm_unary_cost`.
+type UnaryCostFn = unsafe extern "C" fn(*const f32, i32, i32, i32, *const f32, i32) -> f32;
+
+/// The unary head's device functions built with the host C++ compiler (they
+/// are functions of a thread index, without barriers): the conv layer, and
+/// the per-token cost.
+fn host_unary_head() -> Option<(HeadConvFn, UnaryCostFn)> {
     let wrapper = r#"
 extern "C" void head_conv_host(const float* in, int cin, int H, int W, const float* w,
                                const float* b, int cout, int k, int groups, int relu,
                                float* out, int tid, int nthreads) {
     ersm_head_conv(in, cin, H, W, w, b, cout, k, groups, relu, out, tid, nthreads);
 }
+extern "C" float unary_cost_host(const float* hx, int hc, int HW, int i, const float* params,
+                                 int hidden) {
+    return ersm_unary_cost(hx, hc, HW, i, params, hidden);
+}
 "#;
     let source = format!(
         "#include <math.h>\n#define __device__\n{}{wrapper}",
-        cuda::HEAD_CONV_SRC
+        cuda::UNARY_HEAD_SRC
     );
-    let lib = host_library("head-conv", &source, &[])?;
-    // SAFETY: the wrapper above has this signature.
-    Some(unsafe { std::mem::transmute::<*mut c_void, HeadConvFn>(lib.symbol("head_conv_host")) })
+    let lib = host_library("unary-head", &source, &[])?;
+    // SAFETY: the wrappers above have these signatures.
+    unsafe {
+        Some((
+            std::mem::transmute::<*mut c_void, HeadConvFn>(lib.symbol("head_conv_host")),
+            std::mem::transmute::<*mut c_void, UnaryCostFn>(lib.symbol("unary_cost_host")),
+        ))
+    }
 }
 
-/// The GPU's head conv (run thread by thread on the host, in 1024-thread
-/// strides as the kernel's one block runs it) gives the CPU's bits.
+/// The GPU's head conv (run thread by thread on the host, 1024 threads that
+/// each own several outputs, as a launch of fewer threads than outputs
+/// would) gives the CPU's bits on every kind of layer.
 #[test]
 fn head_conv_kernel_source_matches_the_cpu_conv_bit_for_bit() {
-    let Some(f) = host_head_conv() else { return };
+    let Some((f, _)) = host_unary_head() else {
+        return;
+    };
     let mut rng = Lcg(11);
     // Dense, depthwise, grouped; kernels 1, 3, 5; maps smaller than the kernel.
     let cases = [
@@ -310,6 +326,83 @@ fn head_conv_kernel_source_matches_the_cpu_conv_bit_for_bit() {
     }
 }
 
+/// The packed head run as the GPU runs it (each conv layer launched over
+/// the whole map, one output per thread, then one token per thread) through
+/// the host-built device functions gives `cpu::unary`'s bits: the parameter
+/// offsets, channel counts and scratch ping-pong the launches use are right
+/// for every kind of head, the shipped model's among them.
+#[test]
+fn packed_unary_head_run_as_launched_matches_the_cpu_bit_for_bit() {
+    let Some((conv, cost)) = host_unary_head() else {
+        return;
+    };
+    // Threads of a launch of `n` outputs, in whole blocks of 256.
+    let grid = |n: usize| n.div_ceil(256) * 256;
+    let mut rng = Lcg(23);
+    let shipped = ersm::model::ModelPackage::load("models/mobilenet_v2_ersm").unwrap();
+    let mut heads: Vec<(String, UnaryHead, usize, usize)> = specs(&mut rng, 12)
+        .into_iter()
+        .map(|s| (s.head.describe(), s.head, 9, 11))
+        .collect();
+    heads.push((
+        "shipped".into(),
+        shipped.energy.head.clone(),
+        shipped.cut.h,
+        shipped.cut.w,
+    ));
+    for (what, head, h, w) in heads {
+        let packed = cuda::pack_head(&head);
+        let (c, hw) = (head.channels(), h * w);
+        let x = rng.vec(c * hw, 3.0);
+        let mut hx = x.clone();
+        for l in &packed.layers {
+            let mut out = vec![f32::NAN; l.cout * hw];
+            let n = grid(l.cout * hw);
+            for tid in 0..n {
+                // SAFETY: `hx` holds cin × H × W values, `out` cout × H × W,
+                // and the layer's parameters lie at their offsets.
+                unsafe {
+                    conv(
+                        hx.as_ptr(),
+                        l.cin as i32,
+                        h as i32,
+                        w as i32,
+                        packed.values[l.weight..].as_ptr(),
+                        packed.values[l.bias..].as_ptr(),
+                        l.cout as i32,
+                        l.k as i32,
+                        l.groups as i32,
+                        i32::from(l.relu),
+                        out.as_mut_ptr(),
+                        tid as i32,
+                        n as i32,
+                    )
+                };
+            }
+            hx = out;
+        }
+        assert_eq!(hx.len(), packed.channels * hw, "{what}: channels read");
+        let got: Vec<f32> = (0..hw)
+            .map(|i| {
+                // SAFETY: `hx` holds channels × HW values and the per-token
+                // head's parameters follow `per_token`.
+                unsafe {
+                    cost(
+                        hx.as_ptr(),
+                        packed.channels as i32,
+                        hw as i32,
+                        i as i32,
+                        packed.values[packed.per_token..].as_ptr(),
+                        packed.hidden as i32,
+                    )
+                }
+            })
+            .collect();
+        let want = cpu::unary(FeatureMap::new(&x, c, h, w).unwrap(), &head);
+        assert_eq!(got, want, "{what}");
+    }
+}
+
 #[test]
 fn kernel_compiles_to_ptx_for_jetson_and_test_architectures() {
     let Some(archs) = ptx_test_archs() else {
@@ -318,10 +411,12 @@ fn kernel_compiles_to_ptx_for_jetson_and_test_architectures() {
     for &arch in archs {
         let ptx = cuda::compile(arch).unwrap_or_else(|e| panic!("{arch}: {e}"));
         let text = ptx.to_src();
-        assert!(
-            text.contains(".entry ersm_energy_gather"),
-            "{arch}: no kernel entry in PTX"
-        );
+        for name in cuda::KERNEL_NAMES {
+            assert!(
+                text.contains(&format!(".entry {name}(")),
+                "{arch}: no entry {name} in PTX"
+            );
+        }
         let target = format!(".target sm_{}", &arch["compute_".len()..]);
         assert!(text.contains(&target), "{arch}: PTX lacks {target}");
     }

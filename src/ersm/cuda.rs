@@ -1,4 +1,7 @@
-//! The energy layer on an NVIDIA GPU: one kernel launch per frame through cudarc.
+//! The energy layer on an NVIDIA GPU through cudarc: the unary head over the
+//! whole GPU (a launch per conv layer, one for the per-token costs), then one
+//! single-block launch for the mean-field steps, threshold, compaction and
+//! gather.
 //!
 //! The driver and NVRTC are loaded at run time (cudarc's dynamic loading), so
 //! ersm builds and runs without a CUDA toolkit; the kernel source is embedded
@@ -13,18 +16,22 @@ use cudarc::nvrtc::{CompileError, CompileOptions, Ptx};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
-/// The kernel source, embedded in the binary: the head's conv layer, then the
-/// energy kernel that calls it.
+/// The kernel source, embedded in the binary: the unary head's device
+/// functions, then the energy layer's kernels that call them.
 pub const KERNEL_SRC: &str = concat!(
-    include_str!("kernels/head_conv.cu"),
+    include_str!("kernels/unary_head.cu"),
     include_str!("kernels/ersm.cu")
 );
-/// The head's conv layer alone (a device function the host compiler builds too).
-pub const HEAD_CONV_SRC: &str = include_str!("kernels/head_conv.cu");
-/// The kernel's entry point.
-pub const KERNEL_NAME: &str = "ersm_energy_gather";
-/// Threads of the single block (must match `ERSM_THREADS` in the source).
+/// The unary head's device functions alone (the host compiler builds them too).
+pub const UNARY_HEAD_SRC: &str = include_str!("kernels/unary_head.cu");
+/// The kernels' entry points, in launch order: a head conv layer (once per
+/// layer), the unary costs, then the rest of the layer in one block.
+pub const KERNEL_NAMES: [&str; 3] = ["ersm_head_layer", "ersm_unary", "ersm_energy_gather"];
+/// Threads of the last kernel's single block (must match `ERSM_THREADS` in
+/// the source).
 const THREADS: u32 = 1024;
+/// Threads per block of the head's launches, one output per thread.
+const HEAD_BLOCK: u32 = 256;
 
 /// What can go wrong on the CUDA path.
 #[derive(Debug, thiserror::Error)]
@@ -291,10 +298,8 @@ struct Buffers {
     key: (usize, usize, usize, usize),
     x: Mem<f32>,
     head: Mem<f32>,
-    head_values: Vec<f32>,
-    /// `{cout, k, groups, relu}` per conv layer of the head.
-    convs: Mem<i32>,
-    conv_values: Vec<i32>,
+    /// The head whose parameters `head` holds.
+    packed: PackedHead,
     /// Two halves the head's conv layers ping-pong between.
     conv_scratch: Mem<f32>,
     energies: Mem<f32>,
@@ -321,7 +326,8 @@ pub struct KernelOutputs {
 /// Timing of the last frame on the GPU.
 #[derive(Clone, Copy, Debug, Default, PartialEq)]
 pub struct KernelTiming {
-    /// The launch alone, by CUDA events.
+    /// The energy layer's launches alone (head, costs, the rest), by CUDA
+    /// events.
     pub kernel_ms: f32,
     /// Upload + launch + download, wall clock (on the device path, with
     /// the work launched behind the kernel, which the download waits for).
@@ -332,7 +338,10 @@ pub struct KernelTiming {
 pub struct CudaBackend {
     ctx: Arc<CudaContext>,
     stream: Arc<CudaStream>,
-    func: CudaFunction,
+    /// The kernels of [`KERNEL_NAMES`], in that order.
+    head_layer: CudaFunction,
+    unary: CudaFunction,
+    energy_gather: CudaFunction,
     /// The device shares DRAM with the CPU (Jetson): use zero-copy mapped memory.
     pub integrated: bool,
     /// Device name and compute capability, for logs.
@@ -357,7 +366,9 @@ impl CudaBackend {
             arch,
         } = open_device(ordinal)?;
         let module = ctx.load_module(compile(arch)?)?;
-        let func = module.load_function(KERNEL_NAME)?;
+        let [head_layer, unary, energy_gather] =
+            KERNEL_NAMES.map(|name| module.load_function(name));
+        let (head_layer, unary, energy_gather) = (head_layer?, unary?, energy_gather?);
         let integrated = ctx.attribute(sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_INTEGRATED)?
             != 0
             && ctx.attribute(sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_CAN_MAP_HOST_MEMORY)?
@@ -375,7 +386,9 @@ impl CudaBackend {
         Ok(CudaBackend {
             ctx,
             stream,
-            func,
+            head_layer,
+            unary,
+            energy_gather,
             integrated,
             description,
             buffers: Mutex::new(None),
@@ -436,17 +449,15 @@ impl CudaBackend {
         }
         let packed = pack_head(&spec.head);
         let hw = x.h * x.w;
-        let key = (hw, x.c, packed.values.len(), packed.widest * hw);
+        let key = (hw, x.c, packed.values.len(), packed.widest() * hw);
         let mut guard = self.buffers.lock().expect("buffer lock");
         if guard.as_ref().is_none_or(|b| b.key != key) {
             *guard = Some(self.buffers(key)?);
         }
         let b = guard.as_mut().expect("just set");
-        if b.head_values != packed.values || b.conv_values != packed.convs {
+        if b.packed != packed {
             b.head.upload(&self.stream, &packed.values)?;
-            b.convs.upload(&self.stream, &packed.convs)?;
-            b.head_values = packed.values;
-            b.conv_values = packed.convs;
+            b.packed = packed;
         }
         let xp = match source {
             MapSource::Host(m) => {
@@ -456,10 +467,8 @@ impl CudaBackend {
             MapSource::Device(m) => m.ptr,
         };
         let (start, end) = (&b.start, &b.end);
-        let (cvp, csp) = (b.convs.ptr(&self.stream), b.conv_scratch.ptr(&self.stream));
-        let nconv = (b.conv_values.len() / 4) as i32;
-        let (hp, ep, sp, kp, gp, cp) = (
-            b.head.ptr(&self.stream),
+        let (hp, csp) = (b.head.ptr(&self.stream), b.conv_scratch.ptr(&self.stream));
+        let (ep, sp, kp, gp, cp) = (
             b.energies.ptr(&self.stream),
             b.scratch.ptr(&self.stream),
             b.kept.ptr(&self.stream),
@@ -467,8 +476,40 @@ impl CudaBackend {
             b.count.ptr(&self.stream),
         );
         let (c, h, w) = (x.c as i32, x.h as i32, x.w as i32);
-        let (hidden, steps, eight) = (
-            packed.hidden as i32,
+        let blocks = |threads: usize| LaunchConfig {
+            grid_dim: (threads.div_ceil(HEAD_BLOCK as usize) as u32, 1, 1),
+            block_dim: (HEAD_BLOCK, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        let at = |offset: usize| hp + 4 * offset as u64;
+        start.record(&self.stream)?;
+        // The head's conv layers, each over the whole map, ping-ponging
+        // between the two halves of the conv scratch.
+        let half = 4 * (b.packed.widest() * hw) as u64;
+        let mut hx = xp;
+        for (i, l) in b.packed.layers.iter().enumerate() {
+            let out = csp + (i as u64 & 1) * half;
+            let (cin, cout, k, groups) = (l.cin as i32, l.cout as i32, l.k as i32, l.groups as i32);
+            let (wp, bp, relu) = (at(l.weight), at(l.bias), i32::from(l.relu));
+            let mut launch = self.stream.launch_builder(&self.head_layer);
+            launch.arg(&hx).arg(&cin).arg(&h).arg(&w).arg(&wp).arg(&bp);
+            launch.arg(&cout).arg(&k).arg(&groups).arg(&relu).arg(&out);
+            // SAFETY: the arguments match ersm_head_layer's signature; `hx`
+            // holds cin × H × W values and `out` (a half of the scratch,
+            // sized for the widest layer) cout × H × W; the layer's
+            // parameters lie at their packed offsets in `head`.
+            unsafe { launch.launch(blocks(l.cout * hw))? };
+            hx = out;
+        }
+        let (hc, hidden, n) = (b.packed.channels as i32, b.packed.hidden as i32, hw as i32);
+        let pp = at(b.packed.per_token);
+        let mut launch = self.stream.launch_builder(&self.unary);
+        launch.arg(&hx).arg(&hc).arg(&n).arg(&pp).arg(&hidden);
+        launch.arg(&spec.tau).arg(&ep).arg(&sp);
+        // SAFETY: the arguments match ersm_unary's signature; `hx` holds hc
+        // × H × W values, `energies` HW and `scratch` 2 × HW.
+        unsafe { launch.launch(blocks(hw))? };
+        let (steps, eight) = (
             spec.steps as i32,
             i32::from(spec.neighbourhood == super::Neighbourhood::Eight),
         );
@@ -477,26 +518,18 @@ impl CudaBackend {
             block_dim: (THREADS, 1, 1),
             shared_mem_bytes: 0,
         };
-        start.record(&self.stream)?;
-        let mut launch = self.stream.launch_builder(&self.func);
-        launch
-            .arg(&xp)
-            .arg(&c)
-            .arg(&h)
-            .arg(&w)
-            .arg(&hp)
-            .arg(&hidden)
-            .arg(&cvp)
-            .arg(&nconv)
-            .arg(&csp);
+        let mut launch = self.stream.launch_builder(&self.energy_gather);
+        launch.arg(&xp).arg(&c).arg(&h).arg(&w);
         launch
             .arg(&spec.lambda)
             .arg(&spec.tau)
             .arg(&steps)
             .arg(&eight);
         launch.arg(&ep).arg(&sp).arg(&kp).arg(&gp).arg(&cp);
-        // SAFETY: the arguments match the kernel's signature in kernels/ersm.cu,
-        // and every buffer holds what the kernel indexes for this (HW, C, head).
+        // SAFETY: the arguments match ersm_energy_gather's signature in
+        // kernels/ersm.cu, and every buffer holds what it indexes for this
+        // (HW, C); ersm_unary, launched before it on this stream, wrote the
+        // scratch it starts from.
         unsafe { launch.launch(cfg)? };
         end.record(&self.stream)?;
         // The buffers stay locked, so they stay put while `then` reads them.
@@ -554,9 +587,7 @@ impl CudaBackend {
             key,
             x: Mem::new(ctx, s, m, hw * c)?,
             head: Mem::new(ctx, s, m, head)?,
-            head_values: Vec::new(),
-            convs: Mem::new(ctx, s, m, 4 * super::MAX_HEAD_CONVS)?,
-            conv_values: Vec::new(),
+            packed: PackedHead::default(),
             conv_scratch: Mem::new(ctx, s, m, 2 * conv_half)?,
             energies: Mem::new(ctx, s, m, hw)?,
             scratch: Mem::new(ctx, s, m, 2 * hw)?,
@@ -569,26 +600,50 @@ impl CudaBackend {
     }
 }
 
-/// The head in the kernel's layout.
-struct PackedHead {
-    /// Conv weights and biases, then the per-token head's parameters.
-    values: Vec<f32>,
-    /// The per-token head's hidden width (0 = linear).
-    hidden: usize,
-    /// `{cout, k, groups, relu}` per conv layer.
-    convs: Vec<i32>,
-    /// The largest conv output, in channels (0 without convs).
-    widest: usize,
+/// One conv layer of the head, and where its parameters lie in
+/// [`PackedHead::values`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PackedConv {
+    pub cin: usize,
+    pub cout: usize,
+    pub k: usize,
+    pub groups: usize,
+    pub relu: bool,
+    /// Offset of the weights, then of the bias.
+    pub weight: usize,
+    pub bias: usize,
 }
 
-/// The head's parameters in the kernel's layout.
-fn pack_head(head: &UnaryHead) -> PackedHead {
+/// The head as the kernels read it: every parameter in one buffer, and
+/// where each part lies.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct PackedHead {
+    /// Conv weights and biases, layer after layer, then the per-token head's
+    /// parameters (`ersm_unary_cost`'s layout).
+    pub values: Vec<f32>,
+    pub layers: Vec<PackedConv>,
+    /// Offset of the per-token head's parameters.
+    pub per_token: usize,
+    /// Channels the per-token head reads: the last conv's, or the map's.
+    pub channels: usize,
+    /// The per-token head's hidden width (0 = linear).
+    pub hidden: usize,
+}
+
+impl PackedHead {
+    /// The largest conv output, in channels (0 without convs).
+    fn widest(&self) -> usize {
+        self.layers.iter().map(|l| l.cout).max().unwrap_or(0)
+    }
+}
+
+/// The head's parameters in the kernels' layout.
+pub fn pack_head(head: &UnaryHead) -> PackedHead {
     match head {
         UnaryHead::Linear { w, b } => PackedHead {
             values: w.iter().copied().chain([*b]).collect(),
-            hidden: 0,
-            convs: Vec::new(),
-            widest: 0,
+            channels: w.len(),
+            ..PackedHead::default()
         },
         UnaryHead::TwoLayer { w1, b1, w2, b2 } => PackedHead {
             values: w1
@@ -598,26 +653,37 @@ fn pack_head(head: &UnaryHead) -> PackedHead {
                 .copied()
                 .chain([*b2])
                 .collect(),
+            channels: head.channels(),
             hidden: b1.len(),
-            convs: Vec::new(),
-            widest: 0,
+            ..PackedHead::default()
         },
         UnaryHead::Conv { layers, head } => {
+            let mut values = Vec::new();
+            let mut packed = Vec::with_capacity(layers.len());
+            for l in layers {
+                let weight = values.len();
+                values.extend_from_slice(&l.weight);
+                let bias = values.len();
+                values.extend_from_slice(&l.bias);
+                packed.push(PackedConv {
+                    cin: l.cin,
+                    cout: l.cout,
+                    k: l.k,
+                    groups: l.groups,
+                    relu: l.relu,
+                    weight,
+                    bias,
+                });
+            }
             let inner = pack_head(head);
-            let mut values: Vec<f32> = layers
-                .iter()
-                .flat_map(|l| l.weight.iter().chain(&l.bias))
-                .copied()
-                .collect();
+            let per_token = values.len();
             values.extend(inner.values);
             PackedHead {
                 values,
+                layers: packed,
+                per_token,
+                channels: inner.channels,
                 hidden: inner.hidden,
-                convs: layers
-                    .iter()
-                    .flat_map(|l| [l.cout, l.k, l.groups, usize::from(l.relu)].map(|v| v as i32))
-                    .collect(),
-                widest: layers.iter().map(|l| l.cout).max().unwrap_or(0),
             }
         }
     }

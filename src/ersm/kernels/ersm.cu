@@ -1,16 +1,21 @@
-// ERSM energy layer in one launch: unary energies, mean-field steps, threshold
-// with the at-least-one rule, raster-order compaction, gather.
+// ERSM energy layer: the unary head over the whole GPU (one launch per conv
+// layer, then one for the per-token costs), then one block for the rest:
+// mean-field steps, threshold with the at-least-one rule, raster-order
+// compaction, gather.
 //
-// One block of ERSM_THREADS threads runs the whole frame, so every phase is
-// separated by __syncthreads() alone and the result is deterministic: fixed
-// summation orders, a block-wide prefix scan, no floating-point atomics.
-// Per-token state lives in global scratch (it stays in L2), so map size is
-// bounded by memory, not by shared memory.
+// The head is most of the layer's arithmetic (2.5 M multiply-adds on the
+// shipped model), so it runs on every multiprocessor; what follows needs the
+// whole map between phases, so one block of ERSM_THREADS threads runs it and
+// every phase is separated by __syncthreads() alone. Results are
+// deterministic: each output is one thread's fixed summation order, the
+// compaction a block-wide prefix scan, no floating-point atomics. Per-token
+// state lives in global scratch (it stays in L2), so map size is bounded by
+// memory, not by shared memory.
 //
 // Compiled with --fmad=false so each product and sum rounds as on the CPU
 // (src/ersm/cpu.rs): the unary costs match it bit for bit; the energies differ
-// only through expf's last bits. The head's conv layers are head_conv.cu,
-// which the host prepends to this file.
+// only through expf's last bits. The head's device functions are
+// unary_head.cu, which the host prepends to this file.
 
 #define ERSM_THREADS 1024
 #define ERSM_WARPS (ERSM_THREADS / 32)
@@ -44,17 +49,41 @@ __device__ unsigned block_scan(unsigned v, unsigned* warp_sums, unsigned* total)
     return x + before;
 }
 
-// x: C×H×W features (NCHW, batch 1). head: first each conv layer's weight
-// [cout×(cin/groups)×k×k] and bias [cout], then the per-token head on the
-// last conv's output (or x): linear (hidden == 0): w[C'], b; two-layer:
-// W1[hidden×C'], b1[hidden], w2[hidden], b2.
-// convs: nconv × {cout, k, groups, relu}; conv_scratch: 2 × (largest cout) × H × W floats.
+__device__ __forceinline__ int ersm_global_thread() {
+    return (int)(blockIdx.x * blockDim.x + threadIdx.x);
+}
+
+// One conv layer of the head over the whole map, one output per thread.
+extern "C" __global__ void ersm_head_layer(const float* __restrict__ in, int cin, int H, int W,
+                                           const float* __restrict__ w,
+                                           const float* __restrict__ b, int cout, int k,
+                                           int groups, int relu, float* __restrict__ out) {
+    ersm_head_conv(in, cin, H, W, w, b, cout, k, groups, relu, out, ersm_global_thread(),
+                   (int)(gridDim.x * blockDim.x));
+}
+
+// Unary costs of every token from the head's last features `hx` (hc
+// channels; the map itself without conv layers) and the per-token head at
+// `params`, one token per thread. scratch: unary[HW], then pull[HW] (the
+// neighbours' pull before the first mean-field step); energies start as the
+// unary costs.
+extern "C" __global__ void ersm_unary(const float* __restrict__ hx, int hc, int HW,
+                                      const float* __restrict__ params, int hidden, float tau,
+                                      float* __restrict__ energies, float* __restrict__ scratch) {
+    const int i = ersm_global_thread();
+    if (i >= HW) return;
+    const float u = ersm_unary_cost(hx, hc, HW, i, params, hidden);
+    scratch[i] = u;
+    energies[i] = u;
+    scratch[HW + i] = 1.0f - 2.0f * keep_probability(u, tau);
+}
+
+// The rest of the layer in one block, from ersm_unary's outputs.
+// x: C×H×W features (NCHW, batch 1), read for the gather.
 // Outputs: energies[H×W], kept[0..count) raster indices, gathered[count×C], count[0].
-// scratch: 2×H×W floats.
+// scratch: unary[H×W], pull[H×W], as ersm_unary left them.
 extern "C" __global__ void __launch_bounds__(ERSM_THREADS)
 ersm_energy_gather(const float* __restrict__ x, int C, int H, int W,
-                   const float* __restrict__ head, int hidden,
-                   const int* __restrict__ convs, int nconv, float* __restrict__ conv_scratch,
                    float lambda, float tau, int steps, int eight,
                    float* __restrict__ energies, float* __restrict__ scratch,
                    unsigned* __restrict__ kept, float* __restrict__ gathered,
@@ -64,60 +93,10 @@ ersm_energy_gather(const float* __restrict__ x, int C, int H, int W,
     __shared__ unsigned best_i[ERSM_THREADS];
     const int HW = H * W;
     const int tid = threadIdx.x;
-    float* unary = scratch;
+    const float* unary = scratch;
     float* pull = scratch + HW;
 
-    // 0. The head's conv layers over the whole map, ping-ponging between two
-    // halves of conv_scratch; the per-token head then reads `hx` (hc channels).
-    const float* hx = x;
-    int hc = C;
-    const float* params = head;
-    size_t half = 0;
-    for (int l = 0; l < nconv; ++l) {
-        const size_t n = (size_t)convs[4 * l] * HW;
-        half = n > half ? n : half;
-    }
-    for (int l = 0; l < nconv; ++l) {
-        const int cout = convs[4 * l], k = convs[4 * l + 1], groups = convs[4 * l + 2];
-        const size_t nw = (size_t)cout * (hc / groups) * k * k;
-        float* out = conv_scratch + (l & 1) * half;
-        ersm_head_conv(hx, hc, H, W, params, params + nw, cout, k, groups, convs[4 * l + 3], out,
-                       tid, ERSM_THREADS);
-        params += nw + cout;
-        hx = out;
-        hc = cout;
-        __syncthreads();
-    }
-
-    // 1. Unary costs (a GEMV over channels, channels in order per token).
-    for (int i = tid; i < HW; i += ERSM_THREADS) {
-        float u;
-        if (hidden == 0) {
-            float acc = 0.0f;
-            #pragma unroll 8
-            for (int c = 0; c < hc; ++c) acc = acc + params[c] * hx[(size_t)c * HW + i];
-            u = acc + params[hc];
-        } else {
-            const float* w1 = params;
-            const float* b1 = params + hidden * hc;
-            const float* w2 = b1 + hidden;
-            const float b2 = w2[hidden];
-            float acc = 0.0f;
-            for (int k = 0; k < hidden; ++k) {
-                float h = 0.0f;
-                #pragma unroll 8
-                for (int c = 0; c < hc; ++c) h = h + w1[k * hc + c] * hx[(size_t)c * HW + i];
-                acc = acc + w2[k] * fmaxf(h + b1[k], 0.0f);
-            }
-            u = acc + b2;
-        }
-        unary[i] = u;
-        energies[i] = u;
-        pull[i] = 1.0f - 2.0f * keep_probability(u, tau);
-    }
-    __syncthreads();
-
-    // 2. Mean-field steps: synchronous (Jacobi) updates, neighbours in the CPU's order.
+    // 1. Mean-field steps: synchronous (Jacobi) updates, neighbours in the CPU's order.
     if (steps > 0 && lambda != 0.0f) {
         const int dy8[8] = {-1, -1, -1, 0, 0, 1, 1, 1}, dx8[8] = {-1, 0, 1, -1, 1, -1, 0, 1};
         const int dy4[4] = {-1, 0, 0, 1}, dx4[4] = {0, -1, 1, 0};
@@ -142,7 +121,7 @@ ersm_energy_gather(const float* __restrict__ x, int C, int H, int W,
         }
     }
 
-    // 3. Threshold and compaction: each thread owns a contiguous run of tokens,
+    // 2. Threshold and compaction: each thread owns a contiguous run of tokens,
     // so a block scan of per-thread counts gives raster-order output slots.
     const int chunk = (HW + ERSM_THREADS - 1) / ERSM_THREADS;
     const int lo = min(tid * chunk, HW), hi = min(lo + chunk, HW);
@@ -180,7 +159,7 @@ ersm_energy_gather(const float* __restrict__ x, int C, int H, int W,
     if (tid == 0) count[0] = total;
     __syncthreads();
 
-    // 4. Gather kept feature vectors, unscaled, into total×C rows.
+    // 3. Gather kept feature vectors, unscaled, into total×C rows.
     // Consecutive threads read consecutive kept tokens of one channel plane.
     const int n = (int)total;
     for (int j = tid; j < n * C; j += ERSM_THREADS) {
