@@ -23,7 +23,9 @@
 # energy layer on each device, with their .txt tables), profile-cuda.txt (each
 # stage and each kind of suffix op on the GPU), compare-ort-cuda.json/.txt
 # (ERSM and ersm dense on the GPU beside ONNX Runtime's CUDA provider, or why
-# the latter is missing), and timeouts.txt if a step ran past its limit.
+# the latter is missing), compare-torch-cuda.json/.txt (the same beside
+# PyTorch's cuDNN path, eager and as a CUDA graph, where torch has CUDA), and
+# timeouts.txt if a step ran past its limit.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -136,6 +138,14 @@ echo "== ersm on the GPU against ONNX Runtime's CUDA provider (where this machin
 limited 150 python3 targets/compare-ort.py --ersm "$bin/ersm" --device cuda --threads all --frames 60 --clip-frames 60 \
     --json "$out/compare-ort-cuda.json" > "$out/compare-ort-cuda.txt" 2>&1 || status=1
 cat "$out/compare-ort-cuda.txt"
+
+# A reference for the dense baseline where ORT's CUDA provider is missing; it
+# leaves the status alone (a machine without torch has simply no reference).
+echo "== ersm on the GPU against PyTorch's cuDNN path (eager, CUDA graph), where torch has CUDA"
+limited 150 python3 targets/compare-torch.py --ersm "$bin/ersm" --device cuda --frames 60 \
+    --json "$out/compare-torch-cuda.json" > "$out/compare-torch-cuda.txt" 2>&1 \
+    || echo "compare-torch: no result, see compare-torch-cuda.txt"
+cat "$out/compare-torch-cuda.txt"
 
 echo "== summary: status $status"
 grep "test result" "$out/cuda-tests.log" || true
