@@ -558,3 +558,85 @@ fn device_frame_refuses_a_bad_kept_count() {
         assert!(msg.contains("kept list holds"), "count {n}: {msg}");
     }
 }
+
+/// A residual Add runs in the kernel of the conv before it whatever that
+/// conv's kernel (1×1, rulebook, depthwise, strided, with a fused
+/// activation) and whichever operand the conv's output is, and equals the
+/// CPU's; an Add of a conv output that something else reads too, or of no
+/// conv's output, launches on its own.
+#[test]
+fn residual_adds_run_in_their_convs_kernels_and_match_the_cpu() {
+    let Some(emulator) = Emulator::build() else {
+        return;
+    };
+    let (h, w, c) = (12, 10, 8);
+    let mut b = Builder::new(77);
+    let x = b.conv("image", 3, c, 3, 1, [1, 1, 1, 1], 1);
+    let x = b.op("Relu", &[&x], vec![]);
+    let x = energy(&mut b, &x, c, 0.3, 1, 4);
+    // Depthwise, its output the Add's first operand.
+    let y = b.conv(&x, c, c, 3, 1, [1; 4], c);
+    let x = b.op("Add", &[&y, &x], vec![]);
+    // Dense 3×3 through the rulebook, its output the second operand.
+    let y = b.conv(&x, c, c, 3, 1, [1; 4], 1);
+    let x = b.op("Add", &[&x, &y], vec![]);
+    // Strided, then a 1×1 on the strided level added to it.
+    let s = b.conv(&x, c, c, 3, 2, [1; 4], 1);
+    let y = b.conv(&s, c, c, 1, 1, [0; 4], 1);
+    let x = b.op("Add", &[&y, &s], vec![]);
+    // A per-channel constant (an affine op, not an Add), then a conv whose
+    // ReLU is fused into it before the residual add.
+    let k = b.rng.normals(c, 0.5);
+    let k = b.init("k", &[1, c, 1, 1], k);
+    let y = b.conv(&x, c, c, 1, 1, [0; 4], 1);
+    let y = b.op("Add", &[&y, &k], vec![]);
+    let z = b.conv(&y, c, c, 1, 1, [0; 4], 1);
+    let z = b.op("Relu", &[&z], vec![]);
+    let x = b.op("Add", &[&z, &y], vec![]);
+    // Not fused: a conv output that two Adds read, and an Add after an Add.
+    let y = b.conv(&x, c, c, 1, 1, [0; 4], 1);
+    let a = b.op("Add", &[&y, &x], vec![]);
+    let x = b.op("Add", &[&a, &y], vec![]);
+    let p = b.op("GlobalAveragePool", &[&x], vec![]);
+    let p = b.op("Flatten", &[&p], vec![attr_int("axis", 1)]);
+    let wd = b.rng.normals(c * 5, 0.3);
+    let wd = b.init("fc.w", &[5, c], wd);
+    let bd = b.init("fc.b", &[5], vec![0.1; 5]);
+    let out = b.op(
+        "Gemm",
+        &[&p, &wd, &bd],
+        vec![attr_int("transB", 1), attr_float("alpha", 1.0)],
+    );
+    let m = package(b.model(("image", &[1, 3, h, w]), &out), h, w);
+    let labels: Vec<String> = m.plan.steps.iter().map(|s| s.label()).collect();
+    let binaries = labels.iter().filter(|l| *l == "Add").count();
+    let gpu = GpuSuffix::new(
+        Recording {
+            inner: emulator,
+            log: Default::default(),
+        },
+        &m.plan,
+    )
+    .expect("the network lowers");
+    let mut rng = Rng::new(78);
+    for keep in [0.1, 0.5, 1.0] {
+        let xs = rng.normals(c * h * w, 1.0);
+        let kept = random_kept(&mut rng, h * w, keep);
+        gpu.device().log.borrow_mut().clear();
+        compare(&m, &gpu, &xs, &kept, &format!("fused adds, keep {keep}"));
+        let launched = gpu
+            .device()
+            .log
+            .borrow()
+            .iter()
+            .filter(|c| **c == Call::Launch(Kernel::Binary))
+            .count();
+        // `compare` runs the steps twice (on a host-built frame, then on
+        // the device path); each launches the two unfused Adds alone.
+        assert_eq!(
+            (binaries, launched),
+            (6, 2 * 2),
+            "keep {keep}: Adds in the plan, and launched on their own: {labels:?}"
+        );
+    }
+}
