@@ -150,10 +150,10 @@ impl Pipeline {
             "prefix {}, energy {}, sparse suffix {}, dense baseline {}{handoff}",
             self.prefix_net().engine.name(),
             self.device.name(),
-            if self.gpu_suffix.is_some() {
-                "cuda"
-            } else {
-                "cpu"
+            match &self.gpu_suffix {
+                Some(g) if g.device().captures() => "cuda (frames as CUDA graphs)",
+                Some(_) => "cuda",
+                None => "cpu",
             },
             self.dense_net().engine.name()
         )

@@ -20,8 +20,10 @@
 # run from the repository root, where the models are),
 # ersm_stage.txt/.json (kernel µs/frame and GB/s by map size vs the CPU stage),
 # bench-cuda.json and bench-cpu.json (`ersm bench` on the bundled model with the
-# energy layer on each device, with their .txt tables), profile-cuda.txt (each
-# stage and each kind of suffix op on the GPU), compare-ort-cuda.json/.txt
+# energy layer on each device, with their .txt tables), bench-cuda-graphs.json/
+# .txt (the CUDA bench with ERSM_CUDA_GRAPHS=1), profile-cuda.txt and
+# profile-cuda-graphs.txt (each stage and each kind of suffix op on the GPU;
+# the frame untimed, without and with graphs), compare-ort-cuda.json/.txt
 # (ERSM and ersm dense on the GPU beside ONNX Runtime's CUDA provider, or why
 # the latter is missing), compare-torch-cuda.json/.txt (the same beside
 # PyTorch's cuDNN path, eager and as a CUDA graph, where torch has CUDA), and
@@ -130,9 +132,18 @@ limited 90 "$bin/ersm" bench --device cuda --frames 60 --json "$out/bench-cuda.j
 limited 90 "$bin/ersm" bench --device cpu --frames 60 --json "$out/bench-cpu.json" > "$out/bench-cpu.txt" 2>&1 || status=1
 tail -16 "$out/bench-cuda.txt"
 
+# The same with each frame's suffix (sets, rulebooks, steps) captured once as
+# a CUDA graph and replayed: the measurement that decides the default.
+echo "== ersm bench on CUDA, the suffix replayed as one CUDA graph per frame (ERSM_CUDA_GRAPHS=1)"
+limited 90 env ERSM_CUDA_GRAPHS=1 "$bin/ersm" bench --device cuda --frames 60 --json "$out/bench-cuda-graphs.json" \
+    > "$out/bench-cuda-graphs.txt" 2>&1 || status=1
+tail -16 "$out/bench-cuda-graphs.txt"
+
 echo "== where a GPU frame's time goes (each suffix op synchronised; device-built sets and rulebooks, host-built ones aside)"
 limited 90 "$bin/ersm" bench --device cuda --frames 20 --profile > "$out/profile-cuda.txt" 2>&1 || status=1
 sed -n '/where an ERSM/,/^$/p' "$out/profile-cuda.txt"
+limited 90 env ERSM_CUDA_GRAPHS=1 "$bin/ersm" bench --device cuda --frames 20 --profile > "$out/profile-cuda-graphs.txt" 2>&1 || status=1
+grep -E "aside: suffix untimed" "$out/profile-cuda-graphs.txt" || true
 
 echo "== ersm on the GPU against ONNX Runtime's CUDA provider (where this machine's onnxruntime has one)"
 limited 150 python3 targets/compare-ort.py --ersm "$bin/ersm" --device cuda --threads all --frames 60 --clip-frames 60 \

@@ -530,19 +530,35 @@ fn gpu_pipeline_matches_the_cpu_pipeline_on_the_shipped_model() {
         on_gpu.gpu_suffix.is_some(),
         "the shipped model's suffix did not lower"
     );
-    for name in ["chelsea.png", "coffee.png", "astronaut.png", "rocket.jpg"] {
+    // The same with each frame's suffix as one CUDA graph, replayed after
+    // the energy kernel: twice over the photos, so later frames replay.
+    let mut graphs =
+        Pipeline::new(load(), Device::select(DeviceChoice::Cuda).unwrap()).with_gpu_suffix();
+    let plan = &graphs.model.plan;
+    let device = ersm::sparse::gpu::cuda::CudaDevice::with_graphs(0, true).unwrap();
+    graphs.gpu_suffix = Some(ersm::sparse::gpu::GpuSuffix::new(device, plan).unwrap());
+    let names = ["chelsea.png", "coffee.png", "astronaut.png", "rocket.jpg"];
+    for name in names.iter().chain(&names) {
         let frame =
             ersm::source::images::load(std::path::Path::new(&format!("models/images/{name}")))
                 .unwrap();
         let a = cpu.run_ersm(&frame).unwrap();
-        let b = on_gpu.run_ersm(&frame).unwrap();
-        assert_eq!(a.mask.kept, b.mask.kept, "{name}: kept sets differ");
-        let err = common::rel_err(&b.logits, &a.logits);
-        assert!(err <= 1e-3, "{name}: logits differ by {err} of their scale");
-        assert!(
-            b.times.ersm_kernel > 0.0 && a.times.ersm_kernel == 0.0,
-            "{name}: the energy kernel's GPU time is reported on the GPU only"
-        );
+        for (what, p) in [("launches", &on_gpu), ("graphs", &graphs)] {
+            let b = p.run_ersm(&frame).unwrap();
+            assert_eq!(
+                a.mask.kept, b.mask.kept,
+                "{name} ({what}): kept sets differ"
+            );
+            let err = common::rel_err(&b.logits, &a.logits);
+            assert!(
+                err <= 1e-3,
+                "{name} ({what}): logits differ by {err} of their scale"
+            );
+            assert!(
+                b.times.ersm_kernel > 0.0 && a.times.ersm_kernel == 0.0,
+                "{name}: the energy kernel's GPU time is reported on the GPU only"
+            );
+        }
     }
 }
 

@@ -37,11 +37,19 @@ extern "C" void sfx_emu_set(unsigned block, unsigned thread, unsigned dim) {
 
 type KernelFn = unsafe extern "C" fn(Params);
 
+/// A launch as a device takes it.
+type LaunchArgs = (Kernel, usize, Params);
+
 /// The kernels compiled for this CPU, run thread by thread.
 #[derive(Clone)]
 struct Emulator {
     set: unsafe extern "C" fn(u32, u32, u32),
     kernels: Vec<(Kernel, KernelFn)>,
+    /// Whether frames are captured as graphs: lists of launches, replayed
+    /// as one (as a CUDA graph keeps the parameters of its launches).
+    graphs: bool,
+    /// The launches captured so far, while capturing.
+    capturing: std::cell::RefCell<Option<Vec<LaunchArgs>>>,
 }
 
 /// A host buffer the kernels write through raw addresses.
@@ -91,7 +99,34 @@ impl Emulator {
                     )
                 })
                 .collect();
-            Some(Emulator { set, kernels })
+            Some(Emulator {
+                set,
+                kernels,
+                graphs: false,
+                capturing: Default::default(),
+            })
+        }
+    }
+
+    /// The same kernels, capturing frames as graphs.
+    fn with_graphs(&self) -> Emulator {
+        Emulator {
+            graphs: true,
+            ..self.clone()
+        }
+    }
+
+    /// Runs one launch, thread by thread.
+    fn run(&self, kernel: Kernel, threads: usize, p: &Params) {
+        let f = self.kernels.iter().find(|(k, _)| *k == kernel).unwrap().1;
+        // Whole blocks, as the GPU runs them: the kernels' bounds checks count.
+        for i in 0..threads.div_ceil(BLOCK) * BLOCK {
+            // SAFETY: the executor sized every buffer in `p` for `threads`
+            // outputs; the emulation globals are thread-local.
+            unsafe {
+                (self.set)((i / BLOCK) as u32, (i % BLOCK) as u32, BLOCK as u32);
+                f(*p);
+            }
         }
     }
 }
@@ -119,15 +154,9 @@ impl Device for Emulator {
     }
 
     fn launch(&self, kernel: Kernel, threads: usize, p: &Params) -> anyhow::Result<()> {
-        let f = self.kernels.iter().find(|(k, _)| *k == kernel).unwrap().1;
-        // Whole blocks, as the GPU runs them: the kernels' bounds checks count.
-        for i in 0..threads.div_ceil(BLOCK) * BLOCK {
-            // SAFETY: the executor sized every buffer in `p` for `threads`
-            // outputs; the emulation globals are thread-local.
-            unsafe {
-                (self.set)((i / BLOCK) as u32, (i % BLOCK) as u32, BLOCK as u32);
-                f(*p);
-            }
+        match self.capturing.borrow_mut().as_mut() {
+            Some(list) => list.push((kernel, threads, *p)),
+            None => self.run(kernel, threads, p),
         }
         Ok(())
     }
@@ -148,6 +177,28 @@ impl Device for Emulator {
 
     fn sync(&self) -> anyhow::Result<()> {
         // Every emulated launch has finished when it returns.
+        Ok(())
+    }
+
+    type Graph = Vec<LaunchArgs>;
+
+    fn capture(
+        &self,
+        f: &mut dyn FnMut() -> anyhow::Result<()>,
+    ) -> anyhow::Result<Option<Vec<LaunchArgs>>> {
+        if !self.graphs {
+            return Ok(None);
+        }
+        *self.capturing.borrow_mut() = Some(Vec::new());
+        let r = f();
+        let list = self.capturing.borrow_mut().take().expect("capturing");
+        r.map(|()| Some(list))
+    }
+
+    fn launch_graph(&self, graph: &Vec<LaunchArgs>) -> anyhow::Result<()> {
+        for (kernel, threads, p) in graph {
+            self.run(*kernel, *threads, p);
+        }
         Ok(())
     }
 }
@@ -283,6 +334,7 @@ fn emulated_gpu_suffix_matches_the_cpu_executor() {
         return;
     };
     check_everything(|| emulator.clone());
+    check_everything(|| emulator.with_graphs());
 }
 
 #[test]
@@ -294,7 +346,9 @@ fn gpu_suffix_matches_the_cpu_executor_on_a_real_gpu() {
             return;
         }
     }
-    check_everything(|| CudaDevice::new(0).unwrap());
+    check_everything(|| CudaDevice::with_graphs(0, false).unwrap());
+    println!("again, frames captured as CUDA graphs");
+    check_everything(|| CudaDevice::with_graphs(0, true).unwrap());
 }
 
 #[test]
@@ -387,6 +441,8 @@ enum Call {
     Launch(Kernel),
     Download(usize),
     Sync,
+    Capture,
+    Graph,
 }
 
 /// The emulator, logging every call.
@@ -443,18 +499,41 @@ impl Device for Recording {
         self.note(Call::Sync);
         self.inner.sync()
     }
+
+    type Graph = Vec<LaunchArgs>;
+
+    fn capture(
+        &self,
+        f: &mut dyn FnMut() -> anyhow::Result<()>,
+    ) -> anyhow::Result<Option<Vec<LaunchArgs>>> {
+        self.note(Call::Capture);
+        self.inner.capture(f)
+    }
+
+    fn launch_graph(&self, graph: &Vec<LaunchArgs>) -> anyhow::Result<()> {
+        self.note(Call::Graph);
+        self.inner.launch_graph(graph)
+    }
 }
 
 /// On the device path a frame's only reads are after its last launch: the
 /// token counts, then the output. No count comes back before the steps
 /// run, nothing waits in between, and the gathered rows are read where the
 /// energy kernel left them (no copy, no upload). The first frame allocates
-/// the workspace; later ones allocate nothing and launch the same grids.
+/// the workspace; later ones allocate nothing and launch the same grids,
+/// one by one, or, where the device captures, as the one graph the first
+/// frame captured.
 #[test]
 fn device_path_reads_back_only_counts_and_logits_after_the_last_launch() {
     let Some(emulator) = Emulator::build() else {
         return;
     };
+    device_path_frames(emulator.clone());
+    device_path_frames(emulator.with_graphs());
+}
+
+fn device_path_frames(emulator: Emulator) {
+    let graphs = emulator.graphs;
     let m = ModelPackage::load("models/mobilenet_v2_ersm").unwrap();
     let dev = Recording {
         inner: emulator,
@@ -464,64 +543,75 @@ fn device_path_reads_back_only_counts_and_logits_after_the_last_launch() {
     let (kept, feats) = blob_frame(&m, &mut Rng::new(31), 0.6);
     let uploaded = gpu.upload_kept(&kept).unwrap();
     let rows = gpu.device().upload(&feats).unwrap();
+    // Every residual Add runs in the kernel of the conv before it, and the
+    // Flatten relabels the pooled vector: neither launches.
+    let labels: Vec<String> = m.plan.steps.iter().map(|s| s.label()).collect();
+    let adds = labels.iter().filter(|l| *l == "Add").count();
+    let flattens = labels.iter().filter(|l| *l == "Flatten").count();
+    assert_eq!((adds, flattens), (7, 1), "the shipped model's steps");
+    let per_frame = m.plan.levels.len() + m.plan.rules.len() + m.plan.steps.len() - adds - flattens;
     let mut first_launches = Vec::new();
     let mut outputs = Vec::new();
     for frame_no in 0..3 {
+        let what = format!("graphs {graphs}, frame {frame_no}");
         gpu.device().log.borrow_mut().clear();
         // SAFETY: the kept list, its count and its rows, uploaded above.
         let out = unsafe { gpu.run_on_device(uploaded.tokens, gpu.device().ptr(&rows)) }.unwrap();
         let log = gpu.device().log.borrow().clone();
+        let n_out = match &out.0 {
+            ersm::sparse::Value::Dense { data, .. } => data.len(),
+            v => panic!("the shipped model's output is dense, got {v:?}"),
+        };
+        let reads = [Call::Download(m.plan.levels.len()), Call::Download(n_out)];
+        outputs.push(out);
+        if graphs && frame_no > 0 {
+            let mut want = vec![Call::Graph];
+            want.extend(reads.iter().cloned());
+            assert_eq!(log, want, "{what}: the graph, then the two reads");
+            continue;
+        }
         let launches: Vec<Call> = log
             .iter()
             .filter(|c| matches!(c, Call::Launch(_)))
             .cloned()
             .collect();
-        // Every residual Add runs in the kernel of the conv before it, and
-        // the Flatten relabels the pooled vector: neither launches.
-        let labels: Vec<String> = m.plan.steps.iter().map(|s| s.label()).collect();
-        let adds = labels.iter().filter(|l| *l == "Add").count();
-        let flattens = labels.iter().filter(|l| *l == "Flatten").count();
-        assert_eq!((adds, flattens), (7, 1), "the shipped model's steps");
         assert_eq!(
             launches.len(),
-            m.plan.levels.len() + m.plan.rules.len() + m.plan.steps.len() - adds - flattens,
-            "frame {frame_no}: a launch per level, rulebook and step but the Adds and the Flatten"
+            per_frame,
+            "{what}: a launch per level, rulebook and step but the Adds and the Flatten"
         );
         assert!(
             !launches.iter().any(|c| matches!(
                 c,
                 Call::Launch(Kernel::Binary) | Call::Launch(Kernel::Activation)
             )),
-            "frame {frame_no}: an Add or a copy launched on its own: {launches:?}"
+            "{what}: an Add or a copy launched on its own: {launches:?}"
         );
         if frame_no == 0 {
             first_launches = launches;
         } else {
-            assert_eq!(launches, first_launches, "frame {frame_no}: other launches");
+            assert_eq!(launches, first_launches, "{what}: other launches");
         }
+        // The first frame asks to capture (the device says whether it can),
+        // with the launches then captured, or run; a captured frame then
+        // runs as its graph.
         let last = log
             .iter()
-            .rposition(|c| matches!(c, Call::Launch(_)))
+            .rposition(|c| matches!(c, Call::Launch(_) | Call::Graph))
             .unwrap();
         let before_ok = |c: &Call| match c {
             Call::Launch(_) => true,
-            Call::Alloc => frame_no == 0,
+            Call::Alloc | Call::Capture => frame_no == 0,
             _ => false,
         };
         assert!(
             log[..last].iter().all(before_ok),
-            "frame {frame_no}: before the last launch: {log:?}"
+            "{what}: before the last launch: {log:?}"
         );
-        let n_out = match &out.0 {
-            ersm::sparse::Value::Dense { data, .. } => data.len(),
-            v => panic!("the shipped model's output is dense, got {v:?}"),
-        };
-        assert_eq!(
-            log[last + 1..],
-            [Call::Download(m.plan.levels.len()), Call::Download(n_out)],
-            "frame {frame_no}: after the last launch"
-        );
-        outputs.push(out);
+        if graphs {
+            assert_eq!(log[last], Call::Graph, "{what}: the captured graph runs");
+        }
+        assert_eq!(log[last + 1..], reads, "{what}: after the last launch");
     }
     // The same as the host-built frame's run, bit for bit.
     let (want, frame) = gpu.run(&m.plan, &kept, &feats).unwrap();
@@ -638,5 +728,57 @@ fn residual_adds_run_in_their_convs_kernels_and_match_the_cpu() {
             (6, 2 * 2),
             "keep {keep}: Adds in the plan, and launched on their own: {labels:?}"
         );
+    }
+}
+
+/// A captured frame keeps its launches' parameters, not the frame's data:
+/// replayed for the next frames' kept tokens and rows, written where the
+/// energy kernel writes them (the same buffers, other counts), it computes
+/// each frame's own output, as the host-built run of that frame does.
+#[test]
+fn a_captured_frame_replays_for_each_later_frames_tokens() {
+    let Some(emulator) = Emulator::build() else {
+        return;
+    };
+    let m = ModelPackage::load("models/mobilenet_v2_ersm").unwrap();
+    let gpu = GpuSuffix::new(
+        Recording {
+            inner: emulator.with_graphs(),
+            log: Default::default(),
+        },
+        &m.plan,
+    )
+    .expect("the shipped model lowers");
+    let d = gpu.device();
+    let hw = m.cut.h * m.cut.w;
+    let mut list = d.alloc(hw).unwrap();
+    let mut count = d.alloc(1).unwrap();
+    let mut rows = d.alloc(hw * m.cut.c).unwrap();
+    let tokens = DeviceTokens {
+        kept: d.ptr(&list),
+        count: d.ptr(&count),
+    };
+    let mut rng = Rng::new(41);
+    for (frame_no, keep) in [0.6, 0.2, 0.9, 0.05].into_iter().enumerate() {
+        let (kept, feats) = blob_frame(&m, &mut rng, keep);
+        let bits: Vec<f32> = kept.iter().map(|&i| f32::from_bits(i)).collect();
+        d.write(&mut list, 0, &bits).unwrap();
+        d.write(&mut count, 0, &[f32::from_bits(kept.len() as u32)])
+            .unwrap();
+        d.write(&mut rows, 0, &feats).unwrap();
+        d.log.borrow_mut().clear();
+        // SAFETY: the kept list, its count and its rows were just written.
+        let (got, counts) = unsafe { gpu.run_on_device(tokens, d.ptr(&rows)) }.unwrap();
+        if frame_no > 0 {
+            assert_eq!(
+                d.log.borrow()[0],
+                Call::Graph,
+                "frame {frame_no}: replays the graph"
+            );
+        }
+        let (want, frame) = gpu.run(&m.plan, &kept, &feats).unwrap();
+        assert_eq!(got, want, "frame {frame_no}, keep {keep}");
+        let want_counts: Vec<usize> = frame.sets.iter().map(|s| s.len()).collect();
+        assert_eq!(counts, want_counts, "frame {frame_no}: token counts");
     }
 }

@@ -1,13 +1,17 @@
 //! The suffix kernels on an NVIDIA GPU through cudarc: compiled by NVRTC at
 //! first use for the device's own architecture, launched in order on one
-//! stream, buffers in device memory.
+//! stream, buffers in device memory. With `ERSM_CUDA_GRAPHS=1` a frame's
+//! launches are captured once as a CUDA graph and each frame replays it
+//! with one launch.
 
 use super::{Device, Kernel, Params, BLOCK, KERNEL_SRC};
 use crate::ersm::cuda::{compile_source, open_device, CudaError, OpenDevice};
 use anyhow::{ensure, Context, Result};
 use cudarc::driver::{
-    CudaFunction, CudaSlice, CudaStream, DevicePtr, DeviceRepr, LaunchConfig, PushKernelArg,
+    sys, CudaEvent, CudaFunction, CudaGraph, CudaSlice, CudaStream, DevicePtr, DeviceRepr,
+    LaunchConfig, PushKernelArg,
 };
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 // SAFETY: `Params` is `#[repr(C)]` plain data, laid out as `SfxParams` in the
@@ -19,11 +23,43 @@ pub struct CudaDevice {
     stream: Arc<CudaStream>,
     functions: Vec<(Kernel, CudaFunction)>,
     description: String,
+    /// Frames captured as graphs, when on.
+    graphs: Option<Graphs>,
 }
 
+/// What capturing and replaying graphs takes: a stream of its own (capture
+/// cannot run on the legacy default stream, where everything else runs),
+/// and two events that order a replay after the default stream's work and
+/// the default stream's later work after the replay.
+struct Graphs {
+    stream: Arc<CudaStream>,
+    before: CudaEvent,
+    after: CudaEvent,
+    /// Launches go to `stream`, into the capture, while set (a capture runs
+    /// under the GPU suffix's workspace lock, so no other frame launches
+    /// meanwhile).
+    capturing: AtomicBool,
+}
+
+/// A frame's launches captured on a device.
+pub struct FrameGraph(CudaGraph);
+
+// SAFETY: CUDA requires that one graph not be used from two threads at
+// once; the GPU suffix keeps its graphs in its workspace, behind a mutex,
+// and uses them only while it holds it.
+unsafe impl Send for FrameGraph {}
+
 impl CudaDevice {
-    /// Opens device `ordinal` and compiles the kernels for it.
+    /// Opens device `ordinal` and compiles the kernels for it; frames are
+    /// captured as graphs when `ERSM_CUDA_GRAPHS=1`.
     pub fn new(ordinal: usize) -> Result<CudaDevice, CudaError> {
+        let graphs = std::env::var("ERSM_CUDA_GRAPHS").is_ok_and(|v| v == "1");
+        CudaDevice::with_graphs(ordinal, graphs)
+    }
+
+    /// Opens device `ordinal` and compiles the kernels for it, capturing
+    /// frames as graphs or not.
+    pub fn with_graphs(ordinal: usize, graphs: bool) -> Result<CudaDevice, CudaError> {
         let OpenDevice {
             ctx,
             major,
@@ -35,11 +71,36 @@ impl CudaDevice {
             .iter()
             .map(|&k| Ok((k, module.load_function(k.name())?)))
             .collect::<Result<Vec<_>, CudaError>>()?;
+        let graphs = if graphs {
+            let flags = Some(sys::CUevent_flags::CU_EVENT_DISABLE_TIMING);
+            Some(Graphs {
+                stream: ctx.new_stream()?,
+                before: ctx.new_event(flags)?,
+                after: ctx.new_event(flags)?,
+                capturing: AtomicBool::new(false),
+            })
+        } else {
+            None
+        };
         Ok(CudaDevice {
             stream: ctx.default_stream(),
             functions,
-            description: format!("{} (sm_{major}{minor}, suffix kernels {arch})", ctx.name()?),
+            description: format!(
+                "{} (sm_{major}{minor}, suffix kernels {arch}{})",
+                ctx.name()?,
+                if graphs.is_some() {
+                    ", frames as CUDA graphs"
+                } else {
+                    ""
+                }
+            ),
+            graphs,
         })
+    }
+
+    /// Whether frames are captured as CUDA graphs.
+    pub fn captures(&self) -> bool {
+        self.graphs.is_some()
     }
 
     /// The device, for logs.
@@ -91,7 +152,11 @@ impl Device for CudaDevice {
             block_dim: (BLOCK as u32, 1, 1),
             shared_mem_bytes: 0,
         };
-        let mut launch = self.stream.launch_builder(func);
+        let stream = match &self.graphs {
+            Some(g) if g.capturing.load(Ordering::Relaxed) => &g.stream,
+            _ => &self.stream,
+        };
+        let mut launch = stream.launch_builder(func);
         launch.arg(p);
         // SAFETY: the parameter block matches the kernel's signature, and every
         // address in it is a live buffer of this context sized by the caller
@@ -126,5 +191,46 @@ impl Device for CudaDevice {
 
     fn sync(&self) -> Result<()> {
         Ok(self.stream.synchronize()?)
+    }
+
+    type Graph = FrameGraph;
+
+    fn capture(&self, f: &mut dyn FnMut() -> Result<()>) -> Result<Option<FrameGraph>> {
+        let Some(g) = &self.graphs else {
+            return Ok(None);
+        };
+        // Thread-local: other threads' CUDA work (the dense baseline's, say)
+        // goes on while this thread captures.
+        g.stream
+            .begin_capture(sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL)
+            .context("beginning a stream capture")?;
+        g.capturing.store(true, Ordering::Relaxed);
+        let launched = f();
+        g.capturing.store(false, Ordering::Relaxed);
+        // Ended whatever `f` did, so the stream leaves capture mode.
+        let ended = g
+            .stream
+            .end_capture(sys::CUgraphInstantiate_flags(0))
+            .context("ending the stream capture");
+        launched?;
+        let graph = ended?.context("the capture holds no graph")?;
+        // Uploaded now, so the first replay does not pay for it.
+        graph.upload().context("uploading the captured graph")?;
+        Ok(Some(FrameGraph(graph)))
+    }
+
+    fn launch_graph(&self, graph: &FrameGraph) -> Result<()> {
+        let g = self
+            .graphs
+            .as_ref()
+            .context("a graph replayed on a device that does not capture")?;
+        // Everything the default stream holds (the energy kernel, the kept
+        // list's writes) comes first; the reads after wait for the graph.
+        g.before.record(&self.stream)?;
+        g.stream.wait(&g.before)?;
+        graph.0.launch().context("launching the frame's graph")?;
+        g.after.record(&g.stream)?;
+        self.stream.wait(&g.after)?;
+        Ok(())
     }
 }

@@ -29,7 +29,7 @@ use anyhow::{bail, ensure, Context, Result};
 use std::any::Any;
 use std::sync::{Mutex, PoisonError};
 use std::time::Instant;
-use workspace::{Recorded, Recorder, Workspace};
+use workspace::{keep_newest, Captured, Recorded, Recorder, Workspace};
 
 fn ms(since: Instant) -> f64 {
     since.elapsed().as_secs_f64() * 1e3
@@ -166,6 +166,14 @@ pub trait Device {
     fn download(&self, buf: &Self::Buf, n: usize) -> Result<Vec<f32>>;
     /// Returns once every launch and copy so far has finished (for timing).
     fn sync(&self) -> Result<()>;
+    /// A frame's launches captured to run as one unit (a CUDA graph).
+    type Graph;
+    /// Captures the launches `f` makes instead of running them: `Ok(None)`
+    /// where this device does not capture (its launches then run one by one).
+    fn capture(&self, f: &mut dyn FnMut() -> Result<()>) -> Result<Option<Self::Graph>>;
+    /// Runs a captured graph, in order after every earlier launch and copy
+    /// and before every later one.
+    fn launch_graph(&self, graph: &Self::Graph) -> Result<()>;
 }
 
 /// An activation as the kernels encode it: (code, a0, a1).
@@ -377,7 +385,7 @@ pub struct GpuSuffix<D: Device> {
     /// kernel (see [`fusable_adds`]).
     residual: Vec<Option<usize>>,
     /// The frame buffers and recorded launches, from the first frame on.
-    workspace: Mutex<Option<Workspace<D::Buf>>>,
+    workspace: Mutex<Option<Workspace<D::Buf, D::Graph>>>,
 }
 
 impl<D: Device> GpuSuffix<D> {
@@ -528,8 +536,7 @@ impl<D: Device> GpuSuffix<D> {
         rows: u64,
     ) -> Result<(Value, Vec<usize>)> {
         self.with_workspace(|ws| {
-            self.build_frame(ws, tokens)?;
-            let (meta, out) = self.replay(ws, rows, None)?;
+            let (meta, out) = self.launch_frame(ws, tokens, rows)?;
             let counts = self.read_counts(ws, None)?;
             Ok((self.fetch(ws, meta, out, rows, &counts)?, counts))
         })
@@ -592,21 +599,22 @@ impl<D: Device> GpuSuffix<D> {
 
     /// Times one untimed device-path frame (sets, rulebooks and steps from
     /// a kept list and rows already on the device, as the energy kernel
-    /// leaves them): ms until every launch is issued, and until the level
-    /// counts are back. Issued close to done means the host's launch rate
-    /// bounds the frame (CUDA graphs would help); done far past issued
-    /// means the kernels do (faster kernels would).
+    /// leaves them; the frame's graph where the device captures, after a
+    /// first frame that records and captures): ms until every launch is
+    /// issued, and until the level counts are back. Issued close to done
+    /// means the host's launch rate bounds the frame (CUDA graphs help);
+    /// done far past issued means the kernels do (faster kernels would).
     pub fn time_launches(&self, plan: &Plan, kept: &[u32], features: &[f32]) -> Result<(f64, f64)> {
         plan.check_features(kept.len(), features.len())?;
         self.with_workspace(|ws| {
             self.device.write(&mut ws.input, 0, features)?;
             let tokens = self.put_kept(ws, kept)?;
             let rows = self.device.ptr(&ws.input);
-            self.recorded(ws, rows)?;
+            // The first frame records and captures; the second is timed.
+            self.launch_frame(ws, tokens, rows)?;
             self.device.sync()?;
             let t = Instant::now();
-            self.build_frame(ws, tokens)?;
-            self.replay(ws, rows, None)?;
+            self.launch_frame(ws, tokens, rows)?;
             let issued = ms(t);
             self.read_counts(ws, Some(kept.len()))?;
             Ok((issued, ms(t)))
@@ -680,7 +688,10 @@ impl<D: Device> GpuSuffix<D> {
 
     /// Runs `f` on the workspace, allocated at the first frame; frames take
     /// turns (they share its buffers, as they share the GPU).
-    fn with_workspace<R>(&self, f: impl FnOnce(&mut Workspace<D::Buf>) -> Result<R>) -> Result<R> {
+    fn with_workspace<R>(
+        &self,
+        f: impl FnOnce(&mut Workspace<D::Buf, D::Graph>) -> Result<R>,
+    ) -> Result<R> {
         // A frame that panicked left nothing half-recorded (a list is kept
         // only once whole), and every buffer is rewritten by the next frame.
         let mut guard = self
@@ -695,7 +706,7 @@ impl<D: Device> GpuSuffix<D> {
 
     /// Writes a kept list from the host where the workspace keeps one; its
     /// addresses.
-    fn put_kept(&self, ws: &mut Workspace<D::Buf>, kept: &[u32]) -> Result<DeviceTokens> {
+    fn put_kept(&self, ws: &mut Workspace<D::Buf, D::Graph>, kept: &[u32]) -> Result<DeviceTokens> {
         ensure!(
             !kept.is_empty() && kept.len() <= self.layout.positions[0],
             "a kept list of {} tokens for {} positions",
@@ -715,7 +726,7 @@ impl<D: Device> GpuSuffix<D> {
     /// table) and its gathered rows into the workspace; the counts.
     fn put_host_frame(
         &self,
-        ws: &mut Workspace<D::Buf>,
+        ws: &mut Workspace<D::Buf, D::Graph>,
         frame: &Frame,
         features: &[f32],
     ) -> Result<Vec<usize>> {
@@ -737,7 +748,7 @@ impl<D: Device> GpuSuffix<D> {
     /// Launches the kernels that build every level's set and every rulebook
     /// into the workspace from the kept list at `tokens`; the counts stay on
     /// the device.
-    fn build_frame(&self, ws: &Workspace<D::Buf>, tokens: DeviceTokens) -> Result<()> {
+    fn build_frame(&self, ws: &Workspace<D::Buf, D::Graph>, tokens: DeviceTokens) -> Result<()> {
         let d = &self.device;
         let l = &self.layout;
         let (sets, counts) = (d.ptr(&ws.sets), d.ptr(&ws.counts));
@@ -804,7 +815,11 @@ impl<D: Device> GpuSuffix<D> {
     /// to it, so a bad count cannot reach past a buffer, but it must not
     /// pass unreported). `expect` is the kept count when the host knows it,
     /// checked against what the kernels saw.
-    fn read_counts(&self, ws: &Workspace<D::Buf>, expect: Option<usize>) -> Result<Vec<usize>> {
+    fn read_counts(
+        &self,
+        ws: &Workspace<D::Buf, D::Graph>,
+        expect: Option<usize>,
+    ) -> Result<Vec<usize>> {
         let rows: Vec<usize> = self
             .device
             .download(&ws.counts, self.levels.len())?
@@ -830,7 +845,7 @@ impl<D: Device> GpuSuffix<D> {
     /// Reads an output back, with the exact token `counts` of every level.
     fn fetch(
         &self,
-        ws: &Workspace<D::Buf>,
+        ws: &Workspace<D::Buf, D::Graph>,
         meta: Meta,
         out: Option<usize>,
         rows: u64,
@@ -854,7 +869,7 @@ impl<D: Device> GpuSuffix<D> {
 
     /// The recorded launches for rows at `rows`, recorded now if this is
     /// the first frame from there: its index in `ws.recorded`.
-    fn recorded(&self, ws: &mut Workspace<D::Buf>, rows: u64) -> Result<usize> {
+    fn recorded(&self, ws: &mut Workspace<D::Buf, D::Graph>, rows: u64) -> Result<usize> {
         if let Some(i) = ws.recorded.iter().position(|r| r.rows == rows) {
             return Ok(i);
         }
@@ -918,18 +933,78 @@ impl<D: Device> GpuSuffix<D> {
             launches.len(),
             ws.pool.len()
         );
-        // Rows move only when the energy kernel's buffers are reallocated
-        // (another feature map shape): keep the newest few lists.
-        if ws.recorded.len() >= 4 {
-            ws.recorded.remove(0);
-        }
-        ws.recorded.push(Recorded {
-            rows,
-            launches,
-            output,
-            out,
-        });
+        keep_newest(
+            &mut ws.recorded,
+            Recorded {
+                rows,
+                launches,
+                output,
+                out,
+            },
+        );
         Ok(ws.recorded.len() - 1)
+    }
+
+    /// Launches a whole device-path frame (token sets, rulebooks, steps)
+    /// for the kept list at `tokens` and the rows at `rows`: as one captured
+    /// graph where the device captures (captured at the first frame from
+    /// these addresses), else launch by launch. The output's meta and pool
+    /// buffer, still on the device.
+    fn launch_frame(
+        &self,
+        ws: &mut Workspace<D::Buf, D::Graph>,
+        tokens: DeviceTokens,
+        rows: u64,
+    ) -> Result<(Meta, Option<usize>)> {
+        if let Some(g) = ws
+            .graphs
+            .iter()
+            .find(|g| g.rows == rows && g.tokens == tokens)
+        {
+            self.device.launch_graph(&g.graph)?;
+            return Ok((g.output.clone(), g.out));
+        }
+        let i = self.recorded(ws, rows)?;
+        let (output, out) = (ws.recorded[i].output.clone(), ws.recorded[i].out);
+        if ws.capture {
+            let frame = &*ws;
+            let captured = self.device.capture(&mut || {
+                self.build_frame(frame, tokens)?;
+                self.launch_recorded(&frame.recorded[i])
+            });
+            match captured {
+                Ok(Some(graph)) => {
+                    self.device.launch_graph(&graph)?;
+                    let g = Captured {
+                        rows,
+                        tokens,
+                        graph,
+                        output: output.clone(),
+                        out,
+                    };
+                    keep_newest(&mut ws.graphs, g);
+                    return Ok((output, out));
+                }
+                Ok(None) => ws.capture = false,
+                Err(e) => {
+                    log::warn!("GPU suffix: capturing the frame as a graph failed ({e:#}); launching kernel by kernel");
+                    ws.capture = false;
+                }
+            }
+        }
+        self.build_frame(ws, tokens)?;
+        self.launch_recorded(&ws.recorded[i])?;
+        Ok((output, out))
+    }
+
+    /// Launches a recorded list, untimed.
+    fn launch_recorded(&self, r: &Recorded) -> Result<()> {
+        for l in &r.launches {
+            self.device
+                .launch(l.kernel, l.threads, &l.p)
+                .with_context(|| format!("GPU suffix, node '{}'", self.steps[l.step].node))?;
+        }
+        Ok(())
     }
 
     /// Launches every step on the rows at `rows` (recording the launches at
@@ -939,7 +1014,7 @@ impl<D: Device> GpuSuffix<D> {
     /// conv's).
     fn replay(
         &self,
-        ws: &mut Workspace<D::Buf>,
+        ws: &mut Workspace<D::Buf, D::Graph>,
         rows: u64,
         mut times: Option<&mut Vec<f64>>,
     ) -> Result<(Meta, Option<usize>)> {

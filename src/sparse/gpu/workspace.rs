@@ -4,7 +4,7 @@
 //! frame's launches are every frame's: after the first, a frame allocates
 //! nothing and the host only replays the list.
 
-use super::{Device, FrameLayout, Kernel, Meta, Params};
+use super::{Device, DeviceTokens, FrameLayout, Kernel, Meta, Params};
 use anyhow::Result;
 
 /// One kernel launch of a frame's steps.
@@ -29,8 +29,30 @@ pub(super) struct Recorded {
     pub out: Option<usize>,
 }
 
-/// The buffers of a frame, allocated at the first one.
-pub(super) struct Workspace<B> {
+/// A device-path frame (sets, rulebooks, steps) captured as one graph, for
+/// the kept list and rows at these addresses, and where its output lies
+/// (the graph holds the addresses it was captured with).
+pub(super) struct Captured<G> {
+    pub rows: u64,
+    pub tokens: DeviceTokens,
+    pub graph: G,
+    pub output: Meta,
+    pub out: Option<usize>,
+}
+
+/// Appends `item`, keeping the newest few: lists keyed by buffer addresses,
+/// which move only when the energy kernel's buffers are reallocated
+/// (another feature map shape).
+pub(super) fn keep_newest<T>(list: &mut Vec<T>, item: T) {
+    if list.len() >= 4 {
+        list.remove(0);
+    }
+    list.push(item);
+}
+
+/// The buffers of a frame, allocated at the first one, and the frames
+/// captured as graphs (`G`, the device's graph).
+pub(super) struct Workspace<B, G> {
     /// Index map and token list of every level (sets layout).
     pub sets: B,
     /// Every rulebook's table (tables layout).
@@ -47,15 +69,19 @@ pub(super) struct Workspace<B> {
     pub pool: Vec<(B, usize)>,
     /// The step launches recorded so far, one list per input address.
     pub recorded: Vec<Recorded>,
+    /// Device-path frames captured so far, one per pair of addresses.
+    pub graphs: Vec<Captured<G>>,
+    /// Whether to capture frames (off once the device has said it does not).
+    pub capture: bool,
 }
 
-impl<B> Workspace<B> {
+impl<B, G> Workspace<B, G> {
     /// Allocates the frame buffers of `layout` for `channels`-wide rows.
-    pub fn new<D: Device<Buf = B>>(
+    pub fn new<D: Device<Buf = B, Graph = G>>(
         device: &D,
         layout: &FrameLayout,
         channels: usize,
-    ) -> Result<Workspace<B>> {
+    ) -> Result<Workspace<B, G>> {
         let all = layout.positions[0];
         Ok(Workspace {
             sets: device.alloc(layout.sets_len)?,
@@ -66,6 +92,8 @@ impl<B> Workspace<B> {
             kept_count: device.alloc(1)?,
             pool: Vec::new(),
             recorded: Vec::new(),
+            graphs: Vec::new(),
+            capture: true,
         })
     }
 }
