@@ -610,8 +610,12 @@ impl<D: Device> GpuSuffix<D> {
             self.device.write(&mut ws.input, 0, features)?;
             let tokens = self.put_kept(ws, kept)?;
             let rows = self.device.ptr(&ws.input);
-            // The first frame records and captures; the second is timed.
-            self.launch_frame(ws, tokens, rows)?;
+            // Recording and capturing happen once, untimed (capturing by a
+            // frame before the timed one).
+            self.recorded(ws, rows)?;
+            if ws.capture && captured(ws, tokens, rows).is_none() {
+                self.launch_frame(ws, tokens, rows)?;
+            }
             self.device.sync()?;
             let t = Instant::now();
             self.launch_frame(ws, tokens, rows)?;
@@ -956,11 +960,7 @@ impl<D: Device> GpuSuffix<D> {
         tokens: DeviceTokens,
         rows: u64,
     ) -> Result<(Meta, Option<usize>)> {
-        if let Some(g) = ws
-            .graphs
-            .iter()
-            .find(|g| g.rows == rows && g.tokens == tokens)
-        {
+        if let Some(g) = captured(ws, tokens, rows) {
             self.device.launch_graph(&g.graph)?;
             return Ok((g.output.clone(), g.out));
         }
@@ -970,7 +970,7 @@ impl<D: Device> GpuSuffix<D> {
             let frame = &*ws;
             let captured = self.device.capture(&mut || {
                 self.build_frame(frame, tokens)?;
-                self.launch_recorded(&frame.recorded[i])
+                self.launch_recorded(&frame.recorded[i], None)
             });
             match captured {
                 Ok(Some(graph)) => {
@@ -993,33 +993,14 @@ impl<D: Device> GpuSuffix<D> {
             }
         }
         self.build_frame(ws, tokens)?;
-        self.launch_recorded(&ws.recorded[i])?;
+        self.launch_recorded(&ws.recorded[i], None)?;
         Ok((output, out))
     }
 
-    /// Launches a recorded list, untimed.
-    fn launch_recorded(&self, r: &Recorded) -> Result<()> {
-        for l in &r.launches {
-            self.device
-                .launch(l.kernel, l.threads, &l.p)
-                .with_context(|| format!("GPU suffix, node '{}'", self.steps[l.step].node))?;
-        }
-        Ok(())
-    }
-
-    /// Launches every step on the rows at `rows` (recording the launches at
-    /// the first frame from there); the output's meta and pool buffer, still
-    /// on the device. With `times`, each launch is synchronised and timed
-    /// into its step's entry (an Add fused into a conv's kernel into the
-    /// conv's).
-    fn replay(
-        &self,
-        ws: &mut Workspace<D::Buf, D::Graph>,
-        rows: u64,
-        mut times: Option<&mut Vec<f64>>,
-    ) -> Result<(Meta, Option<usize>)> {
-        let i = self.recorded(ws, rows)?;
-        let r = &ws.recorded[i];
+    /// Launches a recorded list. With `times`, each launch is synchronised
+    /// and timed into its step's entry (an Add fused into a conv's kernel
+    /// into the conv's).
+    fn launch_recorded(&self, r: &Recorded, mut times: Option<&mut Vec<f64>>) -> Result<()> {
         for l in &r.launches {
             let t = Instant::now();
             self.device
@@ -1030,6 +1011,21 @@ impl<D: Device> GpuSuffix<D> {
                 times[l.step] += ms(t);
             }
         }
+        Ok(())
+    }
+
+    /// Launches every step on the rows at `rows` (recording the launches at
+    /// the first frame from there), timed as [`GpuSuffix::launch_recorded`]
+    /// times them; the output's meta and pool buffer, still on the device.
+    fn replay(
+        &self,
+        ws: &mut Workspace<D::Buf, D::Graph>,
+        rows: u64,
+        times: Option<&mut Vec<f64>>,
+    ) -> Result<(Meta, Option<usize>)> {
+        let i = self.recorded(ws, rows)?;
+        let r = &ws.recorded[i];
+        self.launch_recorded(r, times)?;
         Ok((r.output.clone(), r.out))
     }
 
@@ -1333,6 +1329,13 @@ impl<D: Device> GpuSuffix<D> {
             }
         }
     }
+}
+
+/// The frame captured for the kept list at `tokens` and the rows at `rows`.
+fn captured<B, G>(ws: &Workspace<B, G>, tokens: DeviceTokens, rows: u64) -> Option<&Captured<G>> {
+    ws.graphs
+        .iter()
+        .find(|g| g.rows == rows && g.tokens == tokens)
 }
 
 /// `meta` reshaped to `shape`: only a dense value of as many values.
