@@ -452,6 +452,13 @@ struct Recording {
 }
 
 impl Recording {
+    fn new(inner: Emulator) -> Recording {
+        Recording {
+            inner,
+            log: Default::default(),
+        }
+    }
+
     fn note(&self, c: Call) {
         self.log.borrow_mut().push(c);
     }
@@ -535,10 +542,7 @@ fn device_path_reads_back_only_counts_and_logits_after_the_last_launch() {
 fn device_path_frames(emulator: Emulator) {
     let graphs = emulator.graphs;
     let m = ModelPackage::load("models/mobilenet_v2_ersm").unwrap();
-    let dev = Recording {
-        inner: emulator,
-        log: Default::default(),
-    };
+    let dev = Recording::new(emulator);
     let gpu = GpuSuffix::new(dev, &m.plan).expect("the shipped model lowers");
     let (kept, feats) = blob_frame(&m, &mut Rng::new(31), 0.6);
     let uploaded = gpu.upload_kept(&kept).unwrap();
@@ -700,14 +704,7 @@ fn residual_adds_run_in_their_convs_kernels_and_match_the_cpu() {
     let m = package(b.model(("image", &[1, 3, h, w]), &out), h, w);
     let labels: Vec<String> = m.plan.steps.iter().map(|s| s.label()).collect();
     let binaries = labels.iter().filter(|l| *l == "Add").count();
-    let gpu = GpuSuffix::new(
-        Recording {
-            inner: emulator,
-            log: Default::default(),
-        },
-        &m.plan,
-    )
-    .expect("the network lowers");
+    let gpu = GpuSuffix::new(Recording::new(emulator), &m.plan).expect("the network lowers");
     let mut rng = Rng::new(78);
     for keep in [0.1, 0.5, 1.0] {
         let xs = rng.normals(c * h * w, 1.0);
@@ -741,14 +738,8 @@ fn a_captured_frame_replays_for_each_later_frames_tokens() {
         return;
     };
     let m = ModelPackage::load("models/mobilenet_v2_ersm").unwrap();
-    let gpu = GpuSuffix::new(
-        Recording {
-            inner: emulator.with_graphs(),
-            log: Default::default(),
-        },
-        &m.plan,
-    )
-    .expect("the shipped model lowers");
+    let gpu = GpuSuffix::new(Recording::new(emulator.with_graphs()), &m.plan)
+        .expect("the shipped model lowers");
     let d = gpu.device();
     let hw = m.cut.h * m.cut.w;
     let mut list = d.alloc(hw).unwrap();

@@ -24,6 +24,12 @@ __device__ __forceinline__ float keep_probability(float e, float tau) {
     return 1.0f / (1.0f + expf(e / tau));
 }
 
+// What a token of energy e adds to its neighbours' energies (times lambda),
+// as src/ersm/cpu.rs's mean field computes it.
+__device__ __forceinline__ float ersm_pull(float e, float tau) {
+    return 1.0f - 2.0f * keep_probability(e, tau);
+}
+
 // Inclusive scan of `v` across the block; returns it, and the block total in *total.
 __device__ unsigned block_scan(unsigned v, unsigned* warp_sums, unsigned* total) {
     const unsigned lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
@@ -75,7 +81,7 @@ extern "C" __global__ void ersm_unary(const float* __restrict__ hx, int hc, int 
     const float u = ersm_unary_cost(hx, hc, HW, i, params, hidden);
     scratch[i] = u;
     energies[i] = u;
-    scratch[HW + i] = 1.0f - 2.0f * keep_probability(u, tau);
+    scratch[HW + i] = ersm_pull(u, tau);
 }
 
 // The rest of the layer in one block, from ersm_unary's outputs.
@@ -115,7 +121,7 @@ ersm_energy_gather(const float* __restrict__ x, int C, int H, int W,
             __syncthreads();
             if (step + 1 < steps) {
                 for (int i = tid; i < HW; i += ERSM_THREADS)
-                    pull[i] = 1.0f - 2.0f * keep_probability(energies[i], tau);
+                    pull[i] = ersm_pull(energies[i], tau);
                 __syncthreads();
             }
         }
