@@ -329,8 +329,9 @@ fn head_conv_kernel_source_matches_the_cpu_conv_bit_for_bit() {
 /// The packed head run as the GPU runs it (each conv layer launched over
 /// the whole map, one output per thread, then one token per thread) through
 /// the host-built device functions gives `cpu::unary`'s bits: the parameter
-/// offsets, channel counts and scratch ping-pong the launches use are right
-/// for every kind of head, the shipped model's among them.
+/// offsets and channel counts the launches use are right for every kind of
+/// head, the shipped model's among them. (Where each layer's output lies in
+/// the conv scratch is the launch code's alone; a GPU run checks it.)
 #[test]
 fn packed_unary_head_run_as_launched_matches_the_cpu_bit_for_bit() {
     let Some((conv, cost)) = host_unary_head() else {
