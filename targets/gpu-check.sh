@@ -88,23 +88,39 @@ fi
 # cudarc loads NVRTC (the energy and suffix kernels) and tract-cuda also
 # cudart, cuBLAS and cuDNN (the prefix and the dense baseline) at run time:
 # find each where the loader does not know it (a toolkit, pip's nvidia-* wheels).
-# cudarc asks for libX.so or libX.so.12; a newer toolkit may ship only .so.NN,
-# so a plain libX.so link goes in a folder of our own.
+# cudarc asks for libX.so, then libX.so.NN of the CUDA it binds, then .so.12:
+# where CUDA 12 and 13 libraries are both present, a binary bound to one could
+# load the other's. So the search takes the major version the binaries were
+# built for where it can (cuDNN's .so.9 serves both), and a plain libX.so link
+# to what it found goes in a folder of our own, which the loader tries first.
 links=/tmp/ersm-cudalibs
+feature=$(cat "$bin/feature.txt" 2>/dev/null || echo unknown)
+case "$feature" in
+cuda-13000) major=13 ;;
+cuda-12020) major=12 ;;
+cuda-11040) major=11 ;;
+*) major= ;;
+esac
 for name in nvrtc cudart cublas cublasLt cudnn; do
-    ldconfig -p 2>/dev/null | grep -q "lib$name\.so" && continue
-    lib=$(find /usr/local/cuda*/ /usr/lib /opt "${HOME:-/root}" $sitepkgs -name "lib$name.so*" 2>/dev/null \
-        | grep -v builtins | sort | head -1 || true)
+    want="lib$name\.so"
+    [ -n "$major" ] && [ "$name" != cudnn ] && want="lib$name\.so\.$major"
+    ldconfig -p 2>/dev/null | grep -q "$want" && continue
+    found=$(find /usr/local/cuda*/ /usr/lib /opt "${HOME:-/root}" $sitepkgs -name "lib$name.so*" 2>/dev/null \
+        | grep -v builtins | sort || true)
+    lib=$(grep "/$want" <<< "$found" | head -1 || true)
+    [ -n "$lib" ] || lib=$(head -1 <<< "$found")
     [ -n "$lib" ] || { echo "lib$name: not found (tract-cuda needs it; the CPU prefix serves then)"; continue; }
+    note=
+    [[ "$lib" =~ /$want ]] || note=" (no CUDA $major build found: it may not match binaries built with $feature)"
     mkdir -p "$links"
     [ -e "$(dirname "$lib")/lib$name.so" ] || ln -sf "$lib" "$links/lib$name.so"
     export LD_LIBRARY_PATH="$(dirname "$lib")${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
-    echo "lib$name: $lib"
+    echo "lib$name: $lib$note"
 done
 [ -d "$links" ] && export LD_LIBRARY_PATH="$links:$LD_LIBRARY_PATH"
 
 { nvidia-smi -L || true; nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem --format=csv || true
-  echo "ersm built with: $(cat "$bin/feature.txt" 2>/dev/null || echo unknown)"; } > "$out/gpu.txt" 2>&1
+  echo "ersm built with: $feature"; } > "$out/gpu.txt" 2>&1
 cat "$out/gpu.txt"
 
 # Each step has a time limit of its own: a hang on the GPU (a kernel that never
