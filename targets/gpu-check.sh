@@ -26,8 +26,10 @@
 # the frame untimed, without and with graphs), compare-ort-cuda.json/.txt
 # (ERSM and ersm dense on the GPU beside ONNX Runtime's CUDA provider, or why
 # the latter is missing), compare-torch-cuda.json/.txt (the same beside
-# PyTorch's cuDNN path, eager and as a CUDA graph, where torch has CUDA), and
-# timeouts.txt if a step ran past its limit.
+# PyTorch's cuDNN path, eager and as a CUDA graph, where torch has CUDA),
+# sanitizer-*.txt (compute-sanitizer's memcheck and racecheck on the kernels'
+# GPU tests, where it is installed), and timeouts.txt if a step ran past its
+# limit or was skipped for want of time (ERSM_CHECK_SECONDS, default 560).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -125,11 +127,21 @@ cat "$out/gpu.txt"
 
 # Each step has a time limit of its own: a hang on the GPU (a kernel that never
 # ends, a driver wait) then costs that step alone, and the later steps still run
-# and write their files, on a borrowed GPU machine whose time is short.
+# and write their files, on a borrowed GPU machine whose time is short. The
+# whole run also keeps within ERSM_CHECK_SECONDS (default 560, under a 600 s
+# command limit): a step gets at most what is left, less 10 s for the summary,
+# and one that would get under 10 s is skipped, so a slow machine loses the
+# last steps rather than the files of all of them.
+budget=${ERSM_CHECK_SECONDS:-560}
 exec 3>&1
 limited() {
-    local secs=$1 rc=0
+    local secs=$1 rc=0 left=$((budget - SECONDS - 10))
     shift
+    if [ "$left" -lt 10 ]; then
+        echo "SKIPPED, out of time (${SECONDS} s of ${budget} s used): $(basename "$1") ${2:-}" | tee -a "$out/timeouts.txt" >&3
+        return 124
+    fi
+    [ "$secs" -le "$left" ] || secs=$left
     timeout -k 10 "$secs" "$@" || rc=$?
     [ "$rc" -ne 124 ] && [ "$rc" -ne 137 ] || echo "TIMED OUT after ${secs} s: $(basename "$1") ${2:-}" | tee -a "$out/timeouts.txt" >&3
     return "$rc"
@@ -173,6 +185,31 @@ limited 150 python3 targets/compare-torch.py --ersm "$bin/ersm" --device cuda --
     --json "$out/compare-torch-cuda.json" > "$out/compare-torch-cuda.txt" 2>&1 \
     || echo "compare-torch: no result, see compare-torch-cuda.txt"
 cat "$out/compare-torch-cuda.txt"
+
+# The GPU's own memory checker on the kernels' parity tests: out-of-bounds and
+# misaligned accesses (memcheck; the emulator runs the kernels in host memory,
+# where a read past a buffer can go unseen) and shared-memory races in the
+# energy kernel (racecheck; the emulator cannot see those). Last, as it is the
+# slowest step and leaves the status alone: its findings are in sanitizer-*.txt.
+sanitizer=$(command -v compute-sanitizer || ls /usr/local/cuda*/bin/compute-sanitizer 2>/dev/null | head -1 || true)
+sanitize() {
+    local tool=$1 name=$2 rc=0
+    shift 2
+    local log="$out/sanitizer-$tool-$name.txt"
+    limited 120 "$sanitizer" --tool "$tool" --error-exitcode 3 --print-limit 20 \
+        "$bin/cuda-tests" --nocapture --test-threads 1 --exact "$@" > "$log" 2>&1 || rc=$?
+    echo "$tool, $name kernels: $([ "$rc" -eq 0 ] && echo clean || echo "exit $rc, see $(basename "$log")")"
+    grep -E "ERROR SUMMARY|test result|SKIPPED" "$log" || true
+}
+if [ -n "$sanitizer" ] && nvidia-smi -L >/dev/null 2>&1; then
+    echo "== compute-sanitizer on the kernels' GPU tests"
+    energy=(cuda_matches_cpu_exactly_on_kept_sets cuda_keeps_lowest_token_when_none_is_negative)
+    sanitize memcheck energy "${energy[@]}"
+    sanitize memcheck suffix suffix::gpu_suffix_matches_the_cpu_executor_on_a_real_gpu
+    sanitize racecheck energy "${energy[@]}"
+else
+    echo "== compute-sanitizer: not run (${sanitizer:-not found}, or no GPU)"
+fi
 
 echo "== summary: status $status"
 grep "test result" "$out/cuda-tests.log" || true
