@@ -213,4 +213,19 @@ fi
 
 echo "== summary: status $status"
 grep "test result" "$out/cuda-tests.log" || true
+# Issue 15's end-to-end target, read from the benches' JSON, so the log's tail
+# carries it even where the files do not come back.
+for f in bench-cuda bench-cuda-graphs; do
+    python3 - "$out/$f.json" <<'PY' || true
+import json, sys
+try:
+    d = json.load(open(sys.argv[1]))
+except (OSError, ValueError) as e:
+    sys.exit(f"{sys.argv[1]}: no result ({e})")
+t = {m: d["stages"][m]["total"]["p50_ms"] for m in ("ersm", "dense")}
+print(f"{sys.argv[1].rsplit('/', 1)[-1]}: ERSM {t['ersm']:.3f} ms, dense {t['dense']:.3f} ms p50 end to end: "
+      f"{d['speedup']:.2f}x (target 1.5x), suffix {d['suffix_speedup']:.2f}x, keep {d['keep_ratio']:.3f}, "
+      f"agreement {d['agreement']:.3f}; {d['placement']}")
+PY
+done
 exit $status
