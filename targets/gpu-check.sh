@@ -116,7 +116,8 @@ for name in nvrtc cudart cublas cublasLt cudnn; do
     [[ "$lib" =~ /$want ]] || note=" (no CUDA $major build found: it may not match binaries built with $feature)"
     mkdir -p "$links"
     [ -e "$(dirname "$lib")/lib$name.so" ] || ln -sf "$lib" "$links/lib$name.so"
-    export LD_LIBRARY_PATH="$(dirname "$lib")${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+    LD_LIBRARY_PATH="$(dirname "$lib")${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+    export LD_LIBRARY_PATH
     echo "lib$name: $lib$note"
 done
 [ -d "$links" ] && export LD_LIBRARY_PATH="$links:$LD_LIBRARY_PATH"
