@@ -533,8 +533,9 @@ fn gpu_pipeline_matches_the_cpu_pipeline_on_the_shipped_model() {
     );
     // The same with each frame's suffix as one CUDA graph, replayed after
     // the energy kernel: twice over the photos, so later frames replay.
-    let mut graphs =
-        Pipeline::new(load(), Device::select(DeviceChoice::Cuda).unwrap()).with_gpu_suffix();
+    // The suffix is set here rather than by `with_gpu_suffix`, which would
+    // open the device and compile the suffix kernels once more for nothing.
+    let mut graphs = Pipeline::new(load(), Device::select(DeviceChoice::Cuda).unwrap());
     let plan = &graphs.model.plan;
     let device = ersm::sparse::gpu::cuda::CudaDevice::with_graphs(0, true).unwrap();
     graphs.gpu_suffix = Some(ersm::sparse::gpu::GpuSuffix::new(device, plan).unwrap());
