@@ -151,6 +151,9 @@ impl Pipeline {
             self.prefix_net().engine.name(),
             self.device.name(),
             match &self.gpu_suffix {
+                Some(g) if g.device().captures() && g.stopped_capturing() => {
+                    "cuda (kernel by kernel: capturing a frame as a CUDA graph failed)"
+                }
                 Some(g) if g.device().captures() => "cuda (frames as CUDA graphs)",
                 Some(_) => "cuda",
                 None => "cpu",

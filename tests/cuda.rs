@@ -558,10 +558,16 @@ fn gpu_pipeline_matches_the_cpu_pipeline_on_the_shipped_model() {
             );
             assert!(
                 b.times.ersm_kernel > 0.0 && a.times.ersm_kernel == 0.0,
-                "{name}: the energy kernel's GPU time is reported on the GPU only"
+                "{name} ({what}): the energy kernel's GPU time is reported on the GPU only"
             );
         }
     }
+    // A capture that failed would have fallen back to launches unseen.
+    let placement = graphs.placement();
+    assert!(
+        placement.contains("frames as CUDA graphs"),
+        "the frames were not replayed as graphs: {placement}"
+    );
 }
 
 /// The prefix and the dense baseline through tract-cuda (`--device cuda`)

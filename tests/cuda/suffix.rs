@@ -449,6 +449,9 @@ enum Call {
 struct Recording {
     inner: Emulator,
     log: std::cell::RefCell<Vec<Call>>,
+    /// Whether each capture fails at its end, as an invalidated CUDA
+    /// capture does: its launches were recorded, none of them ran.
+    failing_capture: bool,
 }
 
 impl Recording {
@@ -456,6 +459,15 @@ impl Recording {
         Recording {
             inner,
             log: Default::default(),
+            failing_capture: false,
+        }
+    }
+
+    /// The same, with every capture failing.
+    fn failing_capture(inner: Emulator) -> Recording {
+        Recording {
+            failing_capture: true,
+            ..Recording::new(inner)
         }
     }
 
@@ -514,7 +526,11 @@ impl Device for Recording {
         f: &mut dyn FnMut() -> anyhow::Result<()>,
     ) -> anyhow::Result<Option<Vec<LaunchArgs>>> {
         self.note(Call::Capture);
-        self.inner.capture(f)
+        let graph = self.inner.capture(f)?;
+        if self.failing_capture {
+            anyhow::bail!("emulated: the stream capture was invalidated");
+        }
+        Ok(graph)
     }
 
     fn launch_graph(&self, graph: &Vec<LaunchArgs>) -> anyhow::Result<()> {
@@ -772,4 +788,60 @@ fn a_captured_frame_replays_for_each_later_frames_tokens() {
         let want_counts: Vec<usize> = frame.sets.iter().map(|s| s.len()).collect();
         assert_eq!(counts, want_counts, "frame {frame_no}: token counts");
     }
+}
+
+/// A frame whose capture fails still runs: the executor launches it kernel
+/// by kernel (nothing of the failed capture ran), gives the host-built
+/// result, says it stopped capturing, and later frames do not try again.
+#[test]
+fn a_failed_capture_falls_back_to_kernel_by_kernel_launches() {
+    let Some(emulator) = Emulator::build() else {
+        return;
+    };
+    let m = ModelPackage::load("models/mobilenet_v2_ersm").unwrap();
+    let gpu = GpuSuffix::new(Recording::failing_capture(emulator.with_graphs()), &m.plan)
+        .expect("the shipped model lowers");
+    assert!(!gpu.stopped_capturing(), "no frame has run yet");
+    let d = gpu.device();
+    let hw = m.cut.h * m.cut.w;
+    let mut list = d.alloc(hw).unwrap();
+    let mut count = d.alloc(1).unwrap();
+    let mut rows = d.alloc(hw * m.cut.c).unwrap();
+    let tokens = DeviceTokens {
+        kept: d.ptr(&list),
+        count: d.ptr(&count),
+    };
+    let mut rng = Rng::new(43);
+    let mut launches = Vec::new();
+    for (frame_no, keep) in [0.5, 0.8].into_iter().enumerate() {
+        let (kept, feats) = blob_frame(&m, &mut rng, keep);
+        let bits: Vec<f32> = kept.iter().map(|&i| f32::from_bits(i)).collect();
+        d.write(&mut list, 0, &bits).unwrap();
+        d.write(&mut count, 0, &[f32::from_bits(kept.len() as u32)])
+            .unwrap();
+        d.write(&mut rows, 0, &feats).unwrap();
+        d.log.borrow_mut().clear();
+        // SAFETY: the kept list, its count and its rows were just written.
+        let (got, _) = unsafe { gpu.run_on_device(tokens, d.ptr(&rows)) }
+            .unwrap_or_else(|e| panic!("frame {frame_no}: {e:#}"));
+        let log = d.log.borrow().clone();
+        let captures = log.iter().filter(|c| **c == Call::Capture).count();
+        assert_eq!(
+            captures,
+            usize::from(frame_no == 0),
+            "frame {frame_no}: only the first frame tries to capture"
+        );
+        assert!(
+            !log.contains(&Call::Graph),
+            "frame {frame_no}: no graph replays"
+        );
+        launches.push(log.iter().filter(|c| matches!(c, Call::Launch(_))).count());
+        assert!(gpu.stopped_capturing(), "frame {frame_no}");
+        let (want, _) = gpu.run(&m.plan, &kept, &feats).unwrap();
+        assert_eq!(got, want, "frame {frame_no}, keep {keep}");
+    }
+    // The first frame's launches went into the failed capture, then again
+    // one by one; the second frame's only one by one.
+    assert!(launches[1] > 0, "launches: {launches:?}");
+    assert_eq!(launches[0], 2 * launches[1], "launches: {launches:?}");
 }

@@ -502,6 +502,17 @@ impl<D: Device> GpuSuffix<D> {
         &self.device
     }
 
+    /// True once a device-path frame found it could not be captured as a
+    /// graph (the device does not capture, or capturing failed): frames
+    /// since launch kernel by kernel.
+    pub fn stopped_capturing(&self) -> bool {
+        let ws = self
+            .workspace
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        ws.as_ref().is_some_and(|ws| !ws.capture)
+    }
+
     /// Runs the suffix on gathered `features` (`kept.len() × C`, host
     /// memory) for the token set `kept`, with the token sets and rulebooks
     /// built on the host; the result as the CPU plan gives it.
