@@ -381,6 +381,50 @@ fn blob_frame(m: &ModelPackage, rng: &mut Rng, keep: f64) -> (Vec<u32>, Vec<f32>
     (kept, feats)
 }
 
+/// A kept list, its count and the gathered rows in device buffers a whole
+/// map long, as the energy kernel leaves them: frames rewrite the same
+/// buffers, so a captured graph sees each frame's data at its addresses.
+struct EnergyOutputs<B> {
+    list: B,
+    count: B,
+    rows: B,
+}
+
+impl<B> EnergyOutputs<B> {
+    fn new<D: Device<Buf = B>>(d: &D, m: &ModelPackage) -> EnergyOutputs<B> {
+        let hw = m.cut.h * m.cut.w;
+        EnergyOutputs {
+            list: d.alloc(hw).unwrap(),
+            count: d.alloc(1).unwrap(),
+            rows: d.alloc(hw * m.cut.c).unwrap(),
+        }
+    }
+
+    /// Writes a frame's kept list and rows.
+    fn write<D: Device<Buf = B>>(&mut self, d: &D, kept: &[u32], feats: &[f32]) {
+        let bits: Vec<f32> = kept.iter().map(|&i| f32::from_bits(i)).collect();
+        d.write(&mut self.list, 0, &bits).unwrap();
+        d.write(&mut self.count, 0, &[f32::from_bits(kept.len() as u32)])
+            .unwrap();
+        d.write(&mut self.rows, 0, feats).unwrap();
+    }
+
+    /// Runs `gpu`'s device path on what was written last.
+    fn run<D: Device<Buf = B>>(
+        &self,
+        gpu: &GpuSuffix<D>,
+    ) -> anyhow::Result<(ersm::sparse::Value, Vec<usize>)> {
+        let d = gpu.device();
+        let tokens = DeviceTokens {
+            kept: d.ptr(&self.list),
+            count: d.ptr(&self.count),
+        };
+        // SAFETY: `new` sized the buffers for a whole map and `write` filled
+        // the kept list, its count and its rows.
+        unsafe { gpu.run_on_device(tokens, d.ptr(&self.rows)) }
+    }
+}
+
 /// `ersm bench --profile`'s GPU path: the timed run computes what the untimed
 /// one does, with the rulebooks built on either side, with one time per step,
 /// then the token sets and rulebooks, then the uploads, accumulated over frames.
@@ -757,25 +801,13 @@ fn a_captured_frame_replays_for_each_later_frames_tokens() {
     let gpu = GpuSuffix::new(Recording::new(emulator.with_graphs()), &m.plan)
         .expect("the shipped model lowers");
     let d = gpu.device();
-    let hw = m.cut.h * m.cut.w;
-    let mut list = d.alloc(hw).unwrap();
-    let mut count = d.alloc(1).unwrap();
-    let mut rows = d.alloc(hw * m.cut.c).unwrap();
-    let tokens = DeviceTokens {
-        kept: d.ptr(&list),
-        count: d.ptr(&count),
-    };
+    let mut inputs = EnergyOutputs::new(d, &m);
     let mut rng = Rng::new(41);
     for (frame_no, keep) in [0.6, 0.2, 0.9, 0.05].into_iter().enumerate() {
         let (kept, feats) = blob_frame(&m, &mut rng, keep);
-        let bits: Vec<f32> = kept.iter().map(|&i| f32::from_bits(i)).collect();
-        d.write(&mut list, 0, &bits).unwrap();
-        d.write(&mut count, 0, &[f32::from_bits(kept.len() as u32)])
-            .unwrap();
-        d.write(&mut rows, 0, &feats).unwrap();
+        inputs.write(d, &kept, &feats);
         d.log.borrow_mut().clear();
-        // SAFETY: the kept list, its count and its rows were just written.
-        let (got, counts) = unsafe { gpu.run_on_device(tokens, d.ptr(&rows)) }.unwrap();
+        let (got, counts) = inputs.run(&gpu).unwrap();
         if frame_no > 0 {
             assert_eq!(
                 d.log.borrow()[0],
@@ -803,26 +835,15 @@ fn a_failed_capture_falls_back_to_kernel_by_kernel_launches() {
         .expect("the shipped model lowers");
     assert!(!gpu.stopped_capturing(), "no frame has run yet");
     let d = gpu.device();
-    let hw = m.cut.h * m.cut.w;
-    let mut list = d.alloc(hw).unwrap();
-    let mut count = d.alloc(1).unwrap();
-    let mut rows = d.alloc(hw * m.cut.c).unwrap();
-    let tokens = DeviceTokens {
-        kept: d.ptr(&list),
-        count: d.ptr(&count),
-    };
+    let mut inputs = EnergyOutputs::new(d, &m);
     let mut rng = Rng::new(43);
     let mut launches = Vec::new();
     for (frame_no, keep) in [0.5, 0.8].into_iter().enumerate() {
         let (kept, feats) = blob_frame(&m, &mut rng, keep);
-        let bits: Vec<f32> = kept.iter().map(|&i| f32::from_bits(i)).collect();
-        d.write(&mut list, 0, &bits).unwrap();
-        d.write(&mut count, 0, &[f32::from_bits(kept.len() as u32)])
-            .unwrap();
-        d.write(&mut rows, 0, &feats).unwrap();
+        inputs.write(d, &kept, &feats);
         d.log.borrow_mut().clear();
-        // SAFETY: the kept list, its count and its rows were just written.
-        let (got, _) = unsafe { gpu.run_on_device(tokens, d.ptr(&rows)) }
+        let (got, _) = inputs
+            .run(&gpu)
             .unwrap_or_else(|e| panic!("frame {frame_no}: {e:#}"));
         let log = d.log.borrow().clone();
         let captures = log.iter().filter(|c| **c == Call::Capture).count();
