@@ -14,6 +14,7 @@ pub mod eval;
 pub mod files;
 pub mod live;
 pub mod model;
+pub mod onnx;
 pub mod overlay;
 pub mod panics;
 pub mod pipeline;

@@ -784,7 +784,8 @@ fn inspect(a: InspectArgs) -> Result<()> {
     println!("  {}", m.prefix_ops.join(" → "));
     println!("\nsuffix ({} sparse steps):", m.plan.steps.len());
     for step in &m.plan.steps {
-        let level = m.plan.slot_levels[step.output]
+        let level = m.plan.slot_shapes[step.output]
+            .level()
             .map(|l| format!("{}×{}", m.plan.levels[l].h, m.plan.levels[l].w))
             .unwrap_or_else(|| "dense".into());
         let full: Vec<usize> = m.plan.levels.iter().map(|l| l.h * l.w).collect();

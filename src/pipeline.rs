@@ -9,7 +9,7 @@ use crate::preprocess::preprocess;
 use crate::source::Frame;
 use crate::sparse::gpu::{cuda::CudaDevice, DeviceTokens, GpuSuffix};
 use crate::sparse::tokens::TokenSet;
-use crate::sparse::value::Value;
+use crate::sparse::value::{Shape, Value};
 use crate::threads::Threads;
 use anyhow::{Context, Result};
 use std::sync::atomic::{AtomicU8, Ordering};
@@ -371,9 +371,9 @@ impl Pipeline {
                 // A token output is placed by the host's sets of the same
                 // kept list (off the device's path: the mask came back after
                 // the suffix ran).
-                let sets = match value {
-                    Value::Tokens { .. } => self.model.plan.sets(&mask.kept),
-                    Value::Dense { .. } => Vec::new(),
+                let sets = match value.shape {
+                    Shape::Tokens { .. } => self.model.plan.sets(&mask.kept),
+                    Shape::Dense { .. } => Vec::new(),
                 };
                 let logits = dense_logits_of(&self.model.plan, &value, &sets)?;
                 (mask, logits, suffix_started)

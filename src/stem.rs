@@ -11,7 +11,7 @@
 //! Each output still sums the same 27 products; only tract's kernel, not
 //! the arithmetic, changes.
 
-use crate::model::onnx::{attr_i64, attr_ints, conv_pads};
+use crate::onnx::{attr_i64, attr_ints, conv_pads};
 use tract_onnx::pb::ModelProto;
 
 /// Input channels up to which the first conv is rewritten: image planes.
@@ -158,7 +158,7 @@ pub fn rewrite(proto: &mut ModelProto, input_shape: &[usize]) -> Option<Patches>
             "kernel_shape" | "strides" | "pads" | "dilations" | "auto_pad"
         )
     });
-    graph.input[0] = crate::model::onnx::float_input(&input, &patches.shape());
+    graph.input[0] = crate::onnx::float_input(&input, &patches.shape());
     Some(patches)
 }
 

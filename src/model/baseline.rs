@@ -3,8 +3,8 @@
 //! the confidence fallback) must still be the original network, so every
 //! agreement figure is measured against it. It shares the package's prefix.
 
-use super::onnx::{float_input, node_name, split_at, subgraph, Constants};
 use super::read_onnx;
+use crate::onnx::{float_input, node_name, split_at, subgraph, Constants};
 use crate::prefix::TractNet;
 use anyhow::{bail, ensure, Context, Result};
 use std::path::{Path, PathBuf};

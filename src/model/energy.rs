@@ -1,7 +1,7 @@
 //! The `ersm.EnergyMask` node: finding it and reading its weights and attributes.
 
-use super::onnx::{attr_f32, attr_i64, attr_ints, attr_str, label, Constants};
 use crate::ersm::{EnergySpec, HeadConv, Neighbourhood, UnaryHead};
+use crate::onnx::{attr_f32, attr_i64, attr_ints, attr_str, label, Constants};
 use crate::sparse::StrideRule;
 use anyhow::{bail, ensure, Context, Result};
 use tract_onnx::pb::NodeProto;
@@ -36,7 +36,7 @@ pub fn find(nodes: &[NodeProto]) -> Result<usize> {
             "more than one energy layer: {} {OP_TYPE} nodes ({})",
             many.len(),
             many.iter()
-                .map(|&i| format!("'{}'", super::onnx::node_name(&nodes[i])))
+                .map(|&i| format!("'{}'", crate::onnx::node_name(&nodes[i])))
                 .collect::<Vec<_>>()
                 .join(", ")
         ),

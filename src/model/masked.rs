@@ -3,7 +3,7 @@
 //! tensor's fill vector, or zero) and global pooling of a map without a fill
 //! rescaled to a mean over active tokens. The sparse suffix must equal it.
 
-use super::onnx::{float_input, CloneWithoutGraph};
+use crate::onnx::{float_input, CloneWithoutGraph};
 use crate::sparse::Plan;
 use tract_onnx::pb::{self, ModelProto, NodeProto};
 
@@ -106,7 +106,7 @@ impl Masker {
 pub fn reference(suffix: &ModelProto, plan: &Plan) -> ModelProto {
     let graph = suffix.graph.as_ref().expect("suffix has a graph");
     let slot_of = |name: &str| plan.tensors.get(name).copied();
-    let level_of = |name: &str| slot_of(name).and_then(|s| plan.slot_levels[s]);
+    let level_of = |name: &str| slot_of(name).and_then(|s| plan.slot_shapes[s].level());
     let fill_of = |name: &str| slot_of(name).and_then(|s| plan.slot_fills[s].as_ref());
     let mut m = Masker {
         nodes: Vec::new(),

@@ -3,18 +3,16 @@
 
 pub mod baseline;
 pub mod energy;
-pub mod lower;
 pub mod manifest;
 pub mod masked;
-pub mod onnx;
 
 use crate::ersm::EnergySpec;
+use crate::onnx::{self, float_input, label, split_at, subgraph, Constants};
 use crate::prefix::TractNet;
 use crate::sparse::Plan;
 use anyhow::{bail, ensure, Context, Result};
 pub use baseline::Baseline;
 pub use manifest::Manifest;
-use onnx::{float_input, label, split_at, subgraph, Constants};
 use prost::Message;
 use std::collections::HashSet;
 use std::path::{Path, PathBuf};
@@ -209,7 +207,7 @@ impl ModelPackage {
         let energy = energy::spec(enode, &consts, c)?;
 
         let fills = energy::fills(enode)?;
-        let mut plan = lower::lower(
+        let mut plan = crate::sparse::lower::lower(
             &suffix_nodes,
             &consts,
             &output,

@@ -1,59 +1,16 @@
-//! A lowered suffix: token-set levels, the rulebooks they need, and ordered steps.
+//! A lowered suffix: token-set levels, the rulebooks they need, ordered
+//! steps, and the schedule both executors follow (slot lifetimes, fused
+//! activations and residual adds), computed once at load.
 
 use super::buffers::Buffers;
-use super::ops::Op;
-use super::rulebook::{Rulebook, Window};
+pub use super::frame::{Frame, Level, RuleKey};
+use super::ops::Lowered;
+pub use super::ops::Step;
 use super::tokens::{StrideRule, TokenSet};
-use super::value::Value;
+use super::value::{Shape, Value};
 use anyhow::{bail, ensure, Context, Result};
 use std::borrow::Cow;
 use std::collections::BTreeMap;
-
-/// One resolution of the suffix; level 0 is the energy layer's map.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Level {
-    /// The level this one was strided from.
-    pub parent: Option<usize>,
-    /// Stride from the parent.
-    pub stride: usize,
-    pub h: usize,
-    pub w: usize,
-}
-
-/// One op applied to value slots.
-#[derive(Debug)]
-pub struct Step {
-    /// The ONNX node it came from (first node, when several were fused).
-    pub node: String,
-    pub op: Box<dyn Op>,
-    pub inputs: Vec<usize>,
-    pub output: usize,
-}
-
-impl Step {
-    /// The op's name, with the activation fused into it (`Conv1x1+Clip`).
-    pub fn label(&self) -> String {
-        match self.op.fused() {
-            Some(a) => format!("{}+{}", self.op.name(), a.name()),
-            None => self.op.name().to_string(),
-        }
-    }
-}
-
-/// A rulebook the frame must build: between two levels for one window.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub struct RuleKey {
-    pub in_level: usize,
-    pub out_level: usize,
-    pub window: Window,
-}
-
-/// Per-frame state: the active set of every level and the rulebooks over them.
-#[derive(Debug)]
-pub struct Frame {
-    pub sets: Vec<TokenSet>,
-    pub rulebooks: Vec<Rulebook>,
-}
 
 /// The suffix, lowered once at load and run on every frame.
 #[derive(Debug, Default)]
@@ -63,8 +20,8 @@ pub struct Plan {
     pub steps: Vec<Step>,
     /// Name of the tensor held by each slot (slot 0 is the gathered features).
     pub slot_names: Vec<String>,
-    /// Level of each slot's tensor, `None` when it is dense.
-    pub slot_levels: Vec<Option<usize>>,
+    /// Shape of each slot's tensor.
+    pub slot_shapes: Vec<Shape>,
     /// What each token-map slot holds at its dropped positions: a fill vector
     /// (one value per channel) from the package, or `None` for zero.
     pub slot_fills: Vec<Option<Vec<f32>>>,
@@ -79,81 +36,46 @@ pub struct Plan {
     /// Every token map by tensor name, with its channels: the tensors a fill
     /// vector may name, and the values it must hold.
     pub fillable: BTreeMap<String, usize>,
-    /// Step after which each slot is no longer read.
-    last_use: Vec<usize>,
+    /// Step after which each slot is no longer read (`usize::MAX` for the
+    /// output and for slots never read).
+    pub last_use: Vec<usize>,
+    /// For each step, the other operand of an Add that may run in the
+    /// step's own kernel (see [`Plan::schedule`]); the GPU executor fuses
+    /// it.
+    pub residual: Vec<Option<usize>>,
     /// Value buffers recycled from frame to frame.
     buffers: Buffers,
 }
 
 impl Plan {
-    /// An empty plan whose input is a `c`-channel map of `h × w` tokens.
-    pub fn new(input_name: &str, c: usize, h: usize, w: usize) -> Plan {
-        Plan {
-            levels: vec![Level {
-                parent: None,
-                stride: 1,
-                h,
-                w,
-            }],
-            slot_names: vec![input_name.to_string()],
-            slot_levels: vec![Some(0)],
-            slot_fills: vec![None],
-            channels: c,
-            ..Plan::default()
-        }
-    }
-
-    /// The level a stride-`s` layer on `parent` produces (created once).
-    pub fn child_level(&mut self, parent: usize, stride: usize, h: usize, w: usize) -> usize {
-        let level = Level {
-            parent: Some(parent),
-            stride,
-            h,
-            w,
-        };
-        if let Some(i) = self.levels.iter().position(|l| *l == level) {
-            return i;
-        }
-        self.levels.push(level);
-        self.levels.len() - 1
-    }
-
-    /// The index of the rulebook for this window between two levels (created once).
-    pub fn rulebook(&mut self, in_level: usize, out_level: usize, window: Window) -> usize {
-        let key = RuleKey {
-            in_level,
-            out_level,
-            window,
-        };
-        if let Some(i) = self.rules.iter().position(|r| *r == key) {
-            return i;
-        }
-        self.rules.push(key);
-        self.rules.len() - 1
-    }
-
-    /// Adds a slot for a named tensor and returns it.
-    pub fn slot(&mut self, name: &str, level: Option<usize>) -> usize {
-        self.slot_names.push(name.to_string());
-        self.slot_levels.push(level);
-        self.slot_fills.push(None);
-        self.slot_names.len() - 1
-    }
-
-    /// Appends a step; its inputs must already have been produced.
-    pub fn push(&mut self, node: &str, op: Box<dyn Op>, inputs: Vec<usize>, output: usize) {
-        self.steps.push(Step {
-            node: node.to_string(),
-            op,
-            inputs,
+    /// The plan of a finished lowering whose result is `output`, on
+    /// `channels`-wide gathered features.
+    pub fn new(lowered: Lowered, channels: usize, output: usize) -> Plan {
+        let mut plan = Plan {
+            levels: lowered.levels,
+            rules: lowered.rules,
+            steps: lowered.steps,
+            slot_names: lowered.slot_names,
+            slot_shapes: lowered.slot_shapes,
+            slot_fills: lowered.slot_fills,
+            channels,
             output,
-        });
+            ..Plan::default()
+        };
+        for (name, t) in lowered.tensors {
+            if let Shape::Tokens { c, .. } = t.shape {
+                plan.fillable.insert(name.clone(), c);
+            }
+            plan.tensors.insert(name, t.slot);
+        }
+        plan.schedule();
+        plan
     }
 
-    /// Marks `output` as the result, fuses activations into the ops that
-    /// produce their input, and computes slot lifetimes.
-    pub fn finish(&mut self, output: usize) {
-        self.output = output;
+    /// The one pass both executors' schedules come from: fuses each
+    /// activation into the op before it, then computes each slot's last
+    /// reader and which Adds may run in the kernel of the conv before them.
+    fn schedule(&mut self) {
         self.fuse_activations();
         self.last_use = vec![usize::MAX; self.slot_names.len()];
         for (s, step) in self.steps.iter().enumerate() {
@@ -162,7 +84,46 @@ impl Plan {
             }
         }
         // The output must survive the whole run.
-        self.last_use[output] = usize::MAX;
+        self.last_use[self.output] = usize::MAX;
+        self.residual = self.fusable_adds();
+    }
+
+    /// For each step, the other operand of an Add that may run in its
+    /// kernel: the step can take a residual (a conv), its output is read
+    /// only by the next step, and that step is an Add of it and another
+    /// value. (Whether the other value holds the same token rows is known
+    /// when the GPU launches are recorded; if not, the Add runs on its own.)
+    /// In MobileNet-style blocks this is every residual add.
+    fn fusable_adds(&self) -> Vec<Option<usize>> {
+        let readers = self.readers();
+        self.steps
+            .iter()
+            .enumerate()
+            .map(|(i, s)| {
+                let next = self.steps.get(i + 1)?;
+                if !s.op.takes_residual()
+                    || !next.op.is_add()
+                    || readers[s.output] != 1
+                    || s.output == self.output
+                {
+                    return None;
+                }
+                match next.inputs[..] {
+                    [a, b] if a == s.output => Some(b),
+                    [a, b] if b == s.output => Some(a),
+                    _ => None,
+                }
+            })
+            .collect()
+    }
+
+    /// How many steps read each slot.
+    fn readers(&self) -> Vec<usize> {
+        let mut readers = vec![0usize; self.slot_names.len()];
+        for s in &self.steps {
+            s.inputs.iter().for_each(|&i| readers[i] += 1);
+        }
+        readers
     }
 
     /// Folds each activation into the conv or linear op before it when that
@@ -170,11 +131,9 @@ impl Plan {
     /// inside the op's row loop, on values still in cache, and its step and
     /// buffer disappear. The unread intermediate slot stays unwritten.
     fn fuse_activations(&mut self) {
-        let n = self.slot_names.len();
-        let mut readers = vec![0usize; n];
-        let mut producer: Vec<Option<usize>> = vec![None; n];
+        let readers = self.readers();
+        let mut producer: Vec<Option<usize>> = vec![None; self.slot_names.len()];
         for (s, step) in self.steps.iter().enumerate() {
-            step.inputs.iter().for_each(|&i| readers[i] += 1);
             producer[step.output] = Some(s);
         }
         let mut fused = vec![false; self.steps.len()];
@@ -184,9 +143,13 @@ impl Plan {
             };
             let src = self.steps[s].inputs[0];
             let Some(p) = producer[src] else { continue };
-            if readers[src] != 1 || src == self.output || !self.steps[p].op.fuse_activation(act) {
+            if readers[src] != 1 || src == self.output {
                 continue;
             }
+            let Some(op) = self.steps[p].op.with_activation(act) else {
+                continue;
+            };
+            self.steps[p].op = op;
             let out = self.steps[s].output;
             self.steps[p].output = out;
             producer[out] = Some(p);
@@ -218,26 +181,12 @@ impl Plan {
 
     /// Every level's token set for the kept raster indices.
     pub fn sets(&self, kept: &[u32]) -> Vec<TokenSet> {
-        let mut sets: Vec<TokenSet> = Vec::with_capacity(self.levels.len());
-        for l in &self.levels {
-            let set = match l.parent {
-                None => TokenSet::from_raster(l.h, l.w, kept.to_vec()),
-                Some(p) => sets[p].downsample(l.stride, l.h, l.w, self.stride_rule),
-            };
-            sets.push(set);
-        }
-        sets
+        Frame::sets(&self.levels, self.stride_rule, kept)
     }
 
     /// Builds every level's token set and every rulebook from the kept raster indices.
     pub fn frame(&self, kept: &[u32]) -> Frame {
-        let sets = self.sets(kept);
-        let rulebooks = self
-            .rules
-            .iter()
-            .map(|r| Rulebook::build(&sets[r.in_level], &sets[r.out_level], r.window))
-            .collect();
-        Frame { sets, rulebooks }
+        Frame::build(&self.levels, &self.rules, self.stride_rule, kept)
     }
 
     /// Active tokens per level for the kept raster indices (no rulebooks built).
@@ -309,11 +258,7 @@ impl Plan {
             times[self.steps.len()] += ms(t);
         }
         let mut slots: Vec<Option<Value>> = vec![None; self.slot_names.len()];
-        slots[0] = Some(Value::Tokens {
-            level: 0,
-            c: self.channels,
-            data: features,
-        });
+        slots[0] = Some(Value::tokens(0, self.channels, features));
         for (s, step) in self.steps.iter().enumerate() {
             let t = std::time::Instant::now();
             // An elementwise op gets the inputs it reads for the last time (and

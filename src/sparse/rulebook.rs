@@ -1,5 +1,7 @@
-//! Neighbour tables: for each output token and kernel tap, the input token it reads.
+//! Neighbour tables: for each output token and kernel tap, the input token it
+//! reads. Their GPU twin is `sfx_rulebook` of `kernels/tokens.cu`.
 
+use super::gpu::kernel::{Family, Kernel, KernelArgs};
 use super::tokens::{TokenSet, DROPPED, INACTIVE};
 
 /// Geometry of a windowed layer, the key a rulebook is built and cached by.
@@ -64,3 +66,31 @@ impl Rulebook {
         &self.table[n * self.taps..(n + 1) * self.taps]
     }
 }
+
+/// `RulebookParams` of `tokens.cu`: the GPU twin of [`Rulebook::build`].
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct RulebookParams {
+    pub set_in: u64,
+    pub list_in: u64,
+    pub count_in: u64,
+    pub table: u64,
+    pub map_h: i32,
+    pub map_w: i32,
+    pub in_h: i32,
+    pub in_w: i32,
+    pub stride: i32,
+    pub kh: i32,
+    pub kw: i32,
+    pub pad_top: i32,
+    pub pad_left: i32,
+}
+
+// SAFETY: repr(C) addresses and i32s, as in tokens.cu.
+unsafe impl KernelArgs for RulebookParams {}
+
+/// One thread per (output token, tap).
+pub const KERNEL: Kernel = Kernel {
+    family: Family::Tokens,
+    name: "sfx_rulebook",
+};

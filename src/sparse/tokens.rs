@@ -1,4 +1,7 @@
-//! Active token sets: which positions of a map are computed.
+//! Active token sets: which positions of a map are computed. Their GPU twins
+//! are `sfx_level0` and `sfx_level` of `kernels/tokens.cu`.
+
+use super::gpu::kernel::{Family, Kernel, KernelArgs};
 
 /// Marks a position with no active token in [`TokenSet::index`]; in a
 /// rulebook, a tap outside the map (padding, which reads zero).
@@ -116,3 +119,38 @@ impl TokenSet {
         Self::from_raster(out_h, out_w, coords)
     }
 }
+
+/// `LevelParams` of `tokens.cu`: the GPU twin of [`TokenSet::from_raster`]
+/// (`sfx_level0`, from the kept list) and [`TokenSet::downsample`]
+/// (`sfx_level`, from the parent level).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct LevelParams {
+    pub set_in: u64,
+    pub list_in: u64,
+    pub count_in: u64,
+    pub set_out: u64,
+    pub list_out: u64,
+    pub count_out: u64,
+    pub map_h: i32,
+    pub map_w: i32,
+    pub in_h: i32,
+    pub in_w: i32,
+    pub stride: i32,
+    /// 0 for [`StrideRule::Any`], 1 for [`StrideRule::Centre`].
+    pub rule: i32,
+}
+
+// SAFETY: repr(C) addresses and i32s, as in tokens.cu.
+unsafe impl KernelArgs for LevelParams {}
+
+/// Level 0 from the kept list.
+pub const LEVEL0: Kernel = Kernel {
+    family: Family::Tokens,
+    name: "sfx_level0",
+};
+/// A strided level from its parent.
+pub const LEVEL: Kernel = Kernel {
+    family: Family::Tokens,
+    name: "sfx_level",
+};

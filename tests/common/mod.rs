@@ -264,7 +264,7 @@ impl Builder {
                 name: "random".into(),
                 node: self.nodes,
                 initializer: self.inits,
-                input: vec![ersm::model::onnx::float_input(input.0, input.1)],
+                input: vec![ersm::onnx::float_input(input.0, input.1)],
                 output: vec![pb::ValueInfoProto {
                     name: output.into(),
                     ..Default::default()

@@ -13,8 +13,9 @@
 use crate::common::*;
 use ersm::model::ModelPackage;
 use ersm::sparse::gpu::cuda::CudaDevice;
+use ersm::sparse::gpu::kernel::all_sources;
 use ersm::sparse::gpu::{
-    Device, DeviceTokens, GpuSuffix, Kernel, Params, RulebookSite, BLOCK, KERNEL_SRC,
+    Args, Device, DeviceTokens, Family, GpuSuffix, Kernel, RulebookSite, BLOCK,
 };
 use std::ffi::c_void;
 
@@ -35,16 +36,39 @@ extern "C" void sfx_emu_set(unsigned block, unsigned thread, unsigned dim) {
 #define __forceinline__ inline
 "#;
 
-type KernelFn = unsafe extern "C" fn(Params);
+/// A kernel's trampoline: reads the parameter struct from the bytes given.
+type KernelFn = unsafe extern "C" fn(*const u8);
+/// The size of a kernel's parameter struct, as the C++ compiler lays it out.
+type SizeFn = unsafe extern "C" fn() -> usize;
+
+/// Lines after the kernels: for each entry point `k`, `emu_k` calls it with
+/// the parameter struct its bytes hold, and `emu_size_k` gives that
+/// struct's size, both deduced from the kernel's own signature.
+fn trampolines() -> String {
+    let mut s = String::from(
+        "template <typename P> static void sfx_emu_call(void (*f)(P), const void* p) { f(*static_cast<const P*>(p)); }\n\
+         template <typename P> static unsigned long sfx_emu_size(void (*)(P)) { return sizeof(P); }\n",
+    );
+    for f in Family::ALL {
+        for k in f.entries() {
+            s += &format!(
+                "extern \"C\" void emu_{k}(const void* p) {{ sfx_emu_call({k}, p); }}\n\
+                 extern \"C\" unsigned long emu_size_{k}() {{ return sfx_emu_size({k}); }}\n"
+            );
+        }
+    }
+    s
+}
 
 /// A launch as a device takes it.
-type LaunchArgs = (Kernel, usize, Params);
+type LaunchArgs = (Kernel, usize, Args);
 
 /// The kernels compiled for this CPU, run thread by thread.
 #[derive(Clone)]
 struct Emulator {
     set: unsafe extern "C" fn(u32, u32, u32),
-    kernels: Vec<(Kernel, KernelFn)>,
+    /// Each kernel's trampoline and parameter size.
+    kernels: Vec<(Kernel, KernelFn, usize)>,
     /// Whether frames are captured as graphs: lists of launches, replayed
     /// as one (as a CUDA graph keeps the parameters of its launches).
     graphs: bool,
@@ -83,22 +107,25 @@ impl Emulator {
     /// Builds the kernels with the host C++ compiler; `None` (SKIPPED) when
     /// there is none.
     fn build() -> Option<Emulator> {
-        let source = format!("{EMULATION}{KERNEL_SRC}");
+        let source = format!("{EMULATION}{}\n{}", all_sources(), trampolines());
         let lib = crate::host_library("sfx-emu", &source, &["-DSFX_HOST_EMULATION"])?;
         // SAFETY: the symbols have the signatures the source gives them.
         unsafe {
             let set = std::mem::transmute::<*mut c_void, unsafe extern "C" fn(u32, u32, u32)>(
                 lib.symbol("sfx_emu_set"),
             );
-            let kernels = Kernel::ALL
-                .iter()
-                .map(|&k| {
-                    (
-                        k,
-                        std::mem::transmute::<*mut c_void, KernelFn>(lib.symbol(k.name())),
-                    )
-                })
-                .collect();
+            let mut kernels = Vec::new();
+            for family in Family::ALL {
+                for name in family.entries() {
+                    let f = lib.symbol(&format!("emu_{name}"));
+                    let size = lib.symbol(&format!("emu_size_{name}"));
+                    kernels.push((
+                        Kernel { family, name },
+                        std::mem::transmute::<*mut c_void, KernelFn>(f),
+                        std::mem::transmute::<*mut c_void, SizeFn>(size)(),
+                    ));
+                }
+            }
             Some(Emulator {
                 set,
                 kernels,
@@ -117,15 +144,28 @@ impl Emulator {
     }
 
     /// Runs one launch, thread by thread.
-    fn run(&self, kernel: Kernel, threads: usize, p: &Params) {
-        let f = self.kernels.iter().find(|(k, _)| *k == kernel).unwrap().1;
+    fn run(&self, kernel: Kernel, threads: usize, args: &Args) {
+        let &(_, f, size) = self
+            .kernels
+            .iter()
+            .find(|(k, ..)| *k == kernel)
+            .unwrap_or_else(|| panic!("no kernel {kernel:?} in the source"));
+        // The Rust parameter struct is its C twin's size: a field added on
+        // one side only shows here, by name.
+        assert_eq!(
+            args.len(),
+            size,
+            "{}: the Rust parameter struct has {} bytes, the C one {size}",
+            kernel.name,
+            args.len()
+        );
         // Whole blocks, as the GPU runs them: the kernels' bounds checks count.
         for i in 0..threads.div_ceil(BLOCK) * BLOCK {
             // SAFETY: the executor sized every buffer in `p` for `threads`
             // outputs; the emulation globals are thread-local.
             unsafe {
                 (self.set)((i / BLOCK) as u32, (i % BLOCK) as u32, BLOCK as u32);
-                f(*p);
+                f(args.as_ptr());
             }
         }
     }
@@ -153,10 +193,10 @@ impl Device for Emulator {
         buf.ptr as u64
     }
 
-    fn launch(&self, kernel: Kernel, threads: usize, p: &Params) -> anyhow::Result<()> {
+    fn launch(&self, kernel: Kernel, threads: usize, args: &Args) -> anyhow::Result<()> {
         match self.capturing.borrow_mut().as_mut() {
-            Some(list) => list.push((kernel, threads, *p)),
-            None => self.run(kernel, threads, p),
+            Some(list) => list.push((kernel, threads, *args)),
+            None => self.run(kernel, threads, args),
         }
         Ok(())
     }
@@ -357,15 +397,18 @@ fn suffix_kernels_compile_to_ptx_for_jetson_and_test_architectures() {
         return;
     };
     for &arch in archs {
-        let ptx = ersm::ersm::cuda::compile_source(KERNEL_SRC, "sparse suffix", arch)
-            .unwrap_or_else(|e| panic!("{arch}: {e}"));
-        let text = ptx.to_src();
-        for k in Kernel::ALL {
-            assert!(
-                text.contains(&format!(".entry {}(", k.name())),
-                "{arch}: no entry {}",
-                k.name()
-            );
+        for family in Family::ALL {
+            let ptx = ersm::ersm::cuda::compile_source(&family.source(), family.name(), arch)
+                .unwrap_or_else(|e| panic!("{arch}: {e}"));
+            let text = ptx.to_src();
+            let entries = family.entries();
+            assert!(!entries.is_empty(), "{}: no kernels", family.name());
+            for k in entries {
+                assert!(
+                    text.contains(&format!(".entry {k}(")),
+                    "{arch}: no entry {k}"
+                );
+            }
         }
     }
 }
@@ -543,9 +586,9 @@ impl Device for Recording {
         self.inner.ptr(buf)
     }
 
-    fn launch(&self, kernel: Kernel, threads: usize, p: &Params) -> anyhow::Result<()> {
+    fn launch(&self, kernel: Kernel, threads: usize, args: &Args) -> anyhow::Result<()> {
         self.note(Call::Launch(kernel));
-        self.inner.launch(kernel, threads, p)
+        self.inner.launch(kernel, threads, args)
     }
 
     fn write(&self, buf: &mut HostBuf, at: usize, data: &[f32]) -> anyhow::Result<()> {
@@ -623,7 +666,10 @@ fn device_path_frames(emulator: Emulator) {
         let out = unsafe { gpu.run_on_device(uploaded.tokens, gpu.device().ptr(&rows)) }.unwrap();
         let log = gpu.device().log.borrow().clone();
         let n_out = match &out.0 {
-            ersm::sparse::Value::Dense { data, .. } => data.len(),
+            ersm::sparse::Value {
+                shape: ersm::sparse::Shape::Dense { .. },
+                data,
+            } => data.len(),
             v => panic!("the shipped model's output is dense, got {v:?}"),
         };
         let reads = [Call::Download(m.plan.levels.len()), Call::Download(n_out)];
@@ -647,7 +693,10 @@ fn device_path_frames(emulator: Emulator) {
         assert!(
             !launches.iter().any(|c| matches!(
                 c,
-                Call::Launch(Kernel::Binary) | Call::Launch(Kernel::Activation)
+                Call::Launch(Kernel {
+                    name: "sfx_binary" | "sfx_activation",
+                    ..
+                })
             )),
             "{what}: an Add or a copy launched on its own: {launches:?}"
         );
@@ -776,7 +825,7 @@ fn residual_adds_run_in_their_convs_kernels_and_match_the_cpu() {
             .log
             .borrow()
             .iter()
-            .filter(|c| **c == Call::Launch(Kernel::Binary))
+            .filter(|c| matches!(c, Call::Launch(k) if k.name == "sfx_binary"))
             .count();
         // `compare` runs the steps twice (on a host-built frame, then on
         // the device path); each launches the two unfused Adds alone.

@@ -1,10 +1,11 @@
-//! The suffix kernels on an NVIDIA GPU through cudarc: compiled by NVRTC at
-//! first use for the device's own architecture, launched in order on one
+//! The suffix kernels on an NVIDIA GPU through cudarc: each family compiled
+//! by NVRTC at first use for the device's own architecture, launched in order on one
 //! stream, buffers in device memory. With `ERSM_CUDA_GRAPHS=1` a frame's
 //! launches are captured once as a CUDA graph and each frame replays it
 //! with one launch.
 
-use super::{Device, Kernel, Params, BLOCK, KERNEL_SRC};
+use super::kernel::{Args, Family, Kernel};
+use super::{Device, BLOCK};
 use crate::ersm::cuda::{compile_source, open_device, CudaError, OpenDevice};
 use anyhow::{ensure, Context, Result};
 use cudarc::driver::{
@@ -14,9 +15,10 @@ use cudarc::driver::{
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
-// SAFETY: `Params` is `#[repr(C)]` plain data, laid out as `SfxParams` in the
-// kernel source (pointers as 64-bit addresses).
-unsafe impl DeviceRepr for Params {}
+// SAFETY: the bytes of a kernel's `#[repr(C)]` parameter struct, laid out
+// as the kernel takes it by value; the driver reads the parameter's size
+// from the kernel's image, at most `Args::CAPACITY` bytes from the start.
+unsafe impl DeviceRepr for Args {}
 
 /// One CUDA device with the suffix kernels loaded.
 pub struct CudaDevice {
@@ -66,11 +68,14 @@ impl CudaDevice {
             minor,
             arch,
         } = open_device(ordinal)?;
-        let module = ctx.load_module(compile_source(KERNEL_SRC, "sparse suffix", arch)?)?;
-        let functions = Kernel::ALL
-            .iter()
-            .map(|&k| Ok((k, module.load_function(k.name())?)))
-            .collect::<Result<Vec<_>, CudaError>>()?;
+        let mut functions = Vec::new();
+        for family in Family::ALL {
+            let module = ctx.load_module(compile_source(&family.source(), family.name(), arch)?)?;
+            for name in family.entries() {
+                let kernel = Kernel { family, name };
+                functions.push((kernel, module.load_function(name)?));
+            }
+        }
         let graphs = if graphs {
             let flags = Some(sys::CUevent_flags::CU_EVENT_DISABLE_TIMING);
             Some(Graphs {
@@ -137,7 +142,7 @@ impl Device for CudaDevice {
         buf.device_ptr(&self.stream).0
     }
 
-    fn launch(&self, kernel: Kernel, threads: usize, p: &Params) -> Result<()> {
+    fn launch(&self, kernel: Kernel, threads: usize, args: &Args) -> Result<()> {
         if threads == 0 {
             return Ok(());
         }
@@ -145,7 +150,7 @@ impl Device for CudaDevice {
             .functions
             .iter()
             .find(|(k, _)| *k == kernel)
-            .with_context(|| format!("kernel {} not loaded", kernel.name()))?
+            .with_context(|| format!("kernel {} not loaded", kernel.name))?
             .1;
         let cfg = LaunchConfig {
             grid_dim: (threads.div_ceil(BLOCK) as u32, 1, 1),
@@ -157,11 +162,11 @@ impl Device for CudaDevice {
             _ => &self.stream,
         };
         let mut launch = stream.launch_builder(func);
-        launch.arg(p);
-        // SAFETY: the parameter block matches the kernel's signature, and every
+        launch.arg(args);
+        // SAFETY: the parameter block is the kernel's own struct, and every
         // address in it is a live buffer of this context sized by the caller
         // for `threads` outputs.
-        unsafe { launch.launch(cfg) }.with_context(|| format!("launching {}", kernel.name()))?;
+        unsafe { launch.launch(cfg) }.with_context(|| format!("launching {}", kernel.name))?;
         Ok(())
     }
 

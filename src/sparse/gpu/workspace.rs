@@ -4,7 +4,12 @@
 //! frame's launches are every frame's: after the first, a frame allocates
 //! nothing and the host only replays the list.
 
-use super::{Device, DeviceTokens, FrameLayout, Kernel, Meta, Params};
+use super::device::Device;
+use super::frame::FrameLayout;
+use super::io::Pool;
+use super::kernel::{Args, Kernel};
+use super::DeviceTokens;
+use crate::sparse::value::Shape;
 use anyhow::Result;
 
 /// One kernel launch of a frame's steps.
@@ -14,7 +19,7 @@ pub(super) struct Launch {
     pub step: usize,
     pub kernel: Kernel,
     pub threads: usize,
-    pub p: Params,
+    pub args: Args,
 }
 
 /// The launches of every step for one input address, and where the output
@@ -23,7 +28,7 @@ pub(super) struct Recorded {
     /// Address of the gathered rows the first step reads.
     pub rows: u64,
     pub launches: Vec<Launch>,
-    pub output: Meta,
+    pub output: Shape,
     /// The pool buffer holding the output; `None` when it is the input (a
     /// suffix with no steps).
     pub out: Option<usize>,
@@ -36,7 +41,7 @@ pub(super) struct Captured<G> {
     pub rows: u64,
     pub tokens: DeviceTokens,
     pub graph: G,
-    pub output: Meta,
+    pub output: Shape,
     pub out: Option<usize>,
 }
 
@@ -105,28 +110,23 @@ pub(super) struct Recorder<'a, D: Device> {
     device: &'a D,
     pool: &'a mut Vec<(D::Buf, usize)>,
     busy: Vec<bool>,
-    /// The launches so far.
-    pub launches: Vec<Launch>,
-    /// The step being recorded.
-    pub step: usize,
 }
 
 impl<'a, D: Device> Recorder<'a, D> {
     /// A recorder drawing on `pool`, all of it free.
     pub fn new(device: &'a D, pool: &'a mut Vec<(D::Buf, usize)>) -> Recorder<'a, D> {
         let busy = vec![false; pool.len()];
-        Recorder {
-            device,
-            pool,
-            busy,
-            launches: Vec::new(),
-            step: 0,
-        }
+        Recorder { device, pool, busy }
     }
 
-    /// A free buffer of at least `n` values (the smallest that fits, or a
-    /// new one): its address and pool index.
-    pub fn alloc(&mut self, n: usize) -> Result<(u64, usize)> {
+    /// Buffer `i` is read no more by later steps.
+    pub fn release(&mut self, i: usize) {
+        self.busy[i] = false;
+    }
+}
+
+impl<D: Device> Pool for Recorder<'_, D> {
+    fn alloc(&mut self, n: usize) -> Result<(u64, usize)> {
         let n = n.max(1);
         let fits = (0..self.pool.len())
             .filter(|&i| !self.busy[i] && self.pool[i].1 >= n)
@@ -141,20 +141,5 @@ impl<'a, D: Device> Recorder<'a, D> {
         };
         self.busy[i] = true;
         Ok((self.device.ptr(&self.pool[i].0), i))
-    }
-
-    /// Buffer `i` is read no more by later steps.
-    pub fn release(&mut self, i: usize) {
-        self.busy[i] = false;
-    }
-
-    /// Records a launch of the current step.
-    pub fn launch(&mut self, kernel: Kernel, threads: usize, p: Params) {
-        self.launches.push(Launch {
-            step: self.step,
-            kernel,
-            threads,
-            p,
-        });
     }
 }

@@ -2,16 +2,26 @@
 //! strided) gathers neighbour rows through the rulebook (im2col on active
 //! tokens only) and runs one GEMM per group. Output rows are split across the
 //! pool's threads; bias and the activation after the conv are applied in the
-//! same pass.
+//! same pass. On the GPU: `sfx_conv1x1` and `sfx_conv_rulebook` of `conv.cu`.
+//!
+//! The ONNX Conv builder is here too: it folds a BatchNormalization after the
+//! conv into its weights and lowers the node to this op, to a [`Depthwise`]
+//! conv, or (after global pooling) to a [`Linear`] layer.
 
-use super::{ActivationKind, Op};
+use super::activation::GpuAct;
+use super::{ActivationKind, Depthwise, Linear, OnnxNode, Op, Tensor};
+use crate::onnx::{attr_i64, conv_pads, label};
+use crate::sparse::gpu::io::StepIo;
+use crate::sparse::gpu::kernel::{Family, Kernel, KernelArgs};
 use crate::sparse::{
-    buffers::Buffers, gemm, plan::Frame, rulebook::Window, tokens::DROPPED, value::Value,
+    buffers::Buffers, frame::Frame, gemm, rulebook::Window, tokens::DROPPED, value::Shape,
+    value::Value,
 };
 use crate::threads::par_rows;
-use anyhow::{ensure, Result};
+use anyhow::{ensure, Context, Result};
 use std::borrow::Cow;
 use std::cell::RefCell;
+use std::sync::Arc;
 
 /// Output rows one thread takes at least (below this, splitting costs more than it saves).
 const MIN_ROWS: usize = 16;
@@ -110,11 +120,13 @@ impl Op for Conv {
     }
 
     fn eval(&self, inputs: Vec<Cow<'_, Value>>, frame: &Frame, bufs: &Buffers) -> Result<Value> {
-        let Value::Tokens { level, c, data: x } = &*inputs[0] else {
-            anyhow::bail!("conv expects token input");
-        };
+        let x = &inputs[0].data;
         ensure!(
-            *level == self.in_level && *c == self.cin,
+            inputs[0].shape
+                == Shape::Tokens {
+                    level: self.in_level,
+                    c: self.cin
+                },
             "conv input mismatch"
         );
         let n_out = frame.sets[self.out_level].len();
@@ -122,11 +134,7 @@ impl Op for Conv {
         par_rows(&mut y, self.cout, MIN_ROWS, |first, rows| {
             self.rows(x, frame, first, rows)
         });
-        Ok(Value::Tokens {
-            level: self.out_level,
-            c: self.cout,
-            data: y,
-        })
+        Ok(Value::tokens(self.out_level, self.cout, y))
     }
 
     fn cost(&self, tokens: &[usize]) -> u64 {
@@ -134,11 +142,308 @@ impl Op for Conv {
         (tokens[self.out_level] * taps * (self.cin / self.groups) * self.cout) as u64
     }
 
-    fn fuse_activation(&mut self, act: ActivationKind) -> bool {
-        super::activation::fuse_once(&mut self.act, act)
+    fn with_activation(&self, act: ActivationKind) -> Option<Arc<dyn Op>> {
+        self.act
+            .is_none()
+            .then(|| super::activation::fused(self, |c| c.act = Some(act)))
     }
 
     fn fused(&self) -> Option<ActivationKind> {
         self.act
     }
+
+    fn takes_residual(&self) -> bool {
+        true
+    }
+
+    fn gpu_arrays(&self) -> Option<Vec<Cow<'_, [f32]>>> {
+        // The groups' matrices one after another, as the kernel reads them.
+        let packed: Vec<f32> = self
+            .weights
+            .iter()
+            .flat_map(|w| w.data.iter().copied())
+            .collect();
+        let mut arrays = vec![Cow::Owned(packed), Cow::Borrowed(&self.bias[..])];
+        arrays.extend(self.fill.as_deref().map(Cow::Borrowed));
+        Some(arrays)
+    }
+
+    fn record(&self, io: &mut StepIo<'_>, arrays: &[u64]) -> Result<Shape> {
+        let (level, x) = io.tokens(0, self.cin, "conv")?;
+        let out_level = if self.rulebook.is_some() {
+            self.out_level
+        } else {
+            level
+        };
+        let out = Shape::Tokens {
+            level: out_level,
+            c: self.cout,
+        };
+        let res = io.residual(&out);
+        let rows = io.capacity(out_level);
+        let y = io.output(rows * self.cout)?;
+        let p = ConvParams {
+            x,
+            res,
+            w: arrays[0],
+            bias: arrays[1],
+            rb: self.rulebook.map_or(0, |r| io.rulebook(r)),
+            fill: arrays.get(2).copied().unwrap_or(0),
+            y,
+            count: io.count(out_level),
+            rows: rows as i32,
+            cin: self.cin as i32,
+            cout: self.cout as i32,
+            groups: self.groups as i32,
+            taps: (self.window.kh * self.window.kw) as i32,
+            act: GpuAct::of(self.act),
+        };
+        let kernel = if self.rulebook.is_some() {
+            CONV_RULEBOOK
+        } else {
+            CONV1X1
+        };
+        io.launch(kernel, rows * self.cout, &p);
+        Ok(out)
+    }
+}
+
+/// `ConvParams` of `conv.cu`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct ConvParams {
+    pub x: u64,
+    pub res: u64,
+    pub w: u64,
+    pub bias: u64,
+    pub rb: u64,
+    pub fill: u64,
+    pub y: u64,
+    pub count: u64,
+    pub rows: i32,
+    pub cin: i32,
+    pub cout: i32,
+    pub groups: i32,
+    pub taps: i32,
+    pub act: GpuAct,
+}
+
+// SAFETY: repr(C) addresses, i32s and a repr(C) GpuAct, as in conv.cu.
+unsafe impl KernelArgs for ConvParams {}
+
+const CONV1X1: Kernel = Kernel {
+    family: Family::Conv,
+    name: "sfx_conv1x1",
+};
+const CONV_RULEBOOK: Kernel = Kernel {
+    family: Family::Conv,
+    name: "sfx_conv_rulebook",
+};
+
+/// An ONNX Conv, read and checked, its BatchNormalization folded in: what
+/// each lowering of it starts from.
+pub struct ConvNode {
+    pub cin: usize,
+    pub cout: usize,
+    /// Input channels per group.
+    pub cin_g: usize,
+    pub groups: usize,
+    pub kh: usize,
+    pub kw: usize,
+    pub stride: usize,
+    /// Top, left, bottom, right.
+    pub pads: [usize; 4],
+    /// ONNX layout: `cout × cin/g × kh × kw`.
+    pub weights: Vec<f32>,
+    pub bias: Vec<f32>,
+}
+
+impl ConvNode {
+    /// Kernel taps (`kh · kw`).
+    pub fn taps(&self) -> usize {
+        self.kh * self.kw
+    }
+
+    fn read(n: &mut OnnxNode<'_>) -> Result<ConvNode> {
+        let node = n.node;
+        let wname = node.input.get(1).context("Conv has no weight input")?;
+        let ws = n
+            .consts
+            .shape(wname)
+            .with_context(|| format!("Conv weight '{wname}' must be a constant"))?
+            .to_vec();
+        ensure!(
+            ws.len() == 4,
+            "only 2-D convs are supported, weight shape {ws:?}"
+        );
+        let (cout, cin_g, kh, kw) = (ws[0], ws[1], ws[2], ws[3]);
+        let groups = attr_i64(node, "group", Some(1))? as usize;
+        ensure!(
+            groups >= 1 && cout % groups == 0,
+            "group {groups} does not divide {cout} output channels"
+        );
+        let strides = crate::onnx::attr_ints(node, "strides")?.unwrap_or(vec![1, 1]);
+        ensure!(
+            strides.len() == 2 && strides[0] == strides[1] && strides[0] >= 1,
+            "only equal strides are supported, got {strides:?}"
+        );
+        let pads = conv_pads(node)?;
+        let mut weights = n.consts.f32s(wname)?;
+        let mut bias = n.constant(2)?.unwrap_or(vec![0.0; cout]);
+        ensure!(
+            bias.len() == cout,
+            "Conv bias has {} values, expected {cout}",
+            bias.len()
+        );
+        // A BatchNormalization right after the conv, reading nothing else, is folded into it.
+        if let Some(bn) = n.fold_next("BatchNormalization") {
+            let (scale, shift) =
+                super::affine::batch_norm(bn, n.consts).with_context(|| label(bn))?;
+            ensure!(
+                scale.len() == cout,
+                "{} has {} channels, the conv {cout}",
+                label(bn),
+                scale.len()
+            );
+            let per = weights.len() / cout;
+            for co in 0..cout {
+                weights[co * per..(co + 1) * per]
+                    .iter_mut()
+                    .for_each(|w| *w *= scale[co]);
+                bias[co] = bias[co] * scale[co] + shift[co];
+            }
+        }
+        Ok(ConvNode {
+            cin: cin_g * groups,
+            cout,
+            cin_g,
+            groups,
+            kh,
+            kw,
+            stride: strides[0] as usize,
+            pads,
+            weights,
+            bias,
+        })
+    }
+}
+
+/// Builds a Conv (with the BatchNormalization after it, when it can fold).
+pub fn from_onnx(n: &mut OnnxNode<'_>) -> Result<Tensor> {
+    let x = n.input(0)?;
+    let conv = ConvNode::read(n)?;
+    let (slot, level, c) = match x.shape {
+        Shape::Dense { shape } => return Linear::from_conv(n, x.slot, &shape, conv),
+        Shape::Tokens { level, c } => (x.slot, level, c),
+    };
+    let (cin, cout, kh, kw, stride, pads) = (
+        conv.cin,
+        conv.cout,
+        conv.kh,
+        conv.kw,
+        conv.stride,
+        conv.pads,
+    );
+    ensure!(
+        c == cin,
+        "Conv expects {cin} input channels, the tensor has {c}"
+    );
+    let lv = n.lowered.levels[level].clone();
+    let oh = (lv.h + pads[0] + pads[2])
+        .checked_sub(kh)
+        .map(|v| v / stride + 1);
+    let ow = (lv.w + pads[1] + pads[3])
+        .checked_sub(kw)
+        .map(|v| v / stride + 1);
+    let (oh, ow) = oh.zip(ow).with_context(|| {
+        format!(
+            "kernel {kh}×{kw} larger than the padded {}×{} map",
+            lv.h, lv.w
+        )
+    })?;
+    let out_level = if stride == 1 {
+        ensure!(
+            (oh, ow) == (lv.h, lv.w),
+            "a stride-1 conv must keep the map size for submanifold semantics; pads {pads:?} turn {}×{} into {oh}×{ow}",
+            lv.h,
+            lv.w
+        );
+        level
+    } else {
+        n.lowered.child_level(level, stride, oh, ow)
+    };
+    let window = Window {
+        kh,
+        kw,
+        stride,
+        pad_top: pads[0],
+        pad_left: pads[1],
+    };
+    let shape = Shape::Tokens {
+        level: out_level,
+        c: cout,
+    };
+    let pointwise = conv.taps() == 1 && stride == 1 && pads.iter().all(|&p| p == 0);
+    if pointwise && conv.groups == 1 {
+        let mut data = vec![0.0; cin * cout];
+        for co in 0..cout {
+            for ci in 0..cin {
+                data[ci * cout + co] = conv.weights[co * cin + ci];
+            }
+        }
+        let op = Conv {
+            cin,
+            cout,
+            groups: 1,
+            window,
+            in_level: level,
+            out_level,
+            rulebook: None,
+            weights: vec![gemm::Weights {
+                k: cin,
+                n: cout,
+                data,
+            }],
+            bias: conv.bias,
+            fill: None,
+            act: None,
+        };
+        return Ok(n.emit(op, vec![slot], shape));
+    }
+    let rulebook = n.lowered.rulebook(level, out_level, window);
+    if conv.groups == cin && cout == cin {
+        let op = Depthwise::from_conv(conv, window, (level, out_level), rulebook, n.fill(slot));
+        return Ok(n.emit(op, vec![slot], shape));
+    }
+    let (groups, cin_g, taps) = (conv.groups, conv.cin_g, conv.taps());
+    let cout_g = cout / groups;
+    let k = taps * cin_g;
+    let per_group = (0..groups)
+        .map(|g| {
+            let mut data = vec![0.0; k * cout_g];
+            for co in 0..cout_g {
+                for ci in 0..cin_g {
+                    for t in 0..taps {
+                        data[(t * cin_g + ci) * cout_g + co] =
+                            conv.weights[((g * cout_g + co) * cin_g + ci) * taps + t];
+                    }
+                }
+            }
+            gemm::Weights { k, n: cout_g, data }
+        })
+        .collect();
+    let op = Conv {
+        cin,
+        cout,
+        groups,
+        window,
+        in_level: level,
+        out_level,
+        rulebook: Some(rulebook),
+        weights: per_group,
+        bias: conv.bias,
+        fill: n.fill(slot).cloned(),
+        act: None,
+    };
+    Ok(n.emit(op, vec![slot], shape))
 }

@@ -1,16 +1,22 @@
 //! Depthwise conv on token rows: per output token, a channel-contiguous
 //! multiply-add over the taps the rulebook lists. The channel loop is
 //! vectorised with fused multiply-adds: AVX2/FMA where the x86 CPU has them
-//! (checked at run time), NEON on aarch64.
+//! (checked at run time), NEON on aarch64. On the GPU: `sfx_depthwise` of
+//! `conv.cu`. Built from an ONNX Conv by `conv::from_onnx`.
 
+use super::activation::GpuAct;
+use super::conv::ConvNode;
 use super::{ActivationKind, Op};
+use crate::sparse::gpu::io::StepIo;
+use crate::sparse::gpu::kernel::{Family, Kernel, KernelArgs};
 use crate::sparse::{
-    buffers::Buffers, plan::Frame, rulebook::Rulebook, rulebook::Window, tokens::DROPPED,
-    value::Value,
+    buffers::Buffers, frame::Frame, rulebook::Rulebook, rulebook::Window, tokens::DROPPED,
+    value::Shape, value::Value,
 };
 use crate::threads::par_rows;
 use anyhow::{ensure, Result};
 use std::borrow::Cow;
+use std::sync::Arc;
 
 /// Output rows one thread takes at least.
 const MIN_ROWS: usize = 32;
@@ -118,11 +124,13 @@ impl Op for Depthwise {
     }
 
     fn eval(&self, inputs: Vec<Cow<'_, Value>>, frame: &Frame, bufs: &Buffers) -> Result<Value> {
-        let Value::Tokens { level, c, data: x } = &*inputs[0] else {
-            anyhow::bail!("depthwise conv expects token input");
-        };
+        let x = &inputs[0].data;
         ensure!(
-            *level == self.in_level && *c == self.c,
+            inputs[0].shape
+                == Shape::Tokens {
+                    level: self.in_level,
+                    c: self.c
+                },
             "depthwise input mismatch"
         );
         let rb = &frame.rulebooks[self.rulebook];
@@ -139,22 +147,126 @@ impl Op for Depthwise {
                 a.apply_all(out);
             }
         });
-        Ok(Value::Tokens {
-            level: self.out_level,
-            c: self.c,
-            data: y,
-        })
+        Ok(Value::tokens(self.out_level, self.c, y))
     }
 
     fn cost(&self, tokens: &[usize]) -> u64 {
         (tokens[self.out_level] * self.window.kh * self.window.kw * self.c) as u64
     }
 
-    fn fuse_activation(&mut self, act: ActivationKind) -> bool {
-        super::activation::fuse_once(&mut self.act, act)
+    fn with_activation(&self, act: ActivationKind) -> Option<Arc<dyn Op>> {
+        self.act
+            .is_none()
+            .then(|| super::activation::fused(self, |d| d.act = Some(act)))
     }
 
     fn fused(&self) -> Option<ActivationKind> {
         self.act
     }
+
+    fn takes_residual(&self) -> bool {
+        true
+    }
+
+    fn gpu_arrays(&self) -> Option<Vec<Cow<'_, [f32]>>> {
+        let mut arrays = vec![
+            Cow::Borrowed(&self.weights[..]),
+            Cow::Borrowed(&self.bias[..]),
+        ];
+        arrays.extend(self.fill_taps.as_deref().map(Cow::Borrowed));
+        Some(arrays)
+    }
+
+    fn record(&self, io: &mut StepIo<'_>, arrays: &[u64]) -> Result<Shape> {
+        io.tokens(0, self.c, "depthwise conv")?;
+        let x = io.input(0)?.1;
+        let out = Shape::Tokens {
+            level: self.out_level,
+            c: self.c,
+        };
+        let res = io.residual(&out);
+        let rows = io.capacity(self.out_level);
+        let y = io.output(rows * self.c)?;
+        let p = DepthwiseParams {
+            x,
+            res,
+            w: arrays[0],
+            bias: arrays[1],
+            rb: io.rulebook(self.rulebook),
+            fill_taps: arrays.get(2).copied().unwrap_or(0),
+            y,
+            count: io.count(self.out_level),
+            rows: rows as i32,
+            c: self.c as i32,
+            taps: (self.window.kh * self.window.kw) as i32,
+            act: GpuAct::of(self.act),
+        };
+        io.launch(KERNEL, rows * self.c, &p);
+        Ok(out)
+    }
 }
+
+impl Depthwise {
+    /// Lowers a depthwise ONNX conv (groups = channels = outputs) between
+    /// `levels` (in, out) through `rulebook`; `fill` is its input's fill
+    /// vector, if any.
+    pub fn from_conv(
+        conv: ConvNode,
+        window: Window,
+        (in_level, out_level): (usize, usize),
+        rulebook: usize,
+        fill: Option<&Vec<f32>>,
+    ) -> Depthwise {
+        let (c, taps) = (conv.cin, conv.taps());
+        let mut data = vec![0.0; taps * c];
+        for ch in 0..c {
+            for t in 0..taps {
+                data[t * c + ch] = conv.weights[ch * taps + t];
+            }
+        }
+        // A dropped neighbour adds its tap's weight times the fill: one
+        // precomputed row per tap.
+        let fill_taps = fill.map(|f| {
+            (0..taps * c)
+                .map(|i| data[i] * f[i % c])
+                .collect::<Vec<f32>>()
+        });
+        Depthwise {
+            c,
+            window,
+            in_level,
+            out_level,
+            rulebook,
+            weights: data,
+            bias: conv.bias,
+            fill_taps,
+            act: None,
+        }
+    }
+}
+
+/// `DepthwiseParams` of `conv.cu`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct DepthwiseParams {
+    pub x: u64,
+    pub res: u64,
+    pub w: u64,
+    pub bias: u64,
+    pub rb: u64,
+    pub fill_taps: u64,
+    pub y: u64,
+    pub count: u64,
+    pub rows: i32,
+    pub c: i32,
+    pub taps: i32,
+    pub act: GpuAct,
+}
+
+// SAFETY: repr(C) addresses, i32s and a repr(C) GpuAct, as in conv.cu.
+unsafe impl KernelArgs for DepthwiseParams {}
+
+const KERNEL: Kernel = Kernel {
+    family: Family::Conv,
+    name: "sfx_depthwise",
+};

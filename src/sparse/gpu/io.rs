@@ -1,0 +1,119 @@
+//! What an op's GPU twin sees while its launch is recorded: its inputs'
+//! shapes and device addresses, each level's token count in device memory,
+//! the rulebook tables, the residual it may add in its own kernel, and
+//! where its output goes. An op's `record` (`sparse/ops/<op>.rs`) reads
+//! these and records its launch with its own parameter struct.
+
+use super::kernel::{Args, Kernel, KernelArgs};
+use super::workspace::Launch;
+use crate::sparse::value::Shape;
+use anyhow::{ensure, Context, Result};
+
+/// Output buffers for the steps being recorded.
+pub(super) trait Pool {
+    /// A free buffer of at least `n` values: its address and pool index.
+    fn alloc(&mut self, n: usize) -> Result<(u64, usize)>;
+}
+
+/// One step's view of a frame being recorded.
+pub struct StepIo<'a> {
+    pub(super) inputs: Vec<(Shape, u64)>,
+    /// Rows each level can hold (its positions): launches and buffers are
+    /// sized for them, and the kernels read the exact counts on the device.
+    pub(super) capacity: &'a [usize],
+    /// Address of the level counts, one `u32` per level.
+    pub(super) counts: u64,
+    /// Address of each rulebook's table.
+    pub(super) tables: &'a [u64],
+    /// The other operand of the Add after this step, when the plan lets
+    /// this step's kernel add it.
+    pub(super) residual: Option<(Shape, u64)>,
+    pub(super) fused: bool,
+    pub(super) out: Option<(u64, usize)>,
+    pub(super) pool: &'a mut dyn Pool,
+    pub(super) launches: &'a mut Vec<Launch>,
+    pub(super) step: usize,
+}
+
+impl StepIo<'_> {
+    /// Input `k`: its shape and address.
+    pub fn input(&self, k: usize) -> Result<(&Shape, u64)> {
+        let (shape, at) = self
+            .inputs
+            .get(k)
+            .with_context(|| format!("input {k} is not computed"))?;
+        Ok((shape, *at))
+    }
+
+    /// Input `k` as token rows of `c` channels: their level and address.
+    pub fn tokens(&self, k: usize, c: usize, op: &str) -> Result<(usize, u64)> {
+        match self.input(k)? {
+            (Shape::Tokens { level, c: ci }, at) => {
+                ensure!(*ci == c, "{op} expects {c} channels, got {ci}");
+                Ok((*level, at))
+            }
+            (Shape::Dense { .. }, _) => anyhow::bail!("{op} expects token rows"),
+        }
+    }
+
+    /// Rows level `level` can hold: its positions.
+    pub fn capacity(&self, level: usize) -> usize {
+        self.capacity[level]
+    }
+
+    /// Values a buffer of `shape` holds at capacity.
+    pub fn len(&self, shape: &Shape) -> usize {
+        shape.len(self.capacity)
+    }
+
+    /// Address of level `level`'s token count.
+    pub fn count(&self, level: usize) -> u64 {
+        self.counts + 4 * level as u64
+    }
+
+    /// What an elementwise launch over `shape`'s values reads: the address
+    /// of its level's count and its row length (nothing for a dense value,
+    /// whose size is fixed).
+    pub fn count_of(&self, shape: &Shape) -> (u64, i32) {
+        match shape {
+            Shape::Tokens { level, c } => (self.count(*level), *c as i32),
+            Shape::Dense { .. } => (0, 0),
+        }
+    }
+
+    /// Address of rulebook `i`'s table.
+    pub fn rulebook(&self, i: usize) -> u64 {
+        self.tables[i]
+    }
+
+    /// The address of the residual this step's kernel adds to its output
+    /// of `out`, or 0: offered only when the plan fused the next Add into
+    /// this step, and taken only when it holds the same rows.
+    pub fn residual(&mut self, out: &Shape) -> u64 {
+        match &self.residual {
+            Some((shape, at)) if shape == out => {
+                self.fused = true;
+                *at
+            }
+            _ => 0,
+        }
+    }
+
+    /// Allocates the step's output, `n` values: its address.
+    pub fn output(&mut self, n: usize) -> Result<u64> {
+        ensure!(self.out.is_none(), "a step has one output");
+        let (at, buf) = self.pool.alloc(n.max(1))?;
+        self.out = Some((at, buf));
+        Ok(at)
+    }
+
+    /// Records a launch of `kernel` on `threads` threads with `args`.
+    pub fn launch<A: KernelArgs>(&mut self, kernel: Kernel, threads: usize, args: &A) {
+        self.launches.push(Launch {
+            step: self.step,
+            kernel,
+            threads,
+            args: Args::of(args),
+        });
+    }
+}

@@ -1,0 +1,134 @@
+//! Recording a frame's step launches once per input address: each step's
+//! op records its own launch (its GPU twin, `Op::record`) on a [`StepIo`]
+//! holding its inputs' addresses; this loop hands out the output buffers,
+//! frees them after their last reader (from the plan's schedule), fuses the
+//! residual Adds the plan marked into the kernel before them, and relabels
+//! reshapes instead of copying.
+
+use super::io::StepIo;
+use super::workspace::{keep_newest, Recorded, Recorder, Workspace};
+use super::{Device, GpuSuffix};
+use crate::sparse::value::Shape;
+use anyhow::{Context, Result};
+
+/// A value of a frame's steps while they are recorded, until its last
+/// reader: its shape, its address, and its pool buffer (`None` for the
+/// gathered rows, read where another component left them).
+type Slot = Option<(Shape, u64, Option<usize>)>;
+
+impl<D: Device> GpuSuffix<D> {
+    /// The recorded launches for rows at `rows`, recorded now if this is
+    /// the first frame from there: its index in `ws.recorded`.
+    pub(super) fn recorded(
+        &self,
+        ws: &mut Workspace<D::Buf, D::Graph>,
+        rows: u64,
+    ) -> Result<usize> {
+        if let Some(i) = ws.recorded.iter().position(|r| r.rows == rows) {
+            return Ok(i);
+        }
+        let counts = self.device.ptr(&ws.counts);
+        let tables: Vec<u64> = {
+            let at = self.device.ptr(&ws.tables);
+            self.layout
+                .tables
+                .iter()
+                .map(|&t| at + 4 * t as u64)
+                .collect()
+        };
+        let mut rec = Recorder::new(&self.device, &mut ws.pool);
+        let mut launches = Vec::new();
+        let mut slots: Vec<Slot> = (0..self.slots).map(|_| None).collect();
+        slots[0] = Some((
+            Shape::Tokens {
+                level: 0,
+                c: self.channels,
+            },
+            rows,
+            None,
+        ));
+        let mut i = 0;
+        while i < self.steps.len() {
+            let s = &self.steps[i];
+            let context = || format!("GPU suffix, node '{}'", s.node);
+            // A reshape of a value read by nothing after it relabels the
+            // value's buffer: no launch, no copy.
+            if let &[x] = &s.inputs[..] {
+                if self.last_use[x] == i {
+                    if let Some((shape, at, Some(buf))) = &slots[x] {
+                        if let Some(out) = s.op.relabel(shape) {
+                            let out = out.with_context(context)?;
+                            slots[s.output] = Some((out, *at, Some(*buf)));
+                            slots[x] = None;
+                            i += 1;
+                            continue;
+                        }
+                    }
+                }
+            }
+            let inputs = s
+                .inputs
+                .iter()
+                .enumerate()
+                .map(|(k, &x)| {
+                    let (shape, at, _) = slots[x]
+                        .as_ref()
+                        .with_context(|| format!("input {k} is not computed"))?;
+                    Ok((shape.clone(), *at))
+                })
+                .collect::<Result<Vec<_>>>()
+                .with_context(context)?;
+            let residual = self.residual[i]
+                .and_then(|r| slots[r].as_ref().map(|(shape, at, _)| (shape.clone(), *at)));
+            let mut io = StepIo {
+                inputs,
+                capacity: &self.layout.positions,
+                counts,
+                tables: &tables,
+                residual,
+                fused: false,
+                out: None,
+                pool: &mut rec,
+                launches: &mut launches,
+                step: i,
+            };
+            let shape = s.op.record(&mut io, &s.arrays).with_context(context)?;
+            let (at, buf) = io
+                .out
+                .context("the step recorded no output")
+                .with_context(context)?;
+            // With the Add fused, its output is the kernel's.
+            let last = if io.fused { i + 1 } else { i };
+            slots[self.steps[last].output] = Some((shape, at, Some(buf)));
+            for j in i..=last {
+                for &x in &self.steps[j].inputs {
+                    if self.last_use[x] == j {
+                        if let Some((_, _, Some(b))) = slots[x].take() {
+                            rec.release(b);
+                        }
+                    }
+                }
+            }
+            i = last + 1;
+        }
+        let (output, _, out) = slots[self.output]
+            .take()
+            .context("the suffix output was never computed")?;
+        let pool_mb = ws.pool.iter().map(|(_, n)| n).sum::<usize>() as f64 * 4.0 / 1e6;
+        log::info!(
+            "GPU suffix: {} launches recorded for rows at {rows:#x}; {} output buffers, {pool_mb:.1} MB",
+            launches.len(),
+            ws.pool.len()
+        );
+        keep_newest(
+            &mut ws.recorded,
+            Recorded {
+                rows,
+                launches,
+                output,
+                out,
+            },
+        );
+        Ok(ws.recorded.len() - 1)
+    }
+}
