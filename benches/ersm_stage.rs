@@ -7,7 +7,7 @@
 //! and the whole stage (upload + launch + download, wall clock).
 //! Run: `cargo bench --bench ersm_stage` (`-- --json FILE` to save the rows).
 
-use ersm::ersm::cuda::{self, CudaBackend};
+use ersm::ersm::cuda::CudaBackend;
 use ersm::ersm::{cpu, EnergySpec, FeatureMap, HeadConv, Neighbourhood, UnaryHead};
 use std::time::Instant;
 
@@ -23,7 +23,7 @@ fn main() {
         .position(|a| a == "--json")
         .and_then(|i| args.get(i + 1))
         .cloned();
-    let gpu = if cuda::driver_present() {
+    let gpu = if ersm::gpu::driver_present() {
         match CudaBackend::new(0) {
             Ok(b) => Some(b),
             Err(e) => {

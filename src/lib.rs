@@ -5,19 +5,23 @@
 //! `model` loads a package and cuts it into those parts; `pipeline` wires them.
 //! `run` drives a stream through the pipeline; at its end `report` summarises
 //! and `live` (viewer, MJPEG, metrics, RTP/RTSP) shows it while it goes on.
-//! `sparse::gpu` runs the suffix on a GPU.
+//! `sparse::gpu` runs the suffix on a GPU; `gpu` is the one CUDA device
+//! every GPU user goes through.
 
 pub mod caption;
 pub mod capture;
 pub mod ersm;
 pub mod eval;
 pub mod files;
+pub mod gpu;
 pub mod live;
+pub mod logits;
 pub mod model;
 pub mod onnx;
 pub mod overlay;
 pub mod panics;
 pub mod pipeline;
+pub mod placement;
 pub mod plot;
 pub mod prefix;
 pub mod preprocess;

@@ -3,12 +3,13 @@
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
 use ersm::capture::{Capture, Policy, Reopen};
-use ersm::ersm::{Device, DeviceChoice};
+use ersm::ersm::DeviceChoice;
 use ersm::live::stats::Info;
 use ersm::live::{http, Live, Target};
+use ersm::logits::top1;
 use ersm::model::ModelPackage;
 use ersm::overlay::OverlayWriter;
-use ersm::pipeline::{top1, Pipeline};
+use ersm::pipeline::{Pipeline, Placement};
 use ersm::report::Ending;
 use ersm::report::{ideal_speedup, BenchReport, StageSamples};
 use ersm::run::RunOptions;
@@ -376,7 +377,7 @@ fn run(a: RunArgs) -> Result<()> {
         "source {described}; model {} ({}); energy layer on {}",
         pipeline.model.manifest.name,
         pipeline.model.origin.display(),
-        pipeline.device.name()
+        pipeline.device().name()
     );
     if a.looping {
         source = Box::new(Looping::new(uri.clone(), opts.clone(), source));
@@ -410,7 +411,7 @@ fn run(a: RunArgs) -> Result<()> {
         let info = Info {
             model: pipeline.model.manifest.name.clone(),
             source: described.clone(),
-            device: pipeline.device.name().into(),
+            device: pipeline.device().name().into(),
             threads: pipeline.threads.count(),
             compare: a.compare == CompareArg::Dense,
             fallback: pipeline.fallback.is_some(),
@@ -544,7 +545,7 @@ fn bench(a: BenchArgs) -> Result<()> {
     let keep = keeps.iter().sum::<f64>() / n;
     let report = BenchReport {
         model: m.manifest.name.clone(),
-        device: pipeline.device.name().into(),
+        device: pipeline.device().name().into(),
         placement: pipeline.placement(),
         threads: pipeline.threads.count(),
         frames: keeps.len(),
@@ -609,10 +610,8 @@ fn load_pipeline(
     let model = ModelPackage::load(&model_dir)?;
     let threads = Threads::new(threads.unwrap_or_else(Threads::available))?;
     log::info!("{} worker thread(s)", threads.count());
-    let pipeline = Pipeline::new(model, Device::select(device.into())?)
-        .with_threads(threads)
-        .with_gpu_suffix()
-        .with_gpu_prefix();
+    let placement = Placement::decide(&model, device.into())?;
+    let pipeline = Pipeline::placed(model, placement).with_threads(threads);
     log::info!("{}", pipeline.placement());
     if fallback {
         pipeline.with_fallback()

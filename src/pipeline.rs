@@ -3,16 +3,18 @@
 
 use crate::ersm::cuda::{DeviceMap, MapSource};
 use crate::ersm::{Device, FeatureMap, TokenMask};
+use crate::logits::top1_margin;
 use crate::model::ModelPackage;
+pub use crate::placement::{GpuNets, Placement};
 use crate::prefix::{Output, TractNet};
 use crate::preprocess::preprocess;
 use crate::source::Frame;
-use crate::sparse::gpu::{cuda::CudaDevice, DeviceTokens, GpuSuffix};
+use crate::sparse::gpu::DeviceTokens;
 use crate::sparse::tokens::TokenSet;
 use crate::sparse::value::{Shape, Value};
 use crate::threads::Threads;
 use anyhow::{Context, Result};
-use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::{Mutex, PoisonError};
 use std::time::Instant;
 
 /// Wall-clock time of each stage of one frame, milliseconds.
@@ -54,33 +56,29 @@ pub struct DenseResult {
     pub times: StageTimes,
 }
 
-/// A loaded model and the device its energy layer runs on.
+/// A loaded model and where its stages run.
 pub struct Pipeline {
     pub model: ModelPackage,
-    pub device: Device,
+    /// Where each stage runs, with the GPU executors of those placed there.
+    pub placement: Placement,
     /// Confidence fallback: re-run the dense baseline's suffix when the sparse
     /// top-1 softmax margin is below this.
     pub fallback: Option<f32>,
     /// The threads the prefix, the sparse suffix and the dense baseline share.
     pub threads: Threads,
-    /// The sparse suffix on the GPU, when the energy layer runs there and
-    /// every suffix op has a kernel; otherwise the CPU executor runs it.
-    pub gpu_suffix: Option<GpuSuffix<CudaDevice>>,
-    /// The prefix and the dense baseline's suffix prepared by tract-cuda, when
-    /// the energy layer runs on a GPU and tract-cuda can serve; otherwise
-    /// tract's CPU plans run them.
-    pub gpu_nets: Option<GpuNets>,
-    /// How the last frame's features reached the GPU energy kernel:
-    /// 0 not yet (or no kernel), 1 through the host, 2 in device memory.
-    handoff: AtomicU8,
+    /// How the last frame's features reached the GPU energy kernel, once a
+    /// frame has (the prefix's output stays on the device unless tract-cuda
+    /// copies it out).
+    handoff: Mutex<Option<Handoff>>,
 }
 
-/// The tract nets a pipeline runs on the GPU.
-pub struct GpuNets {
-    /// The dense prefix.
-    pub prefix: TractNet,
-    /// The dense baseline's layers after the cut.
-    pub dense: TractNet,
+/// How a frame's features reached the GPU energy kernel.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Handoff {
+    /// Copied from the host.
+    Host,
+    /// Read where the prefix left them, in device memory.
+    Device,
 }
 
 /// Fails when `v` holds NaN or an infinity, naming `what` and where: such a
@@ -101,106 +99,58 @@ fn ms(since: Instant) -> f64 {
 }
 
 impl Pipeline {
-    /// Wraps a loaded model.
+    /// Wraps a loaded model, its energy layer on `device` and every other
+    /// stage on the CPU.
     pub fn new(model: ModelPackage, device: Device) -> Pipeline {
+        Pipeline::placed(model, Placement::energy_only(device))
+    }
+
+    /// Wraps a loaded model whose stages are placed already.
+    pub fn placed(model: ModelPackage, placement: Placement) -> Pipeline {
         Pipeline {
             model,
-            device,
+            placement,
             fallback: None,
             threads: Threads::single(),
-            gpu_suffix: None,
-            gpu_nets: None,
-            handoff: AtomicU8::new(0),
+            handoff: Mutex::new(None),
         }
     }
 
-    /// With the energy layer on a GPU, moves the prefix and the dense
-    /// baseline there too (tract-cuda), so the comparison is GPU against GPU;
-    /// where tract-cuda cannot serve, says why once and keeps tract's CPU plans.
-    pub fn with_gpu_prefix(mut self) -> Pipeline {
-        if !matches!(self.device, Device::Cuda(_)) {
-            return self;
-        }
-        let nets = self.model.prefix.on_cuda().and_then(|prefix| {
-            Ok(GpuNets {
-                prefix,
-                dense: self.model.baseline_suffix().on_cuda()?,
-            })
-        });
-        match nets {
-            Ok(n) => {
-                log::info!("prefix and dense baseline on the GPU (tract-cuda)");
-                self.gpu_nets = Some(n);
-            }
-            Err(e) => log::warn!("prefix and dense baseline stay on the CPU: {e:#}"),
-        }
-        self
+    /// The energy layer's device.
+    pub fn device(&self) -> &Device {
+        &self.placement.energy
     }
 
     /// Where each stage runs, for logs and reports: "prefix cpu, energy cuda,
     /// ...", and once a frame has run on a GPU, how its features reached the
     /// energy kernel.
     pub fn placement(&self) -> String {
-        let handoff = match self.handoff.load(Ordering::Relaxed) {
-            1 => "; features to the energy kernel through the host",
-            2 => "; features to the energy kernel in device memory",
-            _ => "",
+        let handoff = match *self.handoff.lock().unwrap_or_else(PoisonError::into_inner) {
+            Some(Handoff::Host) => "; features to the energy kernel through the host",
+            Some(Handoff::Device) => "; features to the energy kernel in device memory",
+            None => "",
         };
-        format!(
-            "prefix {}, energy {}, sparse suffix {}, dense baseline {}{handoff}",
-            self.prefix_net().engine.name(),
-            self.device.name(),
-            match &self.gpu_suffix {
-                Some(g) if g.device().captures() && g.stopped_capturing() => {
-                    "cuda (kernel by kernel: capturing a frame as a CUDA graph failed)"
-                }
-                Some(g) if g.device().captures() => "cuda (frames as CUDA graphs)",
-                Some(_) => "cuda",
-                None => "cpu",
-            },
-            self.dense_net().engine.name()
-        )
+        format!("{}{handoff}", self.placement)
     }
 
     /// True once a frame's features reached the GPU energy kernel in device
     /// memory (the last frame's, when frames differ).
     pub fn features_stayed_on_device(&self) -> bool {
-        self.handoff.load(Ordering::Relaxed) == 2
+        *self.handoff.lock().unwrap_or_else(PoisonError::into_inner) == Some(Handoff::Device)
     }
 
     fn prefix_net(&self) -> &TractNet {
-        self.gpu_nets
+        self.placement
+            .nets
             .as_ref()
             .map_or(&self.model.prefix, |g| &g.prefix)
     }
 
     fn dense_net(&self) -> &TractNet {
-        self.gpu_nets
+        self.placement
+            .nets
             .as_ref()
             .map_or(self.model.baseline_suffix(), |g| &g.dense)
-    }
-
-    /// With the energy layer on a GPU, moves the sparse suffix there too;
-    /// where that cannot be done (an op without a kernel, a failed compile),
-    /// says why once and keeps the CPU suffix.
-    pub fn with_gpu_suffix(mut self) -> Pipeline {
-        if !matches!(self.device, Device::Cuda(_)) {
-            return self;
-        }
-        let lowered = CudaDevice::new(0)
-            .map_err(anyhow::Error::from)
-            .and_then(|d| {
-                let what = d.describe().to_string();
-                GpuSuffix::new(d, &self.model.plan).map(|g| (g, what))
-            });
-        match lowered {
-            Ok((g, what)) => {
-                log::info!("sparse suffix on the GPU: {what}");
-                self.gpu_suffix = Some(g);
-            }
-            Err(e) => log::warn!("sparse suffix stays on the CPU: {e:#}"),
-        }
-        self
     }
 
     /// Runs every stage on `threads` from now on.
@@ -262,7 +212,7 @@ impl Pipeline {
     /// The sparse suffix's logits for the gathered `rows` of the `kept` tokens
     /// (finite, or an error).
     pub fn sparse_logits(&self, kept: &[u32], rows: Vec<f32>) -> Result<Vec<f32>> {
-        match &self.gpu_suffix {
+        match &self.placement.suffix {
             Some(g) => suffix_logits(
                 &self.model.plan,
                 g.run(&self.model.plan, kept, &rows)
@@ -316,13 +266,17 @@ impl Pipeline {
         // The tract-cuda prefix's output is read where it is; the host values
         // (tract's own buffer, not a copy) serve the CPU energy layer, or a
         // GPU output tract-cuda had to copy out.
-        let on_device = match (&self.device, features.device_ptr()) {
+        let on_device = match (self.device(), features.device_ptr()) {
             (Device::Cuda(_), Some(ptr)) => Some(ptr),
             _ => None,
         };
-        if matches!(self.device, Device::Cuda(_)) {
-            let how = if on_device.is_some() { 2 } else { 1 };
-            self.handoff.store(how, Ordering::Relaxed);
+        if matches!(self.device(), Device::Cuda(_)) {
+            let how = if on_device.is_some() {
+                Handoff::Device
+            } else {
+                Handoff::Host
+            };
+            *self.handoff.lock().unwrap_or_else(PoisonError::into_inner) = Some(how);
         }
         let host: &[f32] = match on_device {
             Some(_) => &[],
@@ -344,7 +298,7 @@ impl Pipeline {
             }),
             None => MapSource::Host(FeatureMap::new(host, cut.c, cut.h, cut.w)?),
         };
-        let (mask, logits, suffix_started) = match (&self.device, &self.gpu_suffix) {
+        let (mask, logits, suffix_started) = match (self.device(), &self.placement.suffix) {
             // Energy kernel and suffix both on the GPU: the gathered rows go
             // from one to the other in device memory, and the suffix is
             // launched behind the kernel without waiting for it, so `ersm`
@@ -380,7 +334,7 @@ impl Pipeline {
             }
             _ => {
                 let mut mask = self
-                    .device
+                    .device()
                     .compute_from(source, &self.model.energy)
                     .context("energy layer")?;
                 times.ersm = ms(t);
@@ -389,7 +343,7 @@ impl Pipeline {
                 (mask, logits, suffix_started)
             }
         };
-        if let Device::Cuda(backend) = &self.device {
+        if let Device::Cuda(backend) = self.device() {
             times.ersm_kernel = f64::from(backend.last_timing().kernel_ms);
         }
         let unsure = self.unsure(&logits);
@@ -458,44 +412,4 @@ fn dense_logits_of(plan: &crate::sparse::Plan, out: &Value, sets: &[TokenSet]) -
     let logits = out.to_dense(sets, plan.output_fill()).1;
     ensure_finite(&logits, "sparse suffix's logits")?;
     Ok(logits)
-}
-
-/// Dense top-1 margin from which a frame counts as one the dense network is
-/// sure of: on the model report's held-out views, a one-pixel shift keeps the
-/// dense answer on 98.9 % of these and on 66 % of those below 0.1, so
-/// agreement below this margin measures the reference's indecision as much
-/// as ERSM's error.
-pub const SURE_MARGIN: f64 = 0.3;
-
-/// Softmax probability of the top-1 class minus that of the top-2: how sure
-/// a result is (0 for a tie or a single class).
-pub fn top1_margin(logits: &[f32]) -> f32 {
-    let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-    let (mut p1, mut p2, mut sum) = (0.0f32, 0.0f32, 0.0f32);
-    for &v in logits {
-        let p = (v - max).exp();
-        sum += p;
-        if p > p1 {
-            p2 = p1;
-            p1 = p;
-        } else if p > p2 {
-            p2 = p;
-        }
-    }
-    if sum > 0.0 && sum.is_finite() {
-        (p1 - p2) / sum
-    } else {
-        0.0
-    }
-}
-
-/// Index of the largest logit.
-pub fn top1(logits: &[f32]) -> usize {
-    let mut best = 0;
-    for (i, &v) in logits.iter().enumerate() {
-        if v > logits[best] {
-            best = i;
-        }
-    }
-    best
 }

@@ -44,7 +44,7 @@ pub fn ersm(p: &Pipeline, frames: &[Frame], count: usize) -> Result<Vec<Row>> {
             prefix += t.elapsed().as_secs_f64() * 1e3;
             let t = Instant::now();
             let mut mask = p
-                .device
+                .device()
                 .compute(FeatureMap::new(&x, m.cut.c, m.cut.h, m.cut.w)?, &m.energy)
                 .context("energy layer")?;
             energy += t.elapsed().as_secs_f64() * 1e3;
@@ -52,7 +52,7 @@ pub fn ersm(p: &Pipeline, frames: &[Frame], count: usize) -> Result<Vec<Row>> {
             for (acc, s) in step_macs.iter_mut().zip(&plan.steps) {
                 *acc += s.op.cost(&tokens) as f64;
             }
-            match &p.gpu_suffix {
+            match &p.placement.suffix {
                 Some(g) => {
                     g.run_timed(
                         plan,
@@ -98,10 +98,10 @@ pub fn ersm(p: &Pipeline, frames: &[Frame], count: usize) -> Result<Vec<Row>> {
         row.ms += step_ms.get(s).copied().unwrap_or(0.0) / n;
         row.macs += step_macs[s] / n;
     }
-    let on_gpu = p.gpu_suffix.is_some();
+    let on_gpu = p.placement.suffix.is_some();
     let mut rows = vec![
         Row {
-            name: if p.gpu_nets.is_some() {
+            name: if p.placement.nets.is_some() {
                 "prefix (tract-cuda)"
             } else {
                 "prefix (tract)"

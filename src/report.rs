@@ -1,6 +1,7 @@
 //! Latency statistics, the per-stage table, and the JSON report of `ersm bench`.
 
-use crate::pipeline::{StageTimes, SURE_MARGIN};
+use crate::logits::SURE_MARGIN;
+use crate::pipeline::StageTimes;
 use serde::Serialize;
 use std::collections::BTreeMap;
 use std::fmt::Write;

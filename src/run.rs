@@ -6,8 +6,9 @@ use crate::caption::{self, Line};
 use crate::capture::{Capture, End, Next};
 use crate::live::stats::FrameRecord;
 use crate::live::{Live, Shot};
+use crate::logits::{top1, top1_margin, SURE_MARGIN};
 use crate::overlay::{self, OverlayWriter};
-use crate::pipeline::{top1, top1_margin, Pipeline, SURE_MARGIN};
+use crate::pipeline::Pipeline;
 use crate::report::{rss_mib, Ending, RunReport, StageSamples};
 use crate::source::Frame;
 use anyhow::{Context, Result};
@@ -260,7 +261,7 @@ pub fn run(
     Ok(RunReport {
         source: opts.source.clone(),
         model: m.manifest.name.clone(),
-        device: pipeline.device.name().into(),
+        device: pipeline.device().name().into(),
         placement: pipeline.placement(),
         threads: pipeline.threads.count(),
         frames: t.frames(),

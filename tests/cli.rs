@@ -177,7 +177,7 @@ fn bad_model_path_is_a_clear_error() {
 fn device_cpu_runs_and_cuda_without_gpu_is_a_clear_error() {
     let o = ersm(&["bench", "--device", "cpu", "--frames", "1", "--warmup", "0"]);
     assert!(o.status.success(), "{}", text(&o).1);
-    if !ersm::ersm::cuda::driver_present() {
+    if !ersm::gpu::driver_present() {
         let o = ersm(&["bench", "--device", "cuda", "--frames", "1"]);
         let (_, err) = text(&o);
         assert_eq!(o.status.code(), Some(1));

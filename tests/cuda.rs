@@ -19,7 +19,7 @@ use std::process::Command;
 /// sm_53 or sm_72; those devices' own NVRTC (CUDA 10.2, 11.4) compiles there.
 /// `None` (the test skips) where no NVRTC loads, unless CI requires one.
 fn ptx_test_archs() -> Option<&'static [&'static str]> {
-    if !cuda::nvrtc_present() {
+    if !ersm::gpu::nvrtc_present() {
         assert!(
             !nvrtc_required(),
             "ERSM_REQUIRE_NVRTC is set but libnvrtc cannot be loaded (LD_LIBRARY_PATH?)"
@@ -27,7 +27,7 @@ fn ptx_test_archs() -> Option<&'static [&'static str]> {
         eprintln!("SKIPPED: no libnvrtc on this machine; install nvidia-cuda-nvrtc-cu12 (pip) to check the kernels compile");
         return None;
     }
-    let version = cuda::nvrtc_version().expect("NVRTC version");
+    let version = ersm::gpu::nvrtc_version().expect("NVRTC version");
     eprintln!("NVRTC {}.{}", version.0, version.1);
     if version.0 <= 12 {
         Some(&[
@@ -52,7 +52,7 @@ fn nvrtc_required() -> bool {
 }
 
 fn gpu() -> Option<CudaBackend> {
-    if !cuda::driver_present() {
+    if !ersm::gpu::driver_present() {
         eprintln!("SKIPPED: no CUDA driver on this machine; CUDA parity not checked");
         return None;
     }
@@ -425,17 +425,17 @@ fn kernel_compiles_to_ptx_for_jetson_and_test_architectures() {
 
 #[test]
 fn architecture_choice_follows_compute_capability() {
-    assert_eq!(cuda::arch_for(8, 7).unwrap(), "compute_87");
-    assert_eq!(cuda::arch_for(7, 2).unwrap(), "compute_72");
-    assert_eq!(cuda::arch_for(5, 3).unwrap(), "compute_53");
-    assert_eq!(cuda::arch_for(9, 0).unwrap(), "compute_90");
-    assert_eq!(cuda::arch_for(12, 0).unwrap(), "compute_90");
-    assert!(cuda::arch_for(5, 0).is_err());
+    assert_eq!(ersm::gpu::arch_for(8, 7).unwrap(), "compute_87");
+    assert_eq!(ersm::gpu::arch_for(7, 2).unwrap(), "compute_72");
+    assert_eq!(ersm::gpu::arch_for(5, 3).unwrap(), "compute_53");
+    assert_eq!(ersm::gpu::arch_for(9, 0).unwrap(), "compute_90");
+    assert_eq!(ersm::gpu::arch_for(12, 0).unwrap(), "compute_90");
+    assert!(ersm::gpu::arch_for(5, 0).is_err());
 }
 
 #[test]
 fn without_a_driver_auto_uses_cpu_and_cuda_is_a_clear_error() {
-    if cuda::driver_present() {
+    if ersm::gpu::driver_present() {
         eprintln!("SKIPPED: a CUDA driver is present; the no-driver fallback is not testable here");
         return;
     }
@@ -519,26 +519,30 @@ fn cuda_keeps_lowest_token_when_none_is_negative() {
 #[test]
 fn gpu_pipeline_matches_the_cpu_pipeline_on_the_shipped_model() {
     use ersm::model::ModelPackage;
-    use ersm::pipeline::Pipeline;
+    use ersm::pipeline::{Pipeline, Placement};
     if gpu().is_none() {
         return;
     }
     let load = || ModelPackage::load("models/mobilenet_v2_ersm").unwrap();
     let cpu = Pipeline::new(load(), Device::Cpu);
-    let on_gpu =
-        Pipeline::new(load(), Device::select(DeviceChoice::Cuda).unwrap()).with_gpu_suffix();
+    let model = load();
+    let placement = Placement::decide(&model, DeviceChoice::Cuda).unwrap();
+    let on_gpu = Pipeline::placed(model, placement);
     assert!(
-        on_gpu.gpu_suffix.is_some(),
+        on_gpu.placement.suffix.is_some(),
         "the shipped model's suffix did not lower"
     );
     // The same with each frame's suffix as one CUDA graph, replayed after
     // the energy kernel: twice over the photos, so later frames replay.
-    // The suffix is set here rather than by `with_gpu_suffix`, which would
-    // open the device and compile the suffix kernels once more for nothing.
+    // The suffix is placed here, on the device already open, rather than
+    // by `Placement::decide`, which would prepare tract-cuda's nets too.
     let mut graphs = Pipeline::new(load(), Device::select(DeviceChoice::Cuda).unwrap());
+    let Device::Cuda(backend) = graphs.device() else {
+        panic!("the energy layer is on the CPU")
+    };
+    let device = ersm::sparse::gpu::cuda::CudaDevice::on(backend.gpu(), true).unwrap();
     let plan = &graphs.model.plan;
-    let device = ersm::sparse::gpu::cuda::CudaDevice::with_graphs(0, true).unwrap();
-    graphs.gpu_suffix = Some(ersm::sparse::gpu::GpuSuffix::new(device, plan).unwrap());
+    graphs.placement.suffix = Some(ersm::sparse::gpu::GpuSuffix::new(device, plan).unwrap());
     let names = ["chelsea.png", "coffee.png", "astronaut.png", "rocket.jpg"];
     for name in names.iter().chain(&names) {
         let frame =
@@ -600,7 +604,7 @@ fn tract_cuda_prefix_and_dense_baseline_match_the_cpu() {
         }
     };
     assert!(
-        cuda::driver_present(),
+        ersm::gpu::driver_present(),
         "tract-cuda prepared a plan without a CUDA driver"
     );
     let close = |what: &str, want: &[f32], got: &[f32]| {
@@ -633,17 +637,14 @@ fn tract_cuda_prefix_and_dense_baseline_match_the_cpu() {
 #[test]
 fn tract_cuda_prefix_output_feeds_the_kernel_in_device_memory() {
     use ersm::model::ModelPackage;
-    use ersm::pipeline::Pipeline;
+    use ersm::pipeline::{Pipeline, Placement};
     if gpu().is_none() {
         return;
     }
-    let on_gpu = Pipeline::new(
-        ModelPackage::load("models/mobilenet_v2_ersm").unwrap(),
-        Device::select(DeviceChoice::Cuda).unwrap(),
-    )
-    .with_gpu_suffix()
-    .with_gpu_prefix();
-    if on_gpu.gpu_nets.is_none() {
+    let model = ModelPackage::load("models/mobilenet_v2_ersm").unwrap();
+    let placement = Placement::decide(&model, DeviceChoice::Cuda).unwrap();
+    let on_gpu = Pipeline::placed(model, placement);
+    if on_gpu.placement.nets.is_none() {
         eprintln!("SKIPPED: tract-cuda cannot serve here (the log says why)");
         return;
     }
@@ -661,7 +662,7 @@ fn tract_cuda_prefix_output_feeds_the_kernel_in_device_memory() {
         );
         let host = on_gpu.features(&input).unwrap();
         let want = on_gpu
-            .device
+            .device()
             .compute(
                 FeatureMap::new(&host, cut.c, cut.h, cut.w).unwrap(),
                 &on_gpu.model.energy,

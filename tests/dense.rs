@@ -77,7 +77,7 @@ fn ersm_keeping_every_token_equals_dense() {
 
 #[test]
 fn top1_margin_is_the_softmax_gap() {
-    use ersm::pipeline::top1_margin;
+    use ersm::logits::top1_margin;
     // Two equal logits: no margin. One dominant: nearly 1.
     assert!(top1_margin(&[2.0, 2.0, -1.0]).abs() < 1e-6);
     assert!(top1_margin(&[30.0, 0.0, 0.0]) > 0.999);

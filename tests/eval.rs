@@ -7,8 +7,9 @@ use common::Scratch;
 use ersm::ersm::Device;
 use ersm::eval::deletion::{self, kept_after, order, steps, Ranking};
 use ersm::eval::{analyse_inputs, load_inputs, sparsity, Analysed};
+use ersm::logits::top1;
 use ersm::model::ModelPackage;
-use ersm::pipeline::{top1, Pipeline};
+use ersm::pipeline::Pipeline;
 use std::path::Path;
 use std::process::Command;
 

@@ -5,8 +5,9 @@ mod common;
 
 use common::*;
 use ersm::ersm::{cpu, FeatureMap};
+use ersm::logits::top1;
 use ersm::model::ModelPackage;
-use ersm::pipeline::{top1, Pipeline};
+use ersm::pipeline::Pipeline;
 use ersm::source::images;
 
 const MODEL: &str = "models/mobilenet_v2_ersm";
@@ -88,7 +89,7 @@ fn fallback_gives_the_dense_answer_on_unsure_photos() {
         let sparse = plain.run_ersm(&frame).unwrap();
         let dense = plain.run_dense(&frame).unwrap();
         let got = p.run_ersm(&frame).unwrap();
-        let unsure = ersm::pipeline::top1_margin(&sparse.logits) < margin;
+        let unsure = ersm::logits::top1_margin(&sparse.logits) < margin;
         assert_eq!(got.fell_back, unsure, "{}", path.display());
         let want = if unsure {
             &dense.logits

@@ -8,11 +8,13 @@
 //! and compiled on first use for the device's own compute capability.
 
 use super::{EnergySpec, FeatureMap, TokenMask, UnaryHead};
+pub use crate::gpu::CudaError;
+use crate::gpu::{compile_source, Gpu};
 use cudarc::driver::{
-    sys, CudaContext, CudaEvent, CudaFunction, CudaSlice, CudaStream, DevicePtr, DriverError,
-    LaunchConfig, PinnedHostSlice, PushKernelArg,
+    sys, CudaContext, CudaEvent, CudaFunction, CudaSlice, CudaStream, DevicePtr, LaunchConfig,
+    PinnedHostSlice, PushKernelArg,
 };
-use cudarc::nvrtc::{CompileError, CompileOptions, Ptx};
+use cudarc::nvrtc::Ptx;
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
@@ -33,135 +35,9 @@ const THREADS: u32 = 1024;
 /// Threads per block of the head's launches, one output per thread.
 const HEAD_BLOCK: u32 = 256;
 
-/// What can go wrong on the CUDA path.
-#[derive(Debug, thiserror::Error)]
-pub enum CudaError {
-    #[error("no CUDA driver (libcuda.so) on this machine")]
-    NoDriver,
-    #[error("no NVRTC (libnvrtc.so) on this machine; it compiles the ERSM kernel at first use")]
-    NoNvrtc,
-    #[error("no CUDA device {0}")]
-    NoDevice(usize),
-    #[error("CUDA driver: {0}")]
-    Driver(#[from] DriverError),
-    #[error("NVRTC could not compile the {what} kernels for {arch}: {log}")]
-    Compile {
-        what: &'static str,
-        arch: String,
-        log: String,
-    },
-    #[error("compute capability {0}.{1} is not supported (need 5.3 or newer)")]
-    Arch(i32, i32),
-    #[error("{0}")]
-    Input(String),
-}
-
-/// True when the CUDA driver library can be loaded.
-pub fn driver_present() -> bool {
-    // SAFETY: only tries to dlopen the library.
-    unsafe { cudarc::driver::sys::is_culib_present() }
-}
-
-/// True when NVRTC can be loaded.
-pub fn nvrtc_present() -> bool {
-    // SAFETY: only tries to dlopen the library.
-    unsafe { cudarc::nvrtc::sys::is_culib_present() }
-}
-
-/// The NVRTC library's version, when it can be loaded.
-pub fn nvrtc_version() -> Option<(i32, i32)> {
-    if !nvrtc_present() {
-        return None;
-    }
-    let (mut major, mut minor) = (0, 0);
-    // SAFETY: plain out-parameters; the library is present.
-    let r = unsafe { cudarc::nvrtc::sys::nvrtcVersion(&mut major, &mut minor) };
-    (r == cudarc::nvrtc::sys::nvrtcResult::NVRTC_SUCCESS).then_some((major, minor))
-}
-
-/// The NVRTC virtual architecture for a compute capability (`compute_87`).
-pub fn arch_for(major: i32, minor: i32) -> Result<&'static str, CudaError> {
-    const ARCHES: &[(i32, i32, &str)] = &[
-        (5, 3, "compute_53"),
-        (6, 0, "compute_60"),
-        (6, 1, "compute_61"),
-        (6, 2, "compute_62"),
-        (7, 0, "compute_70"),
-        (7, 2, "compute_72"),
-        (7, 5, "compute_75"),
-        (8, 0, "compute_80"),
-        (8, 6, "compute_86"),
-        (8, 7, "compute_87"),
-        (8, 9, "compute_89"),
-        (9, 0, "compute_90"),
-    ];
-    // The newest listed architecture not above the device's.
-    ARCHES
-        .iter()
-        .rev()
-        .find(|(ma, mi, _)| (*ma, *mi) <= (major, minor))
-        .map(|(_, _, a)| *a)
-        .ok_or(CudaError::Arch(major, minor))
-}
-
-/// An opened device: its context, compute capability and the NVRTC
-/// architecture to compile for.
-pub struct OpenDevice {
-    pub ctx: Arc<CudaContext>,
-    pub major: i32,
-    pub minor: i32,
-    pub arch: &'static str,
-}
-
-/// Opens device `ordinal`. A missing driver or device is an error, not
-/// cudarc's panic.
-pub fn open_device(ordinal: usize) -> Result<OpenDevice, CudaError> {
-    if !driver_present() {
-        return Err(CudaError::NoDriver);
-    }
-    if CudaContext::device_count()? <= ordinal as i32 {
-        return Err(CudaError::NoDevice(ordinal));
-    }
-    let ctx = CudaContext::new(ordinal)?;
-    // SAFETY: ersm launches, copies and frees on this context's default
-    // stream only, so its order is the stream's; cudarc's per-buffer events
-    // (two created and destroyed with every allocation, each suffix step's
-    // output among them) would order nothing.
-    unsafe { ctx.disable_event_tracking() };
-    let (major, minor) = ctx.compute_capability()?;
-    let arch = arch_for(major, minor)?;
-    Ok(OpenDevice {
-        ctx,
-        major,
-        minor,
-        arch,
-    })
-}
-
 /// Compiles the kernel to PTX for `arch` (e.g. `compute_87`).
 pub fn compile(arch: &'static str) -> Result<Ptx, CudaError> {
     compile_source(KERNEL_SRC, "ERSM", arch)
-}
-
-/// Compiles a kernel source (`what` names it in errors) to PTX for `arch`.
-pub fn compile_source(src: &str, what: &'static str, arch: &'static str) -> Result<Ptx, CudaError> {
-    if !nvrtc_present() {
-        return Err(CudaError::NoNvrtc);
-    }
-    let opts = CompileOptions {
-        arch: Some(arch),
-        // Round every product and sum separately, as the CPU implementation does.
-        fmad: Some(false),
-        ..Default::default()
-    };
-    cudarc::nvrtc::compile_ptx_with_opts(src, opts).map_err(|e| CudaError::Compile {
-        what,
-        arch: arch.to_string(),
-        log: match e {
-            CompileError::CompileError { log, .. } => log.to_string_lossy().into_owned(),
-            other => format!("{other:?}"),
-        },
-    })
 }
 
 /// A feature map in device memory of this context, written by other work
@@ -336,6 +212,8 @@ pub struct KernelTiming {
 
 /// A CUDA device with the ERSM kernel loaded.
 pub struct CudaBackend {
+    /// The device it runs on (kept open while the backend lives).
+    gpu: Arc<Gpu>,
     ctx: Arc<CudaContext>,
     stream: Arc<CudaStream>,
     /// The kernels of [`KERNEL_NAMES`], in that order.
@@ -357,35 +235,32 @@ impl std::fmt::Debug for CudaBackend {
 }
 
 impl CudaBackend {
-    /// Opens device `ordinal` and compiles the kernel for it.
+    /// The energy layer on device `ordinal` (opened once per process).
     pub fn new(ordinal: usize) -> Result<CudaBackend, CudaError> {
-        let OpenDevice {
-            ctx,
-            major,
-            minor,
-            arch,
-        } = open_device(ordinal)?;
-        let module = ctx.load_module(compile(arch)?)?;
+        CudaBackend::on(Gpu::open(ordinal)?)
+    }
+
+    /// The energy layer on `gpu`, its kernels compiled there (once).
+    pub fn on(gpu: Arc<Gpu>) -> Result<CudaBackend, CudaError> {
+        let module = gpu.module("ERSM", || KERNEL_SRC.to_string())?;
         let [head_layer, unary, energy_gather] =
             KERNEL_NAMES.map(|name| module.load_function(name));
         let (head_layer, unary, energy_gather) = (head_layer?, unary?, energy_gather?);
-        let integrated = ctx.attribute(sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_INTEGRATED)?
-            != 0
-            && ctx.attribute(sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_CAN_MAP_HOST_MEMORY)?
-                != 0;
+        let integrated = gpu.integrated;
         let description = format!(
-            "{} (sm_{major}{minor}, {}, kernel {arch})",
-            ctx.name()?,
+            "{}, {}, kernel {}",
+            gpu.describe(),
             if integrated {
                 "integrated, zero-copy"
             } else {
                 "discrete, explicit copies"
-            }
+            },
+            gpu.arch
         );
-        let stream = ctx.default_stream();
         Ok(CudaBackend {
-            ctx,
-            stream,
+            ctx: gpu.ctx.clone(),
+            stream: gpu.stream.clone(),
+            gpu,
             head_layer,
             unary,
             energy_gather,
@@ -394,6 +269,11 @@ impl CudaBackend {
             buffers: Mutex::new(None),
             last: Mutex::new(KernelTiming::default()),
         })
+    }
+
+    /// The device it runs on.
+    pub fn gpu(&self) -> &Arc<Gpu> {
+        &self.gpu
     }
 
     /// Timing of the most recent frame.

@@ -3,7 +3,8 @@
 //! (highest first), feature magnitude (lowest L2 norm first), and random.
 
 use super::{progress, softmax, Analysed};
-use crate::pipeline::{top1, Pipeline};
+use crate::logits::top1;
+use crate::pipeline::Pipeline;
 use anyhow::Result;
 use serde::Serialize;
 

@@ -34,7 +34,10 @@ impl Analysed {
         let m = &p.model;
         let features = p.features(&input)?;
         let fmap = FeatureMap::new(&features, m.cut.c, m.cut.h, m.cut.w)?;
-        let mask = p.device.compute(fmap, &m.energy).context("energy layer")?;
+        let mask = p
+            .device()
+            .compute(fmap, &m.energy)
+            .context("energy layer")?;
         let dense_logits = p.dense_logits(&features)?;
         Ok(Analysed {
             name: frame.name.clone(),

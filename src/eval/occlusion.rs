@@ -4,7 +4,8 @@
 //! predictions move; also count how often the occluder's tokens are dropped.
 
 use super::{progress, softmax};
-use crate::pipeline::{top1, Pipeline};
+use crate::logits::top1;
+use crate::pipeline::Pipeline;
 use crate::preprocess::crop_region;
 use crate::source::Frame;
 use anyhow::Result;

@@ -3,7 +3,8 @@
 //! fallback, and the effective suffix compute.
 
 use super::Analysed;
-use crate::pipeline::{top1, top1_margin, Pipeline};
+use crate::logits::{top1, top1_margin};
+use crate::pipeline::Pipeline;
 use anyhow::Result;
 use serde::Serialize;
 
@@ -25,7 +26,7 @@ pub struct ImageKeep {
     pub dense_margin: f64,
 }
 
-pub use crate::pipeline::SURE_MARGIN;
+pub use crate::logits::SURE_MARGIN;
 
 /// Keep ratios over a set of images.
 #[derive(Clone, Debug, Serialize)]

@@ -398,7 +398,7 @@ fn suffix_kernels_compile_to_ptx_for_jetson_and_test_architectures() {
     };
     for &arch in archs {
         for family in Family::ALL {
-            let ptx = ersm::ersm::cuda::compile_source(&family.source(), family.name(), arch)
+            let ptx = ersm::gpu::compile_source(&family.source(), family.name(), arch)
                 .unwrap_or_else(|e| panic!("{arch}: {e}"));
             let text = ptx.to_src();
             let entries = family.entries();

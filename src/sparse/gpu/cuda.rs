@@ -6,7 +6,7 @@
 
 use super::kernel::{Args, Family, Kernel};
 use super::{Device, BLOCK};
-use crate::ersm::cuda::{compile_source, open_device, CudaError, OpenDevice};
+use crate::gpu::{CudaError, Gpu};
 use anyhow::{ensure, Context, Result};
 use cudarc::driver::{
     sys, CudaEvent, CudaFunction, CudaGraph, CudaSlice, CudaStream, DevicePtr, DeviceRepr,
@@ -20,8 +20,15 @@ use std::sync::Arc;
 // from the kernel's image, at most `Args::CAPACITY` bytes from the start.
 unsafe impl DeviceRepr for Args {}
 
+/// Whether `ERSM_CUDA_GRAPHS=1` asks for frames captured as CUDA graphs.
+pub fn graphs_asked() -> bool {
+    std::env::var("ERSM_CUDA_GRAPHS").is_ok_and(|v| v == "1")
+}
+
 /// One CUDA device with the suffix kernels loaded.
 pub struct CudaDevice {
+    /// The device (kept open while the suffix lives).
+    _gpu: Arc<Gpu>,
     stream: Arc<CudaStream>,
     functions: Vec<(Kernel, CudaFunction)>,
     description: String,
@@ -52,30 +59,30 @@ pub struct FrameGraph(CudaGraph);
 unsafe impl Send for FrameGraph {}
 
 impl CudaDevice {
-    /// Opens device `ordinal` and compiles the kernels for it; frames are
-    /// captured as graphs when `ERSM_CUDA_GRAPHS=1`.
+    /// The suffix kernels on device `ordinal` (opened once per process);
+    /// frames are captured as graphs when `ERSM_CUDA_GRAPHS=1`.
     pub fn new(ordinal: usize) -> Result<CudaDevice, CudaError> {
-        let graphs = std::env::var("ERSM_CUDA_GRAPHS").is_ok_and(|v| v == "1");
-        CudaDevice::with_graphs(ordinal, graphs)
+        CudaDevice::on(&Gpu::open(ordinal)?, graphs_asked())
     }
 
-    /// Opens device `ordinal` and compiles the kernels for it, capturing
-    /// frames as graphs or not.
+    /// The suffix kernels on device `ordinal`, capturing frames as graphs
+    /// or not.
     pub fn with_graphs(ordinal: usize, graphs: bool) -> Result<CudaDevice, CudaError> {
-        let OpenDevice {
-            ctx,
-            major,
-            minor,
-            arch,
-        } = open_device(ordinal)?;
+        CudaDevice::on(&Gpu::open(ordinal)?, graphs)
+    }
+
+    /// The suffix kernels on `gpu`, each family compiled there once,
+    /// capturing frames as graphs or not.
+    pub fn on(gpu: &Arc<Gpu>, graphs: bool) -> Result<CudaDevice, CudaError> {
         let mut functions = Vec::new();
         for family in Family::ALL {
-            let module = ctx.load_module(compile_source(&family.source(), family.name(), arch)?)?;
+            let module = gpu.module(family.name(), || family.source())?;
             for name in family.entries() {
                 let kernel = Kernel { family, name };
                 functions.push((kernel, module.load_function(name)?));
             }
         }
+        let ctx = &gpu.ctx;
         let graphs = if graphs {
             let flags = Some(sys::CUevent_flags::CU_EVENT_DISABLE_TIMING);
             Some(Graphs {
@@ -88,11 +95,13 @@ impl CudaDevice {
             None
         };
         Ok(CudaDevice {
-            stream: ctx.default_stream(),
+            _gpu: gpu.clone(),
+            stream: gpu.stream.clone(),
             functions,
             description: format!(
-                "{} (sm_{major}{minor}, suffix kernels {arch}{})",
-                ctx.name()?,
+                "{}, suffix kernels {}{}",
+                gpu.describe(),
+                gpu.arch,
                 if graphs.is_some() {
                     ", frames as CUDA graphs"
                 } else {
