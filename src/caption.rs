@@ -77,6 +77,39 @@ pub fn draw(rgb: &mut [u8], width: usize, height: usize, lines: &[Line]) {
     }
 }
 
+/// The caption drawn on overlays: both top-1 labels (the dense one in orange
+/// when they differ), then the keep ratio and the latencies given (recent
+/// medians, ms), the dense one and the speed-up when the baseline ran.
+pub fn compose(
+    label: &str,
+    dense_label: Option<&str>,
+    keep: f64,
+    (ersm_ms, dense_ms): (f64, Option<f64>),
+    fell_back: bool,
+) -> Vec<Line> {
+    let mut lines = vec![Line {
+        text: format!(
+            "ERSM: {label}{}",
+            if fell_back { " (dense fallback)" } else { "" }
+        ),
+        rgb: WHITE,
+    }];
+    let mut perf = format!("keep {keep:.2} | {ersm_ms:.1} ms");
+    if let Some(dl) = dense_label {
+        lines.push(Line {
+            text: format!("dense: {dl}"),
+            rgb: if dl == label { WHITE } else { ORANGE },
+        });
+        let d = dense_ms.unwrap_or(f64::NAN);
+        perf += &format!(" vs dense {d:.1} ms ({:.2}x)", d / ersm_ms);
+    }
+    lines.push(Line {
+        text: perf,
+        rgb: WHITE,
+    });
+    lines
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -8,6 +8,7 @@
 //! `sparse::gpu` runs the suffix on a GPU; `gpu` is the one CUDA device
 //! every GPU user goes through.
 
+pub mod bench;
 pub mod caption;
 pub mod capture;
 pub mod ersm;
@@ -19,6 +20,7 @@ pub mod logits;
 pub mod model;
 pub mod onnx;
 pub mod overlay;
+pub mod package;
 pub mod panics;
 pub mod pipeline;
 pub mod placement;

@@ -2,8 +2,9 @@
 
 use anyhow::{bail, ensure, Context, Result};
 use std::collections::{HashMap, HashSet};
+use tract_onnx::pb::ModelProto;
 use tract_onnx::pb::{self, attribute_proto::AttributeType, NodeProto};
-use tract_onnx::prelude::Tensor;
+use tract_onnx::prelude::{Datum, Framework, InferenceFact, InferenceModelExt, Tensor, TypedModel};
 
 /// A short label for a node in error messages: `Conv node 'b1.dw'`.
 pub fn label(node: &NodeProto) -> String {
@@ -382,4 +383,30 @@ impl CloneWithoutGraph for pb::ModelProto {
             ..Default::default()
         }
     }
+}
+
+/// `proto` typed by tract with its first input of shape `input_shape` (other
+/// inputs keep the shapes the graph declares), before optimisation; `what`
+/// names the graph in errors.
+pub fn typed(proto: &ModelProto, input_shape: &[usize], what: &str) -> Result<TypedModel> {
+    let mut model = tract_onnx::onnx()
+        .model_for_proto_model(proto)
+        .with_context(|| format!("{what}: tract could not parse the graph"))?;
+    model
+        .set_input_fact(0, InferenceFact::dt_shape(f32::datum_type(), input_shape))
+        .with_context(|| format!("{what}: setting input shape {input_shape:?}"))?;
+    model
+        .into_typed()
+        .with_context(|| format!("{what}: tract could not type the graph (shapes or ops)"))
+}
+
+/// The shape of `proto`'s first output for an input of `input_shape`.
+pub fn output_shape(proto: &ModelProto, input_shape: &[usize], what: &str) -> Result<Vec<usize>> {
+    let typed = typed(proto, input_shape, what)?;
+    Ok(typed
+        .output_fact(0)?
+        .shape
+        .as_concrete()
+        .with_context(|| format!("{what}: output shape is not concrete"))?
+        .to_vec())
 }

@@ -4,7 +4,7 @@
 use crate::ersm::cuda::{DeviceMap, MapSource};
 use crate::ersm::{Device, FeatureMap, TokenMask};
 use crate::logits::top1_margin;
-use crate::model::ModelPackage;
+use crate::package::ModelPackage;
 pub use crate::placement::{GpuNets, Placement};
 use crate::prefix::{Output, TractNet};
 use crate::preprocess::preprocess;
@@ -47,6 +47,16 @@ pub struct ErsmResult {
     /// The sparse result was unsure and the frame was re-run densely (its
     /// time is in the suffix stage).
     pub fell_back: bool,
+    /// Active tokens at each level of the suffix, as the suffix ran them.
+    pub tokens: Vec<usize>,
+}
+
+impl ErsmResult {
+    /// Multiply-accumulates the frame spent in the suffix (the sparse
+    /// suffix, plus the dense one when it fell back).
+    pub fn suffix_macs(&self, plan: &crate::sparse::Plan) -> u64 {
+        plan.spent(&self.tokens, self.fell_back)
+    }
 }
 
 /// What the dense baseline gives for one frame.
@@ -193,12 +203,9 @@ impl Pipeline {
         .with_context(|| format!("frame {}", frame.name))
     }
 
-    /// Runs the ERSM path on a pre-processed input: logits, mask, stage times,
-    /// and whether the confidence fallback re-ran it densely.
-    pub fn ersm_from_input(
-        &self,
-        input: &[f32],
-    ) -> Result<(Vec<f32>, TokenMask, StageTimes, bool)> {
+    /// Runs the ERSM path on a pre-processed input (its result's
+    /// pre-processing time is zero).
+    pub fn ersm_from_input(&self, input: &[f32]) -> Result<ErsmResult> {
         self.threads.install(|| self.ersm_on_threads(input))
     }
 
@@ -212,17 +219,18 @@ impl Pipeline {
     /// The sparse suffix's logits for the gathered `rows` of the `kept` tokens
     /// (finite, or an error).
     pub fn sparse_logits(&self, kept: &[u32], rows: Vec<f32>) -> Result<Vec<f32>> {
-        match &self.placement.suffix {
-            Some(g) => suffix_logits(
-                &self.model.plan,
-                g.run(&self.model.plan, kept, &rows)
-                    .context("sparse suffix (GPU)")?,
-            ),
-            None => suffix_logits(
-                &self.model.plan,
-                self.model.plan.run(kept, rows).context("sparse suffix")?,
-            ),
-        }
+        Ok(self.sparse_suffix(kept, rows)?.0)
+    }
+
+    /// The sparse suffix's logits for the gathered `rows` of the `kept`
+    /// tokens (finite, or an error), and the active tokens at each level.
+    pub fn sparse_suffix(&self, kept: &[u32], rows: Vec<f32>) -> Result<(Vec<f32>, Vec<usize>)> {
+        let plan = &self.model.plan;
+        let (out, frame) = match &self.placement.suffix {
+            Some(g) => g.run(plan, kept, &rows).context("sparse suffix (GPU)")?,
+            None => plan.run(kept, rows).context("sparse suffix")?,
+        };
+        Ok((dense_logits_of(plan, &out, &frame.sets)?, frame.counts()))
     }
 
     /// The dense baseline's logits for a prefix feature map (finite, or an error).
@@ -259,7 +267,7 @@ impl Pipeline {
         Ok(logits)
     }
 
-    fn ersm_on_threads(&self, input: &[f32]) -> Result<(Vec<f32>, TokenMask, StageTimes, bool)> {
+    fn ersm_on_threads(&self, input: &[f32]) -> Result<ErsmResult> {
         let mut times = StageTimes::default();
         let t = Instant::now();
         let features = self.prefix_output(input)?;
@@ -298,7 +306,7 @@ impl Pipeline {
             }),
             None => MapSource::Host(FeatureMap::new(host, cut.c, cut.h, cut.w)?),
         };
-        let (mask, logits, suffix_started) = match (self.device(), &self.placement.suffix) {
+        let (mask, logits, tokens, suffix_started) = match (self.device(), &self.placement.suffix) {
             // Energy kernel and suffix both on the GPU: the gathered rows go
             // from one to the other in device memory, and the suffix is
             // launched behind the kernel without waiting for it, so `ersm`
@@ -321,7 +329,7 @@ impl Pipeline {
                     })
                     .context("energy layer")?;
                 times.ersm = (suffix_started - t).as_secs_f64() * 1e3;
-                let (value, _) = out.context("sparse suffix (GPU)")?;
+                let (value, tokens) = out.context("sparse suffix (GPU)")?;
                 // A token output is placed by the host's sets of the same
                 // kept list (off the device's path: the mask came back after
                 // the suffix ran).
@@ -330,7 +338,7 @@ impl Pipeline {
                     Shape::Dense { .. } => Vec::new(),
                 };
                 let logits = dense_logits_of(&self.model.plan, &value, &sets)?;
-                (mask, logits, suffix_started)
+                (mask, logits, tokens, suffix_started)
             }
             _ => {
                 let mut mask = self
@@ -339,8 +347,9 @@ impl Pipeline {
                     .context("energy layer")?;
                 times.ersm = ms(t);
                 let suffix_started = Instant::now();
-                let logits = self.sparse_logits(&mask.kept, std::mem::take(&mut mask.features))?;
-                (mask, logits, suffix_started)
+                let (logits, tokens) =
+                    self.sparse_suffix(&mask.kept, std::mem::take(&mut mask.features))?;
+                (mask, logits, tokens, suffix_started)
             }
         };
         if let Device::Cuda(backend) = self.device() {
@@ -354,7 +363,13 @@ impl Pipeline {
             logits
         };
         times.suffix = ms(suffix_started);
-        Ok((logits, mask, times, unsure))
+        Ok(ErsmResult {
+            logits,
+            mask,
+            times,
+            fell_back: unsure,
+            tokens,
+        })
     }
 
     /// Runs the dense baseline on a pre-processed input.
@@ -378,14 +393,9 @@ impl Pipeline {
         let t = Instant::now();
         let input = self.preprocess(frame)?;
         let pre = ms(t);
-        let (logits, mask, mut times, fell_back) = self.ersm_from_input(&input)?;
-        times.preprocess = pre;
-        Ok(ErsmResult {
-            logits,
-            mask,
-            times,
-            fell_back,
-        })
+        let mut r = self.ersm_from_input(&input)?;
+        r.times.preprocess = pre;
+        Ok(r)
     }
 
     /// The whole dense baseline on one frame.
@@ -397,14 +407,6 @@ impl Pipeline {
         times.preprocess = pre;
         Ok(DenseResult { logits, times })
     }
-}
-
-/// The logits a run of `plan` gives, scattered to dense (finite, or an error).
-fn suffix_logits(
-    plan: &crate::sparse::Plan,
-    (out, frame): (Value, crate::sparse::plan::Frame),
-) -> Result<Vec<f32>> {
-    dense_logits_of(plan, &out, &frame.sets)
 }
 
 /// A suffix output as dense logits: a token output scattered over `sets`.

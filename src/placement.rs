@@ -5,7 +5,7 @@
 //! Every GPU executor shares the one opened device (`crate::gpu`).
 
 use crate::ersm::{Device, DeviceChoice};
-use crate::model::ModelPackage;
+use crate::package::ModelPackage;
 use crate::prefix::TractNet;
 use crate::sparse::gpu::{cuda::CudaDevice, GpuSuffix};
 use anyhow::Result;

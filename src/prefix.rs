@@ -272,18 +272,10 @@ impl TractNet {
 /// `proto` typed by tract with its first input of shape `input_shape`, before
 /// optimisation.
 fn typed(proto: &ModelProto, input_shape: &[usize], what: &str) -> Result<TypedModel> {
-    let mut model = tract_onnx::onnx()
-        .model_for_proto_model(proto)
-        .with_context(|| format!("{what}: tract could not parse the graph"))?;
-    model
-        .set_input_fact(0, InferenceFact::dt_shape(f32::datum_type(), input_shape))
-        .with_context(|| format!("{what}: setting input shape {input_shape:?}"))?;
-    let mut typed = model
-        .into_typed()
-        .with_context(|| format!("{what}: tract could not type the graph (shapes or ops)"))?;
+    let mut typed = crate::onnx::typed(proto, input_shape, what)?;
     // tract's channel-last rewrite moves depthwise convs onto its vectorised
     // channel-last kernel but slows the 1×1 products; on x86 it measured even
-    // (README, "CPU speed"), so it stays off unless asked for, to measure on
+    // (docs/performance.md), so it stays off unless asked for, to measure on
     // another CPU (a Jetson's Cortex-A78).
     if std::env::var("ERSM_TRACT_NHWC").is_ok_and(|v| v == "1") {
         let t = tract_core::transform::get_transform("conv_nhwc")?
@@ -363,7 +355,7 @@ mod tests {
     #[test]
     fn gpu_source_is_the_unpatched_graph() {
         let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/models/mobilenet_v2_ersm");
-        let pkg = crate::model::ModelPackage::load(dir).unwrap();
+        let pkg = crate::package::ModelPackage::load(dir).unwrap();
         let prefix = &pkg.prefix;
         assert!(prefix.patches().is_some(), "the shipped stem is rewritten");
         let source = prefix.gpu_source().unwrap();
@@ -406,7 +398,7 @@ mod tests {
     #[test]
     fn an_output_hands_over_to_the_next_net() {
         let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/models/mobilenet_v2_ersm");
-        let pkg = crate::model::ModelPackage::load(dir).unwrap();
+        let pkg = crate::package::ModelPackage::load(dir).unwrap();
         let image: Vec<f32> = (0..pkg.prefix.input_shape.iter().product::<usize>())
             .map(|i| ((i * 104729 % 997) as f32 / 498.0) - 1.0)
             .collect();

@@ -477,3 +477,52 @@ pub fn rss_mib() -> f64 {
     let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) }.max(0) as f64;
     pages * page / (1024.0 * 1024.0)
 }
+
+/// One frame of `ersm run`, as a line of `--jsonl`. Fields are in
+/// alphabetical order, the order the records have always had.
+#[derive(Clone, Debug, Serialize)]
+pub struct JsonRecord<'a> {
+    pub agree: Option<bool>,
+    /// The dense baseline's top-1 softmax margin.
+    pub dense_margin: Option<f64>,
+    pub dense_ms: Option<StageMs>,
+    /// The dense baseline's class, when it ran.
+    pub dense_top1: Option<usize>,
+    pub ersm_ms: StageMs,
+    pub fell_back: bool,
+    /// Index in the stream (warm-up frames included).
+    pub frame: usize,
+    pub height: usize,
+    pub keep_ratio: f64,
+    pub kept_tokens: usize,
+    pub label: String,
+    pub name: &'a str,
+    pub rss_mib: f64,
+    pub top1: usize,
+    /// Left out of the latency percentiles.
+    pub warmup: bool,
+    pub width: usize,
+}
+
+/// One mode's stage times of a frame, ms (alphabetical, as in [`JsonRecord`]).
+#[derive(Clone, Copy, Debug, Serialize)]
+pub struct StageMs {
+    pub ersm: f64,
+    pub prefix: f64,
+    pub preprocess: f64,
+    pub suffix: f64,
+    pub total: f64,
+}
+
+impl StageMs {
+    /// The stage times of one frame.
+    pub fn of(t: &StageTimes) -> StageMs {
+        StageMs {
+            ersm: t.ersm,
+            prefix: t.prefix,
+            preprocess: t.preprocess,
+            suffix: t.suffix,
+            total: t.total(),
+        }
+    }
+}

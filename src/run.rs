@@ -2,14 +2,14 @@
 //! baseline beside it), with a live status line, per-frame records and
 //! overlays, ending in a summary however the stream ends.
 
-use crate::caption::{self, Line};
+use crate::caption;
 use crate::capture::{Capture, End, Next};
 use crate::live::stats::FrameRecord;
 use crate::live::{Live, Shot};
 use crate::logits::{top1, top1_margin, SURE_MARGIN};
 use crate::overlay::{self, OverlayWriter};
 use crate::pipeline::Pipeline;
-use crate::report::{rss_mib, Ending, RunReport, StageSamples};
+use crate::report::{rss_mib, Ending, JsonRecord, RunReport, StageMs, StageSamples};
 use crate::source::Frame;
 use anyhow::{Context, Result};
 use indicatif::{ProgressBar, ProgressStyle};
@@ -319,8 +319,7 @@ fn process(
     }
     let keep = e.mask.keep_ratio();
     t.keeps.push(keep);
-    // Token sets per level are derived from the kept list: once a frame.
-    let spent = m.plan.spent(&e.mask.kept, e.fell_back) as f64;
+    let spent = e.suffix_macs(&m.plan) as f64;
     t.macs += spent;
     t.fell_back += usize::from(e.fell_back);
     let class = top1(&e.logits);
@@ -352,30 +351,25 @@ fn process(
         )),
     );
     if let Some(w) = jsonl.as_mut() {
-        let times = |s: &crate::pipeline::StageTimes| {
-            serde_json::json!({
-                "preprocess": s.preprocess, "prefix": s.prefix, "ersm": s.ersm,
-                "suffix": s.suffix, "total": s.total(),
-            })
+        let rec = JsonRecord {
+            frame: index,
+            name: &frame.name,
+            width: frame.width,
+            height: frame.height,
+            keep_ratio: keep,
+            kept_tokens: e.mask.kept.len(),
+            top1: class,
+            label: m.manifest.label(class),
+            dense_top1: dense_class,
+            agree: agrees,
+            dense_margin,
+            fell_back: e.fell_back,
+            warmup: !timed,
+            rss_mib: rss_mib(),
+            ersm_ms: StageMs::of(&e.times),
+            dense_ms: d.as_ref().map(|d| StageMs::of(&d.times)),
         };
-        let rec = serde_json::json!({
-            "frame": index,
-            "name": frame.name,
-            "width": frame.width,
-            "height": frame.height,
-            "keep_ratio": keep,
-            "kept_tokens": e.mask.kept.len(),
-            "top1": class,
-            "label": m.manifest.label(class),
-            "dense_top1": dense_class,
-            "agree": agrees,
-            "dense_margin": dense_margin,
-            "fell_back": e.fell_back,
-            "warmup": !timed,
-            "rss_mib": rss_mib(),
-            "ersm_ms": times(&e.times),
-            "dense_ms": d.as_ref().map(|d| times(&d.times)),
-        });
+        let rec = serde_json::to_string(&rec).context("--jsonl record")?;
         // A write error (a full disk) stops the log, not the run; the run
         // then ends non-zero after its summary.
         if let Err(e) = writeln!(w, "{rec}") {
@@ -384,14 +378,20 @@ fn process(
             *jsonl = None;
         }
     }
+    // Recent medians read steadier than one frame's time; during warm-up
+    // there are none yet.
+    let steady = |p50: f64, now: f64| if p50.is_finite() { p50 } else { now };
+    let ersm_ms = steady(t.ersm.recent_p50("total", 30), e.times.total());
+    let dense_ms = d
+        .as_ref()
+        .map(|d| steady(t.dense.recent_p50("total", 30), d.times.total()));
     let lines = || {
-        caption_lines(
+        caption::compose(
             &m.manifest.label(class),
             dense_class.map(|c| m.manifest.label(c)).as_deref(),
             keep,
-            (e.times.total(), d.as_ref().map(|d| d.times.total())),
+            (ersm_ms, dense_ms),
             e.fell_back,
-            t,
         )
     };
     if !opts.overlays.is_empty() {
@@ -441,48 +441,4 @@ fn process(
         }
     }
     Ok(())
-}
-
-/// The caption drawn on overlays: both top-1 labels (the dense one in orange
-/// when they differ), then keep ratio and recent latencies.
-fn caption_lines(
-    label: &str,
-    dense_label: Option<&str>,
-    keep: f64,
-    (frame_ms, frame_dense_ms): (f64, Option<f64>),
-    fell_back: bool,
-    t: &Tally,
-) -> Vec<Line> {
-    // Recent medians read steadier than one frame's time; during warm-up
-    // there are none yet.
-    let steady = |p50: f64, now: f64| if p50.is_finite() { p50 } else { now };
-    let mut lines = vec![Line {
-        text: format!(
-            "ERSM: {label}{}",
-            if fell_back { " (dense fallback)" } else { "" }
-        ),
-        rgb: caption::WHITE,
-    }];
-    let e = steady(t.ersm.recent_p50("total", 30), frame_ms);
-    let mut perf = format!("keep {keep:.2} | {e:.1} ms");
-    if let Some(dl) = dense_label {
-        lines.push(Line {
-            text: format!("dense: {dl}"),
-            rgb: if dl == label {
-                caption::WHITE
-            } else {
-                caption::ORANGE
-            },
-        });
-        let d = steady(
-            t.dense.recent_p50("total", 30),
-            frame_dense_ms.unwrap_or(f64::NAN),
-        );
-        perf += &format!(" vs dense {d:.1} ms ({:.2}x)", d / e);
-    }
-    lines.push(Line {
-        text: perf,
-        rgb: caption::WHITE,
-    });
-    lines
 }

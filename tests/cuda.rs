@@ -340,7 +340,7 @@ fn packed_unary_head_run_as_launched_matches_the_cpu_bit_for_bit() {
     // Threads of a launch of `n` outputs, in whole blocks of 256.
     let grid = |n: usize| n.div_ceil(256) * 256;
     let mut rng = Lcg(23);
-    let shipped = ersm::model::ModelPackage::load("models/mobilenet_v2_ersm").unwrap();
+    let shipped = ersm::package::ModelPackage::load("models/mobilenet_v2_ersm").unwrap();
     let mut heads: Vec<(String, UnaryHead, usize, usize)> = specs(&mut rng, 12)
         .into_iter()
         .map(|s| (s.head.describe(), s.head, 9, 11))
@@ -518,7 +518,7 @@ fn cuda_keeps_lowest_token_when_none_is_negative() {
 /// logits within 1e-3 of the CPU pipeline on the bundled photos.
 #[test]
 fn gpu_pipeline_matches_the_cpu_pipeline_on_the_shipped_model() {
-    use ersm::model::ModelPackage;
+    use ersm::package::ModelPackage;
     use ersm::pipeline::{Pipeline, Placement};
     if gpu().is_none() {
         return;
@@ -580,7 +580,7 @@ fn gpu_pipeline_matches_the_cpu_pipeline_on_the_shipped_model() {
 /// missing CUDA library, a CUDA 11.4 build), the reason names the net.
 #[test]
 fn tract_cuda_prefix_and_dense_baseline_match_the_cpu() {
-    use ersm::model::ModelPackage;
+    use ersm::package::ModelPackage;
     use ersm::pipeline::Pipeline;
     let cpu = Pipeline::new(
         ModelPackage::load("models/mobilenet_v2_ersm").unwrap(),
@@ -636,7 +636,7 @@ fn tract_cuda_prefix_and_dense_baseline_match_the_cpu() {
 /// back to the host and uploaded again.
 #[test]
 fn tract_cuda_prefix_output_feeds_the_kernel_in_device_memory() {
-    use ersm::model::ModelPackage;
+    use ersm::package::ModelPackage;
     use ersm::pipeline::{Pipeline, Placement};
     if gpu().is_none() {
         return;
@@ -654,7 +654,8 @@ fn tract_cuda_prefix_output_feeds_the_kernel_in_device_memory() {
             ersm::source::images::load(std::path::Path::new(&format!("models/images/{name}")))
                 .unwrap();
         let input = on_gpu.preprocess(&frame).unwrap();
-        let (logits, mask, _, _) = on_gpu.ersm_from_input(&input).unwrap();
+        let r = on_gpu.ersm_from_input(&input).unwrap();
+        let (logits, mask) = (r.logits, r.mask);
         assert!(
             on_gpu.features_stayed_on_device(),
             "{name}: the prefix's output went through the host ({})",

@@ -2,7 +2,7 @@
 //! suffix, equals ONNX Runtime's logits, and equals ERSM when every token is kept.
 
 use ersm::ersm::UnaryHead;
-use ersm::model::ModelPackage;
+use ersm::package::ModelPackage;
 use ersm::pipeline::Pipeline;
 use ersm::prefix::TractNet;
 
@@ -68,7 +68,8 @@ fn ersm_keeping_every_token_equals_dense() {
     }
     let pipeline = Pipeline::new(m, ersm::ersm::Device::Cpu);
     let x = probe(3 * 112 * 112);
-    let (sparse, mask, _, _) = pipeline.ersm_from_input(&x).unwrap();
+    let r = pipeline.ersm_from_input(&x).unwrap();
+    let (sparse, mask) = (r.logits, r.mask);
     assert_eq!(mask.keep_ratio(), 1.0);
     let (dense, _) = pipeline.dense_from_input(&x).unwrap();
     let d = max_abs_diff(&sparse, &dense);

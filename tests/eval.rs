@@ -8,7 +8,7 @@ use ersm::ersm::Device;
 use ersm::eval::deletion::{self, kept_after, order, steps, Ranking};
 use ersm::eval::{analyse_inputs, load_inputs, sparsity, Analysed};
 use ersm::logits::top1;
-use ersm::model::ModelPackage;
+use ersm::package::ModelPackage;
 use ersm::pipeline::Pipeline;
 use std::path::Path;
 use std::process::Command;

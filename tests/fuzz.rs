@@ -7,7 +7,8 @@
 mod common;
 
 use common::{Rng, Scratch};
-use ersm::model::{read_onnx, Manifest, ModelPackage};
+use ersm::model::{read_onnx, Manifest};
+use ersm::package::ModelPackage;
 use ersm::source::convert::{mjpeg_to_rgb, yuyv_to_rgb};
 use ersm::source::mp4::Mp4H264;
 use ersm::source::raw::{RawFrames, RawRead};

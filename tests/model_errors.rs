@@ -4,7 +4,8 @@
 mod common;
 
 use common::{fill_tensor as fill, Scratch};
-use ersm::model::{read_onnx, ModelPackage, MAX_CHANNELS};
+use ersm::model::{read_onnx, MAX_CHANNELS};
+use ersm::package::ModelPackage;
 use prost::Message;
 use std::path::Path;
 use tract_onnx::pb::{
@@ -507,7 +508,8 @@ fn fallback_needs_a_margin_in_the_manifest() {
     let x: Vec<f32> = (0..3 * 112 * 112)
         .map(|i| ((i % 89) as f32 / 89.0) - 0.5)
         .collect();
-    let (sparse, _, _, fell_back) = p.ersm_from_input(&x).unwrap();
+    let r = p.ersm_from_input(&x).unwrap();
+    let (sparse, fell_back) = (r.logits, r.fell_back);
     let (dense, _) = p.dense_from_input(&x).unwrap();
     assert!(fell_back);
     assert_eq!(sparse, dense);

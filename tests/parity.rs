@@ -5,7 +5,7 @@
 mod common;
 
 use common::*;
-use ersm::model::ModelPackage;
+use ersm::package::ModelPackage;
 use ersm::sparse::ops::supported;
 use std::collections::BTreeSet;
 

@@ -6,7 +6,7 @@ mod common;
 use common::*;
 use ersm::ersm::{cpu, FeatureMap};
 use ersm::logits::top1;
-use ersm::model::ModelPackage;
+use ersm::package::ModelPackage;
 use ersm::pipeline::Pipeline;
 use ersm::source::images;
 

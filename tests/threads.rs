@@ -6,7 +6,7 @@ mod common;
 
 use common::*;
 use ersm::ersm::Device;
-use ersm::model::ModelPackage;
+use ersm::package::ModelPackage;
 use ersm::pipeline::Pipeline;
 use ersm::source::images;
 use ersm::threads::Threads;

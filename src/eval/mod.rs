@@ -49,10 +49,16 @@ impl Analysed {
 
     /// Logits of the sparse suffix with exactly `kept` tokens (ascending).
     pub fn logits_with(&self, p: &Pipeline, kept: &[u32]) -> Result<Vec<f32>> {
+        Ok(self.suffix_with(p, kept)?.0)
+    }
+
+    /// The sparse suffix with exactly `kept` tokens (ascending): its logits
+    /// and the active tokens at each level.
+    pub fn suffix_with(&self, p: &Pipeline, kept: &[u32]) -> Result<(Vec<f32>, Vec<usize>)> {
         let m = &p.model;
         let fmap = FeatureMap::new(&self.features, m.cut.c, m.cut.h, m.cut.w)?;
         p.threads
-            .install(|| p.sparse_logits(kept, gather(fmap, kept)))
+            .install(|| p.sparse_suffix(kept, gather(fmap, kept)))
     }
 }
 

@@ -59,7 +59,7 @@ pub fn of(p: &Pipeline, images: &[Analysed]) -> Result<Sparsity> {
     let dense = plan.dense_cost().max(1) as f64;
     let mut per = Vec::with_capacity(images.len());
     for a in images {
-        let logits = a.logits_with(p, &a.mask.kept)?;
+        let (logits, tokens) = a.suffix_with(p, &a.mask.kept)?;
         let fell_back = p.unsure(&logits);
         let answer = if fell_back { &a.dense_logits } else { &logits };
         per.push(ImageKeep {
@@ -69,7 +69,7 @@ pub fn of(p: &Pipeline, images: &[Analysed]) -> Result<Sparsity> {
             tokens: a.mask.h * a.mask.w,
             agrees: top1(answer) == top1(&a.dense_logits),
             fell_back,
-            compute: plan.spent(&a.mask.kept, fell_back) as f64 / dense,
+            compute: plan.spent(&tokens, fell_back) as f64 / dense,
             dense_margin: f64::from(top1_margin(&a.dense_logits)),
         });
     }

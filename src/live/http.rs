@@ -11,13 +11,15 @@
 //! capped, and nothing the server does makes the inference loop wait: it
 //! only ever reads the newest frame and the statistics.
 
+pub use super::frames::Frames;
+use super::frames::Wait;
 use super::stats::Stats;
 use anyhow::{Context, Result};
 use std::io::{ErrorKind, Read, Write};
 use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr, TcpListener, TcpStream};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::mpsc::{self, RecvTimeoutError};
-use std::sync::{Arc, Condvar, Mutex};
+use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -31,110 +33,10 @@ const MAX_HEAD: usize = 8 * 1024;
 const HEAD_DEADLINE: Duration = Duration::from_secs(5);
 /// A client that takes no bytes for this long is dropped.
 const WRITE_TIMEOUT: Duration = Duration::from_secs(5);
-/// How long `/frame.jpg` waits for a fresh frame.
-const SNAPSHOT_WAIT: Duration = Duration::from_secs(3);
-/// A frame older than this is not served as the current one.
-const SNAPSHOT_FRESH: Duration = Duration::from_secs(1);
 /// The multipart boundary of the MJPEG stream.
 const BOUNDARY: &str = "ersm-frame";
 
 const VIEWER: &str = include_str!("viewer.html");
-
-/// The newest encoded overlay, and whether anyone wants one: the painter
-/// encodes JPEGs only while a viewer is connected or a snapshot was asked for.
-#[derive(Default)]
-pub struct Frames {
-    latest: Mutex<Latest>,
-    fresh: Condvar,
-    viewers: AtomicUsize,
-    closed: AtomicBool,
-}
-
-#[derive(Default)]
-struct Latest {
-    generation: u64,
-    jpeg: Option<(Arc<Vec<u8>>, Instant)>,
-    snapshot_asked: Option<Instant>,
-}
-
-/// What waiting for a frame gave.
-enum Wait {
-    Frame(u64, Arc<Vec<u8>>),
-    TimedOut,
-    Closed,
-}
-
-impl Frames {
-    /// Whether a JPEG of the next frame would be read by anyone.
-    pub fn wanted(&self) -> bool {
-        if self.viewers.load(Ordering::Relaxed) > 0 {
-            return true;
-        }
-        let l = self.latest.lock().unwrap_or_else(|e| e.into_inner());
-        l.snapshot_asked
-            .is_some_and(|t| t.elapsed() < SNAPSHOT_WAIT)
-    }
-
-    /// Makes `jpeg` the newest frame and wakes the viewers.
-    pub fn publish(&self, jpeg: Vec<u8>) {
-        let mut l = self.latest.lock().unwrap_or_else(|e| e.into_inner());
-        l.generation += 1;
-        l.jpeg = Some((Arc::new(jpeg), Instant::now()));
-        l.snapshot_asked = None;
-        drop(l);
-        self.fresh.notify_all();
-    }
-
-    /// No more frames: viewers' streams end.
-    pub fn close(&self) {
-        self.closed.store(true, Ordering::SeqCst);
-        self.fresh.notify_all();
-    }
-
-    /// The first frame newer than `generation`, waiting at most `timeout`.
-    fn wait_newer(&self, generation: u64, timeout: Duration) -> Wait {
-        let deadline = Instant::now() + timeout;
-        let mut l = self.latest.lock().unwrap_or_else(|e| e.into_inner());
-        loop {
-            if self.closed.load(Ordering::SeqCst) {
-                return Wait::Closed;
-            }
-            if l.generation > generation {
-                if let Some((jpeg, _)) = &l.jpeg {
-                    return Wait::Frame(l.generation, jpeg.clone());
-                }
-            }
-            let left = deadline.saturating_duration_since(Instant::now());
-            if left.is_zero() {
-                return Wait::TimedOut;
-            }
-            l = self
-                .fresh
-                .wait_timeout(l, left)
-                .unwrap_or_else(|e| e.into_inner())
-                .0;
-        }
-    }
-
-    /// A frame at most `SNAPSHOT_FRESH` old, asking the painter for one if
-    /// there is none.
-    fn snapshot(&self) -> Option<Arc<Vec<u8>>> {
-        let generation = {
-            let mut l = self.latest.lock().unwrap_or_else(|e| e.into_inner());
-            if let Some((jpeg, at)) = &l.jpeg {
-                if at.elapsed() < SNAPSHOT_FRESH {
-                    return Some(jpeg.clone());
-                }
-            }
-            l.snapshot_asked = Some(Instant::now());
-            l.generation
-        };
-        match self.wait_newer(generation, SNAPSHOT_WAIT) {
-            Wait::Frame(_, jpeg) => Some(jpeg),
-            Wait::TimedOut | Wait::Closed => None,
-        }
-    }
-}
 
 /// What the connection threads share.
 struct Shared {

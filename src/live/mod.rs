@@ -9,6 +9,7 @@
 //! painter draws the overlay, encodes a JPEG only while someone watches, and
 //! passes the picture to each ffmpeg stream through its own mailbox.
 
+mod frames;
 pub mod http;
 mod mailbox;
 pub mod stats;

@@ -5,7 +5,6 @@
 
 use super::read_onnx;
 use crate::onnx::{float_input, node_name, split_at, subgraph, Constants};
-use crate::prefix::TractNet;
 use anyhow::{bail, ensure, Context, Result};
 use std::path::{Path, PathBuf};
 use tract_onnx::pb::{ModelProto, NodeProto};
@@ -14,8 +13,9 @@ use tract_onnx::pb::{ModelProto, NodeProto};
 pub struct Baseline {
     /// The ONNX file it came from.
     pub origin: PathBuf,
-    /// Its layers after the cut, run densely in tract on the shared prefix's output.
-    pub suffix: TractNet,
+    /// Its layers after the cut, run densely on the shared prefix's output
+    /// (input: the cut tensor).
+    pub suffix_proto: ModelProto,
     /// The whole original network.
     pub proto: ModelProto,
 }
@@ -79,10 +79,9 @@ impl Baseline {
             vec![float_input(cut, feature_shape)],
             &[&output],
         );
-        let suffix = TractNet::new(&suffix_proto, feature_shape, "original suffix")?;
         Ok(Baseline {
             origin: path.to_path_buf(),
-            suffix,
+            suffix_proto,
             proto,
         })
     }

@@ -1,14 +1,15 @@
 //! Model packages: loading, validating, and cutting one ONNX network into the
-//! dense prefix, the energy layer, and the sparse suffix (DESIGN.md, "Model package").
+//! dense prefix's graph, the energy layer's spec, and the sparse suffix's
+//! plan (DESIGN.md, "Model package"). Nothing here builds a runtime: tract's
+//! plans are prepared from the cut by `crate::package`.
 
 pub mod baseline;
 pub mod energy;
+pub mod inspect;
 pub mod manifest;
-pub mod masked;
 
 use crate::ersm::EnergySpec;
 use crate::onnx::{self, float_input, label, split_at, subgraph, Constants};
-use crate::prefix::TractNet;
 use crate::sparse::Plan;
 use anyhow::{bail, ensure, Context, Result};
 pub use baseline::Baseline;
@@ -35,17 +36,13 @@ pub struct Cut {
     pub w: usize,
 }
 
-/// A loaded, validated model package, ready to run.
-pub struct ModelPackage {
+/// A loaded, validated model package, cut into its parts.
+pub struct CutModel {
     /// Where it came from (folder or file), for messages.
     pub origin: PathBuf,
     pub manifest: Manifest,
     pub cut: Cut,
     pub energy: EnergySpec,
-    /// The dense prefix in tract.
-    pub prefix: TractNet,
-    /// The suffix run densely in tract (the dense baseline's second half).
-    pub dense_suffix: TractNet,
     /// The suffix lowered for the sparse executor.
     pub plan: Plan,
     /// ONNX op types before the cut, in graph order.
@@ -61,9 +58,9 @@ pub struct ModelPackage {
     pub baseline: Option<Baseline>,
 }
 
-impl ModelPackage {
+impl CutModel {
     /// Loads a package folder holding `manifest.json` and its ONNX file.
-    pub fn load(dir: impl AsRef<Path>) -> Result<ModelPackage> {
+    pub fn load(dir: impl AsRef<Path>) -> Result<CutModel> {
         let dir = dir.as_ref();
         crate::panics::catch(
             || format!("model package {}", dir.display()),
@@ -71,7 +68,7 @@ impl ModelPackage {
         )
     }
 
-    fn load_unguarded(dir: &Path) -> Result<ModelPackage> {
+    fn load_unguarded(dir: &Path) -> Result<CutModel> {
         if !dir.exists() {
             bail!("model package {}: not found", dir.display());
         }
@@ -100,26 +97,13 @@ impl ModelPackage {
         Ok(package)
     }
 
-    /// The dense baseline's layers after the cut: the original network's when
-    /// the package carries one, else the package's own with every token kept.
-    pub fn baseline_suffix(&self) -> &TractNet {
-        match &self.baseline {
-            Some(b) => &b.suffix,
-            None => &self.dense_suffix,
-        }
-    }
-
     /// Validates and cuts an ONNX model; `origin` names it in errors.
-    pub fn from_proto(
-        proto: ModelProto,
-        manifest: Manifest,
-        origin: &Path,
-    ) -> Result<ModelPackage> {
+    pub fn from_proto(proto: ModelProto, manifest: Manifest, origin: &Path) -> Result<CutModel> {
         let what = origin.display().to_string();
         Self::build(proto, manifest, origin).with_context(|| format!("model {what}"))
     }
 
-    fn build(proto: ModelProto, manifest: Manifest, origin: &Path) -> Result<ModelPackage> {
+    fn build(proto: ModelProto, manifest: Manifest, origin: &Path) -> Result<CutModel> {
         let graph = proto
             .graph
             .as_ref()
@@ -193,8 +177,7 @@ impl ModelPackage {
 
         let prefix_ops = prefix_nodes.iter().map(|n| n.op_type.clone()).collect();
         let prefix_proto = subgraph(&proto, prefix_nodes, graph_inputs.clone(), &[&input]);
-        let prefix = TractNet::from_image(&prefix_proto, &manifest.input.shape, "prefix")?;
-        let fs = prefix.output_shape.clone();
+        let fs = onnx::output_shape(&prefix_proto, &manifest.input.shape, "prefix")?;
         ensure!(
             fs.len() == 4 && fs[0] == 1,
             "the energy layer's input '{input}' must be a [1, C, H, W] feature map, is {fs:?}"
@@ -222,9 +205,8 @@ impl ModelPackage {
             vec![float_input(&output, &fs)],
             &[&graph_output],
         );
-        let dense_suffix = TractNet::new(&suffix_proto, &fs, "dense suffix")?;
         let dense_proto = with_identity_energy(&proto, e);
-        Ok(ModelPackage {
+        Ok(CutModel {
             origin: origin.to_path_buf(),
             manifest,
             cut: Cut {
@@ -237,8 +219,6 @@ impl ModelPackage {
                 w,
             },
             energy,
-            prefix,
-            dense_suffix,
             plan,
             prefix_ops,
             suffix_proto,
@@ -285,9 +265,9 @@ fn with_identity_energy(proto: &ModelProto, e: usize) -> ModelProto {
     p
 }
 
-impl std::fmt::Debug for ModelPackage {
+impl std::fmt::Debug for CutModel {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("ModelPackage")
+        f.debug_struct("CutModel")
             .field("origin", &self.origin)
             .field("name", &self.manifest.name)
             .field("cut", &self.cut)

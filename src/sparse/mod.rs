@@ -16,6 +16,7 @@ pub mod buffers;
 pub mod frame;
 pub mod gemm;
 pub mod gpu;
+pub mod launch;
 pub mod lower;
 pub mod ops;
 pub mod plan;

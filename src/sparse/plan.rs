@@ -199,10 +199,11 @@ impl Plan {
         self.steps.iter().map(|s| s.op.cost(tokens)).sum()
     }
 
-    /// Multiply-accumulates one frame spends in the suffix: the sparse suffix on
-    /// `kept`, plus the dense suffix when the frame fell back.
-    pub fn spent(&self, kept: &[u32], fell_back: bool) -> u64 {
-        let sparse = self.cost(&self.token_counts(kept));
+    /// Multiply-accumulates one frame spends in the suffix, from the active
+    /// tokens per level the suffix ran: the sparse suffix, plus the dense
+    /// suffix when the frame fell back.
+    pub fn spent(&self, tokens: &[usize], fell_back: bool) -> u64 {
+        let sparse = self.cost(tokens);
         if fell_back {
             sparse + self.dense_cost()
         } else {

@@ -1,7 +1,7 @@
 //! Neighbour tables: for each output token and kernel tap, the input token it
 //! reads. Their GPU twin is `sfx_rulebook` of `kernels/tokens.cu`.
 
-use super::gpu::kernel::{Family, Kernel, KernelArgs};
+use super::launch::{Family, Kernel, KernelArgs};
 use super::tokens::{TokenSet, DROPPED, INACTIVE};
 
 /// Geometry of a windowed layer, the key a rulebook is built and cached by.

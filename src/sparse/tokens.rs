@@ -1,7 +1,7 @@
 //! Active token sets: which positions of a map are computed. Their GPU twins
 //! are `sfx_level0` and `sfx_level` of `kernels/tokens.cu`.
 
-use super::gpu::kernel::{Family, Kernel, KernelArgs};
+use super::launch::{Family, Kernel, KernelArgs};
 
 /// Marks a position with no active token in [`TokenSet::index`]; in a
 /// rulebook, a tap outside the map (padding, which reads zero).

@@ -2,10 +2,13 @@
 //! every op of the sparse executor, and the dense-masked reference run.
 #![allow(dead_code)]
 
+pub mod masked;
+
 use ersm::model::manifest::{InputSpec, Manifest, Preprocess};
-use ersm::model::{masked, ModelPackage};
+use ersm::package::ModelPackage;
 use ersm::prefix::TractNet;
 use ersm::sparse::StrideRule;
+use masked::reference;
 use std::ffi::OsStr;
 use std::ops::Deref;
 use std::path::{Path, PathBuf};
@@ -619,7 +622,7 @@ pub fn dense_masked(m: &ModelPackage, x: &[f32], kept: &[u32]) -> Vec<f32> {
         .enumerate()
         .map(|(i, &v)| v * masks[0][i % hw])
         .collect();
-    let proto = masked::reference(&m.suffix_proto, &m.plan);
+    let proto = reference(&m.suffix_proto, &m.plan);
     let fs = [1, m.cut.c, m.cut.h, m.cut.w];
     let net = TractNet::new(&proto, &fs, "dense-masked reference").expect("reference builds");
     let scales: Vec<[f32; 1]> = masks

@@ -11,12 +11,12 @@
 //! the GPU run of `targets/gpu-check.sh`.
 
 use crate::common::*;
-use ersm::model::ModelPackage;
+use ersm::package::ModelPackage;
 use ersm::sparse::gpu::cuda::CudaDevice;
-use ersm::sparse::gpu::kernel::all_sources;
 use ersm::sparse::gpu::{
     Args, Device, DeviceTokens, Family, GpuSuffix, Kernel, RulebookSite, BLOCK,
 };
+use ersm::sparse::launch::all_sources;
 use std::ffi::c_void;
 
 /// Relative error allowed: the sums run in another order than the CPU's GEMM.

@@ -4,9 +4,9 @@
 //! launches are captured once as a CUDA graph and each frame replays it
 //! with one launch.
 
-use super::kernel::{Args, Family, Kernel};
 use super::{Device, BLOCK};
 use crate::gpu::{CudaError, Gpu};
+use crate::sparse::launch::{Args, Family, Kernel};
 use anyhow::{ensure, Context, Result};
 use cudarc::driver::{
     sys, CudaEvent, CudaFunction, CudaGraph, CudaSlice, CudaStream, DevicePtr, DeviceRepr,

@@ -2,7 +2,7 @@
 //! runs them on an NVIDIA GPU; the tests run the same kernel source
 //! compiled for the CPU.
 
-use super::kernel::{Args, Kernel};
+use crate::sparse::launch::{Args, Kernel};
 use anyhow::Result;
 
 /// Threads per block of every launch.

@@ -5,10 +5,10 @@
 //! and reads around them.
 
 use super::device::words_as_f32;
-use super::kernel::Args;
 use super::workspace::Workspace;
 use super::{Device, DeviceTokens, GpuSuffix};
 use crate::sparse::frame::Frame;
+use crate::sparse::launch::Args;
 use crate::sparse::plan::Plan;
 use crate::sparse::rulebook::{self, Rulebook, RulebookParams};
 use crate::sparse::tokens::{self, LevelParams, StrideRule, TokenSet};

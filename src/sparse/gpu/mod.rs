@@ -19,8 +19,6 @@
 pub mod cuda;
 pub mod device;
 mod frame;
-pub mod io;
-pub mod kernel;
 mod record;
 mod workspace;
 
@@ -28,10 +26,10 @@ use super::frame::{Frame, Level, RuleKey};
 use super::plan::Plan;
 use super::tokens::StrideRule;
 use super::value::{Shape, Value};
+pub use crate::sparse::launch::{Args, Family, Kernel, KernelArgs};
 use anyhow::{Context, Result};
 pub use device::{words_as_f32, Device, BLOCK};
 use frame::FrameLayout;
-pub use kernel::{Args, Family, Kernel, KernelArgs};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Instant;
 use workspace::{keep_newest, Captured, Recorded, Workspace};

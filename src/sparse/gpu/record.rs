@@ -5,9 +5,9 @@
 //! residual Adds the plan marked into the kernel before them, and relabels
 //! reshapes instead of copying.
 
-use super::io::StepIo;
 use super::workspace::{keep_newest, Recorded, Recorder, Workspace};
 use super::{Device, GpuSuffix};
+use crate::sparse::launch::StepIo;
 use crate::sparse::value::Shape;
 use anyhow::{Context, Result};
 

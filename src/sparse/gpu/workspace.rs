@@ -6,21 +6,10 @@
 
 use super::device::Device;
 use super::frame::FrameLayout;
-use super::io::Pool;
-use super::kernel::{Args, Kernel};
 use super::DeviceTokens;
+use crate::sparse::launch::{Launch, Pool};
 use crate::sparse::value::Shape;
 use anyhow::Result;
-
-/// One kernel launch of a frame's steps.
-#[derive(Clone, Copy, Debug)]
-pub(super) struct Launch {
-    /// The step it computes (its time is that step's).
-    pub step: usize,
-    pub kernel: Kernel,
-    pub threads: usize,
-    pub args: Args,
-}
 
 /// The launches of every step for one input address, and where the output
 /// lies.

@@ -4,8 +4,7 @@
 
 use super::{OnnxNode, Op, Tensor};
 use crate::onnx::{attr_f32, node_name};
-use crate::sparse::gpu::io::StepIo;
-use crate::sparse::gpu::kernel::{Family, Kernel, KernelArgs};
+use crate::sparse::launch::{Family, Kernel, KernelArgs, StepIo};
 use crate::sparse::{buffers::Buffers, frame::Frame, value::Shape, value::Value};
 use anyhow::{bail, ensure, Context, Result};
 use std::borrow::Cow;

@@ -5,8 +5,7 @@
 //! nothing: the conv's kernel adds it.
 
 use super::{ChannelAffine, OnnxNode, Op, Tensor};
-use crate::sparse::gpu::io::StepIo;
-use crate::sparse::gpu::kernel::{Family, Kernel, KernelArgs};
+use crate::sparse::launch::{Family, Kernel, KernelArgs, StepIo};
 use crate::sparse::{buffers::Buffers, frame::Frame, value::Shape, value::Value};
 use anyhow::{bail, ensure, Context, Result};
 use std::borrow::Cow;

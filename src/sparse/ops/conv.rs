@@ -11,8 +11,7 @@
 use super::activation::GpuAct;
 use super::{ActivationKind, Depthwise, Linear, OnnxNode, Op, Tensor};
 use crate::onnx::{attr_i64, conv_pads, label};
-use crate::sparse::gpu::io::StepIo;
-use crate::sparse::gpu::kernel::{Family, Kernel, KernelArgs};
+use crate::sparse::launch::{Family, Kernel, KernelArgs, StepIo};
 use crate::sparse::{
     buffers::Buffers, frame::Frame, gemm, rulebook::Window, tokens::DROPPED, value::Shape,
     value::Value,

@@ -7,8 +7,7 @@
 use super::activation::GpuAct;
 use super::conv::ConvNode;
 use super::{ActivationKind, Op};
-use crate::sparse::gpu::io::StepIo;
-use crate::sparse::gpu::kernel::{Family, Kernel, KernelArgs};
+use crate::sparse::launch::{Family, Kernel, KernelArgs, StepIo};
 use crate::sparse::{
     buffers::Buffers, frame::Frame, rulebook::Rulebook, rulebook::Window, tokens::DROPPED,
     value::Shape, value::Value,

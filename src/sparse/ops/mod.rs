@@ -17,7 +17,7 @@ pub mod reshape;
 
 use super::buffers::Buffers;
 use super::frame::Frame;
-use super::gpu::io::StepIo;
+use super::launch::StepIo;
 use super::value::{Shape, Value};
 use anyhow::{bail, Result};
 use std::borrow::Cow;

@@ -6,7 +6,7 @@
 use super::activation::record_elementwise;
 use super::{OnnxNode, Op, Tensor};
 use crate::onnx::attr_i64;
-use crate::sparse::gpu::io::StepIo;
+use crate::sparse::launch::StepIo;
 use crate::sparse::{buffers::Buffers, frame::Frame, value::Shape, value::Value};
 use anyhow::{bail, ensure, Result};
 use std::borrow::Cow;

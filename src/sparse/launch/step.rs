@@ -4,35 +4,44 @@
 //! where its output goes. An op's `record` (`sparse/ops/<op>.rs`) reads
 //! these and records its launch with its own parameter struct.
 
-use super::kernel::{Args, Kernel, KernelArgs};
-use super::workspace::Launch;
+use super::{Args, Kernel, KernelArgs};
 use crate::sparse::value::Shape;
 use anyhow::{ensure, Context, Result};
 
+/// One kernel launch of a frame's steps.
+#[derive(Clone, Copy, Debug)]
+pub struct Launch {
+    /// The step it computes (its time is that step's).
+    pub step: usize,
+    pub kernel: Kernel,
+    pub threads: usize,
+    pub args: Args,
+}
+
 /// Output buffers for the steps being recorded.
-pub(super) trait Pool {
+pub trait Pool {
     /// A free buffer of at least `n` values: its address and pool index.
     fn alloc(&mut self, n: usize) -> Result<(u64, usize)>;
 }
 
 /// One step's view of a frame being recorded.
 pub struct StepIo<'a> {
-    pub(super) inputs: Vec<(Shape, u64)>,
+    pub(crate) inputs: Vec<(Shape, u64)>,
     /// Rows each level can hold (its positions): launches and buffers are
     /// sized for them, and the kernels read the exact counts on the device.
-    pub(super) capacity: &'a [usize],
+    pub(crate) capacity: &'a [usize],
     /// Address of the level counts, one `u32` per level.
-    pub(super) counts: u64,
+    pub(crate) counts: u64,
     /// Address of each rulebook's table.
-    pub(super) tables: &'a [u64],
+    pub(crate) tables: &'a [u64],
     /// The other operand of the Add after this step, when the plan lets
     /// this step's kernel add it.
-    pub(super) residual: Option<(Shape, u64)>,
-    pub(super) fused: bool,
-    pub(super) out: Option<(u64, usize)>,
-    pub(super) pool: &'a mut dyn Pool,
-    pub(super) launches: &'a mut Vec<Launch>,
-    pub(super) step: usize,
+    pub(crate) residual: Option<(Shape, u64)>,
+    pub(crate) fused: bool,
+    pub(crate) out: Option<(u64, usize)>,
+    pub(crate) pool: &'a mut dyn Pool,
+    pub(crate) launches: &'a mut Vec<Launch>,
+    pub(crate) step: usize,
 }
 
 impl StepIo<'_> {

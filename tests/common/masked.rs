@@ -3,8 +3,8 @@
 //! tensor's fill vector, or zero) and global pooling of a map without a fill
 //! rescaled to a mean over active tokens. The sparse suffix must equal it.
 
-use crate::onnx::{float_input, CloneWithoutGraph};
-use crate::sparse::Plan;
+use ersm::onnx::{float_input, CloneWithoutGraph};
+use ersm::sparse::Plan;
 use tract_onnx::pb::{self, ModelProto, NodeProto};
 
 /// Name of the mask input of level `l` (`[1, 1, h, w]`, 1 active / 0 inactive).

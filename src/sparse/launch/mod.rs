@@ -1,8 +1,14 @@
-//! The suffix's kernels: their families (one `.cu` file each, compiled after
-//! `common.cuh` as one module), an entry point by name, and the parameter
-//! block a launch passes by value. Each kernel's parameter struct is a
+//! What an op's GPU twin records launches with, apart from the executor
+//! that replays them (`sparse::gpu`): the kernels (their families, one `.cu`
+//! file each, compiled after `common.cuh` as one module, and an entry point
+//! by name), the parameter block a launch passes by value, and the view a
+//! step records through ([`StepIo`]). Each kernel's parameter struct is a
 //! `#[repr(C)]` type in the Rust file of the op it computes, laid out as its
 //! C twin; a launch carries its bytes.
+
+mod step;
+
+pub use step::{Launch, Pool, StepIo};
 
 use std::fmt;
 use std::mem::{size_of, MaybeUninit};
