@@ -5,7 +5,7 @@ bakes it, so the mean-field steps see it) or onto the final energy
 (`--where energy`: how train_rank.py moves its heads). Uses train_rank.py's
 cache of held-out features.
 
-    python3 models/mobilenet_v2_ersm/measure_offsets.py --cache /tmp/rank/cache1600.pt \
+    python3 experiments/mobilenet_v2_ersm/measure_offsets.py --cache /tmp/rank/cache1600.pt \
         --head ORIGINAL_MODEL.onnx --where unary --offsets 0,-0.25,-0.35,-0.5,-0.75,-1 \
         --out models/mobilenet_v2_ersm/runs/package_offsets_centre.json
 
@@ -16,7 +16,7 @@ ORIGINAL_MODEL.onnx is the package as train.py exported it (offset 0, `any`):
 fill vectors and semantics (REPORT section 2, run 8; runs/run8_fills.pt holds
 that run's fill vectors from its step-300 checkpoint):
 
-    python3 models/mobilenet_v2_ersm/measure_offsets.py --cache /tmp/rank/cache1600.pt \
+    python3 experiments/mobilenet_v2_ersm/measure_offsets.py --cache /tmp/rank/cache1600.pt \
         --head models/mobilenet_v2_ersm/model.onnx --where unary --offsets=-0.4,-0.2,0,0.2,0.35,0.75 \
         --fills models/mobilenet_v2_ersm/runs/run8_fills.pt --out models/mobilenet_v2_ersm/runs/run8_offsets.json
 
@@ -30,12 +30,12 @@ from dataclasses import replace
 
 import torch
 
-from measure_ranking import runner
-from measure_semantics import head_from_onnx
-from semantics import ZERO, Suffix, semantic_keys
-from train import load_backbone, weights_path
-from finetune import SEMANTICS
-from train_rank import energies, make_head, offset_points
+from ersm_training.measure_ranking import runner
+from ersm_training.measure_semantics import head_from_onnx
+from ersm_training.semantics import ZERO, Suffix, semantic_keys
+from ersm_training.train import load_backbone, weights_path
+from ersm_training.finetune import SEMANTICS
+from ersm_training.train_rank import energies, make_head, offset_points
 
 
 def main():

@@ -5,7 +5,7 @@ network and the suffix multiply-accumulates under each candidate semantics
 (`semantics.py`). Writes `semantics.json`; `report.py` tables it.
 
     git show 0ebb618:models/mobilenet_v2_ersm/model.onnx > /tmp/head-only.onnx   # the head-only package
-    python3 models/mobilenet_v2_ersm/measure_semantics.py --data /tmp/data --head /tmp/head-only.onnx
+    python3 -m ersm_training.measure_semantics --data /tmp/data --head /tmp/head-only.onnx
 
 (about 5 minutes on 2 cores). "shipped head" masks are that earlier
 package's: its head was trained for torchvision's unchanged suffix.
@@ -24,10 +24,10 @@ import torch
 import torch.nn.functional as F
 from onnx import numpy_helper
 
-import data
-from semantics import CUT, ZERO, Semantics, Suffix, calibration_means, dense_macs, fit_fast_paths, semantic_keys
-from add_fills import suffix_tensors
-from train import CUT_C, ConvHead, EnergyHead, hard_mask, load_backbone, weights_path
+from . import data
+from .semantics import CUT, ZERO, Semantics, Suffix, calibration_means, dense_macs, fit_fast_paths, semantic_keys
+from .add_fills import suffix_tensors
+from .train import CUT_C, ConvHead, EnergyHead, hard_mask, load_backbone, weights_path
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -125,7 +125,7 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--data", required=True, help="folder with the extracted Debian packages (see data.py)")
     ap.add_argument("--head", required=True, help="ONNX file whose energy head gives the fixed masks")
-    ap.add_argument("--out", default=os.path.join(HERE, "semantics.json"))
+    ap.add_argument("--out", required=True, help="the JSON file to write (training/experiments/<model>/semantics.json)")
     args = ap.parse_args()
     torch.set_num_threads(os.cpu_count() or 2)
     random.seed(0)

@@ -99,10 +99,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-import data
-from measure_semantics import coherent_masks, head_from_onnx, package_semantics
-from semantics import CUT, ZERO, Semantics, Suffix, calibration_means, dense_macs, fit_fast_paths, semantic_keys
-from train import TAU, EnergyHead, hard_mask, importance_targets, load_backbone, weights_path
+from . import data
+from .measure_semantics import coherent_masks, head_from_onnx, package_semantics
+from .semantics import CUT, ZERO, Semantics, Suffix, calibration_means, dense_macs, fit_fast_paths, semantic_keys
+from .train import TAU, EnergyHead, hard_mask, importance_targets, load_backbone, weights_path
 
 SEMANTICS = {
     "zero": replace(ZERO, down="centre"),

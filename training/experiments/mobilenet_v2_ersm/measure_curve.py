@@ -10,7 +10,7 @@ its fallback rate and effective suffix compute (sparse MACs plus fallback).
 Agreement on the views the original is sure of (top-1 softmax margin >= 0.3)
 beside it.
 
-    python3 models/mobilenet_v2_ersm/measure_curve.py --data /tmp/data \\
+    python3 experiments/mobilenet_v2_ersm/measure_curve.py --data /tmp/data \\
         --package models/mobilenet_v2_ersm --out models/mobilenet_v2_ersm/runs/curve_package.json
 """
 
@@ -21,12 +21,12 @@ import random
 
 import torch
 
-import data
-from calibrate_fallback import outputs
-from export import choice_features, choose_margin, dense_logits, summarise
-from measure_semantics import head_from_onnx, package_fills, package_semantics
-from finetune import sure_views
-from train import load_backbone, weights_path
+from ersm_training import data
+from ersm_training.calibrate_fallback import outputs
+from ersm_training.export import choice_features, choose_margin, dense_logits, summarise
+from ersm_training.measure_semantics import head_from_onnx, package_fills, package_semantics
+from ersm_training.finetune import sure_views
+from ersm_training.train import load_backbone, weights_path
 
 
 def sure_agreement(o):

@@ -8,7 +8,7 @@ while the tokens ranked above it hold less than that share: keep varies per
 image). Evaluated against the package's head on the held-out views: deletion
 area by energy, and agreement against keep at a sweep of energy offsets.
 
-    python3 models/mobilenet_v2_ersm/train_rank.py --data /tmp/data \
+    python3 -m ersm_training.train_rank --data /tmp/data \
         --head models/mobilenet_v2_ersm/model.onnx --out /tmp/rank
 """
 
@@ -22,13 +22,13 @@ import time
 import torch
 import torch.nn.functional as F
 
-import data
-from measure_ranking import DELETED, keep_top, mask_ig, runner
-from measure_semantics import head_from_onnx
-from semantics import CUT, ZERO, Suffix
+from . import data
+from .measure_ranking import DELETED, keep_top, mask_ig, runner
+from .measure_semantics import head_from_onnx
+from .semantics import CUT, ZERO, Suffix
 import torch.nn as nn
 
-from train import CUT_C, HEAD_CONVS, HIDDEN, ConvHead, EnergyHead, hard_mask, load_backbone, weights_path
+from .train import CUT_C, HEAD_CONVS, HIDDEN, ConvHead, EnergyHead, hard_mask, load_backbone, weights_path
 
 
 def target_energy(ig, share):

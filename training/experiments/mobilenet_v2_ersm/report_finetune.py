@@ -5,13 +5,13 @@ held-out curve with and without the confidence fallback (runs/run2_export.json,
 the report.json export.py wrote for that checkpoint). Replaces the section
 between its heading and the next "## " heading of the same rank.
 
-    python3 models/mobilenet_v2_ersm/report_finetune.py
+    python3 experiments/mobilenet_v2_ersm/report_finetune.py
 """
 
 import json
 import os
 
-from semantics import describe
+from ersm_training.semantics import describe
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 HEADING = "## What a dropped token holds, and sparsity-aware fine-tuning"

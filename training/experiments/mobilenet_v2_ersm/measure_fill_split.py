@@ -3,7 +3,7 @@ original on the held-out photos' views and on the held-out clips' frames
 separately, under the package's masks, with zero at dropped positions and
 with a fill package's vectors (REPORT section 2).
 
-    python3 models/mobilenet_v2_ersm/measure_fill_split.py --cache /tmp/rank/cache1600.pt \
+    python3 experiments/mobilenet_v2_ersm/measure_fill_split.py --cache /tmp/rank/cache1600.pt \
         --package models/mobilenet_v2_ersm/model.onnx --out models/mobilenet_v2_ersm/runs/fills_split_active.json
 
 and runs/fills_split.json the same on a copy filled with `add_fills.py --pool all`.
@@ -19,9 +19,9 @@ from dataclasses import replace
 
 import torch
 
-from measure_semantics import head_from_onnx, package_fills, package_semantics
-from semantics import ZERO, Suffix
-from train import hard_mask, load_backbone, weights_path
+from ersm_training.measure_semantics import head_from_onnx, package_fills, package_semantics
+from ersm_training.semantics import ZERO, Suffix
+from ersm_training.train import hard_mask, load_backbone, weights_path
 
 VIEWS_PER_PHOTO = 10
 

@@ -7,7 +7,7 @@ gradient (which the runtime cannot): first-order |features x gradient| and
 integrated gradients along the mask. If an oracle keeps far more answers than
 the head, a better head is the lever; if not, the suffix is.
 
-    python3 models/mobilenet_v2_ersm/measure_ranking.py --data /tmp/data \
+    python3 -m ersm_training.measure_ranking --data /tmp/data \
         --head models/mobilenet_v2_ersm/model.onnx --out /tmp/ranking.json
 
 `--package` measures the head's own package as ersm runs it instead: its
@@ -25,10 +25,10 @@ from dataclasses import replace
 
 import torch
 
-import data
-from measure_semantics import head_from_onnx, package_fills, package_semantics
-from semantics import CUT, ZERO, Suffix, dense_macs
-from train import load_backbone, weights_path
+from . import data
+from .measure_semantics import head_from_onnx, package_fills, package_semantics
+from .semantics import CUT, ZERO, Suffix, dense_macs
+from .train import load_backbone, weights_path
 
 DELETED = [0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9]
 

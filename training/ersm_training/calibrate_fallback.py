@@ -4,13 +4,14 @@ head-only network): choose the confidence-fallback margin on *training* views
 agreement to the target), measure it on the held-out views, and write it into
 the manifest so `--fallback` works on the package.
 
-    python3 models/mobilenet_v2_ersm/calibrate_fallback.py --data /tmp/data \
-        --package models/mobilenet_v2_ersm
+    python3 -m ersm_training.calibrate_fallback --data /tmp/data \
+        --package ../models/mobilenet_v2_ersm
 
 The sparse semantics is ersm's for this package (`package_semantics`): zero
 and pooling over active tokens, or its fill vectors (`package_fills`) and
-pooling over every position; the stride rule its energy node sets. Writes `fallback.json` beside
-the manifest (everything measured) and `fallback.margin` into `manifest.json`.
+pooling over every position; the stride rule its energy node sets. Writes
+`fallback.margin` into `manifest.json`, and with `--record` everything
+measured (the package's record is training/experiments/mobilenet_v2_ersm/fallback.json).
 """
 
 import argparse
@@ -20,11 +21,11 @@ import random
 
 import torch
 
-import data
-from export import choice_features, choose_margin, dense_logits, summarise
-from measure_semantics import head_from_onnx, package_fills, package_semantics
-from semantics import Suffix, dense_macs
-from train import hard_mask, load_backbone, weights_path
+from . import data
+from .export import choice_features, choose_margin, dense_logits, summarise
+from .measure_semantics import head_from_onnx, package_fills, package_semantics
+from .semantics import Suffix, dense_macs
+from .train import hard_mask, load_backbone, weights_path
 
 
 def outputs(teacher, head, f, dense, sem, fills=None, offset=0.0):
@@ -52,6 +53,7 @@ def main():
     ap.add_argument("--package", required=True, help="package folder (manifest.json, model.onnx)")
     ap.add_argument("--target", type=float, default=0.97, help="training agreement the margin is chosen for")
     ap.add_argument("--train-views", type=int, default=1200)
+    ap.add_argument("--record", help="a JSON file for everything measured (training/experiments/<model>/fallback.json)")
     args = ap.parse_args()
     torch.set_num_threads(os.cpu_count() or 2)
     random.seed(0)
@@ -75,8 +77,9 @@ def main():
         p["margin"] = m
         result["held_out_by_margin"].append(p)
     print(json.dumps(result, indent=1))
-    with open(os.path.join(args.package, "fallback.json"), "w") as fh:
-        json.dump(result, fh, indent=1)
+    if args.record:
+        with open(args.record, "w") as fh:
+            json.dump(result, fh, indent=1)
     path = os.path.join(args.package, "manifest.json")
     with open(path) as fh:
         manifest = json.load(fh)

@@ -2,7 +2,7 @@
 (held-out evaluation, written by train.py) and `ersm bench --json` output.
 
     cargo run --release -- bench --device cpu --frames 100 --json /tmp/bench.json
-    python3 models/mobilenet_v2_ersm/report.py /tmp/bench.json
+    python3 experiments/mobilenet_v2_ersm/report.py /tmp/bench.json
 """
 
 import json
@@ -12,7 +12,7 @@ import sys
 import torch
 import torchvision
 
-from semantics import describe
+from ersm_training.semantics import describe
 
 
 def macs(module, x):

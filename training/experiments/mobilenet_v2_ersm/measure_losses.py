@@ -21,7 +21,7 @@ top-1 agreement with the original when
   image's mean cut feature, through a two-layer MLP trained by regression
   on the same training views (`cell fast path`).
 
-    python3 models/mobilenet_v2_ersm/measure_losses.py --data /tmp/data \\
+    python3 experiments/mobilenet_v2_ersm/measure_losses.py --data /tmp/data \\
         --package models/mobilenet_v2_ersm/model.onnx --out models/mobilenet_v2_ersm/runs/losses.json
 """
 
@@ -36,10 +36,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-import data
-from measure_semantics import head_from_onnx, package_fills, package_semantics
-from semantics import Suffix, downsample
-from train import CUT, hard_mask, load_backbone, weights_path
+from ersm_training import data
+from ersm_training.measure_semantics import head_from_onnx, package_fills, package_semantics
+from ersm_training.semantics import Suffix, downsample
+from ersm_training.train import CUT, hard_mask, load_backbone, weights_path
 
 BATCH = 64
 

@@ -27,7 +27,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torchvision.models.mobilenetv2 import InvertedResidual
 
-from train import CUT
+from .train import CUT
 
 
 @dataclass(frozen=True)

@@ -6,8 +6,8 @@ baked into the output bias (higher keeps fewer tokens), and `--rule` as its
 stride rule. The exported head is read back (`head_from_onnx`) and must give
 the trained head's energies on a probe map.
 
-    python3 models/mobilenet_v2_ersm/export_head.py --head /tmp/rank/head-conv-spread.pt \
-        --kind conv --offset 0.25 --rule centre --model models/mobilenet_v2_ersm/model.onnx
+    python3 -m ersm_training.export_head --head /tmp/rank/head-conv-spread.pt \
+        --kind conv --offset 0.25 --rule centre --model ../models/mobilenet_v2_ersm/model.onnx
 
 `--head package` moves the head the model holds (its offset and rule; a
 second run moves the threshold again). The EnergyMask node is rebuilt without
@@ -17,10 +17,10 @@ records the head (key `head`).
 The shipped package's head: the depthwise-separable head trained on the mixed
 target (REPORT section 7), 0.33 below its threshold, then run 11's fill vectors:
 
-    python3 models/mobilenet_v2_ersm/export_head.py --head models/mobilenet_v2_ersm/runs/heads/sep-mix.pt \
-        --kind sep --offset -0.33 --rule centre --model models/mobilenet_v2_ersm/model.onnx
-    python3 models/mobilenet_v2_ersm/add_fills.py --fills models/mobilenet_v2_ersm/runs/run11_fills.pt \
-        --model models/mobilenet_v2_ersm/model.onnx
+    python3 -m ersm_training.export_head --head checkpoints/mobilenet_v2_ersm/sep-mix.pt \
+        --kind sep --offset -0.33 --rule centre --model ../models/mobilenet_v2_ersm/model.onnx
+    python3 -m ersm_training.add_fills --fills checkpoints/mobilenet_v2_ersm/run11_fills.pt \
+        --model ../models/mobilenet_v2_ersm/model.onnx
 
 (The package head shipped before it: `--head package --offset -0.35 --rule
 centre` on the model `train.py` exported.)
@@ -35,9 +35,9 @@ import onnx
 import torch
 from onnx import helper, numpy_helper
 
-from measure_semantics import head_from_onnx
-from train import LAMBDA, STEPS, TAU
-from train_rank import make_head
+from .measure_semantics import head_from_onnx
+from .train import LAMBDA, STEPS, TAU
+from .train_rank import make_head
 
 
 def set_head(m, head, offset, rule):

@@ -14,9 +14,9 @@ Conv (project) and, for residual blocks, Add; then the head's Conv → Clip.
 
 The bundled package was made with
 
-    python3 models/mobilenet_v2_ersm/add_fills.py --fills models/mobilenet_v2_ersm/runs/run11_fills.pt \
-        --model models/mobilenet_v2_ersm/model.onnx
-    python3 models/mobilenet_v2_ersm/calibrate_fallback.py --data /tmp/data --package models/mobilenet_v2_ersm
+    python3 -m ersm_training.add_fills --fills checkpoints/mobilenet_v2_ersm/run11_fills.pt \
+        --model ../models/mobilenet_v2_ersm/model.onnx
+    python3 -m ersm_training.calibrate_fallback --data /tmp/data --package ../models/mobilenet_v2_ersm
 
 `--pool all` (the semantics run 8 trained under) also fills the pooled head
 output, so pooling averages every position: it loses answers on held-out
@@ -36,7 +36,7 @@ import onnx
 import torch
 from onnx import helper, numpy_helper
 
-from semantics import CUT
+from .semantics import CUT
 
 
 def suffix_tensors(graph):

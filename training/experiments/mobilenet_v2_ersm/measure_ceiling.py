@@ -9,7 +9,7 @@ margin so small that any change flips them, and the sparse network's agreement
 split by that margin (the package's head masks, random half masks). Writes
 `runs/ceiling.json`.
 
-    python3 models/mobilenet_v2_ersm/measure_ceiling.py --data /tmp/data    # about 5 minutes on 2 cores
+    python3 experiments/mobilenet_v2_ersm/measure_ceiling.py --data /tmp/data    # about 5 minutes on 2 cores
 """
 
 import argparse
@@ -23,10 +23,10 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-import data
-from measure_semantics import coherent_masks, head_from_onnx
-from semantics import CUT, ZERO, Suffix
-from train import hard_mask, load_backbone, weights_path
+from ersm_training import data
+from ersm_training.measure_semantics import coherent_masks, head_from_onnx
+from ersm_training.semantics import CUT, ZERO, Suffix
+from ersm_training.train import hard_mask, load_backbone, weights_path
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 MEAN = torch.tensor(data.MEAN).view(3, 1, 1)

@@ -13,7 +13,7 @@
    `onnxruntime_logits.json` (ONNX Runtime's logits of the original for the
    Rust test), `report.json` (everything measured).
 
-    python3 models/mobilenet_v2_ersm/export.py --data /tmp/data --ckpt CKPT --out models/mobilenet_v2_ersm
+    python3 -m ersm_training.export --data /tmp/data --ckpt CKPT --out models/mobilenet_v2_ersm
 """
 
 import argparse
@@ -30,10 +30,10 @@ import torch.nn.functional as F
 import torchvision
 from onnx import TensorProto, helper, numpy_helper
 
-import data
-from finetune import SEMANTICS, Student
-from semantics import CUT, Suffix, calibration_means, dense_macs, fit_fast_paths
-from train import HIDDEN, LAMBDA, STEPS, TAU, hard_mask, load_backbone, ort_dense_logits, rename, weights_path
+from . import data
+from .finetune import SEMANTICS, Student
+from .semantics import CUT, Suffix, calibration_means, dense_macs, fit_fast_paths
+from .train import HIDDEN, LAMBDA, STEPS, TAU, hard_mask, load_backbone, ort_dense_logits, rename, weights_path
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 OFFSETS = [-1.0, -0.75, -0.5, -0.25, 0.0, 0.25, 0.5, 0.75, 1.0]
@@ -178,7 +178,7 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--data", required=True)
     ap.add_argument("--ckpt", required=True)
-    ap.add_argument("--out", default=HERE)
+    ap.add_argument("--out", required=True, help="the package folder to write (a fresh one: the shipped package is rebuilt by `recipe`)")
     ap.add_argument("--target", type=float, default=0.97, help="agreement the fallback margin is chosen for")
     ap.add_argument("--max-compute", type=float, default=0.5, help="effective suffix compute the point must meet")
     ap.add_argument("--train-views", type=int, default=600)
