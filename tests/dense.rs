@@ -22,7 +22,11 @@ fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
 fn matches_onnxruntime(dir: &str) {
     let m = ModelPackage::load(dir).unwrap();
     // ONNX Runtime's dense logits for the probe, saved at export.
-    let name = std::path::Path::new(dir).file_name().unwrap().to_str().unwrap();
+    let name = std::path::Path::new(dir)
+        .file_name()
+        .unwrap()
+        .to_str()
+        .unwrap();
     let path = format!("tests/data/{name}_onnxruntime_logits.json");
     let json: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
