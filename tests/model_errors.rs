@@ -800,3 +800,47 @@ fn a_fill_on_an_alias_is_refused_naming_its_source() {
         ],
     );
 }
+
+#[test]
+fn a_transposed_conv_whose_kernel_is_not_its_stride_is_refused_by_name() {
+    // The first random network with an upsampling step.
+    let (proto, h, w) = (0..64u64)
+        .map(|seed| (common::random_network(seed, 9, 9, 8), 9, 9))
+        .find(|(p, ..)| {
+            p.graph
+                .as_ref()
+                .unwrap()
+                .node
+                .iter()
+                .any(|n| n.op_type == "ConvTranspose")
+        })
+        .expect("some random network upsamples");
+    let mut proto = proto;
+    let node = proto
+        .graph
+        .as_mut()
+        .unwrap()
+        .node
+        .iter_mut()
+        .find(|n| n.op_type == "ConvTranspose")
+        .unwrap();
+    let name = node.name.clone();
+    let strides = node
+        .attribute
+        .iter_mut()
+        .find(|a| a.name == "strides")
+        .unwrap();
+    strides.ints = vec![3, 3];
+    let err = ModelPackage::from_proto(proto, common::manifest(h, w), Path::new("t/model.onnx"))
+        .err()
+        .map(|e| format!("{e:#}"))
+        .expect("refused");
+    assert_contains(
+        &err,
+        &[
+            &format!("ConvTranspose node '{name}'"),
+            "kernel equals its stride",
+            "kernel 2×2, stride 3",
+        ],
+    );
+}

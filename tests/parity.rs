@@ -132,6 +132,16 @@ fn centre_stride_rule_matches_reference_and_keeps_the_keep_ratio() {
             let sets = m.plan.sets(&kept);
             for (l, level) in m.plan.levels.iter().enumerate() {
                 let Some(parent) = level.parent else { continue };
+                if level.up {
+                    // Every position under an active parent, and no other.
+                    let s2 = level.stride * level.stride;
+                    assert_eq!(
+                        sets[l].len(),
+                        sets[parent].len() * s2,
+                        "seed {seed}, level {l}"
+                    );
+                    continue;
+                }
                 let pw = m.plan.levels[parent].w;
                 let want = sets[parent]
                     .coords

@@ -14,6 +14,10 @@ pub struct Level {
     pub stride: usize,
     pub h: usize,
     pub w: usize,
+    /// The parent's map upsampled by `stride` (a transposed conv's output),
+    /// not strided down: position `(y, x)` is active when the parent's
+    /// `(y / stride, x / stride)` is.
+    pub up: bool,
 }
 
 /// A rulebook the frame must build: between two levels for one window.
@@ -38,6 +42,7 @@ impl Frame {
         for l in levels {
             let set = match l.parent {
                 None => TokenSet::from_raster(l.h, l.w, kept.to_vec()),
+                Some(p) if l.up => sets[p].upsample(l.stride, l.h, l.w),
                 Some(p) => sets[p].downsample(l.stride, l.h, l.w, rule),
             };
             sets.push(set);

@@ -29,6 +29,7 @@ pub fn lower(
         stride: 1,
         h,
         w,
+        up: false,
     });
     let input_tensor = Tensor {
         slot: lowered.slot(input, Shape::Tokens { level: 0, c }),

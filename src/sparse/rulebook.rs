@@ -15,6 +15,24 @@ pub struct Window {
     /// Padding before the first row and column.
     pub pad_top: usize,
     pub pad_left: usize,
+    /// A transposed conv's window: output `o` reads input `i` at tap `k`
+    /// when `o = i·stride + k − pad`, so most taps of an output read nothing.
+    pub transposed: bool,
+}
+
+impl Window {
+    /// The input position output position `o` reads at tap `k` along one
+    /// axis (`pad` before it), if any: it may still lie outside the map.
+    #[inline]
+    pub fn source(&self, o: usize, k: usize, pad: usize) -> Option<isize> {
+        let s = self.stride as isize;
+        if self.transposed {
+            let n = o as isize + pad as isize - k as isize;
+            (n >= 0 && n % s == 0).then_some(n / s)
+        } else {
+            Some(o as isize * s - pad as isize + k as isize)
+        }
+    }
 }
 
 /// `table[n * taps + t]` is the input token read by output token `n` at tap `t`,
@@ -35,24 +53,26 @@ impl Rulebook {
         let taps = win.kh * win.kw;
         let mut table = Vec::with_capacity(output.len() * taps);
         for &o in &output.coords {
-            let (oy, ox) = (
-                (o as usize / output.w) as isize,
-                (o as usize % output.w) as isize,
-            );
-            let y0 = oy * win.stride as isize - win.pad_top as isize;
-            let x0 = ox * win.stride as isize - win.pad_left as isize;
-            for ky in 0..win.kh as isize {
-                for kx in 0..win.kw as isize {
-                    let (y, x) = (y0 + ky, x0 + kx);
-                    let inside =
-                        y >= 0 && x >= 0 && (y as usize) < input.h && (x as usize) < input.w;
-                    table.push(if !inside {
-                        INACTIVE
-                    } else {
-                        match input.index[y as usize * input.w + x as usize] {
-                            INACTIVE => DROPPED,
-                            i => i,
+            let (oy, ox) = (o as usize / output.w, o as usize % output.w);
+            for ky in 0..win.kh {
+                for kx in 0..win.kw {
+                    let at = win
+                        .source(oy, ky, win.pad_top)
+                        .zip(win.source(ox, kx, win.pad_left));
+                    table.push(match at {
+                        Some((y, x))
+                            if y >= 0
+                                && x >= 0
+                                && (y as usize) < input.h
+                                && (x as usize) < input.w =>
+                        {
+                            match input.index[y as usize * input.w + x as usize] {
+                                INACTIVE => DROPPED,
+                                i => i,
+                            }
                         }
+                        // Padding, or no input at this tap of a transposed conv.
+                        _ => INACTIVE,
                     });
                 }
             }
@@ -84,6 +104,8 @@ pub struct RulebookParams {
     pub kw: i32,
     pub pad_top: i32,
     pub pad_left: i32,
+    /// 1 for a transposed conv's window.
+    pub transposed: i32,
 }
 
 // SAFETY: repr(C) addresses and i32s, as in tokens.cu.

@@ -87,6 +87,19 @@ impl TokenSet {
         self.coords.is_empty()
     }
 
+    /// The set of an `s`-times upsampled map (a transposed conv's output):
+    /// `(y, x)` is active when `(y / s, x / s)` is.
+    pub fn upsample(&self, s: usize, out_h: usize, out_w: usize) -> TokenSet {
+        let coords = (0..out_h * out_w)
+            .filter(|&i| {
+                let (y, x) = (i / out_w / s, i % out_w / s);
+                y < self.h && x < self.w && self.index[y * self.w + x] != INACTIVE
+            })
+            .map(|i| i as u32)
+            .collect();
+        Self::from_raster(out_h, out_w, coords)
+    }
+
     /// The set of a stride-`s` layer's output under `rule`.
     pub fn downsample(&self, s: usize, out_h: usize, out_w: usize, rule: StrideRule) -> TokenSet {
         let mut active = vec![false; out_h * out_w];
@@ -137,7 +150,8 @@ pub struct LevelParams {
     pub in_h: i32,
     pub in_w: i32,
     pub stride: i32,
-    /// 0 for [`StrideRule::Any`], 1 for [`StrideRule::Centre`].
+    /// 0 for [`StrideRule::Any`], 1 for [`StrideRule::Centre`], 2 for an
+    /// upsampled level ([`TokenSet::upsample`]).
     pub rule: i32,
 }
 

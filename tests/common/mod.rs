@@ -211,6 +211,27 @@ impl Builder {
         self.op("Conv", &[x, &wn, &bn], attrs)
     }
 
+    /// A transposed conv with kernel and stride `k` and no padding (the
+    /// upsampling of FPN necks), with a bias or not.
+    pub fn conv_transpose(&mut self, x: &str, cin: usize, cout: usize, k: usize) -> String {
+        let w = self
+            .rng
+            .normals(cin * cout * k * k, (2.0 / cin as f32).sqrt());
+        let n = self.count + 1;
+        let wn = self.init(&format!("wt{n}"), &[cin, cout, k, k], w);
+        let attrs = vec![
+            attr_ints("kernel_shape", &[k as i64, k as i64]),
+            attr_ints("strides", &[k as i64, k as i64]),
+        ];
+        if self.rng.coin() {
+            let b = self.rng.normals(cout, 0.1);
+            let bn = self.init(&format!("bt{n}"), &[cout], b);
+            self.op("ConvTranspose", &[x, &wn, &bn], attrs)
+        } else {
+            self.op("ConvTranspose", &[x, &wn], attrs)
+        }
+    }
+
     pub fn bn(&mut self, x: &str, c: usize) -> String {
         let n = self.count + 1;
         let g: Vec<f32> = (0..c).map(|_| self.rng.range(0.5, 1.5)).collect();
@@ -520,6 +541,19 @@ pub fn random_network(seed: u64, h: usize, w: usize, c: usize) -> pb::ModelProto
             }
         };
     }
+    // An FPN-style upsampling: a transposed 2×2 conv (its BatchNorm folded
+    // in, or not), then an activation and, on the upsampled level, a 3×3 conv.
+    if b.rng.coin() {
+        let y = b.conv_transpose(&x, ch, ch + 2, 2);
+        ch += 2;
+        let y = if b.rng.coin() { b.bn(&y, ch) } else { y };
+        let y = b.act(&y);
+        x = if b.rng.coin() {
+            b.conv(&y, ch, ch, 3, 1, [1; 4], 1)
+        } else {
+            y
+        };
+    }
     // Head.
     let keep = b.rng.coin();
     let mut y = if b.rng.coin() {
@@ -575,13 +609,22 @@ pub fn package(proto: pb::ModelProto, h: usize, w: usize) -> ModelPackage {
 /// independently of the sparse executor: level 0 from `kept`, each strided
 /// level as the s×s max-pool of its parent, or its centre tap under
 /// [`StrideRule::Centre`] (and, when that leaves nothing, the position over
-/// the parent's first active token).
+/// the parent's first active token), each upsampled level as its parent's
+/// mask repeated s×s.
 pub fn level_masks(m: &ModelPackage, kept: &[u32]) -> Vec<Vec<f32>> {
     let mut masks: Vec<Vec<f32>> = Vec::new();
     for l in &m.plan.levels {
         let mut mask = vec![0.0f32; l.h * l.w];
         match l.parent {
             None => kept.iter().for_each(|&i| mask[i as usize] = 1.0),
+            Some(p) if l.up => {
+                let pw = m.plan.levels[p].w;
+                for oy in 0..l.h {
+                    for ox in 0..l.w {
+                        mask[oy * l.w + ox] = masks[p][oy / l.stride * pw + ox / l.stride];
+                    }
+                }
+            }
             Some(p) => {
                 let (ph, pw) = (m.plan.levels[p].h, m.plan.levels[p].w);
                 for oy in 0..l.h {

@@ -187,9 +187,10 @@ impl<D: Device> GpuSuffix<D> {
                     p.in_h = self.levels[parent].h as i32;
                     p.in_w = self.levels[parent].w as i32;
                     p.stride = level.stride as i32;
-                    p.rule = match self.stride_rule {
-                        StrideRule::Any => 0,
-                        StrideRule::Centre => 1,
+                    p.rule = match (level.up, self.stride_rule) {
+                        (true, _) => 2,
+                        (false, StrideRule::Any) => 0,
+                        (false, StrideRule::Centre) => 1,
                     };
                     tokens::LEVEL
                 }
@@ -214,6 +215,7 @@ impl<D: Device> GpuSuffix<D> {
                 kw: win.kw as i32,
                 pad_top: win.pad_top as i32,
                 pad_left: win.pad_left as i32,
+                transposed: i32::from(win.transposed),
             };
             d.launch(
                 rulebook::KERNEL,

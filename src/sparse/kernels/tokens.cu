@@ -1,7 +1,8 @@
 // Token sets and rulebooks built on the device, from the energy kernel's
-// kept list where it lies. GPU twins of TokenSet::from_raster and
-// TokenSet::downsample (src/sparse/tokens.rs, `LevelParams`) and of
-// Rulebook::build (src/sparse/rulebook.rs, `RulebookParams`).
+// kept list where it lies. GPU twins of TokenSet::from_raster,
+// TokenSet::downsample and TokenSet::upsample (src/sparse/tokens.rs,
+// `LevelParams`) and of Rulebook::build, transposed windows included
+// (src/sparse/rulebook.rs, `RulebookParams`).
 //
 // Each thread owns one output value and finds its rank by counting, so the
 // sets come out in raster order without a scan, a barrier or an atomic.
@@ -16,7 +17,7 @@ struct LevelParams {
     int map_h, map_w;     // this level's map
     int in_h, in_w;       // the parent level's map
     int stride;           // from the parent
-    int rule;             // stride rule: 0 any, 1 centre
+    int rule;             // stride rule: 0 any, 1 centre; 2: the parent upsampled by `stride`
 };
 
 // Level 0 from the energy kernel's kept list (ascending): one thread per map
@@ -40,6 +41,10 @@ extern "C" __global__ void sfx_level0(LevelParams p) {
 // Whether output (oy, ox) of a stride-s level is active under the rule.
 __device__ __forceinline__ bool sfx_strided_active(const LevelParams& p, int oy, int ox) {
     const int s = p.stride;
+    if (p.rule == 2) {
+        const int y = oy / s, x = ox / s;
+        return y < p.in_h && x < p.in_w && p.set_in[y * p.in_w + x] != SFX_INACTIVE;
+    }
     if (p.rule == 1) {
         const int y = s * oy, x = s * ox;
         return y < p.in_h && x < p.in_w && p.set_in[y * p.in_w + x] != SFX_INACTIVE;
@@ -50,7 +55,7 @@ __device__ __forceinline__ bool sfx_strided_active(const LevelParams& p, int oy,
     return false;
 }
 
-// A strided level from its parent: one thread per position counts the active
+// A strided (or upsampled) level from its parent: one thread per position counts the active
 // positions before it (its token number) and in all (the level's size). With
 // none active, the position over the parent's first token is, so a level is
 // never empty (TokenSet::downsample).
@@ -89,7 +94,16 @@ struct RulebookParams {
     int stride;
     int kh, kw;
     int pad_top, pad_left;
+    int transposed;       // 1: a transposed conv's window (output o reads input (o + pad - k) / stride)
 };
+
+// The input position output `o` reads at tap `k` along one axis, or -1 when
+// the tap reads nothing there (a transposed conv's taps off the stride).
+__device__ __forceinline__ int sfx_source(const RulebookParams& p, int o, int k, int pad) {
+    if (!p.transposed) return o * p.stride - pad + k;
+    const int n = o + pad - k;
+    return n >= 0 && n % p.stride == 0 ? n / p.stride : -1;
+}
 
 // A rulebook: one thread per (output token, tap), as Rulebook::build. Launched
 // for every position of the output level; threads past its count return.
@@ -99,8 +113,8 @@ extern "C" __global__ void sfx_rulebook(RulebookParams p) {
     const int r = idx / taps, t = idx % taps;
     if (r >= p.map_h * p.map_w || r >= (int)*p.count_in) return;
     const int o = (int)p.list_in[r];
-    const int y = (o / p.map_w) * p.stride - p.pad_top + t / p.kw;
-    const int x = (o % p.map_w) * p.stride - p.pad_left + t % p.kw;
+    const int y = sfx_source(p, o / p.map_w, t / p.kw, p.pad_top);
+    const int x = sfx_source(p, o % p.map_w, t % p.kw, p.pad_left);
     u32 v = SFX_INACTIVE;
     if (y >= 0 && x >= 0 && y < p.in_h && x < p.in_w) {
         const u32 i = p.set_in[y * p.in_w + x];

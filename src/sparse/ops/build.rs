@@ -39,12 +39,28 @@ pub struct Lowered {
 impl Lowered {
     /// The level a stride-`s` layer on `parent` produces (created once).
     pub fn child_level(&mut self, parent: usize, stride: usize, h: usize, w: usize) -> usize {
-        let level = Level {
+        self.level(Level {
             parent: Some(parent),
             stride,
             h,
             w,
-        };
+            up: false,
+        })
+    }
+
+    /// The level a transposed conv of stride `s` on `parent` produces: the
+    /// parent's map upsampled (created once).
+    pub fn up_level(&mut self, parent: usize, stride: usize, h: usize, w: usize) -> usize {
+        self.level(Level {
+            parent: Some(parent),
+            stride,
+            h,
+            w,
+            up: true,
+        })
+    }
+
+    fn level(&mut self, level: Level) -> usize {
         if let Some(i) = self.levels.iter().position(|l| *l == level) {
             return i;
         }
