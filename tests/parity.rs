@@ -77,6 +77,7 @@ fn tiny_model_energy_masks_equal_dense_masked_reference() {
 #[test]
 fn random_networks_cover_every_op_and_match_reference() {
     let mut used = BTreeSet::new();
+    let mut merged = 0;
     for seed in 0..24u64 {
         let (h, w, c) = RANDOM_SHAPES[seed as usize % RANDOM_SHAPES.len()];
         let proto = random_network(seed, h, w, c);
@@ -107,7 +108,12 @@ fn random_networks_cover_every_op_and_match_reference() {
             "seed {seed}: all tokens kept vs dense suffix, relative error {err}"
         );
         used.extend(suffix_ops);
+        merged += usize::from(m.plan.levels.iter().any(|l| l.merge.is_some()));
     }
+    assert!(
+        merged > 0,
+        "no random network adds an upsampled map to a lateral"
+    );
     let missing: Vec<_> = supported()
         .into_iter()
         .filter(|op| !used.contains(*op) && *op != "Dropout")
@@ -132,6 +138,16 @@ fn centre_stride_rule_matches_reference_and_keeps_the_keep_ratio() {
             let sets = m.plan.sets(&kept);
             for (l, level) in m.plan.levels.iter().enumerate() {
                 let Some(parent) = level.parent else { continue };
+                if let Some(other) = level.merge {
+                    // Every position active in either parent, and no other.
+                    let (a, b) = (&sets[parent].index, &sets[other].index);
+                    let want = a
+                        .iter()
+                        .zip(b)
+                        .filter(|(x, y)| **x != u32::MAX || **y != u32::MAX);
+                    assert_eq!(sets[l].len(), want.count(), "seed {seed}, level {l}");
+                    continue;
+                }
                 if level.up {
                     // Every position under an active parent, and no other.
                     let s2 = level.stride * level.stride;

@@ -18,6 +18,10 @@ pub struct Level {
     /// not strided down: position `(y, x)` is active when the parent's
     /// `(y / stride, x / stride)` is.
     pub up: bool,
+    /// With a second level of the same size: this level is the union of
+    /// the parent's set and that one's (an Add of two maps reached by
+    /// different paths, an upsampled map and a lateral).
+    pub merge: Option<usize>,
 }
 
 /// A rulebook the frame must build: between two levels for one window.
@@ -42,6 +46,7 @@ impl Frame {
         for l in levels {
             let set = match l.parent {
                 None => TokenSet::from_raster(l.h, l.w, kept.to_vec()),
+                Some(p) if l.merge.is_some() => sets[p].union(&sets[l.merge.unwrap_or(p)]),
                 Some(p) if l.up => sets[p].upsample(l.stride, l.h, l.w),
                 Some(p) => sets[p].downsample(l.stride, l.h, l.w, rule),
             };

@@ -30,6 +30,7 @@ pub fn lower(
         h,
         w,
         up: false,
+        merge: None,
     });
     let input_tensor = Tensor {
         slot: lowered.slot(input, Shape::Tokens { level: 0, c }),

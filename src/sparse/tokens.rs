@@ -100,6 +100,17 @@ impl TokenSet {
         Self::from_raster(out_h, out_w, coords)
     }
 
+    /// The positions active in this set or in `other` (of the same map).
+    pub fn union(&self, other: &TokenSet) -> TokenSet {
+        let coords = (0..self.h * self.w)
+            .filter(|&i| {
+                self.index[i] != INACTIVE || other.index.get(i).is_some_and(|&t| t != INACTIVE)
+            })
+            .map(|i| i as u32)
+            .collect();
+        Self::from_raster(self.h, self.w, coords)
+    }
+
     /// The set of a stride-`s` layer's output under `rule`.
     pub fn downsample(&self, s: usize, out_h: usize, out_w: usize, rule: StrideRule) -> TokenSet {
         let mut active = vec![false; out_h * out_w];
@@ -140,6 +151,8 @@ impl TokenSet {
 #[derive(Clone, Copy, Debug, Default)]
 pub struct LevelParams {
     pub set_in: u64,
+    /// A union level's second parent's index map.
+    pub set_in2: u64,
     pub list_in: u64,
     pub count_in: u64,
     pub set_out: u64,
@@ -151,7 +164,8 @@ pub struct LevelParams {
     pub in_w: i32,
     pub stride: i32,
     /// 0 for [`StrideRule::Any`], 1 for [`StrideRule::Centre`], 2 for an
-    /// upsampled level ([`TokenSet::upsample`]).
+    /// upsampled level ([`TokenSet::upsample`]), 3 for a union
+    /// ([`TokenSet::union`]).
     pub rule: i32,
 }
 

@@ -453,6 +453,9 @@ pub fn random_network(seed: u64, h: usize, w: usize, c: usize) -> pb::ModelProto
     let mut x = energy(&mut b, &x, c, 0.3, steps, nb);
     let mut ch = c;
     let (mut hh, mut ww) = (h, w);
+    // Every block's output with its channels and size: an upsampled map of
+    // the same size may add a lateral of one (FPN style).
+    let mut laterals = vec![(x.clone(), ch, hh, ww)];
     let blocks = b.rng.int(2, 4);
     for _ in 0..blocks {
         let mut kind = b.rng.int(0, 5);
@@ -540,6 +543,7 @@ pub fn random_network(seed: u64, h: usize, w: usize, c: usize) -> pb::ModelProto
                 b.op("Add", &[&a, &c2], vec![])
             }
         };
+        laterals.push((x.clone(), ch, hh, ww));
     }
     // An FPN-style upsampling: a transposed 2×2 conv (its BatchNorm folded
     // in, or not), then an activation and, on the upsampled level, a 3×3 conv.
@@ -548,6 +552,24 @@ pub fn random_network(seed: u64, h: usize, w: usize, c: usize) -> pb::ModelProto
         ch += 2;
         let y = if b.rng.coin() { b.bn(&y, ch) } else { y };
         let y = b.act(&y);
+        // A lateral of the upsampled size, brought to its channels by a 1×1
+        // conv, added on the union of the two sets.
+        let lateral = laterals
+            .iter()
+            .rev()
+            .find(|l| (l.2, l.3) == (hh * 2, ww * 2))
+            .cloned();
+        let y = match lateral {
+            Some((l, lc, ..)) => {
+                let l = b.conv(&l, lc, ch, 1, 1, [0; 4], 1);
+                if b.rng.coin() {
+                    b.op("Add", &[&y, &l], vec![])
+                } else {
+                    b.op("Add", &[&l, &y], vec![])
+                }
+            }
+            None => y,
+        };
         x = if b.rng.coin() {
             b.conv(&y, ch, ch, 3, 1, [1; 4], 1)
         } else {
@@ -610,13 +632,19 @@ pub fn package(proto: pb::ModelProto, h: usize, w: usize) -> ModelPackage {
 /// level as the s×s max-pool of its parent, or its centre tap under
 /// [`StrideRule::Centre`] (and, when that leaves nothing, the position over
 /// the parent's first active token), each upsampled level as its parent's
-/// mask repeated s×s.
+/// mask repeated s×s, each union level as the larger of its two parents'.
 pub fn level_masks(m: &ModelPackage, kept: &[u32]) -> Vec<Vec<f32>> {
     let mut masks: Vec<Vec<f32>> = Vec::new();
     for l in &m.plan.levels {
         let mut mask = vec![0.0f32; l.h * l.w];
         match l.parent {
             None => kept.iter().for_each(|&i| mask[i as usize] = 1.0),
+            Some(p) if l.merge.is_some() => {
+                let q = l.merge.unwrap();
+                for (i, v) in mask.iter_mut().enumerate() {
+                    *v = masks[p][i].max(masks[q][i]);
+                }
+            }
             Some(p) if l.up => {
                 let pw = m.plan.levels[p].w;
                 for oy in 0..l.h {

@@ -314,9 +314,12 @@ fn check_everything<D: Device>(make: impl Fn() -> D) {
         let kept = random_kept(&mut rng, tiny.cut.h * tiny.cut.w, p);
         compare(&tiny, &gpu, &x, &kept, &format!("tiny, keep {p}"));
     }
+    let (mut upsampled, mut merged) = (0, 0);
     for seed in 0..24u64 {
         let (h, w, c) = RANDOM_SHAPES[seed as usize % RANDOM_SHAPES.len()];
         let m = package(random_network(seed, h, w, c), h, w);
+        upsampled += usize::from(m.plan.levels.iter().any(|l| l.up));
+        merged += usize::from(m.plan.levels.iter().any(|l| l.merge.is_some()));
         let mut rng = Rng::new(500 + seed);
         compare_random_masks(
             &make,
@@ -326,6 +329,11 @@ fn check_everything<D: Device>(make: impl Fn() -> D) {
             &format!("random network {seed}"),
         );
     }
+    // The upsampled levels' kernels and the merged adds ran too.
+    assert!(
+        upsampled > 0 && merged > 0,
+        "{upsampled} random networks upsample, {merged} add a lateral"
+    );
     // Fill vectors on dropped positions: conv, depthwise and pooling kernels.
     for seed in 0..12u64 {
         let (h, w, c) = RANDOM_SHAPES[seed as usize % RANDOM_SHAPES.len()];

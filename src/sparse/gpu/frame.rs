@@ -187,10 +187,14 @@ impl<D: Device> GpuSuffix<D> {
                     p.in_h = self.levels[parent].h as i32;
                     p.in_w = self.levels[parent].w as i32;
                     p.stride = level.stride as i32;
-                    p.rule = match (level.up, self.stride_rule) {
-                        (true, _) => 2,
-                        (false, StrideRule::Any) => 0,
-                        (false, StrideRule::Centre) => 1,
+                    p.rule = match (level.merge, level.up, self.stride_rule) {
+                        (Some(m), ..) => {
+                            p.set_in2 = index_at(m);
+                            3
+                        }
+                        (None, true, _) => 2,
+                        (None, false, StrideRule::Any) => 0,
+                        (None, false, StrideRule::Centre) => 1,
                     };
                     tokens::LEVEL
                 }

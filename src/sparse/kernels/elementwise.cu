@@ -1,4 +1,5 @@
-// Elementwise ops on token rows or dense values: binary (Add, Mul), the
+// Elementwise ops on token rows or dense values: binary (Add, Mul; of two
+// levels of the same size on their union: merge.rs), the
 // per-channel affine map, and a lone activation (with none, a copy).
 // GPU twins of src/sparse/ops/binary.rs (`BinaryParams`), affine.rs
 // (`AffineParams`) and activation.rs (`ActivationParams`).
@@ -57,4 +58,30 @@ extern "C" __global__ void sfx_activation(ActivationParams p) {
     const int idx = sfx_index();
     if (idx >= sfx_len(p.count, p.row_len, p.n)) return;
     p.y[idx] = sfx_act(p.x[idx], p.act);
+}
+
+struct MergeParams {
+    const float* a;       // rows of the first operand's level
+    const float* b;       // rows of the second operand's level
+    const u32* rb_a;      // for each output row, its row in a, or SFX_DROPPED
+    const u32* rb_b;      // for each output row, its row in b, or SFX_DROPPED
+    const float* fill_a;  // what a holds where it has no row (null: zero)
+    const float* fill_b;
+    float* y;             // output rows (rows × c) of the union level
+    const u32* count;     // output rows in device memory
+    int rows;             // output rows the launch can hold
+    int c;
+    int kind;             // 0 add, 1 mul
+};
+
+// y = a ∘ b on the union of two levels' active sets: each operand's row at
+// the output's position, or its fill (or zero) where it has none.
+extern "C" __global__ void sfx_binary_merge(MergeParams p) {
+    const int idx = sfx_index();
+    if (idx >= sfx_rows(p.count, p.rows) * p.c) return;
+    const int r = idx / p.c, ch = idx % p.c;
+    const u32 ra = p.rb_a[r], rb = p.rb_b[r];
+    const float a = ra < SFX_DROPPED ? p.a[(long)ra * p.c + ch] : (p.fill_a ? p.fill_a[ch] : 0.0f);
+    const float b = rb < SFX_DROPPED ? p.b[(long)rb * p.c + ch] : (p.fill_b ? p.fill_b[ch] : 0.0f);
+    p.y[idx] = p.kind == 0 ? a + b : a * b;
 }

@@ -9,6 +9,7 @@
 
 struct LevelParams {
     const u32* set_in;    // the parent level's index map (raster position -> token or SFX_INACTIVE)
+    const u32* set_in2;   // a union level's second parent's index map (same map size)
     const u32* list_in;   // the energy kernel's kept list, or the parent level's token list
     const u32* count_in;  // tokens in list_in
     u32* set_out;         // this level's index map
@@ -17,7 +18,8 @@ struct LevelParams {
     int map_h, map_w;     // this level's map
     int in_h, in_w;       // the parent level's map
     int stride;           // from the parent
-    int rule;             // stride rule: 0 any, 1 centre; 2: the parent upsampled by `stride`
+    int rule;             // stride rule: 0 any, 1 centre; 2: the parent upsampled by `stride`;
+                          // 3: the union of the two parents' sets
 };
 
 // Level 0 from the energy kernel's kept list (ascending): one thread per map
@@ -41,6 +43,10 @@ extern "C" __global__ void sfx_level0(LevelParams p) {
 // Whether output (oy, ox) of a stride-s level is active under the rule.
 __device__ __forceinline__ bool sfx_strided_active(const LevelParams& p, int oy, int ox) {
     const int s = p.stride;
+    if (p.rule == 3) {
+        const int i = oy * p.in_w + ox;
+        return p.set_in[i] != SFX_INACTIVE || p.set_in2[i] != SFX_INACTIVE;
+    }
     if (p.rule == 2) {
         const int y = oy / s, x = ox / s;
         return y < p.in_h && x < p.in_w && p.set_in[y * p.in_w + x] != SFX_INACTIVE;

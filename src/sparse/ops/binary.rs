@@ -1,6 +1,7 @@
 //! Add and Mul of two computed values: residual adds, gates, and the
 //! squeeze-excite channel scale (tokens × a dense per-channel vector). An Add
-//! or Mul with a constant lowers to a [`ChannelAffine`]. On the GPU:
+//! or Mul with a constant lowers to a [`ChannelAffine`]; of two token maps on
+//! different levels, to a [`super::merge::MergeBinary`]. On the GPU:
 //! `sfx_binary` of `elementwise.cu`, or, for a residual add after a conv,
 //! nothing: the conv's kernel adds it.
 
@@ -67,6 +68,13 @@ pub fn from_onnx(n: &mut OnnxNode<'_>) -> Result<Tensor> {
         return ChannelAffine::emit(n, source, x, scale, shift);
     }
     let (x, y) = (n.input(0)?, n.input(1)?);
+    if let (Shape::Tokens { level: la, .. }, Shape::Tokens { level: lb, .. }) = (&x.shape, &y.shape)
+    {
+        if la != lb {
+            // Two maps reached by different paths: on the union of their sets.
+            return super::merge::emit(n, kind, x, y);
+        }
+    }
     let inputs = vec![x.slot, y.slot];
     // A token operand decides the result's set; the other operand is tokens
     // of the same set or a per-channel value.

@@ -45,6 +45,7 @@ impl Lowered {
             h,
             w,
             up: false,
+            merge: None,
         })
     }
 
@@ -57,6 +58,22 @@ impl Lowered {
             h,
             w,
             up: true,
+            merge: None,
+        })
+    }
+
+    /// The level whose set is the union of two levels' sets of the same
+    /// map size (created once, whichever order they come in).
+    pub fn union_level(&mut self, a: usize, b: usize) -> usize {
+        let (a, b) = (a.min(b), a.max(b));
+        let (h, w) = (self.levels[a].h, self.levels[a].w);
+        self.level(Level {
+            parent: Some(a),
+            stride: 1,
+            h,
+            w,
+            up: false,
+            merge: Some(b),
         })
     }
 

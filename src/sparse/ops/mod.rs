@@ -12,6 +12,7 @@ pub mod build;
 pub mod conv;
 pub mod depthwise;
 pub mod linear;
+pub mod merge;
 pub mod pool;
 pub mod reshape;
 
