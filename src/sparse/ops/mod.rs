@@ -10,6 +10,7 @@ pub mod affine;
 pub mod binary;
 pub mod build;
 pub mod conv;
+pub mod conv_transpose;
 pub mod depthwise;
 pub mod linear;
 pub mod merge;
@@ -52,7 +53,7 @@ pub struct OnnxOp {
 #[rustfmt::skip]
 pub const BUILDERS: &[OnnxOp] = &[
     OnnxOp { op_type: "Conv", inputs: 2, build: conv::from_onnx },
-    OnnxOp { op_type: "ConvTranspose", inputs: 2, build: conv::transpose_from_onnx },
+    OnnxOp { op_type: "ConvTranspose", inputs: 2, build: conv_transpose::from_onnx },
     OnnxOp { op_type: "BatchNormalization", inputs: 5, build: affine::batch_norm_from_onnx },
     OnnxOp { op_type: "Relu", inputs: 1, build: activation::from_onnx },
     OnnxOp { op_type: "Clip", inputs: 1, build: activation::from_onnx },

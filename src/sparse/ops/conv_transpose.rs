@@ -1,0 +1,154 @@
+//! ConvTranspose, the upsampling of FPN necks: only the ONNX builder lives
+//! here, for the op is a [`Conv`] with a transposed window (its rulebook lists
+//! the one input each output reads), whose CPU evaluation and GPU twin are
+//! `conv.rs`'s. Its output is a new level, the input's upsampled.
+
+use super::{Conv, OnnxNode, Tensor};
+use crate::onnx::{attr_i64, attr_ints, attr_str, label};
+use crate::sparse::{gemm, rulebook::Window, value::Shape};
+use anyhow::{ensure, Context, Result};
+
+/// Builds a ConvTranspose whose kernel equals its stride and has no padding
+/// (the upsampling of FPN necks): each output position reads the one input
+/// position over it, so the output's active set is the input's upsampled
+/// (models/README.md). A BatchNormalization after it folds in. It runs as a
+/// [`Conv`] with a transposed window.
+pub fn from_onnx(n: &mut OnnxNode<'_>) -> Result<Tensor> {
+    let x = n.input(0)?;
+    let node = n.node;
+    let wname = node
+        .input
+        .get(1)
+        .context("ConvTranspose has no weight input")?;
+    let ws = n
+        .consts
+        .shape(wname)
+        .with_context(|| format!("ConvTranspose weight '{wname}' must be a constant"))?
+        .to_vec();
+    ensure!(
+        ws.len() == 4,
+        "only 2-D transposed convs are supported, weight shape {ws:?}"
+    );
+    let (cin, cout_g, kh, kw) = (ws[0], ws[1], ws[2], ws[3]);
+    let groups = attr_i64(node, "group", Some(1))? as usize;
+    ensure!(
+        groups >= 1 && cin % groups == 0,
+        "group {groups} does not divide {cin} input channels"
+    );
+    let strides = attr_ints(node, "strides")?.unwrap_or(vec![1, 1]);
+    ensure!(
+        strides.len() == 2 && strides[0] == strides[1] && strides[0] >= 1,
+        "only equal strides are supported, got {strides:?}"
+    );
+    let stride = strides[0] as usize;
+    ensure!(
+        kh == stride && kw == stride,
+        "only a transposed conv whose kernel equals its stride is supported (each output reads one input), got kernel {kh}×{kw}, stride {stride}"
+    );
+    ensure!(
+        attr_ints(node, "output_shape")?.is_none(),
+        "ConvTranspose's output_shape is not supported"
+    );
+    let zero = |attr: &str| -> Result<bool> {
+        Ok(attr_ints(node, attr)?.is_none_or(|v| v.iter().all(|&p| p == 0)))
+    };
+    ensure!(
+        zero("pads")? && zero("output_padding")?,
+        "only a transposed conv without pads or output padding is supported"
+    );
+    if let Some(d) = attr_ints(node, "dilations")? {
+        ensure!(
+            d.iter().all(|&v| v == 1),
+            "dilated transposed convs are not supported, dilations {d:?}"
+        );
+    }
+    let auto_pad = attr_str(node, "auto_pad")?.unwrap_or_else(|| "NOTSET".into());
+    ensure!(
+        auto_pad == "NOTSET" || auto_pad == "VALID",
+        "ConvTranspose auto_pad {auto_pad} is not supported"
+    );
+    let cout = cout_g * groups;
+    let mut weights = n.consts.f32s(wname)?;
+    let mut bias = n.constant(2)?.unwrap_or(vec![0.0; cout]);
+    ensure!(
+        bias.len() == cout,
+        "ConvTranspose bias has {} values, expected {cout}",
+        bias.len()
+    );
+    if let Some(bn) = n.fold_next("BatchNormalization") {
+        let (scale, shift) = super::affine::batch_norm(bn, n.consts).with_context(|| label(bn))?;
+        ensure!(
+            scale.len() == cout,
+            "{} has {} channels, the transposed conv {cout}",
+            label(bn),
+            scale.len()
+        );
+        // Weights are `cin × cout/g × kh × kw`: output channel g·cout/g + co.
+        let taps = kh * kw;
+        let cin_g = cin / groups;
+        for (i, w) in weights.iter_mut().enumerate() {
+            let (ci, co) = (i / (cout_g * taps), i / taps % cout_g);
+            *w *= scale[ci / cin_g * cout_g + co];
+        }
+        for (co, b) in bias.iter_mut().enumerate() {
+            *b = *b * scale[co] + shift[co];
+        }
+    }
+    let Shape::Tokens { level, c } = x.shape else {
+        anyhow::bail!("a transposed conv of a value with no spatial extent is not supported");
+    };
+    ensure!(
+        c == cin,
+        "ConvTranspose expects {cin} input channels, the tensor has {c}"
+    );
+    let lv = n.lowered.levels[level].clone();
+    let out_level = n
+        .lowered
+        .up_level(level, stride, lv.h * stride, lv.w * stride);
+    let window = Window {
+        kh,
+        kw,
+        stride,
+        pad_top: 0,
+        pad_left: 0,
+        transposed: true,
+    };
+    let rulebook = n.lowered.rulebook(level, out_level, window);
+    let (cin_g, taps) = (cin / groups, kh * kw);
+    let k = taps * cin_g;
+    let per_group = (0..groups)
+        .map(|g| {
+            let mut data = vec![0.0; k * cout_g];
+            for ci in 0..cin_g {
+                for co in 0..cout_g {
+                    for t in 0..taps {
+                        data[(t * cin_g + ci) * cout_g + co] =
+                            weights[((g * cin_g + ci) * cout_g + co) * taps + t];
+                    }
+                }
+            }
+            gemm::Weights { k, n: cout_g, data }
+        })
+        .collect();
+    let op = Conv {
+        cin,
+        cout,
+        groups,
+        window,
+        in_level: level,
+        out_level,
+        rulebook: Some(rulebook),
+        weights: per_group,
+        bias,
+        fill: n.fill(x.slot).cloned(),
+        act: None,
+    };
+    Ok(n.emit(
+        op,
+        vec![x.slot],
+        Shape::Tokens {
+            level: out_level,
+            c: cout,
+        },
+    ))
+}
