@@ -138,7 +138,7 @@ impl<D: Device> GpuSuffix<D> {
     ) -> Result<Vec<usize>> {
         let d = &self.device;
         d.write(&mut ws.input, 0, features)?;
-        let counts: Vec<usize> = frame.sets.iter().map(TokenSet::len).collect();
+        let counts = frame.counts();
         let bits: Vec<f32> = counts.iter().map(|&c| f32::from_bits(c as u32)).collect();
         d.write(&mut ws.counts, 0, &bits)?;
         for (r, rb) in frame.rulebooks.iter().enumerate() {
