@@ -275,53 +275,19 @@ impl ConvNode {
 
     fn read(n: &mut OnnxNode<'_>) -> Result<ConvNode> {
         let node = n.node;
-        let wname = node.input.get(1).context("Conv has no weight input")?;
-        let ws = n
-            .consts
-            .shape(wname)
-            .with_context(|| format!("Conv weight '{wname}' must be a constant"))?
-            .to_vec();
-        ensure!(
-            ws.len() == 4,
-            "only 2-D convs are supported, weight shape {ws:?}"
-        );
-        let (cout, cin_g, kh, kw) = (ws[0], ws[1], ws[2], ws[3]);
+        let (wname, [cout, cin_g, kh, kw]) = weight_shape(n, "Conv", "convs")?;
         let groups = attr_i64(node, "group", Some(1))? as usize;
         ensure!(
             groups >= 1 && cout % groups == 0,
             "group {groups} does not divide {cout} output channels"
         );
-        let strides = crate::onnx::attr_ints(node, "strides")?.unwrap_or(vec![1, 1]);
-        ensure!(
-            strides.len() == 2 && strides[0] == strides[1] && strides[0] >= 1,
-            "only equal strides are supported, got {strides:?}"
-        );
+        let stride = equal_stride(n)?;
         let pads = conv_pads(node)?;
-        let mut weights = n.consts.f32s(wname)?;
-        let mut bias = n.constant(2)?.unwrap_or(vec![0.0; cout]);
-        ensure!(
-            bias.len() == cout,
-            "Conv bias has {} values, expected {cout}",
-            bias.len()
-        );
-        // A BatchNormalization right after the conv, reading nothing else, is folded into it.
-        if let Some(bn) = n.fold_next("BatchNormalization") {
-            let (scale, shift) =
-                super::affine::batch_norm(bn, n.consts).with_context(|| label(bn))?;
-            ensure!(
-                scale.len() == cout,
-                "{} has {} channels, the conv {cout}",
-                label(bn),
-                scale.len()
-            );
-            let per = weights.len() / cout;
-            for co in 0..cout {
-                weights[co * per..(co + 1) * per]
-                    .iter_mut()
-                    .for_each(|w| *w *= scale[co]);
-                bias[co] = bias[co] * scale[co] + shift[co];
-            }
-        }
+        let mut weights = n.consts.f32s(&wname)?;
+        let mut bias = bias(n, cout, "Conv")?;
+        // Weights are `cout × cin/g × kh × kw`: output channel i / per.
+        let per = weights.len() / cout;
+        fold_batch_norm(n, &mut weights, &mut bias, |i| i / per, "conv")?;
         Ok(ConvNode {
             cin: cin_g * groups,
             cout,
@@ -329,12 +295,106 @@ impl ConvNode {
             groups,
             kh,
             kw,
-            stride: strides[0] as usize,
+            stride,
             pads,
             weights,
             bias,
         })
     }
+}
+
+/// A conv-like node's constant weight (input 1): its name and 4-D shape.
+/// `op` and `what` (its plural, "convs") name it in errors.
+pub(super) fn weight_shape(n: &OnnxNode<'_>, op: &str, what: &str) -> Result<(String, [usize; 4])> {
+    let wname = n
+        .node
+        .input
+        .get(1)
+        .with_context(|| format!("{op} has no weight input"))?;
+    let ws = n
+        .consts
+        .shape(wname)
+        .with_context(|| format!("{op} weight '{wname}' must be a constant"))?;
+    match *ws {
+        [a, b, c, d] => Ok((wname.clone(), [a, b, c, d])),
+        _ => anyhow::bail!("only 2-D {what} are supported, weight shape {ws:?}"),
+    }
+}
+
+/// The node's stride, the same along both axes (1 when not given).
+pub(super) fn equal_stride(n: &OnnxNode<'_>) -> Result<usize> {
+    let strides = crate::onnx::attr_ints(n.node, "strides")?.unwrap_or(vec![1, 1]);
+    ensure!(
+        strides.len() == 2 && strides[0] == strides[1] && strides[0] >= 1,
+        "only equal strides are supported, got {strides:?}"
+    );
+    Ok(strides[0] as usize)
+}
+
+/// The node's bias (input 2) of `cout` values, zero when it has none.
+pub(super) fn bias(n: &OnnxNode<'_>, cout: usize, op: &str) -> Result<Vec<f32>> {
+    let bias = n.constant(2)?.unwrap_or(vec![0.0; cout]);
+    ensure!(
+        bias.len() == cout,
+        "{op} bias has {} values, expected {cout}",
+        bias.len()
+    );
+    Ok(bias)
+}
+
+/// Folds a BatchNormalization right after the node, reading nothing else,
+/// into its weights and bias; `channel(i)` is weight `i`'s output channel.
+/// `what` names the node in errors.
+pub(super) fn fold_batch_norm(
+    n: &mut OnnxNode<'_>,
+    weights: &mut [f32],
+    bias: &mut [f32],
+    channel: impl Fn(usize) -> usize,
+    what: &str,
+) -> Result<()> {
+    let Some(bn) = n.fold_next("BatchNormalization") else {
+        return Ok(());
+    };
+    let (scale, shift) = super::affine::batch_norm(bn, n.consts).with_context(|| label(bn))?;
+    let cout = bias.len();
+    ensure!(
+        scale.len() == cout,
+        "{} has {} channels, the {what} {cout}",
+        label(bn),
+        scale.len()
+    );
+    for (i, w) in weights.iter_mut().enumerate() {
+        *w *= scale[channel(i)];
+    }
+    for (co, b) in bias.iter_mut().enumerate() {
+        *b = *b * scale[co] + shift[co];
+    }
+    Ok(())
+}
+
+/// A rulebook conv's weights, one `(taps · cin/g) × cout/g` matrix per group,
+/// tap-major, from `at(group, input channel, output channel, tap)`.
+pub(super) fn pack_groups(
+    groups: usize,
+    cin_g: usize,
+    cout_g: usize,
+    taps: usize,
+    at: impl Fn(usize, usize, usize, usize) -> f32,
+) -> Vec<gemm::Weights> {
+    let k = taps * cin_g;
+    (0..groups)
+        .map(|g| {
+            let mut data = vec![0.0; k * cout_g];
+            for ci in 0..cin_g {
+                for co in 0..cout_g {
+                    for t in 0..taps {
+                        data[(t * cin_g + ci) * cout_g + co] = at(g, ci, co, t);
+                    }
+                }
+            }
+            gemm::Weights { k, n: cout_g, data }
+        })
+        .collect()
 }
 
 /// Builds a Conv (with the BatchNormalization after it, when it can fold).
@@ -427,21 +487,10 @@ pub fn from_onnx(n: &mut OnnxNode<'_>) -> Result<Tensor> {
     }
     let (groups, cin_g, taps) = (conv.groups, conv.cin_g, conv.taps());
     let cout_g = cout / groups;
-    let k = taps * cin_g;
-    let per_group = (0..groups)
-        .map(|g| {
-            let mut data = vec![0.0; k * cout_g];
-            for co in 0..cout_g {
-                for ci in 0..cin_g {
-                    for t in 0..taps {
-                        data[(t * cin_g + ci) * cout_g + co] =
-                            conv.weights[((g * cout_g + co) * cin_g + ci) * taps + t];
-                    }
-                }
-            }
-            gemm::Weights { k, n: cout_g, data }
-        })
-        .collect();
+    // ONNX Conv weights are `cout × cin/g × kh × kw`.
+    let per_group = pack_groups(groups, cin_g, cout_g, taps, |g, ci, co, t| {
+        conv.weights[((g * cout_g + co) * cin_g + ci) * taps + t]
+    });
     let op = Conv {
         cin,
         cout,

@@ -3,10 +3,11 @@
 //! the one input each output reads), whose CPU evaluation and GPU twin are
 //! `conv.rs`'s. Its output is a new level, the input's upsampled.
 
+use super::conv::{bias, equal_stride, fold_batch_norm, pack_groups, weight_shape};
 use super::{Conv, OnnxNode, Tensor};
-use crate::onnx::{attr_i64, attr_ints, attr_str, label};
-use crate::sparse::{gemm, rulebook::Window, value::Shape};
-use anyhow::{ensure, Context, Result};
+use crate::onnx::{attr_i64, attr_ints, attr_str};
+use crate::sparse::{rulebook::Window, value::Shape};
+use anyhow::{ensure, Result};
 
 /// Builds a ConvTranspose whose kernel equals its stride and has no padding
 /// (the upsampling of FPN necks): each output position reads the one input
@@ -16,31 +17,13 @@ use anyhow::{ensure, Context, Result};
 pub fn from_onnx(n: &mut OnnxNode<'_>) -> Result<Tensor> {
     let x = n.input(0)?;
     let node = n.node;
-    let wname = node
-        .input
-        .get(1)
-        .context("ConvTranspose has no weight input")?;
-    let ws = n
-        .consts
-        .shape(wname)
-        .with_context(|| format!("ConvTranspose weight '{wname}' must be a constant"))?
-        .to_vec();
-    ensure!(
-        ws.len() == 4,
-        "only 2-D transposed convs are supported, weight shape {ws:?}"
-    );
-    let (cin, cout_g, kh, kw) = (ws[0], ws[1], ws[2], ws[3]);
+    let (wname, [cin, cout_g, kh, kw]) = weight_shape(n, "ConvTranspose", "transposed convs")?;
     let groups = attr_i64(node, "group", Some(1))? as usize;
     ensure!(
         groups >= 1 && cin % groups == 0,
         "group {groups} does not divide {cin} input channels"
     );
-    let strides = attr_ints(node, "strides")?.unwrap_or(vec![1, 1]);
-    ensure!(
-        strides.len() == 2 && strides[0] == strides[1] && strides[0] >= 1,
-        "only equal strides are supported, got {strides:?}"
-    );
-    let stride = strides[0] as usize;
+    let stride = equal_stride(n)?;
     ensure!(
         kh == stride && kw == stride,
         "only a transposed conv whose kernel equals its stride is supported (each output reads one input), got kernel {kh}×{kw}, stride {stride}"
@@ -68,32 +51,12 @@ pub fn from_onnx(n: &mut OnnxNode<'_>) -> Result<Tensor> {
         "ConvTranspose auto_pad {auto_pad} is not supported"
     );
     let cout = cout_g * groups;
-    let mut weights = n.consts.f32s(wname)?;
-    let mut bias = n.constant(2)?.unwrap_or(vec![0.0; cout]);
-    ensure!(
-        bias.len() == cout,
-        "ConvTranspose bias has {} values, expected {cout}",
-        bias.len()
-    );
-    if let Some(bn) = n.fold_next("BatchNormalization") {
-        let (scale, shift) = super::affine::batch_norm(bn, n.consts).with_context(|| label(bn))?;
-        ensure!(
-            scale.len() == cout,
-            "{} has {} channels, the transposed conv {cout}",
-            label(bn),
-            scale.len()
-        );
-        // Weights are `cin × cout/g × kh × kw`: output channel g·cout/g + co.
-        let taps = kh * kw;
-        let cin_g = cin / groups;
-        for (i, w) in weights.iter_mut().enumerate() {
-            let (ci, co) = (i / (cout_g * taps), i / taps % cout_g);
-            *w *= scale[ci / cin_g * cout_g + co];
-        }
-        for (co, b) in bias.iter_mut().enumerate() {
-            *b = *b * scale[co] + shift[co];
-        }
-    }
+    let mut weights = n.consts.f32s(&wname)?;
+    let mut bias = bias(n, cout, "ConvTranspose")?;
+    // Weights are `cin × cout/g × kh × kw`: output channel g·cout/g + co.
+    let (taps, cin_g) = (kh * kw, cin / groups);
+    let channel = |i: usize| i / (cout_g * taps) / cin_g * cout_g + i / taps % cout_g;
+    fold_batch_norm(n, &mut weights, &mut bias, channel, "transposed conv")?;
     let Shape::Tokens { level, c } = x.shape else {
         anyhow::bail!("a transposed conv of a value with no spatial extent is not supported");
     };
@@ -114,22 +77,10 @@ pub fn from_onnx(n: &mut OnnxNode<'_>) -> Result<Tensor> {
         transposed: true,
     };
     let rulebook = n.lowered.rulebook(level, out_level, window);
-    let (cin_g, taps) = (cin / groups, kh * kw);
-    let k = taps * cin_g;
-    let per_group = (0..groups)
-        .map(|g| {
-            let mut data = vec![0.0; k * cout_g];
-            for ci in 0..cin_g {
-                for co in 0..cout_g {
-                    for t in 0..taps {
-                        data[(t * cin_g + ci) * cout_g + co] =
-                            weights[((g * cin_g + ci) * cout_g + co) * taps + t];
-                    }
-                }
-            }
-            gemm::Weights { k, n: cout_g, data }
-        })
-        .collect();
+    // ONNX ConvTranspose weights are `cin × cout/g × kh × kw`.
+    let per_group = pack_groups(groups, cin_g, cout_g, taps, |g, ci, co, t| {
+        weights[((g * cin_g + ci) * cout_g + co) * taps + t]
+    });
     let op = Conv {
         cin,
         cout,
