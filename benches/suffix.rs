@@ -59,7 +59,7 @@ fn main() {
             };
             let run_sparse = || {
                 let t = Instant::now();
-                std::hint::black_box(m.plan.run(&kept, feats.clone()).unwrap());
+                std::hint::black_box(m.plan.run(&kept, feats.clone(), Vec::new()).unwrap());
                 t.elapsed().as_secs_f64() * 1e3
             };
             let (d, s) = if r % 2 == 0 {

@@ -11,6 +11,7 @@
 pub mod bench;
 pub mod caption;
 pub mod capture;
+pub mod detect;
 pub mod ersm;
 pub mod eval;
 pub mod files;

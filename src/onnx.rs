@@ -402,11 +402,26 @@ pub fn typed(proto: &ModelProto, input_shape: &[usize], what: &str) -> Result<Ty
 
 /// The shape of `proto`'s first output for an input of `input_shape`.
 pub fn output_shape(proto: &ModelProto, input_shape: &[usize], what: &str) -> Result<Vec<usize>> {
+    let mut shapes = output_shapes(proto, input_shape, what)?;
+    ensure!(!shapes.is_empty(), "{what}: the graph has no output");
+    Ok(shapes.swap_remove(0))
+}
+
+/// The concrete shape of every output of `proto` for an input of `input_shape`.
+pub fn output_shapes(
+    proto: &ModelProto,
+    input_shape: &[usize],
+    what: &str,
+) -> Result<Vec<Vec<usize>>> {
     let typed = typed(proto, input_shape, what)?;
-    Ok(typed
-        .output_fact(0)?
-        .shape
-        .as_concrete()
-        .with_context(|| format!("{what}: output shape is not concrete"))?
-        .to_vec())
+    (0..typed.outputs.len())
+        .map(|i| {
+            Ok(typed
+                .output_fact(i)?
+                .shape
+                .as_concrete()
+                .with_context(|| format!("{what}: output {i}'s shape is not concrete"))?
+                .to_vec())
+        })
+        .collect()
 }

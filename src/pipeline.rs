@@ -36,6 +36,16 @@ impl StageTimes {
     }
 }
 
+/// The prefix's outputs on the host: the cut's feature map, and the maps
+/// the suffix reads beside it (FPN laterals; none for most networks).
+#[derive(Clone, Debug, Default)]
+pub struct PrefixMaps {
+    /// `C × H × W` features at the cut.
+    pub features: Vec<f32>,
+    /// Each tap's dense map, in the cut's order.
+    pub taps: Vec<Vec<f32>>,
+}
+
 /// What the ERSM path gives for one frame.
 #[derive(Clone, Debug)]
 pub struct ErsmResult {
@@ -209,60 +219,91 @@ impl Pipeline {
         self.threads.install(|| self.ersm_on_threads(input))
     }
 
-    /// The prefix's feature map for a pre-processed input (finite, or an error).
-    pub fn features(&self, input: &[f32]) -> Result<Vec<f32>> {
-        let features = self.prefix_output(input)?.to_vec().context("prefix")?;
+    /// The prefix's maps on the host for a pre-processed input (finite, or
+    /// an error).
+    pub fn features(&self, input: &[f32]) -> Result<PrefixMaps> {
+        let outs = self.prefix_outputs(input)?;
+        let mut maps = outs.iter().map(|o| o.to_vec().context("prefix"));
+        let features = maps.next().context("prefix: no output")??;
         ensure_finite(&features, "prefix features")?;
-        Ok(features)
+        let taps = maps.collect::<Result<Vec<_>>>()?;
+        for t in &taps {
+            ensure_finite(t, "prefix maps the suffix reads")?;
+        }
+        Ok(PrefixMaps { features, taps })
     }
 
-    /// The sparse suffix's logits for the gathered `rows` of the `kept` tokens
-    /// (finite, or an error).
-    pub fn sparse_logits(&self, kept: &[u32], rows: Vec<f32>) -> Result<Vec<f32>> {
-        Ok(self.sparse_suffix(kept, rows)?.0)
+    /// The sparse suffix's outputs (logits) for the gathered `rows` of the
+    /// `kept` tokens and the prefix maps it reads (finite, or an error).
+    pub fn sparse_logits(
+        &self,
+        kept: &[u32],
+        rows: Vec<f32>,
+        taps: Vec<Vec<f32>>,
+    ) -> Result<Vec<f32>> {
+        Ok(self.sparse_suffix(kept, rows, taps)?.0)
     }
 
-    /// The sparse suffix's logits for the gathered `rows` of the `kept`
-    /// tokens (finite, or an error), and the active tokens at each level.
-    pub fn sparse_suffix(&self, kept: &[u32], rows: Vec<f32>) -> Result<(Vec<f32>, Vec<usize>)> {
+    /// The sparse suffix's outputs for the gathered `rows` of the `kept`
+    /// tokens and the prefix maps it reads (finite, or an error), and the
+    /// active tokens at each level.
+    pub fn sparse_suffix(
+        &self,
+        kept: &[u32],
+        rows: Vec<f32>,
+        taps: Vec<Vec<f32>>,
+    ) -> Result<(Vec<f32>, Vec<usize>)> {
         let plan = &self.model.plan;
         let (out, frame) = match &self.placement.suffix {
-            Some(g) => g.run(plan, kept, &rows).context("sparse suffix (GPU)")?,
-            None => plan.run(kept, rows).context("sparse suffix")?,
+            Some(g) => g
+                .run(plan, kept, &rows, &taps)
+                .context("sparse suffix (GPU)")?,
+            None => plan.run(kept, rows, taps).context("sparse suffix")?,
         };
         Ok((dense_logits_of(plan, &out, &frame.sets)?, frame.counts()))
     }
 
-    /// The dense baseline's logits for a prefix feature map (finite, or an error).
-    pub fn dense_logits(&self, features: &[f32]) -> Result<Vec<f32>> {
-        let logits = self.dense_net().run(features).context("dense suffix")?;
+    /// The dense baseline's outputs (logits) for the prefix's maps (finite,
+    /// or an error).
+    pub fn dense_logits(&self, maps: &PrefixMaps) -> Result<Vec<f32>> {
+        let cut = &self.model.cut;
+        let fs = [1, cut.c, cut.h, cut.w];
+        let shapes: Vec<[usize; 4]> = cut.taps.iter().map(|t| [1, t.c, t.h, t.w]).collect();
+        let mut inputs: Vec<(&[usize], &[f32])> = vec![(&fs, &maps.features)];
+        inputs.extend(shapes.iter().zip(&maps.taps).map(|(s, t)| (&s[..], &t[..])));
+        let logits = self.dense_net().run_many(&inputs).context("dense suffix")?;
         ensure_finite(&logits, "dense logits")?;
         Ok(logits)
     }
 
-    /// The prefix's output as tract hands it over: on the GPU it stays in
-    /// device memory unless something reads it on the host.
-    fn prefix_output(&self, input: &[f32]) -> Result<Output> {
-        let out = self.prefix_net().run_output(input).context("prefix")?;
+    /// The prefix's outputs as tract hands them over (the cut's map first):
+    /// on the GPU they stay in device memory unless something reads them on
+    /// the host.
+    fn prefix_outputs(&self, input: &[f32]) -> Result<Vec<Output>> {
+        let outs = self.prefix_net().run_outputs(input).context("prefix")?;
         let cut = &self.model.cut;
         anyhow::ensure!(
-            out.len() == cut.c * cut.h * cut.w,
+            outs.len() == 1 + cut.taps.len(),
+            "prefix: {} outputs, the suffix reads {}",
+            outs.len(),
+            1 + cut.taps.len()
+        );
+        anyhow::ensure!(
+            outs[0].len() == cut.c * cut.h * cut.w,
             "prefix: {} values, the cut is {}×{}×{}",
-            out.len(),
+            outs[0].len(),
             cut.c,
             cut.h,
             cut.w
         );
-        Ok(out)
+        Ok(outs)
     }
 
-    /// The dense baseline's suffix on the prefix's output; between two
+    /// The dense baseline's suffix on the prefix's outputs; between two
     /// tract-cuda plans the features stay on the device.
-    fn dense_logits_from(&self, features: &Output) -> Result<Vec<f32>> {
-        let logits = self
-            .dense_net()
-            .run_from(features)
-            .context("dense suffix")?;
+    fn dense_logits_from(&self, outs: &[Output]) -> Result<Vec<f32>> {
+        let inputs: Vec<&Output> = outs.iter().collect();
+        let logits = self.dense_net().run_from(&inputs).context("dense suffix")?;
         ensure_finite(&logits, "dense logits")?;
         Ok(logits)
     }
@@ -270,7 +311,13 @@ impl Pipeline {
     fn ersm_on_threads(&self, input: &[f32]) -> Result<ErsmResult> {
         let mut times = StageTimes::default();
         let t = Instant::now();
-        let features = self.prefix_output(input)?;
+        let outs = self.prefix_outputs(input)?;
+        let features = &outs[0];
+        // The suffix reads the prefix's other maps on the host.
+        let taps = outs[1..]
+            .iter()
+            .map(|o| o.to_vec().context("prefix"))
+            .collect::<Result<Vec<_>>>()?;
         // The tract-cuda prefix's output is read where it is; the host values
         // (tract's own buffer, not a copy) serve the CPU energy layer, or a
         // GPU output tract-cuda had to copy out.
@@ -325,19 +372,23 @@ impl Pipeline {
                         // `count × C` gathered rows, locked for this call
                         // and written by the kernel launched before on the
                         // same (default) stream.
-                        unsafe { gpu.run_on_device(tokens, on.rows) }
+                        unsafe { gpu.run_on_device(tokens, on.rows, &taps) }
                     })
                     .context("energy layer")?;
                 times.ersm = (suffix_started - t).as_secs_f64() * 1e3;
-                let (value, tokens) = out.context("sparse suffix (GPU)")?;
+                let (values, tokens) = out.context("sparse suffix (GPU)")?;
                 // A token output is placed by the host's sets of the same
                 // kept list (off the device's path: the mask came back after
                 // the suffix ran).
-                let sets = match value.shape {
-                    Shape::Tokens { .. } => self.model.plan.sets(&mask.kept),
-                    Shape::Dense { .. } => Vec::new(),
+                let sets = if values
+                    .iter()
+                    .any(|v| matches!(v.shape, Shape::Tokens { .. }))
+                {
+                    self.model.plan.sets(&mask.kept)
+                } else {
+                    Vec::new()
                 };
-                let logits = dense_logits_of(&self.model.plan, &value, &sets)?;
+                let logits = dense_logits_of(&self.model.plan, &values, &sets)?;
                 (mask, logits, tokens, suffix_started)
             }
             _ => {
@@ -348,7 +399,7 @@ impl Pipeline {
                 times.ersm = ms(t);
                 let suffix_started = Instant::now();
                 let (logits, tokens) =
-                    self.sparse_suffix(&mask.kept, std::mem::take(&mut mask.features))?;
+                    self.sparse_suffix(&mask.kept, std::mem::take(&mut mask.features), taps)?;
                 (mask, logits, tokens, suffix_started)
             }
         };
@@ -358,7 +409,7 @@ impl Pipeline {
         let unsure = self.unsure(&logits);
         let logits = if unsure {
             // The prefix is shared, so only the baseline's suffix runs again.
-            self.dense_logits_from(&features).context("fallback")?
+            self.dense_logits_from(&outs).context("fallback")?
         } else {
             logits
         };
@@ -380,10 +431,10 @@ impl Pipeline {
     fn dense_on_threads(&self, input: &[f32]) -> Result<(Vec<f32>, StageTimes)> {
         let mut times = StageTimes::default();
         let t = Instant::now();
-        let features = self.prefix_output(input)?;
+        let outs = self.prefix_outputs(input)?;
         times.prefix = ms(t);
         let t = Instant::now();
-        let logits = self.dense_logits_from(&features)?;
+        let logits = self.dense_logits_from(&outs)?;
         times.suffix = ms(t);
         Ok((logits, times))
     }
@@ -409,9 +460,13 @@ impl Pipeline {
     }
 }
 
-/// A suffix output as dense logits: a token output scattered over `sets`.
-fn dense_logits_of(plan: &crate::sparse::Plan, out: &Value, sets: &[TokenSet]) -> Result<Vec<f32>> {
-    let logits = out.to_dense(sets, plan.output_fill()).1;
+/// The suffix outputs as dense logits: token outputs scattered over `sets`.
+fn dense_logits_of(
+    plan: &crate::sparse::Plan,
+    out: &[Value],
+    sets: &[TokenSet],
+) -> Result<Vec<f32>> {
+    let logits = plan.dense_outputs(out, sets);
     ensure_finite(&logits, "sparse suffix's logits")?;
     Ok(logits)
 }

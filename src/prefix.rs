@@ -45,7 +45,9 @@ fn cuda_plan(_source: &TypedModel) -> Result<Arc<TypedRunnableModel>> {
     anyhow::bail!("this build binds CUDA 11.4 (JetPack 5); tract-cuda needs CUDA 12.2 or later")
 }
 
-/// A tract network with one input and one output of fixed shapes.
+/// A tract network of fixed shapes: one input (the image or the cut's map),
+/// or several (the cut's map and the prefix maps a suffix reads beside it),
+/// and one output or several (a detector's maps).
 pub struct TractNet {
     plan: Arc<TypedRunnableModel>,
     /// The typed graph before optimisation, from which a GPU plan is prepared.
@@ -66,7 +68,7 @@ pub struct TractNet {
     /// as a fresh allocation costs page faults every frame. tract only reads
     /// it (it writes in place only into inputs nobody else holds).
     patch_buf: Mutex<Option<Arc<Tensor>>>,
-    /// Output shape.
+    /// First output's shape.
     pub output_shape: Vec<usize>,
     /// Op names in evaluation order, before optimisation (for listings).
     pub ops: Vec<String>,
@@ -173,33 +175,44 @@ impl TractNet {
         }
     }
 
-    /// Runs the net on `input` (row-major, of `input_shape`); returns the output values.
+    /// Runs the net on `input` (row-major, of `input_shape`); returns the
+    /// values of every output, one after another.
     pub fn run(&self, input: &[f32]) -> Result<Vec<f32>> {
-        self.run_output(input)?.to_vec()
+        flatten(self.plan.run(tvec![self.input(input)?])?, &self.what)
     }
 
-    /// Runs the net on `input` and returns its output as tract hands it over:
-    /// from a tract-cuda plan still in device memory.
+    /// Runs the net on `input` and returns its first output as tract hands
+    /// it over: from a tract-cuda plan still in device memory.
     pub fn run_output(&self, input: &[f32]) -> Result<Output> {
         first_output(self.plan.run(tvec![self.input(input)?])?, &self.what)
     }
 
-    /// Runs a net whose input is another net's output, handed over as it is:
-    /// between two tract-cuda plans the values never leave the device.
-    pub fn run_from(&self, x: &Output) -> Result<Vec<f32>> {
+    /// Runs the net on `input` and returns every output as tract hands it over.
+    pub fn run_outputs(&self, input: &[f32]) -> Result<Vec<Output>> {
+        let out = self.plan.run(tvec![self.input(input)?])?;
+        anyhow::ensure!(!out.is_empty(), "{}: the plan has no output", self.what);
+        Ok(out.into_iter().map(Output).collect())
+    }
+
+    /// Runs a net whose inputs are another net's outputs, handed over as
+    /// they are (between two tract-cuda plans the values never leave the
+    /// device); the values of every output, one after another.
+    pub fn run_from(&self, xs: &[&Output]) -> Result<Vec<f32>> {
         anyhow::ensure!(
             self.stem.is_none(),
             "{}: a net that reads the image takes pixels, not another net's output",
             self.what
         );
+        let first = xs.first().map(|x| x.0.shape());
         anyhow::ensure!(
-            x.0.shape() == self.input_shape.as_slice(),
+            first == Some(self.input_shape.as_slice()),
             "{}: input has shape {:?}, {:?} needed",
             self.what,
-            x.0.shape(),
+            first,
             self.input_shape
         );
-        first_output(self.plan.run(tvec![x.0.clone()])?, &self.what)?.to_vec()
+        let inputs = xs.iter().map(|x| x.0.clone()).collect();
+        flatten(self.plan.run(inputs)?, &self.what)
     }
 
     /// `input` as the plan's input tensor: the patches when the stem was
@@ -259,13 +272,14 @@ impl TractNet {
     }
 
     /// Runs a net with several inputs, each `(shape, values)`, as the plan
-    /// takes them (no stem patches are gathered).
+    /// takes them (no stem patches are gathered); the values of every
+    /// output, one after another.
     pub fn run_many(&self, inputs: &[(&[usize], &[f32])]) -> Result<Vec<f32>> {
         let inputs = inputs
             .iter()
             .map(|(shape, data)| Ok(Tensor::from_shape(shape, data)?.into()))
             .collect::<Result<TVec<TValue>>>()?;
-        first_output(self.plan.run(inputs)?, &self.what)?.to_vec()
+        flatten(self.plan.run(inputs)?, &self.what)
     }
 }
 
@@ -340,6 +354,16 @@ impl Output {
     }
 }
 
+/// The values of a plan's outputs, one after another (a copy).
+fn flatten(out: TVec<TValue>, what: &str) -> Result<Vec<f32>> {
+    anyhow::ensure!(!out.is_empty(), "{what}: the plan has no output");
+    let mut values = Vec::with_capacity(out.iter().map(|o| o.len()).sum());
+    for o in out {
+        values.extend_from_slice(Output(o).values()?);
+    }
+    Ok(values)
+}
+
 /// A plan's first output, as tract hands it over.
 fn first_output(mut out: TVec<TValue>, what: &str) -> Result<Output> {
     anyhow::ensure!(!out.is_empty(), "{what}: the plan has no output");
@@ -409,16 +433,16 @@ mod tests {
         assert_eq!(out.values().unwrap(), &values[..]);
         let dense = pkg.baseline_suffix();
         assert_eq!(
-            dense.run_from(&out).unwrap(),
+            dense.run_from(&[&out]).unwrap(),
             dense.run(&values).unwrap(),
             "the handed-over output and its values give different logits"
         );
         // The prefix reads pixels: another net's output is refused by name.
-        let err = pkg.prefix.run_from(&out).unwrap_err().to_string();
+        let err = pkg.prefix.run_from(&[&out]).unwrap_err().to_string();
         assert!(err.contains("reads the image"), "{err}");
         // A wrongly shaped output is refused, naming both shapes.
         let small = Output(Tensor::zero::<f32>(&[1, 3]).unwrap().into());
-        let err = dense.run_from(&small).unwrap_err().to_string();
+        let err = dense.run_from(&[&small]).unwrap_err().to_string();
         assert!(err.contains("[1, 3]"), "{err}");
     }
 }

@@ -1,5 +1,6 @@
-//! Frame → network input: resize the short side (antialiased bilinear),
-//! centre-crop, scale, normalise, HWC u8 → CHW f32. Only the crop is computed.
+//! Frame → network input: resize the short side (antialiased bilinear) and
+//! centre-crop, or stretch the whole frame to the input size; then scale,
+//! normalise, HWC u8 → CHW f32. Only the crop is computed.
 
 use crate::model::manifest::Preprocess;
 use anyhow::{ensure, Result};
@@ -40,15 +41,27 @@ fn taps(src: usize, dst: usize, offset: usize, count: usize) -> Vec<Taps> {
         .collect()
 }
 
-/// The resized size and the crop's offset in it.
+/// The resized size, the crop's offset in it and the crop's size.
 struct Geometry {
     rw: usize,
     rh: usize,
     ox: usize,
     oy: usize,
+    ow: usize,
+    oh: usize,
 }
 
 fn geometry(width: usize, height: usize, p: &Preprocess) -> Geometry {
+    if let Some([w, h]) = p.resize {
+        return Geometry {
+            rw: w,
+            rh: h,
+            ox: 0,
+            oy: 0,
+            ow: w,
+            oh: h,
+        };
+    }
     let short = width.min(height) as f32;
     let rw = ((width as f32 * p.resize_short as f32 / short).round() as usize).max(p.crop);
     let rh = ((height as f32 * p.resize_short as f32 / short).round() as usize).max(p.crop);
@@ -57,6 +70,8 @@ fn geometry(width: usize, height: usize, p: &Preprocess) -> Geometry {
         rh,
         ox: (rw - p.crop) / 2,
         oy: (rh - p.crop) / 2,
+        ow: p.crop,
+        oh: p.crop,
     }
 }
 
@@ -68,13 +83,14 @@ pub fn crop_region(width: usize, height: usize, p: &Preprocess) -> [f32; 4] {
     [
         g.ox as f32 * sx,
         g.oy as f32 * sy,
-        (g.ox + p.crop) as f32 * sx,
-        (g.oy + p.crop) as f32 * sy,
+        (g.ox + g.ow) as f32 * sx,
+        (g.oy + g.oh) as f32 * sy,
     ]
 }
 
 /// Converts an RGB8 image (`width × height`, row-major HWC) into a normalised
-/// `3 × crop × crop` CHW tensor as the manifest describes.
+/// `3 × H × W` CHW tensor (the crop, or the stretched frame) as the manifest
+/// describes.
 pub fn preprocess(rgb: &[u8], width: usize, height: usize, p: &Preprocess) -> Result<Vec<f32>> {
     ensure!(width > 0 && height > 0, "empty image ({width}×{height})");
     ensure!(
@@ -82,10 +98,17 @@ pub fn preprocess(rgb: &[u8], width: usize, height: usize, p: &Preprocess) -> Re
         "image buffer has {} bytes, expected {width}×{height}×3",
         rgb.len()
     );
-    let Geometry { rw, rh, ox, oy } = geometry(width, height, p);
-    let xt = taps(width, rw, ox, p.crop);
-    let yt = taps(height, rh, oy, p.crop);
-    let n = p.crop;
+    let Geometry {
+        rw,
+        rh,
+        ox,
+        oy,
+        ow,
+        oh,
+    } = geometry(width, height, p);
+    let xt = taps(width, rw, ox, ow);
+    let yt = taps(height, rh, oy, oh);
+    let n = ow * oh;
     // Vertical pass first, over just the columns the crop reads: it runs along
     // contiguous rows, so u8→f32 and the multiply-adds vectorise; the
     // horizontal pass then only touches the `n` output rows.
@@ -97,7 +120,7 @@ pub fn preprocess(rgb: &[u8], width: usize, height: usize, p: &Preprocess) -> Re
         .unwrap_or(0);
     let span = (col_hi - col_lo) * 3;
     let mut rows = vec![0.0f32; span];
-    let mut out = vec![0.0f32; 3 * n * n];
+    let mut out = vec![0.0f32; 3 * n];
     let mul: [f32; 3] = std::array::from_fn(|c| p.scale / p.std[c]);
     let add: [f32; 3] = std::array::from_fn(|c| -p.mean[c] / p.std[c]);
     for (y, t) in yt.iter().enumerate() {
@@ -109,8 +132,8 @@ pub fn preprocess(rgb: &[u8], width: usize, height: usize, p: &Preprocess) -> Re
                 .zip(src)
                 .for_each(|(a, &v)| *a += w * v as f32);
         }
-        let (r, rest) = out.split_at_mut(n * n);
-        let (g, b) = rest.split_at_mut(n * n);
+        let (r, rest) = out.split_at_mut(n);
+        let (g, b) = rest.split_at_mut(n);
         for (x, t) in xt.iter().enumerate() {
             let mut acc = [0.0f32; 3];
             let taps = &rows[(t.start - col_lo) * 3..(t.start - col_lo + t.weights.len()) * 3];
@@ -119,9 +142,9 @@ pub fn preprocess(rgb: &[u8], width: usize, height: usize, p: &Preprocess) -> Re
                 acc[1] += w * px[1];
                 acc[2] += w * px[2];
             }
-            r[y * n + x] = acc[0] * mul[0] + add[0];
-            g[y * n + x] = acc[1] * mul[1] + add[1];
-            b[y * n + x] = acc[2] * mul[2] + add[2];
+            r[y * ow + x] = acc[0] * mul[0] + add[0];
+            g[y * ow + x] = acc[1] * mul[1] + add[1];
+            b[y * ow + x] = acc[2] * mul[2] + add[2];
         }
     }
     Ok(out)

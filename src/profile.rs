@@ -45,7 +45,10 @@ pub fn ersm(p: &Pipeline, frames: &[Frame], count: usize) -> Result<Vec<Row>> {
             let t = Instant::now();
             let mut mask = p
                 .device()
-                .compute(FeatureMap::new(&x, m.cut.c, m.cut.h, m.cut.w)?, &m.energy)
+                .compute(
+                    FeatureMap::new(&x.features, m.cut.c, m.cut.h, m.cut.w)?,
+                    &m.energy,
+                )
                 .context("energy layer")?;
             energy += t.elapsed().as_secs_f64() * 1e3;
             let tokens = plan.token_counts(&mask.kept);
@@ -58,6 +61,7 @@ pub fn ersm(p: &Pipeline, frames: &[Frame], count: usize) -> Result<Vec<Row>> {
                         plan,
                         &mask.kept,
                         &mask.features,
+                        &x.taps,
                         RulebookSite::Device,
                         &mut step_ms,
                     )
@@ -68,18 +72,20 @@ pub fn ersm(p: &Pipeline, frames: &[Frame], count: usize) -> Result<Vec<Row>> {
                         plan,
                         &mask.kept,
                         &mask.features,
+                        &x.taps,
                         RulebookSite::Host,
                         &mut host_ms,
                     )
                     .context("sparse suffix (GPU, host rulebooks)")?;
                     let (issued, done) = g
-                        .time_launches(plan, &mask.kept, &mask.features)
+                        .time_launches(plan, &mask.kept, &mask.features, &x.taps)
                         .context("sparse suffix (GPU, untimed)")?;
                     untimed.0 += issued;
                     untimed.1 += done;
                 }
                 None => {
-                    plan.run_timed(&mask.kept, std::mem::take(&mut mask.features), &mut step_ms)
+                    let rows = std::mem::take(&mut mask.features);
+                    plan.run_timed(&mask.kept, rows, x.taps, &mut step_ms)
                         .context("sparse suffix")?;
                 }
             }

@@ -665,13 +665,15 @@ fn tract_cuda_prefix_output_feeds_the_kernel_in_device_memory() {
         let want = on_gpu
             .device()
             .compute(
-                FeatureMap::new(&host, cut.c, cut.h, cut.w).unwrap(),
+                FeatureMap::new(&host.features, cut.c, cut.h, cut.w).unwrap(),
                 &on_gpu.model.energy,
             )
             .unwrap();
         assert_eq!(mask.kept, want.kept, "{name}: kept sets differ");
         assert_eq!(mask.energies, want.energies, "{name}: energies differ");
-        let want_logits = on_gpu.sparse_logits(&want.kept, want.features).unwrap();
+        let want_logits = on_gpu
+            .sparse_logits(&want.kept, want.features, host.taps.clone())
+            .unwrap();
         let err = common::rel_err(&logits, &want_logits);
         assert!(err <= 1e-5, "{name}: sparse logits differ by {err}");
         let (dense, _) = on_gpu.dense_from_input(&input).unwrap();

@@ -282,3 +282,78 @@ fn fill_vectors_change_the_answer_only_where_tokens_are_dropped() {
     let diff = rel_err(&sparse(&filled, &x, &kept), &sparse(&zero, &x, &kept));
     assert!(diff > 1e-2, "fills left the logits unchanged ({diff})");
 }
+
+/// Detector-shaped networks: a suffix reading prefix maps beside the energy
+/// layer's output (finer, the same size and coarser than the cut), Adds on
+/// the union of sets, and two token-map outputs. Sparse equals the
+/// dense-masked reference (each prefix map masked by its own level) under
+/// both stride rules, and the dense suffix when every token is kept; a
+/// dropped position of an output holds zero ("nothing here").
+#[test]
+fn suffix_reading_prefix_maps_with_several_outputs_matches_reference() {
+    let mut coarse = 0;
+    for seed in 0..12u64 {
+        let (h, w, c) = [(16, 16, 6), (8, 24, 4), (24, 16, 5)][seed as usize % 3];
+        let proto = random_detector(seed, h, w, c);
+        let proto = if seed % 2 == 0 {
+            with_stride_rule(proto, "centre")
+        } else {
+            proto
+        };
+        let m = package(proto, h, w);
+        let taps: Vec<(usize, usize)> = m.cut.taps.iter().map(|t| (t.h, t.w)).collect();
+        assert!(
+            taps.contains(&(h, w)) && taps.contains(&(h / 2, w / 2)),
+            "seed {seed}: the stride-1 map and the cut's input are read after the cut: {taps:?}"
+        );
+        coarse += usize::from(taps.contains(&(h / 4, w / 4)));
+        assert_eq!(m.plan.outputs.len(), 2, "seed {seed}: two outputs");
+        let mut rng = Rng::new(500 + seed);
+        // The prefix's own maps, as the prefix computes them for an image.
+        let image = rng.normals(3 * h * w, 1.0);
+        let maps = {
+            let outs = m.prefix.run_outputs(&image).unwrap();
+            outs.iter().map(|o| o.to_vec().unwrap()).collect::<Vec<_>>()
+        };
+        let (x, taps) = (&maps[0], &maps[1..]);
+        for p in [0.05, 0.3, 0.7] {
+            let kept = random_kept(&mut rng, m.cut.h * m.cut.w, p);
+            let got = sparse_with(&m, x, taps, &kept);
+            let want = dense_masked_with(&m, x, taps, &kept);
+            let err = rel_err(&got, &want);
+            assert!(err <= TOL, "seed {seed}, keep p={p}: relative error {err}");
+            // The heatmap (first output, h·w values) is zero where its level
+            // is inactive, never sigmoid(0).
+            let last = m.plan.slot_shapes[m.plan.outputs[0]].level().unwrap();
+            let active = m.plan.sets(&kept)[last].len();
+            let zeros = got[..h * w].iter().filter(|v| **v == 0.0).count();
+            assert!(
+                zeros >= h * w - active,
+                "seed {seed}: dropped heatmap positions hold zero"
+            );
+        }
+        let all: Vec<u32> = (0..(m.cut.h * m.cut.w) as u32).collect();
+        let mut inputs: Vec<(&[usize], &[f32])> = Vec::new();
+        let fs = [1, m.cut.c, m.cut.h, m.cut.w];
+        let shapes: Vec<[usize; 4]> = m.cut.taps.iter().map(|t| [1, t.c, t.h, t.w]).collect();
+        inputs.push((&fs, x));
+        inputs.extend(shapes.iter().zip(taps).map(|(s, t)| (&s[..], &t[..])));
+        let dense = m.dense_suffix.run_many(&inputs).unwrap();
+        let err = rel_err(&sparse_with(&m, x, taps, &all), &dense);
+        assert!(
+            err <= TOL,
+            "seed {seed}: all tokens kept vs dense suffix, relative error {err}"
+        );
+        // The whole network (prefix and dense suffix in one tract plan) gives
+        // what the two halves give.
+        let whole = ersm::prefix::TractNet::new(&m.dense_proto, &[1, 3, h, w], "whole")
+            .unwrap()
+            .run(&image)
+            .unwrap();
+        assert!(
+            rel_err(&whole, &dense) <= TOL,
+            "seed {seed}: the halves compose"
+        );
+    }
+    assert!(coarse > 0, "no random detector read a coarser prefix map");
+}

@@ -27,15 +27,21 @@ fn weights(src: usize, dst: usize, o: usize) -> Vec<(usize, f64)> {
 }
 
 fn reference(rgb: &[u8], w: usize, h: usize, p: &Preprocess) -> Vec<f32> {
-    let short = w.min(h) as f64;
-    let rw = ((w as f64 * p.resize_short as f64 / short).round() as usize).max(p.crop);
-    let rh = ((h as f64 * p.resize_short as f64 / short).round() as usize).max(p.crop);
-    let (ox, oy) = ((rw - p.crop) / 2, (rh - p.crop) / 2);
-    let n = p.crop;
-    let mut out = vec![0.0f32; 3 * n * n];
-    for y in 0..n {
+    let (rw, rh, ox, oy, nw, nh) = match p.resize {
+        // Stretched: the whole frame, each axis to its own size.
+        Some([rw, rh]) => (rw, rh, 0, 0, rw, rh),
+        None => {
+            let short = w.min(h) as f64;
+            let rw = ((w as f64 * p.resize_short as f64 / short).round() as usize).max(p.crop);
+            let rh = ((h as f64 * p.resize_short as f64 / short).round() as usize).max(p.crop);
+            let (ox, oy) = ((rw - p.crop) / 2, (rh - p.crop) / 2);
+            (rw, rh, ox, oy, p.crop, p.crop)
+        }
+    };
+    let mut out = vec![0.0f32; 3 * nw * nh];
+    for y in 0..nh {
         let wy = weights(h, rh, oy + y);
-        for x in 0..n {
+        for x in 0..nw {
             let wx = weights(w, rw, ox + x);
             for c in 0..3 {
                 let mut v = 0.0f64;
@@ -45,7 +51,7 @@ fn reference(rgb: &[u8], w: usize, h: usize, p: &Preprocess) -> Vec<f32> {
                     }
                 }
                 let v = (v * p.scale as f64 - p.mean[c] as f64) / p.std[c] as f64;
-                out[c * n * n + y * n + x] = v as f32;
+                out[c * nw * nh + y * nw + x] = v as f32;
             }
         }
     }
@@ -69,6 +75,36 @@ fn manifest(resize_short: usize, crop: usize) -> Preprocess {
         scale: 1.0 / 255.0,
         mean: [0.485, 0.456, 0.406],
         std: [0.229, 0.224, 0.225],
+        resize: None,
+    }
+}
+
+/// A detector's view: the whole frame stretched to the input size, each
+/// axis scaled on its own (down, up, and one of each).
+#[test]
+fn stretch_matches_the_direct_definition() {
+    for (i, &(w, h, rw, rh)) in [(96, 72, 64, 32), (50, 81, 64, 96), (40, 30, 32, 64)]
+        .iter()
+        .enumerate()
+    {
+        let p = Preprocess {
+            resize_short: 0,
+            crop: 0,
+            scale: 1.0,
+            mean: [0.0; 3],
+            std: [1.0; 3],
+            resize: Some([rw, rh]),
+        };
+        let rgb = image(w, h, 11 + i as u32);
+        let got = preprocess(&rgb, w, h, &p).unwrap();
+        let want = reference(&rgb, w, h, &p);
+        assert_eq!(got.len(), 3 * rw * rh);
+        let err = got
+            .iter()
+            .zip(&want)
+            .fold(0.0f32, |m, (a, b)| m.max((a - b).abs()));
+        assert!(err < 1e-3, "{w}×{h} → {rw}×{rh}: max error {err}");
+        assert_eq!(crop_region(w, h, &p), [0.0, 0.0, w as f32, h as f32]);
     }
 }
 

@@ -60,7 +60,11 @@ pub fn order(a: &Analysed, c: usize, ranking: Ranking, seed: u64) -> Vec<u32> {
         }
         Ranking::Magnitude => {
             let norm: Vec<f32> = (0..n)
-                .map(|t| (0..c).map(|ch| a.features[ch * n + t].powi(2)).sum::<f32>())
+                .map(|t| {
+                    (0..c)
+                        .map(|ch| a.maps.features[ch * n + t].powi(2))
+                        .sum::<f32>()
+                })
                 .collect();
             idx.sort_by(|&x, &y| {
                 norm[x as usize]

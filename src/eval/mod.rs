@@ -9,7 +9,7 @@ pub mod sparsity;
 
 use crate::ersm::cpu::gather;
 use crate::ersm::{FeatureMap, TokenMask};
-use crate::pipeline::Pipeline;
+use crate::pipeline::{Pipeline, PrefixMaps};
 use crate::source::{self, images, Frame, SourceOptions, Uri};
 use anyhow::{Context, Result};
 use std::path::PathBuf;
@@ -17,8 +17,9 @@ use std::path::PathBuf;
 /// One image, analysed: its cut features, energies and dense prediction.
 pub struct Analysed {
     pub name: String,
-    /// `C × H × W` features at the cut.
-    pub features: Vec<f32>,
+    /// The prefix's maps: `C × H × W` features at the cut, and any map the
+    /// suffix reads beside them.
+    pub maps: PrefixMaps,
     pub mask: TokenMask,
     pub dense_logits: Vec<f32>,
 }
@@ -32,16 +33,16 @@ impl Analysed {
     fn on_threads(p: &Pipeline, frame: &Frame) -> Result<Analysed> {
         let input = p.preprocess(frame)?;
         let m = &p.model;
-        let features = p.features(&input)?;
-        let fmap = FeatureMap::new(&features, m.cut.c, m.cut.h, m.cut.w)?;
+        let maps = p.features(&input)?;
+        let fmap = FeatureMap::new(&maps.features, m.cut.c, m.cut.h, m.cut.w)?;
         let mask = p
             .device()
             .compute(fmap, &m.energy)
             .context("energy layer")?;
-        let dense_logits = p.dense_logits(&features)?;
+        let dense_logits = p.dense_logits(&maps)?;
         Ok(Analysed {
             name: frame.name.clone(),
-            features,
+            maps,
             mask,
             dense_logits,
         })
@@ -56,9 +57,9 @@ impl Analysed {
     /// and the active tokens at each level.
     pub fn suffix_with(&self, p: &Pipeline, kept: &[u32]) -> Result<(Vec<f32>, Vec<usize>)> {
         let m = &p.model;
-        let fmap = FeatureMap::new(&self.features, m.cut.c, m.cut.h, m.cut.w)?;
+        let fmap = FeatureMap::new(&self.maps.features, m.cut.c, m.cut.h, m.cut.w)?;
         p.threads
-            .install(|| p.sparse_suffix(kept, gather(fmap, kept)))
+            .install(|| p.sparse_suffix(kept, gather(fmap, kept), self.maps.taps.clone()))
     }
 }
 

@@ -27,6 +27,27 @@ pub struct Manifest {
     /// Confidence fallback, chosen on training data.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub fallback: Option<Fallback>,
+    /// How a detector's output maps become detections; absent for a
+    /// classifier (whose output is logits over `labels`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub detector: Option<DetectorSpec>,
+}
+
+/// A detector's decoding.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct DetectorSpec {
+    /// The output maps' meaning: `"centerface"` (heatmap, scale, offset,
+    /// landmarks at stride 4).
+    pub decoder: String,
+    /// Heatmap score above which a position is a face.
+    pub threshold: f32,
+    /// IoU from which non-maximum suppression drops the weaker box.
+    #[serde(default = "default_nms_iou")]
+    pub nms_iou: f32,
+}
+
+fn default_nms_iou() -> f32 {
+    0.3
 }
 
 /// When a frame is re-run densely: the sparse result's top-1 softmax
@@ -44,17 +65,38 @@ pub struct InputSpec {
     pub shape: Vec<usize>,
 }
 
-/// How a frame becomes the input tensor.
-#[derive(Clone, Debug, Serialize, Deserialize)]
+/// How a frame becomes the input tensor: the short side resized and a
+/// centred square cropped (a classifier's view), or the whole frame
+/// stretched to `resize` (a detector's: nothing of the frame is lost).
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
 pub struct Preprocess {
     /// Resize so the short side is this long (bilinear).
+    #[serde(default, skip_serializing_if = "is_zero")]
     pub resize_short: usize,
     /// Then centre-crop a square of this side.
+    #[serde(default, skip_serializing_if = "is_zero")]
     pub crop: usize,
+    /// Instead: stretch the whole frame to `[W, H]` (antialiased bilinear).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resize: Option<[usize; 2]>,
     /// Multiply 8-bit values by this (usually 1/255).
     pub scale: f32,
     pub mean: [f32; 3],
     pub std: [f32; 3],
+}
+
+fn is_zero(v: &usize) -> bool {
+    *v == 0
+}
+
+impl Preprocess {
+    /// The input tensor's width and height.
+    pub fn output_size(&self) -> (usize, usize) {
+        match self.resize {
+            Some([w, h]) => (w, h),
+            None => (self.crop, self.crop),
+        }
+    }
 }
 
 /// Largest input side a package may declare (pixels): memory and time are
@@ -112,20 +154,36 @@ impl Manifest {
                 p.std
             );
         }
-        if p.crop != s[2] || p.crop != s[3] {
-            bail!(
-                "preprocess.crop {} does not match the input size {}×{}",
-                p.crop,
-                s[2],
-                s[3]
-            );
-        }
-        if p.resize_short < p.crop {
-            bail!(
-                "preprocess.resize_short {} is smaller than crop {}",
-                p.resize_short,
-                p.crop
-            );
+        match p.resize {
+            Some([w, h]) => {
+                if p.crop != 0 || p.resize_short != 0 {
+                    bail!("preprocess: give resize, or resize_short and crop, not both");
+                }
+                if (h, w) != (s[2], s[3]) {
+                    bail!(
+                        "preprocess.resize [{w}, {h}] (width, height) does not match the input size {}×{}",
+                        s[2],
+                        s[3]
+                    );
+                }
+            }
+            None => {
+                if p.crop != s[2] || p.crop != s[3] {
+                    bail!(
+                        "preprocess.crop {} does not match the input size {}×{}",
+                        p.crop,
+                        s[2],
+                        s[3]
+                    );
+                }
+                if p.resize_short < p.crop {
+                    bail!(
+                        "preprocess.resize_short {} is smaller than crop {}",
+                        p.resize_short,
+                        p.crop
+                    );
+                }
+            }
         }
         if let Some(f) = &self.fallback {
             if !(0.0..=1.0).contains(&f.margin) {
@@ -133,6 +191,23 @@ impl Manifest {
                     "fallback.margin must be a probability margin in [0, 1], got {}",
                     f.margin
                 );
+            }
+        }
+        if let Some(d) = &self.detector {
+            if d.decoder != "centerface" {
+                bail!(
+                    "detector.decoder \"{}\" is not one ersm decodes (\"centerface\")",
+                    d.decoder
+                );
+            }
+            if !(d.threshold > 0.0 && d.threshold < 1.0) {
+                bail!("detector.threshold must be in (0, 1), got {}", d.threshold);
+            }
+            if !(d.nms_iou > 0.0 && d.nms_iou <= 1.0) {
+                bail!("detector.nms_iou must be in (0, 1], got {}", d.nms_iou);
+            }
+            if self.fallback.is_some() {
+                bail!("fallback (a classifier's top-1 margin) does not apply to a detector");
             }
         }
         if let Some(d) = &self.dense_model {

@@ -28,9 +28,25 @@ pub struct Cut {
     pub input: String,
     /// Tensor it writes (the masked features the suffix reads).
     pub output: String,
-    /// The graph's final output.
-    pub graph_output: String,
+    /// The graph's outputs, in its order (a classifier's logits; a
+    /// detector's maps).
+    pub graph_outputs: Vec<String>,
+    /// Tensors computed before the cut that the suffix reads too (FPN
+    /// laterals), in the order the prefix hands them over after its first
+    /// output.
+    pub taps: Vec<Tap>,
     /// Feature map channels, height, width.
+    pub c: usize,
+    pub h: usize,
+    pub w: usize,
+}
+
+/// A tensor of the prefix the suffix reads beside the energy layer's output:
+/// a `[1, C, H, W]` map whose size is the cut's times or divided by a
+/// whole factor, gathered at the active positions of its own resolution.
+#[derive(Clone, Debug)]
+pub struct Tap {
+    pub name: String,
     pub c: usize,
     pub h: usize,
     pub w: usize,
@@ -47,11 +63,13 @@ pub struct CutModel {
     pub plan: Plan,
     /// ONNX op types before the cut, in graph order.
     pub prefix_ops: Vec<String>,
-    /// The suffix as an ONNX model (input: the energy layer's output).
+    /// The suffix as an ONNX model (inputs: the energy layer's output, then
+    /// the taps).
     pub suffix_proto: ModelProto,
     /// The whole network with the energy layer as Identity (every token kept).
     pub dense_proto: ModelProto,
-    /// The prefix as an ONNX model (output: the energy layer's input).
+    /// The prefix as an ONNX model (outputs: the energy layer's input, then
+    /// the taps).
     pub prefix_proto: ModelProto,
     /// The original network, when the manifest names one (`dense_model`): the
     /// dense baseline and the fallback run it instead of `dense_suffix`.
@@ -85,6 +103,12 @@ impl CutModel {
         if let Some(file) = package.manifest.dense_model.clone() {
             let bpath = dir.join(&file);
             let cut = &package.cut;
+            ensure!(
+                cut.taps.is_empty(),
+                "dense_model {}: a package whose suffix reads prefix maps ({}) cannot name an original network yet",
+                bpath.display(),
+                cut.taps.iter().map(|t| t.name.as_str()).collect::<Vec<_>>().join(", ")
+            );
             let baseline = Baseline::load(
                 &bpath,
                 &cut.input,
@@ -120,21 +144,17 @@ impl CutModel {
             (Some(i), Some(o)) => (i.clone(), o.clone()),
             _ => bail!("{}: needs an input and an output", label(enode)),
         };
-        ensure!(
-            graph.output.len() == 1,
-            "the graph must have one output, has {}",
-            graph.output.len()
-        );
-        let graph_output = graph.output[0].name.clone();
+        ensure!(!graph.output.is_empty(), "the graph has no output");
+        let graph_outputs: Vec<String> = graph.output.iter().map(|o| o.name.clone()).collect();
 
         // Prefix: what the energy input needs. Suffix: everything after the cut.
         let (before, after) = split_at(graph, &input);
-        let prefix_nodes: Vec<NodeProto> = before.into_iter().cloned().collect();
+        let mut prefix_nodes: Vec<NodeProto> = before.into_iter().cloned().collect();
         ensure!(
             !prefix_nodes.iter().any(|n| n.op_type == energy::OP_TYPE),
             "the energy layer's input depends on the energy layer"
         );
-        let suffix_nodes: Vec<NodeProto> = after
+        let mut suffix_nodes: Vec<NodeProto> = after
             .into_iter()
             .filter(|n| !std::ptr::eq(*n, enode))
             .cloned()
@@ -157,27 +177,60 @@ impl CutModel {
             manifest.input.name
         );
         onnx::check_declared_shape(&graph_inputs[0], &manifest.input.shape)?;
-        let produced_before: HashSet<&str> = prefix_nodes
+        let input_name = graph_inputs[0].name.as_str();
+        let produced_before: HashSet<String> = prefix_nodes
             .iter()
-            .flat_map(|n| n.output.iter().map(String::as_str))
-            .chain(std::iter::once(graph_inputs[0].name.as_str()))
+            .flat_map(|n| n.output.iter().cloned())
             .collect();
+        // A suffix node may read a prefix tensor (an FPN lateral): the prefix
+        // hands it over too, and the suffix gathers it where its level is
+        // active. The image itself is not a map of the cut's tokens.
+        let mut tap_names: Vec<String> = Vec::new();
         for n in &suffix_nodes {
-            if let Some(t) = n
-                .input
-                .iter()
-                .find(|t| produced_before.contains(t.as_str()))
-            {
-                bail!(
-                    "{} after the energy layer reads '{t}' from before it: connections across the cut are not supported",
-                    label(n)
-                );
+            for t in &n.input {
+                if t == input_name {
+                    bail!(
+                        "{} after the energy layer reads the graph input '{t}': only tensors the prefix computes may cross the cut",
+                        label(n)
+                    );
+                }
+                if produced_before.contains(t) && !tap_names.contains(t) {
+                    tap_names.push(t.clone());
+                }
             }
         }
-
+        // The energy layer's input read after the cut is its unmasked map, a
+        // tap like any other: the prefix hands it over a second time through
+        // an Identity, so every prefix output is a tensor of its own.
+        if let Some(t) = tap_names.iter_mut().find(|t| **t == input) {
+            let copy = format!("{input}.tap");
+            for n in suffix_nodes.iter_mut() {
+                for i in n.input.iter_mut().filter(|i| **i == input) {
+                    i.clone_from(&copy);
+                }
+            }
+            prefix_nodes.push(NodeProto {
+                name: copy.clone(),
+                op_type: "Identity".into(),
+                input: vec![input.clone()],
+                output: vec![copy.clone()],
+                ..Default::default()
+            });
+            *t = copy;
+        }
+        if let Some(o) = graph_outputs
+            .iter()
+            .find(|o| produced_before.contains(*o) || **o == input)
+        {
+            bail!("graph output '{o}' is computed before the energy layer: every output must come after it");
+        }
         let prefix_ops = prefix_nodes.iter().map(|n| n.op_type.clone()).collect();
-        let prefix_proto = subgraph(&proto, prefix_nodes, graph_inputs.clone(), &[&input]);
-        let fs = onnx::output_shape(&prefix_proto, &manifest.input.shape, "prefix")?;
+        let prefix_outputs: Vec<&str> = std::iter::once(input.as_str())
+            .chain(tap_names.iter().map(String::as_str))
+            .collect();
+        let prefix_proto = subgraph(&proto, prefix_nodes, graph_inputs.clone(), &prefix_outputs);
+        let shapes = onnx::output_shapes(&prefix_proto, &manifest.input.shape, "prefix")?;
+        let fs = shapes[0].clone();
         ensure!(
             fs.len() == 4 && fs[0] == 1,
             "the energy layer's input '{input}' must be a [1, C, H, W] feature map, is {fs:?}"
@@ -188,23 +241,35 @@ impl CutModel {
             "the energy layer's input '{input}' is {c}×{h}×{w}: channels must be between 1 and {MAX_CHANNELS}"
         );
         let energy = energy::spec(enode, &consts, c)?;
+        let taps = tap_names
+            .into_iter()
+            .zip(&shapes[1..])
+            .map(|(name, s)| tap(name, s, (h, w)))
+            .collect::<Result<Vec<Tap>>>()?;
 
         let fills = energy::fills(enode)?;
+        let lowered_taps: Vec<(String, usize, usize, usize)> = taps
+            .iter()
+            .map(|t| (t.name.clone(), t.c, t.h, t.w))
+            .collect();
         let mut plan = crate::sparse::lower::lower(
             &suffix_nodes,
             &consts,
             &output,
             (c, h, w),
-            &graph_output,
+            &lowered_taps,
+            &graph_outputs,
             &fills,
         )?;
         plan.stride_rule = energy::stride_rule(enode)?;
-        let suffix_proto = subgraph(
-            &proto,
-            suffix_nodes,
-            vec![float_input(&output, &fs)],
-            &[&graph_output],
-        );
+        let suffix_inputs = std::iter::once(float_input(&output, &fs))
+            .chain(
+                taps.iter()
+                    .map(|t| float_input(&t.name, &[1, t.c, t.h, t.w])),
+            )
+            .collect();
+        let outputs: Vec<&str> = graph_outputs.iter().map(String::as_str).collect();
+        let suffix_proto = subgraph(&proto, suffix_nodes, suffix_inputs, &outputs);
         let dense_proto = with_identity_energy(&proto, e);
         Ok(CutModel {
             origin: origin.to_path_buf(),
@@ -213,7 +278,8 @@ impl CutModel {
                 node: onnx::node_name(enode).to_string(),
                 input,
                 output,
-                graph_output,
+                graph_outputs,
+                taps,
                 c,
                 h,
                 w,
@@ -227,6 +293,38 @@ impl CutModel {
             baseline: None,
         })
     }
+}
+
+/// The tap `name` of prefix shape `s`, checked against the cut's map size:
+/// the same size, or a whole factor larger or smaller (rounded up, as a
+/// strided layer's output is).
+fn tap(name: String, s: &[usize], (h, w): (usize, usize)) -> Result<Tap> {
+    let what = || format!("'{name}' (read after the energy layer, computed before it)");
+    ensure!(
+        s.len() == 4 && s[0] == 1 && s[1] >= 1 && s[2] >= 1 && s[3] >= 1,
+        "{}: must be a [1, C, H, W] map to cross the cut, is {s:?}",
+        what()
+    );
+    let (th, tw) = (s[2], s[3]);
+    let finer = th >= h && th % h == 0 && tw % w == 0 && th / h == tw / w;
+    let coarser = (2..=h.max(w)).any(|f| h.div_ceil(f) == th && w.div_ceil(f) == tw);
+    ensure!(
+        finer || coarser,
+        "{}: its {th}×{tw} map is not the cut's {h}×{w} times or divided by a whole factor",
+        what()
+    );
+    ensure!(
+        s[1] <= MAX_CHANNELS,
+        "{}: {} channels, at most {MAX_CHANNELS}",
+        what(),
+        s[1]
+    );
+    Ok(Tap {
+        name,
+        c: s[1],
+        h: th,
+        w: tw,
+    })
 }
 
 /// Most channels the energy layer's feature map (the tokens) may have.

@@ -13,14 +13,16 @@ use std::collections::HashMap;
 use tract_onnx::pb::NodeProto;
 
 /// Lowers `nodes` (the suffix, in graph order) reading `input` (`c × h × w`
-/// tokens) and producing `output`. `fills` name the token maps whose dropped
-/// positions hold a fill vector instead of zero.
+/// tokens) and the prefix maps `taps` (name, channels, height, width), and
+/// producing `outputs`. `fills` name the token maps whose dropped positions
+/// hold a fill vector instead of zero.
 pub fn lower(
     nodes: &[NodeProto],
     consts: &Constants,
     input: &str,
     (c, h, w): (usize, usize, usize),
-    output: &str,
+    taps: &[(String, usize, usize, usize)],
+    outputs: &[String],
     fills: &[(String, Vec<f32>)],
 ) -> Result<Plan> {
     let mut lowered = Lowered::default();
@@ -39,6 +41,13 @@ pub fn lower(
     let mut unused: Vec<&str> = fills.iter().map(|(n, _)| n.as_str()).collect();
     attach_fill(&mut lowered, fills, &mut unused, input, &input_tensor)?;
     lowered.tensors.insert(input.to_string(), input_tensor);
+    let mut tap_slots = Vec::with_capacity(taps.len());
+    for (name, tc, th, tw) in taps {
+        let (map, tensor) = ops::gather::tap(&mut lowered, name, *tc, (*th, *tw))?;
+        attach_fill(&mut lowered, fills, &mut unused, name, &tensor)?;
+        lowered.tensors.insert(name.clone(), tensor);
+        tap_slots.push(map);
+    }
     let mut readers: HashMap<String, usize> = HashMap::new();
     for n in nodes {
         for i in &n.input {
@@ -71,7 +80,7 @@ pub fn lower(
             lowered: &mut lowered,
             next: nodes.get(ix + 1),
             readers: &readers,
-            graph_output: output,
+            graph_outputs: outputs,
             folded: false,
         };
         let tensor = (op.build)(&mut n).with_context(|| label(node))?;
@@ -86,11 +95,15 @@ pub fn lower(
     if let Some(name) = unused.first() {
         bail!("the energy layer's fill for '{name}': no such tensor after the energy layer (a Conv output folded with its BatchNormalization is named by the BatchNormalization's output)");
     }
-    let out = lowered.tensors.get(output).with_context(|| {
-        format!("graph output '{output}' is not computed after the energy layer")
-    })?;
-    let out = out.slot;
-    Ok(Plan::new(lowered, c, out))
+    let out = outputs
+        .iter()
+        .map(|o| {
+            lowered.tensors.get(o).map(|t| t.slot).with_context(|| {
+                format!("graph output '{o}' is not computed after the energy layer")
+            })
+        })
+        .collect::<Result<Vec<usize>>>()?;
+    Ok(Plan::new(lowered, c, tap_slots, out))
 }
 
 /// Attaches the fill `fills` give tensor `name` as soon as it is lowered,

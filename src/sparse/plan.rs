@@ -29,15 +29,18 @@ pub struct Plan {
     pub channels: usize,
     /// How strided layers derive their active sets.
     pub stride_rule: StrideRule,
-    /// Slot holding the suffix output.
-    pub output: usize,
+    /// Dense input slots the prefix's maps fill every frame (the taps, in
+    /// the order the prefix hands them over).
+    pub taps: Vec<usize>,
+    /// Slots holding the suffix outputs, in the graph's output order.
+    pub outputs: Vec<usize>,
     /// Every ONNX tensor name the plan computes (aliases included) and its slot.
     pub tensors: BTreeMap<String, usize>,
     /// Every token map by tensor name, with its channels: the tensors a fill
     /// vector may name, and the values it must hold.
     pub fillable: BTreeMap<String, usize>,
     /// Step after which each slot is no longer read (`usize::MAX` for the
-    /// output and for slots never read).
+    /// outputs and for slots never read).
     pub last_use: Vec<usize>,
     /// For each step, the other operand of an Add that may run in the
     /// step's own kernel (see [`Plan::schedule`]); the GPU executor fuses
@@ -48,9 +51,9 @@ pub struct Plan {
 }
 
 impl Plan {
-    /// The plan of a finished lowering whose result is `output`, on
-    /// `channels`-wide gathered features.
-    pub fn new(lowered: Lowered, channels: usize, output: usize) -> Plan {
+    /// The plan of a finished lowering whose results are `outputs`, on
+    /// `channels`-wide gathered features and the prefix maps in `taps`.
+    pub fn new(lowered: Lowered, channels: usize, taps: Vec<usize>, outputs: Vec<usize>) -> Plan {
         let mut plan = Plan {
             levels: lowered.levels,
             rules: lowered.rules,
@@ -59,7 +62,8 @@ impl Plan {
             slot_shapes: lowered.slot_shapes,
             slot_fills: lowered.slot_fills,
             channels,
-            output,
+            taps,
+            outputs,
             ..Plan::default()
         };
         for (name, t) in lowered.tensors {
@@ -83,8 +87,10 @@ impl Plan {
                 self.last_use[i] = s;
             }
         }
-        // The output must survive the whole run.
-        self.last_use[self.output] = usize::MAX;
+        // The outputs must survive the whole run.
+        for &o in &self.outputs {
+            self.last_use[o] = usize::MAX;
+        }
         self.residual = self.fusable_adds();
     }
 
@@ -104,7 +110,7 @@ impl Plan {
                 if !s.op.takes_residual()
                     || !next.op.is_add()
                     || readers[s.output] != 1
-                    || s.output == self.output
+                    || self.outputs.contains(&s.output)
                 {
                     return None;
                 }
@@ -143,7 +149,7 @@ impl Plan {
             };
             let src = self.steps[s].inputs[0];
             let Some(p) = producer[src] else { continue };
-            if readers[src] != 1 || src == self.output {
+            if readers[src] != 1 || self.outputs.contains(&src) {
                 continue;
             }
             let Some(op) = self.steps[p].op.with_activation(act) else {
@@ -162,10 +168,22 @@ impl Plan {
         });
     }
 
-    /// The fill vector the output holds at dropped positions, if it is a
+    /// The fill vector output `k` holds at dropped positions, if it is a
     /// token map with one.
-    pub fn output_fill(&self) -> Option<&[f32]> {
-        self.slot_fills[self.output].as_deref()
+    pub fn output_fill(&self, k: usize) -> Option<&[f32]> {
+        self.slot_fills[self.outputs[k]].as_deref()
+    }
+
+    /// The outputs as dense tensors, flattened one after another in the
+    /// graph's output order: a token map scattered over `sets`, holding its
+    /// fill vector or zero at dropped positions (where a detector's map
+    /// then says "nothing here").
+    pub fn dense_outputs(&self, values: &[Value], sets: &[TokenSet]) -> Vec<f32> {
+        let mut out = Vec::new();
+        for (k, v) in values.iter().enumerate() {
+            out.extend(v.to_dense(sets, self.output_fill(k)).1);
+        }
+        out
     }
 
     /// How many tensors of the suffix hold a fill vector at dropped positions.
@@ -227,10 +245,36 @@ impl Plan {
         Ok(())
     }
 
-    /// Runs the suffix on gathered features (`kept.len() × C`). Returns the
-    /// output and the frame (for scattering a token output back to a map).
-    pub fn run(&self, kept: &[u32], features: Vec<f32>) -> Result<(Value, Frame)> {
-        self.run_inner(kept, features, None)
+    /// Fails unless `taps` are the prefix maps the suffix reads, by count and size.
+    pub fn check_taps(&self, taps: &[Vec<f32>]) -> Result<()> {
+        ensure!(
+            taps.len() == self.taps.len(),
+            "{} prefix maps given, the suffix reads {}",
+            taps.len(),
+            self.taps.len()
+        );
+        for (t, &slot) in taps.iter().zip(&self.taps) {
+            let want = self.slot_shapes[slot].len(&[]);
+            ensure!(
+                t.len() == want,
+                "prefix map '{}' holds {} values, expected {want}",
+                self.slot_names[slot],
+                t.len()
+            );
+        }
+        Ok(())
+    }
+
+    /// Runs the suffix on gathered features (`kept.len() × C`) and the
+    /// prefix maps it reads (dense, in [`Plan::taps`] order). Returns the
+    /// outputs and the frame (for scattering a token output back to a map).
+    pub fn run(
+        &self,
+        kept: &[u32],
+        features: Vec<f32>,
+        taps: Vec<Vec<f32>>,
+    ) -> Result<(Vec<Value>, Frame)> {
+        self.run_inner(kept, features, taps, None)
     }
 
     /// [`Plan::run`], also adding each step's wall time (ms) to `times`
@@ -239,20 +283,23 @@ impl Plan {
         &self,
         kept: &[u32],
         features: Vec<f32>,
+        taps: Vec<Vec<f32>>,
         times: &mut Vec<f64>,
-    ) -> Result<(Value, Frame)> {
+    ) -> Result<(Vec<Value>, Frame)> {
         times.resize(self.steps.len() + 1, 0.0);
-        self.run_inner(kept, features, Some(times))
+        self.run_inner(kept, features, taps, Some(times))
     }
 
     fn run_inner(
         &self,
         kept: &[u32],
         features: Vec<f32>,
+        taps: Vec<Vec<f32>>,
         mut times: Option<&mut Vec<f64>>,
-    ) -> Result<(Value, Frame)> {
+    ) -> Result<(Vec<Value>, Frame)> {
         let ms = |t: std::time::Instant| t.elapsed().as_secs_f64() * 1e3;
         self.check_features(kept.len(), features.len())?;
+        self.check_taps(&taps)?;
         let t = std::time::Instant::now();
         let frame = self.frame(kept);
         if let Some(times) = times.as_deref_mut() {
@@ -260,6 +307,12 @@ impl Plan {
         }
         let mut slots: Vec<Option<Value>> = vec![None; self.slot_names.len()];
         slots[0] = Some(Value::tokens(0, self.channels, features));
+        for (map, &slot) in taps.into_iter().zip(&self.taps) {
+            slots[slot] = Some(Value {
+                shape: self.slot_shapes[slot].clone(),
+                data: map,
+            });
+        }
         for (s, step) in self.steps.iter().enumerate() {
             let t = std::time::Instant::now();
             // An elementwise op gets the inputs it reads for the last time (and
@@ -306,9 +359,18 @@ impl Plan {
                 times[s] += ms(t);
             }
         }
-        let out = slots[self.output]
-            .take()
-            .context("internal: suffix output never written")?;
-        Ok((out, frame))
+        let mut outputs: Vec<Value> = Vec::with_capacity(self.outputs.len());
+        for (k, &o) in self.outputs.iter().enumerate() {
+            let v = match slots[o].take() {
+                Some(v) => v,
+                // A tensor named twice among the outputs.
+                None => match self.outputs[..k].iter().position(|&p| p == o) {
+                    Some(first) => outputs[first].clone(),
+                    None => bail!("internal: suffix output never written"),
+                },
+            };
+            outputs.push(v);
+        }
+        Ok((outputs, frame))
     }
 }

@@ -101,8 +101,9 @@ impl Masker {
 }
 
 /// Rewrites `suffix` (as built by the model loader) into the dense-masked
-/// reference. Inputs: the masked features (`x · m`), then for every level `l`
-/// of `plan` its mask and its pooling scale, in that order.
+/// reference. Inputs: the masked features (`x · m`), the prefix maps the
+/// suffix reads (unmasked: each is masked here by its own level), then for
+/// every level `l` of `plan` its mask and its pooling scale, in that order.
 pub fn reference(suffix: &ModelProto, plan: &Plan) -> ModelProto {
     let graph = suffix.graph.as_ref().expect("suffix has a graph");
     let slot_of = |name: &str| plan.tensors.get(name).copied();
@@ -121,6 +122,13 @@ pub fn reference(suffix: &ModelProto, plan: &Plan) -> ModelProto {
         if let Some(f) = fill_of(&cut) {
             first.name = format!("{cut}__masked");
             m.apply(first.name.clone(), &cut, 0, Some(f));
+        }
+    }
+    for tap in inputs.iter_mut().skip(1) {
+        let name = tap.name.clone();
+        if let Some(l) = level_of(&name) {
+            tap.name = format!("{name}__unmasked");
+            m.apply(tap.name.clone(), &name, l, fill_of(&name));
         }
     }
     for n in &graph.node {

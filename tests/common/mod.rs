@@ -272,6 +272,11 @@ impl Builder {
 
     /// Wraps the graph into a model: one input, one output, the ersm opset.
     pub fn model(self, input: (&str, &[usize]), output: &str) -> pb::ModelProto {
+        self.model_outputs(input, &[output])
+    }
+
+    /// Wraps the graph into a model with one input and several outputs.
+    pub fn model_outputs(self, input: (&str, &[usize]), outputs: &[&str]) -> pb::ModelProto {
         pb::ModelProto {
             ir_version: 8,
             opset_import: vec![
@@ -289,10 +294,13 @@ impl Builder {
                 node: self.nodes,
                 initializer: self.inits,
                 input: vec![ersm::onnx::float_input(input.0, input.1)],
-                output: vec![pb::ValueInfoProto {
-                    name: output.into(),
-                    ..Default::default()
-                }],
+                output: outputs
+                    .iter()
+                    .map(|o| pb::ValueInfoProto {
+                        name: o.to_string(),
+                        ..Default::default()
+                    })
+                    .collect(),
                 ..Default::default()
             }),
             ..Default::default()
@@ -424,11 +432,13 @@ pub fn manifest(h: usize, w: usize) -> Manifest {
             scale: 1.0 / 255.0,
             mean: [0.0; 3],
             std: [1.0; 3],
+            resize: None,
         },
         labels: vec![],
         licence: serde_json::Value::Null,
         dense_model: None,
         fallback: None,
+        detector: None,
     }
 }
 
@@ -621,6 +631,71 @@ pub fn random_network(seed: u64, h: usize, w: usize, c: usize) -> pb::ModelProto
     b.model(("image", &[1, 3, h, w]), &out)
 }
 
+/// A random detector-shaped ERSM network on a `3 × h × w` input (h, w
+/// multiples of 8): a prefix with maps at strides 1, 2 and 4, cut at stride
+/// 2 (`c` channels); a suffix that reads the prefix's stride-1 map (finer
+/// than the cut), sometimes its stride-4 map (coarser) and the cut's own
+/// input (the same size), as FPN laterals beside the energy layer's
+/// output; ConvTranspose upsampling with Adds on the union of sets; and
+/// two token-map outputs at stride 1 (a sigmoid "heatmap" and a 4-channel
+/// "box" map), like CenterFace's heads.
+pub fn random_detector(seed: u64, h: usize, w: usize, c: usize) -> pb::ModelProto {
+    let mut b = Builder::new(seed);
+    let p0 = b.conv("image", 3, 6, 3, 1, [1; 4], 1);
+    let p0 = b.op("Relu", &[&p0], vec![]);
+    let p1 = b.conv(&p0, 6, c, 3, 2, [1; 4], 1);
+    let p1 = b.act(&p1);
+    let coarse = b.rng.coin();
+    let (cut, p2) = if coarse {
+        // Down to stride 4 and back: the stride-4 map is computed before the
+        // cut, and the suffix reads it too.
+        let p2 = b.conv(&p1, c, c + 2, 3, 2, [1; 4], 1);
+        let p2 = b.op("Relu", &[&p2], vec![]);
+        let up = b.conv_transpose(&p2, c + 2, c, 2);
+        (b.op("Add", &[&up, &p1], vec![]), Some(p2))
+    } else {
+        (p1, None)
+    };
+    let steps = b.rng.int(0, 2) as i64;
+    let x = energy(&mut b, &cut, c, 0.3, steps, 4);
+    // At the cut's level; one block down to stride 4.
+    let y = b.conv(&x, c, c, 3, 1, [1; 4], 1);
+    let y = b.act(&y);
+    let d = b.conv(&y, c, c + 4, 3, 2, [1; 4], 1);
+    let d = b.op("Relu", &[&d], vec![]);
+    let d = match &p2 {
+        // The coarser prefix map joins the stride-4 level.
+        Some(p2) => {
+            let l = b.conv(p2, c + 2, c + 4, 1, 1, [0; 4], 1);
+            b.op("Add", &[&d, &l], vec![])
+        }
+        None => d,
+    };
+    // Back up to the cut's size, adding a lateral of the cut's own input.
+    let u = b.conv_transpose(&d, c + 4, c, 2);
+    let u = if b.rng.coin() { b.bn(&u, c) } else { u };
+    let u = b.op("Relu", &[&u], vec![]);
+    let l = b.conv(&cut, c, c, 1, 1, [0; 4], 1);
+    let l = b.op("Relu", &[&l], vec![]);
+    let u = b.op("Add", &[&u, &l], vec![]);
+    // Up to stride 1, adding a lateral of the prefix's stride-1 map.
+    let u = b.conv_transpose(&u, c, 8, 2);
+    let u = b.op("Relu", &[&u], vec![]);
+    let l = b.conv(&p0, 6, 8, 1, 1, [0; 4], 1);
+    let l = b.op("Relu", &[&l], vec![]);
+    let u = if b.rng.coin() {
+        b.op("Add", &[&u, &l], vec![])
+    } else {
+        b.op("Add", &[&l, &u], vec![])
+    };
+    let u = b.conv(&u, 8, 8, 3, 1, [1; 4], 1);
+    let u = b.op("Relu", &[&u], vec![]);
+    let heat = b.conv(&u, 8, 1, 1, 1, [0; 4], 1);
+    let heat = b.op("Sigmoid", &[&heat], vec![]);
+    let boxes = b.conv(&u, 8, 4, 1, 1, [0; 4], 1);
+    b.model_outputs(("image", &[1, 3, h, w]), &[&heat, &boxes])
+}
+
 /// Loads a built network as a package (no files involved).
 pub fn package(proto: pb::ModelProto, h: usize, w: usize) -> ModelPackage {
     ModelPackage::from_proto(proto, manifest(h, w), Path::new("random/model.onnx"))
@@ -686,6 +761,12 @@ pub fn level_masks(m: &ModelPackage, kept: &[u32]) -> Vec<Vec<f32>> {
 
 /// The dense-masked reference output for features `x` (`C×H×W`) and kept tokens.
 pub fn dense_masked(m: &ModelPackage, x: &[f32], kept: &[u32]) -> Vec<f32> {
+    dense_masked_with(m, x, &[], kept)
+}
+
+/// [`dense_masked`] of a suffix that also reads the prefix maps `taps`
+/// (dense, in the cut's order): each masked by its own level.
+pub fn dense_masked_with(m: &ModelPackage, x: &[f32], taps: &[Vec<f32>], kept: &[u32]) -> Vec<f32> {
     let masks = level_masks(m, kept);
     let hw = m.cut.h * m.cut.w;
     let xm: Vec<f32> = x
@@ -701,7 +782,11 @@ pub fn dense_masked(m: &ModelPackage, x: &[f32], kept: &[u32]) -> Vec<f32> {
         .map(|mk| [mk.len() as f32 / mk.iter().sum::<f32>().max(1.0)])
         .collect();
     let shapes: Vec<[usize; 4]> = m.plan.levels.iter().map(|l| [1, 1, l.h, l.w]).collect();
+    let tap_shapes: Vec<[usize; 4]> = m.cut.taps.iter().map(|t| [1, t.c, t.h, t.w]).collect();
     let mut inputs: Vec<(&[usize], &[f32])> = vec![(&fs, &xm)];
+    for (s, t) in tap_shapes.iter().zip(taps) {
+        inputs.push((s, t));
+    }
     for l in 0..masks.len() {
         inputs.push((&shapes[l], &masks[l]));
         inputs.push((&[1], &scales[l]));
@@ -711,10 +796,18 @@ pub fn dense_masked(m: &ModelPackage, x: &[f32], kept: &[u32]) -> Vec<f32> {
 
 /// The sparse suffix's output (scattered to dense) for features `x` and kept tokens.
 pub fn sparse(m: &ModelPackage, x: &[f32], kept: &[u32]) -> Vec<f32> {
+    sparse_with(m, x, &[], kept)
+}
+
+/// [`sparse`] of a suffix that also reads the prefix maps `taps`.
+pub fn sparse_with(m: &ModelPackage, x: &[f32], taps: &[Vec<f32>], kept: &[u32]) -> Vec<f32> {
     let fm = ersm::ersm::FeatureMap::new(x, m.cut.c, m.cut.h, m.cut.w).unwrap();
     let feats = ersm::ersm::cpu::gather(fm, kept);
-    let (out, frame) = m.plan.run(kept, feats).expect("sparse suffix runs");
-    out.to_dense(&frame.sets, m.plan.output_fill()).1
+    let (out, frame) = m
+        .plan
+        .run(kept, feats, taps.to_vec())
+        .expect("sparse suffix runs");
+    m.plan.dense_outputs(&out, &frame.sets)
 }
 
 /// `‖a − b‖∞ / ‖b‖∞`.

@@ -245,11 +245,25 @@ impl Device for Emulator {
 
 /// CPU sparse suffix against the GPU one on the same features and kept set.
 fn compare<D: Device>(m: &ModelPackage, gpu: &GpuSuffix<D>, x: &[f32], kept: &[u32], what: &str) {
-    let cpu = sparse(m, x, kept);
+    compare_with(m, gpu, x, &[], kept, what)
+}
+
+/// [`compare`] for a suffix that also reads the prefix maps `taps`.
+fn compare_with<D: Device>(
+    m: &ModelPackage,
+    gpu: &GpuSuffix<D>,
+    x: &[f32],
+    taps: &[Vec<f32>],
+    kept: &[u32],
+    what: &str,
+) {
+    let cpu = sparse_with(m, x, taps, kept);
     let fm = ersm::ersm::FeatureMap::new(x, m.cut.c, m.cut.h, m.cut.w).unwrap();
     let feats = ersm::ersm::cpu::gather(fm, kept);
-    let (out, frame) = gpu.run(&m.plan, kept, &feats).expect("GPU suffix runs");
-    let got = out.to_dense(&frame.sets, m.plan.output_fill()).1;
+    let (out, frame) = gpu
+        .run(&m.plan, kept, &feats, taps)
+        .expect("GPU suffix runs");
+    let got = m.plan.dense_outputs(&out, &frame.sets);
     assert!(
         got.iter().all(|v| v.is_finite()),
         "{what}: non-finite output"
@@ -274,12 +288,12 @@ fn compare<D: Device>(m: &ModelPackage, gpu: &GpuSuffix<D>, x: &[f32], kept: &[u
     let rows = gpu.device().upload(&feats).unwrap();
     // SAFETY: the kept list, its count and its rows, uploaded just above.
     let (on_device, counts) =
-        unsafe { gpu.run_on_device(uploaded.tokens, gpu.device().ptr(&rows)) }
+        unsafe { gpu.run_on_device(uploaded.tokens, gpu.device().ptr(&rows), taps) }
             .unwrap_or_else(|e| panic!("{what}: run on device tokens: {e:#}"));
     let want: Vec<usize> = frame.sets.iter().map(|s| s.len()).collect();
     assert_eq!(counts, want, "{what}: token counts read back");
     assert_eq!(
-        on_device.to_dense(&frame.sets, m.plan.output_fill()).1,
+        m.plan.dense_outputs(&on_device, &frame.sets),
         got,
         "{what}: the device-built frame's output"
     );
@@ -341,6 +355,34 @@ fn check_everything<D: Device>(make: impl Fn() -> D) {
         let m = with_random_fills(random_network(seed, h, w, c), h, w, &mut rng, 0.6);
         let what = format!("random network {seed} with fills");
         compare_random_masks(&make, &m, &mut rng, &[0.05, 0.4], &what);
+    }
+    // Detector-shaped suffixes: prefix maps gathered at their own levels
+    // (`sfx_gather_map`, on host- and device-built token lists), several
+    // outputs.
+    for seed in 0..6u64 {
+        let (h, w, c) = [(16, 16, 6), (8, 24, 4)][seed as usize % 2];
+        let proto = random_detector(seed, h, w, c);
+        let proto = if seed % 2 == 0 {
+            with_stride_rule(proto, "centre")
+        } else {
+            proto
+        };
+        let m = package(proto, h, w);
+        let gpu = GpuSuffix::new(make(), &m.plan).expect("a detector lowers");
+        let mut rng = Rng::new(700 + seed);
+        let image = rng.normals(3 * h * w, 1.0);
+        let maps: Vec<Vec<f32>> = m
+            .prefix
+            .run_outputs(&image)
+            .unwrap()
+            .iter()
+            .map(|o| o.to_vec().unwrap())
+            .collect();
+        for p in [0.05, 0.5, 1.0] {
+            let kept = random_kept(&mut rng, m.cut.h * m.cut.w, p);
+            let what = format!("random detector {seed}, keep {p}");
+            compare_with(&m, &gpu, &maps[0], &maps[1..], &kept, &what);
+        }
     }
     let shipped = ModelPackage::load("models/mobilenet_v2_ersm").unwrap();
     let gpu = GpuSuffix::new(make(), &shipped.plan).expect("the shipped model lowers");
@@ -464,7 +506,7 @@ impl<B> EnergyOutputs<B> {
     fn run<D: Device<Buf = B>>(
         &self,
         gpu: &GpuSuffix<D>,
-    ) -> anyhow::Result<(ersm::sparse::Value, Vec<usize>)> {
+    ) -> anyhow::Result<(Vec<ersm::sparse::Value>, Vec<usize>)> {
         let d = gpu.device();
         let tokens = DeviceTokens {
             kept: d.ptr(&self.list),
@@ -472,7 +514,7 @@ impl<B> EnergyOutputs<B> {
         };
         // SAFETY: `new` sized the buffers for a whole map and `write` filled
         // the kept list, its count and its rows.
-        unsafe { gpu.run_on_device(tokens, d.ptr(&self.rows)) }
+        unsafe { gpu.run_on_device(tokens, d.ptr(&self.rows), &[]) }
     }
 }
 
@@ -487,16 +529,16 @@ fn timed_gpu_suffix_gives_the_untimed_result() {
     let m = ModelPackage::load("models/mobilenet_v2_ersm").unwrap();
     let gpu = GpuSuffix::new(emulator, &m.plan).expect("the shipped model lowers");
     let (kept, feats) = blob_frame(&m, &mut Rng::new(23), 0.5);
-    let (want, frame) = gpu.run(&m.plan, &kept, &feats).unwrap();
-    let want = want.to_dense(&frame.sets, m.plan.output_fill()).1;
+    let (want, frame) = gpu.run(&m.plan, &kept, &feats, &[]).unwrap();
+    let want = m.plan.dense_outputs(&want, &frame.sets);
     let counts: Vec<usize> = frame.sets.iter().map(|s| s.len()).collect();
     for site in [RulebookSite::Device, RulebookSite::Host] {
         let mut times = Vec::new();
         for frames in 1..=2 {
             let (got, got_counts) = gpu
-                .run_timed(&m.plan, &kept, &feats, site, &mut times)
+                .run_timed(&m.plan, &kept, &feats, &[], site, &mut times)
                 .unwrap();
-            assert_eq!(got.to_dense(&frame.sets, m.plan.output_fill()).1, want);
+            assert_eq!(m.plan.dense_outputs(&got, &frame.sets), want);
             assert_eq!(got_counts, counts, "{site:?}: token counts");
             assert_eq!(
                 times.len(),
@@ -513,15 +555,15 @@ fn timed_gpu_suffix_gives_the_untimed_result() {
                 "{site:?}: building the token sets and rulebooks took no time"
             );
         }
-        let (issued, done) = gpu.time_launches(&m.plan, &kept, &feats).unwrap();
+        let (issued, done) = gpu.time_launches(&m.plan, &kept, &feats, &[]).unwrap();
         assert!(
             issued > 0.0 && issued <= done,
             "issued {issued} ms, done {done} ms"
         );
-        assert!(gpu.time_launches(&m.plan, &kept, &feats[1..]).is_err());
+        assert!(gpu.time_launches(&m.plan, &kept, &feats[1..], &[]).is_err());
         // A wrong row count is refused before anything runs.
         assert!(gpu
-            .run_timed(&m.plan, &kept, &feats[1..], site, &mut times)
+            .run_timed(&m.plan, &kept, &feats[1..], &[], site, &mut times)
             .is_err());
     }
 }
@@ -671,13 +713,14 @@ fn device_path_frames(emulator: Emulator) {
         let what = format!("graphs {graphs}, frame {frame_no}");
         gpu.device().log.borrow_mut().clear();
         // SAFETY: the kept list, its count and its rows, uploaded above.
-        let out = unsafe { gpu.run_on_device(uploaded.tokens, gpu.device().ptr(&rows)) }.unwrap();
+        let out =
+            unsafe { gpu.run_on_device(uploaded.tokens, gpu.device().ptr(&rows), &[]) }.unwrap();
         let log = gpu.device().log.borrow().clone();
-        let n_out = match &out.0 {
-            ersm::sparse::Value {
+        let n_out = match &out.0[..] {
+            [ersm::sparse::Value {
                 shape: ersm::sparse::Shape::Dense { .. },
                 data,
-            } => data.len(),
+            }] => data.len(),
             v => panic!("the shipped model's output is dense, got {v:?}"),
         };
         let reads = [Call::Download(m.plan.levels.len()), Call::Download(n_out)];
@@ -735,7 +778,7 @@ fn device_path_frames(emulator: Emulator) {
         assert_eq!(log[last + 1..], reads, "{what}: after the last launch");
     }
     // The same as the host-built frame's run, bit for bit.
-    let (want, frame) = gpu.run(&m.plan, &kept, &feats).unwrap();
+    let (want, frame) = gpu.run(&m.plan, &kept, &feats, &[]).unwrap();
     let want_counts: Vec<usize> = frame.sets.iter().map(|s| s.len()).collect();
     for (got, counts) in outputs {
         assert_eq!(got, want);
@@ -764,7 +807,7 @@ fn device_frame_refuses_a_bad_kept_count() {
             count: d.ptr(&count),
         };
         // SAFETY: the list and rows hold a whole map; the count is what is tested.
-        let err = unsafe { gpu.run_on_device(tokens, d.ptr(&rows)) }.unwrap_err();
+        let err = unsafe { gpu.run_on_device(tokens, d.ptr(&rows), &[]) }.unwrap_err();
         let msg = format!("{err:#}");
         assert!(msg.contains("kept list holds"), "count {n}: {msg}");
     }
@@ -872,7 +915,7 @@ fn a_captured_frame_replays_for_each_later_frames_tokens() {
                 "frame {frame_no}: replays the graph"
             );
         }
-        let (want, frame) = gpu.run(&m.plan, &kept, &feats).unwrap();
+        let (want, frame) = gpu.run(&m.plan, &kept, &feats, &[]).unwrap();
         assert_eq!(got, want, "frame {frame_no}, keep {keep}");
         let want_counts: Vec<usize> = frame.sets.iter().map(|s| s.len()).collect();
         assert_eq!(counts, want_counts, "frame {frame_no}: token counts");
@@ -915,7 +958,7 @@ fn a_failed_capture_falls_back_to_kernel_by_kernel_launches() {
         );
         launches.push(log.iter().filter(|c| matches!(c, Call::Launch(_))).count());
         assert!(gpu.stopped_capturing(), "frame {frame_no}");
-        let (want, _) = gpu.run(&m.plan, &kept, &feats).unwrap();
+        let (want, _) = gpu.run(&m.plan, &kept, &feats, &[]).unwrap();
         assert_eq!(got, want, "frame {frame_no}, keep {keep}");
     }
     // The first frame's launches went into the failed capture, then again

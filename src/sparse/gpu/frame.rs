@@ -148,6 +148,17 @@ impl<D: Device> GpuSuffix<D> {
                 &words_as_f32(&rb.table),
             )?;
         }
+        // Prefix maps are gathered at the levels' token lists, which the
+        // device path's kernels build and the host path must upload.
+        if !self.taps.is_empty() {
+            for (l, set) in frame.sets.iter().enumerate() {
+                d.write(
+                    &mut ws.sets,
+                    self.layout.list(l),
+                    &words_as_f32(&set.coords),
+                )?;
+            }
+        }
         Ok(counts)
     }
 

@@ -32,7 +32,7 @@ pub use device::{words_as_f32, Device, BLOCK};
 use frame::FrameLayout;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Instant;
-use workspace::{keep_newest, Captured, Recorded, Workspace};
+use workspace::{keep_newest, Captured, Outputs, Recorded, Workspace};
 
 fn ms(since: Instant) -> f64 {
     since.elapsed().as_secs_f64() * 1e3
@@ -88,7 +88,10 @@ pub struct GpuSuffix<D: Device> {
     /// The uploaded arrays, kept alive while their addresses are in use.
     _arrays: Vec<D::Buf>,
     slots: usize,
-    output: usize,
+    /// The plan's output slots, and its tap slots with their dense shapes.
+    outputs: Vec<usize>,
+    taps: Vec<usize>,
+    tap_shapes: Vec<Shape>,
     channels: usize,
     /// The plan's schedule: step after which each slot is read for the
     /// last time, and the Add each step's kernel may take in.
@@ -131,7 +134,13 @@ impl<D: Device> GpuSuffix<D> {
             steps,
             _arrays: bufs,
             slots: plan.slot_names.len(),
-            output: plan.output,
+            outputs: plan.outputs.clone(),
+            taps: plan.taps.clone(),
+            tap_shapes: plan
+                .taps
+                .iter()
+                .map(|&t| plan.slot_shapes[t].clone())
+                .collect(),
             channels: plan.channels,
             last_use: plan.last_use.clone(),
             residual: plan.residual.clone(),
@@ -156,27 +165,45 @@ impl<D: Device> GpuSuffix<D> {
     }
 
     /// Runs the suffix on gathered `features` (`kept.len() × C`, host
-    /// memory) for the token set `kept`, with the token sets and rulebooks
-    /// built on the host; the result as the CPU plan gives it.
-    pub fn run(&self, plan: &Plan, kept: &[u32], features: &[f32]) -> Result<(Value, Frame)> {
+    /// memory) and the prefix maps it reads (`taps`, dense, host memory) for
+    /// the token set `kept`, with the token sets and rulebooks built on the
+    /// host; the outputs as the CPU plan gives them.
+    pub fn run(
+        &self,
+        plan: &Plan,
+        kept: &[u32],
+        features: &[f32],
+        taps: &[Vec<f32>],
+    ) -> Result<(Vec<Value>, Frame)> {
         plan.check_features(kept.len(), features.len())?;
+        plan.check_taps(taps)?;
         let frame = plan.frame(kept);
-        let value = self.with_workspace(|ws| {
+        let values = self.with_workspace(|ws| {
             let counts = self.put_host_frame(ws, &frame, features)?;
+            self.put_taps(ws, taps)?;
             let rows = self.device.ptr(&ws.input);
-            let (shape, out) = self.replay(ws, rows, None)?;
-            self.fetch(ws, shape, out, rows, &counts)
+            let outputs = self.replay(ws, rows, None)?;
+            self.fetch(ws, &outputs, rows, &counts)
         })?;
-        Ok((value, frame))
+        Ok((values, frame))
+    }
+
+    /// Writes the prefix maps the suffix reads into their buffers.
+    fn put_taps(&self, ws: &mut Workspace<D::Buf, D::Graph>, taps: &[Vec<f32>]) -> Result<()> {
+        for (buf, t) in ws.taps.iter_mut().zip(taps) {
+            self.device.write(buf, 0, t)?;
+        }
+        Ok(())
     }
 
     /// Runs the suffix on gathered rows another component left in device
     /// memory (the energy kernel's output) for the kept tokens it left there
     /// too: the token sets and rulebooks are built on the device, and the
     /// kernels read every token count where it lies, so nothing comes back
-    /// to the host until the output has been computed. The output and the
-    /// token count of each level are returned (the host's [`Plan::sets`] of
-    /// the same kept list places a token output).
+    /// to the host until the outputs have been computed (`taps`, the prefix
+    /// maps the suffix reads, are written from the host first). The outputs
+    /// and the token count of each level are returned (the host's
+    /// [`Plan::sets`] of the same kept list places a token output).
     ///
     /// # Safety
     /// `tokens` must address a kept list and its count as the energy kernel
@@ -187,11 +214,19 @@ impl<D: Device> GpuSuffix<D> {
         &self,
         tokens: DeviceTokens,
         rows: u64,
-    ) -> Result<(Value, Vec<usize>)> {
+        taps: &[Vec<f32>],
+    ) -> Result<(Vec<Value>, Vec<usize>)> {
+        anyhow::ensure!(
+            taps.len() == self.taps.len(),
+            "{} prefix maps given, the suffix reads {}",
+            taps.len(),
+            self.taps.len()
+        );
         self.with_workspace(|ws| {
-            let (shape, out) = self.launch_frame(ws, tokens, rows)?;
+            self.put_taps(ws, taps)?;
+            let outputs = self.launch_frame(ws, tokens, rows)?;
             let counts = self.read_counts(ws, None)?;
-            Ok((self.fetch(ws, shape, out, rows, &counts)?, counts))
+            Ok((self.fetch(ws, &outputs, rows, &counts)?, counts))
         })
     }
 
@@ -207,16 +242,19 @@ impl<D: Device> GpuSuffix<D> {
         plan: &Plan,
         kept: &[u32],
         features: &[f32],
+        taps: &[Vec<f32>],
         site: RulebookSite,
         times: &mut Vec<f64>,
-    ) -> Result<(Value, Vec<usize>)> {
+    ) -> Result<(Vec<Value>, Vec<usize>)> {
         plan.check_features(kept.len(), features.len())?;
+        plan.check_taps(taps)?;
         let n = self.steps.len();
         times.resize(n + 2, 0.0);
         self.with_workspace(|ws| {
             let rows = self.device.ptr(&ws.input);
             // Recorded untimed: like the weights' upload, it happens once.
             self.recorded(ws, rows)?;
+            self.put_taps(ws, taps)?;
             let counts = match site {
                 RulebookSite::Host => {
                     let t = Instant::now();
@@ -241,12 +279,12 @@ impl<D: Device> GpuSuffix<D> {
                     None
                 }
             };
-            let (shape, out) = self.replay(ws, rows, Some(times))?;
+            let outputs = self.replay(ws, rows, Some(times))?;
             let counts = match counts {
                 Some(c) => c,
                 None => self.read_counts(ws, Some(kept.len()))?,
             };
-            Ok((self.fetch(ws, shape, out, rows, &counts)?, counts))
+            Ok((self.fetch(ws, &outputs, rows, &counts)?, counts))
         })
     }
 
@@ -257,10 +295,18 @@ impl<D: Device> GpuSuffix<D> {
     /// issued, and until the level counts are back. Issued close to done
     /// means the host's launch rate bounds the frame (CUDA graphs help);
     /// done far past issued means the kernels do (faster kernels would).
-    pub fn time_launches(&self, plan: &Plan, kept: &[u32], features: &[f32]) -> Result<(f64, f64)> {
+    pub fn time_launches(
+        &self,
+        plan: &Plan,
+        kept: &[u32],
+        features: &[f32],
+        taps: &[Vec<f32>],
+    ) -> Result<(f64, f64)> {
         plan.check_features(kept.len(), features.len())?;
+        plan.check_taps(taps)?;
         self.with_workspace(|ws| {
             self.device.write(&mut ws.input, 0, features)?;
+            self.put_taps(ws, taps)?;
             let tokens = self.put_kept(ws, kept)?;
             let rows = self.device.ptr(&ws.input);
             // Recording and capturing happen once, untimed (capturing by a
@@ -307,50 +353,63 @@ impl<D: Device> GpuSuffix<D> {
             .lock()
             .unwrap_or_else(PoisonError::into_inner);
         if guard.is_none() {
-            *guard = Some(Workspace::new(&self.device, &self.layout, self.channels)?);
+            let taps: Vec<usize> = self.tap_shapes.iter().map(|s| s.len(&[])).collect();
+            *guard = Some(Workspace::new(
+                &self.device,
+                &self.layout,
+                self.channels,
+                &taps,
+            )?);
         }
         f(guard.as_mut().expect("just set"))
     }
 
-    /// Reads an output back, with the exact token `counts` of every level.
+    /// Reads the outputs back, with the exact token `counts` of every level.
     fn fetch(
         &self,
         ws: &Workspace<D::Buf, D::Graph>,
-        shape: Shape,
-        out: Option<usize>,
+        outputs: &Outputs,
         rows: u64,
         counts: &[usize],
-    ) -> Result<Value> {
-        let n = shape.len(counts);
-        let data = match out {
-            Some(i) => self.device.download(&ws.pool[i].0, n)?,
-            None => {
-                // SAFETY: a suffix with no steps hands back its input, which
-                // the caller keeps live and which holds `n` values.
-                let b = unsafe { self.device.copy_from(rows, n)? };
-                self.device.download(&b, n)?
-            }
-        };
-        Ok(Value { shape, data })
+    ) -> Result<Vec<Value>> {
+        outputs
+            .iter()
+            .map(|(shape, out)| {
+                let n = shape.len(counts);
+                let data = match out {
+                    Some(i) => self.device.download(&ws.pool[*i].0, n)?,
+                    None => {
+                        // SAFETY: a suffix with no steps hands back its input,
+                        // which the caller keeps live and which holds `n` values.
+                        let b = unsafe { self.device.copy_from(rows, n)? };
+                        self.device.download(&b, n)?
+                    }
+                };
+                Ok(Value {
+                    shape: shape.clone(),
+                    data,
+                })
+            })
+            .collect()
     }
 
     /// Launches a whole device-path frame (token sets, rulebooks, steps)
     /// for the kept list at `tokens` and the rows at `rows`: as one captured
     /// graph where the device captures (captured at the first frame from
-    /// these addresses), else launch by launch. The output's shape and pool
-    /// buffer, still on the device.
+    /// these addresses), else launch by launch. The outputs' shapes and pool
+    /// buffers, still on the device.
     fn launch_frame(
         &self,
         ws: &mut Workspace<D::Buf, D::Graph>,
         tokens: DeviceTokens,
         rows: u64,
-    ) -> Result<(Shape, Option<usize>)> {
+    ) -> Result<Outputs> {
         if let Some(g) = captured(ws, tokens, rows) {
             self.device.launch_graph(&g.graph)?;
-            return Ok((g.output.clone(), g.out));
+            return Ok(g.outputs.clone());
         }
         let i = self.recorded(ws, rows)?;
-        let (output, out) = (ws.recorded[i].output.clone(), ws.recorded[i].out);
+        let outputs = ws.recorded[i].outputs.clone();
         if ws.capture {
             let frame = &*ws;
             let captured = self.device.capture(&mut || {
@@ -364,11 +423,10 @@ impl<D: Device> GpuSuffix<D> {
                         rows,
                         tokens,
                         graph,
-                        output: output.clone(),
-                        out,
+                        outputs: outputs.clone(),
                     };
                     keep_newest(&mut ws.graphs, g);
-                    return Ok((output, out));
+                    return Ok(outputs);
                 }
                 Ok(None) => ws.capture = false,
                 Err(e) => {
@@ -379,7 +437,7 @@ impl<D: Device> GpuSuffix<D> {
         }
         self.build_frame(ws, tokens)?;
         self.launch_recorded(&ws.recorded[i], None)?;
-        Ok((output, out))
+        Ok(outputs)
     }
 
     /// Launches a recorded list. With `times`, each launch is synchronised
@@ -401,17 +459,17 @@ impl<D: Device> GpuSuffix<D> {
 
     /// Launches every step on the rows at `rows` (recording the launches at
     /// the first frame from there), timed as [`GpuSuffix::launch_recorded`]
-    /// times them; the output's shape and pool buffer, still on the device.
+    /// times them; the outputs' shapes and pool buffers, still on the device.
     fn replay(
         &self,
         ws: &mut Workspace<D::Buf, D::Graph>,
         rows: u64,
         times: Option<&mut Vec<f64>>,
-    ) -> Result<(Shape, Option<usize>)> {
+    ) -> Result<Outputs> {
         let i = self.recorded(ws, rows)?;
         let r = &ws.recorded[i];
         self.launch_recorded(r, times)?;
-        Ok((r.output.clone(), r.out))
+        Ok(r.outputs.clone())
     }
 }
 

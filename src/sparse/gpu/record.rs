@@ -36,6 +36,12 @@ impl<D: Device> GpuSuffix<D> {
                 .map(|&t| at + 4 * t as u64)
                 .collect()
         };
+        let lists: Vec<u64> = {
+            let at = self.device.ptr(&ws.sets);
+            (0..self.levels.len())
+                .map(|l| at + 4 * self.layout.list(l) as u64)
+                .collect()
+        };
         let mut rec = Recorder::new(&self.device, &mut ws.pool);
         let mut launches = Vec::new();
         let mut slots: Vec<Slot> = (0..self.slots).map(|_| None).collect();
@@ -47,6 +53,13 @@ impl<D: Device> GpuSuffix<D> {
             rows,
             None,
         ));
+        for (k, &slot) in self.taps.iter().enumerate() {
+            slots[slot] = Some((
+                self.tap_shapes[k].clone(),
+                self.device.ptr(&ws.taps[k]),
+                None,
+            ));
+        }
         let mut i = 0;
         while i < self.steps.len() {
             let s = &self.steps[i];
@@ -85,6 +98,7 @@ impl<D: Device> GpuSuffix<D> {
                 capacity: &self.layout.positions,
                 counts,
                 tables: &tables,
+                lists: &lists,
                 residual,
                 fused: false,
                 out: None,
@@ -111,9 +125,13 @@ impl<D: Device> GpuSuffix<D> {
             }
             i = last + 1;
         }
-        let (output, _, out) = slots[self.output]
-            .take()
-            .context("the suffix output was never computed")?;
+        let mut outputs = Vec::with_capacity(self.outputs.len());
+        for &o in &self.outputs {
+            let (shape, _, out) = slots[o]
+                .clone()
+                .context("a suffix output was never computed")?;
+            outputs.push((shape, out));
+        }
         let pool_mb = ws.pool.iter().map(|(_, n)| n).sum::<usize>() as f64 * 4.0 / 1e6;
         log::info!(
             "GPU suffix: {} launches recorded for rows at {rows:#x}; {} output buffers, {pool_mb:.1} MB",
@@ -125,8 +143,7 @@ impl<D: Device> GpuSuffix<D> {
             Recorded {
                 rows,
                 launches,
-                output,
-                out,
+                outputs,
             },
         );
         Ok(ws.recorded.len() - 1)

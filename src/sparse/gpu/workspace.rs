@@ -11,16 +11,17 @@ use crate::sparse::launch::{Launch, Pool};
 use crate::sparse::value::Shape;
 use anyhow::Result;
 
-/// The launches of every step for one input address, and where the output
-/// lies.
+/// Each output's shape and the pool buffer holding it (`None` when it is
+/// the input: a suffix with no steps).
+pub(super) type Outputs = Vec<(Shape, Option<usize>)>;
+
+/// The launches of every step for one input address, and where the outputs
+/// lie.
 pub(super) struct Recorded {
     /// Address of the gathered rows the first step reads.
     pub rows: u64,
     pub launches: Vec<Launch>,
-    pub output: Shape,
-    /// The pool buffer holding the output; `None` when it is the input (a
-    /// suffix with no steps).
-    pub out: Option<usize>,
+    pub outputs: Outputs,
 }
 
 /// A device-path frame (sets, rulebooks, steps) captured as one graph, for
@@ -30,8 +31,7 @@ pub(super) struct Captured<G> {
     pub rows: u64,
     pub tokens: DeviceTokens,
     pub graph: G,
-    pub output: Shape,
-    pub out: Option<usize>,
+    pub outputs: Outputs,
 }
 
 /// Appends `item`, keeping the newest few: lists keyed by buffer addresses,
@@ -59,6 +59,8 @@ pub(super) struct Workspace<B, G> {
     /// kernel leaves them.
     pub kept: B,
     pub kept_count: B,
+    /// The prefix maps the suffix reads (its taps), written every frame.
+    pub taps: Vec<B>,
     /// The steps' outputs, with each buffer's length.
     pub pool: Vec<(B, usize)>,
     /// The step launches recorded so far, one list per input address.
@@ -70,11 +72,13 @@ pub(super) struct Workspace<B, G> {
 }
 
 impl<B, G> Workspace<B, G> {
-    /// Allocates the frame buffers of `layout` for `channels`-wide rows.
+    /// Allocates the frame buffers of `layout` for `channels`-wide rows and
+    /// prefix maps of `taps` values each.
     pub fn new<D: Device<Buf = B, Graph = G>>(
         device: &D,
         layout: &FrameLayout,
         channels: usize,
+        taps: &[usize],
     ) -> Result<Workspace<B, G>> {
         let all = layout.positions[0];
         Ok(Workspace {
@@ -84,6 +88,10 @@ impl<B, G> Workspace<B, G> {
             input: device.alloc(all * channels)?,
             kept: device.alloc(all)?,
             kept_count: device.alloc(1)?,
+            taps: taps
+                .iter()
+                .map(|&n| device.alloc(n))
+                .collect::<Result<_>>()?,
             pool: Vec::new(),
             recorded: Vec::new(),
             graphs: Vec::new(),

@@ -128,3 +128,22 @@ extern "C" __global__ void sfx_rulebook(RulebookParams p) {
     }
     p.table[idx] = v;
 }
+
+struct GatherMapParams {
+    const float* map;     // a dense C × positions map from the prefix
+    const u32* list;      // the level's token list (raster positions)
+    const u32* count;     // its length
+    float* y;             // rows × C token rows
+    int c, positions;
+    int rows;             // the level's positions: the launch's capacity
+};
+
+// A prefix map's rows at a level's active positions, as GatherMap::eval: one
+// thread per (token, channel), threads past the count return.
+extern "C" __global__ void sfx_gather_map(GatherMapParams p) {
+    const int i = sfx_index();
+    const int n = sfx_rows(p.count, p.rows);
+    if (i >= n * p.c) return;
+    const int row = i / p.c, ch = i % p.c;
+    p.y[i] = p.map[ch * p.positions + (int)p.list[row]];
+}

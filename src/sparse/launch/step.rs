@@ -34,6 +34,8 @@ pub struct StepIo<'a> {
     pub(crate) counts: u64,
     /// Address of each rulebook's table.
     pub(crate) tables: &'a [u64],
+    /// Address of each level's token list (raster positions, ascending).
+    pub(crate) lists: &'a [u64],
     /// The other operand of the Add after this step, when the plan lets
     /// this step's kernel add it.
     pub(crate) residual: Option<(Shape, u64)>,
@@ -88,6 +90,11 @@ impl StepIo<'_> {
             Shape::Tokens { level, c } => (self.count(*level), *c as i32),
             Shape::Dense { .. } => (0, 0),
         }
+    }
+
+    /// Address of level `level`'s token list.
+    pub fn list(&self, level: usize) -> u64 {
+        self.lists[level]
     }
 
     /// Address of rulebook `i`'s table.

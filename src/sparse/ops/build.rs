@@ -117,8 +117,8 @@ pub struct OnnxNode<'a> {
     pub(crate) next: Option<&'a NodeProto>,
     /// How many nodes of the suffix read each tensor.
     pub(crate) readers: &'a HashMap<String, usize>,
-    /// The graph's output, which a fold must not hide.
-    pub(crate) graph_output: &'a str,
+    /// The graph's outputs, which a fold must not hide.
+    pub(crate) graph_outputs: &'a [String],
     /// Set once the builder has folded `next` into this node.
     pub(crate) folded: bool,
 }
@@ -139,9 +139,11 @@ impl<'a> OnnxNode<'a> {
         if self.consts.contains(name) {
             bail!("input {k} ('{name}') is a constant; the sparse executor needs a computed tensor here");
         }
-        self.lowered.tensors.get(name).cloned().with_context(|| {
-            format!("input '{name}' is not computed after the energy layer (it must not read tensors from before the cut)")
-        })
+        self.lowered
+            .tensors
+            .get(name)
+            .cloned()
+            .with_context(|| format!("input '{name}' is computed nowhere before this node"))
     }
 
     /// Computed input 0 as a dense value: its slot and ONNX shape.
@@ -181,7 +183,7 @@ impl<'a> OnnxNode<'a> {
             n.op_type == op_type
                 && n.input.first() == Some(out)
                 && self.readers.get(out).copied().unwrap_or(0) == 1
-                && out != self.graph_output
+                && !self.graph_outputs.contains(out)
         })?;
         self.folded = true;
         Some(next)

