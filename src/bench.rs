@@ -2,9 +2,10 @@
 //! after the other (alternating which goes first), timed per stage, into a
 //! [`BenchReport`] with both modes' samples.
 
-use crate::logits::top1;
+use crate::answer::Comparison;
+use crate::detect::Agreement;
 use crate::pipeline::Pipeline;
-use crate::report::{ideal_speedup, BenchReport, StageSamples};
+use crate::report::{ideal_speedup, BenchReport, FaceJson, FaceSummary, StageSamples};
 use crate::source::Frame;
 use anyhow::{Context, Result};
 use std::io::Write;
@@ -42,6 +43,7 @@ pub fn run(pipeline: &Pipeline, frames: &[Frame], opts: &BenchOptions) -> Result
     let (mut ersm, mut dense) = (StageSamples::default(), StageSamples::default());
     let (mut keeps, mut agree, mut macs, mut fell) = (Vec::new(), 0usize, 0f64, 0usize);
     let mut failed = 0usize;
+    let mut faces = Agreement::default();
     for i in 0..opts.warmup + opts.frames {
         let frame = &frames[i % frames.len()];
         // Alternate which mode goes first so neither always runs on warm caches.
@@ -71,23 +73,38 @@ pub fn run(pipeline: &Pipeline, frames: &[Frame], opts: &BenchOptions) -> Result
         ersm.push(&e.times);
         dense.push(&d.times);
         keeps.push(e.mask.keep_ratio());
-        agree += usize::from(top1(&e.logits) == top1(&d.logits));
+        let (w, h) = (frame.width, frame.height);
+        let answer = m.reader.read(&e.logits, w, h)?;
+        let dense_answer = m.reader.read(&d.logits, w, h)?;
+        let compared = Comparison::of(&answer, &dense_answer);
+        agree += usize::from(compared.agrees());
+        if let Comparison::Faces(a) = compared {
+            faces.add(&a);
+        }
         if let Some(w) = dump.as_mut() {
-            let rec = serde_json::json!({
+            let mut rec = serde_json::json!({
                 "image": frame.name,
                 "kept": e.mask.kept,
-                "logits": e.logits,
-                "dense_logits": d.logits,
             });
+            if m.reader.is_detector() {
+                let json = |a: &crate::answer::Answer| -> Vec<FaceJson> {
+                    a.faces().iter().map(FaceJson::of).collect()
+                };
+                rec["faces"] = serde_json::json!(json(&answer));
+                rec["dense_faces"] = serde_json::json!(json(&dense_answer));
+            } else {
+                rec["logits"] = serde_json::json!(e.logits);
+                rec["dense_logits"] = serde_json::json!(d.logits);
+            }
             writeln!(w, "{rec}").context("--dump")?;
         }
         macs += e.suffix_macs(&m.plan) as f64;
         fell += usize::from(e.fell_back);
         log::debug!(
-            "{}: top-1 {} (dense {}), keep {:.3}",
+            "{}: {} (dense {}), keep {:.3}",
             frame.name,
-            m.manifest.label(top1(&e.logits)),
-            m.manifest.label(top1(&d.logits)),
+            answer.label(&m.manifest),
+            dense_answer.label(&m.manifest),
             e.mask.keep_ratio()
         );
     }
@@ -114,6 +131,7 @@ pub fn run(pipeline: &Pipeline, frames: &[Frame], opts: &BenchOptions) -> Result
         speedup: dense.p50("total") / ersm.p50("total"),
         suffix_speedup: dense.p50("suffix") / ersm.p50("suffix"),
         agreement: agree as f64 / n,
+        faces: m.reader.is_detector().then(|| FaceSummary::of(&faces)),
         suffix_macs_dense: m.plan.dense_cost(),
         suffix_macs_ersm: macs / n,
         energy_macs: m.energy.head.macs(m.cut.h, m.cut.w),

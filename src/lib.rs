@@ -8,12 +8,14 @@
 //! `sparse::gpu` runs the suffix on a GPU; `gpu` is the one CUDA device
 //! every GPU user goes through.
 
+pub mod answer;
 pub mod bench;
 pub mod caption;
 pub mod capture;
 pub mod detect;
 pub mod ersm;
 pub mod eval;
+pub mod faces;
 pub mod files;
 pub mod gpu;
 pub mod live;

@@ -4,7 +4,10 @@
 //! Written as a PNG sequence, or through ffmpeg as a video file or an RTP or
 //! RTSP stream.
 
+use crate::caption::Line;
+use crate::detect::Detection;
 use crate::ersm::TokenMask;
+use crate::faces::Cover;
 use crate::model::manifest::Preprocess;
 use crate::preprocess::crop_region;
 use crate::source::Frame;
@@ -24,6 +27,30 @@ const LINE: isize = 2;
 fn jet(u: f32) -> [f32; 3] {
     let c = |x: f32| (1.5 - x.abs()).clamp(0.0, 1.0) * 255.0;
     [c(4.0 * u - 3.0), c(4.0 * u - 2.0), c(4.0 * u - 1.0)]
+}
+
+/// What an output shows of a frame: the overlay of `mask` with a
+/// detector's `faces` outlined and the caption; or, with `cover`
+/// (`--anonymize`), the frame itself with every face covered and nothing
+/// else drawn.
+pub fn picture(
+    frame: &Frame,
+    mask: &TokenMask,
+    p: &Preprocess,
+    faces: &[Detection],
+    cover: Option<Cover>,
+    caption: &[Line],
+) -> Vec<u8> {
+    let (w, h) = (frame.width, frame.height);
+    if let Some(c) = cover {
+        let mut img = frame.rgb.clone();
+        crate::faces::anonymize(&mut img, w, h, faces, c);
+        return img;
+    }
+    let mut img = draw(frame, mask, p);
+    crate::faces::draw(&mut img, w, h, faces);
+    crate::caption::draw(&mut img, w, h, caption);
+    img
 }
 
 /// Draws the overlay of `mask` on `frame`, pre-processed as `p` describes.

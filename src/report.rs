@@ -128,8 +128,12 @@ pub struct BenchReport {
     pub speedup: f64,
     /// Dense suffix p50 over sparse suffix p50.
     pub suffix_speedup: f64,
-    /// Fraction of frames whose top-1 class is the dense one.
+    /// Fraction of frames whose answer is the dense one: the same top-1
+    /// class, or exactly the dense faces.
     pub agreement: f64,
+    /// A detector's faces against dense's.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub faces: Option<FaceSummary>,
     /// Suffix multiply-accumulates: dense, and mean per ERSM frame (the
     /// sparse suffix plus, on frames that fell back, the dense one).
     pub suffix_macs_dense: u64,
@@ -250,11 +254,18 @@ impl BenchReport {
                 self.suffix_macs_ersm / self.suffix_macs_dense.max(1) as f64
             );
         }
-        let _ = writeln!(
-            s,
-            " top-1 agreement {:.1} % with dense",
-            self.agreement * 100.0
-        );
+        match &self.faces {
+            Some(f) => {
+                let _ = writeln!(s, " {}", f.line());
+            }
+            None => {
+                let _ = writeln!(
+                    s,
+                    " top-1 agreement {:.1} % with dense",
+                    self.agreement * 100.0
+                );
+            }
+        }
         let _ = writeln!(s, "{rule}");
         let _ = write!(s, " (p50/p95 of wall-clock time per frame; on a Jetson, lock clocks with jetson_clocks for stable figures)");
         s
@@ -324,6 +335,9 @@ pub struct RunReport {
     /// Mean suffix compute per frame as a fraction of the dense suffix's
     /// (sparse plus fallback multiply-accumulates).
     pub suffix_compute: f64,
+    /// A detector's faces against the dense baseline's, when compared.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub faces: Option<FaceSummary>,
     /// Resident memory (MiB) after warm-up and at the end.
     pub rss_mib_start: f64,
     pub rss_mib_end: f64,
@@ -429,7 +443,18 @@ impl RunReport {
                 r * 100.0
             );
         }
-        if let Some(a) = self.agreement {
+        if let Some(f) = &self.faces {
+            let _ = writeln!(s, " {}", f.line());
+            if let Some(a) = self.agreement {
+                let _ = writeln!(
+                    s,
+                    "                 {:.1} % of frames with exactly dense's faces ({} of {})",
+                    a * 100.0,
+                    self.agree_frames,
+                    self.frames
+                );
+            }
+        } else if let Some(a) = self.agreement {
             let _ = writeln!(
                 s,
                 " top-1 agreement {:.1} % with dense ({} of {} frames)",
@@ -482,13 +507,22 @@ pub fn rss_mib() -> f64 {
 /// alphabetical order, the order the records have always had.
 #[derive(Clone, Debug, Serialize)]
 pub struct JsonRecord<'a> {
+    /// The frame agrees with dense: the same top-1 class, or every dense
+    /// face found and no other.
     pub agree: Option<bool>,
     /// The dense baseline's top-1 softmax margin.
     pub dense_margin: Option<f64>,
+    /// A detector's faces by the dense baseline, when it ran.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub dense_faces: Option<Vec<FaceJson>>,
     pub dense_ms: Option<StageMs>,
-    /// The dense baseline's class, when it ran.
+    /// The dense baseline's class, when it ran (a classifier).
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub dense_top1: Option<usize>,
     pub ersm_ms: StageMs,
+    /// A detector's faces, in frame pixels.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub faces: Option<Vec<FaceJson>>,
     pub fell_back: bool,
     /// Index in the stream (warm-up frames included).
     pub frame: usize,
@@ -498,10 +532,75 @@ pub struct JsonRecord<'a> {
     pub label: String,
     pub name: &'a str,
     pub rss_mib: f64,
-    pub top1: usize,
+    /// A classifier's class.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub top1: Option<usize>,
     /// Left out of the latency percentiles.
     pub warmup: bool,
     pub width: usize,
+}
+
+/// One face of a `--jsonl` record: its box and landmarks in frame pixels.
+#[derive(Clone, Debug, Serialize)]
+pub struct FaceJson {
+    /// `[x1, y1, x2, y2]`.
+    pub bbox: [f32; 4],
+    /// Eyes, nose, mouth corners, `[x, y]` each.
+    pub landmarks: [[f32; 2]; 5],
+    pub score: f32,
+}
+
+impl FaceJson {
+    /// The record of one detection.
+    pub fn of(d: &crate::detect::Detection) -> FaceJson {
+        FaceJson {
+            bbox: [d.x1, d.y1, d.x2, d.y2],
+            landmarks: d.landmarks,
+            score: d.score,
+        }
+    }
+}
+
+/// A detector's faces against the dense baseline's over a run: dense's
+/// faces matched one to one (IoU ≥ 0.5). Recall leads: a face dense finds
+/// and ERSM misses is one left uncovered.
+#[derive(Clone, Copy, Debug, Serialize)]
+pub struct FaceSummary {
+    pub recall: f64,
+    pub precision: f64,
+    pub f1: f64,
+    /// Mean IoU of the matched pairs (absent without any).
+    pub mean_iou: Option<f64>,
+    pub dense_faces: usize,
+    pub ersm_faces: usize,
+    pub matched: usize,
+}
+
+impl FaceSummary {
+    /// The summary of summed per-frame agreements.
+    pub fn of(a: &crate::detect::Agreement) -> FaceSummary {
+        FaceSummary {
+            recall: a.recall(),
+            precision: a.precision(),
+            f1: a.f1(),
+            mean_iou: a.mean_iou(),
+            dense_faces: a.reference,
+            ersm_faces: a.found,
+            matched: a.matched,
+        }
+    }
+
+    /// One line for summaries: recall first.
+    pub fn line(&self) -> String {
+        format!(
+            "faces: recall {:.3} of {} dense faces, precision {:.3}, F1 {:.3}, mean IoU {}",
+            self.recall,
+            self.dense_faces,
+            self.precision,
+            self.f1,
+            self.mean_iou.map_or("-".into(), |v| format!("{v:.3}"))
+        )
+    }
 }
 
 /// One mode's stage times of a frame, ms (alphabetical, as in [`JsonRecord`]).

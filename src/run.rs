@@ -2,14 +2,17 @@
 //! baseline beside it), with a live status line, per-frame records and
 //! overlays, ending in a summary however the stream ends.
 
+use crate::answer::Comparison;
 use crate::caption;
 use crate::capture::{Capture, End, Next};
+use crate::detect::Agreement;
 use crate::live::stats::FrameRecord;
 use crate::live::{Live, Shot};
-use crate::logits::{top1, top1_margin, SURE_MARGIN};
 use crate::overlay::{self, OverlayWriter};
 use crate::pipeline::Pipeline;
-use crate::report::{rss_mib, Ending, JsonRecord, RunReport, StageMs, StageSamples};
+use crate::report::{
+    rss_mib, Ending, FaceJson, FaceSummary, JsonRecord, RunReport, StageMs, StageSamples,
+};
 use crate::source::Frame;
 use anyhow::{Context, Result};
 use indicatif::{ProgressBar, ProgressStyle};
@@ -41,6 +44,10 @@ pub struct RunOptions {
     pub length: Option<usize>,
     /// One line naming the source, for the summary.
     pub source: String,
+    /// Cover the faces a detector finds on every output, not the heat map.
+    pub anonymize: Option<crate::faces::Cover>,
+    /// Faces seen lately, kept covered (`--hold`).
+    pub hold: crate::faces::Hold,
 }
 
 /// The live status line: a progress bar on a terminal, plain lines otherwise.
@@ -106,6 +113,8 @@ struct Tally {
     fell_back: usize,
     /// Suffix multiply-accumulates spent, summed over frames (fallbacks included).
     macs: f64,
+    /// A detector's faces against dense's, summed over frames.
+    faces: Agreement,
 }
 
 impl Tally {
@@ -163,6 +172,7 @@ pub fn run(
         failed: 0,
         fell_back: 0,
         macs: 0.0,
+        faces: Agreement::default(),
     };
     let mut status = Status::new(opts.length);
     let mut start: Option<Instant> = None;
@@ -283,6 +293,7 @@ pub fn run(
             .fallback
             .map(|_| t.fell_back as f64 / t.frames().max(1) as f64),
         suffix_compute: t.macs / n / m.plan.dense_cost().max(1) as f64,
+        faces: (opts.compare && m.reader.is_detector()).then(|| FaceSummary::of(&t.faces)),
         rss_mib_start: rss_start,
         rss_mib_end: rss_mib(),
         ending,
@@ -322,25 +333,37 @@ fn process(
     let spent = e.suffix_macs(&m.plan) as f64;
     t.macs += spent;
     t.fell_back += usize::from(e.fell_back);
-    let class = top1(&e.logits);
-    let dense_class = d.as_ref().map(|d| top1(&d.logits));
+    let answer = m.reader.read(&e.logits, frame.width, frame.height)?;
+    let dense = match &d {
+        Some(d) => Some(m.reader.read(&d.logits, frame.width, frame.height)?),
+        None => None,
+    };
     if let Some(d) = &d {
         if timed {
             t.dense.push(&d.times);
         }
     }
-    let agrees = dense_class.map(|c| c == class);
+    let compared = dense.as_ref().map(|da| Comparison::of(&answer, da));
+    let agrees = compared.map(|c| c.agrees());
     t.agree += usize::from(agrees == Some(true));
-    let dense_margin = d.as_ref().map(|d| top1_margin(&d.logits) as f64);
-    if dense_margin.is_some_and(|m| m >= SURE_MARGIN) {
-        t.sure += 1;
-        t.sure_agree += usize::from(agrees == Some(true));
+    let dense_margin = match &dense {
+        Some(crate::answer::Answer::Class { margin, .. }) => Some(f64::from(*margin)),
+        _ => None,
+    };
+    match compared {
+        Some(Comparison::Class { agree, sure: true }) => {
+            t.sure += 1;
+            t.sure_agree += usize::from(agree);
+        }
+        Some(Comparison::Faces(a)) => t.faces.add(&a),
+        _ => {}
     }
+    let label = answer.label(&m.manifest);
+    let dense_label = dense.as_ref().map(|a| a.label(&m.manifest));
     log::debug!(
-        "{}: top-1 '{}'{} keep {keep:.3} | ersm: pre {:.2} prefix {:.2} ersm {:.2} suffix {:.2} ms{}",
+        "{}: '{label}'{} keep {keep:.3} | ersm: pre {:.2} prefix {:.2} ersm {:.2} suffix {:.2} ms{}",
         frame.name,
-        m.manifest.label(class),
-        dense_class.map_or(String::new(), |c| format!(" (dense '{}')", m.manifest.label(c))),
+        dense_label.as_ref().map_or(String::new(), |l| format!(" (dense '{l}')")),
         e.times.preprocess,
         e.times.prefix,
         e.times.ersm,
@@ -358,9 +381,17 @@ fn process(
             height: frame.height,
             keep_ratio: keep,
             kept_tokens: e.mask.kept.len(),
-            top1: class,
-            label: m.manifest.label(class),
-            dense_top1: dense_class,
+            top1: answer.class(),
+            label: label.clone(),
+            dense_top1: dense.as_ref().and_then(|a| a.class()),
+            faces: m
+                .reader
+                .is_detector()
+                .then(|| answer.faces().iter().map(FaceJson::of).collect()),
+            dense_faces: dense
+                .as_ref()
+                .filter(|_| m.reader.is_detector())
+                .map(|a| a.faces().iter().map(FaceJson::of).collect()),
             agree: agrees,
             dense_margin,
             fell_back: e.fell_back,
@@ -387,16 +418,28 @@ fn process(
         .map(|d| steady(t.dense.recent_p50("total", 30), d.times.total()));
     let lines = || {
         caption::compose(
-            &m.manifest.label(class),
-            dense_class.map(|c| m.manifest.label(c)).as_deref(),
+            &label,
+            dense_label.as_deref(),
             keep,
             (ersm_ms, dense_ms),
             e.fell_back,
         )
     };
+    // What the outputs show of the faces: this frame's, and with
+    // --anonymize those seen in the last few frames.
+    let shown = match opts.anonymize {
+        Some(_) => opts.hold.update(answer.faces()),
+        None => answer.faces().to_vec(),
+    };
     if !opts.overlays.is_empty() {
-        let mut img = overlay::draw(frame, &e.mask, &m.manifest.preprocess);
-        caption::draw(&mut img, frame.width, frame.height, &lines());
+        let img = overlay::picture(
+            frame,
+            &e.mask,
+            &m.manifest.preprocess,
+            &shown,
+            opts.anonymize,
+            &lines(),
+        );
         // A full disk or a dead encoder stops that output, not the run.
         opts.overlays
             .retain_mut(|o| match o.write(&img, frame.width, frame.height) {
@@ -416,9 +459,13 @@ fn process(
                 ersm: e.times,
                 dense: d.as_ref().map(|d| d.times),
                 keep,
-                label: m.manifest.label(class),
-                dense_label: dense_class.map(|c| m.manifest.label(c)),
+                label: label.clone(),
+                dense_label: dense_label.clone(),
                 agree: agrees,
+                faces: match compared {
+                    Some(Comparison::Faces(a)) => Some(a),
+                    _ => None,
+                },
                 fell_back: e.fell_back,
                 suffix_compute: spent / m.plan.dense_cost().max(1) as f64,
                 warmup: !timed,
@@ -437,6 +484,8 @@ fn process(
                 frame: frame.clone(),
                 mask,
                 caption: lines(),
+                faces: shown,
+                cover: opts.anonymize,
             });
         }
     }

@@ -3,8 +3,10 @@
 //! fallback, and the effective suffix compute.
 
 use super::Analysed;
-use crate::logits::{top1, top1_margin};
+use crate::answer::{Answer, Comparison};
+use crate::detect::Agreement;
 use crate::pipeline::Pipeline;
+use crate::report::FaceSummary;
 use anyhow::Result;
 use serde::Serialize;
 
@@ -15,15 +17,20 @@ pub struct ImageKeep {
     pub keep_ratio: f64,
     pub kept: usize,
     pub tokens: usize,
-    /// ERSM's top-1 (after any fallback) is the dense baseline's.
+    /// ERSM's answer (after any fallback) is the dense baseline's: the same
+    /// top-1, or exactly the dense faces.
     pub agrees: bool,
     /// The confidence fallback re-ran this image densely.
     pub fell_back: bool,
     /// Suffix multiply-accumulates spent, as a fraction of the dense suffix's
     /// (sparse plus, when it fell back, dense).
     pub compute: f64,
-    /// The dense baseline's top-1 softmax margin: how sure the reference is.
+    /// The dense baseline's top-1 softmax margin: how sure the reference is
+    /// (0 for a detector).
     pub dense_margin: f64,
+    /// A detector's faces: by dense, and matched by ERSM.
+    pub dense_faces: usize,
+    pub matched_faces: usize,
 }
 
 pub use crate::logits::SURE_MARGIN;
@@ -50,6 +57,9 @@ pub struct Sparsity {
     pub sure_images: usize,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub sure_agreement: Option<f64>,
+    /// A detector's faces against dense's over every image.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub faces: Option<FaceSummary>,
 }
 
 /// Summarises analysed images, running the sparse suffix on each (and the
@@ -58,24 +68,42 @@ pub fn of(p: &Pipeline, images: &[Analysed]) -> Result<Sparsity> {
     let plan = &p.model.plan;
     let dense = plan.dense_cost().max(1) as f64;
     let mut per = Vec::with_capacity(images.len());
+    let reader = &p.model.reader;
+    // Detections are matched in input pixels: IoU does not change with the
+    // frame's scaling.
+    let (iw, ih) = (
+        p.model.manifest.input.shape[3],
+        p.model.manifest.input.shape[2],
+    );
+    let mut faces = Agreement::default();
     for a in images {
         let (logits, tokens) = a.suffix_with(p, &a.mask.kept)?;
         let fell_back = p.unsure(&logits);
-        let answer = if fell_back { &a.dense_logits } else { &logits };
+        let answer = reader.read(if fell_back { &a.dense_logits } else { &logits }, iw, ih)?;
+        let dense_answer = reader.read(&a.dense_logits, iw, ih)?;
+        let compared = Comparison::of(&answer, &dense_answer);
+        let (dense_margin, found) = match (&dense_answer, compared) {
+            (Answer::Class { margin, .. }, _) => (f64::from(*margin), Agreement::default()),
+            (_, Comparison::Faces(f)) => (0.0, f),
+            _ => (0.0, Agreement::default()),
+        };
+        faces.add(&found);
         per.push(ImageKeep {
             image: a.name.clone(),
             keep_ratio: a.mask.keep_ratio(),
             kept: a.mask.kept.len(),
             tokens: a.mask.h * a.mask.w,
-            agrees: top1(answer) == top1(&a.dense_logits),
+            agrees: compared.agrees(),
             fell_back,
             compute: plan.spent(&tokens, fell_back) as f64 / dense,
-            dense_margin: f64::from(top1_margin(&a.dense_logits)),
+            dense_margin,
+            dense_faces: found.reference,
+            matched_faces: found.matched,
         });
     }
     let sure: Vec<&ImageKeep> = per
         .iter()
-        .filter(|k| k.dense_margin >= SURE_MARGIN)
+        .filter(|k| !reader.is_detector() && k.dense_margin >= SURE_MARGIN)
         .collect();
     let sure_agreement = (!sure.is_empty())
         .then(|| sure.iter().filter(|k| k.agrees).count() as f64 / sure.len() as f64);
@@ -114,6 +142,7 @@ pub fn of(p: &Pipeline, images: &[Analysed]) -> Result<Sparsity> {
         compute,
         sure_images,
         sure_agreement,
+        faces: reader.is_detector().then(|| FaceSummary::of(&faces)),
     })
 }
 
@@ -121,10 +150,10 @@ impl Sparsity {
     /// One row per image.
     pub fn csv(&self) -> String {
         let mut s =
-            String::from("image,keep_ratio,kept,tokens,agrees,fell_back,compute,dense_margin\n");
+            String::from("image,keep_ratio,kept,tokens,agrees,fell_back,compute,dense_margin,dense_faces,matched_faces\n");
         for k in &self.images {
             s += &format!(
-                "{},{:.6},{},{},{},{},{:.6},{:.6}\n",
+                "{},{:.6},{},{},{},{},{:.6},{:.6},{},{}\n",
                 k.image,
                 k.keep_ratio,
                 k.kept,
@@ -132,7 +161,9 @@ impl Sparsity {
                 k.agrees,
                 k.fell_back,
                 k.compute,
-                k.dense_margin
+                k.dense_margin,
+                k.dense_faces,
+                k.matched_faces
             );
         }
         s
@@ -148,16 +179,25 @@ impl Sparsity {
             self.min,
             self.max
         );
-        s += &format!(
-            "top-1 agreement with dense {:.1} %, effective suffix compute {:.3} of dense",
-            self.agreement * 100.0,
-            self.compute
-        );
-        if let Some(r) = self.fallback_rate {
-            s += &format!(", fallback {:.1} % of images", r * 100.0);
+        if let Some(f) = &self.faces {
+            s += &format!(
+                "{}; effective suffix compute {:.3} of dense\n",
+                f.line(),
+                self.compute
+            );
+        } else {
+            s += &format!(
+                "top-1 agreement with dense {:.1} %, effective suffix compute {:.3} of dense",
+                self.agreement * 100.0,
+                self.compute
+            );
+            if let Some(r) = self.fallback_rate {
+                s += &format!(", fallback {:.1} % of images", r * 100.0);
+            }
+            s.push('\n');
         }
-        s.push('\n');
         match self.sure_agreement {
+            _ if self.faces.is_some() => {}
             Some(a) => {
                 s += &format!(
                     "on the {} image(s) the dense network is sure of (top-1 margin >= {SURE_MARGIN}): agreement {:.1} %\n",

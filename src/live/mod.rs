@@ -14,7 +14,7 @@ pub mod http;
 mod mailbox;
 pub mod stats;
 
-use crate::caption::{self, Line};
+use crate::caption::Line;
 use crate::ersm::TokenMask;
 use crate::model::manifest::Preprocess;
 use crate::overlay::{self, OverlayWriter};
@@ -153,6 +153,9 @@ pub struct Shot {
     pub frame: Frame,
     pub mask: TokenMask,
     pub caption: Vec<Line>,
+    /// A detector's faces to outline, or to cover with `cover`.
+    pub faces: Vec<crate::detect::Detection>,
+    pub cover: Option<crate::faces::Cover>,
 }
 
 /// The painter thread and its mailbox; the thread returns what failed.
@@ -312,8 +315,14 @@ fn paint(
     let mut errors = Vec::new();
     while let Some(shot) = inbox.take() {
         let (w, h) = (shot.frame.width, shot.frame.height);
-        let mut img = overlay::draw(&shot.frame, &shot.mask, preprocess);
-        caption::draw(&mut img, w, h, &shot.caption);
+        let img = overlay::picture(
+            &shot.frame,
+            &shot.mask,
+            preprocess,
+            &shot.faces,
+            shot.cover,
+            &shot.caption,
+        );
         if let Some(frames) = jpeg.filter(|f| f.wanted()) {
             match encode_jpeg(&img, w, h) {
                 Ok(bytes) => frames.publish(bytes),

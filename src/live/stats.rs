@@ -97,6 +97,8 @@ pub struct FrameRecord {
     pub label: String,
     pub dense_label: Option<String>,
     pub agree: Option<bool>,
+    /// A detector's faces against dense's on this frame, when compared.
+    pub faces: Option<crate::detect::Agreement>,
     pub fell_back: bool,
     /// Suffix compute spent on this frame as a fraction of the dense suffix.
     pub suffix_compute: f64,
@@ -124,6 +126,8 @@ pub struct Stats {
     live_dropped: u64,
     compared: u64,
     agreed: u64,
+    /// A detector's faces against dense's, summed over compared frames.
+    faces: Option<crate::detect::Agreement>,
     fell_back: u64,
     keep_sum: f64,
     compute_sum: f64,
@@ -155,6 +159,7 @@ impl Stats {
             live_dropped: 0,
             compared: 0,
             agreed: 0,
+            faces: None,
             fell_back: 0,
             keep_sum: 0.0,
             compute_sum: 0.0,
@@ -178,6 +183,9 @@ impl Stats {
         if let Some(a) = r.agree {
             self.compared += 1;
             self.agreed += u64::from(a);
+        }
+        if let Some(f) = &r.faces {
+            self.faces.get_or_insert_with(Default::default).add(f);
         }
         if !r.warmup {
             observe(&mut self.latency[0], &r.ersm);
@@ -299,14 +307,48 @@ impl Stats {
                 (
                     "ersm_agreeing_frames_total",
                     "counter",
-                    "Frames whose ERSM top-1 equals the dense top-1.",
+                    "Frames whose ERSM answer is the dense one (the same top-1, or exactly its faces).",
                     self.agreed as f64,
                 ),
                 (
                     "ersm_agreement_ratio",
                     "gauge",
-                    "Top-1 agreement with the dense baseline so far.",
+                    "Share of compared frames whose answer is the dense one, so far.",
                     self.agreed as f64 / self.compared.max(1) as f64,
+                ),
+            ]);
+        }
+        if let Some(f) = &self.faces {
+            simple.extend([
+                (
+                    "ersm_dense_faces_total",
+                    "counter",
+                    "Faces the dense baseline found on compared frames.",
+                    f.reference as f64,
+                ),
+                (
+                    "ersm_faces_total",
+                    "counter",
+                    "Faces ERSM found on compared frames.",
+                    f.found as f64,
+                ),
+                (
+                    "ersm_matched_faces_total",
+                    "counter",
+                    "Dense faces ERSM found too (IoU >= 0.5, one to one).",
+                    f.matched as f64,
+                ),
+                (
+                    "ersm_face_recall_ratio",
+                    "gauge",
+                    "Share of the dense baseline's faces ERSM found so far (a miss is a face left uncovered).",
+                    f.recall(),
+                ),
+                (
+                    "ersm_face_precision_ratio",
+                    "gauge",
+                    "Share of ERSM's faces the dense baseline found too, so far.",
+                    f.precision(),
                 ),
             ]);
         }
@@ -384,6 +426,15 @@ impl Stats {
             "keep_ratio_mean": (self.frames > 0).then(|| self.keep_sum / n),
             "suffix_compute": (self.frames > 0).then(|| self.compute_sum / n),
             "agreement": (self.compared > 0).then(|| self.agreed as f64 / self.compared as f64),
+            "faces": self.faces.map(|f| json!({
+                "dense": f.reference,
+                "found": f.found,
+                "matched": f.matched,
+                "recall": f.recall(),
+                "precision": f.precision(),
+                "f1": f.f1(),
+                "mean_iou": f.mean_iou(),
+            })),
             "fallback_rate": self.info.fallback.then(|| self.fell_back as f64 / n),
             "ersm_ms_p50": e,
             "dense_ms_p50": d,
@@ -447,6 +498,7 @@ mod tests {
             label: "cat".into(),
             dense_label: Some("cat".into()),
             agree: Some(agree),
+            faces: None,
             warmup: i == 0,
             ..Default::default()
         }

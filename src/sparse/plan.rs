@@ -174,6 +174,19 @@ impl Plan {
         self.slot_fills[self.outputs[k]].as_deref()
     }
 
+    /// The ONNX shape of each output: `[1, C, h, w]` for a token map.
+    pub fn output_shapes(&self) -> Vec<Vec<usize>> {
+        self.outputs
+            .iter()
+            .map(|&o| match &self.slot_shapes[o] {
+                Shape::Tokens { level, c } => {
+                    vec![1, *c, self.levels[*level].h, self.levels[*level].w]
+                }
+                Shape::Dense { shape } => shape.clone(),
+            })
+            .collect()
+    }
+
     /// The outputs as dense tensors, flattened one after another in the
     /// graph's output order: a token map scattered over `sets`, holding its
     /// fill vector or zero at dropped positions (where a detector's map

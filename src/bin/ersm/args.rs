@@ -158,6 +158,14 @@ pub struct RunArgs {
     /// written like --overlay.
     #[arg(long, value_name = "URI")]
     pub output: Vec<String>,
+    /// A face detector's package: cover every face on every output (--overlay,
+    /// --output) with a blur, a mosaic or a solid box, instead of the heat map.
+    #[arg(long, value_name = "STYLE")]
+    pub anonymize: Option<ersm::faces::Cover>,
+    /// With --anonymize: keep a face covered for this many frames after it was
+    /// last seen, against flicker [0–1000].
+    #[arg(long, default_value_t = 3, value_parser = within(0usize, 1000))]
+    pub hold: usize,
 }
 
 #[derive(Subcommand)]

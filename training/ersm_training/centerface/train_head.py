@@ -1,0 +1,130 @@
+"""Trains `centerface_ersm`'s energy head by self-distillation: a token is
+worth keeping when it lies in a face the dense network finds, with a margin
+around it (the context the suffix's 3×3 convs and the FPN read). No labels:
+the teacher's own detections are the targets.
+
+    python3 -m ersm_training.centerface.train_head --teacher /tmp/cf/teacher --out /tmp/cf/head
+
+The head is the runtime's conv head (`--head`: three depthwise-separable
+3×3 convs, or two dense ones, then the two-layer 1×1 head) with train.py's
+mean field (λ, τ, T), trained with a weighted binary
+cross-entropy against the target tokens on the training split. Writes
+head.pt; `operating_point.py` chooses where it cuts.
+"""
+
+import argparse
+import json
+import os
+import time
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from ..train import ConvHead, seed_all
+from .net import decode
+
+C = 32
+# Conv layers ahead of the per-token head, (cin, cout, k, groups, relu):
+# two dense 3×3 convs (a 5×5-token neighbourhood, 34 M multiply-adds at
+# 640×480), or three depthwise-separable ones (7×7 tokens, 19 M).
+HEADS = {
+    "conv16": [(C, 16, 3, 1, True), (16, 16, 3, 1, True)],
+    "sep3": [(C, C, 3, C, False), (C, C, 1, 1, True)] * 3,
+}
+TARGET_THRESHOLD = 0.3  # faces a little below the shipped threshold count too
+SHIPPED_THRESHOLD = 0.5
+
+
+def make_head(kind):
+    return ConvHead(C, HEADS[kind])
+
+
+def load_head(path):
+    """A head saved by this module: its kind and weights."""
+    saved = torch.load(path, weights_only=True)
+    head = make_head(saved["kind"])
+    head.load_state_dict(saved["state"])
+    return head.eval(), saved["kind"]
+
+
+def target(maps, margin, grow):
+    """Tokens (60×80) to keep for one frame's teacher maps (15×120×160):
+    each box of a face the teacher finds at TARGET_THRESHOLD, grown by
+    `grow` around its centre, plus `margin` tokens on every side."""
+    h4, w4 = maps.shape[1:]
+    hh, ww = h4 // 2, w4 // 2
+    t = np.zeros((hh, ww), np.float32)
+    m = maps[None].astype(np.float32)
+    dets = decode(m[:, 0:1], m[:, 1:3], m[:, 3:5], m[:, 5:15], TARGET_THRESHOLD, (h4 * 4, w4 * 4))
+    for x1, y1, x2, y2, _ in dets:
+        cx, cy, bw, bh = (x1 + x2) / 2, (y1 + y2) / 2, (x2 - x1) * grow, (y2 - y1) * grow
+        tx1 = max(0, int((cx - bw / 2) // 8) - margin)
+        ty1 = max(0, int((cy - bh / 2) // 8) - margin)
+        tx2 = min(ww, int((cx + bw / 2) // 8) + margin + 1)
+        ty2 = min(hh, int((cy + bh / 2) // 8) + margin + 1)
+        t[ty1:ty2, tx1:tx2] = 1.0
+    return t
+
+
+def faces(maps, threshold):
+    m = maps[None].astype(np.float32)
+    h4, w4 = maps.shape[1:]
+    return decode(m[:, 0:1], m[:, 1:3], m[:, 3:5], m[:, 5:15], threshold, (h4 * 4, w4 * 4))
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--teacher", required=True)
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--epochs", type=int, default=40)
+    ap.add_argument("--margin", type=int, default=2)
+    ap.add_argument("--grow", type=float, default=1.4)
+    ap.add_argument("--pos-weight", type=float, default=4.0)
+    ap.add_argument("--head", choices=sorted(HEADS), default="sep3")
+    ap.add_argument("--seed", type=int, default=0)
+    args = ap.parse_args()
+    os.makedirs(args.out, exist_ok=True)
+    seed_all(args.seed)
+    torch.set_num_threads(max(1, os.cpu_count() or 1))
+    meta = np.load(os.path.join(args.teacher, "frames.npz"))
+    teacher = np.load(os.path.join(args.teacher, "teacher.npy"), mmap_mode="r")
+    cut = np.load(os.path.join(args.teacher, "cut.npy"), mmap_mode="r")
+    val = meta["validation"]
+    kinds = meta["kinds"]
+    n = len(val)
+    targets = np.stack([target(teacher[i], args.margin, args.grow) for i in range(n)])
+    tr, va = np.where(~val)[0], np.where(val)[0]
+    print(f"{n} frames: {len(tr)} train, {len(va)} validation; target keep "
+          f"{targets[tr].mean():.3f} train, {targets[va].mean():.3f} validation", flush=True)
+    head = make_head(args.head)
+    opt = torch.optim.Adam(head.parameters(), lr=3e-3)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, args.epochs)
+    x_all = torch.from_numpy(np.asarray(cut, dtype=np.float32))
+    t_all = torch.from_numpy(targets)[:, None]
+    pw = torch.tensor(args.pos_weight)
+    t0 = time.time()
+    for ep in range(args.epochs):
+        perm = torch.from_numpy(np.random.permutation(tr))
+        total = 0.0
+        for i in range(0, len(perm), 16):
+            b = perm[i:i + 16]
+            x, t = x_all[b], t_all[b]
+            if np.random.rand() < 0.5:
+                x, t = x.flip(-1), t.flip(-1)
+            e, _ = head(x)
+            loss = F.binary_cross_entropy_with_logits(-e / head.tau, t, pos_weight=pw)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            total += loss.item() * len(b)
+        sched.step()
+        print(f"epoch {ep}: loss {total / len(tr):.4f} ({time.time() - t0:.0f} s)", flush=True)
+    head.eval()
+    torch.save({"kind": args.head, "state": head.state_dict()}, os.path.join(args.out, "head.pt"))
+    print(f"wrote {os.path.join(args.out, 'head.pt')}; choose its operating point with operating_point.py",
+          flush=True)
+
+
+if __name__ == "__main__":
+    main()
