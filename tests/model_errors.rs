@@ -858,3 +858,75 @@ fn a_transposed_conv_whose_kernel_is_not_its_stride_is_refused_by_name() {
         ],
     );
 }
+
+/// A detector's manifest: its decoder, threshold and NMS overlap are
+/// checked, `resize` must be the input size and excludes a crop, and a
+/// classifier's network (one output of logits) is not CenterFace's four
+/// maps.
+#[test]
+fn bad_detector_manifests() {
+    let detector = |threshold: f64, nms: f64| serde_json::json!({"decoder": "centerface", "threshold": threshold, "nms_iou": nms});
+    let cases = [
+        (
+            "decoder",
+            serde_json::json!({"decoder": "yolo", "threshold": 0.5}),
+            "detector.decoder \"yolo\"",
+        ),
+        (
+            "threshold",
+            detector(1.5, 0.3),
+            "detector.threshold must be in (0, 1)",
+        ),
+        (
+            "nms",
+            detector(0.5, 0.0),
+            "detector.nms_iou must be in (0, 1]",
+        ),
+        (
+            "classifier-as-detector",
+            detector(0.5, 0.3),
+            "four output maps of 1, 2, 2 and 10 channels",
+        ),
+    ];
+    for (name, value, msg) in cases {
+        let dir = with_manifest(&format!("detector-{name}"), |m| m["detector"] = value);
+        let err = format!("{:#}", ModelPackage::load(&dir).expect_err(name));
+        assert_contains(&err, &[msg]);
+    }
+    let dir = with_manifest("detector-resize-and-crop", |m| {
+        m["preprocess"]["resize"] = serde_json::json!([112, 112]);
+    });
+    let err = format!("{:#}", ModelPackage::load(&dir).expect_err("refused"));
+    assert_contains(&err, &["give resize, or resize_short and crop, not both"]);
+    // resize alone must equal the input's [W, H].
+    let dir = with_manifest("detector-resize-mismatch", |m| {
+        let p = m["preprocess"].as_object_mut().unwrap();
+        p.remove("crop");
+        p.remove("resize_short");
+        p.insert("resize".into(), serde_json::json!([96, 112]));
+    });
+    let err = format!("{:#}", ModelPackage::load(&dir).expect_err("refused"));
+    assert_contains(&err, &["preprocess.resize [96, 112]", "112×112"]);
+}
+
+/// A network with two outputs and no decoder named runs in the tests, but
+/// a package loaded from a folder must say how its outputs are read.
+#[test]
+fn several_outputs_need_a_decoder() {
+    let err = load_modified("two-outputs", |p| {
+        let g = p.graph.as_mut().unwrap();
+        let second = g
+            .node
+            .iter()
+            .rev()
+            .find(|n| n.op_type == "Conv")
+            .unwrap()
+            .output[0]
+            .clone();
+        g.output.push(tract_onnx::pb::ValueInfoProto {
+            name: second,
+            ..Default::default()
+        });
+    });
+    assert_contains(&err, &["the graph has 2", "names its decoder"]);
+}

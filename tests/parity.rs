@@ -293,14 +293,8 @@ fn fill_vectors_change_the_answer_only_where_tokens_are_dropped() {
 fn suffix_reading_prefix_maps_with_several_outputs_matches_reference() {
     let mut coarse = 0;
     for seed in 0..12u64 {
-        let (h, w, c) = [(16, 16, 6), (8, 24, 4), (24, 16, 5)][seed as usize % 3];
-        let proto = random_detector(seed, h, w, c);
-        let proto = if seed % 2 == 0 {
-            with_stride_rule(proto, "centre")
-        } else {
-            proto
-        };
-        let m = package(proto, h, w);
+        let m = detector_package(seed, &[(16, 16, 6), (8, 24, 4), (24, 16, 5)]);
+        let (h, w) = (m.prefix.input_shape[2], m.prefix.input_shape[3]);
         let taps: Vec<(usize, usize)> = m.cut.taps.iter().map(|t| (t.h, t.w)).collect();
         assert!(
             taps.contains(&(h, w)) && taps.contains(&(h / 2, w / 2)),
@@ -311,10 +305,7 @@ fn suffix_reading_prefix_maps_with_several_outputs_matches_reference() {
         let mut rng = Rng::new(500 + seed);
         // The prefix's own maps, as the prefix computes them for an image.
         let image = rng.normals(3 * h * w, 1.0);
-        let maps = {
-            let outs = m.prefix.run_outputs(&image).unwrap();
-            outs.iter().map(|o| o.to_vec().unwrap()).collect::<Vec<_>>()
-        };
+        let maps = prefix_maps(&m, &image);
         let (x, taps) = (&maps[0], &maps[1..]);
         for p in [0.05, 0.3, 0.7] {
             let kept = random_kept(&mut rng, m.cut.h * m.cut.w, p);

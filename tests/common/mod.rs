@@ -696,6 +696,28 @@ pub fn random_detector(seed: u64, h: usize, w: usize, c: usize) -> pb::ModelProt
     b.model_outputs(("image", &[1, 3, h, w]), &[&heat, &boxes])
 }
 
+/// [`random_detector`] as a package: the shape `shapes[seed % len]`, the
+/// `centre` stride rule on even seeds.
+pub fn detector_package(seed: u64, shapes: &[(usize, usize, usize)]) -> ModelPackage {
+    let (h, w, c) = shapes[seed as usize % shapes.len()];
+    let proto = random_detector(seed, h, w, c);
+    let proto = if seed.is_multiple_of(2) {
+        with_stride_rule(proto, "centre")
+    } else {
+        proto
+    };
+    package(proto, h, w)
+}
+
+/// The prefix's maps for `image`, as the prefix computes them: the cut's
+/// features first, then each map the suffix reads.
+pub fn prefix_maps(m: &ModelPackage, image: &[f32]) -> Vec<Vec<f32>> {
+    let outs = m.prefix.run_outputs(image).expect("the prefix runs");
+    outs.iter()
+        .map(|o| o.to_vec().expect("host values"))
+        .collect()
+}
+
 /// Loads a built network as a package (no files involved).
 pub fn package(proto: pb::ModelProto, h: usize, w: usize) -> ModelPackage {
     ModelPackage::from_proto(proto, manifest(h, w), Path::new("random/model.onnx"))

@@ -360,24 +360,11 @@ fn check_everything<D: Device>(make: impl Fn() -> D) {
     // (`sfx_gather_map`, on host- and device-built token lists), several
     // outputs.
     for seed in 0..6u64 {
-        let (h, w, c) = [(16, 16, 6), (8, 24, 4)][seed as usize % 2];
-        let proto = random_detector(seed, h, w, c);
-        let proto = if seed % 2 == 0 {
-            with_stride_rule(proto, "centre")
-        } else {
-            proto
-        };
-        let m = package(proto, h, w);
+        let m = detector_package(seed, &[(16, 16, 6), (8, 24, 4)]);
         let gpu = GpuSuffix::new(make(), &m.plan).expect("a detector lowers");
         let mut rng = Rng::new(700 + seed);
-        let image = rng.normals(3 * h * w, 1.0);
-        let maps: Vec<Vec<f32>> = m
-            .prefix
-            .run_outputs(&image)
-            .unwrap()
-            .iter()
-            .map(|o| o.to_vec().unwrap())
-            .collect();
+        let image = rng.normals(m.prefix.input_shape.iter().product(), 1.0);
+        let maps = prefix_maps(&m, &image);
         for p in [0.05, 0.5, 1.0] {
             let kept = random_kept(&mut rng, m.cut.h * m.cut.w, p);
             let what = format!("random detector {seed}, keep {p}");

@@ -31,9 +31,11 @@ NAMES = ["heatmap", "scale", "offset", "landmarks"]
 W, H = 640, 480
 
 
-def with_energy(m, head, offset, rule):
+def with_energy(m, head, offset, rule, fills=None):
     """`m` with the EnergyMask node reading the cut and every reader of the
-    cut reading its output instead."""
+    cut reading its output instead; `fills` (tensor name → vector, from
+    fills.py) become its `fills` attribute (the cut's own under the energy
+    layer's output name)."""
     g = m.graph
     out = "ersm.out"
     for n in g.node:
@@ -47,10 +49,13 @@ def with_energy(m, head, offset, rule):
     tensors += [("ersm.W1", head.l1.weight.view(hidden, -1)), ("ersm.b1", head.l1.bias),
                 ("ersm.w2", head.l2.weight.view(-1)), ("ersm.b2", head.l2.bias + offset)]
     g.initializer.extend(numpy_helper.from_array(t.detach().numpy().astype(np.float32), n) for n, t in tensors)
+    attrs = {"lambda": head.lam, "tau": head.tau, "steps": head.steps, "neighbourhood": 4,
+             "stride_rule": rule, "convs": len(head.convs()), "conv_relu": [int(r) for _, r in head.convs()]}
+    if fills:
+        attrs["fills"] = [numpy_helper.from_array(v.detach().numpy().astype(np.float32), out if k == CUT else k)
+                          for k, v in sorted(fills.items())]
     node = helper.make_node("EnergyMask", [CUT] + [n for n, _ in tensors], [out], name="ersm", domain="ersm",
-                            **{"lambda": head.lam, "tau": head.tau, "steps": head.steps, "neighbourhood": 4,
-                               "stride_rule": rule, "convs": len(head.convs()),
-                               "conv_relu": [int(r) for _, r in head.convs()]})
+                            **attrs)
     # After the node that makes the cut, so the graph stays in order.
     at = next(i for i, n in enumerate(g.node) if CUT in n.output) + 1
     g.node.insert(at, node)
@@ -97,13 +102,17 @@ def main():
     ap.add_argument("--onnx", required=True)
     ap.add_argument("--head", required=True)
     ap.add_argument("--report", required=True)
+    ap.add_argument("--fills", help="fill vectors from fills.py (default: the report's, if any)")
     ap.add_argument("--out", required=True)
     args = ap.parse_args()
     with open(args.report) as fh:
         report = json.load(fh)
     head, _ = load_head(args.head)
     m = fixed_size(args.onnx, W, H)
-    m = with_energy(m, head, report["offset"], report["rule"])
+    fills = torch.load(report["fills"], weights_only=True) if report.get("fills") else None
+    if args.fills:
+        fills = torch.load(args.fills, weights_only=True)
+    m = with_energy(m, head, report["offset"], report["rule"], fills)
     m = rename_outputs(m)
     m.producer_name = "ersm_training.centerface.export"
     os.makedirs(args.out, exist_ok=True)

@@ -90,18 +90,33 @@ class CenterFace(torch.nn.Module):
             self.op(i, env)
         return env[CUT], env[TAP]
 
-    def suffix_from(self, x, tap, mask=None, rule="any"):
+    def suffix_from(self, x, tap, mask=None, rule="any", fills=None, record=None):
         """The suffix on the cut's map `x` and the stride-4 map `tap`; with a
         level-0 `mask` (N×1×H×W, 0/1), every tensor multiplied by its
-        level's mask. Returns the four output maps."""
+        level's mask, and set to its fill vector (`fills`: name → C values)
+        where the mask is 0. `record(name, value, mask)` sees each tensor
+        before it is masked (without a mask: each dense tensor, mask None).
+        Returns the four output maps."""
         env = {CUT: x, TAP: tap}
         if mask is None:
             for i in self.suffix:
-                self.op(i, env)
+                _, _, outs, _ = self.op(i, env)
+                if record is not None:
+                    record(outs[0], env[outs[0]], None)
             return [env[o] for o in OUTPUTS]
+        fills = fills or {}
+
+        def masked(name, v, m):
+            if record is not None:
+                record(name, v, m)
+            v = v * m
+            if name in fills:
+                v = v + (1 - m) * fills[name].view(1, -1, 1, 1)
+            return v
+
         masks = {CUT: mask, TAP: F.interpolate(mask, scale_factor=2, mode="nearest")}
-        env[CUT] = x * mask
-        env[TAP] = tap * masks[TAP]
+        env[CUT] = masked(CUT, x, mask)
+        env[TAP] = masked(TAP, tap, masks[TAP])
         for i in self.suffix:
             op, ins, outs, a = self.nodes[i]
             m = masks[ins[0]]
@@ -117,7 +132,7 @@ class CenterFace(torch.nn.Module):
                 m = torch.maximum(m, masks[ins[1]])
             self.op(i, env)
             masks[outs[0]] = m
-            env[outs[0]] = env[outs[0]] * m
+            env[outs[0]] = masked(outs[0], env[outs[0]], m)
         return [env[o] for o in OUTPUTS]
 
     def forward(self, img):

@@ -1,0 +1,172 @@
+//! The bundled face detector package (`models/centerface_ersm`): it loads as
+//! a detector whose suffix reads the prefix's stride-4 map; its sparse
+//! outputs equal the dense-masked reference on a real photo; with every
+//! token kept it finds the dense network's faces; and `ersm run` reports
+//! faces, writes them to --jsonl and covers them with --anonymize.
+
+mod common;
+
+use common::*;
+use ersm::answer::Answer;
+use ersm::ersm::{cpu, FeatureMap};
+use ersm::package::ModelPackage;
+use ersm::pipeline::Pipeline;
+use ersm::source::images;
+use std::path::Path;
+use std::process::{Command, Stdio};
+
+const MODEL: &str = "models/centerface_ersm";
+/// A NASA portrait (public domain, scikit-image's `astronaut`): one face.
+const FACE: &str = "models/images/astronaut.png";
+
+fn pipeline() -> Pipeline {
+    Pipeline::new(
+        ModelPackage::load(MODEL).expect("the face package loads"),
+        ersm::ersm::Device::Cpu,
+    )
+}
+
+#[test]
+fn loads_as_a_detector_reading_the_stride_4_map() {
+    let p = pipeline();
+    let m = &p.model;
+    assert!(m.reader.is_detector());
+    assert_eq!((m.cut.c, m.cut.h, m.cut.w), (32, 60, 80));
+    let taps: Vec<(usize, usize, usize)> = m.cut.taps.iter().map(|t| (t.c, t.h, t.w)).collect();
+    assert_eq!(taps, vec![(24, 120, 160)], "the stride-4 lateral's map");
+    assert_eq!(m.plan.outputs.len(), 4, "heatmap, scale, offset, landmarks");
+}
+
+#[test]
+fn sparse_outputs_equal_the_dense_masked_reference_on_a_photo() {
+    let p = pipeline();
+    let m = &p.model;
+    let frame = images::load(Path::new(FACE)).unwrap();
+    let input = p.preprocess(&frame).unwrap();
+    let maps = p.features(&input).unwrap();
+    let mask = cpu::compute(
+        FeatureMap::new(&maps.features, m.cut.c, m.cut.h, m.cut.w).unwrap(),
+        &m.energy,
+    )
+    .unwrap();
+    let keep = mask.keep_ratio();
+    assert!(
+        keep > 0.0 && keep < 0.9,
+        "the head keeps part of a portrait, kept {keep:.3}"
+    );
+    let got = sparse_with(m, &maps.features, &maps.taps, &mask.kept);
+    let want = dense_masked_with(m, &maps.features, &maps.taps, &mask.kept);
+    let err = rel_err(&got, &want);
+    assert!(err <= 1e-4, "relative error {err}");
+    // Every token kept: the dense network's own maps.
+    let all: Vec<u32> = (0..(m.cut.h * m.cut.w) as u32).collect();
+    let dense = p.dense_logits(&maps).unwrap();
+    let err = rel_err(&sparse_with(m, &maps.features, &maps.taps, &all), &dense);
+    assert!(
+        err <= 1e-4,
+        "every token kept vs dense: relative error {err}"
+    );
+}
+
+#[test]
+fn finds_the_face_dense_finds() {
+    let p = pipeline();
+    let frame = images::load(Path::new(FACE)).unwrap();
+    let read = |v: &[f32]| p.model.reader.read(v, frame.width, frame.height).unwrap();
+    let dense = read(&p.run_dense(&frame).unwrap().logits);
+    let ersm = read(&p.run_ersm(&frame).unwrap().logits);
+    let (Answer::Faces(d), Answer::Faces(e)) = (&dense, &ersm) else {
+        panic!("a detector answers with faces");
+    };
+    assert_eq!(d.len(), 1, "dense finds the astronaut's face: {d:?}");
+    assert_eq!(e.len(), 1, "ERSM finds it too: {e:?}");
+    assert!(d[0].iou(&e[0]) > 0.8, "{d:?} vs {e:?}");
+    // In frame pixels: the face is in the upper middle of the 512×512 photo.
+    let (cx, cy) = ((d[0].x1 + d[0].x2) / 2.0, (d[0].y1 + d[0].y2) / 2.0);
+    assert!(
+        (150.0..350.0).contains(&cx) && (50.0..250.0).contains(&cy),
+        "{d:?}"
+    );
+}
+
+#[test]
+fn run_reports_faces_and_anonymizes_them() {
+    let dir = Scratch::dir("centerface", "anonymize");
+    let jsonl = dir.join("faces.jsonl");
+    let out = Command::new(env!("CARGO_BIN_EXE_ersm"))
+        .args(["run", "--model", MODEL, "--source", FACE, "--warmup", "0"])
+        .args(["--anonymize", "solid", "--overlay"])
+        .arg(dir.join("frames"))
+        .arg("--jsonl")
+        .arg(&jsonl)
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{text}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        text.contains("faces: recall 1.000 of 1 dense faces"),
+        "{text}"
+    );
+    let rec: serde_json::Value = serde_json::from_str(
+        std::fs::read_to_string(&jsonl)
+            .unwrap()
+            .lines()
+            .next()
+            .unwrap(),
+    )
+    .unwrap();
+    let faces = rec["faces"].as_array().expect("faces in the record");
+    assert_eq!(faces.len(), 1, "{rec}");
+    assert_eq!(rec["dense_faces"].as_array().unwrap().len(), 1, "{rec}");
+    assert!(rec.get("top1").is_none(), "a detector has no top-1: {rec}");
+    // The written frame is the photo with a black box over the face.
+    let png = std::fs::read_dir(dir.join("frames"))
+        .unwrap()
+        .next()
+        .expect("one frame written")
+        .unwrap()
+        .path();
+    let img = image::open(&png).unwrap().to_rgb8();
+    let orig = image::open(FACE).unwrap().to_rgb8();
+    let b: Vec<f32> = faces[0]["bbox"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_f64().unwrap() as f32)
+        .collect();
+    let (cx, cy) = (((b[0] + b[2]) / 2.0) as u32, ((b[1] + b[3]) / 2.0) as u32);
+    assert_eq!(
+        img.get_pixel(cx, cy).0,
+        [0, 0, 0],
+        "the face's centre is covered"
+    );
+    assert_eq!(
+        img.get_pixel(5, 5),
+        orig.get_pixel(5, 5),
+        "a corner is untouched"
+    );
+    // A classifier has no faces to cover.
+    let out = Command::new(env!("CARGO_BIN_EXE_ersm"))
+        .args([
+            "run",
+            "--model",
+            "models/tiny",
+            "--source",
+            FACE,
+            "--anonymize",
+            "blur",
+        ])
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("not a face detector"),
+        "{err}"
+    );
+}
