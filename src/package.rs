@@ -45,8 +45,14 @@ impl DerefMut for ModelPackage {
 impl ModelPackage {
     /// Loads a package folder holding `manifest.json` and its ONNX file.
     pub fn load(dir: impl AsRef<Path>) -> Result<ModelPackage> {
+        ModelPackage::load_sized(dir, None)
+    }
+
+    /// Loads a package, a detector's at another input size (`(W, H)`)
+    /// when one is given ([`CutModel::load_sized`]).
+    pub fn load_sized(dir: impl AsRef<Path>, size: Option<(usize, usize)>) -> Result<ModelPackage> {
         let dir = dir.as_ref();
-        let model = CutModel::load(dir)?;
+        let model = CutModel::load_sized(dir, size)?;
         crate::panics::catch(
             || format!("model package {}", dir.display()),
             || ModelPackage::build(model),

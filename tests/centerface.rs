@@ -170,3 +170,39 @@ fn run_reports_faces_and_anonymizes_them() {
         "{err}"
     );
 }
+
+/// `--input-size`: the detector at another input size (its cut and levels
+/// follow), still equal to its dense-masked reference and finding the face;
+/// a classifier, or a size CenterFace cannot take, is refused.
+#[test]
+fn another_input_size() {
+    let m = ModelPackage::load_sized(MODEL, Some((320, 256))).expect("loads at 320x256");
+    assert_eq!((m.cut.h, m.cut.w), (32, 40));
+    let p = Pipeline::new(m, ersm::ersm::Device::Cpu);
+    let m = &p.model;
+    let frame = images::load(Path::new(FACE)).unwrap();
+    let maps = p.features(&p.preprocess(&frame).unwrap()).unwrap();
+    let mask = cpu::compute(
+        FeatureMap::new(&maps.features, m.cut.c, m.cut.h, m.cut.w).unwrap(),
+        &m.energy,
+    )
+    .unwrap();
+    let got = sparse_with(m, &maps.features, &maps.taps, &mask.kept);
+    let want = dense_masked_with(m, &maps.features, &maps.taps, &mask.kept);
+    assert!(rel_err(&got, &want) <= 1e-4);
+    let faces = m
+        .reader
+        .read(&p.run_dense(&frame).unwrap().logits, 512, 512)
+        .unwrap();
+    assert_eq!(faces.faces().len(), 1, "{faces:?}");
+    for (dir, size, msg) in [
+        (MODEL, (330, 256), "multiples of 32"),
+        ("models/tiny", (320, 256), "crops a centred square"),
+    ] {
+        let err = format!(
+            "{:#}",
+            ModelPackage::load_sized(dir, Some(size)).unwrap_err()
+        );
+        assert!(err.contains(msg) && err.contains("--input-size"), "{err}");
+    }
+}

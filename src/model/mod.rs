@@ -82,14 +82,22 @@ pub struct CutModel {
 impl CutModel {
     /// Loads a package folder holding `manifest.json` and its ONNX file.
     pub fn load(dir: impl AsRef<Path>) -> Result<CutModel> {
+        CutModel::load_sized(dir, None)
+    }
+
+    /// Loads a package; with `size` (`(W, H)`), a package that stretches
+    /// the frame to its input (a detector) at that input size instead: the
+    /// graph's input is declared at it, and the cut, the levels and the
+    /// decoder follow from it.
+    pub fn load_sized(dir: impl AsRef<Path>, size: Option<(usize, usize)>) -> Result<CutModel> {
         let dir = dir.as_ref();
         crate::panics::catch(
             || format!("model package {}", dir.display()),
-            || Self::load_unguarded(dir),
+            || Self::load_unguarded(dir, size),
         )
     }
 
-    fn load_unguarded(dir: &Path) -> Result<CutModel> {
+    fn load_unguarded(dir: &Path, size: Option<(usize, usize)>) -> Result<CutModel> {
         if !dir.exists() {
             bail!("model package {}: not found", dir.display());
         }
@@ -99,9 +107,19 @@ impl CutModel {
                 dir.display()
             );
         }
-        let manifest = Manifest::read(&dir.join("manifest.json"))?;
+        let mut manifest = Manifest::read(&dir.join("manifest.json"))?;
         let path = dir.join(&manifest.model);
-        let proto = read_onnx(&path)?;
+        let mut proto = read_onnx(&path)?;
+        if let Some(size) = size {
+            resize_input(&mut manifest, &mut proto, size).with_context(|| {
+                format!(
+                    "--input-size {}x{}, model {}",
+                    size.0,
+                    size.1,
+                    dir.display()
+                )
+            })?;
+        }
         let mut package = Self::from_proto(proto, manifest, &path)?;
         package
             .reader
@@ -334,6 +352,69 @@ fn tap(name: String, s: &[usize], (h, w): (usize, usize)) -> Result<Tap> {
         h: th,
         w: tw,
     })
+}
+
+/// Declares `proto`'s input at `(w, h)` and the manifest's input and
+/// stretch with it; the outputs' declared sizes are dropped (they follow).
+/// Only a package that stretches the whole frame may change size; a
+/// CenterFace detector's sides must be multiples of 32 (its FPN adds maps
+/// of strides 4 to 32).
+fn resize_input(
+    manifest: &mut Manifest,
+    proto: &mut ModelProto,
+    (w, h): (usize, usize),
+) -> Result<()> {
+    use tract_onnx::pb::tensor_shape_proto::dimension::Value;
+    ensure!(
+        manifest.preprocess.resize.is_some(),
+        "the package crops a centred square (a classifier's input); only a package that stretches the frame to its input (a detector) takes another size"
+    );
+    ensure!(
+        (1..=manifest::MAX_INPUT_SIDE).contains(&w) && (1..=manifest::MAX_INPUT_SIDE).contains(&h),
+        "each side must be between 1 and {}",
+        manifest::MAX_INPUT_SIDE
+    );
+    if manifest
+        .detector
+        .as_ref()
+        .is_some_and(|d| d.decoder == "centerface")
+    {
+        ensure!(
+            w % 32 == 0 && h % 32 == 0,
+            "a CenterFace detector's sides must be multiples of 32 (e.g. {}x{})",
+            w.div_ceil(32) * 32,
+            h.div_ceil(32) * 32
+        );
+    }
+    let graph = proto
+        .graph
+        .as_mut()
+        .context("not an ONNX model: no graph")?;
+    let input = graph
+        .input
+        .iter_mut()
+        .find(|i| i.name == manifest.input.name)
+        .with_context(|| format!("the graph has no input '{}'", manifest.input.name))?;
+    if let Some(tract_onnx::pb::type_proto::Value::TensorType(t)) =
+        input.r#type.as_mut().and_then(|t| t.value.as_mut())
+    {
+        if let Some(shape) = t.shape.as_mut() {
+            for (d, v) in shape.dim.iter_mut().zip([1, 3, h, w]) {
+                d.value = Some(Value::DimValue(v as i64));
+            }
+        }
+    }
+    for o in graph.output.iter_mut() {
+        if let Some(tract_onnx::pb::type_proto::Value::TensorType(t)) =
+            o.r#type.as_mut().and_then(|t| t.value.as_mut())
+        {
+            t.shape = None;
+        }
+    }
+    graph.value_info.clear();
+    manifest.input.shape = vec![1, 3, h, w];
+    manifest.preprocess.resize = Some([w, h]);
+    Ok(())
 }
 
 /// Most channels the energy layer's feature map (the tokens) may have.

@@ -47,6 +47,19 @@ pub struct PipelineArgs {
     /// baseline [1–1024]. Default: every core this process may use.
     #[arg(long, value_parser = within(1usize, 1024))]
     pub threads: Option<usize>,
+    /// A detector package's input, WxH (multiples of 32, at most 4096 a
+    /// side): frames are stretched to it. Default: the package's own size.
+    #[arg(long, value_name = "WxH", value_parser = input_size)]
+    pub input_size: Option<(usize, usize)>,
+}
+
+/// Parses `--input-size`: `WxH`.
+fn input_size(s: &str) -> Result<(usize, usize), String> {
+    let (w, h) = s
+        .split_once(['x', 'X'])
+        .ok_or_else(|| format!("'{s}' is not WxH (e.g. 1280x736)"))?;
+    let side = within(32usize, 4096);
+    Ok((side(w)?, side(h)?))
 }
 
 #[derive(clap::Args)]

@@ -260,9 +260,10 @@ fn load_pipeline(a: PipelineArgs) -> Result<Pipeline> {
         device,
         fallback,
         threads,
+        input_size,
     } = a;
     let model_dir = model.unwrap_or_else(|| bundled(DEFAULT_MODEL));
-    let model = ModelPackage::load(&model_dir)?;
+    let model = ModelPackage::load_sized(&model_dir, input_size)?;
     let threads = Threads::new(threads.unwrap_or_else(Threads::available))?;
     log::info!("{} worker thread(s)", threads.count());
     let placement = Placement::decide(&model, device.into())?;
@@ -355,6 +356,7 @@ fn mask(a: MaskArgs) -> Result<()> {
         device: a.device,
         fallback: false,
         threads: None,
+        input_size: None,
     })?;
     let frame = images::load(&a.image)?;
     let r = pipeline.run_ersm(&frame)?;
