@@ -5,7 +5,8 @@
 use crate::answer::Comparison;
 use crate::detect::Agreement;
 use crate::pipeline::Pipeline;
-use crate::report::{ideal_speedup, BenchReport, FaceJson, FaceSummary, StageSamples};
+use crate::record::FaceJson;
+use crate::report::{ideal_speedup, BenchReport, FaceSummary, StageSamples};
 use crate::source::Frame;
 use anyhow::{Context, Result};
 use std::io::Write;

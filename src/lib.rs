@@ -31,6 +31,7 @@ pub mod plot;
 pub mod prefix;
 pub mod preprocess;
 pub mod profile;
+pub mod record;
 pub mod report;
 pub mod run;
 pub mod source;

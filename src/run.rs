@@ -10,9 +10,8 @@ use crate::live::stats::FrameRecord;
 use crate::live::{Live, Shot};
 use crate::overlay::{self, OverlayWriter};
 use crate::pipeline::Pipeline;
-use crate::report::{
-    rss_mib, Ending, FaceJson, FaceSummary, JsonRecord, RunReport, StageMs, StageSamples,
-};
+use crate::record::{FaceJson, JsonRecord, StageMs};
+use crate::report::{rss_mib, Ending, FaceSummary, RunReport, StageSamples};
 use crate::source::Frame;
 use anyhow::{Context, Result};
 use indicatif::{ProgressBar, ProgressStyle};
