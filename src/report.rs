@@ -240,11 +240,17 @@ impl BenchReport {
             " speedup         {:.2}x end to end, {:.2}x suffix   (ideal at this keep ratio: {:.2}x)",
             self.speedup, self.suffix_speedup, self.ideal_speedup
         );
+        // With fallbacks the suffix may spend more than the dense one.
+        let ratio = self.suffix_macs_dense as f64 / self.suffix_macs_ersm.max(1.0);
+        let macs = if ratio >= 1.0 {
+            format!("{ratio:.2}x fewer MACs")
+        } else {
+            format!("{:.2}x more MACs", 1.0 / ratio)
+        };
         let _ = writeln!(
             s,
-            " sparse suffix   {:.2} of its MAC-ratio ideal ({:.2}x fewer MACs)",
-            self.suffix_efficiency(),
-            self.suffix_macs_dense as f64 / self.suffix_macs_ersm.max(1.0)
+            " sparse suffix   {:.2} of its MAC-ratio ideal ({macs})",
+            self.suffix_efficiency()
         );
         if let Some(rate) = self.fallback_rate {
             let _ = writeln!(
@@ -316,6 +322,9 @@ pub struct RunReport {
     pub skipped: u64,
     /// Untimed warm-up frames at the start (in `frames`, not in the percentiles).
     pub warmup: usize,
+    /// The run ended within its warm-up, so the warm-up frames are the
+    /// percentiles' (caches were cold for them).
+    pub warm_timed: bool,
     /// Wall-clock seconds from the first frame to the end.
     pub wall_s: f64,
     pub keep_ratio: f64,
@@ -350,28 +359,13 @@ pub struct RunReport {
 }
 
 impl RunReport {
-    /// The per-stage table, ERSM beside dense, and the run's totals.
-    pub fn table(&self) -> String {
-        let mut s = String::new();
-        let rule = "-".repeat(94);
-        let dense = self.stages.contains_key("dense");
-        let _ = writeln!(s, "{rule}");
-        let _ = writeln!(
-            s,
-            " ersm run  source {}\n           model {}  threads {}\n           {}",
-            self.source, self.model, self.threads, self.placement
-        );
-        let _ = writeln!(s, "{rule}");
-        if self.frames == 0 {
-            let _ = writeln!(
-                s,
-                " no frame was processed ({} failed, {} dropped, {} unreadable inputs skipped): nothing to summarise",
-                self.failed, self.dropped, self.skipped
-            );
-            let _ = writeln!(s, " ended           {}", self.ending);
-            let _ = write!(s, "{rule}");
-            return s;
-        }
+    /// Frames in the latency percentiles (processed, after warm-up).
+    pub fn timed(&self) -> usize {
+        self.frames.saturating_sub(self.warmup)
+    }
+
+    /// The stage rows, FPS and speed-up of [`RunReport::table`].
+    fn stage_table(&self, s: &mut String, dense: bool, rule: &str) {
         let _ = writeln!(
             s,
             " {:<12}|{:>10}{:>10}{:>10} |{:>10}{:>10}{:>10}   (ms)",
@@ -420,6 +414,31 @@ impl RunReport {
                     / get("ersm", "suffix").map_or(f64::NAN, |t| t.p50_ms),
             );
         }
+    }
+
+    /// The per-stage table, ERSM beside dense, and the run's totals.
+    pub fn table(&self) -> String {
+        let mut s = String::new();
+        let rule = "-".repeat(94);
+        let dense = self.stages.contains_key("dense");
+        let _ = writeln!(s, "{rule}");
+        let _ = writeln!(
+            s,
+            " ersm run  source {}\n           model {}  threads {}\n           {}",
+            self.source, self.model, self.threads, self.placement
+        );
+        let _ = writeln!(s, "{rule}");
+        if self.frames == 0 {
+            let _ = writeln!(
+                s,
+                " no frame was processed ({} failed, {} dropped, {} unreadable inputs skipped): nothing to summarise",
+                self.failed, self.dropped, self.skipped
+            );
+            let _ = writeln!(s, " ended           {}", self.ending);
+            let _ = write!(s, "{rule}");
+            return s;
+        }
+        self.stage_table(&mut s, dense, &rule);
         let _ = writeln!(
             s,
             " frames          {} processed, {} dropped, {} failed, {} unreadable skipped in {:.1} s ({:.1} frames/s through the loop{})",
@@ -482,11 +501,15 @@ impl RunReport {
             let _ = writeln!(s, " output failed   {e}");
         }
         let _ = writeln!(s, "{rule}");
+        let warm = if self.warm_timed {
+            "the run ended within the warm-up, so they are the warm-up frames (cold caches: slower than steady state)".to_string()
+        } else {
+            format!("after {} warm-up", self.warmup)
+        };
         let _ = write!(
             s,
-            " (percentiles over {} frames after {} warm-up; dense and ERSM alternate which runs first)",
-            self.frames.saturating_sub(self.warmup),
-            self.warmup
+            " (percentiles over {} frames {warm}; dense and ERSM alternate which runs first)",
+            self.timed()
         );
         s
     }

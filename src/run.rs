@@ -101,6 +101,10 @@ impl Status {
 struct Tally {
     ersm: StageSamples,
     dense: StageSamples,
+    /// The warm-up frames' times: the percentiles' when the run ended
+    /// before any frame after the warm-up.
+    warm_ersm: StageSamples,
+    warm_dense: StageSamples,
     keeps: Vec<f64>,
     agree: usize,
     /// Frames whose dense top-1 margin is at least `SURE_MARGIN`, and of
@@ -164,6 +168,8 @@ pub fn run(
     let mut t = Tally {
         ersm: StageSamples::default(),
         dense: StageSamples::default(),
+        warm_ersm: StageSamples::default(),
+        warm_dense: StageSamples::default(),
         keeps: Vec::new(),
         agree: 0,
         sure: 0,
@@ -262,6 +268,15 @@ pub fn run(
         output_errors.extend(l.finish(&ending.to_string()));
     }
     let n = t.keeps.len().max(1) as f64;
+    // A run that ended within its warm-up (one image, say) is timed on the
+    // warm-up frames rather than not at all; the summary says so.
+    let mut warmup = opts.warmup.min(t.frames());
+    let warm_timed = t.ersm.is_empty() && !t.warm_ersm.is_empty();
+    if warm_timed {
+        t.ersm = std::mem::take(&mut t.warm_ersm);
+        t.dense = std::mem::take(&mut t.warm_dense);
+        warmup = 0;
+    }
     let mut stages = std::collections::BTreeMap::new();
     stages.insert("ersm".to_string(), t.ersm.summaries());
     if opts.compare {
@@ -277,7 +292,8 @@ pub fn run(
         dropped: capture.queue.dropped(),
         failed: t.failed,
         skipped: capture.queue.skipped(),
-        warmup: opts.warmup.min(t.frames()),
+        warmup,
+        warm_timed,
         wall_s: start.map_or(0.0, |s| s.elapsed().as_secs_f64()),
         keep_ratio: t.keeps.iter().sum::<f64>() / n,
         keep_ratio_min: t.keeps.iter().copied().fold(f64::NAN, f64::min),
@@ -326,6 +342,8 @@ fn process(
     let timed = index >= opts.warmup;
     if timed {
         t.ersm.push(&e.times);
+    } else {
+        t.warm_ersm.push(&e.times);
     }
     let keep = e.mask.keep_ratio();
     t.keeps.push(keep);
@@ -340,6 +358,8 @@ fn process(
     if let Some(d) = &d {
         if timed {
             t.dense.push(&d.times);
+        } else {
+            t.warm_dense.push(&d.times);
         }
     }
     let compared = dense.as_ref().map(|da| Comparison::of(&answer, da));

@@ -282,4 +282,53 @@ fn bench_output_paths_are_checked_before_the_work() {
             "{flag}: failed only after the work"
         );
     }
+    // Two outputs in one file, however it is spelled, are refused.
+    let dir = tmp("same-output");
+    let a = dir.join("out.json");
+    let b = dir.join("sub/../out.json");
+    std::fs::create_dir_all(dir.join("sub")).unwrap();
+    let (a, b) = (a.to_string_lossy(), b.to_string_lossy());
+    let o = ersm(&["bench", "--frames", "1000", "--json", &a, "--dump", &b]);
+    let (_, err) = text(&o);
+    assert_eq!(o.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains("--json and --dump name the same file"),
+        "{err}"
+    );
+}
+
+/// A reader that goes away ends ersm quietly; a full disk is an error that
+/// says so; neither is a panic.
+#[test]
+fn closed_or_full_stdout() {
+    use std::process::Stdio;
+    let mut child = Command::new(env!("CARGO_BIN_EXE_ersm"))
+        .args(["inspect", "--model", "models/tiny"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // The reader closes before ersm writes (the model loads first).
+    drop(child.stdout.take());
+    let out = child.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "closed pipe: {:?} {err}", out.status);
+    assert!(!err.contains("panic"), "{err}");
+    if std::path::Path::new("/dev/full").exists() {
+        let full = std::fs::OpenOptions::new()
+            .write(true)
+            .open("/dev/full")
+            .unwrap();
+        let out = Command::new(env!("CARGO_BIN_EXE_ersm"))
+            .args(["inspect", "--model", "models/tiny"])
+            .stdout(full)
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "a full disk is an error");
+        assert!(
+            err.contains("writing to standard output") && !err.contains("panic"),
+            "{err}"
+        );
+    }
 }

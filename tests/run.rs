@@ -732,3 +732,17 @@ fn jsonl_and_overlay_paths_are_checked_before_the_first_frame() {
         );
     }
 }
+
+/// A run that ends within its warm-up (one image, or --warmup above the
+/// frames) is timed on the warm-up frames and says so: never NaN.
+#[test]
+fn a_run_within_its_warm_up_is_timed_on_it() {
+    let (o, out, err) = output(ersm(&["--max-frames", "3", "--warmup", "5"]));
+    assert!(o.status.success(), "{err}");
+    assert_summary(&out, 3, "frame limit");
+    assert!(
+        out.contains("percentiles over 3 frames the run ended within the warm-up"),
+        "{out}"
+    );
+    assert!(!out.contains("NaN"), "{out}");
+}

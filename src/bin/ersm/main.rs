@@ -175,7 +175,7 @@ fn run(a: RunArgs) -> Result<()> {
         },
         &stop,
     )?;
-    println!("{}", report.table());
+    say(format_args!("{}", report.table()))?;
     if let Ending::SourceError(e) = &report.ending {
         anyhow::bail!("{e}");
     }
@@ -193,9 +193,24 @@ fn run(a: RunArgs) -> Result<()> {
 }
 
 fn bench(a: BenchArgs) -> Result<()> {
+    let outputs = [
+        (&a.json, "--json"),
+        (&a.dump, "--dump"),
+        (&a.plot, "--plot"),
+    ];
     for (path, what) in [(&a.json, "--json"), (&a.plot, "--plot")] {
         if let Some(p) = path {
             ersm::files::ensure_writable(p, what)?;
+        }
+    }
+    // One file for two outputs would hold whichever was written last.
+    for (i, (p, what)) in outputs.iter().enumerate() {
+        for (q, other) in &outputs[i + 1..] {
+            if let (Some(p), Some(q)) = (p, q) {
+                if resolved(p) == resolved(q) {
+                    anyhow::bail!("{what} and {other} name the same file, {}", p.display());
+                }
+            }
         }
     }
     let pipeline = load_pipeline(a.pipeline)?;
@@ -223,17 +238,19 @@ fn bench(a: BenchArgs) -> Result<()> {
         ersm,
         dense,
     } = ersm::bench::run(&pipeline, &frames, &opts)?;
-    println!("{}", report.table());
+    say(format_args!("{}", report.table()))?;
     if a.profile {
         let rows = ersm::profile::ersm(&pipeline, &frames, a.frames)?;
-        println!(
+        say(format_args!(
             "where an ERSM frame's network time goes ({} threads, mean per frame):",
             pipeline.threads.count()
-        );
-        println!("{}", ersm::profile::table(&rows));
+        ))?;
+        say(format_args!("{}", ersm::profile::table(&rows)))?;
         let rows = ersm::profile::prefix(&pipeline, &frames, a.frames)?;
-        println!("the prefix by tract op and output shape (mean per frame):");
-        println!("{}", ersm::profile::table(&rows));
+        say(format_args!(
+            "the prefix by tract op and output shape (mean per frame):"
+        ))?;
+        say(format_args!("{}", ersm::profile::table(&rows)))?;
     }
     if let Some(path) = &a.plot {
         let stages: Vec<(&str, Vec<f64>, Vec<f64>)> = ersm::report::STAGES
@@ -300,7 +317,7 @@ fn eval(cmd: EvalCommand) -> Result<()> {
             let r = ersm::eval::occlusion::run(&pipeline, &frames, &o.sizes, o.grid)?;
             save_results(&out, "occlusion", &r.csv(), &r, &failed)?;
             ersm::plot::occlusion(&r, &out.join("occlusion.svg"))?;
-            println!("{}", r.table());
+            say(format_args!("{}", r.table()))?;
             failed
         }
         EvalCommand::Deletion(d) => {
@@ -308,7 +325,7 @@ fn eval(cmd: EvalCommand) -> Result<()> {
             let r = ersm::eval::deletion::run(&pipeline, &analysed, d.step, d.seeds)?;
             save_results(&out, "deletion", &r.csv(), &r, &failed)?;
             ersm::plot::deletion(&r, &out.join("deletion.svg"))?;
-            println!("{}", r.table());
+            say(format_args!("{}", r.table()))?;
             failed
         }
         EvalCommand::Sparsity(_) => {
@@ -316,13 +333,39 @@ fn eval(cmd: EvalCommand) -> Result<()> {
             let r = ersm::eval::sparsity::of(&pipeline, &analysed)?;
             save_results(&out, "sparsity", &r.csv(), &r, &failed)?;
             ersm::plot::sparsity(&r, &out.join("sparsity.svg"))?;
-            println!("{}", r.table());
+            say(format_args!("{}", r.table()))?;
             failed
         }
     };
-    report_failed(&failed);
-    println!("results in {}", out.display());
+    report_failed(&failed)?;
+    say(format_args!("results in {}", out.display()))?;
     Ok(())
+}
+
+/// `p` with its folder resolved (links, `..`), to tell two spellings of one
+/// output file apart from two files.
+fn resolved(p: &Path) -> Option<PathBuf> {
+    let abs = std::path::absolute(p).ok()?;
+    let dir = abs.parent()?.canonicalize().ok()?;
+    Some(dir.join(abs.file_name()?))
+}
+
+/// Prints `text` and a newline on standard output. A reader that went away
+/// (`ersm inspect | head -3`) ends the process quietly; any other failure
+/// (a full disk) is an error that says so, never a panic.
+fn say(text: std::fmt::Arguments<'_>) -> Result<()> {
+    say_raw(format_args!("{text}\n"))
+}
+
+/// [`say`] without the newline.
+fn say_raw(text: std::fmt::Arguments<'_>) -> Result<()> {
+    use std::io::Write;
+    let mut out = std::io::stdout().lock();
+    match out.write_fmt(text).and_then(|()| out.flush()) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => std::process::exit(0),
+        Err(e) => Err(anyhow::anyhow!("writing to standard output: {e}")),
+    }
 }
 
 /// Writes `NAME.csv` and `NAME.json` (the result and the images left out).
@@ -341,13 +384,17 @@ fn save_results<T: serde::Serialize>(
     )
 }
 
-fn report_failed(failed: &[String]) {
+fn report_failed(failed: &[String]) -> Result<()> {
     if !failed.is_empty() {
-        println!("{} image(s) could not be evaluated:", failed.len());
+        say(format_args!(
+            "{} image(s) could not be evaluated:",
+            failed.len()
+        ))?;
         for f in failed {
-            println!("  {f}");
+            say(format_args!("  {f}"))?;
         }
     }
+    Ok(())
 }
 
 fn mask(a: MaskArgs) -> Result<()> {
@@ -374,7 +421,7 @@ fn mask(a: MaskArgs) -> Result<()> {
         image::ColorType::Rgb8,
     )
     .with_context(|| format!("writing {}", a.out.display()))?;
-    println!(
+    say(format_args!(
         "{}: '{}', kept {} of {} tokens ({:.1} %) -> {}",
         a.image.display(),
         answer.label(&pipeline.model.manifest),
@@ -382,13 +429,13 @@ fn mask(a: MaskArgs) -> Result<()> {
         r.mask.h * r.mask.w,
         100.0 * r.mask.keep_ratio(),
         a.out.display()
-    );
+    ))?;
     Ok(())
 }
 
 fn inspect(a: InspectArgs) -> Result<()> {
     let model_dir = a.model.unwrap_or_else(|| bundled(DEFAULT_MODEL));
     let m = ModelPackage::load(&model_dir)?;
-    print!("{}", m.describe(a.keep));
+    say_raw(format_args!("{}", m.describe(a.keep)))?;
     Ok(())
 }
