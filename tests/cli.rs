@@ -332,3 +332,25 @@ fn closed_or_full_stdout() {
         );
     }
 }
+
+/// More threads than the process may use are capped, with a warning.
+#[test]
+fn threads_above_the_cores_are_capped() {
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let o = ersm(&[
+        "bench",
+        "--model",
+        "models/tiny",
+        "--frames",
+        "1",
+        "--threads",
+        "1000",
+    ]);
+    let (out, err) = text(&o);
+    assert!(o.status.success(), "{err}");
+    assert!(
+        err.contains("--threads 1000") && err.contains("core(s)"),
+        "{err}"
+    );
+    assert!(out.contains(&format!("threads {cores}")), "{out}");
+}

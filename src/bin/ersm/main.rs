@@ -281,7 +281,21 @@ fn load_pipeline(a: PipelineArgs) -> Result<Pipeline> {
     } = a;
     let model_dir = model.unwrap_or_else(|| bundled(DEFAULT_MODEL));
     let model = ModelPackage::load_sized(&model_dir, input_size)?;
-    let threads = Threads::new(threads.unwrap_or_else(Threads::available))?;
+    let cores = Threads::available();
+    let threads = match threads {
+        // The workers spin while a frame runs: more than the cores this
+        // process may use only queue behind each other (1000 on 2 cores
+        // took 0.6-3 s a frame).
+        Some(n) if n > cores => {
+            log::warn!(
+                "--threads {n}: this process may use {cores} core(s); running {cores} threads"
+            );
+            cores
+        }
+        Some(n) => n,
+        None => cores,
+    };
+    let threads = Threads::new(threads)?;
     log::info!("{} worker thread(s)", threads.count());
     let placement = Placement::decide(&model, device.into())?;
     let pipeline = Pipeline::placed(model, placement).with_threads(threads);
