@@ -172,6 +172,12 @@ fn uris_normalise_like_jetson_inference() {
             Uri::Url("rtsp://cam.local:8554/live".into()),
         ),
         ("file:///data/clip.mp4", Uri::File("/data/clip.mp4".into())),
+        // RFC 8089: the local host named, and percent-encoded characters.
+        (
+            "file://localhost/data/my%20clip.mp4",
+            Uri::File("/data/my clip.mp4".into()),
+        ),
+        ("file:///a%2Fb%25.mp4", Uri::File("/a/b%.mp4".into())),
         ("clip.mkv", Uri::File("clip.mkv".into())),
         (
             "raw://-?w=640&h=480",
@@ -186,6 +192,8 @@ fn uris_normalise_like_jetson_inference() {
     }
     for bad in [
         "",
+        "file:///clip%2",
+        "file:///clip%zz.mp4",
         "csi://front",
         "raw://-?w=640",
         "raw://file?w=1&h=1",

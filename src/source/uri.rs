@@ -43,7 +43,7 @@ impl Uri {
             return parse_raw(s, rest);
         }
         if let Some(rest) = s.strip_prefix("file://") {
-            return Ok(Uri::File(PathBuf::from(rest)));
+            return Ok(Uri::File(file_path(s, rest)?));
         }
         if let Some((scheme, _)) = s.split_once("://") {
             if !NETWORK_SCHEMES.contains(&scheme.to_ascii_lowercase().as_str()) {
@@ -118,4 +118,34 @@ pub fn is_mp4(path: &Path) -> bool {
     path.extension()
         .and_then(|e| e.to_str())
         .is_some_and(|e| matches!(e.to_ascii_lowercase().as_str(), "mp4" | "m4v" | "mov"))
+}
+
+/// The path of a `file://` URI (RFC 8089): `file:///abs/path` or
+/// `file://localhost/abs/path`, percent-decoded (`%20` is a space); a
+/// relative `file://dir/x` is read relative to the working folder, as
+/// before.
+fn file_path(uri: &str, rest: &str) -> Result<PathBuf> {
+    let rest = match rest.strip_prefix("localhost/") {
+        Some(abs) => format!("/{abs}"),
+        None => rest.to_string(),
+    };
+    let bytes = rest.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] == b'%' {
+            let hex = bytes
+                .get(i + 1..i + 3)
+                .and_then(|h| std::str::from_utf8(h).ok())
+                .and_then(|h| u8::from_str_radix(h, 16).ok())
+                .with_context(|| format!("source {uri}: '%' must be followed by two hex digits"))?;
+            out.push(hex);
+            i += 3;
+        } else {
+            out.push(bytes[i]);
+            i += 1;
+        }
+    }
+    use std::os::unix::ffi::OsStringExt;
+    Ok(PathBuf::from(std::ffi::OsString::from_vec(out)))
 }

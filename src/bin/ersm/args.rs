@@ -198,7 +198,7 @@ pub struct OcclusionArgs {
     #[command(flatten)]
     pub common: EvalArgs,
     /// Occluder sides as fractions of the network's crop [each 0.01–1].
-    #[arg(long, value_delimiter = ',', default_values_t = [0.15, 0.3], value_parser = within(0.01f64, 1.0))]
+    #[arg(long, value_delimiter = ',', default_value = "0.15,0.3", value_parser = within(0.01f64, 1.0))]
     pub sizes: Vec<f64>,
     /// Positions per axis (grid × grid over the crop) [1–32].
     #[arg(long, default_value_t = 3, value_parser = within(1usize, 32))]
