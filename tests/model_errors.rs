@@ -930,3 +930,57 @@ fn several_outputs_need_a_decoder() {
     });
     assert_contains(&err, &["the graph has 2", "names its decoder"]);
 }
+
+/// A misspelt or unknown key or attribute is an error naming it, never a
+/// silent default: manifest keys at every level, the input's layout and
+/// colour, the output's name, and the energy node's attributes.
+#[test]
+fn unknown_keys_and_attributes_are_named() {
+    type Edit = fn(&mut serde_json::Value);
+    let cases: [(&str, Edit, &str); 5] = [
+        (
+            "key",
+            |m| m["labelz"] = serde_json::json!([]),
+            "unknown field `labelz`",
+        ),
+        (
+            "preprocess-key",
+            |m| m["preprocess"]["crop_size"] = serde_json::json!(112),
+            "unknown field `crop_size`",
+        ),
+        (
+            "colour",
+            |m| m["input"]["colour"] = serde_json::json!("BGR"),
+            "input.colour \"BGR\"",
+        ),
+        (
+            "layout",
+            |m| m["input"]["layout"] = serde_json::json!("NHWC"),
+            "input.layout \"NHWC\"",
+        ),
+        (
+            "output",
+            |m| m["output"]["name"] = serde_json::json!("probs"),
+            "output.name is 'probs'",
+        ),
+    ];
+    for (name, edit, msg) in cases {
+        let dir = with_manifest(&format!("unknown-{name}"), edit);
+        let err = format!("{:#}", ModelPackage::load(&dir).expect_err(name));
+        assert_contains(&err, &[msg]);
+    }
+    for (attr, hint) in [
+        ("neighborhood", "did you mean 'neighbourhood'"),
+        ("fill", "did you mean 'fills'"),
+    ] {
+        let err = load_modified(&format!("attr-{attr}"), |p| {
+            energy_node(p).attribute.push(AttributeProto {
+                name: attr.into(),
+                r#type: AttributeType::Int as i32,
+                i: 8,
+                ..Default::default()
+            });
+        });
+        assert_contains(&err, &[&format!("unknown attribute '{attr}'"), hint]);
+    }
+}

@@ -43,6 +43,18 @@ pub fn find(nodes: &[NodeProto]) -> Result<usize> {
     }
 }
 
+/// Every attribute the energy node may carry.
+pub const ATTRIBUTES: [&str; 8] = [
+    "lambda",
+    "tau",
+    "steps",
+    "neighbourhood",
+    "stride_rule",
+    "fills",
+    "convs",
+    "conv_relu",
+];
+
 /// The suffix's stride rule, from the node's `stride_rule` attribute
 /// (`"any"`, the default, or `"centre"`).
 pub fn stride_rule(node: &NodeProto) -> Result<StrideRule> {
@@ -123,6 +135,21 @@ pub const MAX_CONVS: i64 = crate::ersm::MAX_HEAD_CONVS as i64;
 /// default 0), `conv_relu` (one 0/1 per conv, default all 1).
 pub fn spec(node: &NodeProto, consts: &Constants, channels: usize) -> Result<EnergySpec> {
     let what = label(node);
+    // A misspelt attribute would silently take its default.
+    for a in &node.attribute {
+        if !ATTRIBUTES.contains(&a.name.as_str()) {
+            let hint = match a.name.as_str() {
+                "neighborhood" => " (did you mean 'neighbourhood'?)",
+                "fill" => " (did you mean 'fills'?)",
+                _ => "",
+            };
+            bail!(
+                "{what}: unknown attribute '{}'{hint}; EnergyMask reads {}",
+                a.name,
+                ATTRIBUTES.join(", ")
+            );
+        }
+    }
     let lambda = attr_f32(node, "lambda", None)?;
     let tau = attr_f32(node, "tau", Some(1.0))?;
     let steps = attr_i64(node, "steps", Some(0))?;

@@ -4,8 +4,10 @@ use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
 use std::path::Path;
 
-/// The package manifest (see models/README.md).
+/// The package manifest (see models/README.md). A key it does not know is
+/// an error naming it: a misspelt key would silently take its default.
 #[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct Manifest {
     pub name: String,
     #[serde(default)]
@@ -14,6 +16,10 @@ pub struct Manifest {
     pub model: String,
     pub input: InputSpec,
     pub preprocess: Preprocess,
+    /// The graph's output a classifier's logits are read from (checked
+    /// against the graph when given).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub output: Option<OutputSpec>,
     #[serde(default)]
     pub labels: Vec<String>,
     #[serde(default)]
@@ -35,6 +41,7 @@ pub struct Manifest {
 
 /// A detector's decoding.
 #[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct DetectorSpec {
     /// The output maps' meaning: `"centerface"` (heatmap, scale, offset,
     /// landmarks at stride 4).
@@ -50,25 +57,41 @@ fn default_nms_iou() -> f32 {
     0.3
 }
 
+/// The output a classifier reads its logits from.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OutputSpec {
+    pub name: String,
+}
+
 /// When a frame is re-run densely: the sparse result's top-1 softmax
 /// probability minus its top-2 is below `margin`.
 #[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct Fallback {
     pub margin: f32,
 }
 
 /// The network input.
 #[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct InputSpec {
     pub name: String,
     /// `[1, 3, H, W]`.
     pub shape: Vec<usize>,
+    /// `"NCHW"`, the only layout ersm feeds (optional).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub layout: Option<String>,
+    /// `"RGB"`, the only channel order ersm feeds (optional).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub colour: Option<String>,
 }
 
 /// How a frame becomes the input tensor: the short side resized and a
 /// centred square cropped (a classifier's view), or the whole frame
 /// stretched to `resize` (a detector's: nothing of the frame is lost).
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct Preprocess {
     /// Resize so the short side is this long (bilinear).
     #[serde(default, skip_serializing_if = "is_zero")]
@@ -124,6 +147,12 @@ impl Manifest {
         }
         if !(1..=MAX_INPUT_SIDE).contains(&s[2]) || !(1..=MAX_INPUT_SIDE).contains(&s[3]) {
             bail!("input.shape {s:?}: H and W must be between 1 and {MAX_INPUT_SIDE}");
+        }
+        if let Some(l) = self.input.layout.as_deref().filter(|l| *l != "NCHW") {
+            bail!("input.layout \"{l}\": ersm feeds NCHW tensors only");
+        }
+        if let Some(c) = self.input.colour.as_deref().filter(|c| *c != "RGB") {
+            bail!("input.colour \"{c}\": ersm feeds RGB frames only (a network trained on BGR needs its first conv's input channels swapped)");
         }
         let p = &self.preprocess;
         if p.resize_short > 2 * MAX_INPUT_SIDE {

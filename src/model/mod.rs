@@ -125,6 +125,16 @@ impl CutModel {
             .reader
             .check_readable()
             .with_context(|| format!("model {}", path.display()))?;
+        if let Some(o) = &package.manifest.output {
+            let outputs = &package.cut.graph_outputs;
+            ensure!(
+                *outputs == [o.name.clone()],
+                "model {}: the manifest's output.name is '{}', the graph's output is {}",
+                path.display(),
+                o.name,
+                outputs.join(", ")
+            );
+        }
         if let Some(file) = package.manifest.dense_model.clone() {
             let bpath = dir.join(&file);
             let cut = &package.cut;

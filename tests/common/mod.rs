@@ -425,6 +425,8 @@ pub fn manifest(h: usize, w: usize) -> Manifest {
         input: InputSpec {
             name: "image".into(),
             shape: vec![1, 3, h, w],
+            layout: None,
+            colour: None,
         },
         preprocess: Preprocess {
             resize_short: h.max(w),
@@ -439,6 +441,7 @@ pub fn manifest(h: usize, w: usize) -> Manifest {
         dense_model: None,
         fallback: None,
         detector: None,
+        output: None,
     }
 }
 
