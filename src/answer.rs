@@ -30,9 +30,20 @@ impl Reader {
     /// what the manifest declares.
     pub fn new(manifest: &Manifest, shapes: &[Vec<usize>]) -> Result<Reader> {
         let Some(spec) = &manifest.detector else {
-            return Ok(match shapes.len() {
-                1 => Reader::Classifier,
-                n => Reader::Unread { outputs: n },
+            return Ok(match shapes {
+                [shape] => {
+                    // A feature map is not logits: one value per label.
+                    let values: usize = shape.iter().product();
+                    let labels = manifest.labels.len();
+                    ensure!(
+                        labels == 0 || values == labels,
+                        "the output is {shape:?} ({values} values) and the manifest lists {labels} labels: a classifier's output holds one logit per label"
+                    );
+                    Reader::Classifier
+                }
+                _ => Reader::Unread {
+                    outputs: shapes.len(),
+                },
             });
         };
         let map = detect::check_outputs(shapes)?;

@@ -984,3 +984,14 @@ fn unknown_keys_and_attributes_are_named() {
         assert_contains(&err, &[&format!("unknown attribute '{attr}'"), hint]);
     }
 }
+
+/// A graph whose output is a feature map is not a classifier: its values
+/// must be one logit per label.
+#[test]
+fn a_feature_map_is_not_logits() {
+    let err = load_modified("feature-map-output", |p| {
+        let g = p.graph.as_mut().unwrap();
+        g.output[0].name = "ersm.out".into();
+    });
+    assert_contains(&err, &["values) and the manifest lists 10 labels"]);
+}
