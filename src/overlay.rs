@@ -162,17 +162,18 @@ fn check_ffmpeg(what: &str) -> Result<()> {
 const VIDEO: &[&str] = &["mp4", "mkv", "mov", "avi", "mjpeg"];
 
 impl OverlayWriter {
-    /// A video writer for a video extension, else a PNG folder (created).
-    pub fn create(path: &Path, fps: f64) -> Result<OverlayWriter> {
+    /// A video writer for a video extension, else a PNG folder (created);
+    /// `flag` (`--overlay`, `--output`) names it in errors.
+    pub fn create(flag: &str, path: &Path, fps: f64) -> Result<OverlayWriter> {
         let ext = path
             .extension()
             .and_then(|e| e.to_str())
             .map(|e| e.to_ascii_lowercase());
         if ext.as_deref().is_some_and(|e| VIDEO.contains(&e)) {
-            check_ffmpeg(&format!("--overlay {}: writing video", path.display()))?;
+            check_ffmpeg(&format!("{flag} {}: writing video", path.display()))?;
             // And when the file cannot be written (a missing folder): ffmpeg
             // would only say so once the frames are flowing.
-            crate::files::ensure_writable(path, "--overlay")?;
+            crate::files::ensure_writable(path, flag)?;
             return Ok(OverlayWriter::Video {
                 dest: Dest::File(path.to_path_buf()),
                 fps: if fps > 0.0 { fps } else { 10.0 },
@@ -180,7 +181,7 @@ impl OverlayWriter {
             });
         }
         std::fs::create_dir_all(path)
-            .with_context(|| format!("--overlay {}: cannot create folder", path.display()))?;
+            .with_context(|| format!("{flag} {}: cannot create folder", path.display()))?;
         Ok(OverlayWriter::Png {
             dir: path.to_path_buf(),
             next: 1,

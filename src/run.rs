@@ -26,8 +26,9 @@ pub struct RunOptions {
     pub compare: bool,
     /// One JSON record per frame.
     pub jsonl: Option<PathBuf>,
-    /// Overlay files and folders (`--overlay`, `--output PATH`).
-    pub overlays: Vec<OverlayWriter>,
+    /// Overlay files and folders, each with the option that named it
+    /// (`--overlay`, `--output PATH`) for its errors.
+    pub overlays: Vec<(&'static str, OverlayWriter)>,
     /// Live outputs (`--output http://…`, `rtp://…`, `rtsp://…`).
     pub live: Option<Live>,
     /// Stop after this many frames.
@@ -258,10 +259,10 @@ pub fn run(
             output_errors.push(format!("--jsonl: {e}"));
         }
     }
-    for o in &mut opts.overlays {
+    for (flag, o) in &mut opts.overlays {
         if let Err(e) = o.finish() {
-            log::error!("{e:#}");
-            output_errors.push(format!("--overlay: {e:#}"));
+            log::error!("{flag}: {e:#}");
+            output_errors.push(format!("{flag}: {e:#}"));
         }
     }
     if let Some(mut l) = opts.live.take() {
@@ -461,11 +462,11 @@ fn process(
         );
         // A full disk or a dead encoder stops that output, not the run.
         opts.overlays
-            .retain_mut(|o| match o.write(&img, frame.width, frame.height) {
+            .retain_mut(|(flag, o)| match o.write(&img, frame.width, frame.height) {
                 Ok(()) => true,
                 Err(e) => {
-                    log::error!("{e:#}; no more overlays there");
-                    output_errors.push(format!("--overlay: {e:#}"));
+                    log::error!("{flag}: {e:#}; no more frames written there");
+                    output_errors.push(format!("{flag}: {e:#}"));
                     false
                 }
             });

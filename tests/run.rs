@@ -746,3 +746,17 @@ fn a_run_within_its_warm_up_is_timed_on_it() {
     );
     assert!(!out.contains("NaN"), "{out}");
 }
+
+/// An output that cannot be written is named by the option that gave it
+/// (a PNG folder under a file: no ffmpeg needed).
+#[test]
+fn a_bad_output_path_is_named_by_its_option() {
+    for flag in ["--overlay", "--output"] {
+        let (o, _, err) = output(ersm(&["--max-frames", "1", flag, "/dev/null/frames"]));
+        assert!(!o.status.success());
+        assert!(
+            err.contains(&format!("{flag} /dev/null/frames: cannot create folder")),
+            "{flag}: {err}"
+        );
+    }
+}

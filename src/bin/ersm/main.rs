@@ -131,11 +131,13 @@ fn run(a: RunArgs) -> Result<()> {
     let mut overlays = Vec::new();
     let mut streams = Vec::new();
     if let Some(p) = &a.overlay {
-        overlays.push(OverlayWriter::create(p, fps)?);
+        overlays.push(("--overlay", OverlayWriter::create("--overlay", p, fps)?));
     }
     for (uri, t) in &targets {
         match t {
-            Target::File(p) => overlays.push(OverlayWriter::create(p, fps)?),
+            Target::File(p) => {
+                overlays.push(("--output", OverlayWriter::create("--output", p, fps)?))
+            }
             Target::Stream(url) => streams.push(OverlayWriter::stream(url)?),
             Target::Http(_) => {}
         }
