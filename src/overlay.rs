@@ -140,23 +140,45 @@ impl std::fmt::Display for Dest {
 
 /// Fails now, not after the first frame, when ffmpeg is missing.
 fn check_ffmpeg(what: &str) -> Result<()> {
-    Command::new("ffmpeg")
+    let mut child = Command::new("ffmpeg")
         .arg("-version")
+        .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::null())
-        .status()
-        .map(|_| ())
+        .spawn()
         .map_err(|_| {
             anyhow::anyhow!(
                 "{what} needs ffmpeg (Debian/Ubuntu/JetPack: sudo apt install ffmpeg){}",
-                if what.starts_with("--overlay") {
+                if what.starts_with("--overlay") || what.starts_with("--output") {
                     "; a folder name writes PNGs without it"
                 } else {
                     ""
                 }
             )
-        })
+        })?;
+    // An ffmpeg that does not answer `-version` would hold the run before it
+    // starts, with Ctrl-C not yet handled.
+    let deadline = std::time::Instant::now() + FFMPEG_VERSION_LIMIT;
+    loop {
+        match child.try_wait() {
+            Ok(Some(_)) => return Ok(()),
+            Ok(None) if std::time::Instant::now() < deadline => {
+                std::thread::sleep(std::time::Duration::from_millis(20))
+            }
+            _ => {
+                let _ = child.kill();
+                let _ = child.wait();
+                bail!(
+                    "{what}: `ffmpeg -version` did not answer within {} s; is the ffmpeg on PATH a working one?",
+                    FFMPEG_VERSION_LIMIT.as_secs()
+                );
+            }
+        }
+    }
 }
+
+/// How long `ffmpeg -version` may take before the ffmpeg found is taken as broken.
+const FFMPEG_VERSION_LIMIT: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// File extensions written as video through ffmpeg.
 const VIDEO: &[&str] = &["mp4", "mkv", "mov", "avi", "mjpeg"];

@@ -760,3 +760,24 @@ fn a_bad_output_path_is_named_by_its_option() {
         );
     }
 }
+
+/// An ffmpeg that never answers `-version` is named as broken within a few
+/// seconds, before the model loads, instead of holding the run forever.
+#[test]
+fn an_ffmpeg_that_hangs_on_version_is_reported() {
+    let dir = fake_ffmpeg("hangs", "exec sleep 1000");
+    let out = tmp("hangs-out").join("x.mp4");
+    let c = with_path(
+        ersm(&["--max-frames", "1", "--overlay", out.to_str().unwrap()]),
+        &dir,
+    );
+    let t = Instant::now();
+    let (o, _, err) = output(c);
+    assert!(
+        t.elapsed() < Duration::from_secs(30),
+        "took {:?}",
+        t.elapsed()
+    );
+    assert!(!o.status.success());
+    assert!(err.contains("ffmpeg -version` did not answer"), "{err}");
+}
