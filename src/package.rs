@@ -4,6 +4,7 @@
 //! baseline's second half), and the original network's suffix when the
 //! package carries one. Everything of the cut is read through the package.
 
+use crate::answer::Reader;
 use crate::model::{CutModel, Manifest};
 use crate::prefix::TractNet;
 use anyhow::{Context, Result};
@@ -22,6 +23,8 @@ pub struct ModelPackage {
     /// The original network's layers after the cut, when the manifest names
     /// one (`dense_model`).
     pub original_suffix: Option<TractNet>,
+    /// How the outputs are read: a classifier's logits, or a detector's maps.
+    pub reader: Reader,
 }
 
 /// A package is its cut network, with runtimes: `m.plan`, `m.cut`,
@@ -53,10 +56,30 @@ impl ModelPackage {
     pub fn load_sized(dir: impl AsRef<Path>, size: Option<(usize, usize)>) -> Result<ModelPackage> {
         let dir = dir.as_ref();
         let model = CutModel::load_sized(dir, size)?;
-        crate::panics::catch(
+        let package = crate::panics::catch(
             || format!("model package {}", dir.display()),
             || ModelPackage::build(model),
-        )
+        )?;
+        package.check_readable()?;
+        Ok(package)
+    }
+
+    /// Fails unless an answer can be read from the outputs the way the
+    /// manifest says (a package loaded from a folder must be readable).
+    fn check_readable(&self) -> Result<()> {
+        let what = || format!("model {}", self.origin.display());
+        self.reader.check_readable().with_context(what)?;
+        if let Some(o) = &self.manifest.output {
+            let outputs = &self.cut.graph_outputs;
+            anyhow::ensure!(
+                *outputs == [o.name.clone()],
+                "{}: the manifest's output.name is '{}', the graph's output is {}",
+                what(),
+                o.name,
+                outputs.join(", ")
+            );
+        }
+        Ok(())
     }
 
     /// Validates and cuts an ONNX model and builds its plans; `origin` names
@@ -76,6 +99,8 @@ impl ModelPackage {
     /// Builds the tract plans of a cut network.
     pub fn build(model: CutModel) -> Result<ModelPackage> {
         let what = || format!("model {}", model.origin.display());
+        let reader =
+            Reader::new(&model.manifest, &model.plan.output_shapes()).with_context(what)?;
         let prefix =
             TractNet::from_image(&model.prefix_proto, &model.manifest.input.shape, "prefix")
                 .with_context(what)?;
@@ -95,6 +120,7 @@ impl ModelPackage {
             prefix,
             dense_suffix,
             original_suffix,
+            reader,
         })
     }
 

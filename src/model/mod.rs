@@ -8,7 +8,6 @@ pub mod energy;
 pub mod inspect;
 pub mod manifest;
 
-use crate::answer::Reader;
 use crate::ersm::EnergySpec;
 use crate::onnx::{self, float_input, label, split_at, subgraph, Constants};
 use crate::sparse::Plan;
@@ -62,8 +61,6 @@ pub struct CutModel {
     pub energy: EnergySpec,
     /// The suffix lowered for the sparse executor.
     pub plan: Plan,
-    /// How the outputs are read: a classifier's logits, or a detector's maps.
-    pub reader: Reader,
     /// ONNX op types before the cut, in graph order.
     pub prefix_ops: Vec<String>,
     /// The suffix as an ONNX model (inputs: the energy layer's output, then
@@ -121,20 +118,6 @@ impl CutModel {
             })?;
         }
         let mut package = Self::from_proto(proto, manifest, &path)?;
-        package
-            .reader
-            .check_readable()
-            .with_context(|| format!("model {}", path.display()))?;
-        if let Some(o) = &package.manifest.output {
-            let outputs = &package.cut.graph_outputs;
-            ensure!(
-                *outputs == [o.name.clone()],
-                "model {}: the manifest's output.name is '{}', the graph's output is {}",
-                path.display(),
-                o.name,
-                outputs.join(", ")
-            );
-        }
         if let Some(file) = package.manifest.dense_model.clone() {
             let bpath = dir.join(&file);
             let cut = &package.cut;
@@ -297,7 +280,6 @@ impl CutModel {
             &fills,
         )?;
         plan.stride_rule = energy::stride_rule(enode)?;
-        let reader = Reader::new(&manifest, &plan.output_shapes())?;
         let suffix_inputs = std::iter::once(float_input(&output, &fs))
             .chain(
                 taps.iter()
@@ -322,7 +304,6 @@ impl CutModel {
             },
             energy,
             plan,
-            reader,
             prefix_ops,
             suffix_proto,
             dense_proto,
