@@ -105,7 +105,7 @@ impl ModelPackage {
             TractNet::from_image(&model.prefix_proto, &model.manifest.input.shape, "prefix")
                 .with_context(what)?;
         let cut = &model.cut;
-        let features = [1, cut.c, cut.h, cut.w];
+        let features = cut.shape();
         let dense_suffix =
             TractNet::new(&model.suffix_proto, &features, "dense suffix").with_context(what)?;
         let original_suffix = match &model.baseline {

@@ -266,11 +266,13 @@ impl Pipeline {
     /// The dense baseline's outputs (logits) for the prefix's maps (finite,
     /// or an error).
     pub fn dense_logits(&self, maps: &PrefixMaps) -> Result<Vec<f32>> {
-        let cut = &self.model.cut;
-        let fs = [1, cut.c, cut.h, cut.w];
-        let shapes: Vec<[usize; 4]> = cut.taps.iter().map(|t| [1, t.c, t.h, t.w]).collect();
-        let mut inputs: Vec<(&[usize], &[f32])> = vec![(&fs, &maps.features)];
-        inputs.extend(shapes.iter().zip(&maps.taps).map(|(s, t)| (&s[..], &t[..])));
+        let shapes = self.model.cut.suffix_input_shapes();
+        let values = std::iter::once(&maps.features).chain(&maps.taps);
+        let inputs: Vec<(&[usize], &[f32])> = shapes
+            .iter()
+            .zip(values)
+            .map(|(s, v)| (&s[..], &v[..]))
+            .collect();
         let logits = self.dense_net().run_many(&inputs).context("dense suffix")?;
         ensure_finite(&logits, "dense logits")?;
         Ok(logits)

@@ -181,13 +181,8 @@ impl TractNet {
         flatten(self.plan.run(tvec![self.input(input)?])?, &self.what)
     }
 
-    /// Runs the net on `input` and returns its first output as tract hands
-    /// it over: from a tract-cuda plan still in device memory.
-    pub fn run_output(&self, input: &[f32]) -> Result<Output> {
-        first_output(self.plan.run(tvec![self.input(input)?])?, &self.what)
-    }
-
-    /// Runs the net on `input` and returns every output as tract hands it over.
+    /// Runs the net on `input` and returns every output as tract hands it
+    /// over: from a tract-cuda plan still in device memory.
     pub fn run_outputs(&self, input: &[f32]) -> Result<Vec<Output>> {
         let out = self.plan.run(tvec![self.input(input)?])?;
         anyhow::ensure!(!out.is_empty(), "{}: the plan has no output", self.what);
@@ -364,12 +359,6 @@ fn flatten(out: TVec<TValue>, what: &str) -> Result<Vec<f32>> {
     Ok(values)
 }
 
-/// A plan's first output, as tract hands it over.
-fn first_output(mut out: TVec<TValue>, what: &str) -> Result<Output> {
-    anyhow::ensure!(!out.is_empty(), "{what}: the plan has no output");
-    Ok(Output(out.swap_remove(0)))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -393,7 +382,7 @@ mod tests {
             .map(|i| ((i * 7919 % 1000) as f32 / 500.0) - 1.0)
             .collect();
         let plain = source.into_optimized().unwrap().into_runnable().unwrap();
-        let want = first_output(
+        let want = flatten(
             plain
                 .run(tvec![Tensor::from_shape(&prefix.input_shape, &image)
                     .unwrap()
@@ -401,8 +390,6 @@ mod tests {
                 .unwrap(),
             "unpatched prefix",
         )
-        .unwrap()
-        .to_vec()
         .unwrap();
         let got = prefix.run(&image).unwrap();
         assert_eq!(want.len(), got.len());
@@ -426,7 +413,7 @@ mod tests {
         let image: Vec<f32> = (0..pkg.prefix.input_shape.iter().product::<usize>())
             .map(|i| ((i * 104729 % 997) as f32 / 498.0) - 1.0)
             .collect();
-        let out = pkg.prefix.run_output(&image).unwrap();
+        let out = pkg.prefix.run_outputs(&image).unwrap().remove(0);
         assert_eq!(out.device_ptr(), None, "a CPU plan's output is on the host");
         let values = out.to_vec().unwrap();
         assert_eq!(values, pkg.prefix.run(&image).unwrap());

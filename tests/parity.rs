@@ -324,11 +324,13 @@ fn suffix_reading_prefix_maps_with_several_outputs_matches_reference() {
             );
         }
         let all: Vec<u32> = (0..(m.cut.h * m.cut.w) as u32).collect();
-        let mut inputs: Vec<(&[usize], &[f32])> = Vec::new();
-        let fs = [1, m.cut.c, m.cut.h, m.cut.w];
-        let shapes: Vec<[usize; 4]> = m.cut.taps.iter().map(|t| [1, t.c, t.h, t.w]).collect();
-        inputs.push((&fs, x));
-        inputs.extend(shapes.iter().zip(taps).map(|(s, t)| (&s[..], &t[..])));
+        let shapes = m.cut.suffix_input_shapes();
+        let values = std::iter::once(x).chain(taps);
+        let inputs: Vec<(&[usize], &[f32])> = shapes
+            .iter()
+            .zip(values)
+            .map(|(s, v)| (&s[..], &v[..]))
+            .collect();
         let dense = m.dense_suffix.run_many(&inputs).unwrap();
         let err = rel_err(&sparse_with(&m, x, taps, &all), &dense);
         assert!(

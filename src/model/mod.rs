@@ -41,6 +41,20 @@ pub struct Cut {
     pub w: usize,
 }
 
+impl Cut {
+    /// The cut's map, `[1, C, H, W]`.
+    pub fn shape(&self) -> [usize; 4] {
+        [1, self.c, self.h, self.w]
+    }
+
+    /// What the dense suffix reads, in order: the cut's map, then each tap.
+    pub fn suffix_input_shapes(&self) -> Vec<[usize; 4]> {
+        std::iter::once(self.shape())
+            .chain(self.taps.iter().map(Tap::shape))
+            .collect()
+    }
+}
+
 /// A tensor of the prefix the suffix reads beside the energy layer's output:
 /// a `[1, C, H, W]` map whose size is the cut's times or divided by a
 /// whole factor, gathered at the active positions of its own resolution.
@@ -50,6 +64,13 @@ pub struct Tap {
     pub c: usize,
     pub h: usize,
     pub w: usize,
+}
+
+impl Tap {
+    /// The map, `[1, C, H, W]`.
+    pub fn shape(&self) -> [usize; 4] {
+        [1, self.c, self.h, self.w]
+    }
 }
 
 /// A loaded, validated model package, cut into its parts.
@@ -127,13 +148,8 @@ impl CutModel {
                 bpath.display(),
                 cut.taps.iter().map(|t| t.name.as_str()).collect::<Vec<_>>().join(", ")
             );
-            let baseline = Baseline::load(
-                &bpath,
-                &cut.input,
-                &[1, cut.c, cut.h, cut.w],
-                &package.prefix_proto,
-            )
-            .with_context(|| format!("dense_model {}", bpath.display()))?;
+            let baseline = Baseline::load(&bpath, &cut.input, &cut.shape(), &package.prefix_proto)
+                .with_context(|| format!("dense_model {}", bpath.display()))?;
             package.baseline = Some(baseline);
         }
         Ok(package)
@@ -281,10 +297,7 @@ impl CutModel {
         )?;
         plan.stride_rule = energy::stride_rule(enode)?;
         let suffix_inputs = std::iter::once(float_input(&output, &fs))
-            .chain(
-                taps.iter()
-                    .map(|t| float_input(&t.name, &[1, t.c, t.h, t.w])),
-            )
+            .chain(taps.iter().map(|t| float_input(&t.name, &t.shape())))
             .collect();
         let outputs: Vec<&str> = graph_outputs.iter().map(String::as_str).collect();
         let suffix_proto = subgraph(&proto, suffix_nodes, suffix_inputs, &outputs);
@@ -324,10 +337,8 @@ fn tap(name: String, s: &[usize], (h, w): (usize, usize)) -> Result<Tap> {
         what()
     );
     let (th, tw) = (s[2], s[3]);
-    let finer = th >= h && th % h == 0 && tw % w == 0 && th / h == tw / w;
-    let coarser = (2..=h.max(w)).any(|f| h.div_ceil(f) == th && w.div_ceil(f) == tw);
     ensure!(
-        finer || coarser,
+        crate::sparse::ops::gather::Scale::of((th, tw), (h, w)).is_some(),
         "{}: its {th}×{tw} map is not the cut's {h}×{w} times or divided by a whole factor",
         what()
     );

@@ -800,18 +800,19 @@ pub fn dense_masked_with(m: &ModelPackage, x: &[f32], taps: &[Vec<f32>], kept: &
         .map(|(i, &v)| v * masks[0][i % hw])
         .collect();
     let proto = reference(&m.suffix_proto, &m.plan);
-    let fs = [1, m.cut.c, m.cut.h, m.cut.w];
-    let net = TractNet::new(&proto, &fs, "dense-masked reference").expect("reference builds");
+    let maps = m.cut.suffix_input_shapes();
+    let net = TractNet::new(&proto, &maps[0], "dense-masked reference").expect("reference builds");
     let scales: Vec<[f32; 1]> = masks
         .iter()
         .map(|mk| [mk.len() as f32 / mk.iter().sum::<f32>().max(1.0)])
         .collect();
     let shapes: Vec<[usize; 4]> = m.plan.levels.iter().map(|l| [1, 1, l.h, l.w]).collect();
-    let tap_shapes: Vec<[usize; 4]> = m.cut.taps.iter().map(|t| [1, t.c, t.h, t.w]).collect();
-    let mut inputs: Vec<(&[usize], &[f32])> = vec![(&fs, &xm)];
-    for (s, t) in tap_shapes.iter().zip(taps) {
-        inputs.push((s, t));
-    }
+    let values = std::iter::once(&xm).chain(taps);
+    let mut inputs: Vec<(&[usize], &[f32])> = maps
+        .iter()
+        .zip(values)
+        .map(|(s, v)| (&s[..], &v[..]))
+        .collect();
     for l in 0..masks.len() {
         inputs.push((&shapes[l], &masks[l]));
         inputs.push((&[1], &scales[l]));

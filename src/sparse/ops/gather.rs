@@ -19,6 +19,33 @@ pub struct GatherMap {
     pub positions: usize,
 }
 
+/// How a prefix map's size relates to the cut's (level 0's).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Scale {
+    /// The same size.
+    Same,
+    /// The cut's times a whole factor (every side).
+    Finer(usize),
+    /// The cut's divided by a whole factor, rounded up as a strided layer's output is.
+    Coarser(usize),
+}
+
+impl Scale {
+    /// The relation of a `(h, w)` map to the cut's `(h0, w0)`, if it is one
+    /// a suffix may read.
+    pub fn of((h, w): (usize, usize), (h0, w0): (usize, usize)) -> Option<Scale> {
+        if (h, w) == (h0, w0) {
+            return Some(Scale::Same);
+        }
+        if h > h0 && h % h0 == 0 && w % w0 == 0 && h / h0 == w / w0 {
+            return Some(Scale::Finer(h / h0));
+        }
+        (2..=h0.max(w0))
+            .find(|f| h0.div_ceil(*f) == h && w0.div_ceil(*f) == w)
+            .map(Scale::Coarser)
+    }
+}
+
 /// Adds prefix map `name` (`c × h × w`) to the suffix: a dense input slot
 /// the prefix fills every frame, its level (level 0's set upsampled by a
 /// whole factor for a finer map, strided down for a coarser one, level 0
@@ -31,17 +58,13 @@ pub fn tap(
     (h, w): (usize, usize),
 ) -> Result<(usize, Tensor)> {
     let (h0, w0) = (lowered.levels[0].h, lowered.levels[0].w);
-    let level = if (h, w) == (h0, w0) {
-        0
-    } else if h > h0 {
-        lowered.up_level(0, h / h0, h, w)
-    } else {
-        let f = (2..=h0.max(w0))
-            .find(|f| h0.div_ceil(*f) == h && w0.div_ceil(*f) == w)
-            .ok_or_else(|| {
-                anyhow::anyhow!("'{name}': {h}×{w} is not {h0}×{w0} divided by a whole factor")
-            })?;
-        lowered.child_level(0, f, h, w)
+    let level = match Scale::of((h, w), (h0, w0)) {
+        Some(Scale::Same) => 0,
+        Some(Scale::Finer(f)) => lowered.up_level(0, f, h, w),
+        Some(Scale::Coarser(f)) => lowered.child_level(0, f, h, w),
+        None => anyhow::bail!(
+            "'{name}': its {h}×{w} map is not the cut's {h0}×{w0} times or divided by a whole factor"
+        ),
     };
     let map = lowered.slot(
         &format!("{name} (dense)"),
