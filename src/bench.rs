@@ -5,7 +5,6 @@
 use crate::answer::Comparison;
 use crate::detect::Agreement;
 use crate::pipeline::Pipeline;
-use crate::record::FaceJson;
 use crate::report::{ideal_speedup, BenchReport, FaceSummary, StageSamples};
 use crate::source::Frame;
 use anyhow::{Context, Result};
@@ -83,20 +82,13 @@ pub fn run(pipeline: &Pipeline, frames: &[Frame], opts: &BenchOptions) -> Result
             faces.add(&a);
         }
         if let Some(w) = dump.as_mut() {
-            let mut rec = serde_json::json!({
-                "image": frame.name,
-                "kept": e.mask.kept,
-            });
-            if m.reader.is_detector() {
-                let json = |a: &crate::answer::Answer| -> Vec<FaceJson> {
-                    a.faces().iter().map(FaceJson::of).collect()
-                };
-                rec["faces"] = serde_json::json!(json(&answer));
-                rec["dense_faces"] = serde_json::json!(json(&dense_answer));
-            } else {
-                rec["logits"] = serde_json::json!(e.logits);
-                rec["dense_logits"] = serde_json::json!(d.logits);
-            }
+            let rec = crate::record::dump_line(
+                &frame.name,
+                &e.mask.kept,
+                (&answer, &e.logits),
+                Some((&dense_answer, &d.logits)),
+                m.reader.is_detector(),
+            );
             writeln!(w, "{rec}").context("--dump")?;
         }
         macs += e.suffix_macs(&m.plan) as f64;

@@ -3,7 +3,7 @@
 
 use anyhow::{bail, Context, Result};
 use std::os::unix::fs::FileTypeExt;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 /// Fails unless `path` is (or links to) a regular file; `what` names it in the error.
 pub fn ensure_regular(path: &Path, what: &str) -> Result<()> {
@@ -44,4 +44,25 @@ pub fn ensure_writable(path: &Path, what: &str) -> Result<()> {
     std::fs::File::create(path)
         .map(drop)
         .with_context(|| format!("{what} {}: cannot write", path.display()))
+}
+
+/// The variable naming a folder that holds the bundled `models/` (the
+/// Python package sets it to its own copy).
+pub const DATA_VAR: &str = "ERSM_DATA";
+
+/// A bundled path such as `models/mobilenet_v2_ersm`: as given, relative to
+/// the working directory, when it is there; else under `$ERSM_DATA`; else
+/// beside the crate that built this library.
+pub fn bundled(rel: &str) -> PathBuf {
+    let here = PathBuf::from(rel);
+    if here.exists() {
+        return here;
+    }
+    if let Some(dir) = std::env::var_os(DATA_VAR) {
+        let there = Path::new(&dir).join(rel);
+        if there.exists() {
+            return there;
+        }
+    }
+    Path::new(env!("CARGO_MANIFEST_DIR")).join(rel)
 }

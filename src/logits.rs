@@ -29,6 +29,21 @@ pub fn top1_margin(logits: &[f32]) -> f32 {
     }
 }
 
+/// The `k` most probable classes with their softmax probabilities, most
+/// probable first (ties in index order).
+pub fn top_k(logits: &[f32], k: usize) -> Vec<(usize, f32)> {
+    let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let exp: Vec<f32> = logits.iter().map(|&v| (v - max).exp()).collect();
+    let sum: f32 = exp.iter().sum();
+    let mut order: Vec<usize> = (0..logits.len()).collect();
+    order.sort_by(|&a, &b| logits[b].total_cmp(&logits[a]).then(a.cmp(&b)));
+    order
+        .into_iter()
+        .take(k)
+        .map(|i| (i, if sum > 0.0 { exp[i] / sum } else { 0.0 }))
+        .collect()
+}
+
 /// Index of the largest logit.
 pub fn top1(logits: &[f32]) -> usize {
     let mut best = 0;
@@ -38,4 +53,20 @@ pub fn top1(logits: &[f32]) -> usize {
         }
     }
     best
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn top_k_orders_by_probability_and_sums_to_one() {
+        let l = [1.0, 3.0, 2.0, 3.0];
+        let t = top_k(&l, 3);
+        assert_eq!(t.iter().map(|p| p.0).collect::<Vec<_>>(), [1, 3, 2]);
+        let all: f32 = top_k(&l, 10).iter().map(|p| p.1).sum();
+        assert!((all - 1.0).abs() < 1e-6);
+        assert!((t[0].1 - t[1].1).abs() < 1e-7 && t[1].1 > t[2].1);
+        assert_eq!(top_k(&l, 0), []);
+    }
 }

@@ -84,3 +84,32 @@ impl StageMs {
         }
     }
 }
+
+/// One frame's `--dump` line (`bench`, `run`): the kept tokens and the raw
+/// answer of each mode, for comparing two builds or two front ends (the
+/// CLI and the Python package) frame by frame. A classifier's logits, or a
+/// detector's faces; the dense side only when it ran.
+pub fn dump_line(
+    name: &str,
+    kept: &[u32],
+    ersm: (&crate::answer::Answer, &[f32]),
+    dense: Option<(&crate::answer::Answer, &[f32])>,
+    detector: bool,
+) -> serde_json::Value {
+    let mut rec = serde_json::json!({ "image": name, "kept": kept });
+    let faces = |a: &crate::answer::Answer| -> Vec<FaceJson> {
+        a.faces().iter().map(FaceJson::of).collect()
+    };
+    if detector {
+        rec["faces"] = serde_json::json!(faces(ersm.0));
+        if let Some((d, _)) = dense {
+            rec["dense_faces"] = serde_json::json!(faces(d));
+        }
+    } else {
+        rec["logits"] = serde_json::json!(ersm.1);
+        if let Some((_, l)) = dense {
+            rec["dense_logits"] = serde_json::json!(l);
+        }
+    }
+    rec
+}

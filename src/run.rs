@@ -26,6 +26,8 @@ pub struct RunOptions {
     pub compare: bool,
     /// One JSON record per frame.
     pub jsonl: Option<PathBuf>,
+    /// Each frame's kept tokens and raw answers, one JSON line each (`--dump`).
+    pub dump: Option<PathBuf>,
     /// Overlay files and folders, each with the option that named it
     /// (`--overlay`, `--output PATH`) for its errors.
     pub overlays: Vec<(&'static str, OverlayWriter)>,
@@ -150,6 +152,54 @@ impl Tally {
     }
 }
 
+/// A per-frame log file (`--jsonl`, `--dump`), closed after a write error.
+struct Log {
+    flag: &'static str,
+    out: Option<std::io::BufWriter<std::fs::File>>,
+}
+
+impl Log {
+    fn create(flag: &'static str, path: Option<&std::path::Path>) -> Result<Log> {
+        let out = match path {
+            Some(p) => Some(std::io::BufWriter::new(
+                std::fs::File::create(p).with_context(|| format!("{flag} {}", p.display()))?,
+            )),
+            None => None,
+        };
+        Ok(Log { flag, out })
+    }
+
+    fn is_open(&self) -> bool {
+        self.out.is_some()
+    }
+
+    /// Writes one line. A write error (a full disk) stops the log, not the
+    /// run; the run then ends non-zero after its summary.
+    fn line(&mut self, text: &str, output_errors: &mut Vec<String>) {
+        if let Some(w) = self.out.as_mut() {
+            if let Err(e) = writeln!(w, "{text}") {
+                log::error!("{}: {e}; no more records", self.flag);
+                output_errors.push(format!("{}: {e}", self.flag));
+                self.out = None;
+            }
+        }
+    }
+
+    fn flush(&mut self, output_errors: &mut Vec<String>) {
+        if let Some(w) = self.out.as_mut() {
+            if let Err(e) = w.flush() {
+                output_errors.push(format!("{}: {e}", self.flag));
+            }
+        }
+    }
+}
+
+/// The run's per-frame logs.
+struct Logs {
+    jsonl: Log,
+    dump: Log,
+}
+
 /// Runs frames from `capture` until the stream ends, `stop` is set (Ctrl-C),
 /// the frame limit is reached or the source fails. Always returns the
 /// summary of what was processed; only set-up failures are errors.
@@ -159,11 +209,9 @@ pub fn run(
     mut opts: RunOptions,
     stop: &AtomicBool,
 ) -> Result<RunReport> {
-    let mut jsonl = match &opts.jsonl {
-        Some(p) => Some(std::io::BufWriter::new(
-            std::fs::File::create(p).with_context(|| format!("--jsonl {}", p.display()))?,
-        )),
-        None => None,
+    let mut logs = Logs {
+        jsonl: Log::create("--jsonl", opts.jsonl.as_deref())?,
+        dump: Log::create("--dump", opts.dump.as_deref())?,
     };
     let m = &pipeline.model;
     let mut t = Tally {
@@ -228,7 +276,7 @@ pub fn run(
                     &frame,
                     &mut t,
                     &mut opts,
-                    &mut jsonl,
+                    &mut logs,
                     &mut output_errors,
                     capture.queue.dropped(),
                 )
@@ -254,10 +302,8 @@ pub fn run(
     };
     capture.close();
     status.finish();
-    if let Some(w) = jsonl.as_mut() {
-        if let Err(e) = w.flush() {
-            output_errors.push(format!("--jsonl: {e}"));
-        }
+    for log in [&mut logs.jsonl, &mut logs.dump] {
+        log.flush(&mut output_errors);
     }
     for (flag, o) in &mut opts.overlays {
         if let Err(e) = o.finish() {
@@ -324,7 +370,7 @@ fn process(
     frame: &Frame,
     t: &mut Tally,
     opts: &mut RunOptions,
-    jsonl: &mut Option<std::io::BufWriter<std::fs::File>>,
+    logs: &mut Logs,
     output_errors: &mut Vec<String>,
     dropped: u64,
 ) -> Result<()> {
@@ -393,7 +439,7 @@ fn process(
             d.times.preprocess, d.times.prefix, d.times.suffix
         )),
     );
-    if let Some(w) = jsonl.as_mut() {
+    if logs.jsonl.is_open() {
         let rec = JsonRecord {
             frame: index,
             name: &frame.name,
@@ -421,13 +467,19 @@ fn process(
             dense_ms: d.as_ref().map(|d| StageMs::of(&d.times)),
         };
         let rec = serde_json::to_string(&rec).context("--jsonl record")?;
-        // A write error (a full disk) stops the log, not the run; the run
-        // then ends non-zero after its summary.
-        if let Err(e) = writeln!(w, "{rec}") {
-            log::error!("--jsonl: {e}; no more records");
-            output_errors.push(format!("--jsonl: {e}"));
-            *jsonl = None;
-        }
+        logs.jsonl.line(&rec, output_errors);
+    }
+    if logs.dump.is_open() {
+        let rec = crate::record::dump_line(
+            &frame.name,
+            &e.mask.kept,
+            (&answer, &e.logits),
+            d.as_ref()
+                .zip(dense.as_ref())
+                .map(|(d, a)| (a, d.logits.as_slice())),
+            m.reader.is_detector(),
+        );
+        logs.dump.line(&rec.to_string(), output_errors);
     }
     // Recent medians read steadier than one frame's time; during warm-up
     // there are none yet.

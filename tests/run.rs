@@ -113,6 +113,100 @@ fn image_folder_with_dense_comparison_and_jsonl() {
     }
 }
 
+/// `--dump` writes what `bench --dump` writes for the same frames: the
+/// kept tokens and both modes' logits, line for line with `--jsonl`.
+#[test]
+fn dump_records_kept_tokens_and_logits_as_bench_does() {
+    let (dump, jsonl, bench) = (
+        tmp("run-dump.jsonl"),
+        tmp("run-dump-records.jsonl"),
+        tmp("bench-dump.jsonl"),
+    );
+    let images = root().join("models/images");
+    let (o, _, err) = output(ersm(&[
+        "--source",
+        images.to_str().unwrap(),
+        "--dump",
+        dump.to_str().unwrap(),
+        "--jsonl",
+        jsonl.to_str().unwrap(),
+        "--warmup",
+        "0",
+    ]));
+    assert!(o.status.success(), "{err}");
+    let read = |p: &Path| -> Vec<serde_json::Value> {
+        std::fs::read_to_string(p)
+            .unwrap()
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect()
+    };
+    let (dumped, records) = (read(&dump), read(&jsonl));
+    assert_eq!(dumped.len(), 4);
+    let argmax = |v: &serde_json::Value| -> usize {
+        let l: Vec<f64> = v
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|x| x.as_f64().unwrap())
+            .collect();
+        (0..l.len()).fold(0, |b, i| if l[i] > l[b] { i } else { b })
+    };
+    for (d, r) in dumped.iter().zip(&records) {
+        assert_eq!(d["image"], r["name"]);
+        assert_eq!(d["kept"].as_array().unwrap().len(), r["kept_tokens"]);
+        assert_eq!(argmax(&d["logits"]), r["top1"]);
+        assert_eq!(argmax(&d["dense_logits"]), r["dense_top1"]);
+    }
+    let b = Command::new(env!("CARGO_BIN_EXE_ersm"))
+        .args([
+            "bench",
+            "--model",
+            &tiny(),
+            "--images",
+            images.to_str().unwrap(),
+        ])
+        .args([
+            "--frames",
+            "4",
+            "--warmup",
+            "0",
+            "--dump",
+            bench.to_str().unwrap(),
+        ])
+        .output()
+        .unwrap();
+    assert!(b.status.success(), "{}", String::from_utf8_lossy(&b.stderr));
+    for (d, e) in dumped.iter().zip(&read(&bench)) {
+        assert_eq!(d["image"], e["image"]);
+        assert_eq!(d["kept"], e["kept"], "{}", d["image"]);
+        for key in ["logits", "dense_logits"] {
+            let (x, y) = (d[key].as_array().unwrap(), e[key].as_array().unwrap());
+            assert_eq!(x.len(), y.len());
+            for (a, b) in x.iter().zip(y) {
+                assert!(
+                    (a.as_f64().unwrap() - b.as_f64().unwrap()).abs() < 1e-4,
+                    "{key}"
+                );
+            }
+        }
+    }
+    // One file for both logs would hold a mix of the two.
+    let (o, _, err) = output(ersm(&[
+        "--source",
+        images.to_str().unwrap(),
+        "--dump",
+        dump.to_str().unwrap(),
+        "--jsonl",
+        dump.to_str().unwrap(),
+    ]));
+    assert!(!o.status.success());
+    assert!(
+        err.contains("--jsonl and --dump name the same file"),
+        "{err}"
+    );
+}
+
 #[test]
 fn compare_none_runs_ersm_alone() {
     let images = root().join("models/images/coffee.png");

@@ -1,8 +1,8 @@
 //! The `ersm` command line's options: one struct per subcommand, the
 //! options `run`, `bench` and `eval` share flattened into each.
 
+use crate::ersm::DeviceChoice;
 use clap::{Parser, Subcommand};
-use ersm::ersm::DeviceChoice;
 use std::path::PathBuf;
 
 /// Sparse CNN inference with Energy-Regularized Spatial Masking, beside the dense baseline.
@@ -159,6 +159,10 @@ pub struct RunArgs {
     /// Write one JSON record per frame to this file.
     #[arg(long)]
     pub jsonl: Option<PathBuf>,
+    /// Write every frame's kept tokens and raw answers (logits, or faces),
+    /// one JSON record per line, as `bench --dump` does.
+    #[arg(long)]
+    pub dump: Option<PathBuf>,
     /// Write overlays (energy heat map, kept tokens outlined): a folder gets a
     /// PNG sequence; a .mp4/.mkv/.avi/.mjpeg file a video (needs ffmpeg).
     #[arg(long)]
@@ -174,7 +178,7 @@ pub struct RunArgs {
     /// A face detector's package: cover every face on every output (--overlay,
     /// --output) with a blur, a mosaic or a solid box, instead of the heat map.
     #[arg(long, value_name = "STYLE")]
-    pub anonymize: Option<ersm::faces::Cover>,
+    pub anonymize: Option<crate::faces::Cover>,
     /// With --anonymize: keep a face covered for this many frames after it was
     /// last seen, against flicker [0–1000].
     #[arg(long, default_value_t = 3, value_parser = within(0usize, 1000))]
