@@ -57,6 +57,15 @@ fn assert_summary(out: &str, frames: usize, ending: &str) {
     assert!(out.contains(ending), "expected ending '{ending}':\n{out}");
 }
 
+/// A JSON-lines file's records.
+fn json_lines(p: &Path) -> Vec<serde_json::Value> {
+    std::fs::read_to_string(p)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
+
 #[test]
 fn image_folder_with_dense_comparison_and_jsonl() {
     let jsonl = tmp("images.jsonl");
@@ -75,11 +84,7 @@ fn image_folder_with_dense_comparison_and_jsonl() {
         out.contains("top-1 agreement") && out.contains("dense p50"),
         "{out}"
     );
-    let lines: Vec<serde_json::Value> = std::fs::read_to_string(&jsonl)
-        .unwrap()
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect();
+    let lines = json_lines(&jsonl);
     assert_eq!(lines.len(), 4);
     for (i, rec) in lines.iter().enumerate() {
         assert_eq!(rec["frame"], i);
@@ -134,14 +139,7 @@ fn dump_records_kept_tokens_and_logits_as_bench_does() {
         "0",
     ]));
     assert!(o.status.success(), "{err}");
-    let read = |p: &Path| -> Vec<serde_json::Value> {
-        std::fs::read_to_string(p)
-            .unwrap()
-            .lines()
-            .map(|l| serde_json::from_str(l).unwrap())
-            .collect()
-    };
-    let (dumped, records) = (read(&dump), read(&jsonl));
+    let (dumped, records) = (json_lines(&dump), json_lines(&jsonl));
     assert_eq!(dumped.len(), 4);
     let argmax = |v: &serde_json::Value| -> usize {
         let l: Vec<f64> = v
@@ -177,7 +175,7 @@ fn dump_records_kept_tokens_and_logits_as_bench_does() {
         .output()
         .unwrap();
     assert!(b.status.success(), "{}", String::from_utf8_lossy(&b.stderr));
-    for (d, e) in dumped.iter().zip(&read(&bench)) {
+    for (d, e) in dumped.iter().zip(&json_lines(&bench)) {
         assert_eq!(d["image"], e["image"]);
         assert_eq!(d["kept"], e["kept"], "{}", d["image"]);
         for key in ["logits", "dense_logits"] {

@@ -212,9 +212,10 @@ impl Live {
             let mailbox = Arc::new(Mailbox::default());
             let inbox = mailbox.clone();
             let jpeg = frames.clone();
+            let painted = stats.clone();
             let thread = std::thread::Builder::new()
                 .name("ersm-painter".into())
-                .spawn(move || paint(&inbox, jpeg.as_deref(), relays, &preprocess))
+                .spawn(move || paint(&inbox, jpeg.as_deref(), relays, &preprocess, &painted))
                 .context("starting the live painter thread")?;
             Some(Painter { mailbox, thread })
         } else {
@@ -311,6 +312,7 @@ fn paint(
     jpeg: Option<&http::Frames>,
     mut relays: Vec<Relay>,
     preprocess: &Preprocess,
+    stats: &Mutex<Stats>,
 ) -> Vec<String> {
     let mut errors = Vec::new();
     while let Some(shot) = inbox.take() {
@@ -329,26 +331,38 @@ fn paint(
                 Err(e) => log::warn!("live view: {e:#}"),
             }
         }
-        relays.retain(|r| {
-            if r.mailbox.is_closed() {
-                return false;
-            }
+        // A relay whose mailbox closed has failed: its error is taken now,
+        // so the log, /status and the summary say so while the run goes on.
+        let (alive, dead): (Vec<Relay>, Vec<Relay>) =
+            relays.into_iter().partition(|r| !r.mailbox.is_closed());
+        relays = alive;
+        for r in dead {
+            errors.extend(end_relay(r, stats));
+        }
+        for r in &relays {
             r.mailbox.put((img.clone(), w, h));
-            true
-        });
+        }
     }
     for r in relays {
         r.mailbox.close();
-        match r.thread.join() {
-            Ok(Ok(())) => {}
-            Ok(Err(e)) => {
-                log::error!("--output {}: {e:#}", r.target);
-                errors.push(format!("--output {}: {e:#}", r.target));
-            }
-            Err(_) => errors.push(format!("--output {}: output thread panicked", r.target)),
-        }
+        errors.extend(end_relay(r, stats));
     }
     errors
+}
+
+/// Waits for a relay's thread; what failed, logged and recorded in `stats`.
+fn end_relay(r: Relay, stats: &Mutex<Stats>) -> Option<String> {
+    let why = match r.thread.join() {
+        Ok(Ok(())) => return None,
+        Ok(Err(e)) => format!("--output {}: {e:#}", r.target),
+        Err(_) => format!("--output {}: output thread panicked", r.target),
+    };
+    log::error!("{why}; no more frames sent there");
+    stats
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .record_output_error(why.clone());
+    Some(why)
 }
 
 /// An RGB image as JPEG.

@@ -139,6 +139,8 @@ pub struct Stats {
     viewers: usize,
     rss_bytes: f64,
     ended: Option<String>,
+    /// Outputs that failed while the run went on, each with why.
+    output_errors: Vec<String>,
 }
 
 impl Stats {
@@ -170,7 +172,14 @@ impl Stats {
             viewers: 0,
             rss_bytes: 0.0,
             ended: None,
+            output_errors: Vec::new(),
         }
+    }
+
+    /// Records an output that failed (an RTSP server that refused, an
+    /// encoder that died): `/status` lists it, `/metrics` counts it.
+    pub fn record_output_error(&mut self, what: String) {
+        self.output_errors.push(what);
     }
 
     /// Records one processed frame.
@@ -280,6 +289,12 @@ impl Stats {
             ("ersm_uptime_seconds", "gauge", "Seconds since the run started.",
              self.started.elapsed().as_secs_f64()),
             ("ersm_frames_total", "counter", "Frames processed.", self.frames as f64),
+            (
+                "ersm_output_errors_total",
+                "counter",
+                "Outputs (streams, files) that failed.",
+                self.output_errors.len() as f64,
+            ),
             ("ersm_failed_frames_total", "counter", "Frames that failed and were skipped.",
              self.failed as f64),
             ("ersm_capture_dropped_frames_total", "counter",
@@ -417,6 +432,7 @@ impl Stats {
             "uptime_s": self.started.elapsed().as_secs_f64(),
             "running": self.ended.is_none(),
             "ended": self.ended,
+            "output_errors": self.output_errors,
             "frames": self.frames,
             "failed": self.failed,
             "capture_dropped": self.capture_dropped,

@@ -561,6 +561,44 @@ fn rtp_output_streams_h264_packets_while_the_run_goes_on() {
     );
 }
 
+/// An RTSP server that refuses the connection fails its output at once:
+/// the log, `/status`, `/metrics` and the summary say so while the run
+/// goes on, and the run ends non-zero.
+#[test]
+fn a_failed_stream_output_is_reported_while_the_run_goes_on() {
+    if !common::have_ffmpeg() {
+        return;
+    }
+    // Port 1 on loopback: nothing listens there.
+    let url = "rtsp://127.0.0.1:1/refused";
+    let run = Run::start(&["--output", url]);
+    let start = Instant::now();
+    let errors = loop {
+        let st = status(&run.addr);
+        let e = st["output_errors"].as_array().unwrap().clone();
+        if !e.is_empty() {
+            break e;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(60),
+            "no output error in /status after 60 s: {st}"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    assert!(errors[0].as_str().unwrap().contains(url), "{errors:?}");
+    assert_eq!(metrics(&run.addr)["ersm_output_errors_total"], 1.0);
+    // Inference goes on without the output.
+    let before = status(&run.addr)["frames"].as_u64().unwrap();
+    wait_frames(&run.addr, before + 5);
+    let (code, out, err) = run.interrupt();
+    assert!(
+        !code.success(),
+        "a failed output ends the run non-zero:\n{out}"
+    );
+    assert!(out.contains("output failed") && out.contains(url), "{out}");
+    assert!(err.contains("no more frames sent there"), "{err}");
+}
+
 /// The browser test's tools, or why they are missing.
 fn browser() -> Option<(PathBuf, PathBuf)> {
     let find = |names: &[&str]| {
