@@ -34,6 +34,7 @@ pub mod prefix;
 pub mod preprocess;
 pub mod profile;
 pub mod record;
+pub mod relay;
 pub mod report;
 pub mod run;
 pub mod source;

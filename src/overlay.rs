@@ -15,6 +15,9 @@ use anyhow::{bail, Context, Result};
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 /// Heat-map opacity over the crop.
 const ALPHA: f32 = 0.4;
@@ -118,8 +121,15 @@ pub enum OverlayWriter {
         dest: Dest,
         fps: f64,
         child: Option<(Child, usize, usize)>,
+        /// The encoder's process id once started (0 before), for `stopper`.
+        pid: Arc<AtomicU32>,
     },
 }
+
+/// How long ffmpeg may take to finish its file or stream after the last
+/// frame before it is taken as stalled (an RTSP server that never answers)
+/// and killed.
+pub const FINISH_LIMIT: Duration = Duration::from_secs(10);
 
 /// Where ffmpeg sends the encoded overlay.
 #[derive(Clone, Debug)]
@@ -200,6 +210,7 @@ impl OverlayWriter {
                 dest: Dest::File(path.to_path_buf()),
                 fps: if fps > 0.0 { fps } else { 10.0 },
                 child: None,
+                pid: Arc::default(),
             });
         }
         std::fs::create_dir_all(path)
@@ -219,6 +230,7 @@ impl OverlayWriter {
             dest: Dest::Stream(url.to_string()),
             fps: 0.0,
             child: None,
+            pid: Arc::default(),
         })
     }
 
@@ -238,9 +250,16 @@ impl OverlayWriter {
                 *next += 1;
                 Ok(())
             }
-            OverlayWriter::Video { dest, fps, child } => {
+            OverlayWriter::Video {
+                dest,
+                fps,
+                child,
+                pid,
+            } => {
                 if child.is_none() {
-                    *child = Some((start_encoder(dest, *fps, width, height)?, width, height));
+                    let c = start_encoder(dest, *fps, width, height)?;
+                    pid.store(c.id(), Ordering::SeqCst);
+                    *child = Some((c, width, height));
                 }
                 let (proc_, w0, h0) = child.as_mut().unwrap();
                 let resized;
@@ -268,22 +287,62 @@ impl OverlayWriter {
         }
     }
 
-    /// Closes the video (waits for ffmpeg to write its trailer).
+    /// Closes the video: waits for ffmpeg to write its trailer, at most
+    /// `FINISH_LIMIT`; an ffmpeg still running then is killed and named.
     pub fn finish(&mut self) -> Result<()> {
-        if let OverlayWriter::Video { dest, child, .. } = self {
+        if let OverlayWriter::Video {
+            dest, child, pid, ..
+        } = self
+        {
             if let Some((mut c, _, _)) = child.take() {
                 drop(c.stdin.take());
-                let status = c.wait()?;
+                let deadline = Instant::now() + FINISH_LIMIT;
+                let status = loop {
+                    if let Some(s) = c.try_wait()? {
+                        break Some(s);
+                    }
+                    if Instant::now() >= deadline {
+                        let _ = c.kill();
+                        let _ = c.wait();
+                        break None;
+                    }
+                    std::thread::sleep(Duration::from_millis(20));
+                };
+                pid.store(0, Ordering::SeqCst);
                 if let Dest::Stream(url) = dest {
                     // The stream it described has ended with ffmpeg.
                     std::fs::remove_file(sdp_file(url)).ok();
                 }
-                if !status.success() {
-                    bail!("overlay {dest}: ffmpeg exited with {status}");
+                match status {
+                    None => bail!(
+                        "overlay {dest}: ffmpeg did not finish within {} s of the last frame (a server that does not answer?); stopped it",
+                        FINISH_LIMIT.as_secs()
+                    ),
+                    Some(s) if !s.success() => bail!("overlay {dest}: ffmpeg exited with {s}"),
+                    Some(_) => {}
                 }
             }
         }
         Ok(())
+    }
+
+    /// A way to stop this writer's encoder from another thread (a write
+    /// blocked on an ffmpeg that stopped reading then fails at once).
+    pub fn stopper(&self) -> crate::source::Stopper {
+        let pid = match self {
+            OverlayWriter::Video { pid, .. } => Some(pid.clone()),
+            OverlayWriter::Png { .. } => None,
+        };
+        Arc::new(move || {
+            let p = pid.as_ref().map_or(0, |p| p.load(Ordering::SeqCst));
+            if let Ok(p @ 1..) = libc::pid_t::try_from(p) {
+                // SAFETY: signals our own child, which is not reaped until
+                // its writer's finish() has stored 0 here.
+                unsafe {
+                    libc::kill(p, libc::SIGKILL);
+                }
+            }
+        })
     }
 
     /// Where the overlays are going, for the summary.
@@ -356,8 +415,12 @@ fn start_encoder(dest: &Dest, fps: f64, width: usize, height: usize) -> Result<C
             cmd.arg(url);
         }
     }
+    // Its own process group: the terminal's Ctrl-C goes to ersm, which ends
+    // the video by closing ffmpeg's input (ffmpeg would exit 255 on it).
+    use std::os::unix::process::CommandExt;
     cmd.stdin(Stdio::piped())
         .stdout(Stdio::null())
+        .process_group(0)
         .spawn()
         .with_context(|| format!("overlay {dest}: cannot start ffmpeg"))
 }

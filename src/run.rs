@@ -8,7 +8,7 @@ use crate::capture::{Capture, End, Next};
 use crate::detect::Agreement;
 use crate::live::stats::FrameRecord;
 use crate::live::{Live, Shot};
-use crate::overlay::{self, OverlayWriter};
+use crate::overlay;
 use crate::pipeline::Pipeline;
 use crate::record::{FaceJson, JsonRecord, StageMs};
 use crate::report::{rss_mib, Ending, FaceSummary, RunReport, StageSamples};
@@ -30,7 +30,7 @@ pub struct RunOptions {
     pub dump: Option<PathBuf>,
     /// Overlay files and folders, each with the option that named it
     /// (`--overlay`, `--output PATH`) for its errors.
-    pub overlays: Vec<(&'static str, OverlayWriter)>,
+    pub overlays: Vec<crate::relay::Relay>,
     /// Live outputs (`--output http://…`, `rtp://…`, `rtsp://…`).
     pub live: Option<Live>,
     /// Stop after this many frames.
@@ -305,10 +305,17 @@ pub fn run(
     for log in [&mut logs.jsonl, &mut logs.dump] {
         log.flush(&mut output_errors);
     }
-    for (flag, o) in &mut opts.overlays {
-        if let Err(e) = o.finish() {
-            log::error!("{flag}: {e:#}");
-            output_errors.push(format!("{flag}: {e:#}"));
+    for o in opts.overlays.drain(..) {
+        if o.dropped() > 0 {
+            log::warn!(
+                "{}: {} frame(s) left out, the writer could not keep up",
+                o.target(),
+                o.dropped()
+            );
+        }
+        if let Some(e) = o.finish() {
+            log::error!("{e}");
+            output_errors.push(e);
         }
     }
     if let Some(mut l) = opts.live.take() {
@@ -512,16 +519,22 @@ fn process(
             opts.anonymize,
             &lines(),
         );
-        // A full disk or a dead encoder stops that output, not the run.
-        opts.overlays
-            .retain_mut(|(flag, o)| match o.write(&img, frame.width, frame.height) {
-                Ok(()) => true,
-                Err(e) => {
-                    log::error!("{flag}: {e:#}; no more frames written there");
-                    output_errors.push(format!("{flag}: {e:#}"));
-                    false
-                }
-            });
+        // A full disk or a dead encoder stops that output, not the run; a
+        // writer that has stopped reading drops frames instead of waiting.
+        let mut i = 0;
+        while i < opts.overlays.len() {
+            if opts.overlays[i].send((img.clone(), frame.width, frame.height)) {
+                i += 1;
+            } else {
+                let o = opts.overlays.remove(i);
+                let target = o.target().to_string();
+                let e = o
+                    .finish()
+                    .unwrap_or_else(|| format!("{target}: the writer ended early"));
+                log::error!("{e}; no more frames written there");
+                output_errors.push(e);
+            }
+        }
     }
     if let Some(live) = &opts.live {
         live.record(

@@ -346,6 +346,49 @@ fn wait_timeout(mut child: Child, limit: Duration) -> Output {
     child.wait_with_output().unwrap()
 }
 
+/// Ctrl-C at a terminal signals the whole foreground group: ffmpeg, in its
+/// own group, is not cut short, ersm finishes the video, and the run ends
+/// cleanly (ffmpeg used to exit 255 and fail the run).
+#[test]
+fn ctrl_c_while_writing_a_video_overlay_finishes_it() {
+    if !common::have_ffmpeg() {
+        return;
+    }
+    use std::os::unix::process::CommandExt;
+    let video = tmp("ctrlc.mp4");
+    let child = ersm(&["--loop", "--overlay", video.to_str().unwrap()])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .process_group(0)
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_secs(3));
+    // SAFETY: signalling the group of our own child, as a terminal would.
+    unsafe {
+        libc::kill(-(child.id() as libc::pid_t), libc::SIGINT);
+    }
+    let o = wait_timeout(child, Duration::from_secs(60));
+    let out = String::from_utf8_lossy(&o.stdout);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.success(), "{out}\n{err}");
+    assert!(out.contains("interrupted (Ctrl-C)"), "{out}");
+    let probe = Command::new("ffprobe")
+        .args(["-v", "error", "-count_frames", "-select_streams", "v:0"])
+        .args(["-show_entries", "stream=nb_read_frames", "-of", "csv=p=0"])
+        .arg(&video)
+        .output()
+        .unwrap();
+    let frames: usize = String::from_utf8_lossy(&probe.stdout)
+        .trim()
+        .parse()
+        .unwrap();
+    assert!(
+        frames > 0,
+        "the video holds the frames written before Ctrl-C"
+    );
+}
+
 #[test]
 fn ctrl_c_prints_the_summary_of_what_ran() {
     let jsonl = tmp("ctrlc.jsonl");
@@ -474,6 +517,42 @@ fn crashed_subprocess_is_reported_with_its_last_words() {
         "{err}"
     );
     assert_summary(&out, 2, "source error");
+}
+
+/// An encoder that stops reading (a file's ffmpeg gone to sleep, an RTSP
+/// server stuck in its handshake) never holds inference up: every frame
+/// runs, the summary comes, and the stalled writer is stopped and named
+/// within its time limit.
+#[test]
+fn outputs_whose_encoder_stops_reading_never_hold_the_run() {
+    let dir = fake_ffmpeg(
+        "deaf",
+        "case \"$*\" in *-version*) echo 'ffmpeg version fake'; exit 0;; esac\nexec sleep 600",
+    );
+    let video = tmp("deaf.mp4");
+    let runs: Vec<_> = [
+        vec!["--overlay", video.to_str().unwrap()],
+        vec!["--output", "rtsp://127.0.0.1:18554/live"],
+    ]
+    .into_iter()
+    .map(|extra| {
+        let mut args = vec!["--max-frames", "30"];
+        args.extend(extra);
+        let c = with_path(ersm(&args), &dir);
+        std::thread::spawn(move || {
+            let t = Instant::now();
+            let r = output(c);
+            (t.elapsed(), r)
+        })
+    })
+    .collect();
+    for run in runs {
+        let (took, (o, out, err)) = run.join().unwrap();
+        assert!(took < Duration::from_secs(40), "took {took:?}");
+        assert_summary(&out, 30, "frame limit reached");
+        assert!(!o.status.success(), "{out}");
+        assert!(err.contains("stalled and was stopped"), "{err}");
+    }
 }
 
 #[test]

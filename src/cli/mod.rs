@@ -12,6 +12,7 @@ use crate::live::{http, Live, Target};
 use crate::overlay::OverlayWriter;
 use crate::package::ModelPackage;
 use crate::pipeline::{Pipeline, Placement};
+use crate::relay::Relay;
 use crate::report::Ending;
 use crate::run::RunOptions;
 use crate::source::{self, images, Looping, SourceOptions, Uri};
@@ -29,6 +30,8 @@ use std::time::Duration;
 pub const DEFAULT_MODEL: &str = "models/mobilenet_v2_ersm";
 const DEFAULT_IMAGES: &str = "models/images";
 const DEFAULT_STREAM: &str = "models/streams/vtest.mp4";
+/// Overlay pictures a file output may hold while its encoder catches up.
+const OVERLAY_QUEUE: usize = 8;
 
 /// Runs the command line `args` (the program's name first) and returns the
 /// exit status: 0, 1 when the command failed (said on standard error), 2
@@ -151,14 +154,17 @@ fn run(a: RunArgs) -> Result<()> {
     };
     let mut overlays = Vec::new();
     let mut streams = Vec::new();
+    // A file takes a few frames ahead of its encoder; one that falls
+    // further behind (or stops reading) loses frames, never inference time.
+    let file = |flag: &str, p: &Path| {
+        Relay::start(flag, OverlayWriter::create(flag, p, fps)?, OVERLAY_QUEUE)
+    };
     if let Some(p) = &a.overlay {
-        overlays.push(("--overlay", OverlayWriter::create("--overlay", p, fps)?));
+        overlays.push(file("--overlay", p)?);
     }
     for (uri, t) in &targets {
         match t {
-            Target::File(p) => {
-                overlays.push(("--output", OverlayWriter::create("--output", p, fps)?))
-            }
+            Target::File(p) => overlays.push(file("--output", p)?),
             Target::Stream(url) => streams.push(OverlayWriter::stream(url)?),
             Target::Http(_) => {}
         }

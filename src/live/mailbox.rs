@@ -51,11 +51,6 @@ impl<T> Mailbox<T> {
         self.slot.lock().unwrap_or_else(|e| e.into_inner()).1 = true;
         self.ready.notify_all();
     }
-
-    /// Whether `close` was called.
-    pub fn is_closed(&self) -> bool {
-        self.slot.lock().unwrap_or_else(|e| e.into_inner()).1
-    }
 }
 
 #[cfg(test)]

@@ -18,6 +18,7 @@ use crate::caption::Line;
 use crate::ersm::TokenMask;
 use crate::model::manifest::Preprocess;
 use crate::overlay::{self, OverlayWriter};
+use crate::relay::Relay;
 use crate::source::Frame;
 use anyhow::{bail, Context, Result};
 use mailbox::Mailbox;
@@ -113,41 +114,6 @@ fn http_addr(uri: &str, rest: &str) -> Result<SocketAddr> {
     }
 }
 
-/// An ffmpeg stream output with its own thread, fed through a mailbox so a
-/// slow network or encoder skips frames rather than holding the painter.
-struct Relay {
-    target: String,
-    mailbox: Arc<Mailbox<(Vec<u8>, usize, usize)>>,
-    thread: JoinHandle<Result<()>>,
-}
-
-impl Relay {
-    fn start(mut writer: OverlayWriter) -> Result<Relay> {
-        let target = writer.target();
-        let mailbox = Arc::new(Mailbox::<(Vec<u8>, usize, usize)>::default());
-        let inbox = mailbox.clone();
-        let thread = std::thread::Builder::new()
-            .name("ersm-relay".into())
-            .spawn(move || -> Result<()> {
-                while let Some((rgb, w, h)) = inbox.take() {
-                    if let Err(e) = writer.write(&rgb, w, h) {
-                        // Nothing more will be taken: the painter sees a closed
-                        // mailbox and stops offering.
-                        inbox.close();
-                        return Err(e);
-                    }
-                }
-                writer.finish()
-            })
-            .context("starting a stream output thread")?;
-        Ok(Relay {
-            target,
-            mailbox,
-            thread,
-        })
-    }
-}
-
 /// A frame for the live outputs.
 pub struct Shot {
     pub frame: Frame,
@@ -202,11 +168,13 @@ impl Live {
             }
             None => (None, None),
         };
+        // One picture ahead: a stream shows the newest frames, a slow
+        // network or encoder skips some.
         let relays = streams
             .into_iter()
-            .map(Relay::start)
+            .map(|w| Relay::start("--output", w, 1))
             .collect::<Result<Vec<_>>>()?;
-        targets.extend(relays.iter().map(|r| r.target.clone()));
+        targets.extend(relays.iter().map(|r| r.target().to_string()));
         let has_streams = !relays.is_empty();
         let painter = if server.is_some() || has_streams {
             let mailbox = Arc::new(Mailbox::default());
@@ -331,32 +299,26 @@ fn paint(
                 Err(e) => log::warn!("live view: {e:#}"),
             }
         }
-        // A relay whose mailbox closed has failed: its error is taken now,
-        // so the log, /status and the summary say so while the run goes on.
-        let (alive, dead): (Vec<Relay>, Vec<Relay>) =
-            relays.into_iter().partition(|r| !r.mailbox.is_closed());
-        relays = alive;
-        for r in dead {
-            errors.extend(end_relay(r, stats));
-        }
-        for r in &relays {
-            r.mailbox.put((img.clone(), w, h));
+        // A relay that has failed is ended at once, so the log, /status and
+        // the summary say so while the run goes on.
+        let mut i = 0;
+        while i < relays.len() {
+            if relays[i].send((img.clone(), w, h)) {
+                i += 1;
+            } else {
+                errors.extend(end_relay(relays.remove(i), stats));
+            }
         }
     }
     for r in relays {
-        r.mailbox.close();
         errors.extend(end_relay(r, stats));
     }
     errors
 }
 
-/// Waits for a relay's thread; what failed, logged and recorded in `stats`.
+/// Ends a relay; what failed, logged and recorded in `stats`.
 fn end_relay(r: Relay, stats: &Mutex<Stats>) -> Option<String> {
-    let why = match r.thread.join() {
-        Ok(Ok(())) => return None,
-        Ok(Err(e)) => format!("--output {}: {e:#}", r.target),
-        Err(_) => format!("--output {}: output thread panicked", r.target),
-    };
+    let why = r.finish()?;
     log::error!("{why}; no more frames sent there");
     stats
         .lock()
