@@ -555,6 +555,40 @@ fn outputs_whose_encoder_stops_reading_never_hold_the_run() {
     }
 }
 
+/// A network source that accepts and then says nothing fails at start-up
+/// within `--stall-timeout`, naming it, instead of probing for ever.
+#[test]
+fn a_silent_network_source_fails_within_the_stall_timeout() {
+    if !common::have_ffmpeg() {
+        return;
+    }
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    std::thread::spawn(move || {
+        // Hold every connection open without a word.
+        let held: Vec<_> = listener.incoming().take(4).collect();
+        std::thread::sleep(Duration::from_secs(120));
+        drop(held);
+    });
+    for url in [
+        format!("rtsp://127.0.0.1:{port}/x"),
+        format!("http://127.0.0.1:{port}/x.mp4"),
+    ] {
+        let t = Instant::now();
+        let (o, _, err) = output(ersm(&["--source", &url, "--stall-timeout", "2"]));
+        assert!(
+            t.elapsed() < Duration::from_secs(30),
+            "{url}: {:?}",
+            t.elapsed()
+        );
+        assert!(!o.status.success());
+        assert!(
+            err.contains(&format!("source {url}: no answer within 2 s")),
+            "{err}"
+        );
+    }
+}
+
 #[test]
 fn stalled_subprocess_is_killed_and_summarised() {
     let dir = fake_ffmpeg("stall", "head -c 9216 /dev/zero\nexec sleep 600");

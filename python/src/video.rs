@@ -48,7 +48,12 @@ impl VideoSource {
         r#loop: bool,
     ) -> PyResult<VideoSource> {
         let parsed = Uri::parse(uri).map_err(crate::error)?;
-        let opts = SourceOptions { width, height, fps };
+        let opts = SourceOptions {
+            width,
+            height,
+            fps,
+            stall_timeout: Some(std::time::Duration::from_secs(10)),
+        };
         let opened = py
             .detach(|| source::open(&parsed, &opts))
             .map_err(crate::error)?;

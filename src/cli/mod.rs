@@ -125,6 +125,7 @@ fn run(a: RunArgs) -> Result<()> {
         width: a.input_width,
         height: a.input_height,
         fps: a.input_fps,
+        stall_timeout: Some(Duration::from_secs_f64(a.stall_timeout)),
     };
     let mut source = source::open(&uri, &opts)?;
     let described = source.describe();

@@ -67,6 +67,9 @@ pub struct SourceOptions {
     pub height: usize,
     /// Requested frame rate (cameras); 0 = the source's own.
     pub fps: f64,
+    /// How long opening a network source may wait for an answer (its
+    /// probe); `None`: no limit.
+    pub stall_timeout: Option<std::time::Duration>,
 }
 
 /// Largest frame side a source may deliver or be asked for (pixels): frame

@@ -10,6 +10,7 @@ use std::io::{BufRead, BufReader, ErrorKind};
 use std::process::{Child, ChildStdout, Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 /// Lines of the tool's stderr kept for error messages.
 const STDERR_LINES: usize = 8;
@@ -57,9 +58,11 @@ fn spawn(tool: &'static str, args: &[String]) -> Result<Child> {
         .map_err(|e| start_error(tool, e))
 }
 
-/// Frame size (and count, when the container says) of a video, by ffprobe.
-fn probe(url: &str) -> Result<(usize, usize, Option<usize>)> {
-    let out = Command::new("ffprobe")
+/// Frame size (and count, when the container says) of a video, by ffprobe;
+/// a source that does not answer within `limit` (a server that accepts and
+/// then says nothing) is an error, not a wait for ever.
+fn probe(url: &str, limit: Option<Duration>) -> Result<(usize, usize, Option<usize>)> {
+    let mut child = Command::new("ffprobe")
         .args([
             "-v",
             "error",
@@ -72,8 +75,25 @@ fn probe(url: &str) -> Result<(usize, usize, Option<usize>)> {
             url,
         ])
         .stdin(Stdio::null())
-        .output()
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
         .map_err(|e| start_error("ffprobe", e))?;
+    if let Some(limit) = limit {
+        let deadline = Instant::now() + limit;
+        while child.try_wait()?.is_none() {
+            if Instant::now() >= deadline {
+                let _ = child.kill();
+                let _ = child.wait();
+                bail!(
+                    "source {url}: no answer within {:.0} s (ffprobe; --stall-timeout sets the limit)",
+                    limit.as_secs_f64()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+    let out = child.wait_with_output()?;
     let text = String::from_utf8_lossy(&out.stdout);
     let fields: Vec<&str> = text.trim().split(',').collect();
     let parsed = match fields.as_slice() {
@@ -97,7 +117,7 @@ pub fn ffmpeg(url: &str, opts: &SourceOptions, live: bool) -> Result<ProcessSour
     let (width, height, count) = if opts.width > 0 && opts.height > 0 {
         (opts.width, opts.height, None)
     } else {
-        probe(url)?
+        probe(url, opts.stall_timeout)?
     };
     let mut args: Vec<String> = ["-hide_banner", "-loglevel", "error", "-nostdin"]
         .map(String::from)
