@@ -11,7 +11,7 @@ pub mod uri;
 pub mod v4l2;
 pub mod video;
 
-use anyhow::Result;
+use anyhow::{Context, Result};
 use std::sync::Arc;
 pub use uri::Uri;
 
@@ -93,7 +93,20 @@ pub fn open(uri: &Uri, opts: &SourceOptions) -> Result<Box<dyn Source>> {
                     crate::files::why_missing(path)
                 );
             } else if uri::is_mp4(path) {
-                Box::new(video::Mp4Source::open(path)?)
+                match video::Mp4Source::open(path) {
+                    Ok(s) => Box::new(s),
+                    Err(e) => match e.downcast_ref::<mp4::NeedsFfmpeg>() {
+                        Some(why) => {
+                            let why = why.to_string();
+                            log::info!("{}: {why}; decoding it with ffmpeg", path.display());
+                            Box::new(
+                                process::ffmpeg(&path.to_string_lossy(), opts, false)
+                                    .with_context(|| format!("source {}: {why}", path.display()))?,
+                            )
+                        }
+                        None => return Err(e),
+                    },
+                }
             } else {
                 Box::new(process::ffmpeg(&path.to_string_lossy(), opts, false)?)
             }

@@ -32,6 +32,27 @@ struct BoxRef {
     clipped: bool,
 }
 
+/// An MP4 the in-process decoder cannot play (HEVC, B-frames, 10-bit or
+/// 4:4:4 H.264): ffmpeg, when installed, decodes it instead.
+#[derive(Debug)]
+pub struct NeedsFfmpeg(pub String);
+
+impl std::fmt::Display for NeedsFfmpeg {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for NeedsFfmpeg {}
+
+/// H.264 profiles openh264 does not decode: High 10, High 4:2:2, High 4:4:4.
+const UNDECODED_PROFILES: &[(u8, &str)] = &[
+    (110, "High 10 (10-bit)"),
+    (122, "High 4:2:2"),
+    (244, "High 4:4:4"),
+    (44, "CAVLC 4:4:4"),
+];
+
 fn be32(b: &[u8], at: usize) -> Option<u32> {
     b.get(at..at + 4)
         .map(|s| u32::from_be_bytes(s.try_into().unwrap()))
@@ -144,10 +165,11 @@ impl Mp4H264 {
                 .find(|e| &e.kind == b"avc1" || &e.kind == b"avc3")
             else {
                 let kinds: Vec<String> = entries.iter().map(|e| name(&e.kind)).collect();
-                bail!(
-                    "video track is not H.264 (sample entries: {}); ersm decodes H.264 in-process, other codecs need ffmpeg",
+                return Err(NeedsFfmpeg(format!(
+                    "the video track is not H.264 (sample entries: {}), which the in-process decoder does not play",
                     kinds.join(", ")
-                );
+                ))
+                .into());
             };
             let width = be16(d, avc1.start + 24).context("short 'avc1' entry")? as usize;
             let height = be16(d, avc1.start + 26).context("short 'avc1' entry")? as usize;
@@ -155,7 +177,31 @@ impl Mp4H264 {
                 .into_iter()
                 .find(|b| &b.kind == b"avcC")
                 .context("no 'avcC' decoder configuration")?;
-            let (length_size, parameter_sets) = parse_avcc(&d[avcc.start..avcc.end])?;
+            let avcc_bytes = &d[avcc.start..avcc.end];
+            let (length_size, parameter_sets) = parse_avcc(avcc_bytes)?;
+            if let Some((_, name)) = UNDECODED_PROFILES
+                .iter()
+                .find(|(p, _)| avcc_bytes.get(1) == Some(p))
+            {
+                return Err(NeedsFfmpeg(format!(
+                    "H.264 {name}, which the in-process decoder does not play"
+                ))
+                .into());
+            }
+            // Pictures decoded out of display order (B-frames, most
+            // phones' and ffmpeg's defaults): the composition offsets say so.
+            if let Some(ctts) = find(d, stbl, b"ctts") {
+                let n = be32(d, ctts.start + 4).unwrap_or(0) as usize;
+                let reordered = (0..n.min((ctts.end - ctts.start).saturating_sub(8) / 8))
+                    .any(|i| be32(d, ctts.start + 12 + 8 * i).is_some_and(|o| o != 0));
+                if reordered {
+                    return Err(NeedsFfmpeg(
+                        "it has B-frames (pictures stored out of display order), which the in-process decoder does not play"
+                            .into(),
+                    )
+                    .into());
+                }
+            }
             let samples = sample_table(d, stbl)?;
             let fps = match (timescale, find(d, stbl, b"stts")) {
                 (Some(ts), Some(stts)) if ts > 0 => {
