@@ -15,6 +15,7 @@ pub use super::frames::Frames;
 use super::frames::Wait;
 use super::stats::Stats;
 use anyhow::{Context, Result};
+use std::collections::VecDeque;
 use std::io::{ErrorKind, Read, Write};
 use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr, TcpListener, TcpStream};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -33,6 +34,8 @@ const MAX_HEAD: usize = 8 * 1024;
 const HEAD_DEADLINE: Duration = Duration::from_secs(5);
 /// A client that takes no bytes for this long is dropped.
 const WRITE_TIMEOUT: Duration = Duration::from_secs(5);
+/// Bytes the kernel may queue for one MJPEG viewer (a frame or two).
+const VIEWER_SEND_BUFFER: usize = 64 * 1024;
 /// The multipart boundary of the MJPEG stream.
 const BOUNDARY: &str = "ersm-frame";
 
@@ -44,6 +47,38 @@ struct Shared {
     frames: Arc<Frames>,
     stop: AtomicBool,
     connections: AtomicUsize,
+    /// Connections that have not sent a byte yet, oldest first: when every
+    /// place is taken, the oldest of them gives its place to a newcomer,
+    /// so idle sockets cannot starve a scrape of `/metrics`.
+    idle: Mutex<VecDeque<(u64, TcpStream)>>,
+}
+
+impl Shared {
+    /// Frees the place of the oldest connection that has said nothing yet;
+    /// false when every connection is busy.
+    fn evict_idle(&self) -> bool {
+        let oldest = self
+            .idle
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .pop_front();
+        match oldest {
+            Some((_, s)) => {
+                // Its read returns at once and its thread ends.
+                let _ = s.shutdown(std::net::Shutdown::Both);
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Connection `id` has spoken (or ended): it keeps its place.
+    fn not_idle(&self, id: u64) {
+        self.idle
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .retain(|(i, _)| *i != id);
+    }
 }
 
 impl Shared {
@@ -107,6 +142,7 @@ impl Server {
             frames,
             stop: AtomicBool::new(false),
             connections: AtomicUsize::new(0),
+            idle: Mutex::new(VecDeque::new()),
         });
         let s = shared.clone();
         let listener = bound.listener;
@@ -166,6 +202,7 @@ impl Drop for Slot<'_> {
 
 fn accept_loop(listener: TcpListener, shared: Arc<Shared>) {
     let door = Door::start();
+    let mut next_id = 0u64;
     for conn in listener.incoming() {
         if shared.stop.load(Ordering::SeqCst) {
             break;
@@ -180,10 +217,21 @@ fn accept_loop(listener: TcpListener, shared: Arc<Shared>) {
             }
         };
         let _ = stream.set_write_timeout(Some(WRITE_TIMEOUT));
-        if shared.connections.fetch_add(1, Ordering::SeqCst) >= MAX_CONNECTIONS {
+        if shared.connections.fetch_add(1, Ordering::SeqCst) >= MAX_CONNECTIONS
+            && !shared.evict_idle()
+        {
             shared.connections.fetch_sub(1, Ordering::SeqCst);
             door.refuse(stream);
             continue;
+        }
+        next_id += 1;
+        let id = next_id;
+        if let Ok(clone) = stream.try_clone() {
+            shared
+                .idle
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .push_back((id, clone));
         }
         let s = shared.clone();
         let spawned = std::thread::Builder::new()
@@ -191,11 +239,13 @@ fn accept_loop(listener: TcpListener, shared: Arc<Shared>) {
             .stack_size(256 * 1024)
             .spawn(move || {
                 let _slot = Slot(&s.connections);
-                if let Err(e) = serve(stream, &s) {
+                if let Err(e) = serve(stream, &s, id) {
                     log::debug!("http: {e}");
                 }
+                s.not_idle(id);
             });
         if spawned.is_err() {
+            shared.not_idle(id);
             shared.connections.fetch_sub(1, Ordering::SeqCst);
         }
     }
@@ -299,8 +349,13 @@ enum HeadError {
     Io(std::io::Error),
 }
 
-/// Reads and parses the request head (the body, if any, is never read).
-fn read_head(stream: &mut TcpStream) -> std::result::Result<Request, HeadError> {
+/// Reads and parses the request head (the body, if any, is never read);
+/// `spoke` is called at the first byte.
+fn read_head(
+    stream: &mut TcpStream,
+    spoke: impl FnOnce(),
+) -> std::result::Result<Request, HeadError> {
+    let mut spoke = Some(spoke);
     let start = Instant::now();
     let mut buf = vec![0u8; MAX_HEAD];
     let mut len = 0;
@@ -313,7 +368,12 @@ fn read_head(stream: &mut TcpStream) -> std::result::Result<Request, HeadError> 
         let n = match stream.read(&mut buf[len..]) {
             Ok(0) if len == 0 => return Err(HeadError::Closed),
             Ok(0) => return Err(HeadError::Malformed),
-            Ok(n) => n,
+            Ok(n) => {
+                if let Some(f) = spoke.take() {
+                    f();
+                }
+                n
+            }
             Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {
                 return Err(HeadError::TimedOut)
             }
@@ -357,9 +417,9 @@ fn refuse(stream: &mut TcpStream, status: u16, why: &[u8]) -> std::io::Result<()
 }
 
 /// Serves one connection: one request, then close.
-fn serve(mut stream: TcpStream, shared: &Shared) -> std::io::Result<()> {
+fn serve(mut stream: TcpStream, shared: &Shared, id: u64) -> std::io::Result<()> {
     let _ = stream.set_nodelay(true);
-    let req = match read_head(&mut stream) {
+    let req = match read_head(&mut stream, || shared.not_idle(id)) {
         Ok(r) => r,
         Err(HeadError::Closed) => return Ok(()),
         Err(HeadError::Malformed) => return refuse(&mut stream, 400, b"malformed request\n"),
@@ -417,6 +477,45 @@ fn serve(mut stream: TcpStream, shared: &Shared) -> std::io::Result<()> {
     }
 }
 
+/// Writes all of `data` within `limit` in all: the socket's write timeout
+/// bounds each write, and a client that takes a few bytes now and then
+/// would otherwise restart it every time.
+fn write_within(stream: &mut TcpStream, mut data: &[u8], limit: Duration) -> std::io::Result<()> {
+    let deadline = Instant::now() + limit;
+    while !data.is_empty() {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Err(ErrorKind::TimedOut.into());
+        }
+        stream.set_write_timeout(Some(left))?;
+        match stream.write(data) {
+            Ok(0) => return Err(ErrorKind::WriteZero.into()),
+            Ok(n) => data = &data[n..],
+            Err(e) if e.kind() == ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
+}
+
+fn set_send_buffer(stream: &TcpStream, bytes: usize) {
+    use std::os::fd::AsRawFd;
+    let v = libc::c_int::try_from(bytes).unwrap_or(libc::c_int::MAX);
+    // SAFETY: a valid socket and an int option of the right size.
+    let rc = unsafe {
+        libc::setsockopt(
+            stream.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_SNDBUF,
+            (&v as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    if rc != 0 {
+        log::debug!("http: SO_SNDBUF: {}", std::io::Error::last_os_error());
+    }
+}
+
 /// The overlay as `multipart/x-mixed-replace` JPEG parts, one per new frame,
 /// until the client goes, stops reading (the write timeout) or the run ends.
 fn stream_mjpeg(stream: &mut TcpStream, shared: &Shared, head: bool) -> std::io::Result<()> {
@@ -427,6 +526,10 @@ fn stream_mjpeg(stream: &mut TcpStream, shared: &Shared, head: bool) -> std::io:
         return respond(stream, 503, "text/plain", msg.as_bytes(), false);
     }
     let _viewer = Slot(&frames.viewers);
+    // A small send buffer: a viewer that stops reading blocks the next
+    // write within a frame or two, and WRITE_TIMEOUT then drops it, instead
+    // of the kernel queueing seconds of frames first.
+    set_send_buffer(stream, VIEWER_SEND_BUFFER);
     let set_viewers = || {
         let n = frames.viewers.load(Ordering::SeqCst);
         let mut s = shared.stats.lock().unwrap_or_else(|e| e.into_inner());
@@ -447,13 +550,14 @@ fn stream_mjpeg(stream: &mut TcpStream, shared: &Shared, head: bool) -> std::io:
             match frames.wait_newer(generation, Duration::from_secs(1)) {
                 Wait::Frame(g, jpeg) => {
                     generation = g;
-                    write!(
-                        stream,
+                    let mut part = format!(
                         "--{BOUNDARY}\r\nContent-Type: image/jpeg\r\nContent-Length: {}\r\n\r\n",
                         jpeg.len()
-                    )?;
-                    stream.write_all(&jpeg)?;
-                    stream.write_all(b"\r\n")?;
+                    )
+                    .into_bytes();
+                    part.extend_from_slice(&jpeg);
+                    part.extend_from_slice(b"\r\n");
+                    write_within(stream, &part, WRITE_TIMEOUT)?;
                 }
                 Wait::TimedOut => {}
                 Wait::Closed => break,
@@ -511,29 +615,51 @@ mod tests {
     use super::*;
     use crate::live::stats::Info;
 
+    fn get_status(addr: SocketAddr) -> String {
+        let mut c = TcpStream::connect(addr).unwrap();
+        c.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        // In two writes with a pause, so a 503 and the close can come
+        // between them: the second write must not meet a reset.
+        c.write_all(b"GET /status HTTP/1.1\r\n").unwrap();
+        std::thread::sleep(Duration::from_millis(100));
+        c.write_all(b"Host: x\r\n\r\n").unwrap();
+        let mut answer = String::new();
+        c.read_to_string(&mut answer).unwrap();
+        answer
+    }
+
     #[test]
-    fn a_client_refused_at_the_door_reads_its_503() {
+    fn idle_sockets_give_way_and_busy_ones_send_the_rest_to_the_door() {
         let bound = Bound::bind(SocketAddr::from((Ipv4Addr::LOCALHOST, 0)), "test").unwrap();
         let stats = Arc::new(Mutex::new(Stats::new(Info::default())));
         let server = Server::start(bound, stats, Arc::new(Frames::default())).unwrap();
         let addr = server.addr();
-        // Silent clients fill every place; each holds it until HEAD_DEADLINE.
-        let silent: Vec<_> = (0..MAX_CONNECTIONS)
+        // Silent clients fill every place, yet a scrape is served: the
+        // oldest silent one gives its place up.
+        let silent: Vec<_> = (0..MAX_CONNECTIONS + 4)
             .map(|_| TcpStream::connect(addr).unwrap())
             .collect();
         for _ in 0..3 {
-            let mut c = TcpStream::connect(addr).unwrap();
-            c.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-            // In two writes with a pause, so the 503 and the close can come
-            // between them: the second write must not meet a reset.
-            c.write_all(b"GET /status HTTP/1.1\r\n").unwrap();
-            std::thread::sleep(Duration::from_millis(100));
-            c.write_all(b"Host: x\r\n\r\n").unwrap();
-            let mut answer = String::new();
-            c.read_to_string(&mut answer).unwrap();
+            let answer = get_status(addr);
+            assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+        }
+        drop(silent);
+        std::thread::sleep(Duration::from_millis(300));
+        // Clients in the middle of a request keep their places: a newcomer
+        // is refused at the door and reads why.
+        let busy: Vec<_> = (0..MAX_CONNECTIONS)
+            .map(|_| {
+                let mut c = TcpStream::connect(addr).unwrap();
+                c.write_all(b"GET /sta").unwrap();
+                c
+            })
+            .collect();
+        std::thread::sleep(Duration::from_millis(300));
+        for _ in 0..3 {
+            let answer = get_status(addr);
             assert!(answer.starts_with("HTTP/1.1 503"), "{answer}");
             assert!(answer.ends_with("too many connections\n"), "{answer}");
         }
-        drop(silent);
+        drop(busy);
     }
 }

@@ -561,6 +561,60 @@ fn rtp_output_streams_h264_packets_while_the_run_goes_on() {
     );
 }
 
+/// A viewer that stops reading is dropped within the write timeout (5 s)
+/// plus a frame or two, and idle sockets never keep `/metrics` from a scrape.
+#[test]
+fn a_stuck_viewer_is_dropped_in_seconds_and_idle_sockets_never_starve_scrapes() {
+    let run = Run::start(&[]);
+    wait_frames(&run.addr, 3);
+    let mut stuck = TcpStream::connect(&run.addr).unwrap();
+    write!(stuck, "GET /stream.mjpg HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
+    let start = Instant::now();
+    while status(&run.addr)["viewers"] != 1 {
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "the viewer never counted"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let attached = Instant::now();
+    while status(&run.addr)["viewers"] != 0 {
+        assert!(
+            attached.elapsed() < Duration::from_secs(8),
+            "a viewer that reads nothing still held after {:?}",
+            attached.elapsed()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    drop(stuck);
+    // Twenty idle sockets opened again and again while scraping: every
+    // scrape is answered.
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let churn = {
+        let (addr, stop) = (run.addr.clone(), stop.clone());
+        std::thread::spawn(move || {
+            let mut held: Vec<TcpStream> = Vec::new();
+            while !stop.load(std::sync::atomic::Ordering::SeqCst) {
+                if held.len() == 20 {
+                    held.remove(0);
+                }
+                held.push(TcpStream::connect(&addr).unwrap());
+                std::thread::sleep(Duration::from_millis(5));
+            }
+        })
+    };
+    std::thread::sleep(Duration::from_millis(300));
+    let answered = (0..40)
+        .filter(|_| {
+            std::thread::sleep(Duration::from_millis(25));
+            get(&run.addr, "/metrics").0 == 200
+        })
+        .count();
+    stop.store(true, std::sync::atomic::Ordering::SeqCst);
+    churn.join().unwrap();
+    assert_eq!(answered, 40, "scrapes answered while idle sockets churn");
+}
+
 /// An RTSP server that refuses the connection fails its output at once:
 /// the log, `/status`, `/metrics` and the summary say so while the run
 /// goes on, and the run ends non-zero.
