@@ -79,6 +79,46 @@ fn the_shipped_tiny_model_loads() {
     assert_eq!(m.cut.node, "ersm");
 }
 
+/// A head that flattens with `Reshape` to `[-1]` leaves a vector, not a
+/// `[1, N]` row: the Add of the bias after its MatMul must broadcast over it
+/// (it was refused as "a 1-channel tensor"), and the answers are unchanged.
+#[test]
+fn a_vector_head_reshaped_to_minus_one_runs_as_the_row_one() {
+    let mut proto = read_onnx(&Path::new(TINY).join("model.onnx")).unwrap();
+    let graph = proto.graph.as_mut().unwrap();
+    let shape = graph
+        .initializer
+        .iter_mut()
+        .find(|t| t.name == "head.shape")
+        .expect("the tiny model reshapes with a constant 'head.shape'");
+    *shape = TensorProto {
+        name: "head.shape".into(),
+        dims: vec![1],
+        data_type: 7,
+        int64_data: vec![-1],
+        ..Default::default()
+    };
+    let dir = scratch("reshape-vector");
+    std::fs::write(dir.join("model.onnx"), proto.encode_to_vec()).unwrap();
+    let vector = ModelPackage::load(&dir).unwrap();
+    let row = ModelPackage::load(TINY).unwrap();
+    let frame = ersm::source::Frame {
+        name: "noise".into(),
+        width: 96,
+        height: 80,
+        rgb: (0..96 * 80 * 3).map(|i| (i * 7919 % 251) as u8).collect(),
+    };
+    let run = |m: ModelPackage| {
+        let p = ersm::pipeline::Pipeline::new(m, ersm::ersm::Device::Cpu);
+        (p.run_ersm(&frame).unwrap(), p.run_dense(&frame).unwrap())
+    };
+    let ((ev, dv), (er, dr)) = (run(vector), run(row));
+    assert_eq!(ev.mask.kept, er.mask.kept);
+    assert_eq!(ev.logits, er.logits);
+    assert_eq!(dv.logits, dr.logits);
+    assert_eq!(ev.logits.len(), 10);
+}
+
 #[test]
 fn missing_package_and_files() {
     let err = format!(

@@ -13,10 +13,12 @@ pub enum Shape {
 }
 
 impl Shape {
-    /// Channel count: row length for tokens, axis 1 for dense values.
+    /// Channel count: row length for tokens, axis 1 for dense values (the
+    /// one axis of a vector, as `Reshape` to `[-1]` leaves logits).
     pub fn channels(&self) -> usize {
         match self {
             Shape::Tokens { c, .. } => *c,
+            Shape::Dense { shape } if shape.len() == 1 => shape[0],
             Shape::Dense { shape } => shape.get(1).copied().unwrap_or(1),
         }
     }

@@ -129,9 +129,11 @@ fn per_channel(shape: &[usize], rank: usize, c: usize, v: Vec<f32>) -> Option<Ve
         return None;
     }
     let offset = rank - shape.len();
+    // The channel axis: 1, or the only axis of a vector.
+    let channel = usize::from(rank > 1);
     for (i, &d) in shape.iter().enumerate() {
         let axis = i + offset;
-        if d != 1 && !(axis == 1 && d == c) {
+        if d != 1 && !(axis == channel && d == c) {
             return None;
         }
     }
