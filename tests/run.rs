@@ -555,6 +555,56 @@ fn outputs_whose_encoder_stops_reading_never_hold_the_run() {
     }
 }
 
+/// With `--reconnect`, a network source that is down at start is tried
+/// again until it comes up, and the run then goes on as usual.
+#[test]
+fn reconnect_waits_for_a_source_that_is_down_at_start() {
+    if !common::have_ffmpeg() {
+        return;
+    }
+    use std::io::{BufRead, BufReader};
+    // A free port, closed again: nothing listens there yet.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let url = format!("http://127.0.0.1:{port}/vtest.mp4");
+    let child = ersm(&["--source", &url, "--reconnect", "--max-frames", "5"])
+        .args(["--compare", "none"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_secs(3));
+    let clip = std::fs::read(root().join("models/streams/vtest.mp4")).unwrap();
+    let listener = std::net::TcpListener::bind(("127.0.0.1", port)).unwrap();
+    std::thread::spawn(move || {
+        for conn in listener.incoming().take(8) {
+            let Ok(mut c) = conn else { continue };
+            let mut r = BufReader::new(c.try_clone().unwrap());
+            let mut line = String::new();
+            while r.read_line(&mut line).is_ok_and(|n| n > 2) {
+                line.clear();
+            }
+            let head = format!(
+                "HTTP/1.1 200 OK\r\nContent-Type: video/mp4\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+                clip.len()
+            );
+            let _ = c
+                .write_all(head.as_bytes())
+                .and_then(|()| c.write_all(&clip));
+        }
+    });
+    let o = wait_timeout(child, Duration::from_secs(60));
+    let out = String::from_utf8_lossy(&o.stdout);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.success(), "{out}\n{err}");
+    assert!(err.contains("trying again"), "{err}");
+    assert_summary(&out, 5, "frame limit reached");
+}
+
 /// A network source that accepts and then says nothing fails at start-up
 /// within `--stall-timeout`, naming it, instead of probing for ever.
 #[test]

@@ -127,7 +127,7 @@ fn run(a: RunArgs) -> Result<()> {
         fps: a.input_fps,
         stall_timeout: Some(Duration::from_secs_f64(a.stall_timeout)),
     };
-    let mut source = source::open(&uri, &opts)?;
+    let mut source = open_source(&uri, &opts, a.reconnect, &stop)?;
     let described = source.describe();
     let live = source.is_live();
     let fps = source.fps();
@@ -317,6 +317,39 @@ fn load_pipeline(a: PipelineArgs) -> Result<Pipeline> {
         input_size,
         fallback,
     })
+}
+
+/// Opens the source; with `--reconnect`, a camera or network source that
+/// is down at start is tried again every few seconds until it answers (or
+/// Ctrl-C), as one that drops later is.
+fn open_source(
+    uri: &Uri,
+    opts: &SourceOptions,
+    reconnect: bool,
+    stop: &AtomicBool,
+) -> Result<Box<dyn source::Source>> {
+    const RETRY: Duration = Duration::from_secs(2);
+    let live = matches!(uri, Uri::V4l2(_) | Uri::Csi(_) | Uri::Url(_));
+    loop {
+        match source::open(uri, opts) {
+            Ok(s) => return Ok(s),
+            Err(e) if reconnect && live => {
+                log::warn!(
+                    "{e:#}; trying again in {} s (--reconnect; Ctrl-C to stop)",
+                    RETRY.as_secs()
+                );
+                let until = std::time::Instant::now() + RETRY;
+                while std::time::Instant::now() < until {
+                    anyhow::ensure!(
+                        !stop.load(Ordering::SeqCst),
+                        "source {uri}: interrupted while waiting for it to come up"
+                    );
+                    std::thread::sleep(Duration::from_millis(50));
+                }
+            }
+            Err(e) => return Err(e),
+        }
+    }
 }
 
 /// How a pipeline is loaded: the options `run`, `bench` and `eval` share,
