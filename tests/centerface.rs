@@ -206,3 +206,38 @@ fn another_input_size() {
         assert!(err.contains(msg) && err.contains("--input-size"), "{err}");
     }
 }
+
+/// `run` on a video takes the source's resolution (rounded up to multiples
+/// of 32) as the detector's input unless `--input-size` says otherwise; a
+/// photo folder keeps the package's size.
+#[test]
+fn run_takes_the_video_resolution_as_its_input() {
+    let run = |extra: &[&str]| {
+        let out = Command::new(env!("CARGO_BIN_EXE_ersm"))
+            .args([
+                "run",
+                "--model",
+                MODEL,
+                "--max-frames",
+                "1",
+                "--warmup",
+                "0",
+            ])
+            .args(["--compare", "none"])
+            .args(extra)
+            .env("RUST_LOG", "info")
+            .stdin(Stdio::null())
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr).into_owned();
+        assert!(out.status.success(), "{err}");
+        err
+    };
+    // The bundled clip is 768×576.
+    let err = run(&[]);
+    assert!(err.contains("input 768×576: the source's 768×576"), "{err}");
+    let err = run(&["--input-size", "320x256"]);
+    assert!(!err.contains("the source's"), "{err}");
+    let err = run(&["--source", FACE]);
+    assert!(!err.contains("the source's"), "{err}");
+}

@@ -48,7 +48,9 @@ pub struct PipelineArgs {
     #[arg(long, value_parser = within(1usize, 1024))]
     pub threads: Option<usize>,
     /// A detector package's input, WxH (multiples of 32, at most 4096 a
-    /// side): frames are stretched to it. Default: the package's own size.
+    /// side): frames are stretched to it. Default: `run` takes the source's
+    /// resolution rounded up to multiples of 32 when it knows it (a video, a
+    /// camera); otherwise, and for `bench` and `eval`, the package's size.
     #[arg(long, value_name = "WxH", value_parser = input_size)]
     pub input_size: Option<(usize, usize)>,
 }

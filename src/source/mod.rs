@@ -53,6 +53,11 @@ pub trait Source: Send {
     fn frame_count(&self) -> Option<usize> {
         None
     }
+    /// The frames' size (width, height) when every frame has it and it is
+    /// known before the first (a video, a camera; not a folder of images).
+    fn size(&self) -> Option<(usize, usize)> {
+        None
+    }
     /// A way to unblock a stalled `next_frame` from another thread.
     fn stopper(&self) -> Option<Stopper> {
         None
@@ -161,5 +166,8 @@ impl Source for Looping {
     }
     fn fps(&self) -> f64 {
         self.inner.fps()
+    }
+    fn size(&self) -> Option<(usize, usize)> {
+        self.inner.size()
     }
 }

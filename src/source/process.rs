@@ -253,6 +253,10 @@ impl Source for ProcessSource {
         }
     }
 
+    fn size(&self) -> Option<(usize, usize)> {
+        Some((self.frames.width, self.frames.height))
+    }
+
     fn describe(&self) -> String {
         format!(
             "{} (via {}, rgb24 {}×{})",

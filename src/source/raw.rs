@@ -110,6 +110,10 @@ impl Source for RawSource {
         }
     }
 
+    fn size(&self) -> Option<(usize, usize)> {
+        Some((self.frames.width, self.frames.height))
+    }
+
     fn describe(&self) -> String {
         format!("stdin (rgb24 {}×{})", self.frames.width, self.frames.height)
     }

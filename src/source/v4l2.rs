@@ -430,6 +430,10 @@ impl Source for V4l2Source {
         }
     }
 
+    fn size(&self) -> Option<(usize, usize)> {
+        Some((self.width, self.height))
+    }
+
     fn describe(&self) -> String {
         format!(
             "{} '{}' ({}×{} {} @ {:.1} fps, V4L2 mmap)",

@@ -90,4 +90,8 @@ impl Source for Mp4Source {
     fn fps(&self) -> f64 {
         self.mp4.fps
     }
+
+    fn size(&self) -> Option<(usize, usize)> {
+        Some((self.mp4.width, self.mp4.height))
+    }
 }
