@@ -108,9 +108,10 @@ impl VideoSource {
         if let Some(stop) = &self.stopper {
             stop();
         }
-        let taken = lock(&self.inner).take();
-        // A subprocess source waits for its child on drop.
-        py.detach(move || drop(taken));
+        // Without the GIL: a capture in another thread may hold the source
+        // until the stopper ends its wait, and a subprocess source waits
+        // for its child on drop.
+        py.detach(|| drop(lock(&self.inner).take()));
     }
 
     fn __enter__(slf: Py<Self>) -> Py<Self> {
