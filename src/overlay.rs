@@ -10,6 +10,7 @@ use crate::ersm::TokenMask;
 use crate::faces::Cover;
 use crate::model::manifest::Preprocess;
 use crate::preprocess::crop_region;
+use crate::source::process::wait_within;
 use crate::source::Frame;
 use anyhow::{bail, Context, Result};
 use std::io::Write;
@@ -17,7 +18,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 /// Heat-map opacity over the crop.
 const ALPHA: f32 = 0.4;
@@ -168,22 +169,12 @@ fn check_ffmpeg(what: &str) -> Result<()> {
         })?;
     // An ffmpeg that does not answer `-version` would hold the run before it
     // starts, with Ctrl-C not yet handled.
-    let deadline = std::time::Instant::now() + FFMPEG_VERSION_LIMIT;
-    loop {
-        match child.try_wait() {
-            Ok(Some(_)) => return Ok(()),
-            Ok(None) if std::time::Instant::now() < deadline => {
-                std::thread::sleep(std::time::Duration::from_millis(20))
-            }
-            _ => {
-                let _ = child.kill();
-                let _ = child.wait();
-                bail!(
-                    "{what}: `ffmpeg -version` did not answer within {} s; is the ffmpeg on PATH a working one?",
-                    FFMPEG_VERSION_LIMIT.as_secs()
-                );
-            }
-        }
+    match wait_within(&mut child, FFMPEG_VERSION_LIMIT) {
+        Ok(Some(_)) => Ok(()),
+        _ => bail!(
+            "{what}: `ffmpeg -version` did not answer within {} s; is the ffmpeg on PATH a working one?",
+            FFMPEG_VERSION_LIMIT.as_secs()
+        ),
     }
 }
 
@@ -296,18 +287,7 @@ impl OverlayWriter {
         {
             if let Some((mut c, _, _)) = child.take() {
                 drop(c.stdin.take());
-                let deadline = Instant::now() + FINISH_LIMIT;
-                let status = loop {
-                    if let Some(s) = c.try_wait()? {
-                        break Some(s);
-                    }
-                    if Instant::now() >= deadline {
-                        let _ = c.kill();
-                        let _ = c.wait();
-                        break None;
-                    }
-                    std::thread::sleep(Duration::from_millis(20));
-                };
+                let status = wait_within(&mut c, FINISH_LIMIT)?;
                 pid.store(0, Ordering::SeqCst);
                 if let Dest::Stream(url) = dest {
                     // The stream it described has ended with ffmpeg.

@@ -7,7 +7,7 @@ use super::{Frame, Source, SourceOptions, Stopper};
 use anyhow::{bail, Context, Result};
 use std::collections::VecDeque;
 use std::io::{BufRead, BufReader, ErrorKind};
-use std::process::{Child, ChildStdout, Command, Stdio};
+use std::process::{Child, ChildStdout, Command, ExitStatus, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -58,6 +58,24 @@ fn spawn(tool: &'static str, args: &[String]) -> Result<Child> {
         .map_err(|e| start_error(tool, e))
 }
 
+/// Waits for `child` at most `limit`: its exit status, or `None` when it was
+/// still running then (it is killed and reaped). A child that cannot be
+/// waited on is killed too, and the error returned.
+pub fn wait_within(child: &mut Child, limit: Duration) -> std::io::Result<Option<ExitStatus>> {
+    let deadline = Instant::now() + limit;
+    loop {
+        match child.try_wait() {
+            Ok(Some(status)) => return Ok(Some(status)),
+            Ok(None) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(20)),
+            done => {
+                let _ = child.kill();
+                let _ = child.wait();
+                return done.map(|_| None);
+            }
+        }
+    }
+}
+
 /// Frame size (and count, when the container says) of a video, by ffprobe;
 /// a source that does not answer within `limit` (a server that accepts and
 /// then says nothing) is an error, not a wait for ever.
@@ -80,17 +98,11 @@ fn probe(url: &str, limit: Option<Duration>) -> Result<(usize, usize, Option<usi
         .spawn()
         .map_err(|e| start_error("ffprobe", e))?;
     if let Some(limit) = limit {
-        let deadline = Instant::now() + limit;
-        while child.try_wait()?.is_none() {
-            if Instant::now() >= deadline {
-                let _ = child.kill();
-                let _ = child.wait();
-                bail!(
-                    "source {url}: no answer within {:.0} s (ffprobe; --stall-timeout sets the limit)",
-                    limit.as_secs_f64()
-                );
-            }
-            std::thread::sleep(Duration::from_millis(20));
+        if wait_within(&mut child, limit)?.is_none() {
+            bail!(
+                "source {url}: no answer within {:.0} s (ffprobe; --stall-timeout sets the limit)",
+                limit.as_secs_f64()
+            );
         }
     }
     let out = child.wait_with_output()?;
