@@ -40,4 +40,5 @@ pub mod run;
 pub mod source;
 pub mod sparse;
 pub mod stem;
+pub mod strided_depthwise;
 pub mod threads;

@@ -119,6 +119,14 @@ impl TractNet {
             .with_context(|| format!("{what}: output shape is not concrete"))?
             .to_vec();
         let source = typed.clone();
+        let mut typed = typed;
+        // tract runs a stride-2 depthwise conv on its scalar path; ersm's
+        // kernel gives the same bits (`crate::strided_depthwise`), unless
+        // `ERSM_STRIDED_DEPTHWISE=0` (to measure tract's own).
+        if !std::env::var("ERSM_STRIDED_DEPTHWISE").is_ok_and(|v| v == "0") {
+            crate::strided_depthwise::rewrite(&mut typed)
+                .with_context(|| format!("{what}: stride-2 depthwise rewrite"))?;
+        }
         let plan = typed
             .into_optimized()
             .with_context(|| format!("{what}: tract optimisation failed"))?

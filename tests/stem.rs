@@ -1,6 +1,7 @@
-//! The prefix's first conv run as a product over gathered patches gives
-//! tract's own stem conv's values, and graphs whose stem is not such a conv
-//! are left alone.
+//! The graph rewrites of tract's nets: the prefix's first conv run as a
+//! product over gathered patches gives tract's own stem conv's values, and
+//! graphs whose stem is not such a conv are left alone; a stride-2 depthwise
+//! conv runs as ersm's op (`ersm::strided_depthwise`) with the conv's values.
 
 mod common;
 
@@ -106,6 +107,103 @@ fn stems_that_are_not_a_plain_image_conv_stay_as_they_are() {
         assert_eq!(
             net.run(&image(c * 256)).unwrap().len(),
             net.output_shape.iter().product::<usize>()
+        );
+    }
+}
+
+/// The initializer `name` of `proto`'s graph.
+fn initializer(proto: &tract_onnx::pb::ModelProto, name: &str) -> Vec<f32> {
+    let graph = proto.graph.as_ref().unwrap();
+    let t = graph.initializer.iter().find(|t| t.name == name).unwrap();
+    t.float_data.clone()
+}
+
+/// A depthwise 3×3 conv by its definition: `out[c][oy][ox]` is the bias plus
+/// every tap inside the image.
+fn depthwise_by_definition(
+    x: &[f32],
+    [c, h, w]: [usize; 3],
+    weights: &[f32],
+    bias: &[f32],
+    stride: usize,
+    [pt, pl, pb, pr]: [usize; 4],
+) -> Vec<f32> {
+    let (oh, ow) = (
+        (h + pt + pb - 3) / stride + 1,
+        (w + pl + pr - 3) / stride + 1,
+    );
+    let mut out = Vec::with_capacity(c * oh * ow);
+    for ch in 0..c {
+        for oy in 0..oh {
+            for ox in 0..ow {
+                let mut sum = bias[ch] as f64;
+                for ky in 0..3 {
+                    for kx in 0..3 {
+                        let (y, x0) = (
+                            (oy * stride + ky) as isize - pt as isize,
+                            (ox * stride + kx) as isize - pl as isize,
+                        );
+                        if y >= 0 && x0 >= 0 && (y as usize) < h && (x0 as usize) < w {
+                            let v = x[ch * h * w + y as usize * w + x0 as usize];
+                            sum += (weights[ch * 9 + ky * 3 + kx] * v) as f64;
+                        }
+                    }
+                }
+                out.push(sum as f32);
+            }
+        }
+    }
+    out
+}
+
+#[test]
+fn stride_2_depthwise_convs_run_as_ersms_op_with_the_convs_values() {
+    // After a stride-1 conv (which stays tract's), as in MobileNetV2's blocks.
+    for (seed, (c, h, w, pads)) in [
+        (12, 30, 40, [1, 1, 1, 1]),
+        (8, 17, 23, [1, 1, 1, 1]),
+        (5, 16, 16, [0, 0, 1, 1]),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let mut b = Builder::new(seed as u64 + 40);
+        let x = b.conv("image", c, c, 1, 1, [0; 4], 1);
+        let y = b.conv(&x, c, c, 3, 2, pads, c);
+        let proto = b.model(("image", &[1, c, h, w]), &y);
+        let shape = [1, c, h, w];
+        let whole = TractNet::new(&proto, &shape, "whole").unwrap();
+        let input = image(c * h * w);
+        let ops: Vec<String> = whole
+            .profile(&input)
+            .unwrap()
+            .into_iter()
+            .map(|(op, ..)| op)
+            .collect();
+        assert!(
+            ops.iter().any(|op| op == "ErsmDepthwiseS2"),
+            "case {seed}: {ops:?}"
+        );
+        // The 1×1 conv's output, by tract, is the depthwise conv's input.
+        let mut first = Builder::new(seed as u64 + 40);
+        let x1 = first.conv("image", c, c, 1, 1, [0; 4], 1);
+        let mid = TractNet::new(&first.model(("image", &[1, c, h, w]), &x1), &shape, "first")
+            .unwrap()
+            .run(&input)
+            .unwrap();
+        let expected = depthwise_by_definition(
+            &mid,
+            [c, h, w],
+            &initializer(&proto, "w2"),
+            &initializer(&proto, "b2"),
+            2,
+            pads,
+        );
+        let got = whole.run(&input).unwrap();
+        assert!(
+            rel_err(&got, &expected) < 1e-5,
+            "case {seed}: {}",
+            rel_err(&got, &expected)
         );
     }
 }

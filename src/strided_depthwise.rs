@@ -1,0 +1,376 @@
+//! The stride-2 3×3 depthwise convolution of tract's nets as ersm's own op:
+//! the graph rewrite (at load) and the kernel (per frame).
+//!
+//! tract 0.23's depthwise kernels vectorise only a contiguous input walk: a
+//! 3×3 tap set at stride 2 runs its scalar loop on x86 and on aarch64 alike.
+//! In CenterFace's prefix at 640×480 the two stride-2 depthwise convs took
+//! 14.4 ms of 49 (96×240×320 → 120×160 alone 10.5 ms, 1.6 G multiply-adds a
+//! second), where tract's stride-1 ones run at about 20 G/s. Here each input
+//! row is split once into its even and odd columns, after which every tap is
+//! a contiguous multiply-add over an output row that the compiler vectorises.
+//! Each output sums the bias and then the nine products in tract's order
+//! (row by row, left to right), with no fused multiply-add, so the result is
+//! bit for bit tract's: a tap in the padding adds a product with zero where
+//! tract skips it, which leaves every sum as it was.
+
+use anyhow::{Context, Result};
+use tract_core::internal::*;
+use tract_core::ops::cnn::{Conv, KernelFormat};
+use tract_core::ops::nn::DataFormat;
+
+/// Replaces every f32 3×3 stride-2 depthwise conv of `model` (channels first,
+/// no dilation, fixed shapes) by [`StridedDepthwise`];
+/// returns how many. The kernel and bias stay the node's inputs.
+pub fn rewrite(model: &mut TypedModel) -> Result<usize> {
+    let mut count = 0;
+    for id in 0..model.nodes.len() {
+        let Some(op) = replacement(model, id)? else {
+            continue;
+        };
+        model.nodes[id].op = Box::new(op);
+        count += 1;
+    }
+    Ok(count)
+}
+
+/// The op for node `id` when it is a conv this module runs.
+fn replacement(model: &TypedModel, id: usize) -> Result<Option<StridedDepthwise>> {
+    let node = &model.nodes[id];
+    let Some(conv) = node.op_as::<Conv>() else {
+        return Ok(None);
+    };
+    let spec = &conv.pool_spec;
+    let c = spec.input_channels;
+    if conv.q_params.is_some()
+        || spec.data_format != DataFormat::NCHW
+        || conv.kernel_fmt != KernelFormat::OIHW
+        || spec.kernel_shape.as_slice() != [3, 3]
+        || *spec.strides() != [2, 2][..]
+        || *spec.dilations() != [1, 1][..]
+        || conv.group != c
+        || spec.output_channels != c
+        || node.inputs.len() != 3
+    {
+        return Ok(None);
+    }
+    let facts = model.node_input_facts(id)?;
+    // The kernel and bias are read per frame, so they need not be constants
+    // yet (before decluttering, an ONNX bias is not).
+    let kernel_ok = facts[1].shape.as_concrete() == Some(&[c, 1, 3, 3]);
+    let bias_ok = facts[2].shape.volume() == c.to_dim();
+    let Some(input) = facts[0].shape.as_concrete() else {
+        return Ok(None);
+    };
+    let f32s = facts.iter().all(|f| f.datum_type == f32::datum_type());
+    if !f32s || !kernel_ok || !bias_ok || input.len() != 4 {
+        return Ok(None);
+    }
+    let (h, w) = (input[2], input[3]);
+    let padding = spec.computed_padding(&[h, w]);
+    let (pt, pl) = (padding[0].pad_before, padding[1].pad_before);
+    let (oh, ow) = (padding[0].convoluted, padding[1].convoluted);
+    if oh == 0 || ow == 0 {
+        return Ok(None);
+    }
+    let output = node.outputs[0].fact.shape.as_concrete().with_context(|| {
+        format!(
+            "{}: output shape of a fixed-shape depthwise conv",
+            node.name
+        )
+    })?;
+    if output != [input[0], c, oh, ow] {
+        return Ok(None);
+    }
+    Ok(Some(StridedDepthwise {
+        channels: c,
+        input: [h, w],
+        output: [oh, ow],
+        pad: [pt, pl],
+    }))
+}
+
+/// A 3×3 stride-2 depthwise conv on `[n, c, h, w]` f32, inputs (image, OIHW
+/// kernel `[c, 1, 3, 3]`, bias `[c]`).
+#[derive(Clone, Debug, Hash, PartialEq, Eq)]
+pub struct StridedDepthwise {
+    channels: usize,
+    input: [usize; 2],
+    output: [usize; 2],
+    /// Top and left padding.
+    pad: [usize; 2],
+}
+
+impl Op for StridedDepthwise {
+    fn name(&self) -> StaticName {
+        "ErsmDepthwiseS2".into()
+    }
+
+    fn info(&self) -> TractResult<Vec<String>> {
+        Ok(vec![format!("{:?} pad {:?}", self.input, self.pad)])
+    }
+
+    op_as_typed_op!();
+}
+
+impl EvalOp for StridedDepthwise {
+    op_out_of_plan!();
+
+    fn eval(&self, _ctx: &EvalContext, inputs: TVec<TValue>) -> TractResult<TVec<TValue>> {
+        let (image, kernel, bias) = args_3!(inputs);
+        let shape = image.shape();
+        let [h, w] = self.input;
+        let [oh, ow] = self.output;
+        anyhow::ensure!(
+            shape.len() == 4 && shape[1] == self.channels && shape[2] == h && shape[3] == w,
+            "ErsmDepthwiseS2: input {shape:?}, built for [n, {}, {h}, {w}]",
+            self.channels
+        );
+        // SAFETY: f32 has no invalid bit patterns, and every plane of the
+        // output is written below (each row filled with its bias first)
+        // before anything reads it.
+        let mut out = unsafe { Tensor::uninitialized::<f32>(&[shape[0], self.channels, oh, ow])? };
+        let (image, kernel, bias) = (
+            image.try_as_plain_ram()?,
+            kernel.try_as_plain_ram()?,
+            bias.try_as_plain_ram()?,
+        );
+        let x = image.as_slice::<f32>()?;
+        let k = kernel.as_slice::<f32>()?;
+        let b = bias.as_slice::<f32>()?;
+        let total = x.len() + out.len();
+        let c = self.channels;
+        tract_linalg::multithread::par_chunks_mut(
+            out.try_as_plain_ram_mut()?.as_slice_mut::<f32>()?,
+            oh * ow,
+            total,
+            |first, planes| {
+                let mut split = Split::new(self.input, self.output, self.pad);
+                for (i, plane) in planes.chunks_exact_mut(oh * ow).enumerate() {
+                    let p = first + i;
+                    let ch = p % c;
+                    let taps: &[f32; 9] = k[ch * 9..ch * 9 + 9].try_into().expect("nine taps");
+                    split.plane(&x[p * h * w..(p + 1) * h * w]);
+                    split.convolve(taps, b[ch], plane);
+                }
+                Ok(())
+            },
+        )?;
+        Ok(tvec!(out.into_tvalue()))
+    }
+}
+
+impl TypedOp for StridedDepthwise {
+    fn output_facts(&self, inputs: &[&TypedFact]) -> TractResult<TVec<TypedFact>> {
+        let mut shape = inputs[0].shape.to_tvec();
+        anyhow::ensure!(shape.len() == 4, "ErsmDepthwiseS2 reads a rank-4 input");
+        shape[2] = self.output[0].to_dim();
+        shape[3] = self.output[1].to_dim();
+        Ok(tvec!(f32::fact(shape)))
+    }
+
+    fn cost(&self, inputs: &[&TypedFact]) -> TractResult<TVec<(Cost, TDim)>> {
+        let n = inputs[0].shape[0].clone();
+        let points = self.channels * self.output[0] * self.output[1] * 9;
+        Ok(tvec!((Cost::FMA(f32::datum_type()), n * points)))
+    }
+
+    as_op!();
+}
+
+/// One input plane split by column parity, with the padding as zeros:
+/// `a[y][j]` is input column `2j - pad_left` (tap columns 0 and 2) and
+/// `b[y][j]` column `2j - pad_left + 1` (tap column 1).
+struct Split {
+    input: [usize; 2],
+    output: [usize; 2],
+    pad: [usize; 2],
+    a: Vec<f32>,
+    b: Vec<f32>,
+    /// One input row with its padding, long enough for every column pair:
+    /// column i is input column i - pad_left.
+    padded: Vec<f32>,
+}
+
+impl Split {
+    fn new(input: [usize; 2], output: [usize; 2], pad: [usize; 2]) -> Split {
+        let ow = output[1];
+        Split {
+            input,
+            output,
+            pad,
+            a: vec![0.0; input[0] * (ow + 1)],
+            b: vec![0.0; input[0] * ow],
+            padded: vec![0.0; 2 * (ow + 1)],
+        }
+    }
+
+    fn plane(&mut self, x: &[f32]) {
+        let [h, w] = self.input;
+        let ow = self.output[1];
+        let pl = self.pad[1];
+        let padded = &mut self.padded;
+        // Columns past the last pair are never read; those in the padding
+        // stay zero from the start.
+        let n = w.min(padded.len().saturating_sub(pl));
+        for y in 0..h {
+            padded[pl..pl + n].copy_from_slice(&x[y * w..y * w + n]);
+            let a = &mut self.a[y * (ow + 1)..(y + 1) * (ow + 1)];
+            let b = &mut self.b[y * ow..(y + 1) * ow];
+            for ((pair, a), b) in padded.chunks_exact(2).zip(a.iter_mut()).zip(b.iter_mut()) {
+                *a = pair[0];
+                *b = pair[1];
+            }
+            a[ow] = padded[2 * ow];
+        }
+    }
+
+    fn convolve(&self, taps: &[f32; 9], bias: f32, out: &mut [f32]) {
+        #[cfg(target_arch = "x86_64")]
+        if std::arch::is_x86_feature_detected!("avx") {
+            // SAFETY: the feature was just detected.
+            return unsafe { self.convolve_avx(taps, bias, out) };
+        }
+        self.convolve_rows(taps, bias, out)
+    }
+
+    /// [`Split::convolve_rows`] compiled for AVX (without FMA, which would
+    /// round differently from tract).
+    ///
+    /// # Safety
+    /// The CPU must support AVX.
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx")]
+    unsafe fn convolve_avx(&self, taps: &[f32; 9], bias: f32, out: &mut [f32]) {
+        self.convolve_rows(taps, bias, out)
+    }
+
+    #[inline(always)]
+    fn convolve_rows(&self, taps: &[f32; 9], bias: f32, out: &mut [f32]) {
+        let [h, _] = self.input;
+        let [_, ow] = self.output;
+        let pt = self.pad[0];
+        for (oy, row) in out.chunks_exact_mut(ow).enumerate() {
+            row.fill(bias);
+            for ky in 0..3 {
+                // The input row of tap row ky; outside it the taps add zeros.
+                let Some(y) = (2 * oy + ky).checked_sub(pt).filter(|&y| y < h) else {
+                    continue;
+                };
+                let a = &self.a[y * (ow + 1)..(y + 1) * (ow + 1)];
+                let b = &self.b[y * ow..(y + 1) * ow];
+                let [k0, k1, k2] = [taps[3 * ky], taps[3 * ky + 1], taps[3 * ky + 2]];
+                for (((o, &a0), &b0), &a1) in row.iter_mut().zip(a).zip(b).zip(&a[1..]) {
+                    *o = *o + k0 * a0 + k1 * b0 + k2 * a1;
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A one-conv ONNX-free net: tract's own conv on `[1, c, h, w]`.
+    fn conv_net(nc: [usize; 2], hw: [usize; 2], pads: [usize; 4], stride: usize) -> TypedModel {
+        let ([n, c], [h, w]) = (nc, hw);
+        let mut model = TypedModel::default();
+        let x = model.add_source("x", f32::fact([n, c, h, w])).unwrap();
+        let mut rng = (c * h * w) as u64;
+        let mut next = move || {
+            rng = rng
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            ((rng >> 33) as f32 / (1u64 << 31) as f32) * 2.0 - 1.0
+        };
+        let kernel: Vec<f32> = (0..c * 9).map(|_| next()).collect();
+        let bias: Vec<f32> = (0..c).map(|_| next()).collect();
+        let k = model
+            .add_const("k", tensor1(&kernel).into_shape(&[c, 1, 3, 3]).unwrap())
+            .unwrap();
+        let b = model.add_const("b", tensor1(&bias)).unwrap();
+        let spec = tract_core::ops::cnn::PoolSpec {
+            data_format: DataFormat::NCHW,
+            kernel_shape: tvec!(3, 3),
+            padding: tract_core::ops::cnn::PaddingSpec::Explicit(
+                tvec!(pads[0], pads[1]),
+                tvec!(pads[2], pads[3]),
+            ),
+            dilations: None,
+            strides: Some(tvec!(stride, stride)),
+            input_channels: c,
+            output_channels: c,
+        };
+        let conv = Conv {
+            pool_spec: spec,
+            kernel_fmt: KernelFormat::OIHW,
+            group: c,
+            q_params: None,
+        };
+        let y = model.wire_node("conv", conv, &[x, k, b]).unwrap();
+        model.select_output_outlets(&y).unwrap();
+        model
+    }
+
+    fn run(model: TypedModel, input: &Tensor) -> Vec<f32> {
+        let plan = model.into_optimized().unwrap().into_runnable().unwrap();
+        let out = plan.run(tvec!(input.clone().into_tvalue())).unwrap();
+        let view = out[0].try_as_plain_ram().unwrap();
+        view.as_slice::<f32>().unwrap().to_vec()
+    }
+
+    fn image(c: usize, h: usize, w: usize) -> Tensor {
+        let v: Vec<f32> = (0..c * h * w)
+            .map(|i| ((i * 7919) % 1013) as f32 / 507.0 - 1.0)
+            .collect();
+        tensor1(&v).into_shape(&[1, c, h, w]).unwrap()
+    }
+
+    #[test]
+    fn equals_tract_bit_for_bit() {
+        // Even and odd sizes, each padding tract computes for these convs,
+        // and sizes below one vector.
+        for (c, h, w, pads) in [
+            (3, 8, 10, [1, 1, 1, 1]),
+            (5, 9, 11, [1, 1, 1, 1]),
+            (4, 7, 6, [0, 0, 1, 1]),
+            (2, 6, 9, [1, 0, 0, 1]),
+            (3, 3, 3, [0, 0, 0, 0]),
+            (16, 40, 33, [1, 1, 0, 0]),
+            (2, 10, 12, [2, 2, 2, 2]),
+        ] {
+            let reference = conv_net([1, c], [h, w], pads, 2);
+            let mut ours = reference.clone();
+            assert_eq!(rewrite(&mut ours).unwrap(), 1, "{c}x{h}x{w} {pads:?}");
+            let x = image(c, h, w);
+            let (a, b) = (run(reference, &x), run(ours, &x));
+            assert_eq!(a.len(), b.len());
+            let same = a
+                .iter()
+                .zip(&b)
+                .all(|(p, q)| p.to_bits() == q.to_bits() || p == q);
+            assert!(same, "{c}x{h}x{w} {pads:?}: {a:?} vs {b:?}");
+        }
+    }
+
+    #[test]
+    fn equals_tract_on_threads_and_batches() {
+        // Planes split across threads: each finds its channel from its index.
+        let (c, h, w) = (24, 64, 80);
+        let reference = conv_net([2, c], [h, w], [1, 1, 1, 1], 2);
+        let mut ours = reference.clone();
+        assert_eq!(rewrite(&mut ours).unwrap(), 1);
+        let x = image(2 * c, h, w).into_shape(&[2, c, h, w]).unwrap();
+        let pool = tract_linalg::multithread::Executor::multithread(3);
+        let (a, b) = tract_linalg::multithread::multithread_tract_scope(pool, || {
+            (run(reference, &x), run(ours, &x))
+        });
+        assert_eq!(a, b);
+    }
+
+    #[test]
+    fn leaves_other_convs_to_tract() {
+        let mut model = conv_net([1, 4], [8, 8], [1, 1, 1, 1], 1);
+        assert_eq!(rewrite(&mut model).unwrap(), 0, "stride 1");
+    }
+}
