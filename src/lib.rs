@@ -20,6 +20,7 @@ pub mod faces;
 pub mod files;
 pub mod gpu;
 pub mod infer;
+pub mod inverted_residual;
 pub mod live;
 pub mod logits;
 pub mod model;

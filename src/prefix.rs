@@ -120,9 +120,15 @@ impl TractNet {
             .to_vec();
         let source = typed.clone();
         let mut typed = typed;
-        // tract runs a stride-2 depthwise conv on its scalar path; ersm's
-        // kernel gives the same bits (`crate::strided_depthwise`), unless
-        // `ERSM_STRIDED_DEPTHWISE=0` (to measure tract's own).
+        // A stride-2 inverted-residual block runs row by row in cache
+        // (`crate::inverted_residual`), unless `ERSM_FUSED_BLOCKS=0`; any
+        // other stride-2 depthwise conv, which tract runs on its scalar path,
+        // runs as ersm's kernel with the same bits (`crate::strided_depthwise`),
+        // unless `ERSM_STRIDED_DEPTHWISE=0` (to measure tract's own).
+        if !std::env::var("ERSM_FUSED_BLOCKS").is_ok_and(|v| v == "0") {
+            crate::inverted_residual::rewrite(&mut typed)
+                .with_context(|| format!("{what}: inverted-residual rewrite"))?;
+        }
         if !std::env::var("ERSM_STRIDED_DEPTHWISE").is_ok_and(|v| v == "0") {
             crate::strided_depthwise::rewrite(&mut typed)
                 .with_context(|| format!("{what}: stride-2 depthwise rewrite"))?;

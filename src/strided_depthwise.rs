@@ -207,45 +207,14 @@ impl Split {
     fn plane(&mut self, x: &[f32]) {
         let [h, w] = self.input;
         let ow = self.output[1];
-        let pl = self.pad[1];
-        let padded = &mut self.padded;
-        // Columns past the last pair are never read; those in the padding
-        // stay zero from the start.
-        let n = w.min(padded.len().saturating_sub(pl));
         for y in 0..h {
-            padded[pl..pl + n].copy_from_slice(&x[y * w..y * w + n]);
             let a = &mut self.a[y * (ow + 1)..(y + 1) * (ow + 1)];
             let b = &mut self.b[y * ow..(y + 1) * ow];
-            for ((pair, a), b) in padded.chunks_exact(2).zip(a.iter_mut()).zip(b.iter_mut()) {
-                *a = pair[0];
-                *b = pair[1];
-            }
-            a[ow] = padded[2 * ow];
+            split_row(&x[y * w..(y + 1) * w], self.pad[1], &mut self.padded, a, b);
         }
     }
 
     fn convolve(&self, taps: &[f32; 9], bias: f32, out: &mut [f32]) {
-        #[cfg(target_arch = "x86_64")]
-        if std::arch::is_x86_feature_detected!("avx") {
-            // SAFETY: the feature was just detected.
-            return unsafe { self.convolve_avx(taps, bias, out) };
-        }
-        self.convolve_rows(taps, bias, out)
-    }
-
-    /// [`Split::convolve_rows`] compiled for AVX (without FMA, which would
-    /// round differently from tract).
-    ///
-    /// # Safety
-    /// The CPU must support AVX.
-    #[cfg(target_arch = "x86_64")]
-    #[target_feature(enable = "avx")]
-    unsafe fn convolve_avx(&self, taps: &[f32; 9], bias: f32, out: &mut [f32]) {
-        self.convolve_rows(taps, bias, out)
-    }
-
-    #[inline(always)]
-    fn convolve_rows(&self, taps: &[f32; 9], bias: f32, out: &mut [f32]) {
         let [h, _] = self.input;
         let [_, ow] = self.output;
         let pt = self.pad[0];
@@ -258,12 +227,68 @@ impl Split {
                 };
                 let a = &self.a[y * (ow + 1)..(y + 1) * (ow + 1)];
                 let b = &self.b[y * ow..(y + 1) * ow];
-                let [k0, k1, k2] = [taps[3 * ky], taps[3 * ky + 1], taps[3 * ky + 2]];
-                for (((o, &a0), &b0), &a1) in row.iter_mut().zip(a).zip(b).zip(&a[1..]) {
-                    *o = *o + k0 * a0 + k1 * b0 + k2 * a1;
-                }
+                accumulate_taps(
+                    row,
+                    a,
+                    b,
+                    [taps[3 * ky], taps[3 * ky + 1], taps[3 * ky + 2]],
+                );
             }
         }
+    }
+}
+
+/// Splits one input row by column parity for a stride-2 3×3 tap row:
+/// `a[j]` is column `2j - pad_left`, `b[j]` column `2j - pad_left + 1`, zero
+/// in the padding. `padded` (`2·(b.len() + 1)` long, zero wherever this
+/// never writes) holds the row shifted by its padding; `a` is one longer
+/// than `b`.
+pub(crate) fn split_row(
+    row: &[f32],
+    pad_left: usize,
+    padded: &mut [f32],
+    a: &mut [f32],
+    b: &mut [f32],
+) {
+    let ow = b.len();
+    // Columns past the last pair are never read; those in the padding stay
+    // zero from the start.
+    let n = row.len().min(padded.len().saturating_sub(pad_left));
+    padded[pad_left..pad_left + n].copy_from_slice(&row[..n]);
+    for ((pair, a), b) in padded.chunks_exact(2).zip(a.iter_mut()).zip(b.iter_mut()) {
+        *a = pair[0];
+        *b = pair[1];
+    }
+    a[ow] = padded[2 * ow];
+}
+
+/// One tap row of a stride-2 3×3 conv into an output row:
+/// `out[i] = out[i] + k0·a[i] + k1·b[i] + k2·a[i + 1]`, summed left to right
+/// (tract's order), on split rows ([`split_row`]).
+pub(crate) fn accumulate_taps(out: &mut [f32], a: &[f32], b: &[f32], k: [f32; 3]) {
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx") {
+        // SAFETY: the feature was just detected.
+        return unsafe { accumulate_taps_avx(out, a, b, k) };
+    }
+    accumulate_taps_any(out, a, b, k)
+}
+
+/// [`accumulate_taps`] compiled for AVX (without FMA, which would round
+/// differently from tract).
+///
+/// # Safety
+/// The CPU must support AVX.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx")]
+unsafe fn accumulate_taps_avx(out: &mut [f32], a: &[f32], b: &[f32], k: [f32; 3]) {
+    accumulate_taps_any(out, a, b, k)
+}
+
+#[inline(always)]
+fn accumulate_taps_any(out: &mut [f32], a: &[f32], b: &[f32], [k0, k1, k2]: [f32; 3]) {
+    for (((o, &a0), &b0), &a1) in out.iter_mut().zip(a).zip(b).zip(&a[1..]) {
+        *o = *o + k0 * a0 + k1 * b0 + k2 * a1;
     }
 }
 

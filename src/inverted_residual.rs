@@ -1,0 +1,649 @@
+//! MobileNetV2's stride-2 inverted-residual block — 1×1 expansion, ReLU,
+//! 3×3 depthwise conv at stride 2, ReLU, 1×1 projection — as one op of
+//! tract's nets, run row by row so the expanded tensor never leaves cache.
+//!
+//! At CenterFace's 640×480 the first such block expands 16 channels to 96 at
+//! 240×320: a 29.5 MB tensor that tract writes, packs, reads for the
+//! depthwise conv and writes again at 120×160 before the projection reads
+//! it. Those passes are memory-bound (the 118 M multiply-add expansion ran
+//! at about 20 G/s against 65 G/s for the same products on cached token
+//! rows). Here each output row needs three expanded input rows: they are
+//! computed as they come (a matrix product per row, bias and activation in
+//! the same pass, then split by column parity as
+//! [`crate::strided_depthwise`] does), kept in a ring of three, and the
+//! depthwise rows go to the projection two output rows at a time. Values
+//! equal tract's to rounding (the products sum in another order).
+
+use crate::strided_depthwise::{accumulate_taps, split_row};
+use anyhow::Result;
+use tract_core::internal::*;
+use tract_core::ops::binary::TypedBinOp;
+use tract_core::ops::cnn::{Conv, KernelFormat};
+use tract_core::ops::nn::DataFormat;
+
+/// Output rows per projection product.
+const ROWS: usize = 2;
+
+/// Replaces every f32 chain 1×1 conv → ReLU(6) → 3×3 stride-2 depthwise conv
+/// → ReLU(6) → 1×1 conv of `model` whose inner tensors nothing else reads by
+/// one [`InvertedResidual`]; returns how many.
+pub fn rewrite(model: &mut TypedModel) -> Result<usize> {
+    let mut found = Vec::new();
+    for id in 0..model.nodes.len() {
+        if let Some(chain) = chain(model, id)? {
+            found.push(chain);
+        }
+    }
+    for c in &found {
+        let mut patch = TypedModelPatch::default();
+        let (e, d, p) = (
+            &model.nodes[c.expand],
+            &model.nodes[c.depthwise],
+            &model.nodes[c.project],
+        );
+        let mut taps = vec![patch.tap_model(model, e.inputs[0])?];
+        for outlet in [
+            e.inputs[1],
+            e.inputs[2],
+            d.inputs[1],
+            d.inputs[2],
+            p.inputs[1],
+            p.inputs[2],
+        ] {
+            taps.push(patch.tap_model(model, outlet)?);
+        }
+        let name = format!("{}.fused", p.name);
+        let out = patch.wire_node(name, c.op.clone(), &taps)?;
+        patch.shunt_outside(model, OutletId::new(c.project, 0), out[0])?;
+        patch.apply(model)?;
+    }
+    Ok(found.len())
+}
+
+/// One block found: its three convs' nodes and the op that replaces them.
+struct Chain {
+    expand: usize,
+    depthwise: usize,
+    project: usize,
+    op: InvertedResidual,
+}
+
+/// The block ending at node `id` (its projection), if the graph has one there.
+fn chain(model: &TypedModel, id: usize) -> Result<Option<Chain>> {
+    let Some((cp, ce)) = pointwise(model, id) else {
+        return Ok(None);
+    };
+    let Some((after_dw, act2)) = activation(model, model.nodes[id].inputs[0].node) else {
+        return Ok(None);
+    };
+    let dw = &model.nodes[after_dw];
+    let Some(conv) = dw.op_as::<Conv>() else {
+        return Ok(None);
+    };
+    let spec = &conv.pool_spec;
+    if conv.q_params.is_some()
+        || spec.data_format != DataFormat::NCHW
+        || conv.kernel_fmt != KernelFormat::OIHW
+        || spec.kernel_shape.as_slice() != [3, 3]
+        || *spec.strides() != [2, 2][..]
+        || *spec.dilations() != [1, 1][..]
+        || conv.group != ce
+        || spec.input_channels != ce
+        || spec.output_channels != ce
+        || dw.inputs.len() != 3
+        || !single_use(model, after_dw)
+    {
+        return Ok(None);
+    }
+    let dw_facts = model.node_input_facts(after_dw)?;
+    if dw_facts.iter().any(|f| f.datum_type != f32::datum_type())
+        || dw_facts[1].shape.as_concrete() != Some(&[ce, 1, 3, 3])
+        || dw_facts[2].shape.volume() != ce.to_dim()
+    {
+        return Ok(None);
+    }
+    let Some((expand, act1)) = activation(model, dw.inputs[0].node) else {
+        return Ok(None);
+    };
+    let Some((ce2, cin)) = pointwise(model, expand) else {
+        return Ok(None);
+    };
+    if ce2 != ce || !single_use(model, expand) {
+        return Ok(None);
+    }
+    let facts = model.node_input_facts(expand)?;
+    let Some(input) = facts[0].shape.as_concrete() else {
+        return Ok(None);
+    };
+    if input.len() != 4 || input[1] != cin || facts[0].datum_type != f32::datum_type() {
+        return Ok(None);
+    }
+    let (h, w) = (input[2], input[3]);
+    let padding = spec.computed_padding(&[h, w]);
+    let (oh, ow) = (padding[0].convoluted, padding[1].convoluted);
+    let out = model.nodes[id].outputs[0].fact.shape.as_concrete();
+    if oh == 0 || ow == 0 || out != Some(&[input[0], cp, oh, ow]) {
+        return Ok(None);
+    }
+    let op = InvertedResidual {
+        channels: [cin, ce, cp],
+        input: [h, w],
+        output: [oh, ow],
+        pad: [padding[0].pad_before, padding[1].pad_before],
+        caps: [act1, act2],
+    };
+    Ok(Some(Chain {
+        expand,
+        depthwise: after_dw,
+        project: id,
+        op,
+    }))
+}
+
+/// `(cout, cin)` when node `id` is an f32 1×1 conv, one group, stride 1, no
+/// padding, with its kernel and bias beside it.
+fn pointwise(model: &TypedModel, id: usize) -> Option<(usize, usize)> {
+    let node = &model.nodes[id];
+    let conv = node.op_as::<Conv>()?;
+    let spec = &conv.pool_spec;
+    let facts = model.node_input_facts(id).ok()?;
+    let (cin, cout) = (spec.input_channels, spec.output_channels);
+    let unpadded = spec
+        .computed_padding(&[1usize, 1])
+        .iter()
+        .all(|p| p.pad_before == 0 && p.pad_after == 0);
+    let ok = conv.q_params.is_none()
+        && conv.group == 1
+        && spec.data_format == DataFormat::NCHW
+        && conv.kernel_fmt == KernelFormat::OIHW
+        && spec.kernel_shape.as_slice() == [1, 1]
+        && *spec.strides() == [1, 1][..]
+        && unpadded
+        && node.inputs.len() == 3
+        && facts.iter().all(|f| f.datum_type == f32::datum_type())
+        && facts[1].shape.as_concrete() == Some(&[cout, cin, 1, 1])
+        && facts[2].shape.volume() == cout.to_dim();
+    ok.then_some((cout, cin))
+}
+
+/// When node `id` is a ReLU (`Max` with zero), or a ReLU6 (`Min` with a
+/// constant after such a `Max`), read by one node only: the node it reads
+/// and its cap (the bits of the `Min` constant; `u32::MAX` for none).
+fn activation(model: &TypedModel, id: usize) -> Option<(usize, u32)> {
+    let (mut id, mut cap) = (id, u32::MAX);
+    if let Some(c) = with_constant(model, id, "Min") {
+        cap = c.to_bits();
+        if !single_use(model, id) {
+            return None;
+        }
+        id = model.nodes[id].inputs[0].node;
+    }
+    let zero = with_constant(model, id, "Max")?;
+    (zero == 0.0 && single_use(model, id)).then(|| (model.nodes[id].inputs[0].node, cap))
+}
+
+/// The scalar constant of node `id` when it is the binary op `name` of a
+/// tensor and a uniform f32 constant (in that order).
+fn with_constant(model: &TypedModel, id: usize, name: &str) -> Option<f32> {
+    let node = &model.nodes[id];
+    node.op_as::<TypedBinOp>()?;
+    if node.op().name() != name || node.inputs.len() != 2 {
+        return None;
+    }
+    let fact = model.outlet_fact(node.inputs[1]).ok()?;
+    let konst = fact.konst.as_ref()?;
+    let values = konst.try_as_plain_ram().ok()?;
+    let values = values.as_slice::<f32>().ok()?;
+    let first = *values.first()?;
+    values
+        .iter()
+        .all(|&v| v.to_bits() == first.to_bits())
+        .then_some(first)
+}
+
+/// Whether node `id`'s one output is read by exactly one node, and is not a
+/// graph output.
+fn single_use(model: &TypedModel, id: usize) -> bool {
+    let node = &model.nodes[id];
+    node.outputs.len() == 1
+        && node.outputs[0].successors.len() == 1
+        && !model.outputs.contains(&OutletId::new(id, 0))
+}
+
+/// The fused block on `[n, cin, h, w]` f32; inputs (image, expansion kernel
+/// and bias, depthwise kernel and bias, projection kernel and bias), OIHW.
+#[derive(Clone, Debug, Hash, PartialEq, Eq)]
+pub struct InvertedResidual {
+    /// Input, expanded and output channels.
+    channels: [usize; 3],
+    input: [usize; 2],
+    output: [usize; 2],
+    /// The depthwise conv's top and left padding.
+    pad: [usize; 2],
+    /// After the expansion and after the depthwise conv: the bits of the
+    /// ReLU's upper bound, `u32::MAX` for none.
+    caps: [u32; 2],
+}
+
+impl Op for InvertedResidual {
+    fn name(&self) -> StaticName {
+        "ErsmInvertedResidualS2".into()
+    }
+
+    fn info(&self) -> TractResult<Vec<String>> {
+        Ok(vec![format!("{:?} at {:?}", self.channels, self.input)])
+    }
+
+    op_as_typed_op!();
+}
+
+/// Per-thread scratch: the ring of expanded rows (split by column parity),
+/// one expanded row before its split, and the depthwise rows awaiting the
+/// projection.
+struct Scratch {
+    raw: Vec<f32>,
+    padded: Vec<f32>,
+    a: Vec<f32>,
+    b: Vec<f32>,
+    /// The input row each ring slot holds.
+    slot_row: [Option<usize>; 3],
+    dw: Vec<f32>,
+}
+
+impl InvertedResidual {
+    fn cap(bits: u32) -> f32 {
+        if bits == u32::MAX {
+            f32::INFINITY
+        } else {
+            f32::from_bits(bits)
+        }
+    }
+
+    /// Output rows `rows` of image `n` into `out` (the whole output tensor).
+    #[allow(clippy::too_many_arguments)]
+    fn band(
+        &self,
+        x: &[f32],
+        w: [&[f32]; 6],
+        n: usize,
+        rows: std::ops::Range<usize>,
+        s: &mut Scratch,
+        out: *mut f32,
+    ) {
+        let [cin, ce, cp] = self.channels;
+        let [h, iw] = self.input;
+        let [oh, ow] = self.output;
+        let [we, be, wd, bd, wp, bp] = w;
+        let (cap1, cap2) = (Self::cap(self.caps[0]), Self::cap(self.caps[1]));
+        let x = &x[n * cin * h * iw..(n + 1) * cin * h * iw];
+        s.slot_row = [None; 3];
+        let mut oy = rows.start;
+        while oy < rows.end {
+            let count = ROWS.min(rows.end - oy);
+            for r in 0..count {
+                let y_out = oy + r;
+                // The three input rows of this output row, in the ring.
+                let mut slots = [None; 3];
+                for (ky, slot) in slots.iter_mut().enumerate() {
+                    let Some(y) = (2 * y_out + ky).checked_sub(self.pad[0]).filter(|&y| y < h)
+                    else {
+                        continue;
+                    };
+                    let at = y % 3;
+                    if s.slot_row[at] != Some(y) {
+                        self.expand_row(x, we, be, cap1, y, at, s);
+                        s.slot_row[at] = Some(y);
+                    }
+                    *slot = Some(at);
+                }
+                for c in 0..ce {
+                    let row = &mut s.dw[c * ROWS * ow + r * ow..c * ROWS * ow + (r + 1) * ow];
+                    row.fill(bd[c]);
+                    for (ky, slot) in slots.iter().enumerate() {
+                        let Some(at) = slot else { continue };
+                        let a = &s.a[(at * ce + c) * (ow + 1)..(at * ce + c + 1) * (ow + 1)];
+                        let b = &s.b[(at * ce + c) * ow..(at * ce + c + 1) * ow];
+                        let k = &wd[c * 9 + 3 * ky..c * 9 + 3 * ky + 3];
+                        accumulate_taps(row, a, b, [k[0], k[1], k[2]]);
+                    }
+                    for v in row.iter_mut() {
+                        *v = v.max(0.0).min(cap2);
+                    }
+                }
+            }
+            // out[n, :, oy..oy + count, :] = wp · dw + bp: each channel's rows
+            // are contiguous in the output.
+            let dst = n * cp * oh * ow + oy * ow;
+            // SAFETY: out holds [n, cp, oh, ow]; the product writes cp rows of
+            // count·ow values from dst with row stride oh·ow, inside it, and
+            // only this band's rows. wp is cp × ce, dw ce × count·ow (row
+            // stride ROWS·ow).
+            unsafe {
+                for (c, &bias) in bp.iter().enumerate().take(cp) {
+                    std::slice::from_raw_parts_mut(out.add(dst + c * oh * ow), count * ow)
+                        .fill(bias);
+                }
+                matrixmultiply::sgemm(
+                    cp,
+                    ce,
+                    count * ow,
+                    1.0,
+                    wp.as_ptr(),
+                    ce as isize,
+                    1,
+                    s.dw.as_ptr(),
+                    (ROWS * ow) as isize,
+                    1,
+                    1.0,
+                    out.add(dst),
+                    (oh * ow) as isize,
+                    1,
+                );
+            }
+            oy += count;
+        }
+    }
+
+    /// Expands input row `y` (all channels) into ring slot `at`, activated
+    /// and split by column parity.
+    #[allow(clippy::too_many_arguments)]
+    fn expand_row(
+        &self,
+        x: &[f32],
+        we: &[f32],
+        be: &[f32],
+        cap: f32,
+        y: usize,
+        at: usize,
+        s: &mut Scratch,
+    ) {
+        let [cin, ce, _] = self.channels;
+        let [h, w] = self.input;
+        let ow = self.output[1];
+        assert!(y < h && x.len() >= (cin - 1) * h * w + y * w + w);
+        // SAFETY: the assert bounds every read of x (cin rows of w values,
+        // stride h·w, from row y); we is ce × cin; raw holds ce × w.
+        unsafe {
+            matrixmultiply::sgemm(
+                ce,
+                cin,
+                w,
+                1.0,
+                we.as_ptr(),
+                cin as isize,
+                1,
+                x.as_ptr().add(y * w),
+                (h * w) as isize,
+                1,
+                0.0,
+                s.raw.as_mut_ptr(),
+                w as isize,
+                1,
+            );
+        }
+        for (c, &bias) in be.iter().enumerate().take(ce) {
+            let row = &mut s.raw[c * w..(c + 1) * w];
+            for v in row.iter_mut() {
+                *v = (*v + bias).max(0.0).min(cap);
+            }
+            let a = &mut s.a[(at * ce + c) * (ow + 1)..(at * ce + c + 1) * (ow + 1)];
+            let b = &mut s.b[(at * ce + c) * ow..(at * ce + c + 1) * ow];
+            split_row(row, self.pad[1], &mut s.padded, a, b);
+        }
+    }
+}
+
+/// The output tensor's base pointer, shared by the threads that each write
+/// their own rows.
+#[derive(Clone, Copy)]
+struct OutPtr(*mut f32);
+// SAFETY: every band writes only its own output rows (see `band`).
+unsafe impl Send for OutPtr {}
+unsafe impl Sync for OutPtr {}
+
+impl OutPtr {
+    /// The pointer (a method, so closures capture the whole `Sync` wrapper).
+    fn get(self) -> *mut f32 {
+        self.0
+    }
+}
+
+impl EvalOp for InvertedResidual {
+    op_out_of_plan!();
+
+    fn eval(&self, _ctx: &EvalContext, inputs: TVec<TValue>) -> TractResult<TVec<TValue>> {
+        let [cin, ce, cp] = self.channels;
+        let [h, w] = self.input;
+        let [oh, ow] = self.output;
+        let shape = inputs[0].shape().to_vec();
+        anyhow::ensure!(
+            shape.len() == 4 && shape[1..] == [cin, h, w],
+            "ErsmInvertedResidualS2: input {shape:?}, built for [n, {cin}, {h}, {w}]"
+        );
+        let views = inputs
+            .iter()
+            .map(|t| t.try_as_plain_ram())
+            .collect::<TractResult<Vec<_>>>()?;
+        let slices = views
+            .iter()
+            .map(|v| v.as_slice::<f32>())
+            .collect::<TractResult<Vec<_>>>()?;
+        let weights = [
+            slices[1], slices[2], slices[3], slices[4], slices[5], slices[6],
+        ];
+        let n = shape[0];
+        // SAFETY: f32 has no invalid bit patterns, and every output row is
+        // written (filled with its bias, then accumulated) by one band.
+        let mut out = unsafe { Tensor::uninitialized::<f32>(&[n, cp, oh, ow])? };
+        let base = OutPtr(
+            out.try_as_plain_ram_mut()?
+                .as_slice_mut::<f32>()?
+                .as_mut_ptr(),
+        );
+        // One unit of work per ROWS output rows of one image; the threads
+        // take contiguous runs of them.
+        let units_per_image = oh.div_ceil(ROWS);
+        let mut units = vec![0f32; n * units_per_image];
+        crate::threads::par_rows(&mut units, 1, 4, |first, run| {
+            let mut s = Scratch {
+                raw: vec![0.0; ce * w],
+                padded: vec![0.0; 2 * (ow + 1)],
+                a: vec![0.0; 3 * ce * (ow + 1)],
+                b: vec![0.0; 3 * ce * ow],
+                slot_row: [None; 3],
+                dw: vec![0.0; ce * ROWS * ow],
+            };
+            let (start, end) = (first, first + run.len());
+            let mut u = start;
+            while u < end {
+                let img = u / units_per_image;
+                let last = end.min((img + 1) * units_per_image);
+                let rows = (u % units_per_image) * ROWS
+                    ..((last - 1) % units_per_image * ROWS + ROWS).min(oh);
+                self.band(slices[0], weights, img, rows, &mut s, base.get());
+                u = last;
+            }
+        });
+        Ok(tvec!(out.into_tvalue()))
+    }
+}
+
+impl TypedOp for InvertedResidual {
+    fn output_facts(&self, inputs: &[&TypedFact]) -> TractResult<TVec<TypedFact>> {
+        let mut shape = inputs[0].shape.to_tvec();
+        anyhow::ensure!(
+            shape.len() == 4,
+            "ErsmInvertedResidualS2 reads a rank-4 input"
+        );
+        shape[1] = self.channels[2].to_dim();
+        shape[2] = self.output[0].to_dim();
+        shape[3] = self.output[1].to_dim();
+        Ok(tvec!(f32::fact(shape)))
+    }
+
+    fn cost(&self, inputs: &[&TypedFact]) -> TractResult<TVec<(Cost, TDim)>> {
+        let [cin, ce, cp] = self.channels;
+        let [h, w] = self.input;
+        let [oh, ow] = self.output;
+        let macs = cin * ce * h * w + ce * oh * ow * 9 + ce * cp * oh * ow;
+        Ok(tvec!((
+            Cost::FMA(f32::datum_type()),
+            inputs[0].shape[0].clone() * macs
+        )))
+    }
+
+    as_op!();
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    struct Rng(u64);
+
+    impl Rng {
+        fn values(&mut self, n: usize, scale: f32) -> Tensor {
+            let v: Vec<f32> = (0..n)
+                .map(|_| {
+                    self.0 = self
+                        .0
+                        .wrapping_mul(6364136223846793005)
+                        .wrapping_add(1442695040888963407);
+                    (((self.0 >> 33) as f32 / (1u64 << 31) as f32) * 2.0 - 1.0) * scale
+                })
+                .collect();
+            tensor1(&v)
+        }
+    }
+
+    fn conv(
+        model: &mut TypedModel,
+        x: OutletId,
+        rng: &mut Rng,
+        [cin, cout, k, stride, group, pad]: [usize; 6],
+    ) -> OutletId {
+        let n = model.nodes.len();
+        let kernel = rng.values(
+            cout * cin / group * k * k,
+            1.0 / ((cin / group * k * k) as f32).sqrt(),
+        );
+        let kernel = kernel.into_shape(&[cout, cin / group, k, k]).unwrap();
+        let kernel = model.add_const(format!("k{n}"), kernel).unwrap();
+        let bias = model
+            .add_const(format!("b{n}"), rng.values(cout, 0.5))
+            .unwrap();
+        let spec = tract_core::ops::cnn::PoolSpec {
+            data_format: DataFormat::NCHW,
+            kernel_shape: tvec!(k, k),
+            padding: tract_core::ops::cnn::PaddingSpec::Explicit(tvec!(pad, pad), tvec!(pad, pad)),
+            dilations: None,
+            strides: Some(tvec!(stride, stride)),
+            input_channels: cin,
+            output_channels: cout,
+        };
+        let op = Conv {
+            pool_spec: spec,
+            kernel_fmt: KernelFormat::OIHW,
+            group,
+            q_params: None,
+        };
+        model
+            .wire_node(format!("conv{n}"), op, &[x, kernel, bias])
+            .unwrap()[0]
+    }
+
+    fn act(model: &mut TypedModel, x: OutletId, cap: Option<f32>) -> OutletId {
+        let n = model.nodes.len();
+        let zero = model
+            .add_const(format!("zero{n}"), tensor4(&[[[[0f32]]]]))
+            .unwrap();
+        let y = model
+            .wire_node(format!("relu{n}"), tract_core::ops::math::max(), &[x, zero])
+            .unwrap()[0];
+        let Some(cap) = cap else { return y };
+        let c = model
+            .add_const(format!("cap{n}"), tensor4(&[[[[cap]]]]))
+            .unwrap();
+        model
+            .wire_node(format!("min{n}"), tract_core::ops::math::min(), &[y, c])
+            .unwrap()[0]
+    }
+
+    /// expand → act → depthwise stride 2 → act → project (→ a ReLU after it).
+    fn block(
+        n: usize,
+        [cin, ce, cp]: [usize; 3],
+        [h, w]: [usize; 2],
+        cap: Option<f32>,
+    ) -> TypedModel {
+        let mut rng = Rng((cin * ce * cp * h * w) as u64);
+        let mut model = TypedModel::default();
+        let x = model.add_source("x", f32::fact([n, cin, h, w])).unwrap();
+        let y = conv(&mut model, x, &mut rng, [cin, ce, 1, 1, 1, 0]);
+        let y = act(&mut model, y, cap);
+        let y = conv(&mut model, y, &mut rng, [ce, ce, 3, 2, ce, 1]);
+        let y = act(&mut model, y, cap);
+        let y = conv(&mut model, y, &mut rng, [ce, cp, 1, 1, 1, 0]);
+        let y = act(&mut model, y, None);
+        model.select_output_outlets(&[y]).unwrap();
+        model
+    }
+
+    fn run(model: TypedModel, x: &Tensor) -> Vec<f32> {
+        let plan = model.into_optimized().unwrap().into_runnable().unwrap();
+        let out = plan.run(tvec!(x.clone().into_tvalue())).unwrap();
+        let view = out[0].try_as_plain_ram().unwrap();
+        view.as_slice::<f32>().unwrap().to_vec()
+    }
+
+    fn rel_err(a: &[f32], b: &[f32]) -> f32 {
+        let num: f32 = a.iter().zip(b).map(|(x, y)| (x - y).powi(2)).sum();
+        let den: f32 = b.iter().map(|y| y * y).sum();
+        (num / den.max(1e-30)).sqrt()
+    }
+
+    #[test]
+    fn equals_tracts_convs_to_rounding() {
+        // Odd and even sizes, one and several bands, ReLU and ReLU6, batches,
+        // and a pool of three threads.
+        for (n, ch, hw, cap) in [
+            (1, [16, 96, 24], [24, 32], None),
+            (1, [8, 48, 16], [17, 23], Some(6.0)),
+            (2, [4, 12, 8], [9, 10], None),
+            (1, [3, 6, 5], [2, 3], Some(6.0)),
+            (1, [8, 24, 8], [40, 12], None),
+        ] {
+            let reference = block(n, ch, hw, cap);
+            let mut fused = reference.clone();
+            assert_eq!(rewrite(&mut fused).unwrap(), 1, "{ch:?} at {hw:?}");
+            let x = Rng(7)
+                .values(n * ch[0] * hw[0] * hw[1], 2.0)
+                .into_shape(&[n, ch[0], hw[0], hw[1]])
+                .unwrap();
+            let threads = crate::threads::Threads::new(3).unwrap();
+            let (a, b) = threads.install(|| (run(reference, &x), run(fused, &x)));
+            assert_eq!(a.len(), b.len());
+            assert!(
+                rel_err(&b, &a) < 1e-5,
+                "{ch:?} at {hw:?}: {}",
+                rel_err(&b, &a)
+            );
+        }
+    }
+
+    #[test]
+    fn leaves_blocks_whose_inner_tensors_are_read_elsewhere() {
+        let mut model = block(1, [4, 8, 4], [8, 8], None);
+        // The expansion's ReLU also becomes a graph output.
+        let relu = model
+            .nodes
+            .iter()
+            .find(|n| n.name.starts_with("relu"))
+            .unwrap()
+            .id;
+        let mut outputs = model.outputs.clone();
+        outputs.push(OutletId::new(relu, 0));
+        model.select_output_outlets(&outputs).unwrap();
+        assert_eq!(rewrite(&mut model).unwrap(), 0);
+    }
+}
