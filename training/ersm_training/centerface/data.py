@@ -72,6 +72,15 @@ def clip_frames(root, name, every):
         i += 1
 
 
+def zoomed(rng, rgb):
+    """A 4:3 window of `rgb` (a 640×480 frame) 1.5–3× smaller, stretched
+    back to 640×480: the texture of a scene at the scale a camera sees it."""
+    z = rng.uniform(1.5, 3.0)
+    w, h = int(W / z), int(H / z)
+    x, y = rng.randint(0, W - w), rng.randint(0, H - h)
+    return cv2.resize(rgb[y:y + h, x:x + w], (W, H), interpolation=cv2.INTER_LINEAR)
+
+
 def composite(rng, background, faces, count):
     """`background` (a wallpaper, cropped to 4:3) with `count` face patches
     pasted at random places and sizes; faces: (rgb, box) from teacher

@@ -45,6 +45,9 @@ def main():
     ap.add_argument("--out", required=True)
     ap.add_argument("--composites", type=int, default=1000)
     ap.add_argument("--negatives", type=int, default=600)
+    ap.add_argument("--crops", type=int, default=0,
+                    help="frames cut from faceless photos at 1.5-3x zoom: camera-scale texture, where "
+                         "a head trained on whole photos and wallpapers keeps too much")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
     os.makedirs(args.out, exist_ok=True)
@@ -98,6 +101,12 @@ def main():
     for key, bg in rng.sample(backgrounds, min(args.negatives - args.negatives // 2, len(backgrounds))):
         rgb = data.stretch(bg)
         add(key, "empty", rgb, run(sess, rgb))
+    for i in range(args.crops):
+        key, rgb = empty[rng.randrange(len(empty))]
+        rgb = data.zoomed(rng, rgb)
+        add(f"crop{i}:{key}", "crop", rgb, run(sess, rgb))
+    if args.crops:
+        print(f"crops of photos without faces: {args.crops}", flush=True)
     split = np.array([data.validation(k.split(":")[-1]) for k in keys])
     np.savez(os.path.join(args.out, "frames.npz"), frames=np.stack(frames), keys=np.array(keys),
              kinds=np.array(kinds), validation=split)
