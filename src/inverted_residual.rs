@@ -1,6 +1,7 @@
-//! MobileNetV2's stride-2 inverted-residual block — 1×1 expansion, ReLU,
-//! 3×3 depthwise conv at stride 2, ReLU, 1×1 projection — as one op of
-//! tract's nets, run row by row so the expanded tensor never leaves cache.
+//! MobileNetV2's inverted-residual block — 1×1 expansion, ReLU, 3×3
+//! depthwise conv at stride 2 or 1, ReLU, 1×1 projection, and the residual
+//! add of a stride-1 block — as one op of tract's nets, run row by row so
+//! the expanded tensor never leaves cache.
 //!
 //! At CenterFace's 640×480 the first such block expands 16 channels to 96 at
 //! 240×320: a 29.5 MB tensor that tract writes, packs, reads for the
@@ -10,9 +11,11 @@
 //! rows). Here each output row needs three expanded input rows: they are
 //! computed as they come (a matrix product per row, bias and activation in
 //! the same pass, then split by column parity as
-//! [`crate::strided_depthwise`] does), kept in a ring of three, and the
-//! depthwise rows go to the projection two output rows at a time. Values
-//! equal tract's to rounding (the products sum in another order).
+//! [`crate::strided_depthwise`] does at stride 2, or padded at stride 1),
+//! kept in a ring of three, and the depthwise rows go to the projection two
+//! output rows at a time (the block's input rows added after it when the
+//! block is residual). Values equal tract's to rounding (the products sum
+//! in another order).
 
 use crate::strided_depthwise::{accumulate_taps, split_row};
 use anyhow::Result;
@@ -24,9 +27,10 @@ use tract_core::ops::nn::DataFormat;
 /// Output rows per projection product.
 const ROWS: usize = 2;
 
-/// Replaces every f32 chain 1×1 conv → ReLU(6) → 3×3 stride-2 depthwise conv
-/// → ReLU(6) → 1×1 conv of `model` whose inner tensors nothing else reads by
-/// one [`InvertedResidual`]; returns how many.
+/// Replaces every f32 chain 1×1 conv → ReLU(6) → 3×3 depthwise conv (stride
+/// 2 or 1) → ReLU(6) → 1×1 conv (→ an add of the chain's input) of `model`
+/// whose inner tensors nothing else reads by one [`InvertedResidual`];
+/// returns how many.
 pub fn rewrite(model: &mut TypedModel) -> Result<usize> {
     let mut found = Vec::new();
     for id in 0..model.nodes.len() {
@@ -54,17 +58,19 @@ pub fn rewrite(model: &mut TypedModel) -> Result<usize> {
         }
         let name = format!("{}.fused", p.name);
         let out = patch.wire_node(name, c.op.clone(), &taps)?;
-        patch.shunt_outside(model, OutletId::new(c.project, 0), out[0])?;
+        patch.shunt_outside(model, OutletId::new(c.last, 0), out[0])?;
         patch.apply(model)?;
     }
     Ok(found.len())
 }
 
-/// One block found: its three convs' nodes and the op that replaces them.
+/// One block found: its three convs' nodes, the node whose output the op
+/// takes over (the projection or the residual add), and the op.
 struct Chain {
     expand: usize,
     depthwise: usize,
     project: usize,
+    last: usize,
     op: InvertedResidual,
 }
 
@@ -85,7 +91,7 @@ fn chain(model: &TypedModel, id: usize) -> Result<Option<Chain>> {
         || spec.data_format != DataFormat::NCHW
         || conv.kernel_fmt != KernelFormat::OIHW
         || spec.kernel_shape.as_slice() != [3, 3]
-        || *spec.strides() != [2, 2][..]
+        || !(*spec.strides() == [2, 2][..] || *spec.strides() == [1, 1][..])
         || *spec.dilations() != [1, 1][..]
         || conv.group != ce
         || spec.input_channels != ce
@@ -125,17 +131,34 @@ fn chain(model: &TypedModel, id: usize) -> Result<Option<Chain>> {
     if oh == 0 || ow == 0 || out != Some(&[input[0], cp, oh, ow]) {
         return Ok(None);
     }
+    let stride = spec.strides()[0];
+    // A stride-1 block whose projection's only reader adds the block's input.
+    let x = model.nodes[expand].inputs[0];
+    let residual = (stride == 1 && cp == cin && [oh, ow] == [h, w] && single_use(model, id))
+        .then(|| model.nodes[id].outputs[0].successors[0].node)
+        .filter(|&add| {
+            let node = &model.nodes[add];
+            node.op_as::<TypedBinOp>().is_some()
+                && node.op().name() == "Add"
+                && node.inputs.len() == 2
+                && node.inputs.contains(&x)
+                && node.inputs.contains(&OutletId::new(id, 0))
+                && node.outputs[0].fact.shape.as_concrete() == Some(&[input[0], cp, oh, ow])
+        });
     let op = InvertedResidual {
         channels: [cin, ce, cp],
         input: [h, w],
         output: [oh, ow],
+        stride,
         pad: [padding[0].pad_before, padding[1].pad_before],
         caps: [act1, act2],
+        residual: residual.is_some(),
     };
     Ok(Some(Chain {
         expand,
         depthwise: after_dw,
         project: id,
+        last: residual.unwrap_or(id),
         op,
     }))
 }
@@ -218,28 +241,38 @@ pub struct InvertedResidual {
     channels: [usize; 3],
     input: [usize; 2],
     output: [usize; 2],
+    /// The depthwise conv's stride, 1 or 2 (both axes).
+    stride: usize,
     /// The depthwise conv's top and left padding.
     pad: [usize; 2],
     /// After the expansion and after the depthwise conv: the bits of the
     /// ReLU's upper bound, `u32::MAX` for none.
     caps: [u32; 2],
+    /// Whether the block's input is added to its output.
+    residual: bool,
 }
 
 impl Op for InvertedResidual {
     fn name(&self) -> StaticName {
-        "ErsmInvertedResidualS2".into()
+        "ErsmInvertedResidual".into()
     }
 
     fn info(&self) -> TractResult<Vec<String>> {
-        Ok(vec![format!("{:?} at {:?}", self.channels, self.input)])
+        Ok(vec![format!(
+            "{:?} at {:?}, stride {}{}",
+            self.channels,
+            self.input,
+            self.stride,
+            if self.residual { ", residual" } else { "" }
+        )])
     }
 
     op_as_typed_op!();
 }
 
-/// Per-thread scratch: the ring of expanded rows (split by column parity),
-/// one expanded row before its split, and the depthwise rows awaiting the
-/// projection.
+/// Per-thread scratch: the ring of expanded rows (split by column parity at
+/// stride 2, padded at stride 1), one expanded row before that, and the
+/// depthwise rows awaiting the projection.
 struct Scratch {
     raw: Vec<f32>,
     padded: Vec<f32>,
@@ -251,6 +284,12 @@ struct Scratch {
 }
 
 impl InvertedResidual {
+    /// Values per channel row of a ring slot: the parity split's even half
+    /// at stride 2, the padded row at stride 1.
+    fn slot_len(&self) -> usize {
+        self.output[1] + if self.stride == 2 { 1 } else { 2 }
+    }
+
     fn cap(bits: u32) -> f32 {
         if bits == u32::MAX {
             f32::INFINITY
@@ -285,7 +324,9 @@ impl InvertedResidual {
                 // The three input rows of this output row, in the ring.
                 let mut slots = [None; 3];
                 for (ky, slot) in slots.iter_mut().enumerate() {
-                    let Some(y) = (2 * y_out + ky).checked_sub(self.pad[0]).filter(|&y| y < h)
+                    let Some(y) = (self.stride * y_out + ky)
+                        .checked_sub(self.pad[0])
+                        .filter(|&y| y < h)
                     else {
                         continue;
                     };
@@ -301,10 +342,16 @@ impl InvertedResidual {
                     row.fill(bd[c]);
                     for (ky, slot) in slots.iter().enumerate() {
                         let Some(at) = slot else { continue };
-                        let a = &s.a[(at * ce + c) * (ow + 1)..(at * ce + c + 1) * (ow + 1)];
-                        let b = &s.b[(at * ce + c) * ow..(at * ce + c + 1) * ow];
+                        let la = self.slot_len();
+                        let a = &s.a[(at * ce + c) * la..(at * ce + c + 1) * la];
                         let k = &wd[c * 9 + 3 * ky..c * 9 + 3 * ky + 3];
-                        accumulate_taps(row, a, b, [k[0], k[1], k[2]]);
+                        let k = [k[0], k[1], k[2]];
+                        if self.stride == 2 {
+                            let b = &s.b[(at * ce + c) * ow..(at * ce + c + 1) * ow];
+                            accumulate_taps(row, a, b, k);
+                        } else {
+                            accumulate_taps_s1(row, a, k);
+                        }
                     }
                     for v in row.iter_mut() {
                         *v = v.max(0.0).min(cap2);
@@ -339,6 +386,18 @@ impl InvertedResidual {
                     (oh * ow) as isize,
                     1,
                 );
+            }
+            if self.residual {
+                // Same shape as the input: add the block's input rows.
+                for c in 0..cp {
+                    let from = c * h * iw + oy * ow;
+                    let xs = &x[from..from + count * ow];
+                    // SAFETY: the rows just written above, inside `out`.
+                    let ys = unsafe {
+                        std::slice::from_raw_parts_mut(out.add(dst + c * oh * ow), count * ow)
+                    };
+                    ys.iter_mut().zip(xs).for_each(|(y, &v)| *y += v);
+                }
             }
             oy += count;
         }
@@ -386,10 +445,48 @@ impl InvertedResidual {
             for v in row.iter_mut() {
                 *v = (*v + bias).max(0.0).min(cap);
             }
-            let a = &mut s.a[(at * ce + c) * (ow + 1)..(at * ce + c + 1) * (ow + 1)];
-            let b = &mut s.b[(at * ce + c) * ow..(at * ce + c + 1) * ow];
-            split_row(row, self.pad[1], &mut s.padded, a, b);
+            let la = self.slot_len();
+            let a = &mut s.a[(at * ce + c) * la..(at * ce + c + 1) * la];
+            if self.stride == 2 {
+                let b = &mut s.b[(at * ce + c) * ow..(at * ce + c + 1) * ow];
+                split_row(row, self.pad[1], &mut s.padded, a, b);
+            } else {
+                // a[i] is input column i - pad_left, zero in the padding.
+                let pl = self.pad[1].min(la);
+                let n = row.len().min(la - pl);
+                a[..pl].fill(0.0);
+                a[pl..pl + n].copy_from_slice(&row[..n]);
+                a[pl + n..].fill(0.0);
+            }
         }
+    }
+}
+
+/// One tap row of a stride-1 3×3 conv into an output row, on a padded row:
+/// `out[i] = out[i] + k0·a[i] + k1·a[i + 1] + k2·a[i + 2]`.
+fn accumulate_taps_s1(out: &mut [f32], a: &[f32], k: [f32; 3]) {
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx") {
+        // SAFETY: the feature was just detected.
+        return unsafe { accumulate_taps_s1_avx(out, a, k) };
+    }
+    accumulate_taps_s1_any(out, a, k)
+}
+
+/// [`accumulate_taps_s1`] compiled for AVX.
+///
+/// # Safety
+/// The CPU must support AVX.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx")]
+unsafe fn accumulate_taps_s1_avx(out: &mut [f32], a: &[f32], k: [f32; 3]) {
+    accumulate_taps_s1_any(out, a, k)
+}
+
+#[inline(always)]
+fn accumulate_taps_s1_any(out: &mut [f32], a: &[f32], [k0, k1, k2]: [f32; 3]) {
+    for (((o, &a0), &a1), &a2) in out.iter_mut().zip(a).zip(&a[1..]).zip(&a[2..]) {
+        *o = *o + k0 * a0 + k1 * a1 + k2 * a2;
     }
 }
 
@@ -418,7 +515,7 @@ impl EvalOp for InvertedResidual {
         let shape = inputs[0].shape().to_vec();
         anyhow::ensure!(
             shape.len() == 4 && shape[1..] == [cin, h, w],
-            "ErsmInvertedResidualS2: input {shape:?}, built for [n, {cin}, {h}, {w}]"
+            "ErsmInvertedResidual: input {shape:?}, built for [n, {cin}, {h}, {w}]"
         );
         let views = inputs
             .iter()
@@ -448,7 +545,7 @@ impl EvalOp for InvertedResidual {
             let mut s = Scratch {
                 raw: vec![0.0; ce * w],
                 padded: vec![0.0; 2 * (ow + 1)],
-                a: vec![0.0; 3 * ce * (ow + 1)],
+                a: vec![0.0; 3 * ce * self.slot_len()],
                 b: vec![0.0; 3 * ce * ow],
                 slot_row: [None; 3],
                 dw: vec![0.0; ce * ROWS * ow],
@@ -473,7 +570,7 @@ impl TypedOp for InvertedResidual {
         let mut shape = inputs[0].shape.to_tvec();
         anyhow::ensure!(
             shape.len() == 4,
-            "ErsmInvertedResidualS2 reads a rank-4 input"
+            "ErsmInvertedResidual reads a rank-4 input"
         );
         shape[1] = self.channels[2].to_dim();
         shape[2] = self.output[0].to_dim();
@@ -569,21 +666,28 @@ mod tests {
             .unwrap()[0]
     }
 
-    /// expand → act → depthwise stride 2 → act → project (→ a ReLU after it).
+    /// expand → act → depthwise → act → project (→ + input) → a ReLU.
     fn block(
         n: usize,
         [cin, ce, cp]: [usize; 3],
         [h, w]: [usize; 2],
         cap: Option<f32>,
+        stride: usize,
+        residual: bool,
     ) -> TypedModel {
         let mut rng = Rng((cin * ce * cp * h * w) as u64);
         let mut model = TypedModel::default();
         let x = model.add_source("x", f32::fact([n, cin, h, w])).unwrap();
         let y = conv(&mut model, x, &mut rng, [cin, ce, 1, 1, 1, 0]);
         let y = act(&mut model, y, cap);
-        let y = conv(&mut model, y, &mut rng, [ce, ce, 3, 2, ce, 1]);
+        let y = conv(&mut model, y, &mut rng, [ce, ce, 3, stride, ce, 1]);
         let y = act(&mut model, y, cap);
-        let y = conv(&mut model, y, &mut rng, [ce, cp, 1, 1, 1, 0]);
+        let mut y = conv(&mut model, y, &mut rng, [ce, cp, 1, 1, 1, 0]);
+        if residual {
+            y = model
+                .wire_node("add", tract_core::ops::math::add(), &[x, y])
+                .unwrap()[0];
+        }
         let y = act(&mut model, y, None);
         model.select_output_outlets(&[y]).unwrap();
         model
@@ -604,18 +708,31 @@ mod tests {
 
     #[test]
     fn equals_tracts_convs_to_rounding() {
-        // Odd and even sizes, one and several bands, ReLU and ReLU6, batches,
-        // and a pool of three threads.
-        for (n, ch, hw, cap) in [
-            (1, [16, 96, 24], [24, 32], None),
-            (1, [8, 48, 16], [17, 23], Some(6.0)),
-            (2, [4, 12, 8], [9, 10], None),
-            (1, [3, 6, 5], [2, 3], Some(6.0)),
-            (1, [8, 24, 8], [40, 12], None),
+        // Strides 2 and 1 (with and without the residual add), odd and even
+        // sizes, one and several bands, ReLU and ReLU6, batches, and a pool
+        // of three threads.
+        for (n, ch, hw, cap, stride, residual) in [
+            (1, [16, 96, 24], [24, 32], None, 2, false),
+            (1, [8, 48, 16], [17, 23], Some(6.0), 2, false),
+            (2, [4, 12, 8], [9, 10], None, 2, false),
+            (1, [3, 6, 5], [2, 3], Some(6.0), 2, false),
+            (1, [8, 24, 8], [40, 12], None, 2, false),
+            (1, [24, 144, 24], [20, 16], None, 1, true),
+            (2, [8, 48, 8], [17, 11], Some(6.0), 1, true),
+            (1, [8, 32, 12], [21, 9], Some(6.0), 1, false),
+            (1, [4, 8, 4], [1, 1], None, 1, true),
         ] {
-            let reference = block(n, ch, hw, cap);
+            let case = format!("{ch:?} at {hw:?}, stride {stride}, residual {residual}");
+            let reference = block(n, ch, hw, cap, stride, residual);
             let mut fused = reference.clone();
-            assert_eq!(rewrite(&mut fused).unwrap(), 1, "{ch:?} at {hw:?}");
+            assert_eq!(rewrite(&mut fused).unwrap(), 1, "{case}");
+            let last = fused
+                .nodes
+                .iter()
+                .rev()
+                .find(|n| n.op_is::<InvertedResidual>());
+            let op = last.unwrap().op_as::<InvertedResidual>().unwrap();
+            assert_eq!(op.residual, residual, "{case}");
             let x = Rng(7)
                 .values(n * ch[0] * hw[0] * hw[1], 2.0)
                 .into_shape(&[n, ch[0], hw[0], hw[1]])
@@ -623,17 +740,13 @@ mod tests {
             let threads = crate::threads::Threads::new(3).unwrap();
             let (a, b) = threads.install(|| (run(reference, &x), run(fused, &x)));
             assert_eq!(a.len(), b.len());
-            assert!(
-                rel_err(&b, &a) < 1e-5,
-                "{ch:?} at {hw:?}: {}",
-                rel_err(&b, &a)
-            );
+            assert!(rel_err(&b, &a) < 1e-5, "{case}: {}", rel_err(&b, &a));
         }
     }
 
     #[test]
     fn leaves_blocks_whose_inner_tensors_are_read_elsewhere() {
-        let mut model = block(1, [4, 8, 4], [8, 8], None);
+        let mut model = block(1, [4, 8, 4], [8, 8], None, 2, false);
         // The expansion's ReLU also becomes a graph output.
         let relu = model
             .nodes

@@ -120,7 +120,7 @@ impl TractNet {
             .to_vec();
         let source = typed.clone();
         let mut typed = typed;
-        // A stride-2 inverted-residual block runs row by row in cache
+        // An inverted-residual block runs row by row in cache
         // (`crate::inverted_residual`), unless `ERSM_FUSED_BLOCKS=0`; any
         // other stride-2 depthwise conv, which tract runs on its scalar path,
         // runs as ersm's kernel with the same bits (`crate::strided_depthwise`),
