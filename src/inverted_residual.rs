@@ -27,14 +27,38 @@ use tract_core::ops::nn::DataFormat;
 /// Output rows per projection product.
 const ROWS: usize = 2;
 
+/// Input width below which a block stays tract's.
+const MIN_WIDTH: usize = 24;
+
+/// Expanded tensor size below which a block stays tract's: about a core's
+/// L2, under which tract's whole-tensor passes are not memory-bound.
+const MIN_EXPANDED_BYTES: usize = 1 << 20;
+
 /// Replaces every f32 chain 1×1 conv → ReLU(6) → 3×3 depthwise conv (stride
 /// 2 or 1) → ReLU(6) → 1×1 conv (→ an add of the chain's input) of `model`
 /// whose inner tensors nothing else reads by one [`InvertedResidual`];
 /// returns how many.
 pub fn rewrite(model: &mut TypedModel) -> Result<usize> {
+    rewrite_from(
+        model,
+        Size {
+            width: MIN_WIDTH,
+            bytes: MIN_EXPANDED_BYTES,
+        },
+    )
+}
+
+/// The smallest block [`rewrite`] takes: input width and expanded bytes.
+#[derive(Clone, Copy)]
+struct Size {
+    width: usize,
+    bytes: usize,
+}
+
+fn rewrite_from(model: &mut TypedModel, min: Size) -> Result<usize> {
     let mut found = Vec::new();
     for id in 0..model.nodes.len() {
-        if let Some(chain) = chain(model, id)? {
+        if let Some(chain) = chain(model, id, min)? {
             found.push(chain);
         }
     }
@@ -75,7 +99,7 @@ struct Chain {
 }
 
 /// The block ending at node `id` (its projection), if the graph has one there.
-fn chain(model: &TypedModel, id: usize) -> Result<Option<Chain>> {
+fn chain(model: &TypedModel, id: usize, min: Size) -> Result<Option<Chain>> {
     let Some((cp, ce)) = pointwise(model, id) else {
         return Ok(None);
     };
@@ -132,6 +156,12 @@ fn chain(model: &TypedModel, id: usize) -> Result<Option<Chain>> {
         return Ok(None);
     }
     let stride = spec.strides()[0];
+    // Small maps stay tract's: their expanded tensor stays in cache anyway,
+    // and a product per row of a few columns costs more than it saves (the
+    // classifier's 14×14 and 7×7 blocks ran 2× slower fused).
+    if w < min.width || ce * h * w * 4 < min.bytes {
+        return Ok(None);
+    }
     // A stride-1 block whose projection's only reader adds the block's input.
     let x = model.nodes[expand].inputs[0];
     let residual = (stride == 1 && cp == cin && [oh, ow] == [h, w] && single_use(model, id))
@@ -596,6 +626,9 @@ impl TypedOp for InvertedResidual {
 mod tests {
     use super::*;
 
+    /// Every block, whatever its size.
+    const ANY: Size = Size { width: 0, bytes: 0 };
+
     struct Rng(u64);
 
     impl Rng {
@@ -725,7 +758,7 @@ mod tests {
             let case = format!("{ch:?} at {hw:?}, stride {stride}, residual {residual}");
             let reference = block(n, ch, hw, cap, stride, residual);
             let mut fused = reference.clone();
-            assert_eq!(rewrite(&mut fused).unwrap(), 1, "{case}");
+            assert_eq!(rewrite_from(&mut fused, ANY).unwrap(), 1, "{case}");
             let last = fused
                 .nodes
                 .iter()
@@ -757,6 +790,17 @@ mod tests {
         let mut outputs = model.outputs.clone();
         outputs.push(OutletId::new(relu, 0));
         model.select_output_outlets(&outputs).unwrap();
-        assert_eq!(rewrite(&mut model).unwrap(), 0);
+        assert_eq!(rewrite_from(&mut model, ANY).unwrap(), 0);
+    }
+
+    #[test]
+    fn small_maps_stay_tracts_and_large_ones_are_fused() {
+        // MobileNetV2's 7×7 and 14×14 blocks, then CenterFace's 120×160.
+        let mut small = block(1, [160, 960, 160], [7, 7], Some(6.0), 1, true);
+        assert_eq!(rewrite(&mut small).unwrap(), 0);
+        let mut narrow = block(1, [64, 384, 64], [14, 14], Some(6.0), 1, true);
+        assert_eq!(rewrite(&mut narrow).unwrap(), 0);
+        let mut large = block(1, [24, 144, 24], [120, 160], None, 1, true);
+        assert_eq!(rewrite(&mut large).unwrap(), 1);
     }
 }
