@@ -520,21 +520,6 @@ fn accumulate_taps_s1_any(out: &mut [f32], a: &[f32], [k0, k1, k2]: [f32; 3]) {
     }
 }
 
-/// The output tensor's base pointer, shared by the threads that each write
-/// their own rows.
-#[derive(Clone, Copy)]
-struct OutPtr(*mut f32);
-// SAFETY: every band writes only its own output rows (see `band`).
-unsafe impl Send for OutPtr {}
-unsafe impl Sync for OutPtr {}
-
-impl OutPtr {
-    /// The pointer (a method, so closures capture the whole `Sync` wrapper).
-    fn get(self) -> *mut f32 {
-        self.0
-    }
-}
-
 impl EvalOp for InvertedResidual {
     op_out_of_plan!();
 
@@ -562,7 +547,7 @@ impl EvalOp for InvertedResidual {
         // SAFETY: f32 has no invalid bit patterns, and every output row is
         // written (filled with its bias, then accumulated) by one band.
         let mut out = unsafe { Tensor::uninitialized::<f32>(&[n, cp, oh, ow])? };
-        let base = OutPtr(
+        let base = crate::threads::SendPtr(
             out.try_as_plain_ram_mut()?
                 .as_slice_mut::<f32>()?
                 .as_mut_ptr(),

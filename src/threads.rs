@@ -109,15 +109,17 @@ fn pool_threads() -> usize {
 }
 
 /// A raw pointer that may cross to the team's threads: each touches only
-/// the chunk it claimed.
+/// the part it claimed (a chunk of `par_rows`, a band of rows).
 #[derive(Clone, Copy)]
-struct SendPtr(*mut f32);
-// SAFETY: see `par_rows`: disjoint chunks, and the caller waits for all.
+pub(crate) struct SendPtr(pub(crate) *mut f32);
+// SAFETY: every user writes disjoint parts through it, and waits for all
+// (`par_rows`: disjoint chunks).
 unsafe impl Send for SendPtr {}
 unsafe impl Sync for SendPtr {}
 
 impl SendPtr {
-    fn get(self) -> *mut f32 {
+    /// The pointer (a method, so closures capture the whole `Sync` wrapper).
+    pub(crate) fn get(self) -> *mut f32 {
         self.0
     }
 }
