@@ -12,6 +12,7 @@ use crate::sparse::launch::{Family, Kernel, KernelArgs, StepIo};
 use crate::sparse::rulebook::{Rulebook, Window};
 use crate::sparse::tokens::DROPPED;
 use crate::sparse::{buffers::Buffers, frame::Frame, value::Shape, value::Value};
+use crate::threads::par_rows;
 use anyhow::{ensure, Result};
 use std::borrow::Cow;
 
@@ -79,13 +80,21 @@ pub fn emit(n: &mut OnnxNode<'_>, kind: BinaryKind, x: Tensor, y: Tensor) -> Res
 }
 
 impl MergeBinary {
-    /// Operand `k`'s value in channel `ch` of the output row whose row in
-    /// that operand the rulebook gives (`DROPPED`: none).
+    /// Operand `k`'s channels for output row `r`: its row in that operand,
+    /// which the rulebook gives, or where it has none (`DROPPED`) its fill
+    /// vector, else `zeros`.
     #[inline]
-    fn operand(&self, k: usize, rows: &[f32], rb: &Rulebook, r: usize, ch: usize) -> f32 {
+    fn operand<'a>(
+        &'a self,
+        k: usize,
+        rows: &'a [f32],
+        rb: &Rulebook,
+        r: usize,
+        zeros: &'a [f32],
+    ) -> &'a [f32] {
         match rb.row(r)[0] {
-            i if i < DROPPED => rows[i as usize * self.c + ch],
-            _ => self.fills[k].as_ref().map_or(0.0, |f| f[ch]),
+            i if i < DROPPED => &rows[i as usize * self.c..(i as usize + 1) * self.c],
+            _ => self.fills[k].as_deref().unwrap_or(zeros),
         }
     }
 }
@@ -115,16 +124,21 @@ impl Op for MergeBinary {
         );
         let rows = frame.sets[self.out_level].len();
         let mut y = bufs.take(rows * self.c);
-        for (r, out) in y.chunks_exact_mut(self.c).enumerate() {
-            for (ch, o) in out.iter_mut().enumerate() {
-                let a = self.operand(0, &inputs[0].data, ra, r, ch);
-                let b = self.operand(1, &inputs[1].data, rb, r, ch);
-                *o = match self.kind {
-                    BinaryKind::Add => a + b,
-                    BinaryKind::Mul => a * b,
-                };
+        let zeros = vec![0.0; self.c];
+        let (xa, xb) = (&inputs[0].data, &inputs[1].data);
+        // Each operand's row (or fill) is found once per output row, then the
+        // channels combine in one pass; rows split across the run's threads.
+        par_rows(&mut y, self.c, 256, |first, chunk| {
+            for (i, out) in chunk.chunks_exact_mut(self.c).enumerate() {
+                let a = self.operand(0, xa, ra, first + i, &zeros);
+                let b = self.operand(1, xb, rb, first + i, &zeros);
+                let pairs = out.iter_mut().zip(a.iter().zip(b));
+                match self.kind {
+                    BinaryKind::Add => pairs.for_each(|(o, (&a, &b))| *o = a + b),
+                    BinaryKind::Mul => pairs.for_each(|(o, (&a, &b))| *o = a * b),
+                }
             }
-        }
+        });
         Ok(Value::tokens(self.out_level, self.c, y))
     }
 
