@@ -17,7 +17,7 @@
 //! block is residual). Values equal tract's to rounding (the products sum
 //! in another order).
 
-use crate::strided_depthwise::{accumulate_taps, split_row};
+use crate::strided_depthwise::{accumulate_taps, depthwise_3x3, split_row};
 use anyhow::Result;
 use tract_core::internal::*;
 use tract_core::ops::binary::TypedBinOp;
@@ -106,32 +106,13 @@ fn chain(model: &TypedModel, id: usize, min: Size) -> Result<Option<Chain>> {
     let Some((after_dw, act2)) = activation(model, model.nodes[id].inputs[0].node) else {
         return Ok(None);
     };
-    let dw = &model.nodes[after_dw];
-    let Some(conv) = dw.op_as::<Conv>() else {
+    let Some(d) = depthwise_3x3(model, after_dw)? else {
         return Ok(None);
     };
-    let spec = &conv.pool_spec;
-    if conv.q_params.is_some()
-        || spec.data_format != DataFormat::NCHW
-        || conv.kernel_fmt != KernelFormat::OIHW
-        || spec.kernel_shape.as_slice() != [3, 3]
-        || !(*spec.strides() == [2, 2][..] || *spec.strides() == [1, 1][..])
-        || *spec.dilations() != [1, 1][..]
-        || conv.group != ce
-        || spec.input_channels != ce
-        || spec.output_channels != ce
-        || dw.inputs.len() != 3
-        || !single_use(model, after_dw)
-    {
+    if d.channels != ce || !single_use(model, after_dw) {
         return Ok(None);
     }
-    let dw_facts = model.node_input_facts(after_dw)?;
-    if dw_facts.iter().any(|f| f.datum_type != f32::datum_type())
-        || dw_facts[1].shape.as_concrete() != Some(&[ce, 1, 3, 3])
-        || dw_facts[2].shape.volume() != ce.to_dim()
-    {
-        return Ok(None);
-    }
+    let dw = &model.nodes[after_dw];
     let Some((expand, act1)) = activation(model, dw.inputs[0].node) else {
         return Ok(None);
     };
@@ -141,21 +122,14 @@ fn chain(model: &TypedModel, id: usize, min: Size) -> Result<Option<Chain>> {
     if ce2 != ce || !single_use(model, expand) {
         return Ok(None);
     }
-    let facts = model.node_input_facts(expand)?;
-    let Some(input) = facts[0].shape.as_concrete() else {
-        return Ok(None);
-    };
-    if input.len() != 4 || input[1] != cin || facts[0].datum_type != f32::datum_type() {
-        return Ok(None);
-    }
-    let (h, w) = (input[2], input[3]);
-    let padding = spec.computed_padding(&[h, w]);
-    let (oh, ow) = (padding[0].convoluted, padding[1].convoluted);
+    // The expansion's input has the depthwise conv's input size (both 1×1).
+    let input = model.node_input_facts(expand)?[0].shape.as_concrete();
+    let [h, w] = d.input;
+    let [oh, ow] = d.output;
     let out = model.nodes[id].outputs[0].fact.shape.as_concrete();
-    if oh == 0 || ow == 0 || out != Some(&[input[0], cp, oh, ow]) {
+    if input != Some(&[d.batch, cin, h, w]) || out != Some(&[d.batch, cp, oh, ow]) {
         return Ok(None);
     }
-    let stride = spec.strides()[0];
     // Small maps stay tract's: their expanded tensor stays in cache anyway,
     // and a product per row of a few columns costs more than it saves (the
     // classifier's 14×14 and 7×7 blocks ran 2× slower fused).
@@ -164,7 +138,7 @@ fn chain(model: &TypedModel, id: usize, min: Size) -> Result<Option<Chain>> {
     }
     // A stride-1 block whose projection's only reader adds the block's input.
     let x = model.nodes[expand].inputs[0];
-    let residual = (stride == 1 && cp == cin && [oh, ow] == [h, w] && single_use(model, id))
+    let residual = (d.stride == 1 && cp == cin && [oh, ow] == [h, w] && single_use(model, id))
         .then(|| model.nodes[id].outputs[0].successors[0].node)
         .filter(|&add| {
             let node = &model.nodes[add];
@@ -173,14 +147,14 @@ fn chain(model: &TypedModel, id: usize, min: Size) -> Result<Option<Chain>> {
                 && node.inputs.len() == 2
                 && node.inputs.contains(&x)
                 && node.inputs.contains(&OutletId::new(id, 0))
-                && node.outputs[0].fact.shape.as_concrete() == Some(&[input[0], cp, oh, ow])
+                && node.outputs[0].fact.shape.as_concrete() == Some(&[d.batch, cp, oh, ow])
         });
     let op = InvertedResidual {
         channels: [cin, ce, cp],
         input: [h, w],
         output: [oh, ow],
-        stride,
-        pad: [padding[0].pad_before, padding[1].pad_before],
+        stride: d.stride,
+        pad: d.pad,
         caps: [act1, act2],
         residual: residual.is_some(),
     };
@@ -561,7 +535,8 @@ impl EvalOp for InvertedResidual {
                 raw: vec![0.0; ce * w],
                 padded: vec![0.0; 2 * (ow + 1)],
                 a: vec![0.0; 3 * ce * self.slot_len()],
-                b: vec![0.0; 3 * ce * ow],
+                // The odd half of the parity split: stride 2 only.
+                b: vec![0.0; if self.stride == 2 { 3 * ce * ow } else { 0 }],
                 slot_row: [None; 3],
                 dw: vec![0.0; ce * ROWS * ow],
             };

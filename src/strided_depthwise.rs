@@ -35,17 +35,45 @@ pub fn rewrite(model: &mut TypedModel) -> Result<usize> {
 
 /// The op for node `id` when it is a conv this module runs.
 fn replacement(model: &TypedModel, id: usize) -> Result<Option<StridedDepthwise>> {
+    Ok(depthwise_3x3(model, id)?
+        .filter(|d| d.stride == 2)
+        .map(|d| StridedDepthwise {
+            channels: d.channels,
+            input: d.input,
+            output: d.output,
+            pad: d.pad,
+        }))
+}
+
+/// A 3×3 depthwise conv node as ersm's ops run it ([`depthwise_3x3`]).
+pub(crate) struct Depthwise3x3 {
+    pub(crate) channels: usize,
+    /// Both axes' stride, 1 or 2.
+    pub(crate) stride: usize,
+    /// The input's batch size.
+    pub(crate) batch: usize,
+    pub(crate) input: [usize; 2],
+    pub(crate) output: [usize; 2],
+    /// Top and left padding.
+    pub(crate) pad: [usize; 2],
+}
+
+/// Node `id` when it is an f32 3×3 depthwise conv at stride 1 or 2 on both
+/// axes, channels first, no dilation, fixed shapes, with its OIHW kernel
+/// `[c, 1, 3, 3]` and bias `[c]` as inputs 1 and 2.
+pub(crate) fn depthwise_3x3(model: &TypedModel, id: usize) -> Result<Option<Depthwise3x3>> {
     let node = &model.nodes[id];
     let Some(conv) = node.op_as::<Conv>() else {
         return Ok(None);
     };
     let spec = &conv.pool_spec;
     let c = spec.input_channels;
+    let strides = spec.strides();
     if conv.q_params.is_some()
         || spec.data_format != DataFormat::NCHW
         || conv.kernel_fmt != KernelFormat::OIHW
         || spec.kernel_shape.as_slice() != [3, 3]
-        || *spec.strides() != [2, 2][..]
+        || !(*strides == [2, 2][..] || *strides == [1, 1][..])
         || *spec.dilations() != [1, 1][..]
         || conv.group != c
         || spec.output_channels != c
@@ -81,8 +109,10 @@ fn replacement(model: &TypedModel, id: usize) -> Result<Option<StridedDepthwise>
     if output != [input[0], c, oh, ow] {
         return Ok(None);
     }
-    Ok(Some(StridedDepthwise {
+    Ok(Some(Depthwise3x3 {
         channels: c,
+        stride: strides[0],
+        batch: input[0],
         input: [h, w],
         output: [oh, ow],
         pad: [pt, pl],
