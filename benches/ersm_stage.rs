@@ -64,6 +64,7 @@ fn main() {
                 cout: c,
                 k: 3,
                 groups: 1,
+                dilation: 1,
                 weight: (0..c * c * 9)
                     .map(|k| ((k + i) as f32 * 0.37).sin() / (c as f32 * 3.0))
                     .collect(),

@@ -108,9 +108,29 @@ fn specs(rng: &mut Lcg, c: usize) -> Vec<EnergySpec> {
             b2: -0.1,
         }),
     };
+    // A wider view: depthwise-separable convs with taps 2 and 4 apart.
+    let dilated = UnaryHead::Conv {
+        layers: vec![
+            dilated_conv(rng, c, c, 3, c, false, 2),
+            random_conv(rng, c, c, 1, 1, true),
+            dilated_conv(rng, c, c, 3, c, false, 4),
+            random_conv(rng, c, 8, 1, 1, true),
+        ],
+        head: Box::new(UnaryHead::Linear {
+            w: rng.vec(8, 0.5),
+            b: 0.05,
+        }),
+    };
     vec![
         EnergySpec {
             head: conv,
+            lambda: 0.25,
+            tau: 1.0,
+            steps: 2,
+            neighbourhood: Neighbourhood::Four,
+        },
+        EnergySpec {
+            head: dilated,
             lambda: 0.25,
             tau: 1.0,
             steps: 2,
@@ -155,12 +175,25 @@ fn random_conv(
     groups: usize,
     relu: bool,
 ) -> HeadConv {
+    dilated_conv(rng, cin, cout, k, groups, relu, 1)
+}
+
+fn dilated_conv(
+    rng: &mut Lcg,
+    cin: usize,
+    cout: usize,
+    k: usize,
+    groups: usize,
+    relu: bool,
+    dilation: usize,
+) -> HeadConv {
     let fan_in = (cin / groups * k * k) as f32;
     HeadConv {
         cin,
         cout,
         k,
         groups,
+        dilation,
         weight: rng.vec(cout * (cin / groups) * k * k, 1.0 / fan_in.sqrt()),
         bias: rng.vec(cout, 0.1),
         relu,
@@ -174,6 +207,7 @@ type HeadConvFn = unsafe extern "C" fn(
     i32,
     *const f32,
     *const f32,
+    i32,
     i32,
     i32,
     i32,
@@ -256,9 +290,9 @@ type UnaryCostFn = unsafe extern "C" fn(*const f32, i32, i32, i32, *const f32, i
 fn host_unary_head() -> Option<(HeadConvFn, UnaryCostFn)> {
     let wrapper = r#"
 extern "C" void head_conv_host(const float* in, int cin, int H, int W, const float* w,
-                               const float* b, int cout, int k, int groups, int relu,
+                               const float* b, int cout, int k, int dil, int groups, int relu,
                                float* out, int tid, int nthreads) {
-    ersm_head_conv(in, cin, H, W, w, b, cout, k, groups, relu, out, tid, nthreads);
+    ersm_head_conv(in, cin, H, W, w, b, cout, k, dil, groups, relu, out, tid, nthreads);
 }
 extern "C" float unary_cost_host(const float* hx, int hc, int HW, int i, const float* params,
                                  int hidden) {
@@ -288,17 +322,21 @@ fn head_conv_kernel_source_matches_the_cpu_conv_bit_for_bit() {
         return;
     };
     let mut rng = Lcg(11);
-    // Dense, depthwise, grouped; kernels 1, 3, 5; maps smaller than the kernel.
+    // Dense, depthwise, grouped; kernels 1, 3, 5; maps smaller than the
+    // kernel; taps 2, 4 and 8 apart (the last wider than its map).
     let cases = [
-        (32, 32, 3, 1, 28, 28, true),
-        (32, 32, 3, 32, 28, 28, false),
-        (8, 12, 5, 4, 9, 7, true),
-        (5, 3, 1, 1, 1, 13, true),
-        (6, 6, 5, 6, 2, 2, false),
-        (4, 8, 3, 2, 1, 1, true),
+        (32, 32, 3, 1, 28, 28, true, 1),
+        (32, 32, 3, 32, 28, 28, false, 1),
+        (8, 12, 5, 4, 9, 7, true, 1),
+        (5, 3, 1, 1, 1, 13, true, 1),
+        (6, 6, 5, 6, 2, 2, false, 1),
+        (4, 8, 3, 2, 1, 1, true, 1),
+        (16, 16, 3, 16, 20, 24, false, 2),
+        (8, 4, 3, 1, 15, 11, true, 4),
+        (6, 6, 5, 3, 7, 9, true, 8),
     ];
-    for &(cin, cout, k, groups, h, w, relu) in &cases {
-        let l = random_conv(&mut rng, cin, cout, k, groups, relu);
+    for &(cin, cout, k, groups, h, w, relu, dil) in &cases {
+        let l = dilated_conv(&mut rng, cin, cout, k, groups, relu, dil);
         let x = rng.vec(cin * h * w, 2.0);
         let want = cpu::conv(FeatureMap::new(&x, cin, h, w).unwrap(), &l);
         let mut got = vec![f32::NAN; cout * h * w];
@@ -314,6 +352,7 @@ fn head_conv_kernel_source_matches_the_cpu_conv_bit_for_bit() {
                     l.bias.as_ptr(),
                     cout as i32,
                     k as i32,
+                    dil as i32,
                     groups as i32,
                     i32::from(relu),
                     got.as_mut_ptr(),
@@ -322,7 +361,7 @@ fn head_conv_kernel_source_matches_the_cpu_conv_bit_for_bit() {
                 )
             };
         }
-        assert_eq!(got, want, "{cin}→{cout} k{k} g{groups} on {h}×{w}");
+        assert_eq!(got, want, "{cin}→{cout} k{k} d{dil} g{groups} on {h}×{w}");
     }
 }
 
@@ -372,6 +411,7 @@ fn packed_unary_head_run_as_launched_matches_the_cpu_bit_for_bit() {
                         packed.values[l.bias..].as_ptr(),
                         l.cout as i32,
                         l.k as i32,
+                        l.dilation as i32,
                         l.groups as i32,
                         i32::from(l.relu),
                         out.as_mut_ptr(),

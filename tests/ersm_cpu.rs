@@ -10,7 +10,8 @@ fn naive_unary(x: &[f64], c: usize, h: usize, w: usize, head: &UnaryHead) -> Vec
     if let UnaryHead::Conv { layers, head } = head {
         let (mut map, mut cin) = (x.to_vec(), c);
         for l in layers {
-            let (cin_g, cout_g, r) = (cin / l.groups, l.cout / l.groups, (l.k / 2) as i64);
+            let (cin_g, cout_g) = (cin / l.groups, l.cout / l.groups);
+            let (d, r) = (l.dilation as i64, (l.dilation * (l.k / 2)) as i64);
             let mut out = vec![0.0f64; l.cout * h * w];
             for co in 0..l.cout {
                 for y in 0..h as i64 {
@@ -20,7 +21,7 @@ fn naive_unary(x: &[f64], c: usize, h: usize, w: usize, head: &UnaryHead) -> Vec
                             let ch = co / cout_g * cin_g + ci;
                             for ky in 0..l.k as i64 {
                                 for kx in 0..l.k as i64 {
-                                    let (iy, ix) = (y + ky - r, xx + kx - r);
+                                    let (iy, ix) = (y + d * ky - r, xx + d * kx - r);
                                     if iy < 0 || ix < 0 || iy >= h as i64 || ix >= w as i64 {
                                         continue;
                                     }
@@ -137,8 +138,10 @@ fn head_conv(cin: usize) -> impl Strategy<Value = HeadConv> {
         prop::sample::select(vec![1usize, 3, 5]),
         1usize..4,
         any::<bool>(),
+        // Spacings wider than small maps too: those taps read padding only.
+        prop::sample::select(vec![1usize, 1, 2, 3, 8]),
     )
-        .prop_flat_map(move |(g, k, per_group_out, relu)| {
+        .prop_flat_map(move |(g, k, per_group_out, relu, dilation)| {
             let cout = g * per_group_out;
             (
                 prop::collection::vec(-0.5f32..0.5, cout * (cin / g) * k * k),
@@ -149,6 +152,7 @@ fn head_conv(cin: usize) -> impl Strategy<Value = HeadConv> {
                     cout,
                     k,
                     groups: g,
+                    dilation,
                     weight,
                     bias,
                     relu,

@@ -822,9 +822,50 @@ fn bad_unary_head_convs_are_refused_by_name() {
     });
     assert_contains(&err, &["with 1 conv layers, expected 5 inputs"]);
     let err = load_modified("conv-many", |p| {
-        set_attr(energy_node(p), "convs", None, Some(9))
+        set_attr(energy_node(p), "convs", None, Some(17))
     });
-    assert_contains(&err, &["convs must be between 0 and 8"]);
+    assert_contains(&err, &["convs must be between 0 and 16"]);
+}
+
+fn set_ints(node: &mut NodeProto, name: &str, v: &[i64]) {
+    node.attribute.retain(|a| a.name != name);
+    node.attribute.push(AttributeProto {
+        name: name.into(),
+        r#type: AttributeType::Ints as i32,
+        ints: v.to_vec(),
+        ..Default::default()
+    });
+}
+
+#[test]
+fn a_dilated_unary_head_loads_and_bad_dilations_are_refused() {
+    let mut proto = read_onnx(&Path::new(TINY).join("model.onnx")).unwrap();
+    with_head_convs(&mut proto, 2, &[24, 24, 3, 3]);
+    set_ints(energy_node(&mut proto), "conv_dilations", &[1, 4]);
+    let dir = scratch("conv-head-dilated");
+    std::fs::write(dir.join("model.onnx"), proto.encode_to_vec()).unwrap();
+    let m = ModelPackage::load(&dir).unwrap();
+    assert_eq!(
+        m.energy.head.describe(),
+        "3×3 conv 24→24, 3×3 dilated 4 conv 24→24, then linear"
+    );
+    for (name, v) in [
+        ("short", vec![2]),
+        ("zero", vec![1, 0]),
+        ("wide", vec![65, 1]),
+    ] {
+        let err = load_modified(&format!("conv-dilation-{name}"), |p| {
+            with_head_convs(p, 2, &[24, 24, 3, 3]);
+            set_ints(energy_node(p), "conv_dilations", &v);
+        });
+        assert_contains(
+            &err,
+            &[
+                "EnergyMask node 'ersm'",
+                "conv_dilations must hold 2 values between 1 and 64",
+            ],
+        );
+    }
 }
 
 #[test]

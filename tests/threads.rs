@@ -98,6 +98,7 @@ fn energy_head_convs_split_across_threads_give_identical_energies() {
         cout: c,
         k,
         groups,
+        dilation: 1,
         weight: (0..c * (c / groups) * k * k).map(|_| next()).collect(),
         bias: (0..c).map(|_| next()).collect(),
         relu: true,

@@ -81,7 +81,8 @@ const MIN_CHUNK_MACS: usize = 1 << 20;
 /// dropped. Output planes are independent, so they run in parallel.
 pub fn conv(x: FeatureMap<'_>, l: &HeadConv) -> Vec<f32> {
     let (h, w, hw) = (x.h, x.w, x.h * x.w);
-    let (k, r) = (l.k, l.k / 2);
+    let (k, d) = (l.k, l.dilation);
+    let r = d * (k / 2);
     let (hp, wp) = (h + 2 * r, w + 2 * r);
     let mut padded = vec![0.0f32; l.cin * hp * wp];
     for (c, plane) in padded.chunks_mut(hp * wp).enumerate() {
@@ -90,7 +91,7 @@ pub fn conv(x: FeatureMap<'_>, l: &HeadConv) -> Vec<f32> {
         }
     }
     // Output (y, x) sits at y * wp + x on the padded grid; tap (ky, kx) reads
-    // that index plus ky * wp + kx.
+    // that index plus d * (ky * wp + kx).
     let span = (h - 1) * wp + w;
     let (cin_g, cout_g) = (l.cin / l.groups, l.cout / l.groups);
     let mut out = vec![0.0f32; l.cout * hw];
@@ -106,7 +107,7 @@ pub fn conv(x: FeatureMap<'_>, l: &HeadConv) -> Vec<f32> {
             acc.fill(0.0);
             let inputs = &padded[g * cin_g * hp * wp..][..cin_g * hp * wp];
             let taps = &l.weight[co * cin_g * k * k..][..cin_g * k * k];
-            taps_dispatch(inputs, taps, k, wp, &mut acc);
+            taps_dispatch(inputs, taps, k, d, wp, &mut acc);
             let b = l.bias[co];
             for y in 0..h {
                 for (o, &a) in plane[y * w..][..w].iter_mut().zip(&acc[y * wp..][..w]) {
@@ -123,14 +124,14 @@ pub fn conv(x: FeatureMap<'_>, l: &HeadConv) -> Vec<f32> {
 /// channel, a multiply then an add each (no fused multiply-add, so every
 /// build and the CUDA kernel's source round alike).
 #[inline(always)]
-fn taps_into(inputs: &[f32], taps: &[f32], k: usize, wp: usize, acc: &mut [f32]) {
+fn taps_into(inputs: &[f32], taps: &[f32], k: usize, d: usize, wp: usize, acc: &mut [f32]) {
     let span = acc.len();
     let plane = inputs.len() / (taps.len() / (k * k));
     for (input, taps) in inputs.chunks_exact(plane).zip(taps.chunks_exact(k * k)) {
         for ky in 0..k {
             for kx in 0..k {
                 let wt = taps[ky * k + kx];
-                let src = &input[ky * wp + kx..][..span];
+                let src = &input[d * (ky * wp + kx)..][..span];
                 for (a, &v) in acc.iter_mut().zip(src) {
                     *a += wt * v;
                 }
@@ -146,18 +147,25 @@ fn taps_into(inputs: &[f32], taps: &[f32], k: usize, wp: usize, acc: &mut [f32])
 /// The CPU must support AVX2.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2")]
-unsafe fn taps_into_avx2(inputs: &[f32], taps: &[f32], k: usize, wp: usize, acc: &mut [f32]) {
-    taps_into(inputs, taps, k, wp, acc)
+unsafe fn taps_into_avx2(
+    inputs: &[f32],
+    taps: &[f32],
+    k: usize,
+    d: usize,
+    wp: usize,
+    acc: &mut [f32],
+) {
+    taps_into(inputs, taps, k, d, wp, acc)
 }
 
 /// The widest [`taps_into`] this CPU runs.
-fn taps_dispatch(inputs: &[f32], taps: &[f32], k: usize, wp: usize, acc: &mut [f32]) {
+fn taps_dispatch(inputs: &[f32], taps: &[f32], k: usize, d: usize, wp: usize, acc: &mut [f32]) {
     #[cfg(target_arch = "x86_64")]
     if std::arch::is_x86_feature_detected!("avx2") {
         // SAFETY: AVX2 was just detected.
-        return unsafe { taps_into_avx2(inputs, taps, k, wp, acc) };
+        return unsafe { taps_into_avx2(inputs, taps, k, d, wp, acc) };
     }
-    taps_into(inputs, taps, k, wp, acc)
+    taps_into(inputs, taps, k, d, wp, acc)
 }
 
 /// `σ(−e/τ)`: the probability of keeping a token of energy `e`.

@@ -370,10 +370,17 @@ impl CudaBackend {
         for (i, l) in b.packed.layers.iter().enumerate() {
             let out = csp + (i as u64 & 1) * half;
             let (cin, cout, k, groups) = (l.cin as i32, l.cout as i32, l.k as i32, l.groups as i32);
+            let dil = l.dilation as i32;
             let (wp, bp, relu) = (at(l.weight), at(l.bias), i32::from(l.relu));
             let mut launch = self.stream.launch_builder(&self.head_layer);
             launch.arg(&hx).arg(&cin).arg(&h).arg(&w).arg(&wp).arg(&bp);
-            launch.arg(&cout).arg(&k).arg(&groups).arg(&relu).arg(&out);
+            launch
+                .arg(&cout)
+                .arg(&k)
+                .arg(&dil)
+                .arg(&groups)
+                .arg(&relu)
+                .arg(&out);
             // SAFETY: the arguments match ersm_head_layer's signature; `hx`
             // holds cin × H × W values and `out` (a half of the scratch,
             // sized for the widest layer) cout × H × W; the layer's
@@ -487,6 +494,7 @@ pub struct PackedConv {
     pub cin: usize,
     pub cout: usize,
     pub k: usize,
+    pub dilation: usize,
     pub groups: usize,
     pub relu: bool,
     /// Offset of the weights, then of the bias.
@@ -549,6 +557,7 @@ pub fn pack_head(head: &UnaryHead) -> PackedHead {
                     cin: l.cin,
                     cout: l.cout,
                     k: l.k,
+                    dilation: l.dilation,
                     groups: l.groups,
                     relu: l.relu,
                     weight,

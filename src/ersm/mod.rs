@@ -35,10 +35,15 @@ impl Neighbourhood {
 }
 
 /// Most conv layers a unary head may have.
-pub const MAX_HEAD_CONVS: usize = 8;
+pub const MAX_HEAD_CONVS: usize = 16;
+
+/// Widest tap spacing a head conv may have (a head reads token maps of tens
+/// of tokens; a wider spacing would only read padding).
+pub const MAX_HEAD_DILATION: usize = 64;
 
 /// One conv layer ahead of a per-token unary head: stride 1, a `k × k`
-/// kernel with zero padding `k / 2` (the map keeps its size), `groups` groups.
+/// kernel with taps `dilation` tokens apart and zero padding
+/// `dilation · (k / 2)` (the map keeps its size), `groups` groups.
 #[derive(Clone, Debug, PartialEq)]
 pub struct HeadConv {
     /// Input channels.
@@ -49,6 +54,9 @@ pub struct HeadConv {
     pub k: usize,
     /// Channel groups (1: dense; `cin`: depthwise).
     pub groups: usize,
+    /// Tokens between neighbouring taps (1: a plain conv): a wider view of
+    /// the map for the same multiply-adds.
+    pub dilation: usize,
     /// `cout × (cin / groups) × k × k`, row-major (ONNX's Conv layout).
     pub weight: Vec<f32>,
     /// `cout` values.
@@ -70,6 +78,12 @@ impl HeadConv {
         }
         if !cin.is_multiple_of(g) || !cout.is_multiple_of(g) {
             bail!("conv layer {cin}→{cout}: {g} groups do not divide the channels");
+        }
+        if !(1..=MAX_HEAD_DILATION).contains(&self.dilation) {
+            bail!(
+                "conv layer {cin}→{cout}: dilation {} is outside 1–{MAX_HEAD_DILATION}",
+                self.dilation
+            );
         }
         if self.weight.len() != cout * (cin / g) * k * k || self.bias.len() != cout {
             bail!(
@@ -130,7 +144,12 @@ impl UnaryHead {
                         } else {
                             " grouped"
                         };
-                        format!("{0}×{0}{kind} conv {1}→{2}", l.k, l.cin, l.cout)
+                        let spread = if l.dilation > 1 {
+                            format!(" dilated {}", l.dilation)
+                        } else {
+                            String::new()
+                        };
+                        format!("{0}×{0}{kind}{spread} conv {1}→{2}", l.k, l.cin, l.cout)
                     })
                     .collect();
                 format!("{}, then {}", convs.join(", "), head.describe())

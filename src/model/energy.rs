@@ -1,6 +1,6 @@
 //! The `ersm.EnergyMask` node: finding it and reading its weights and attributes.
 
-use crate::ersm::{EnergySpec, HeadConv, Neighbourhood, UnaryHead};
+use crate::ersm::{EnergySpec, HeadConv, Neighbourhood, UnaryHead, MAX_HEAD_DILATION};
 use crate::onnx::{attr_f32, attr_i64, attr_ints, attr_str, label, Constants};
 use crate::sparse::StrideRule;
 use anyhow::{bail, ensure, Context, Result};
@@ -44,7 +44,7 @@ pub fn find(nodes: &[NodeProto]) -> Result<usize> {
 }
 
 /// Every attribute the energy node may carry.
-pub const ATTRIBUTES: [&str; 8] = [
+pub const ATTRIBUTES: [&str; 9] = [
     "lambda",
     "tau",
     "steps",
@@ -53,6 +53,7 @@ pub const ATTRIBUTES: [&str; 8] = [
     "fills",
     "convs",
     "conv_relu",
+    "conv_dilations",
 ];
 
 /// The suffix's stride rule, from the node's `stride_rule` attribute
@@ -132,7 +133,9 @@ pub const MAX_CONVS: i64 = crate::ersm::MAX_HEAD_CONVS as i64;
 /// shape such as `[1, C, 1, 1]`) or `W1, b1, w2, b2` (two-layer head, `W1` of
 /// `hidden × C`). Attributes: `lambda` (≥ 0), `tau` (> 0), `steps`
 /// (0–[`MAX_STEPS`]), `neighbourhood` (4 or 8), `convs` (0–[`MAX_CONVS`],
-/// default 0), `conv_relu` (one 0/1 per conv, default all 1).
+/// default 0), `conv_relu` (one 0/1 per conv, default all 1),
+/// `conv_dilations` (one tap spacing per conv, 1–[`MAX_HEAD_DILATION`],
+/// default all 1).
 pub fn spec(node: &NodeProto, consts: &Constants, channels: usize) -> Result<EnergySpec> {
     let what = label(node);
     // A misspelt attribute would silently take its default.
@@ -190,9 +193,21 @@ pub fn spec(node: &NodeProto, consts: &Constants, channels: usize) -> Result<Ene
         }
         Some(v) => bail!("{what}: conv_relu must hold {convs} values of 0 or 1, got {v:?}"),
     };
+    let dilations = match attr_ints(node, "conv_dilations")? {
+        None => vec![1; convs],
+        Some(v)
+            if v.len() == convs
+                && v.iter().all(|&d| (1..=MAX_HEAD_DILATION as i64).contains(&d)) =>
+        {
+            v.iter().map(|&d| d as usize).collect()
+        }
+        Some(v) => bail!(
+            "{what}: conv_dilations must hold {convs} values between 1 and {MAX_HEAD_DILATION}, got {v:?}"
+        ),
+    };
     let mut layers = Vec::with_capacity(convs);
     let mut c = channels;
-    for (i, &relu) in relu.iter().enumerate() {
+    for (i, (&relu, &dilation)) in relu.iter().zip(&dilations).enumerate() {
         let (wi, bi) = (1 + 2 * i, 2 + 2 * i);
         let weight_name = node.input.get(wi).map_or("", String::as_str);
         let shape = consts.shape(weight_name).unwrap_or(&[]).to_vec();
@@ -203,6 +218,7 @@ pub fn spec(node: &NodeProto, consts: &Constants, channels: usize) -> Result<Ene
                     cout,
                     k,
                     groups: c / per_group,
+                    dilation,
                     weight: weight(wi)?,
                     bias: weight(bi)?,
                     relu,

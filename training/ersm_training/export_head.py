@@ -36,7 +36,7 @@ import torch
 from onnx import helper, numpy_helper
 
 from .measure_semantics import head_from_onnx
-from .train import LAMBDA, STEPS, TAU
+from .train import LAMBDA, STEPS, TAU, conv_attributes
 from .train_rank import make_head
 
 
@@ -61,7 +61,7 @@ def set_head(m, head, offset, rule):
     del node.attribute[:]
     attrs = {"lambda": LAMBDA, "tau": TAU, "steps": STEPS, "neighbourhood": 4, "stride_rule": rule}
     if convs:
-        attrs.update(convs=len(convs), conv_relu=[int(r) for _, r in convs])
+        attrs.update(conv_attributes(convs))
     node.attribute.extend(helper.make_attribute(k, v) for k, v in attrs.items())
 
 

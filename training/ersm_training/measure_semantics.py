@@ -58,12 +58,13 @@ def head_from_onnx(path):
     node = next(n for n in m.graph.node if n.op_type == "EnergyMask")
     attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
     convs, relu = attrs.get("convs", 0), attrs.get("conv_relu", [1] * attrs.get("convs", 0))
+    dil = attrs.get("conv_dilations", [1] * convs)
     if convs:
         layers, cin = [], CUT_C  # a grouped first conv's weight does not say how many channels it reads
         for i in range(convs):
             w = init[node.input[1 + 2 * i]]
             groups = cin // w.shape[1]
-            layers.append((cin, w.shape[0], w.shape[2], groups, bool(relu[i])))
+            layers.append((cin, w.shape[0], w.shape[2], groups, bool(relu[i]), dil[i]))
             cin = w.shape[0]
         head = ConvHead(layers[0][0], layers)
         for i, (m, _) in enumerate(head.convs()):

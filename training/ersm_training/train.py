@@ -138,13 +138,14 @@ class EnergyHead(nn.Module):
 class ConvHead(EnergyHead):
     """The runtime's neighbourhood head (`UnaryHead::Conv`): conv layers over
     the token map (stride 1, same padding), then the two-layer 1×1 head.
-    `layers`: (cin, cout, k, groups, relu) per conv."""
+    `layers`: (cin, cout, k, groups, relu[, dilation]) per conv."""
 
     def __init__(self, c, layers):
         super().__init__(layers[-1][1] if layers else c)
         mods = []
-        for cin, cout, k, groups, relu in layers:
-            mods.append(nn.Conv2d(cin, cout, k, padding=k // 2, groups=groups))
+        for cin, cout, k, groups, relu, *d in layers:
+            d = d[0] if d else 1
+            mods.append(nn.Conv2d(cin, cout, k, padding=d * (k // 2), groups=groups, dilation=d))
             if relu:
                 mods.append(nn.ReLU())
         self.pre = nn.Sequential(*mods)
@@ -157,6 +158,17 @@ class ConvHead(EnergyHead):
         mods = list(self.pre)
         return [(m, i + 1 < len(mods) and isinstance(mods[i + 1], nn.ReLU))
                 for i, m in enumerate(mods) if isinstance(m, nn.Conv2d)]
+
+
+def conv_attributes(convs):
+    """The EnergyMask attributes that describe `ConvHead.convs()`:
+    `conv_dilations` only where some conv is dilated, so a package without
+    one is written as before."""
+    attrs = {"convs": len(convs), "conv_relu": [int(r) for _, r in convs]}
+    dil = [int(m.dilation[0]) for m, _ in convs]
+    if any(d != 1 for d in dil):
+        attrs["conv_dilations"] = dil
+    return attrs
 
 
 # Conv layers of train_rank.py's neighbourhood heads: two 3x3 convs, dense or

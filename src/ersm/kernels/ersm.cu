@@ -63,8 +63,9 @@ __device__ __forceinline__ int ersm_global_thread() {
 extern "C" __global__ void ersm_head_layer(const float* __restrict__ in, int cin, int H, int W,
                                            const float* __restrict__ w,
                                            const float* __restrict__ b, int cout, int k,
-                                           int groups, int relu, float* __restrict__ out) {
-    ersm_head_conv(in, cin, H, W, w, b, cout, k, groups, relu, out, ersm_global_thread(),
+                                           int dil, int groups, int relu,
+                                           float* __restrict__ out) {
+    ersm_head_conv(in, cin, H, W, w, b, cout, k, dil, groups, relu, out, ersm_global_thread(),
                    (int)(gridDim.x * blockDim.x));
 }
 

@@ -4,15 +4,16 @@
 // every product and sum rounds as there). ersm.cu's kernels spread them over
 // the whole GPU.
 
-// One conv layer (stride 1, zero padding k / 2, `groups` channel groups),
+// One conv layer (stride 1, taps `dil` apart, zero padding dil * (k / 2),
+// `groups` channel groups),
 // NCHW in and out, for the outputs j = tid, tid + nthreads, ... of
 // cout × H × W. Each output sums its taps in cpu.rs's order (input channel,
 // kernel row, kernel column, then the bias).
 __device__ void ersm_head_conv(const float* __restrict__ in, int cin, int H, int W,
                                const float* __restrict__ w, const float* __restrict__ b,
-                               int cout, int k, int groups, int relu,
+                               int cout, int k, int dil, int groups, int relu,
                                float* __restrict__ out, int tid, int nthreads) {
-    const int HW = H * W, cin_g = cin / groups, cout_g = cout / groups, r = k / 2;
+    const int HW = H * W, cin_g = cin / groups, cout_g = cout / groups, r = dil * (k / 2);
     for (int j = tid; j < cout * HW; j += nthreads) {
         const int co = j / HW, i = j % HW, y = i / W, x = i % W;
         const int g = co / cout_g;
@@ -21,10 +22,10 @@ __device__ void ersm_head_conv(const float* __restrict__ in, int cin, int H, int
             const float* plane = in + (size_t)(g * cin_g + ci) * HW;
             const float* taps = w + ((size_t)co * cin_g + ci) * k * k;
             for (int ky = 0; ky < k; ++ky) {
-                const int iy = y + ky - r;
+                const int iy = y + dil * ky - r;
                 if (iy < 0 || iy >= H) continue;
                 for (int kx = 0; kx < k; ++kx) {
-                    const int ix = x + kx - r;
+                    const int ix = x + dil * kx - r;
                     if (ix < 0 || ix >= W) continue;
                     acc = acc + taps[ky * k + kx] * plane[iy * W + ix];
                 }

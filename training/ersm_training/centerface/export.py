@@ -24,6 +24,7 @@ import onnx
 import torch
 from onnx import helper, numpy_helper
 
+from ..train import conv_attributes
 from .net import CUT, OUTPUTS, fixed_size
 from .train_head import SHIPPED_THRESHOLD, load_head
 
@@ -50,7 +51,7 @@ def with_energy(m, head, offset, rule, fills=None):
                 ("ersm.w2", head.l2.weight.view(-1)), ("ersm.b2", head.l2.bias + offset)]
     g.initializer.extend(numpy_helper.from_array(t.detach().numpy().astype(np.float32), n) for n, t in tensors)
     attrs = {"lambda": head.lam, "tau": head.tau, "steps": head.steps, "neighbourhood": 4,
-             "stride_rule": rule, "convs": len(head.convs()), "conv_relu": [int(r) for _, r in head.convs()]}
+             "stride_rule": rule, **conv_attributes(head.convs())}
     if fills:
         attrs["fills"] = [numpy_helper.from_array(v.detach().numpy().astype(np.float32), out if k == CUT else k)
                           for k, v in sorted(fills.items())]

@@ -31,6 +31,11 @@ C = 32
 HEADS = {
     "conv16": [(C, 16, 3, 1, True), (16, 16, 3, 1, True)],
     "sep3": [(C, C, 3, C, False), (C, C, 1, 1, True)] * 3,
+    # The same at dilations 1, 2, 4: 15×15 tokens for the same cost.
+    "sep3d": [l for d in (1, 2, 4) for l in ((C, C, 3, C, False, d), (C, C, 1, 1, True))],
+    # Five at dilations 1, 2, 4, 8, 1: 33×33 tokens (a face's whole
+    # neighbourhood at the FPN's coarsest level), 32 M multiply-adds.
+    "sep5d": [l for d in (1, 2, 4, 8, 1) for l in ((C, C, 3, C, False, d), (C, C, 1, 1, True))],
 }
 TARGET_THRESHOLD = 0.3  # faces a little below the shipped threshold count too
 SHIPPED_THRESHOLD = 0.5
