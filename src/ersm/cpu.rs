@@ -100,40 +100,76 @@ pub fn conv(x: FeatureMap<'_>, l: &HeadConv) -> Vec<f32> {
     // to pay for waking a worker.
     let min_planes = MIN_CHUNK_MACS.div_ceil(cin_g * k * k * hw);
     par_rows(&mut out, hw, min_planes, |first, planes| {
-        let mut acc = vec![0.0f32; span];
-        for (i, plane) in planes.chunks_exact_mut(hw).enumerate() {
+        let n = planes.len() / hw;
+        let mut acc = vec![0.0f32; PLANE_BLOCK * span];
+        let mut i = 0;
+        while i < n {
             let co = first + i;
             let g = co / cout_g;
+            // Output planes of one group read the same inputs: up to
+            // PLANE_BLOCK of them are summed together, so each input chunk
+            // is read once from the cache for all of them.
+            let outs = PLANE_BLOCK.min(n - i).min((g + 1) * cout_g - co);
+            let acc = &mut acc[..outs * span];
             acc.fill(0.0);
             let inputs = &padded[g * cin_g * hp * wp..][..cin_g * hp * wp];
-            let taps = &l.weight[co * cin_g * k * k..][..cin_g * k * k];
-            taps_dispatch(inputs, taps, k, d, wp, &mut acc);
-            let b = l.bias[co];
-            for y in 0..h {
-                for (o, &a) in plane[y * w..][..w].iter_mut().zip(&acc[y * wp..][..w]) {
-                    let v = a + b;
-                    *o = if l.relu { v.max(0.0) } else { v };
+            let taps = &l.weight[co * cin_g * k * k..][..outs * cin_g * k * k];
+            taps_dispatch(inputs, taps, outs, k, d, wp, acc);
+            for (j, sums) in acc.chunks_exact(span).enumerate() {
+                let b = l.bias[co + j];
+                let plane = &mut planes[(i + j) * hw..][..hw];
+                for y in 0..h {
+                    for (o, &a) in plane[y * w..][..w].iter_mut().zip(&sums[y * wp..][..w]) {
+                        let v = a + b;
+                        *o = if l.relu { v.max(0.0) } else { v };
+                    }
                 }
             }
+            i += outs;
         }
     });
     out
 }
 
-/// Sums every tap of one output plane into `acc`, input channel by input
+/// Output planes summed together by [`conv`].
+const PLANE_BLOCK: usize = 8;
+
+/// Output positions per pass of [`taps_into`]: the block's sums over a
+/// chunk (8 KB) stay in the L1 cache.
+const TAP_CHUNK: usize = 256;
+
+/// Sums every tap of a block of output planes (`acc`: one span each, `taps`:
+/// each plane's `cin_g × k × k` weights in turn), input channel by input
 /// channel, a multiply then an add each (no fused multiply-add, so every
-/// build and the CUDA kernel's source round alike).
+/// build and the CUDA kernel's source round alike). Each output adds its
+/// taps in the same order whatever the block, chunk by chunk.
 #[inline(always)]
-fn taps_into(inputs: &[f32], taps: &[f32], k: usize, d: usize, wp: usize, acc: &mut [f32]) {
-    let span = acc.len();
-    let plane = inputs.len() / (taps.len() / (k * k));
-    for (input, taps) in inputs.chunks_exact(plane).zip(taps.chunks_exact(k * k)) {
-        for ky in 0..k {
-            for kx in 0..k {
-                let wt = taps[ky * k + kx];
-                let src = &input[d * (ky * wp + kx)..][..span];
-                for (a, &v) in acc.iter_mut().zip(src) {
-                    *a += wt * v;
+fn taps_into(
+    inputs: &[f32],
+    taps: &[f32],
+    outs: usize,
+    k: usize,
+    d: usize,
+    wp: usize,
+    acc: &mut [f32],
+) {
+    let (span, per_out) = (acc.len() / outs, taps.len() / outs);
+    let plane = inputs.len() / (per_out / (k * k));
+    // Chunk by chunk, so the block's sums over a chunk stay in the L1 cache
+    // while every tap passes over them.
+    for start in (0..span).step_by(TAP_CHUNK) {
+        let len = TAP_CHUNK.min(span - start);
+        for (ci, input) in inputs.chunks_exact(plane).enumerate() {
+            for ky in 0..k {
+                for kx in 0..k {
+                    let t = ci * k * k + ky * k + kx;
+                    let src = &input[d * (ky * wp + kx) + start..][..len];
+                    for (j, sums) in acc.chunks_exact_mut(span).enumerate() {
+                        let wt = taps[j * per_out + t];
+                        for (a, &v) in sums[start..][..len].iter_mut().zip(src) {
+                            *a += wt * v;
+                        }
+                    }
                 }
             }
         }
@@ -150,22 +186,31 @@ fn taps_into(inputs: &[f32], taps: &[f32], k: usize, d: usize, wp: usize, acc: &
 unsafe fn taps_into_avx2(
     inputs: &[f32],
     taps: &[f32],
+    outs: usize,
     k: usize,
     d: usize,
     wp: usize,
     acc: &mut [f32],
 ) {
-    taps_into(inputs, taps, k, d, wp, acc)
+    taps_into(inputs, taps, outs, k, d, wp, acc)
 }
 
 /// The widest [`taps_into`] this CPU runs.
-fn taps_dispatch(inputs: &[f32], taps: &[f32], k: usize, d: usize, wp: usize, acc: &mut [f32]) {
+fn taps_dispatch(
+    inputs: &[f32],
+    taps: &[f32],
+    outs: usize,
+    k: usize,
+    d: usize,
+    wp: usize,
+    acc: &mut [f32],
+) {
     #[cfg(target_arch = "x86_64")]
     if std::arch::is_x86_feature_detected!("avx2") {
         // SAFETY: AVX2 was just detected.
-        return unsafe { taps_into_avx2(inputs, taps, k, d, wp, acc) };
+        return unsafe { taps_into_avx2(inputs, taps, outs, k, d, wp, acc) };
     }
-    taps_into(inputs, taps, k, d, wp, acc)
+    taps_into(inputs, taps, outs, k, d, wp, acc)
 }
 
 /// `σ(−e/τ)`: the probability of keeping a token of energy `e`.
