@@ -40,7 +40,7 @@ def main():
     ap.add_argument("--onnx", required=True)
     ap.add_argument("--head", required=True)
     ap.add_argument("--out", required=True)
-    ap.add_argument("--offsets", type=float, nargs="+", default=[-1.5, -1.0, -0.5, 0.0, 0.5])
+    ap.add_argument("--offsets", type=float, nargs="+", default=[-2.5, -2.0, -1.5, -1.0, -0.5, 0.0])
     ap.add_argument("--rules", nargs="+", default=["any", "centre"])
     ap.add_argument("--recall", type=float, default=0.98)
     ap.add_argument("--fills", help="fill vectors from fills.py (default: dropped positions hold zero)")

@@ -5,8 +5,9 @@ the teacher's own detections are the targets.
 
     python3 -m ersm_training.centerface.train_head --teacher /tmp/cf/teacher --out /tmp/cf/head
 
-The head is the runtime's conv head (`--head`: three depthwise-separable
-3×3 convs, or two dense ones, then the two-layer 1×1 head) with train.py's
+The head is the runtime's conv head (`--head`: five depthwise-separable
+3×3 convs at dilations 1, 2, 4, 8, 1, the shipped one; or fewer, or two
+dense ones; then the two-layer 1×1 head) with train.py's
 mean field (λ, τ, T), trained with a weighted binary
 cross-entropy against the target tokens on the training split. Writes
 head.pt; `operating_point.py` chooses where it cuts.
@@ -83,10 +84,10 @@ def main():
     ap.add_argument("--teacher", required=True)
     ap.add_argument("--out", required=True)
     ap.add_argument("--epochs", type=int, default=40)
-    ap.add_argument("--margin", type=int, default=2)
+    ap.add_argument("--margin", type=int, default=3)
     ap.add_argument("--grow", type=float, default=1.4)
     ap.add_argument("--pos-weight", type=float, default=4.0)
-    ap.add_argument("--head", choices=sorted(HEADS), default="sep3")
+    ap.add_argument("--head", choices=sorted(HEADS), default="sep5d")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
     os.makedirs(args.out, exist_ok=True)
