@@ -98,8 +98,8 @@ fn specs(rng: &mut Lcg, c: usize) -> Vec<EnergySpec> {
     // without ReLU here), then the two-layer head.
     let conv = UnaryHead::Conv {
         layers: vec![
-            random_conv(rng, c, c, 3, c, true),
-            random_conv(rng, c, 8, 3, 1, false),
+            random_conv(rng, c, c, 3, c, true, 1),
+            random_conv(rng, c, 8, 3, 1, false, 1),
         ],
         head: Box::new(UnaryHead::TwoLayer {
             w1: rng.vec(hidden * 8, 0.5),
@@ -111,10 +111,10 @@ fn specs(rng: &mut Lcg, c: usize) -> Vec<EnergySpec> {
     // A wider view: depthwise-separable convs with taps 2 and 4 apart.
     let dilated = UnaryHead::Conv {
         layers: vec![
-            dilated_conv(rng, c, c, 3, c, false, 2),
-            random_conv(rng, c, c, 1, 1, true),
-            dilated_conv(rng, c, c, 3, c, false, 4),
-            random_conv(rng, c, 8, 1, 1, true),
+            random_conv(rng, c, c, 3, c, false, 2),
+            random_conv(rng, c, c, 1, 1, true, 1),
+            random_conv(rng, c, c, 3, c, false, 4),
+            random_conv(rng, c, 8, 1, 1, true, 1),
         ],
         head: Box::new(UnaryHead::Linear {
             w: rng.vec(8, 0.5),
@@ -168,17 +168,6 @@ fn specs(rng: &mut Lcg, c: usize) -> Vec<EnergySpec> {
 }
 
 fn random_conv(
-    rng: &mut Lcg,
-    cin: usize,
-    cout: usize,
-    k: usize,
-    groups: usize,
-    relu: bool,
-) -> HeadConv {
-    dilated_conv(rng, cin, cout, k, groups, relu, 1)
-}
-
-fn dilated_conv(
     rng: &mut Lcg,
     cin: usize,
     cout: usize,
@@ -336,7 +325,7 @@ fn head_conv_kernel_source_matches_the_cpu_conv_bit_for_bit() {
         (6, 6, 5, 3, 7, 9, true, 8),
     ];
     for &(cin, cout, k, groups, h, w, relu, dil) in &cases {
-        let l = dilated_conv(&mut rng, cin, cout, k, groups, relu, dil);
+        let l = random_conv(&mut rng, cin, cout, k, groups, relu, dil);
         let x = rng.vec(cin * h * w, 2.0);
         let want = cpu::conv(FeatureMap::new(&x, cin, h, w).unwrap(), &l);
         let mut got = vec![f32::NAN; cout * h * w];

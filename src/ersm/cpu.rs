@@ -112,9 +112,15 @@ pub fn conv(x: FeatureMap<'_>, l: &HeadConv) -> Vec<f32> {
             let outs = PLANE_BLOCK.min(n - i).min((g + 1) * cout_g - co);
             let acc = &mut acc[..outs * span];
             acc.fill(0.0);
-            let inputs = &padded[g * cin_g * hp * wp..][..cin_g * hp * wp];
-            let taps = &l.weight[co * cin_g * k * k..][..outs * cin_g * k * k];
-            taps_dispatch(inputs, taps, outs, k, d, wp, acc);
+            let block = TapBlock {
+                inputs: &padded[g * cin_g * hp * wp..][..cin_g * hp * wp],
+                taps: &l.weight[co * cin_g * k * k..][..outs * cin_g * k * k],
+                outs,
+                k,
+                d,
+                wp,
+            };
+            taps_dispatch(&block, acc);
             for (j, sums) in acc.chunks_exact(span).enumerate() {
                 let b = l.bias[co + j];
                 let plane = &mut planes[(i + j) * hw..][..hw];
@@ -138,34 +144,41 @@ const PLANE_BLOCK: usize = 8;
 /// chunk (8 KB) stay in the L1 cache.
 const TAP_CHUNK: usize = 256;
 
-/// Sums every tap of a block of output planes (`acc`: one span each, `taps`:
-/// each plane's `cin_g × k × k` weights in turn), input channel by input
-/// channel, a multiply then an add each (no fused multiply-add, so every
-/// build and the CUDA kernel's source round alike). Each output adds its
-/// taps in the same order whatever the block, chunk by chunk.
-#[inline(always)]
-fn taps_into(
-    inputs: &[f32],
-    taps: &[f32],
+/// One block of output planes of a head conv: what [`taps_into`] sums.
+struct TapBlock<'a> {
+    /// The group's zero-padded input planes.
+    inputs: &'a [f32],
+    /// Each output plane's `cin_g × k × k` weights in turn.
+    taps: &'a [f32],
+    /// Output planes in the block.
     outs: usize,
     k: usize,
+    /// Tap spacing.
     d: usize,
+    /// Padded row length.
     wp: usize,
-    acc: &mut [f32],
-) {
-    let (span, per_out) = (acc.len() / outs, taps.len() / outs);
-    let plane = inputs.len() / (per_out / (k * k));
+}
+
+/// Sums every tap of a block of output planes into `acc` (one span per
+/// plane), input channel by input channel, a multiply then an add each (no
+/// fused multiply-add, so every build and the CUDA kernel's source round
+/// alike). Each output adds its taps in the same order whatever the block.
+#[inline(always)]
+fn taps_into(b: &TapBlock<'_>, acc: &mut [f32]) {
+    let (k, d, wp) = (b.k, b.d, b.wp);
+    let (span, per_out) = (acc.len() / b.outs, b.taps.len() / b.outs);
+    let plane = b.inputs.len() / (per_out / (k * k));
     // Chunk by chunk, so the block's sums over a chunk stay in the L1 cache
     // while every tap passes over them.
     for start in (0..span).step_by(TAP_CHUNK) {
         let len = TAP_CHUNK.min(span - start);
-        for (ci, input) in inputs.chunks_exact(plane).enumerate() {
+        for (ci, input) in b.inputs.chunks_exact(plane).enumerate() {
             for ky in 0..k {
                 for kx in 0..k {
                     let t = ci * k * k + ky * k + kx;
                     let src = &input[d * (ky * wp + kx) + start..][..len];
                     for (j, sums) in acc.chunks_exact_mut(span).enumerate() {
-                        let wt = taps[j * per_out + t];
+                        let wt = b.taps[j * per_out + t];
                         for (a, &v) in sums[start..][..len].iter_mut().zip(src) {
                             *a += wt * v;
                         }
@@ -183,34 +196,18 @@ fn taps_into(
 /// The CPU must support AVX2.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2")]
-unsafe fn taps_into_avx2(
-    inputs: &[f32],
-    taps: &[f32],
-    outs: usize,
-    k: usize,
-    d: usize,
-    wp: usize,
-    acc: &mut [f32],
-) {
-    taps_into(inputs, taps, outs, k, d, wp, acc)
+unsafe fn taps_into_avx2(b: &TapBlock<'_>, acc: &mut [f32]) {
+    taps_into(b, acc)
 }
 
 /// The widest [`taps_into`] this CPU runs.
-fn taps_dispatch(
-    inputs: &[f32],
-    taps: &[f32],
-    outs: usize,
-    k: usize,
-    d: usize,
-    wp: usize,
-    acc: &mut [f32],
-) {
+fn taps_dispatch(b: &TapBlock<'_>, acc: &mut [f32]) {
     #[cfg(target_arch = "x86_64")]
     if std::arch::is_x86_feature_detected!("avx2") {
         // SAFETY: AVX2 was just detected.
-        return unsafe { taps_into_avx2(inputs, taps, outs, k, d, wp, acc) };
+        return unsafe { taps_into_avx2(b, acc) };
     }
-    taps_into(inputs, taps, outs, k, d, wp, acc)
+    taps_into(b, acc)
 }
 
 /// `σ(−e/τ)`: the probability of keeping a token of energy `e`.
