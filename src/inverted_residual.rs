@@ -585,61 +585,25 @@ impl TypedOp for InvertedResidual {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::tract_nets::{run, wire_conv, Rng};
 
     /// Every block, whatever its size.
     const ANY: Size = Size { width: 0, bytes: 0 };
 
-    struct Rng(u64);
-
-    impl Rng {
-        fn values(&mut self, n: usize, scale: f32) -> Tensor {
-            let v: Vec<f32> = (0..n)
-                .map(|_| {
-                    self.0 = self
-                        .0
-                        .wrapping_mul(6364136223846793005)
-                        .wrapping_add(1442695040888963407);
-                    (((self.0 >> 33) as f32 / (1u64 << 31) as f32) * 2.0 - 1.0) * scale
-                })
-                .collect();
-            tensor1(&v)
-        }
-    }
-
+    /// A conv with random weights scaled to its fan-in, `pad` on every side.
     fn conv(
         model: &mut TypedModel,
         x: OutletId,
         rng: &mut Rng,
         [cin, cout, k, stride, group, pad]: [usize; 6],
     ) -> OutletId {
-        let n = model.nodes.len();
         let kernel = rng.values(
             cout * cin / group * k * k,
             1.0 / ((cin / group * k * k) as f32).sqrt(),
         );
         let kernel = kernel.into_shape(&[cout, cin / group, k, k]).unwrap();
-        let kernel = model.add_const(format!("k{n}"), kernel).unwrap();
-        let bias = model
-            .add_const(format!("b{n}"), rng.values(cout, 0.5))
-            .unwrap();
-        let spec = tract_core::ops::cnn::PoolSpec {
-            data_format: DataFormat::NCHW,
-            kernel_shape: tvec!(k, k),
-            padding: tract_core::ops::cnn::PaddingSpec::Explicit(tvec!(pad, pad), tvec!(pad, pad)),
-            dilations: None,
-            strides: Some(tvec!(stride, stride)),
-            input_channels: cin,
-            output_channels: cout,
-        };
-        let op = Conv {
-            pool_spec: spec,
-            kernel_fmt: KernelFormat::OIHW,
-            group,
-            q_params: None,
-        };
-        model
-            .wire_node(format!("conv{n}"), op, &[x, kernel, bias])
-            .unwrap()[0]
+        let bias = rng.values(cout, 0.5);
+        wire_conv(model, x, kernel, bias, [stride, group], [pad; 4])
     }
 
     fn act(model: &mut TypedModel, x: OutletId, cap: Option<f32>) -> OutletId {
@@ -684,13 +648,6 @@ mod tests {
         let y = act(&mut model, y, None);
         model.select_output_outlets(&[y]).unwrap();
         model
-    }
-
-    fn run(model: TypedModel, x: &Tensor) -> Vec<f32> {
-        let plan = model.into_optimized().unwrap().into_runnable().unwrap();
-        let out = plan.run(tvec!(x.clone().into_tvalue())).unwrap();
-        let view = out[0].try_as_plain_ram().unwrap();
-        view.as_slice::<f32>().unwrap().to_vec()
     }
 
     fn rel_err(a: &[f32], b: &[f32]) -> f32 {

@@ -43,3 +43,5 @@ pub mod sparse;
 pub mod stem;
 pub mod strided_depthwise;
 pub mod threads;
+#[cfg(test)]
+mod tract_nets;

@@ -325,53 +325,19 @@ fn accumulate_taps_any(out: &mut [f32], a: &[f32], b: &[f32], [k0, k1, k2]: [f32
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::tract_nets::{run, wire_conv, Rng};
 
     /// A one-conv ONNX-free net: tract's own conv on `[1, c, h, w]`.
     fn conv_net(nc: [usize; 2], hw: [usize; 2], pads: [usize; 4], stride: usize) -> TypedModel {
         let ([n, c], [h, w]) = (nc, hw);
         let mut model = TypedModel::default();
         let x = model.add_source("x", f32::fact([n, c, h, w])).unwrap();
-        let mut rng = (c * h * w) as u64;
-        let mut next = move || {
-            rng = rng
-                .wrapping_mul(6364136223846793005)
-                .wrapping_add(1442695040888963407);
-            ((rng >> 33) as f32 / (1u64 << 31) as f32) * 2.0 - 1.0
-        };
-        let kernel: Vec<f32> = (0..c * 9).map(|_| next()).collect();
-        let bias: Vec<f32> = (0..c).map(|_| next()).collect();
-        let k = model
-            .add_const("k", tensor1(&kernel).into_shape(&[c, 1, 3, 3]).unwrap())
-            .unwrap();
-        let b = model.add_const("b", tensor1(&bias)).unwrap();
-        let spec = tract_core::ops::cnn::PoolSpec {
-            data_format: DataFormat::NCHW,
-            kernel_shape: tvec!(3, 3),
-            padding: tract_core::ops::cnn::PaddingSpec::Explicit(
-                tvec!(pads[0], pads[1]),
-                tvec!(pads[2], pads[3]),
-            ),
-            dilations: None,
-            strides: Some(tvec!(stride, stride)),
-            input_channels: c,
-            output_channels: c,
-        };
-        let conv = Conv {
-            pool_spec: spec,
-            kernel_fmt: KernelFormat::OIHW,
-            group: c,
-            q_params: None,
-        };
-        let y = model.wire_node("conv", conv, &[x, k, b]).unwrap();
-        model.select_output_outlets(&y).unwrap();
+        let mut rng = Rng((c * h * w) as u64);
+        let kernel = rng.values(c * 9, 1.0).into_shape(&[c, 1, 3, 3]).unwrap();
+        let bias = rng.values(c, 1.0);
+        let y = wire_conv(&mut model, x, kernel, bias, [stride, c], pads);
+        model.select_output_outlets(&[y]).unwrap();
         model
-    }
-
-    fn run(model: TypedModel, input: &Tensor) -> Vec<f32> {
-        let plan = model.into_optimized().unwrap().into_runnable().unwrap();
-        let out = plan.run(tvec!(input.clone().into_tvalue())).unwrap();
-        let view = out[0].try_as_plain_ram().unwrap();
-        view.as_slice::<f32>().unwrap().to_vec()
     }
 
     fn image(c: usize, h: usize, w: usize) -> Tensor {
