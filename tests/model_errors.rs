@@ -866,6 +866,17 @@ fn a_dilated_unary_head_loads_and_bad_dilations_are_refused() {
             ],
         );
     }
+    let err = load_modified("conv-relu-two", |p| {
+        with_head_convs(p, 2, &[24, 24, 3, 3]);
+        set_ints(energy_node(p), "conv_relu", &[1, 2]);
+    });
+    assert_contains(
+        &err,
+        &[
+            "EnergyMask node 'ersm'",
+            "conv_relu must hold 2 values of 0 or 1, got [1, 2]",
+        ],
+    );
 }
 
 #[test]

@@ -125,6 +125,27 @@ pub const MAX_STEPS: i64 = 100;
 /// Most conv layers a unary head may have.
 pub const MAX_CONVS: i64 = crate::ersm::MAX_HEAD_CONVS as i64;
 
+/// An attribute holding one int per head conv (`convs` of them), each in
+/// `range` (`values` says which, for the error), or `default` for every
+/// conv when absent.
+fn per_conv(
+    node: &NodeProto,
+    name: &str,
+    convs: usize,
+    default: i64,
+    range: std::ops::RangeInclusive<i64>,
+    values: &str,
+) -> Result<Vec<i64>> {
+    match attr_ints(node, name)? {
+        None => Ok(vec![default; convs]),
+        Some(v) if v.len() == convs && v.iter().all(|x| range.contains(x)) => Ok(v),
+        Some(v) => bail!(
+            "{}: {name} must hold {convs} {values}, got {v:?}",
+            label(node)
+        ),
+    }
+}
+
 /// Reads the node's settings and weights for a `channels`-channel feature map.
 ///
 /// Inputs: `X`, then `convs` pairs `W, B` (conv layers ahead of the per-token
@@ -186,28 +207,19 @@ pub fn spec(node: &NodeProto, consts: &Constants, channels: usize) -> Result<Ene
         bail!("{what}: convs must be between 0 and {MAX_CONVS}, got {convs}");
     }
     let convs = convs as usize;
-    let relu = match attr_ints(node, "conv_relu")? {
-        None => vec![true; convs],
-        Some(v) if v.len() == convs && v.iter().all(|&r| r == 0 || r == 1) => {
-            v.iter().map(|&r| r == 1).collect()
-        }
-        Some(v) => bail!("{what}: conv_relu must hold {convs} values of 0 or 1, got {v:?}"),
-    };
-    let dilations = match attr_ints(node, "conv_dilations")? {
-        None => vec![1; convs],
-        Some(v)
-            if v.len() == convs
-                && v.iter().all(|&d| (1..=MAX_HEAD_DILATION as i64).contains(&d)) =>
-        {
-            v.iter().map(|&d| d as usize).collect()
-        }
-        Some(v) => bail!(
-            "{what}: conv_dilations must hold {convs} values between 1 and {MAX_HEAD_DILATION}, got {v:?}"
-        ),
-    };
+    let relu = per_conv(node, "conv_relu", convs, 1, 0..=1, "values of 0 or 1")?;
+    let dilations = per_conv(
+        node,
+        "conv_dilations",
+        convs,
+        1,
+        1..=MAX_HEAD_DILATION as i64,
+        &format!("values between 1 and {MAX_HEAD_DILATION}"),
+    )?;
     let mut layers = Vec::with_capacity(convs);
     let mut c = channels;
     for (i, (&relu, &dilation)) in relu.iter().zip(&dilations).enumerate() {
+        let (relu, dilation) = (relu == 1, dilation as usize);
         let (wi, bi) = (1 + 2 * i, 2 + 2 * i);
         let weight_name = node.input.get(wi).map_or("", String::as_str);
         let shape = consts.shape(weight_name).unwrap_or(&[]).to_vec();
