@@ -204,13 +204,16 @@ impl Pipeline {
 
     /// Frame → input tensor.
     pub fn preprocess(&self, frame: &Frame) -> Result<Vec<f32>> {
-        preprocess(
-            &frame.rgb,
-            frame.width,
-            frame.height,
-            &self.model.manifest.preprocess,
-        )
-        .with_context(|| format!("frame {}", frame.name))
+        self.threads
+            .install(|| {
+                preprocess(
+                    &frame.rgb,
+                    frame.width,
+                    frame.height,
+                    &self.model.manifest.preprocess,
+                )
+            })
+            .with_context(|| format!("frame {}", frame.name))
     }
 
     /// Runs the ERSM path on a pre-processed input (its result's

@@ -152,3 +152,30 @@ fn bad_buffers_are_errors() {
     assert!(preprocess(&[0; 10], 4, 4, &p).is_err());
     assert!(preprocess(&[], 0, 0, &p).is_err());
 }
+
+/// Split across threads, every band of rows (the green and blue planes with
+/// the red) holds exactly what one thread computes.
+#[test]
+fn threads_give_the_same_bits() {
+    let p = Preprocess {
+        resize_short: 0,
+        crop: 0,
+        scale: 1.0 / 255.0,
+        mean: [0.1, 0.2, 0.3],
+        std: [0.5, 0.6, 0.7],
+        resize: Some([96, 70]),
+    };
+    let rgb = image(131, 97, 5);
+    let one = preprocess(&rgb, 131, 97, &p).unwrap();
+    let want = reference(&rgb, 131, 97, &p);
+    let err = one
+        .iter()
+        .zip(&want)
+        .fold(0.0f32, |m, (a, b)| m.max((a - b).abs()));
+    assert!(err < 1e-3, "max error {err}");
+    for n in [2, 3] {
+        let threads = ersm::threads::Threads::new(n).unwrap();
+        let got = threads.install(|| preprocess(&rgb, 131, 97, &p).unwrap());
+        assert_eq!(got, one, "{n} threads");
+    }
+}
