@@ -23,22 +23,31 @@ pub fn unary(x: FeatureMap<'_>, head: &UnaryHead) -> Vec<f32> {
             u
         }
         UnaryHead::TwoLayer { w1, b1, w2, b2 } => {
-            let mut u = vec![0.0f32; hw];
-            let mut hidden = vec![0.0f32; hw];
-            for (k, (&b1k, &w2k)) in b1.iter().zip(w2).enumerate() {
-                hidden.iter_mut().for_each(|h| *h = 0.0);
-                for c in 0..x.c {
-                    let wkc = w1[k * x.c + c];
-                    for (h, &xi) in hidden.iter_mut().zip(plane(c)) {
-                        *h += wkc * xi;
-                    }
-                }
-                for (ui, &h) in u.iter_mut().zip(&hidden) {
-                    *ui += w2k * (h + b1k).max(0.0);
-                }
-            }
-            u.iter_mut().for_each(|ui| *ui += b2);
-            u
+            // relu(W1 x + b1) is a 1×1 conv with a ReLU, and w2 · h + b2 the
+            // linear head on its planes: each sum keeps its order (channels,
+            // then hidden units, then the bias), and the conv's tiles and
+            // threads serve the hidden layer.
+            let hidden = HeadConv {
+                cin: x.c,
+                cout: b1.len(),
+                k: 1,
+                groups: 1,
+                dilation: 1,
+                weight: w1.clone(),
+                bias: b1.clone(),
+                relu: true,
+            };
+            let planes = conv(x, &hidden);
+            let linear = UnaryHead::Linear {
+                w: w2.clone(),
+                b: *b2,
+            };
+            let h = FeatureMap {
+                data: &planes,
+                c: b1.len(),
+                ..x
+            };
+            unary(h, &linear)
         }
         UnaryHead::Conv { layers, head } => {
             // The first conv reads the feature map itself; each later one its
@@ -84,12 +93,18 @@ pub fn conv(x: FeatureMap<'_>, l: &HeadConv) -> Vec<f32> {
     let (k, d) = (l.k, l.dilation);
     let r = d * (k / 2);
     let (hp, wp) = (h + 2 * r, w + 2 * r);
-    let mut padded = vec![0.0f32; l.cin * hp * wp];
-    for (c, plane) in padded.chunks_mut(hp * wp).enumerate() {
-        for y in 0..h {
-            plane[(y + r) * wp + r..][..w].copy_from_slice(&x.data[c * hw + y * w..][..w]);
+    // A 1×1 conv's grid is the map itself.
+    let padded: std::borrow::Cow<'_, [f32]> = if r == 0 {
+        x.data[..l.cin * hw].into()
+    } else {
+        let mut padded = vec![0.0f32; l.cin * hp * wp];
+        for (c, plane) in padded.chunks_mut(hp * wp).enumerate() {
+            for y in 0..h {
+                plane[(y + r) * wp + r..][..w].copy_from_slice(&x.data[c * hw + y * w..][..w]);
+            }
         }
-    }
+        padded.into()
+    };
     // Output (y, x) sits at y * wp + x on the padded grid; tap (ky, kx) reads
     // that index plus d * (ky * wp + kx).
     let span = (h - 1) * wp + w;
@@ -111,7 +126,6 @@ pub fn conv(x: FeatureMap<'_>, l: &HeadConv) -> Vec<f32> {
             // is read once from the cache for all of them.
             let outs = PLANE_BLOCK.min(n - i).min((g + 1) * cout_g - co);
             let acc = &mut acc[..outs * span];
-            acc.fill(0.0);
             let block = TapBlock {
                 inputs: &padded[g * cin_g * hp * wp..][..cin_g * hp * wp],
                 taps: &l.weight[co * cin_g * k * k..][..outs * cin_g * k * k],
@@ -159,8 +173,8 @@ struct TapBlock<'a> {
     wp: usize,
 }
 
-/// Sums every tap of a block of output planes into `acc` (one span per
-/// plane), input channel by input channel, a multiply then an add each (no
+/// Adds every tap of a block of output planes to `acc` (one span per
+/// plane, zeroed by the caller), input channel by input channel, a multiply then an add each (no
 /// fused multiply-add, so every build and the CUDA kernel's source round
 /// alike). Each output adds its taps in the same order whatever the block.
 #[inline(always)]
@@ -189,24 +203,94 @@ fn taps_into(b: &TapBlock<'_>, acc: &mut [f32]) {
     }
 }
 
-/// [`taps_into`] compiled for AVX2: eight lanes instead of SSE's four, the
-/// same roundings.
+/// [`taps_into`] with the sums in registers, for AVX2: `N` output planes ×
+/// `P` vectors of eight positions at a time, every tap of every input
+/// channel added before one store (against a load and a store per tap when
+/// the sums live in memory). `N · P` independent sums hide the adds'
+/// latency: eight planes of a 1×1 conv, or four position vectors of a
+/// depthwise conv's single plane. Each output still adds its taps in
+/// [`taps_into`]'s order, a multiply then an add each, so the bits are the
+/// same; positions past the last full tile take the scalar loop.
 ///
 /// # Safety
-/// The CPU must support AVX2.
+/// The CPU must support AVX2, and `b.outs == N`.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2")]
-unsafe fn taps_into_avx2(b: &TapBlock<'_>, acc: &mut [f32]) {
-    taps_into(b, acc)
+unsafe fn taps_tiled_avx2<const N: usize, const P: usize>(b: &TapBlock<'_>, acc: &mut [f32]) {
+    use std::arch::x86_64::*;
+    let (k, d, wp) = (b.k, b.d, b.wp);
+    let (span, per_out) = (acc.len() / N, b.taps.len() / N);
+    let cin = per_out / (k * k);
+    let plane = b.inputs.len() / cin;
+    let (inp, taps, out) = (b.inputs.as_ptr(), b.taps.as_ptr(), acc.as_mut_ptr());
+    let tile = 8 * P;
+    let full = span - span % tile;
+    let mut p = 0;
+    while p < full {
+        let mut sums = [[_mm256_setzero_ps(); P]; N];
+        for ci in 0..cin {
+            for ky in 0..k {
+                for kx in 0..k {
+                    let t = ci * k * k + ky * k + kx;
+                    // SAFETY: a tap reads at most (hp − 1) · wp + wp − 1
+                    // past the plane's start for p < span (`conv`'s grid).
+                    let src = inp.add(ci * plane + d * (ky * wp + kx) + p);
+                    let mut v = [_mm256_setzero_ps(); P];
+                    for (q, v) in v.iter_mut().enumerate() {
+                        *v = _mm256_loadu_ps(src.add(8 * q));
+                    }
+                    for (j, row) in sums.iter_mut().enumerate() {
+                        let wt = _mm256_set1_ps(*taps.add(j * per_out + t));
+                        for (s, &v) in row.iter_mut().zip(&v) {
+                            *s = _mm256_add_ps(*s, _mm256_mul_ps(wt, v));
+                        }
+                    }
+                }
+            }
+        }
+        for (j, row) in sums.iter().enumerate() {
+            for (q, &s) in row.iter().enumerate() {
+                _mm256_storeu_ps(out.add(j * span + p + 8 * q), s);
+            }
+        }
+        p += tile;
+    }
+    for p in full..span {
+        for j in 0..N {
+            let mut s = 0.0f32;
+            for ci in 0..cin {
+                for ky in 0..k {
+                    for kx in 0..k {
+                        let t = ci * k * k + ky * k + kx;
+                        s += b.taps[j * per_out + t] * b.inputs[ci * plane + d * (ky * wp + kx) + p];
+                    }
+                }
+            }
+            acc[j * span + p] = s;
+        }
+    }
 }
 
-/// The widest [`taps_into`] this CPU runs.
+/// The fastest summation of a block this CPU has: register tiles under
+/// AVX2, else [`taps_into`]. Same bits either way.
 fn taps_dispatch(b: &TapBlock<'_>, acc: &mut [f32]) {
     #[cfg(target_arch = "x86_64")]
     if std::arch::is_x86_feature_detected!("avx2") {
-        // SAFETY: AVX2 was just detected.
-        return unsafe { taps_into_avx2(b, acc) };
+        // SAFETY: AVX2 was just detected, and each arm's N is `b.outs`.
+        unsafe {
+            return match b.outs {
+                1 => taps_tiled_avx2::<1, 4>(b, acc),
+                2 => taps_tiled_avx2::<2, 2>(b, acc),
+                3 => taps_tiled_avx2::<3, 2>(b, acc),
+                4 => taps_tiled_avx2::<4, 2>(b, acc),
+                5 => taps_tiled_avx2::<5, 1>(b, acc),
+                6 => taps_tiled_avx2::<6, 1>(b, acc),
+                7 => taps_tiled_avx2::<7, 1>(b, acc),
+                _ => taps_tiled_avx2::<8, 1>(b, acc),
+            };
+        }
     }
+    acc.fill(0.0);
     taps_into(b, acc)
 }
 
