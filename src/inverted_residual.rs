@@ -374,21 +374,17 @@ impl InvertedResidual {
                     std::slice::from_raw_parts_mut(out.add(dst + c * oh * ow), count * ow)
                         .fill(bias);
                 }
-                matrixmultiply::sgemm(
+                crate::rowgemm::sgemm(
                     cp,
                     ce,
                     count * ow,
-                    1.0,
                     wp.as_ptr(),
-                    ce as isize,
-                    1,
+                    ce,
                     s.dw.as_ptr(),
-                    (ROWS * ow) as isize,
-                    1,
+                    ROWS * ow,
                     1.0,
                     out.add(dst),
-                    (oh * ow) as isize,
-                    1,
+                    oh * ow,
                 );
             }
             if self.residual {
@@ -427,21 +423,17 @@ impl InvertedResidual {
         // SAFETY: the assert bounds every read of x (cin rows of w values,
         // stride h·w, from row y); we is ce × cin; raw holds ce × w.
         unsafe {
-            matrixmultiply::sgemm(
+            crate::rowgemm::sgemm(
                 ce,
                 cin,
                 w,
-                1.0,
                 we.as_ptr(),
-                cin as isize,
-                1,
+                cin,
                 x.as_ptr().add(y * w),
-                (h * w) as isize,
-                1,
+                h * w,
                 0.0,
                 s.raw.as_mut_ptr(),
-                w as isize,
-                1,
+                w,
             );
         }
         for (c, &bias) in be.iter().enumerate().take(ce) {

@@ -37,6 +37,7 @@ pub mod profile;
 pub mod record;
 pub mod relay;
 pub mod report;
+pub mod rowgemm;
 pub mod run;
 pub mod source;
 pub mod sparse;
