@@ -262,7 +262,8 @@ unsafe fn taps_tiled_avx2<const N: usize, const P: usize>(b: &TapBlock<'_>, acc:
                 for ky in 0..k {
                     for kx in 0..k {
                         let t = ci * k * k + ky * k + kx;
-                        s += b.taps[j * per_out + t] * b.inputs[ci * plane + d * (ky * wp + kx) + p];
+                        s +=
+                            b.taps[j * per_out + t] * b.inputs[ci * plane + d * (ky * wp + kx) + p];
                     }
                 }
             }
