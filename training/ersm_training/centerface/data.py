@@ -81,6 +81,35 @@ def zoomed(rng, rgb):
     return cv2.resize(rgb[y:y + h, x:x + w], (W, H), interpolation=cv2.INTER_LINEAR)
 
 
+def degraded(rng, rgb):
+    """`rgb` (a 640×480 frame) as video often reaches the network: a window
+    of another shape (16:9, 2.35:1, square, portrait) stretched to 4:3, as
+    the runtime stretches a source to its input size, from a smaller source
+    upscaled (160–640 pixels wide: CIF, QVGA, VGA), so faces and scenery
+    arrive elongated, squashed and soft."""
+    a = rng.choice([16 / 9, 2.35, 1.0, 3 / 4])
+    w, h = (W, int(W / a)) if a > W / H else (int(H * a), H)
+    x, y = rng.randint(0, W - w), rng.randint(0, H - h)
+    window = rgb[y:y + h, x:x + w]
+    sw = int(W * rng.uniform(0.25, 1.0))
+    sh = max(16, int(sw * h / w))
+    small = cv2.resize(window, (sw, sh), interpolation=cv2.INTER_AREA)
+    return cv2.resize(small, (W, H), interpolation=cv2.INTER_LINEAR)
+
+
+def closeup(rng, rgb, box):
+    """A window 1.1–2.5× a face's box about its centre (clipped to the
+    photo), stretched to 640×480: a face that fills the frame, as in a
+    portrait, a video call or an aligned face crop."""
+    x1, y1, x2, y2 = box[:4]
+    cx, cy = (x1 + x2) / 2, (y1 + y2) / 2
+    z = rng.uniform(1.1, 2.5)
+    hw, hh = z * (x2 - x1) / 2, z * (y2 - y1) / 2
+    wx1, wy1 = int(max(0, cx - hw)), int(max(0, cy - hh))
+    wx2, wy2 = int(min(rgb.shape[1], cx + hw)), int(min(rgb.shape[0], cy + hh))
+    return cv2.resize(rgb[wy1:max(wy2, wy1 + 2), wx1:max(wx2, wx1 + 2)], (W, H), interpolation=cv2.INTER_LINEAR)
+
+
 def composite(rng, background, faces, count):
     """`background` (a wallpaper, cropped to 4:3) with `count` face patches
     pasted at random places and sizes; faces: (rgb, box) from teacher

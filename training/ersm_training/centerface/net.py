@@ -135,6 +135,29 @@ class CenterFace(torch.nn.Module):
             env[outs[0]] = masked(outs[0], env[outs[0]], m)
         return [env[o] for o in OUTPUTS]
 
+    def suffix_macs(self, x, tap):
+        """Multiply-adds of each suffix tensor's producer per output
+        position, by tensor name, for cut map `x` and stride-4 map `tap`: a
+        tensor's sparse cost is this times its active positions (a transposed
+        conv's k×k/s² products per output; point-wise ops count nothing)."""
+        macs = {}
+
+        def record(name, v, _):
+            macs[name] = v.shape[2] * v.shape[3]
+
+        with torch.no_grad():
+            self.suffix_from(x[:1], tap[:1], record=record)
+        out = {}
+        for i in self.suffix:
+            op, ins, outs, a = self.nodes[i]
+            w = self.p(ins[1]).shape if op in ("Conv", "ConvTranspose") else None
+            if op == "Conv":
+                out[outs[0]] = w[0] * w[1] * w[2] * w[3]
+            elif op == "ConvTranspose":
+                s = a["strides"][0]
+                out[outs[0]] = w[0] * w[1] * w[2] * w[3] // (s * s)
+        return {k: v * macs[k] for k, v in out.items()}, macs
+
     def forward(self, img):
         return self.suffix_from(*self.features(img))
 

@@ -48,6 +48,13 @@ def main():
     ap.add_argument("--crops", type=int, default=0,
                     help="frames cut from faceless photos at 1.5-3x zoom: camera-scale texture, where "
                          "a head trained on whole photos and wallpapers keeps too much")
+    ap.add_argument("--degraded", type=int, default=0,
+                    help="copies of frames already made, reshaped and softened as video reaches the "
+                         "network (data.degraded): held-out clips arrive stretched from 16:9 and 2.35:1 "
+                         "and upscaled from CIF, where a head trained on sharp 4:3 frames keeps too much")
+    ap.add_argument("--closeups", type=int, default=0,
+                    help="windows about a face 1.1-2.5x its box, stretched to the frame (data.closeup): "
+                         "a face that fills the frame, which composites (faces 12-120 pixels high) never show")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
     os.makedirs(args.out, exist_ok=True)
@@ -63,16 +70,18 @@ def main():
         teacher.append(np.concatenate(outs[:4], 1)[0].astype(np.float16))
         cut.append(outs[4][0].astype(np.float16))
 
-    face_photos, backgrounds, empty = [], [], []
+    face_photos, closeup_faces, backgrounds, empty = [], [], [], []
     for key, pkg, im in data.photos(args.data):
         rgb = data.stretch(im)
         outs = run(sess, rgb)
         dets = decode(*outs[:4], THRESHOLD, (data.H, data.W))
         if len(dets):
             add(key, "photo", rgb, outs)
+            # Boxes in the original photo's pixels, for pasting and close-ups
+            # (close-ups of either split: each inherits its photo's).
+            sx, sy = im.shape[1] / data.W, im.shape[0] / data.H
+            closeup_faces += [(key, im, d[:4] * [sx, sy, sx, sy]) for d in dets if (d[3] - d[1]) * sy >= 16]
             if not data.validation(key):
-                # Boxes in the original photo's pixels, for pasting.
-                sx, sy = im.shape[1] / data.W, im.shape[0] / data.H
                 big = [d[:4] * [sx, sy, sx, sy] for d in dets if (d[3] - d[1]) * sy >= 16]
                 face_photos += [(im, b) for b in big]
         elif pkg in data.WALLPAPER_PACKAGES:
@@ -107,6 +116,19 @@ def main():
         add(f"crop{i}:{key}", "crop", rgb, run(sess, rgb))
     if args.crops:
         print(f"crops of photos without faces: {args.crops}", flush=True)
+    for i in range(args.closeups):
+        key, im, box = closeup_faces[rng.randrange(len(closeup_faces))]
+        rgb = data.closeup(rng, im, box)
+        add(f"closeup{i}:{key}", "closeup", rgb, run(sess, rgb))
+    if args.closeups:
+        print(f"close-ups of faces: {args.closeups}", flush=True)
+    made = list(zip(keys, frames))
+    for i in range(args.degraded):
+        key, rgb = made[rng.randrange(len(made))]
+        rgb = data.degraded(rng, rgb)
+        add(f"degraded{i}:{key}", "degraded", rgb, run(sess, rgb))
+    if args.degraded:
+        print(f"degraded copies: {args.degraded}", flush=True)
     split = np.array([data.validation(k.split(":")[-1]) for k in keys])
     np.savez(os.path.join(args.out, "frames.npz"), frames=np.stack(frames), keys=np.array(keys),
              kinds=np.array(kinds), validation=split)
