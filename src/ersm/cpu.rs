@@ -174,9 +174,9 @@ struct TapBlock<'a> {
 }
 
 /// Adds every tap of a block of output planes to `acc` (one span per
-/// plane, zeroed by the caller), input channel by input channel, a multiply then an add each (no
-/// fused multiply-add, so every build and the CUDA kernel's source round
-/// alike). Each output adds its taps in the same order whatever the block.
+/// plane, zeroed by the caller), input channel by input channel, each a
+/// fused multiply-add (one rounding, as `fmaf` in the CUDA kernel's source:
+/// every build rounds alike; a CPU without FMA computes it in software). Each output adds its taps in the same order whatever the block.
 #[inline(always)]
 fn taps_into(b: &TapBlock<'_>, acc: &mut [f32]) {
     let (k, d, wp) = (b.k, b.d, b.wp);
@@ -194,7 +194,7 @@ fn taps_into(b: &TapBlock<'_>, acc: &mut [f32]) {
                     for (j, sums) in acc.chunks_exact_mut(span).enumerate() {
                         let wt = b.taps[j * per_out + t];
                         for (a, &v) in sums[start..][..len].iter_mut().zip(src) {
-                            *a += wt * v;
+                            *a = wt.mul_add(v, *a);
                         }
                     }
                 }
@@ -203,19 +203,19 @@ fn taps_into(b: &TapBlock<'_>, acc: &mut [f32]) {
     }
 }
 
-/// [`taps_into`] with the sums in registers, for AVX2: `N` output planes ×
+/// [`taps_into`] with the sums in registers, for AVX2 and FMA: `N` output planes ×
 /// `P` vectors of eight positions at a time, every tap of every input
 /// channel added before one store (against a load and a store per tap when
 /// the sums live in memory). `N · P` independent sums hide the adds'
 /// latency: eight planes of a 1×1 conv, or four position vectors of a
 /// depthwise conv's single plane. Each output still adds its taps in
-/// [`taps_into`]'s order, a multiply then an add each, so the bits are the
+/// [`taps_into`]'s order, a fused multiply-add each, so the bits are the
 /// same; positions past the last full tile take the scalar loop.
 ///
 /// # Safety
-/// The CPU must support AVX2, and `b.outs == N`.
+/// The CPU must support AVX2 and FMA, and `b.outs == N`.
 #[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2")]
+#[target_feature(enable = "avx2,fma")]
 unsafe fn taps_tiled_avx2<const N: usize, const P: usize>(b: &TapBlock<'_>, acc: &mut [f32]) {
     use std::arch::x86_64::*;
     let (k, d, wp) = (b.k, b.d, b.wp);
@@ -242,7 +242,7 @@ unsafe fn taps_tiled_avx2<const N: usize, const P: usize>(b: &TapBlock<'_>, acc:
                     for (j, row) in sums.iter_mut().enumerate() {
                         let wt = _mm256_set1_ps(*taps.add(j * per_out + t));
                         for (s, &v) in row.iter_mut().zip(&v) {
-                            *s = _mm256_add_ps(*s, _mm256_mul_ps(wt, v));
+                            *s = _mm256_fmadd_ps(wt, v, *s);
                         }
                     }
                 }
@@ -262,8 +262,8 @@ unsafe fn taps_tiled_avx2<const N: usize, const P: usize>(b: &TapBlock<'_>, acc:
                 for ky in 0..k {
                     for kx in 0..k {
                         let t = ci * k * k + ky * k + kx;
-                        s +=
-                            b.taps[j * per_out + t] * b.inputs[ci * plane + d * (ky * wp + kx) + p];
+                        let v = b.inputs[ci * plane + d * (ky * wp + kx) + p];
+                        s = b.taps[j * per_out + t].mul_add(v, s);
                     }
                 }
             }
@@ -273,11 +273,11 @@ unsafe fn taps_tiled_avx2<const N: usize, const P: usize>(b: &TapBlock<'_>, acc:
 }
 
 /// The fastest summation of a block this CPU has: register tiles under
-/// AVX2, else [`taps_into`]. Same bits either way.
+/// AVX2 and FMA, else [`taps_into`]. Same bits either way.
 fn taps_dispatch(b: &TapBlock<'_>, acc: &mut [f32]) {
     #[cfg(target_arch = "x86_64")]
-    if std::arch::is_x86_feature_detected!("avx2") {
-        // SAFETY: AVX2 was just detected, and each arm's N is `b.outs`.
+    if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
+        // SAFETY: AVX2 and FMA were just detected, and each arm's N is `b.outs`.
         unsafe {
             return match b.outs {
                 1 => taps_tiled_avx2::<1, 4>(b, acc),

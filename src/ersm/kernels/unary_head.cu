@@ -1,7 +1,9 @@
 // The energy layer's unary head, as device functions of a thread index with
 // no shared memory or barrier: the host C++ compiler builds them too, and the
 // tests check them against src/ersm/cpu.rs bit for bit (with --fmad=false
-// every product and sum rounds as there). ersm.cu's kernels spread them over
+// every product and sum rounds as there; the convs' and the two-layer
+// head's hidden sums are explicit fmaf, one rounding each, as cpu.rs's fused
+// multiply-adds). ersm.cu's kernels spread them over
 // the whole GPU.
 
 // One conv layer (stride 1, taps `dil` apart, zero padding dil * (k / 2),
@@ -27,7 +29,7 @@ __device__ void ersm_head_conv(const float* __restrict__ in, int cin, int H, int
                 for (int kx = 0; kx < k; ++kx) {
                     const int ix = x + dil * kx - r;
                     if (ix < 0 || ix >= W) continue;
-                    acc = acc + taps[ky * k + kx] * plane[iy * W + ix];
+                    acc = fmaf(taps[ky * k + kx], plane[iy * W + ix], acc);
                 }
             }
         }
@@ -57,7 +59,7 @@ __device__ float ersm_unary_cost(const float* __restrict__ hx, int hc, int HW, i
     for (int k = 0; k < hidden; ++k) {
         float h = 0.0f;
         #pragma unroll 8
-        for (int c = 0; c < hc; ++c) h = h + w1[k * hc + c] * hx[(size_t)c * HW + i];
+        for (int c = 0; c < hc; ++c) h = fmaf(w1[k * hc + c], hx[(size_t)c * HW + i], h);
         acc = acc + w2[k] * fmaxf(h + b1[k], 0.0f);
     }
     return acc + b2;
