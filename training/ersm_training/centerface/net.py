@@ -122,7 +122,9 @@ class CenterFace(torch.nn.Module):
             m = masks[ins[0]]
             if op == "Conv" and a.get("strides", [1, 1])[0] > 1:
                 s = a["strides"][0]
-                if rule == "centre":
+                # `any-centre` (simulation only; the runtime refuses it): the
+                # s×s max-pool from the cut's resolution, the centre below.
+                if rule == "centre" or (rule == "any-centre" and m.shape[-1] < mask.shape[-1]):
                     m = m[:, :, ::s, ::s]
                 else:
                     m = F.max_pool2d(m, s, s, ceil_mode=True)
