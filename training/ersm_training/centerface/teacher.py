@@ -110,25 +110,21 @@ def main():
     for key, bg in rng.sample(backgrounds, min(args.negatives - args.negatives // 2, len(backgrounds))):
         rgb = data.stretch(bg)
         add(key, "empty", rgb, run(sess, rgb))
-    for i in range(args.crops):
-        key, rgb = empty[rng.randrange(len(empty))]
-        rgb = data.zoomed(rng, rgb)
-        add(f"crop{i}:{key}", "crop", rgb, run(sess, rgb))
-    if args.crops:
-        print(f"crops of photos without faces: {args.crops}", flush=True)
-    for i in range(args.closeups):
-        key, im, box = closeup_faces[rng.randrange(len(closeup_faces))]
-        rgb = data.closeup(rng, im, box)
-        add(f"closeup{i}:{key}", "closeup", rgb, run(sess, rgb))
-    if args.closeups:
-        print(f"close-ups of faces: {args.closeups}", flush=True)
-    made = list(zip(keys, frames))
-    for i in range(args.degraded):
-        key, rgb = made[rng.randrange(len(made))]
-        rgb = data.degraded(rng, rgb)
-        add(f"degraded{i}:{key}", "degraded", rgb, run(sess, rgb))
-    if args.degraded:
-        print(f"degraded copies: {args.degraded}", flush=True)
+
+    def derive(kind, count, pool, make, what):
+        """`count` frames made by `make(rng, *source)` from random members
+        of `pool` ((key, *source)); each keyed by its source, whose split it
+        inherits."""
+        for i in range(count):
+            key, *source = pool[rng.randrange(len(pool))]
+            rgb = make(rng, *source)
+            add(f"{kind}{i}:{key}", kind, rgb, run(sess, rgb))
+        if count:
+            print(f"{what}: {count}", flush=True)
+
+    derive("crop", args.crops, empty, data.zoomed, "crops of photos without faces")
+    derive("closeup", args.closeups, closeup_faces, data.closeup, "close-ups of faces")
+    derive("degraded", args.degraded, list(zip(keys, frames)), data.degraded, "degraded copies")
     split = np.array([data.validation(k.split(":")[-1]) for k in keys])
     np.savez(os.path.join(args.out, "frames.npz"), frames=np.stack(frames), keys=np.array(keys),
              kinds=np.array(kinds), validation=split)
