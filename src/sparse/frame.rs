@@ -4,6 +4,7 @@
 
 use super::rulebook::{Rulebook, Window};
 use super::tokens::{StrideRule, TokenSet};
+use rayon::prelude::*;
 
 /// One resolution of the suffix; level 0 is the energy layer's map.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -58,10 +59,14 @@ impl Frame {
     /// Every level's token set and every rulebook for the kept raster indices.
     pub fn build(levels: &[Level], rules: &[RuleKey], rule: StrideRule, kept: &[u32]) -> Frame {
         let sets = Frame::sets(levels, rule, kept);
-        let rulebooks = rules
-            .iter()
-            .map(|r| Rulebook::build(&sets[r.in_level], &sets[r.out_level], r.window))
-            .collect();
+        // Rulebooks are independent: on the pool's threads when there is
+        // one (never rayon's global pool: `--threads 1` means one thread).
+        let build = |r: &RuleKey| Rulebook::build(&sets[r.in_level], &sets[r.out_level], r.window);
+        let rulebooks = if rayon::current_thread_index().is_some() {
+            rules.par_iter().map(build).collect()
+        } else {
+            rules.iter().map(build).collect()
+        };
         Frame { sets, rulebooks }
     }
 
