@@ -176,7 +176,8 @@ struct TapBlock<'a> {
 /// Adds every tap of a block of output planes to `acc` (one span per
 /// plane, zeroed by the caller), input channel by input channel, each a
 /// fused multiply-add (one rounding, as `fmaf` in the CUDA kernel's source:
-/// every build rounds alike; a CPU without FMA computes it in software). Each output adds its taps in the same order whatever the block.
+/// every build rounds alike; a CPU without FMA computes it in software).
+/// Each output adds its taps in the same order whatever the block.
 #[inline(always)]
 fn taps_into(b: &TapBlock<'_>, acc: &mut [f32]) {
     let (k, d, wp) = (b.k, b.d, b.wp);
@@ -203,8 +204,8 @@ fn taps_into(b: &TapBlock<'_>, acc: &mut [f32]) {
     }
 }
 
-/// [`taps_into`] with the sums in registers, for AVX2 and FMA: `N` output planes ×
-/// `P` vectors of eight positions at a time, every tap of every input
+/// [`taps_into`] with the sums in registers, for AVX2 and FMA: `N` output
+/// planes × `P` vectors of eight positions at a time, every tap of every input
 /// channel added before one store (against a load and a store per tap when
 /// the sums live in memory). `N · P` independent sums hide the adds'
 /// latency: eight planes of a 1×1 conv, or four position vectors of a
