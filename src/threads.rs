@@ -101,7 +101,7 @@ where
 
 /// Threads of the pool the caller runs on; 1 outside any pool (rayon's
 /// global pool is never used).
-fn pool_threads() -> usize {
+pub(crate) fn pool_threads() -> usize {
     match rayon::current_thread_index() {
         Some(_) => rayon::current_num_threads(),
         None => 1,

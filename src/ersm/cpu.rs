@@ -5,23 +5,9 @@ use crate::threads::par_rows;
 use anyhow::{bail, Result};
 
 /// Unary costs `u_i` for every token, raster order.
-///
-/// The channel loop is outermost so the inner loop runs over contiguous
-/// tokens of one NCHW plane and vectorises.
 pub fn unary(x: FeatureMap<'_>, head: &UnaryHead) -> Vec<f32> {
-    let hw = x.h * x.w;
-    let plane = |c: usize| &x.data[c * hw..(c + 1) * hw];
     match head {
-        UnaryHead::Linear { w, b } => {
-            let mut u = vec![0.0f32; hw];
-            for (c, &wc) in w.iter().enumerate() {
-                for (ui, &xi) in u.iter_mut().zip(plane(c)) {
-                    *ui += wc * xi;
-                }
-            }
-            u.iter_mut().for_each(|ui| *ui += b);
-            u
-        }
+        UnaryHead::Linear { w, b } => linear(x, w, *b),
         UnaryHead::TwoLayer { w1, b1, w2, b2 } => {
             // relu(W1 x + b1) is a 1×1 conv with a ReLU, and w2 · h + b2 the
             // linear head on its planes: each sum keeps its order (channels,
@@ -38,16 +24,12 @@ pub fn unary(x: FeatureMap<'_>, head: &UnaryHead) -> Vec<f32> {
                 relu: true,
             };
             let planes = conv(x, &hidden);
-            let linear = UnaryHead::Linear {
-                w: w2.clone(),
-                b: *b2,
-            };
             let h = FeatureMap {
                 data: &planes,
                 c: b1.len(),
                 ..x
             };
-            unary(h, &linear)
+            linear(h, w2, *b2)
         }
         UnaryHead::Conv { layers, head } => {
             // The first conv reads the feature map itself; each later one its
@@ -71,6 +53,21 @@ pub fn unary(x: FeatureMap<'_>, head: &UnaryHead) -> Vec<f32> {
             unary(input, head)
         }
     }
+}
+
+/// `w · x + b` per token: channel by channel, then the bias. The channel
+/// loop is outermost so the inner loop runs over contiguous tokens of one
+/// NCHW plane and vectorises.
+fn linear(x: FeatureMap<'_>, w: &[f32], b: f32) -> Vec<f32> {
+    let hw = x.h * x.w;
+    let mut u = vec![0.0f32; hw];
+    for (c, &wc) in w.iter().enumerate() {
+        for (ui, &xi) in u.iter_mut().zip(&x.data[c * hw..(c + 1) * hw]) {
+            *ui += wc * xi;
+        }
+    }
+    u.iter_mut().for_each(|ui| *ui += b);
+    u
 }
 
 /// Multiply-adds a thread must get before a head conv's output planes are

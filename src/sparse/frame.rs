@@ -62,7 +62,7 @@ impl Frame {
         // Rulebooks are independent: on the pool's threads when there is
         // one (never rayon's global pool: `--threads 1` means one thread).
         let build = |r: &RuleKey| Rulebook::build(&sets[r.in_level], &sets[r.out_level], r.window);
-        let rulebooks = if rayon::current_thread_index().is_some() {
+        let rulebooks = if crate::threads::pool_threads() > 1 {
             rules.par_iter().map(build).collect()
         } else {
             rules.iter().map(build).collect()
