@@ -80,9 +80,9 @@ def main():
             # Boxes in the original photo's pixels, for pasting and close-ups
             # (close-ups of either split: each inherits its photo's).
             sx, sy = im.shape[1] / data.W, im.shape[0] / data.H
-            closeup_faces += [(key, im, d[:4] * [sx, sy, sx, sy]) for d in dets if (d[3] - d[1]) * sy >= 16]
+            big = [d[:4] * [sx, sy, sx, sy] for d in dets if (d[3] - d[1]) * sy >= 16]
+            closeup_faces += [(key, im, b) for b in big]
             if not data.validation(key):
-                big = [d[:4] * [sx, sy, sx, sy] for d in dets if (d[3] - d[1]) * sy >= 16]
                 face_photos += [(im, b) for b in big]
         elif pkg in data.WALLPAPER_PACKAGES:
             # Kept small: a composite is 640×480.
