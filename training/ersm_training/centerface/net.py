@@ -21,6 +21,12 @@ INPUT = "input.1"
 # The cut: the end of the stride-8 stage (32 channels); the suffix also reads
 # the end of the stride-4 stage (24 channels) for its stride-4 lateral.
 CUT, TAP = "413", "387"
+# Where the prefix ends. `s8`: at CUT, the energy layer reads it. `s4`: at
+# TAP, so the stride-8 stage runs sparse too; the energy layer reads TAP
+# averaged over 2×2 (its tokens stay 80×60, the stride-8 grid) and nothing
+# reads its output: every suffix node reads TAP, gathered under the kept
+# tokens.
+CUTS = {"s8": CUT, "s4": TAP}
 
 
 def attrs(node):
@@ -28,8 +34,9 @@ def attrs(node):
 
 
 class CenterFace(torch.nn.Module):
-    def __init__(self, path):
+    def __init__(self, path, cut="s8"):
         super().__init__()
+        self.cut = cut
         m = onnx.load(path)
         g = m.graph
         self.nodes = []
@@ -42,7 +49,7 @@ class CenterFace(torch.nn.Module):
             self.nodes.append((n.op_type, list(n.input), list(n.output), attrs(n)))
         # Nodes the cut needs (the prefix) and the rest (the suffix).
         producer = {o: i for i, (_, _, outs, _) in enumerate(self.nodes) for o in outs}
-        need, stack = set(), [CUT]
+        need, stack = set(), [CUTS[cut]]
         while stack:
             t = stack.pop()
             if t in producer and producer[t] not in need:
@@ -84,20 +91,23 @@ class CenterFace(torch.nn.Module):
         return op, ins, outs, a
 
     def features(self, img):
-        """The prefix: the cut's map and the stride-4 map the suffix reads."""
+        """The prefix: the energy layer's input and the stride-4 map the
+        suffix reads."""
         env = {INPUT: img}
         for i in self.prefix:
             self.op(i, env)
+        if self.cut == "s4":
+            return F.avg_pool2d(env[TAP], 2), env[TAP]
         return env[CUT], env[TAP]
 
     def suffix_from(self, x, tap, mask=None, rule="any", fills=None, record=None):
-        """The suffix on the cut's map `x` and the stride-4 map `tap`; with a
-        level-0 `mask` (N×1×H×W, 0/1), every tensor multiplied by its
-        level's mask, and set to its fill vector (`fills`: name → C values)
-        where the mask is 0. `record(name, value, mask)` sees each tensor
+        """The suffix on the cut's map `x` (unread under the `s4` cut) and the
+        stride-4 map `tap`; with a level-0 `mask` (N×1×H×W, 0/1), every
+        tensor multiplied by its level's mask, and set to its fill vector
+        (`fills`: name → C values) where the mask is 0. `record(name, value, mask)` sees each tensor
         before it is masked (without a mask: each dense tensor, mask None).
         Returns the four output maps."""
-        env = {CUT: x, TAP: tap}
+        env = {TAP: tap} if self.cut == "s4" else {CUT: x, TAP: tap}
         if mask is None:
             for i in self.suffix:
                 _, _, outs, _ = self.op(i, env)
@@ -114,8 +124,10 @@ class CenterFace(torch.nn.Module):
                 v = v + (1 - m) * fills[name].view(1, -1, 1, 1)
             return v
 
-        masks = {CUT: mask, TAP: F.interpolate(mask, scale_factor=2, mode="nearest")}
-        env[CUT] = masked(CUT, x, mask)
+        masks = {TAP: F.interpolate(mask, scale_factor=2, mode="nearest")}
+        if self.cut != "s4":
+            masks[CUT] = mask
+            env[CUT] = masked(CUT, x, mask)
         env[TAP] = masked(TAP, tap, masks[TAP])
         for i in self.suffix:
             op, ins, outs, a = self.nodes[i]

@@ -54,7 +54,7 @@ def main():
     va = np.where(meta["validation"])[0]
     frames, kinds = meta["frames"], meta["kinds"]
     head, head_kind = load_head(args.head)
-    net = CenterFace(args.onnx).eval()
+    net = CenterFace(args.onnx, head.cut).eval()
     fills = torch.load(args.fills, weights_only=True) if args.fills else None
     cache = []
     with torch.no_grad():
@@ -108,7 +108,8 @@ def main():
                              if k != "all"), flush=True)
     ok = [r for r in results if r["by_kind"]["all"]["recall"] >= args.recall]
     best = max(ok, key=lambda r: (-r["by_kind"]["all"]["compute"], r["offset"])) if ok else None
-    report = {"chosen": best and {"rule": best["rule"], "offset": best["offset"]}, "head": head_kind, "fills": args.fills,
+    report = {"chosen": best and {"rule": best["rule"], "offset": best["offset"]}, "head": head_kind,
+              "cut": head.cut, "fills": args.fills,
               "recall_target": args.recall, "threshold": SHIPPED_THRESHOLD, "candidates": results}
     if best:
         report["offset"], report["rule"] = best["offset"], best["rule"]

