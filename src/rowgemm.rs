@@ -69,6 +69,17 @@ pub unsafe fn sgemm(
     }
 }
 
+/// True when [`sgemm`] sums each output's K products in order, from zero
+/// (β = 0), with one rounding each (fused multiply-adds): the register
+/// tiles. `matrixmultiply` promises no order.
+pub fn sums_in_order() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
+        return true;
+    }
+    false
+}
+
 /// The operands of one product, for the tile loops.
 #[cfg(target_arch = "x86_64")]
 struct Gemm {

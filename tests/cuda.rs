@@ -311,13 +311,16 @@ fn head_conv_kernel_source_matches_the_cpu_conv_bit_for_bit() {
         return;
     };
     let mut rng = Lcg(11);
-    // Dense, depthwise, grouped; kernels 1, 3, 5; maps smaller than the
-    // kernel; taps 2, 4 and 8 apart (the last wider than its map).
+    // Dense, depthwise, grouped; kernels 1, 3, 5 (dense 1×1 convs are
+    // matrix products on the CPU); maps smaller than the kernel; taps 2, 4
+    // and 8 apart (the last wider than its map).
     let cases = [
         (32, 32, 3, 1, 28, 28, true, 1),
         (32, 32, 3, 32, 28, 28, false, 1),
         (8, 12, 5, 4, 9, 7, true, 1),
         (5, 3, 1, 1, 1, 13, true, 1),
+        (32, 32, 1, 1, 28, 28, false, 1),
+        (24, 16, 1, 1, 9, 11, true, 1),
         (6, 6, 5, 6, 2, 2, false, 1),
         (4, 8, 3, 2, 1, 1, true, 1),
         (16, 16, 3, 16, 20, 24, false, 2),

@@ -86,6 +86,9 @@ const MIN_CHUNK_MACS: usize = 1 << 20;
 /// multiply-add is a long contiguous loop; the pad columns' outputs are
 /// dropped. Output planes are independent, so they run in parallel.
 pub fn conv(x: FeatureMap<'_>, l: &HeadConv) -> Vec<f32> {
+    if l.k == 1 && l.groups == 1 && crate::rowgemm::sums_in_order() {
+        return conv_1x1(x, l);
+    }
     let (h, w, hw) = (x.h, x.w, x.h * x.w);
     let (k, d) = (l.k, l.dilation);
     let r = d * (k / 2);
@@ -143,6 +146,44 @@ pub fn conv(x: FeatureMap<'_>, l: &HeadConv) -> Vec<f32> {
                 }
             }
             i += outs;
+        }
+    });
+    out
+}
+
+/// A dense 1×1 conv as one matrix product per thread's output planes
+/// (weights × the map's planes), where rowgemm sums each output's input
+/// channels in order with one rounding each: the order and the bits of
+/// [`taps_into`] and the CUDA kernel, at the speed of register tiles
+/// (most of the shipped head's multiply-adds are its 1×1 convs).
+fn conv_1x1(x: FeatureMap<'_>, l: &HeadConv) -> Vec<f32> {
+    let hw = x.h * x.w;
+    let mut out = vec![0.0f32; l.cout * hw];
+    let min_planes = MIN_CHUNK_MACS.div_ceil(l.cin * hw);
+    par_rows(&mut out, hw, min_planes, |first, planes| {
+        let n = planes.len() / hw;
+        // SAFETY: the weights hold `cin` values for each of the `n` planes
+        // from `first`, the map `cin` planes of `hw`, the output `n` planes.
+        unsafe {
+            crate::rowgemm::sgemm(
+                n,
+                l.cin,
+                hw,
+                l.weight[first * l.cin..][..n * l.cin].as_ptr(),
+                l.cin,
+                x.data[..l.cin * hw].as_ptr(),
+                hw,
+                0.0,
+                planes.as_mut_ptr(),
+                hw,
+            )
+        };
+        for (j, plane) in planes.chunks_exact_mut(hw).enumerate() {
+            let b = l.bias[first + j];
+            for o in plane.iter_mut() {
+                let v = *o + b;
+                *o = if l.relu { v.max(0.0) } else { v };
+            }
         }
     });
     out
