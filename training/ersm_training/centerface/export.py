@@ -132,6 +132,8 @@ def main():
     with open(args.report) as fh:
         report = json.load(fh)
     head, _ = load_head(args.head)
+    # The operating point may have chosen the mean field's Potts weight too.
+    head.lam = report.get("lambda", head.lam)
     m = fixed_size(args.onnx, W, H)
     fills = torch.load(report["fills"], weights_only=True) if report.get("fills") else None
     if args.fills:

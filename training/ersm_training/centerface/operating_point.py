@@ -47,6 +47,9 @@ def main():
     # find on held-out video (REPORT.md section 10): swept only when asked.
     ap.add_argument("--rules", nargs="+", default=["any"])
     ap.add_argument("--recall", type=float, default=0.98)
+    # The mean field's Potts weight: a higher one drops isolated kept tokens,
+    # each of which costs a whole token at every coarser level under `any`.
+    ap.add_argument("--lambdas", type=float, nargs="+", help="Potts weights λ to sweep (default: the head's)")
     ap.add_argument("--fills", help="fill vectors from fills.py (default: dropped positions hold zero)")
     args = ap.parse_args()
     torch.set_num_threads(max(1, os.cpu_count() or 1))
@@ -67,52 +70,58 @@ def main():
     macs, positions = net.suffix_macs(cache[0][0], cache[0][1])
     total = sum(macs.values())
     results = []
-    for rule in args.rules:
-        for off in args.offsets:
-            rows, keep, compute = {}, {}, {}
-            with torch.no_grad():
-                # In batches: the simulated suffix runs several frames at once.
-                for b in range(0, len(cache), 8):
-                    part = cache[b:b + 8]
-                    # The offset moves the unary cost before the mean field,
-                    # as export.py bakes it into the head's bias.
-                    m = torch.cat([hard_mask(head(c[0], off)[0]) for c in part])
-                    spent = torch.zeros(len(part), dtype=torch.float64)
+    lambdas = args.lambdas or [head.lam]
+    for lam, rule, off in ((lam, rule, off) for lam in lambdas for rule in args.rules for off in args.offsets):
+        head.lam = lam
+        rows, keep, compute = {}, {}, {}
+        with torch.no_grad():
+            # In batches: the simulated suffix runs several frames at once.
+            for b in range(0, len(cache), 8):
+                part = cache[b:b + 8]
+                # The offset moves the unary cost before the mean field,
+                # as export.py bakes it into the head's bias.
+                m = torch.cat([hard_mask(head(c[0], off)[0]) for c in part])
+                spent = torch.zeros(len(part), dtype=torch.float64)
 
-                    def record(name, _, mask):
-                        if name in macs:
-                            spent.add_(mask.flatten(1).double().sum(1) * (macs[name] / positions[name]))
+                def record(name, _, mask):
+                    if name in macs:
+                        spent.add_(mask.flatten(1).double().sum(1) * (macs[name] / positions[name]))
 
-                    outs = net.suffix_from(torch.cat([c[0] for c in part]), torch.cat([c[1] for c in part]),
-                                           m, rule, fills, record)
-                    for j, (_, _, _, dense, kind) in enumerate(part):
-                        o = [x[j:j + 1].numpy() for x in outs]
-                        sparse = decode(*o, SHIPPED_THRESHOLD, (480, 640))
-                        rows.setdefault(kind, []).append(match(dense, sparse))
-                        rows.setdefault("all", []).append(rows[kind][-1])
-                        k = m[j].mean().item()
-                        keep.setdefault(kind, []).append(k)
-                        keep.setdefault("all", []).append(k)
-                        c = spent[j].item() / total
-                        compute.setdefault(kind, []).append(c)
-                        compute.setdefault("all", []).append(c)
-            r = {"rule": rule, "offset": off,
-                 "by_kind": {k: dict(score(v), keep=float(np.mean(keep[k])),
-                                     compute=float(np.mean(compute[k])), frames=len(v))
-                             for k, v in sorted(rows.items())}}
-            results.append(r)
-            a = r["by_kind"]["all"]
-            print(f"{rule:6s} offset {off:+.2f}: keep {a['keep']:.3f} compute {a['compute']:.3f} recall {a['recall']:.3f} "
-                  f"precision {a['precision']:.3f} F1 {a['f1']:.3f}  "
-                  + " ".join(f"{k}:{v['keep']:.2f}/{v['compute']:.2f}/{v['recall']:.2f}" for k, v in r["by_kind"].items()
-                             if k != "all"), flush=True)
+                outs = net.suffix_from(torch.cat([c[0] for c in part]), torch.cat([c[1] for c in part]),
+                                       m, rule, fills, record)
+                for j, (_, _, _, dense, kind) in enumerate(part):
+                    o = [x[j:j + 1].numpy() for x in outs]
+                    sparse = decode(*o, SHIPPED_THRESHOLD, (480, 640))
+                    rows.setdefault(kind, []).append(match(dense, sparse))
+                    rows.setdefault("all", []).append(rows[kind][-1])
+                    k = m[j].mean().item()
+                    keep.setdefault(kind, []).append(k)
+                    keep.setdefault("all", []).append(k)
+                    c = spent[j].item() / total
+                    compute.setdefault(kind, []).append(c)
+                    compute.setdefault("all", []).append(c)
+        r = {"rule": rule, "offset": off, "lambda": lam,
+             "by_kind": {k: dict(score(v), keep=float(np.mean(keep[k])),
+                                 compute=float(np.mean(compute[k])), frames=len(v))
+                         for k, v in sorted(rows.items())}}
+        results.append(r)
+        a = r["by_kind"]["all"]
+        print(f"λ {lam:.2f} {rule:6s} offset {off:+.2f}: keep {a['keep']:.3f} compute {a['compute']:.3f} recall {a['recall']:.3f} "
+              f"precision {a['precision']:.3f} F1 {a['f1']:.3f}  "
+              + " ".join(f"{k}:{v['keep']:.2f}/{v['compute']:.2f}/{v['recall']:.2f}" for k, v in r["by_kind"].items()
+                         if k != "all"), flush=True)
     ok = [r for r in results if r["by_kind"]["all"]["recall"] >= args.recall]
     best = max(ok, key=lambda r: (-r["by_kind"]["all"]["compute"], r["offset"])) if ok else None
-    report = {"chosen": best and {"rule": best["rule"], "offset": best["offset"]}, "head": head_kind,
+    chosen = best and {"rule": best["rule"], "offset": best["offset"]}
+    if best and args.lambdas:
+        chosen["lambda"] = best["lambda"]
+    report = {"chosen": chosen, "head": head_kind,
               "cut": head.cut, "fills": args.fills,
               "recall_target": args.recall, "threshold": SHIPPED_THRESHOLD, "candidates": results}
     if best:
         report["offset"], report["rule"] = best["offset"], best["rule"]
+        if args.lambdas:
+            report["lambda"] = best["lambda"]
     with open(os.path.join(args.out, "report.json"), "w") as fh:
         json.dump(report, fh, indent=1)
     print(f"chosen: {report['chosen']}", flush=True)
