@@ -350,3 +350,78 @@ fn suffix_reading_prefix_maps_with_several_outputs_matches_reference() {
     }
     assert!(coarse > 0, "no random detector read a coarser prefix map");
 }
+
+/// CenterFace's cut at stride 4 (training's `--cut s4`): the energy layer
+/// reads the finer map averaged over 2×2, nothing reads its output, and
+/// the whole suffix, a strided conv first, reads the finer map gathered
+/// under the kept tokens. Sparse equals the dense-masked reference under
+/// both stride rules, and the dense suffix with every token kept.
+#[test]
+fn energy_on_a_pooled_map_with_the_suffix_reading_the_finer_map() {
+    for seed in 0..6u64 {
+        let (h, w, c) = [(16, 16, 6), (8, 24, 4), (24, 16, 5)][seed as usize % 3];
+        let mut b = Builder::new(900 + seed);
+        let p0 = b.conv("image", 3, 6, 3, 1, [1; 4], 1);
+        let p0 = b.op("Relu", &[&p0], vec![]);
+        let pooled = b.op(
+            "AveragePool",
+            &[&p0],
+            vec![
+                attr_ints("kernel_shape", &[2, 2]),
+                attr_ints("strides", &[2, 2]),
+            ],
+        );
+        let _unread = energy(&mut b, &pooled, 6, 0.3, 1, 4);
+        let d = b.conv(&p0, 6, c, 3, 2, [1; 4], 1);
+        let d = b.act(&d);
+        let y = b.conv(&d, c, c, 3, 1, [1; 4], 1);
+        let y = b.op("Relu", &[&y], vec![]);
+        let y = b.op("Add", &[&y, &d], vec![]);
+        let u = b.conv_transpose(&y, c, 6, 2);
+        let u = b.op("Relu", &[&u], vec![]);
+        let l = b.conv(&p0, 6, 6, 1, 1, [0; 4], 1);
+        let u = b.op("Add", &[&u, &l], vec![]);
+        let heat = b.conv(&u, 6, 1, 1, 1, [0; 4], 1);
+        let heat = b.op("Sigmoid", &[&heat], vec![]);
+        let proto = b.model_outputs(("image", &[1, 3, h, w]), &[&heat, &y]);
+        let proto = if seed.is_multiple_of(2) {
+            with_stride_rule(proto, "centre")
+        } else {
+            proto
+        };
+        let m = package(proto, h, w);
+        assert_eq!(
+            (m.cut.h, m.cut.w),
+            (h / 2, w / 2),
+            "seed {seed}: tokens on the pooled grid"
+        );
+        let taps: Vec<(usize, usize)> = m.cut.taps.iter().map(|t| (t.h, t.w)).collect();
+        assert_eq!(
+            taps,
+            vec![(h, w)],
+            "seed {seed}: the suffix reads the finer map"
+        );
+        let mut rng = Rng::new(950 + seed);
+        let image = rng.normals(3 * h * w, 1.0);
+        let maps = prefix_maps(&m, &image);
+        let (x, taps) = (&maps[0], &maps[1..]);
+        for p in [0.1, 0.4, 0.8] {
+            let kept = random_kept(&mut rng, m.cut.h * m.cut.w, p);
+            let err = rel_err(
+                &sparse_with(&m, x, taps, &kept),
+                &dense_masked_with(&m, x, taps, &kept),
+            );
+            assert!(err <= TOL, "seed {seed}, keep p={p}: relative error {err}");
+        }
+        let all: Vec<u32> = (0..(m.cut.h * m.cut.w) as u32).collect();
+        let shapes = m.cut.suffix_input_shapes();
+        let inputs: Vec<(&[usize], &[f32])> = shapes
+            .iter()
+            .zip(std::iter::once(x).chain(taps))
+            .map(|(s, v)| (&s[..], &v[..]))
+            .collect();
+        let dense = m.dense_suffix.run_many(&inputs).unwrap();
+        let err = rel_err(&sparse_with(&m, x, taps, &all), &dense);
+        assert!(err <= TOL, "seed {seed}: every token kept vs dense, {err}");
+    }
+}
