@@ -55,17 +55,36 @@ pub fn matmul(
         });
         return;
     }
-    // SAFETY: the asserts above bound every row rowgemm reads and writes;
-    // `w.data` is exactly k × n.
+    matmul_rows(m, a, lda, (&w.data, w.k, w.n), c, ldc, accumulate);
+}
+
+/// [`matmul`] with the weights as a row-major `k × n` slice (a block of
+/// rows of a larger matrix), several rows at a time.
+pub fn matmul_rows(
+    m: usize,
+    a: &[f32],
+    lda: usize,
+    (w, k, n): (&[f32], usize, usize),
+    c: &mut [f32],
+    ldc: usize,
+    accumulate: bool,
+) {
+    if m == 0 || n == 0 {
+        return;
+    }
+    assert!(a.len() >= (m - 1) * lda + k, "gemm: A too short");
+    assert!(c.len() >= (m - 1) * ldc + n, "gemm: C too short");
+    assert!(w.len() >= k * n, "gemm: W too short");
+    // SAFETY: the asserts above bound every row rowgemm reads and writes.
     unsafe {
         crate::rowgemm::sgemm(
             m,
-            w.k,
-            w.n,
+            k,
+            n,
             a.as_ptr(),
             lda,
-            w.data.as_ptr(),
-            w.n,
+            w.as_ptr(),
+            n,
             if accumulate { 1.0 } else { 0.0 },
             c.as_mut_ptr(),
             ldc,

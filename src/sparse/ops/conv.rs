@@ -13,7 +13,12 @@ use super::{ActivationKind, Depthwise, Linear, OnnxNode, Op, Tensor};
 use crate::onnx::{attr_i64, conv_pads, label};
 use crate::sparse::launch::{Family, Kernel, KernelArgs, StepIo};
 use crate::sparse::{
-    buffers::Buffers, frame::Frame, gemm, rulebook::Window, tokens::DROPPED, value::Shape,
+    buffers::Buffers,
+    frame::Frame,
+    gemm,
+    rulebook::{Rulebook, Window},
+    tokens::{DROPPED, INACTIVE},
+    value::Shape,
     value::Value,
 };
 use crate::threads::par_rows;
@@ -68,6 +73,9 @@ impl Conv {
                 self.cout,
                 true,
             ),
+            Some(rb)
+                if self.window.transposed
+                    && self.transposed_rows(x, &frame.rulebooks[rb], first, y) => {}
             Some(rb) => {
                 let rb = &frame.rulebooks[rb];
                 let (cin_g, cout_g) = (self.cin / self.groups, self.cout / self.groups);
@@ -104,6 +112,62 @@ impl Conv {
         if let Some(a) = self.act {
             a.apply_all(y);
         }
+    }
+}
+
+impl Conv {
+    /// A transposed conv's rows `first..` (holding the bias) when each reads
+    /// exactly one input token through one tap, as with kernel = stride:
+    /// grouped by that tap, each group is one product with the tap's
+    /// `cin × cout` weights, where an im2col over every tap would multiply
+    /// three zero taps in four. False (nothing written) when some row reads
+    /// no token or several, for the general path.
+    fn transposed_rows(&self, x: &[f32], rb: &Rulebook, first: usize, y: &mut [f32]) -> bool {
+        let rows = y.len() / self.cout;
+        let mut by_tap: Vec<Vec<(usize, usize)>> = vec![Vec::new(); rb.taps];
+        for n in 0..rows {
+            let mut reads = rb
+                .row(first + n)
+                .iter()
+                .enumerate()
+                .filter(|(_, &i)| i != INACTIVE);
+            match (reads.next(), reads.next()) {
+                (Some((t, &i)), None) if i != DROPPED => by_tap[t].push((n, i as usize)),
+                _ => return false,
+            }
+        }
+        let (cin_g, cout_g) = (self.cin / self.groups, self.cout / self.groups);
+        COLS.with(|cols| {
+            let mut cols = cols.borrow_mut();
+            for (g, w) in self.weights.iter().enumerate() {
+                for (t, list) in by_tap.iter().enumerate() {
+                    let m = list.len();
+                    if m == 0 {
+                        continue;
+                    }
+                    let need = m * (cin_g + cout_g);
+                    if cols.len() < need {
+                        cols.resize(need, 0.0);
+                    }
+                    let (a, c) = cols[..need].split_at_mut(m * cin_g);
+                    for ((&(n, i), a), c) in list
+                        .iter()
+                        .zip(a.chunks_exact_mut(cin_g))
+                        .zip(c.chunks_exact_mut(cout_g))
+                    {
+                        a.copy_from_slice(&x[i * self.cin + g * cin_g..][..cin_g]);
+                        c.copy_from_slice(&y[n * self.cout + g * cout_g..][..cout_g]);
+                    }
+                    // The bias, then the tap's products in input-channel order.
+                    let wt = &w.data[t * cin_g * cout_g..(t + 1) * cin_g * cout_g];
+                    gemm::matmul_rows(m, a, cin_g, (wt, cin_g, cout_g), c, cout_g, true);
+                    for (&(n, _), c) in list.iter().zip(c.chunks_exact(cout_g)) {
+                        y[n * self.cout + g * cout_g..][..cout_g].copy_from_slice(c);
+                    }
+                }
+            }
+        });
+        true
     }
 }
 
