@@ -33,7 +33,7 @@ pub unsafe fn sgemm(
 ) {
     debug_assert!(beta == 0.0 || beta == 1.0);
     #[cfg(target_arch = "x86_64")]
-    if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
+    if sums_in_order() {
         let g = Gemm {
             k,
             a,
@@ -44,8 +44,8 @@ pub unsafe fn sgemm(
             rsc,
             acc: beta != 0.0,
         };
-        // SAFETY: AVX2 and FMA were just detected; the caller vouches for
-        // the matrices.
+        // SAFETY: `sums_in_order` just detected AVX2 and FMA; the caller
+        // vouches for the matrices.
         return unsafe { g.run(m, n) };
     }
     // SAFETY: as documented above, with unit column strides.
@@ -69,9 +69,9 @@ pub unsafe fn sgemm(
     }
 }
 
-/// True when [`sgemm`] sums each output's K products in order, from zero
-/// (β = 0), with one rounding each (fused multiply-adds): the register
-/// tiles. `matrixmultiply` promises no order.
+/// True when [`sgemm`] runs its register tiles (AVX2 and FMA): each
+/// output's K products summed in order, from zero (β = 0), with one
+/// rounding each. `matrixmultiply`, elsewhere, promises no order.
 pub fn sums_in_order() -> bool {
     #[cfg(target_arch = "x86_64")]
     if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {

@@ -73,49 +73,52 @@ impl Conv {
                 self.cout,
                 true,
             ),
-            Some(rb)
-                if self.window.transposed
-                    && self.transposed_rows(x, &frame.rulebooks[rb], first, y) => {}
             Some(rb) => {
                 let rb = &frame.rulebooks[rb];
-                let (cin_g, cout_g) = (self.cin / self.groups, self.cout / self.groups);
-                let k = rb.taps * cin_g;
-                COLS.with(|cols| {
-                    let mut cols = cols.borrow_mut();
-                    if cols.len() < rows * k {
-                        cols.resize(rows * k, 0.0);
-                    }
-                    let cols = &mut cols[..rows * k];
-                    for (g, w) in self.weights.iter().enumerate() {
-                        for (n, col) in cols.chunks_exact_mut(k).enumerate() {
-                            for (&i, dst) in
-                                rb.row(first + n).iter().zip(col.chunks_exact_mut(cin_g))
-                            {
-                                match (i, self.fill.as_deref()) {
-                                    (DROPPED, Some(f)) => {
-                                        dst.copy_from_slice(&f[g * cin_g..(g + 1) * cin_g])
-                                    }
-                                    // Padding, or a dropped position holding zero.
-                                    (i, _) if i >= DROPPED => dst.fill(0.0),
-                                    (i, _) => {
-                                        let src = i as usize * self.cin + g * cin_g;
-                                        dst.copy_from_slice(&x[src..src + cin_g]);
-                                    }
-                                }
-                            }
-                        }
-                        gemm::matmul(rows, cols, k, w, &mut y[g * cout_g..], self.cout, true);
-                    }
-                });
+                if !(self.window.transposed && self.transposed_rows(x, rb, first, y)) {
+                    self.im2col_rows(x, rb, first, y);
+                }
             }
         }
         if let Some(a) = self.act {
             a.apply_all(y);
         }
     }
-}
 
-impl Conv {
+    /// Rows `first..` (holding the bias) of a conv read through a rulebook:
+    /// each output row's taps gathered into an im2col row (a dropped
+    /// neighbour's fill vector, or zero), then one product per group.
+    fn im2col_rows(&self, x: &[f32], rb: &Rulebook, first: usize, y: &mut [f32]) {
+        let rows = y.len() / self.cout;
+        let (cin_g, cout_g) = (self.cin / self.groups, self.cout / self.groups);
+        let k = rb.taps * cin_g;
+        COLS.with(|cols| {
+            let mut cols = cols.borrow_mut();
+            if cols.len() < rows * k {
+                cols.resize(rows * k, 0.0);
+            }
+            let cols = &mut cols[..rows * k];
+            for (g, w) in self.weights.iter().enumerate() {
+                for (n, col) in cols.chunks_exact_mut(k).enumerate() {
+                    for (&i, dst) in rb.row(first + n).iter().zip(col.chunks_exact_mut(cin_g)) {
+                        match (i, self.fill.as_deref()) {
+                            (DROPPED, Some(f)) => {
+                                dst.copy_from_slice(&f[g * cin_g..(g + 1) * cin_g])
+                            }
+                            // Padding, or a dropped position holding zero.
+                            (i, _) if i >= DROPPED => dst.fill(0.0),
+                            (i, _) => {
+                                let src = i as usize * self.cin + g * cin_g;
+                                dst.copy_from_slice(&x[src..src + cin_g]);
+                            }
+                        }
+                    }
+                }
+                gemm::matmul(rows, cols, k, w, &mut y[g * cout_g..], self.cout, true);
+            }
+        });
+    }
+
     /// A transposed conv's rows `first..` (holding the bias) when each reads
     /// exactly one input token through one tap, as with kernel = stride:
     /// grouped by that tap, each group is one product with the tap's

@@ -41,8 +41,7 @@ def with_energy(m, head, offset, rule, fills=None):
     layer's output name)."""
     g = m.graph
     out = "ersm.out"
-    cut = getattr(head, "cut", "s8")
-    if cut == "s4":
+    if head.cut == "s4":
         # The energy layer reads the stride-4 map averaged to its 80×60
         # tokens; nothing reads its output: the stride-8 stage and the
         # lateral read the stride-4 map, which ersm gathers under the kept
