@@ -324,14 +324,7 @@ fn suffix_reading_prefix_maps_with_several_outputs_matches_reference() {
             );
         }
         let all: Vec<u32> = (0..(m.cut.h * m.cut.w) as u32).collect();
-        let shapes = m.cut.suffix_input_shapes();
-        let values = std::iter::once(x).chain(taps);
-        let inputs: Vec<(&[usize], &[f32])> = shapes
-            .iter()
-            .zip(values)
-            .map(|(s, v)| (&s[..], &v[..]))
-            .collect();
-        let dense = m.dense_suffix.run_many(&inputs).unwrap();
+        let dense = dense_suffix_with(&m, x, taps);
         let err = rel_err(&sparse_with(&m, x, taps, &all), &dense);
         assert!(
             err <= TOL,
@@ -414,13 +407,7 @@ fn energy_on_a_pooled_map_with_the_suffix_reading_the_finer_map() {
             assert!(err <= TOL, "seed {seed}, keep p={p}: relative error {err}");
         }
         let all: Vec<u32> = (0..(m.cut.h * m.cut.w) as u32).collect();
-        let shapes = m.cut.suffix_input_shapes();
-        let inputs: Vec<(&[usize], &[f32])> = shapes
-            .iter()
-            .zip(std::iter::once(x).chain(taps))
-            .map(|(s, v)| (&s[..], &v[..]))
-            .collect();
-        let dense = m.dense_suffix.run_many(&inputs).unwrap();
+        let dense = dense_suffix_with(&m, x, taps);
         let err = rel_err(&sparse_with(&m, x, taps, &all), &dense);
         assert!(err <= TOL, "seed {seed}: every token kept vs dense, {err}");
     }

@@ -820,6 +820,20 @@ pub fn dense_masked_with(m: &ModelPackage, x: &[f32], taps: &[Vec<f32>], kept: &
     net.run_many(&inputs).expect("reference runs")
 }
 
+/// The dense suffix (tract, every token) on features `x` and the prefix maps
+/// `taps` (in the cut's order).
+pub fn dense_suffix_with(m: &ModelPackage, x: &[f32], taps: &[Vec<f32>]) -> Vec<f32> {
+    let shapes = m.cut.suffix_input_shapes();
+    let inputs: Vec<(&[usize], &[f32])> = shapes
+        .iter()
+        .zip(std::iter::once(x).chain(taps.iter().map(Vec::as_slice)))
+        .map(|(s, v)| (&s[..], v))
+        .collect();
+    m.dense_suffix
+        .run_many(&inputs)
+        .expect("the dense suffix runs")
+}
+
 /// The sparse suffix's output (scattered to dense) for features `x` and kept tokens.
 pub fn sparse(m: &ModelPackage, x: &[f32], kept: &[u32]) -> Vec<f32> {
     sparse_with(m, x, &[], kept)
