@@ -47,39 +47,69 @@ struct Taps<'a> {
     fill_taps: Option<&'a [f32]>,
 }
 
+/// Channels one pass of [`rows`] sums in registers: four AVX2 vectors, so
+/// each tap loads only its input and weights (the sums were loaded and stored
+/// at every tap before: 1.5–2× slower). Every channel of CenterFace's
+/// sparse depthwise convs (192–960) is a multiple of it.
+const BLOCK: usize = 32;
+
 /// Output rows `first..` into `y`: bias, then every tap in order (an active
 /// one multiplies, a dropped one adds its precomputed fill term, padding adds
 /// nothing). `FMA` selects fused multiply-adds (one rounding) over a
-/// multiply then an add.
+/// multiply then an add. Channels run in blocks of [`BLOCK`], each block's
+/// sums held across the taps; the order per channel is the same.
 #[inline(always)]
 fn rows<const FMA: bool>(x: &[f32], rb: &Rulebook, k: Taps<'_>, first: usize, y: &mut [f32]) {
-    let Taps {
-        weights,
-        bias,
-        fill_taps,
-    } = k;
-    let c = bias.len();
+    let c = k.bias.len();
     for (n, out) in y.chunks_exact_mut(c).enumerate() {
-        out.copy_from_slice(bias);
-        for (t, &i) in rb.row(first + n).iter().enumerate() {
-            if i >= DROPPED {
-                if let (DROPPED, Some(f)) = (i, fill_taps) {
-                    out.iter_mut()
-                        .zip(&f[t * c..(t + 1) * c])
-                        .for_each(|(o, &v)| *o += v);
-                }
-                continue;
+        let taps = rb.row(first + n);
+        let mut c0 = 0;
+        while c0 + BLOCK <= c {
+            let mut acc: [f32; BLOCK] = k.bias[c0..c0 + BLOCK].try_into().expect("block");
+            channels::<FMA, BLOCK>(x, taps, k, c0, &mut acc);
+            out[c0..c0 + BLOCK].copy_from_slice(&acc);
+            c0 += BLOCK;
+        }
+        if c0 < c {
+            let tail = &mut out[c0..];
+            tail.copy_from_slice(&k.bias[c0..]);
+            channels::<FMA, 0>(x, taps, k, c0, tail);
+        }
+    }
+}
+
+/// Adds one output token's taps to the sums `acc` of channels `c0..`
+/// (`acc.len()` of them; `N` is that length when fixed, 0 when not, so the
+/// fixed case unrolls into registers).
+#[inline(always)]
+fn channels<const FMA: bool, const N: usize>(
+    x: &[f32],
+    taps: &[u32],
+    k: Taps<'_>,
+    c0: usize,
+    acc: &mut [f32],
+) {
+    let c = k.bias.len();
+    let len = if N > 0 { N } else { acc.len() };
+    let acc = &mut acc[..len];
+    for (t, &i) in taps.iter().enumerate() {
+        if i >= DROPPED {
+            if let (DROPPED, Some(f)) = (i, k.fill_taps) {
+                acc.iter_mut()
+                    .zip(&f[t * c + c0..][..len])
+                    .for_each(|(o, &v)| *o += v);
             }
-            let xs = &x[i as usize * c..(i as usize + 1) * c];
-            let ws = &weights[t * c..(t + 1) * c];
-            if FMA {
-                for ((o, &xv), &wv) in out.iter_mut().zip(xs).zip(ws) {
-                    *o = xv.mul_add(wv, *o);
-                }
-            } else {
-                for ((o, &xv), &wv) in out.iter_mut().zip(xs).zip(ws) {
-                    *o += xv * wv;
-                }
+            continue;
+        }
+        let xs = &x[i as usize * c + c0..][..len];
+        let ws = &k.weights[t * c + c0..][..len];
+        if FMA {
+            for ((o, &xv), &wv) in acc.iter_mut().zip(xs).zip(ws) {
+                *o = xv.mul_add(wv, *o);
+            }
+        } else {
+            for ((o, &xv), &wv) in acc.iter_mut().zip(xs).zip(ws) {
+                *o += xv * wv;
             }
         }
     }
