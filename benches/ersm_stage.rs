@@ -145,6 +145,49 @@ fn main() {
             }
         }
     }
+    // The shipped face package's head (five dilated separable convs, 34 M
+    // multiply-adds) on its 80×60 map, on one thread and on every core, as
+    // `ersm bench` runs it: the energy layer's share of a CenterFace frame.
+    let face = ersm::model::CutModel::load(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/models/centerface_ersm"
+    ))
+    .expect("the bundled face package loads");
+    let (c, h, w) = (face.cut.c, face.cut.h, face.cut.w);
+    let x: Vec<f32> = (0..c * h * w)
+        .map(|i| {
+            let (ch, p) = (i / (h * w), i % (h * w));
+            let (y, xx) = ((p / w) as f32, (p % w) as f32);
+            ((y * 0.11 + ch as f32).sin() * (xx * 0.07 - ch as f32 * 0.3).cos()).max(0.0) * 2.0
+        })
+        .collect();
+    let fm = FeatureMap::new(&x, c, h, w).unwrap();
+    for n in [1, ersm::threads::Threads::available()] {
+        let threads = ersm::threads::Threads::new(n).unwrap();
+        let (us, keep) = threads.install(|| {
+            let keep = cpu::compute(fm, &face.energy).unwrap().keep_ratio();
+            let us = median(
+                (0..60)
+                    .map(|_| {
+                        let t = Instant::now();
+                        std::hint::black_box(cpu::compute(fm, &face.energy).unwrap());
+                        t.elapsed().as_secs_f64() * 1e6
+                    })
+                    .collect(),
+            );
+            (us, keep)
+        });
+        println!(
+            "{:>10} {:>4} {:>6} {:>6.3} {:>8} {:>12.2}   ({n} thread(s))",
+            format!("{w}×{h}"),
+            c,
+            "face",
+            keep,
+            "cpu",
+            us
+        );
+        rows.push(serde_json::json!({"map": format!("{w}x{h}"), "channels": c, "head": "centerface_ersm", "threads": n, "keep": keep, "device": "cpu", "us_per_frame": us}));
+    }
     if let Some(path) = json {
         std::fs::write(&path, serde_json::to_string_pretty(&rows).unwrap()).unwrap();
     }

@@ -351,3 +351,63 @@ fn near_tie_at_the_minimum_keeps_the_first_lowest() {
     let first = mask.energies.iter().position(|&e| e == min).unwrap();
     assert_eq!(mask.kept, vec![first as u32]);
 }
+
+/// The CPU energy layer keeps its work buffers (padded grids, layer outputs,
+/// sums) across frames on each thread: a frame computed after another, its
+/// buffers full of that frame's values, gives the bits a fresh thread gives.
+#[test]
+fn a_frame_after_another_gives_the_bits_of_a_first_frame() {
+    let (c, h, w) = (4usize, 9usize, 13usize);
+    let wave = |n: usize, f: f32| -> Vec<f32> { (0..n).map(|i| (i as f32 * f).sin()).collect() };
+    let depthwise = |d: usize| HeadConv {
+        cin: c,
+        cout: c,
+        k: 3,
+        groups: c,
+        dilation: d,
+        weight: wave(c * 9, 0.7),
+        bias: vec![0.1; c],
+        relu: false,
+    };
+    let pointwise = HeadConv {
+        cin: c,
+        cout: c,
+        k: 1,
+        groups: 1,
+        dilation: 1,
+        weight: wave(c * c, 1.3),
+        bias: vec![-0.2; c],
+        relu: true,
+    };
+    let spec = EnergySpec {
+        head: UnaryHead::Conv {
+            layers: vec![depthwise(1), pointwise.clone(), depthwise(2), pointwise],
+            head: Box::new(UnaryHead::TwoLayer {
+                w1: wave(3 * c, 0.9),
+                b1: vec![0.05; 3],
+                w2: vec![0.5, -0.7, 0.3],
+                b2: 0.1,
+            }),
+        },
+        lambda: 0.25,
+        tau: 1.0,
+        steps: 2,
+        neighbourhood: Neighbourhood::Four,
+    };
+    // Large values first, so anything the second frame read from them shows.
+    let first: Vec<f32> = (0..c * h * w).map(|i| 1e3 + i as f32).collect();
+    let second = wave(c * h * w, 0.37);
+    let fresh = {
+        let (x, spec) = (second.clone(), spec.clone());
+        std::thread::spawn(move || {
+            cpu::compute(FeatureMap::new(&x, c, h, w).unwrap(), &spec).unwrap()
+        })
+        .join()
+        .unwrap()
+    };
+    cpu::compute(FeatureMap::new(&first, c, h, w).unwrap(), &spec).unwrap();
+    let after = cpu::compute(FeatureMap::new(&second, c, h, w).unwrap(), &spec).unwrap();
+    let bits = |e: &[f32]| e.iter().map(|v| v.to_bits()).collect::<Vec<_>>();
+    assert_eq!(bits(&after.energies), bits(&fresh.energies));
+    assert_eq!(after.kept, fresh.kept);
+}

@@ -23,13 +23,16 @@ pub fn unary(x: FeatureMap<'_>, head: &UnaryHead) -> Vec<f32> {
                 bias: b1.clone(),
                 relu: true,
             };
-            let planes = conv(x, &hidden);
+            let mut planes = scratch::take(hidden.cout * x.h * x.w);
+            conv_into(x, &hidden, &mut planes);
             let h = FeatureMap {
                 data: &planes,
                 c: b1.len(),
                 ..x
             };
-            linear(h, w2, *b2)
+            let u = linear(h, w2, *b2);
+            scratch::give(planes);
+            u
         }
         UnaryHead::Conv { layers, head } => {
             // The first conv reads the feature map itself; each later one its
@@ -42,7 +45,11 @@ pub fn unary(x: FeatureMap<'_>, head: &UnaryHead) -> Vec<f32> {
                     c,
                     ..x
                 };
-                map = Some(conv(input, l));
+                let mut out = scratch::take(l.cout * x.h * x.w);
+                conv_into(input, l, &mut out);
+                if let Some(done) = map.replace(out) {
+                    scratch::give(done);
+                }
                 c = l.cout;
             }
             let input = FeatureMap {
@@ -50,7 +57,11 @@ pub fn unary(x: FeatureMap<'_>, head: &UnaryHead) -> Vec<f32> {
                 c,
                 ..x
             };
-            unary(input, head)
+            let u = unary(input, head);
+            if let Some(done) = map {
+                scratch::give(done);
+            }
+            u
         }
     }
 }
@@ -72,9 +83,12 @@ fn linear(x: FeatureMap<'_>, w: &[f32], b: f32) -> Vec<f32> {
 
 /// Multiply-adds a thread must get before a head conv's output planes are
 /// split across threads. At 28×28 (MobileNetV2's cut at 224²) every layer of
-/// the shipped head is smaller, and splitting it measured slower: 0.40–0.46
-/// ms for the energy layer on two threads against 0.34–0.39 on one.
-const MIN_CHUNK_MACS: usize = 1 << 20;
+/// the classifier's head is smaller, and splitting it measured slower: 0.40–0.46
+/// ms for the energy layer on two threads against 0.34–0.39 on one. At 80×60
+/// (CenterFace) half of a depthwise layer's 32 planes is 0.7 M: split, the
+/// face head's energy layer takes 1.06–1.09 ms on two threads against
+/// 1.17–1.20 on one (it was 1.27 and 1.42 with 1 M and fresh buffers).
+const MIN_CHUNK_MACS: usize = 1 << 19;
 
 /// One conv layer of a unary head over the whole map (NCHW in, NCHW out).
 ///
@@ -86,37 +100,42 @@ const MIN_CHUNK_MACS: usize = 1 << 20;
 /// multiply-add is a long contiguous loop; the pad columns' outputs are
 /// dropped. Output planes are independent, so they run in parallel.
 pub fn conv(x: FeatureMap<'_>, l: &HeadConv) -> Vec<f32> {
+    let mut out = vec![0.0f32; l.cout * x.h * x.w];
+    conv_into(x, l, &mut out);
+    out
+}
+
+/// [`conv`] into `out` (`cout × h × w` values, every one written).
+fn conv_into(x: FeatureMap<'_>, l: &HeadConv, out: &mut [f32]) {
     if l.k == 1 && l.groups == 1 && crate::rowgemm::sums_in_order() {
-        return conv_1x1(x, l);
+        return conv_1x1(x, l, out);
     }
     let (h, w, hw) = (x.h, x.w, x.h * x.w);
     let (k, d) = (l.k, l.dilation);
     let r = d * (k / 2);
     let (hp, wp) = (h + 2 * r, w + 2 * r);
     // A 1×1 conv's grid is the map itself.
-    let padded: std::borrow::Cow<'_, [f32]> = if r == 0 {
-        x.data[..l.cin * hw].into()
+    let mut grid = None;
+    let padded: &[f32] = if r == 0 {
+        &x.data[..l.cin * hw]
     } else {
-        let mut padded = vec![0.0f32; l.cin * hp * wp];
-        for (c, plane) in padded.chunks_mut(hp * wp).enumerate() {
-            for y in 0..h {
-                plane[(y + r) * wp + r..][..w].copy_from_slice(&x.data[c * hw + y * w..][..w]);
-            }
+        let grid = grid.insert(scratch::take(l.cin * hp * wp));
+        for (c, plane) in grid.chunks_mut(hp * wp).enumerate() {
+            pad_plane(&x.data[c * hw..][..hw], w, r, plane);
         }
-        padded.into()
+        grid
     };
     // Output (y, x) sits at y * wp + x on the padded grid; tap (ky, kx) reads
     // that index plus d * (ky * wp + kx).
     let span = (h - 1) * wp + w;
     let (cin_g, cout_g) = (l.cin / l.groups, l.cout / l.groups);
-    let mut out = vec![0.0f32; l.cout * hw];
     // Planes are split across the run's threads only (never rayon's global
     // pool: `--threads 1` means one thread), and only in chunks big enough
     // to pay for waking a worker.
     let min_planes = MIN_CHUNK_MACS.div_ceil(cin_g * k * k * hw);
-    par_rows(&mut out, hw, min_planes, |first, planes| {
+    par_rows(out, hw, min_planes, |first, planes| {
         let n = planes.len() / hw;
-        let mut acc = vec![0.0f32; PLANE_BLOCK * span];
+        let mut sums = scratch::take(PLANE_BLOCK.min(n).min(cout_g) * span);
         let mut i = 0;
         while i < n {
             let co = first + i;
@@ -125,7 +144,7 @@ pub fn conv(x: FeatureMap<'_>, l: &HeadConv) -> Vec<f32> {
             // PLANE_BLOCK of them are summed together, so each input chunk
             // is read once from the cache for all of them.
             let outs = PLANE_BLOCK.min(n - i).min((g + 1) * cout_g - co);
-            let acc = &mut acc[..outs * span];
+            let acc = &mut sums[..outs * span];
             let block = TapBlock {
                 inputs: &padded[g * cin_g * hp * wp..][..cin_g * hp * wp],
                 taps: &l.weight[co * cin_g * k * k..][..outs * cin_g * k * k],
@@ -138,17 +157,38 @@ pub fn conv(x: FeatureMap<'_>, l: &HeadConv) -> Vec<f32> {
             for (j, sums) in acc.chunks_exact(span).enumerate() {
                 let b = l.bias[co + j];
                 let plane = &mut planes[(i + j) * hw..][..hw];
-                for y in 0..h {
-                    for (o, &a) in plane[y * w..][..w].iter_mut().zip(&sums[y * wp..][..w]) {
-                        let v = a + b;
-                        *o = if l.relu { v.max(0.0) } else { v };
+                for (row, sums) in plane.chunks_exact_mut(w).zip(sums.chunks(wp)) {
+                    let pairs = row.iter_mut().zip(sums);
+                    if l.relu {
+                        pairs.for_each(|(o, &a)| *o = (a + b).max(0.0));
+                    } else {
+                        pairs.for_each(|(o, &a)| *o = a + b);
                     }
                 }
             }
             i += outs;
         }
+        scratch::give(sums);
     });
-    out
+    if let Some(grid) = grid {
+        scratch::give(grid);
+    }
+}
+
+/// Copies one `h × w` plane (`w` values a row) into the middle of `plane`, a
+/// grid with `r` zeros on every side. Only the border is zeroed: the grid
+/// comes from the scratch with last frame's values in it.
+fn pad_plane(src: &[f32], w: usize, r: usize, plane: &mut [f32]) {
+    let wp = w + 2 * r;
+    let h = src.len() / w;
+    plane[..r * wp].fill(0.0);
+    plane[(r + h) * wp..].fill(0.0);
+    for (y, row) in src.chunks_exact(w).enumerate() {
+        let line = &mut plane[(y + r) * wp..][..wp];
+        line[..r].fill(0.0);
+        line[r..r + w].copy_from_slice(row);
+        line[r + w..].fill(0.0);
+    }
 }
 
 /// A dense 1×1 conv as one matrix product per thread's output planes
@@ -156,11 +196,10 @@ pub fn conv(x: FeatureMap<'_>, l: &HeadConv) -> Vec<f32> {
 /// channels in order with one rounding each: the order and the bits of
 /// [`taps_into`] and the CUDA kernel, at the speed of register tiles
 /// (most of the shipped head's multiply-adds are its 1×1 convs).
-fn conv_1x1(x: FeatureMap<'_>, l: &HeadConv) -> Vec<f32> {
+fn conv_1x1(x: FeatureMap<'_>, l: &HeadConv, out: &mut [f32]) {
     let hw = x.h * x.w;
-    let mut out = vec![0.0f32; l.cout * hw];
     let min_planes = MIN_CHUNK_MACS.div_ceil(l.cin * hw);
-    par_rows(&mut out, hw, min_planes, |first, planes| {
+    par_rows(out, hw, min_planes, |first, planes| {
         let n = planes.len() / hw;
         // SAFETY: the weights hold `cin` values for each of the `n` planes
         // from `first`, the map `cin` planes of `hw`, the output `n` planes.
@@ -186,7 +225,6 @@ fn conv_1x1(x: FeatureMap<'_>, l: &HeadConv) -> Vec<f32> {
             }
         }
     });
-    out
 }
 
 /// Output planes summed together by [`conv`].
@@ -433,4 +471,48 @@ pub fn compute(x: FeatureMap<'_>, spec: &EnergySpec) -> Result<TokenMask> {
         kept,
         features,
     })
+}
+
+/// Work buffers kept across frames on each thread: a head conv's output
+/// planes, its zero-padded input grid, its sums. The map's size is fixed, so
+/// from the second frame every request finds a buffer of its exact length
+/// and nothing is allocated or zeroed (fresh zeroed buffers were a quarter
+/// of the energy layer's time: 11 MB a frame at 80×60 tokens). What a
+/// buffer holds when taken is left from its last use: every user writes
+/// all of it before reading it.
+mod scratch {
+    use std::cell::RefCell;
+
+    /// Buffers kept per thread (a head holds at most three at once).
+    const KEEP: usize = 8;
+
+    thread_local! {
+        static FREE: RefCell<Vec<Vec<f32>>> = const { RefCell::new(Vec::new()) };
+    }
+
+    /// A buffer of `len` values: a free one of that length if there is one,
+    /// else the largest free one resized, else a new one.
+    pub fn take(len: usize) -> Vec<f32> {
+        let found = FREE.with(|f| {
+            let mut free = f.borrow_mut();
+            let at = free
+                .iter()
+                .position(|b| b.len() == len)
+                .or_else(|| (0..free.len()).max_by_key(|&i| free[i].capacity()));
+            at.map(|i| free.swap_remove(i))
+        });
+        let mut v = found.unwrap_or_default();
+        v.resize(len, 0.0);
+        v
+    }
+
+    /// Returns a buffer for later frames.
+    pub fn give(v: Vec<f32>) {
+        FREE.with(|f| {
+            let mut free = f.borrow_mut();
+            if free.len() < KEEP {
+                free.push(v);
+            }
+        });
+    }
 }
