@@ -198,7 +198,7 @@ impl Op for Conv {
             "conv input mismatch"
         );
         let n_out = frame.sets[self.out_level].len();
-        let mut y = bufs.take(n_out * self.cout);
+        let mut y = bufs.take_for_writing(n_out * self.cout);
         par_rows(&mut y, self.cout, MIN_ROWS, |first, rows| {
             self.rows(x, frame, first, rows)
         });

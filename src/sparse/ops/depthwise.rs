@@ -164,7 +164,7 @@ impl Op for Depthwise {
         );
         let rb = &frame.rulebooks[self.rulebook];
         let n_out = frame.sets[self.out_level].len();
-        let mut y = bufs.take(n_out * self.c);
+        let mut y = bufs.take_for_writing(n_out * self.c);
         let k = Taps {
             weights: &self.weights,
             bias: &self.bias,

@@ -102,7 +102,7 @@ impl Op for GatherMap {
             self.positions
         );
         let coords = &frame.sets[self.level].coords;
-        let mut rows = bufs.take(coords.len() * self.c);
+        let mut rows = bufs.take_for_writing(coords.len() * self.c);
         for (row, &i) in rows.chunks_exact_mut(self.c).zip(coords) {
             for (ch, v) in row.iter_mut().enumerate() {
                 *v = map[ch * self.positions + i as usize];

@@ -41,7 +41,7 @@ impl Op for Linear {
             self.weights.k,
             x.len()
         );
-        let mut y = bufs.take(self.bias.len());
+        let mut y = bufs.take_for_writing(self.bias.len());
         y.copy_from_slice(&self.bias);
         gemm::matmul(
             1,

@@ -123,7 +123,7 @@ impl Op for MergeBinary {
             &frame.rulebooks[self.rulebooks[1]],
         );
         let rows = frame.sets[self.out_level].len();
-        let mut y = bufs.take(rows * self.c);
+        let mut y = bufs.take_for_writing(rows * self.c);
         let zeros = vec![0.0; self.c];
         let (xa, xb) = (&inputs[0].data, &inputs[1].data);
         // Each operand's row (or fill) is found once per output row, then the
