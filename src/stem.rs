@@ -55,27 +55,35 @@ impl Patches {
             let hi = (w + pl).saturating_sub(kx).div_ceil(sx).min(ow);
             (lo, hi.max(lo))
         };
-        let mut planes = out.chunks_exact_mut(oh * ow);
-        for plane in image.chunks_exact(h * w).take(self.cin) {
-            for ky in 0..kh {
-                for kx in 0..kw {
-                    let dst = planes.next().expect("cin·kh·kw planes");
+        // Planes in parallel (27 of 76 800 values at 640×480: 8 MB a frame,
+        // 1.6 ms on one thread), each tap's row copied with a stride.
+        crate::threads::par_rows(
+            &mut out[..self.cin * kh * kw * oh * ow],
+            oh * ow,
+            1,
+            |first, planes| {
+                for (i, dst) in planes.chunks_exact_mut(oh * ow).enumerate() {
+                    let p = first + i;
+                    let (ci, ky, kx) = (p / (kh * kw), p / kw % kh, p % kw);
+                    let plane = &image[ci * h * w..][..h * w];
                     let (lo, hi) = cols(kx);
                     for (oy, d) in dst.chunks_exact_mut(ow).enumerate() {
                         let Some(y) = (oy * sy + ky).checked_sub(pt).filter(|&y| y < h) else {
                             d.fill(0.0);
                             continue;
                         };
-                        let row = &plane[y * w..][..w];
                         d[..lo].fill(0.0);
                         d[hi..].fill(0.0);
-                        for (ox, v) in d.iter_mut().enumerate().take(hi).skip(lo) {
-                            *v = row[ox * sx + kx - pl];
+                        if hi > lo {
+                            let src = &plane[y * w + lo * sx + kx - pl..][..(hi - lo - 1) * sx + 1];
+                            for (v, &x) in d[lo..hi].iter_mut().zip(src.iter().step_by(sx)) {
+                                *v = x;
+                            }
                         }
                     }
                 }
-            }
-        }
+            },
+        );
     }
 }
 
