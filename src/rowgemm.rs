@@ -114,10 +114,8 @@ impl Gemm {
             j += 8;
         }
         for j in j..n {
-            for i in 0..m {
-                // SAFETY: i < m, j < n, and the caller's bounds.
-                unsafe { self.scalar(i, j) };
-            }
+            // SAFETY: j < n, and the caller's bounds.
+            unsafe { self.column(m, j) };
         }
     }
 
@@ -176,6 +174,42 @@ impl Gemm {
                     _mm256_storeu_ps(self.c.add((i + r) * self.rsc + j + 8 * v), s);
                 }
             }
+        }
+    }
+
+    /// Column `j` (one past the last vector), eight rows at a time: eight
+    /// independent sums in order, where one row's sum alone waits on each
+    /// multiply-add's latency in turn (a CenterFace head's 1–2 output
+    /// channels over thousands of tokens: 8× faster). The rows left over
+    /// one at a time.
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn column(&self, m: usize, j: usize) {
+        const ROWS: usize = 8;
+        let mut i = 0;
+        // SAFETY (the loop): rows i..i + ROWS < m and column j are inside.
+        while i + ROWS <= m {
+            unsafe {
+                let mut s = [0.0f32; ROWS];
+                if self.acc {
+                    for (r, s) in s.iter_mut().enumerate() {
+                        *s = *self.c.add((i + r) * self.rsc + j);
+                    }
+                }
+                for p in 0..self.k {
+                    let b = *self.b.add(p * self.rsb + j);
+                    for (r, s) in s.iter_mut().enumerate() {
+                        *s = (*self.a.add((i + r) * self.rsa + p)).mul_add(b, *s);
+                    }
+                }
+                for (r, &s) in s.iter().enumerate() {
+                    *self.c.add((i + r) * self.rsc + j) = s;
+                }
+            }
+            i += ROWS;
+        }
+        for i in i..m {
+            // SAFETY: i < m, and column j inside.
+            unsafe { self.scalar(i, j) };
         }
     }
 
@@ -251,7 +285,8 @@ mod tests {
     }
 
     /// Every shape class: full tiles, leftover rows (1–5), 16- and 8-wide
-    /// strips and single columns, K from 1; with β 0 and 1.
+    /// strips and single columns (eight rows at a time and one by one), K
+    /// from 1; with β 0 and 1.
     #[test]
     fn matches_the_definition() {
         let mut seed = 7u32;
@@ -267,6 +302,8 @@ mod tests {
             (96, 16, 320),
             (24, 144, 41),
             (5, 32, 17),
+            // Narrow columns: eight rows at a time, then the rows left over.
+            (19, 24, 3),
         ] {
             let a: Vec<f32> = (0..m * k).map(|_| next()).collect();
             let b: Vec<f32> = (0..k * n).map(|_| next()).collect();
