@@ -17,6 +17,7 @@
 //! block is residual). Values equal tract's to rounding (the products sum
 //! in another order).
 
+use crate::stem::Patches;
 use crate::strided_depthwise::{accumulate_taps, depthwise_3x3, split_row};
 use anyhow::Result;
 use tract_core::internal::*;
@@ -88,6 +89,38 @@ fn rewrite_from(model: &mut TypedModel, min: Size) -> Result<usize> {
     Ok(found.len())
 }
 
+/// Lets the fused block that reads `model`'s input, when that input is the
+/// patch tensor of `stem` and the block its only reader, gather the patches
+/// itself, row by row as it expands them: the input becomes the image. At
+/// 640×480 the patch tensor is 8 MB a frame, written and read back (1.0 ms
+/// of the prefix on two threads); a patch row is 35 KB, used at once.
+/// Returns whether it did.
+pub fn fuse_stem(model: &mut TypedModel, stem: &Patches) -> Result<bool> {
+    let source = model.input_outlets()?[0];
+    let readers = &model.outlet_fact(source)?.shape;
+    if readers.as_concrete() != Some(&stem.shape()[..]) {
+        return Ok(false);
+    }
+    let succ = &model.nodes[source.node].outputs[source.slot].successors;
+    let [inlet] = succ.as_slice() else {
+        return Ok(false);
+    };
+    let id = inlet.node;
+    let Some(op) = model.nodes[id].op_as::<InvertedResidual>() else {
+        return Ok(false);
+    };
+    if inlet.slot != 0 || op.residual || op.stem.is_some() {
+        return Ok(false);
+    }
+    let op = InvertedResidual {
+        stem: Some(stem.clone()),
+        ..op.clone()
+    };
+    model.nodes[id].op = Box::new(op);
+    model.set_input_fact(0, f32::fact(stem.image_shape()))?;
+    Ok(true)
+}
+
 /// One block found: its three convs' nodes, the node whose output the op
 /// takes over (the projection or the residual add), and the op.
 struct Chain {
@@ -157,6 +190,7 @@ fn chain(model: &TypedModel, id: usize, min: Size) -> Result<Option<Chain>> {
         pad: d.pad,
         caps: [act1, act2],
         residual: residual.is_some(),
+        stem: None,
     };
     Ok(Some(Chain {
         expand,
@@ -254,6 +288,10 @@ pub struct InvertedResidual {
     caps: [u32; 2],
     /// Whether the block's input is added to its output.
     residual: bool,
+    /// When the block's expansion is the prefix's rewritten stem: the op
+    /// reads the image and gathers each patch row as it expands it
+    /// ([`fuse_stem`]), instead of a patch tensor gathered beforehand.
+    stem: Option<Patches>,
 }
 
 impl Op for InvertedResidual {
@@ -267,7 +305,11 @@ impl Op for InvertedResidual {
             self.channels,
             self.input,
             self.stride,
-            if self.residual { ", residual" } else { "" }
+            match (self.residual, &self.stem) {
+                (true, _) => ", residual",
+                (false, Some(_)) => ", patches of the image gathered row by row",
+                (false, None) => "",
+            }
         )])
     }
 
@@ -285,6 +327,8 @@ struct Scratch {
     /// The input row each ring slot holds.
     slot_row: [Option<usize>; 3],
     dw: Vec<f32>,
+    /// With a stem: the patch row being expanded.
+    patch: Vec<f32>,
 }
 
 impl InvertedResidual {
@@ -292,6 +336,14 @@ impl InvertedResidual {
     /// at stride 2, the padded row at stride 1.
     fn slot_len(&self) -> usize {
         self.output[1] + if self.stride == 2 { 1 } else { 2 }
+    }
+
+    /// Input values per image: the image's with a stem, else the map's.
+    fn image_len(&self) -> usize {
+        match &self.stem {
+            Some(p) => p.image_shape().iter().product(),
+            None => self.channels[0] * self.input[0] * self.input[1],
+        }
     }
 
     fn cap(bits: u32) -> f32 {
@@ -313,12 +365,13 @@ impl InvertedResidual {
         s: &mut Scratch,
         out: *mut f32,
     ) {
-        let [cin, ce, cp] = self.channels;
+        let [_, ce, cp] = self.channels;
         let [h, iw] = self.input;
         let [oh, ow] = self.output;
         let [we, be, wd, bd, wp, bp] = w;
         let (cap1, cap2) = (Self::cap(self.caps[0]), Self::cap(self.caps[1]));
-        let x = &x[n * cin * h * iw..(n + 1) * cin * h * iw];
+        let per_image = self.image_len();
+        let x = &x[n * per_image..(n + 1) * per_image];
         s.slot_row = [None; 3];
         let mut oy = rows.start;
         while oy < rows.end {
@@ -419,9 +472,19 @@ impl InvertedResidual {
         let [cin, ce, _] = self.channels;
         let [h, w] = self.input;
         let ow = self.output[1];
-        assert!(y < h && x.len() >= (cin - 1) * h * w + y * w + w);
-        // SAFETY: the assert bounds every read of x (cin rows of w values,
-        // stride h·w, from row y); we is ce × cin; raw holds ce × w.
+        assert!(y < h);
+        // The row's cin channels: rows of the map (stride h·w), or the
+        // patch row gathered from the image now.
+        let (rows, stride) = match &self.stem {
+            Some(p) => {
+                p.gather_row(x, y, &mut s.patch);
+                (&s.patch[..], w)
+            }
+            None => (&x[y * w..], h * w),
+        };
+        assert!(rows.len() >= (cin - 1) * stride + w);
+        // SAFETY: the assert bounds every read of the rows (cin rows of w
+        // values, `stride` apart); we is ce × cin; raw holds ce × w.
         unsafe {
             crate::rowgemm::sgemm(
                 ce,
@@ -429,8 +492,8 @@ impl InvertedResidual {
                 w,
                 we.as_ptr(),
                 cin,
-                x.as_ptr().add(y * w),
-                h * w,
+                rows.as_ptr(),
+                stride,
                 0.0,
                 s.raw.as_mut_ptr(),
                 w,
@@ -494,9 +557,16 @@ impl EvalOp for InvertedResidual {
         let [h, w] = self.input;
         let [oh, ow] = self.output;
         let shape = inputs[0].shape().to_vec();
+        let want = match &self.stem {
+            Some(p) => p.image_shape(),
+            None => [1, cin, h, w],
+        };
         anyhow::ensure!(
-            shape.len() == 4 && shape[1..] == [cin, h, w],
-            "ErsmInvertedResidual: input {shape:?}, built for [n, {cin}, {h}, {w}]"
+            shape.len() == 4 && shape[1..] == want[1..],
+            "ErsmInvertedResidual: input {shape:?}, built for [n, {}, {}, {}]",
+            want[1],
+            want[2],
+            want[3]
         );
         let views = inputs
             .iter()
@@ -531,6 +601,7 @@ impl EvalOp for InvertedResidual {
                 b: vec![0.0; if self.stride == 2 { 3 * ce * ow } else { 0 }],
                 slot_row: [None; 3],
                 dw: vec![0.0; ce * ROWS * ow],
+                patch: vec![0.0; if self.stem.is_some() { cin * w } else { 0 }],
             };
             let (start, end) = (first, first + run.len());
             let mut u = start;

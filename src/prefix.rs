@@ -61,6 +61,10 @@ pub struct TractNet {
     /// The first conv's patches, gathered from the input before the plan
     /// runs, when the stem was rewritten ([`crate::stem`]).
     stem: Option<Patches>,
+    /// Whether the plan's first block gathers the stem's patches itself
+    /// ([`crate::inverted_residual::fuse_stem`]): the plan then reads the
+    /// image.
+    stem_fused: bool,
     /// The graph as it was before the stem rewrite (only when it was
     /// rewritten), from which a GPU plan is prepared.
     unpatched: Option<ModelProto>,
@@ -125,9 +129,14 @@ impl TractNet {
         // other stride-2 depthwise conv, which tract runs on its scalar path,
         // runs as ersm's kernel with the same bits (`crate::strided_depthwise`),
         // unless `ERSM_STRIDED_DEPTHWISE=0` (to measure tract's own).
+        let mut stem_fused = false;
         if !std::env::var("ERSM_FUSED_BLOCKS").is_ok_and(|v| v == "0") {
             crate::inverted_residual::rewrite(&mut typed)
                 .with_context(|| format!("{what}: inverted-residual rewrite"))?;
+            if let Some(p) = &stem {
+                stem_fused = crate::inverted_residual::fuse_stem(&mut typed, p)
+                    .with_context(|| format!("{what}: stem into the first block"))?;
+            }
         }
         if !std::env::var("ERSM_STRIDED_DEPTHWISE").is_ok_and(|v| v == "0") {
             crate::strided_depthwise::rewrite(&mut typed)
@@ -144,6 +153,7 @@ impl TractNet {
             engine: Engine::Cpu,
             input_shape: input_shape.to_vec(),
             stem,
+            stem_fused,
             unpatched: None,
             patch_buf: Mutex::default(),
             output_shape,
@@ -154,6 +164,12 @@ impl TractNet {
     /// The stem's patches, when its first conv runs as a product over them.
     pub fn patches(&self) -> Option<&Patches> {
         self.stem.as_ref()
+    }
+
+    /// Whether the first fused block gathers the stem's patches itself, row
+    /// by row, from the image the plan reads.
+    pub fn stem_fused(&self) -> bool {
+        self.stem_fused
     }
 
     /// The same net prepared by tract-cuda on CUDA device 0 (cuDNN convolutions,
@@ -171,6 +187,7 @@ impl TractNet {
             engine: Engine::Cuda,
             input_shape: self.input_shape.clone(),
             stem: None,
+            stem_fused: false,
             unpatched: None,
             patch_buf: Mutex::default(),
             output_shape: self.output_shape.clone(),
@@ -225,9 +242,10 @@ impl TractNet {
     }
 
     /// `input` as the plan's input tensor: the patches when the stem was
-    /// rewritten, else the values themselves.
+    /// rewritten and the first block does not gather them itself, else the
+    /// values themselves.
     fn input(&self, input: &[f32]) -> Result<TValue> {
-        let Some(stem) = &self.stem else {
+        let Some(stem) = self.stem.as_ref().filter(|_| !self.stem_fused) else {
             return Ok(Tensor::from_shape(&self.input_shape, input)?.into());
         };
         let want: usize = self.input_shape.iter().product();

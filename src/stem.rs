@@ -18,7 +18,7 @@ use tract_onnx::pb::ModelProto;
 const MAX_CHANNELS: usize = 4;
 
 /// Where each patch value of a rewritten stem comes from.
-#[derive(Clone, Debug, PartialEq)]
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub struct Patches {
     cin: usize,
     h: usize,
@@ -41,49 +41,73 @@ impl Patches {
         ]
     }
 
+    /// The image the patches are gathered from: `[1, cin, h, w]`.
+    pub fn image_shape(&self) -> [usize; 4] {
+        [1, self.cin, self.h, self.w]
+    }
+
+    /// Patch channels: `cin·kh·kw`.
+    pub fn channels(&self) -> usize {
+        self.cin * self.kernel[0] * self.kernel[1]
+    }
+
     /// Gathers the patches of `image` (`[1, cin, h, w]`, row-major) into
     /// `out` (of [`Patches::shape`]'s length): channel `(ci·kh + ky)·kw + kx` holds
     /// every output position's tap `(ky, kx)` of input channel `ci`, zero
     /// where the tap falls in the padding. Every value of `out` is written.
     pub fn gather(&self, image: &[f32], out: &mut [f32]) {
-        let ([kh, kw], [sy, sx], [pt, pl], [oh, ow]) =
-            (self.kernel, self.stride, self.pad, self.out);
-        let (h, w) = (self.h, self.w);
-        // The output columns whose tap kx lands inside the row: ox in lo..hi.
-        let cols = |kx: usize| {
-            let lo = pl.saturating_sub(kx).div_ceil(sx);
-            let hi = (w + pl).saturating_sub(kx).div_ceil(sx).min(ow);
-            (lo, hi.max(lo))
-        };
+        let [oh, ow] = self.out;
         // Planes in parallel (27 of 76 800 values at 640×480: 8 MB a frame,
-        // 1.6 ms on one thread), each tap's row copied with a stride.
+        // 1.6 ms on one thread).
         crate::threads::par_rows(
-            &mut out[..self.cin * kh * kw * oh * ow],
+            &mut out[..self.channels() * oh * ow],
             oh * ow,
             1,
             |first, planes| {
                 for (i, dst) in planes.chunks_exact_mut(oh * ow).enumerate() {
-                    let p = first + i;
-                    let (ci, ky, kx) = (p / (kh * kw), p / kw % kh, p % kw);
-                    let plane = &image[ci * h * w..][..h * w];
-                    let (lo, hi) = cols(kx);
                     for (oy, d) in dst.chunks_exact_mut(ow).enumerate() {
-                        let Some(y) = (oy * sy + ky).checked_sub(pt).filter(|&y| y < h) else {
-                            d.fill(0.0);
-                            continue;
-                        };
-                        d[..lo].fill(0.0);
-                        d[hi..].fill(0.0);
-                        if hi > lo {
-                            let src = &plane[y * w + lo * sx + kx - pl..][..(hi - lo - 1) * sx + 1];
-                            for (v, &x) in d[lo..hi].iter_mut().zip(src.iter().step_by(sx)) {
-                                *v = x;
-                            }
-                        }
+                        self.tap_row(image, first + i, oy, d);
                     }
                 }
             },
         );
+    }
+
+    /// Output row `oy` of every patch channel of `image` into `out`
+    /// (`channels() × ow` values, channel by channel): what a consumer that
+    /// runs row by row reads, without the whole patch tensor in memory.
+    pub fn gather_row(&self, image: &[f32], oy: usize, out: &mut [f32]) {
+        let ow = self.out[1];
+        for (p, d) in out[..self.channels() * ow].chunks_exact_mut(ow).enumerate() {
+            self.tap_row(image, p, oy, d);
+        }
+    }
+
+    /// Row `oy` of patch channel `p` into `d` (`ow` values): each tap's row
+    /// of the image copied with the stride, zero in the padding.
+    fn tap_row(&self, image: &[f32], p: usize, oy: usize, d: &mut [f32]) {
+        let ([kh, kw], [sy, sx], [pt, pl]) = (self.kernel, self.stride, self.pad);
+        let (h, w) = (self.h, self.w);
+        let (ci, ky, kx) = (p / (kh * kw), p / kw % kh, p % kw);
+        let Some(y) = (oy * sy + ky).checked_sub(pt).filter(|&y| y < h) else {
+            d.fill(0.0);
+            return;
+        };
+        // The output columns whose tap kx lands inside the row: ox in lo..hi.
+        let lo = pl.saturating_sub(kx).div_ceil(sx);
+        let hi = (w + pl)
+            .saturating_sub(kx)
+            .div_ceil(sx)
+            .min(d.len())
+            .max(lo);
+        d[..lo].fill(0.0);
+        d[hi..].fill(0.0);
+        if hi > lo {
+            let src = &image[(ci * h + y) * w + lo * sx + kx - pl..][..(hi - lo - 1) * sx + 1];
+            for (v, &x) in d[lo..hi].iter_mut().zip(src.iter().step_by(sx)) {
+                *v = x;
+            }
+        }
     }
 }
 
@@ -201,7 +225,7 @@ mod tests {
     }
 
     #[test]
-    fn gather_matches_the_definition_for_any_stride_and_padding() {
+    fn gather_and_gather_row_match_the_definition_for_any_stride_and_padding() {
         for (h, w, k, s, pt, pl, pb, pr) in [
             (7, 9, [3, 3], [2, 2], 1, 1, 1, 1),
             (8, 8, [3, 3], [2, 2], 1, 1, 1, 1),
@@ -225,6 +249,14 @@ mod tests {
             let mut out = vec![f32::NAN; p.shape().iter().product()];
             p.gather(&image, &mut out);
             assert_eq!(out, naive(&p, &image), "{p:?}");
+            // Row by row, as the fused first block reads them.
+            let mut row = vec![f32::NAN; p.channels() * ow];
+            for oy in 0..oh {
+                p.gather_row(&image, oy, &mut row);
+                for (ch, r) in row.chunks_exact(ow).enumerate() {
+                    assert_eq!(r, &out[(ch * oh + oy) * ow..][..ow], "{p:?} row {oy}");
+                }
+            }
         }
     }
 }

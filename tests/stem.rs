@@ -207,3 +207,30 @@ fn stride_2_depthwise_convs_run_as_ersms_op_with_the_convs_values() {
         );
     }
 }
+
+/// A stem followed by an inverted-residual block (MobileNetV2's first): the
+/// fused block reads the image and gathers each patch row as it expands it,
+/// with the values of tract's own convs; two images in turn (its scratch
+/// rows reused), on two threads.
+#[test]
+fn the_first_fused_block_gathers_the_stems_patches_itself() {
+    for (seed, (h, w, stride)) in [(320, 256, 2), (201, 330, 2)].into_iter().enumerate() {
+        let mut b = Builder::new(20 + seed as u64);
+        let x = b.conv("image", 3, 16, 3, stride, [1; 4], 1);
+        let x = b.op("Relu", &[&x], vec![]);
+        let x = b.conv(&x, 16, 16, 3, 1, [1; 4], 16);
+        let x = b.op("Relu", &[&x], vec![]);
+        let y = b.conv(&x, 16, 8, 1, 1, [0; 4], 1);
+        let shape = [1, 3, h, w];
+        let proto = b.model(("image", &shape), &y);
+        let plain = TractNet::new(&proto, &shape, "plain").unwrap();
+        let fused = TractNet::from_image(&proto, &shape, "fused").unwrap();
+        assert!(!plain.stem_fused());
+        assert!(fused.stem_fused(), "{h}×{w}: the stem was not fused");
+        let threads = ersm::threads::Threads::new(2).unwrap();
+        for x in [image(3 * h * w), image(3 * h * w + 5)[5..].to_vec()] {
+            let (a, f) = threads.install(|| (plain.run(&x).unwrap(), fused.run(&x).unwrap()));
+            assert!(rel_err(&f, &a) < 1e-5, "{h}×{w}: {}", rel_err(&f, &a));
+        }
+    }
+}
