@@ -9,7 +9,11 @@
 //! `cin·kh·kw` patch channels at the output's size run as one packed
 //! matrix product: 0.69 ms, plus about 0.1 ms to gather the patches here.
 //! Each output still sums the same 27 products; only tract's kernel, not
-//! the arithmetic, changes.
+//! the arithmetic, changes. Where the stem is an inverted-residual block's
+//! expansion (MobileNetV2's first block, CenterFace's), that fused block
+//! gathers each patch row as it expands it ([`Patches::gather_row`],
+//! `inverted_residual::fuse_stem`) and the whole patch tensor is never
+//! written.
 
 use crate::onnx::{attr_i64, attr_ints, conv_pads};
 use tract_onnx::pb::ModelProto;
