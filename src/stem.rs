@@ -108,10 +108,26 @@ impl Patches {
         d[hi..].fill(0.0);
         if hi > lo {
             let src = &image[(ci * h + y) * w + lo * sx + kx - pl..][..(hi - lo - 1) * sx + 1];
-            for (v, &x) in d[lo..hi].iter_mut().zip(src.iter().step_by(sx)) {
-                *v = x;
-            }
+            strided_copy(&mut d[lo..hi], src, sx);
         }
+    }
+}
+
+/// `d[i] = src[i · s]`. At stride 2 (every MobileNet stem) in blocks of
+/// eight from sixteen, which the compiler turns into vector shuffles: the
+/// element-by-element loop was 2.6 % of a CenterFace bench's samples.
+fn strided_copy(d: &mut [f32], src: &[f32], s: usize) {
+    let mut done = 0;
+    if s == 2 {
+        for (d8, s16) in d.chunks_exact_mut(8).zip(src.chunks_exact(16)) {
+            for (i, v) in d8.iter_mut().enumerate() {
+                *v = s16[2 * i];
+            }
+            done += 8;
+        }
+    }
+    for (v, &x) in d[done..].iter_mut().zip(src[done * s..].iter().step_by(s)) {
+        *v = x;
     }
 }
 
@@ -236,6 +252,9 @@ mod tests {
             (6, 5, [3, 1], [1, 2], 0, 2, 1, 0),
             (5, 5, [5, 5], [3, 1], 2, 0, 0, 3),
             (4, 10, [2, 4], [1, 3], 0, 0, 0, 0),
+            // Stride 2 over rows long enough for the blocks of eight.
+            (5, 45, [3, 3], [2, 2], 1, 1, 1, 1),
+            (4, 38, [3, 3], [2, 2], 0, 2, 0, 1),
         ] {
             let cin = 3;
             let oh = (h + pt + pb - k[0]) / s[0] + 1;
