@@ -483,6 +483,38 @@ impl InvertedResidual {
             None => (&x[y * w..], h * w),
         };
         assert!(rows.len() >= (cin - 1) * stride + w);
+        let la = self.slot_len();
+        let pl = self.pad[1];
+        if self.stride == 1 && pl + w <= la {
+            // Straight into the ring slot's padded rows (row stride la),
+            // activated in place: no copy of the expanded row.
+            let slot = &mut s.a[at * ce * la..(at + 1) * ce * la];
+            // SAFETY: the assert bounds every read of the rows; we is
+            // ce × cin; the slot holds ce rows of la ≥ pl + w values.
+            unsafe {
+                crate::rowgemm::sgemm(
+                    ce,
+                    cin,
+                    w,
+                    we.as_ptr(),
+                    cin,
+                    rows.as_ptr(),
+                    stride,
+                    0.0,
+                    slot.as_mut_ptr().add(pl),
+                    la,
+                );
+            }
+            for (a, &bias) in slot.chunks_exact_mut(la).zip(be) {
+                // a[i] is input column i - pad_left, zero in the padding.
+                a[..pl].fill(0.0);
+                for v in a[pl..pl + w].iter_mut() {
+                    *v = (*v + bias).max(0.0).min(cap);
+                }
+                a[pl + w..].fill(0.0);
+            }
+            return;
+        }
         // SAFETY: the assert bounds every read of the rows (cin rows of w
         // values, `stride` apart); we is ce × cin; raw holds ce × w.
         unsafe {
@@ -504,14 +536,13 @@ impl InvertedResidual {
             for v in row.iter_mut() {
                 *v = (*v + bias).max(0.0).min(cap);
             }
-            let la = self.slot_len();
             let a = &mut s.a[(at * ce + c) * la..(at * ce + c + 1) * la];
             if self.stride == 2 {
                 let b = &mut s.b[(at * ce + c) * ow..(at * ce + c + 1) * ow];
                 split_row(row, self.pad[1], &mut s.padded, a, b);
             } else {
                 // a[i] is input column i - pad_left, zero in the padding.
-                let pl = self.pad[1].min(la);
+                let pl = pl.min(la);
                 let n = row.len().min(la - pl);
                 a[..pl].fill(0.0);
                 a[pl..pl + n].copy_from_slice(&row[..n]);
