@@ -485,38 +485,18 @@ impl InvertedResidual {
         assert!(rows.len() >= (cin - 1) * stride + w);
         let la = self.slot_len();
         let pl = self.pad[1];
-        if self.stride == 1 && pl + w <= la {
-            // Straight into the ring slot's padded rows (row stride la),
-            // activated in place: no copy of the expanded row.
-            let slot = &mut s.a[at * ce * la..(at + 1) * ce * la];
-            // SAFETY: the assert bounds every read of the rows; we is
-            // ce × cin; the slot holds ce rows of la ≥ pl + w values.
-            unsafe {
-                crate::rowgemm::sgemm(
-                    ce,
-                    cin,
-                    w,
-                    we.as_ptr(),
-                    cin,
-                    rows.as_ptr(),
-                    stride,
-                    0.0,
-                    slot.as_mut_ptr().add(pl),
-                    la,
-                );
-            }
-            for (a, &bias) in slot.chunks_exact_mut(la).zip(be) {
-                // a[i] is input column i - pad_left, zero in the padding.
-                a[..pl].fill(0.0);
-                for v in a[pl..pl + w].iter_mut() {
-                    *v = (*v + bias).max(0.0).min(cap);
-                }
-                a[pl + w..].fill(0.0);
-            }
-            return;
-        }
+        // At stride 1 the product goes straight into the ring slot's padded
+        // rows (row stride la) and is activated there: no copy of the
+        // expanded row. At stride 2 it goes to a row buffer, split below.
+        let in_place = self.stride == 1 && pl + w <= la;
+        let (dst, rsc) = if in_place {
+            (s.a[at * ce * la + pl..].as_mut_ptr(), la)
+        } else {
+            (s.raw.as_mut_ptr(), w)
+        };
         // SAFETY: the assert bounds every read of the rows (cin rows of w
-        // values, `stride` apart); we is ce × cin; raw holds ce × w.
+        // values, `stride` apart); we is ce × cin; dst holds ce rows of w
+        // values, rsc apart (the slot's ce rows of la ≥ pl + w, or raw).
         unsafe {
             crate::rowgemm::sgemm(
                 ce,
@@ -527,9 +507,21 @@ impl InvertedResidual {
                 rows.as_ptr(),
                 stride,
                 0.0,
-                s.raw.as_mut_ptr(),
-                w,
+                dst,
+                rsc,
             );
+        }
+        if in_place {
+            let slot = &mut s.a[at * ce * la..(at + 1) * ce * la];
+            for (a, &bias) in slot.chunks_exact_mut(la).zip(be) {
+                // a[i] is input column i - pad_left, zero in the padding.
+                a[..pl].fill(0.0);
+                for v in a[pl..pl + w].iter_mut() {
+                    *v = (*v + bias).max(0.0).min(cap);
+                }
+                a[pl + w..].fill(0.0);
+            }
+            return;
         }
         for (c, &bias) in be.iter().enumerate().take(ce) {
             let row = &mut s.raw[c * w..(c + 1) * w];
