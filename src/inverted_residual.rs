@@ -97,8 +97,8 @@ fn rewrite_from(model: &mut TypedModel, min: Size) -> Result<usize> {
 /// Returns whether it did.
 pub fn fuse_stem(model: &mut TypedModel, stem: &Patches) -> Result<bool> {
     let source = model.input_outlets()?[0];
-    let readers = &model.outlet_fact(source)?.shape;
-    if readers.as_concrete() != Some(&stem.shape()[..]) {
+    let shape = &model.outlet_fact(source)?.shape;
+    if shape.as_concrete() != Some(&stem.shape()[..]) {
         return Ok(false);
     }
     let succ = &model.nodes[source.node].outputs[source.slot].successors;

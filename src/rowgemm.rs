@@ -180,8 +180,8 @@ impl Gemm {
     /// Column `j` (one past the last vector), eight rows at a time: eight
     /// independent sums in order, where one row's sum alone waits on each
     /// multiply-add's latency in turn (a CenterFace head's 1–2 output
-    /// channels over thousands of tokens: 8× faster). The rows left over
-    /// one at a time.
+    /// channels over thousands of tokens: 2.4× faster, bound by the loads
+    /// now). The rows left over one at a time.
     #[target_feature(enable = "avx2,fma")]
     unsafe fn column(&self, m: usize, j: usize) {
         const ROWS: usize = 8;

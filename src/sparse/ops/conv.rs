@@ -97,16 +97,14 @@ impl Conv {
         let k = rb.taps * (self.cin / self.groups);
         // In blocks of about IM2COL_BYTES of im2col rows, each multiplied
         // while it is still in the cache (a whole chunk's rows are megabytes:
-        // written to memory, then read back). Blocks are even, so none is a
-        // single row (which takes the one-row product's summation).
-        let blocks = (rows * k * 4 / IM2COL_BYTES).clamp(1, rows.max(1));
-        let per = rows.div_ceil(blocks);
-        let mut start = 0;
-        while start < rows {
-            let n = per.min(rows - start);
-            let out = &mut y[start * self.cout..(start + n) * self.cout];
+        // written to memory, then read back). Blocks differ by one row at
+        // most and hold two at least, so none takes the one-row product's
+        // summation unless the chunk is one row.
+        let blocks = (rows * k * 4 / IM2COL_BYTES).clamp(1, (rows / 2).max(1));
+        for b in 0..blocks {
+            let (start, end) = (rows * b / blocks, rows * (b + 1) / blocks);
+            let out = &mut y[start * self.cout..end * self.cout];
             self.im2col_block(x, rb, first + start, k, out);
-            start += n;
         }
     }
 
