@@ -17,8 +17,9 @@
 //! block is residual). Values equal tract's to rounding (the products sum
 //! in another order).
 
+use crate::depthwise_row::{depthwise_row, TapRow};
 use crate::stem::Patches;
-use crate::strided_depthwise::{accumulate_taps, depthwise_3x3, split_row};
+use crate::strided_depthwise::{depthwise_3x3, split_row};
 use anyhow::Result;
 use tract_core::internal::*;
 use tract_core::ops::binary::TypedBinOp;
@@ -321,7 +322,6 @@ impl Op for InvertedResidual {
 /// depthwise rows awaiting the projection.
 struct Scratch {
     raw: Vec<f32>,
-    padded: Vec<f32>,
     a: Vec<f32>,
     b: Vec<f32>,
     /// The input row each ring slot holds.
@@ -394,25 +394,29 @@ impl InvertedResidual {
                     }
                     *slot = Some(at);
                 }
+                let la = self.slot_len();
                 for c in 0..ce {
                     let row = &mut s.dw[c * ROWS * ow + r * ow..c * ROWS * ow + (r + 1) * ow];
-                    row.fill(bd[c]);
+                    let mut taps: [TapRow<'_>; 3] = [[&[]; 3]; 3];
+                    let mut ks = [[0.0; 3]; 3];
+                    let mut m = 0;
                     for (ky, slot) in slots.iter().enumerate() {
                         let Some(at) = slot else { continue };
-                        let la = self.slot_len();
                         let a = &s.a[(at * ce + c) * la..(at * ce + c + 1) * la];
-                        let k = &wd[c * 9 + 3 * ky..c * 9 + 3 * ky + 3];
-                        let k = [k[0], k[1], k[2]];
-                        if self.stride == 2 {
+                        taps[m] = if self.stride == 2 {
                             let b = &s.b[(at * ce + c) * ow..(at * ce + c + 1) * ow];
-                            accumulate_taps(row, a, b, k);
+                            [a, b, &a[1..]]
                         } else {
-                            accumulate_taps_s1(row, a, k);
-                        }
+                            [a, &a[1..], &a[2..]]
+                        };
+                        ks[m] = [
+                            wd[c * 9 + 3 * ky],
+                            wd[c * 9 + 3 * ky + 1],
+                            wd[c * 9 + 3 * ky + 2],
+                        ];
+                        m += 1;
                     }
-                    for v in row.iter_mut() {
-                        *v = v.max(0.0).min(cap2);
-                    }
+                    depthwise_row::<true>(row, &taps[..m], &ks[..m], bd[c], cap2);
                 }
             }
             // out[n, :, oy..oy + count, :] = wp · dw + bp: each channel's rows
@@ -525,14 +529,14 @@ impl InvertedResidual {
         }
         for (c, &bias) in be.iter().enumerate().take(ce) {
             let row = &mut s.raw[c * w..(c + 1) * w];
-            for v in row.iter_mut() {
-                *v = (*v + bias).max(0.0).min(cap);
-            }
             let a = &mut s.a[(at * ce + c) * la..(at * ce + c + 1) * la];
             if self.stride == 2 {
                 let b = &mut s.b[(at * ce + c) * ow..(at * ce + c + 1) * ow];
-                split_row(row, self.pad[1], &mut s.padded, a, b);
+                split_row::<true>(row, bias, cap, self.pad[1], a, b);
             } else {
+                for v in row.iter_mut() {
+                    *v = (*v + bias).max(0.0).min(cap);
+                }
                 // a[i] is input column i - pad_left, zero in the padding.
                 let pl = pl.min(la);
                 let n = row.len().min(la - pl);
@@ -541,34 +545,6 @@ impl InvertedResidual {
                 a[pl + n..].fill(0.0);
             }
         }
-    }
-}
-
-/// One tap row of a stride-1 3×3 conv into an output row, on a padded row:
-/// `out[i] = out[i] + k0·a[i] + k1·a[i + 1] + k2·a[i + 2]`.
-fn accumulate_taps_s1(out: &mut [f32], a: &[f32], k: [f32; 3]) {
-    #[cfg(target_arch = "x86_64")]
-    if std::arch::is_x86_feature_detected!("avx") {
-        // SAFETY: the feature was just detected.
-        return unsafe { accumulate_taps_s1_avx(out, a, k) };
-    }
-    accumulate_taps_s1_any(out, a, k)
-}
-
-/// [`accumulate_taps_s1`] compiled for AVX.
-///
-/// # Safety
-/// The CPU must support AVX.
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx")]
-unsafe fn accumulate_taps_s1_avx(out: &mut [f32], a: &[f32], k: [f32; 3]) {
-    accumulate_taps_s1_any(out, a, k)
-}
-
-#[inline(always)]
-fn accumulate_taps_s1_any(out: &mut [f32], a: &[f32], [k0, k1, k2]: [f32; 3]) {
-    for (((o, &a0), &a1), &a2) in out.iter_mut().zip(a).zip(&a[1..]).zip(&a[2..]) {
-        *o = *o + k0 * a0 + k1 * a1 + k2 * a2;
     }
 }
 
@@ -618,7 +594,6 @@ impl EvalOp for InvertedResidual {
         crate::threads::par_rows(&mut units, 1, 4, |first, run| {
             let mut s = Scratch {
                 raw: vec![0.0; ce * w],
-                padded: vec![0.0; 2 * (ow + 1)],
                 a: vec![0.0; 3 * ce * self.slot_len()],
                 // The odd half of the parity split: stride 2 only.
                 b: vec![0.0; if self.stride == 2 { 3 * ce * ow } else { 0 }],

@@ -13,6 +13,7 @@ pub mod bench;
 pub mod caption;
 pub mod capture;
 pub mod cli;
+mod depthwise_row;
 pub mod detect;
 pub mod ersm;
 pub mod eval;

@@ -13,6 +13,7 @@
 //! bit for bit tract's: a tap in the padding adds a product with zero where
 //! tract skips it, which leaves every sum as it was.
 
+use crate::depthwise_row::{depthwise_row, TapRow};
 use anyhow::{Context, Result};
 use tract_core::internal::*;
 use tract_core::ops::cnn::{Conv, KernelFormat};
@@ -216,9 +217,6 @@ struct Split {
     pad: [usize; 2],
     a: Vec<f32>,
     b: Vec<f32>,
-    /// One input row with its padding, long enough for every column pair:
-    /// column i is input column i - pad_left.
-    padded: Vec<f32>,
 }
 
 impl Split {
@@ -230,7 +228,6 @@ impl Split {
             pad,
             a: vec![0.0; input[0] * (ow + 1)],
             b: vec![0.0; input[0] * ow],
-            padded: vec![0.0; 2 * (ow + 1)],
         }
     }
 
@@ -240,7 +237,7 @@ impl Split {
         for y in 0..h {
             let a = &mut self.a[y * (ow + 1)..(y + 1) * (ow + 1)];
             let b = &mut self.b[y * ow..(y + 1) * ow];
-            split_row(&x[y * w..(y + 1) * w], self.pad[1], &mut self.padded, a, b);
+            split_row::<false>(&x[y * w..(y + 1) * w], 0.0, 0.0, self.pad[1], a, b);
         }
     }
 
@@ -248,78 +245,72 @@ impl Split {
         let [h, _] = self.input;
         let [_, ow] = self.output;
         let pt = self.pad[0];
+        let k = [
+            [taps[0], taps[1], taps[2]],
+            [taps[3], taps[4], taps[5]],
+            [taps[6], taps[7], taps[8]],
+        ];
         for (oy, row) in out.chunks_exact_mut(ow).enumerate() {
-            row.fill(bias);
-            for ky in 0..3 {
+            let mut rows: [TapRow<'_>; 3] = [[&[]; 3]; 3];
+            let mut ks = [[0.0; 3]; 3];
+            let mut m = 0;
+            for (ky, &kr) in k.iter().enumerate() {
                 // The input row of tap row ky; outside it the taps add zeros.
                 let Some(y) = (2 * oy + ky).checked_sub(pt).filter(|&y| y < h) else {
                     continue;
                 };
                 let a = &self.a[y * (ow + 1)..(y + 1) * (ow + 1)];
                 let b = &self.b[y * ow..(y + 1) * ow];
-                accumulate_taps(
-                    row,
-                    a,
-                    b,
-                    [taps[3 * ky], taps[3 * ky + 1], taps[3 * ky + 2]],
-                );
+                rows[m] = [a, b, &a[1..]];
+                ks[m] = kr;
+                m += 1;
             }
+            depthwise_row::<false>(row, &rows[..m], &ks[..m], bias, 0.0);
         }
     }
 }
 
 /// Splits one input row by column parity for a stride-2 3×3 tap row:
 /// `a[j]` is column `2j - pad_left`, `b[j]` column `2j - pad_left + 1`, zero
-/// in the padding. `padded` (`2·(b.len() + 1)` long, zero wherever this
-/// never writes) holds the row shifted by its padding; `a` is one longer
-/// than `b`.
-pub(crate) fn split_row(
+/// in the padding; `a` is one longer than `b`. With `ACT` each value is
+/// first activated, `(v + bias)` clamped to `[0, cap]` (a fused block's
+/// expansion), in the same pass; without it `bias` and `cap` are unused.
+pub(crate) fn split_row<const ACT: bool>(
     row: &[f32],
+    bias: f32,
+    cap: f32,
     pad_left: usize,
-    padded: &mut [f32],
     a: &mut [f32],
     b: &mut [f32],
 ) {
     let ow = b.len();
-    // Columns past the last pair are never read; those in the padding stay
-    // zero from the start.
-    let n = row.len().min(padded.len().saturating_sub(pad_left));
-    padded[pad_left..pad_left + n].copy_from_slice(&row[..n]);
-    for ((pair, a), b) in padded.chunks_exact(2).zip(a.iter_mut()).zip(b.iter_mut()) {
-        *a = pair[0];
-        *b = pair[1];
+    assert_eq!(a.len(), ow + 1, "the even half is one longer than the odd");
+    let act = |v: f32| if ACT { (v + bias).max(0.0).min(cap) } else { v };
+    let at = |c: usize| match c.checked_sub(pad_left) {
+        Some(i) if i < row.len() => act(row[i]),
+        _ => 0.0,
+    };
+    // Pairs that lie inside the row go sixteen columns at a time, eight to
+    // each half, which the compiler turns into vector shuffles; the first
+    // pair (in the padding) and the row's end go one at a time.
+    let mut j = 0;
+    while j < ow && 2 * j < pad_left {
+        (a[j], b[j]) = (at(2 * j), at(2 * j + 1));
+        j += 1;
     }
-    a[ow] = padded[2 * ow];
-}
-
-/// One tap row of a stride-2 3×3 conv into an output row:
-/// `out[i] = out[i] + k0·a[i] + k1·b[i] + k2·a[i + 1]`, summed left to right
-/// (tract's order), on split rows ([`split_row`]).
-pub(crate) fn accumulate_taps(out: &mut [f32], a: &[f32], b: &[f32], k: [f32; 3]) {
-    #[cfg(target_arch = "x86_64")]
-    if std::arch::is_x86_feature_detected!("avx") {
-        // SAFETY: the feature was just detected.
-        return unsafe { accumulate_taps_avx(out, a, b, k) };
+    while j + 8 <= ow && 2 * j + 16 <= row.len() + pad_left {
+        let src: &[f32; 16] = row[2 * j - pad_left..][..16].try_into().expect("16");
+        let (ea, eb) = (&mut a[j..j + 8], &mut b[j..j + 8]);
+        for i in 0..8 {
+            ea[i] = act(src[2 * i]);
+            eb[i] = act(src[2 * i + 1]);
+        }
+        j += 8;
     }
-    accumulate_taps_any(out, a, b, k)
-}
-
-/// [`accumulate_taps`] compiled for AVX (without FMA, which would round
-/// differently from tract).
-///
-/// # Safety
-/// The CPU must support AVX.
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx")]
-unsafe fn accumulate_taps_avx(out: &mut [f32], a: &[f32], b: &[f32], k: [f32; 3]) {
-    accumulate_taps_any(out, a, b, k)
-}
-
-#[inline(always)]
-fn accumulate_taps_any(out: &mut [f32], a: &[f32], b: &[f32], [k0, k1, k2]: [f32; 3]) {
-    for (((o, &a0), &b0), &a1) in out.iter_mut().zip(a).zip(b).zip(&a[1..]) {
-        *o = *o + k0 * a0 + k1 * b0 + k2 * a1;
+    for j in j..ow {
+        (a[j], b[j]) = (at(2 * j), at(2 * j + 1));
     }
+    a[ow] = at(2 * ow);
 }
 
 #[cfg(test)]
@@ -359,6 +350,8 @@ mod tests {
             (3, 3, 3, [0, 0, 0, 0]),
             (16, 40, 33, [1, 1, 0, 0]),
             (2, 10, 12, [2, 2, 2, 2]),
+            (3, 5, 70, [1, 1, 1, 1]),
+            (2, 4, 67, [0, 0, 1, 1]),
         ] {
             let reference = conv_net([1, c], [h, w], pads, 2);
             let mut ours = reference.clone();
@@ -371,6 +364,34 @@ mod tests {
                 .zip(&b)
                 .all(|(p, q)| p.to_bits() == q.to_bits() || p == q);
             assert!(same, "{c}x{h}x{w} {pads:?}: {a:?} vs {b:?}");
+        }
+    }
+
+    #[test]
+    fn split_row_matches_its_definition_with_and_without_the_activation() {
+        for w in 1usize..50 {
+            let row: Vec<f32> = (0..w).map(|i| (i as f32 * 0.37).sin() * 4.0).collect();
+            for pad in 0..3 {
+                let ow = (w + pad).div_ceil(2);
+                let col = |c: usize, act: bool| match c.checked_sub(pad) {
+                    Some(i) if i < w && act => (row[i] + 0.5).clamp(0.0, 2.0),
+                    Some(i) if i < w => row[i],
+                    _ => 0.0,
+                };
+                for act in [false, true] {
+                    let (mut a, mut b) = (vec![9.0; ow + 1], vec![9.0; ow]);
+                    if act {
+                        split_row::<true>(&row, 0.5, 2.0, pad, &mut a, &mut b);
+                    } else {
+                        split_row::<false>(&row, 0.5, 2.0, pad, &mut a, &mut b);
+                    }
+                    for j in 0..ow {
+                        assert_eq!(a[j], col(2 * j, act), "w {w} pad {pad} a[{j}]");
+                        assert_eq!(b[j], col(2 * j + 1, act), "w {w} pad {pad} b[{j}]");
+                    }
+                    assert_eq!(a[ow], col(2 * ow, act), "w {w} pad {pad} a[{ow}]");
+                }
+            }
         }
     }
 
