@@ -187,9 +187,7 @@ pub fn preprocess(rgb: &[u8], width: usize, height: usize, p: &Preprocess) -> Re
     let xt = taps(width, rw, ox, ow);
     let yt = taps(height, rh, oy, oh);
     let n = ow * oh;
-    // Vertical pass first, over just the columns the crop reads: it runs along
-    // contiguous rows, so u8→f32 and the multiply-adds vectorise; the
-    // horizontal pass then only touches the `n` output rows.
+    // Over just the columns the crop reads.
     let col_lo = xt.iter().map(|t| t.start).min().unwrap_or(0);
     let col_hi = xt
         .iter()
@@ -198,6 +196,9 @@ pub fn preprocess(rgb: &[u8], width: usize, height: usize, p: &Preprocess) -> Re
         .unwrap_or(0);
     let span = (col_hi - col_lo) * 3;
     let cols = Columns::new(&xt, col_lo);
+    // Source rows the crop reads: tap starts and ends rise with the output row.
+    let src_rows =
+        yt.last().map_or(0, |t| t.start + t.weights.len()) - yt.first().map_or(0, |t| t.start);
     let mut out = vec![0.0f32; 3 * n];
     let mul: [f32; 3] = std::array::from_fn(|c| p.scale / p.std[c]);
     let add: [f32; 3] = std::array::from_fn(|c| -p.mean[c] / p.std[c]);
@@ -206,6 +207,51 @@ pub fn preprocess(rgb: &[u8], width: usize, height: usize, p: &Preprocess) -> Re
     // their ratio. The red plane is split; green and blue rows follow it.
     let (red, rest) = out.split_at_mut(n);
     let rest = SendPtr(rest.as_mut_ptr());
+    // SAFETY (both passes): `rest` holds the green then the blue plane (2·n
+    // values); row y of each belongs to the band holding red row y alone.
+    let green_blue = |y: usize| unsafe {
+        (
+            std::slice::from_raw_parts_mut(rest.get().add(y * ow), ow),
+            std::slice::from_raw_parts_mut(rest.get().add(n + y * ow), ow),
+        )
+    };
+    if src_rows < oh {
+        // Stretched taller (a CIF call, a 2.35:1 clip): the horizontal pass
+        // first, once per source row a band reads, then each output row is
+        // a few of those rows summed along contiguous planes. The other
+        // order ran the per-pixel horizontal taps on every output row: 3.3×
+        // the pixels from 144 source rows.
+        par_rows(red, ow, 8, |first, band| {
+            let last = &yt[first + band.len() / ow - 1];
+            let (lo, hi) = (yt[first].start, last.start + last.weights.len());
+            let mut row = vec![0.0f32; span + 3 * cols.k];
+            let mut planes = vec![0.0f32; (hi - lo) * 3 * ow];
+            for (y, p) in (lo..hi).zip(planes.chunks_exact_mut(3 * ow)) {
+                let src = &rgb[(y * width + col_lo) * 3..][..span];
+                row.iter_mut().zip(src).for_each(|(a, &v)| *a = v as f32);
+                let (r, gb) = p.split_at_mut(ow);
+                let (g, b) = gb.split_at_mut(ow);
+                cols.row(&row, [r, g, b], [1.0; 3], [0.0; 3]);
+            }
+            for (i, r) in band.chunks_exact_mut(ow).enumerate() {
+                let y = first + i;
+                let t = &yt[y];
+                let (g, b) = green_blue(y);
+                for (c, dst) in [r, g, b].into_iter().enumerate() {
+                    dst.fill(0.0);
+                    for (k, &w) in t.weights.iter().enumerate() {
+                        let src = &planes[((t.start + k - lo) * 3 + c) * ow..][..ow];
+                        dst.iter_mut().zip(src).for_each(|(a, &v)| *a += w * v);
+                    }
+                    dst.iter_mut().for_each(|a| *a = *a * mul[c] + add[c]);
+                }
+            }
+        });
+        return Ok(out);
+    }
+    // Otherwise the vertical pass first: along contiguous rows, so u8→f32
+    // and the multiply-adds vectorise; the horizontal pass then only
+    // touches the `n` output rows.
     par_rows(red, ow, 8, |first, band| {
         // Zeros past the row's end for the last columns' padding taps.
         let mut rows = vec![0.0f32; span + 3 * cols.k];
@@ -220,14 +266,7 @@ pub fn preprocess(rgb: &[u8], width: usize, height: usize, p: &Preprocess) -> Re
                     .zip(src)
                     .for_each(|(a, &v)| *a += w * v as f32);
             }
-            // SAFETY: `rest` holds the green then the blue plane (2·n
-            // values); row y of each belongs to this band alone.
-            let (g, b) = unsafe {
-                (
-                    std::slice::from_raw_parts_mut(rest.get().add(y * ow), ow),
-                    std::slice::from_raw_parts_mut(rest.get().add(n + y * ow), ow),
-                )
-            };
+            let (g, b) = green_blue(y);
             cols.row(&rows, [r, g, b], mul, add);
         }
     });
