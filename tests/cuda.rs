@@ -326,6 +326,10 @@ fn head_conv_kernel_source_matches_the_cpu_conv_bit_for_bit() {
         (16, 16, 3, 16, 20, 24, false, 2),
         (8, 4, 3, 1, 15, 11, true, 4),
         (6, 6, 5, 3, 7, 9, true, 8),
+        // The shipped face head's depthwise layers (80 × 60, taps 8 apart),
+        // and rows that end in a part vector and single positions.
+        (32, 32, 3, 32, 60, 80, true, 8),
+        (8, 8, 3, 8, 9, 45, false, 4),
     ];
     for &(cin, cout, k, groups, h, w, relu, dil) in &cases {
         let l = random_conv(&mut rng, cin, cout, k, groups, relu, dil);
