@@ -11,7 +11,7 @@ use anyhow::{ensure, Result};
 use std::borrow::Cow;
 use std::sync::Arc;
 
-/// Tokens gathered channel by channel at a time.
+/// Tokens a block gathers, one channel after another.
 const BLOCK: usize = 64;
 
 /// Tokens one thread gathers at least.
