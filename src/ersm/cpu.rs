@@ -191,12 +191,20 @@ fn pad_plane(src: &[f32], w: usize, r: usize, plane: &mut [f32]) {
     let h = src.len() / w;
     plane[..r * wp].fill(0.0);
     plane[(r + h) * wp..].fill(0.0);
-    for (y, row) in src.chunks_exact(w).enumerate() {
-        let line = &mut plane[(y + r) * wp..][..wp];
-        line[..r].fill(0.0);
-        line[r..r + w].copy_from_slice(row);
-        line[r + w..].fill(0.0);
+    for (row, line) in src
+        .chunks_exact(w)
+        .zip(plane[r * wp..].chunks_exact_mut(wp))
+    {
+        pad_row(row, r, line);
     }
+}
+
+/// Copies `row` into the middle of `line`, `r` zeros on either side.
+fn pad_row(row: &[f32], r: usize, line: &mut [f32]) {
+    let w = row.len();
+    line[..r].fill(0.0);
+    line[r..r + w].copy_from_slice(row);
+    line[r + w..].fill(0.0);
 }
 
 /// A dense 1×1 conv as one matrix product per thread's output planes
@@ -252,38 +260,27 @@ fn depthwise_into(x: FeatureMap<'_>, l: &HeadConv, out: &mut [f32]) {
     let wp = w + 2 * r;
     let min_planes = MIN_CHUNK_MACS.div_ceil(l.k * l.k * hw);
     par_rows(out, hw, min_planes, |first, planes| {
-        // Its own buffer: one the size of a plane, where the shared scratch
-        // would hand over (and shrink) a whole map's.
-        let mut grid = GRID.with(|g| std::mem::take(&mut *g.borrow_mut()));
-        grid.resize(h * wp, 0.0);
+        let mut grid = scratch::take(h * wp);
         for (j, plane) in planes.chunks_exact_mut(hw).enumerate() {
             let c = first + j;
             for (src, line) in x.data[c * hw..][..hw]
                 .chunks_exact(w)
                 .zip(grid.chunks_exact_mut(wp))
             {
-                line[..r].fill(0.0);
-                line[r..r + w].copy_from_slice(src);
-                line[r + w..].fill(0.0);
+                pad_row(src, r, line);
             }
             let taps = &l.weight[c * l.k * l.k..][..l.k * l.k];
             // SAFETY: AVX2 and FMA were detected by the caller; the grid
             // holds h rows of w + 2r values, `plane` h rows of w, `taps` k².
             unsafe { depthwise_plane_avx2(&grid, (h, w), l, taps, l.bias[c], plane) };
         }
-        GRID.with(|g| *g.borrow_mut() = grid);
+        scratch::give(grid);
     });
 }
 
 /// The largest kernel [`depthwise_into`] takes (larger ones take [`taps_into`]).
 #[cfg(target_arch = "x86_64")]
 const MAX_K: usize = 7;
-
-#[cfg(target_arch = "x86_64")]
-thread_local! {
-    /// [`depthwise_into`]'s padded plane, per thread, kept across frames.
-    static GRID: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
-}
 
 /// One plane of [`depthwise_into`]: `grid` is the input plane with `r`
 /// zeros left and right of each row.
@@ -668,13 +665,21 @@ mod scratch {
     }
 
     /// A buffer of `len` values: a free one of that length if there is one,
-    /// else the largest free one resized, else a new one.
+    /// else the smallest free one whose capacity holds it (so a small
+    /// request, a depthwise layer's one padded plane, does not take a map's
+    /// buffer that the next layer then grows and zeroes again), else the
+    /// largest free one grown, else a new one.
     pub fn take(len: usize) -> Vec<f32> {
         let found = FREE.with(|f| {
             let mut free = f.borrow_mut();
             let at = free
                 .iter()
                 .position(|b| b.len() == len)
+                .or_else(|| {
+                    (0..free.len())
+                        .filter(|&i| free[i].capacity() >= len)
+                        .min_by_key(|&i| free[i].capacity())
+                })
                 .or_else(|| (0..free.len()).max_by_key(|&i| free[i].capacity()));
             at.map(|i| free.swap_remove(i))
         });
