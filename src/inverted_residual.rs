@@ -18,6 +18,7 @@
 //! in another order).
 
 use crate::depthwise_row::{depthwise_row, TapRow};
+use crate::rowgemm::{Epilogue, Line};
 use crate::stem::Patches;
 use crate::strided_depthwise::{depthwise_3x3, split_row};
 use anyhow::Result;
@@ -427,11 +428,7 @@ impl InvertedResidual {
             // only this band's rows. wp is cp × ce, dw ce × count·ow (row
             // stride ROWS·ow).
             unsafe {
-                for (c, &bias) in bp.iter().enumerate().take(cp) {
-                    std::slice::from_raw_parts_mut(out.add(dst + c * oh * ow), count * ow)
-                        .fill(bias);
-                }
-                crate::rowgemm::sgemm(
+                crate::rowgemm::sgemm_with(
                     cp,
                     ce,
                     count * ow,
@@ -439,9 +436,13 @@ impl InvertedResidual {
                     ce,
                     s.dw.as_ptr(),
                     ROWS * ow,
-                    1.0,
+                    0.0,
                     out.add(dst),
                     oh * ow,
+                    Epilogue {
+                        start: Some(Line::Rows(bp)),
+                        ..Default::default()
+                    },
                 );
             }
             if self.residual {
@@ -501,8 +502,9 @@ impl InvertedResidual {
         // SAFETY: the assert bounds every read of the rows (cin rows of w
         // values, `stride` apart); we is ce × cin; dst holds ce rows of w
         // values, rsc apart (the slot's ce rows of la ≥ pl + w, or raw).
+        // The product activates the rows as it stores them.
         unsafe {
-            crate::rowgemm::sgemm(
+            crate::rowgemm::sgemm_with(
                 ce,
                 cin,
                 w,
@@ -513,30 +515,29 @@ impl InvertedResidual {
                 0.0,
                 dst,
                 rsc,
+                Epilogue {
+                    add: Some(Line::Rows(be)),
+                    clamp: Some((0.0, cap)),
+                    ..Default::default()
+                },
             );
         }
         if in_place {
             let slot = &mut s.a[at * ce * la..(at + 1) * ce * la];
-            for (a, &bias) in slot.chunks_exact_mut(la).zip(be) {
+            for a in slot.chunks_exact_mut(la) {
                 // a[i] is input column i - pad_left, zero in the padding.
                 a[..pl].fill(0.0);
-                for v in a[pl..pl + w].iter_mut() {
-                    *v = (*v + bias).max(0.0).min(cap);
-                }
                 a[pl + w..].fill(0.0);
             }
             return;
         }
-        for (c, &bias) in be.iter().enumerate().take(ce) {
-            let row = &mut s.raw[c * w..(c + 1) * w];
+        for c in 0..ce {
+            let row = &s.raw[c * w..(c + 1) * w];
             let a = &mut s.a[(at * ce + c) * la..(at * ce + c + 1) * la];
             if self.stride == 2 {
                 let b = &mut s.b[(at * ce + c) * ow..(at * ce + c + 1) * ow];
-                split_row::<true>(row, bias, cap, self.pad[1], a, b);
+                split_row(row, self.pad[1], a, b);
             } else {
-                for v in row.iter_mut() {
-                    *v = (*v + bias).max(0.0).min(cap);
-                }
                 // a[i] is input column i - pad_left, zero in the padding.
                 let pl = pl.min(la);
                 let n = row.len().min(la - pl);
