@@ -1,6 +1,7 @@
 //! Exact CPU implementation of the energy layer (DESIGN.md, "ERSM, precisely").
 
 use super::{EnergySpec, FeatureMap, HeadConv, TokenMask, UnaryHead};
+use crate::rowgemm::{Epilogue, Line};
 use crate::threads::par_rows;
 use anyhow::{bail, Result};
 
@@ -219,8 +220,14 @@ fn conv_1x1(x: FeatureMap<'_>, l: &HeadConv, out: &mut [f32]) {
         let n = planes.len() / hw;
         // SAFETY: the weights hold `cin` values for each of the `n` planes
         // from `first`, the map `cin` planes of `hw`, the output `n` planes.
+        // The bias (after the sums) and the ReLU as the sums are stored.
+        let ops = Epilogue {
+            start: None,
+            add: Some(Line::Rows(&l.bias[first..first + n])),
+            clamp: l.relu.then_some((0.0, f32::INFINITY)),
+        };
         unsafe {
-            crate::rowgemm::sgemm(
+            crate::rowgemm::sgemm_with(
                 n,
                 l.cin,
                 hw,
@@ -231,15 +238,9 @@ fn conv_1x1(x: FeatureMap<'_>, l: &HeadConv, out: &mut [f32]) {
                 0.0,
                 planes.as_mut_ptr(),
                 hw,
+                ops,
             )
         };
-        for (j, plane) in planes.chunks_exact_mut(hw).enumerate() {
-            let b = l.bias[first + j];
-            for o in plane.iter_mut() {
-                let v = *o + b;
-                *o = if l.relu { v.max(0.0) } else { v };
-            }
-        }
     });
 }
 

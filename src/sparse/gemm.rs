@@ -5,6 +5,7 @@
 //! about 2× faster than `matrixmultiply`'s packed panels, its 1×1 convs
 //! about 10 %), `matrixmultiply`'s kernels (NEON on aarch64) elsewhere.
 
+use crate::rowgemm::{Epilogue, Line};
 use crate::threads::par_rows;
 
 /// A row-major `k × n` weight matrix, stored once at load.
@@ -56,6 +57,58 @@ pub fn matmul(
         return;
     }
     matmul_rows(m, a, lda, (&w.data, w.k, w.n), c, ldc, accumulate);
+}
+
+/// `c = clamp(bias + a · w)`, the bias added first and per column (a
+/// token-major conv's output channels), the clamp after (`None`: none): the
+/// bits of filling `c` with the bias, [`matmul`] accumulating and a clamp
+/// pass, in one pass over `c` where AVX2 runs.
+#[allow(clippy::too_many_arguments)]
+pub fn matmul_biased(
+    m: usize,
+    a: &[f32],
+    lda: usize,
+    w: &Weights,
+    bias: &[f32],
+    clamp: Option<(f32, f32)>,
+    c: &mut [f32],
+    ldc: usize,
+) {
+    if m == 0 || w.n == 0 {
+        return;
+    }
+    assert!(bias.len() >= w.n, "gemm: a bias per column");
+    if m == 1 {
+        c[..w.n].copy_from_slice(&bias[..w.n]);
+        matmul(m, a, lda, w, c, ldc, true);
+        if let Some((lo, hi)) = clamp {
+            c[..w.n].iter_mut().for_each(|v| *v = v.max(lo).min(hi));
+        }
+        return;
+    }
+    assert!(a.len() >= (m - 1) * lda + w.k, "gemm: A too short");
+    assert!(c.len() >= (m - 1) * ldc + w.n, "gemm: C too short");
+    let ops = Epilogue {
+        start: Some(Line::Cols(bias)),
+        add: None,
+        clamp,
+    };
+    // SAFETY: the asserts above bound every row rowgemm reads and writes.
+    unsafe {
+        crate::rowgemm::sgemm_with(
+            m,
+            w.k,
+            w.n,
+            a.as_ptr(),
+            lda,
+            w.data.as_ptr(),
+            w.n,
+            0.0,
+            c.as_mut_ptr(),
+            ldc,
+            ops,
+        );
+    }
 }
 
 /// [`matmul`] with the weights as a row-major `k × n` slice (a block of

@@ -42,6 +42,16 @@ impl ActivationKind {
         }
     }
 
+    /// The function as a clamp to `[lo, hi]` (ReLU, Clip), for products
+    /// that clamp their outputs as they store them; `None` for the others.
+    pub fn clamp(self) -> Option<(f32, f32)> {
+        match self {
+            ActivationKind::Relu => Some((0.0, f32::INFINITY)),
+            ActivationKind::Clip { lo, hi } => Some((lo, hi)),
+            _ => None,
+        }
+    }
+
     /// The ONNX op name.
     pub fn name(self) -> &'static str {
         match self {

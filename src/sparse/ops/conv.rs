@@ -63,26 +63,32 @@ pub struct Conv {
 impl Conv {
     /// Output rows `first..first + y.len() / cout` into `y`.
     fn rows(&self, x: &[f32], frame: &Frame, first: usize, y: &mut [f32]) {
-        let rows = y.len() / self.cout;
+        let Some(rb) = self.rulebook else {
+            // A 1×1 conv: the bias and a clamp-like activation ride on the
+            // product.
+            let clamp = self.act.and_then(ActivationKind::clamp);
+            let (rows, x) = (y.len() / self.cout, &x[first * self.cin..]);
+            gemm::matmul_biased(
+                rows,
+                x,
+                self.cin,
+                &self.weights[0],
+                &self.bias,
+                clamp,
+                y,
+                self.cout,
+            );
+            if let Some(a) = self.act.filter(|_| clamp.is_none()) {
+                a.apply_all(y);
+            }
+            return;
+        };
         for row in y.chunks_exact_mut(self.cout) {
             row.copy_from_slice(&self.bias);
         }
-        match self.rulebook {
-            None => gemm::matmul(
-                rows,
-                &x[first * self.cin..],
-                self.cin,
-                &self.weights[0],
-                y,
-                self.cout,
-                true,
-            ),
-            Some(rb) => {
-                let rb = &frame.rulebooks[rb];
-                if !(self.window.transposed && self.transposed_rows(x, rb, first, y)) {
-                    self.im2col_rows(x, rb, first, y);
-                }
-            }
+        let rb = &frame.rulebooks[rb];
+        if !(self.window.transposed && self.transposed_rows(x, rb, first, y)) {
+            self.im2col_rows(x, rb, first, y);
         }
         if let Some(a) = self.act {
             a.apply_all(y);
