@@ -461,6 +461,14 @@ impl Line<'_> {
 mod tests {
     use super::*;
 
+    /// Values in [-0.5, 0.5) from a linear congruential generator.
+    fn values(mut seed: u32) -> impl FnMut() -> f32 {
+        move || {
+            seed = seed.wrapping_mul(1_664_525).wrapping_add(1_013_904_223);
+            (seed >> 8) as f32 / (1u32 << 24) as f32 - 0.5
+        }
+    }
+
     fn naive(m: usize, k: usize, n: usize, a: &[f32], b: &[f32], c: &[f32], beta: f32) -> Vec<f64> {
         (0..m * n)
             .map(|o| {
@@ -518,11 +526,7 @@ mod tests {
     /// from 1; with β 0 and 1.
     #[test]
     fn matches_the_definition() {
-        let mut seed = 7u32;
-        let mut next = || {
-            seed = seed.wrapping_mul(1_664_525).wrapping_add(1_013_904_223);
-            (seed >> 8) as f32 / (1u32 << 24) as f32 - 0.5
-        };
+        let mut next = values(7);
         for &(m, k, n) in &[
             (1, 1, 1),
             (6, 16, 16),
@@ -572,11 +576,7 @@ mod tests {
     /// and on the portable path, against its definition, every shape class.
     #[test]
     fn epilogues_match_their_definition_on_both_paths() {
-        let mut seed = 11u32;
-        let mut next = || {
-            seed = seed.wrapping_mul(1_664_525).wrapping_add(1_013_904_223);
-            (seed >> 8) as f32 / (1u32 << 24) as f32 - 0.5
-        };
+        let mut next = values(11);
         for &(m, k, n) in &[
             (1, 1, 1),
             (7, 3, 25),
