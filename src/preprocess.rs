@@ -55,6 +55,7 @@ struct Columns {
     k: usize,
     /// For the AVX path, columns `2p` and `2p + 1`'s weights per tap, each
     /// repeated over four lanes: `k` vectors of 8 per pair.
+    #[cfg(target_arch = "x86_64")]
     pairs: Vec<f32>,
 }
 
@@ -70,17 +71,22 @@ impl Columns {
         for (t, w) in taps.iter().zip(weights.chunks_exact_mut(k.max(1))) {
             w[..t.weights.len()].copy_from_slice(&t.weights);
         }
-        let mut pairs = vec![0.0; taps.len() / 2 * k * 8];
-        for (p, lanes) in pairs.chunks_exact_mut(k * 8).enumerate() {
-            for (t, v) in lanes.chunks_exact_mut(8).enumerate() {
-                v[..4].fill(weights[2 * p * k + t]);
-                v[4..].fill(weights[(2 * p + 1) * k + t]);
+        #[cfg(target_arch = "x86_64")]
+        let pairs = {
+            let mut pairs = vec![0.0; taps.len() / 2 * k * 8];
+            for (p, lanes) in pairs.chunks_exact_mut(k * 8).enumerate() {
+                for (t, v) in lanes.chunks_exact_mut(8).enumerate() {
+                    v[..4].fill(weights[2 * p * k + t]);
+                    v[4..].fill(weights[(2 * p + 1) * k + t]);
+                }
             }
-        }
+            pairs
+        };
         Columns {
             start: taps.iter().map(|t| (t.start - col_lo) * 3).collect(),
             weights,
             k,
+            #[cfg(target_arch = "x86_64")]
             pairs,
         }
     }

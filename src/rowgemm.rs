@@ -9,8 +9,10 @@
 //! % of a CenterFace bench's samples in packing against 20 % in its
 //! kernel). Here the operands are read in place: 6 output rows × 16 columns
 //! of sums stay in registers over the whole K, `B`'s rows read as vectors
-//! and `A`'s entries broadcast (AVX2 and FMA, detected at run time). Other
-//! CPUs take `matrixmultiply`.
+//! and `A`'s entries broadcast: AVX2 and FMA (detected at run time) on x86,
+//! NEON on aarch64 (the Jetsons' CPUs, where `matrixmultiply` packed as it
+//! does on x86), one generic tile over both ([`Lanes`]). Other CPUs take
+//! `matrixmultiply`.
 //!
 //! A conv's bias and activation ride on the product ([`Epilogue`]): the
 //! sums start from the bias, or are biased and clamped as they leave the
@@ -115,7 +117,7 @@ pub unsafe fn sgemm_with(
         ops.add.is_none_or(|s| s.covers(m, n)),
         "rowgemm: a value to add per row or column"
     );
-    #[cfg(target_arch = "x86_64")]
+    #[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
     if sums_in_order() {
         let g = Gemm {
             k,
@@ -128,8 +130,9 @@ pub unsafe fn sgemm_with(
             acc: beta != 0.0,
             ops,
         };
-        // SAFETY: `sums_in_order` just detected AVX2 and FMA; the caller
-        // vouches for the matrices, the asserts for the epilogue's values.
+        // SAFETY: `sums_in_order` just detected AVX2 and FMA (NEON is part
+        // of every aarch64 CPU); the caller vouches for the matrices, the
+        // asserts for the epilogue's values.
         return unsafe { g.run(m, n) };
     }
     // SAFETY: the caller's contract.
@@ -212,19 +215,125 @@ impl Epilogue<'_> {
     }
 }
 
-/// True when [`sgemm`] runs its register tiles (AVX2 and FMA): each
-/// output's K products summed in order, from zero (β = 0), with one
+/// True when [`sgemm`] runs its register tiles (AVX2 and FMA, or NEON):
+/// each output's K products summed in order, from zero (β = 0), with one
 /// rounding each. `matrixmultiply`, elsewhere, promises no order.
 pub fn sums_in_order() -> bool {
     #[cfg(target_arch = "x86_64")]
     if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
         return true;
     }
-    false
+    cfg!(target_arch = "aarch64")
+}
+
+/// A vector of f32 lanes as the register tiles use it: AVX's eight on x86,
+/// NEON's four on aarch64. Every operation is the lane-wise one of the
+/// scalar code (one rounding per fused multiply-add; a clamp that gives
+/// `lo` for NaN, as `f32::max` does), so both give the same bits.
+#[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
+trait Lanes: Copy {
+    /// Lanes per vector.
+    const N: usize;
+    /// # Safety
+    /// The CPU has the vector unit ([`sums_in_order`]).
+    unsafe fn splat(v: f32) -> Self;
+    /// # Safety
+    /// As [`Lanes::splat`]; `p..p + N` readable.
+    unsafe fn load(p: *const f32) -> Self;
+    /// # Safety
+    /// As [`Lanes::splat`]; `p..p + N` writable.
+    unsafe fn store(self, p: *mut f32);
+    /// `self + a·b`, one rounding.
+    ///
+    /// # Safety
+    /// As [`Lanes::splat`].
+    unsafe fn fma(self, a: Self, b: Self) -> Self;
+    /// # Safety
+    /// As [`Lanes::splat`].
+    unsafe fn add(self, o: Self) -> Self;
+    /// `min(max(self, lo), hi)`, `lo` where `self` is NaN.
+    ///
+    /// # Safety
+    /// As [`Lanes::splat`].
+    unsafe fn clamp(self, lo: Self, hi: Self) -> Self;
+}
+
+#[cfg(target_arch = "x86_64")]
+impl Lanes for std::arch::x86_64::__m256 {
+    const N: usize = 8;
+    #[inline(always)]
+    unsafe fn splat(v: f32) -> Self {
+        // SAFETY: the caller's CPU.
+        unsafe { std::arch::x86_64::_mm256_set1_ps(v) }
+    }
+    #[inline(always)]
+    unsafe fn load(p: *const f32) -> Self {
+        // SAFETY: the caller's CPU and bounds.
+        unsafe { std::arch::x86_64::_mm256_loadu_ps(p) }
+    }
+    #[inline(always)]
+    unsafe fn store(self, p: *mut f32) {
+        // SAFETY: the caller's CPU and bounds.
+        unsafe { std::arch::x86_64::_mm256_storeu_ps(p, self) }
+    }
+    #[inline(always)]
+    unsafe fn fma(self, a: Self, b: Self) -> Self {
+        // SAFETY: the caller's CPU.
+        unsafe { std::arch::x86_64::_mm256_fmadd_ps(a, b, self) }
+    }
+    #[inline(always)]
+    unsafe fn add(self, o: Self) -> Self {
+        // SAFETY: the caller's CPU.
+        unsafe { std::arch::x86_64::_mm256_add_ps(self, o) }
+    }
+    #[inline(always)]
+    unsafe fn clamp(self, lo: Self, hi: Self) -> Self {
+        use std::arch::x86_64::*;
+        // SAFETY: the caller's CPU. maxps returns its second operand when
+        // either is NaN.
+        unsafe { _mm256_min_ps(_mm256_max_ps(self, lo), hi) }
+    }
+}
+
+#[cfg(target_arch = "aarch64")]
+impl Lanes for std::arch::aarch64::float32x4_t {
+    const N: usize = 4;
+    #[inline(always)]
+    unsafe fn splat(v: f32) -> Self {
+        // SAFETY: NEON is part of every aarch64 CPU.
+        unsafe { std::arch::aarch64::vdupq_n_f32(v) }
+    }
+    #[inline(always)]
+    unsafe fn load(p: *const f32) -> Self {
+        // SAFETY: the caller's bounds.
+        unsafe { std::arch::aarch64::vld1q_f32(p) }
+    }
+    #[inline(always)]
+    unsafe fn store(self, p: *mut f32) {
+        // SAFETY: the caller's bounds.
+        unsafe { std::arch::aarch64::vst1q_f32(p, self) }
+    }
+    #[inline(always)]
+    unsafe fn fma(self, a: Self, b: Self) -> Self {
+        // SAFETY: NEON.
+        unsafe { std::arch::aarch64::vfmaq_f32(self, a, b) }
+    }
+    #[inline(always)]
+    unsafe fn add(self, o: Self) -> Self {
+        // SAFETY: NEON.
+        unsafe { std::arch::aarch64::vaddq_f32(self, o) }
+    }
+    #[inline(always)]
+    unsafe fn clamp(self, lo: Self, hi: Self) -> Self {
+        use std::arch::aarch64::*;
+        // SAFETY: NEON. fmaxnm/fminnm return the number when one operand
+        // is NaN.
+        unsafe { vminnmq_f32(vmaxnmq_f32(self, lo), hi) }
+    }
 }
 
 /// The operands of one product, for the tile loops.
-#[cfg(target_arch = "x86_64")]
+#[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
 struct Gemm<'a> {
     k: usize,
     a: *const f32,
@@ -240,15 +349,16 @@ struct Gemm<'a> {
 }
 
 /// About how many bytes of A's rows one block of rows holds (L2 is 512 KiB
-/// to 2 MiB a core on the x86 CPUs this path runs on).
-#[cfg(target_arch = "x86_64")]
+/// to 2 MiB a core on the x86 CPUs this path runs on, 256 KiB to 1 MiB on
+/// Jetsons' Cortex-A cores).
+#[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
 const A_BLOCK_BYTES: usize = 128 << 10;
 
 /// Output rows per register tile.
-#[cfg(target_arch = "x86_64")]
+#[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
 const MR: usize = 6;
 
-#[cfg(target_arch = "x86_64")]
+#[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
 impl Gemm<'_> {
     /// Blocks of rows, each through column strips of 16, then 8, then
     /// single columns; within a strip, tiles of `MR` rows and the rows left
@@ -256,20 +366,40 @@ impl Gemm<'_> {
     /// them to about [`A_BLOCK_BYTES`], so a tall A (a token-major suffix
     /// conv's thousands of tokens) is read from the cache, not from memory,
     /// by every strip after the first. Each output's sum is the same.
+    #[cfg(target_arch = "x86_64")]
     #[target_feature(enable = "avx2,fma")]
     unsafe fn run(&self, m: usize, n: usize) {
+        // SAFETY: the caller's bounds; AVX2 and FMA detected.
+        unsafe { self.blocks::<std::arch::x86_64::__m256, 2, 1>(m, n) }
+    }
+
+    /// [`Gemm::run`] with NEON's four lanes: strips of four and two vectors
+    /// (16 and 8 columns), as AVX's two and one; its 32 registers hold the
+    /// 6 × 4 vectors of sums.
+    #[cfg(target_arch = "aarch64")]
+    unsafe fn run(&self, m: usize, n: usize) {
+        // SAFETY: the caller's bounds.
+        unsafe { self.blocks::<std::arch::aarch64::float32x4_t, 4, 2>(m, n) }
+    }
+
+    /// [`Gemm::run`] in lanes `L`: strips of `V` vectors, then one of `H`
+    /// (`V / 2`), then single columns.
+    #[inline(always)]
+    unsafe fn blocks<L: Lanes, const V: usize, const H: usize>(&self, m: usize, n: usize) {
         let block = (A_BLOCK_BYTES / (4 * self.k.max(1))).max(MR) / MR * MR;
         let mut i0 = 0;
         while i0 < m {
             let rows = i0..(i0 + block).min(m);
             let mut j = 0;
-            while j + 16 <= n {
-                self.strip::<2>(rows.clone(), j);
-                j += 16;
+            while j + L::N * V <= n {
+                // SAFETY: columns j..j + N·V inside (the loop), rows inside.
+                unsafe { self.strip::<L, V>(rows.clone(), j) };
+                j += L::N * V;
             }
-            if j + 8 <= n {
-                self.strip::<1>(rows.clone(), j);
-                j += 8;
+            if j + L::N * H <= n {
+                // SAFETY: as above.
+                unsafe { self.strip::<L, H>(rows.clone(), j) };
+                j += L::N * H;
             }
             for j in j..n {
                 // SAFETY: j < n, and the caller's bounds.
@@ -279,83 +409,82 @@ impl Gemm<'_> {
         }
     }
 
-    #[target_feature(enable = "avx2,fma")]
-    unsafe fn strip<const V: usize>(&self, rows: std::ops::Range<usize>, j: usize) {
+    #[inline(always)]
+    unsafe fn strip<L: Lanes, const V: usize>(&self, rows: std::ops::Range<usize>, j: usize) {
         let mut i = rows.start;
         while i + MR <= rows.end {
-            // SAFETY: rows i..i + MR and columns j..j + 8·V are inside.
-            unsafe { self.tile::<MR, V>(i, j) };
+            // SAFETY: rows i..i + MR and columns j..j + N·V are inside.
+            unsafe { self.tile::<L, MR, V>(i, j) };
             i += MR;
         }
         // SAFETY: as above, for the rows left over.
         unsafe {
             match rows.end - i {
                 0 => {}
-                1 => self.tile::<1, V>(i, j),
-                2 => self.tile::<2, V>(i, j),
-                3 => self.tile::<3, V>(i, j),
-                4 => self.tile::<4, V>(i, j),
-                _ => self.tile::<5, V>(i, j),
+                1 => self.tile::<L, 1, V>(i, j),
+                2 => self.tile::<L, 2, V>(i, j),
+                3 => self.tile::<L, 3, V>(i, j),
+                4 => self.tile::<L, 4, V>(i, j),
+                _ => self.tile::<L, 5, V>(i, j),
             }
         }
     }
 
-    /// Rows `i..i + R`, columns `j..j + 8·V`: `R × V` vectors of sums in
+    /// Rows `i..i + R`, columns `j..j + N·V`: `R × V` vectors of sums in
     /// registers over the whole K.
-    #[target_feature(enable = "avx2,fma")]
-    unsafe fn tile<const R: usize, const V: usize>(&self, i: usize, j: usize) {
-        use std::arch::x86_64::*;
+    #[inline(always)]
+    unsafe fn tile<L: Lanes, const R: usize, const V: usize>(&self, i: usize, j: usize) {
         // SAFETY (the whole body): every pointer below stays inside rows
-        // i..i + R of A and C and columns j..j + 8·V of B and C, which the
-        // callers keep inside the matrices.
+        // i..i + R of A and C and columns j..j + N·V of B and C, which the
+        // callers keep inside the matrices; the lines cover C.
         unsafe {
-            let mut sums = [[_mm256_setzero_ps(); V]; R];
+            let at = |r: usize, v: usize| (i + r) * self.rsc + j + L::N * v;
+            let mut sums = [[L::splat(0.0); V]; R];
             if self.acc {
                 for (r, row) in sums.iter_mut().enumerate() {
                     for (v, s) in row.iter_mut().enumerate() {
-                        *s = _mm256_loadu_ps(self.c.add((i + r) * self.rsc + j + 8 * v));
+                        *s = L::load(self.c.add(at(r, v)));
                     }
                 }
             } else if let Some(start) = self.ops.start {
                 for (r, row) in sums.iter_mut().enumerate() {
                     for (v, s) in row.iter_mut().enumerate() {
-                        *s = start.vector(i + r, j + 8 * v);
+                        *s = start.lanes(i + r, j + L::N * v);
                     }
                 }
             }
             for p in 0..self.k {
-                let mut bv = [_mm256_setzero_ps(); V];
+                let mut bv = [L::splat(0.0); V];
                 for (v, x) in bv.iter_mut().enumerate() {
-                    *x = _mm256_loadu_ps(self.b.add(p * self.rsb + j + 8 * v));
+                    *x = L::load(self.b.add(p * self.rsb + j + L::N * v));
                 }
                 for (r, row) in sums.iter_mut().enumerate() {
-                    let w = _mm256_set1_ps(*self.a.add((i + r) * self.rsa + p));
+                    let w = L::splat(*self.a.add((i + r) * self.rsa + p));
                     for (s, &x) in row.iter_mut().zip(&bv) {
-                        *s = _mm256_fmadd_ps(w, x, *s);
+                        *s = s.fma(w, x);
                     }
                 }
             }
             if let Some(add) = self.ops.add {
                 for (r, row) in sums.iter_mut().enumerate() {
                     for (v, s) in row.iter_mut().enumerate() {
-                        *s = _mm256_add_ps(*s, add.vector(i + r, j + 8 * v));
+                        *s = s.add(add.lanes(i + r, j + L::N * v));
                     }
                 }
             }
             if let Some((lo, hi)) = self.ops.clamp {
-                // max(s, lo) gives lo for a NaN sum, as f32::max does.
-                let (lo, hi) = (_mm256_set1_ps(lo), _mm256_set1_ps(hi));
+                let (lo, hi) = (L::splat(lo), L::splat(hi));
                 // Row by row: `flatten()` over the sums here kept them on the
                 // stack through the whole K loop (the prefix 2× slower).
                 for row in sums.iter_mut() {
                     for s in row.iter_mut() {
-                        *s = _mm256_min_ps(_mm256_max_ps(*s, lo), hi);
+                        *s = s.clamp(lo, hi);
                     }
                 }
             }
             for (r, row) in sums.iter().enumerate() {
                 for (v, &s) in row.iter().enumerate() {
-                    _mm256_storeu_ps(self.c.add((i + r) * self.rsc + j + 8 * v), s);
+                    s.store(self.c.add(at(r, v)));
                 }
             }
         }
@@ -366,7 +495,7 @@ impl Gemm<'_> {
     /// multiply-add's latency in turn (a CenterFace head's 1–2 output
     /// channels over thousands of tokens: 2.4× faster, bound by the loads
     /// now). The rows left over one at a time.
-    #[target_feature(enable = "avx2,fma")]
+    #[inline(always)]
     unsafe fn column(&self, rows: std::ops::Range<usize>, j: usize) {
         const ROWS: usize = 8;
         let (mut i, m) = (rows.start, rows.end);
@@ -396,7 +525,7 @@ impl Gemm<'_> {
     }
 
     /// One output, for the columns past the last vector.
-    #[target_feature(enable = "avx2,fma")]
+    #[inline(always)]
     unsafe fn scalar(&self, i: usize, j: usize) {
         // SAFETY: i, j inside the matrices (the caller's bounds).
         unsafe {
@@ -437,21 +566,19 @@ impl Gemm<'_> {
     }
 }
 
-#[cfg(target_arch = "x86_64")]
+#[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
 impl Line<'_> {
-    /// Eight values for outputs `(i, j..j + 8)`: one broadcast, or eight
-    /// columns.
+    /// Values for outputs `(i, j..j + N)`: one broadcast, or `N` columns.
     ///
     /// # Safety
-    /// AVX; `i` or `j..j + 8` inside the slice.
+    /// As [`Lanes::splat`]; `i` or `j..j + N` inside the slice.
     #[inline(always)]
-    unsafe fn vector(self, i: usize, j: usize) -> std::arch::x86_64::__m256 {
-        use std::arch::x86_64::*;
-        // SAFETY: the caller's bounds and features.
+    unsafe fn lanes<L: Lanes>(self, i: usize, j: usize) -> L {
+        // SAFETY: the caller's bounds and CPU.
         unsafe {
             match self {
-                Line::Rows(v) => _mm256_set1_ps(*v.get_unchecked(i)),
-                Line::Cols(v) => _mm256_loadu_ps(v.as_ptr().add(j)),
+                Line::Rows(v) => L::splat(*v.get_unchecked(i)),
+                Line::Cols(v) => L::load(v.as_ptr().add(j)),
             }
         }
     }

@@ -390,10 +390,14 @@ mod tests {
             let x = image(c, h, w);
             let (a, b) = (run(reference, &x), run(ours, &x));
             assert_eq!(a.len(), b.len());
+            // On aarch64 tract sums some padded zones in another order (one
+            // ulp apart under qemu's Cortex-A76 for padding 2): close there,
+            // the same bits on x86.
+            let ulps = if cfg!(target_arch = "x86_64") { 0 } else { 2 };
             let same = a
                 .iter()
                 .zip(&b)
-                .all(|(p, q)| p.to_bits() == q.to_bits() || p == q);
+                .all(|(p, q)| p == q || (p.to_bits() as i64 - q.to_bits() as i64).abs() <= ulps);
             assert!(same, "{c}x{h}x{w} {pads:?}: {a:?} vs {b:?}");
         }
     }
