@@ -3,7 +3,8 @@
 //! Through [`crate::rowgemm`]: register tiles over the operands in place
 //! where AVX2 and FMA run (the im2col'd 3×3 conv of CenterFace's suffix
 //! about 2× faster than `matrixmultiply`'s packed panels, its 1×1 convs
-//! about 10 %), `matrixmultiply`'s kernels (NEON on aarch64) elsewhere.
+//! about 10 %), the same tiles in NEON on aarch64, `matrixmultiply`'s
+//! kernels elsewhere.
 
 use crate::rowgemm::{Epilogue, Line};
 use crate::threads::par_rows;
@@ -62,7 +63,7 @@ pub fn matmul(
 /// `c = clamp(bias + a · w)`, the bias added first and per column (a
 /// token-major conv's output channels), the clamp after (`None`: none): the
 /// bits of filling `c` with the bias, [`matmul`] accumulating and a clamp
-/// pass, in one pass over `c` where AVX2 runs.
+/// pass, in one pass over `c` where the register tiles run.
 #[allow(clippy::too_many_arguments)]
 pub fn matmul_biased(
     m: usize,
