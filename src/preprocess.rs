@@ -53,6 +53,9 @@ struct Columns {
     /// `k` weights per column.
     weights: Vec<f32>,
     k: usize,
+    /// One past the last value any column reads (its four-value loads
+    /// included): a row buffer must be longer.
+    reach: usize,
     /// For the AVX path, columns `2p` and `2p + 1`'s weights per tap, each
     /// repeated over four lanes: `k` vectors of 8 per pair.
     #[cfg(target_arch = "x86_64")]
@@ -82,8 +85,10 @@ impl Columns {
             }
             pairs
         };
+        let start: Vec<usize> = taps.iter().map(|t| (t.start - col_lo) * 3).collect();
         Columns {
-            start: taps.iter().map(|t| (t.start - col_lo) * 3).collect(),
+            reach: start.iter().max().map_or(0, |&s| s + 3 * k + 1),
+            start,
             weights,
             k,
             #[cfg(target_arch = "x86_64")]
@@ -100,7 +105,10 @@ impl Columns {
     /// One output row of each plane from a row of interleaved RGB sums,
     /// scaled and shifted per channel.
     fn row(&self, rows: &[f32], out: [&mut [f32]; 3], mul: [f32; 3], add: [f32; 3]) {
-        assert!(self.start.iter().all(|&s| s + 3 * self.k < rows.len()));
+        assert!(
+            self.reach <= rows.len(),
+            "a row shorter than the columns read"
+        );
         #[cfg(target_arch = "x86_64")]
         if std::arch::is_x86_feature_detected!("avx") {
             // SAFETY: AVX detected; the assert bounds every four-value load.
@@ -274,7 +282,8 @@ pub fn preprocess(rgb: &[u8], width: usize, height: usize, p: &Preprocess) -> Re
             let mut planes = vec![0.0f32; (hi - lo) * 3 * ow];
             for (y, p) in (lo..hi).zip(planes.chunks_exact_mut(3 * ow)) {
                 let src = &rgb[(y * width + col_lo) * 3..][..span];
-                row.iter_mut().zip(src).for_each(|(a, &v)| *a = v as f32);
+                // 1 · v is v: the bytes as they are, eight at a time.
+                add_scaled(&mut row[..span], src, 1.0, true);
                 let (r, gb) = p.split_at_mut(ow);
                 let (g, b) = gb.split_at_mut(ow);
                 cols.row(&row, [r, g, b], [1.0; 3], [0.0; 3]);
@@ -325,6 +334,12 @@ fn add_scaled(acc: &mut [f32], src: &[u8], w: f32, first: bool) {
         // SAFETY: AVX2 detected; the lengths are equal.
         return unsafe { avx::add_scaled(acc, src, w, first) };
     }
+    add_scaled_plain(acc, src, w, first);
+}
+
+/// [`add_scaled`] one value at a time (other CPUs, and the AVX path's last
+/// values).
+fn add_scaled_plain(acc: &mut [f32], src: &[u8], w: f32, first: bool) {
     for (a, &v) in acc.iter_mut().zip(src) {
         *a = if first {
             w * v as f32
@@ -366,13 +381,7 @@ mod avx {
                 _mm256_storeu_ps(out, v);
             }
         }
-        for (a, &v) in acc[n..].iter_mut().zip(&src[n..]) {
-            *a = if first {
-                w * v as f32
-            } else {
-                *a + w * v as f32
-            };
-        }
+        super::add_scaled_plain(&mut acc[n..], &src[n..], w, first);
     }
 
     /// [`Columns::row`], two columns to a vector (each column's red, green
