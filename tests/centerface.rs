@@ -68,6 +68,90 @@ fn sparse_outputs_equal_the_dense_masked_reference_on_a_photo() {
     );
 }
 
+/// The package with an original network as its dense baseline
+/// (`dense_model`, as a package with a fine-tuned suffix ships): here the
+/// original is the package's network without its energy layer and with the
+/// scale head's first bias moved by 0.5.
+fn with_original(name: &str, edit: impl FnOnce(&mut tract_onnx::pb::ModelProto)) -> Scratch {
+    let dir = Scratch::dir("centerface", name);
+    let model = Path::new(MODEL).join("model.onnx");
+    std::fs::copy(&model, dir.join("model.onnx")).unwrap();
+    let text = std::fs::read_to_string(Path::new(MODEL).join("manifest.json")).unwrap();
+    let mut manifest: serde_json::Value = serde_json::from_str(&text).unwrap();
+    manifest["dense_model"] = "original.onnx".into();
+    std::fs::write(dir.join("manifest.json"), manifest.to_string()).unwrap();
+    let original = without_energy_layer(&model, |p| {
+        let g = p.graph.as_mut().unwrap();
+        let bias = g
+            .initializer
+            .iter_mut()
+            .find(|t| t.name == "head.reg_conv.bias");
+        shift_first_value(bias.expect("the scale head's bias"), 0.5);
+        edit(p);
+    });
+    std::fs::write(
+        dir.join("original.onnx"),
+        prost::Message::encode_to_vec(&original),
+    )
+    .unwrap();
+    dir
+}
+
+#[test]
+fn an_original_network_reading_the_stride_4_map_is_the_dense_baseline() {
+    let dir = with_original("original", |_| ());
+    let p = Pipeline::new(ModelPackage::load(&*dir).unwrap(), ersm::ersm::Device::Cpu);
+    let m = &p.model;
+    assert!(m.baseline.is_some());
+    let frame = images::load(Path::new(FACE)).unwrap();
+    let maps = p.features(&p.preprocess(&frame).unwrap()).unwrap();
+    let own = dense_suffix_with(m, &maps.features, &maps.taps);
+    let original = p.dense_logits(&maps).unwrap();
+    // The outputs are handed over in the package's order (heatmap, scale,
+    // offset, landmarks): only the scale map's first channel moved, by 0.5.
+    let (hw, n) = (m.cut.h * 2 * m.cut.w * 2, own.len());
+    assert_eq!(original.len(), n);
+    let moved: Vec<usize> = (0..n)
+        .filter(|&i| (own[i] - original[i]).abs() > 1e-6)
+        .collect();
+    assert_eq!(moved.first(), Some(&hw), "the scale map's first value");
+    assert_eq!(
+        moved.last(),
+        Some(&(2 * hw - 1)),
+        "its first channel's last"
+    );
+    for &i in &moved {
+        assert!(((original[i] - own[i]) - 0.5).abs() < 1e-4, "value {i}");
+    }
+    // Every dense figure of a frame is the original's.
+    assert_eq!(p.run_dense(&frame).unwrap().logits, original);
+    // At another input size the original's layers after the cut follow.
+    let m = ModelPackage::load_sized(&*dir, Some((320, 256))).expect("loads at 320x256");
+    let p = Pipeline::new(m, ersm::ersm::Device::Cpu);
+    let maps = p.features(&p.preprocess(&frame).unwrap()).unwrap();
+    let own = dense_suffix_with(&p.model, &maps.features, &maps.taps);
+    let original = p.dense_logits(&maps).unwrap();
+    assert_eq!((own.len(), original.len()), (15 * 64 * 80, 15 * 64 * 80));
+    assert!((original[64 * 80] - own[64 * 80] - 0.5).abs() < 1e-4);
+
+    // An original without one of the package's outputs is refused.
+    let dir = with_original("original-outputs", |p| {
+        p.graph
+            .as_mut()
+            .unwrap()
+            .output
+            .retain(|o| o.name != "landmarks");
+    });
+    let err = format!("{:#}", ModelPackage::load(&*dir).expect_err("refused"));
+    for want in [
+        "original.onnx",
+        "outputs (heatmap, scale, offset)",
+        "landmarks",
+    ] {
+        assert!(err.contains(want), "{err}");
+    }
+}
+
 #[test]
 fn finds_the_face_dense_finds() {
     let p = pipeline();

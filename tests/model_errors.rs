@@ -457,27 +457,7 @@ fn bad_fallback_margin_and_dense_model() {
 /// The original network of the tiny model: its energy layer removed, the
 /// suffix reading the prefix output directly.
 fn tiny_original(edit_weights: impl FnOnce(&mut ModelProto)) -> ModelProto {
-    let mut p = read_onnx(&Path::new(TINY).join("model.onnx")).unwrap();
-    let g = p.graph.as_mut().unwrap();
-    let e = g
-        .node
-        .iter()
-        .position(|n| n.op_type == "EnergyMask")
-        .unwrap();
-    let node = g.node.remove(e);
-    let (input, output) = (node.input[0].clone(), node.output[0].clone());
-    let energy_weights: Vec<String> = node.input[1..].to_vec();
-    g.initializer.retain(|t| !energy_weights.contains(&t.name));
-    for n in g.node.iter_mut() {
-        for i in n.input.iter_mut() {
-            if *i == output {
-                *i = input.clone();
-            }
-        }
-    }
-    p.opset_import.retain(|o| o.domain != "ersm");
-    edit_weights(&mut p);
-    p
+    common::without_energy_layer(&Path::new(TINY).join("model.onnx"), edit_weights)
 }
 
 #[test]
@@ -494,12 +474,7 @@ fn dense_model_is_the_baseline_and_must_share_the_prefix() {
             .rev()
             .find(|t| t.float_data.len() > 1 || t.raw_data.len() > 4)
             .unwrap();
-        if t.raw_data.is_empty() {
-            t.float_data[0] += 3.0;
-        } else {
-            let v = f32::from_le_bytes(t.raw_data[..4].try_into().unwrap()) + 3.0;
-            t.raw_data[..4].copy_from_slice(&v.to_le_bytes());
-        }
+        common::shift_first_value(t, 3.0);
     };
     let dir = with_manifest("baseline", |m| m["dense_model"] = "original.onnx".into());
     std::fs::write(

@@ -141,14 +141,7 @@ impl CutModel {
         let mut package = Self::from_proto(proto, manifest, &path)?;
         if let Some(file) = package.manifest.dense_model.clone() {
             let bpath = dir.join(&file);
-            let cut = &package.cut;
-            ensure!(
-                cut.taps.is_empty(),
-                "dense_model {}: a package whose suffix reads prefix maps ({}) cannot name an original network yet",
-                bpath.display(),
-                cut.taps.iter().map(|t| t.name.as_str()).collect::<Vec<_>>().join(", ")
-            );
-            let baseline = Baseline::load(&bpath, &cut.input, &cut.shape(), &package.prefix_proto)
+            let baseline = Baseline::load(&bpath, &package.cut, &package.prefix_proto)
                 .with_context(|| format!("dense_model {}", bpath.display()))?;
             package.baseline = Some(baseline);
         }

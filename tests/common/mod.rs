@@ -963,3 +963,43 @@ pub fn have_ffmpeg() -> bool {
     }
     ok
 }
+
+/// The network of the package file `model`, its energy layer removed (the
+/// suffix reading the prefix's map directly) and `edit_weights` applied: an
+/// original network for a package's `dense_model`.
+pub fn without_energy_layer(
+    model: &Path,
+    edit_weights: impl FnOnce(&mut pb::ModelProto),
+) -> pb::ModelProto {
+    let mut p = ersm::model::read_onnx(model).unwrap();
+    let g = p.graph.as_mut().unwrap();
+    let e = g
+        .node
+        .iter()
+        .position(|n| n.op_type == "EnergyMask")
+        .unwrap();
+    let node = g.node.remove(e);
+    let (input, output) = (node.input[0].clone(), node.output[0].clone());
+    let energy_weights: Vec<String> = node.input[1..].to_vec();
+    g.initializer.retain(|t| !energy_weights.contains(&t.name));
+    for n in g.node.iter_mut() {
+        for i in n.input.iter_mut() {
+            if *i == output {
+                *i = input.clone();
+            }
+        }
+    }
+    p.opset_import.retain(|o| o.domain != "ersm");
+    edit_weights(&mut p);
+    p
+}
+
+/// Adds `by` to a weight's first value, stored as floats or raw bytes.
+pub fn shift_first_value(t: &mut TensorProto, by: f32) {
+    if t.raw_data.is_empty() {
+        t.float_data[0] += by;
+    } else {
+        let v = f32::from_le_bytes(t.raw_data[..4].try_into().unwrap()) + by;
+        t.raw_data[..4].copy_from_slice(&v.to_le_bytes());
+    }
+}
