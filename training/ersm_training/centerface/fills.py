@@ -55,6 +55,7 @@ def main():
     torch.set_num_threads(max(1, os.cpu_count() or 1))
     meta = np.load(os.path.join(args.teacher, "frames.npz"))
     train = np.where(~meta["validation"])[0]
+    frames = meta["frames"]  # once: each NpzFile lookup decompresses it again
     pick = train[np.linspace(0, len(train) - 1, min(args.frames, len(train))).astype(int)]
     head, _ = load_head(args.head)
     net = CenterFace(args.onnx).eval()
@@ -76,7 +77,7 @@ def main():
     with torch.no_grad():
         for b in range(0, len(pick), 8):
             idx = pick[b:b + 8]
-            img = torch.from_numpy(meta["frames"][idx].astype(np.float32)).permute(0, 3, 1, 2)
+            img = torch.from_numpy(frames[idx].astype(np.float32)).permute(0, 3, 1, 2)
             f, tap = net.features(img)
             m = torch.cat([hard_mask(head(f[j:j + 1], args.offset)[0]) for j in range(len(idx))])
             masks.clear()

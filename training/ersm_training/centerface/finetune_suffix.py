@@ -28,8 +28,8 @@ import torch
 import torch.nn.functional as F
 
 from ..train import hard_mask, seed_all
-from .net import CenterFace, decode, match
-from .operating_point import score
+from .net import CenterFace, decode
+from .operating_point import candidate
 from .train_head import SHIPPED_THRESHOLD, load_head
 
 
@@ -67,32 +67,16 @@ def loss_fn(outs, t, heat_weight):
 
 
 def evaluate(net, head, val, offsets, rule):
-    out = []
-    with torch.no_grad():
-        for off in offsets:
-            rows, keep = {}, {}
-            for b in range(0, len(val), 8):
-                part = val[b:b + 8]
-                f = torch.cat([p[0] for p in part]).float()
-                tap = torch.cat([p[1] for p in part]).float()
-                m = hard_mask(head(f, off)[0])
-                outs = net.suffix_from(f, tap, m, rule)
-                for j, (_, _, dense, kind) in enumerate(part):
-                    o = [x[j:j + 1].numpy() for x in outs]
-                    sparse = decode(*o, SHIPPED_THRESHOLD, (480, 640))
-                    for k in (kind, "all"):
-                        rows.setdefault(k, []).append(match(dense, sparse))
-                        keep.setdefault(k, []).append(m[j].mean().item())
-            out.append({"offset": off, "by_kind": {k: dict(score(v), keep=float(np.mean(keep[k])), frames=len(v))
-                                                   for k, v in sorted(rows.items())}})
-    return out
+    return [{"offset": off, "by_kind": candidate(net, head, val, rule, off)} for off in offsets]
 
 
 def show(tag, results):
     for r in results:
         a = r["by_kind"]["all"]
-        print(f"{tag} offset {r['offset']:+.2f}: keep {a['keep']:.3f} recall {a['recall']:.3f} "
-              f"precision {a['precision']:.3f} F1 {a['f1']:.3f}", flush=True)
+        print(f"{tag} offset {r['offset']:+.2f}: keep {a['keep']:.3f} compute {a['compute']:.3f} "
+              f"recall {a['recall']:.3f} precision {a['precision']:.3f} F1 {a['f1']:.3f}  "
+              + " ".join(f"{k}:{v['compute']:.2f}/{v['recall']:.2f}/{v['precision']:.2f}"
+                         for k, v in r["by_kind"].items() if k != "all"), flush=True)
 
 
 def main():

@@ -26,7 +26,35 @@ CUT, TAP = "413", "387"
 # averaged over 2×2 (its tokens stay 80×60, the stride-8 grid) and nothing
 # reads its output: every suffix node reads TAP, gathered under the kept
 # tokens.
-CUTS = {"s8": CUT, "s4": TAP}
+# `s16`: after the first stride-16 block (64 channels, 40×30 tokens), the
+# energy layer reads that; the suffix reads the stride-8 map and the
+# stride-4 map as its FPN laterals, both gathered under the kept tokens
+# upsampled. `s16x`: the same cut, the energy layer reading that map beside
+# the stride-8 map's 2×2 average and maximum (128 channels: the finer map's
+# detail at the coarser tokens). Under both, `tap` is the triple (stride-16
+# map, stride-8 map, stride-4 map).
+S16 = "420"
+BLOCK16 = ["414", "416", "417", "419", "420"]
+CUTS = {"s8": CUT, "s4": TAP, "s16": S16, "s16x": S16}
+STRIDE16 = ("s16", "s16x")
+
+
+def s16x_input(x16, x8):
+    """The `s16x` energy layer's input: the stride-16 map, then the
+    stride-8 map's 2×2 average and maximum."""
+    return torch.cat([x16, F.avg_pool2d(x8, 2), F.max_pool2d(x8, 2)], 1)
+
+
+def cat_maps(maps):
+    """Batches a list of maps, or of (stride-8, stride-4) pairs."""
+    if isinstance(maps[0], tuple):
+        return tuple(torch.cat(z) for z in zip(*maps))
+    return torch.cat(maps)
+
+
+def map_apply(t, fn):
+    """`fn` on a map, or on each map of a pair."""
+    return tuple(fn(x) for x in t) if isinstance(t, tuple) else fn(t)
 
 
 def attrs(node):
@@ -57,6 +85,8 @@ class CenterFace(torch.nn.Module):
                 stack += self.nodes[producer[t]][1]
         self.prefix = [i for i in range(len(self.nodes)) if i in need]
         self.suffix = [i for i in range(len(self.nodes)) if i not in need]
+        # The first stride-16 block: what the `s16` cut adds to the `s8` prefix.
+        self.block16 = [i for i in range(len(self.nodes)) if self.nodes[i][2][0] in BLOCK16]
 
     @staticmethod
     def key(name):
@@ -90,6 +120,13 @@ class CenterFace(torch.nn.Module):
         env[outs[0]] = y
         return op, ins, outs, a
 
+    def stride16(self, x8):
+        """The `s16` cut's map from stride-8 maps (the first stride-16 block)."""
+        env = {CUT: x8}
+        for i in self.block16:
+            self.op(i, env)
+        return env[S16]
+
     def features(self, img):
         """The prefix: the energy layer's input and the stride-4 map the
         suffix reads."""
@@ -98,16 +135,25 @@ class CenterFace(torch.nn.Module):
             self.op(i, env)
         if self.cut == "s4":
             return F.avg_pool2d(env[TAP], 2), env[TAP]
+        if self.cut in STRIDE16:
+            x = env[S16] if self.cut == "s16" else s16x_input(env[S16], env[CUT])
+            return x, (env[S16], env[CUT], env[TAP])
         return env[CUT], env[TAP]
 
-    def suffix_from(self, x, tap, mask=None, rule="any", fills=None, record=None):
+    def suffix_from(self, x, tap, mask=None, rule="any", fills=None, record=None, gate=None):
         """The suffix on the cut's map `x` (unread under the `s4` cut) and the
         stride-4 map `tap`; with a level-0 `mask` (N×1×H×W, 0/1), every
         tensor multiplied by its level's mask, and set to its fill vector
         (`fills`: name → C values) where the mask is 0. `record(name, value, mask)` sees each tensor
         before it is masked (without a mask: each dense tensor, mask None).
-        Returns the four output maps."""
-        env = {TAP: tap} if self.cut == "s4" else {CUT: x, TAP: tap}
+        `gate` = (tensor name, fn): a second mask (two_stage.py, simulation
+        only): the tensor is computed on its level's set as usual, then
+        `fn(value, mask)` (0/1 at its resolution) narrows that set for
+        everything read from it. Returns the four output maps."""
+        if self.cut in STRIDE16:
+            env = {S16: tap[0], CUT: tap[1], TAP: tap[2]}
+        else:
+            env = {TAP: tap} if self.cut == "s4" else {CUT: x, TAP: tap}
         if mask is None:
             for i in self.suffix:
                 _, _, outs, _ = self.op(i, env)
@@ -124,11 +170,17 @@ class CenterFace(torch.nn.Module):
                 v = v + (1 - m) * fills[name].view(1, -1, 1, 1)
             return v
 
-        masks = {TAP: F.interpolate(mask, scale_factor=2, mode="nearest")}
-        if self.cut != "s4":
-            masks[CUT] = mask
-            env[CUT] = masked(CUT, x, mask)
-        env[TAP] = masked(TAP, tap, masks[TAP])
+        if self.cut in STRIDE16:
+            masks = {S16: mask, CUT: F.interpolate(mask, scale_factor=2, mode="nearest"),
+                     TAP: F.interpolate(mask, scale_factor=4, mode="nearest")}
+            env[S16] = masked(S16, env[S16], mask)
+            env[CUT] = masked(CUT, env[CUT], masks[CUT])
+        else:
+            masks = {TAP: F.interpolate(mask, scale_factor=2, mode="nearest")}
+            if self.cut != "s4":
+                masks[CUT] = mask
+                env[CUT] = masked(CUT, x, mask)
+        env[TAP] = masked(TAP, env[TAP], masks[TAP])
         for i in self.suffix:
             op, ins, outs, a = self.nodes[i]
             m = masks[ins[0]]
@@ -147,6 +199,10 @@ class CenterFace(torch.nn.Module):
             self.op(i, env)
             masks[outs[0]] = m
             env[outs[0]] = masked(outs[0], env[outs[0]], m)
+            if gate is not None and outs[0] == gate[0]:
+                m = m * gate[1](env[outs[0]], m)
+                masks[outs[0]] = m
+                env[outs[0]] = env[outs[0]] * m
         return [env[o] for o in OUTPUTS]
 
     def suffix_macs(self, x, tap):
@@ -160,7 +216,7 @@ class CenterFace(torch.nn.Module):
             macs[name] = v.shape[2] * v.shape[3]
 
         with torch.no_grad():
-            self.suffix_from(x[:1], tap[:1], record=record)
+            self.suffix_from(x[:1], map_apply(tap, lambda t: t[:1]), record=record)
         out = {}
         for i in self.suffix:
             op, ins, outs, a = self.nodes[i]

