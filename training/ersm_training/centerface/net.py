@@ -46,14 +46,14 @@ def s16x_input(x16, x8):
 
 
 def cat_maps(maps):
-    """Batches a list of maps, or of (stride-8, stride-4) pairs."""
+    """Batches a list of maps, or of tuples of maps (the stride-16 cuts')."""
     if isinstance(maps[0], tuple):
         return tuple(torch.cat(z) for z in zip(*maps))
     return torch.cat(maps)
 
 
 def map_apply(t, fn):
-    """`fn` on a map, or on each map of a pair."""
+    """`fn` on a map, or on each map of a tuple."""
     return tuple(fn(x) for x in t) if isinstance(t, tuple) else fn(t)
 
 
@@ -129,7 +129,8 @@ class CenterFace(torch.nn.Module):
 
     def features(self, img):
         """The prefix: the energy layer's input and the stride-4 map the
-        suffix reads."""
+        suffix reads (under the stride-16 cuts, the triple `suffix_from`
+        takes)."""
         env = {INPUT: img}
         for i in self.prefix:
             self.op(i, env)
@@ -141,8 +142,9 @@ class CenterFace(torch.nn.Module):
         return env[CUT], env[TAP]
 
     def suffix_from(self, x, tap, mask=None, rule="any", fills=None, record=None, gate=None):
-        """The suffix on the cut's map `x` (unread under the `s4` cut) and the
-        stride-4 map `tap`; with a level-0 `mask` (N×1×H×W, 0/1), every
+        """The suffix on the cut's map `x` (unread under the `s4` and
+        stride-16 cuts) and the stride-4 map `tap` (the stride-16 cuts: the
+        triple of `features`); with a level-0 `mask` (N×1×H×W, 0/1), every
         tensor multiplied by its level's mask, and set to its fill vector
         (`fills`: name → C values) where the mask is 0. `record(name, value, mask)` sees each tensor
         before it is masked (without a mask: each dense tensor, mask None).

@@ -36,6 +36,24 @@ def score(rows):
             "mean_iou": iou / m if m else None}
 
 
+def dense_case(net, rgb, kind):
+    """(cut map, maps read across the cut, dense faces, kind) of one
+    480×640 RGB frame: what `candidate` scores."""
+    img = torch.from_numpy(rgb.astype(np.float32)).permute(2, 0, 1)[None]
+    f, tap = net.features(img)
+    dense = decode(*[o.numpy() for o in net.suffix_from(f, tap)], SHIPPED_THRESHOLD, (480, 640))
+    return f, tap, dense, kind
+
+
+def validation_cases(net, teacher):
+    """`dense_case` of each validation frame of a teacher cache, in order."""
+    meta = np.load(os.path.join(teacher, "frames.npz"))
+    # Read once: each NpzFile lookup decompresses the whole array again.
+    frames, kinds = meta["frames"], meta["kinds"]
+    with torch.no_grad():
+        return [dense_case(net, frames[i], str(kinds[i])) for i in np.where(meta["validation"])[0]]
+
+
 def candidate(net, head, cache, rule, off, fills=None, gate=None):
     """Recall, precision, F1, IoU, keep ratio and suffix compute (its
     multiply-adds at the active positions, over dense's) by frame kind, of
@@ -89,20 +107,11 @@ def main():
     ap.add_argument("--fills", help="fill vectors from fills.py (default: dropped positions hold zero)")
     args = ap.parse_args()
     torch.set_num_threads(max(1, os.cpu_count() or 1))
-    meta = np.load(os.path.join(args.teacher, "frames.npz"))
-    va = np.where(meta["validation"])[0]
-    frames, kinds = meta["frames"], meta["kinds"]
     head, head_kind = load_head(args.head)
     net = CenterFace(args.onnx, head.cut).eval()
     fills = torch.load(args.fills, weights_only=True) if args.fills else None
-    cache = []
-    with torch.no_grad():
-        for fi in va:
-            img = torch.from_numpy(frames[fi].astype(np.float32)).permute(2, 0, 1)[None]
-            f, tap = net.features(img)
-            dense = decode(*[o.numpy() for o in net.suffix_from(f, tap)], SHIPPED_THRESHOLD, (480, 640))
-            cache.append((f, tap, dense, str(kinds[fi])))
-    print(f"{len(va)} validation frames; {sum(len(c[2]) for c in cache)} dense faces", flush=True)
+    cache = validation_cases(net, args.teacher)
+    print(f"{len(cache)} validation frames; {sum(len(c[2]) for c in cache)} dense faces", flush=True)
     results = []
     lambdas = args.lambdas or [head.lam]
     for lam, rule, off in ((lam, rule, off) for lam in lambdas for rule in args.rules for off in args.offsets):

@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from ..train import ConvHead, seed_all
-from .net import decode
+from .net import STRIDE16, CenterFace, decode, s16x_input
 
 C = 32
 # The energy layer's input channels by cut (net.CUTS): the stride-8 map, or
@@ -116,9 +116,7 @@ def inputs(teacher, cut, onnx_path=None):
     the `s16` and `s16x` cuts' are made once from the stride-8 maps (the
     first stride-16 block, in torch) and cached beside them."""
     path = os.path.join(teacher, INPUTS[cut][1])
-    if cut in ("s16", "s16x") and not os.path.exists(path):
-        from .net import CenterFace, s16x_input
-
+    if cut in STRIDE16 and not os.path.exists(path):
         assert onnx_path, f"--onnx is needed to make the {cut} cut's maps"
         net = CenterFace(onnx_path, cut).eval()
         x8 = np.load(os.path.join(teacher, "cut.npy"), mmap_mode="r")

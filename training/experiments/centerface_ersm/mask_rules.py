@@ -30,30 +30,15 @@ from scipy import ndimage
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", ".."))
 from ersm_training.centerface.net import CenterFace, decode, match  # noqa: E402
-from ersm_training.centerface.operating_point import score  # noqa: E402
+from ersm_training.centerface.operating_point import score, validation_cases  # noqa: E402
 from ersm_training.centerface.train_head import SHIPPED_THRESHOLD, load_head  # noqa: E402
 from ersm_training.train import hard_mask  # noqa: E402
-
-
-def validation(args, net):
-    """(features, tap, dense faces, kind) of every validation frame."""
-    meta = np.load(os.path.join(args.teacher, "frames.npz"))
-    # Read once: each NpzFile lookup decompresses the whole array again.
-    frames, kinds = meta["frames"], meta["kinds"]
-    out = []
-    with torch.no_grad():
-        for fi in np.where(meta["validation"])[0]:
-            img = torch.from_numpy(frames[fi].astype(np.float32)).permute(2, 0, 1)[None]
-            f, tap = net.features(img)
-            dense = decode(*[o.numpy() for o in net.suffix_from(f, tap)], SHIPPED_THRESHOLD, (480, 640))
-            out.append((f, tap, dense, str(kinds[fi])))
-    return out
 
 
 def gate(args, net, head):
     rows = []
     with torch.no_grad():
-        for f, _, dense, kind in validation(args, net):
+        for f, _, dense, kind in validation_cases(net, args.teacher):
             e, _ = head(f, args.offset)
             rows.append((kind, len(dense), float(e.min()), float((e < 0).float().mean())))
     for faces in (True, False):
@@ -91,7 +76,7 @@ def gate(args, net, head):
 
 
 def blobs(args, net, head):
-    cache = validation(args, net)
+    cache = validation_cases(net, args.teacher)
     macs, positions = net.suffix_macs(cache[0][0], cache[0][1])
     total = sum(macs.values())
 

@@ -32,9 +32,9 @@ import numpy as np
 import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", ".."))
-from ersm_training.centerface.net import CenterFace, decode  # noqa: E402
-from ersm_training.centerface.operating_point import candidate  # noqa: E402
-from ersm_training.centerface.train_head import SHIPPED_THRESHOLD, load_head, target  # noqa: E402
+from ersm_training.centerface.net import CenterFace  # noqa: E402
+from ersm_training.centerface.operating_point import candidate, dense_case, validation_cases  # noqa: E402
+from ersm_training.centerface.train_head import load_head, target  # noqa: E402
 from ersm_training.train import hard_mask  # noqa: E402
 
 # The first stride-16 block's output (64 channels, 40×30 at 640×480): 4 %
@@ -59,23 +59,10 @@ def main():
                     help="oracle margin (stride-16 tokens):grow pairs")
     args = ap.parse_args()
     torch.set_num_threads(max(1, os.cpu_count() or 1))
-    meta = np.load(os.path.join(args.teacher, "frames.npz"))
-    teacher = np.load(os.path.join(args.teacher, "teacher.npy"), mmap_mode="r")
-    # Read once: each NpzFile lookup decompresses the whole array again.
-    frames, kinds, va = meta["frames"], meta["kinds"], np.where(meta["validation"])[0]
     head, _ = load_head(args.head)
     net = CenterFace(args.onnx).eval()
-    cache, oracle_maps = [], []
     # Held out: only the candidate already chosen on validation is scored.
-    with torch.no_grad():
-        for i in ([] if args.heldout else va):
-            img = torch.from_numpy(frames[i].astype(np.float32)).permute(2, 0, 1)[None]
-            f, tap = net.features(img)
-            dense = decode(*[o.numpy() for o in net.suffix_from(f, tap)], SHIPPED_THRESHOLD, (480, 640))
-            cache.append((f, tap, dense, str(kinds[i])))
-            oracle_maps.append(np.asarray(teacher[i], dtype=np.float32))
-    if cache:
-        print(f"{len(cache)} validation frames, {sum(len(c[2]) for c in cache)} dense faces", flush=True)
+    cache = [] if args.heldout else validation_cases(net, args.teacher)
 
     def show(tag, by_kind):
         a = by_kind["all"]
@@ -85,6 +72,7 @@ def main():
               flush=True)
 
     if cache:
+        print(f"{len(cache)} validation frames, {sum(len(c[2]) for c in cache)} dense faces", flush=True)
         show("stage 1 only", candidate(net, head, cache, args.rule, args.offset))
     if args.mode == "head":
         head2, _ = load_head(args.head2)
@@ -100,18 +88,19 @@ def main():
                 files = sorted(glob.glob(os.path.join(folder, "*.png")) + glob.glob(os.path.join(folder, "*.jpg")))
                 for fn in files[::args.every]:
                     rgb = cv2.resize(cv2.imread(fn)[:, :, ::-1], (640, 480), interpolation=cv2.INTER_AREA)
-                    img = torch.from_numpy(rgb.astype(np.float32)).permute(2, 0, 1)[None]
-                    f, tap = net.features(img)
-                    dense = decode(*[o.numpy() for o in net.suffix_from(f, tap)], SHIPPED_THRESHOLD, (480, 640))
+                    f, tap, dense, _ = dense_case(net, rgb, None)
                     held.append((f, tap, dense, "with faces" if len(dense) else "without"))
             name = os.path.basename(folder.rstrip("/"))
             show(f"{name}: stage 1 only", candidate(net, head, held, args.rule, args.offset))
             show(f"{name}: stage 2 offset {args.offsets2[0]:+.2f}",
                  candidate(net, head, held, args.rule, args.offset, gate=learnt(args.offsets2[0])))
         return
+    teacher = np.load(os.path.join(args.teacher, "teacher.npy"), mmap_mode="r")
+    va = np.where(np.load(os.path.join(args.teacher, "frames.npz"))["validation"])[0]
     for s in args.settings:
         margin, grow = int(s.split(":")[0]), float(s.split(":")[1])
-        targets = torch.from_numpy(np.stack([target(m, margin, grow, stride=16) for m in oracle_maps]))[:, None]
+        targets = torch.from_numpy(np.stack([target(np.asarray(teacher[i], dtype=np.float32), margin, grow, stride=16)
+                                             for i in va]))[:, None]
         # candidate() runs the frames in order, eight at a time: the gate
         # takes the batch's targets by position.
         batch = iter(range(0, len(cache), 8))
