@@ -51,11 +51,7 @@ pub fn ersm(p: &Pipeline, frames: &[Frame], count: usize) -> Result<Vec<Row>> {
                 )
                 .context("energy layer")?;
             energy += t.elapsed().as_secs_f64() * 1e3;
-            let tokens = plan.token_counts(&mask.kept);
-            for (acc, s) in step_macs.iter_mut().zip(&plan.steps) {
-                *acc += s.op.cost(&tokens) as f64;
-            }
-            match &p.placement.suffix {
+            let tokens = match &p.placement.suffix {
                 Some(g) => {
                     g.run_timed(
                         plan,
@@ -82,12 +78,19 @@ pub fn ersm(p: &Pipeline, frames: &[Frame], count: usize) -> Result<Vec<Row>> {
                         .context("sparse suffix (GPU, untimed)")?;
                     untimed.0 += issued;
                     untimed.1 += done;
+                    // No gate runs on the GPU: the kept tokens give every set.
+                    plan.token_counts(&mask.kept)
                 }
                 None => {
                     let rows = std::mem::take(&mut mask.features);
-                    plan.run_timed(&mask.kept, rows, x.taps, &mut step_ms)
+                    let (_, frame) = plan
+                        .run_timed(&mask.kept, rows, x.taps, &mut step_ms)
                         .context("sparse suffix")?;
+                    frame.counts()
                 }
+            };
+            for (acc, s) in step_macs.iter_mut().zip(&plan.steps) {
+                *acc += s.op.cost(&tokens) as f64;
             }
             Ok(())
         })?;

@@ -116,7 +116,8 @@ fn random_networks_cover_every_op_and_match_reference() {
     );
     let missing: Vec<_> = supported()
         .into_iter()
-        .filter(|op| !used.contains(*op) && *op != "Dropout")
+        // A gate (a second EnergyMask) has its own test below.
+        .filter(|op| !used.contains(*op) && *op != "Dropout" && *op != "EnergyMask")
         .collect();
     assert!(missing.is_empty(), "random networks never used {missing:?}");
 }
@@ -342,6 +343,50 @@ fn suffix_reading_prefix_maps_with_several_outputs_matches_reference() {
         );
     }
     assert!(coarse > 0, "no random detector read a coarser prefix map");
+}
+
+/// A gate (a second energy layer) after the suffix's stride-2 block: the
+/// layers after it run on the gate's narrower set, the finer levels on the
+/// union of it and the cut's, and the sparse suffix equals the
+/// dense-masked reference whose gate keeps the negative energies of its
+/// own masked map, under both stride rules; and the gate narrows (it keeps
+/// fewer than its input level on most frames).
+#[test]
+fn a_gate_inside_the_suffix_matches_the_reference_on_random_detectors() {
+    let mut narrowed = 0;
+    for seed in 0..10u64 {
+        let (h, w, c) = [(16, 16, 6), (8, 24, 4), (24, 16, 5)][seed as usize % 3];
+        let proto = random_gated_detector(seed, h, w, c);
+        let proto = if seed.is_multiple_of(2) {
+            with_stride_rule(proto, "centre")
+        } else {
+            proto
+        };
+        let m = package(proto, h, w);
+        let gates: Vec<_> = m.plan.steps.iter().filter_map(|s| s.op.gate()).collect();
+        assert_eq!(gates.len(), 1, "seed {seed}: one gate lowered");
+        let (g_in, g_out) = (gates[0].in_level, gates[0].out_level);
+        let mut rng = Rng::new(900 + seed);
+        let image = rng.normals(3 * h * w, 1.0);
+        let maps = prefix_maps(&m, &image);
+        let (x, taps) = (&maps[0], &maps[1..]);
+        for p in [0.1, 0.4, 0.8, 1.0] {
+            let kept = random_kept(&mut rng, m.cut.h * m.cut.w, p);
+            let fm = ersm::ersm::FeatureMap::new(x, m.cut.c, m.cut.h, m.cut.w).unwrap();
+            let feats = ersm::ersm::cpu::gather(fm, &kept);
+            let (out, frame) = m.plan.run(&kept, feats, taps.to_vec()).unwrap();
+            let got = m.plan.dense_outputs(&out, &frame.sets);
+            let (want, lists) = dense_masked_gated(&m, x, taps, &kept);
+            let err = rel_err(&got, &want);
+            assert!(err <= TOL, "seed {seed}, keep p={p}: relative error {err}");
+            assert_eq!(
+                frame.sets[g_out].coords, lists[0],
+                "seed {seed}, keep p={p}: the gate keeps what the reference's does"
+            );
+            narrowed += usize::from(frame.sets[g_out].len() < frame.sets[g_in].len());
+        }
+    }
+    assert!(narrowed > 5, "the gates narrowed {narrowed} of 40 frames");
 }
 
 /// CenterFace's cut at stride 4 (training's `--cut s4`): the energy layer

@@ -2,6 +2,7 @@
 
 pub mod cpu;
 pub mod cuda;
+pub mod node;
 
 use anyhow::{bail, Context, Result};
 use std::sync::Arc;

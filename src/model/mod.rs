@@ -293,8 +293,10 @@ impl CutModel {
             .chain(taps.iter().map(|t| float_input(&t.name, &t.shape())))
             .collect();
         let outputs: Vec<&str> = graph_outputs.iter().map(String::as_str).collect();
-        let suffix_proto = subgraph(&proto, suffix_nodes, suffix_inputs, &outputs);
-        let dense_proto = with_identity_energy(&proto, e);
+        // Densely (the fallback, the baseline) a gate keeps every token.
+        let dense_suffix_nodes = suffix_nodes.iter().map(energy_as_identity).collect();
+        let suffix_proto = subgraph(&proto, dense_suffix_nodes, suffix_inputs, &outputs);
+        let dense_proto = with_identity_energy(&proto);
         Ok(CutModel {
             origin: origin.to_path_buf(),
             manifest,
@@ -436,16 +438,27 @@ pub fn read_onnx(path: &Path) -> Result<ModelProto> {
 }
 
 /// The network with node `e` (the energy layer) replaced by Identity.
-fn with_identity_energy(proto: &ModelProto, e: usize) -> ModelProto {
+fn with_identity_energy(proto: &ModelProto) -> ModelProto {
     let mut p = proto.clone();
     let g = p.graph.as_mut().expect("checked");
-    let n = &mut g.node[e];
-    n.op_type = "Identity".into();
-    n.domain.clear();
-    n.input.truncate(1);
-    n.attribute.clear();
+    for n in g.node.iter_mut() {
+        *n = energy_as_identity(n);
+    }
     p.opset_import.retain(|o| o.domain != energy::DOMAIN);
     p
+}
+
+/// An energy node (the cut's or a gate) as Identity, every token kept;
+/// any other node as it is.
+fn energy_as_identity(n: &NodeProto) -> NodeProto {
+    let mut n = n.clone();
+    if n.op_type == energy::OP_TYPE {
+        n.op_type = "Identity".into();
+        n.domain.clear();
+        n.input.truncate(1);
+        n.attribute.clear();
+    }
+    n
 }
 
 impl std::fmt::Debug for CutModel {

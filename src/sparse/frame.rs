@@ -1,6 +1,8 @@
 //! One frame's token sets and rulebooks, and the levels and rulebook keys
 //! they are built from (fixed at load). Ops read a [`Frame`]; the plan
-//! builds it.
+//! builds it: every set from the kept tokens before the first step, except
+//! the sets behind a gate (a second energy layer inside the suffix), built
+//! when the gate has run.
 
 use super::rulebook::{Rulebook, Window};
 use super::tokens::{StrideRule, TokenSet};
@@ -23,6 +25,10 @@ pub struct Level {
     /// the parent's set and that one's (an Add of two maps reached by
     /// different paths, an upsampled map and a lateral).
     pub merge: Option<usize>,
+    /// A gate's narrowing of the parent's set (the gate's number in the
+    /// suffix): the parent's positions whose energy under that gate is
+    /// negative, known only once the gate has run.
+    pub gate: Option<usize>,
 }
 
 /// A rulebook the frame must build: between two levels for one window.
@@ -33,41 +39,153 @@ pub struct RuleKey {
     pub window: Window,
 }
 
-/// Per-frame state: the active set of every level and the rulebooks over them.
+/// Per-frame state: the active set of every level and the rulebooks over
+/// them. Behind a gate that has not run yet, a level's set and the
+/// rulebooks reading it are empty placeholders.
 #[derive(Debug)]
 pub struct Frame {
     pub sets: Vec<TokenSet>,
     pub rulebooks: Vec<Rulebook>,
+    /// Levels whose sets are not built yet.
+    pending: Vec<bool>,
+    /// Rulebooks not built yet.
+    rules_pending: Vec<bool>,
 }
 
 impl Frame {
-    /// Every level's token set for the kept raster indices of level 0.
+    /// Every level's token set for the kept raster indices of level 0; the
+    /// levels behind a gate hold no tokens (their sets come from the run).
     pub fn sets(levels: &[Level], rule: StrideRule, kept: &[u32]) -> Vec<TokenSet> {
-        let mut sets: Vec<TokenSet> = Vec::with_capacity(levels.len());
-        for l in levels {
-            let set = match l.parent {
-                None => TokenSet::from_raster(l.h, l.w, kept.to_vec()),
-                Some(p) if l.merge.is_some() => sets[p].union(&sets[l.merge.unwrap_or(p)]),
-                Some(p) if l.up => sets[p].upsample(l.stride, l.h, l.w),
-                Some(p) => sets[p].downsample(l.stride, l.h, l.w, rule),
-            };
-            sets.push(set);
-        }
-        sets
+        let mut f = Frame::placeholders(levels, &[]);
+        f.resolve(levels, rule, Some(kept), None);
+        f.sets
     }
 
-    /// Every level's token set and every rulebook for the kept raster indices.
+    /// Every level's token set and every rulebook for the kept raster
+    /// indices, as far as no gate stands before them.
     pub fn build(levels: &[Level], rules: &[RuleKey], rule: StrideRule, kept: &[u32]) -> Frame {
-        let sets = Frame::sets(levels, rule, kept);
+        let mut f = Frame::placeholders(levels, rules);
+        f.resolve(levels, rule, Some(kept), None);
+        f.build_rulebooks(rules);
+        f
+    }
+
+    /// Builds what gate `gate` was holding back, now that it keeps the
+    /// raster indices `kept` of its level (ascending).
+    pub fn open_gate(
+        &mut self,
+        levels: &[Level],
+        rules: &[RuleKey],
+        rule: StrideRule,
+        gate: usize,
+        kept: &[u32],
+    ) {
+        self.resolve(levels, rule, None, Some((gate, kept)));
+        self.build_rulebooks(rules);
+    }
+
+    /// A frame whose every set and rulebook is built (elsewhere: by the
+    /// GPU's kernels).
+    pub fn complete(sets: Vec<TokenSet>, rulebooks: Vec<Rulebook>) -> Frame {
+        Frame {
+            pending: vec![false; sets.len()],
+            rules_pending: vec![false; rulebooks.len()],
+            sets,
+            rulebooks,
+        }
+    }
+
+    /// True when the set of level `l` is built.
+    pub fn has(&self, l: usize) -> bool {
+        !self.pending[l]
+    }
+
+    fn placeholders(levels: &[Level], rules: &[RuleKey]) -> Frame {
+        let empty = |l: &Level| TokenSet {
+            h: l.h,
+            w: l.w,
+            coords: Vec::new(),
+            index: Vec::new(),
+        };
+        Frame {
+            sets: levels.iter().map(empty).collect(),
+            rulebooks: rules
+                .iter()
+                .map(|_| Rulebook {
+                    taps: 0,
+                    table: Vec::new(),
+                })
+                .collect(),
+            pending: vec![true; levels.len()],
+            rules_pending: vec![true; rules.len()],
+        }
+    }
+
+    /// Builds every pending level whose inputs are known: level 0 from
+    /// `kept`, a gate's level from `gate` when it is that gate's, the rest
+    /// from their parents.
+    fn resolve(
+        &mut self,
+        levels: &[Level],
+        rule: StrideRule,
+        kept: Option<&[u32]>,
+        gate: Option<(usize, &[u32])>,
+    ) {
+        for (i, l) in levels.iter().enumerate() {
+            if !self.pending[i] {
+                continue;
+            }
+            let set = match (l.parent, l.gate) {
+                (None, _) => match kept {
+                    Some(k) => TokenSet::from_raster(l.h, l.w, k.to_vec()),
+                    None => continue,
+                },
+                (Some(_), Some(g)) => match gate {
+                    Some((k, list)) if k == g => TokenSet::from_raster(l.h, l.w, list.to_vec()),
+                    _ => continue,
+                },
+                (Some(p), None) => {
+                    if self.pending[p] || l.merge.is_some_and(|q| self.pending[q]) {
+                        continue;
+                    }
+                    let sets = &self.sets;
+                    match l.merge {
+                        Some(q) => sets[p].union(&sets[q]),
+                        None if l.up => sets[p].upsample(l.stride, l.h, l.w),
+                        None => sets[p].downsample(l.stride, l.h, l.w, rule),
+                    }
+                }
+            };
+            self.sets[i] = set;
+            self.pending[i] = false;
+        }
+    }
+
+    /// Builds every pending rulebook whose two levels are built.
+    fn build_rulebooks(&mut self, rules: &[RuleKey]) {
+        let ready: Vec<usize> = (0..rules.len())
+            .filter(|&r| {
+                self.rules_pending[r]
+                    && !self.pending[rules[r].in_level]
+                    && !self.pending[rules[r].out_level]
+            })
+            .collect();
+        let sets = &self.sets;
+        let build = |&r: &usize| {
+            let k = &rules[r];
+            Rulebook::build(&sets[k.in_level], &sets[k.out_level], k.window)
+        };
         // Rulebooks are independent: on the pool's threads when there is
         // one (never rayon's global pool: `--threads 1` means one thread).
-        let build = |r: &RuleKey| Rulebook::build(&sets[r.in_level], &sets[r.out_level], r.window);
-        let rulebooks = if crate::threads::pool_threads() > 1 {
-            rules.par_iter().map(build).collect()
+        let built: Vec<Rulebook> = if crate::threads::pool_threads() > 1 {
+            ready.par_iter().map(build).collect()
         } else {
-            rules.iter().map(build).collect()
+            ready.iter().map(build).collect()
         };
-        Frame { sets, rulebooks }
+        for (r, rb) in ready.into_iter().zip(built) {
+            self.rulebooks[r] = rb;
+            self.rules_pending[r] = false;
+        }
     }
 
     /// Active tokens per level.

@@ -33,6 +33,7 @@ pub fn lower(
         w,
         up: false,
         merge: None,
+        gate: None,
     });
     let input_tensor = Tensor {
         slot: lowered.slot(input, Shape::Tokens { level: 0, c }),

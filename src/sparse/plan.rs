@@ -210,17 +210,21 @@ impl Plan {
         self.buffers.fresh()
     }
 
-    /// Every level's token set for the kept raster indices.
+    /// Every level's token set for the kept raster indices. Behind a gate a
+    /// set is known only once the suffix has run: there it holds no tokens
+    /// (use the frame [`Plan::run`] returns).
     pub fn sets(&self, kept: &[u32]) -> Vec<TokenSet> {
         Frame::sets(&self.levels, self.stride_rule, kept)
     }
 
-    /// Builds every level's token set and every rulebook from the kept raster indices.
+    /// Builds every level's token set and every rulebook from the kept
+    /// raster indices, those behind a gate excepted (the run builds them).
     pub fn frame(&self, kept: &[u32]) -> Frame {
         Frame::build(&self.levels, &self.rules, self.stride_rule, kept)
     }
 
-    /// Active tokens per level for the kept raster indices (no rulebooks built).
+    /// Active tokens per level for the kept raster indices (no rulebooks
+    /// built); behind a gate, none (see [`Plan::sets`]).
     pub fn token_counts(&self, kept: &[u32]) -> Vec<usize> {
         self.sets(kept).iter().map(TokenSet::len).collect()
     }
@@ -314,7 +318,7 @@ impl Plan {
         self.check_features(kept.len(), features.len())?;
         self.check_taps(&taps)?;
         let t = std::time::Instant::now();
-        let frame = self.frame(kept);
+        let mut frame = self.frame(kept);
         if let Some(times) = times.as_deref_mut() {
             times[self.steps.len()] += ms(t);
         }
@@ -328,6 +332,21 @@ impl Plan {
         }
         for (s, step) in self.steps.iter().enumerate() {
             let t = std::time::Instant::now();
+            if let Some(gate) = step.op.gate() {
+                let x = slots[step.inputs[0]]
+                    .as_ref()
+                    .context("internal: a gate's input read before it was written")?;
+                let kept = gate
+                    .keeps(x, &frame)
+                    .with_context(|| format!("second energy layer at node {}", step.node))?;
+                frame.open_gate(
+                    &self.levels,
+                    &self.rules,
+                    self.stride_rule,
+                    gate.gate,
+                    &kept,
+                );
+            }
             // An elementwise op gets the inputs it reads for the last time (and
             // only once) owned, to work in place; other ops borrow them.
             let in_place = step.op.in_place();

@@ -334,6 +334,28 @@ pub fn energy(
     out
 }
 
+/// A gate (a second energy node, inside the suffix) on token map `x` of `c`
+/// channels: a random linear head of zero bias (about half the map's
+/// energies negative), `steps` mean-field steps.
+pub fn gate(b: &mut Builder, x: &str, c: usize, steps: i64) -> String {
+    let tag = format!("gate{}", b.count);
+    let w = b.rng.normals(c, 1.0 / (c as f32).sqrt());
+    let wn = b.init(&format!("{tag}.w"), &[1, c, 1, 1], w);
+    let bn = b.init(&format!("{tag}.b"), &[1], vec![0.0]);
+    let out = b.op(
+        "EnergyMask",
+        &[x, &wn, &bn],
+        vec![
+            attr_float("lambda", 0.3),
+            attr_float("tau", 1.0),
+            attr_int("steps", steps),
+            attr_int("neighbourhood", 8),
+        ],
+    );
+    b.nodes.last_mut().unwrap().domain = "ersm".into();
+    out
+}
+
 /// Sets (or replaces) one attribute of the energy node.
 pub fn set_energy_attr(proto: &mut pb::ModelProto, attr: AttributeProto) {
     let node = proto
@@ -643,6 +665,18 @@ pub fn random_network(seed: u64, h: usize, w: usize, c: usize) -> pb::ModelProto
 /// two token-map outputs at stride 1 (a sigmoid "heatmap" and a 4-channel
 /// "box" map), like CenterFace's heads.
 pub fn random_detector(seed: u64, h: usize, w: usize, c: usize) -> pb::ModelProto {
+    detector(seed, h, w, c, false)
+}
+
+/// [`random_detector`] with a gate after the suffix's stride-2 block, as
+/// CenterFace's second mask at stride 16: the coarser level's later layers
+/// run on the gate's narrower set, the finer levels on the union of it
+/// (upsampled) and the cut's.
+pub fn random_gated_detector(seed: u64, h: usize, w: usize, c: usize) -> pb::ModelProto {
+    detector(seed, h, w, c, true)
+}
+
+fn detector(seed: u64, h: usize, w: usize, c: usize, gated: bool) -> pb::ModelProto {
     let mut b = Builder::new(seed);
     let p0 = b.conv("image", 3, 6, 3, 1, [1; 4], 1);
     let p0 = b.op("Relu", &[&p0], vec![]);
@@ -666,6 +700,14 @@ pub fn random_detector(seed: u64, h: usize, w: usize, c: usize) -> pb::ModelProt
     let y = b.act(&y);
     let d = b.conv(&y, c, c + 4, 3, 2, [1; 4], 1);
     let d = b.op("Relu", &[&d], vec![]);
+    let d = if gated {
+        let steps = b.rng.int(0, 2) as i64;
+        let g = gate(&mut b, &d, c + 4, steps);
+        let g = b.conv(&g, c + 4, c + 4, 3, 1, [1; 4], 1);
+        b.op("Relu", &[&g], vec![])
+    } else {
+        d
+    };
     let d = match &p2 {
         // The coarser prefix map joins the stride-4 level.
         Some(p2) => {
@@ -734,11 +776,21 @@ pub fn package(proto: pb::ModelProto, h: usize, w: usize) -> ModelPackage {
 /// the parent's first active token), each upsampled level as its parent's
 /// mask repeated s×s, each union level as the larger of its two parents'.
 pub fn level_masks(m: &ModelPackage, kept: &[u32]) -> Vec<Vec<f32>> {
+    level_masks_gated(m, kept, &[])
+}
+
+/// [`level_masks`] where gate `g`'s level keeps the raster indices
+/// `gates[g]` (none, for a gate not in the list).
+pub fn level_masks_gated(m: &ModelPackage, kept: &[u32], gates: &[Vec<u32>]) -> Vec<Vec<f32>> {
     let mut masks: Vec<Vec<f32>> = Vec::new();
     for l in &m.plan.levels {
         let mut mask = vec![0.0f32; l.h * l.w];
         match l.parent {
             None => kept.iter().for_each(|&i| mask[i as usize] = 1.0),
+            Some(_) if l.gate.is_some() => {
+                let list = gates.get(l.gate.unwrap()).map_or(&[][..], Vec::as_slice);
+                list.iter().for_each(|&i| mask[i as usize] = 1.0);
+            }
             Some(p) if l.merge.is_some() => {
                 let q = l.merge.unwrap();
                 for (i, v) in mask.iter_mut().enumerate() {
@@ -793,15 +845,27 @@ pub fn dense_masked(m: &ModelPackage, x: &[f32], kept: &[u32]) -> Vec<f32> {
 /// (dense, in the cut's order): each masked by its own level.
 pub fn dense_masked_with(m: &ModelPackage, x: &[f32], taps: &[Vec<f32>], kept: &[u32]) -> Vec<f32> {
     let masks = level_masks(m, kept);
+    let proto = reference(&m.suffix_proto, &m.plan);
+    run_reference(m, &proto, x, taps, &masks)
+}
+
+/// Runs a reference built by [`reference`] on features `x` (masked here by
+/// level 0), the prefix maps `taps`, and every level's mask.
+fn run_reference(
+    m: &ModelPackage,
+    proto: &pb::ModelProto,
+    x: &[f32],
+    taps: &[Vec<f32>],
+    masks: &[Vec<f32>],
+) -> Vec<f32> {
     let hw = m.cut.h * m.cut.w;
     let xm: Vec<f32> = x
         .iter()
         .enumerate()
         .map(|(i, &v)| v * masks[0][i % hw])
         .collect();
-    let proto = reference(&m.suffix_proto, &m.plan);
     let maps = m.cut.suffix_input_shapes();
-    let net = TractNet::new(&proto, &maps[0], "dense-masked reference").expect("reference builds");
+    let net = TractNet::new(proto, &maps[0], "dense-masked reference").expect("reference builds");
     let scales: Vec<[f32; 1]> = masks
         .iter()
         .map(|mk| [mk.len() as f32 / mk.iter().sum::<f32>().max(1.0)])
@@ -818,6 +882,64 @@ pub fn dense_masked_with(m: &ModelPackage, x: &[f32], taps: &[Vec<f32>], kept: &
         inputs.push((&[1], &scales[l]));
     }
     net.run_many(&inputs).expect("reference runs")
+}
+
+/// [`dense_masked_with`] of a suffix with gates: each gate's input is taken
+/// from the reference itself (a first run with the gates not yet known),
+/// its energies computed on that masked map, and its level's mask set to
+/// the input level's positions with negative energy (the lowest one if
+/// none is); then the reference runs with every mask. The gates' kept
+/// raster indices are returned too.
+pub fn dense_masked_gated(
+    m: &ModelPackage,
+    x: &[f32],
+    taps: &[Vec<f32>],
+    kept: &[u32],
+) -> (Vec<f32>, Vec<Vec<u32>>) {
+    let gates: Vec<(&ersm::sparse::ops::Gate, &str)> = m
+        .plan
+        .steps
+        .iter()
+        .filter_map(|s| Some((s.op.gate()?, m.plan.slot_names[s.inputs[0]].as_str())))
+        .collect();
+    let mut lists: Vec<Vec<u32>> = Vec::new();
+    for (g, input) in &gates {
+        let masks = level_masks_gated(m, kept, &lists);
+        let mut proto = reference(&m.suffix_proto, &m.plan);
+        let graph = proto.graph.as_mut().unwrap();
+        graph.output.push(pb::ValueInfoProto {
+            name: input.to_string(),
+            ..Default::default()
+        });
+        let all = run_reference(m, &proto, x, taps, &masks);
+        let map = &all[all.len() - g.c * g.h * g.w..];
+        let fm = ersm::ersm::FeatureMap::new(map, g.c, g.h, g.w).unwrap();
+        let u = ersm::ersm::cpu::unary(fm, &g.spec.head);
+        let e = ersm::ersm::cpu::mean_field(&u, g.h, g.w, &g.spec);
+        let active: Vec<u32> = masks[g.in_level]
+            .iter()
+            .enumerate()
+            .filter(|(_, &v)| v > 0.0)
+            .map(|(i, _)| i as u32)
+            .collect();
+        let mut list: Vec<u32> = active
+            .iter()
+            .copied()
+            .filter(|&i| e[i as usize] < 0.0)
+            .collect();
+        if list.is_empty() {
+            let lowest =
+                active
+                    .iter()
+                    .copied()
+                    .reduce(|a, b| if e[b as usize] < e[a as usize] { b } else { a });
+            list.extend(lowest);
+        }
+        lists.push(list);
+    }
+    let masks = level_masks_gated(m, kept, &lists);
+    let proto = reference(&m.suffix_proto, &m.plan);
+    (run_reference(m, &proto, x, taps, &masks), lists)
 }
 
 /// The dense suffix (tract, every token) on features `x` and the prefix maps

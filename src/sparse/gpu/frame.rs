@@ -102,7 +102,7 @@ impl<D: Device> GpuSuffix<D> {
                     }
                 })
                 .collect();
-            Ok(Frame { sets, rulebooks })
+            Ok(Frame::complete(sets, rulebooks))
         })
     }
 

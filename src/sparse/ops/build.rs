@@ -46,6 +46,7 @@ impl Lowered {
             w,
             up: false,
             merge: None,
+            gate: None,
         })
     }
 
@@ -59,6 +60,7 @@ impl Lowered {
             w,
             up: true,
             merge: None,
+            gate: None,
         })
     }
 
@@ -74,7 +76,25 @@ impl Lowered {
             w,
             up: false,
             merge: Some(b),
+            gate: None,
         })
+    }
+
+    /// The level of the next gate on `parent`: a subset of its set, known
+    /// once the gate has run. Its gate number and the level.
+    pub fn gate_level(&mut self, parent: usize) -> (usize, usize) {
+        let gate = self.levels.iter().filter(|l| l.gate.is_some()).count();
+        let (h, w) = (self.levels[parent].h, self.levels[parent].w);
+        let level = self.level(Level {
+            parent: Some(parent),
+            stride: 1,
+            h,
+            w,
+            up: false,
+            merge: None,
+            gate: Some(gate),
+        });
+        (gate, level)
     }
 
     fn level(&mut self, level: Level) -> usize {

@@ -12,6 +12,7 @@ pub mod build;
 pub mod conv;
 pub mod conv_transpose;
 pub mod depthwise;
+pub mod gate;
 pub mod gather;
 pub mod linear;
 pub mod merge;
@@ -33,6 +34,7 @@ pub use binary::{Binary, BinaryKind};
 pub use build::{Lowered, OnnxNode, Tensor};
 pub use conv::Conv;
 pub use depthwise::Depthwise;
+pub use gate::Gate;
 pub use linear::Linear;
 pub use pool::GlobalMean;
 pub use reshape::Reshape;
@@ -71,6 +73,7 @@ pub const BUILDERS: &[OnnxOp] = &[
     OnnxOp { op_type: "MatMul", inputs: 2, build: linear::matmul_from_onnx },
     OnnxOp { op_type: "Identity", inputs: 1, build: reshape::identity_from_onnx },
     OnnxOp { op_type: "Dropout", inputs: 1, build: reshape::identity_from_onnx },
+    OnnxOp { op_type: "EnergyMask", inputs: 1, build: gate::from_onnx },
 ];
 
 /// The ONNX op types of [`BUILDERS`].
@@ -138,6 +141,11 @@ pub trait Op: Debug + Send + Sync {
     /// When the output is the input's values under another shape (a
     /// reshape): that shape, so a GPU step may relabel the input's buffer.
     fn relabel(&self, _input: &Shape) -> Option<Result<Shape>> {
+        None
+    }
+    /// The op as a gate (a second energy layer), which narrows its level's
+    /// set before it runs.
+    fn gate(&self) -> Option<&Gate> {
         None
     }
     /// GPU twin: the arrays its kernel reads, uploaded once at load in this
