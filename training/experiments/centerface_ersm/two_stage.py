@@ -11,9 +11,10 @@ threshold, suffix compute by frame kind.
 grown, with a margin in stride-16 tokens), within stage 1's set: how far
 a perfect second head could go.
 
-`head`: stage 2 is a trained stride-16 head (`train_head.py --cut s16`)
-reading that block's output as the sparse run computes it (zero outside
-stage 1's set), at each of `--offsets2`. With `--heldout DIR…`, the first
+`head`: stage 2 is a trained stride-16 head (`train_head.py --cut s16`,
+or `--cut s16g`, trained on the maps it reads here) reading that block's
+output as the sparse run computes it (zero outside stage 1's set), at each
+of `--offsets2`; the runtime's gate (`export.py --gate`) runs the same. With `--heldout DIR…`, the first
 offset is also scored on folders of held-out frames (stretched to
 640×480, as the runtime feeds them): one run per candidate chosen on
 validation.
@@ -78,7 +79,9 @@ def main():
         head2, _ = load_head(args.head2)
 
         def learnt(off2):
-            return (args.gate, lambda v, m: hard_mask(head2(v, off2)[0]))
+            # As the runtime's gate: only the positions active in stage 1's
+            # set compete (the lowest energy among them if none is negative).
+            return (args.gate, lambda v, m: hard_mask(head2(v, off2)[0].masked_fill(m == 0, float("inf"))))
 
         for off2 in args.offsets2 if cache else []:
             show(f"stage 2 offset {off2:+.2f}", candidate(net, head, cache, args.rule, args.offset, gate=learnt(off2)))
