@@ -371,6 +371,16 @@ fn check_everything<D: Device>(make: impl Fn() -> D) {
             compare_with(&m, &gpu, &maps[0], &maps[1..], &kept, &what);
         }
     }
+    // A gate has no kernel yet: the executor refuses it by node, and the
+    // pipeline keeps the CPU suffix.
+    let gated = package(random_gated_detector(0, 16, 16, 6), 16, 16);
+    let err = GpuSuffix::new(make(), &gated.plan)
+        .err()
+        .expect("a suffix with a gate is refused");
+    assert!(
+        format!("{err:#}").contains("(Gate) has no GPU kernel"),
+        "{err:#}"
+    );
     let shipped = ModelPackage::load("models/mobilenet_v2_ersm").unwrap();
     let gpu = GpuSuffix::new(make(), &shipped.plan).expect("the shipped model lowers");
     let mut rng = Rng::new(11);
