@@ -383,17 +383,20 @@ impl Pipeline {
                     })
                     .context("energy layer")?;
                 times.ersm = (suffix_started - t).as_secs_f64() * 1e3;
-                let (values, tokens) = out.context("sparse suffix (GPU)")?;
+                let run = out.context("sparse suffix (GPU)")?;
+                let (values, tokens) = (run.values, run.counts);
                 // A token output is placed by the host's sets of the same
                 // kept list (off the device's path: the mask came back after
-                // the suffix ran).
-                let sets = if values
-                    .iter()
-                    .any(|v| matches!(v.shape, Shape::Tokens { .. }))
-                {
-                    self.model.plan.sets(&mask.kept)
-                } else {
-                    Vec::new()
+                // the suffix ran); behind a gate, by the device's.
+                let sets = match run.sets {
+                    Some(sets) => sets,
+                    None if values
+                        .iter()
+                        .any(|v| matches!(v.shape, Shape::Tokens { .. })) =>
+                    {
+                        self.model.plan.sets(&mask.kept)
+                    }
+                    None => Vec::new(),
                 };
                 let logits = dense_logits_of(&self.model.plan, &values, &sets)?;
                 (mask, logits, tokens, suffix_started)

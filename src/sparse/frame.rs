@@ -95,6 +95,22 @@ impl Frame {
         }
     }
 
+    /// A frame of these sets (built elsewhere: by the GPU's kernels) whose
+    /// `rules` rulebooks stay on the device.
+    pub fn with_sets(sets: Vec<TokenSet>, rules: usize) -> Frame {
+        Frame {
+            pending: vec![false; sets.len()],
+            rules_pending: vec![true; rules],
+            sets,
+            rulebooks: (0..rules)
+                .map(|_| Rulebook {
+                    taps: 0,
+                    table: Vec::new(),
+                })
+                .collect(),
+        }
+    }
+
     /// True when the set of level `l` is built.
     pub fn has(&self, l: usize) -> bool {
         !self.pending[l]

@@ -177,6 +177,8 @@ pub struct LevelParams {
     pub set_out: u64,
     pub list_out: u64,
     pub count_out: u64,
+    /// A gate's level (rule 4): the gate's energies over the map.
+    pub energies: u64,
     pub map_h: i32,
     pub map_w: i32,
     pub in_h: i32,
@@ -184,7 +186,7 @@ pub struct LevelParams {
     pub stride: i32,
     /// 0 for [`StrideRule::Any`], 1 for [`StrideRule::Centre`], 2 for an
     /// upsampled level ([`TokenSet::upsample`]), 3 for a union
-    /// ([`TokenSet::union`]).
+    /// ([`TokenSet::union`]), 4 for a gate's level (`ops::gate`).
     pub rule: i32,
 }
 

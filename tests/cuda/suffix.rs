@@ -257,12 +257,21 @@ fn compare_with<D: Device>(
     kept: &[u32],
     what: &str,
 ) {
-    let cpu = sparse_with(m, x, taps, kept);
     let fm = ersm::ersm::FeatureMap::new(x, m.cut.c, m.cut.h, m.cut.w).unwrap();
     let feats = ersm::ersm::cpu::gather(fm, kept);
+    let (cpu_out, cpu_frame) = m
+        .plan
+        .run(kept, feats.clone(), taps.to_vec())
+        .expect("CPU suffix runs");
+    let cpu = m.plan.dense_outputs(&cpu_out, &cpu_frame.sets);
     let (out, frame) = gpu
         .run(&m.plan, kept, &feats, taps)
         .expect("GPU suffix runs");
+    // Behind a gate the sets are the device's: the CPU's, entry for entry.
+    assert_eq!(
+        frame.sets, cpu_frame.sets,
+        "{what}: token sets after the run"
+    );
     let got = m.plan.dense_outputs(&out, &frame.sets);
     assert!(
         got.iter().all(|v| v.is_finite()),
@@ -270,30 +279,43 @@ fn compare_with<D: Device>(
     );
     let err = rel_err(&got, &cpu);
     assert!(err <= TOL, "{what}: GPU vs CPU relative error {err}");
-    // The token sets and rulebooks the kernels build are the host's, entry
-    // for entry, and the suffix run on them from device memory gives the
-    // same output bit for bit.
+    // The token sets and rulebooks the kernels build before the steps are
+    // the host's, entry for entry (those behind a gate are built by the
+    // steps, checked above), and the suffix run on them from device memory
+    // gives the same output bit for bit.
     let built = gpu
         .frame_on_device(kept)
         .expect("the frame builds on the device");
-    assert_eq!(
-        built.sets, frame.sets,
-        "{what}: token sets built on the device"
-    );
-    for (r, (a, b)) in built.rulebooks.iter().zip(&frame.rulebooks).enumerate() {
-        assert_eq!(a.table, b.table, "{what}: rulebook {r} built on the device");
+    let host = m.plan.frame(kept);
+    for (l, set) in host.sets.iter().enumerate() {
+        if host.has(l) {
+            assert_eq!(&built.sets[l], set, "{what}: level {l} built on the device");
+        }
+    }
+    for (r, key) in m.plan.rules.iter().enumerate() {
+        if host.has(key.in_level) && host.has(key.out_level) {
+            assert_eq!(
+                built.rulebooks[r].table, cpu_frame.rulebooks[r].table,
+                "{what}: rulebook {r} built on the device"
+            );
+        }
     }
     assert_eq!(built.rulebooks.len(), frame.rulebooks.len());
     let uploaded = gpu.upload_kept(kept).unwrap();
     let rows = gpu.device().upload(&feats).unwrap();
     // SAFETY: the kept list, its count and its rows, uploaded just above.
-    let (on_device, counts) =
-        unsafe { gpu.run_on_device(uploaded.tokens, gpu.device().ptr(&rows), taps) }
-            .unwrap_or_else(|e| panic!("{what}: run on device tokens: {e:#}"));
-    let want: Vec<usize> = frame.sets.iter().map(|s| s.len()).collect();
-    assert_eq!(counts, want, "{what}: token counts read back");
+    let run = unsafe { gpu.run_on_device(uploaded.tokens, gpu.device().ptr(&rows), taps) }
+        .unwrap_or_else(|e| panic!("{what}: run on device tokens: {e:#}"));
     assert_eq!(
-        m.plan.dense_outputs(&on_device, &frame.sets),
+        run.counts,
+        cpu_frame.counts(),
+        "{what}: token counts read back"
+    );
+    if let Some(sets) = &run.sets {
+        assert_eq!(sets, &cpu_frame.sets, "{what}: sets read back");
+    }
+    assert_eq!(
+        m.plan.dense_outputs(&run.values, &cpu_frame.sets),
         got,
         "{what}: the device-built frame's output"
     );
@@ -371,16 +393,28 @@ fn check_everything<D: Device>(make: impl Fn() -> D) {
             compare_with(&m, &gpu, &maps[0], &maps[1..], &kept, &what);
         }
     }
-    // A gate has no kernel yet: the executor refuses it by node, and the
-    // pipeline keeps the CPU suffix.
-    let gated = package(random_gated_detector(0, 16, 16, 6), 16, 16);
-    let err = GpuSuffix::new(make(), &gated.plan)
-        .err()
-        .expect("a suffix with a gate is refused");
-    assert!(
-        format!("{err:#}").contains("(Gate) has no GPU kernel"),
-        "{err:#}"
-    );
+    // A gate after a strided block (`gate.cu`, `sfx_level`'s rule 4, the
+    // levels and rulebooks behind it built by the steps), under both
+    // stride rules, on host- and device-built frames.
+    for seed in 0..4u64 {
+        let (h, w, c) = [(16, 16, 6), (8, 24, 4)][seed as usize % 2];
+        let proto = random_gated_detector(seed, h, w, c);
+        let proto = if seed % 2 == 0 {
+            with_stride_rule(proto, "centre")
+        } else {
+            proto
+        };
+        let m = package(proto, h, w);
+        let gpu = GpuSuffix::new(make(), &m.plan).expect("a gated detector lowers");
+        let mut rng = Rng::new(800 + seed);
+        let image = rng.normals(m.prefix.input_shape.iter().product(), 1.0);
+        let maps = prefix_maps(&m, &image);
+        for p in [0.1, 0.6, 1.0] {
+            let kept = random_kept(&mut rng, m.cut.h * m.cut.w, p);
+            let what = format!("gated detector {seed}, keep {p}");
+            compare_with(&m, &gpu, &maps[0], &maps[1..], &kept, &what);
+        }
+    }
     let shipped = ModelPackage::load("models/mobilenet_v2_ersm").unwrap();
     let gpu = GpuSuffix::new(make(), &shipped.plan).expect("the shipped model lowers");
     let mut rng = Rng::new(11);
@@ -503,7 +537,7 @@ impl<B> EnergyOutputs<B> {
     fn run<D: Device<Buf = B>>(
         &self,
         gpu: &GpuSuffix<D>,
-    ) -> anyhow::Result<(Vec<ersm::sparse::Value>, Vec<usize>)> {
+    ) -> anyhow::Result<ersm::sparse::gpu::DeviceRun> {
         let d = gpu.device();
         let tokens = DeviceTokens {
             kept: d.ptr(&self.list),
@@ -713,7 +747,7 @@ fn device_path_frames(emulator: Emulator) {
         let out =
             unsafe { gpu.run_on_device(uploaded.tokens, gpu.device().ptr(&rows), &[]) }.unwrap();
         let log = gpu.device().log.borrow().clone();
-        let n_out = match &out.0[..] {
+        let n_out = match &out.values[..] {
             [ersm::sparse::Value {
                 shape: ersm::sparse::Shape::Dense { .. },
                 data,
@@ -777,7 +811,12 @@ fn device_path_frames(emulator: Emulator) {
     // The same as the host-built frame's run, bit for bit.
     let (want, frame) = gpu.run(&m.plan, &kept, &feats, &[]).unwrap();
     let want_counts: Vec<usize> = frame.sets.iter().map(|s| s.len()).collect();
-    for (got, counts) in outputs {
+    for ersm::sparse::gpu::DeviceRun {
+        values: got,
+        counts,
+        ..
+    } in outputs
+    {
         assert_eq!(got, want);
         assert_eq!(counts, want_counts);
     }
@@ -904,7 +943,11 @@ fn a_captured_frame_replays_for_each_later_frames_tokens() {
         let (kept, feats) = blob_frame(&m, &mut rng, keep);
         inputs.write(d, &kept, &feats);
         d.log.borrow_mut().clear();
-        let (got, counts) = inputs.run(&gpu).unwrap();
+        let ersm::sparse::gpu::DeviceRun {
+            values: got,
+            counts,
+            ..
+        } = inputs.run(&gpu).unwrap();
         if frame_no > 0 {
             assert_eq!(
                 d.log.borrow()[0],
@@ -939,8 +982,9 @@ fn a_failed_capture_falls_back_to_kernel_by_kernel_launches() {
         let (kept, feats) = blob_frame(&m, &mut rng, keep);
         inputs.write(d, &kept, &feats);
         d.log.borrow_mut().clear();
-        let (got, _) = inputs
+        let got = inputs
             .run(&gpu)
+            .map(|r| r.values)
             .unwrap_or_else(|e| panic!("frame {frame_no}: {e:#}"));
         let log = d.log.borrow().clone();
         let captures = log.iter().filter(|c| **c == Call::Capture).count();

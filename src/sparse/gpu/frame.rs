@@ -8,11 +8,34 @@ use super::device::words_as_f32;
 use super::workspace::Workspace;
 use super::{Device, DeviceTokens, GpuSuffix};
 use crate::sparse::frame::Frame;
-use crate::sparse::launch::Args;
+use crate::sparse::launch::{Args, Kernel};
 use crate::sparse::plan::Plan;
 use crate::sparse::rulebook::{self, Rulebook, RulebookParams};
 use crate::sparse::tokens::{self, LevelParams, StrideRule, TokenSet};
 use anyhow::{ensure, Result};
+
+/// Where a workspace holds a frame's sets, counts and tables on the device.
+#[derive(Clone, Copy, Debug)]
+pub(super) struct FrameAddresses {
+    sets: u64,
+    counts: u64,
+    tables: u64,
+}
+
+/// The gate each level waits for (`None`: built from the kept list before
+/// the steps): its own, or the latest its parents wait for.
+pub(super) fn behind_gates(levels: &[crate::sparse::frame::Level]) -> Vec<Option<usize>> {
+    let mut behind: Vec<Option<usize>> = Vec::with_capacity(levels.len());
+    for l in levels {
+        let b = match (l.gate, l.parent) {
+            (Some(g), _) => Some(g),
+            (None, Some(p)) => behind[p].max(l.merge.and_then(|m| behind[m])),
+            (None, None) => None,
+        };
+        behind.push(b);
+    }
+    behind
+}
 
 /// Where each level's sets and each rulebook's table sit in the frame's
 /// device buffers, fixed at load: every level sized for all its positions.
@@ -73,22 +96,8 @@ impl<D: Device> GpuSuffix<D> {
                     .map(f32::to_bits)
                     .collect())
             };
-            let all_sets = words(&ws.sets, self.layout.sets_len)?;
+            let sets = self.device_sets(ws, &rows)?;
             let all_tables = words(&ws.tables, self.layout.tables_len.max(1))?;
-            let sets = self
-                .levels
-                .iter()
-                .enumerate()
-                .map(|(l, level)| {
-                    let (index, list) = (self.layout.index(l), self.layout.list(l));
-                    TokenSet {
-                        h: level.h,
-                        w: level.w,
-                        index: all_sets[index..list].to_vec(),
-                        coords: all_sets[list..list + rows[l]].to_vec(),
-                    }
-                })
-                .collect();
             let rulebooks = self
                 .rules
                 .iter()
@@ -104,6 +113,35 @@ impl<D: Device> GpuSuffix<D> {
                 .collect();
             Ok(Frame::complete(sets, rulebooks))
         })
+    }
+
+    /// Every level's token set as the device holds it, for the level
+    /// `counts` read back.
+    pub(super) fn device_sets(
+        &self,
+        ws: &Workspace<D::Buf, D::Graph>,
+        counts: &[usize],
+    ) -> Result<Vec<TokenSet>> {
+        let all: Vec<u32> = self
+            .device
+            .download(&ws.sets, self.layout.sets_len)?
+            .into_iter()
+            .map(f32::to_bits)
+            .collect();
+        Ok(self
+            .levels
+            .iter()
+            .enumerate()
+            .map(|(l, level)| {
+                let (index, list) = (self.layout.index(l), self.layout.list(l));
+                TokenSet {
+                    h: level.h,
+                    w: level.w,
+                    index: all[index..list].to_vec(),
+                    coords: all[list..list + counts[l]].to_vec(),
+                }
+            })
+            .collect())
     }
 
     /// Writes a kept list from the host where the workspace keeps one; its
@@ -149,34 +187,73 @@ impl<D: Device> GpuSuffix<D> {
             )?;
         }
         // Prefix maps are gathered at the levels' token lists, which the
-        // device path's kernels build and the host path must upload.
-        if !self.taps.is_empty() {
+        // device path's kernels build and the host path must upload; a
+        // gate's kernels read the index maps too.
+        if !self.taps.is_empty() || self.gated() {
             for (l, set) in frame.sets.iter().enumerate() {
+                if !frame.has(l) {
+                    continue;
+                }
                 d.write(
                     &mut ws.sets,
                     self.layout.list(l),
                     &words_as_f32(&set.coords),
                 )?;
+                if self.gated() {
+                    d.write(
+                        &mut ws.sets,
+                        self.layout.index(l),
+                        &words_as_f32(&set.index),
+                    )?;
+                }
             }
         }
         Ok(counts)
     }
 
+    /// Where `ws` holds the frame's sets, counts and tables.
+    pub(super) fn frame_addresses(&self, ws: &Workspace<D::Buf, D::Graph>) -> FrameAddresses {
+        FrameAddresses {
+            sets: self.device.ptr(&ws.sets),
+            counts: self.device.ptr(&ws.counts),
+            tables: self.device.ptr(&ws.tables),
+        }
+    }
+
     /// Launches the kernels that build every level's set and every rulebook
-    /// into the workspace from the kept list at `tokens`; the counts stay on
-    /// the device.
+    /// not behind a gate into the workspace from the kept list at `tokens`;
+    /// the counts stay on the device.
     pub(super) fn build_frame(
         &self,
         ws: &Workspace<D::Buf, D::Graph>,
         tokens: DeviceTokens,
     ) -> Result<()> {
-        let d = &self.device;
+        for (kernel, threads, args) in
+            self.frame_launches(self.frame_addresses(ws), Some(tokens), None)
+        {
+            self.device.launch(kernel, threads, &args)?;
+        }
+        Ok(())
+    }
+
+    /// The launches building the levels and rulebooks that wait for gate
+    /// `gate` (`None`: for no gate, level 0 from the kept list at `tokens`
+    /// first), in order. A gate's own level is the gate's to build.
+    pub(super) fn frame_launches(
+        &self,
+        at: FrameAddresses,
+        tokens: Option<DeviceTokens>,
+        gate: Option<usize>,
+    ) -> Vec<(Kernel, usize, Args)> {
         let l = &self.layout;
-        let (sets, counts) = (d.ptr(&ws.sets), d.ptr(&ws.counts));
-        let index_at = |level: usize| sets + 4 * l.index(level) as u64;
-        let list_at = |level: usize| sets + 4 * l.list(level) as u64;
-        let count_at = |level: usize| counts + 4 * level as u64;
+        let index_at = |level: usize| at.sets + 4 * l.index(level) as u64;
+        let list_at = |level: usize| at.sets + 4 * l.list(level) as u64;
+        let count_at = |level: usize| at.counts + 4 * level as u64;
+        let mut launches = Vec::new();
         for (i, level) in self.levels.iter().enumerate() {
+            if self.behind[i] != gate || level.gate.is_some() {
+                continue;
+            }
             let mut p = LevelParams {
                 set_out: index_at(i),
                 list_out: list_at(i),
@@ -185,13 +262,14 @@ impl<D: Device> GpuSuffix<D> {
                 map_w: level.w as i32,
                 ..LevelParams::default()
             };
-            let kernel = match level.parent {
-                None => {
+            let kernel = match (level.parent, tokens) {
+                (None, Some(tokens)) => {
                     p.list_in = tokens.kept;
                     p.count_in = tokens.count;
                     tokens::LEVEL0
                 }
-                Some(parent) => {
+                (None, None) => continue,
+                (Some(parent), _) => {
                     p.set_in = index_at(parent);
                     p.list_in = list_at(parent);
                     p.count_in = count_at(parent);
@@ -210,17 +288,19 @@ impl<D: Device> GpuSuffix<D> {
                     tokens::LEVEL
                 }
             };
-            d.launch(kernel, level.h * level.w, &Args::of(&p))?;
+            launches.push((kernel, level.h * level.w, Args::of(&p)));
         }
-        let tables = d.ptr(&ws.tables);
         for (r, key) in self.rules.iter().enumerate() {
+            if self.behind[key.in_level].max(self.behind[key.out_level]) != gate {
+                continue;
+            }
             let (out, inp) = (&self.levels[key.out_level], &self.levels[key.in_level]);
             let win = key.window;
             let p = RulebookParams {
                 set_in: index_at(key.in_level),
                 list_in: list_at(key.out_level),
                 count_in: count_at(key.out_level),
-                table: tables + 4 * l.tables[r] as u64,
+                table: at.tables + 4 * l.tables[r] as u64,
                 map_h: out.h as i32,
                 map_w: out.w as i32,
                 in_h: inp.h as i32,
@@ -232,13 +312,13 @@ impl<D: Device> GpuSuffix<D> {
                 pad_left: win.pad_left as i32,
                 transposed: i32::from(win.transposed),
             };
-            d.launch(
+            launches.push((
                 rulebook::KERNEL,
                 out.h * out.w * win.kh * win.kw,
-                &Args::of(&p),
-            )?;
+                Args::of(&p),
+            ));
         }
-        Ok(())
+        launches
     }
 
     /// Reads back the token count of each level, once everything launched

@@ -77,6 +77,15 @@ struct GpuStep {
     arrays: Vec<u64>,
 }
 
+/// A device-path frame's outputs, each level's token count, and, behind a
+/// gate, every level's token set as the device built it.
+#[derive(Debug)]
+pub struct DeviceRun {
+    pub values: Vec<Value>,
+    pub counts: Vec<usize>,
+    pub sets: Option<Vec<super::tokens::TokenSet>>,
+}
+
 /// A plan's suffix, lowered for a device.
 pub struct GpuSuffix<D: Device> {
     device: D,
@@ -84,6 +93,8 @@ pub struct GpuSuffix<D: Device> {
     levels: Vec<Level>,
     rules: Vec<RuleKey>,
     stride_rule: StrideRule,
+    /// The gate each level waits for (`None`: built before the steps).
+    behind: Vec<Option<usize>>,
     steps: Vec<GpuStep>,
     /// The uploaded arrays, kept alive while their addresses are in use.
     _arrays: Vec<D::Buf>,
@@ -131,6 +142,7 @@ impl<D: Device> GpuSuffix<D> {
             levels: plan.levels.clone(),
             rules: plan.rules.clone(),
             stride_rule: plan.stride_rule,
+            behind: frame::behind_gates(&plan.levels),
             steps,
             _arrays: bufs,
             slots: plan.slot_names.len(),
@@ -146,6 +158,12 @@ impl<D: Device> GpuSuffix<D> {
             residual: plan.residual.clone(),
             workspace: Mutex::new(None),
         })
+    }
+
+    /// True when a gate narrows a level: its sets and counts are known on
+    /// the device only, once the frame has run.
+    fn gated(&self) -> bool {
+        self.behind.iter().any(Option::is_some)
     }
 
     /// The device the suffix runs on.
@@ -178,14 +196,25 @@ impl<D: Device> GpuSuffix<D> {
         plan.check_features(kept.len(), features.len())?;
         plan.check_taps(taps)?;
         let frame = plan.frame(kept);
-        let values = self.with_workspace(|ws| {
+        let (values, sets) = self.with_workspace(|ws| {
             let counts = self.put_host_frame(ws, &frame, features)?;
             self.put_taps(ws, taps)?;
             let rows = self.device.ptr(&ws.input);
             let outputs = self.replay(ws, rows, None)?;
-            self.fetch(ws, &outputs, rows, &counts)
+            // Behind a gate the counts and sets are the device's.
+            let (counts, sets) = if self.gated() {
+                let counts = self.read_counts(ws, Some(kept.len()))?;
+                let sets = self.device_sets(ws, &counts)?;
+                (counts, Some(sets))
+            } else {
+                (counts, None)
+            };
+            Ok((self.fetch(ws, &outputs, rows, &counts)?, sets))
         })?;
-        Ok((values, frame))
+        Ok((
+            values,
+            sets.map_or(frame, |s| Frame::with_sets(s, plan.rules.len())),
+        ))
     }
 
     /// Writes the prefix maps the suffix reads into their buffers.
@@ -202,8 +231,9 @@ impl<D: Device> GpuSuffix<D> {
     /// kernels read every token count where it lies, so nothing comes back
     /// to the host until the outputs have been computed (`taps`, the prefix
     /// maps the suffix reads, are written from the host first). The outputs
-    /// and the token count of each level are returned (the host's
-    /// [`Plan::sets`] of the same kept list places a token output).
+    /// and the token count of each level are returned, and behind a gate
+    /// the device's token sets (elsewhere the host's [`Plan::sets`] of the
+    /// same kept list places a token output).
     ///
     /// # Safety
     /// `tokens` must address a kept list and its count as the energy kernel
@@ -215,7 +245,7 @@ impl<D: Device> GpuSuffix<D> {
         tokens: DeviceTokens,
         rows: u64,
         taps: &[Vec<f32>],
-    ) -> Result<(Vec<Value>, Vec<usize>)> {
+    ) -> Result<DeviceRun> {
         anyhow::ensure!(
             taps.len() == self.taps.len(),
             "{} prefix maps given, the suffix reads {}",
@@ -226,7 +256,16 @@ impl<D: Device> GpuSuffix<D> {
             self.put_taps(ws, taps)?;
             let outputs = self.launch_frame(ws, tokens, rows)?;
             let counts = self.read_counts(ws, None)?;
-            Ok((self.fetch(ws, &outputs, rows, &counts)?, counts))
+            let sets = if self.gated() {
+                Some(self.device_sets(ws, &counts)?)
+            } else {
+                None
+            };
+            Ok(DeviceRun {
+                values: self.fetch(ws, &outputs, rows, &counts)?,
+                counts,
+                sets,
+            })
         })
     }
 
@@ -281,8 +320,8 @@ impl<D: Device> GpuSuffix<D> {
             };
             let outputs = self.replay(ws, rows, Some(times))?;
             let counts = match counts {
-                Some(c) => c,
-                None => self.read_counts(ws, Some(kept.len()))?,
+                Some(c) if !self.gated() => c,
+                _ => self.read_counts(ws, Some(kept.len()))?,
             };
             Ok((self.fetch(ws, &outputs, rows, &counts)?, counts))
         })

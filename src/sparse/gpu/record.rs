@@ -7,7 +7,7 @@
 
 use super::workspace::{keep_newest, Recorded, Recorder, Workspace};
 use super::{Device, GpuSuffix};
-use crate::sparse::launch::StepIo;
+use crate::sparse::launch::{Launch, StepIo};
 use crate::sparse::value::Shape;
 use anyhow::{Context, Result};
 
@@ -28,6 +28,7 @@ impl<D: Device> GpuSuffix<D> {
             return Ok(i);
         }
         let counts = self.device.ptr(&ws.counts);
+        let ws_addresses = self.frame_addresses(ws);
         let tables: Vec<u64> = {
             let at = self.device.ptr(&ws.tables);
             self.layout
@@ -36,12 +37,13 @@ impl<D: Device> GpuSuffix<D> {
                 .map(|&t| at + 4 * t as u64)
                 .collect()
         };
-        let lists: Vec<u64> = {
-            let at = self.device.ptr(&ws.sets);
-            (0..self.levels.len())
-                .map(|l| at + 4 * self.layout.list(l) as u64)
-                .collect()
-        };
+        let at = self.device.ptr(&ws.sets);
+        let lists: Vec<u64> = (0..self.levels.len())
+            .map(|l| at + 4 * self.layout.list(l) as u64)
+            .collect();
+        let sets: Vec<u64> = (0..self.levels.len())
+            .map(|l| at + 4 * self.layout.index(l) as u64)
+            .collect();
         let mut rec = Recorder::new(&self.device, &mut ws.pool);
         let mut launches = Vec::new();
         let mut slots: Vec<Slot> = (0..self.slots).map(|_| None).collect();
@@ -99,20 +101,37 @@ impl<D: Device> GpuSuffix<D> {
                 counts,
                 tables: &tables,
                 lists: &lists,
+                sets: &sets,
                 residual,
                 fused: false,
                 out: None,
+                scratch: Vec::new(),
                 pool: &mut rec,
                 launches: &mut launches,
                 step: i,
             };
             let shape = s.op.record(&mut io, &s.arrays).with_context(context)?;
-            let (at, buf) = io
-                .out
+            let (fused, out, scratch) = (io.fused, io.out, io.scratch);
+            let (at, buf) = out
                 .context("the step recorded no output")
                 .with_context(context)?;
+            for b in scratch {
+                rec.release(b);
+            }
+            // After a gate, the levels and rulebooks it was holding back.
+            if let Some(g) = s.op.gate() {
+                for (kernel, threads, args) in self.frame_launches(ws_addresses, None, Some(g.gate))
+                {
+                    launches.push(Launch {
+                        step: i,
+                        kernel,
+                        threads,
+                        args,
+                    });
+                }
+            }
             // With the Add fused, its output is the kernel's.
-            let last = if io.fused { i + 1 } else { i };
+            let last = if fused { i + 1 } else { i };
             slots[self.steps[last].output] = Some((shape, at, Some(buf)));
             for j in i..=last {
                 for &x in &self.steps[j].inputs {

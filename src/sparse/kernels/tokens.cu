@@ -15,11 +15,13 @@ struct LevelParams {
     u32* set_out;         // this level's index map
     u32* list_out;        // this level's token list
     u32* count_out;       // its length
+    const float* energies;  // a gate's level (rule 4): the gate's energies over the map
     int map_h, map_w;     // this level's map
     int in_h, in_w;       // the parent level's map
     int stride;           // from the parent
     int rule;             // stride rule: 0 any, 1 centre; 2: the parent upsampled by `stride`;
-                          // 3: the union of the two parents' sets
+                          // 3: the union of the two parents' sets; 4: a gate's narrowing
+                          // of the parent's set (its positions of negative energy)
 };
 
 // Level 0 from the energy kernel's kept list (ascending): one thread per map
@@ -43,6 +45,10 @@ extern "C" __global__ void sfx_level0(LevelParams p) {
 // Whether output (oy, ox) of a stride-s level is active under the rule.
 __device__ __forceinline__ bool sfx_strided_active(const LevelParams& p, int oy, int ox) {
     const int s = p.stride;
+    if (p.rule == 4) {
+        const int i = oy * p.in_w + ox;
+        return p.set_in[i] != SFX_INACTIVE && p.energies[i] < 0.0f;
+    }
     if (p.rule == 3) {
         const int i = oy * p.in_w + ox;
         return p.set_in[i] != SFX_INACTIVE || p.set_in2[i] != SFX_INACTIVE;
@@ -76,7 +82,16 @@ extern "C" __global__ void sfx_level(LevelParams p) {
         total += a;
     }
     bool active = sfx_strided_active(p, q / p.map_w, q % p.map_w);
-    if (total == 0 && *p.count_in > 0) {
+    if (total == 0 && p.rule == 4) {
+        // No active position of negative energy: the lowest-energy one,
+        // the first in raster order on ties (Gate::keeps).
+        int best = -1;
+        for (int j = 0; j < hw; ++j)
+            if (p.set_in[j] != SFX_INACTIVE && (best < 0 || p.energies[j] < p.energies[best])) best = j;
+        active = best >= 0 && q == best;
+        before = 0;
+        total = best >= 0 ? 1u : 0u;
+    } else if (total == 0 && *p.count_in > 0) {
         const int first = (int)p.list_in[0];
         int oy = first / p.in_w / p.stride, ox = first % p.in_w / p.stride;
         oy = oy < p.map_h - 1 ? oy : p.map_h - 1;

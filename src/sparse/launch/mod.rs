@@ -16,6 +16,9 @@ use std::mem::{size_of, MaybeUninit};
 /// What every family's source starts with.
 const COMMON: &str = include_str!("../kernels/common.cuh");
 
+/// The energy layer's head as device functions, shared with a gate.
+const UNARY_HEAD: &str = include_str!("../../ersm/kernels/unary_head.cu");
+
 /// A kernel family: one source file, one compiled module.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum Family {
@@ -29,16 +32,20 @@ pub enum Family {
     Linear,
     /// `tokens.cu`: token sets and rulebooks from the kept list.
     Tokens,
+    /// `gate.cu`: a gate's energies (after the energy layer's head
+    /// functions, `ersm/kernels/unary_head.cu`) and rows.
+    Gate,
 }
 
 impl Family {
     /// Every family.
-    pub const ALL: [Family; 5] = [
+    pub const ALL: [Family; 6] = [
         Family::Conv,
         Family::Elementwise,
         Family::Pool,
         Family::Linear,
         Family::Tokens,
+        Family::Gate,
     ];
 
     /// The family's own file, without `common.cuh`.
@@ -49,12 +56,17 @@ impl Family {
             Family::Pool => include_str!("../kernels/pool.cu"),
             Family::Linear => include_str!("../kernels/linear.cu"),
             Family::Tokens => include_str!("../kernels/tokens.cu"),
+            Family::Gate => include_str!("../kernels/gate.cu"),
         }
     }
 
-    /// The source NVRTC compiles: `common.cuh`, then the family's file.
+    /// The source NVRTC compiles: `common.cuh`, then the family's file
+    /// (the gate's after the energy layer's head functions).
     pub fn source(self) -> String {
-        format!("{COMMON}\n{}", self.file())
+        match self {
+            Family::Gate => format!("{COMMON}\n{UNARY_HEAD}\n{}", self.file()),
+            _ => format!("{COMMON}\n{}", self.file()),
+        }
     }
 
     /// A name for logs and errors (`suffix conv kernels`).
@@ -65,6 +77,7 @@ impl Family {
             Family::Pool => "suffix pool",
             Family::Linear => "suffix linear",
             Family::Tokens => "suffix tokens",
+            Family::Gate => "suffix gate",
         }
     }
 

@@ -36,11 +36,16 @@ pub struct StepIo<'a> {
     pub(crate) tables: &'a [u64],
     /// Address of each level's token list (raster positions, ascending).
     pub(crate) lists: &'a [u64],
+    /// Address of each level's index map (raster position → token, or
+    /// `SFX_INACTIVE`).
+    pub(crate) sets: &'a [u64],
     /// The other operand of the Add after this step, when the plan lets
     /// this step's kernel add it.
     pub(crate) residual: Option<(Shape, u64)>,
     pub(crate) fused: bool,
     pub(crate) out: Option<(u64, usize)>,
+    /// Pool buffers the step works in, free again after it.
+    pub(crate) scratch: Vec<usize>,
     pub(crate) pool: &'a mut dyn Pool,
     pub(crate) launches: &'a mut Vec<Launch>,
     pub(crate) step: usize,
@@ -97,6 +102,11 @@ impl StepIo<'_> {
         self.lists[level]
     }
 
+    /// Address of level `level`'s index map.
+    pub fn set(&self, level: usize) -> u64 {
+        self.sets[level]
+    }
+
     /// Address of rulebook `i`'s table.
     pub fn rulebook(&self, i: usize) -> u64 {
         self.tables[i]
@@ -120,6 +130,14 @@ impl StepIo<'_> {
         ensure!(self.out.is_none(), "a step has one output");
         let (at, buf) = self.pool.alloc(n.max(1))?;
         self.out = Some((at, buf));
+        Ok(at)
+    }
+
+    /// A buffer of `n` values the step works in (its launches only): its
+    /// address.
+    pub fn scratch(&mut self, n: usize) -> Result<u64> {
+        let (at, buf) = self.pool.alloc(n.max(1))?;
+        self.scratch.push(buf);
         Ok(at)
     }
 

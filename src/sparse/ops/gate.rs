@@ -3,11 +3,16 @@
 //! positions), computes the energy layer's equations on it (the CPU energy
 //! layer of `crate::ersm::cpu`), and keeps the active positions whose
 //! energy is negative (the lowest-energy one if none is): a narrower set
-//! for everything read after it. No GPU kernel yet: a suffix with a gate
-//! stays on the CPU.
+//! for everything read after it. On the GPU: `kernels/gate.cu` (the map,
+//! the head, the mean field, the rows) and `sfx_level`'s rule 4 in
+//! `tokens.cu` (the gate's level); the executor then builds the levels and
+//! rulebooks behind the gate (`sparse::gpu`).
 
 use super::{OnnxNode, Op, Tensor};
-use crate::ersm::{cpu, EnergySpec, FeatureMap, TokenMask};
+use crate::ersm::cuda::{pack_head, PackedHead};
+use crate::ersm::{cpu, EnergySpec, FeatureMap, Neighbourhood, TokenMask};
+use crate::sparse::launch::{Family, Kernel, KernelArgs, StepIo};
+use crate::sparse::tokens::{self, LevelParams};
 use crate::sparse::{buffers::Buffers, frame::Frame, value::Shape, value::Value};
 use anyhow::{bail, ensure, Result};
 use std::borrow::Cow;
@@ -32,6 +37,8 @@ pub struct Gate {
     /// What the input holds at dropped positions (its fill vector), as the
     /// energy head reads it.
     pub fill: Option<Vec<f32>>,
+    /// The head's parameters as the GPU kernels read them.
+    pub packed: PackedHead,
 }
 
 /// Lowers a gate node: its input must be a token map.
@@ -61,6 +68,7 @@ pub fn from_onnx(n: &mut OnnxNode<'_>) -> Result<Tensor> {
     let (h, w) = (n.lowered.levels[level].h, n.lowered.levels[level].w);
     let (gate, out_level) = n.lowered.gate_level(level);
     let op = Gate {
+        packed: pack_head(&spec.head),
         spec,
         gate,
         in_level: level,
@@ -143,4 +151,243 @@ impl Op for Gate {
     fn gate(&self) -> Option<&Gate> {
         Some(self)
     }
+
+    fn gpu_arrays(&self) -> Option<Vec<Cow<'_, [f32]>>> {
+        let mut arrays = vec![Cow::Borrowed(&self.packed.values[..])];
+        arrays.extend(self.fill.as_deref().map(Cow::Borrowed));
+        Some(arrays)
+    }
+
+    /// The input scattered to its map, the head's convs (ping-ponging
+    /// between two scratch maps), the unary costs, the mean-field steps,
+    /// the gate's level, then its rows: as [`Gate::keeps`] and
+    /// [`Op::eval`] compute them.
+    fn record(&self, io: &mut StepIo<'_>, arrays: &[u64]) -> Result<Shape> {
+        let (level, x) = io.tokens(0, self.c, "Gate")?;
+        let (c, hw) = (self.c, self.h * self.w);
+        let widest = self
+            .packed
+            .layers
+            .iter()
+            .map(|l| l.cout)
+            .fold(c, usize::max);
+        let mut maps = [io.scratch(widest * hw)?, io.scratch(widest * hw)?];
+        io.launch(
+            MAP,
+            c * hw,
+            &GateMapParams {
+                x,
+                set_in: io.set(level),
+                fill: arrays.get(1).copied().unwrap_or(0),
+                map: maps[0],
+                c: c as i32,
+                positions: hw as i32,
+            },
+        );
+        let at = |offset: usize| arrays[0] + 4 * offset as u64;
+        let mut channels = c;
+        for l in &self.packed.layers {
+            io.launch(
+                CONV,
+                l.cout * hw,
+                &GateConvParams {
+                    input: maps[0],
+                    w: at(l.weight),
+                    b: at(l.bias),
+                    out: maps[1],
+                    cin: l.cin as i32,
+                    h: self.h as i32,
+                    w_: self.w as i32,
+                    cout: l.cout as i32,
+                    k: l.k as i32,
+                    dil: l.dilation as i32,
+                    groups: l.groups as i32,
+                    relu: i32::from(l.relu),
+                },
+            );
+            maps.swap(0, 1);
+            channels = l.cout;
+        }
+        let (unary, energies, pull) = (io.scratch(hw)?, io.scratch(hw)?, io.scratch(hw)?);
+        let spec = &self.spec;
+        io.launch(
+            UNARY,
+            hw,
+            &GateUnaryParams {
+                hx: maps[0],
+                params: at(self.packed.per_token),
+                unary,
+                energies,
+                pull,
+                hc: channels as i32,
+                positions: hw as i32,
+                hidden: self.packed.hidden as i32,
+                tau: spec.tau,
+            },
+        );
+        if spec.steps > 0 && spec.lambda != 0.0 {
+            for step in 0..spec.steps {
+                for update_pull in [0, 1] {
+                    // No pull after the last step (cpu::mean_field).
+                    if update_pull == 1 && step + 1 == spec.steps {
+                        continue;
+                    }
+                    io.launch(
+                        FIELD,
+                        hw,
+                        &GateFieldParams {
+                            unary,
+                            energies,
+                            pull,
+                            h: self.h as i32,
+                            w: self.w as i32,
+                            eight: i32::from(spec.neighbourhood == Neighbourhood::Eight),
+                            update_pull,
+                            lambda: spec.lambda,
+                            tau: spec.tau,
+                        },
+                    );
+                }
+            }
+        }
+        io.launch(
+            tokens::LEVEL,
+            hw,
+            &LevelParams {
+                set_in: io.set(level),
+                list_in: io.list(level),
+                count_in: io.count(level),
+                set_out: io.set(self.out_level),
+                list_out: io.list(self.out_level),
+                count_out: io.count(self.out_level),
+                energies,
+                map_h: self.h as i32,
+                map_w: self.w as i32,
+                in_h: self.h as i32,
+                in_w: self.w as i32,
+                stride: 1,
+                rule: 4,
+                ..LevelParams::default()
+            },
+        );
+        let y = io.output(hw * c)?;
+        io.launch(
+            ROWS,
+            hw * c,
+            &GateRowsParams {
+                x,
+                set_in: io.set(level),
+                list: io.list(self.out_level),
+                count: io.count(self.out_level),
+                y,
+                c: c as i32,
+                rows: hw as i32,
+            },
+        );
+        Ok(Shape::Tokens {
+            level: self.out_level,
+            c,
+        })
+    }
 }
+
+/// `GateMapParams` of `gate.cu`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+struct GateMapParams {
+    x: u64,
+    set_in: u64,
+    fill: u64,
+    map: u64,
+    c: i32,
+    positions: i32,
+}
+
+/// `GateConvParams` of `gate.cu`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+struct GateConvParams {
+    input: u64,
+    w: u64,
+    b: u64,
+    out: u64,
+    cin: i32,
+    h: i32,
+    w_: i32,
+    cout: i32,
+    k: i32,
+    dil: i32,
+    groups: i32,
+    relu: i32,
+}
+
+/// `GateUnaryParams` of `gate.cu`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+struct GateUnaryParams {
+    hx: u64,
+    params: u64,
+    unary: u64,
+    energies: u64,
+    pull: u64,
+    hc: i32,
+    positions: i32,
+    hidden: i32,
+    tau: f32,
+}
+
+/// `GateFieldParams` of `gate.cu`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+struct GateFieldParams {
+    unary: u64,
+    energies: u64,
+    pull: u64,
+    h: i32,
+    w: i32,
+    eight: i32,
+    update_pull: i32,
+    lambda: f32,
+    tau: f32,
+}
+
+/// `GateRowsParams` of `gate.cu`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+struct GateRowsParams {
+    x: u64,
+    set_in: u64,
+    list: u64,
+    count: u64,
+    y: u64,
+    c: i32,
+    rows: i32,
+}
+
+// SAFETY: repr(C) addresses, i32s and f32s, as in gate.cu.
+unsafe impl KernelArgs for GateMapParams {}
+unsafe impl KernelArgs for GateConvParams {}
+unsafe impl KernelArgs for GateUnaryParams {}
+unsafe impl KernelArgs for GateFieldParams {}
+unsafe impl KernelArgs for GateRowsParams {}
+
+const MAP: Kernel = Kernel {
+    family: Family::Gate,
+    name: "sfx_gate_map",
+};
+const CONV: Kernel = Kernel {
+    family: Family::Gate,
+    name: "sfx_gate_conv",
+};
+const UNARY: Kernel = Kernel {
+    family: Family::Gate,
+    name: "sfx_gate_unary",
+};
+const FIELD: Kernel = Kernel {
+    family: Family::Gate,
+    name: "sfx_gate_field",
+};
+const ROWS: Kernel = Kernel {
+    family: Family::Gate,
+    name: "sfx_gate_rows",
+};
