@@ -355,14 +355,8 @@ fn suffix_reading_prefix_maps_with_several_outputs_matches_reference() {
 fn a_gate_inside_the_suffix_matches_the_reference_on_random_detectors() {
     let mut narrowed = 0;
     for seed in 0..10u64 {
-        let (h, w, c) = [(16, 16, 6), (8, 24, 4), (24, 16, 5)][seed as usize % 3];
-        let proto = random_gated_detector(seed, h, w, c);
-        let proto = if seed.is_multiple_of(2) {
-            with_stride_rule(proto, "centre")
-        } else {
-            proto
-        };
-        let m = package(proto, h, w);
+        let m = gated_detector_package(seed, &[(16, 16, 6), (8, 24, 4), (24, 16, 5)]);
+        let (h, w) = (m.prefix.input_shape[2], m.prefix.input_shape[3]);
         let gates: Vec<_> = m.plan.steps.iter().filter_map(|s| s.op.gate()).collect();
         assert_eq!(gates.len(), 1, "seed {seed}: one gate lowered");
         let (g_in, g_out) = (gates[0].in_level, gates[0].out_level);

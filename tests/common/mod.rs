@@ -668,14 +668,6 @@ pub fn random_detector(seed: u64, h: usize, w: usize, c: usize) -> pb::ModelProt
     detector(seed, h, w, c, false)
 }
 
-/// [`random_detector`] with a gate after the suffix's stride-2 block, as
-/// CenterFace's second mask at stride 16: the coarser level's later layers
-/// run on the gate's narrower set, the finer levels on the union of it
-/// (upsampled) and the cut's.
-pub fn random_gated_detector(seed: u64, h: usize, w: usize, c: usize) -> pb::ModelProto {
-    detector(seed, h, w, c, true)
-}
-
 fn detector(seed: u64, h: usize, w: usize, c: usize, gated: bool) -> pb::ModelProto {
     let mut b = Builder::new(seed);
     let p0 = b.conv("image", 3, 6, 3, 1, [1; 4], 1);
@@ -744,8 +736,20 @@ fn detector(seed: u64, h: usize, w: usize, c: usize, gated: bool) -> pb::ModelPr
 /// [`random_detector`] as a package: the shape `shapes[seed % len]`, the
 /// `centre` stride rule on even seeds.
 pub fn detector_package(seed: u64, shapes: &[(usize, usize, usize)]) -> ModelPackage {
+    detector_package_of(seed, shapes, false)
+}
+
+/// [`detector_package`] with a gate after the suffix's stride-2 block, as
+/// CenterFace's second mask at stride 16: the coarser level's later layers
+/// run on the gate's narrower set, the finer levels on the union of it
+/// (upsampled) and the cut's.
+pub fn gated_detector_package(seed: u64, shapes: &[(usize, usize, usize)]) -> ModelPackage {
+    detector_package_of(seed, shapes, true)
+}
+
+fn detector_package_of(seed: u64, shapes: &[(usize, usize, usize)], gated: bool) -> ModelPackage {
     let (h, w, c) = shapes[seed as usize % shapes.len()];
-    let proto = random_detector(seed, h, w, c);
+    let proto = detector(seed, h, w, c, gated);
     let proto = if seed.is_multiple_of(2) {
         with_stride_rule(proto, "centre")
     } else {

@@ -380,38 +380,20 @@ fn check_everything<D: Device>(make: impl Fn() -> D) {
     }
     // Detector-shaped suffixes: prefix maps gathered at their own levels
     // (`sfx_gather_map`, on host- and device-built token lists), several
-    // outputs.
-    for seed in 0..6u64 {
-        let m = detector_package(seed, &[(16, 16, 6), (8, 24, 4)]);
+    // outputs; then with a gate after a strided block (`gate.cu`,
+    // `sfx_level`'s rule 4, the levels and rulebooks behind it built by the
+    // steps), under both stride rules.
+    let shapes = [(16, 16, 6), (8, 24, 4)];
+    let detectors = (0..6u64).map(|s| (detector_package(s, &shapes), s, "random detector"));
+    let gated = (0..4u64).map(|s| (gated_detector_package(s, &shapes), s, "gated detector"));
+    for (m, seed, kind) in detectors.chain(gated) {
         let gpu = GpuSuffix::new(make(), &m.plan).expect("a detector lowers");
         let mut rng = Rng::new(700 + seed);
         let image = rng.normals(m.prefix.input_shape.iter().product(), 1.0);
         let maps = prefix_maps(&m, &image);
         for p in [0.05, 0.5, 1.0] {
             let kept = random_kept(&mut rng, m.cut.h * m.cut.w, p);
-            let what = format!("random detector {seed}, keep {p}");
-            compare_with(&m, &gpu, &maps[0], &maps[1..], &kept, &what);
-        }
-    }
-    // A gate after a strided block (`gate.cu`, `sfx_level`'s rule 4, the
-    // levels and rulebooks behind it built by the steps), under both
-    // stride rules, on host- and device-built frames.
-    for seed in 0..4u64 {
-        let (h, w, c) = [(16, 16, 6), (8, 24, 4)][seed as usize % 2];
-        let proto = random_gated_detector(seed, h, w, c);
-        let proto = if seed % 2 == 0 {
-            with_stride_rule(proto, "centre")
-        } else {
-            proto
-        };
-        let m = package(proto, h, w);
-        let gpu = GpuSuffix::new(make(), &m.plan).expect("a gated detector lowers");
-        let mut rng = Rng::new(800 + seed);
-        let image = rng.normals(m.prefix.input_shape.iter().product(), 1.0);
-        let maps = prefix_maps(&m, &image);
-        for p in [0.1, 0.6, 1.0] {
-            let kept = random_kept(&mut rng, m.cut.h * m.cut.w, p);
-            let what = format!("gated detector {seed}, keep {p}");
+            let what = format!("{kind} {seed}, keep {p}");
             compare_with(&m, &gpu, &maps[0], &maps[1..], &kept, &what);
         }
     }
