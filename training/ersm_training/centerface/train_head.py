@@ -124,7 +124,9 @@ def inputs(teacher, cut, onnx_path=None, stage1=None):
     path = os.path.join(teacher, INPUTS[cut][1])
     if cut == "s16g" and not os.path.exists(path):
         assert onnx_path and stage1, "--onnx and --stage1 are needed to make the s16g maps"
-        np.save(path, gated_inputs(teacher, onnx_path, *stage1))
+        maps, sets = gated_inputs(teacher, onnx_path, *stage1)
+        np.save(path, maps)
+        np.save(path.replace(".npy", "_set.npy"), sets)
         with open(path + ".json", "w") as fh:
             json.dump({"stage1": stage1[0], "offset": stage1[1]}, fh)
     if cut in STRIDE16 and not os.path.exists(path):
@@ -145,26 +147,26 @@ def inputs(teacher, cut, onnx_path=None, stage1=None):
 
 def gated_inputs(teacher, onnx_path, head_path, offset, rule="any"):
     """The first stride-16 block's output (net.S16) of every cached frame as
-    the sparse run computes it under `head_path`'s mask at `offset`:
-    what a second energy layer there reads (float16)."""
+    the sparse run computes it under `head_path`'s mask at `offset` (what a
+    second energy layer there reads, float16), and that tensor's active set
+    (0/1, uint8): the positions a gate chooses among."""
     net = CenterFace(onnx_path, "s8").eval()
     head, _ = load_head(head_path)
     x8 = np.load(os.path.join(teacher, "cut.npy"), mmap_mode="r")
-    out = []
+    maps, sets = [], []
     with torch.no_grad():
         for i in range(0, len(x8), 16):
             x = torch.from_numpy(np.asarray(x8[i:i + 16], dtype=np.float32))
-            seen = []
 
             def capture(v, m):
-                seen.append(v.numpy().astype(np.float16))
+                maps.append(v.numpy().astype(np.float16))
+                sets.append(m.numpy().astype(np.uint8))
                 return torch.ones_like(m)
 
             # Nothing the capture reads depends on the stride-4 map.
             tap = torch.zeros(len(x), 24, x.shape[2] * 2, x.shape[3] * 2)
             net.suffix_from(x, tap, hard_mask(head(x, offset)[0]), rule, gate=(S16, capture))
-            out.append(seen[0])
-    return np.concatenate(out)
+    return np.concatenate(maps), np.concatenate(sets)
 
 
 def main():
@@ -209,10 +211,18 @@ def main():
     x_all = torch.from_numpy(np.asarray(cut, dtype=np.float32))
     t_all = torch.from_numpy(targets)[:, None]
     w_all = None
+    if args.cut == "s16g":
+        # A gate chooses among its input's active positions only: the loss
+        # counts there (stage 1 already dropped the rest).
+        sets = np.load(os.path.join(args.teacher, "s16g_set.npy"))
+        w_all = torch.from_numpy(sets.astype(np.float32))
+        print(f"stage 1's set at stride 16: {sets[tr].mean():.3f} of the training split; target within it "
+              f"{(targets[tr] * sets[tr, 0]).mean():.3f}", flush=True)
     if args.small_weight != 1.0:
         small = np.stack([target(teacher[i], args.margin, args.grow, STRIDES[args.cut], args.small_px)
                           for i in range(n)])
-        w_all = torch.from_numpy(1.0 + (args.small_weight - 1.0) * small)[:, None]
+        small_w = torch.from_numpy(1.0 + (args.small_weight - 1.0) * small)[:, None]
+        w_all = small_w if w_all is None else w_all * small_w
         print(f"small faces' tokens: {small[tr].mean():.3f} of the training split, weight {args.small_weight}",
               flush=True)
     pw = torch.tensor(args.pos_weight)

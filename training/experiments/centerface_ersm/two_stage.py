@@ -25,6 +25,7 @@ validation.
 
 import argparse
 import glob
+import json
 import os
 import sys
 
@@ -55,6 +56,9 @@ def main():
     ap.add_argument("--head", required=True)
     ap.add_argument("--offset", type=float, default=-2.0)
     ap.add_argument("--rule", default="any")
+    ap.add_argument("--recall", type=float, default=0.98)
+    ap.add_argument("--out", help="mode head: a folder for report.json, the offsets' figures and the chosen one "
+                                  "(the lowest compute at recall >= --recall)")
     ap.add_argument("--gate", default=GATE)
     ap.add_argument("--settings", nargs="+", default=["1:1.4", "2:1.4", "2:2.0", "3:2.0", "4:2.0"],
                     help="oracle margin (stride-16 tokens):grow pairs")
@@ -83,8 +87,20 @@ def main():
             # set compete (the lowest energy among them if none is negative).
             return (args.gate, lambda v, m: hard_mask(head2(v, off2)[0].masked_fill(m == 0, float("inf"))))
 
+        results = []
         for off2 in args.offsets2 if cache else []:
-            show(f"stage 2 offset {off2:+.2f}", candidate(net, head, cache, args.rule, args.offset, gate=learnt(off2)))
+            r = candidate(net, head, cache, args.rule, args.offset, gate=learnt(off2))
+            show(f"stage 2 offset {off2:+.2f}", r)
+            results.append({"offset": off2, "by_kind": r})
+        if args.out and results:
+            # As operating_point.py: the lowest compute at recall >= --recall.
+            ok = [r for r in results if r["by_kind"]["all"]["recall"] >= args.recall]
+            best = min(ok, key=lambda r: (r["by_kind"]["all"]["compute"], -r["offset"])) if ok else None
+            with open(os.path.join(args.out, "report.json"), "w") as fh:
+                json.dump({"chosen": best and {"offset": best["offset"]}, "offset": best and best["offset"],
+                           "stage1": {"head": args.head, "offset": args.offset, "rule": args.rule},
+                           "gate": args.gate, "recall_target": args.recall, "candidates": results}, fh, indent=1)
+            print(f"chosen: {best and best['offset']}", flush=True)
         for folder in args.heldout:
             held = []
             with torch.no_grad():
