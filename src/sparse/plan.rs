@@ -339,6 +339,9 @@ impl Plan {
                 let kept = gate
                     .keeps(x, &frame)
                     .with_context(|| format!("second energy layer at node {}", step.node))?;
+                // The sets and rulebooks behind the gate count as the
+                // frame's sets and rulebooks, not as the gate.
+                let built = std::time::Instant::now();
                 frame.open_gate(
                     &self.levels,
                     &self.rules,
@@ -346,6 +349,11 @@ impl Plan {
                     gate.gate,
                     &kept,
                 );
+                if let Some(times) = times.as_deref_mut() {
+                    let sets = ms(built);
+                    times[self.steps.len()] += sets;
+                    times[s] -= sets;
+                }
             }
             // An elementwise op gets the inputs it reads for the last time (and
             // only once) owned, to work in place; other ops borrow them.
