@@ -87,7 +87,7 @@ pub struct CutModel {
     /// The suffix as an ONNX model (inputs: the energy layer's output, then
     /// the taps).
     pub suffix_proto: ModelProto,
-    /// The whole network with the energy layer as Identity (every token kept).
+    /// The whole network with every energy node as Identity (every token kept).
     pub dense_proto: ModelProto,
     /// The prefix as an ONNX model (outputs: the energy layer's input, then
     /// the taps).
@@ -437,7 +437,8 @@ pub fn read_onnx(path: &Path) -> Result<ModelProto> {
     Ok(proto)
 }
 
-/// The network with node `e` (the energy layer) replaced by Identity.
+/// The network with every energy node (the cut's and any gate) replaced
+/// by Identity: every token kept.
 fn with_identity_energy(proto: &ModelProto) -> ModelProto {
     let mut p = proto.clone();
     let g = p.graph.as_mut().expect("checked");

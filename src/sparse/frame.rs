@@ -39,6 +39,14 @@ pub struct RuleKey {
     pub window: Window,
 }
 
+/// The placeholder of a rulebook not built (behind a gate, or on a device).
+fn unbuilt() -> Rulebook {
+    Rulebook {
+        taps: 0,
+        table: Vec::new(),
+    }
+}
+
 /// Per-frame state: the active set of every level and the rulebooks over
 /// them. Behind a gate that has not run yet, a level's set and the
 /// rulebooks reading it are empty placeholders.
@@ -102,12 +110,7 @@ impl Frame {
             pending: vec![false; sets.len()],
             rules_pending: vec![true; rules],
             sets,
-            rulebooks: (0..rules)
-                .map(|_| Rulebook {
-                    taps: 0,
-                    table: Vec::new(),
-                })
-                .collect(),
+            rulebooks: (0..rules).map(|_| unbuilt()).collect(),
         }
     }
 
@@ -125,13 +128,7 @@ impl Frame {
         };
         Frame {
             sets: levels.iter().map(empty).collect(),
-            rulebooks: rules
-                .iter()
-                .map(|_| Rulebook {
-                    taps: 0,
-                    table: Vec::new(),
-                })
-                .collect(),
+            rulebooks: rules.iter().map(|_| unbuilt()).collect(),
             pending: vec![true; levels.len()],
             rules_pending: vec![true; rules.len()],
         }
