@@ -6,6 +6,11 @@ use crate::onnx::{attr_f32, attr_i64, attr_ints, label, Constants};
 use anyhow::{bail, Context, Result};
 use tract_onnx::pb::NodeProto;
 
+/// The energy layer's op type (a gate's too).
+pub const OP_TYPE: &str = "EnergyMask";
+/// The energy layer's ONNX domain.
+pub const DOMAIN: &str = "ersm";
+
 /// Every attribute the energy node may carry.
 pub const ATTRIBUTES: [&str; 9] = [
     "lambda",

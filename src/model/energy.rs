@@ -2,16 +2,11 @@
 //! attributes it sets for the whole suffix (its weights and mean-field
 //! settings are `crate::ersm::node`'s to read).
 
-pub use crate::ersm::node::{spec, ATTRIBUTES};
+pub use crate::ersm::node::{spec, ATTRIBUTES, DOMAIN, OP_TYPE};
 use crate::onnx::{attr_str, label};
 use crate::sparse::StrideRule;
 use anyhow::{bail, ensure, Context, Result};
 use tract_onnx::pb::NodeProto;
-
-/// The energy layer's op type.
-pub const OP_TYPE: &str = "EnergyMask";
-/// The energy layer's ONNX domain.
-pub const DOMAIN: &str = "ersm";
 
 /// The index of the energy node at the cut in `nodes`: the first in graph
 /// order. Any later one is a gate inside the suffix (`sparse::ops::gate`).

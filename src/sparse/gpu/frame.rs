@@ -82,7 +82,8 @@ impl FrameLayout {
 impl<D: Device> GpuSuffix<D> {
     /// Builds a frame's token sets and rulebooks on the device from a kept
     /// list on the host, and reads them back: what the kernels build, for
-    /// checking against [`Plan::frame`].
+    /// checking against [`Plan::frame`]. Those behind a gate are the
+    /// steps' to build: theirs hold what the last frame left.
     pub fn frame_on_device(&self, kept: &[u32]) -> Result<Frame> {
         self.with_workspace(|ws| {
             let tokens = self.put_kept(ws, kept)?;

@@ -10,15 +10,13 @@
 
 use super::{OnnxNode, Op, Tensor};
 use crate::ersm::cuda::{pack_head, PackedHead};
+use crate::ersm::node::DOMAIN;
 use crate::ersm::{cpu, EnergySpec, FeatureMap, Neighbourhood, TokenMask};
 use crate::sparse::launch::{Family, Kernel, KernelArgs, StepIo};
 use crate::sparse::tokens::{self, LevelParams};
 use crate::sparse::{buffers::Buffers, frame::Frame, value::Shape, value::Value};
 use anyhow::{bail, ensure, Result};
 use std::borrow::Cow;
-
-/// The energy layer's ONNX domain (the gate's op type is the energy layer's).
-const DOMAIN: &str = "ersm";
 
 /// The cut's energy node sets these for the whole suffix; a gate may not.
 const CUT_ONLY: [&str; 2] = ["stride_rule", "fills"];

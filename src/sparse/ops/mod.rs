@@ -73,7 +73,7 @@ pub const BUILDERS: &[OnnxOp] = &[
     OnnxOp { op_type: "MatMul", inputs: 2, build: linear::matmul_from_onnx },
     OnnxOp { op_type: "Identity", inputs: 1, build: reshape::identity_from_onnx },
     OnnxOp { op_type: "Dropout", inputs: 1, build: reshape::identity_from_onnx },
-    OnnxOp { op_type: "EnergyMask", inputs: 1, build: gate::from_onnx },
+    OnnxOp { op_type: crate::ersm::node::OP_TYPE, inputs: 1, build: gate::from_onnx },
 ];
 
 /// The ONNX op types of [`BUILDERS`].
