@@ -27,6 +27,20 @@ fn pipeline() -> Pipeline {
     )
 }
 
+/// The prefix's maps of the astronaut photo under `p` and the energy
+/// layer's mask of them.
+fn photo_mask(p: &Pipeline) -> (ersm::pipeline::PrefixMaps, ersm::ersm::TokenMask) {
+    let m = &p.model;
+    let frame = images::load(Path::new(FACE)).unwrap();
+    let maps = p.features(&p.preprocess(&frame).unwrap()).unwrap();
+    let mask = cpu::compute(
+        FeatureMap::new(&maps.features, m.cut.c, m.cut.h, m.cut.w).unwrap(),
+        &m.energy,
+    )
+    .unwrap();
+    (maps, mask)
+}
+
 #[test]
 fn loads_as_a_detector_reading_the_stride_4_map() {
     let p = pipeline();
@@ -42,14 +56,7 @@ fn loads_as_a_detector_reading_the_stride_4_map() {
 fn sparse_outputs_equal_the_dense_masked_reference_on_a_photo() {
     let p = pipeline();
     let m = &p.model;
-    let frame = images::load(Path::new(FACE)).unwrap();
-    let input = p.preprocess(&frame).unwrap();
-    let maps = p.features(&input).unwrap();
-    let mask = cpu::compute(
-        FeatureMap::new(&maps.features, m.cut.c, m.cut.h, m.cut.w).unwrap(),
-        &m.energy,
-    )
-    .unwrap();
+    let (maps, mask) = photo_mask(&p);
     let keep = mask.keep_ratio();
     assert!(
         keep > 0.0 && keep < 0.9,
@@ -146,19 +153,8 @@ fn a_gate_after_the_first_stride_16_block_matches_the_reference_on_a_photo() {
         .find_map(|s| s.op.gate())
         .expect("a gate");
     assert_eq!((gate.c, gate.h, gate.w), (64, 30, 40));
-    let frame = images::load(Path::new(FACE)).unwrap();
-    let maps = p.features(&p.preprocess(&frame).unwrap()).unwrap();
-    let mask = cpu::compute(
-        FeatureMap::new(&maps.features, m.cut.c, m.cut.h, m.cut.w).unwrap(),
-        &m.energy,
-    )
-    .unwrap();
-    let rows = cpu::gather(
-        FeatureMap::new(&maps.features, m.cut.c, m.cut.h, m.cut.w).unwrap(),
-        &mask.kept,
-    );
-    let (out, run) = m.plan.run(&mask.kept, rows, maps.taps.clone()).unwrap();
-    let got = m.plan.dense_outputs(&out, &run.sets);
+    let (maps, mask) = photo_mask(&p);
+    let (got, run) = sparse_frame(m, &maps.features, &maps.taps, &mask.kept);
     let (want, lists) = dense_masked_gated(m, &maps.features, &maps.taps, &mask.kept);
     let err = rel_err(&got, &want);
     assert!(err <= 1e-4, "relative error {err}");
@@ -369,16 +365,11 @@ fn another_input_size() {
     assert_eq!((m.cut.h, m.cut.w), (32, 40));
     let p = Pipeline::new(m, ersm::ersm::Device::Cpu);
     let m = &p.model;
-    let frame = images::load(Path::new(FACE)).unwrap();
-    let maps = p.features(&p.preprocess(&frame).unwrap()).unwrap();
-    let mask = cpu::compute(
-        FeatureMap::new(&maps.features, m.cut.c, m.cut.h, m.cut.w).unwrap(),
-        &m.energy,
-    )
-    .unwrap();
+    let (maps, mask) = photo_mask(&p);
     let got = sparse_with(m, &maps.features, &maps.taps, &mask.kept);
     let want = dense_masked_with(m, &maps.features, &maps.taps, &mask.kept);
     assert!(rel_err(&got, &want) <= 1e-4);
+    let frame = images::load(Path::new(FACE)).unwrap();
     let faces = m
         .reader
         .read(&p.run_dense(&frame).unwrap().logits, 512, 512)

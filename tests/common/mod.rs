@@ -967,13 +967,24 @@ pub fn sparse(m: &ModelPackage, x: &[f32], kept: &[u32]) -> Vec<f32> {
 
 /// [`sparse`] of a suffix that also reads the prefix maps `taps`.
 pub fn sparse_with(m: &ModelPackage, x: &[f32], taps: &[Vec<f32>], kept: &[u32]) -> Vec<f32> {
+    sparse_frame(m, x, taps, kept).0
+}
+
+/// [`sparse_with`], and the frame the run built (behind a gate, its sets
+/// are known only from the run).
+pub fn sparse_frame(
+    m: &ModelPackage,
+    x: &[f32],
+    taps: &[Vec<f32>],
+    kept: &[u32],
+) -> (Vec<f32>, ersm::sparse::Frame) {
     let fm = ersm::ersm::FeatureMap::new(x, m.cut.c, m.cut.h, m.cut.w).unwrap();
     let feats = ersm::ersm::cpu::gather(fm, kept);
     let (out, frame) = m
         .plan
         .run(kept, feats, taps.to_vec())
         .expect("sparse suffix runs");
-    m.plan.dense_outputs(&out, &frame.sets)
+    (m.plan.dense_outputs(&out, &frame.sets), frame)
 }
 
 /// `‖a − b‖∞ / ‖b‖∞`.
