@@ -161,32 +161,46 @@ fn main() {
             ((y * 0.11 + ch as f32).sin() * (xx * 0.07 - ch as f32 * 0.3).cos()).max(0.0) * 2.0
         })
         .collect();
-    let fm = FeatureMap::new(&x, c, h, w).unwrap();
-    for n in [1, ersm::threads::Threads::available()] {
-        let threads = ersm::threads::Threads::new(n).unwrap();
-        let (us, keep) = threads.install(|| {
-            let keep = cpu::compute(fm, &face.energy).unwrap().keep_ratio();
-            let us = median(
-                (0..60)
-                    .map(|_| {
-                        let t = Instant::now();
-                        std::hint::black_box(cpu::compute(fm, &face.energy).unwrap());
-                        t.elapsed().as_secs_f64() * 1e6
-                    })
-                    .collect(),
+    // Its gate (the second energy layer, four dilated separable convs, 8.5 M
+    // multiply-adds) on the first stride-16 block's 40×30 map of 64 channels.
+    let gate = face
+        .plan
+        .steps
+        .iter()
+        .find_map(|s| s.op.gate())
+        .expect("the face package's gate");
+    let (gc, gh, gw) = (gate.c, gate.h, gate.w);
+    let gx: Vec<f32> = (0..gc * gh * gw).map(|i| x[i % x.len()]).collect();
+    for (name, fm, spec) in [
+        ("face", FeatureMap::new(&x, c, h, w).unwrap(), &face.energy),
+        (
+            "gate",
+            FeatureMap::new(&gx, gc, gh, gw).unwrap(),
+            &gate.spec,
+        ),
+    ] {
+        for n in [1, ersm::threads::Threads::available()] {
+            let threads = ersm::threads::Threads::new(n).unwrap();
+            let (us, keep) = threads.install(|| {
+                let keep = cpu::compute(fm, spec).unwrap().keep_ratio();
+                let us = median(
+                    (0..60)
+                        .map(|_| {
+                            let t = Instant::now();
+                            std::hint::black_box(cpu::compute(fm, spec).unwrap());
+                            t.elapsed().as_secs_f64() * 1e6
+                        })
+                        .collect(),
+                );
+                (us, keep)
+            });
+            let map = format!("{}×{}", fm.w, fm.h);
+            println!(
+                "{:>10} {:>4} {:>6} {:>6.3} {:>8} {:>12.2}   ({n} thread(s))",
+                map, fm.c, name, keep, "cpu", us
             );
-            (us, keep)
-        });
-        println!(
-            "{:>10} {:>4} {:>6} {:>6.3} {:>8} {:>12.2}   ({n} thread(s))",
-            format!("{w}×{h}"),
-            c,
-            "face",
-            keep,
-            "cpu",
-            us
-        );
-        rows.push(serde_json::json!({"map": format!("{w}x{h}"), "channels": c, "head": "centerface_ersm", "threads": n, "keep": keep, "device": "cpu", "us_per_frame": us}));
+            rows.push(serde_json::json!({"map": format!("{}x{}", fm.w, fm.h), "channels": fm.c, "head": if name == "face" { "centerface_ersm" } else { "centerface_ersm gate" }, "threads": n, "keep": keep, "device": "cpu", "us_per_frame": us}));
+        }
     }
     if let Some(path) = json {
         std::fs::write(&path, serde_json::to_string_pretty(&rows).unwrap()).unwrap();

@@ -91,6 +91,13 @@ fn linear(x: FeatureMap<'_>, w: &[f32], b: f32) -> Vec<f32> {
 /// 1.17–1.20 on one (it was 1.27 and 1.42 with 1 M and fresh buffers).
 const MIN_CHUNK_MACS: usize = 1 << 19;
 
+/// The same for a 1×1 conv, whose register tiles run about four times as
+/// many multiply-adds a second as the taps: a chunk of 0.6 M is a few
+/// microseconds, less than waking a worker. The face package's gate (40×30
+/// tokens, 32-plane 1×1 convs split in halves of 0.6 M) took 0.47–0.72 ms on
+/// two threads against 0.40 on one (`cargo bench --bench ersm_stage`).
+const MIN_CHUNK_MACS_1X1: usize = 1 << 21;
+
 /// One conv layer of a unary head over the whole map (NCHW in, NCHW out).
 ///
 /// Each output sums its taps in the order input channel, kernel row, kernel
@@ -215,7 +222,7 @@ fn pad_row(row: &[f32], r: usize, line: &mut [f32]) {
 /// (most of the shipped head's multiply-adds are its 1×1 convs).
 fn conv_1x1(x: FeatureMap<'_>, l: &HeadConv, out: &mut [f32]) {
     let hw = x.h * x.w;
-    let min_planes = MIN_CHUNK_MACS.div_ceil(l.cin * hw);
+    let min_planes = MIN_CHUNK_MACS_1X1.div_ceil(l.cin * hw);
     par_rows(out, hw, min_planes, |first, planes| {
         let n = planes.len() / hw;
         // SAFETY: the weights hold `cin` values for each of the `n` planes
