@@ -20,6 +20,7 @@ bundled stream (models/streams/vtest.mp4, opencv-doc's vtest.avi).
 """
 
 import hashlib
+import math
 import os
 import random
 
@@ -143,3 +144,82 @@ def composite(rng, background, faces, count):
         x, y = rng.randint(0, W - pw), rng.randint(0, H - ph)
         frame[y:y + ph, x:x + pw] = patch
     return frame
+
+
+def _canvas_shape(rng):
+    """(width, height) of a low-resolution source of one of video's shapes."""
+    w = rng.randint(176, 352)
+    return w, max(48, int(w / rng.choice([4 / 3, 16 / 9, 2.35])))
+
+
+def _background_canvas(rng, bg, w, h):
+    """A window of `bg` of the canvas's shape, shrunk to it."""
+    bh, bw = bg.shape[:2]
+    a = w / h
+    cw, ch = (bw, int(bw / a)) if bw / bh < a else (int(bh * a), bh)
+    x, y = rng.randint(0, bw - cw), rng.randint(0, bh - ch)
+    return cv2.resize(bg[y:y + ch, x:x + cw], (w, h), interpolation=cv2.INTER_AREA).astype(np.float32)
+
+
+def _blend_face(rng, canvas, rgb, box):
+    """Blends a face's head-and-shoulders patch into `canvas` at 4–24 pixels
+    of face height, with a feathered edge; a third reach past the border."""
+    h, w = canvas.shape[:2]
+    x1, y1, x2, y2 = box[:4]
+    cx, cy, fw, fh = (x1 + x2) / 2, (y1 + y2) / 2, x2 - x1, y2 - y1
+    m = rng.uniform(1.6, 3.0)
+    px1, py1 = int(max(0, cx - m * fw / 2)), int(max(0, cy - m * fh / 2))
+    px2, py2 = int(min(rgb.shape[1], cx + m * fw / 2)), int(min(rgb.shape[0], cy + m * fh * 0.8))
+    patch = rgb[py1:py2, px1:px2]
+    s = rng.uniform(4, 24) / max(fh, 1)
+    pw, ph = max(3, int(patch.shape[1] * s)), max(3, int(patch.shape[0] * s))
+    if patch.size == 0 or pw >= w or ph >= h:
+        return
+    patch = cv2.resize(patch, (pw, ph), interpolation=cv2.INTER_AREA).astype(np.float32)
+    # Soft edges: the patch fades out over a fifth of its size.
+    alpha = np.zeros((ph, pw), np.float32)
+    bx, by = max(1, pw // 5), max(1, ph // 5)
+    alpha[by:ph - by, bx:pw - bx] = 1
+    alpha = cv2.GaussianBlur(alpha, (0, 0), max(bx, by) / 2 + 0.5)[..., None]
+    reach = 0.4 if rng.random() < 1 / 3 else 0.0
+    x = rng.randint(int(-reach * pw), w - pw + int(reach * pw))
+    y = rng.randint(int(-reach * ph), h - ph + int(reach * ph))
+    cx1, cy1, cx2, cy2 = max(0, x), max(0, y), min(w, x + pw), min(h, y + ph)
+    if cx2 <= cx1 or cy2 <= cy1:
+        return
+    p = patch[cy1 - y:cy2 - y, cx1 - x:cx2 - x]
+    a = alpha[cy1 - y:cy2 - y, cx1 - x:cx2 - x]
+    canvas[cy1:cy2, cx1:cx2] = a * p + (1 - a) * canvas[cy1:cy2, cx1:cx2]
+
+
+def _camera(rng, canvas):
+    """Motion blur (half the frames), dim light and contrast, JPEG at
+    quality 25–60, then the stretch to 640×480."""
+    img = canvas
+    if rng.random() < 0.5:
+        n = rng.randint(2, 6)
+        k = np.zeros((2 * n + 1, 2 * n + 1), np.float32)
+        t = rng.uniform(0, math.pi)
+        for i in range(-n, n + 1):
+            k[n + int(round(i * math.sin(t))), n + int(round(i * math.cos(t)))] = 1
+        img = cv2.filter2D(img, -1, k / k.sum())
+    gamma, gain = rng.uniform(1.0, 2.0), rng.uniform(0.5, 1.0)
+    img = np.clip(255 * gain * (np.clip(img, 0, 255) / 255) ** gamma, 0, 255).astype(np.uint8)
+    ok, enc = cv2.imencode(".jpg", img[:, :, ::-1], [cv2.IMWRITE_JPEG_QUALITY, rng.randint(25, 60)])
+    img = cv2.imdecode(enc, cv2.IMREAD_COLOR)[:, :, ::-1]
+    return np.ascontiguousarray(cv2.resize(img, (W, H), interpolation=cv2.INTER_LINEAR))
+
+
+def footage(rng, background, faces):
+    """A frame as a low-resolution camera delivers it (REPORT section 18): a
+    canvas 176–352 pixels wide of 4:3, 16:9 or 2.35:1 holding a window of
+    `background`, one to four of `faces` ((rgb, box)) blended in with soft
+    edges at 4–24 canvas pixels of face height (a third reaching past the
+    border), then motion blur, dim light, JPEG and the stretch to 640×480.
+    Composites paste sharp faces as hard rectangles on 640×480 frames."""
+    w, h = _canvas_shape(rng)
+    canvas = _background_canvas(rng, background, w, h)
+    for _ in range(rng.randint(1, 4)):
+        rgb, box = faces[rng.randrange(len(faces))]
+        _blend_face(rng, canvas, rgb, box)
+    return _camera(rng, canvas)

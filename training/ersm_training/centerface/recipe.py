@@ -15,7 +15,8 @@ Steps:
    (`checkpoints/centerface_ersm/operating_point.json`, from
    `operating_point.py`), and, when the checkpoints hold one, the gate
    after the first stride-16 block (`gate.pt` at `gate_point.json`'s
-   offset, from `train_head.py --cut s16g` and `two_stage.py head --out`);
+   offset, from `train_head.py --cut s16g --gate-loss everywhere` and
+   `two_stage.py head --footage --out`: REPORT.md section 18);
 3. the check: `model.onnx` byte for byte and `manifest.json` equal to the
    shipped package's.
 
@@ -88,13 +89,16 @@ def main():
             gated = os.path.join(work, "gate")
             with open(point) as fh:
                 offset = str(json.load(fh)["offset"])
+            footage = os.path.join(work, "footage")
             step([py[0], py[1], py[2] + "train_head", "--teacher", teacher, "--out", gated, "--cut", "s16g",
                   "--head", "sep4d", "--margin", "2", "--grow", "1.4", "--onnx", onnx_path,
-                  "--stage1", head, offset])
+                  "--stage1", head, offset, "--gate-loss", "everywhere"])
+            step([py[0], "experiments/centerface_ersm/footage.py", "--data", args.retrain, "--onnx", onnx_path,
+                  "--out", footage, "--frames", "400"])
             step([py[0], "experiments/centerface_ersm/two_stage.py", "head", "--teacher", teacher,
                   "--onnx", onnx_path, "--head", head, "--offset", offset,
-                  "--head2", os.path.join(gated, "head.pt"), "--offsets2", "-4", "-3", "-2", "-1", "0",
-                  "--out", gated])
+                  "--head2", os.path.join(gated, "head.pt"), "--offsets2", "-3", "-2", "-1", "0",
+                  "--footage", footage, "--out", gated])
             gate, gate_point = os.path.join(gated, "head.pt"), os.path.join(gated, "report.json")
     export = [sys.executable, "-m", "ersm_training.centerface.export", "--onnx", onnx_path, "--head", head,
               "--report", point, "--out", args.out]

@@ -61,6 +61,11 @@ def main():
                     help="every Nth frame of opencv-doc's camera clips (vtest.avi: people walking past a "
                          "fixed camera; tree.avi), split by 80-frame stretch: real video, mostly without a "
                          "face dense finds, where a head trained on photos and composites keeps too much")
+    ap.add_argument("--footage", type=int, default=0,
+                    help="frames made as a low-resolution camera delivers them (data.footage: faces 4-24 "
+                         "pixels high on a CIF canvas, blended, blurred, dim, compressed), kept only where "
+                         "dense finds a face: footage's small faces, which the shipped head half misses "
+                         "(REPORT section 18)")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
     os.makedirs(args.out, exist_ok=True)
@@ -140,6 +145,17 @@ def main():
         if count:
             print(f"{what}: {count}", flush=True)
 
+    made = 0
+    while sum(k == "footage" for k in kinds) < args.footage and made < 20 * args.footage:
+        # A footage frame inherits its background's split, as a composite.
+        bkey, bg = scenes[rng.randrange(len(scenes))]
+        rgb = data.footage(rng, bg, face_photos)
+        outs = run(sess, rgb)
+        made += 1
+        if len(decode(*outs[:4], THRESHOLD, (data.H, data.W))):
+            add(f"footage{made}:{bkey}", "footage", rgb, outs)
+    if args.footage:
+        print(f"footage frames: {sum(k == 'footage' for k in kinds)} of {made} made", flush=True)
     derive("crop", args.crops, empty, data.zoomed, "crops of photos without faces")
     derive("closeup", args.closeups, closeup_faces, data.closeup, "close-ups of faces")
     derive("degraded", args.degraded, list(zip(keys, frames)), data.degraded, "degraded copies")

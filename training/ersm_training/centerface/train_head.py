@@ -189,6 +189,12 @@ def main():
                                    "stride-8 ones the first time")
     ap.add_argument("--stage1", nargs=2, metavar=("HEAD", "OFFSET"),
                     help="the stride-8 head and offset whose mask the `s16g` cut's maps are made under")
+    # REPORT sections 17-18: a gate trained with the loss within stage 1's
+    # set cuts deeper and loses camera footage's small faces; the shipped
+    # gate's loss counts everywhere.
+    ap.add_argument("--gate-loss", choices=["set", "everywhere"], default="set",
+                    help="`s16g`: count the loss within stage 1's set only (the positions a gate chooses "
+                         "among) or at every position")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
     os.makedirs(args.out, exist_ok=True)
@@ -211,7 +217,7 @@ def main():
     x_all = torch.from_numpy(np.asarray(cut, dtype=np.float32))
     t_all = torch.from_numpy(targets)[:, None]
     w_all = None
-    if args.cut == "s16g":
+    if args.cut == "s16g" and args.gate_loss == "set":
         # A gate chooses among its input's active positions only: the loss
         # counts there (stage 1 already dropped the rest).
         sets = np.load(os.path.join(args.teacher, "s16g_set.npy"))

@@ -59,6 +59,9 @@ def main():
     ap.add_argument("--recall", type=float, default=0.98)
     ap.add_argument("--out", help="mode head: a folder for report.json, the offsets' figures and the chosen one "
                                   "(the lowest compute at recall >= --recall)")
+    ap.add_argument("--footage", help="mode head: a set from footage.py; an offset is admissible only if its recall "
+                                      "there is at most --footage-loss below stage 1's alone (REPORT section 18)")
+    ap.add_argument("--footage-loss", type=float, default=0.01)
     ap.add_argument("--gate", default=GATE)
     ap.add_argument("--settings", nargs="+", default=["1:1.4", "2:1.4", "2:2.0", "3:2.0", "4:2.0"],
                     help="oracle margin (stride-16 tokens):grow pairs")
@@ -87,19 +90,33 @@ def main():
             # set compete (the lowest energy among them if none is negative).
             return (args.gate, lambda v, m: hard_mask(head2(v, off2)[0].masked_fill(m == 0, float("inf"))))
 
+        footage = validation_cases(net, args.footage) if args.footage and cache else []
+        if footage:
+            bar = candidate(net, head, footage, args.rule, args.offset)
+            show("footage, stage 1 only", bar)
+            bar = bar["all"]["recall"] - args.footage_loss
         results = []
         for off2 in args.offsets2 if cache else []:
             r = candidate(net, head, cache, args.rule, args.offset, gate=learnt(off2))
             show(f"stage 2 offset {off2:+.2f}", r)
             results.append({"offset": off2, "by_kind": r})
+            if footage:
+                f = candidate(net, head, footage, args.rule, args.offset, gate=learnt(off2))
+                show(f"footage, stage 2 offset {off2:+.2f}", f)
+                results[-1]["footage"] = f["all"]
         if args.out and results:
-            # As operating_point.py: the lowest compute at recall >= --recall.
-            ok = [r for r in results if r["by_kind"]["all"]["recall"] >= args.recall]
+            # As operating_point.py: the lowest compute at recall >= --recall
+            # (and, with --footage, keeping footage's faces as stage 1 does).
+            ok = [r for r in results if r["by_kind"]["all"]["recall"] >= args.recall
+                  and (not footage or r["footage"]["recall"] >= bar)]
             best = min(ok, key=lambda r: (r["by_kind"]["all"]["compute"], -r["offset"])) if ok else None
             with open(os.path.join(args.out, "report.json"), "w") as fh:
                 json.dump({"chosen": best and {"offset": best["offset"]}, "offset": best and best["offset"],
                            "stage1": {"head": args.head, "offset": args.offset, "rule": args.rule},
-                           "gate": args.gate, "recall_target": args.recall, "candidates": results}, fh, indent=1)
+                           "gate": args.gate, "recall_target": args.recall,
+                           "footage": {"set": args.footage, "frames": len(footage), "recall_floor": bar,
+                                       "loss": args.footage_loss} if footage else None,
+                           "candidates": results}, fh, indent=1)
             print(f"chosen: {best and best['offset']}", flush=True)
         for folder in args.heldout:
             held = []
