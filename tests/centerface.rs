@@ -1,9 +1,10 @@
 //! The bundled face detector package (`models/centerface_ersm`): it loads as
 //! a detector whose suffix reads the prefix's stride-4 map; its sparse
-//! outputs equal the dense-masked reference on a real photo, also with a
-//! gate after its first stride-16 block; with every
-//! token kept it finds the dense network's faces; and `ersm run` reports
-//! faces, writes them to --jsonl and covers them with --anonymize.
+//! outputs, behind its gate after the first stride-16 block, equal the
+//! two-pass dense-masked reference on a real photo; without the gate and
+//! with every token kept they are the dense network's; it finds the dense
+//! network's faces; and `ersm run` reports faces, writes them to --jsonl
+//! and covers them with --anonymize.
 
 mod common;
 
@@ -52,108 +53,27 @@ fn loads_as_a_detector_reading_the_stride_4_map() {
     assert_eq!(m.plan.outputs.len(), 4, "heatmap, scale, offset, landmarks");
 }
 
+/// The shipped package's gate (its second energy layer, after the first
+/// stride-16 block): on a photo the sparse outputs equal the two-pass
+/// dense-masked reference, the gate keeps the reference's set, and it
+/// narrows its level (and so every level behind it).
 #[test]
 fn sparse_outputs_equal_the_dense_masked_reference_on_a_photo() {
     let p = pipeline();
-    let m = &p.model;
-    let (maps, mask) = photo_mask(&p);
-    let keep = mask.keep_ratio();
-    assert!(
-        keep > 0.0 && keep < 0.9,
-        "the head keeps part of a portrait, kept {keep:.3}"
-    );
-    let got = sparse_with(m, &maps.features, &maps.taps, &mask.kept);
-    let want = dense_masked_with(m, &maps.features, &maps.taps, &mask.kept);
-    let err = rel_err(&got, &want);
-    assert!(err <= 1e-4, "relative error {err}");
-    // Every token kept: the dense network's own maps.
-    let all: Vec<u32> = (0..(m.cut.h * m.cut.w) as u32).collect();
-    let dense = p.dense_logits(&maps).unwrap();
-    let err = rel_err(&sparse_with(m, &maps.features, &maps.taps, &all), &dense);
-    assert!(
-        err <= 1e-4,
-        "every token kept vs dense: relative error {err}"
-    );
-}
-
-/// A gate (a second energy layer, `export.py --gate`'s place) on the first
-/// stride-16 block's output of the real network: a linear head of random
-/// weights over its 64 channels. On a photo the sparse outputs equal the
-/// two-pass dense-masked reference, the gate keeps what the reference's
-/// does, and it narrows its level (and so every level behind it).
-#[test]
-fn a_gate_after_the_first_stride_16_block_matches_the_reference_on_a_photo() {
-    use tract_onnx::pb::{attribute_proto::AttributeType, AttributeProto, NodeProto};
-    let dir = Scratch::dir("centerface", "gated");
-    std::fs::copy(
-        Path::new(MODEL).join("manifest.json"),
-        dir.join("manifest.json"),
-    )
-    .unwrap();
-    let mut proto = ersm::model::read_onnx(&Path::new(MODEL).join("model.onnx")).unwrap();
-    let g = proto.graph.as_mut().unwrap();
-    let (input, output) = ("420", "gate.out");
-    for n in g.node.iter_mut() {
-        n.input
-            .iter_mut()
-            .filter(|i| *i == input)
-            .for_each(|i| *i = output.into());
-    }
-    let mut rng = Rng::new(39);
-    let w = rng.normals(64, 1.0 / 8.0);
-    for (name, dims, v) in [
-        ("gate.w", vec![1, 64, 1, 1], w),
-        ("gate.b", vec![1], vec![0.0]),
-    ] {
-        g.initializer.push(tract_onnx::pb::TensorProto {
-            name: name.into(),
-            dims,
-            data_type: tract_onnx::pb::tensor_proto::DataType::Float as i32,
-            float_data: v,
-            ..Default::default()
-        });
-    }
-    let float = |name: &str, f: f32| AttributeProto {
-        name: name.into(),
-        r#type: AttributeType::Float as i32,
-        f,
-        ..Default::default()
-    };
-    let at = g
-        .node
-        .iter()
-        .position(|n| n.output.iter().any(|o| o == input))
-        .expect("tensor 420 is computed");
-    g.node.insert(
-        at + 1,
-        NodeProto {
-            name: "gate".into(),
-            op_type: "EnergyMask".into(),
-            domain: "ersm".into(),
-            input: vec![input.into(), "gate.w".into(), "gate.b".into()],
-            output: vec![output.into()],
-            attribute: vec![float("lambda", 0.25), float("tau", 1.0)],
-            ..Default::default()
-        },
-    );
-    std::fs::write(
-        dir.join("model.onnx"),
-        prost::Message::encode_to_vec(&proto),
-    )
-    .unwrap();
-    let p = Pipeline::new(
-        ModelPackage::load(&*dir).expect("the gated package loads"),
-        ersm::ersm::Device::Cpu,
-    );
     let m = &p.model;
     let gate = m
         .plan
         .steps
         .iter()
         .find_map(|s| s.op.gate())
-        .expect("a gate");
+        .expect("the package's gate");
     assert_eq!((gate.c, gate.h, gate.w), (64, 30, 40));
     let (maps, mask) = photo_mask(&p);
+    let keep = mask.keep_ratio();
+    assert!(
+        keep > 0.0 && keep < 0.9,
+        "the head keeps part of a portrait, kept {keep:.3}"
+    );
     let (got, run) = sparse_frame(m, &maps.features, &maps.taps, &mask.kept);
     let (want, lists) = dense_masked_gated(m, &maps.features, &maps.taps, &mask.kept);
     let err = rel_err(&got, &want);
@@ -166,6 +86,38 @@ fn a_gate_after_the_first_stride_16_block_matches_the_reference_on_a_photo() {
     assert!(
         kept > 0 && kept < of,
         "the gate narrows its level: {kept} of {of}"
+    );
+}
+
+/// The package without its gate, every token kept: the sparse suffix is the
+/// dense network's.
+#[test]
+fn every_token_kept_without_the_gate_is_the_dense_network() {
+    let dir = Scratch::dir("centerface", "gateless");
+    std::fs::copy(
+        Path::new(MODEL).join("manifest.json"),
+        dir.join("manifest.json"),
+    )
+    .unwrap();
+    let proto = without_gates(&Path::new(MODEL).join("model.onnx"));
+    std::fs::write(
+        dir.join("model.onnx"),
+        prost::Message::encode_to_vec(&proto),
+    )
+    .unwrap();
+    let p = Pipeline::new(
+        ModelPackage::load(&*dir).expect("the package without its gate loads"),
+        ersm::ersm::Device::Cpu,
+    );
+    let m = &p.model;
+    assert!(m.plan.steps.iter().all(|s| s.op.gate().is_none()));
+    let (maps, _) = photo_mask(&p);
+    let all: Vec<u32> = (0..(m.cut.h * m.cut.w) as u32).collect();
+    let dense = p.dense_logits(&maps).unwrap();
+    let err = rel_err(&sparse_with(m, &maps.features, &maps.taps, &all), &dense);
+    assert!(
+        err <= 1e-4,
+        "every token kept vs dense: relative error {err}"
     );
 }
 
@@ -366,9 +318,12 @@ fn another_input_size() {
     let p = Pipeline::new(m, ersm::ersm::Device::Cpu);
     let m = &p.model;
     let (maps, mask) = photo_mask(&p);
-    let got = sparse_with(m, &maps.features, &maps.taps, &mask.kept);
-    let want = dense_masked_with(m, &maps.features, &maps.taps, &mask.kept);
+    let (got, run) = sparse_frame(m, &maps.features, &maps.taps, &mask.kept);
+    let (want, lists) = dense_masked_gated(m, &maps.features, &maps.taps, &mask.kept);
     assert!(rel_err(&got, &want) <= 1e-4);
+    let gate = m.plan.steps.iter().find_map(|s| s.op.gate()).unwrap();
+    assert_eq!((gate.h, gate.w), (16, 20), "the gate's level follows");
+    assert_eq!(run.sets[gate.out_level].coords, lists[0], "the gate's set");
     let frame = images::load(Path::new(FACE)).unwrap();
     let faces = m
         .reader

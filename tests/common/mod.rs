@@ -1101,8 +1101,8 @@ pub fn have_ffmpeg() -> bool {
     ok
 }
 
-/// The network of the package file `model`, its energy layer removed (the
-/// suffix reading the prefix's map directly) and `edit_weights` applied: an
+/// The network of the package file `model`, its energy layers removed (each
+/// reader reading the layer's input directly) and `edit_weights` applied: an
 /// original network for a package's `dense_model`.
 pub fn without_energy_layer(
     model: &Path,
@@ -1110,12 +1110,34 @@ pub fn without_energy_layer(
 ) -> pb::ModelProto {
     let mut p = ersm::model::read_onnx(model).unwrap();
     let g = p.graph.as_mut().unwrap();
-    let e = g
-        .node
-        .iter()
-        .position(|n| n.op_type == "EnergyMask")
-        .unwrap();
-    let node = g.node.remove(e);
+    while let Some(e) = g.node.iter().position(|n| n.op_type == "EnergyMask") {
+        remove_energy_node(g, e);
+    }
+    p.opset_import.retain(|o| o.domain != "ersm");
+    edit_weights(&mut p);
+    p
+}
+
+/// The network of the package file `model` with its cut's energy layer
+/// only: every later one (a gate) removed.
+pub fn without_gates(model: &Path) -> pb::ModelProto {
+    let mut p = ersm::model::read_onnx(model).unwrap();
+    let g = p.graph.as_mut().unwrap();
+    let energy = |g: &pb::GraphProto| -> Vec<usize> {
+        (0..g.node.len())
+            .filter(|&i| g.node[i].op_type == "EnergyMask")
+            .collect()
+    };
+    while let Some(&e) = energy(g).get(1) {
+        remove_energy_node(g, e);
+    }
+    p
+}
+
+/// Removes node `at` (an energy layer) and its weights; its readers read
+/// its input.
+fn remove_energy_node(g: &mut pb::GraphProto, at: usize) {
+    let node = g.node.remove(at);
     let (input, output) = (node.input[0].clone(), node.output[0].clone());
     let energy_weights: Vec<String> = node.input[1..].to_vec();
     g.initializer.retain(|t| !energy_weights.contains(&t.name));
@@ -1126,9 +1148,6 @@ pub fn without_energy_layer(
             }
         }
     }
-    p.opset_import.retain(|o| o.domain != "ersm");
-    edit_weights(&mut p);
-    p
 }
 
 /// Adds `by` to a weight's first value, stored as floats or raw bytes.
