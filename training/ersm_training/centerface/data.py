@@ -114,6 +114,18 @@ def closeup(rng, rgb, box):
     return cv2.resize(rgb[wy1:max(wy2, wy1 + 2), wx1:max(wx2, wx1 + 2)], (W, H), interpolation=cv2.INTER_LINEAR)
 
 
+def head_and_shoulders(rng, rgb, box):
+    """The patch of `rgb` about a face's box (x1, y1, x2, y2) with its head
+    and shoulders, 1.6–3× the box (clipped to the photo), and the box's
+    height."""
+    x1, y1, x2, y2 = box[:4]
+    cx, cy, fw, fh = (x1 + x2) / 2, (y1 + y2) / 2, x2 - x1, y2 - y1
+    m = rng.uniform(1.6, 3.0)
+    px1, py1 = int(max(0, cx - m * fw / 2)), int(max(0, cy - m * fh / 2))
+    px2, py2 = int(min(rgb.shape[1], cx + m * fw / 2)), int(min(rgb.shape[0], cy + m * fh * 0.8))
+    return rgb[py1:py2, px1:px2], fh
+
+
 def composite(rng, background, faces, count):
     """`background` (a wallpaper, cropped to 4:3) with `count` face patches
     pasted at random places and sizes; faces: (rgb, box) from teacher
@@ -126,13 +138,7 @@ def composite(rng, background, faces, count):
     frame = stretch(background[y0:y0 + hh, x0:x0 + side]).copy()
     for _ in range(count):
         rgb, box = faces[rng.randrange(len(faces))]
-        x1, y1, x2, y2 = box[:4]
-        cx, cy, fw, fh = (x1 + x2) / 2, (y1 + y2) / 2, x2 - x1, y2 - y1
-        # The face with its head and shoulders around it.
-        m = rng.uniform(1.6, 3.0)
-        px1, py1 = int(max(0, cx - m * fw / 2)), int(max(0, cy - m * fh / 2))
-        px2, py2 = int(min(rgb.shape[1], cx + m * fw / 2)), int(min(rgb.shape[0], cy + m * fh * 0.8))
-        patch = rgb[py1:py2, px1:px2]
+        patch, fh = head_and_shoulders(rng, rgb, box)
         if patch.size == 0:
             continue
         target_h = rng.uniform(12, 120)
@@ -165,12 +171,7 @@ def _blend_face(rng, canvas, rgb, box):
     """Blends a face's head-and-shoulders patch into `canvas` at 4–24 pixels
     of face height, with a feathered edge; a third reach past the border."""
     h, w = canvas.shape[:2]
-    x1, y1, x2, y2 = box[:4]
-    cx, cy, fw, fh = (x1 + x2) / 2, (y1 + y2) / 2, x2 - x1, y2 - y1
-    m = rng.uniform(1.6, 3.0)
-    px1, py1 = int(max(0, cx - m * fw / 2)), int(max(0, cy - m * fh / 2))
-    px2, py2 = int(min(rgb.shape[1], cx + m * fw / 2)), int(min(rgb.shape[0], cy + m * fh * 0.8))
-    patch = rgb[py1:py2, px1:px2]
+    patch, fh = head_and_shoulders(rng, rgb, box)
     s = rng.uniform(4, 24) / max(fh, 1)
     pw, ph = max(3, int(patch.shape[1] * s)), max(3, int(patch.shape[0] * s))
     if patch.size == 0 or pw >= w or ph >= h:
