@@ -114,6 +114,14 @@ def closeup(rng, rgb, box):
     return cv2.resize(rgb[wy1:max(wy2, wy1 + 2), wx1:max(wx2, wx1 + 2)], (W, H), interpolation=cv2.INTER_LINEAR)
 
 
+def photo_boxes(im, dets):
+    """The boxes of `dets` (dense faces on `im` stretched to 640×480) in
+    the photo's own pixels, those at least 16 pixels high there: the faces
+    composites, close-ups and footage cut from photos."""
+    sx, sy = im.shape[1] / W, im.shape[0] / H
+    return [d[:4] * [sx, sy, sx, sy] for d in dets if (d[3] - d[1]) * sy >= 16]
+
+
 def head_and_shoulders(rng, rgb, box):
     """The patch of `rgb` about a face's box (x1, y1, x2, y2) with its head
     and shoulders, 1.6–3× the box (clipped to the photo), and the box's

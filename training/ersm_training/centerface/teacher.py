@@ -93,8 +93,7 @@ def main():
             add(key, "photo", rgb, outs)
             # Boxes in the original photo's pixels, for pasting and close-ups
             # (close-ups of either split: each inherits its photo's).
-            sx, sy = im.shape[1] / data.W, im.shape[0] / data.H
-            big = [d[:4] * [sx, sy, sx, sy] for d in dets if (d[3] - d[1]) * sy >= 16]
+            big = data.photo_boxes(im, dets)
             closeup_faces += [(key, im, b) for b in big]
             if not data.validation(key):
                 face_photos += [(im, b) for b in big]
@@ -145,8 +144,8 @@ def main():
         if count:
             print(f"{what}: {count}", flush=True)
 
-    made = 0
-    while sum(k == "footage" for k in kinds) < args.footage and made < 20 * args.footage:
+    made = kept = 0
+    while kept < args.footage and made < 20 * args.footage:
         # A footage frame inherits its background's split, as a composite.
         bkey, bg = scenes[rng.randrange(len(scenes))]
         rgb = data.footage(rng, bg, face_photos)
@@ -154,8 +153,9 @@ def main():
         made += 1
         if len(decode(*outs[:4], THRESHOLD, (data.H, data.W))):
             add(f"footage{made}:{bkey}", "footage", rgb, outs)
+            kept += 1
     if args.footage:
-        print(f"footage frames: {sum(k == 'footage' for k in kinds)} of {made} made", flush=True)
+        print(f"footage frames: {kept} of {made} made", flush=True)
     derive("crop", args.crops, empty, data.zoomed, "crops of photos without faces")
     derive("closeup", args.closeups, closeup_faces, data.closeup, "close-ups of faces")
     derive("degraded", args.degraded, list(zip(keys, frames)), data.degraded, "degraded copies")

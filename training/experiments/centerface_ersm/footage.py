@@ -50,8 +50,7 @@ def main():
         if not data.validation(key):
             continue
         dets = decode(*run(sess, data.stretch(im))[:4], THRESHOLD, (data.H, data.W))
-        sx, sy = im.shape[1] / data.W, im.shape[0] / data.H
-        big = [d[:4] * [sx, sy, sx, sy] for d in dets if (d[3] - d[1]) * sy >= 16]
+        big = data.photo_boxes(im, dets)
         if big:
             faces += [(im, b) for b in big]
         elif len(dets) == 0:
