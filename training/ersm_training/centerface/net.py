@@ -148,10 +148,12 @@ class CenterFace(torch.nn.Module):
         tensor multiplied by its level's mask, and set to its fill vector
         (`fills`: name → C values) where the mask is 0. `record(name, value, mask)` sees each tensor
         before it is masked (without a mask: each dense tensor, mask None).
-        `gate` = (tensor name, fn): a second mask (two_stage.py, simulation
-        only): the tensor is computed on its level's set as usual, then
-        `fn(value, mask)` (0/1 at its resolution) narrows that set for
-        everything read from it. Returns the four output maps."""
+        `gate` = (tensor name, fn), or a list of such pairs: a second mask
+        (two_stage.py, peak_gate.py; the runtime's gates): the tensor is
+        computed on its level's set as usual, then `fn(value, mask)` (0/1
+        at its resolution) narrows that set for everything read from it.
+        Returns the four output maps."""
+        gates = dict([gate] if gate is not None and isinstance(gate[0], str) else gate or [])
         if self.cut in STRIDE16:
             env = {S16: tap[0], CUT: tap[1], TAP: tap[2]}
         else:
@@ -201,8 +203,8 @@ class CenterFace(torch.nn.Module):
             self.op(i, env)
             masks[outs[0]] = m
             env[outs[0]] = masked(outs[0], env[outs[0]], m)
-            if gate is not None and outs[0] == gate[0]:
-                m = m * gate[1](env[outs[0]], m)
+            if outs[0] in gates:
+                m = m * gates[outs[0]](env[outs[0]], m)
                 masks[outs[0]] = m
                 env[outs[0]] = env[outs[0]] * m
         return [env[o] for o in OUTPUTS]

