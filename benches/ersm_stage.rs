@@ -163,12 +163,7 @@ fn main() {
         .collect();
     // Its gate (the second energy layer, four dilated separable convs, 8.5 M
     // multiply-adds) on the first stride-16 block's 40×30 map of 64 channels.
-    let gate = face
-        .plan
-        .steps
-        .iter()
-        .find_map(|s| s.op.gate())
-        .expect("the face package's gate");
+    let gate = face.plan.gates().next().expect("the face package's gate");
     let (gc, gh, gw) = (gate.c, gate.h, gate.w);
     let gx: Vec<f32> = (0..gc * gh * gw).map(|i| x[i % x.len()]).collect();
     for (name, fm, spec) in [

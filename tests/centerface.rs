@@ -61,12 +61,7 @@ fn loads_as_a_detector_reading_the_stride_4_map() {
 fn sparse_outputs_equal_the_dense_masked_reference_on_a_photo() {
     let p = pipeline();
     let m = &p.model;
-    let gate = m
-        .plan
-        .steps
-        .iter()
-        .find_map(|s| s.op.gate())
-        .expect("the package's gate");
+    let gate = m.plan.gates().next().expect("the package's gate");
     assert_eq!((gate.c, gate.h, gate.w), (64, 30, 40));
     let (maps, mask) = photo_mask(&p);
     let keep = mask.keep_ratio();
@@ -110,7 +105,7 @@ fn every_token_kept_without_the_gate_is_the_dense_network() {
         ersm::ersm::Device::Cpu,
     );
     let m = &p.model;
-    assert!(m.plan.steps.iter().all(|s| s.op.gate().is_none()));
+    assert_eq!(m.plan.gates().count(), 0);
     let (maps, _) = photo_mask(&p);
     let all: Vec<u32> = (0..(m.cut.h * m.cut.w) as u32).collect();
     let dense = p.dense_logits(&maps).unwrap();
@@ -321,7 +316,7 @@ fn another_input_size() {
     let (got, run) = sparse_frame(m, &maps.features, &maps.taps, &mask.kept);
     let (want, lists) = dense_masked_gated(m, &maps.features, &maps.taps, &mask.kept);
     assert!(rel_err(&got, &want) <= 1e-4);
-    let gate = m.plan.steps.iter().find_map(|s| s.op.gate()).unwrap();
+    let gate = m.plan.gates().next().unwrap();
     assert_eq!((gate.h, gate.w), (16, 20), "the gate's level follows");
     assert_eq!(run.sets[gate.out_level].coords, lists[0], "the gate's set");
     let frame = images::load(Path::new(FACE)).unwrap();

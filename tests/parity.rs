@@ -350,15 +350,18 @@ fn suffix_reading_prefix_maps_with_several_outputs_matches_reference() {
 /// union of it and the cut's, and the sparse suffix equals the
 /// dense-masked reference whose gate keeps the negative energies of its
 /// own masked map, under both stride rules; and the gate narrows (it keeps
-/// fewer than its input level on most frames).
+/// fewer than its input level on most frames). On some networks a second
+/// gate sits on the finest union level before the heads' conv (CenterFace's
+/// peak gate): it keeps the reference's set too.
 #[test]
 fn a_gate_inside_the_suffix_matches_the_reference_on_random_detectors() {
     let mut narrowed = 0;
     for seed in 0..10u64 {
         let m = gated_detector_package(seed, &[(16, 16, 6), (8, 24, 4), (24, 16, 5)]);
         let (h, w) = (m.prefix.input_shape[2], m.prefix.input_shape[3]);
-        let gates: Vec<_> = m.plan.steps.iter().filter_map(|s| s.op.gate()).collect();
-        assert_eq!(gates.len(), 1, "seed {seed}: one gate lowered");
+        let gates: Vec<_> = m.plan.gates().collect();
+        let want_gates = if seed % 4 >= 2 { 2 } else { 1 };
+        assert_eq!(gates.len(), want_gates, "seed {seed}: gates lowered");
         let (g_in, g_out) = (gates[0].in_level, gates[0].out_level);
         let mut rng = Rng::new(900 + seed);
         let image = rng.normals(3 * h * w, 1.0);
@@ -370,10 +373,12 @@ fn a_gate_inside_the_suffix_matches_the_reference_on_random_detectors() {
             let (want, lists) = dense_masked_gated(&m, x, taps, &kept);
             let err = rel_err(&got, &want);
             assert!(err <= TOL, "seed {seed}, keep p={p}: relative error {err}");
-            assert_eq!(
-                frame.sets[g_out].coords, lists[0],
-                "seed {seed}, keep p={p}: the gate keeps what the reference's does"
-            );
+            for (k, g) in gates.iter().enumerate() {
+                assert_eq!(
+                    frame.sets[g.out_level].coords, lists[k],
+                    "seed {seed}, keep p={p}: gate {k} keeps what the reference's does"
+                );
+            }
             narrowed += usize::from(frame.sets[g_out].len() < frame.sets[g_in].len());
         }
     }

@@ -168,6 +168,11 @@ impl Plan {
         });
     }
 
+    /// The suffix's gates (its later energy layers), in the order they run.
+    pub fn gates(&self) -> impl Iterator<Item = &super::ops::Gate> {
+        self.steps.iter().filter_map(|s| s.op.gate())
+    }
+
     /// The fill vector output `k` holds at dropped positions, if it is a
     /// token map with one.
     pub fn output_fill(&self, k: usize) -> Option<&[f32]> {

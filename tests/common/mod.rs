@@ -725,6 +725,13 @@ fn detector(seed: u64, h: usize, w: usize, c: usize, gated: bool) -> pb::ModelPr
     } else {
         b.op("Add", &[&l, &u], vec![])
     };
+    // On half the gated networks, a second gate on that union level, read
+    // only by the conv the heads read (CenterFace's peak gate).
+    let u = if gated && seed % 4 >= 2 {
+        gate(&mut b, &u, 8, 1)
+    } else {
+        u
+    };
     let u = b.conv(&u, 8, 8, 3, 1, [1; 4], 1);
     let u = b.op("Relu", &[&u], vec![]);
     let heat = b.conv(&u, 8, 1, 1, 1, [0; 4], 1);
@@ -742,7 +749,9 @@ pub fn detector_package(seed: u64, shapes: &[(usize, usize, usize)]) -> ModelPac
 /// [`detector_package`] with a gate after the suffix's stride-2 block, as
 /// CenterFace's second mask at stride 16: the coarser level's later layers
 /// run on the gate's narrower set, the finer levels on the union of it
-/// (upsampled) and the cut's.
+/// (upsampled) and the cut's; when `seed % 4` is 2 or 3, a second gate on
+/// the finest union level before the heads' conv, as CenterFace's third
+/// energy layer.
 pub fn gated_detector_package(seed: u64, shapes: &[(usize, usize, usize)]) -> ModelPackage {
     detector_package_of(seed, shapes, true)
 }
