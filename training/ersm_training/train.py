@@ -164,6 +164,8 @@ def conv_attributes(convs):
     """The EnergyMask attributes that describe `ConvHead.convs()`:
     `conv_dilations` only where some conv is dilated, so a package without
     one is written as before."""
+    if not convs:  # a per-token head: no conv attributes (ONNX cannot type an empty list)
+        return {}
     attrs = {"convs": len(convs), "conv_relu": [int(r) for _, r in convs]}
     dil = [int(m.dilation[0]) for m, _ in convs]
     if any(d != 1 for d in dil):

@@ -22,7 +22,6 @@ bundled stream (models/streams/vtest.mp4, opencv-doc's vtest.avi).
 import hashlib
 import math
 import os
-import random
 
 import cv2
 import numpy as np

@@ -29,8 +29,8 @@ import torch
 from onnx import helper, numpy_helper
 
 from ..train import conv_attributes
-from .net import CUT, CUTS, OUTPUTS, S16, TAP, fixed_size
-from .train_head import SHIPPED_THRESHOLD, load_head
+from .net import CUT, CUTS, OUTPUTS, PEAK, S16, TAP, fixed_size
+from .train_head import SHIPPED_THRESHOLD, load_head, load_peak_head
 
 NAMES = ["heatmap", "scale", "offset", "landmarks"]
 W, H = 640, 480
@@ -104,17 +104,20 @@ def insert_head(g, head, offset, src, out, name, attrs):
     g.node.insert(at, node)
 
 
-def with_gate(m, head, offset):
+def with_gate(m, head, offset, src=S16, name="ersm.gate"):
     """`m` (a package with its energy layer at stride 8) with a gate, a
-    second EnergyMask node, on the first stride-16 block's output (net.S16,
-    `train_head.py --cut s16g`): every later reader of that map reads the
-    gate's output, so the stride-16 and stride-32 layers after it run on the
-    gate's narrower set (models/README.md, "A second energy layer")."""
+    later EnergyMask node `name`, on tensor `src`: by default the first
+    stride-16 block's output (net.S16, `train_head.py --cut s16g`), so the
+    stride-16 and stride-32 layers after it run on the gate's narrower set;
+    or the FPN's stride-4 sum (net.PEAK, `peak_gate.py`), so the conv the
+    heads read runs only around the heatmap's peaks (models/README.md, "A
+    second energy layer"). Every later reader of `src` reads the gate's
+    output."""
     g = m.graph
-    out = "ersm.gate.out"
+    out = f"{name}.out"
     for n in g.node:
-        n.input[:] = [out if t == S16 else t for t in n.input]
-    insert_head(g, head, offset, S16, out, "ersm.gate", {})
+        n.input[:] = [out if t == src else t for t in n.input]
+    insert_head(g, head, offset, src, out, name, {})
     return m
 
 
@@ -165,13 +168,15 @@ def with_weights(m, weights):
 
 GATED = (" A second energy layer after the first stride-16 block (40x30 tokens of 64 channels) narrows "
          "the set every later stride-16 and stride-32 layer runs on.")
+PEAKED = (" A third one on the FPN's stride-4 sum (160x120 tokens of 24 channels) keeps the positions around "
+          "the heatmap's peaks for the conv the heads read.")
 
 
-def manifest(report, original=False, gated=False):
+def manifest(report, original=False, gated=False, peaked=False):
     extra = {"dense_model": "original.onnx"} if original else {}
     return {
         "name": "centerface_ersm",
-        "description": DESCRIPTIONS[report.get("cut", "s8")] + (GATED if gated else ""),
+        "description": DESCRIPTIONS[report.get("cut", "s8")] + (GATED if gated else "") + (PEAKED if peaked else ""),
         "model": "model.onnx",
         "input": {"name": "image", "shape": [1, 3, H, W]},
         "preprocess": {"resize": [W, H], "scale": 1.0, "mean": [0.0, 0.0, 0.0], "std": [1.0, 1.0, 1.0]},
@@ -197,6 +202,9 @@ def main():
     ap.add_argument("--gate", nargs=2, metavar=("HEAD", "OFFSET"),
                     help="a second energy layer on the first stride-16 block's output: a head from "
                          "`train_head.py --cut s16g` and its offset (two_stage.py chooses it)")
+    ap.add_argument("--peak", nargs=2, metavar=("HEAD", "OFFSET"),
+                    help="an energy layer on the FPN's stride-4 sum, before the heads: a head from "
+                         "`peak_gate.py train` and its offset (`peak_gate.py head` chooses it)")
     ap.add_argument("--out", required=True)
     args = ap.parse_args()
     with open(args.report) as fh:
@@ -218,11 +226,15 @@ def main():
     if args.gate:
         assert head.cut == "s8", "a gate follows an energy layer at stride 8"
         m = with_gate(m, load_head(args.gate[0])[0], float(args.gate[1]))
+    if args.peak:
+        assert head.cut == "s8", "the peak gate follows an energy layer at stride 8"
+        m = with_gate(m, load_peak_head(args.peak[0]), float(args.peak[1]), PEAK, "ersm.peak")
     m = rename_outputs(m)
     m.producer_name = "ersm_training.centerface.export"
     onnx.save(m, os.path.join(args.out, "model.onnx"))
     with open(os.path.join(args.out, "manifest.json"), "w") as fh:
-        json.dump(manifest(report, original=bool(args.suffix), gated=bool(args.gate)), fh, indent=2)
+        json.dump(manifest(report, original=bool(args.suffix), gated=bool(args.gate), peaked=bool(args.peak)),
+                  fh, indent=2)
         fh.write("\n")
     digest = hashlib.sha256(open(args.onnx, "rb").read()).hexdigest()
     print(f"{args.out}: model.onnx (from {args.onnx}, sha256 {digest}), manifest.json; "

@@ -25,7 +25,6 @@ import time
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from ..train import hard_mask, seed_all
 from .net import CenterFace, decode

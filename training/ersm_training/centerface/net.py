@@ -34,6 +34,10 @@ CUT, TAP = "413", "387"
 # detail at the coarser tokens). Under both, `tap` is the triple (stride-16
 # map, stride-8 map, stride-4 map).
 S16 = "420"
+# The FPN's stride-4 sum (24 channels, 160×120), read only by the 3×3 conv
+# the four heads read: a gate there keeps the heatmap's peaks
+# (peak_gate.py, REPORT section 21).
+PEAK = "532"
 BLOCK16 = ["414", "416", "417", "419", "420"]
 CUTS = {"s8": CUT, "s4": TAP, "s16": S16, "s16x": S16}
 STRIDE16 = ("s16", "s16x")

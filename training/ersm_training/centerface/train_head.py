@@ -88,6 +88,31 @@ def load_head(path):
     return head.eval(), saved["kind"]
 
 
+def make_peak_head(hidden, convs=0, c=24):
+    """A gate head on the FPN's stride-4 sum (net.PEAK, `peak_gate.py`):
+    `convs` depthwise-separable 3×3 convs at `c` channels, then the
+    two-layer 1×1 head with `hidden` units. It runs on the whole 160×120
+    map, so it is kept small."""
+    layers = []
+    for _ in range(convs):
+        layers += [(c, c, 3, c, False), (c, c, 1, 1, True)]
+    head = ConvHead(c, layers)
+    head.l1 = torch.nn.Conv2d(c, hidden, 1)
+    head.l2 = torch.nn.Conv2d(hidden, 1, 1)
+    torch.nn.init.normal_(head.l2.weight, 0, 0.05)
+    torch.nn.init.constant_(head.l2.bias, -1.0)
+    return head
+
+
+def load_peak_head(path):
+    """A head saved by `peak_gate.py train`, with its mean field's λ."""
+    saved = torch.load(path, weights_only=True)
+    head = make_peak_head(saved["hidden"], saved["convs"])
+    head.load_state_dict(saved["state"])
+    head.lam = saved["lam"]
+    return head.eval()
+
+
 def target(maps, margin, grow, stride=8, below=None):
     """Tokens (60×80 at stride 8) to keep for one frame's teacher maps
     (15×120×160): each box of a face the teacher finds at TARGET_THRESHOLD,
@@ -205,7 +230,6 @@ def main():
     stage1 = (args.stage1[0], float(args.stage1[1])) if args.stage1 else None
     cut = inputs(args.teacher, args.cut, args.onnx, stage1)
     val = meta["validation"]
-    kinds = meta["kinds"]
     n = len(val)
     targets = np.stack([target(teacher[i], args.margin, args.grow, STRIDES[args.cut]) for i in range(n)])
     tr, va = np.where(~val)[0], np.where(val)[0]

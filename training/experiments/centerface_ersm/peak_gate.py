@@ -35,14 +35,13 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", ".."))
-from ersm_training.centerface.net import CenterFace, map_apply  # noqa: E402
+from ersm_training.centerface.net import PEAK, CenterFace, map_apply  # noqa: E402
 from ersm_training.centerface.operating_point import candidate, validation_cases  # noqa: E402
-from ersm_training.centerface.train_head import load_head  # noqa: E402
-from ersm_training.train import ConvHead, hard_mask, seed_all  # noqa: E402
+from ersm_training.centerface.train_head import load_head, load_peak_head, make_peak_head  # noqa: E402
+from ersm_training.train import hard_mask, seed_all  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 CHECKPOINTS = os.path.join(HERE, "..", "..", "checkpoints", "centerface_ersm")
-PEAK = "532"
 PEAK_C = 24
 GATE = "420"
 
@@ -60,21 +59,6 @@ def shipped(net):
 
 def dilate(m, r):
     return F.max_pool2d(m, 2 * r + 1, 1, r) if r > 0 else m
-
-
-def make_head(convs, hidden):
-    """A gate head on 532: `convs` depthwise 3×3 convs (each with a 1×1 to
-    24 channels) ahead of the two-layer 1×1 head with `hidden` units."""
-    layers = []
-    for _ in range(convs):
-        layers += [(PEAK_C, PEAK_C, 3, PEAK_C, False), (PEAK_C, PEAK_C, 1, 1, True)]
-    head = ConvHead(PEAK_C, layers)
-    c = layers[-1][1] if layers else PEAK_C
-    head.l1 = torch.nn.Conv2d(c, hidden, 1)
-    head.l2 = torch.nn.Conv2d(hidden, 1, 1)
-    torch.nn.init.normal_(head.l2.weight, 0, 0.05)
-    torch.nn.init.constant_(head.l2.bias, -1.0)
-    return head
 
 
 def head_macs(head, positions):
@@ -174,7 +158,7 @@ def train(args, net):
     tr = np.where(~meta["validation"])[0]
     print(f"{len(tr)} training frames; set {sets[tr].mean():.3f}, target within it "
           f"{(tgt[tr] * sets[tr]).mean():.4f}", flush=True)
-    head = make_head(args.convs, args.hidden)
+    head = make_peak_head(args.hidden, args.convs)
     head.lam = args.lam
     print(f"head: {args.convs} convs, hidden {args.hidden}, λ {head.lam}; "
           f"{head_macs(head, 19200) / 1e6:.2f} M multiply-adds on the whole map", flush=True)
@@ -206,17 +190,9 @@ def train(args, net):
     print(f"wrote {os.path.join(args.out, 'peak.pt')}", flush=True)
 
 
-def load_peak(path):
-    saved = torch.load(path, weights_only=True)
-    head = make_head(saved["convs"], saved["hidden"])
-    head.load_state_dict(saved["state"])
-    head.lam = saved["lam"]
-    return head.eval()
-
-
 def score(args, net):
     head, off, gate16 = shipped(net)
-    peak = load_peak(args.peak)
+    peak = load_peak_head(args.peak)
     results = {}
     for name, folder in [("validation", args.teacher)] + ([("footage", args.footage)] if args.footage else []):
         cache = validation_cases(net, folder)
