@@ -567,32 +567,69 @@ pub fn mean_field(u: &[f32], h: usize, w: usize, spec: &EnergySpec) -> Vec<f32> 
         return e;
     }
     let offsets = spec.neighbourhood.offsets();
-    // 1 − 2q, the per-neighbour pull: −1 for a surely kept neighbour, +1 for a dropped one.
-    let mut pull: Vec<f32> = u
+    // The same offsets as raster steps, for positions whose neighbours are
+    // all inside the map: the sums add the same terms in the same order.
+    let steps: Vec<isize> = offsets
         .iter()
-        .map(|&ui| 1.0 - 2.0 * keep_probability(ui, spec.tau))
+        .map(|&(dy, dx)| dy * w as isize + dx)
         .collect();
+    let mut pull = Pull::new(spec.tau);
+    // 1 − 2q, the per-neighbour pull: −1 for a surely kept neighbour, +1 for a dropped one.
+    let mut pulls: Vec<f32> = u.iter().map(|&ui| pull.of(ui)).collect();
     for step in 0..spec.steps {
         for y in 0..h {
+            let inner = y > 0 && y + 1 < h;
             for x in 0..w {
+                let i = y * w + x;
                 let mut s = 0.0f32;
-                for &(dy, dx) in offsets {
-                    let (ny, nx) = (y as isize + dy, x as isize + dx);
-                    if ny >= 0 && nx >= 0 && (ny as usize) < h && (nx as usize) < w {
-                        s += pull[ny as usize * w + nx as usize];
+                if inner && x > 0 && x + 1 < w {
+                    for &d in &steps {
+                        s += pulls[(i as isize + d) as usize];
+                    }
+                } else {
+                    for &(dy, dx) in offsets {
+                        let (ny, nx) = (y as isize + dy, x as isize + dx);
+                        if ny >= 0 && nx >= 0 && (ny as usize) < h && (nx as usize) < w {
+                            s += pulls[ny as usize * w + nx as usize];
+                        }
                     }
                 }
-                let i = y * w + x;
                 e[i] = u[i] + spec.lambda * s;
             }
         }
         if step + 1 < spec.steps {
-            for (p, &ei) in pull.iter_mut().zip(&e) {
-                *p = 1.0 - 2.0 * keep_probability(ei, spec.tau);
+            for (p, &ei) in pulls.iter_mut().zip(&e) {
+                *p = pull.of(ei);
             }
         }
     }
     e
+}
+
+/// `1 − 2·keep_probability(e, τ)`, remembering the last energy it was
+/// asked for: a gate's map holds one value wherever its input was dropped
+/// (and so do long runs of its neighbours' energies), and the exponential
+/// is most of the mean field's time.
+struct Pull {
+    tau: f32,
+    last: Option<(u32, f32)>,
+}
+
+impl Pull {
+    fn new(tau: f32) -> Pull {
+        Pull { tau, last: None }
+    }
+
+    fn of(&mut self, e: f32) -> f32 {
+        match self.last {
+            Some((bits, p)) if bits == e.to_bits() => p,
+            _ => {
+                let p = 1.0 - 2.0 * keep_probability(e, self.tau);
+                self.last = Some((e.to_bits(), p));
+                p
+            }
+        }
+    }
 }
 
 /// Raster indices of tokens with negative energy; the lowest one alone if none is.

@@ -11,12 +11,16 @@
 use super::{OnnxNode, Op, Tensor};
 use crate::ersm::cuda::{pack_head, PackedHead};
 use crate::ersm::node::DOMAIN;
-use crate::ersm::{cpu, EnergySpec, FeatureMap, Neighbourhood, TokenMask};
+use crate::ersm::{cpu, EnergySpec, FeatureMap, Neighbourhood, TokenMask, UnaryHead};
 use crate::sparse::launch::{Family, Kernel, KernelArgs, StepIo};
 use crate::sparse::tokens::{self, LevelParams};
 use crate::sparse::{buffers::Buffers, frame::Frame, value::Shape, value::Value};
 use anyhow::{bail, ensure, Result};
 use std::borrow::Cow;
+
+/// Rows transposed together by a per-token gate head (16 KB of 64-channel
+/// rows).
+const ROW_BLOCK: usize = 64;
 
 /// The cut's energy node sets these for the whole suffix; a gate may not.
 const CUT_ONLY: [&str; 2] = ["stride_rule", "fills"];
@@ -92,29 +96,89 @@ impl Gate {
     /// whose final energy is negative, or the lowest-energy one (first in
     /// raster order) if none is, so a level is never empty.
     pub fn keeps(&self, x: &Value, frame: &Frame) -> Result<Vec<u32>> {
-        let (_, map) = x.to_dense(&frame.sets, self.fill.as_deref());
-        let fm = FeatureMap::new(&map, self.c, self.h, self.w)?;
-        let u = cpu::unary(fm, &self.spec.head);
-        let e = cpu::mean_field(&u, self.h, self.w, &self.spec);
+        let active = &frame.sets[self.in_level].coords;
+        let e = if matches!(self.spec.head, UnaryHead::Conv { .. }) {
+            let (_, map) = x.to_dense(&frame.sets, self.fill.as_deref());
+            let fm = FeatureMap::new(&map, self.c, self.h, self.w)?;
+            let e = cpu::mean_field(&cpu::unary(fm, &self.spec.head), self.h, self.w, &self.spec);
+            active.iter().map(|&i| e[i as usize]).collect()
+        } else {
+            self.per_token_energies(x.data(), active)?
+        };
         if let Some(why) = TokenMask::non_finite(&e) {
             bail!(why);
         }
-        let active = &frame.sets[self.in_level].coords;
         let kept: Vec<u32> = active
             .iter()
-            .copied()
-            .filter(|&i| e[i as usize] < 0.0)
+            .zip(&e)
+            .filter(|(_, &v)| v < 0.0)
+            .map(|(&i, _)| i)
             .collect();
         if !kept.is_empty() || active.is_empty() {
             return Ok(kept);
         }
-        let mut best = active[0];
-        for &i in active {
-            if e[i as usize] < e[best as usize] {
-                best = i;
+        let mut best = 0;
+        for (j, &v) in e.iter().enumerate() {
+            if v < e[best] {
+                best = j;
             }
         }
-        Ok(vec![best])
+        Ok(vec![active[best]])
+    }
+
+    /// The final energies at the active positions (in the set's order) of a
+    /// per-token head (no convs), as the whole map would give them. A
+    /// position's unary cost reads its own channels only: it is computed at
+    /// the active positions and once for what every dropped position holds
+    /// (the fill vector, or zero), with the sums `cpu::unary` makes on the
+    /// whole map. After T mean-field steps a position's energy depends on
+    /// positions at most T away, so the field runs on the active positions'
+    /// bounding box grown by T (the map's edges stay edges). A gate before
+    /// CenterFace's heads reads a 160×120 map of which a frame keeps a
+    /// fraction.
+    fn per_token_energies(&self, rows: &[f32], active: &[u32]) -> Result<Vec<f32>> {
+        let (c, n) = (self.c, active.len());
+        if n == 0 {
+            return Ok(Vec::new());
+        }
+        let cols = n + 1;
+        let mut planar = vec![0.0f32; c * cols];
+        // By blocks of rows, so each block is read from cache C times while
+        // every plane is written in runs.
+        for (b, block) in rows.chunks(c * ROW_BLOCK).enumerate() {
+            let first = b * ROW_BLOCK;
+            for (ch, plane) in planar.chunks_exact_mut(cols).enumerate() {
+                for (k, row) in block.chunks_exact(c).enumerate() {
+                    plane[first + k] = row[ch];
+                }
+            }
+        }
+        if let Some(f) = &self.fill {
+            for (ch, &v) in f.iter().enumerate() {
+                planar[ch * cols + n] = v;
+            }
+        }
+        let at = cpu::unary(FeatureMap::new(&planar, c, 1, cols)?, &self.spec.head);
+        if self.spec.steps == 0 || self.spec.lambda == 0.0 {
+            return Ok(at[..n].to_vec());
+        }
+        let w = self.w;
+        let (mut y0, mut y1, mut x0, mut x1) = (usize::MAX, 0, usize::MAX, 0);
+        for &i in active {
+            let (y, x) = (i as usize / w, i as usize % w);
+            (y0, y1, x0, x1) = (y0.min(y), y1.max(y), x0.min(x), x1.max(x));
+        }
+        let grow = self.spec.steps as usize;
+        let (y0, x0) = (y0.saturating_sub(grow), x0.saturating_sub(grow));
+        let (y1, x1) = ((y1 + grow).min(self.h - 1), (x1 + grow).min(w - 1));
+        let (bh, bw) = (y1 - y0 + 1, x1 - x0 + 1);
+        let at_box = |i: u32| (i as usize / w - y0) * bw + (i as usize % w - x0);
+        let mut u = vec![at[n]; bh * bw];
+        for (&i, &v) in active.iter().zip(&at) {
+            u[at_box(i)] = v;
+        }
+        let e = cpu::mean_field(&u, bh, bw, &self.spec);
+        Ok(active.iter().map(|&i| e[at_box(i)]).collect())
     }
 }
 
@@ -140,8 +204,10 @@ impl Op for Gate {
         Ok(Value::tokens(self.out_level, self.c, rows))
     }
 
-    /// The head runs on the input level's whole map (the mean field reads
-    /// every neighbour): its multiply-adds there, whatever is active.
+    /// The head's multiply-adds on the input level's whole map, whatever
+    /// is active: as the GPU runs it (the mean field reads every
+    /// neighbour). The CPU computes a per-token head at the active
+    /// positions only, so this overstates its work there.
     fn cost(&self, _tokens: &[usize]) -> u64 {
         self.spec.head.macs(self.h, self.w)
     }
