@@ -1,10 +1,10 @@
 //! The bundled face detector package (`models/centerface_ersm`): it loads as
 //! a detector whose suffix reads the prefix's stride-4 map; its sparse
-//! outputs, behind its gate after the first stride-16 block, equal the
-//! two-pass dense-masked reference on a real photo; without the gate and
-//! with every token kept they are the dense network's; it finds the dense
-//! network's faces; and `ersm run` reports faces, writes them to --jsonl
-//! and covers them with --anonymize.
+//! outputs, behind its gates (after the first stride-16 block, and before
+//! the heads), equal the multi-pass dense-masked reference on a real photo;
+//! without the gates and with every token kept they are the dense
+//! network's; it finds the dense network's faces; and `ersm run` reports
+//! faces, writes them to --jsonl and covers them with --anonymize.
 
 mod common;
 
@@ -53,16 +53,22 @@ fn loads_as_a_detector_reading_the_stride_4_map() {
     assert_eq!(m.plan.outputs.len(), 4, "heatmap, scale, offset, landmarks");
 }
 
-/// The shipped package's gate (its second energy layer, after the first
-/// stride-16 block): on a photo the sparse outputs equal the two-pass
-/// dense-masked reference, the gate keeps the reference's set, and it
-/// narrows its level (and so every level behind it).
+/// The shipped package's gates (its later energy layers: after the first
+/// stride-16 block, and on the FPN's stride-4 sum before the heads): on a
+/// photo the sparse outputs equal the multi-pass dense-masked reference,
+/// each gate keeps the reference's set, and each narrows its level (and so
+/// every level behind it).
 #[test]
 fn sparse_outputs_equal_the_dense_masked_reference_on_a_photo() {
     let p = pipeline();
     let m = &p.model;
-    let gate = m.plan.gates().next().expect("the package's gate");
-    assert_eq!((gate.c, gate.h, gate.w), (64, 30, 40));
+    let gates: Vec<_> = m.plan.gates().collect();
+    let shapes: Vec<_> = gates.iter().map(|g| (g.c, g.h, g.w)).collect();
+    assert_eq!(
+        shapes,
+        vec![(64, 30, 40), (24, 120, 160)],
+        "the package's gates"
+    );
     let (maps, mask) = photo_mask(&p);
     let keep = mask.keep_ratio();
     assert!(
@@ -73,21 +79,23 @@ fn sparse_outputs_equal_the_dense_masked_reference_on_a_photo() {
     let (want, lists) = dense_masked_gated(m, &maps.features, &maps.taps, &mask.kept);
     let err = rel_err(&got, &want);
     assert!(err <= 1e-4, "relative error {err}");
-    assert_eq!(run.sets[gate.out_level].coords, lists[0], "the gate's set");
-    let (kept, of) = (
-        run.sets[gate.out_level].len(),
-        run.sets[gate.in_level].len(),
-    );
-    assert!(
-        kept > 0 && kept < of,
-        "the gate narrows its level: {kept} of {of}"
-    );
+    for (k, gate) in gates.iter().enumerate() {
+        assert_eq!(run.sets[gate.out_level].coords, lists[k], "gate {k}'s set");
+        let (kept, of) = (
+            run.sets[gate.out_level].len(),
+            run.sets[gate.in_level].len(),
+        );
+        assert!(
+            kept > 0 && kept < of,
+            "gate {k} narrows its level: {kept} of {of}"
+        );
+    }
 }
 
-/// The package without its gate, every token kept: the sparse suffix is the
-/// dense network's.
+/// The package without its gates, every token kept: the sparse suffix is
+/// the dense network's.
 #[test]
-fn every_token_kept_without_the_gate_is_the_dense_network() {
+fn every_token_kept_without_the_gates_is_the_dense_network() {
     let dir = Scratch::dir("centerface", "gateless");
     std::fs::copy(
         Path::new(MODEL).join("manifest.json"),
@@ -316,9 +324,11 @@ fn another_input_size() {
     let (got, run) = sparse_frame(m, &maps.features, &maps.taps, &mask.kept);
     let (want, lists) = dense_masked_gated(m, &maps.features, &maps.taps, &mask.kept);
     assert!(rel_err(&got, &want) <= 1e-4);
-    let gate = m.plan.gates().next().unwrap();
-    assert_eq!((gate.h, gate.w), (16, 20), "the gate's level follows");
-    assert_eq!(run.sets[gate.out_level].coords, lists[0], "the gate's set");
+    let levels: Vec<_> = m.plan.gates().map(|g| (g.h, g.w)).collect();
+    assert_eq!(levels, vec![(16, 20), (64, 80)], "the gates' levels follow");
+    for (k, gate) in m.plan.gates().enumerate() {
+        assert_eq!(run.sets[gate.out_level].coords, lists[k], "gate {k}'s set");
+    }
     let frame = images::load(Path::new(FACE)).unwrap();
     let faces = m
         .reader

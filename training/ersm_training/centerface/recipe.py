@@ -16,7 +16,10 @@ Steps:
    `operating_point.py`), and, when the checkpoints hold one, the gate
    after the first stride-16 block (`gate.pt` at `gate_point.json`'s
    offset, from `train_head.py --cut s16g --gate-loss everywhere` and
-   `two_stage.py head --footage --out`: REPORT.md section 18);
+   `two_stage.py head --footage --out`: REPORT.md section 18), and the
+   gate on the FPN's stride-4 sum before the heads (`peak.pt` at
+   `peak_point.json`'s offset, from `peak_gate.py train` and `choose`:
+   section 21);
 3. the check: `model.onnx` byte for byte and `manifest.json` equal to the
    shipped package's.
 
@@ -77,6 +80,8 @@ def main():
     point = os.path.join(CHECKPOINTS, "operating_point.json")
     gate = os.path.join(CHECKPOINTS, "gate.pt")
     gate_point = os.path.join(CHECKPOINTS, "gate_point.json")
+    peak = os.path.join(CHECKPOINTS, "peak.pt")
+    peak_point = os.path.join(CHECKPOINTS, "peak_point.json")
     if args.retrain:
         teacher, trained = os.path.join(work, "teacher"), os.path.join(work, "head")
         py = [sys.executable, "-m", "ersm_training.centerface."]
@@ -100,11 +105,35 @@ def main():
                   "--head2", os.path.join(gated, "head.pt"), "--offsets2", "-3", "-2", "-1", "0",
                   "--footage", footage, "--out", gated])
             gate, gate_point = os.path.join(gated, "head.pt"), os.path.join(gated, "report.json")
+            if os.path.exists(peak):
+                # REPORT section 21: two per-token heads on the FPN's stride-4
+                # sum, chosen between by the rule over both sets.
+                with open(gate_point) as fh:
+                    stages = ["--stage1", head, offset, "--gate16", gate, str(json.load(fh)["offset"])]
+                pg = [py[0], "experiments/centerface_ersm/peak_gate.py"]
+                common = ["--teacher", teacher, "--onnx", onnx_path] + stages
+                step(pg + ["maps"] + common)
+                reports = []
+                for name, hidden, lam in (("peak_a", "4", "0"), ("peak_b", "8", "0.25")):
+                    out = os.path.join(work, name)
+                    step(pg + ["train"] + common + ["--out", out, "--hidden", hidden, "--lam", lam])
+                    step(pg + ["head"] + common + ["--peak", os.path.join(out, "peak.pt"), "--footage", footage,
+                                                   "--out", out])
+                    reports.append(os.path.join(out, "report.json"))
+                chosen = os.path.join(work, "peak")
+                os.makedirs(chosen, exist_ok=True)
+                step(pg + ["choose"] + common + ["--reports"] + reports + ["--out", chosen])
+                peak_point = os.path.join(chosen, "peak_point.json")
+                with open(peak_point) as fh:
+                    peak = json.load(fh)["chosen"]["peak"]
     export = [sys.executable, "-m", "ersm_training.centerface.export", "--onnx", onnx_path, "--head", head,
               "--report", point, "--out", args.out]
     if os.path.exists(gate):
         with open(gate_point) as fh:
             export += ["--gate", gate, str(json.load(fh)["offset"])]
+    if os.path.exists(peak):
+        with open(peak_point) as fh:
+            export += ["--peak", peak, str(json.load(fh)["offset"])]
     step(export)
     if args.retrain:
         with open(point) as fh:

