@@ -727,8 +727,10 @@ fn detector(seed: u64, h: usize, w: usize, c: usize, gated: bool) -> pb::ModelPr
     };
     // On half the gated networks, a second gate on that union level, read
     // only by the conv the heads read (CenterFace's peak gate).
+    // Its mean field takes 1 to 3 steps: a per-token head's field runs on
+    // the active positions' bounding box grown by them.
     let u = if gated && seed % 4 >= 2 {
-        gate(&mut b, &u, 8, 1)
+        gate(&mut b, &u, 8, 1 + (seed % 3) as i64)
     } else {
         u
     };
