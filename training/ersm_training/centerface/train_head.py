@@ -113,6 +113,21 @@ def load_peak_head(path):
     return head.eval()
 
 
+def train_step(head, opt, x, t, w, pos_weight):
+    """One optimiser step of an energy head on a batch: a horizontal flip
+    half the time, then the weighted binary cross-entropy of its keep
+    logits (−e/τ) against the target tokens. Returns the batch's loss."""
+    if np.random.rand() < 0.5:
+        x, t = x.flip(-1), t.flip(-1)
+        w = w.flip(-1) if w is not None else None
+    e, _ = head(x)
+    loss = F.binary_cross_entropy_with_logits(-e / head.tau, t, weight=w, pos_weight=pos_weight)
+    opt.zero_grad()
+    loss.backward()
+    opt.step()
+    return loss.item()
+
+
 def target(maps, margin, grow, stride=8, below=None):
     """Tokens (60×80 at stride 8) to keep for one frame's teacher maps
     (15×120×160): each box of a face the teacher finds at TARGET_THRESHOLD,
@@ -262,17 +277,8 @@ def main():
         total = 0.0
         for i in range(0, len(perm), 16):
             b = perm[i:i + 16]
-            x, t = x_all[b], t_all[b]
             w = w_all[b] if w_all is not None else None
-            if np.random.rand() < 0.5:
-                x, t = x.flip(-1), t.flip(-1)
-                w = w.flip(-1) if w is not None else None
-            e, _ = head(x)
-            loss = F.binary_cross_entropy_with_logits(-e / head.tau, t, weight=w, pos_weight=pw)
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            total += loss.item() * len(b)
+            total += train_step(head, opt, x_all[b], t_all[b], w, pw) * len(b)
         sched.step()
         print(f"epoch {ep}: loss {total / len(tr):.4f} ({time.time() - t0:.0f} s)", flush=True)
     head.eval()

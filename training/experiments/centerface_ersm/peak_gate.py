@@ -38,7 +38,7 @@ import torch.nn.functional as F
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", ".."))
 from ersm_training.centerface.net import PEAK, CenterFace, map_apply  # noqa: E402
 from ersm_training.centerface.operating_point import candidate, validation_cases  # noqa: E402
-from ersm_training.centerface.train_head import load_head, load_peak_head, make_peak_head  # noqa: E402
+from ersm_training.centerface.train_head import load_head, load_peak_head, make_peak_head, train_step  # noqa: E402
 from ersm_training.train import hard_mask, seed_all  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -181,16 +181,8 @@ def train(args, net):
         for i in range(0, len(perm), 16):
             b = np.sort(perm[i:i + 16])
             x = torch.from_numpy(np.asarray(x_all[b], dtype=np.float32))
-            t, w = tgt[b], sets[b]
-            if np.random.rand() < 0.5:
-                x, t, w = x.flip(-1), t.flip(-1), w.flip(-1)
-            e, _ = head(x)
             # A gate chooses among its input's active positions: the loss counts there.
-            loss = F.binary_cross_entropy_with_logits(-e / head.tau, t, weight=w, pos_weight=pw)
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            total += loss.item() * len(b)
+            total += train_step(head, opt, x, tgt[b], sets[b], pw) * len(b)
         sched.step()
         print(f"epoch {ep}: loss {total / len(tr):.4f} ({time.time() - t0:.0f} s)", flush=True)
     os.makedirs(args.out, exist_ok=True)
