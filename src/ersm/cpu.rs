@@ -608,8 +608,8 @@ pub fn mean_field(u: &[f32], h: usize, w: usize, spec: &EnergySpec) -> Vec<f32> 
 
 /// `1 − 2·keep_probability(e, τ)`, remembering the last energy it was
 /// asked for: a gate's map holds one value wherever its input was dropped
-/// (and so do long runs of its neighbours' energies), and the exponential
-/// is most of the mean field's time.
+/// (and so do long runs of its neighbours' energies), and each new value
+/// costs an exponential.
 struct Pull {
     tau: f32,
     last: Option<(u32, f32)>,
