@@ -108,22 +108,15 @@ impl Gate {
         if let Some(why) = TokenMask::non_finite(&e) {
             bail!(why);
         }
-        let kept: Vec<u32> = active
-            .iter()
-            .zip(&e)
-            .filter(|(_, &v)| v < 0.0)
-            .map(|(&i, _)| i)
-            .collect();
-        if !kept.is_empty() || active.is_empty() {
-            return Ok(kept);
+        if active.is_empty() {
+            return Ok(Vec::new());
         }
-        let mut best = 0;
-        for (j, &v) in e.iter().enumerate() {
-            if v < e[best] {
-                best = j;
-            }
-        }
-        Ok(vec![active[best]])
+        // The energy layer's own rule over the active positions, in raster
+        // order: the negative ones, or the first lowest alone.
+        Ok(cpu::select(&e)
+            .into_iter()
+            .map(|j| active[j as usize])
+            .collect())
     }
 
     /// The final energies at the active positions (in the set's order) of a
