@@ -113,6 +113,13 @@ def load_peak_head(path):
     return head.eval()
 
 
+def gate_mask(head, offset):
+    """A gate function for net.suffix_from that chooses as the runtime's
+    gate does: `head`'s energies at `offset`, only the positions of its
+    input's set competing (the lowest among them if none is negative)."""
+    return lambda v, m: hard_mask(head(v, offset)[0].masked_fill(m == 0, float("inf")))
+
+
 def train_step(head, opt, x, t, w, pos_weight):
     """One optimiser step of an energy head on a batch: a horizontal flip
     half the time, then the weighted binary cross-entropy of its keep

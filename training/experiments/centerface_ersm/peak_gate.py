@@ -39,7 +39,8 @@ import torch.nn.functional as F
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", ".."))
 from ersm_training.centerface.net import PEAK, CenterFace, cat_maps, map_apply  # noqa: E402
 from ersm_training.centerface.operating_point import candidate, validation_cases  # noqa: E402
-from ersm_training.centerface.train_head import load_head, load_peak_head, make_peak_head, train_step  # noqa: E402
+from ersm_training.centerface.train_head import (gate_mask, load_head, load_peak_head, make_peak_head,  # noqa: E402
+                                                 train_step)
 from ersm_training.train import hard_mask, seed_all  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -64,7 +65,7 @@ def shipped(args):
         off2 = json.load(open(os.path.join(CHECKPOINTS, "gate_point.json")))["offset"]
     head, _ = load_head(head_path)
     gate, _ = load_head(gate_path)
-    return head, off, (GATE, lambda v, m: hard_mask(gate(v, off2)[0].masked_fill(m == 0, float("inf"))))
+    return head, off, (GATE, gate_mask(gate, off2))
 
 
 def dilate(m, r):
@@ -206,7 +207,7 @@ def score(args, net):
         show(f"{name}, shipped", base)
         rows = [{"offset": None, "by_kind": base}]
         for o in args.offsets:
-            g = (PEAK, lambda v, m, o=o: hard_mask(peak(v, o)[0].masked_fill(m == 0, float("inf"))))
+            g = (PEAK, gate_mask(peak, o))
             r = candidate(net, head, cache, "any", off, gate=[gate16, g])
             show(f"{name}, peak gate {o:+.2f}", r, extra)
             rows.append({"offset": o, "by_kind": r, "head_share": extra})
@@ -257,8 +258,7 @@ def levels(args, net):
     head, off, gate16 = shipped(args)
     gates = [gate16]
     if args.peak:
-        peak, o = load_peak_head(args.peak), args.offsets[0]
-        gates.append((PEAK, lambda v, m: hard_mask(peak(v, o)[0].masked_fill(m == 0, float("inf")))))
+        gates.append((PEAK, gate_mask(load_peak_head(args.peak), args.offsets[0])))
     cache = validation_cases(net, args.teacher)
     macs, positions = net.suffix_macs(cache[0][0].float(), map_apply(cache[0][1], lambda t: t.float()))
     total = sum(macs.values())

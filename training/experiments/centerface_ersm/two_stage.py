@@ -36,8 +36,7 @@ import torch
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", ".."))
 from ersm_training.centerface.net import CenterFace  # noqa: E402
 from ersm_training.centerface.operating_point import candidate, dense_case, validation_cases  # noqa: E402
-from ersm_training.centerface.train_head import load_head, target  # noqa: E402
-from ersm_training.train import hard_mask  # noqa: E402
+from ersm_training.centerface.train_head import gate_mask, load_head, target  # noqa: E402
 
 # The first stride-16 block's output (64 channels, 40×30 at 640×480): 4 %
 # of the suffix's multiply-adds come before it.
@@ -86,9 +85,7 @@ def main():
         head2, _ = load_head(args.head2)
 
         def learnt(off2):
-            # As the runtime's gate: only the positions active in stage 1's
-            # set compete (the lowest energy among them if none is negative).
-            return (args.gate, lambda v, m: hard_mask(head2(v, off2)[0].masked_fill(m == 0, float("inf"))))
+            return (args.gate, gate_mask(head2, off2))
 
         footage = validation_cases(net, args.footage) if args.footage and cache else []
         if footage:
