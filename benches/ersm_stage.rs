@@ -166,10 +166,16 @@ fn main() {
     let gate = face.plan.gates().next().expect("the face package's gate");
     let (gc, gh, gw) = (gate.c, gate.h, gate.w);
     let gx: Vec<f32> = (0..gc * gh * gw).map(|i| x[i % x.len()]).collect();
-    for (name, fm, spec) in [
-        ("face", FeatureMap::new(&x, c, h, w).unwrap(), &face.energy),
+    for (name, head, fm, spec) in [
+        (
+            "face",
+            "centerface_ersm",
+            FeatureMap::new(&x, c, h, w).unwrap(),
+            &face.energy,
+        ),
         (
             "gate",
+            "centerface_ersm gate",
             FeatureMap::new(&gx, gc, gh, gw).unwrap(),
             &gate.spec,
         ),
@@ -194,7 +200,7 @@ fn main() {
                 "{:>10} {:>4} {:>6} {:>6.3} {:>8} {:>12.2}   ({n} thread(s))",
                 map, fm.c, name, keep, "cpu", us
             );
-            rows.push(serde_json::json!({"map": format!("{}x{}", fm.w, fm.h), "channels": fm.c, "head": if name == "face" { "centerface_ersm" } else { "centerface_ersm gate" }, "threads": n, "keep": keep, "device": "cpu", "us_per_frame": us}));
+            rows.push(serde_json::json!({"map": format!("{}x{}", fm.w, fm.h), "channels": fm.c, "head": head, "threads": n, "keep": keep, "device": "cpu", "us_per_frame": us}));
         }
     }
     if let Some(path) = json {

@@ -1134,12 +1134,11 @@ pub fn without_energy_layer(
 pub fn without_gates(model: &Path) -> pb::ModelProto {
     let mut p = ersm::model::read_onnx(model).unwrap();
     let g = p.graph.as_mut().unwrap();
-    let energy = |g: &pb::GraphProto| -> Vec<usize> {
-        (0..g.node.len())
-            .filter(|&i| g.node[i].op_type == "EnergyMask")
-            .collect()
-    };
-    while let Some(&e) = energy(g).get(1) {
+    // The first energy node is the cut's; each later one is a gate.
+    while let Some(e) = (0..g.node.len())
+        .filter(|&i| g.node[i].op_type == "EnergyMask")
+        .nth(1)
+    {
         remove_energy_node(g, e);
     }
     p
