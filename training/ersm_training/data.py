@@ -128,7 +128,7 @@ def photo_files(root):
 
 def load_photos(root, log=print):
     """Decoded photos (shrunk), split into train and held out: lists of (key, image)."""
-    train, held, plasma_best = [], [], {}
+    train, held = [], []
     for key, path, pkg, group in photo_files(root):
         try:
             im = Image.open(path)

@@ -25,7 +25,6 @@ from dataclasses import dataclass, replace
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from torchvision.models.mobilenetv2 import InvertedResidual
 
 from .train import CUT
 

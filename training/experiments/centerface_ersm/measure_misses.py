@@ -10,7 +10,7 @@ import argparse, os, sys
 import numpy as np, torch
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", ".."))
 from ersm_training.train import hard_mask
-from ersm_training.centerface.net import CenterFace, decode, match, iou
+from ersm_training.centerface.net import CenterFace, decode, iou
 from ersm_training.centerface.train_head import load_head, target
 ap = argparse.ArgumentParser()
 ap.add_argument("--teacher", required=True)
