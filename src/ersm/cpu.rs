@@ -699,7 +699,7 @@ pub fn compute(x: FeatureMap<'_>, spec: &EnergySpec) -> Result<TokenMask> {
 /// of the energy layer's time: 11 MB a frame at 80×60 tokens). What a
 /// buffer holds when taken is left from its last use: every user writes
 /// all of it before reading it.
-mod scratch {
+pub(crate) mod scratch {
     use std::cell::RefCell;
 
     /// Buffers kept per thread (a head holds at most three at once).

@@ -135,7 +135,9 @@ impl Gate {
             return Ok(Vec::new());
         }
         let cols = n + 1;
-        let mut planar = vec![0.0f32; c * cols];
+        // Frame after frame these buffers are a few hundred kilobytes: kept
+        // per thread rather than mapped and faulted in again each time.
+        let mut planar = cpu::scratch::take(c * cols);
         // By blocks of rows, so each block is read from cache C times while
         // every plane is written in runs.
         for (b, block) in rows.chunks(c * ROW_BLOCK).enumerate() {
@@ -146,12 +148,11 @@ impl Gate {
                 }
             }
         }
-        if let Some(f) = &self.fill {
-            for (ch, &v) in f.iter().enumerate() {
-                planar[ch * cols + n] = v;
-            }
+        for ch in 0..c {
+            planar[ch * cols + n] = self.fill.as_ref().map_or(0.0, |f| f[ch]);
         }
         let at = cpu::unary(FeatureMap::new(&planar, c, 1, cols)?, &self.spec.head);
+        cpu::scratch::give(planar);
         if self.spec.steps == 0 || self.spec.lambda == 0.0 {
             return Ok(at[..n].to_vec());
         }
@@ -166,11 +167,13 @@ impl Gate {
         let (y1, x1) = ((y1 + grow).min(self.h - 1), (x1 + grow).min(w - 1));
         let (bh, bw) = (y1 - y0 + 1, x1 - x0 + 1);
         let at_box = |i: u32| (i as usize / w - y0) * bw + (i as usize % w - x0);
-        let mut u = vec![at[n]; bh * bw];
+        let mut u = cpu::scratch::take(bh * bw);
+        u.fill(at[n]);
         for (&i, &v) in active.iter().zip(&at) {
             u[at_box(i)] = v;
         }
         let e = cpu::mean_field(&u, bh, bw, &self.spec);
+        cpu::scratch::give(u);
         Ok(active.iter().map(|&i| e[at_box(i)]).collect())
     }
 }
