@@ -273,6 +273,36 @@ fn keeps_lowest_token_when_none_is_negative() {
     assert_eq!(mask.features, vec![0.5]);
 }
 
+/// On a stream the held tokens (where the last frame's faces were) are
+/// kept whatever their energy, beside the negative ones, and gathered in
+/// raster order; the lowest one alone only when nothing is held; a held
+/// index outside the map is an error naming it.
+#[test]
+fn held_tokens_are_kept_beside_the_negative_ones() {
+    // energies = x - 1.5: tokens 0 and 2 negative
+    let x = vec![1.0, 2.0, 0.5, 3.0, 4.0, 5.0];
+    let spec = EnergySpec {
+        head: UnaryHead::Linear {
+            w: vec![1.0],
+            b: -1.5,
+        },
+        lambda: 0.0,
+        tau: 1.0,
+        steps: 0,
+        neighbourhood: Neighbourhood::Four,
+    };
+    let fm = FeatureMap::new(&x, 1, 2, 3).unwrap();
+    let mask = cpu::compute_holding(fm, &spec, &[2, 4, 4, 5]).unwrap();
+    assert_eq!(mask.kept, vec![0, 2, 4, 5]);
+    assert_eq!(mask.features, vec![1.0, 0.5, 4.0, 5.0]);
+    assert_eq!(cpu::compute(fm, &spec).unwrap().kept, vec![0, 2]);
+    // Nothing negative: the held ones alone, not the lowest beside them.
+    assert_eq!(cpu::select_holding(&[1.0, 0.5, 2.0], &[2]), vec![2]);
+    assert_eq!(cpu::select_holding(&[1.0, 0.5, 2.0], &[]), vec![1]);
+    let err = cpu::compute_holding(fm, &spec, &[1, 6]).unwrap_err();
+    assert!(err.to_string().contains("held token 6"), "{err}");
+}
+
 #[test]
 fn pairwise_term_fills_holes_and_removes_specks() {
     // A 5×5 map whose unary costs are mildly positive except a ring of strongly

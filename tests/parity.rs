@@ -385,6 +385,60 @@ fn a_gate_inside_the_suffix_matches_the_reference_on_random_detectors() {
     assert!(narrowed > 5, "the gates narrowed {narrowed} of 40 frames");
 }
 
+/// On a stream the gates also keep where the last frame's faces were (a
+/// held subset of the kept tokens, reaching each gate's level by the
+/// levels' own rules): the sparse suffix still equals the dense-masked
+/// reference whose gates keep the same, each gate keeps every active
+/// position the held tokens reach, and holding changes the sets on some
+/// frames (the held positions are not all kept by energy alone).
+#[test]
+fn gates_keep_the_held_tokens_and_still_match_the_reference() {
+    let mut widened = 0;
+    for seed in 0..8u64 {
+        let m = gated_detector_package(seed, &[(16, 16, 6), (8, 24, 4), (24, 16, 5)]);
+        let (h, w) = (m.prefix.input_shape[2], m.prefix.input_shape[3]);
+        let gates: Vec<_> = m.plan.gates().collect();
+        let mut rng = Rng::new(1900 + seed);
+        let image = rng.normals(3 * h * w, 1.0);
+        let maps = prefix_maps(&m, &image);
+        let (x, taps) = (&maps[0], &maps[1..]);
+        for p in [0.3, 0.8] {
+            let kept = random_kept(&mut rng, m.cut.h * m.cut.w, p);
+            let held: Vec<u32> = kept.iter().copied().filter(|_| rng.f32() < 0.3).collect();
+            let fm = ersm::ersm::FeatureMap::new(x, m.cut.c, m.cut.h, m.cut.w).unwrap();
+            let feats = ersm::ersm::cpu::gather(fm, &kept);
+            let (out, frame) = m
+                .plan
+                .run_holding(&kept, &held, feats, taps.to_vec())
+                .expect("sparse suffix runs");
+            let got = m.plan.dense_outputs(&out, &frame.sets);
+            let (want, lists) = dense_masked_gated_holding(&m, x, taps, &kept, &held);
+            let err = rel_err(&got, &want);
+            assert!(err <= TOL, "seed {seed}, keep p={p}: relative error {err}");
+            let (_, plain) = dense_masked_gated(&m, x, taps, &kept);
+            for (k, g) in gates.iter().enumerate() {
+                let kept_by_gate = &frame.sets[g.out_level].coords;
+                assert_eq!(
+                    kept_by_gate, &lists[k],
+                    "seed {seed}, keep p={p}: gate {k} keeps what the reference's does"
+                );
+                let active = &frame.sets[g.in_level].coords;
+                for i in &frame.held[g.in_level].coords {
+                    assert!(
+                        active.binary_search(i).is_err() || kept_by_gate.binary_search(i).is_ok(),
+                        "seed {seed}, keep p={p}: gate {k} dropped held position {i}"
+                    );
+                }
+                widened += usize::from(kept_by_gate.len() > plain[k].len());
+            }
+        }
+    }
+    assert!(
+        widened > 3,
+        "holding widened a gate's set on {widened} frames"
+    );
+}
+
 /// CenterFace's cut at stride 4 (training's `--cut s4`): the energy layer
 /// reads the finer map averaged over 2×2, nothing reads its output, and
 /// the whole suffix, a strided conv first, reads the finer map gathered

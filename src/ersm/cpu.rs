@@ -634,12 +634,24 @@ impl Pull {
 
 /// Raster indices of tokens with negative energy; the lowest one alone if none is.
 pub fn select(energies: &[f32]) -> Vec<u32> {
-    let kept: Vec<u32> = energies
-        .iter()
-        .enumerate()
-        .filter(|(_, &e)| e < 0.0)
-        .map(|(i, _)| i as u32)
-        .collect();
+    select_holding(energies, &[])
+}
+
+/// [`select`] with the tokens `held` (ascending indices into `energies`:
+/// where a stream's last faces were) kept whatever their energy; the
+/// lowest one alone only if neither rule keeps any.
+pub fn select_holding(energies: &[f32], held: &[u32]) -> Vec<u32> {
+    let mut held = held.iter().copied().peekable();
+    let mut kept = Vec::new();
+    for (i, &e) in energies.iter().enumerate() {
+        let i = i as u32;
+        // (a repeated index is passed over)
+        while held.next_if(|&h| h < i).is_some() {}
+        let is_held = held.next_if_eq(&i).is_some();
+        if e < 0.0 || is_held {
+            kept.push(i);
+        }
+    }
     if !kept.is_empty() {
         return kept;
     }
@@ -668,6 +680,12 @@ pub fn gather(x: FeatureMap<'_>, kept: &[u32]) -> Vec<f32> {
 
 /// The whole energy layer on CPU.
 pub fn compute(x: FeatureMap<'_>, spec: &EnergySpec) -> Result<TokenMask> {
+    compute_holding(x, spec, &[])
+}
+
+/// [`compute`] keeping the raster indices `held` (ascending) whatever
+/// their energy ([`select_holding`]).
+pub fn compute_holding(x: FeatureMap<'_>, spec: &EnergySpec, held: &[u32]) -> Result<TokenMask> {
     if spec.head.channels() != x.c {
         bail!(
             "energy head reads {} channels, feature map has {}",
@@ -680,7 +698,10 @@ pub fn compute(x: FeatureMap<'_>, spec: &EnergySpec) -> Result<TokenMask> {
     if let Some(why) = TokenMask::non_finite(&energies) {
         bail!(why);
     }
-    let kept = select(&energies);
+    if let Some(&bad) = held.iter().find(|&&i| i as usize >= energies.len()) {
+        bail!("held token {bad} is outside the {}×{} map", x.w, x.h);
+    }
+    let kept = select_holding(&energies, held);
     let features = gather(x, &kept);
     Ok(TokenMask {
         h: x.h,

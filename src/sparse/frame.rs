@@ -54,6 +54,9 @@ fn unbuilt() -> Rulebook {
 pub struct Frame {
     pub sets: Vec<TokenSet>,
     pub rulebooks: Vec<Rulebook>,
+    /// The held tokens' footprint at every level (empty: none held): what
+    /// each gate keeps whatever its energies say ([`Frame::footprint`]).
+    pub held: Vec<TokenSet>,
     /// Levels whose sets are not built yet.
     pending: Vec<bool>,
     /// Rulebooks not built yet.
@@ -66,6 +69,26 @@ impl Frame {
     pub fn sets(levels: &[Level], rule: StrideRule, kept: &[u32]) -> Vec<TokenSet> {
         let mut f = Frame::placeholders(levels, &[]);
         f.resolve(levels, rule, Some(kept), None);
+        f.sets
+    }
+
+    /// The sets of level 0's raster indices `held` at every level, as if
+    /// every gate kept all it reads: where a stream's last faces reach at
+    /// each resolution, by the levels' own rules.
+    pub fn footprint(levels: &[Level], rule: StrideRule, held: &[u32]) -> Vec<TokenSet> {
+        let mut f = Frame::placeholders(levels, &[]);
+        f.resolve(levels, rule, Some(held), None);
+        while let Some((g, p)) = levels
+            .iter()
+            .enumerate()
+            .find(|&(i, l)| {
+                f.pending[i] && l.gate.is_some() && l.parent.is_some_and(|p| !f.pending[p])
+            })
+            .map(|(_, l)| (l.gate.unwrap_or_default(), l.parent.unwrap_or_default()))
+        {
+            let all = f.sets[p].coords.clone();
+            f.resolve(levels, rule, None, Some((g, &all)));
+        }
         f.sets
     }
 
@@ -100,6 +123,7 @@ impl Frame {
             rules_pending: vec![false; rulebooks.len()],
             sets,
             rulebooks,
+            held: Vec::new(),
         }
     }
 
@@ -111,6 +135,7 @@ impl Frame {
             rules_pending: vec![true; rules],
             sets,
             rulebooks: (0..rules).map(|_| unbuilt()).collect(),
+            held: Vec::new(),
         }
     }
 
@@ -131,6 +156,7 @@ impl Frame {
             rulebooks: rules.iter().map(|_| unbuilt()).collect(),
             pending: vec![true; levels.len()],
             rules_pending: vec![true; rules.len()],
+            held: Vec::new(),
         }
     }
 

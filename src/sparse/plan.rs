@@ -296,7 +296,20 @@ impl Plan {
         features: Vec<f32>,
         taps: Vec<Vec<f32>>,
     ) -> Result<(Vec<Value>, Frame)> {
-        self.run_inner(kept, features, taps, None)
+        self.run_inner(kept, &[], features, taps, None)
+    }
+
+    /// [`Plan::run`] on a stream: every gate also keeps the raster indices
+    /// `held` of level 0 (ascending; where the last frame's faces were, a
+    /// subset of `kept`) at its own resolution, whatever its energies.
+    pub fn run_holding(
+        &self,
+        kept: &[u32],
+        held: &[u32],
+        features: Vec<f32>,
+        taps: Vec<Vec<f32>>,
+    ) -> Result<(Vec<Value>, Frame)> {
+        self.run_inner(kept, held, features, taps, None)
     }
 
     /// [`Plan::run`], also adding each step's wall time (ms) to `times`
@@ -309,12 +322,13 @@ impl Plan {
         times: &mut Vec<f64>,
     ) -> Result<(Vec<Value>, Frame)> {
         times.resize(self.steps.len() + 1, 0.0);
-        self.run_inner(kept, features, taps, Some(times))
+        self.run_inner(kept, &[], features, taps, Some(times))
     }
 
     fn run_inner(
         &self,
         kept: &[u32],
+        held: &[u32],
         features: Vec<f32>,
         taps: Vec<Vec<f32>>,
         mut times: Option<&mut Vec<f64>>,
@@ -324,6 +338,9 @@ impl Plan {
         self.check_taps(&taps)?;
         let t = std::time::Instant::now();
         let mut frame = self.frame(kept);
+        if !held.is_empty() && self.gates().next().is_some() {
+            frame.held = Frame::footprint(&self.levels, self.stride_rule, held);
+        }
         if let Some(times) = times.as_deref_mut() {
             times[self.steps.len()] += ms(t);
         }

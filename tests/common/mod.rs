@@ -911,14 +911,37 @@ pub fn dense_masked_gated(
     taps: &[Vec<f32>],
     kept: &[u32],
 ) -> (Vec<f32>, Vec<Vec<u32>>) {
+    dense_masked_gated_holding(m, x, taps, kept, &[])
+}
+
+/// [`dense_masked_gated`] on a stream: each gate also keeps the positions
+/// of its input level that the held raster indices of level 0 reach (their
+/// level masks with every gate passing all it reads), whatever their
+/// energies; the lowest one alone only if neither rule keeps any.
+pub fn dense_masked_gated_holding(
+    m: &ModelPackage,
+    x: &[f32],
+    taps: &[Vec<f32>],
+    kept: &[u32],
+    held: &[u32],
+) -> (Vec<f32>, Vec<Vec<u32>>) {
     let gates: Vec<(&ersm::sparse::ops::Gate, &str)> = m
         .plan
         .steps
         .iter()
         .filter_map(|s| Some((s.op.gate()?, m.plan.slot_names[s.inputs[0]].as_str())))
         .collect();
+    // Where the held tokens reach, gate by gate: each passes its whole input.
+    let mut reach: Vec<Vec<u32>> = Vec::new();
+    for (g, _) in &gates {
+        let masks = level_masks_gated(m, held, &reach);
+        let all = (0..masks[g.in_level].len() as u32)
+            .filter(|&i| !held.is_empty() && masks[g.in_level][i as usize] > 0.0)
+            .collect();
+        reach.push(all);
+    }
     let mut lists: Vec<Vec<u32>> = Vec::new();
-    for (g, input) in &gates {
+    for (k, (g, input)) in gates.iter().enumerate() {
         let masks = level_masks_gated(m, kept, &lists);
         let mut proto = reference(&m.suffix_proto, &m.plan);
         let graph = proto.graph.as_mut().unwrap();
@@ -940,7 +963,7 @@ pub fn dense_masked_gated(
         let mut list: Vec<u32> = active
             .iter()
             .copied()
-            .filter(|&i| e[i as usize] < 0.0)
+            .filter(|&i| e[i as usize] < 0.0 || reach[k].binary_search(&i).is_ok())
             .collect();
         if list.is_empty() {
             let lowest =

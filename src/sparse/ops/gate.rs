@@ -112,8 +112,10 @@ impl Gate {
             return Ok(Vec::new());
         }
         // The energy layer's own rule over the active positions, in raster
-        // order: the negative ones, or the first lowest alone.
-        Ok(cpu::select(&e)
+        // order: the negative ones and the held ones, or the first lowest
+        // alone.
+        let held = frame.held.get(self.in_level).map_or(&[][..], |s| &s.coords);
+        Ok(cpu::select_holding(&e, &positions_in(active, held))
             .into_iter()
             .map(|j| active[j as usize])
             .collect())
@@ -176,6 +178,20 @@ impl Gate {
         cpu::scratch::give(u);
         Ok(active.iter().map(|&i| e[at_box(i)]).collect())
     }
+}
+
+/// The indices into `active` (ascending raster indices) of those raster
+/// indices of `held` (ascending) that are active.
+fn positions_in(active: &[u32], held: &[u32]) -> Vec<u32> {
+    let mut out = Vec::new();
+    let mut at = 0;
+    for &h in held {
+        at += active[at..].partition_point(|&a| a < h);
+        if active.get(at) == Some(&h) {
+            out.push(at as u32);
+        }
+    }
+    out
 }
 
 impl Op for Gate {
