@@ -45,5 +45,6 @@ pub mod sparse;
 pub mod stem;
 pub mod strided_depthwise;
 pub mod threads;
+pub mod track;
 #[cfg(test)]
 mod tract_nets;

@@ -90,6 +90,16 @@ pub struct Pipeline {
     /// frame has (the prefix's output stays on the device unless tract-cuda
     /// copies it out).
     handoff: Mutex<Option<Handoff>>,
+    /// On a stream (`--track`): the tokens every energy layer keeps.
+    track: Option<Tracking>,
+}
+
+/// A stream's memory: the cut's tokens around the faces of the frame before
+/// ([`crate::track`]).
+#[derive(Debug)]
+struct Tracking {
+    margin: usize,
+    held: Mutex<Vec<u32>>,
 }
 
 /// How a frame's features reached the GPU energy kernel.
@@ -133,6 +143,7 @@ impl Pipeline {
             fallback: None,
             threads: Threads::single(),
             handoff: Mutex::new(None),
+            track: None,
         }
     }
 
@@ -189,6 +200,54 @@ impl Pipeline {
         })?;
         self.fallback = Some(f.margin);
         Ok(self)
+    }
+
+    /// Turns on the package's stream settings (manifest `track`): every
+    /// energy layer keeps the tokens around the faces found in the frame
+    /// before, and each gate named there moves by its offset. Frames must
+    /// then come in stream order; [`Pipeline::new_stream`] forgets the last.
+    pub fn with_tracking(mut self) -> Result<Pipeline> {
+        let origin = self.model.origin.display().to_string();
+        let t = self.model.manifest.track.clone().with_context(|| {
+            format!("model {origin}: the manifest sets no `track` section (a detector's stream settings)")
+        })?;
+        anyhow::ensure!(
+            self.model.manifest.detector.is_some(),
+            "model {origin}: --track keeps the tokens around faces found, and this package is no detector"
+        );
+        // The GPU twins of held tokens (the energy kernel's selection and the
+        // gates' levels) are not written yet: a stream is tracked on the CPU.
+        anyhow::ensure!(
+            matches!(self.device(), Device::Cpu) && self.placement.suffix.is_none(),
+            "--track runs the energy layer and the sparse suffix on the CPU only for now ({} here); add --device cpu",
+            self.placement()
+        );
+        for (node, shift) in &t.gate_offsets {
+            self.model
+                .plan
+                .set_gate_shift(node, *shift)
+                .with_context(|| format!("model {origin}: manifest track.gate_offsets"))?;
+        }
+        self.track = Some(Tracking {
+            margin: t.margin,
+            held: Mutex::new(Vec::new()),
+        });
+        Ok(self)
+    }
+
+    /// Forgets the last frame's faces: the next frame starts a new stream.
+    pub fn new_stream(&self) {
+        if let Some(t) = &self.track {
+            t.held
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .clear();
+        }
+    }
+
+    /// True when frames are tracked (`--track`).
+    pub fn tracking(&self) -> bool {
+        self.track.is_some()
     }
 
     /// True when the fallback is on and `logits` are unsure: their top-1 margin
@@ -402,14 +461,18 @@ impl Pipeline {
                 (mask, logits, tokens, suffix_started)
             }
             _ => {
-                let mut mask = self
-                    .device()
-                    .compute_from(source, &self.model.energy)
-                    .context("energy layer")?;
+                let held = self.held();
+                let mut mask = match (&source, held.is_empty()) {
+                    (MapSource::Host(x), false) => self.energy_holding(*x, &held),
+                    _ => self
+                        .device()
+                        .compute_from(source, &self.model.energy)
+                        .context("energy layer"),
+                }?;
                 times.ersm = ms(t);
                 let suffix_started = Instant::now();
-                let (logits, tokens) =
-                    self.sparse_suffix(&mask.kept, std::mem::take(&mut mask.features), taps)?;
+                let rows = std::mem::take(&mut mask.features);
+                let (logits, tokens) = self.suffix_holding(&mask.kept, &held, rows, taps)?;
                 (mask, logits, tokens, suffix_started)
             }
         };
@@ -424,6 +487,9 @@ impl Pipeline {
             logits
         };
         times.suffix = ms(suffix_started);
+        if let Some(track) = &self.track {
+            self.remember(track, &logits)?;
+        }
         Ok(ErsmResult {
             logits,
             mask,
@@ -431,6 +497,78 @@ impl Pipeline {
             fell_back: unsure,
             tokens,
         })
+    }
+
+    /// The tokens the last frame's faces hold (none off a stream).
+    fn held(&self) -> Vec<u32> {
+        self.track
+            .as_ref()
+            .map(|t| {
+                t.held
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner)
+                    .clone()
+            })
+            .unwrap_or_default()
+    }
+
+    /// The CPU energy layer keeping `held` whatever their energies.
+    fn energy_holding(&self, x: FeatureMap<'_>, held: &[u32]) -> Result<TokenMask> {
+        crate::ersm::cpu::compute_holding(x, &self.model.energy, held).context("energy layer")
+    }
+
+    /// [`Pipeline::sparse_suffix`] whose gates also keep `held`'s reach.
+    fn suffix_holding(
+        &self,
+        kept: &[u32],
+        held: &[u32],
+        rows: Vec<f32>,
+        taps: Vec<Vec<f32>>,
+    ) -> Result<(Vec<f32>, Vec<usize>)> {
+        if held.is_empty() {
+            return self.sparse_suffix(kept, rows, taps);
+        }
+        let plan = &self.model.plan;
+        let (out, frame) = plan
+            .run_holding(kept, held, rows, taps)
+            .context("sparse suffix")?;
+        Ok((dense_logits_of(plan, &out, &frame.sets)?, frame.counts()))
+    }
+
+    /// On a stream: the energy layer and the sparse suffix on one frame's
+    /// prefix maps, keeping the last frame's faces' tokens, then this
+    /// frame's remembered for the next (`ersm eval`'s path; `run` and
+    /// `bench` go through [`Pipeline::run_ersm`]). The mask's rows are
+    /// consumed.
+    pub fn tracked(&self, maps: &PrefixMaps) -> Result<(TokenMask, Vec<f32>, Vec<usize>)> {
+        let track = self
+            .track
+            .as_ref()
+            .context("internal: tracked() off a stream")?;
+        let cut = &self.model.cut;
+        let held = self.held();
+        let mut mask =
+            self.energy_holding(FeatureMap::new(&maps.features, cut.c, cut.h, cut.w)?, &held)?;
+        let rows = std::mem::take(&mut mask.features);
+        let (logits, tokens) = self
+            .threads
+            .install(|| self.suffix_holding(&mask.kept, &held, rows, maps.taps.clone()))?;
+        self.remember(track, &logits)?;
+        Ok((mask, logits, tokens))
+    }
+
+    /// Keeps the tokens around this frame's faces for the next frame.
+    fn remember(&self, track: &Tracking, logits: &[f32]) -> Result<()> {
+        let m = &self.model;
+        let (h, w) = (m.manifest.input.shape[2], m.manifest.input.shape[3]);
+        let answer = m
+            .reader
+            .read(logits, w, h)
+            .context("tracking: the frame's faces")?;
+        let held =
+            crate::track::held_tokens(answer.faces(), (w, h), (m.cut.w, m.cut.h), track.margin);
+        *track.held.lock().unwrap_or_else(PoisonError::into_inner) = held;
+        Ok(())
     }
 
     /// Runs the dense baseline on a pre-processed input.

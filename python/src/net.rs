@@ -65,6 +65,8 @@ impl Net {
             threads,
             input_size,
             fallback,
+            // Frames handed to a Net one by one need not be one stream.
+            track: false,
         };
         let pipeline = py.detach(|| ersm::cli::load(&opts)).map_err(crate::error)?;
         Ok(Net {

@@ -43,6 +43,11 @@ pub struct PipelineArgs {
     /// below the package's `fallback.margin`).
     #[arg(long)]
     pub fallback: bool,
+    /// Frames are a stream: every energy layer keeps the tokens around the
+    /// faces found in the frame before, at the package's stream settings
+    /// (manifest `track`; a detector, on the CPU).
+    #[arg(long)]
+    pub track: bool,
     /// Worker threads for the prefix, the sparse suffix and the dense
     /// baseline [1–1024]. Default: every core this process may use.
     #[arg(long, value_parser = within(1usize, 1024))]

@@ -312,6 +312,7 @@ fn load_pipeline(a: PipelineArgs) -> Result<Pipeline> {
         model,
         device,
         fallback,
+        track,
         threads,
         input_size,
     } = a;
@@ -321,6 +322,7 @@ fn load_pipeline(a: PipelineArgs) -> Result<Pipeline> {
         threads,
         input_size,
         fallback,
+        track,
     })
 }
 
@@ -391,6 +393,8 @@ pub struct PipelineOptions {
     pub input_size: Option<(usize, usize)>,
     /// Re-run unsure frames densely.
     pub fallback: bool,
+    /// Track faces from frame to frame (the package's `track` settings).
+    pub track: bool,
 }
 
 /// Loads the model and places its stages as `o` asks, as `ersm run` does.
@@ -417,8 +421,13 @@ pub fn load(o: &PipelineOptions) -> Result<Pipeline> {
     let placement = Placement::decide(&model, o.device)?;
     let pipeline = Pipeline::placed(model, placement).with_threads(threads);
     log::info!("{}", pipeline.placement());
-    if o.fallback {
-        pipeline.with_fallback()
+    let pipeline = if o.fallback {
+        pipeline.with_fallback()?
+    } else {
+        pipeline
+    };
+    if o.track {
+        pipeline.with_tracking()
     } else {
         Ok(pipeline)
     }
@@ -533,6 +542,7 @@ fn mask(a: MaskArgs) -> Result<()> {
         model: a.model,
         device: a.device,
         fallback: false,
+        track: false,
         threads: None,
         input_size: None,
     })?;

@@ -22,6 +22,9 @@ pub struct Analysed {
     pub maps: PrefixMaps,
     pub mask: TokenMask,
     pub dense_logits: Vec<f32>,
+    /// On a stream (`--track`): the sparse outputs and tokens per level,
+    /// computed in frame order as the mask depends on the frame before.
+    pub tracked: Option<(Vec<f32>, Vec<usize>)>,
 }
 
 impl Analysed {
@@ -34,17 +37,24 @@ impl Analysed {
         let input = p.preprocess(frame)?;
         let m = &p.model;
         let maps = p.features(&input)?;
-        let fmap = FeatureMap::new(&maps.features, m.cut.c, m.cut.h, m.cut.w)?;
-        let mask = p
-            .device()
-            .compute(fmap, &m.energy)
-            .context("energy layer")?;
+        let (mask, tracked) = if p.tracking() {
+            let (mask, logits, tokens) = p.tracked(&maps)?;
+            (mask, Some((logits, tokens)))
+        } else {
+            let fmap = FeatureMap::new(&maps.features, m.cut.c, m.cut.h, m.cut.w)?;
+            let mask = p
+                .device()
+                .compute(fmap, &m.energy)
+                .context("energy layer")?;
+            (mask, None)
+        };
         let dense_logits = p.dense_logits(&maps)?;
         Ok(Analysed {
             name: frame.name.clone(),
             maps,
             mask,
             dense_logits,
+            tracked,
         })
     }
 
@@ -136,7 +146,7 @@ pub fn analyse_inputs(
 ) -> Result<(Vec<Analysed>, Vec<String>)> {
     let bar = progress(0, "analysing");
     let (mut ok, mut bad) = (Vec::new(), Vec::new());
-    let mut failed = for_each_input(paths, every, |frame| {
+    let mut analyse = |frame: Frame| {
         match Analysed::of(p, &frame) {
             Ok(a) => ok.push(a),
             Err(e) => {
@@ -146,7 +156,23 @@ pub fn analyse_inputs(
             }
         }
         bar.inc(1);
-    })?;
+    };
+    let mut failed = if p.tracking() {
+        // Each input is its own stream: the last frame of one says nothing
+        // about the first of the next.
+        let mut failed = Vec::new();
+        for path in paths {
+            p.new_stream();
+            failed.extend(for_each_input(
+                std::slice::from_ref(path),
+                every,
+                &mut analyse,
+            )?);
+        }
+        failed
+    } else {
+        for_each_input(paths, every, analyse)?
+    };
     bar.finish_and_clear();
     failed.extend(bad);
     anyhow::ensure!(!ok.is_empty(), "no input frame could be evaluated");

@@ -77,7 +77,10 @@ pub fn of(p: &Pipeline, images: &[Analysed]) -> Result<Sparsity> {
     );
     let mut faces = Agreement::default();
     for a in images {
-        let (logits, tokens) = a.suffix_with(p, &a.mask.kept)?;
+        let (logits, tokens) = match &a.tracked {
+            Some((logits, tokens)) => (logits.clone(), tokens.clone()),
+            None => a.suffix_with(p, &a.mask.kept)?,
+        };
         let fell_back = p.unsure(&logits);
         let answer = reader.read(if fell_back { &a.dense_logits } else { &logits }, iw, ih)?;
         let dense_answer = reader.read(&a.dense_logits, iw, ih)?;

@@ -37,6 +37,22 @@ pub struct Manifest {
     /// classifier (whose output is logits over `labels`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub detector: Option<DetectorSpec>,
+    /// A detector's settings on a stream (`--track`), chosen on video.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub track: Option<Track>,
+}
+
+/// On a stream, every energy layer keeps the tokens around the faces found
+/// in the frame before; a gate may then run at another offset.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Track {
+    /// Tokens of the cut kept around each face's box, on every side.
+    pub margin: usize,
+    /// Per gate (its node's name): what its unary costs move by on a stream,
+    /// before the mean field (positive: it keeps less).
+    #[serde(default)]
+    pub gate_offsets: std::collections::BTreeMap<String, f32>,
 }
 
 /// A detector's decoding.

@@ -173,6 +173,32 @@ impl Plan {
         self.steps.iter().filter_map(|s| s.op.gate())
     }
 
+    /// Moves the unary costs of the gate at ONNX node `node` by `shift`
+    /// (a stream's operating point, manifest `track.gate_offsets`).
+    pub fn set_gate_shift(&mut self, node: &str, shift: f32) -> Result<()> {
+        ensure!(
+            shift.is_finite(),
+            "gate '{node}': offset {shift} is not finite"
+        );
+        let names: Vec<String> = self.gates_named().map(|(n, _)| n.to_string()).collect();
+        let step = self
+            .steps
+            .iter_mut()
+            .find(|s| s.node == node && s.op.gate().is_some())
+            .with_context(|| format!("no gate '{node}' in the suffix (its gates: {names:?})"))?;
+        let mut gate = step.op.gate().cloned().context("internal: a gate step")?;
+        gate.shift = shift;
+        step.op = std::sync::Arc::new(gate);
+        Ok(())
+    }
+
+    /// Each gate with the ONNX node it came from.
+    pub fn gates_named(&self) -> impl Iterator<Item = (&str, &super::ops::Gate)> {
+        self.steps
+            .iter()
+            .filter_map(|s| Some((s.node.as_str(), s.op.gate()?)))
+    }
+
     /// The fill vector output `k` holds at dropped positions, if it is a
     /// token map with one.
     pub fn output_fill(&self, k: usize) -> Option<&[f32]> {

@@ -463,6 +463,7 @@ pub fn manifest(h: usize, w: usize) -> Manifest {
         dense_model: None,
         fallback: None,
         detector: None,
+        track: None,
         output: None,
     }
 }

@@ -26,7 +26,7 @@ const ROW_BLOCK: usize = 64;
 const CUT_ONLY: [&str; 2] = ["stride_rule", "fills"];
 
 /// One gate, lowered.
-#[derive(Debug)]
+#[derive(Clone, Debug)]
 pub struct Gate {
     pub spec: EnergySpec,
     /// The gate's number among the suffix's gates (its level's `gate`).
@@ -41,6 +41,9 @@ pub struct Gate {
     pub fill: Option<Vec<f32>>,
     /// The head's parameters as the GPU kernels read them.
     pub packed: PackedHead,
+    /// What its unary costs move by before the mean field (0 but on a
+    /// stream whose manifest moves this gate: `track.gate_offsets`).
+    pub shift: f32,
 }
 
 /// Lowers a gate node: its input must be a token map.
@@ -79,6 +82,7 @@ pub fn from_onnx(n: &mut OnnxNode<'_>) -> Result<Tensor> {
         h,
         w,
         fill,
+        shift: 0.0,
     };
     Ok(n.emit(
         op,
@@ -100,7 +104,9 @@ impl Gate {
         let e = if matches!(self.spec.head, UnaryHead::Conv { .. }) {
             let (_, map) = x.to_dense(&frame.sets, self.fill.as_deref());
             let fm = FeatureMap::new(&map, self.c, self.h, self.w)?;
-            let e = cpu::mean_field(&cpu::unary(fm, &self.spec.head), self.h, self.w, &self.spec);
+            let mut u = cpu::unary(fm, &self.spec.head);
+            self.shifted(&mut u);
+            let e = cpu::mean_field(&u, self.h, self.w, &self.spec);
             active.iter().map(|&i| e[i as usize]).collect()
         } else {
             self.per_token_energies(x.data(), active)?
@@ -119,6 +125,13 @@ impl Gate {
             .into_iter()
             .map(|j| active[j as usize])
             .collect())
+    }
+
+    /// Moves unary costs by the gate's shift (none at 0: the same bits).
+    fn shifted(&self, u: &mut [f32]) {
+        if self.shift != 0.0 {
+            u.iter_mut().for_each(|v| *v += self.shift);
+        }
     }
 
     /// The final energies at the active positions (in the set's order) of a
@@ -153,8 +166,9 @@ impl Gate {
         for ch in 0..c {
             planar[ch * cols + n] = self.fill.as_ref().map_or(0.0, |f| f[ch]);
         }
-        let at = cpu::unary(FeatureMap::new(&planar, c, 1, cols)?, &self.spec.head);
+        let mut at = cpu::unary(FeatureMap::new(&planar, c, 1, cols)?, &self.spec.head);
         cpu::scratch::give(planar);
+        self.shifted(&mut at);
         if self.spec.steps == 0 || self.spec.lambda == 0.0 {
             return Ok(at[..n].to_vec());
         }

@@ -172,8 +172,12 @@ PEAKED = (" A third one on the FPN's stride-4 sum (160x120 tokens of 24 channels
           "the heatmap's peaks for the conv the heads read.")
 
 
-def manifest(report, original=False, gated=False, peaked=False):
+def manifest(report, original=False, gated=False, peaked=False, track=None):
     extra = {"dense_model": "original.onnx"} if original else {}
+    if track is not None:
+        # On a stream (`--track`): the tokens around the last frame's faces
+        # kept, and the gates' offsets track.py chose (REPORT section 23).
+        extra["track"] = {"margin": track["margin"], "gate_offsets": track["gate_offsets"]}
     return {
         "name": "centerface_ersm",
         "description": DESCRIPTIONS[report.get("cut", "s8")] + (GATED if gated else "") + (PEAKED if peaked else ""),
@@ -205,6 +209,7 @@ def main():
     ap.add_argument("--peak", nargs=2, metavar=("HEAD", "OFFSET"),
                     help="an energy layer on the FPN's stride-4 sum, before the heads: a head from "
                          "`peak_gate.py train` and its offset (`peak_gate.py head` chooses it)")
+    ap.add_argument("--track", help="track_point.json from `track.py choose`: the manifest's stream settings")
     ap.add_argument("--out", required=True)
     args = ap.parse_args()
     with open(args.report) as fh:
@@ -233,8 +238,9 @@ def main():
     m.producer_name = "ersm_training.centerface.export"
     onnx.save(m, os.path.join(args.out, "model.onnx"))
     with open(os.path.join(args.out, "manifest.json"), "w") as fh:
-        json.dump(manifest(report, original=bool(args.suffix), gated=bool(args.gate), peaked=bool(args.peak)),
-                  fh, indent=2)
+        track = json.load(open(args.track)) if args.track else None
+        json.dump(manifest(report, original=bool(args.suffix), gated=bool(args.gate), peaked=bool(args.peak),
+                           track=track), fh, indent=2)
         fh.write("\n")
     digest = hashlib.sha256(open(args.onnx, "rb").read()).hexdigest()
     print(f"{args.out}: model.onnx (from {args.onnx}, sha256 {digest}), manifest.json; "

