@@ -229,6 +229,83 @@ fn finds_the_face_dense_finds() {
     );
 }
 
+/// On a stream (`with_tracking`, the manifest's `track` section) the
+/// frame after a face keeps every token around it at the energy layer,
+/// its gate runs at the stream's offset (keeping less than off a stream
+/// when nothing is held), the face is still found, and a new stream
+/// forgets it.
+#[test]
+fn a_stream_keeps_the_tokens_around_the_last_frames_face() {
+    let plain = pipeline();
+    let p = pipeline()
+        .with_tracking()
+        .expect("the face package has stream settings");
+    let track = p.model.manifest.track.clone().unwrap();
+    assert!(track.gate_offsets.contains_key("ersm.gate"), "{track:?}");
+    let frame = images::load(Path::new(FACE)).unwrap();
+    let first = p.run_ersm(&frame).unwrap();
+    let untracked = plain.run_ersm(&frame).unwrap();
+    // Nothing held yet: the same energy layer, a gate that keeps less.
+    assert_eq!(first.mask.kept, untracked.mask.kept);
+    let gate = p.model.plan.gates().next().unwrap().out_level;
+    assert!(
+        first.tokens[gate] < untracked.tokens[gate],
+        "the stream's gate keeps less: {} vs {}",
+        first.tokens[gate],
+        untracked.tokens[gate]
+    );
+    let (w, h) = (
+        p.model.manifest.input.shape[3],
+        p.model.manifest.input.shape[2],
+    );
+    let faces = p.model.reader.read(&first.logits, w, h).unwrap();
+    assert_eq!(faces.faces().len(), 1, "{faces:?}");
+    let held = ersm::track::held_tokens(
+        faces.faces(),
+        (w, h),
+        (p.model.cut.w, p.model.cut.h),
+        track.margin,
+    );
+    assert!(!held.is_empty());
+    let second = p.run_ersm(&frame).unwrap();
+    for i in &held {
+        assert!(
+            second.mask.kept.binary_search(i).is_ok(),
+            "held token {i} dropped"
+        );
+    }
+    assert!(second.tokens[gate] >= first.tokens[gate]);
+    let found = p
+        .model
+        .reader
+        .read(&second.logits, frame.width, frame.height)
+        .unwrap();
+    let dense = p
+        .model
+        .reader
+        .read(
+            &p.run_dense(&frame).unwrap().logits,
+            frame.width,
+            frame.height,
+        )
+        .unwrap();
+    assert_eq!(found.faces().len(), 1);
+    assert!(found.faces()[0].iou(&dense.faces()[0]) > 0.8);
+    p.new_stream();
+    assert_eq!(
+        p.run_ersm(&frame).unwrap().tokens,
+        first.tokens,
+        "a new stream starts empty"
+    );
+    // A classifier has no stream settings.
+    let classifier = Pipeline::new(
+        ModelPackage::load("models/mobilenet_v2_ersm").unwrap(),
+        ersm::ersm::Device::Cpu,
+    );
+    let err = format!("{:#}", classifier.with_tracking().err().unwrap());
+    assert!(err.contains("track"), "{err}");
+}
+
 #[test]
 fn run_reports_faces_and_anonymizes_them() {
     let dir = Scratch::dir("centerface", "anonymize");
