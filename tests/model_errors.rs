@@ -985,6 +985,66 @@ fn bad_detector_manifests() {
     });
     let err = format!("{:#}", ModelPackage::load(&dir).expect_err("refused"));
     assert_contains(&err, &["preprocess.resize [96, 112]", "112×112"]);
+    // Stream settings: a detector's only, within their limits.
+    let dir = with_manifest("track-on-a-classifier", |m| {
+        m["track"] = serde_json::json!({"margin": 2});
+    });
+    let err = format!("{:#}", ModelPackage::load(&dir).expect_err("refused"));
+    assert_contains(&err, &["track", "needs a detector section"]);
+    for (name, track, msg) in [
+        (
+            "margin",
+            serde_json::json!({"margin": 65}),
+            "track.margin must be at most 64",
+        ),
+        (
+            "offset",
+            serde_json::json!({"margin": 2, "gate_offsets": {"ersm.gate": 1e9}}),
+            "track.gate_offsets.ersm.gate must be finite",
+        ),
+        (
+            "key",
+            serde_json::json!({"margin": 2, "gates": {}}),
+            "unknown field `gates`",
+        ),
+    ] {
+        let dir = with_manifest(&format!("track-{name}"), |m| {
+            m["detector"] = detector(0.5, 0.3);
+            m["track"] = track;
+        });
+        let err = format!("{:#}", ModelPackage::load(&dir).expect_err(name));
+        assert_contains(&err, &[msg]);
+    }
+}
+
+/// A gate named in the stream settings that the suffix does not hold is
+/// refused by name when the stream is tracked, with the gates it has.
+#[test]
+fn track_names_a_gate_the_suffix_has() {
+    let dir = Scratch::dir("model_errors", "track-gate-name");
+    for f in std::fs::read_dir("models/centerface_ersm").unwrap() {
+        let f = f.unwrap().path();
+        if f.is_file() {
+            std::fs::copy(&f, dir.join(f.file_name().unwrap())).unwrap();
+        }
+    }
+    let path = dir.join("manifest.json");
+    let mut m: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+    m["track"]["gate_offsets"] = serde_json::json!({"ersm.gat": 1.0});
+    std::fs::write(&path, m.to_string()).unwrap();
+    let p =
+        ersm::pipeline::Pipeline::new(ModelPackage::load(&*dir).unwrap(), ersm::ersm::Device::Cpu);
+    let err = format!("{:#}", p.with_tracking().err().expect("refused"));
+    assert_contains(
+        &err,
+        &[
+            "no gate 'ersm.gat'",
+            "ersm.gate",
+            "ersm.peak",
+            "track.gate_offsets",
+        ],
+    );
 }
 
 /// A network with two outputs and no decoder named runs in the tests, but

@@ -255,6 +255,19 @@ impl Manifest {
                 bail!("fallback (a classifier's top-1 margin) does not apply to a detector");
             }
         }
+        if let Some(t) = &self.track {
+            if self.detector.is_none() {
+                bail!("track (a detector's stream settings) needs a detector section");
+            }
+            if t.margin > 64 {
+                bail!("track.margin must be at most 64 tokens, got {}", t.margin);
+            }
+            for (gate, off) in &t.gate_offsets {
+                if !(off.is_finite() && off.abs() <= 100.0) {
+                    bail!("track.gate_offsets.{gate} must be finite, within ±100, got {off}");
+                }
+            }
+        }
         if let Some(d) = &self.dense_model {
             if d.is_empty() || d == &self.model {
                 bail!("dense_model must name another ONNX file than model, got \"{d}\"");
