@@ -161,7 +161,14 @@ impl Pipeline {
             Some(Handoff::Device) => "; features to the energy kernel in device memory",
             None => "",
         };
-        format!("{}{handoff}", self.placement)
+        let stream = match &self.track {
+            Some(t) => format!(
+                "; a tracked stream (the last frame's faces held, margin {})",
+                t.margin
+            ),
+            None => String::new(),
+        };
+        format!("{}{handoff}{stream}", self.placement)
     }
 
     /// True once a frame's features reached the GPU energy kernel in device
