@@ -174,6 +174,28 @@ def _background_canvas(rng, bg, w, h):
     return cv2.resize(bg[y:y + ch, x:x + cw], (w, h), interpolation=cv2.INTER_AREA).astype(np.float32)
 
 
+def feathered(patch, pw, ph):
+    """`patch` resized to `pw` × `ph` (float) and its alpha: soft edges,
+    the patch fading out over a fifth of its size."""
+    patch = cv2.resize(patch, (pw, ph), interpolation=cv2.INTER_AREA).astype(np.float32)
+    alpha = np.zeros((ph, pw), np.float32)
+    bx, by = max(1, pw // 5), max(1, ph // 5)
+    alpha[by:ph - by, bx:pw - bx] = 1
+    return patch, cv2.GaussianBlur(alpha, (0, 0), max(bx, by) / 2 + 0.5)[..., None]
+
+
+def blend_at(canvas, patch, alpha, x, y):
+    """`patch` with its `alpha` over `canvas` at (x, y), cut by the border."""
+    h, w = canvas.shape[:2]
+    ph, pw = patch.shape[:2]
+    cx1, cy1, cx2, cy2 = max(0, x), max(0, y), min(w, x + pw), min(h, y + ph)
+    if cx2 <= cx1 or cy2 <= cy1:
+        return
+    p = patch[cy1 - y:cy2 - y, cx1 - x:cx2 - x]
+    a = alpha[cy1 - y:cy2 - y, cx1 - x:cx2 - x]
+    canvas[cy1:cy2, cx1:cx2] = a * p + (1 - a) * canvas[cy1:cy2, cx1:cx2]
+
+
 def _blend_face(rng, canvas, rgb, box):
     """Blends a face's head-and-shoulders patch into `canvas` at 4–24 pixels
     of face height, with a feathered edge; a third reach past the border."""
@@ -183,21 +205,22 @@ def _blend_face(rng, canvas, rgb, box):
     pw, ph = max(3, int(patch.shape[1] * s)), max(3, int(patch.shape[0] * s))
     if patch.size == 0 or pw >= w or ph >= h:
         return
-    patch = cv2.resize(patch, (pw, ph), interpolation=cv2.INTER_AREA).astype(np.float32)
-    # Soft edges: the patch fades out over a fifth of its size.
-    alpha = np.zeros((ph, pw), np.float32)
-    bx, by = max(1, pw // 5), max(1, ph // 5)
-    alpha[by:ph - by, bx:pw - bx] = 1
-    alpha = cv2.GaussianBlur(alpha, (0, 0), max(bx, by) / 2 + 0.5)[..., None]
+    patch, alpha = feathered(patch, pw, ph)
     reach = 0.4 if rng.random() < 1 / 3 else 0.0
     x = rng.randint(int(-reach * pw), w - pw + int(reach * pw))
     y = rng.randint(int(-reach * ph), h - ph + int(reach * ph))
-    cx1, cy1, cx2, cy2 = max(0, x), max(0, y), min(w, x + pw), min(h, y + ph)
-    if cx2 <= cx1 or cy2 <= cy1:
-        return
-    p = patch[cy1 - y:cy2 - y, cx1 - x:cx2 - x]
-    a = alpha[cy1 - y:cy2 - y, cx1 - x:cx2 - x]
-    canvas[cy1:cy2, cx1:cx2] = a * p + (1 - a) * canvas[cy1:cy2, cx1:cx2]
+    blend_at(canvas, patch, alpha, x, y)
+
+
+def motion_blur(rng):
+    """A motion-blur kernel (a line 5–13 pixels long at a random angle),
+    normalised."""
+    n = rng.randint(2, 6)
+    k = np.zeros((2 * n + 1, 2 * n + 1), np.float32)
+    t = rng.uniform(0, math.pi)
+    for i in range(-n, n + 1):
+        k[n + int(round(i * math.sin(t))), n + int(round(i * math.cos(t)))] = 1
+    return k / k.sum()
 
 
 def _camera(rng, canvas):
@@ -205,12 +228,7 @@ def _camera(rng, canvas):
     quality 25–60, then the stretch to 640×480."""
     img = canvas
     if rng.random() < 0.5:
-        n = rng.randint(2, 6)
-        k = np.zeros((2 * n + 1, 2 * n + 1), np.float32)
-        t = rng.uniform(0, math.pi)
-        for i in range(-n, n + 1):
-            k[n + int(round(i * math.sin(t))), n + int(round(i * math.cos(t)))] = 1
-        img = cv2.filter2D(img, -1, k / k.sum())
+        img = cv2.filter2D(img, -1, motion_blur(rng))
     gamma, gain = rng.uniform(1.0, 2.0), rng.uniform(0.5, 1.0)
     img = np.clip(255 * gain * (np.clip(img, 0, 255) / 255) ** gamma, 0, 255).astype(np.uint8)
     ok, enc = cv2.imencode(".jpg", img[:, :, ::-1], [cv2.IMWRITE_JPEG_QUALITY, rng.randint(25, 60)])

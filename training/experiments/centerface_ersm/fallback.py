@@ -137,11 +137,17 @@ def at(rows, t, extra):
             for k, v in sorted(by.items())}
 
 
-def sweep(args, net):
+def heads(args):
+    """The stride-8 head, the stride-16 gate's head (the shipped ones, or
+    `--stage1` and `--gate16`), the peak gate's head and its offset."""
     head, _ = load_head(args.stage1 or os.path.join(CHECKPOINTS, "head.pt"))
     gate, _ = load_head(args.gate16 or os.path.join(CHECKPOINTS, "gate.pt"))
     peak = load_peak_head(os.path.join(CHECKPOINTS, "peak.pt"))
-    peak_off = json.load(open(os.path.join(CHECKPOINTS, "peak_point.json")))["offset"]
+    return head, gate, peak, json.load(open(os.path.join(CHECKPOINTS, "peak_point.json")))["offset"]
+
+
+def sweep(args, net):
+    head, gate, peak, peak_off = heads(args)
     report = {}
     for name, folder in [("validation", args.teacher)] + ([("footage", args.footage)] if args.footage else []):
         cache = validation_cases(net, folder)
@@ -168,10 +174,7 @@ def sweep(args, net):
 def regrow(args, net):
     """Each stride-16 gate offset, each (t, r): frames whose doubt reaches
     t run again with their sets grown around the doubtful peaks."""
-    head, _ = load_head(args.stage1 or os.path.join(CHECKPOINTS, "head.pt"))
-    gate, _ = load_head(args.gate16 or os.path.join(CHECKPOINTS, "gate.pt"))
-    peak = load_peak_head(os.path.join(CHECKPOINTS, "peak.pt"))
-    peak_off = json.load(open(os.path.join(CHECKPOINTS, "peak_point.json")))["offset"]
+    head, gate, peak, peak_off = heads(args)
     report = {}
     for name, folder in [("validation", args.teacher)] + ([("footage", args.footage)] if args.footage else []):
         cache = validation_cases(net, folder)

@@ -34,6 +34,23 @@ from ersm_training.centerface.net import decode  # noqa: E402
 from ersm_training.centerface.teacher import THRESHOLD, run, session  # noqa: E402
 
 
+def validation_sources(root, sess):
+    """(faces, backgrounds) of the validation split's photos: each face
+    found by dense CenterFace big enough to cut out ((rgb, box)), and the
+    photos where it finds none ((key, rgb))."""
+    faces, backgrounds = [], []
+    for key, pkg, im in data.photos(root):
+        if not data.validation(key):
+            continue
+        dets = decode(*run(sess, data.stretch(im))[:4], THRESHOLD, (data.H, data.W))
+        big = data.photo_boxes(im, dets)
+        if big:
+            faces += [(im, b) for b in big]
+        elif len(dets) == 0:
+            backgrounds.append((key, im))
+    return faces, backgrounds
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--data", required=True)
@@ -45,16 +62,7 @@ def main():
     os.makedirs(args.out, exist_ok=True)
     sess = session(args.onnx)
     rng = random.Random(args.seed)
-    faces, backgrounds = [], []
-    for key, pkg, im in data.photos(args.data):
-        if not data.validation(key):
-            continue
-        dets = decode(*run(sess, data.stretch(im))[:4], THRESHOLD, (data.H, data.W))
-        big = data.photo_boxes(im, dets)
-        if big:
-            faces += [(im, b) for b in big]
-        elif len(dets) == 0:
-            backgrounds.append((key, im))
+    faces, backgrounds = validation_sources(args.data, sess)
     print(f"validation photos: {len({id(im) for im, _ in faces})} with {len(faces)} faces, "
           f"{len(backgrounds)} backgrounds", flush=True)
     frames, keys, found, tried = [], [], 0, 0

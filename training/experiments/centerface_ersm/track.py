@@ -33,7 +33,6 @@ track_point.json, the package's `track` section (export.py --track).
 
 import argparse
 import json
-import math
 import os
 import random
 import sys
@@ -58,27 +57,6 @@ GATE = "420"
 FRAMES = 16
 
 
-def blend(canvas, patch, alpha, x, y):
-    """`patch` (with its feathered `alpha`) over `canvas` at (x, y), cut by
-    the border."""
-    h, w = canvas.shape[:2]
-    ph, pw = patch.shape[:2]
-    cx1, cy1, cx2, cy2 = max(0, x), max(0, y), min(w, x + pw), min(h, y + ph)
-    if cx2 <= cx1 or cy2 <= cy1:
-        return
-    p = patch[cy1 - y:cy2 - y, cx1 - x:cx2 - x]
-    a = alpha[cy1 - y:cy2 - y, cx1 - x:cx2 - x]
-    canvas[cy1:cy2, cx1:cx2] = a * p + (1 - a) * canvas[cy1:cy2, cx1:cx2]
-
-
-def feathered(patch, pw, ph):
-    p = cv2.resize(patch, (pw, ph), interpolation=cv2.INTER_AREA).astype(np.float32)
-    alpha = np.zeros((ph, pw), np.float32)
-    bx, by = max(1, pw // 5), max(1, ph // 5)
-    alpha[by:ph - by, bx:pw - bx] = 1
-    return p, cv2.GaussianBlur(alpha, (0, 0), max(bx, by) / 2 + 0.5)[..., None]
-
-
 def clip(rng, background, faces):
     """FRAMES RGB frames (640×480) of one clip."""
     w, h = data._canvas_shape(rng)
@@ -96,14 +74,7 @@ def clip(rng, background, faces):
         movers.append({"patch": patch, "s": s, "grow": rng.uniform(-0.02, 0.02),
                        "x": rng.uniform(-0.3 * pw, w - 0.7 * pw), "y": rng.uniform(-0.3 * ph, h - 0.7 * ph),
                        "vx": rng.uniform(-1.5, 1.5), "vy": rng.uniform(-0.7, 0.7)})
-    blur = None
-    if rng.random() < 0.5:
-        n = rng.randint(2, 6)
-        blur = np.zeros((2 * n + 1, 2 * n + 1), np.float32)
-        t = rng.uniform(0, math.pi)
-        for i in range(-n, n + 1):
-            blur[n + int(round(i * math.sin(t))), n + int(round(i * math.cos(t)))] = 1
-        blur /= blur.sum()
+    blur = data.motion_blur(rng) if rng.random() < 0.5 else None
     gamma, gain, quality = rng.uniform(1.0, 2.0), rng.uniform(0.5, 1.0), rng.randint(25, 60)
     noise = np.random.default_rng(rng.randrange(1 << 30))
     out = []
@@ -114,8 +85,8 @@ def clip(rng, background, faces):
             pw, ph = max(3, int(m["patch"].shape[1] * s)), max(3, int(m["patch"].shape[0] * s))
             if pw >= w or ph >= h:
                 continue
-            p, a = feathered(m["patch"], pw, ph)
-            blend(canvas, p, a, int(round(m["x"] + m["vx"] * t)), int(round(m["y"] + m["vy"] * t)))
+            p, a = data.feathered(m["patch"], pw, ph)
+            data.blend_at(canvas, p, a, int(round(m["x"] + m["vx"] * t)), int(round(m["y"] + m["vy"] * t)))
         img = cv2.filter2D(canvas, -1, blur) if blur is not None else canvas
         img = np.clip(255 * gain * (np.clip(img, 0, 255) / 255) ** gamma, 0, 255)
         img = np.clip(img + noise.normal(0, 2.0, img.shape), 0, 255).astype(np.uint8)
@@ -128,19 +99,11 @@ def clip(rng, background, faces):
 
 def clips(args):
     from ersm_training.centerface.teacher import THRESHOLD, run, session
+    from footage import validation_sources  # the same sources as footage.py's frames
     os.makedirs(args.out, exist_ok=True)
     sess = session(args.onnx)
     rng = random.Random(args.seed)
-    faces, backgrounds = [], []
-    for key, pkg, im in data.photos(args.data):
-        if not data.validation(key):
-            continue
-        dets = decode(*run(sess, data.stretch(im))[:4], THRESHOLD, (data.H, data.W))
-        big = data.photo_boxes(im, dets)
-        if big:
-            faces += [(im, b) for b in big]
-        elif len(dets) == 0:
-            backgrounds.append((key, im))
+    faces, backgrounds = validation_sources(args.data, sess)
     kept, tried, found = [], 0, 0
     t0 = time.time()
     while len(kept) < args.clips_n and tried < 20 * args.clips_n:
