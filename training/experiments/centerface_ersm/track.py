@@ -152,9 +152,10 @@ def stages(args):
     return [(g[0], float(g[1])) if g else s for g, s in zip(given, shipped)]
 
 
-def run_clip(net, head, off, gates, cases, total, macs, positions, track, margin):
-    """Per frame of one clip: (match, dense count, compute)."""
-    prev, out = [], []
+def run_clip(net, head, off, gates, cases, total, macs, positions, track, margin, held_frames=1):
+    """Per frame of one clip: (match, dense count, compute). With `track`,
+    the faces of the last `held_frames` frames are held."""
+    last, out = [], []
     for f, tap, dense, _ in cases:
         m = hard_mask(head(f.float(), off)[0])
         spent = torch.zeros(1, dtype=torch.float64)
@@ -164,6 +165,7 @@ def run_clip(net, head, off, gates, cases, total, macs, positions, track, margin
                 spent.add_(mask.flatten(1).double().sum(1) * (macs[name] / positions[name]))
 
         gs = gates
+        prev = [b for faces in last for b in faces]
         if track and len(prev):
             reg = region(prev, m, margin)
             m = torch.maximum(m, reg)
@@ -172,7 +174,7 @@ def run_clip(net, head, off, gates, cases, total, macs, positions, track, margin
         outs = net.suffix_from(f.float(), map_apply(tap, lambda t: t.float()), m, "any", None, record, gs)
         sparse = decode(*[o.numpy() for o in outs], SHIPPED_THRESHOLD, (480, 640))
         out.append((match(dense, sparse), len(dense), spent.item() / total))
-        prev = sparse
+        last = (last + [list(sparse)])[-held_frames:]
     return out
 
 
@@ -198,7 +200,8 @@ def score_clips(args):
             rows, first = [], []
             with torch.no_grad():
                 for c in cases:
-                    got = run_clip(net, head, off, gates, c, total, macs, positions, track, args.margin)
+                    got = run_clip(net, head, off, gates, c, total, macs, positions, track, args.margin,
+                                   args.held_frames)
                     rows += got
                     # the clip's first frame with a dense face: the masks alone
                     j = next((i for i, fr in enumerate(c) if len(fr[2])), None)
@@ -207,10 +210,12 @@ def score_clips(args):
             s = score([r[0] for r in rows])
             s1 = score(first)
             comp = float(np.mean([r[2] for r in rows])) + args.heads_share
-            print(f"gate {off2:+.1f} track {'on ' if track else 'off'} (margin {args.margin}): compute {comp:.3f} "
+            print(f"gate {off2:+.1f} track {'on ' if track else 'off'} (margin {args.margin}, "
+                  f"{args.held_frames} frame(s) held): compute {comp:.3f} "
                   f"recall {s['recall']:.4f} F1 {s['f1']:.4f}; first frames' recall {s1['recall']:.3f} "
                   f"({time.time() - t0:.0f} s)", flush=True)
-            report.append({"gate": off2, "track": track, "margin": args.margin, "compute": comp, **s,
+            report.append({"gate": off2, "track": track, "margin": args.margin, "held_frames": args.held_frames,
+                           "compute": comp, **s,
                            "first_recall": s1["recall"]})
     if args.out:
         with open(os.path.join(args.out, "track.json"), "w") as fh:
@@ -261,6 +266,7 @@ def main():
     ap.add_argument("--seed", type=int, default=23)
     ap.add_argument("--gate-offsets", type=float, nargs="+", default=[-2.0, -1.0, 0.0, 1.0])
     ap.add_argument("--margin", type=int, default=2, help="stride-8 tokens kept around last frame's faces")
+    ap.add_argument("--held-frames", type=int, default=1, help="frames whose faces are held (1: the last)")
     ap.add_argument("--heads-share", type=float, default=0.0033)
     for flag, what in (("--stage1", "the stride-8 head"), ("--gate16", "the stride-16 gate's head"),
                        ("--peak", "the peak gate's head")):
