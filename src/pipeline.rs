@@ -99,7 +99,10 @@ pub struct Pipeline {
 #[derive(Debug)]
 struct Tracking {
     margin: usize,
-    held: Mutex<Vec<u32>>,
+    /// Frames whose faces are held.
+    frames: usize,
+    /// The held tokens of each of the last `frames` frames, oldest first.
+    held: Mutex<std::collections::VecDeque<Vec<u32>>>,
 }
 
 /// How a frame's features reached the GPU energy kernel.
@@ -163,8 +166,8 @@ impl Pipeline {
         };
         let stream = match &self.track {
             Some(t) => format!(
-                "; a tracked stream (the last frame's faces held, margin {})",
-                t.margin
+                "; a tracked stream (faces of the last {} frame(s) held, margin {})",
+                t.frames, t.margin
             ),
             None => String::new(),
         };
@@ -237,7 +240,8 @@ impl Pipeline {
         }
         self.track = Some(Tracking {
             margin: t.margin,
-            held: Mutex::new(Vec::new()),
+            frames: t.frames,
+            held: Mutex::new(Default::default()),
         });
         Ok(self)
     }
@@ -506,17 +510,16 @@ impl Pipeline {
         })
     }
 
-    /// The tokens the last frame's faces hold (none off a stream).
+    /// The tokens the last frames' faces hold, ascending (none off a stream).
     fn held(&self) -> Vec<u32> {
-        self.track
-            .as_ref()
-            .map(|t| {
-                t.held
-                    .lock()
-                    .unwrap_or_else(PoisonError::into_inner)
-                    .clone()
-            })
-            .unwrap_or_default()
+        let Some(t) = &self.track else {
+            return Vec::new();
+        };
+        let last = t.held.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut all: Vec<u32> = last.iter().flatten().copied().collect();
+        all.sort_unstable();
+        all.dedup();
+        all
     }
 
     /// The CPU energy layer keeping `held` whatever their energies.
@@ -574,7 +577,11 @@ impl Pipeline {
             .context("tracking: the frame's faces")?;
         let held =
             crate::track::held_tokens(answer.faces(), (w, h), (m.cut.w, m.cut.h), track.margin);
-        *track.held.lock().unwrap_or_else(PoisonError::into_inner) = held;
+        let mut last = track.held.lock().unwrap_or_else(PoisonError::into_inner);
+        last.push_back(held);
+        while last.len() > track.frames {
+            last.pop_front();
+        }
         Ok(())
     }
 

@@ -49,6 +49,10 @@ pub struct Manifest {
 pub struct Track {
     /// Tokens of the cut kept around each face's box, on every side.
     pub margin: usize,
+    /// Frames whose faces are held: 1, the last one's; more keep a face
+    /// that one frame missed.
+    #[serde(default = "one_frame")]
+    pub frames: usize,
     /// Per gate (its node's name): what its unary costs move by on a stream,
     /// before the mean field (positive: it keeps less).
     #[serde(default)]
@@ -67,6 +71,10 @@ pub struct DetectorSpec {
     /// IoU from which non-maximum suppression drops the weaker box.
     #[serde(default = "default_nms_iou")]
     pub nms_iou: f32,
+}
+
+fn one_frame() -> usize {
+    1
 }
 
 fn default_nms_iou() -> f32 {
@@ -261,6 +269,9 @@ impl Manifest {
             }
             if t.margin > 64 {
                 bail!("track.margin must be at most 64 tokens, got {}", t.margin);
+            }
+            if !(1..=100).contains(&t.frames) {
+                bail!("track.frames must be 1-100 frames, got {}", t.frames);
             }
             for (gate, off) in &t.gate_offsets {
                 if !(off.is_finite() && off.abs() <= 100.0) {

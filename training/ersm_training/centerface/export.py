@@ -177,7 +177,8 @@ def manifest(report, original=False, gated=False, peaked=False, track=None):
     if track is not None:
         # On a stream (`--track`): the tokens around the last frame's faces
         # kept, and the gates' offsets track.py chose (REPORT section 23).
-        extra["track"] = {"margin": track["margin"], "gate_offsets": track["gate_offsets"]}
+        extra["track"] = {"margin": track["margin"], "frames": track.get("frames", 1),
+                          "gate_offsets": track["gate_offsets"]}
     return {
         "name": "centerface_ersm",
         "description": DESCRIPTIONS[report.get("cut", "s8")] + (GATED if gated else "") + (PEAKED if peaked else ""),

@@ -136,8 +136,12 @@ def main():
                     step(tr + ["clips", "--data", args.retrain, "--onnx", onnx_path, "--out", clips])
                     with open(peak_point) as fh:
                         heads = stages + ["--peak", peak, str(json.load(fh)["offset"])]
+                    held = os.path.join(work, "clips_held3")
                     step(tr + ["score", "--clips", clips, "--onnx", onnx_path, "--out", clips] + heads)
-                    step(tr + ["choose", "--clips", clips, "--onnx", onnx_path, "--out", clips] + heads)
+                    step(tr + ["score", "--clips", clips, "--onnx", onnx_path, "--out", held,
+                               "--gate-offsets", "-2.0", "-1.0", "0.0", "--held-frames", "3"] + heads)
+                    step(tr + ["choose", "--clips", clips, "--held", held, "--onnx", onnx_path,
+                               "--out", clips] + heads)
                     track_point = os.path.join(clips, "track_point.json")
     export = [sys.executable, "-m", "ersm_training.centerface.export", "--onnx", onnx_path, "--head", head,
               "--report", point, "--out", args.out]
