@@ -998,6 +998,11 @@ fn bad_detector_manifests() {
             "track.margin must be at most 64",
         ),
         (
+            "frames",
+            serde_json::json!({"margin": 2, "frames": 0}),
+            "track.frames must be 1-100",
+        ),
+        (
             "offset",
             serde_json::json!({"margin": 2, "gate_offsets": {"ersm.gate": 1e9}}),
             "track.gate_offsets.ersm.gate must be finite",
