@@ -547,9 +547,9 @@ impl Pipeline {
 
     /// On a stream: the energy layer and the sparse suffix on one frame's
     /// prefix maps, keeping the last frame's faces' tokens, then this
-    /// frame's remembered for the next (`ersm eval`'s path; `run` and
-    /// `bench` go through [`Pipeline::run_ersm`]). The mask's rows are
-    /// consumed.
+    /// frame's remembered for the next (`ersm eval`'s path, inside its
+    /// [`Threads::install`]; `run` and `bench` go through
+    /// [`Pipeline::run_ersm`]). The mask's rows are consumed.
     pub fn tracked(&self, maps: &PrefixMaps) -> Result<(TokenMask, Vec<f32>, Vec<usize>)> {
         let track = self
             .track
@@ -560,9 +560,7 @@ impl Pipeline {
         let mut mask =
             self.energy_holding(FeatureMap::new(&maps.features, cut.c, cut.h, cut.w)?, &held)?;
         let rows = std::mem::take(&mut mask.features);
-        let (logits, tokens) = self
-            .threads
-            .install(|| self.suffix_holding(&mask.kept, &held, rows, maps.taps.clone()))?;
+        let (logits, tokens) = self.suffix_holding(&mask.kept, &held, rows, maps.taps.clone())?;
         self.remember(track, &logits)?;
         Ok((mask, logits, tokens))
     }

@@ -78,14 +78,11 @@ impl Frame {
     pub fn footprint(levels: &[Level], rule: StrideRule, held: &[u32]) -> Vec<TokenSet> {
         let mut f = Frame::placeholders(levels, &[]);
         f.resolve(levels, rule, Some(held), None);
-        while let Some((g, p)) = levels
-            .iter()
-            .enumerate()
-            .find(|&(i, l)| {
-                f.pending[i] && l.gate.is_some() && l.parent.is_some_and(|p| !f.pending[p])
-            })
-            .map(|(_, l)| (l.gate.unwrap_or_default(), l.parent.unwrap_or_default()))
-        {
+        // A gate's level pending over a built parent: open it on all of it.
+        while let Some((g, p)) = levels.iter().enumerate().find_map(|(i, l)| {
+            let (g, p) = (l.gate?, l.parent?);
+            (f.pending[i] && !f.pending[p]).then_some((g, p))
+        }) {
             let all = f.sets[p].coords.clone();
             f.resolve(levels, rule, None, Some((g, &all)));
         }

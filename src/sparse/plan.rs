@@ -180,12 +180,15 @@ impl Plan {
             shift.is_finite(),
             "gate '{node}': offset {shift} is not finite"
         );
-        let names: Vec<String> = self.gates_named().map(|(n, _)| n.to_string()).collect();
-        let step = self
+        let Some(at) = self
             .steps
-            .iter_mut()
-            .find(|s| s.node == node && s.op.gate().is_some())
-            .with_context(|| format!("no gate '{node}' in the suffix (its gates: {names:?})"))?;
+            .iter()
+            .position(|s| s.node == node && s.op.gate().is_some())
+        else {
+            let names: Vec<&str> = self.gates_named().map(|(n, _)| n).collect();
+            bail!("no gate '{node}' in the suffix (its gates: {names:?})");
+        };
+        let step = &mut self.steps[at];
         let mut gate = step.op.gate().cloned().context("internal: a gate step")?;
         gate.shift = shift;
         step.op = std::sync::Arc::new(gate);
