@@ -10,6 +10,7 @@ use crate::prefix::{Output, TractNet};
 use crate::preprocess::preprocess;
 use crate::source::Frame;
 use crate::sparse::gpu::DeviceTokens;
+use crate::sparse::plan::GateOffsets;
 use crate::sparse::tokens::TokenSet;
 use crate::sparse::value::{Shape, Value};
 use crate::threads::Threads;
@@ -101,8 +102,27 @@ struct Tracking {
     margin: usize,
     /// Frames whose faces are held.
     frames: usize,
+    /// Every `refresh`-th frame runs the gates at the package's own offsets
+    /// (0: never).
+    refresh: usize,
+    state: Mutex<StreamState>,
+}
+
+/// What a stream has seen so far.
+#[derive(Debug, Default)]
+struct StreamState {
     /// The held tokens of each of the last `frames` frames, oldest first.
-    held: Mutex<std::collections::VecDeque<Vec<u32>>>,
+    held: std::collections::VecDeque<Vec<u32>>,
+    /// Frames begun since the stream started.
+    begun: usize,
+}
+
+/// What a tracked frame starts from.
+#[derive(Debug)]
+struct StreamFrame {
+    /// The tokens the last frames' faces hold, ascending.
+    held: Vec<u32>,
+    offsets: GateOffsets,
 }
 
 /// How a frame's features reached the GPU energy kernel.
@@ -166,8 +186,13 @@ impl Pipeline {
         };
         let stream = match &self.track {
             Some(t) => format!(
-                "; a tracked stream (faces of the last {} frame(s) held, margin {})",
-                t.frames, t.margin
+                "; a tracked stream (faces of the last {} frame(s) held, margin {}{})",
+                t.frames,
+                t.margin,
+                match t.refresh {
+                    0 => String::new(),
+                    n => format!(", the package's own gates every {n} frames"),
+                }
             ),
             None => String::new(),
         };
@@ -241,7 +266,8 @@ impl Pipeline {
         self.track = Some(Tracking {
             margin: t.margin,
             frames: t.frames,
-            held: Mutex::new(Default::default()),
+            refresh: t.refresh,
+            state: Mutex::new(Default::default()),
         });
         Ok(self)
     }
@@ -249,10 +275,7 @@ impl Pipeline {
     /// Forgets the last frame's faces: the next frame starts a new stream.
     pub fn new_stream(&self) {
         if let Some(t) = &self.track {
-            t.held
-                .lock()
-                .unwrap_or_else(PoisonError::into_inner)
-                .clear();
+            *t.state.lock().unwrap_or_else(PoisonError::into_inner) = StreamState::default();
         }
     }
 
@@ -472,9 +495,9 @@ impl Pipeline {
                 (mask, logits, tokens, suffix_started)
             }
             _ => {
-                let held = self.held();
-                let mut mask = match (&source, held.is_empty()) {
-                    (MapSource::Host(x), false) => self.energy_holding(*x, &held),
+                let at = self.begin_frame();
+                let mut mask = match (&source, at.held.is_empty()) {
+                    (MapSource::Host(x), false) => self.energy_holding(*x, &at.held),
                     _ => self
                         .device()
                         .compute_from(source, &self.model.energy)
@@ -483,7 +506,7 @@ impl Pipeline {
                 times.ersm = ms(t);
                 let suffix_started = Instant::now();
                 let rows = std::mem::take(&mut mask.features);
-                let (logits, tokens) = self.suffix_holding(&mask.kept, &held, rows, taps)?;
+                let (logits, tokens) = self.suffix_holding(&mask.kept, &at, rows, taps)?;
                 (mask, logits, tokens, suffix_started)
             }
         };
@@ -510,16 +533,31 @@ impl Pipeline {
         })
     }
 
-    /// The tokens the last frames' faces hold, ascending (none off a stream).
-    fn held(&self) -> Vec<u32> {
+    /// Counts a frame of the stream and says what it starts from: the
+    /// tokens the last frames' faces hold and its gates' offsets (off a
+    /// stream: nothing held, the gates as loaded). A stream's first frame
+    /// holds nothing, so it is one of the refreshes.
+    fn begin_frame(&self) -> StreamFrame {
         let Some(t) = &self.track else {
-            return Vec::new();
+            return StreamFrame {
+                held: Vec::new(),
+                offsets: GateOffsets::Stream,
+            };
         };
-        let last = t.held.lock().unwrap_or_else(PoisonError::into_inner);
-        let mut all: Vec<u32> = last.iter().flatten().copied().collect();
-        all.sort_unstable();
-        all.dedup();
-        all
+        let mut s = t.state.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut held: Vec<u32> = s.held.iter().flatten().copied().collect();
+        held.sort_unstable();
+        held.dedup();
+        let refresh = t.refresh > 0 && s.begun % t.refresh == 0;
+        s.begun += 1;
+        StreamFrame {
+            held,
+            offsets: if refresh {
+                GateOffsets::Package
+            } else {
+                GateOffsets::Stream
+            },
+        }
     }
 
     /// The CPU energy layer keeping `held` whatever their energies.
@@ -527,20 +565,21 @@ impl Pipeline {
         crate::ersm::cpu::compute_holding(x, &self.model.energy, held).context("energy layer")
     }
 
-    /// [`Pipeline::sparse_suffix`] whose gates also keep `held`'s reach.
+    /// [`Pipeline::sparse_suffix`] whose gates also keep the held tokens'
+    /// reach, at the frame's offsets.
     fn suffix_holding(
         &self,
         kept: &[u32],
-        held: &[u32],
+        at: &StreamFrame,
         rows: Vec<f32>,
         taps: Vec<Vec<f32>>,
     ) -> Result<(Vec<f32>, Vec<usize>)> {
-        if held.is_empty() {
+        if at.held.is_empty() && at.offsets == GateOffsets::Stream {
             return self.sparse_suffix(kept, rows, taps);
         }
         let plan = &self.model.plan;
         let (out, frame) = plan
-            .run_holding(kept, held, rows, taps)
+            .run_holding(kept, &at.held, at.offsets, rows, taps)
             .context("sparse suffix")?;
         Ok((dense_logits_of(plan, &out, &frame.sets)?, frame.counts()))
     }
@@ -556,11 +595,13 @@ impl Pipeline {
             .as_ref()
             .context("internal: tracked() off a stream")?;
         let cut = &self.model.cut;
-        let held = self.held();
-        let mut mask =
-            self.energy_holding(FeatureMap::new(&maps.features, cut.c, cut.h, cut.w)?, &held)?;
+        let at = self.begin_frame();
+        let mut mask = self.energy_holding(
+            FeatureMap::new(&maps.features, cut.c, cut.h, cut.w)?,
+            &at.held,
+        )?;
         let rows = std::mem::take(&mut mask.features);
-        let (logits, tokens) = self.suffix_holding(&mask.kept, &held, rows, maps.taps.clone())?;
+        let (logits, tokens) = self.suffix_holding(&mask.kept, &at, rows, maps.taps.clone())?;
         self.remember(track, &logits)?;
         Ok((mask, logits, tokens))
     }
@@ -575,10 +616,10 @@ impl Pipeline {
             .context("tracking: the frame's faces")?;
         let held =
             crate::track::held_tokens(answer.faces(), (w, h), (m.cut.w, m.cut.h), track.margin);
-        let mut last = track.held.lock().unwrap_or_else(PoisonError::into_inner);
-        last.push_back(held);
-        while last.len() > track.frames {
-            last.pop_front();
+        let mut s = track.state.lock().unwrap_or_else(PoisonError::into_inner);
+        s.held.push_back(held);
+        while s.held.len() > track.frames {
+            s.held.pop_front();
         }
         Ok(())
     }

@@ -230,10 +230,11 @@ fn finds_the_face_dense_finds() {
 }
 
 /// On a stream (`with_tracking`, the manifest's `track` section) the
-/// frame after a face keeps every token around it at the energy layer,
-/// its gate runs at the stream's offset (keeping less than off a stream
-/// when nothing is held), the face is still found, and a new stream
-/// forgets it.
+/// first frame holds nothing and runs the package's own gates (a refresh),
+/// the frame after a face keeps every token around it at the energy layer
+/// while its gate runs at the stream's offset (keeping less), the face is
+/// still found, every `refresh`-th frame runs the package's gates again,
+/// and a new stream forgets it all.
 #[test]
 fn a_stream_keeps_the_tokens_around_the_last_frames_face() {
     let plain = pipeline();
@@ -242,18 +243,16 @@ fn a_stream_keeps_the_tokens_around_the_last_frames_face() {
         .expect("the face package has stream settings");
     let track = p.model.manifest.track.clone().unwrap();
     assert!(track.gate_offsets.contains_key("ersm.gate"), "{track:?}");
+    assert!(track.refresh >= 2, "{track:?}");
     let frame = images::load(Path::new(FACE)).unwrap();
     let first = p.run_ersm(&frame).unwrap();
     let untracked = plain.run_ersm(&frame).unwrap();
-    // Nothing held yet: the same energy layer, a gate that keeps less.
     assert_eq!(first.mask.kept, untracked.mask.kept);
-    let gate = p.model.plan.gates().next().unwrap().out_level;
-    assert!(
-        first.tokens[gate] < untracked.tokens[gate],
-        "the stream's gate keeps less: {} vs {}",
-        first.tokens[gate],
-        untracked.tokens[gate]
+    assert_eq!(
+        first.tokens, untracked.tokens,
+        "a refresh: the package's gates"
     );
+    let gate = p.model.plan.gates().next().unwrap().out_level;
     let (w, h) = (
         p.model.manifest.input.shape[3],
         p.model.manifest.input.shape[2],
@@ -274,7 +273,12 @@ fn a_stream_keeps_the_tokens_around_the_last_frames_face() {
             "held token {i} dropped"
         );
     }
-    assert!(second.tokens[gate] >= first.tokens[gate]);
+    assert!(
+        second.tokens[gate] < first.tokens[gate],
+        "the stream's gate keeps less, the face held: {} vs {}",
+        second.tokens[gate],
+        first.tokens[gate]
+    );
     let found = p
         .model
         .reader
@@ -291,6 +295,15 @@ fn a_stream_keeps_the_tokens_around_the_last_frames_face() {
         .unwrap();
     assert_eq!(found.faces().len(), 1);
     assert!(found.faces()[0].iou(&dense.faces()[0]) > 0.8);
+    let gated: Vec<usize> = (2..=track.refresh)
+        .map(|_| p.run_ersm(&frame).unwrap().tokens[gate])
+        .collect();
+    let n = gated.len();
+    assert!(
+        gated[n - 1] > gated[n - 2] && gated[n - 2] == second.tokens[gate],
+        "frame {} refreshes: the gate's tokens over frames 3..: {gated:?}",
+        track.refresh + 1
+    );
     p.new_stream();
     assert_eq!(
         p.run_ersm(&frame).unwrap().tokens,

@@ -1003,6 +1003,11 @@ fn bad_detector_manifests() {
             "track.frames must be 1-100",
         ),
         (
+            "refresh",
+            serde_json::json!({"margin": 2, "refresh": 1}),
+            "track.refresh must be 0 (never) or 2-10000",
+        ),
+        (
             "offset",
             serde_json::json!({"margin": 2, "gate_offsets": {"ersm.gate": 1e9}}),
             "track.gate_offsets.ersm.gate must be finite",

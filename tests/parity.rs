@@ -7,6 +7,7 @@ mod common;
 use common::*;
 use ersm::package::ModelPackage;
 use ersm::sparse::ops::supported;
+use ersm::sparse::plan::GateOffsets;
 use std::collections::BTreeSet;
 
 const TOL: f32 = 1e-4;
@@ -409,10 +410,10 @@ fn gates_keep_the_held_tokens_and_still_match_the_reference() {
             let feats = ersm::ersm::cpu::gather(fm, &kept);
             let (out, frame) = m
                 .plan
-                .run_holding(&kept, &held, feats, taps.to_vec())
+                .run_holding(&kept, &held, GateOffsets::Stream, feats, taps.to_vec())
                 .expect("sparse suffix runs");
             let got = m.plan.dense_outputs(&out, &frame.sets);
-            let (want, lists) = dense_masked_gated_holding(&m, x, taps, &kept, &held);
+            let (want, lists) = dense_masked_gated_holding(&m, x, taps, &kept, &held, false);
             let err = rel_err(&got, &want);
             assert!(err <= TOL, "seed {seed}, keep p={p}: relative error {err}");
             let (_, plain) = dense_masked_gated(&m, x, taps, &kept);
@@ -436,6 +437,68 @@ fn gates_keep_the_held_tokens_and_still_match_the_reference() {
     assert!(
         widened > 3,
         "holding widened a gate's set on {widened} frames"
+    );
+}
+
+/// A stream's gates at their offsets (manifest `track.gate_offsets`), and
+/// on a refresh frame at the package's own: with a shift set on every
+/// gate, the sparse suffix equals the reference whose gates' unary costs
+/// move by it, and with `GateOffsets::Package` the reference whose do not;
+/// the shift (keeping less) narrows some gate's set on some frames.
+#[test]
+fn a_refresh_frame_runs_the_gates_at_the_package_offsets() {
+    let mut narrowed = 0;
+    for seed in 0..6u64 {
+        let mut m = gated_detector_package(seed, &[(16, 16, 6), (8, 24, 4), (24, 16, 5)]);
+        let names: Vec<String> = m.plan.gates_named().map(|(n, _)| n.to_string()).collect();
+        for name in &names {
+            m.plan
+                .set_gate_shift(name, 0.4)
+                .expect("a gate of the suffix");
+        }
+        let (h, w) = (m.prefix.input_shape[2], m.prefix.input_shape[3]);
+        let mut rng = Rng::new(2900 + seed);
+        let image = rng.normals(3 * h * w, 1.0);
+        let maps = prefix_maps(&m, &image);
+        let (x, taps) = (&maps[0], &maps[1..]);
+        for p in [0.4, 0.9] {
+            let kept = random_kept(&mut rng, m.cut.h * m.cut.w, p);
+            let held: Vec<u32> = kept.iter().copied().filter(|_| rng.f32() < 0.2).collect();
+            let fm = ersm::ersm::FeatureMap::new(x, m.cut.c, m.cut.h, m.cut.w).unwrap();
+            let mut sizes = Vec::new();
+            for offsets in [GateOffsets::Stream, GateOffsets::Package] {
+                let feats = ersm::ersm::cpu::gather(fm, &kept);
+                let (out, frame) = m
+                    .plan
+                    .run_holding(&kept, &held, offsets, feats, taps.to_vec())
+                    .expect("sparse suffix runs");
+                let got = m.plan.dense_outputs(&out, &frame.sets);
+                let shifted = offsets == GateOffsets::Stream;
+                let (want, lists) = dense_masked_gated_holding(&m, x, taps, &kept, &held, shifted);
+                let err = rel_err(&got, &want);
+                assert!(
+                    err <= TOL,
+                    "seed {seed}, keep p={p}, {offsets:?}: relative error {err}"
+                );
+                for (k, g) in m.plan.gates().enumerate() {
+                    assert_eq!(
+                        frame.sets[g.out_level].coords, lists[k],
+                        "seed {seed}, keep p={p}, {offsets:?}: gate {k} keeps what the reference's does"
+                    );
+                }
+                sizes.push(
+                    m.plan
+                        .gates()
+                        .map(|g| frame.sets[g.out_level].len())
+                        .sum::<usize>(),
+                );
+            }
+            narrowed += usize::from(sizes[0] < sizes[1]);
+        }
+    }
+    assert!(
+        narrowed > 3,
+        "the stream's offsets narrowed {narrowed} of 12 frames"
     );
 }
 

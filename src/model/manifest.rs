@@ -53,6 +53,11 @@ pub struct Track {
     /// that one frame missed.
     #[serde(default = "one_frame")]
     pub frames: usize,
+    /// Every `refresh`-th frame of a stream (its first included) runs the
+    /// gates at the package's own offsets, so a face the stream's deeper
+    /// gates miss is found within that many frames, then held. 0: never.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub refresh: usize,
     /// Per gate (its node's name): what its unary costs move by on a stream,
     /// before the mean field (positive: it keeps less).
     #[serde(default)]
@@ -272,6 +277,12 @@ impl Manifest {
             }
             if !(1..=100).contains(&t.frames) {
                 bail!("track.frames must be 1-100 frames, got {}", t.frames);
+            }
+            if t.refresh == 1 || t.refresh > 10_000 {
+                bail!(
+                    "track.refresh must be 0 (never) or 2-10000 frames, got {} (1 would run every frame at the package's own offsets: leave gate_offsets out instead)",
+                    t.refresh
+                );
             }
             for (gate, off) in &t.gate_offsets {
                 if !(off.is_finite() && off.abs() <= 100.0) {

@@ -4,6 +4,7 @@
 
 use super::buffers::Buffers;
 pub use super::frame::{Frame, Level, RuleKey};
+pub use super::ops::gate::GateOffsets;
 use super::ops::Lowered;
 pub use super::ops::Step;
 use super::tokens::{StrideRule, TokenSet};
@@ -325,20 +326,22 @@ impl Plan {
         features: Vec<f32>,
         taps: Vec<Vec<f32>>,
     ) -> Result<(Vec<Value>, Frame)> {
-        self.run_inner(kept, &[], features, taps, None)
+        self.run_inner(kept, &[], GateOffsets::Stream, features, taps, None)
     }
 
     /// [`Plan::run`] on a stream: every gate also keeps the raster indices
     /// `held` of level 0 (ascending; where the last frame's faces were, a
-    /// subset of `kept`) at its own resolution, whatever its energies.
+    /// subset of `kept`) at its own resolution, whatever its energies, and
+    /// runs at `offsets`.
     pub fn run_holding(
         &self,
         kept: &[u32],
         held: &[u32],
+        offsets: GateOffsets,
         features: Vec<f32>,
         taps: Vec<Vec<f32>>,
     ) -> Result<(Vec<Value>, Frame)> {
-        self.run_inner(kept, held, features, taps, None)
+        self.run_inner(kept, held, offsets, features, taps, None)
     }
 
     /// [`Plan::run`], also adding each step's wall time (ms) to `times`
@@ -351,13 +354,14 @@ impl Plan {
         times: &mut Vec<f64>,
     ) -> Result<(Vec<Value>, Frame)> {
         times.resize(self.steps.len() + 1, 0.0);
-        self.run_inner(kept, &[], features, taps, Some(times))
+        self.run_inner(kept, &[], GateOffsets::Stream, features, taps, Some(times))
     }
 
     fn run_inner(
         &self,
         kept: &[u32],
         held: &[u32],
+        offsets: GateOffsets,
         features: Vec<f32>,
         taps: Vec<Vec<f32>>,
         mut times: Option<&mut Vec<f64>>,
@@ -388,7 +392,7 @@ impl Plan {
                     .as_ref()
                     .context("internal: a gate's input read before it was written")?;
                 let kept = gate
-                    .keeps(x, &frame)
+                    .keeps(x, &frame, offsets)
                     .with_context(|| format!("second energy layer at node {}", step.node))?;
                 // The sets and rulebooks behind the gate count as the
                 // frame's sets and rulebooks, not as the gate.

@@ -912,19 +912,22 @@ pub fn dense_masked_gated(
     taps: &[Vec<f32>],
     kept: &[u32],
 ) -> (Vec<f32>, Vec<Vec<u32>>) {
-    dense_masked_gated_holding(m, x, taps, kept, &[])
+    dense_masked_gated_holding(m, x, taps, kept, &[], false)
 }
 
 /// [`dense_masked_gated`] on a stream: each gate also keeps the positions
 /// of its input level that the held raster indices of level 0 reach (their
 /// level masks with every gate passing all it reads), whatever their
-/// energies; the lowest one alone only if neither rule keeps any.
+/// energies; the lowest one alone only if neither rule keeps any. With
+/// `shifted`, each gate's unary costs first move by its stream offset
+/// (`Gate::shift`).
 pub fn dense_masked_gated_holding(
     m: &ModelPackage,
     x: &[f32],
     taps: &[Vec<f32>],
     kept: &[u32],
     held: &[u32],
+    shifted: bool,
 ) -> (Vec<f32>, Vec<Vec<u32>>) {
     let gates: Vec<(&ersm::sparse::ops::Gate, &str)> = m
         .plan
@@ -953,7 +956,10 @@ pub fn dense_masked_gated_holding(
         let all = run_reference(m, &proto, x, taps, &masks);
         let map = &all[all.len() - g.c * g.h * g.w..];
         let fm = ersm::ersm::FeatureMap::new(map, g.c, g.h, g.w).unwrap();
-        let u = ersm::ersm::cpu::unary(fm, &g.spec.head);
+        let mut u = ersm::ersm::cpu::unary(fm, &g.spec.head);
+        if shifted {
+            u.iter_mut().for_each(|v| *v += g.shift);
+        }
         let e = ersm::ersm::cpu::mean_field(&u, g.h, g.w, &g.spec);
         let active: Vec<u32> = masks[g.in_level]
             .iter()

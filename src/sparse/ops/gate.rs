@@ -46,6 +46,23 @@ pub struct Gate {
     pub shift: f32,
 }
 
+/// Which offsets a frame's gates run at.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum GateOffsets {
+    /// Each gate's `shift` (0 unless a stream set one).
+    Stream,
+    /// None: the package's own operating points (a stream's refresh frame,
+    /// manifest `track.refresh`).
+    Package,
+}
+
+/// Moves unary costs by `shift` (none at 0: the same bits).
+fn shifted(u: &mut [f32], shift: f32) {
+    if shift != 0.0 {
+        u.iter_mut().for_each(|v| *v += shift);
+    }
+}
+
 /// Lowers a gate node: its input must be a token map.
 pub fn from_onnx(n: &mut OnnxNode<'_>) -> Result<Tensor> {
     ensure!(
@@ -99,17 +116,21 @@ impl Gate {
     /// input level, whose set `frame` holds): the input level's positions
     /// whose final energy is negative, or the lowest-energy one (first in
     /// raster order) if none is, so a level is never empty.
-    pub fn keeps(&self, x: &Value, frame: &Frame) -> Result<Vec<u32>> {
+    pub fn keeps(&self, x: &Value, frame: &Frame, offsets: GateOffsets) -> Result<Vec<u32>> {
         let active = &frame.sets[self.in_level].coords;
+        let shift = match offsets {
+            GateOffsets::Stream => self.shift,
+            GateOffsets::Package => 0.0,
+        };
         let e = if matches!(self.spec.head, UnaryHead::Conv { .. }) {
             let (_, map) = x.to_dense(&frame.sets, self.fill.as_deref());
             let fm = FeatureMap::new(&map, self.c, self.h, self.w)?;
             let mut u = cpu::unary(fm, &self.spec.head);
-            self.shifted(&mut u);
+            shifted(&mut u, shift);
             let e = cpu::mean_field(&u, self.h, self.w, &self.spec);
             active.iter().map(|&i| e[i as usize]).collect()
         } else {
-            self.per_token_energies(x.data(), active)?
+            self.per_token_energies(x.data(), active, shift)?
         };
         if let Some(why) = TokenMask::non_finite(&e) {
             bail!(why);
@@ -127,13 +148,6 @@ impl Gate {
             .collect())
     }
 
-    /// Moves unary costs by the gate's shift (none at 0: the same bits).
-    fn shifted(&self, u: &mut [f32]) {
-        if self.shift != 0.0 {
-            u.iter_mut().for_each(|v| *v += self.shift);
-        }
-    }
-
     /// The final energies at the active positions (in the set's order) of a
     /// per-token head (no convs), as the whole map would give them. A
     /// position's unary cost reads its own channels only: it is computed at
@@ -144,7 +158,7 @@ impl Gate {
     /// bounding box grown by T (the map's edges stay edges). A gate before
     /// CenterFace's heads reads a 160×120 map of which a frame keeps a
     /// fraction.
-    fn per_token_energies(&self, rows: &[f32], active: &[u32]) -> Result<Vec<f32>> {
+    fn per_token_energies(&self, rows: &[f32], active: &[u32], shift: f32) -> Result<Vec<f32>> {
         let (c, n) = (self.c, active.len());
         if n == 0 {
             return Ok(Vec::new());
@@ -168,7 +182,7 @@ impl Gate {
         }
         let mut at = cpu::unary(FeatureMap::new(&planar, c, 1, cols)?, &self.spec.head);
         cpu::scratch::give(planar);
-        self.shifted(&mut at);
+        shifted(&mut at, shift);
         if self.spec.steps == 0 || self.spec.lambda == 0.0 {
             return Ok(at[..n].to_vec());
         }

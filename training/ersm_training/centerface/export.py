@@ -179,6 +179,8 @@ def manifest(report, original=False, gated=False, peaked=False, track=None):
         # kept, and the gates' offsets track.py chose (REPORT section 23).
         extra["track"] = {"margin": track["margin"], "frames": track.get("frames", 1),
                           "gate_offsets": track["gate_offsets"]}
+        if track.get("refresh"):
+            extra["track"]["refresh"] = track["refresh"]
     return {
         "name": "centerface_ersm",
         "description": DESCRIPTIONS[report.get("cut", "s8")] + (GATED if gated else "") + (PEAKED if peaked else ""),

