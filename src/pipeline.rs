@@ -105,6 +105,8 @@ struct Tracking {
     /// Every `refresh`-th frame runs the gates at the package's own offsets
     /// (0: never).
     refresh: usize,
+    /// Each face is also held where its last motion carries it.
+    predict: bool,
     state: Mutex<StreamState>,
 }
 
@@ -115,6 +117,18 @@ struct StreamState {
     held: std::collections::VecDeque<Vec<u32>>,
     /// Frames begun since the stream started.
     begun: usize,
+    /// The last frame's faces (at the network input).
+    faces: Vec<crate::detect::Detection>,
+}
+
+impl StreamState {
+    /// Every held frame's tokens, ascending, once each.
+    fn union(&self) -> Vec<u32> {
+        let mut all: Vec<u32> = self.held.iter().flatten().copied().collect();
+        all.sort_unstable();
+        all.dedup();
+        all
+    }
 }
 
 /// What a tracked frame starts from.
@@ -186,9 +200,14 @@ impl Pipeline {
         };
         let stream = match &self.track {
             Some(t) => format!(
-                "; a tracked stream (faces of the last {} frame(s) held, margin {}{})",
+                "; a tracked stream (faces of the last {} frame(s) held, margin {}{}{})",
                 t.frames,
                 t.margin,
+                if t.predict {
+                    ", faces carried by their motion"
+                } else {
+                    ""
+                },
                 match t.refresh {
                     0 => String::new(),
                     n => format!(", the package's own gates every {n} frames"),
@@ -267,6 +286,7 @@ impl Pipeline {
             margin: t.margin,
             frames: t.frames,
             refresh: t.refresh,
+            predict: t.predict,
             state: Mutex::new(Default::default()),
         });
         Ok(self)
@@ -533,6 +553,17 @@ impl Pipeline {
         })
     }
 
+    /// The tokens the next frame of the stream will hold, ascending (none
+    /// off a stream).
+    pub fn held(&self) -> Vec<u32> {
+        self.track.as_ref().map_or_else(Vec::new, |t| {
+            t.state
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .union()
+        })
+    }
+
     /// Counts a frame of the stream and says what it starts from: the
     /// tokens the last frames' faces hold and its gates' offsets (off a
     /// stream: nothing held, the gates as loaded). A stream's first frame
@@ -545,9 +576,7 @@ impl Pipeline {
             };
         };
         let mut s = t.state.lock().unwrap_or_else(PoisonError::into_inner);
-        let mut held: Vec<u32> = s.held.iter().flatten().copied().collect();
-        held.sort_unstable();
-        held.dedup();
+        let held = s.union();
         let refresh = t.refresh > 0 && s.begun % t.refresh == 0;
         s.begun += 1;
         StreamFrame {
@@ -614,9 +643,14 @@ impl Pipeline {
             .reader
             .read(logits, w, h)
             .context("tracking: the frame's faces")?;
-        let held =
-            crate::track::held_tokens(answer.faces(), (w, h), (m.cut.w, m.cut.h), track.margin);
+        let faces = answer.faces();
         let mut s = track.state.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut boxes = faces.to_vec();
+        if track.predict {
+            boxes.extend(crate::track::carried(faces, &s.faces));
+        }
+        s.faces = faces.to_vec();
+        let held = crate::track::held_tokens(&boxes, (w, h), (m.cut.w, m.cut.h), track.margin);
         s.held.push_back(held);
         while s.held.len() > track.frames {
             s.held.pop_front();

@@ -8,7 +8,8 @@ use crate::detect::Detection;
 
 /// Raster indices (ascending) of the cut's `(w, h)` tokens under `faces`
 /// (boxes in the network input's pixels, `input` = (w, h)), each box grown
-/// by `margin` tokens on every side and clipped to the map.
+/// by `margin` tokens on every side and clipped to the map. A box outside
+/// the frame holds what its margin reaches inside.
 pub fn held_tokens(
     faces: &[Detection],
     input: (usize, usize),
@@ -20,21 +21,59 @@ pub fn held_tokens(
         return Vec::new();
     }
     let (sx, sy) = (input.0 as f32 / w as f32, input.1 as f32 / h as f32);
+    let m = margin as i64;
+    // The token span [lo, hi] of pixels v1..v2 grown by the margin, within
+    // 0..n (None when it misses the map).
+    let span = |v1: f32, v2: f32, s: f32, n: usize| {
+        let lo = ((v1 / s).floor() as i64 - m).max(0);
+        let hi = ((v2 / s).floor() as i64 + m).min(n as i64 - 1);
+        (lo <= hi).then_some((lo as usize, hi as usize))
+    };
     let mut flags = vec![false; w * h];
     for f in faces {
         // A non-finite box (never decoded from finite maps) holds nothing.
         if ![f.x1, f.y1, f.x2, f.y2].iter().all(|v| v.is_finite()) {
             continue;
         }
-        let token = |v: f32, s: f32, n: usize| ((v / s).floor().max(0.0) as usize).min(n - 1);
-        let (x1, x2) = (token(f.x1, sx, w), token(f.x2, sx, w));
-        let (y1, y2) = (token(f.y1, sy, h), token(f.y2, sy, h));
-        for y in y1.saturating_sub(margin)..=(y2 + margin).min(h - 1) {
-            let row = &mut flags[y * w..(y + 1) * w];
-            row[x1.saturating_sub(margin)..=(x2 + margin).min(w - 1)].fill(true);
+        let (Some((x1, x2)), Some((y1, y2))) = (span(f.x1, f.x2, sx, w), span(f.y1, f.y2, sy, h))
+        else {
+            continue;
+        };
+        for y in y1..=y2 {
+            flags[y * w + x1..=y * w + x2].fill(true);
         }
     }
     (0..(w * h) as u32).filter(|&i| flags[i as usize]).collect()
+}
+
+/// Where each of `faces` is carried one frame on by its motion since the
+/// nearest face of the frame `before` (centres less than its box's larger
+/// side apart): its box moved by the centres' difference. Faces with no
+/// such face before give none.
+pub fn carried(faces: &[Detection], before: &[Detection]) -> Vec<Detection> {
+    let centre = |f: &Detection| ((f.x1 + f.x2) / 2.0, (f.y1 + f.y2) / 2.0);
+    faces
+        .iter()
+        .filter_map(|f| {
+            let (cx, cy) = centre(f);
+            let side = (f.x2 - f.x1).max(f.y2 - f.y1);
+            let (dx, dy) = before
+                .iter()
+                .map(|g| {
+                    let (gx, gy) = centre(g);
+                    (cx - gx, cy - gy)
+                })
+                .filter(|(dx, dy)| dx.hypot(*dy) < side)
+                .min_by(|a, b| a.0.hypot(a.1).total_cmp(&b.0.hypot(b.1)))?;
+            Some(Detection {
+                x1: f.x1 + dx,
+                y1: f.y1 + dy,
+                x2: f.x2 + dx,
+                y2: f.y2 + dy,
+                ..*f
+            })
+        })
+        .collect()
 }
 
 #[cfg(test)]
@@ -79,5 +118,36 @@ mod tests {
         assert_eq!(held, vec![0, 1, 8, 9, 10, 17, 18]);
         assert!(held_tokens(&[face(f32::NAN, 0.0, 8.0, 8.0)], (64, 64), (8, 8), 1).is_empty());
         assert!(held_tokens(&[], (64, 64), (8, 8), 1).is_empty());
+    }
+
+    #[test]
+    fn a_box_past_the_frame_holds_what_its_margin_reaches() {
+        // Pixels 72..80 of a 64-pixel frame are token 9, past the 8 columns:
+        // a margin of 2 reaches column 7 only, a margin of 1 nothing.
+        let off = [face(72.0, 0.0, 80.0, 7.0)];
+        assert_eq!(held_tokens(&off, (64, 64), (8, 8), 2), vec![7, 15, 23]);
+        assert!(held_tokens(&off, (64, 64), (8, 8), 1).is_empty());
+        let above = [face(0.0, -40.0, 7.0, -20.0)];
+        assert!(held_tokens(&above, (64, 64), (8, 8), 2).is_empty());
+    }
+
+    #[test]
+    fn a_face_is_carried_by_its_motion_from_the_nearest_face_before() {
+        let now = [
+            face(100.0, 50.0, 140.0, 90.0),
+            face(300.0, 50.0, 320.0, 70.0),
+        ];
+        // The first moved 30 pixels right and 4 down since the nearer of two
+        // faces; the second's nearest is 60 pixels off, more than its side.
+        let before = [
+            face(70.0, 46.0, 110.0, 86.0),
+            face(0.0, 0.0, 40.0, 40.0),
+            face(240.0, 50.0, 260.0, 70.0),
+        ];
+        let on = carried(&now, &before);
+        assert_eq!(on, vec![face(130.0, 54.0, 170.0, 94.0)]);
+        assert!(carried(&now, &[]).is_empty());
+        // A face that stood still is carried where it is.
+        assert_eq!(carried(&now[..1], &now[..1]), vec![now[0]]);
     }
 }

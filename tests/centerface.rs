@@ -319,6 +319,76 @@ fn a_stream_keeps_the_tokens_around_the_last_frames_face() {
     assert!(err.contains("track"), "{err}");
 }
 
+/// With `track.predict` a face is also held where its motion carries it:
+/// after the astronaut's face moves 48 pixels right, the next frame's
+/// stream holds (and the next frame's energy layer keeps) the tokens around
+/// its box moved 48 pixels further, some of which its box and margin alone
+/// would not hold.
+#[test]
+fn a_stream_with_prediction_holds_a_face_where_it_is_going() {
+    let dir = Scratch::dir("centerface", "predict");
+    std::fs::copy(Path::new(MODEL).join("model.onnx"), dir.join("model.onnx")).unwrap();
+    let text = std::fs::read_to_string(Path::new(MODEL).join("manifest.json")).unwrap();
+    let mut m: serde_json::Value = serde_json::from_str(&text).unwrap();
+    m["track"]["predict"] = serde_json::json!(true);
+    std::fs::write(dir.join("manifest.json"), m.to_string()).unwrap();
+    let p = Pipeline::new(
+        ModelPackage::load(&*dir).expect("the package with prediction loads"),
+        ersm::ersm::Device::Cpu,
+    )
+    .with_tracking()
+    .unwrap();
+    assert!(
+        p.placement().contains("carried by their motion"),
+        "{}",
+        p.placement()
+    );
+    let a = images::load(Path::new(FACE)).unwrap();
+    let shift = 48;
+    let mut b = a.clone();
+    for row in b.rgb.chunks_exact_mut(a.width * 3) {
+        row.copy_within(..(a.width - shift) * 3, shift * 3);
+        row[..shift * 3].fill(0);
+    }
+    let (w, h) = (
+        p.model.manifest.input.shape[3],
+        p.model.manifest.input.shape[2],
+    );
+    let faces = |r: &ersm::pipeline::ErsmResult| {
+        p.model
+            .reader
+            .read(&r.logits, w, h)
+            .unwrap()
+            .faces()
+            .to_vec()
+    };
+    let fa = faces(&p.run_ersm(&a).unwrap());
+    let fb = faces(&p.run_ersm(&b).unwrap());
+    assert_eq!((fa.len(), fb.len()), (1, 1), "{fa:?} {fb:?}");
+    let moved = fb[0].x1 - fa[0].x1;
+    assert!(
+        (50.0..70.0).contains(&moved),
+        "48 source pixels at the input: {moved}"
+    );
+    let carried = ersm::track::carried(&fb, &fa);
+    let cut = (p.model.cut.w, p.model.cut.h);
+    let margin = p.model.manifest.track.as_ref().unwrap().margin;
+    let ahead = ersm::track::held_tokens(&carried, (w, h), cut, margin);
+    let here = ersm::track::held_tokens(&fb, (w, h), cut, margin);
+    assert!(ahead.iter().any(|i| here.binary_search(i).is_err()));
+    let held = p.held();
+    for i in ahead.iter().chain(&here) {
+        assert!(held.binary_search(i).is_ok(), "token {i} not held");
+    }
+    let next = p.run_ersm(&b).unwrap();
+    for i in &held {
+        assert!(
+            next.mask.kept.binary_search(i).is_ok(),
+            "held token {i} dropped"
+        );
+    }
+}
+
 #[test]
 fn run_reports_faces_and_anonymizes_them() {
     let dir = Scratch::dir("centerface", "anonymize");

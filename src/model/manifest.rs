@@ -58,6 +58,10 @@ pub struct Track {
     /// gates miss is found within that many frames, then held. 0: never.
     #[serde(default, skip_serializing_if = "is_zero")]
     pub refresh: usize,
+    /// Each face is also held where its motion since the frame before
+    /// carries it one frame on, against faces that outrun the margin.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub predict: bool,
     /// Per gate (its node's name): what its unary costs move by on a stream,
     /// before the mean field (positive: it keeps less).
     #[serde(default)]

@@ -181,6 +181,8 @@ def manifest(report, original=False, gated=False, peaked=False, track=None):
                           "gate_offsets": track["gate_offsets"]}
         if track.get("refresh"):
             extra["track"]["refresh"] = track["refresh"]
+        if track.get("predict"):
+            extra["track"]["predict"] = True
     return {
         "name": "centerface_ersm",
         "description": DESCRIPTIONS[report.get("cut", "s8")] + (GATED if gated else "") + (PEAKED if peaked else ""),

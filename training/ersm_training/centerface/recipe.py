@@ -20,8 +20,9 @@ Steps:
    gate on the FPN's stride-4 sum before the heads (`peak.pt` at
    `peak_point.json`'s offset, from `peak_gate.py train` and `choose`:
    section 21), and the stream settings (`track_point.json`, from
-   `track.py clips`, `score` (gate offsets, frames held, refresh periods)
-   and `choose`: section 23);
+   `track.py clips`, `score` (gate offsets, frames held, refresh periods,
+   a predicted hold and a wider margin on fast clips) and `choose`:
+   section 23);
 3. the check: `model.onnx` byte for byte and `manifest.json` equal to the
    shipped package's.
 
@@ -154,6 +155,22 @@ def main():
                                "--held-frames", str(chosen_track["frames"]), "--refresh", "4", "8", "16"] + heads)
                     step(tr + ["choose", "--clips", clips, "--held", held, "--refresh-scores", refresh,
                                "--onnx", onnx_path, "--out", clips] + heads)
+                    # The fourth: faces that outrun their margin, on fast
+                    # clips, at the settings the first three chose.
+                    with open(track_point) as fh:
+                        chosen_track = json.load(fh)
+                    fast, motion = os.path.join(work, "fastclips"), os.path.join(work, "motion")
+                    step(tr + ["clips", "--fast", "--seed", "29", "--data", args.retrain, "--onnx", onnx_path,
+                               "--out", fast])
+                    at = ["--gate-offsets", str(chosen_track["stream_gate_offset"]), "--held-frames",
+                          str(chosen_track["frames"]), "--refresh", str(chosen_track["refresh"] or 8)]
+                    for name, source in (("clips", clips), ("fast", fast)):
+                        for cand, extra in (("base", []), ("predicted", ["--predict"]),
+                                            ("wider", ["--margin", "4"])):
+                            step(tr + ["score", "--clips", source, "--onnx", onnx_path,
+                                       "--out", os.path.join(motion, f"{name}_{cand}")] + at + extra + heads)
+                    step(tr + ["choose", "--clips", clips, "--held", held, "--refresh-scores", refresh,
+                               "--motion", motion, "--onnx", onnx_path, "--out", clips] + heads)
     export = [sys.executable, "-m", "ersm_training.centerface.export", "--onnx", onnx_path, "--head", head,
               "--report", point, "--out", args.out]
     if os.path.exists(gate):
