@@ -121,7 +121,9 @@ class Net:
     `model`: a package folder (default: the bundled classifier);
     `device`: "cpu", "cuda" or "auto"; `threads`: worker threads (default:
     every core); `input_size`: a detector's (width, height), multiples of 32;
-    `fallback`: re-run unsure frames densely."""
+    `fallback`: re-run unsure frames densely; `track`: a detector's frames
+    are one stream, in the order `process` is called (its package's `track`
+    settings; on the CPU)."""
 
     def __init__(
         self,
@@ -131,12 +133,17 @@ class Net:
         threads: Optional[int] = None,
         input_size: Optional[tuple[int, int]] = None,
         fallback: bool = False,
+        track: bool = False,
     ) -> None: ...
     def process(self, frame: Frame, *, bgr: bool = False, dense: bool = False) -> Result:
         """ERSM on one frame, and the dense baseline when `dense=True`. The
         array is read in place (BGR is swapped into a copy); the GIL is
         released while it runs. Raises TypeError/ValueError for an array
         that is not H×W×3 uint8 C-contiguous, ersm.Error for a frame that fails."""
+    def new_stream(self) -> None:
+        """Forgets the frames before (track=True): the next starts a new stream."""
+    @property
+    def tracking(self) -> bool: ...
     @property
     def name(self) -> str: ...
     @property

@@ -27,7 +27,7 @@ pub struct Net {
 #[pymethods]
 impl Net {
     #[new]
-    #[pyo3(signature = (model=None, *, device="auto", threads=None, input_size=None, fallback=false))]
+    #[pyo3(signature = (model=None, *, device="auto", threads=None, input_size=None, fallback=false, track=false))]
     fn new(
         py: Python<'_>,
         model: Option<PathBuf>,
@@ -35,6 +35,7 @@ impl Net {
         threads: Option<usize>,
         input_size: Option<(usize, usize)>,
         fallback: bool,
+        track: bool,
     ) -> PyResult<Net> {
         let device = match device {
             "cpu" => DeviceChoice::Cpu,
@@ -65,8 +66,9 @@ impl Net {
             threads,
             input_size,
             fallback,
-            // Frames handed to a Net one by one need not be one stream.
-            track: false,
+            // With `track`, the frames `process` is given, in the order it
+            // is called, are one stream (`new_stream` starts another).
+            track,
         };
         let pipeline = py.detach(|| ersm::cli::load(&opts)).map_err(crate::error)?;
         Ok(Net {
@@ -100,6 +102,18 @@ impl Net {
             pipeline: self.pipeline.clone(),
             index,
         })
+    }
+
+    /// Forgets the faces of the frames before: the next frame starts a new
+    /// stream (with `track=True`; otherwise nothing to forget).
+    fn new_stream(&self) {
+        self.pipeline.new_stream();
+    }
+
+    /// True when frames are tracked (`track=True`).
+    #[getter]
+    fn tracking(&self) -> bool {
+        self.pipeline.tracking()
     }
 
     /// The package's name (its manifest's).

@@ -80,3 +80,34 @@ def test_detector_faces_match_bench_dump(ersm, tmp_path):
     assert agreement["dense_faces"] == len(r.dense.faces)
     assert 0.0 <= agreement["recall"] <= 1.0
     assert r.label == ("1 face" if len(r.faces) == 1 else f"{len(r.faces)} faces")
+
+
+def test_a_tracked_stream_matches_run_track(ersm, tmp_path):
+    # The astronaut four times: from the second frame on, the tracked stream
+    # holds the face found before and its gate runs at the stream's offset.
+    frames = tmp_path / "frames"
+    frames.mkdir()
+    for i in range(4):
+        (frames / f"f{i}.png").write_bytes((IMAGES / "astronaut.png").read_bytes())
+    dump = tmp_path / "track.jsonl"
+    model = MODELS / "centerface_ersm"
+    cli("run", "--source", frames, "--model", model, "--track", "--warmup", 0, "--device", "cpu",
+        "--compare", "none", "--dump", dump)
+    expected = lines(dump)
+    assert len(expected) == 4
+    net = ersm.Net(model, device="cpu", track=True)
+    plain = ersm.Net(model, device="cpu")
+    assert net.tracking and not plain.tracking
+    moved = 0
+    for _ in range(2):
+        with ersm.VideoSource(str(frames)) as src:
+            for want, frame in zip(expected, src):
+                r = net.process(frame)
+                np.testing.assert_array_equal(r.kept, np.array(want["kept"], np.uint32))
+                assert len(r.faces) == len(want["faces"]) == 1
+                np.testing.assert_allclose(r.faces[0].box, want["faces"][0]["bbox"], atol=1e-3)
+                alone = plain.process(frame).faces[0].box
+                moved += int(np.abs(np.asarray(r.faces[0].box) - np.asarray(alone)).max() > 1e-3)
+        # A new stream starts over: the same answers again.
+        net.new_stream()
+    assert moved >= 2, "the stream's held faces and gate offset changed no answer"
