@@ -374,7 +374,7 @@ impl Pipeline {
         let plan = &self.model.plan;
         let (out, frame) = match &self.placement.suffix {
             Some(g) => g
-                .run(plan, kept, &rows, &taps)
+                .run(plan, kept, &rows, &taps, None)
                 .context("sparse suffix (GPU)")?,
             None => plan.run(kept, rows, taps).context("sparse suffix")?,
         };
@@ -492,7 +492,7 @@ impl Pipeline {
                         // `count × C` gathered rows, locked for this call
                         // and written by the kernel launched before on the
                         // same (default) stream.
-                        unsafe { gpu.run_on_device(tokens, on.rows, &taps) }
+                        unsafe { gpu.run_on_device(tokens, on.rows, &taps, None) }
                     })
                     .context("energy layer")?;
                 times.ersm = (suffix_started - t).as_secs_f64() * 1e3;

@@ -51,7 +51,42 @@ pub struct Plan {
     buffers: Buffers,
 }
 
+/// What a stream's frame changes in a gated suffix's run on a device: each
+/// level's held footprint (none when nothing is held) and each gate's shift,
+/// by the gate's number.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Holding {
+    pub held: Vec<TokenSet>,
+    pub shifts: Vec<f32>,
+}
+
+impl Holding {
+    /// True when it changes nothing: nothing held, every shift zero.
+    pub fn is_none(&self) -> bool {
+        self.held.iter().all(|s| s.coords.is_empty()) && self.shifts.iter().all(|&s| s == 0.0)
+    }
+}
+
 impl Plan {
+    /// A frame's [`Holding`] for the raster indices `held` of level 0 (as
+    /// [`Plan::run_holding`] takes them) at `offsets`.
+    pub fn holding(&self, held: &[u32], offsets: GateOffsets) -> Holding {
+        let mut shifts = vec![0.0; self.gates().count()];
+        for g in self.gates() {
+            if offsets == GateOffsets::Stream {
+                shifts[g.gate] = g.shift;
+            }
+        }
+        Holding {
+            held: if held.is_empty() || shifts.is_empty() {
+                Vec::new()
+            } else {
+                Frame::footprint(&self.levels, self.stride_rule, held)
+            },
+            shifts,
+        }
+    }
+
     /// The plan of a finished lowering whose results are `outputs`, on
     /// `channels`-wide gathered features and the prefix maps in `taps`.
     pub fn new(lowered: Lowered, channels: usize, taps: Vec<usize>, outputs: Vec<usize>) -> Plan {

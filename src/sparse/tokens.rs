@@ -179,6 +179,9 @@ pub struct LevelParams {
     pub count_out: u64,
     /// A gate's level (rule 4): the gate's energies over the map.
     pub energies: u64,
+    /// Rule 4 on a stream: a `u32` flag per parent position, nonzero where
+    /// the held tokens reach (0: none held).
+    pub held: u64,
     pub map_h: i32,
     pub map_w: i32,
     pub in_h: i32,

@@ -17,6 +17,7 @@ use ersm::sparse::gpu::{
     Args, Device, DeviceTokens, Family, GpuSuffix, Kernel, RulebookSite, BLOCK,
 };
 use ersm::sparse::launch::all_sources;
+use ersm::sparse::plan::GateOffsets;
 use std::ffi::c_void;
 
 /// Relative error allowed: the sums run in another order than the CPU's GEMM.
@@ -257,15 +258,36 @@ fn compare_with<D: Device>(
     kept: &[u32],
     what: &str,
 ) {
+    compare_frame(m, gpu, x, taps, kept, None, what)
+}
+
+/// [`compare_with`] for a stream's frame when `stream` holds the raster
+/// indices held and the gates' offsets: the CPU's `run_holding` against
+/// the GPU's run with the plan's `holding` (none: the GPU's gates hold
+/// nothing and move by nothing).
+fn compare_frame<D: Device>(
+    m: &ModelPackage,
+    gpu: &GpuSuffix<D>,
+    x: &[f32],
+    taps: &[Vec<f32>],
+    kept: &[u32],
+    stream: Option<(&[u32], GateOffsets)>,
+    what: &str,
+) {
     let fm = ersm::ersm::FeatureMap::new(x, m.cut.c, m.cut.h, m.cut.w).unwrap();
     let feats = ersm::ersm::cpu::gather(fm, kept);
-    let (cpu_out, cpu_frame) = m
-        .plan
-        .run(kept, feats.clone(), taps.to_vec())
-        .expect("CPU suffix runs");
+    let (cpu_out, cpu_frame) = match stream {
+        None => m.plan.run(kept, feats.clone(), taps.to_vec()),
+        Some((held, offsets)) => {
+            m.plan
+                .run_holding(kept, held, offsets, feats.clone(), taps.to_vec())
+        }
+    }
+    .expect("CPU suffix runs");
+    let holding = stream.map(|(held, offsets)| m.plan.holding(held, offsets));
     let cpu = m.plan.dense_outputs(&cpu_out, &cpu_frame.sets);
     let (out, frame) = gpu
-        .run(&m.plan, kept, &feats, taps)
+        .run(&m.plan, kept, &feats, taps, holding.as_ref())
         .expect("GPU suffix runs");
     // Behind a gate the sets are the device's: the CPU's, entry for entry.
     assert_eq!(
@@ -304,8 +326,15 @@ fn compare_with<D: Device>(
     let uploaded = gpu.upload_kept(kept).unwrap();
     let rows = gpu.device().upload(&feats).unwrap();
     // SAFETY: the kept list, its count and its rows, uploaded just above.
-    let run = unsafe { gpu.run_on_device(uploaded.tokens, gpu.device().ptr(&rows), taps) }
-        .unwrap_or_else(|e| panic!("{what}: run on device tokens: {e:#}"));
+    let run = unsafe {
+        gpu.run_on_device(
+            uploaded.tokens,
+            gpu.device().ptr(&rows),
+            taps,
+            holding.as_ref(),
+        )
+    }
+    .unwrap_or_else(|e| panic!("{what}: run on device tokens: {e:#}"));
     assert_eq!(
         run.counts,
         cpu_frame.counts(),
@@ -394,6 +423,34 @@ fn check_everything<D: Device>(make: impl Fn() -> D) {
         for p in [0.05, 0.5, 1.0] {
             let kept = random_kept(&mut rng, m.cut.h * m.cut.w, p);
             let what = format!("{kind} {seed}, keep {p}");
+            compare_with(&m, &gpu, &maps[0], &maps[1..], &kept, &what);
+        }
+    }
+    // A stream's frames on gated detectors: held tokens kept at every gate
+    // (`sfx_level`'s rule 4 reading the held flags) and the gates' costs
+    // moved by their shift (`sfx_gate_unary`), or not on a refresh frame;
+    // then a frame off the stream on the same device buffers, which holds
+    // nothing again.
+    for seed in 0..4u64 {
+        let m = gated_detector_package(seed, &shapes);
+        let mut shifted = gated_detector_package(seed, &shapes);
+        let names: Vec<String> = m.plan.gates_named().map(|(n, _)| n.to_string()).collect();
+        for name in &names {
+            shifted.plan.set_gate_shift(name, 0.4).unwrap();
+        }
+        let gpu = GpuSuffix::new(make(), &m.plan).expect("a gated detector lowers");
+        let mut rng = Rng::new(1700 + seed);
+        let image = rng.normals(m.prefix.input_shape.iter().product(), 1.0);
+        let maps = prefix_maps(&m, &image);
+        for p in [0.3, 0.9] {
+            let kept = random_kept(&mut rng, m.cut.h * m.cut.w, p);
+            let held: Vec<u32> = kept.iter().copied().filter(|_| rng.f32() < 0.2).collect();
+            for offsets in [GateOffsets::Stream, GateOffsets::Package] {
+                let what = format!("stream {seed}, keep {p}, {offsets:?}");
+                let stream = Some((&held[..], offsets));
+                compare_frame(&shifted, &gpu, &maps[0], &maps[1..], &kept, stream, &what);
+            }
+            let what = format!("off the stream {seed}, keep {p}");
             compare_with(&m, &gpu, &maps[0], &maps[1..], &kept, &what);
         }
     }
@@ -527,7 +584,7 @@ impl<B> EnergyOutputs<B> {
         };
         // SAFETY: `new` sized the buffers for a whole map and `write` filled
         // the kept list, its count and its rows.
-        unsafe { gpu.run_on_device(tokens, d.ptr(&self.rows), &[]) }
+        unsafe { gpu.run_on_device(tokens, d.ptr(&self.rows), &[], None) }
     }
 }
 
@@ -542,7 +599,7 @@ fn timed_gpu_suffix_gives_the_untimed_result() {
     let m = ModelPackage::load("models/mobilenet_v2_ersm").unwrap();
     let gpu = GpuSuffix::new(emulator, &m.plan).expect("the shipped model lowers");
     let (kept, feats) = blob_frame(&m, &mut Rng::new(23), 0.5);
-    let (want, frame) = gpu.run(&m.plan, &kept, &feats, &[]).unwrap();
+    let (want, frame) = gpu.run(&m.plan, &kept, &feats, &[], None).unwrap();
     let want = m.plan.dense_outputs(&want, &frame.sets);
     let counts: Vec<usize> = frame.sets.iter().map(|s| s.len()).collect();
     for site in [RulebookSite::Device, RulebookSite::Host] {
@@ -726,8 +783,8 @@ fn device_path_frames(emulator: Emulator) {
         let what = format!("graphs {graphs}, frame {frame_no}");
         gpu.device().log.borrow_mut().clear();
         // SAFETY: the kept list, its count and its rows, uploaded above.
-        let out =
-            unsafe { gpu.run_on_device(uploaded.tokens, gpu.device().ptr(&rows), &[]) }.unwrap();
+        let out = unsafe { gpu.run_on_device(uploaded.tokens, gpu.device().ptr(&rows), &[], None) }
+            .unwrap();
         let log = gpu.device().log.borrow().clone();
         let n_out = match &out.values[..] {
             [ersm::sparse::Value {
@@ -771,14 +828,15 @@ fn device_path_frames(emulator: Emulator) {
         }
         // The first frame asks to capture (the device says whether it can),
         // with the launches then captured, or run; a captured frame then
-        // runs as its graph.
+        // runs as its graph. Its workspace is allocated first, the stream
+        // buffer (held flags, gate shifts) written with zeros once.
         let last = log
             .iter()
             .rposition(|c| matches!(c, Call::Launch(_) | Call::Graph))
             .unwrap();
         let before_ok = |c: &Call| match c {
             Call::Launch(_) => true,
-            Call::Alloc | Call::Capture => frame_no == 0,
+            Call::Alloc | Call::Capture | Call::Write => frame_no == 0,
             _ => false,
         };
         assert!(
@@ -791,7 +849,7 @@ fn device_path_frames(emulator: Emulator) {
         assert_eq!(log[last + 1..], reads, "{what}: after the last launch");
     }
     // The same as the host-built frame's run, bit for bit.
-    let (want, frame) = gpu.run(&m.plan, &kept, &feats, &[]).unwrap();
+    let (want, frame) = gpu.run(&m.plan, &kept, &feats, &[], None).unwrap();
     let want_counts: Vec<usize> = frame.sets.iter().map(|s| s.len()).collect();
     for ersm::sparse::gpu::DeviceRun {
         values: got,
@@ -825,7 +883,7 @@ fn device_frame_refuses_a_bad_kept_count() {
             count: d.ptr(&count),
         };
         // SAFETY: the list and rows hold a whole map; the count is what is tested.
-        let err = unsafe { gpu.run_on_device(tokens, d.ptr(&rows), &[]) }.unwrap_err();
+        let err = unsafe { gpu.run_on_device(tokens, d.ptr(&rows), &[], None) }.unwrap_err();
         let msg = format!("{err:#}");
         assert!(msg.contains("kept list holds"), "count {n}: {msg}");
     }
@@ -937,7 +995,7 @@ fn a_captured_frame_replays_for_each_later_frames_tokens() {
                 "frame {frame_no}: replays the graph"
             );
         }
-        let (want, frame) = gpu.run(&m.plan, &kept, &feats, &[]).unwrap();
+        let (want, frame) = gpu.run(&m.plan, &kept, &feats, &[], None).unwrap();
         assert_eq!(got, want, "frame {frame_no}, keep {keep}");
         let want_counts: Vec<usize> = frame.sets.iter().map(|s| s.len()).collect();
         assert_eq!(counts, want_counts, "frame {frame_no}: token counts");
@@ -981,7 +1039,7 @@ fn a_failed_capture_falls_back_to_kernel_by_kernel_launches() {
         );
         launches.push(log.iter().filter(|c| matches!(c, Call::Launch(_))).count());
         assert!(gpu.stopped_capturing(), "frame {frame_no}");
-        let (want, _) = gpu.run(&m.plan, &kept, &feats, &[]).unwrap();
+        let (want, _) = gpu.run(&m.plan, &kept, &feats, &[], None).unwrap();
         assert_eq!(got, want, "frame {frame_no}, keep {keep}");
     }
     // The first frame's launches went into the failed capture, then again

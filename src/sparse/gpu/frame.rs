@@ -50,6 +50,11 @@ pub(super) struct FrameLayout {
     pub tables: Vec<usize>,
     pub sets_len: usize,
     pub tables_len: usize,
+    /// The stream buffer: each level's held flags (one `u32` per position),
+    /// then each gate's shift (one `f32`).
+    held: Vec<usize>,
+    pub gates: usize,
+    pub stream_len: usize,
 }
 
 impl FrameLayout {
@@ -63,14 +68,32 @@ impl FrameLayout {
         self.sets[l] + self.positions[l]
     }
 
+    /// Offset of level `l`'s held flags in the stream buffer.
+    pub fn held(&self, l: usize) -> usize {
+        self.held[l]
+    }
+
+    /// Offset of gate `g`'s shift in the stream buffer.
+    pub fn shift(&self, g: usize) -> usize {
+        self.held
+            .last()
+            .map_or(0, |&h| h + self.positions[self.held.len() - 1])
+            + g
+    }
+
     /// The layout of `plan`'s levels and rulebooks.
     pub fn new(plan: &Plan) -> FrameLayout {
         let mut l = FrameLayout::default();
+        let mut held = 0;
         for level in &plan.levels {
             l.positions.push(level.h * level.w);
             l.sets.push(l.sets_len);
             l.sets_len += 2 * level.h * level.w;
+            l.held.push(held);
+            held += level.h * level.w;
         }
+        l.gates = plan.gates().count();
+        l.stream_len = held + l.gates;
         for r in &plan.rules {
             l.tables.push(l.tables_len);
             l.tables_len += l.positions[r.out_level] * r.window.kh * r.window.kw;

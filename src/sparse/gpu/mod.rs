@@ -23,7 +23,7 @@ mod record;
 mod workspace;
 
 use super::frame::{Frame, Level, RuleKey};
-use super::plan::Plan;
+use super::plan::{Holding, Plan};
 use super::tokens::StrideRule;
 use super::value::{Shape, Value};
 pub use crate::sparse::launch::{Args, Family, Kernel, KernelArgs};
@@ -185,13 +185,16 @@ impl<D: Device> GpuSuffix<D> {
     /// Runs the suffix on gathered `features` (`kept.len() × C`, host
     /// memory) and the prefix maps it reads (`taps`, dense, host memory) for
     /// the token set `kept`, with the token sets and rulebooks built on the
-    /// host; the outputs as the CPU plan gives them.
+    /// host; the outputs as the CPU plan gives them. On a stream,
+    /// `holding` (from [`Plan::holding`]) holds tokens at every gate and
+    /// moves its costs, as [`Plan::run_holding`] does.
     pub fn run(
         &self,
         plan: &Plan,
         kept: &[u32],
         features: &[f32],
         taps: &[Vec<f32>],
+        holding: Option<&Holding>,
     ) -> Result<(Vec<Value>, Frame)> {
         plan.check_features(kept.len(), features.len())?;
         plan.check_taps(taps)?;
@@ -199,6 +202,7 @@ impl<D: Device> GpuSuffix<D> {
         let (values, sets) = self.with_workspace(|ws| {
             let counts = self.put_host_frame(ws, &frame, features)?;
             self.put_taps(ws, taps)?;
+            self.put_holding(ws, holding)?;
             let rows = self.device.ptr(&ws.input);
             let outputs = self.replay(ws, rows, None)?;
             // Behind a gate the counts and sets are the device's.
@@ -217,6 +221,43 @@ impl<D: Device> GpuSuffix<D> {
         ))
     }
 
+    /// Writes a stream frame's held flags and gate shifts (none: zeros,
+    /// written only if the last frame's were not).
+    fn put_holding(
+        &self,
+        ws: &mut Workspace<D::Buf, D::Graph>,
+        holding: Option<&Holding>,
+    ) -> Result<()> {
+        let clear = holding.is_none_or(Holding::is_none);
+        if clear && ws.stream_clear {
+            return Ok(());
+        }
+        let mut v = vec![0.0f32; self.layout.stream_len.max(1)];
+        if let Some(h) = holding.filter(|_| !clear) {
+            anyhow::ensure!(
+                h.shifts.len() == self.layout.gates
+                    && (h.held.is_empty() || h.held.len() == self.levels.len()),
+                "a stream frame for {} gates and {} levels, given {} shifts and {} held levels",
+                self.layout.gates,
+                self.levels.len(),
+                h.shifts.len(),
+                h.held.len()
+            );
+            for (l, set) in h.held.iter().enumerate() {
+                let at = self.layout.held(l);
+                for &i in &set.coords {
+                    v[at + i as usize] = f32::from_bits(1);
+                }
+            }
+            for (g, &s) in h.shifts.iter().enumerate() {
+                v[self.layout.shift(g)] = s;
+            }
+        }
+        self.device.write(&mut ws.stream, 0, &v)?;
+        ws.stream_clear = clear;
+        Ok(())
+    }
+
     /// Writes the prefix maps the suffix reads into their buffers.
     fn put_taps(&self, ws: &mut Workspace<D::Buf, D::Graph>, taps: &[Vec<f32>]) -> Result<()> {
         for (buf, t) in ws.taps.iter_mut().zip(taps) {
@@ -233,7 +274,8 @@ impl<D: Device> GpuSuffix<D> {
     /// maps the suffix reads, are written from the host first). The outputs
     /// and the token count of each level are returned, and behind a gate
     /// the device's token sets (elsewhere the host's [`Plan::sets`] of the
-    /// same kept list places a token output).
+    /// same kept list places a token output). `holding`: as for
+    /// [`GpuSuffix::run`].
     ///
     /// # Safety
     /// `tokens` must address a kept list and its count as the energy kernel
@@ -245,6 +287,7 @@ impl<D: Device> GpuSuffix<D> {
         tokens: DeviceTokens,
         rows: u64,
         taps: &[Vec<f32>],
+        holding: Option<&Holding>,
     ) -> Result<DeviceRun> {
         anyhow::ensure!(
             taps.len() == self.taps.len(),
@@ -254,6 +297,7 @@ impl<D: Device> GpuSuffix<D> {
         );
         self.with_workspace(|ws| {
             self.put_taps(ws, taps)?;
+            self.put_holding(ws, holding)?;
             let outputs = self.launch_frame(ws, tokens, rows)?;
             let counts = self.read_counts(ws, None)?;
             let sets = if self.gated() {

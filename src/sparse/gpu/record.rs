@@ -44,6 +44,13 @@ impl<D: Device> GpuSuffix<D> {
         let sets: Vec<u64> = (0..self.levels.len())
             .map(|l| at + 4 * self.layout.index(l) as u64)
             .collect();
+        let at = self.device.ptr(&ws.stream);
+        let held: Vec<u64> = (0..self.levels.len())
+            .map(|l| at + 4 * self.layout.held(l) as u64)
+            .collect();
+        let shifts: Vec<u64> = (0..self.layout.gates)
+            .map(|g| at + 4 * self.layout.shift(g) as u64)
+            .collect();
         let mut rec = Recorder::new(&self.device, &mut ws.pool);
         let mut launches = Vec::new();
         let mut slots: Vec<Slot> = (0..self.slots).map(|_| None).collect();
@@ -102,6 +109,8 @@ impl<D: Device> GpuSuffix<D> {
                 tables: &tables,
                 lists: &lists,
                 sets: &sets,
+                held: &held,
+                shifts: &shifts,
                 residual,
                 fused: false,
                 out: None,

@@ -61,6 +61,11 @@ pub(super) struct Workspace<B, G> {
     pub kept_count: B,
     /// The prefix maps the suffix reads (its taps), written every frame.
     pub taps: Vec<B>,
+    /// A stream's held flags and gate shifts (the layout's stream buffer),
+    /// written when a frame's differ from none.
+    pub stream: B,
+    /// True while `stream` holds no held flag and no shift.
+    pub stream_clear: bool,
     /// The steps' outputs, with each buffer's length.
     pub pool: Vec<(B, usize)>,
     /// The step launches recorded so far, one list per input address.
@@ -81,7 +86,12 @@ impl<B, G> Workspace<B, G> {
         taps: &[usize],
     ) -> Result<Workspace<B, G>> {
         let all = layout.positions[0];
+        // Zeros: no frame has held anything yet.
+        let mut stream = device.alloc(layout.stream_len)?;
+        device.write(&mut stream, 0, &vec![0.0; layout.stream_len.max(1)])?;
         Ok(Workspace {
+            stream,
+            stream_clear: true,
             sets: device.alloc(layout.sets_len)?,
             tables: device.alloc(layout.tables_len.max(1))?,
             counts: device.alloc(layout.positions.len())?,

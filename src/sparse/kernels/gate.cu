@@ -46,15 +46,18 @@ struct GateUnaryParams {
     float* unary;         // positions
     float* energies;      // positions: the unary costs, before any mean-field step
     float* pull;          // positions: each token's pull on its neighbours
+    const float* shift;   // one value the unary costs move by (a stream's offset), or null
     int hc, positions, hidden;
     float tau;
 };
 
-// Unary costs, one token per thread, as ersm.cu's ersm_unary.
+// Unary costs, one token per thread, as ersm.cu's ersm_unary, moved by the
+// frame's shift (Gate::keeps).
 extern "C" __global__ void sfx_gate_unary(GateUnaryParams p) {
     const int i = sfx_index();
     if (i >= p.positions) return;
-    const float u = ersm_unary_cost(p.hx, p.hc, p.positions, i, p.params, p.hidden);
+    const float u = ersm_unary_cost(p.hx, p.hc, p.positions, i, p.params, p.hidden) +
+                    (p.shift ? *p.shift : 0.0f);
     p.unary[i] = u;
     p.energies[i] = u;
     p.pull[i] = 1.0f - 2.0f * (1.0f / (1.0f + expf(u / p.tau)));

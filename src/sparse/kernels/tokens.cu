@@ -16,6 +16,7 @@ struct LevelParams {
     u32* list_out;        // this level's token list
     u32* count_out;       // its length
     const float* energies;  // a gate's level (rule 4): the gate's energies over the map
+    const u32* held;      // rule 4 on a stream: nonzero where the parent's held tokens reach, or null
     int map_h, map_w;     // this level's map
     int in_h, in_w;       // the parent level's map
     int stride;           // from the parent
@@ -47,7 +48,7 @@ __device__ __forceinline__ bool sfx_strided_active(const LevelParams& p, int oy,
     const int s = p.stride;
     if (p.rule == 4) {
         const int i = oy * p.in_w + ox;
-        return p.set_in[i] != SFX_INACTIVE && p.energies[i] < 0.0f;
+        return p.set_in[i] != SFX_INACTIVE && (p.energies[i] < 0.0f || (p.held && p.held[i]));
     }
     if (p.rule == 3) {
         const int i = oy * p.in_w + ox;
@@ -83,8 +84,8 @@ extern "C" __global__ void sfx_level(LevelParams p) {
     }
     bool active = sfx_strided_active(p, q / p.map_w, q % p.map_w);
     if (total == 0 && p.rule == 4) {
-        // No active position of negative energy: the lowest-energy one,
-        // the first in raster order on ties (Gate::keeps).
+        // No active position of negative energy (or held): the lowest-energy
+        // one, the first in raster order on ties (Gate::keeps).
         int best = -1;
         for (int j = 0; j < hw; ++j)
             if (p.set_in[j] != SFX_INACTIVE && (best < 0 || p.energies[j] < p.energies[best])) best = j;

@@ -39,6 +39,11 @@ pub struct StepIo<'a> {
     /// Address of each level's index map (raster position → token, or
     /// `SFX_INACTIVE`).
     pub(crate) sets: &'a [u64],
+    /// Address of each level's held flags (one `u32` per position, nonzero
+    /// where a stream's held tokens reach), rewritten every frame.
+    pub(crate) held: &'a [u64],
+    /// Address of each gate's shift (one `f32`), rewritten every frame.
+    pub(crate) shifts: &'a [u64],
     /// The other operand of the Add after this step, when the plan lets
     /// this step's kernel add it.
     pub(crate) residual: Option<(Shape, u64)>,
@@ -105,6 +110,16 @@ impl StepIo<'_> {
     /// Address of level `level`'s index map.
     pub fn set(&self, level: usize) -> u64 {
         self.sets[level]
+    }
+
+    /// Address of level `level`'s held flags (a stream's; zero off one).
+    pub fn held(&self, level: usize) -> u64 {
+        self.held[level]
+    }
+
+    /// Address of gate `gate`'s shift for the frame (0.0 off a stream).
+    pub fn shift(&self, gate: usize) -> u64 {
+        self.shifts[gate]
     }
 
     /// Address of rulebook `i`'s table.
