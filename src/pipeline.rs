@@ -269,13 +269,6 @@ impl Pipeline {
             self.model.manifest.detector.is_some(),
             "model {origin}: --track keeps the tokens around faces found, and this package is no detector"
         );
-        // The GPU twins of held tokens (the energy kernel's selection and the
-        // gates' levels) are not written yet: a stream is tracked on the CPU.
-        anyhow::ensure!(
-            matches!(self.device(), Device::Cpu) && self.placement.suffix.is_none(),
-            "--track runs the energy layer and the sparse suffix on the CPU only for now ({} here); add --device cpu",
-            self.placement()
-        );
         for (node, shift) in &t.gate_offsets {
             self.model
                 .plan
@@ -481,8 +474,13 @@ impl Pipeline {
             // it (its own GPU time is `ersm_kernel`).
             (Device::Cuda(backend), Some(gpu)) => {
                 let mut suffix_started = Instant::now();
+                let at = self.begin_frame();
+                let holding = self
+                    .track
+                    .as_ref()
+                    .map(|_| self.model.plan.holding(&at.held, at.offsets));
                 let (mask, out) = backend
-                    .compute_on_device(source, &self.model.energy, |on| {
+                    .compute_on_device(source, &self.model.energy, &at.held, |on| {
                         suffix_started = Instant::now();
                         let tokens = DeviceTokens {
                             kept: on.kept,
@@ -492,7 +490,7 @@ impl Pipeline {
                         // `count × C` gathered rows, locked for this call
                         // and written by the kernel launched before on the
                         // same (default) stream.
-                        unsafe { gpu.run_on_device(tokens, on.rows, &taps, None) }
+                        unsafe { gpu.run_on_device(tokens, on.rows, &taps, holding.as_ref()) }
                     })
                     .context("energy layer")?;
                 times.ersm = (suffix_started - t).as_secs_f64() * 1e3;
@@ -516,13 +514,10 @@ impl Pipeline {
             }
             _ => {
                 let at = self.begin_frame();
-                let mut mask = match (&source, at.held.is_empty()) {
-                    (MapSource::Host(x), false) => self.energy_holding(*x, &at.held),
-                    _ => self
-                        .device()
-                        .compute_from(source, &self.model.energy)
-                        .context("energy layer"),
-                }?;
+                let mut mask = self
+                    .device()
+                    .compute_holding(source, &self.model.energy, &at.held)
+                    .context("energy layer")?;
                 times.ersm = ms(t);
                 let suffix_started = Instant::now();
                 let rows = std::mem::take(&mut mask.features);
@@ -589,11 +584,6 @@ impl Pipeline {
         }
     }
 
-    /// The CPU energy layer keeping `held` whatever their energies.
-    fn energy_holding(&self, x: FeatureMap<'_>, held: &[u32]) -> Result<TokenMask> {
-        crate::ersm::cpu::compute_holding(x, &self.model.energy, held).context("energy layer")
-    }
-
     /// [`Pipeline::sparse_suffix`] whose gates also keep the held tokens'
     /// reach, at the frame's offsets.
     fn suffix_holding(
@@ -603,13 +593,24 @@ impl Pipeline {
         rows: Vec<f32>,
         taps: Vec<Vec<f32>>,
     ) -> Result<(Vec<f32>, Vec<usize>)> {
-        if at.held.is_empty() && at.offsets == GateOffsets::Stream {
+        if at.held.is_empty() && at.offsets == GateOffsets::Stream && self.track.is_none() {
             return self.sparse_suffix(kept, rows, taps);
         }
         let plan = &self.model.plan;
-        let (out, frame) = plan
-            .run_holding(kept, &at.held, at.offsets, rows, taps)
-            .context("sparse suffix")?;
+        let (out, frame) = match &self.placement.suffix {
+            Some(g) => g
+                .run(
+                    plan,
+                    kept,
+                    &rows,
+                    &taps,
+                    Some(&plan.holding(&at.held, at.offsets)),
+                )
+                .context("sparse suffix (GPU)")?,
+            None => plan
+                .run_holding(kept, &at.held, at.offsets, rows, taps)
+                .context("sparse suffix")?,
+        };
         Ok((dense_logits_of(plan, &out, &frame.sets)?, frame.counts()))
     }
 
@@ -625,10 +626,11 @@ impl Pipeline {
             .context("internal: tracked() off a stream")?;
         let cut = &self.model.cut;
         let at = self.begin_frame();
-        let mut mask = self.energy_holding(
-            FeatureMap::new(&maps.features, cut.c, cut.h, cut.w)?,
-            &at.held,
-        )?;
+        let x = FeatureMap::new(&maps.features, cut.c, cut.h, cut.w)?;
+        let mut mask = self
+            .device()
+            .compute_holding(MapSource::Host(x), &self.model.energy, &at.held)
+            .context("energy layer")?;
         let rows = std::mem::take(&mut mask.features);
         let (logits, tokens) = self.suffix_holding(&mask.kept, &at, rows, maps.taps.clone())?;
         self.remember(track, &logits)?;

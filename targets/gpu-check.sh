@@ -21,7 +21,9 @@
 # ersm_stage.txt/.json (kernel µs/frame and GB/s by map size vs the CPU stage),
 # bench-cuda.json and bench-cpu.json (`ersm bench` on the bundled model with the
 # energy layer on each device, with their .txt tables), bench-cuda-graphs.json/
-# .txt (the CUDA bench with ERSM_CUDA_GRAPHS=1), profile-cuda.txt and
+# .txt (the CUDA bench with ERSM_CUDA_GRAPHS=1), bench-cuda-faces.json/.txt and
+# bench-cuda-faces-track.json/.txt (the face package on CUDA, frame by frame
+# and as a tracked stream), profile-cuda.txt and
 # profile-cuda-graphs.txt (each stage and each kind of suffix op on the GPU;
 # the frame untimed, without and with graphs), compare-ort-cuda.json/.txt
 # (ERSM and ersm dense on the GPU beside ONNX Runtime's CUDA provider, or why
@@ -167,6 +169,15 @@ echo "== ersm bench on CUDA, the suffix replayed as one CUDA graph per frame (ER
 limited 90 env ERSM_CUDA_GRAPHS=1 "$bin/ersm" bench --device cuda --frames 60 --json "$out/bench-cuda-graphs.json" \
     > "$out/bench-cuda-graphs.txt" 2>&1 || status=1
 tail -16 "$out/bench-cuda-graphs.txt"
+
+# The face package on CUDA, frame by frame and as a tracked stream (held
+# tokens and gate shifts in the energy kernel and the suffix's kernels).
+echo "== ersm bench on CUDA, the face package, frame by frame and --track"
+limited 45 "$bin/ersm" bench --model models/centerface_ersm --device cuda --frames 60 \
+    --json "$out/bench-cuda-faces.json" > "$out/bench-cuda-faces.txt" 2>&1 || status=1
+limited 45 "$bin/ersm" bench --model models/centerface_ersm --device cuda --track --frames 60 \
+    --json "$out/bench-cuda-faces-track.json" > "$out/bench-cuda-faces-track.txt" 2>&1 || status=1
+grep -E "speedup|faces:|tracked" "$out/bench-cuda-faces.txt" "$out/bench-cuda-faces-track.txt" || true
 
 echo "== where a GPU frame's time goes (each suffix op synchronised; device-built sets and rulebooks, host-built ones aside)"
 limited 90 "$bin/ersm" bench --device cuda --frames 20 --profile > "$out/profile-cuda.txt" 2>&1 || status=1

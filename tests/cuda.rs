@@ -610,6 +610,72 @@ fn gpu_pipeline_matches_the_cpu_pipeline_on_the_shipped_model() {
     );
 }
 
+/// On a stream the energy kernel keeps the held positions beside the
+/// negative energies, as the CPU layer does: the same kept sets, rows and
+/// energies, with none, some and every position held.
+#[test]
+fn cuda_keeps_the_held_tokens_as_the_cpu_does() {
+    let Some(gpu) = gpu() else { return };
+    let mut rng = Lcg(11);
+    for &(h, w, c) in &[(7, 9, 3), (28, 28, 32), (60, 80, 32)] {
+        for spec in specs(&mut rng, c) {
+            let x = rng.vec(c * h * w, 2.0);
+            let fm = FeatureMap::new(&x, c, h, w).unwrap();
+            let some: Vec<u32> = (0..(h * w) as u32).filter(|i| i % 7 < 2).collect();
+            let every: Vec<u32> = (0..(h * w) as u32).collect();
+            for held in [&[][..], &some, &every] {
+                let want = cpu::compute_holding(fm, &spec, held).unwrap();
+                let got = gpu.compute_holding(fm, &spec, held).unwrap();
+                let what = format!("{h}×{w}×{c}, {} held", held.len());
+                assert_eq!(got.kept, want.kept, "{what}: kept sets differ");
+                assert_eq!(got.features, want.features, "{what}: gathered rows differ");
+                assert!(
+                    held.iter().all(|i| got.kept.binary_search(i).is_ok()),
+                    "{what}"
+                );
+            }
+        }
+    }
+}
+
+/// A tracked stream of the face package (`--track --device cuda`: held
+/// tokens and gate shifts in the energy kernel and the suffix's kernels)
+/// against the same stream on the CPU: the same kept sets and every level's
+/// token count, frame after frame, refreshes included, and faces within
+/// 1e-3 of their scale.
+#[test]
+fn a_tracked_face_stream_on_the_gpu_matches_the_cpu() {
+    use ersm::package::ModelPackage;
+    use ersm::pipeline::{Pipeline, Placement};
+    if gpu().is_none() {
+        return;
+    }
+    let load = || ModelPackage::load("models/centerface_ersm").unwrap();
+    let cpu = Pipeline::new(load(), Device::Cpu).with_tracking().unwrap();
+    let model = load();
+    let placement = Placement::decide(&model, DeviceChoice::Cuda).unwrap();
+    let on_gpu = Pipeline::placed(model, placement).with_tracking().unwrap();
+    assert!(
+        on_gpu.placement.suffix.is_some(),
+        "the face package's suffix did not lower"
+    );
+    let frame =
+        ersm::source::images::load(std::path::Path::new("models/images/astronaut.png")).unwrap();
+    let refresh = cpu.model.manifest.track.as_ref().unwrap().refresh.max(2);
+    for i in 0..refresh + 2 {
+        let a = cpu.run_ersm(&frame).unwrap();
+        let b = on_gpu.run_ersm(&frame).unwrap();
+        assert_eq!(a.mask.kept, b.mask.kept, "frame {i}: kept sets differ");
+        assert_eq!(a.tokens, b.tokens, "frame {i}: level token counts differ");
+        let err = common::rel_err(&b.logits, &a.logits);
+        assert!(
+            err <= 1e-3,
+            "frame {i}: outputs differ by {err} of their scale"
+        );
+        assert_eq!(cpu.held(), on_gpu.held(), "frame {i}: held tokens differ");
+    }
+}
+
 /// The prefix and the dense baseline through tract-cuda (`--device cuda`)
 /// against tract's CPU plans on the bundled photos: features and logits
 /// within 1e-3 of their scale. Where tract-cuda cannot serve (no GPU, a

@@ -123,7 +123,7 @@ class Net:
     every core); `input_size`: a detector's (width, height), multiples of 32;
     `fallback`: re-run unsure frames densely; `track`: a detector's frames
     are one stream, in the order `process` is called (its package's `track`
-    settings; on the CPU)."""
+    settings)."""
 
     def __init__(
         self,

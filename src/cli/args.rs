@@ -45,7 +45,7 @@ pub struct PipelineArgs {
     pub fallback: bool,
     /// Frames are a stream: every energy layer keeps the tokens around the
     /// faces found in the frame before, at the package's stream settings
-    /// (manifest `track`; a detector, on the CPU).
+    /// (manifest `track`; a detector).
     #[arg(long)]
     pub track: bool,
     /// Worker threads for the prefix, the sparse suffix and the dense

@@ -183,6 +183,9 @@ struct Buffers {
     kept: Mem<u32>,
     gathered: Mem<f32>,
     count: Mem<u32>,
+    /// A stream's held positions, one flag each (written only for a frame
+    /// that holds some).
+    held: Mem<u32>,
     /// Events around the launch (with timing: cudarc's default disables it).
     start: CudaEvent,
     end: CudaEvent,
@@ -287,7 +290,19 @@ impl CudaBackend {
         x: impl Into<MapSource<'a>>,
         spec: &EnergySpec,
     ) -> Result<TokenMask, CudaError> {
-        Ok(self.launch_and_read(x.into(), spec, true, |_| ())?.0)
+        self.compute_holding(x, spec, &[])
+    }
+
+    /// [`CudaBackend::compute`] on a stream: the raster indices `held`
+    /// (ascending) are kept beside the negative energies, as
+    /// `cpu::compute_holding` keeps them.
+    pub fn compute_holding<'a>(
+        &self,
+        x: impl Into<MapSource<'a>>,
+        spec: &EnergySpec,
+        held: &[u32],
+    ) -> Result<TokenMask, CudaError> {
+        Ok(self.launch_and_read(x.into(), spec, held, true, |_| ())?.0)
     }
 
     /// The energy layer for one frame with its outputs left on the device:
@@ -298,14 +313,15 @@ impl CudaBackend {
     /// on the default stream (the GPU suffix) is ordered after the kernel
     /// and reads the count where it lies. The count, the kept indices and
     /// the energies are copied back after `then`, for the mask (overlay,
-    /// reports).
+    /// reports). `held`: as for [`CudaBackend::compute_holding`].
     pub fn compute_on_device<R>(
         &self,
         x: MapSource<'_>,
         spec: &EnergySpec,
+        held: &[u32],
         then: impl FnOnce(KernelOutputs) -> R,
     ) -> Result<(TokenMask, R), CudaError> {
-        self.launch_and_read(x, spec, false, then)
+        self.launch_and_read(x, spec, held, false, then)
     }
 
     /// Launches the kernel, runs `then` on its outputs where they lie, and
@@ -315,6 +331,7 @@ impl CudaBackend {
         &self,
         source: MapSource<'_>,
         spec: &EnergySpec,
+        held: &[u32],
         fetch_rows: bool,
         then: impl FnOnce(KernelOutputs) -> R,
     ) -> Result<(TokenMask, R), CudaError> {
@@ -345,6 +362,20 @@ impl CudaBackend {
                 b.x.ptr(&self.stream)
             }
             MapSource::Device(m) => m.ptr,
+        };
+        // Null when nothing is held: the kernel then reads no flag.
+        let held_ptr = if held.is_empty() {
+            0u64
+        } else {
+            let mut flags = vec![0u32; hw];
+            for &i in held {
+                let slot = flags.get_mut(i as usize).ok_or_else(|| {
+                    CudaError::Input(format!("held token {i} outside the {hw}-token map"))
+                })?;
+                *slot = 1;
+            }
+            b.held.upload(&self.stream, &flags)?;
+            b.held.ptr(&self.stream)
         };
         let (start, end) = (&b.start, &b.end);
         let (hp, csp) = (b.head.ptr(&self.stream), b.conv_scratch.ptr(&self.stream));
@@ -412,11 +443,17 @@ impl CudaBackend {
             .arg(&spec.tau)
             .arg(&steps)
             .arg(&eight);
-        launch.arg(&ep).arg(&sp).arg(&kp).arg(&gp).arg(&cp);
+        launch
+            .arg(&ep)
+            .arg(&sp)
+            .arg(&kp)
+            .arg(&gp)
+            .arg(&cp)
+            .arg(&held_ptr);
         // SAFETY: the arguments match ersm_energy_gather's signature in
         // kernels/ersm.cu, and every buffer holds what it indexes for this
-        // (HW, C); ersm_unary, launched before it on this stream, wrote the
-        // scratch it starts from.
+        // (HW, C), `held_ptr` (null or HW flags) included; ersm_unary,
+        // launched before it on this stream, wrote the scratch it starts from.
         unsafe { launch.launch(cfg)? };
         end.record(&self.stream)?;
         // The buffers stay locked, so they stay put while `then` reads them.
@@ -481,6 +518,7 @@ impl CudaBackend {
             kept: Mem::new(ctx, s, m, hw)?,
             gathered: Mem::new(ctx, s, m, hw * c)?,
             count: Mem::new(ctx, s, m, 1)?,
+            held: Mem::new(ctx, s, m, hw)?,
             start: ctx.new_event(Some(sys::CUevent_flags::CU_EVENT_DEFAULT))?,
             end: ctx.new_event(Some(sys::CUevent_flags::CU_EVENT_DEFAULT))?,
         })

@@ -359,12 +359,24 @@ impl Device {
     /// Like [`Device::compute`] for a map that may already be in device
     /// memory (read there by the kernel; the CPU layer needs host values).
     pub fn compute_from(&self, x: cuda::MapSource<'_>, spec: &EnergySpec) -> Result<TokenMask> {
+        self.compute_holding(x, spec, &[])
+    }
+
+    /// [`Device::compute_from`] on a stream: the raster indices `held`
+    /// (ascending) are kept beside the negative energies.
+    pub fn compute_holding(
+        &self,
+        x: cuda::MapSource<'_>,
+        spec: &EnergySpec,
+        held: &[u32],
+    ) -> Result<TokenMask> {
         match (self, x) {
-            (Device::Cpu, cuda::MapSource::Host(x)) => cpu::compute(x, spec),
+            (Device::Cpu, cuda::MapSource::Host(x)) if held.is_empty() => cpu::compute(x, spec),
+            (Device::Cpu, cuda::MapSource::Host(x)) => cpu::compute_holding(x, spec, held),
             (Device::Cpu, cuda::MapSource::Device(_)) => {
                 bail!("the CPU energy layer reads host values, not a device buffer")
             }
-            (Device::Cuda(b), x) => Ok(b.compute(x, spec)?),
+            (Device::Cuda(b), x) => Ok(b.compute_holding(x, spec, held)?),
         }
     }
 

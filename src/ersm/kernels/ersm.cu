@@ -89,12 +89,14 @@ extern "C" __global__ void ersm_unary(const float* __restrict__ hx, int hc, int 
 // x: C×H×W features (NCHW, batch 1), read for the gather.
 // Outputs: energies[H×W], kept[0..count) raster indices, gathered[count×C], count[0].
 // scratch: unary[H×W], pull[H×W], as ersm_unary left them.
+// held: on a stream, nonzero at the positions kept whatever their energy (the
+// last frames' faces), or null.
 extern "C" __global__ void __launch_bounds__(ERSM_THREADS)
 ersm_energy_gather(const float* __restrict__ x, int C, int H, int W,
                    float lambda, float tau, int steps, int eight,
                    float* __restrict__ energies, float* __restrict__ scratch,
                    unsigned* __restrict__ kept, float* __restrict__ gathered,
-                   unsigned* __restrict__ count) {
+                   unsigned* __restrict__ count, const unsigned* __restrict__ held) {
     __shared__ unsigned warp_sums[ERSM_WARPS];
     __shared__ float best_e[ERSM_THREADS];
     __shared__ unsigned best_i[ERSM_THREADS];
@@ -133,14 +135,15 @@ ersm_energy_gather(const float* __restrict__ x, int C, int H, int W,
     const int chunk = (HW + ERSM_THREADS - 1) / ERSM_THREADS;
     const int lo = min(tid * chunk, HW), hi = min(lo + chunk, HW);
     unsigned mine = 0;
-    for (int i = lo; i < hi; ++i) mine += energies[i] < 0.0f;
+    for (int i = lo; i < hi; ++i) mine += energies[i] < 0.0f || (held && held[i]);
     unsigned total;
     unsigned slot = block_scan(mine, warp_sums, &total) - mine;
     if (total > 0) {
         for (int i = lo; i < hi; ++i)
-            if (energies[i] < 0.0f) kept[slot++] = (unsigned)i;
+            if (energies[i] < 0.0f || (held && held[i])) kept[slot++] = (unsigned)i;
     } else {
-        // No negative energy: keep the lowest, the first in raster order on ties.
+        // No negative energy and none held: keep the lowest, the first in
+        // raster order on ties.
         float be = __int_as_float(0x7f800000);  // +inf
         unsigned bi = 0xffffffffu;
         for (int i = lo; i < hi; ++i)
