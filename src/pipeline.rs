@@ -593,7 +593,8 @@ impl Pipeline {
         rows: Vec<f32>,
         taps: Vec<Vec<f32>>,
     ) -> Result<(Vec<f32>, Vec<usize>)> {
-        if at.held.is_empty() && at.offsets == GateOffsets::Stream && self.track.is_none() {
+        // Off a stream nothing is held and the gates run as loaded.
+        if self.track.is_none() {
             return self.sparse_suffix(kept, rows, taps);
         }
         let plan = &self.model.plan;

@@ -371,7 +371,6 @@ impl Device {
         held: &[u32],
     ) -> Result<TokenMask> {
         match (self, x) {
-            (Device::Cpu, cuda::MapSource::Host(x)) if held.is_empty() => cpu::compute(x, spec),
             (Device::Cpu, cuda::MapSource::Host(x)) => cpu::compute_holding(x, spec, held),
             (Device::Cpu, cuda::MapSource::Device(_)) => {
                 bail!("the CPU energy layer reads host values, not a device buffer")

@@ -53,6 +53,8 @@ pub(super) struct FrameLayout {
     /// The stream buffer: each level's held flags (one `u32` per position),
     /// then each gate's shift (one `f32`).
     held: Vec<usize>,
+    /// Offset of the first gate's shift in the stream buffer.
+    shifts: usize,
     pub gates: usize,
     pub stream_len: usize,
 }
@@ -75,10 +77,7 @@ impl FrameLayout {
 
     /// Offset of gate `g`'s shift in the stream buffer.
     pub fn shift(&self, g: usize) -> usize {
-        self.held
-            .last()
-            .map_or(0, |&h| h + self.positions[self.held.len() - 1])
-            + g
+        self.shifts + g
     }
 
     /// The layout of `plan`'s levels and rulebooks.
@@ -92,6 +91,7 @@ impl FrameLayout {
             l.held.push(held);
             held += level.h * level.w;
         }
+        l.shifts = held;
         l.gates = plan.gates().count();
         l.stream_len = held + l.gates;
         for r in &plan.rules {
