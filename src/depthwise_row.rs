@@ -5,10 +5,13 @@
 //! as five passes over the row (fill with the bias, one multiply-add pass per
 //! tap row, the clamp), each a function call over 80–320 values: a fifth of
 //! the prefix's time went there at 16 G multiply-adds a second per thread.
-//! Here each 8-value stretch of the row is summed in a register across its
-//! nine taps and stored once. The sums keep tract's order (the bias, then row
+//! Here each vector of the row (16 values with AVX-512, 8 with AVX, 4 with
+//! NEON) is summed in a register across its nine taps and stored once. The sums keep tract's order (the bias, then row
 //! by row, left to right, a multiply then an add: no fused multiply-add), so
 //! the bits are those of the passes it replaces.
+
+#[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
+use crate::lanes::Lanes;
 
 /// The three tap columns of one input row, each slice starting at the
 /// input value that output 0 reads through that tap: at stride 1 the padded
@@ -37,22 +40,112 @@ pub(crate) fn depthwise_row<const CLAMP: bool>(
             );
         }
     }
-    #[cfg(target_arch = "x86_64")]
-    if std::arch::is_x86_feature_detected!("avx") {
-        // SAFETY: AVX was just detected; every tap slice holds out.len()
-        // values (asserted above).
-        unsafe {
-            match rows.len() {
-                3 => avx::row::<CLAMP, 3>(out, rows, k, bias, cap),
-                2 => avx::row::<CLAMP, 2>(out, rows, k, bias, cap),
-                1 => avx::row::<CLAMP, 1>(out, rows, k, bias, cap),
-                _ => out.fill(finish::<CLAMP>(bias, cap)),
-            }
-        }
+    if rows.is_empty() {
+        out.fill(finish::<CLAMP>(bias, cap));
         return;
     }
-    for (i, o) in out.iter_mut().enumerate() {
+    let done = match rows.len() {
+        3 => vectors::<CLAMP, 3>(out, rows, k, bias, cap),
+        2 => vectors::<CLAMP, 2>(out, rows, k, bias, cap),
+        _ => vectors::<CLAMP, 1>(out, rows, k, bias, cap),
+    };
+    for (i, o) in out.iter_mut().enumerate().skip(done) {
         *o = finish::<CLAMP>(sum(rows, k, bias, i), cap);
+    }
+}
+
+/// The outputs this CPU's vectors cover, from the first: AVX-512's sixteen
+/// lanes, then AVX's eight, on x86; NEON's four on aarch64. Returns how
+/// many (the rest are summed one by one).
+#[allow(unreachable_code)]
+fn vectors<const CLAMP: bool, const R: usize>(
+    out: &mut [f32],
+    rows: &[TapRow<'_>],
+    k: &[[f32; 3]],
+    bias: f32,
+    cap: f32,
+) -> usize {
+    #[cfg(target_arch = "x86_64")]
+    {
+        use std::arch::x86_64::{__m256, __m512};
+        if crate::lanes::wide() {
+            // SAFETY: AVX-512F detected (it implies AVX); every tap slice
+            // holds out.len() values (asserted by the caller).
+            return unsafe { wide::<CLAMP, R>(out, rows, k, bias, cap) };
+        }
+        if std::arch::is_x86_feature_detected!("avx") {
+            // SAFETY: AVX detected; the slices as above.
+            return unsafe { avx::<CLAMP, R>(out, rows, k, bias, cap) };
+        }
+        #[target_feature(enable = "avx512f")]
+        unsafe fn wide<const CLAMP: bool, const R: usize>(
+            out: &mut [f32],
+            rows: &[TapRow<'_>],
+            k: &[[f32; 3]],
+            bias: f32,
+            cap: f32,
+        ) -> usize {
+            // SAFETY: the caller's CPU and slices.
+            unsafe {
+                let i = row::<__m512, CLAMP, R>(out, rows, k, bias, cap, 0);
+                row::<__m256, CLAMP, R>(out, rows, k, bias, cap, i)
+            }
+        }
+        #[target_feature(enable = "avx")]
+        unsafe fn avx<const CLAMP: bool, const R: usize>(
+            out: &mut [f32],
+            rows: &[TapRow<'_>],
+            k: &[[f32; 3]],
+            bias: f32,
+            cap: f32,
+        ) -> usize {
+            // SAFETY: the caller's CPU and slices.
+            unsafe { row::<__m256, CLAMP, R>(out, rows, k, bias, cap, 0) }
+        }
+    }
+    #[cfg(target_arch = "aarch64")]
+    // SAFETY: NEON is part of every aarch64 CPU; the slices as above.
+    return unsafe { row::<std::arch::aarch64::float32x4_t, CLAMP, R>(out, rows, k, bias, cap, 0) };
+    0
+}
+
+/// Outputs from `from` in whole vectors of `L`, each summed in a register
+/// across its taps and stored once; returns where it stopped.
+///
+/// # Safety
+/// The CPU has `L`'s vector unit; every tap slice holds `out.len()` values.
+#[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
+#[inline(always)]
+unsafe fn row<L: Lanes, const CLAMP: bool, const R: usize>(
+    out: &mut [f32],
+    rows: &[TapRow<'_>],
+    k: &[[f32; 3]],
+    bias: f32,
+    cap: f32,
+    from: usize,
+) -> usize {
+    let n = out.len();
+    let p: [[*const f32; 3]; R] = std::array::from_fn(|r| rows[r].map(|t| t.as_ptr()));
+    // SAFETY (the whole body): the caller's CPU; i + N ≤ n ≤ each tap
+    // slice's length and out's.
+    unsafe {
+        let kv: [[L; 3]; R] = std::array::from_fn(|r| k[r].map(|v| L::splat(v)));
+        let (vb, zero, vcap) = (L::splat(bias), L::splat(0.0), L::splat(cap));
+        let mut i = from;
+        while i + L::N <= n {
+            let mut acc = vb;
+            for r in 0..R {
+                for t in 0..3 {
+                    acc = acc.add(kv[r][t].mul(L::load(p[r][t].add(i))));
+                }
+            }
+            if CLAMP {
+                acc = acc.clamp(zero, vcap);
+            }
+            acc.store(out.as_mut_ptr().add(i));
+            i += L::N;
+        }
+        i
     }
 }
 
@@ -72,55 +165,6 @@ fn finish<const CLAMP: bool>(v: f32, cap: f32) -> f32 {
         v.max(0.0).min(cap)
     } else {
         v
-    }
-}
-
-#[cfg(target_arch = "x86_64")]
-mod avx {
-    use super::{finish, sum, TapRow};
-    use std::arch::x86_64::*;
-
-    /// [`super::depthwise_row`] with `R` rows, eight outputs per register.
-    ///
-    /// # Safety
-    /// The CPU must support AVX, and every tap slice hold `out.len()` values.
-    #[target_feature(enable = "avx")]
-    pub(super) unsafe fn row<const CLAMP: bool, const R: usize>(
-        out: &mut [f32],
-        rows: &[TapRow<'_>],
-        k: &[[f32; 3]],
-        bias: f32,
-        cap: f32,
-    ) {
-        let n = out.len();
-        let p: [[*const f32; 3]; R] = std::array::from_fn(|r| rows[r].map(|t| t.as_ptr()));
-        let kv: [[__m256; 3]; R] = std::array::from_fn(|r| k[r].map(|v| _mm256_set1_ps(v)));
-        let (vb, zero, vcap) = (
-            _mm256_set1_ps(bias),
-            _mm256_setzero_ps(),
-            _mm256_set1_ps(cap),
-        );
-        let mut i = 0;
-        while i + 8 <= n {
-            let mut acc = vb;
-            for r in 0..R {
-                for t in 0..3 {
-                    // SAFETY: i + 8 ≤ n ≤ each tap slice's length.
-                    let x = unsafe { _mm256_loadu_ps(p[r][t].add(i)) };
-                    acc = _mm256_add_ps(acc, _mm256_mul_ps(kv[r][t], x));
-                }
-            }
-            if CLAMP {
-                // max(acc, 0) returns 0 where acc is NaN, as f32::max does.
-                acc = _mm256_min_ps(_mm256_max_ps(acc, zero), vcap);
-            }
-            // SAFETY: i + 8 ≤ n = out.len().
-            unsafe { _mm256_storeu_ps(out.as_mut_ptr().add(i), acc) };
-            i += 8;
-        }
-        for (j, o) in out.iter_mut().enumerate().skip(i) {
-            *o = finish::<CLAMP>(sum(&rows[..R], k, bias, j), cap);
-        }
     }
 }
 
@@ -150,7 +194,9 @@ mod tests {
                 .wrapping_add(1442695040888963407);
             ((seed >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
         };
-        for n in [1, 7, 8, 9, 23, 80, 161] {
+        // Lengths that end in each kind of vector (16, 8, 4 lanes) and in
+        // single outputs after them.
+        for n in [1, 4, 7, 8, 9, 23, 24, 40, 41, 80, 161] {
             let data: Vec<Vec<f32>> = (0..3)
                 .map(|_| (0..n + 2).map(|_| next()).collect())
                 .collect();

@@ -22,6 +22,7 @@ pub mod files;
 pub mod gpu;
 pub mod infer;
 pub mod inverted_residual;
+mod lanes;
 pub mod live;
 pub mod logits;
 pub mod model;

@@ -8,17 +8,20 @@
 //! which at these sizes cost it about 40 % of the product's time (perf: 7.6
 //! % of a CenterFace bench's samples in packing against 20 % in its
 //! kernel). Here the operands are read in place: 6 output rows × 16 columns
-//! of sums stay in registers over the whole K, `B`'s rows read as vectors
-//! and `A`'s entries broadcast: AVX2 and FMA (detected at run time) on x86,
-//! NEON on aarch64 (the Jetsons' CPUs, where `matrixmultiply` packed as it
-//! does on x86), one generic tile over both ([`Lanes`]). Other CPUs take
-//! `matrixmultiply`.
+//! (32 with AVX-512) of sums stay in registers over the whole K, `B`'s rows
+//! read as vectors and `A`'s entries broadcast: AVX-512, or AVX2 and FMA,
+//! detected at run time on x86; NEON on aarch64 (the Jetsons' CPUs, where
+//! `matrixmultiply` packed as it does on x86); one generic tile over all
+//! ([`crate::lanes::Lanes`]). Other CPUs take `matrixmultiply`.
 //!
 //! A conv's bias and activation ride on the product ([`Epilogue`]): the
 //! sums start from the bias, or are biased and clamped as they leave the
 //! registers, where passes of their own over the rows after the product
 //! cost the fused blocks about a tenth of the prefix's time (perf,
 //! CenterFace at 640×480).
+
+#[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
+use crate::lanes::Lanes;
 
 /// One value per row or per column of C.
 #[derive(Clone, Copy, Debug)]
@@ -118,7 +121,89 @@ pub unsafe fn sgemm_with(
         "rowgemm: a value to add per row or column"
     );
     #[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
-    if sums_in_order() {
+    if let Some(tiles) = Tiles::best() {
+        // SAFETY: `best` detected the vector unit; the caller's contract.
+        return unsafe { tiled(tiles, m, k, n, a, rsa, b, rsb, beta, c, rsc, ops) };
+    }
+    // SAFETY: the caller's contract.
+    unsafe { portable(m, k, n, a, rsa, b, rsb, beta, c, rsc, ops) }
+}
+
+/// The register tiles a CPU runs [`sgemm`] on: every kind sums each output
+/// in order with one rounding per multiply-add, so all give the same bits.
+#[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Tiles {
+    /// AVX2 and FMA: 8 lanes.
+    #[cfg(target_arch = "x86_64")]
+    Avx2,
+    /// AVX-512F: 16 lanes, with AVX2's for a last strip of 8 columns.
+    /// Where tract's dense kernels run AVX-512 (its CPU detection), the
+    /// sparse suffix and the fused prefix blocks on 8 lanes would give the
+    /// dense baseline a vector width ERSM does not have.
+    #[cfg(target_arch = "x86_64")]
+    Avx512,
+    /// NEON: 4 lanes.
+    #[cfg(target_arch = "aarch64")]
+    Neon,
+}
+
+#[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
+impl Tiles {
+    /// Every kind this CPU runs, narrowest first.
+    fn available() -> Vec<Tiles> {
+        #[cfg(target_arch = "x86_64")]
+        {
+            use std::arch::is_x86_feature_detected as has;
+            let mut kinds = Vec::new();
+            if has!("avx2") && has!("fma") {
+                kinds.push(Tiles::Avx2);
+                if has!("avx512f") {
+                    kinds.push(Tiles::Avx512);
+                }
+            }
+            kinds
+        }
+        #[cfg(target_arch = "aarch64")]
+        vec![Tiles::Neon]
+    }
+
+    /// The widest kind this CPU runs, detected once (AVX2 where
+    /// [`crate::lanes::wide`] says no).
+    fn best() -> Option<Tiles> {
+        static BEST: std::sync::OnceLock<Option<Tiles>> = std::sync::OnceLock::new();
+        *BEST.get_or_init(|| {
+            let kinds = Tiles::available();
+            #[cfg(target_arch = "x86_64")]
+            if !crate::lanes::wide() {
+                return kinds.into_iter().find(|&t| t == Tiles::Avx2);
+            }
+            kinds.last().copied()
+        })
+    }
+}
+
+/// [`sgemm_with`] on register tiles of kind `tiles`.
+///
+/// # Safety
+/// As [`sgemm`], and `tiles` is one of [`Tiles::available`].
+#[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
+#[allow(clippy::too_many_arguments)]
+unsafe fn tiled(
+    tiles: Tiles,
+    m: usize,
+    k: usize,
+    n: usize,
+    a: *const f32,
+    rsa: usize,
+    b: *const f32,
+    rsb: usize,
+    beta: f32,
+    c: *mut f32,
+    rsc: usize,
+    ops: Epilogue<'_>,
+) {
+    {
         let g = Gemm {
             k,
             a,
@@ -130,13 +215,19 @@ pub unsafe fn sgemm_with(
             acc: beta != 0.0,
             ops,
         };
-        // SAFETY: `sums_in_order` just detected AVX2 and FMA (NEON is part
-        // of every aarch64 CPU); the caller vouches for the matrices, the
-        // asserts for the epilogue's values.
-        return unsafe { g.run(m, n) };
+        // SAFETY: the caller detected the vector unit and vouches for the
+        // matrices, `sgemm_with`'s asserts for the epilogue's values.
+        unsafe {
+            match tiles {
+                #[cfg(target_arch = "x86_64")]
+                Tiles::Avx2 => g.run_avx2(m, n),
+                #[cfg(target_arch = "x86_64")]
+                Tiles::Avx512 => g.run_avx512(m, n),
+                #[cfg(target_arch = "aarch64")]
+                Tiles::Neon => g.run_neon(m, n),
+            }
+        }
     }
-    // SAFETY: the caller's contract.
-    unsafe { portable(m, k, n, a, rsa, b, rsb, beta, c, rsc, ops) }
 }
 
 /// [`sgemm_with`] through `matrixmultiply` (any CPU), the epilogue in
@@ -215,121 +306,14 @@ impl Epilogue<'_> {
     }
 }
 
-/// True when [`sgemm`] runs its register tiles (AVX2 and FMA, or NEON):
-/// each output's K products summed in order, from zero (β = 0), with one
-/// rounding each. `matrixmultiply`, elsewhere, promises no order.
+/// True when [`sgemm`] runs its register tiles (AVX2 and FMA, AVX-512 or
+/// NEON): each output's K products summed in order, from zero (β = 0),
+/// with one rounding each. `matrixmultiply`, elsewhere, promises no order.
 pub fn sums_in_order() -> bool {
-    #[cfg(target_arch = "x86_64")]
-    if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
-        return true;
-    }
-    cfg!(target_arch = "aarch64")
-}
-
-/// A vector of f32 lanes as the register tiles use it: AVX's eight on x86,
-/// NEON's four on aarch64. Every operation is the lane-wise one of the
-/// scalar code (one rounding per fused multiply-add; a clamp that gives
-/// `lo` for NaN, as `f32::max` does), so both give the same bits.
-#[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
-trait Lanes: Copy {
-    /// Lanes per vector.
-    const N: usize;
-    /// # Safety
-    /// The CPU has the vector unit ([`sums_in_order`]).
-    unsafe fn splat(v: f32) -> Self;
-    /// # Safety
-    /// As [`Lanes::splat`]; `p..p + N` readable.
-    unsafe fn load(p: *const f32) -> Self;
-    /// # Safety
-    /// As [`Lanes::splat`]; `p..p + N` writable.
-    unsafe fn store(self, p: *mut f32);
-    /// `self + a·b`, one rounding.
-    ///
-    /// # Safety
-    /// As [`Lanes::splat`].
-    unsafe fn fma(self, a: Self, b: Self) -> Self;
-    /// # Safety
-    /// As [`Lanes::splat`].
-    unsafe fn add(self, o: Self) -> Self;
-    /// `min(max(self, lo), hi)`, `lo` where `self` is NaN.
-    ///
-    /// # Safety
-    /// As [`Lanes::splat`].
-    unsafe fn clamp(self, lo: Self, hi: Self) -> Self;
-}
-
-#[cfg(target_arch = "x86_64")]
-impl Lanes for std::arch::x86_64::__m256 {
-    const N: usize = 8;
-    #[inline(always)]
-    unsafe fn splat(v: f32) -> Self {
-        // SAFETY: the caller's CPU.
-        unsafe { std::arch::x86_64::_mm256_set1_ps(v) }
-    }
-    #[inline(always)]
-    unsafe fn load(p: *const f32) -> Self {
-        // SAFETY: the caller's CPU and bounds.
-        unsafe { std::arch::x86_64::_mm256_loadu_ps(p) }
-    }
-    #[inline(always)]
-    unsafe fn store(self, p: *mut f32) {
-        // SAFETY: the caller's CPU and bounds.
-        unsafe { std::arch::x86_64::_mm256_storeu_ps(p, self) }
-    }
-    #[inline(always)]
-    unsafe fn fma(self, a: Self, b: Self) -> Self {
-        // SAFETY: the caller's CPU.
-        unsafe { std::arch::x86_64::_mm256_fmadd_ps(a, b, self) }
-    }
-    #[inline(always)]
-    unsafe fn add(self, o: Self) -> Self {
-        // SAFETY: the caller's CPU.
-        unsafe { std::arch::x86_64::_mm256_add_ps(self, o) }
-    }
-    #[inline(always)]
-    unsafe fn clamp(self, lo: Self, hi: Self) -> Self {
-        use std::arch::x86_64::*;
-        // SAFETY: the caller's CPU. maxps returns its second operand when
-        // either is NaN.
-        unsafe { _mm256_min_ps(_mm256_max_ps(self, lo), hi) }
-    }
-}
-
-#[cfg(target_arch = "aarch64")]
-impl Lanes for std::arch::aarch64::float32x4_t {
-    const N: usize = 4;
-    #[inline(always)]
-    unsafe fn splat(v: f32) -> Self {
-        // SAFETY: NEON is part of every aarch64 CPU.
-        unsafe { std::arch::aarch64::vdupq_n_f32(v) }
-    }
-    #[inline(always)]
-    unsafe fn load(p: *const f32) -> Self {
-        // SAFETY: the caller's bounds.
-        unsafe { std::arch::aarch64::vld1q_f32(p) }
-    }
-    #[inline(always)]
-    unsafe fn store(self, p: *mut f32) {
-        // SAFETY: the caller's bounds.
-        unsafe { std::arch::aarch64::vst1q_f32(p, self) }
-    }
-    #[inline(always)]
-    unsafe fn fma(self, a: Self, b: Self) -> Self {
-        // SAFETY: NEON.
-        unsafe { std::arch::aarch64::vfmaq_f32(self, a, b) }
-    }
-    #[inline(always)]
-    unsafe fn add(self, o: Self) -> Self {
-        // SAFETY: NEON.
-        unsafe { std::arch::aarch64::vaddq_f32(self, o) }
-    }
-    #[inline(always)]
-    unsafe fn clamp(self, lo: Self, hi: Self) -> Self {
-        use std::arch::aarch64::*;
-        // SAFETY: NEON. fmaxnm/fminnm return the number when one operand
-        // is NaN.
-        unsafe { vminnmq_f32(vmaxnmq_f32(self, lo), hi) }
-    }
+    #[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
+    return Tiles::best().is_some();
+    #[cfg(not(any(target_arch = "x86_64", target_arch = "aarch64")))]
+    false
 }
 
 /// The operands of one product, for the tile loops.
@@ -361,36 +345,60 @@ const MR: usize = 6;
 #[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
 impl Gemm<'_> {
     /// Blocks of rows, each through column strips of 16, then 8, then
-    /// single columns; within a strip, tiles of `MR` rows and the rows left
+    /// single columns (AVX2's lanes; the other kinds below keep the shape);
+    /// within a strip, tiles of `MR` rows and the rows left
     /// over. A block's rows of A are read once per strip: the block keeps
     /// them to about [`A_BLOCK_BYTES`], so a tall A (a token-major suffix
     /// conv's thousands of tokens) is read from the cache, not from memory,
     /// by every strip after the first. Each output's sum is the same.
     #[cfg(target_arch = "x86_64")]
     #[target_feature(enable = "avx2,fma")]
-    unsafe fn run(&self, m: usize, n: usize) {
+    unsafe fn run_avx2(&self, m: usize, n: usize) {
         // SAFETY: the caller's bounds; AVX2 and FMA detected.
-        unsafe { self.blocks::<std::arch::x86_64::__m256, 2, 1>(m, n) }
+        unsafe { self.blocks::<std::arch::x86_64::__m256, 2, 1>(m, 0..n) }
     }
 
-    /// [`Gemm::run`] with NEON's four lanes: strips of four and two vectors
-    /// (16 and 8 columns), as AVX's two and one; its 32 registers hold the
-    /// 6 × 4 vectors of sums.
+    /// [`Gemm::run_avx2`] with AVX-512's sixteen lanes (strips of 32 and 16
+    /// columns), then AVX2's strip of 8 and single columns for the rest: a
+    /// 24-channel map's last 8 columns stay in vectors.
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx512f,avx2,fma")]
+    unsafe fn run_avx512(&self, m: usize, n: usize) {
+        use std::arch::x86_64::{__m256, __m512};
+        let wide = n / 16 * 16;
+        // SAFETY: the caller's bounds; AVX-512F, AVX2 and FMA detected.
+        unsafe {
+            self.blocks::<__m512, 2, 1>(m, 0..wide);
+            self.blocks::<__m256, 2, 1>(m, wide..n);
+        }
+    }
+
+    /// The register tiles with NEON's four lanes: strips of four and two
+    /// vectors (16 and 8 columns), as AVX's two and one; its 32 registers
+    /// hold the 6 × 4 vectors of sums.
     #[cfg(target_arch = "aarch64")]
-    unsafe fn run(&self, m: usize, n: usize) {
+    unsafe fn run_neon(&self, m: usize, n: usize) {
         // SAFETY: the caller's bounds.
-        unsafe { self.blocks::<std::arch::aarch64::float32x4_t, 4, 2>(m, n) }
+        unsafe { self.blocks::<std::arch::aarch64::float32x4_t, 4, 2>(m, 0..n) }
     }
 
-    /// [`Gemm::run`] in lanes `L`: strips of `V` vectors, then one of `H`
-    /// (`V / 2`), then single columns.
+    /// Columns `cols` in lanes `L`: blocks of rows, each through strips of
+    /// `V` vectors, then one of `H` (`V / 2`), then single columns.
     #[inline(always)]
-    unsafe fn blocks<L: Lanes, const V: usize, const H: usize>(&self, m: usize, n: usize) {
+    unsafe fn blocks<L: Lanes, const V: usize, const H: usize>(
+        &self,
+        m: usize,
+        cols: std::ops::Range<usize>,
+    ) {
+        let n = cols.end;
+        if cols.is_empty() {
+            return;
+        }
         let block = (A_BLOCK_BYTES / (4 * self.k.max(1))).max(MR) / MR * MR;
         let mut i0 = 0;
         while i0 < m {
             let rows = i0..(i0 + block).min(m);
-            let mut j = 0;
+            let mut j = cols.start;
             while j + L::N * V <= n {
                 // SAFETY: columns j..j + N·V inside (the loop), rows inside.
                 unsafe { self.strip::<L, V>(rows.clone(), j) };
@@ -692,6 +700,82 @@ mod tests {
                     assert!(
                         (got as f64 - want).abs() <= 1e-5 * (1.0 + want.abs()),
                         "{m}×{k}×{n} β {beta}, output {o}: {got} vs {want}"
+                    );
+                }
+            }
+        }
+    }
+
+    /// Every kind of register tile this CPU runs (AVX2 and AVX-512 on a
+    /// recent x86) gives the same bits, on the column counts that split
+    /// between them (16 wide, then 8, then single columns), and matches the
+    /// definition.
+    #[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
+    #[test]
+    fn every_kind_of_tile_gives_the_same_bits() {
+        let kinds = Tiles::available();
+        eprintln!("tiles on this CPU: {kinds:?}");
+        let mut next = values(13);
+        for &(m, k, n) in &[
+            (6, 16, 32),
+            (7, 24, 24),
+            (13, 96, 40),
+            (5, 32, 47),
+            (96, 16, 80),
+            (30, 144, 160),
+            (3, 5, 15),
+        ] {
+            let a: Vec<f32> = (0..m * k).map(|_| next()).collect();
+            let b: Vec<f32> = (0..k * n).map(|_| next()).collect();
+            let rows: Vec<f32> = (0..m).map(|_| next()).collect();
+            let cols: Vec<f32> = (0..n).map(|_| next()).collect();
+            let ops = Epilogue {
+                start: Some(Line::Rows(&rows)),
+                add: Some(Line::Cols(&cols)),
+                clamp: Some((-0.2, 0.3)),
+            };
+            let outs: Vec<Vec<f32>> = kinds
+                .iter()
+                .map(|&t| {
+                    let mut c = vec![7.0f32; m * n];
+                    // SAFETY: dense row-major matrices of the stated sizes;
+                    // `t` is one this CPU runs.
+                    unsafe {
+                        tiled(
+                            t,
+                            m,
+                            k,
+                            n,
+                            a.as_ptr(),
+                            k,
+                            b.as_ptr(),
+                            n,
+                            0.0,
+                            c.as_mut_ptr(),
+                            n,
+                            ops,
+                        )
+                    };
+                    c
+                })
+                .collect();
+            for o in 0..m * n {
+                let (i, j) = (o / n, o % n);
+                let sum: f64 = (0..k)
+                    .map(|p| a[i * k + p] as f64 * b[p * n + j] as f64)
+                    .sum();
+                let want = (rows[i] as f64 + sum + cols[j] as f64).clamp(-0.2, 0.3);
+                for (t, out) in kinds.iter().zip(&outs) {
+                    assert!(
+                        (out[o] as f64 - want).abs() <= 1e-5 * (1.0 + want.abs()),
+                        "{t:?} {m}×{k}×{n}, output {o}: {} vs {want}",
+                        out[o]
+                    );
+                    assert_eq!(
+                        out[o].to_bits(),
+                        outs[0][o].to_bits(),
+                        "{t:?} against {:?}, {m}×{k}×{n}, output {o}",
+                        kinds[0]
                     );
                 }
             }
