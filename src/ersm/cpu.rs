@@ -1,6 +1,8 @@
 //! Exact CPU implementation of the energy layer (DESIGN.md, "ERSM, precisely").
 
 use super::{EnergySpec, FeatureMap, HeadConv, TokenMask, UnaryHead};
+#[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
+use crate::lanes::Lanes;
 use crate::rowgemm::{Epilogue, Line};
 use crate::threads::par_rows;
 use anyhow::{bail, Result};
@@ -118,7 +120,7 @@ fn conv_into(x: FeatureMap<'_>, l: &HeadConv, out: &mut [f32]) {
     if l.k == 1 && l.groups == 1 && crate::rowgemm::sums_in_order() {
         return conv_1x1(x, l, out);
     }
-    #[cfg(target_arch = "x86_64")]
+    #[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
     if (2..=MAX_K).contains(&l.k)
         && l.groups == l.cin
         && l.cout == l.cin
@@ -254,14 +256,15 @@ fn conv_1x1(x: FeatureMap<'_>, l: &HeadConv, out: &mut [f32]) {
 /// A depthwise conv (each output plane reads its own input plane), plane
 /// by plane straight into the output: each input plane padded left and
 /// right only (a kernel row above or below the map is left out of the sum,
-/// where the padded grid added its zeros: the same sum), eight positions'
-/// sums in registers over the taps, the bias and ReLU applied before the
-/// one store. Each output adds its taps in [`taps_into`]'s order, a fused
-/// multiply-add each, then the bias: the same bits. With the whole map
-/// padded, the sums in a buffer copied out after, and four chains of sums,
-/// the shipped face head's energy layer took 1.17–1.29 ms on two threads;
-/// this way 0.92–0.94 (`cargo bench --bench ersm_stage`).
-#[cfg(target_arch = "x86_64")]
+/// where the padded grid added its zeros: the same sum), a few vectors of
+/// positions' sums in registers over the taps, the bias and ReLU applied
+/// before the one store. Each output adds its taps in [`taps_into`]'s
+/// order, a fused multiply-add each, then the bias: the same bits on every
+/// vector width. With the whole map padded, the sums in a buffer copied out
+/// after, and four chains of sums, the shipped face head's energy layer
+/// took 1.17–1.29 ms on two threads; this way 0.92–0.94 (`cargo bench
+/// --bench ersm_stage`, AVX2).
+#[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
 fn depthwise_into(x: FeatureMap<'_>, l: &HeadConv, out: &mut [f32]) {
     let (h, w, hw) = (x.h, x.w, x.h * x.w);
     let r = l.dilation * (l.k / 2);
@@ -278,26 +281,81 @@ fn depthwise_into(x: FeatureMap<'_>, l: &HeadConv, out: &mut [f32]) {
                 pad_row(src, r, line);
             }
             let taps = &l.weight[c * l.k * l.k..][..l.k * l.k];
-            // SAFETY: AVX2 and FMA were detected by the caller; the grid
-            // holds h rows of w + 2r values, `plane` h rows of w, `taps` k².
-            unsafe { depthwise_plane_avx2(&grid, (h, w), l, taps, l.bias[c], plane) };
+            depthwise_plane(&grid, (h, w), l, taps, l.bias[c], plane);
         }
         scratch::give(grid);
     });
 }
 
 /// The largest kernel [`depthwise_into`] takes (larger ones take [`taps_into`]).
-#[cfg(target_arch = "x86_64")]
+#[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
 const MAX_K: usize = 7;
 
-/// One plane of [`depthwise_into`]: `grid` is the input plane with `r`
-/// zeros left and right of each row.
+/// One plane of [`depthwise_into`] in this CPU's widest vectors: AVX-512
+/// (then AVX2 for a last 8 positions) or AVX2 on x86, NEON on aarch64. The
+/// caller checked [`crate::rowgemm::sums_in_order`] (AVX2 and FMA on x86).
+#[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
+fn depthwise_plane(
+    grid: &[f32],
+    hw: (usize, usize),
+    l: &HeadConv,
+    taps: &[f32],
+    bias: f32,
+    out: &mut [f32],
+) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        use std::arch::x86_64::{__m256, __m512};
+        #[target_feature(enable = "avx512f")]
+        unsafe fn wide(
+            g: &[f32],
+            hw: (usize, usize),
+            l: &HeadConv,
+            t: &[f32],
+            b: f32,
+            o: &mut [f32],
+        ) {
+            // SAFETY: AVX-512F (with AVX2 and FMA) detected by the caller.
+            unsafe { plane::<__m512, __m256>(g, hw, l, t, b, o) }
+        }
+        #[target_feature(enable = "avx2,fma")]
+        unsafe fn avx2(
+            g: &[f32],
+            hw: (usize, usize),
+            l: &HeadConv,
+            t: &[f32],
+            b: f32,
+            o: &mut [f32],
+        ) {
+            // SAFETY: AVX2 and FMA detected by the caller.
+            unsafe { plane::<__m256, __m256>(g, hw, l, t, b, o) }
+        }
+        // SAFETY: `wide` detected AVX-512F; the caller AVX2 and FMA.
+        unsafe {
+            if crate::lanes::wide() {
+                wide(grid, hw, l, taps, bias, out)
+            } else {
+                avx2(grid, hw, l, taps, bias, out)
+            }
+        }
+    }
+    #[cfg(target_arch = "aarch64")]
+    {
+        use std::arch::aarch64::float32x4_t as Neon;
+        // SAFETY: NEON is part of every aarch64 CPU.
+        unsafe { plane::<Neon, Neon>(grid, hw, l, taps, bias, out) }
+    }
+}
+
+/// [`depthwise_plane`] in lanes `L`, the positions left after its vectors
+/// in the narrower `S` (or `L` again), then one by one: `grid` is the input
+/// plane with `r` zeros left and right of each row.
 ///
 /// # Safety
-/// The CPU must support AVX2 and FMA.
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-unsafe fn depthwise_plane_avx2(
+/// The CPU has both vector units.
+#[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
+#[inline(always)]
+unsafe fn plane<L: Lanes, S: Lanes>(
     grid: &[f32],
     (h, w): (usize, usize),
     l: &HeadConv,
@@ -305,12 +363,10 @@ unsafe fn depthwise_plane_avx2(
     bias: f32,
     out: &mut [f32],
 ) {
-    use std::arch::x86_64::*;
     let (k, d) = (l.k, l.dilation);
     let r = d * (k / 2);
     let wp = w + 2 * r;
     assert!(grid.len() >= h * wp && out.len() >= h * w && taps.len() >= k * k);
-    let (vb, zero) = (_mm256_set1_ps(bias), _mm256_setzero_ps());
     let finish = |v: f32| {
         let v = v + bias;
         if l.relu {
@@ -331,30 +387,39 @@ unsafe fn depthwise_plane_avx2(
         }
         let rows = &at[..m];
         let row_out = &mut out[y * w..(y + 1) * w];
+        let block = Block {
+            grid,
+            rows,
+            taps,
+            k,
+            d,
+            bias,
+            relu: l.relu,
+        };
         let mut x0 = 0;
-        // Ten vectors of sums at a time (ten chains of multiply-adds keep
-        // both FMA units busy; four waited on their latency), then four,
-        // then one, then single positions.
-        while x0 + 80 <= w {
-            // SAFETY: x0 + 80 ≤ w; AVX2 and FMA as this function's.
-            unsafe {
-                depthwise_block::<10>(grid, rows, taps, (k, d), x0, (vb, zero, l.relu), row_out)
-            };
-            x0 += 80;
-        }
-        while x0 + 32 <= w {
-            // SAFETY: as above, x0 + 32 ≤ w.
-            unsafe {
-                depthwise_block::<4>(grid, rows, taps, (k, d), x0, (vb, zero, l.relu), row_out)
-            };
-            x0 += 32;
-        }
-        while x0 + 8 <= w {
-            // SAFETY: as above, x0 + 8 ≤ w.
-            unsafe {
-                depthwise_block::<1>(grid, rows, taps, (k, d), x0, (vb, zero, l.relu), row_out)
-            };
-            x0 += 8;
+        // SAFETY (the loops): each block's positions x0..x0 + N·V ≤ w, its
+        // taps inside the grid (h rows of w + 2r); the caller's CPU.
+        unsafe {
+            // Ten vectors of sums at a time (ten chains of multiply-adds
+            // keep both FMA units busy; four waited on their latency), then
+            // five, then one, then the narrower vector, then single
+            // positions.
+            while x0 + 10 * L::N <= w {
+                block.sums::<L, 10>(x0, row_out);
+                x0 += 10 * L::N;
+            }
+            while x0 + 5 * L::N <= w {
+                block.sums::<L, 5>(x0, row_out);
+                x0 += 5 * L::N;
+            }
+            while x0 + L::N <= w {
+                block.sums::<L, 1>(x0, row_out);
+                x0 += L::N;
+            }
+            while x0 + S::N <= w {
+                block.sums::<S, 1>(x0, row_out);
+                x0 += S::N;
+            }
         }
         for (xo, o) in row_out.iter_mut().enumerate().skip(x0) {
             let mut s = 0.0f32;
@@ -368,44 +433,51 @@ unsafe fn depthwise_plane_avx2(
     }
 }
 
-/// Outputs `x0..x0 + 8·V` of one row of [`depthwise_plane_avx2`]: `rows`
-/// are the kernel rows inside the map and their grid rows' offsets.
-///
-/// # Safety
-/// The CPU must support AVX2 and FMA; `x0 + 8·V` must not pass the row,
-/// nor any tap the grid.
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-#[allow(clippy::too_many_arguments)]
-unsafe fn depthwise_block<const V: usize>(
-    grid: &[f32],
-    rows: &[(usize, usize)],
-    taps: &[f32],
-    (k, d): (usize, usize),
-    x0: usize,
-    (vb, zero, relu): (std::arch::x86_64::__m256, std::arch::x86_64::__m256, bool),
-    row_out: &mut [f32],
-) {
-    use std::arch::x86_64::*;
-    let mut acc = [_mm256_setzero_ps(); V];
-    for &(ky, base) in rows {
-        for kx in 0..k {
-            let wt = _mm256_set1_ps(taps[ky * k + kx]);
-            // SAFETY: the caller keeps base + x0 + d·kx + 8·V inside the grid.
-            let src = unsafe { grid.as_ptr().add(base + x0 + d * kx) };
-            for (v, a) in acc.iter_mut().enumerate() {
-                *a = _mm256_fmadd_ps(wt, unsafe { _mm256_loadu_ps(src.add(8 * v)) }, *a);
+/// One row of [`plane`]: the kernel rows inside the map with their grid
+/// rows' offsets, and what every output of the row shares.
+#[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
+struct Block<'a> {
+    grid: &'a [f32],
+    rows: &'a [(usize, usize)],
+    taps: &'a [f32],
+    k: usize,
+    d: usize,
+    bias: f32,
+    relu: bool,
+}
+
+#[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
+impl Block<'_> {
+    /// Outputs `x0..x0 + N·V` of the row.
+    ///
+    /// # Safety
+    /// The CPU has `L`'s vector unit; `x0 + N·V` must not pass the row, nor
+    /// any tap the grid.
+    #[inline(always)]
+    unsafe fn sums<L: Lanes, const V: usize>(&self, x0: usize, row_out: &mut [f32]) {
+        let (k, d) = (self.k, self.d);
+        // SAFETY (the whole body): the caller's CPU and bounds.
+        unsafe {
+            let mut acc = [L::splat(0.0); V];
+            for &(ky, base) in self.rows {
+                for kx in 0..k {
+                    let wt = L::splat(self.taps[ky * k + kx]);
+                    let src = self.grid.as_ptr().add(base + x0 + d * kx);
+                    for (v, a) in acc.iter_mut().enumerate() {
+                        *a = a.fma(wt, L::load(src.add(L::N * v)));
+                    }
+                }
+            }
+            let (vb, zero, inf) = (L::splat(self.bias), L::splat(0.0), L::splat(f32::INFINITY));
+            for (v, a) in acc.iter().enumerate() {
+                let mut s = a.add(vb);
+                if self.relu {
+                    // max(s, 0) gives 0 where s is NaN, as f32::max does.
+                    s = s.clamp(zero, inf);
+                }
+                s.store(row_out.as_mut_ptr().add(x0 + L::N * v));
             }
         }
-    }
-    for (v, a) in acc.iter().enumerate() {
-        let mut s = _mm256_add_ps(*a, vb);
-        if relu {
-            // max(s, 0) gives 0 where s is NaN, as f32::max does.
-            s = _mm256_max_ps(s, zero);
-        }
-        // SAFETY: x0 + 8·V ≤ the row's length (the caller).
-        unsafe { _mm256_storeu_ps(row_out.as_mut_ptr().add(x0 + 8 * v), s) };
     }
 }
 

@@ -125,10 +125,24 @@ unsafe fn rows_avx2(x: &[f32], rb: &Rulebook, k: Taps<'_>, first: usize, y: &mut
     rows::<true>(x, rb, k, first, y)
 }
 
+/// [`rows`] compiled for AVX-512: a block's 32 channels in two vectors.
+///
+/// # Safety
+/// The CPU must support AVX-512F.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn rows_avx512(x: &[f32], rb: &Rulebook, k: Taps<'_>, first: usize, y: &mut [f32]) {
+    rows::<true>(x, rb, k, first, y)
+}
+
 /// The best [`rows`] this CPU runs.
 fn rows_dispatch(x: &[f32], rb: &Rulebook, k: Taps<'_>, first: usize, y: &mut [f32]) {
     #[cfg(target_arch = "x86_64")]
     {
+        if crate::lanes::wide() {
+            // SAFETY: `wide` detected AVX-512F.
+            return unsafe { rows_avx512(x, rb, k, first, y) };
+        }
         if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
         {
             // SAFETY: both features were just detected.
