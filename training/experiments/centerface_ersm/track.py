@@ -166,6 +166,21 @@ def predicted(faces, before):
     return out
 
 
+def outran(faces, before, reach):
+    """True when a face of `faces` moved more than `reach` input pixels
+    along either axis since its nearest face of the frame `before`
+    (matched as `predicted` matches)."""
+    for f in faces:
+        cx, cy, side = (f[0] + f[2]) / 2, (f[1] + f[3]) / 2, max(f[2] - f[0], f[3] - f[1])
+        near = [((g[0] + g[2]) / 2 - cx, (g[1] + g[3]) / 2 - cy) for g in before]
+        near = [d for d in near if np.hypot(*d) < side]
+        if near:
+            dx, dy = min(near, key=lambda d: np.hypot(*d))
+            if max(abs(dx), abs(dy)) > reach:
+                return True
+    return False
+
+
 def region(boxes, like, margin):
     """The stride-8 tokens (shape of `like`) under `boxes` (input pixels),
     grown by `margin` tokens."""
@@ -200,12 +215,13 @@ def stages(args):
 
 
 def run_clip(net, head, off, gates, cases, total, macs, positions, track, margin, held_frames=1,
-             refresh=None, predict=False):
+             refresh=None, predict=False, motion=False):
     """Per frame of one clip: (match, dense count, compute). With `track`,
     the faces of the last `held_frames` frames are held (with `predict`,
     also where their motion carries them). `refresh`: (the frames' indices
-    that run `gates` at the package's own offsets, those gates)."""
-    last, out, before = [], [], []
+    that run `gates` at the package's own offsets, those gates); with
+    `motion`, also every frame after one whose face outran the margin."""
+    last, out, before, fast = [], [], [], False
     for t, (f, tap, dense, _) in enumerate(cases):
         m = hard_mask(head(f.float(), off)[0])
         spent = torch.zeros(1, dtype=torch.float64)
@@ -214,7 +230,7 @@ def run_clip(net, head, off, gates, cases, total, macs, positions, track, margin
             if name in macs:
                 spent.add_(mask.flatten(1).double().sum(1) * (macs[name] / positions[name]))
 
-        gs = refresh[1] if refresh and t in refresh[0] else gates
+        gs = refresh[1] if refresh and (t in refresh[0] or fast) else gates
         prev = [b for faces in last for b in faces]
         if track and len(prev):
             reg = region(prev, m, margin)
@@ -226,6 +242,7 @@ def run_clip(net, head, off, gates, cases, total, macs, positions, track, margin
         out.append((match(dense, sparse), len(dense), spent.item() / total))
         now = [list(b[:4]) for b in sparse]
         last = (last + [now + (predicted(now, before) if predict else [])])[-held_frames:]
+        fast = motion and outran(now, before, 8 * margin)
         before = now
     return out
 
@@ -292,17 +309,17 @@ def score_refresh(args, net, head, off, gate, peak, peak_off, cases, total, macs
             for i, c in enumerate(cases):
                 at = {t for t in range(len(c)) if n and (t + i) % n == 0}
                 rows += run_clip(net, head, off, stream, c, total, macs, positions, True, args.margin,
-                                 args.held_frames, (at, own), args.predict)
+                                 args.held_frames, (at, own), args.predict, args.motion_refresh)
         s = score([r[0] for r in rows])
         comp = float(np.mean([r[2] for r in rows])) + args.heads_share
         print(f"gate {args.gate_offsets[0]:+.1f}, refresh {'every ' + str(n) if n else 'never':8s} "
               f"(at {shipped_off:+.1f}; margin {args.margin}, {args.held_frames} frame(s) held"
-              f"{', predicted' if args.predict else ''}): "
+              f"{', predicted' if args.predict else ''}{', motion refresh' if args.motion_refresh else ''}): "
               f"compute {comp:.4f} recall {s['recall']:.4f} F1 {s['f1']:.4f} ({time.time() - t0:.0f} s)",
               flush=True)
         report.append({"gate": args.gate_offsets[0], "refresh": n, "refresh_gate": shipped_off,
                        "margin": args.margin, "held_frames": args.held_frames, "predict": args.predict,
-                       "compute": comp, **s})
+                       "motion_refresh": args.motion_refresh, "compute": comp, **s})
     if args.out:
         os.makedirs(args.out, exist_ok=True)
         with open(os.path.join(args.out, "refresh.json"), "w") as fh:
@@ -410,6 +427,9 @@ def main():
     ap.add_argument("--refresh", type=int, nargs="+", default=[],
                     help="mode score: refresh periods to score at the first --gate-offsets (REPORT section 23)")
     ap.add_argument("--fast", action="store_true", help="mode clips: faces cross the frame (REPORT section 23)")
+    ap.add_argument("--motion-refresh", action="store_true",
+                    help="mode score --refresh: also refresh the frame after one whose face moved more than the "
+                         "margin since the frame before (REPORT section 23, fifth rule)")
     ap.add_argument("--predict", action="store_true",
                     help="mode score --refresh: faces also held where their motion carries them")
     ap.add_argument("--heads-share", type=float, default=0.0033)
