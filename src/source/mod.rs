@@ -54,7 +54,8 @@ pub trait Source: Send {
         None
     }
     /// The frames' size (width, height) when every frame has it and it is
-    /// known before the first (a video, a camera; not a folder of images).
+    /// known before the first (a video, a camera, a single image; not a
+    /// folder of images).
     fn size(&self) -> Option<(usize, usize)> {
         None
     }
