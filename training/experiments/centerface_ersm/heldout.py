@@ -77,29 +77,77 @@ def main():
     ap.add_argument("--track", action="store_true",
                     help="the clips as streams: the package's `track` settings (REPORT section 23)")
     ap.add_argument("--ersm", default=os.path.join(ROOT, "target", "release", "ersm"))
+    ap.add_argument("--native", action="store_true",
+                    help="each source at its own resolution rounded up to multiples of 32 (what `ersm run` "
+                         "does with a video), not the package's 640×480; a still at its own")
     args = ap.parse_args()
     frames = fetch(args.cache)
     for source in ["carphone", "bikes", "bigbuckbunny", "matplotlib", "insightface"]:
-        out = os.path.join(args.cache, "eval", os.path.basename(os.path.abspath(args.model)), source)
-        cmd = [args.ersm, "eval", "sparsity", "--model", args.model, "--images", os.path.join(frames, source),
-               "--out", out, "--device", "cpu"]
-        if args.threads:
-            cmd += ["--threads", str(args.threads)]
-        if args.track and source in CLIPS:
-            # A clip's frames are a stream (in file order); stills are not.
-            cmd += ["--track"]
-            out += "_track"
-            cmd[cmd.index("--out") + 1] = out
-        subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        with open(os.path.join(out, "sparsity.json")) as fh:
-            r = json.load(fh)["result"]
-        with_faces = [i["compute"] for i in r["images"] if i["dense_faces"]]
-        without = [i["compute"] for i in r["images"] if not i["dense_faces"]]
+        folder = os.path.join(frames, source)
+        # One run per input size: a clip's frames share one, stills each have their own.
+        groups = {}
+        for name in sorted(os.listdir(folder)):
+            size = native_size(os.path.join(folder, name)) if args.native else None
+            groups.setdefault(size, []).append(name)
+        results = []
+        for size, names in groups.items():
+            out = os.path.join(args.cache, "eval", os.path.basename(os.path.abspath(args.model)), source)
+            images = [folder]
+            if args.native:
+                out += "_native_" + size
+                images = folder if len(groups) == 1 else [os.path.join(folder, n) for n in names]
+                images = [images] if isinstance(images, str) else images
+            cmd = [args.ersm, "eval", "sparsity", "--model", args.model, "--out", out, "--device", "cpu"]
+            for i in images:
+                cmd += ["--images", i]
+            if size:
+                cmd += ["--input-size", size]
+            if args.threads:
+                cmd += ["--threads", str(args.threads)]
+            if args.track and source in CLIPS:
+                # A clip's frames are a stream (in file order); stills are not.
+                cmd += ["--track"]
+                out += "_track"
+                cmd[cmd.index("--out") + 1] = out
+            subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            with open(os.path.join(out, "sparsity.json")) as fh:
+                results.append(json.load(fh)["result"])
+        images = [i for r in results for i in r["images"]]
+        with_faces = [i["compute"] for i in images if i["dense_faces"]]
+        without = [i["compute"] for i in images if not i["dense_faces"]]
         print(source, json.dumps({
-            "frames": len(r["images"]), "keep": r["mean"], "compute": r["compute"], "faces": r["faces"],
+            "frames": len(images), "keep": mean([r["mean"] for r in results], results),
+            "compute": mean([r["compute"] for r in results], results), "faces": pooled(results),
             "compute_with_faces": sum(with_faces) / len(with_faces) if with_faces else None,
             "compute_without_faces": sum(without) / len(without) if without else None,
+            **({"input_sizes": sorted(groups)} if args.native else {}),
         }, sort_keys=True), flush=True)
+
+
+def native_size(path):
+    """`path`'s resolution rounded up to multiples of 32, as WxH."""
+    from PIL import Image
+
+    w, h = Image.open(path).size
+    return f"{-(-w // 32) * 32}x{-(-h // 32) * 32}"
+
+
+def mean(values, results):
+    """The frames' mean of per-run means."""
+    n = [len(r["images"]) for r in results]
+    return sum(v * k for v, k in zip(values, n)) / sum(n)
+
+
+def pooled(results):
+    """The runs' face counts together, with recall, precision and F1 again."""
+    if len(results) == 1:
+        return results[0]["faces"]
+    d = sum(r["faces"]["dense_faces"] for r in results)
+    e = sum(r["faces"]["ersm_faces"] for r in results)
+    m = sum(r["faces"]["matched"] for r in results)
+    recall, precision = (m / d if d else 1.0), (m / e if e else 1.0)
+    f1 = 2 * recall * precision / (recall + precision) if recall + precision else 0.0
+    return {"dense_faces": d, "ersm_faces": e, "matched": m, "recall": recall, "precision": precision, "f1": f1}
 
 
 if __name__ == "__main__":
