@@ -230,6 +230,47 @@ mod tests {
         }
     }
 
+    /// The vector loop at each x86 width this CPU has, from the first
+    /// output, against the plain sums: the AVX path is the one a CPU
+    /// without AVX-512 takes, which the test above does not reach here.
+    #[cfg(target_arch = "x86_64")]
+    #[test]
+    fn every_x86_width_gives_the_passes_bits() {
+        use std::arch::is_x86_feature_detected as has;
+        use std::arch::x86_64::{__m256, __m512};
+        let data: Vec<f32> = (0..3 * 60)
+            .map(|i| ((i * 37 % 29) as f32 - 14.0) / 7.0)
+            .collect();
+        let rows: Vec<TapRow<'_>> = (0..3)
+            .map(|r| {
+                let d = &data[r * 60..(r + 1) * 60];
+                [d, &d[1..], &d[2..]]
+            })
+            .collect();
+        let k = [[0.3, -0.7, 1.1], [0.9, 0.2, -0.4], [-1.3, 0.6, 0.8]];
+        let n = 56;
+        let mut want = vec![0.0; n];
+        passes(&mut want, &rows, &k, 0.1, Some(6.0));
+        let check = |got: &[f32], done: usize, what: &str| {
+            assert!(done > 0, "{what}: no vectors");
+            for i in 0..done {
+                assert_eq!(got[i].to_bits(), want[i].to_bits(), "{what}, output {i}");
+            }
+        };
+        if has!("avx") {
+            let mut got = vec![0.0; n];
+            // SAFETY: AVX detected; each tap slice holds n values or more.
+            let done = unsafe { row::<__m256, true, 3>(&mut got, &rows, &k, 0.1, 6.0, 0) };
+            check(&got, done, "AVX");
+        }
+        if has!("avx512f") {
+            let mut got = vec![0.0; n];
+            // SAFETY: AVX-512F detected; the slices as above.
+            let done = unsafe { row::<__m512, true, 3>(&mut got, &rows, &k, 0.1, 6.0, 0) };
+            check(&got, done, "AVX-512");
+        }
+    }
+
     #[test]
     #[should_panic(expected = "shorter")]
     fn a_short_tap_row_is_refused() {

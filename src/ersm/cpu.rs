@@ -836,3 +836,81 @@ pub(crate) mod scratch {
         });
     }
 }
+
+#[cfg(all(test, target_arch = "x86_64"))]
+mod tests {
+    use super::*;
+
+    /// The depthwise planes give the same bits on AVX2 and AVX-512 (when
+    /// this CPU has it), on row lengths that end in each kind of vector
+    /// and in single positions, dilated or not, and match the sum written
+    /// plainly: the taps of the kernel rows inside the map in order, a
+    /// fused multiply-add each, then the bias and ReLU.
+    #[test]
+    fn depthwise_planes_give_the_same_bits_on_every_width() {
+        use std::arch::is_x86_feature_detected as has;
+        use std::arch::x86_64::{__m256, __m512};
+        if !(has!("avx2") && has!("fma")) {
+            return;
+        }
+        let mut seed = 5u32;
+        let mut next = || {
+            seed = seed.wrapping_mul(1_664_525).wrapping_add(1_013_904_223);
+            (seed >> 8) as f32 / (1u32 << 24) as f32 - 0.5
+        };
+        for (h, w, k, d) in [
+            (5, 40, 3, 1),
+            (7, 80, 3, 2),
+            (4, 23, 5, 1),
+            (6, 168, 3, 4),
+            (3, 8, 7, 1),
+        ] {
+            let r = d * (k / 2);
+            let wp = w + 2 * r;
+            let l = HeadConv {
+                cin: 1,
+                cout: 1,
+                k,
+                groups: 1,
+                dilation: d,
+                weight: (0..k * k).map(|_| next()).collect(),
+                bias: vec![next()],
+                relu: true,
+            };
+            let mut grid = vec![0.0f32; h * wp];
+            for row in grid.chunks_exact_mut(wp) {
+                row[r..r + w].iter_mut().for_each(|v| *v = next());
+            }
+            let mut want = vec![0.0f32; h * w];
+            for y in 0..h {
+                for x in 0..w {
+                    let mut s = 0.0f32;
+                    for ky in 0..k {
+                        let Some(yy) = (y + d * ky).checked_sub(r).filter(|&yy| yy < h) else {
+                            continue;
+                        };
+                        for kx in 0..k {
+                            s = l.weight[ky * k + kx].mul_add(grid[yy * wp + x + d * kx], s);
+                        }
+                    }
+                    want[y * w + x] = (s + l.bias[0]).max(0.0);
+                }
+            }
+            let mut narrow = vec![7.0f32; h * w];
+            // SAFETY: AVX2 and FMA detected above.
+            unsafe {
+                plane::<__m256, __m256>(&grid, (h, w), &l, &l.weight, l.bias[0], &mut narrow)
+            };
+            let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+            assert_eq!(bits(&narrow), bits(&want), "AVX2, {h}×{w} k {k} d {d}");
+            if has!("avx512f") {
+                let mut wide = vec![7.0f32; h * w];
+                // SAFETY: AVX-512F detected.
+                unsafe {
+                    plane::<__m512, __m256>(&grid, (h, w), &l, &l.weight, l.bias[0], &mut wide)
+                };
+                assert_eq!(bits(&wide), bits(&want), "AVX-512, {h}×{w} k {k} d {d}");
+            }
+        }
+    }
+}
