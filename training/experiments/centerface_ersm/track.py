@@ -241,14 +241,28 @@ def stages(args):
     return [(g[0], float(g[1])) if g else s for g, s in zip(given, shipped)]
 
 
+def changed_gates(stream, own, region):
+    """The stride-16 gate at the package's own offset within `region`
+    (stride-8 tokens), at the stream's elsewhere; the other gates as
+    `stream` has them."""
+    mine = dict(own)
+
+    def both(fs, fo):
+        return lambda v, mm: torch.maximum(fs(v, mm), fo(v, mm) * at_size(region, mm))
+
+    return [(name, both(fn, mine[name]) if name == GATE else fn) for name, fn in stream]
+
+
 def run_clip(net, head, off, gates, cases, total, macs, positions, track, margin, held_frames=1,
-             refresh=None, predict=False, motion=False):
+             refresh=None, predict=False, motion=False, changed=False):
     """Per frame of one clip: (match, dense count, compute). With `track`,
     the faces of the last `held_frames` frames are held (with `predict`,
     also where their motion carries them). `refresh`: (the frames' indices
     that run `gates` at the package's own offsets, those gates); with
-    `motion`, also every frame after one whose face outran the margin."""
-    last, out, before, fast = [], [], [], False
+    `motion`, also every frame after one whose face outran the margin; with
+    `changed`, the stride-16 gate runs at the package's offset where stage
+    1's mask grew since the frame before (grown by the margin)."""
+    last, out, before, fast, prev_m = [], [], [], False, None
     for t, (f, tap, dense, _) in enumerate(cases):
         m = hard_mask(head(f.float(), off)[0])
         spent = torch.zeros(1, dtype=torch.float64)
@@ -258,6 +272,11 @@ def run_clip(net, head, off, gates, cases, total, macs, positions, track, margin
                 spent.add_(mask.flatten(1).double().sum(1) * (macs[name] / positions[name]))
 
         gs = refresh[1] if refresh and (t in refresh[0] or fast) else gates
+        if changed and gs is gates:
+            new = m if prev_m is None else m * (prev_m == 0)
+            grown = F.max_pool2d(new, 2 * margin + 1, stride=1, padding=margin)
+            gs = changed_gates(gates, refresh[1], grown)
+        prev_m = m
         prev = [b for faces in last for b in faces]
         if track and len(prev):
             reg = region(prev, m, margin)
@@ -336,17 +355,20 @@ def score_refresh(args, net, head, off, gate, peak, peak_off, cases, total, macs
             for i, c in enumerate(cases):
                 at = {t for t in range(len(c)) if n and (t + i) % n == 0}
                 rows += run_clip(net, head, off, stream, c, total, macs, positions, True, args.margin,
-                                 args.held_frames, (at, own), args.predict, args.motion_refresh)
+                                 args.held_frames, (at, own), args.predict, args.motion_refresh,
+                                 args.changed_gate)
         s = score([r[0] for r in rows])
         comp = float(np.mean([r[2] for r in rows])) + args.heads_share
         print(f"gate {args.gate_offsets[0]:+.1f}, refresh {'every ' + str(n) if n else 'never':8s} "
               f"(at {shipped_off:+.1f}; margin {args.margin}, {args.held_frames} frame(s) held"
-              f"{', predicted' if args.predict else ''}{', motion refresh' if args.motion_refresh else ''}): "
+              f"{', predicted' if args.predict else ''}{', motion refresh' if args.motion_refresh else ''}"
+              f"{', own gate where stage 1 grew' if args.changed_gate else ''}): "
               f"compute {comp:.4f} recall {s['recall']:.4f} F1 {s['f1']:.4f} ({time.time() - t0:.0f} s)",
               flush=True)
         report.append({"gate": args.gate_offsets[0], "refresh": n, "refresh_gate": shipped_off,
                        "margin": args.margin, "held_frames": args.held_frames, "predict": args.predict,
-                       "motion_refresh": args.motion_refresh, "compute": comp, **s})
+                       "motion_refresh": args.motion_refresh, "changed_gate": args.changed_gate,
+                       "compute": comp, **s})
     if args.out:
         os.makedirs(args.out, exist_ok=True)
         with open(os.path.join(args.out, "refresh.json"), "w") as fh:
@@ -459,6 +481,9 @@ def main():
     ap.add_argument("--motion-refresh", action="store_true",
                     help="mode score --refresh: also refresh the frame after one whose face moved more than the "
                          "margin since the frame before (REPORT section 23, fifth rule)")
+    ap.add_argument("--changed-gate", action="store_true",
+                    help="mode score --refresh: the stride-16 gate at the package's offset where stage 1's mask "
+                         "grew since the frame before (REPORT section 23, seventh rule)")
     ap.add_argument("--predict", action="store_true",
                     help="mode score --refresh: faces also held where their motion carries them")
     ap.add_argument("--heads-share", type=float, default=0.0033)
