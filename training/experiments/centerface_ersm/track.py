@@ -260,9 +260,9 @@ def run_clip(net, head, off, gates, cases, total, macs, positions, track, margin
     also where their motion carries them). `refresh`: (the frames' indices
     that run `gates` at the package's own offsets, those gates); with
     `motion`, also every frame after one whose face outran the margin; with
-    `changed`, the stride-16 gate runs at the package's offset where stage
-    1's mask grew since the frame before (grown by the margin)."""
-    last, out, before, fast, prev_m = [], [], [], False, None
+    `changed` (N), the stride-16 gate runs at the package's offset where
+    stage 1's mask grew since the last N frames (grown by the margin)."""
+    last, out, before, fast, prev_m = [], [], [], False, []
     for t, (f, tap, dense, _) in enumerate(cases):
         m = hard_mask(head(f.float(), off)[0])
         spent = torch.zeros(1, dtype=torch.float64)
@@ -273,10 +273,12 @@ def run_clip(net, head, off, gates, cases, total, macs, positions, track, margin
 
         gs = refresh[1] if refresh and (t in refresh[0] or fast) else gates
         if changed and gs is gates:
-            new = m if prev_m is None else m * (prev_m == 0)
+            # `changed` frames back: stage 1's masks of the last 1 (or 3) frames
+            seen = None if not prev_m else torch.stack(prev_m).amax(0)
+            new = m if seen is None else m * (seen == 0)
             grown = F.max_pool2d(new, 2 * margin + 1, stride=1, padding=margin)
             gs = changed_gates(gates, refresh[1], grown)
-        prev_m = m
+        prev_m = (prev_m + [m])[-int(changed or 1):]
         prev = [b for faces in last for b in faces]
         if track and len(prev):
             reg = region(prev, m, margin)
@@ -362,7 +364,7 @@ def score_refresh(args, net, head, off, gate, peak, peak_off, cases, total, macs
         print(f"gate {args.gate_offsets[0]:+.1f}, refresh {'every ' + str(n) if n else 'never':8s} "
               f"(at {shipped_off:+.1f}; margin {args.margin}, {args.held_frames} frame(s) held"
               f"{', predicted' if args.predict else ''}{', motion refresh' if args.motion_refresh else ''}"
-              f"{', own gate where stage 1 grew' if args.changed_gate else ''}): "
+              f"{f', own gate where stage 1 grew over {args.changed_gate} frame(s)' if args.changed_gate else ''}): "
               f"compute {comp:.4f} recall {s['recall']:.4f} F1 {s['f1']:.4f} ({time.time() - t0:.0f} s)",
               flush=True)
         report.append({"gate": args.gate_offsets[0], "refresh": n, "refresh_gate": shipped_off,
@@ -481,9 +483,10 @@ def main():
     ap.add_argument("--motion-refresh", action="store_true",
                     help="mode score --refresh: also refresh the frame after one whose face moved more than the "
                          "margin since the frame before (REPORT section 23, fifth rule)")
-    ap.add_argument("--changed-gate", action="store_true",
+    ap.add_argument("--changed-gate", type=int, nargs="?", const=1, default=0,
                     help="mode score --refresh: the stride-16 gate at the package's offset where stage 1's mask "
-                         "grew since the frame before (REPORT section 23, seventh rule)")
+                         "grew since the last N frames (1 if not given; REPORT section 23, seventh and eighth "
+                         "rules)")
     ap.add_argument("--predict", action="store_true",
                     help="mode score --refresh: faces also held where their motion carries them")
     ap.add_argument("--heads-share", type=float, default=0.0033)
