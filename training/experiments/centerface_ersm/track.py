@@ -254,14 +254,15 @@ def changed_gates(stream, own, region):
 
 
 def run_clip(net, head, off, gates, cases, total, macs, positions, track, margin, held_frames=1,
-             refresh=None, predict=False, motion=False, changed=False):
+             refresh=None, predict=False, motion=False, changed=False, blobs=False):
     """Per frame of one clip: (match, dense count, compute). With `track`,
     the faces of the last `held_frames` frames are held (with `predict`,
     also where their motion carries them). `refresh`: (the frames' indices
     that run `gates` at the package's own offsets, those gates); with
     `motion`, also every frame after one whose face outran the margin; with
     `changed` (N), the stride-16 gate runs at the package's offset where
-    stage 1's mask grew since the last N frames (grown by the margin)."""
+    stage 1's mask grew since the last N frames (grown by the margin; with
+    `blobs`, only where the new tokens hold a 2×2 block)."""
     last, out, before, fast, prev_m = [], [], [], False, []
     for t, (f, tap, dense, _) in enumerate(cases):
         m = hard_mask(head(f.float(), off)[0])
@@ -276,6 +277,10 @@ def run_clip(net, head, off, gates, cases, total, macs, positions, track, margin
             # `changed` frames back: stage 1's masks of the last 1 (or 3) frames
             seen = None if not prev_m else torch.stack(prev_m).amax(0)
             new = m if seen is None else m * (seen == 0)
+            if blobs:
+                # an opening by a 2×2 square: only new tokens in a 2×2 block of new ones stay
+                eroded = -F.max_pool2d(-new, 2, stride=1)
+                new = F.max_pool2d(F.pad(eroded, (1, 1, 1, 1)), 2, stride=1)
             grown = F.max_pool2d(new, 2 * margin + 1, stride=1, padding=margin)
             gs = changed_gates(gates, refresh[1], grown)
         prev_m = (prev_m + [m])[-int(changed or 1):]
@@ -358,18 +363,20 @@ def score_refresh(args, net, head, off, gate, peak, peak_off, cases, total, macs
                 at = {t for t in range(len(c)) if n and (t + i) % n == 0}
                 rows += run_clip(net, head, off, stream, c, total, macs, positions, True, args.margin,
                                  args.held_frames, (at, own), args.predict, args.motion_refresh,
-                                 args.changed_gate)
+                                 args.changed_gate, args.changed_blobs)
         s = score([r[0] for r in rows])
         comp = float(np.mean([r[2] for r in rows])) + args.heads_share
         print(f"gate {args.gate_offsets[0]:+.1f}, refresh {'every ' + str(n) if n else 'never':8s} "
               f"(at {shipped_off:+.1f}; margin {args.margin}, {args.held_frames} frame(s) held"
               f"{', predicted' if args.predict else ''}{', motion refresh' if args.motion_refresh else ''}"
-              f"{f', own gate where stage 1 grew over {args.changed_gate} frame(s)' if args.changed_gate else ''}): "
+              f"{f', own gate where stage 1 grew over {args.changed_gate} frame(s)' if args.changed_gate else ''}"
+              f"{' in 2×2 blocks' if args.changed_blobs else ''}): "
               f"compute {comp:.4f} recall {s['recall']:.4f} F1 {s['f1']:.4f} ({time.time() - t0:.0f} s)",
               flush=True)
         report.append({"gate": args.gate_offsets[0], "refresh": n, "refresh_gate": shipped_off,
                        "margin": args.margin, "held_frames": args.held_frames, "predict": args.predict,
                        "motion_refresh": args.motion_refresh, "changed_gate": args.changed_gate,
+                       "changed_blobs": args.changed_blobs,
                        "compute": comp, **s})
     if args.out:
         os.makedirs(args.out, exist_ok=True)
@@ -487,6 +494,9 @@ def main():
                     help="mode score --refresh: the stride-16 gate at the package's offset where stage 1's mask "
                          "grew since the last N frames (1 if not given; REPORT section 23, seventh and eighth "
                          "rules)")
+    ap.add_argument("--changed-blobs", action="store_true",
+                    help="mode score --changed-gate: new tokens count only in 2×2 blocks of new tokens "
+                         "(REPORT section 23, ninth rule)")
     ap.add_argument("--predict", action="store_true",
                     help="mode score --refresh: faces also held where their motion carries them")
     ap.add_argument("--heads-share", type=float, default=0.0033)
