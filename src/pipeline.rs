@@ -107,6 +107,9 @@ struct Tracking {
     refresh: usize,
     /// Each face is also held where its last motion carries it.
     predict: bool,
+    /// Frames of the cut's own masks a token must be new against (0: the
+    /// gates never look at new tokens).
+    new_tokens: usize,
     state: Mutex<StreamState>,
 }
 
@@ -119,6 +122,9 @@ struct StreamState {
     begun: usize,
     /// The last frame's faces (at the network input).
     faces: Vec<crate::detect::Detection>,
+    /// The cut's own masks (negative energy) of the last `new_tokens`
+    /// frames, oldest first.
+    own: std::collections::VecDeque<Vec<bool>>,
 }
 
 impl StreamState {
@@ -200,7 +206,7 @@ impl Pipeline {
         };
         let stream = match &self.track {
             Some(t) => format!(
-                "; a tracked stream (faces of the last {} frame(s) held, margin {}{}{})",
+                "; a tracked stream (faces of the last {} frame(s) held, margin {}{}{}{})",
                 t.frames,
                 t.margin,
                 if t.predict {
@@ -211,7 +217,11 @@ impl Pipeline {
                 match t.refresh {
                     0 => String::new(),
                     n => format!(", the package's own gates every {n} frames"),
-                }
+                },
+                match t.new_tokens {
+                    0 => String::new(),
+                    n => format!(", and where the cut keeps tokens its last {n} frames did not"),
+                },
             ),
             None => String::new(),
         };
@@ -275,11 +285,16 @@ impl Pipeline {
                 .set_gate_shift(node, *shift)
                 .with_context(|| format!("model {origin}: manifest track.gate_offsets"))?;
         }
+        anyhow::ensure!(
+            t.new_tokens == 0 || self.placement.suffix.is_none(),
+            "model {origin}: manifest track.new_tokens (the gates' choice at two offsets on a stream) runs on the CPU's sparse suffix only so far: --device cpu, or the energy layer alone on the GPU"
+        );
         self.track = Some(Tracking {
             margin: t.margin,
             frames: t.frames,
             refresh: t.refresh,
             predict: t.predict,
+            new_tokens: t.new_tokens,
             state: Mutex::new(Default::default()),
         });
         Ok(self)
@@ -521,7 +536,8 @@ impl Pipeline {
                 times.ersm = ms(t);
                 let suffix_started = Instant::now();
                 let rows = std::mem::take(&mut mask.features);
-                let (logits, tokens) = self.suffix_holding(&mask.kept, &at, rows, taps)?;
+                let fresh = self.fresh_tokens(&mask, &at);
+                let (logits, tokens) = self.suffix_holding(&mask.kept, &at, &fresh, rows, taps)?;
                 (mask, logits, tokens, suffix_started)
             }
         };
@@ -590,6 +606,7 @@ impl Pipeline {
         &self,
         kept: &[u32],
         at: &StreamFrame,
+        fresh: &[u32],
         rows: Vec<f32>,
         taps: Vec<Vec<f32>>,
     ) -> Result<(Vec<f32>, Vec<usize>)> {
@@ -609,7 +626,7 @@ impl Pipeline {
                 )
                 .context("sparse suffix (GPU)")?,
             None => plan
-                .run_holding(kept, &at.held, at.offsets, rows, taps)
+                .run_stream(kept, &at.held, fresh, at.offsets, rows, taps)
                 .context("sparse suffix")?,
         };
         Ok((dense_logits_of(plan, &out, &frame.sets)?, frame.counts()))
@@ -633,9 +650,33 @@ impl Pipeline {
             .compute_holding(MapSource::Host(x), &self.model.energy, &at.held)
             .context("energy layer")?;
         let rows = std::mem::take(&mut mask.features);
-        let (logits, tokens) = self.suffix_holding(&mask.kept, &at, rows, maps.taps.clone())?;
+        let fresh = self.fresh_tokens(&mask, &at);
+        let (logits, tokens) =
+            self.suffix_holding(&mask.kept, &at, &fresh, rows, maps.taps.clone())?;
         self.remember(track, &logits)?;
         Ok((mask, logits, tokens))
+    }
+
+    /// The cut's tokens that are new on this frame (manifest
+    /// `track.new_tokens`, [`crate::track::new_tokens`]) when it runs at the
+    /// stream's offsets, and this frame's own mask remembered for the
+    /// next ones. None off a stream or without the setting.
+    fn fresh_tokens(&self, mask: &TokenMask, at: &StreamFrame) -> Vec<u32> {
+        let Some(t) = self.track.as_ref().filter(|t| t.new_tokens > 0) else {
+            return Vec::new();
+        };
+        let own: Vec<bool> = mask.energies.iter().map(|&e| e < 0.0).collect();
+        let mut s = t.state.lock().unwrap_or_else(PoisonError::into_inner);
+        let fresh = if at.offsets == GateOffsets::Stream {
+            crate::track::new_tokens(&own, s.own.make_contiguous(), (mask.w, mask.h), t.margin)
+        } else {
+            Vec::new()
+        };
+        s.own.push_back(own);
+        while s.own.len() > t.new_tokens {
+            s.own.pop_front();
+        }
+        fresh
     }
 
     /// Keeps the tokens around this frame's faces for the next frame.

@@ -76,6 +76,53 @@ pub fn carried(faces: &[Detection], before: &[Detection]) -> Vec<Detection> {
         .collect()
 }
 
+/// Raster indices (ascending) of the `(w, h)` map's tokens `now` keeps and
+/// none of `before` kept, counted only inside a 2×2 block of such tokens
+/// (an opening by a 2×2 square: a token that flickers alone, or a thin
+/// edge, is not new), then grown by `margin` tokens on every side. With
+/// nothing `before` (a stream's first frame), every token `now` keeps is
+/// new.
+pub fn new_tokens(
+    now: &[bool],
+    before: &[Vec<bool>],
+    (w, h): (usize, usize),
+    margin: usize,
+) -> Vec<u32> {
+    let n = w * h;
+    if now.len() != n || w < 2 || h < 2 {
+        return Vec::new();
+    }
+    let new: Vec<bool> = (0..n)
+        .map(|i| now[i] && !before.iter().any(|b| b.get(i).copied().unwrap_or(false)))
+        .collect();
+    // The blocks' top-left corners, then every token of a block.
+    let mut opened = vec![false; n];
+    for y in 0..h - 1 {
+        for x in 0..w - 1 {
+            let i = y * w + x;
+            if new[i] && new[i + 1] && new[i + w] && new[i + w + 1] {
+                for j in [i, i + 1, i + w, i + w + 1] {
+                    opened[j] = true;
+                }
+            }
+        }
+    }
+    let mut grown = vec![false; n];
+    for y in 0..h {
+        for x in 0..w {
+            if !opened[y * w + x] {
+                continue;
+            }
+            let (y0, y1) = (y.saturating_sub(margin), (y + margin).min(h - 1));
+            let (x0, x1) = (x.saturating_sub(margin), (x + margin).min(w - 1));
+            for yy in y0..=y1 {
+                grown[yy * w + x0..=yy * w + x1].fill(true);
+            }
+        }
+    }
+    (0..n as u32).filter(|&i| grown[i as usize]).collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -89,6 +136,34 @@ mod tests {
             score: 0.9,
             landmarks: [[0.0; 2]; 5],
         }
+    }
+
+    #[test]
+    fn new_tokens_are_blocks_none_of_the_last_frames_kept_grown_by_the_margin() {
+        let (w, h) = (8, 6);
+        let at = |pts: &[(usize, usize)]| {
+            let mut m = vec![false; w * h];
+            for &(x, y) in pts {
+                m[y * w + x] = true;
+            }
+            m
+        };
+        // A 2×2 block at (4..=5, 2..=3), a lone token at (1, 1), and a
+        // token kept two frames ago at (0, 5) beside a new one at (1, 5).
+        let now = at(&[(4, 2), (5, 2), (4, 3), (5, 3), (1, 1), (0, 5), (1, 5)]);
+        let before = [at(&[(0, 5)]), at(&[])];
+        assert_eq!(new_tokens(&now, &before, (w, h), 0), vec![20, 21, 28, 29]);
+        // Grown by one token, clipped to the map.
+        let grown = new_tokens(&now, &before, (w, h), 1);
+        let want: Vec<u32> = (1..=4)
+            .flat_map(|y| (3..=6).map(move |x| (y * w + x) as u32))
+            .collect();
+        assert_eq!(grown, want);
+        // A block any of the last frames kept is not new.
+        let seen = [at(&[]), at(&[(5, 3)])];
+        assert!(new_tokens(&now, &seen, (w, h), 0).is_empty());
+        // A stream's first frame: every block is new.
+        assert_eq!(new_tokens(&now, &[], (w, h), 0), vec![20, 21, 28, 29]);
     }
 
     #[test]

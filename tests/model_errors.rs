@@ -1008,6 +1008,11 @@ fn bad_detector_manifests() {
             "track.refresh must be 0 (never) or 2-10000",
         ),
         (
+            "new-tokens",
+            serde_json::json!({"margin": 2, "new_tokens": 101}),
+            "track.new_tokens must be 0 (never) or 1-100",
+        ),
+        (
             "offset",
             serde_json::json!({"margin": 2, "gate_offsets": {"ersm.gate": 1e9}}),
             "track.gate_offsets.ersm.gate must be finite",

@@ -440,6 +440,76 @@ fn gates_keep_the_held_tokens_and_still_match_the_reference() {
     );
 }
 
+/// New tokens on a stream (manifest `track.new_tokens`): at the stream's
+/// offsets a moved gate also keeps, within their reach, what it keeps at
+/// the package's own offset; the sparse suffix equals the reference that
+/// does the same, the gates keep what the reference's keep, and the new
+/// tokens widen some gate's set on some frames. At the package's offsets
+/// they are not looked at (the reference without them).
+#[test]
+fn new_tokens_widen_a_moved_gate_and_still_match_the_reference() {
+    let mut widened = 0;
+    for seed in 0..6u64 {
+        let mut m = gated_detector_package(seed, &[(16, 16, 6), (8, 24, 4), (24, 16, 5)]);
+        let names: Vec<String> = m.plan.gates_named().map(|(n, _)| n.to_string()).collect();
+        for name in &names {
+            m.plan
+                .set_gate_shift(name, 0.6)
+                .expect("a gate of the suffix");
+        }
+        let (h, w) = (m.prefix.input_shape[2], m.prefix.input_shape[3]);
+        let mut rng = Rng::new(3100 + seed);
+        let image = rng.normals(3 * h * w, 1.0);
+        let maps = prefix_maps(&m, &image);
+        let (x, taps) = (&maps[0], &maps[1..]);
+        for p in [0.4, 0.9] {
+            let kept = random_kept(&mut rng, m.cut.h * m.cut.w, p);
+            let held: Vec<u32> = kept.iter().copied().filter(|_| rng.f32() < 0.1).collect();
+            let fresh: Vec<u32> = kept.iter().copied().filter(|_| rng.f32() < 0.4).collect();
+            let fm = ersm::ersm::FeatureMap::new(x, m.cut.c, m.cut.h, m.cut.w).unwrap();
+            let mut sizes = Vec::new();
+            for (offsets, new) in [
+                (GateOffsets::Stream, &fresh[..]),
+                (GateOffsets::Stream, &[][..]),
+                (GateOffsets::Package, &fresh[..]),
+            ] {
+                let feats = ersm::ersm::cpu::gather(fm, &kept);
+                let (out, frame) = m
+                    .plan
+                    .run_stream(&kept, &held, new, offsets, feats, taps.to_vec())
+                    .expect("sparse suffix runs");
+                let got = m.plan.dense_outputs(&out, &frame.sets);
+                let shifted = offsets == GateOffsets::Stream;
+                let (want, lists) =
+                    dense_masked_gated_stream(&m, x, taps, &kept, &held, new, shifted);
+                let err = rel_err(&got, &want);
+                assert!(
+                    err <= TOL,
+                    "seed {seed}, keep p={p}, {offsets:?}, {} new: relative error {err}",
+                    new.len()
+                );
+                for (k, g) in m.plan.gates().enumerate() {
+                    assert_eq!(
+                        frame.sets[g.out_level].coords, lists[k],
+                        "seed {seed}, keep p={p}, {offsets:?}: gate {k} keeps what the reference's does"
+                    );
+                }
+                sizes.push(
+                    m.plan
+                        .gates()
+                        .map(|g| frame.sets[g.out_level].len())
+                        .sum::<usize>(),
+                );
+            }
+            widened += usize::from(sizes[0] > sizes[1]);
+        }
+    }
+    assert!(
+        widened > 3,
+        "new tokens widened a gate's set on only {widened} frames"
+    );
+}
+
 /// A stream's gates at their offsets (manifest `track.gate_offsets`), and
 /// on a refresh frame at the package's own: with a shift set on every
 /// gate, the sparse suffix equals the reference whose gates' unary costs

@@ -66,6 +66,13 @@ pub struct Track {
     /// before the mean field (positive: it keeps less).
     #[serde(default)]
     pub gate_offsets: std::collections::BTreeMap<String, f32>,
+    /// On the stream's frames, a moved gate also keeps what it would keep
+    /// at the package's own offset where the cut's energy layer keeps
+    /// tokens none of its last `new_tokens` frames kept (in 2×2 blocks,
+    /// grown by the margin): a face's first frames, where nothing is held
+    /// yet. 0: never.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub new_tokens: usize,
 }
 
 /// A detector's decoding.
@@ -286,6 +293,12 @@ impl Manifest {
                 bail!(
                     "track.refresh must be 0 (never) or 2-10000 frames, got {} (1 would run every frame at the package's own offsets: leave gate_offsets out instead)",
                     t.refresh
+                );
+            }
+            if t.new_tokens > 100 {
+                bail!(
+                    "track.new_tokens must be 0 (never) or 1-100 frames, got {}",
+                    t.new_tokens
                 );
             }
             for (gate, off) in &t.gate_offsets {

@@ -57,6 +57,10 @@ pub struct Frame {
     /// The held tokens' footprint at every level (empty: none held): what
     /// each gate keeps whatever its energies say ([`Frame::footprint`]).
     pub held: Vec<TokenSet>,
+    /// The new tokens' footprint at every level (empty: none): where a
+    /// moved gate also keeps its choice at the package's own offset
+    /// (manifest `track.new_tokens`).
+    pub fresh: Vec<TokenSet>,
     /// Levels whose sets are not built yet.
     pending: Vec<bool>,
     /// Rulebooks not built yet.
@@ -121,6 +125,7 @@ impl Frame {
             sets,
             rulebooks,
             held: Vec::new(),
+            fresh: Vec::new(),
         }
     }
 
@@ -133,6 +138,7 @@ impl Frame {
             sets,
             rulebooks: (0..rules).map(|_| unbuilt()).collect(),
             held: Vec::new(),
+            fresh: Vec::new(),
         }
     }
 
@@ -154,6 +160,7 @@ impl Frame {
             pending: vec![true; levels.len()],
             rules_pending: vec![true; rules.len()],
             held: Vec::new(),
+            fresh: Vec::new(),
         }
     }
 

@@ -361,7 +361,7 @@ impl Plan {
         features: Vec<f32>,
         taps: Vec<Vec<f32>>,
     ) -> Result<(Vec<Value>, Frame)> {
-        self.run_inner(kept, &[], GateOffsets::Stream, features, taps, None)
+        self.run_inner(kept, &[], &[], GateOffsets::Stream, features, taps, None)
     }
 
     /// [`Plan::run`] on a stream: every gate also keeps the raster indices
@@ -376,7 +376,24 @@ impl Plan {
         features: Vec<f32>,
         taps: Vec<Vec<f32>>,
     ) -> Result<(Vec<Value>, Frame)> {
-        self.run_inner(kept, held, offsets, features, taps, None)
+        self.run_inner(kept, held, &[], offsets, features, taps, None)
+    }
+
+    /// [`Plan::run_holding`] with the raster indices `fresh` of level 0
+    /// (ascending; manifest `track.new_tokens`): at [`GateOffsets::Stream`]
+    /// a moved gate also keeps, within their footprint, what it keeps at
+    /// the package's own offset.
+    #[allow(clippy::too_many_arguments)]
+    pub fn run_stream(
+        &self,
+        kept: &[u32],
+        held: &[u32],
+        fresh: &[u32],
+        offsets: GateOffsets,
+        features: Vec<f32>,
+        taps: Vec<Vec<f32>>,
+    ) -> Result<(Vec<Value>, Frame)> {
+        self.run_inner(kept, held, fresh, offsets, features, taps, None)
     }
 
     /// [`Plan::run`], also adding each step's wall time (ms) to `times`
@@ -389,13 +406,23 @@ impl Plan {
         times: &mut Vec<f64>,
     ) -> Result<(Vec<Value>, Frame)> {
         times.resize(self.steps.len() + 1, 0.0);
-        self.run_inner(kept, &[], GateOffsets::Stream, features, taps, Some(times))
+        self.run_inner(
+            kept,
+            &[],
+            &[],
+            GateOffsets::Stream,
+            features,
+            taps,
+            Some(times),
+        )
     }
 
+    #[allow(clippy::too_many_arguments)]
     fn run_inner(
         &self,
         kept: &[u32],
         held: &[u32],
+        fresh: &[u32],
         offsets: GateOffsets,
         features: Vec<f32>,
         taps: Vec<Vec<f32>>,
@@ -408,6 +435,12 @@ impl Plan {
         let mut frame = self.frame(kept);
         if !held.is_empty() && self.gates().next().is_some() {
             frame.held = Frame::footprint(&self.levels, self.stride_rule, held);
+        }
+        if !fresh.is_empty()
+            && offsets == GateOffsets::Stream
+            && self.gates().any(|g| g.shift != 0.0)
+        {
+            frame.fresh = Frame::footprint(&self.levels, self.stride_rule, fresh);
         }
         if let Some(times) = times.as_deref_mut() {
             times[self.steps.len()] += ms(t);

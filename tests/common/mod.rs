@@ -929,21 +929,43 @@ pub fn dense_masked_gated_holding(
     held: &[u32],
     shifted: bool,
 ) -> (Vec<f32>, Vec<Vec<u32>>) {
+    dense_masked_gated_stream(m, x, taps, kept, held, &[], shifted)
+}
+
+/// [`dense_masked_gated_holding`] with new tokens (`track.new_tokens`): with
+/// `shifted`, a gate whose shift is not zero also keeps the positions of
+/// its input level that the raster indices `fresh` of level 0 reach and
+/// whose energy without the shift is negative.
+pub fn dense_masked_gated_stream(
+    m: &ModelPackage,
+    x: &[f32],
+    taps: &[Vec<f32>],
+    kept: &[u32],
+    held: &[u32],
+    fresh: &[u32],
+    shifted: bool,
+) -> (Vec<f32>, Vec<Vec<u32>>) {
     let gates: Vec<(&ersm::sparse::ops::Gate, &str)> = m
         .plan
         .steps
         .iter()
         .filter_map(|s| Some((s.op.gate()?, m.plan.slot_names[s.inputs[0]].as_str())))
         .collect();
-    // Where the held tokens reach, gate by gate: each passes its whole input.
-    let mut reach: Vec<Vec<u32>> = Vec::new();
-    for (g, _) in &gates {
-        let masks = level_masks_gated(m, held, &reach);
-        let all = (0..masks[g.in_level].len() as u32)
-            .filter(|&i| !held.is_empty() && masks[g.in_level][i as usize] > 0.0)
-            .collect();
-        reach.push(all);
-    }
+    // Where the held (and the new) tokens reach, gate by gate: each passes
+    // its whole input.
+    let reach_of = |tokens: &[u32]| {
+        let mut reach: Vec<Vec<u32>> = Vec::new();
+        for (g, _) in &gates {
+            let masks = level_masks_gated(m, tokens, &reach);
+            let all = (0..masks[g.in_level].len() as u32)
+                .filter(|&i| !tokens.is_empty() && masks[g.in_level][i as usize] > 0.0)
+                .collect();
+            reach.push(all);
+        }
+        reach
+    };
+    let reach = reach_of(held);
+    let new_reach = reach_of(fresh);
     let mut lists: Vec<Vec<u32>> = Vec::new();
     for (k, (g, input)) in gates.iter().enumerate() {
         let masks = level_masks_gated(m, kept, &lists);
@@ -957,6 +979,8 @@ pub fn dense_masked_gated_holding(
         let map = &all[all.len() - g.c * g.h * g.w..];
         let fm = ersm::ersm::FeatureMap::new(map, g.c, g.h, g.w).unwrap();
         let mut u = ersm::ersm::cpu::unary(fm, &g.spec.head);
+        let own = ersm::ersm::cpu::mean_field(&u, g.h, g.w, &g.spec);
+        let fresh_here = shifted && g.shift != 0.0;
         if shifted {
             u.iter_mut().for_each(|v| *v += g.shift);
         }
@@ -970,7 +994,13 @@ pub fn dense_masked_gated_holding(
         let mut list: Vec<u32> = active
             .iter()
             .copied()
-            .filter(|&i| e[i as usize] < 0.0 || reach[k].binary_search(&i).is_ok())
+            .filter(|&i| {
+                e[i as usize] < 0.0
+                    || reach[k].binary_search(&i).is_ok()
+                    || (fresh_here
+                        && own[i as usize] < 0.0
+                        && new_reach[k].binary_search(&i).is_ok())
+            })
             .collect();
         if list.is_empty() {
             let lowest =

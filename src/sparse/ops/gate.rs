@@ -122,15 +122,30 @@ impl Gate {
             GateOffsets::Stream => self.shift,
             GateOffsets::Package => 0.0,
         };
-        let e = if matches!(self.spec.head, UnaryHead::Conv { .. }) {
+        // New tokens (a stream's `track.new_tokens`) reach this gate only
+        // when it is moved and the frame runs at the stream's offsets.
+        let fresh = match frame.fresh.get(self.in_level) {
+            Some(s) if shift != 0.0 && !s.coords.is_empty() => &s.coords[..],
+            _ => &[][..],
+        };
+        // The energies at the active positions at `shift` and, with new
+        // tokens, at the package's own offset (the unary costs once).
+        let (e, own) = if matches!(self.spec.head, UnaryHead::Conv { .. }) {
             let (_, map) = x.to_dense(&frame.sets, self.fill.as_deref());
             let fm = FeatureMap::new(&map, self.c, self.h, self.w)?;
             let mut u = cpu::unary(fm, &self.spec.head);
+            let at = |e: Vec<f32>| active.iter().map(|&i| e[i as usize]).collect::<Vec<f32>>();
+            let own =
+                (!fresh.is_empty()).then(|| at(cpu::mean_field(&u, self.h, self.w, &self.spec)));
             shifted(&mut u, shift);
-            let e = cpu::mean_field(&u, self.h, self.w, &self.spec);
-            active.iter().map(|&i| e[i as usize]).collect()
+            (at(cpu::mean_field(&u, self.h, self.w, &self.spec)), own)
         } else {
-            self.per_token_energies(x.data(), active, shift)?
+            let own = if fresh.is_empty() {
+                None
+            } else {
+                Some(self.per_token_energies(x.data(), active, 0.0)?)
+            };
+            (self.per_token_energies(x.data(), active, shift)?, own)
         };
         if let Some(why) = TokenMask::non_finite(&e) {
             bail!(why);
@@ -142,7 +157,18 @@ impl Gate {
         // order: the negative ones and the held ones, or the first lowest
         // alone.
         let held = frame.held.get(self.in_level).map_or(&[][..], |s| &s.coords);
-        Ok(cpu::select_holding(&e, &positions_in(active, held))
+        let mut also = positions_in(active, held);
+        if let Some(own) = own {
+            // Within the new tokens' reach, what the package's offset keeps.
+            also.extend(
+                positions_in(active, fresh)
+                    .into_iter()
+                    .filter(|&j| own[j as usize] < 0.0),
+            );
+            also.sort_unstable();
+            also.dedup();
+        }
+        Ok(cpu::select_holding(&e, &also)
             .into_iter()
             .map(|j| active[j as usize])
             .collect())
