@@ -440,6 +440,22 @@ fn gates_keep_the_held_tokens_and_still_match_the_reference() {
     );
 }
 
+/// A random gated detector (three blocks) whose every gate moves by
+/// `shift` on a stream, and its prefix maps of a random image from `rng`.
+fn moved_gates_case(seed: u64, shift: f32, rng: &mut Rng) -> (ModelPackage, Vec<Vec<f32>>) {
+    let mut m = gated_detector_package(seed, &[(16, 16, 6), (8, 24, 4), (24, 16, 5)]);
+    let names: Vec<String> = m.plan.gates_named().map(|(n, _)| n.to_string()).collect();
+    for name in &names {
+        m.plan
+            .set_gate_shift(name, shift)
+            .expect("a gate of the suffix");
+    }
+    let (h, w) = (m.prefix.input_shape[2], m.prefix.input_shape[3]);
+    let image = rng.normals(3 * h * w, 1.0);
+    let maps = prefix_maps(&m, &image);
+    (m, maps)
+}
+
 /// New tokens on a stream (manifest `track.new_tokens`): at the stream's
 /// offsets a moved gate also keeps, within their reach, what it keeps at
 /// the package's own offset; the sparse suffix equals the reference that
@@ -450,17 +466,8 @@ fn gates_keep_the_held_tokens_and_still_match_the_reference() {
 fn new_tokens_widen_a_moved_gate_and_still_match_the_reference() {
     let mut widened = 0;
     for seed in 0..6u64 {
-        let mut m = gated_detector_package(seed, &[(16, 16, 6), (8, 24, 4), (24, 16, 5)]);
-        let names: Vec<String> = m.plan.gates_named().map(|(n, _)| n.to_string()).collect();
-        for name in &names {
-            m.plan
-                .set_gate_shift(name, 0.6)
-                .expect("a gate of the suffix");
-        }
-        let (h, w) = (m.prefix.input_shape[2], m.prefix.input_shape[3]);
         let mut rng = Rng::new(3100 + seed);
-        let image = rng.normals(3 * h * w, 1.0);
-        let maps = prefix_maps(&m, &image);
+        let (m, maps) = moved_gates_case(seed, 0.6, &mut rng);
         let (x, taps) = (&maps[0], &maps[1..]);
         for p in [0.4, 0.9] {
             let kept = random_kept(&mut rng, m.cut.h * m.cut.w, p);
@@ -519,17 +526,8 @@ fn new_tokens_widen_a_moved_gate_and_still_match_the_reference() {
 fn a_refresh_frame_runs_the_gates_at_the_package_offsets() {
     let mut narrowed = 0;
     for seed in 0..6u64 {
-        let mut m = gated_detector_package(seed, &[(16, 16, 6), (8, 24, 4), (24, 16, 5)]);
-        let names: Vec<String> = m.plan.gates_named().map(|(n, _)| n.to_string()).collect();
-        for name in &names {
-            m.plan
-                .set_gate_shift(name, 0.4)
-                .expect("a gate of the suffix");
-        }
-        let (h, w) = (m.prefix.input_shape[2], m.prefix.input_shape[3]);
         let mut rng = Rng::new(2900 + seed);
-        let image = rng.normals(3 * h * w, 1.0);
-        let maps = prefix_maps(&m, &image);
+        let (m, maps) = moved_gates_case(seed, 0.4, &mut rng);
         let (x, taps) = (&maps[0], &maps[1..]);
         for p in [0.4, 0.9] {
             let kept = random_kept(&mut rng, m.cut.h * m.cut.w, p);

@@ -376,7 +376,7 @@ impl Plan {
         features: Vec<f32>,
         taps: Vec<Vec<f32>>,
     ) -> Result<(Vec<Value>, Frame)> {
-        self.run_inner(kept, held, &[], offsets, features, taps, None)
+        self.run_stream(kept, held, &[], offsets, features, taps)
     }
 
     /// [`Plan::run_holding`] with the raster indices `fresh` of level 0

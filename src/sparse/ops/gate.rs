@@ -140,12 +140,9 @@ impl Gate {
             shifted(&mut u, shift);
             (at(cpu::mean_field(&u, self.h, self.w, &self.spec)), own)
         } else {
-            let own = if fresh.is_empty() {
-                None
-            } else {
-                Some(self.per_token_energies(x.data(), active, 0.0)?)
-            };
-            (self.per_token_energies(x.data(), active, shift)?, own)
+            let costs = self.per_token_costs(x.data(), active)?;
+            let own = (!fresh.is_empty()).then(|| self.per_token_field(&costs, active, 0.0));
+            (self.per_token_field(&costs, active, shift), own)
         };
         if let Some(why) = TokenMask::non_finite(&e) {
             bail!(why);
@@ -174,9 +171,11 @@ impl Gate {
             .collect())
     }
 
-    /// The final energies at the active positions (in the set's order) of a
-    /// per-token head (no convs), as the whole map would give them. A
-    /// position's unary cost reads its own channels only: it is computed at
+    /// The unary costs of a per-token head (no convs) at the active
+    /// positions (in the set's order), then the one every dropped position
+    /// holds: what [`Gate::per_token_field`] turns into the final energies
+    /// the whole map would give. A position's unary cost reads its own
+    /// channels only: it is computed at
     /// the active positions and once for what every dropped position holds
     /// (the fill vector, or zero), with the sums `cpu::unary` makes on the
     /// whole map. After T mean-field steps a position's energy depends on
@@ -184,7 +183,7 @@ impl Gate {
     /// bounding box grown by T (the map's edges stay edges). A gate before
     /// CenterFace's heads reads a 160×120 map of which a frame keeps a
     /// fraction.
-    fn per_token_energies(&self, rows: &[f32], active: &[u32], shift: f32) -> Result<Vec<f32>> {
+    fn per_token_costs(&self, rows: &[f32], active: &[u32]) -> Result<Vec<f32>> {
         let (c, n) = (self.c, active.len());
         if n == 0 {
             return Ok(Vec::new());
@@ -206,11 +205,23 @@ impl Gate {
         for ch in 0..c {
             planar[ch * cols + n] = self.fill.as_ref().map_or(0.0, |f| f[ch]);
         }
-        let mut at = cpu::unary(FeatureMap::new(&planar, c, 1, cols)?, &self.spec.head);
+        let costs = cpu::unary(FeatureMap::new(&planar, c, 1, cols)?, &self.spec.head);
         cpu::scratch::give(planar);
+        Ok(costs)
+    }
+
+    /// The final energies at the active positions from
+    /// [`Gate::per_token_costs`]' `costs`, moved by `shift`.
+    fn per_token_field(&self, costs: &[f32], active: &[u32], shift: f32) -> Vec<f32> {
+        let n = active.len();
+        if n == 0 {
+            return Vec::new();
+        }
+        let mut at = costs.to_vec();
         shifted(&mut at, shift);
         if self.spec.steps == 0 || self.spec.lambda == 0.0 {
-            return Ok(at[..n].to_vec());
+            at.truncate(n);
+            return at;
         }
         let w = self.w;
         let (mut y0, mut y1, mut x0, mut x1) = (usize::MAX, 0, usize::MAX, 0);
@@ -230,7 +241,7 @@ impl Gate {
         }
         let e = cpu::mean_field(&u, bh, bw, &self.spec);
         cpu::scratch::give(u);
-        Ok(active.iter().map(|&i| e[at_box(i)]).collect())
+        active.iter().map(|&i| e[at_box(i)]).collect()
     }
 }
 
